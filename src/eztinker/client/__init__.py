@@ -1,0 +1,1 @@
+"""The EZTinker Python SDK (public names are re-exported from `eztinker`)."""

@@ -1,0 +1,274 @@
+"""The Python SDK: `ServiceClient` -> `TrainingClient`, every model call returning an `APIFuture`.
+
+Calls submit at once and return a future, so a recipe can queue `forward_backward` and
+`optim_step` back to back and wait only once. Retries live here and only here: 408/429/5xx and
+dropped connections are retried with exponential backoff and jitter, and every mutating request
+carries an Idempotency-Key reused across its retries, so a retry never applies a step twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from ..types import (
+    AdamParams,
+    CheckpointInfo,
+    CreateRunRequest,
+    Datum,
+    ForwardBackwardRequest,
+    ForwardBackwardResult,
+    HealthInfo,
+    JobInfo,
+    JobStatus,
+    LoadRequest,
+    LoraConfig,
+    OptimStepRequest,
+    OptimStepResult,
+    Prompt,
+    RunInfo,
+    SampleRequest,
+    SampleResult,
+    SamplingParams,
+    SaveRequest,
+    ScoreRequest,
+    ScoreResult,
+)
+from ._errors import APIStatusError, ConnectionFailedError, JobFailedError
+
+T = TypeVar("T")
+PromptLike = Prompt | str | Sequence[int] | Sequence[dict]
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+_POLL_SECONDS = 30.0
+
+
+class APIFuture(Generic[T]):
+    """A submitted job. `.result(timeout)` blocks until it finishes; `await future` also works."""
+
+    def __init__(self, client: "ServiceClient", job_id: str, parse: Callable[[Any], T]):
+        self._client, self.job_id, self._parse = client, job_id, parse
+        self._info: JobInfo | None = None
+
+    def done(self) -> bool:
+        if self._info is None or self._info.status in (JobStatus.pending, JobStatus.running):
+            self._info = self._client.job(self.job_id)
+        return self._info.status in (JobStatus.completed, JobStatus.failed)
+
+    def result(self, timeout: float | None = None) -> T:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._info is None or self._info.status in (JobStatus.pending, JobStatus.running):
+            remaining = _POLL_SECONDS if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"job {self.job_id} did not finish within {timeout} s")
+            self._info = self._client.job(self.job_id, wait=min(remaining, _POLL_SECONDS))
+        if self._info.status is JobStatus.failed:
+            raise JobFailedError(self.job_id, self._info.kind, self._info.error or "unknown error")
+        return self._parse(self._info.result)
+
+    def __await__(self):
+        return asyncio.to_thread(self.result).__await__()
+
+    def __repr__(self) -> str:
+        status = self._info.status.value if self._info else "submitted"
+        return f"<APIFuture {self.job_id} {status}>"
+
+
+def to_prompt(prompt: PromptLike) -> Prompt:
+    """A prompt from token ids, chat messages, or plain text."""
+    if isinstance(prompt, Prompt):
+        return prompt
+    if isinstance(prompt, str):
+        return Prompt(text=prompt)
+    items = list(prompt)
+    if items and all(isinstance(t, int) for t in items):
+        return Prompt(tokens=items)
+    return Prompt(messages=items)
+
+
+class ServiceClient:
+    """Connection to an `eztinker server`.
+
+    >>> service = ServiceClient("http://127.0.0.1:8000")
+    >>> run = service.create_training_run(lora_rank=1)
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout + _POLL_SECONDS, transport=transport
+        )
+        self._tokenizer = None
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "ServiceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------- requests
+    def request(self, method: str, path: str, body: BaseModel | None = None, *, params: dict | None = None, idempotent_key: bool = False) -> Any:
+        """One API call with retries; raises the SDK's exceptions, never httpx's."""
+        headers = {"Idempotency-Key": uuid.uuid4().hex} if idempotent_key else {}
+        content = body.model_dump_json(exclude_unset=False) if body is not None else None
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, path, content=content, params=params, headers=headers)
+            except httpx.ConnectError as exc:
+                if attempt == self.max_retries:
+                    raise ConnectionFailedError(self.base_url, exc) from None
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.TimeoutException) as exc:
+                if attempt == self.max_retries:
+                    raise ConnectionFailedError(self.base_url, exc) from None
+            else:
+                if response.status_code < 400:
+                    return response.json()
+                if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
+                    raise APIStatusError.from_response(response)
+            time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def _submit(self, path: str, body: BaseModel, parse: Callable[[Any], T]) -> APIFuture[T]:
+        ref = self.request("POST", path, body, idempotent_key=True)
+        return APIFuture(self, ref["job_id"], parse)
+
+    # ---------------------------------------------------------------------------- service
+    def health(self) -> HealthInfo:
+        return HealthInfo.model_validate(self.request("GET", "/health"))
+
+    def info(self) -> dict:
+        return self.request("GET", "/v1/info")
+
+    def job(self, job_id: str, wait: float = 0.0) -> JobInfo:
+        return JobInfo.model_validate(self.request("GET", f"/v1/jobs/{job_id}", params={"wait": wait}))
+
+    def list_runs(self) -> list[RunInfo]:
+        return [RunInfo.model_validate(r) for r in self.request("GET", "/v1/runs")]
+
+    def create_training_run(
+        self,
+        *,
+        lora_rank: int = 1,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        target_modules: str | list[str] = "all-linear",
+        seed: int = 0,
+        base_model: str | None = None,
+        from_checkpoint: str | None = None,
+    ) -> "TrainingClient":
+        request = CreateRunRequest(
+            base_model=base_model,
+            lora=LoraConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules),
+            seed=seed,
+            from_checkpoint=from_checkpoint,
+        )
+        info = RunInfo.model_validate(self.request("POST", "/v1/runs", request))
+        return TrainingClient(self, info.id)
+
+    def training_client(self, run_id: str) -> "TrainingClient":
+        """A client for an existing run (e.g. after a restart)."""
+        RunInfo.model_validate(self.request("GET", f"/v1/runs/{run_id}"))
+        return TrainingClient(self, run_id)
+
+    def sample(
+        self, prompts: Sequence[PromptLike], num_samples: int = 1, sampling_params: SamplingParams | None = None
+    ) -> APIFuture[SampleResult]:
+        """Sample from the bare base model (no adapter)."""
+        return self._submit("/v1/sample", _sample_request(prompts, num_samples, sampling_params), SampleResult.model_validate)
+
+    def get_tokenizer(self, cache_dir: Path | None = None):
+        """The server model's tokenizer (fetched once, cached on disk), for building examples."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            payload = self.request("GET", "/v1/tokenizer")
+            key = uuid.uuid5(uuid.NAMESPACE_URL, self.base_url + payload["model"]).hex[:12]
+            target = (cache_dir or Path.home() / ".cache" / "eztinker" / "tokenizers") / key
+            target.mkdir(parents=True, exist_ok=True)
+            for name, text in payload["files"].items():
+                (target / Path(name).name).write_text(text)
+            self._tokenizer = AutoTokenizer.from_pretrained(target)
+        return self._tokenizer
+
+
+class TrainingClient:
+    """One training run: its LoRA adapter and optimizer state on the server."""
+
+    def __init__(self, service: ServiceClient, run_id: str):
+        self.service, self.run_id = service, run_id
+
+    def __repr__(self) -> str:
+        return f"<TrainingClient {self.run_id}>"
+
+    def _path(self, verb: str) -> str:
+        return f"/v1/runs/{self.run_id}/{verb}"
+
+    def info(self) -> RunInfo:
+        return RunInfo.model_validate(self.service.request("GET", f"/v1/runs/{self.run_id}"))
+
+    def delete(self) -> None:
+        self.service.request("DELETE", f"/v1/runs/{self.run_id}")
+
+    def get_tokenizer(self):
+        return self.service.get_tokenizer()
+
+    def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy") -> APIFuture[ForwardBackwardResult]:
+        request = ForwardBackwardRequest(data=list(data), loss_fn=loss_fn)
+        return self.service._submit(self._path("forward_backward"), request, ForwardBackwardResult.model_validate)
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResult]:
+        request = OptimStepRequest(adam_params=adam_params or AdamParams())
+        return self.service._submit(self._path("optim_step"), request, OptimStepResult.model_validate)
+
+    def sample(
+        self, prompts: Sequence[PromptLike], num_samples: int = 1, sampling_params: SamplingParams | None = None
+    ) -> APIFuture[SampleResult]:
+        """Candidates from the run's current adapter."""
+        request = _sample_request(prompts, num_samples, sampling_params)
+        return self.service._submit(self._path("sample"), request, SampleResult.model_validate)
+
+    def score(self, prompt: PromptLike, responses: Sequence[str]) -> APIFuture[ScoreResult]:
+        request = ScoreRequest(prompt=to_prompt(prompt), responses=list(responses))
+        return self.service._submit(self._path("evaluate"), request, ScoreResult.model_validate)
+
+    def save_state(self, name: str) -> APIFuture[CheckpointInfo]:
+        return self.service._submit(self._path("save"), SaveRequest(name=name), CheckpointInfo.model_validate)
+
+    def load_state(self, checkpoint: str) -> APIFuture[dict]:
+        """Load '<name>' of this run or '<run_id>/<name>': adapter, optimizer state and step."""
+        return self.service._submit(self._path("load"), LoadRequest(checkpoint=checkpoint), lambda r: r)
+
+
+def _sample_request(prompts: Sequence[PromptLike], num_samples: int, params: SamplingParams | None) -> SampleRequest:
+    if isinstance(prompts, (str, Prompt)):
+        prompts = [prompts]
+    return SampleRequest(
+        prompts=[to_prompt(p) for p in prompts], num_samples=num_samples, sampling_params=params or SamplingParams()
+    )
+
+
+def _backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter: 0.25 s, 0.5 s, 1 s, ... capped at 8 s."""
+    return random.uniform(0, min(8.0, 0.25 * 2**attempt))

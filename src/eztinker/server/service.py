@@ -1,0 +1,351 @@
+"""The service layer: owns the engine, the store and the job runner; turns validated requests
+into jobs. Routes (app.py) only parse HTTP and call this."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from .. import __version__
+from ..chat import render_prompt
+from ..engine import BaseModel, Engine, EngineError, SampleSpec
+from ..engine.checkpoints import remove_partial_writes
+from ..engine.engine import read_training_state
+from ..types import (
+    CheckpointInfo,
+    CreateRunRequest,
+    ForwardBackwardRequest,
+    HealthInfo,
+    JobInfo,
+    JobRef,
+    JobStatus,
+    LoadRequest,
+    LoraConfig,
+    OptimStepRequest,
+    Prompt,
+    RunInfo,
+    SampleRequest,
+    SampleResult,
+    SaveRequest,
+    ScoreRequest,
+    ScoreResult,
+    parse_checkpoint_ref,
+)
+from .jobs import Job, JobRunner
+from .settings import ServerSettings
+from .store import Store, new_id
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Maps to an HTTP error: status, message, and (for 422) the offending field's location."""
+
+    def __init__(self, status: int, message: str, loc: tuple | None = None):
+        super().__init__(message)
+        self.status, self.message, self.loc = status, message, loc
+
+
+def not_found(what: str) -> ServiceError:
+    return ServiceError(404, f"{what} not found")
+
+
+def invalid(loc: tuple, message: str) -> ServiceError:
+    return ServiceError(422, message, ("body", *loc))
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, base: BaseModel):
+        self.settings = settings
+        self.base = base
+        self.engine = Engine(base)
+        data_dir = Path(settings.data_dir)
+        self.checkpoint_root = (data_dir / "checkpoints").resolve()
+        self.store = Store(data_dir / "eztinker.sqlite3")
+        self.runner = JobRunner(
+            self.engine,
+            self.store,
+            job_ttl_seconds=settings.job_ttl_seconds,
+            max_finished_jobs=settings.max_finished_jobs,
+        )
+        self._restore()
+
+    # --------------------------------------------------------------------------- life cycle
+    def _restore(self) -> None:
+        """After a restart: drop half-written checkpoints, fail interrupted jobs, rebuild runs."""
+        for leftover in remove_partial_writes(self.checkpoint_root):
+            log.warning("removed an interrupted checkpoint write: %s", leftover)
+        failed = self.store.fail_unfinished_jobs()
+        if failed:
+            log.warning("%d job(s) were interrupted by the last shutdown and are marked failed", failed)
+        for row in self.store.live_runs():
+            self.engine.create_run(row["id"], LoraConfig.model_validate_json(row["lora"]), row["seed"])
+            latest = (self.store.checkpoints(row["id"]) or [None])[-1]
+            if latest is None:
+                if row["step"]:
+                    log.warning("run %s had no checkpoint; its adapter restarts from step 0", row["id"])
+                self.store.set_run_state(row["id"], 0, restored_from=None)
+                continue
+            try:
+                step = self.engine.load(row["id"], self.checkpoint_root.parent / latest.path)
+                self.store.set_run_state(row["id"], step, restored_from=f"{row['id']}/{latest.name}")
+            except (EngineError, OSError, RuntimeError) as exc:
+                log.error("run %s: could not restore %s: %s", row["id"], latest.name, exc)
+                self.store.set_run_state(row["id"], 0, restored_from=None)
+
+    def ensure_started(self) -> None:
+        if not self.runner.started:
+            self.runner.start(asyncio.get_running_loop())
+
+    def close(self) -> None:
+        self.runner.stop()
+        self.store.close()
+
+    def health(self) -> HealthInfo:
+        return HealthInfo(
+            model=self.base.name,
+            runs=len(self.store.live_runs()),
+            queued_jobs=self.runner.queued,
+            version=__version__,
+        )
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "model": self.base.name,
+            "vocab_size": self.base.vocab_size,
+            "stop_token_ids": sorted(self.base.stop_token_ids),
+            "limits": {
+                "max_new_tokens": s.max_new_tokens,
+                "max_prompt_tokens": s.max_prompt_tokens,
+                "max_batch_examples": s.max_batch_examples,
+                "max_samples_per_request": s.max_samples_per_request,
+                "max_request_bytes": s.max_request_bytes,
+            },
+        }
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.base.tokenizer
+
+    # --------------------------------------------------------------------------------- runs
+    def _owned_run(self, user: str, run_id: str) -> sqlite3.Row:
+        row = self.store.run_row(run_id)
+        if row is None or row["owner"] != user:  # another user's run is as good as absent
+            raise not_found(f"run {run_id}")
+        return row
+
+    def get_run(self, user: str, run_id: str) -> RunInfo:
+        return self.store.run_info(self._owned_run(user, run_id))
+
+    def list_runs(self, user: str) -> list[RunInfo]:
+        return [self.store.run_info(row) for row in self.store.live_runs(user)]
+
+    async def create_run(self, user: str, request: CreateRunRequest) -> RunInfo:
+        if request.base_model is not None and request.base_model != self.base.name:
+            raise invalid(
+                ("base_model",),
+                f"this server serves {self.base.name!r}, not {request.base_model!r} (one base model per server)",
+            )
+        lora, source = request.lora, None
+        if request.from_checkpoint is not None:
+            source, _ = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint")
+            lora = LoraConfig.model_validate(read_training_state(source)["lora"])
+        run_id = new_id("run")
+        self.store.add_run(run_id, user, self.base.name, lora, request.seed)
+
+        def work() -> dict:
+            self.engine.create_run(run_id, lora, request.seed)
+            if source is not None:
+                step = self.engine.load(run_id, source)
+                self.store.set_run_state(run_id, step, restored_from=request.from_checkpoint)
+            return {"run_id": run_id}
+
+        job = await self._submit_and_wait(user, run_id, "create_run", work)
+        if job.status is not JobStatus.completed:
+            self.store.mark_run_deleted(run_id)
+            field = ("from_checkpoint",) if source is not None else ("lora",)
+            raise invalid(field, job.error or "could not create the run")
+        return self.get_run(user, run_id)
+
+    async def delete_run(self, user: str, run_id: str) -> None:
+        self._owned_run(user, run_id)
+        self.store.mark_run_deleted(run_id)  # new requests for it get 404 from now on
+        # Queued behind the run's pending jobs, so they finish first.
+        await self._submit_and_wait(user, run_id, "delete_run", lambda: self.engine.delete_run(run_id))
+
+    # --------------------------------------------------------------------------------- jobs
+    def submit_forward_backward(self, user: str, run_id: str, request: ForwardBackwardRequest, key: str | None) -> JobRef:
+        self._owned_run(user, run_id)
+        limits = self.settings
+        if len(request.data) > limits.max_batch_examples:
+            raise invalid(("data",), f"{len(request.data)} examples; the limit is {limits.max_batch_examples}")
+        for i, datum in enumerate(request.data):
+            loc = ("data", i, "model_input", "tokens")
+            self._check_tokens(datum.model_input.tokens, loc)
+            self._check_tokens(datum.loss_fn_inputs.target_tokens, ("data", i, "loss_fn_inputs", "target_tokens"))
+        work = lambda: self.engine.forward_backward(run_id, request.data, request.loss_fn).model_dump()
+        return self._submit(user, run_id, "forward_backward", request, key, work=work)
+
+    def submit_optim_step(self, user: str, run_id: str, request: OptimStepRequest, key: str | None) -> JobRef:
+        self._owned_run(user, run_id)
+
+        def work() -> dict:
+            result = self.engine.optim_step(run_id, request.adam_params)
+            self.store.set_run_state(run_id, result.step)
+            return result.model_dump()
+
+        return self._submit(user, run_id, "optim_step", request, key, work=work)
+
+    def submit_sample(self, user: str, run_id: str | None, request: SampleRequest, key: str | None) -> JobRef:
+        if run_id is not None:
+            self._owned_run(user, run_id)
+        params = request.sampling_params
+        if params.max_tokens > self.settings.max_new_tokens:
+            raise invalid(
+                ("sampling_params", "max_tokens"),
+                f"max_tokens {params.max_tokens} is above the limit {self.settings.max_new_tokens}",
+            )
+        total = len(request.prompts) * request.num_samples
+        if total > self.settings.max_samples_per_request:
+            raise invalid(
+                ("num_samples",),
+                f"{len(request.prompts)} prompts x {request.num_samples} samples = {total} candidates; "
+                f"the limit is {self.settings.max_samples_per_request}",
+            )
+        prompts = [self.encode_prompt(p, ("prompts", i)) for i, p in enumerate(request.prompts)]
+        spec = SampleSpec(adapter=run_id, prompts=prompts, num_samples=request.num_samples, params=params)
+
+        def finish(sequences) -> dict:
+            return SampleResult(prompt_tokens=prompts, sequences=sequences).model_dump()
+
+        return self._submit(user, run_id, "sample", request, key, sample_spec=spec, finish_sample=finish)
+
+    def submit_score(self, user: str, run_id: str | None, request: ScoreRequest, key: str | None) -> JobRef:
+        if run_id is not None:
+            self._owned_run(user, run_id)
+        prompt = self.encode_prompt(request.prompt, ("prompt",))
+        responses = [self.tokenizer.encode(r, add_special_tokens=False) for r in request.responses]
+        for i, tokens in enumerate(responses):
+            if len(prompt) + len(tokens) > self.settings.max_prompt_tokens:
+                raise invalid(("responses", i), f"prompt + response exceed {self.settings.max_prompt_tokens} tokens")
+
+        def work() -> dict:
+            return ScoreResult(scores=self.engine.score(run_id, prompt, responses)).model_dump()
+
+        return self._submit(user, run_id, "evaluate", request, key, work=work)
+
+    def submit_save(self, user: str, run_id: str, request: SaveRequest, key: str | None) -> JobRef:
+        self._owned_run(user, run_id)
+        relative = Path("checkpoints") / run_id / request.name
+        target = self.checkpoint_root.parent / relative
+
+        def work() -> dict:
+            self.engine.save(run_id, target)
+            step = self.engine.step_of(run_id)
+            return self.store.add_checkpoint(run_id, request.name, str(relative), step).model_dump(mode="json")
+
+        return self._submit(user, run_id, "save", request, key, work=work)
+
+    def submit_load(self, user: str, run_id: str, request: LoadRequest, key: str | None) -> JobRef:
+        self._owned_run(user, run_id)
+        path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint")
+
+        def work() -> dict:
+            step = self.engine.load(run_id, path)
+            self.store.set_run_state(run_id, step, restored_from=ref)
+            return {"step": step, "restored_from": ref}
+
+        return self._submit(user, run_id, "load", request, key, work=work)
+
+    def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str) -> tuple[Path, str]:
+        try:
+            source_run, name = parse_checkpoint_ref(ref, default_run=default_run or "")
+        except ValueError as exc:
+            raise invalid((field,), str(exc)) from None
+        owner = self.store.run_owner(source_run)
+        checkpoint = self.store.checkpoint(source_run, name) if owner == user else None
+        if checkpoint is None:
+            raise not_found(f"checkpoint {source_run}/{name}")
+        path = (self.checkpoint_root.parent / checkpoint.path).resolve()
+        if not path.is_relative_to(self.checkpoint_root) or not path.is_dir():
+            # A symlink or edited record pointing outside the data directory is refused.
+            raise invalid((field,), f"checkpoint {source_run}/{name} is not inside the data directory")
+        return path, f"{source_run}/{name}"
+
+    # ---------------------------------------------------------------------------- plumbing
+    def encode_prompt(self, prompt: Prompt, loc: tuple) -> list[int]:
+        if prompt.tokens is not None:
+            tokens = prompt.tokens
+        elif prompt.messages is not None:
+            tokens = render_prompt(self.tokenizer, prompt.messages)
+        else:
+            tokens = self.tokenizer.encode(prompt.text, add_special_tokens=False)
+            if not tokens:
+                raise invalid((*loc, "text"), "text encodes to no tokens")
+        self._check_tokens(tokens, (*loc, "tokens"))
+        return tokens
+
+    def _check_tokens(self, tokens: list[int], loc: tuple) -> None:
+        if len(tokens) > self.settings.max_prompt_tokens:
+            raise invalid(loc, f"{len(tokens)} tokens; the limit is {self.settings.max_prompt_tokens}")
+        vocab = self.base.vocab_size
+        for position, token in enumerate(tokens):
+            if not 0 <= token < vocab:
+                raise invalid((*loc, position), f"token id {token} is outside the vocabulary [0, {vocab})")
+
+    def _submit(self, user: str, run_id: str | None, kind: str, request: Any, key: str | None, **job_fields) -> JobRef:
+        digest = _request_hash(kind, run_id, request) if key else None
+        if key:
+            existing = self.store.job_by_key(user, key)
+            if existing is not None:
+                return self._replay(existing, digest, key)
+        job = Job(new_id("job"), run_id, kind, **job_fields)
+        try:
+            self.store.add_job(job.id, user, run_id, kind, key, digest)
+        except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
+            return self._replay(self.store.job_by_key(user, key), digest, key)
+        self.ensure_started()
+        self.runner.submit(job)
+        return JobRef(job_id=job.id, status=JobStatus.pending)
+
+    @staticmethod
+    def _replay(existing: sqlite3.Row, digest: str | None, key: str) -> JobRef:
+        if existing["request_hash"] != digest:
+            raise ServiceError(409, f"Idempotency-Key {key!r} was already used for a different request")
+        return JobRef(job_id=existing["id"], status=JobStatus(existing["status"]))
+
+    async def _submit_and_wait(self, user: str, run_id: str, kind: str, work) -> JobInfo:
+        job_id = new_id("job")
+        self.store.add_job(job_id, user, run_id, kind)
+        self.ensure_started()
+        self.runner.submit(Job(job_id, run_id, kind, work=work))
+        while (info := self.job(user, job_id)).status in (JobStatus.pending, JobStatus.running):
+            await self.runner.wait(job_id, 60)
+        return info
+
+    def job(self, user: str, job_id: str) -> JobInfo:
+        row = self.store.job_row(job_id)
+        if row is None or row["owner"] != user:
+            raise not_found(f"job {job_id}")
+        return self.store.job_info(row)
+
+    async def wait_job(self, user: str, job_id: str, wait: float) -> JobInfo:
+        info = self.job(user, job_id)
+        if info.status in (JobStatus.pending, JobStatus.running) and wait > 0:
+            self.ensure_started()
+            await self.runner.wait(job_id, wait)
+            info = self.job(user, job_id)
+        return info
+
+
+def _request_hash(kind: str, run_id: str | None, request: Any) -> str:
+    payload = json.dumps([kind, run_id, request.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()

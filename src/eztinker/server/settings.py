@@ -1,0 +1,77 @@
+"""The server's one settings model: every field described, unknown keys rejected.
+
+Values come from CLI flags (generated from these fields), then `EZTINKER_*` environment
+variables, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EZTINKER_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to bind; anything but loopback needs an API key.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    model: str = Field(
+        "auto",
+        description="Base model: a Hub id, a local directory, 'smollm2-135m' (embedded, offline) or "
+        "'auto' (Qwen/Qwen2-0.5B-Instruct when the Hub is reachable, else smollm2-135m).",
+    )
+    data_dir: Path = Field(Path("data"), description="Database, checkpoints and model cache live here.")
+    device: str | None = Field(None, description="'cpu' or 'cuda'; default: cuda when available.")
+    api_key: SecretStr | None = Field(None, description="Single API key (user 'default').")
+    api_keys_file: Path | None = Field(
+        None, description="JSON file mapping API keys to user names; each user sees only their runs."
+    )
+    max_new_tokens: int = Field(1024, ge=1, description="Upper bound on sampling_params.max_tokens.")
+    max_prompt_tokens: int = Field(4096, ge=1, description="Longest prompt or training example, in tokens.")
+    max_batch_examples: int = Field(1024, ge=1, description="Most datums in one forward_backward.")
+    max_samples_per_request: int = Field(
+        4096, ge=1, description="Most candidates (prompts x num_samples) in one sample request."
+    )
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
+    max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
+    cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
+
+    @model_validator(mode="after")
+    def _key_for_public_bind(self) -> "ServerSettings":
+        if not self.is_loopback and self.api_key is None and self.api_keys_file is None:
+            raise ValueError(
+                f"binding to {self.host} exposes the server beyond this machine: "
+                "give --api-key (or EZTINKER_API_KEY) or --api-keys-file"
+            )
+        return self
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def user_keys(self) -> dict[str, str]:
+        """API key -> user name; empty when auth is off (loopback without keys)."""
+        keys: dict[str, str] = {}
+        if self.api_key is not None:
+            keys[self.api_key.get_secret_value()] = "default"
+        if self.api_keys_file is not None:
+            try:
+                mapping = json.loads(self.api_keys_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"api_keys_file {self.api_keys_file}: {exc}") from exc
+            if not isinstance(mapping, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in mapping.items()
+            ):
+                raise ValueError(f"api_keys_file {self.api_keys_file} must be a JSON object {{key: user}}")
+            keys.update(mapping)
+        return keys

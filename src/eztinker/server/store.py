@@ -1,0 +1,237 @@
+"""SQLite record of runs, jobs and checkpoints: what must survive a restart.
+
+One connection guarded by a lock (the event loop and the worker thread both use it); WAL mode
+with synchronous=FULL so a committed row survives a power cut, and readers never wait on the
+worker's writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig, RunInfo
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    lora TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    restored_from TEXT,
+    created_at REAL NOT NULL,
+    deleted_at REAL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    run_id TEXT,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    idempotency_key TEXT,
+    request_hash TEXT,
+    result TEXT,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
+"""
+
+INTERRUPTED = "interrupted: the server stopped before this job finished; its effect was not applied"
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:16]}"
+
+
+class Store:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _execute(self, sql: str, args: tuple = ()) -> int:
+        with self._lock:
+            return self._db.execute(sql, args).rowcount
+
+    # ------------------------------------------------------------------------------ runs
+    def add_run(self, run_id: str, owner: str, base_model: str, lora: LoraConfig, seed: int) -> None:
+        self._execute(
+            "INSERT INTO runs (id, owner, base_model, lora, seed, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, owner, base_model, lora.model_dump_json(), seed, time.time()),
+        )
+
+    def live_runs(self, owner: str | None = None) -> list[sqlite3.Row]:
+        if owner is None:
+            return self._query("SELECT * FROM runs WHERE deleted_at IS NULL ORDER BY created_at")
+        return self._query(
+            "SELECT * FROM runs WHERE deleted_at IS NULL AND owner = ? ORDER BY created_at", (owner,)
+        )
+
+    def run_row(self, run_id: str) -> sqlite3.Row | None:
+        rows = self._query("SELECT * FROM runs WHERE id = ? AND deleted_at IS NULL", (run_id,))
+        return rows[0] if rows else None
+
+    def run_owner(self, run_id: str) -> str | None:
+        """Owner of a run, deleted or not (its checkpoints outlive it)."""
+        rows = self._query("SELECT owner FROM runs WHERE id = ?", (run_id,))
+        return rows[0]["owner"] if rows else None
+
+    def set_run_state(self, run_id: str, step: int, restored_from: str | None = ...) -> None:
+        if restored_from is ...:
+            self._execute("UPDATE runs SET step = ? WHERE id = ?", (step, run_id))
+        else:
+            self._execute(
+                "UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)
+            )
+
+    def mark_run_deleted(self, run_id: str) -> None:
+        self._execute("UPDATE runs SET deleted_at = ? WHERE id = ?", (time.time(), run_id))
+
+    def run_info(self, row: sqlite3.Row) -> RunInfo:
+        return RunInfo(
+            id=row["id"],
+            base_model=row["base_model"],
+            lora=LoraConfig.model_validate_json(row["lora"]),
+            step=row["step"],
+            created_at=_ts(row["created_at"]),
+            restored_from=row["restored_from"],
+            checkpoints=self.checkpoints(row["id"]),
+        )
+
+    # ----------------------------------------------------------------------- checkpoints
+    def add_checkpoint(self, run_id: str, name: str, path: str, step: int) -> CheckpointInfo:
+        now = time.time()
+        self._execute(
+            "INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at) VALUES (?, ?, ?, ?, ?)",
+            (run_id, name, path, step, now),
+        )
+        return CheckpointInfo(run_id=run_id, name=name, path=path, step=step, created_at=_ts(now))
+
+    def checkpoints(self, run_id: str) -> list[CheckpointInfo]:
+        rows = self._query(
+            "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY created_at, rowid", (run_id,)
+        )
+        return [
+            CheckpointInfo(
+                run_id=r["run_id"], name=r["name"], path=r["path"], step=r["step"], created_at=_ts(r["created_at"])
+            )
+            for r in rows
+        ]
+
+    def checkpoint(self, run_id: str, name: str) -> CheckpointInfo | None:
+        return next((c for c in self.checkpoints(run_id) if c.name == name), None)
+
+    # ------------------------------------------------------------------------------ jobs
+    def add_job(
+        self,
+        job_id: str,
+        owner: str,
+        run_id: str | None,
+        kind: str,
+        idempotency_key: str | None = None,
+        request_hash: str | None = None,
+    ) -> None:
+        self._execute(
+            "INSERT INTO jobs (id, owner, run_id, kind, status, idempotency_key, request_hash, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, owner, run_id, kind, JobStatus.pending.value, idempotency_key, request_hash, time.time()),
+        )
+
+    def job_by_key(self, owner: str, idempotency_key: str) -> sqlite3.Row | None:
+        rows = self._query(
+            "SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, idempotency_key)
+        )
+        return rows[0] if rows else None
+
+    def job_row(self, job_id: str) -> sqlite3.Row | None:
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def mark_started(self, job_id: str) -> None:
+        self._execute(
+            "UPDATE jobs SET status = ?, started_at = ? WHERE id = ?",
+            (JobStatus.running.value, time.time(), job_id),
+        )
+
+    def mark_finished(self, job_id: str, result: Any = None, error: str | None = None) -> None:
+        status = JobStatus.failed if error is not None else JobStatus.completed
+        self._execute(
+            "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? WHERE id = ?",
+            (status.value, None if error is not None else json.dumps(result), error, time.time(), job_id),
+        )
+
+    def fail_unfinished_jobs(self) -> int:
+        """After a restart: jobs that were pending or running can no longer complete."""
+        return self._execute(
+            "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE status IN (?, ?)",
+            (JobStatus.failed.value, INTERRUPTED, time.time(), JobStatus.pending.value, JobStatus.running.value),
+        )
+
+    def expire_jobs(self, older_than_s: float, keep_at_most: int) -> int:
+        """Forget finished jobs older than the TTL, and beyond the newest `keep_at_most`."""
+        cutoff = time.time() - older_than_s
+        removed = self._execute("DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?", (cutoff,))
+        removed += self._execute(
+            "DELETE FROM jobs WHERE finished_at IS NOT NULL AND id NOT IN "
+            "(SELECT id FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?)",
+            (keep_at_most,),
+        )
+        return removed
+
+    def count_unfinished(self) -> int:
+        return self._query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE status IN (?, ?)",
+            (JobStatus.pending.value, JobStatus.running.value),
+        )[0]["n"]
+
+    @staticmethod
+    def job_info(row: sqlite3.Row) -> JobInfo:
+        return JobInfo(
+            id=row["id"],
+            run_id=row["run_id"],
+            kind=row["kind"],
+            status=JobStatus(row["status"]),
+            created_at=_ts(row["created_at"]),
+            started_at=_ts(row["started_at"]),
+            finished_at=_ts(row["finished_at"]),
+            result=json.loads(row["result"]) if row["result"] is not None else None,
+            error=row["error"],
+        )

@@ -1,0 +1,320 @@
+"""The wire schema: every request and response body, shared by the server and the SDK.
+
+Names follow the Tinker SDK where they fit (`Datum`, `ModelInput`, `SamplingParams`,
+`AdamParams`, `forward_backward`, `optim_step`). Every model rejects unknown fields, so a
+misspelt option is a 422 that names it, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Bounds that hold whatever the server's settings say; the server enforces its tighter,
+# configurable limits (max tokens, batch sizes) when it validates a request.
+MAX_LORA_RANK = 256
+CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------- runs
+class LoraConfig(_Schema):
+    rank: int = Field(1, ge=1, le=MAX_LORA_RANK, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear",
+        description="'all-linear' (every linear layer but the output head) or module names.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (not value or not all(v.strip() for v in value)):
+            raise ValueError("target_modules must name at least one module")
+        return value
+
+
+class CreateRunRequest(_Schema):
+    base_model: str | None = Field(
+        None, description="Must match the server's model when given (one base model per server)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    seed: int = Field(0, ge=0, description="Seed of the adapter's initial weights.")
+    from_checkpoint: str | None = Field(
+        None, description="Start from this checkpoint ('<run_id>/<name>'), weights and optimizer."
+    )
+
+
+class CheckpointInfo(_Schema):
+    run_id: str
+    name: str
+    path: str
+    step: int
+    created_at: datetime
+
+
+class RunInfo(_Schema):
+    id: str
+    base_model: str
+    lora: LoraConfig
+    step: int = Field(description="Optimizer steps applied so far.")
+    created_at: datetime
+    restored_from: str | None = Field(
+        None, description="Checkpoint the run's live state was last restored from, if any."
+    )
+    checkpoints: list[CheckpointInfo] = Field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ training
+class ModelInput(_Schema):
+    tokens: list[int] = Field(min_length=1, description="Token ids fed to the model.")
+
+    @classmethod
+    def from_ints(cls, tokens: list[int]) -> "ModelInput":
+        return cls(tokens=list(tokens))
+
+
+def _all_finite(name: str, values: list[float] | None) -> None:
+    if values is not None and not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite numbers (no NaN or inf)")
+
+
+class LossFnInputs(_Schema):
+    """Per-position inputs; position i scores `target_tokens[i]` after `model_input.tokens[:i+1]`."""
+
+    target_tokens: list[int]
+    weights: list[float] | None = Field(None, description="cross_entropy: per-token weight.")
+    logprobs: list[float] | None = Field(
+        None, description="importance_sampling/ppo: the sampler's logprob of each target token."
+    )
+    advantages: list[float] | None = Field(
+        None, description="importance_sampling/ppo: per-token advantage."
+    )
+
+    @model_validator(mode="after")
+    def _finite(self) -> "LossFnInputs":
+        for name in ("weights", "logprobs", "advantages"):
+            _all_finite(name, getattr(self, name))
+        return self
+
+
+class Datum(_Schema):
+    model_input: ModelInput
+    loss_fn_inputs: LossFnInputs
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "Datum":
+        n = len(self.model_input.tokens)
+        inputs = self.loss_fn_inputs
+        for name in ("target_tokens", "weights", "logprobs", "advantages"):
+            values = getattr(inputs, name)
+            if values is not None and len(values) != n:
+                raise ValueError(
+                    f"loss_fn_inputs.{name} has {len(values)} entries but "
+                    f"model_input.tokens has {n}; they must be the same length"
+                )
+        return self
+
+
+LossFnName = Literal["cross_entropy", "importance_sampling", "ppo"]
+
+
+class ForwardBackwardRequest(_Schema):
+    data: list[Datum] = Field(min_length=1)
+    loss_fn: LossFnName = "cross_entropy"
+
+    @model_validator(mode="after")
+    def _inputs_for_loss(self) -> "ForwardBackwardRequest":
+        needed = ("weights",) if self.loss_fn == "cross_entropy" else ("logprobs", "advantages")
+        for i, datum in enumerate(self.data):
+            for name in needed:
+                if self.loss_fn != "cross_entropy" and getattr(datum.loss_fn_inputs, name) is None:
+                    raise ValueError(f"data[{i}].loss_fn_inputs.{name} is required by {self.loss_fn}")
+        return self
+
+
+class ForwardBackwardResult(_Schema):
+    loss: float = Field(description="Summed loss over the batch (cross_entropy: weighted NLL).")
+    num_tokens: int = Field(description="Positions that carried loss (nonzero weight/advantage).")
+    logprobs: list[list[float | None]] = Field(
+        description="Per datum and position, logprob of the target token; null where the loss "
+        "had zero weight (those logits are never computed)."
+    )
+
+
+class AdamParams(_Schema):
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip_norm: float | None = Field(
+        1.0, gt=0, description="Clip the adapter's gradient norm to this; null disables clipping."
+    )
+
+
+class OptimStepRequest(_Schema):
+    adam_params: AdamParams = Field(default_factory=AdamParams)
+
+
+class OptimStepResult(_Schema):
+    step: int
+    grad_norm: float
+    learning_rate: float
+
+
+# ------------------------------------------------------------------------------------ sampling
+class ChatMessage(_Schema):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Prompt(_Schema):
+    """Exactly one of: token ids, chat messages (the server applies the chat template), text."""
+
+    tokens: list[int] | None = Field(None, min_length=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    text: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Prompt":
+        given = [k for k in ("tokens", "messages", "text") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of tokens, messages or text (got {given or 'none'})"
+            )
+        return self
+
+
+class SamplingParams(_Schema):
+    max_tokens: int = Field(64, ge=1, description="New tokens at most, per candidate.")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    stop: list[str] = Field(
+        default_factory=list, description="Stop strings (the model's end-of-turn token always stops)."
+    )
+    seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_non_empty(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+class SampleRequest(_Schema):
+    prompts: list[Prompt] = Field(min_length=1)
+    num_samples: int = Field(1, ge=1, description="Candidates per prompt.")
+    sampling_params: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class SampledSequence(_Schema):
+    text: str
+    tokens: list[int]
+    logprobs: list[float] = Field(description="Model logprob (temperature 1) of each sampled token.")
+    stop_reason: Literal["stop", "length"]
+
+
+class SampleResult(_Schema):
+    prompt_tokens: list[list[int]]
+    sequences: list[list[SampledSequence]] = Field(description="Per prompt, its candidates.")
+
+
+class ScoreRequest(_Schema):
+    prompt: Prompt
+    responses: list[str] = Field(min_length=1)
+
+
+class ResponseScore(_Schema):
+    mean_logprob: float
+    sum_logprob: float
+    num_tokens: int
+
+
+class ScoreResult(_Schema):
+    scores: list[ResponseScore]
+
+
+# --------------------------------------------------------------------------------- checkpoints
+class SaveRequest(_Schema):
+    name: str = Field(pattern=CHECKPOINT_NAME_PATTERN, description="Letters, digits, '_', '.', '-'.")
+
+    @field_validator("name")
+    @classmethod
+    def _no_dots(cls, value: str) -> str:
+        if ".." in value:
+            raise ValueError("checkpoint name must not contain '..'")
+        return value
+
+
+class LoadRequest(_Schema):
+    checkpoint: str = Field(
+        description="'<name>' of this run or '<run_id>/<name>' of another run you own.",
+        max_length=300,
+    )
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        parse_checkpoint_ref(value, default_run="_")
+        return value
+
+
+def parse_checkpoint_ref(ref: str, default_run: str) -> tuple[str, str]:
+    """'<run_id>/<name>' or '<name>' -> (run_id, name); refuses anything path-like."""
+    parts = ref.split("/")
+    if len(parts) == 1:
+        run_id, name = default_run, parts[0]
+    elif len(parts) == 2:
+        run_id, name = parts
+    else:
+        raise ValueError("checkpoint must be '<name>' or '<run_id>/<name>'")
+    if not re.fullmatch(CHECKPOINT_NAME_PATTERN, name) or ".." in name:
+        raise ValueError(f"invalid checkpoint name {name!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+        raise ValueError(f"invalid run id {run_id!r}")
+    return run_id, name
+
+
+# ---------------------------------------------------------------------------------------- jobs
+class JobStatus(str, Enum):
+    pending = "pending"
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+
+
+class JobRef(_Schema):
+    job_id: str
+    status: JobStatus
+
+
+class JobInfo(_Schema):
+    id: str
+    run_id: str | None
+    kind: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: Any = None
+    error: str | None = None
+
+
+class HealthInfo(_Schema):
+    status: Literal["ok"] = "ok"
+    model: str
+    runs: int
+    queued_jobs: int
+    version: str

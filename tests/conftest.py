@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eztinker.engine import Engine, load_base_model
+from eztinker.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 (hidden 64, 2 layers) with the real Qwen2 tokenizer from ../shared."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir, tmp_path_factory):
+    return load_base_model(str(tiny_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+
+
+@pytest.fixture()
+def engine(tiny_base):
+    engine = Engine(tiny_base)
+    yield engine
+    for run_id in list(engine._runs):
+        engine.delete_run(run_id)
+
+
+class ThreadedServer:
+    """The real ASGI app served by uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, service):
+        import threading
+
+        import uvicorn
+
+        from eztinker.server.app import create_app
+
+        self.service = service
+        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture()
+def make_server(tiny_base, tmp_path):
+    """make_server(**settings) -> a running server (context manager) over a fresh data dir."""
+    from eztinker.server.service import Service
+    from eztinker.server.settings import ServerSettings
+
+    def make(data_dir=None, **settings):
+        settings = ServerSettings(model=tiny_base.name, data_dir=data_dir or tmp_path / "data", **settings)
+        return ThreadedServer(Service(settings, tiny_base))
+
+    return make
