@@ -61,13 +61,18 @@ class ThreadedServer:
 
 
 @pytest.fixture()
-def make_server(tiny_base, tmp_path):
-    """make_server(**settings) -> a running server (context manager) over a fresh data dir."""
+def make_server(tiny_model_dir, tmp_path):
+    """make_server(**settings) -> a running server (context manager) over a fresh data dir.
+
+    Each server loads its own copy of the tiny model (0.1 s), as a real server process would:
+    an engine's LoRA layers live inside its base model, so servers must not share one.
+    """
     from eztinker.server.service import Service
     from eztinker.server.settings import ServerSettings
 
     def make(data_dir=None, **settings):
-        settings = ServerSettings(model=tiny_base.name, data_dir=data_dir or tmp_path / "data", **settings)
-        return ThreadedServer(Service(settings, tiny_base))
+        settings = ServerSettings(model=str(tiny_model_dir), data_dir=data_dir or tmp_path / "data", **settings)
+        base = load_base_model(settings.model, cache_dir=tmp_path / "cache", device="cpu")
+        return ThreadedServer(Service(settings, base))
 
     return make

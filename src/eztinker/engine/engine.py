@@ -118,6 +118,10 @@ class Engine:
         self._check_tokens(data)
         self._activate(run_id)
         self._peft.train(run.lora.dropout > 0)
+        # Fix: a failure part-way through (e.g. a non-finite loss in a later micro-batch) used to
+        # leave the earlier micro-batches' gradients accumulated, so the next optim_step applied a
+        # partial batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
+        saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in run.params]
         try:
             total_loss, num_tokens = 0.0, 0
             logprobs: list[list[float | None]] = [[] for _ in data]
@@ -127,6 +131,10 @@ class Engine:
                 num_tokens += count
                 for i, row in zip(batch, batch_logprobs):
                     logprobs[i] = row
+        except BaseException:
+            for param, grad in zip(run.params, saved_grads):
+                param.grad = grad
+            raise
         finally:
             self._peft.eval()
         return ForwardBackwardResult(loss=total_loss, num_tokens=num_tokens, logprobs=logprobs)

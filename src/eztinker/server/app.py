@@ -3,6 +3,7 @@
 
 import hmac
 import logging
+import math
 import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
@@ -72,6 +75,17 @@ def create_app(service: Service) -> FastAPI:
                 content={"detail": f"request body of {length} bytes exceeds max_request_bytes ({limit})"},
             )
         return await call_next(request)
+
+    # FIX: the Content-Length check above never sees a chunked upload (no Content-Length), so
+    # such a body was read whole, however large, before anything (auth included) looked at it.
+    app.add_middleware(_StreamedBodyLimit, limit=service.settings.max_request_bytes)
+
+    # FIX: FastAPI's default 422 handler echoes each offending input back; a NaN/Infinity sent
+    # in the JSON (Python's json emits them) made that echo unserialisable, so a correctly
+    # rejected request became a 500. Same response, with non-finite numbers spelt as strings.
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))})
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError):
@@ -168,6 +182,54 @@ def create_app(service: Service) -> FastAPI:
         return await service.wait_job(user, job_id, wait)
 
     return app
+
+
+def _finite(value):
+    """JSON-able `value` with NaN/Infinity floats replaced by their names ('nan', 'inf')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+class _StreamedBodyLimit:
+    """Pure ASGI middleware for bodies without a Content-Length (chunked uploads): reads the
+    body up to `limit` bytes, answers 413 past that, else hands the app the buffered body.
+    (FastAPI reads the whole body into memory anyway; this only caps it.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or any(name == b"content-length" for name, _ in scope["headers"]):
+            return await self.app(scope, receive, send)  # the Content-Length check applies
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                response = JSONResponse(
+                    status_code=413,
+                    content={"detail": f"request body exceeds max_request_bytes ({self.limit})"},
+                )
+                return await response(scope, receive, send)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: disconnect notices
+
+        await self.app(scope, replay, send)
 
 
 def _tokenizer_files(service: Service) -> dict:

@@ -1,0 +1,25 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, start a server on the embedded model, run rejection-sampling SFT
+#   make test   set up .venv, run the test suite
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench setup clean
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/eztinker demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/run.py
+
+clean:
+	rm -rf $(VENV) data/demo

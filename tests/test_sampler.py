@@ -1,0 +1,208 @@
+"""Sampler correctness: greedy equals transformers' generate, batching and mixed-run batches do not
+change results, seeds, candidates, max_tokens, stop strings, top-k/top-p. CPU only, offline.
+
+The conftest's tiny random Qwen2 has such small weights that its greedy output just repeats the
+prompt's last token, which would hide padding/position/cache bugs. Most tests therefore use a
+"sharp" copy whose decoder matrices are re-drawn with a larger scale: same architecture,
+tokenizer and loading path, but prompt-dependent, varied greedy continuations.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from eztinker.chat import datum_from_tokens
+from eztinker.engine import Engine, SampleSpec, load_base_model
+from eztinker.types import AdamParams, LoraConfig, SamplingParams
+
+LORA = LoraConfig(rank=4, alpha=16)
+
+
+# ----------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def sharp_base(tiny_model_dir, tmp_path_factory):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.model.layers.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.25, generator=generator)
+    out = tmp_path_factory.mktemp("sharp-qwen2")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return load_base_model(str(out), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+
+
+@pytest.fixture()
+def sharp(sharp_base):
+    engine = Engine(sharp_base)
+    yield engine
+    for run_id in list(engine._runs):
+        engine.delete_run(run_id)
+
+
+# ----------------------------------------------------------------------------------- helpers
+def params(**kwargs) -> SamplingParams:
+    return SamplingParams(**{"temperature": 0, "max_tokens": 12, **kwargs})
+
+
+def sample_one(engine, adapter, prompts, num_samples=1, **kwargs):
+    """engine.sample for a single spec: per prompt, its candidates."""
+    return engine.sample([SampleSpec(adapter, prompts, num_samples, params(**kwargs))])[0]
+
+
+def tokens_of(candidates_per_prompt) -> list[list[list[int]]]:
+    return [[c.tokens for c in candidates] for candidates in candidates_per_prompt]
+
+
+def random_prompts(lengths, seed=0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(300, 100_000) for _ in range(n)] for n in lengths]
+
+
+def hf_greedy(model, base, prompt, max_tokens) -> list[int]:
+    config = GenerationConfig(
+        do_sample=False,
+        repetition_penalty=1.0,  # else the model's generation_config (Qwen2: 1.1) is merged in
+        max_new_tokens=max_tokens,
+        eos_token_id=sorted(base.stop_token_ids),
+        pad_token_id=base.pad_token_id,
+    )
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt]), generation_config=config)
+    return out[0, len(prompt) :].tolist()
+
+
+def train_away(engine, run_id, seed, steps=4):
+    """Train a run on a random reply so that its greedy outputs differ from the base model's."""
+    engine.create_run(run_id, LORA, seed=seed)
+    prompt, reply = random_prompts([6, 8], seed=100 + seed)
+    datum = datum_from_tokens(prompt, reply)
+    for _ in range(steps):
+        engine.forward_backward(run_id, [datum])
+        engine.optim_step(run_id, AdamParams(learning_rate=3e-2))
+
+
+# ------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("which", ["tiny_base", "sharp_base"])
+def test_base_greedy_equals_transformers_generate(which, request):
+    base = request.getfixturevalue(which)
+    engine = Engine(base)  # no runs: the bare model
+    prompts = random_prompts([5, 13]) + [base.tokenizer.encode("The quick brown fox")]
+    got = tokens_of(sample_one(engine, None, prompts, max_tokens=8))
+    assert got == [[hf_greedy(base.model, base, p, 8)] for p in prompts]
+
+
+def test_greedy_with_runs_equals_generate_with_adapter_on_and_off(sharp, sharp_base):
+    train_away(sharp, "run_a", seed=1)
+    sharp.create_run("run_b", LORA, seed=2)
+    prompts = random_prompts([4, 11], seed=3)
+    with sharp._peft.disable_adapter():
+        want_base = [hf_greedy(sharp._peft, sharp_base, p, 10) for p in prompts]
+    sharp._peft.set_adapter("run_a")
+    want_a = [hf_greedy(sharp._peft, sharp_base, p, 10) for p in prompts]
+    assert want_a != want_base
+    assert tokens_of(sample_one(sharp, "run_b", prompts[:1], max_tokens=1))  # make run_b active
+    assert tokens_of(sample_one(sharp, None, prompts, max_tokens=10)) == [[t] for t in want_base]
+    assert tokens_of(sample_one(sharp, "run_a", prompts, max_tokens=10)) == [[t] for t in want_a]
+
+
+def test_batched_greedy_with_left_padding_equals_each_prompt_alone(sharp):
+    prompts = random_prompts([2, 7, 15, 31])
+    batched = tokens_of(sample_one(sharp, None, prompts))
+    alone = [tokens_of(sample_one(sharp, None, [p]))[0] for p in prompts]
+    assert batched == alone
+    assert len({tuple(c[0]) for c in batched}) == len(prompts)  # prompt-dependent output
+
+
+def test_greedy_candidates_share_the_prefill_correctly(sharp):
+    prompts = random_prompts([3, 9])
+    single = tokens_of(sample_one(sharp, None, prompts))
+    many = sample_one(sharp, None, prompts, num_samples=3)
+    assert [len(c) for c in many] == [3, 3]
+    assert tokens_of(many) == [[s[0]] * 3 for s in single]
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(sharp):
+    prompts = random_prompts([4, 10])
+    kwargs = dict(num_samples=3, temperature=1.0, max_tokens=6)
+    first = sample_one(sharp, None, prompts, seed=7, **kwargs)
+    again = sample_one(sharp, None, prompts, seed=7, **kwargs)
+    other = sample_one(sharp, None, prompts, seed=8, **kwargs)
+    assert [len(c) for c in first] == [3, 3]  # num_samples candidates per prompt
+    assert tokens_of(first) == tokens_of(again)
+    assert [[c.logprobs for c in cs] for cs in first] == [[c.logprobs for c in cs] for cs in again]
+    assert tokens_of(first) != tokens_of(other)
+    for candidates in first:
+        assert len({tuple(c.tokens) for c in candidates}) == 3  # candidates are independent draws
+        for c in candidates:
+            assert len(c.tokens) == len(c.logprobs) == 6 and c.stop_reason == "length"
+            assert all(lp <= 0 for lp in c.logprobs)
+
+
+def test_sampled_logprobs_are_the_models_own(sharp):
+    train_away(sharp, "run_a", seed=1)
+    prompt = random_prompts([6])[0]
+    for adapter in ("run_a", None):
+        for kwargs in ({"temperature": 0}, {"temperature": 0.7, "seed": 3}):
+            seq = sample_one(sharp, adapter, [prompt], max_tokens=8, **kwargs)[0][0]
+            score = sharp.score(adapter, prompt, [seq.tokens])[0]
+            assert sum(seq.logprobs) == pytest.approx(score.sum_logprob, rel=1e-4, abs=1e-4)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(sharp):
+    prompts = random_prompts([3, 12])
+    want = tokens_of(sample_one(sharp, None, prompts, max_tokens=6))
+    assert tokens_of(sample_one(sharp, None, prompts, max_tokens=6, temperature=1.0, top_k=1, seed=1)) == want
+    assert tokens_of(sample_one(sharp, None, prompts, max_tokens=6, temperature=1.5, top_p=1e-6, seed=2)) == want
+    assert tokens_of(sample_one(sharp, None, prompts, max_tokens=6, temperature=1.0, seed=1)) != want
+
+
+def test_max_tokens_and_stop_strings(sharp, sharp_base):
+    tokenizer = sharp_base.tokenizer
+    prompt = random_prompts([5])[0]
+    full = sample_one(sharp, None, [prompt], max_tokens=20)[0][0]
+    assert full.stop_reason == "length" and len(full.tokens) == 20
+    assert full.text == tokenizer.decode(full.tokens, skip_special_tokens=True)
+    short = sample_one(sharp, None, [prompt], max_tokens=3)[0][0]
+    assert short.tokens == full.tokens[:3] and short.stop_reason == "length"
+
+    # A stop string: the text that the k-th generated token adds (k >= 2, first occurrence).
+    for k in range(2, 20):
+        before = tokenizer.decode(full.tokens[:k])
+        upto = tokenizer.decode(full.tokens[: k + 1])
+        piece = upto[len(before) :]
+        if upto.startswith(before) and piece.strip() and "\ufffd" not in upto and upto.find(piece) == len(before):
+            break
+    else:
+        pytest.fail(f"no usable stop string in {full.text!r}")
+    stopped = sample_one(sharp, None, [prompt], max_tokens=20, stop=["never-generated-xyz", piece])[0][0]
+    assert stopped.stop_reason == "stop"
+    assert stopped.tokens == full.tokens[: k + 1]
+    assert stopped.text == before
+    assert piece not in stopped.text
+    unused = sample_one(sharp, None, [prompt], max_tokens=20, stop=["never-generated-xyz"])[0][0]
+    assert unused.tokens == full.tokens and unused.stop_reason == "length"
+
+
+def test_mixed_batch_of_runs_and_base_equals_each_spec_alone(sharp):
+    train_away(sharp, "run_a", seed=1)
+    train_away(sharp, "run_b", seed=2)
+    p = random_prompts([3, 8, 14, 6], seed=5)
+    specs = [
+        SampleSpec("run_a", [p[0], p[1]], 1, params(max_tokens=10)),
+        SampleSpec(None, [p[2]], 2, params(max_tokens=6)),
+        SampleSpec("run_b", [p[0], p[3]], 1, params(max_tokens=12)),
+        SampleSpec("run_a", [p[3]], 1, params(max_tokens=4)),
+        SampleSpec("run_b", [p[1]], 3, params(temperature=1.0, seed=11, max_tokens=5)),
+    ]
+    mixed = [tokens_of(r) for r in sharp.sample(specs)]
+    alone = [tokens_of(sharp.sample([spec])[0]) for spec in specs]
+    assert mixed == alone
+    # The three models really answer differently, so a wrong adapter per row would show.
+    first = {name: tokens_of(sample_one(sharp, name, [p[0]]))[0][0] for name in ("run_a", "run_b", None)}
+    assert len({tuple(t) for t in first.values()}) == 3
