@@ -76,3 +76,9 @@ def make_server(tiny_model_dir, tmp_path):
         return ThreadedServer(Service(settings, base))
 
     return make
+
+
+@pytest.fixture()
+def serve():
+    """serve(service) -> a running server (context manager) for a Service built by the test."""
+    return ThreadedServer

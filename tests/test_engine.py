@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eztinker.chat import datum_from_messages, datum_from_tokens, render_prompt
-from eztinker.engine import EngineError, SampleSpec
+from eztinker.engine import Engine, EngineError, SampleSpec, load_base_model
 from eztinker.types import AdamParams, Datum, LoraConfig, LossFnInputs, ModelInput, SamplingParams
 
 LORA = LoraConfig(rank=4, alpha=16)
@@ -172,18 +172,68 @@ def test_microbatching_and_chunked_logits_match_defaults(engine, tiny_base):
     assert rel_diff(adapter_grads(engine, "small"), adapter_grads(engine, "default")) < 1e-5
 
 
+def test_batch_loss_does_not_depend_on_which_examples_share_a_micro_batch(engine):
+    engine.create_run("run_a", LORA)
+    weighted = Datum(
+        model_input=ModelInput(tokens=[11, 12, 13, 14]),
+        loss_fn_inputs=LossFnInputs(target_tokens=[12, 13, 14, 15], weights=[0.0, 0.0, 0.5, 0.25]),
+    )
+    unweighted = Datum(  # no weights: every position counts with weight 1
+        model_input=ModelInput(tokens=[21, 22, 23]), loss_fn_inputs=LossFnInputs(target_tokens=[22, 23, 24])
+    )
+    apart = [engine.forward_backward("run_a", [d]) for d in (weighted, unweighted)]
+    together = engine.forward_backward("run_a", [weighted, unweighted])
+    assert together.loss == pytest.approx(sum(r.loss for r in apart), rel=1e-5)
+    assert together.num_tokens == 2 + 3
+    expected = -(0.5 * apart[0].logprobs[0][2] + 0.25 * apart[0].logprobs[0][3])
+    assert apart[0].loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_interleaved_runs_keep_their_own_gradients(engine, tiny_base):
+    data = all_data(tiny_base.tokenizer)
+    engine.create_run("alone", LORA, seed=6)
+    engine.create_run("mixed", LORA, seed=6)
+    engine.create_run("other", LORA, seed=7)
+    train(engine, "alone", [data[:2]])
+    engine.forward_backward("mixed", data[:2])
+    engine.forward_backward("other", data[2:])  # between mixed's forward_backward and its step
+    engine.optim_step("other", ADAM)
+    engine.optim_step("mixed", ADAM)
+    assert rel_diff(flat(adapter_weights(engine, "mixed")), flat(adapter_weights(engine, "alone"))) == 0
+
+
+def test_score_batches_responses_of_different_lengths(engine, tiny_base):
+    tok = tiny_base.tokenizer
+    engine.create_run("run_a", LORA)
+    train(engine, "run_a", [all_data(tok)])
+    prompt = render_prompt(tok, messages("Hello", "")[:1])
+    responses = [tok.encode("Hi there, nice to meet you."), tok.encode("Yo"), [], tok.encode("Good day")]
+    for run_id in ("run_a", None):
+        together = engine.score(run_id, prompt, responses)
+        alone = [engine.score(run_id, prompt, [r])[0] for r in responses]
+        assert [s.num_tokens for s in together] == [len(r) for r in responses]
+        assert [s.sum_logprob for s in together] == pytest.approx([s.sum_logprob for s in alone], rel=1e-5)
+        assert together[0].mean_logprob == pytest.approx(together[0].sum_logprob / len(responses[0]))
+        assert together[2].sum_logprob == 0.0
+
+
 # --------------------------------------------------------------------------- 3. checkpoints
-def test_save_load_resume_matches_uninterrupted_training(engine, tiny_base, tmp_path):
+@pytest.mark.parametrize("where", ["same_engine", "restarted_server"])
+def test_save_load_resume_matches_uninterrupted_training(engine, tiny_base, tiny_model_dir, tmp_path, where):
     data = all_data(tiny_base.tokenizer)
     batches = [data[:2], data[2:], data[1:3], [data[0], data[3]]]
     engine.create_run("straight", LORA, seed=1)
     uninterrupted = train(engine, "straight", batches)
 
     engine.create_run("first", LORA, seed=1)
-    assert train(engine, "first", batches[:2]) == pytest.approx(uninterrupted[:2], rel=1e-6)
+    assert train(engine, "first", batches[:1]) == pytest.approx(uninterrupted[:1], rel=1e-6)
     engine.save("first", tmp_path / "ckpt")
+    assert train(engine, "first", batches[1:2]) == pytest.approx(uninterrupted[1:2], rel=1e-6)
+    engine.save("first", tmp_path / "ckpt")  # overwrites the step-1 checkpoint
     engine.delete_run("first")
 
+    if where == "restarted_server":  # a new process: fresh base weights and a fresh engine
+        engine = Engine(load_base_model(str(tiny_model_dir), cache_dir=tmp_path / "cache", device="cpu"))
     engine.create_run("resumed", LORA, seed=42)  # a different init: load must replace it
     assert engine.load("resumed", tmp_path / "ckpt") == 2
     assert engine.step_of("resumed") == 2
@@ -295,8 +345,10 @@ def test_token_ids_outside_the_vocabulary_are_refused(engine, tiny_base):
         engine.forward_backward("run_a", [negative])
     with pytest.raises(EngineError, match=r"prompts\[1\]"):
         engine.sample([SampleSpec("run_a", [[1, 2], [vocab]], 1, SamplingParams(max_tokens=2))])
-    with pytest.raises(EngineError, match=r"prompts"):
-        engine.score("run_a", [1, 2], [[vocab + 1]])
+    with pytest.raises(EngineError, match=r"^prompt: token id -3 "):
+        engine.score("run_a", [1, -3], [[2]])
+    with pytest.raises(EngineError, match=r"^responses\[2\]: token id " + str(vocab + 1)):
+        engine.score("run_a", [1, 2], [[3], [], [4, vocab + 1]])
     assert adapter_grads(engine, "run_a").abs().sum() == 0  # nothing was accumulated
 
 
@@ -321,6 +373,20 @@ def test_unknown_run_is_refused(engine, tmp_path):
     with pytest.raises(EngineError, match="already exists"):
         engine.create_run("run_a", LORA)
     assert not (tmp_path / "x").exists()
+
+
+def test_unknown_target_modules_are_refused_and_leave_the_engine_usable(engine, tiny_base):
+    bad = LoraConfig(target_modules=["no_such_module"])
+    with pytest.raises(EngineError, match="target_modules"):
+        engine.create_run("run_x", bad)  # first run: the peft wrapper is being created
+    assert not engine.has_run("run_x")
+    engine.create_run("run_a", LORA)
+    with pytest.raises(EngineError, match="target_modules"):
+        engine.create_run("run_x", bad)  # a further adapter
+    assert not engine.has_run("run_x")
+    engine.create_run("run_x", LORA)
+    losses = train(engine, "run_x", [all_data(tiny_base.tokenizer)[:1]] * 2)
+    assert losses[1] < losses[0]
 
 
 @pytest.mark.parametrize("poison", ["huge_advantage", "inf_ratio"])

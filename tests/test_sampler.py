@@ -77,9 +77,9 @@ def hf_greedy(model, base, prompt, max_tokens) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def train_away(engine, run_id, seed, steps=4):
+def train_away(engine, run_id, seed, steps=4, lora=LORA):
     """Train a run on a random reply so that its greedy outputs differ from the base model's."""
-    engine.create_run(run_id, LORA, seed=seed)
+    engine.create_run(run_id, lora, seed=seed)
     prompt, reply = random_prompts([6, 8], seed=100 + seed)
     datum = datum_from_tokens(prompt, reply)
     for _ in range(steps):
@@ -191,7 +191,8 @@ def test_max_tokens_and_stop_strings(sharp, sharp_base):
 
 def test_mixed_batch_of_runs_and_base_equals_each_spec_alone(sharp):
     train_away(sharp, "run_a", seed=1)
-    train_away(sharp, "run_b", seed=2)
+    # Another rank and other target modules: peft's per-row adapter path must handle both.
+    train_away(sharp, "run_b", seed=2, lora=LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj"]))
     p = random_prompts([3, 8, 14, 6], seed=5)
     specs = [
         SampleSpec("run_a", [p[0], p[1]], 1, params(max_tokens=10)),

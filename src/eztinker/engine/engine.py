@@ -250,7 +250,11 @@ class Engine:
         """Logprob of each response given the prompt, under the run's adapter (or the base model)."""
         if run_id is not None:
             self._run(run_id)
-        self._check_prompts([prompt] + [r for r in responses if r])
+        # Fix: errors used to name the prompt "prompts[0]" and a response "prompts[k]" (k shifted
+        # past empty responses); name the fields the caller actually passed.
+        self._check_ids(prompt, "prompt")
+        for i, response in enumerate(responses):
+            self._check_ids(response, f"responses[{i}]")
         sequences = [prompt + r for r in responses]
         input_ids, attention_mask = self._right_pad(sequences)
         positions = torch.zeros(input_ids.shape, dtype=torch.bool)

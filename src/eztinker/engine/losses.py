@@ -45,19 +45,25 @@ def select_positions(examples: list[Datum], loss_fn: LossFnName, width: int) -> 
 
 
 def gather_inputs(examples: list[Datum], mask: torch.Tensor, loss_fn: LossFnName, device) -> LossInputs:
-    def flat(name: str, dtype: torch.dtype) -> torch.Tensor | None:
-        if any(getattr(d.loss_fn_inputs, name) is None for d in examples):
-            return None
-        rows = [
-            torch.tensor(getattr(d.loss_fn_inputs, name), dtype=dtype)[mask[b, : len(d.loss_fn_inputs.target_tokens)]]
-            for b, d in enumerate(examples)
-        ]
+    def flat(name: str, dtype: torch.dtype, default: float | None = None) -> torch.Tensor | None:
+        # Fix: `weights` used to become None for the whole micro-batch as soon as one example had
+        # none, so the other examples' weights (e.g. 0.5) were silently replaced by 1 and the loss
+        # depended on how examples were batched. An example without weights now gets `default`.
+        rows = []
+        for b, d in enumerate(examples):
+            values = getattr(d.loss_fn_inputs, name)
+            n = len(d.loss_fn_inputs.target_tokens)
+            if values is None:
+                if default is None:
+                    return None
+                values = [default] * n
+            rows.append(torch.tensor(values, dtype=dtype)[mask[b, :n]])
         return torch.cat(rows).to(device)
 
     is_rl = loss_fn != "cross_entropy"
     return LossInputs(
         targets=flat("target_tokens", torch.long),
-        weights=None if is_rl else flat("weights", torch.float32),
+        weights=None if is_rl else flat("weights", torch.float32, default=1.0),
         sampling_logprobs=flat("logprobs", torch.float32) if is_rl else None,
         advantages=flat("advantages", torch.float32) if is_rl else None,
     )

