@@ -176,8 +176,8 @@ def _pick(logits_B_V: torch.Tensor, params: SamplingParams, generator: torch.Gen
 def _hit_stop_string(row: _Row, stops: list[str], tokenizer: PreTrainedTokenizerBase) -> bool:
     if not stops:
         return False
-    # A token carries at least one character, so the tail covers any stop string just completed.
-    tail_tokens = max(len(s) for s in stops) + 4
+    # A token carries at least one byte, so the tail covers any stop string just completed.
+    tail_tokens = max(len(s.encode()) for s in stops) + 4  # bytes: a token may be one byte
     tail = tokenizer.decode(row.tokens[-tail_tokens:], skip_special_tokens=True)
     return any(s in tail for s in stops)
 
