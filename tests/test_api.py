@@ -9,7 +9,6 @@ import math
 import socket
 import statistics
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ from eztinker import (
     CheckpointInfo,
     ConnectionFailedError,
     Datum,
+    ForwardBackwardResult,
     JobFailedError,
     LossFnInputs,
     ModelInput,
@@ -28,8 +28,10 @@ from eztinker import (
     SamplingParams,
     ServiceClient,
     TrainingClient,
+    datum_from_messages,
     datum_from_tokens,
 )
+from eztinker.chat import render_prompt
 from eztinker.server.settings import ServerSettings
 
 FAST = AdamParams(learning_rate=1e-2)
@@ -39,23 +41,9 @@ VOCAB = 151_936  # the tiny Qwen2's vocabulary (checked against /v1/info below)
 
 
 # ------------------------------------------------------------------------------- helpers
-@contextmanager
-def serve(make_server, **settings):
-    """A running server. Afterwards its adapters are stripped from the session-wide tiny model
-    (as the `engine` fixture does), so the next server in this process starts from a clean base."""
-    server = make_server(**settings)
-    try:
-        with server:
-            yield server
-    finally:
-        engine = server.service.engine
-        for run_id in list(engine._runs):
-            engine.delete_run(run_id)
-
-
 @pytest.fixture()
 def server(make_server):
-    with serve(make_server) as running:
+    with make_server() as running:
         yield running
 
 
@@ -124,7 +112,7 @@ def closed_port() -> int:
 
 
 # ------------------------------------------------------------------------------ round trip
-def test_sdk_round_trip(client):
+def test_sdk_round_trip(client, tmp_path):
     assert client.health().status == "ok"
     assert client.info()["vocab_size"] == VOCAB
 
@@ -169,6 +157,14 @@ def test_sdk_round_trip(client):
                 assert len(seq.tokens) == 6
     again = run.sample(prompts, num_samples=3, sampling_params=params).result(timeout=60)
     assert [[s.tokens for s in c] for c in again.sequences] == [[s.tokens for s in c] for c in sampled.sequences]
+
+    # The server's tokenizer, fetched by the SDK, agrees with the server's own encoding, and
+    # chat examples built with it train.
+    tokenizer = client.get_tokenizer(cache_dir=tmp_path / "tokenizers")
+    assert sampled.prompt_tokens[0] == tokenizer.encode("Hello there", add_special_tokens=False)
+    assert sampled.prompt_tokens[2] == render_prompt(tokenizer, prompts[2])
+    chat = datum_from_messages(tokenizer, [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}])
+    assert run.forward_backward([chat]).result(timeout=60).num_tokens >= 2
 
     # Scoring (evaluate).
     scores = run.score(PROMPT, ["hello", "hello world"]).result(timeout=60).scores
@@ -234,7 +230,7 @@ def test_sdk_round_trip(client):
 # --------------------------------------------------------------------------------- restart
 def test_restart_restores_runs_checkpoints_and_jobs(make_server, tmp_path):
     data_dir = tmp_path / "restart"
-    with serve(make_server, data_dir=data_dir) as server, ServiceClient(server.url) as service:
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as service:
         run = service.create_training_run(lora_rank=2)
         train(run, 2)
         save = run.save_state("c1")
@@ -248,13 +244,13 @@ def test_restart_restores_runs_checkpoints_and_jobs(make_server, tmp_path):
         server.service.store.mark_started("job_crashedmidway")
         # A slow job and one queued behind it: shutdown lets the running one finish but
         # never starts the queued one.
-        slow = run.forward_backward(slow_batch(300))
+        slow = run.forward_backward(slow_batch(400))
         queued = run.optim_step(FAST)
         deadline = time.monotonic() + 30
         while service.job(slow.job_id).status.value == "pending" and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    with serve(make_server, data_dir=data_dir) as server, ServiceClient(server.url) as service:
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as service:
         [info] = service.list_runs()
         assert info.id == run.run_id
         assert [(c.name, c.step) for c in info.checkpoints] == [("c1", 2)]
@@ -286,7 +282,9 @@ def test_restart_restores_runs_checkpoints_and_jobs(make_server, tmp_path):
 # ------------------------------------------------------------------------------ liveness
 def test_health_and_job_status_answer_while_a_long_job_runs(server, client):
     run = client.create_training_run()
-    long_job = run.forward_backward(slow_batch(600))
+    long_job = run.forward_backward(slow_batch(400))
+    with pytest.raises(TimeoutError):
+        long_job.result(timeout=0.05)
     health, status = [], []
     with httpx.Client(base_url=server.url, timeout=10) as http:
         while True:
@@ -301,7 +299,10 @@ def test_health_and_job_status_answer_while_a_long_job_runs(server, client):
             if job.json()["status"] in ("completed", "failed"):
                 break
             time.sleep(0.02)
-    assert long_job.result(timeout=60).num_tokens == 600
+    assert long_job.result(timeout=60).num_tokens == 400
+    # A finished job's result is there without waiting, even for a fresh future.
+    again = APIFuture(client, long_job.job_id, ForwardBackwardResult.model_validate)
+    assert again.result(timeout=0).num_tokens == 400 and again.done()
     assert len(health) >= 10, "the job was too quick to measure anything"
     for latencies in (health, status):
         assert statistics.median(latencies) < 0.1, latencies
@@ -330,20 +331,21 @@ def test_unknown_run_and_job_are_404(server, client):
     assert err.value.status_code == 404
 
 
-@pytest.mark.parametrize(
-    "lora, loc",
-    [
-        ({"rank": 0}, ("body", "lora", "rank")),
-        ({"rank": -2}, ("body", "lora", "rank")),
-        ({"rank": 100_000}, ("body", "lora", "rank")),
-        ({"alpha": 0}, ("body", "lora", "alpha")),
-        ({"target_modules": []}, ("body", "lora", "target_modules")),
-        ({"rnak": 2}, ("body", "lora", "rnak")),
-    ],
-)
-def test_bad_lora_config_is_422_naming_the_field(server, lora, loc):
-    response = httpx.post(f"{server.url}/v1/runs", json={"lora": lora})
-    assert_422(response, loc)
+BAD_LORA = {
+    "rank-zero": ({"rank": 0}, ("body", "lora", "rank")),
+    "rank-negative": ({"rank": -2}, ("body", "lora", "rank")),
+    "rank-huge": ({"rank": 100_000}, ("body", "lora", "rank")),
+    "alpha-zero": ({"alpha": 0}, ("body", "lora", "alpha")),
+    "no-target-modules": ({"target_modules": []}, ("body", "lora", "target_modules")),
+    "unknown-field": ({"rnak": 2}, ("body", "lora", "rnak")),
+}
+
+
+def test_bad_lora_config_is_422_naming_the_field(server):
+    for case, (lora, loc) in BAD_LORA.items():
+        response = httpx.post(f"{server.url}/v1/runs", json={"lora": lora})
+        assert response.status_code == 422, case
+        assert_422(response, loc)
     assert httpx.get(f"{server.url}/v1/runs").json() == []
 
 
@@ -360,13 +362,13 @@ def test_non_finite_numbers_are_rejected_not_stored(server, client):
         raw = json.dumps({"data": [datum]}).replace('"weights": [0.0, 0.0', f'"weights": [{value}, 0.0')
         assert value in raw
         response = httpx.post(f"{server.url}/v1/runs/{run.run_id}/forward_backward", content=raw, headers=headers)
-        assert_422(response, ("body", "data", 0), mentions=(field,))
+        assert_422(response, ("body", "data", 0, "loss_fn_inputs", field))
     n = len(datum["model_input"]["tokens"])
     is_datum = {**datum, "loss_fn_inputs": {**datum["loss_fn_inputs"], "weights": None,
                                             "logprobs": [-1.0] * n, "advantages": [float("nan")] * n}}
     raw = json.dumps({"data": [is_datum], "loss_fn": "importance_sampling"})
     response = httpx.post(f"{server.url}/v1/runs/{run.run_id}/forward_backward", content=raw, headers=headers)
-    assert_422(response, ("body", "data", 0), mentions=("advantages",))
+    assert_422(response, ("body", "data", 0, "loss_fn_inputs", "advantages"))
 
     for adam in ('{"learning_rate": NaN}', '{"eps": Infinity}', '{"weight_decay": Infinity}', '{"grad_clip_norm": NaN}'):
         response = httpx.post(
@@ -396,36 +398,44 @@ def _fb(tokens=None, targets=None, **changes) -> dict:
 N_TOKENS = len(PROMPT) + len(REPLY) - 1
 
 
-@pytest.mark.parametrize(
-    "body, loc, mentions",
-    [
-        ({"data": []}, ("body", "data"), ()),
-        ({}, ("body", "data"), ()),
-        (_fb(tokens=[1, VOCAB] + [1] * (N_TOKENS - 2)), ("body", "data", 0, "model_input", "tokens", 1), ("vocabulary",)),
-        (_fb(tokens=[-1] + [1] * (N_TOKENS - 1)), ("body", "data", 0, "model_input", "tokens", 0), ()),
-        (_fb(targets=[1, 1, 10**12] + [1] * (N_TOKENS - 3)), ("body", "data", 0, "loss_fn_inputs", "target_tokens", 2), ()),
-        (_fb(targets=[1, 2]), ("body", "data", 0), ("target_tokens",)),
-        (_fb(loss_fn="mse"), ("body", "loss_fn"), ()),
-        (_fb(loss_fn="importance_sampling"), ("body",), ("advantages",)),
-        (_fb(bogus_option=1), ("body", "bogus_option"), ()),
-        ({"data": [{**as_json(example()), "extra_field": 1}]}, ("body", "data", 0, "extra_field"), ()),
-        (
-            {"data": [{**as_json(example()), "loss_fn_inputs": {**as_json(example())["loss_fn_inputs"], "weight": 1}}]},
-            ("body", "data", 0, "loss_fn_inputs", "weight"),
-            (),
-        ),
-    ],
-    ids=["empty-data", "no-data", "token-above-vocab", "negative-token", "target-above-vocab",
-         "misaligned", "unknown-loss-fn", "loss-fn-missing-inputs", "unknown-field",
-         "unknown-datum-field", "unknown-nested-field"],
-)
-def test_bad_forward_backward_is_422_naming_the_field(server, client, body, loc, mentions):
+DATUM_JSON = as_json(example())
+BAD_FORWARD_BACKWARD = {  # case: (body, loc the error must have, words the detail must contain)
+    "empty-data": ({"data": []}, ("body", "data"), ()),
+    "no-data": ({}, ("body", "data"), ()),
+    "token-above-vocab": (
+        _fb(tokens=[1, VOCAB] + [1] * (N_TOKENS - 2)),
+        ("body", "data", 0, "model_input", "tokens", 1),
+        ("vocabulary",),
+    ),
+    "negative-token": (_fb(tokens=[-1] + [1] * (N_TOKENS - 1)), ("body", "data", 0, "model_input", "tokens", 0), ()),
+    "target-above-vocab": (
+        _fb(targets=[1, 1, 10**12] + [1] * (N_TOKENS - 3)),
+        ("body", "data", 0, "loss_fn_inputs", "target_tokens", 2),
+        (),
+    ),
+    "misaligned": (_fb(targets=[1, 2]), ("body", "data", 0), ("target_tokens",)),
+    "unknown-loss-fn": (_fb(loss_fn="mse"), ("body", "loss_fn"), ()),
+    "loss-fn-missing-inputs": (_fb(loss_fn="importance_sampling"), ("body",), ("advantages",)),
+    "unknown-field": (_fb(bogus_option=1), ("body", "bogus_option"), ()),
+    "unknown-datum-field": ({"data": [{**DATUM_JSON, "extra_field": 1}]}, ("body", "data", 0, "extra_field"), ()),
+    "unknown-nested-field": (
+        {"data": [{**DATUM_JSON, "loss_fn_inputs": {**DATUM_JSON["loss_fn_inputs"], "weight": 1}}]},
+        ("body", "data", 0, "loss_fn_inputs", "weight"),
+        (),
+    ),
+}
+
+
+def test_bad_forward_backward_is_422_naming_the_field(server, client):
     run = client.create_training_run()
-    response = httpx.post(f"{server.url}/v1/runs/{run.run_id}/forward_backward", json=body)
-    assert_422(response, loc, mentions)
+    for case, (body, loc, mentions) in BAD_FORWARD_BACKWARD.items():
+        response = httpx.post(f"{server.url}/v1/runs/{run.run_id}/forward_backward", json=body)
+        assert response.status_code == 422, (case, response.text)
+        assert_422(response, loc, mentions)
+    assert run.info().step == 0
 
 
-def test_bad_training_input_through_the_sdk(client):
+def test_bad_input_through_the_sdk(client):
     run = client.create_training_run()
     bad = Datum(model_input=ModelInput(tokens=[5, VOCAB + 7]), loss_fn_inputs=LossFnInputs(target_tokens=[6, 7]))
     with pytest.raises(APIStatusError) as err:
@@ -437,35 +447,33 @@ def test_bad_training_input_through_the_sdk(client):
         run.forward_backward([example()], loss_fn="mse")
     with pytest.raises(ValueError, match="rank"):
         client.create_training_run(lora_rank=0)
-
-
-@pytest.mark.parametrize(
-    "body, loc",
-    [
-        ({"prompts": [{"tokens": [1, 2]}], "sampling_params": {"max_tokens": 5000}}, ("body", "sampling_params", "max_tokens")),
-        ({"prompts": [{"tokens": [1, 2]}], "sampling_params": {"max_tokens": 0}}, ("body", "sampling_params", "max_tokens")),
-        ({"prompts": [{"tokens": [1, 2]}], "num_samples": 0}, ("body", "num_samples")),
-        ({"prompts": [{"tokens": [1, 2]}], "num_samples": 5000}, ("body", "num_samples")),
-        ({"prompts": []}, ("body", "prompts")),
-        ({"prompts": [{"tokens": [1, VOCAB]}]}, ("body", "prompts", 0, "tokens", 1)),
-        ({"prompts": [{"tokens": [1], "text": "hi"}]}, ("body", "prompts", 0)),
-        ({"prompts": [{"text": "hi"}], "sampling_params": {"temprature": 0.5}}, ("body", "sampling_params", "temprature")),
-        ({"prompts": [{"text": "hi"}], "sampling_params": {"stop": [""]}}, ("body", "sampling_params", "stop")),
-    ],
-    ids=["max-tokens-over-limit", "max-tokens-zero", "no-samples", "too-many-samples", "no-prompts",
-         "prompt-token-above-vocab", "two-prompt-kinds", "unknown-param", "empty-stop"],
-)
-def test_bad_sample_is_422_naming_the_field(server, client, body, loc):
-    run = client.create_training_run()
-    for path in (f"/v1/runs/{run.run_id}/sample", "/v1/sample"):
-        assert_422(httpx.post(server.url + path, json=body), loc)
-
-
-def test_max_tokens_over_the_limit_through_the_sdk(client):
     with pytest.raises(APIStatusError) as err:
         client.sample(["hi"], sampling_params=SamplingParams(max_tokens=1025))
     assert err.value.status_code == 422
-    assert "max_tokens" in str(err.value) and "1024" in str(err.value)
+    assert "sampling_params.max_tokens" in str(err.value) and "1024" in str(err.value)
+
+
+ONE_PROMPT = [{"tokens": [1, 2]}]
+BAD_SAMPLE = {  # case: (body, loc the error must have)
+    "max-tokens-over-limit": ({"prompts": ONE_PROMPT, "sampling_params": {"max_tokens": 5000}}, ("body", "sampling_params", "max_tokens")),
+    "max-tokens-zero": ({"prompts": ONE_PROMPT, "sampling_params": {"max_tokens": 0}}, ("body", "sampling_params", "max_tokens")),
+    "no-samples": ({"prompts": ONE_PROMPT, "num_samples": 0}, ("body", "num_samples")),
+    "too-many-samples": ({"prompts": ONE_PROMPT, "num_samples": 5000}, ("body", "num_samples")),
+    "no-prompts": ({"prompts": []}, ("body", "prompts")),
+    "prompt-token-above-vocab": ({"prompts": [{"tokens": [1, VOCAB]}]}, ("body", "prompts", 0, "tokens", 1)),
+    "two-prompt-kinds": ({"prompts": [{"tokens": [1], "text": "hi"}]}, ("body", "prompts", 0)),
+    "unknown-param": ({"prompts": ONE_PROMPT, "sampling_params": {"temprature": 0.5}}, ("body", "sampling_params", "temprature")),
+    "empty-stop": ({"prompts": ONE_PROMPT, "sampling_params": {"stop": [""]}}, ("body", "sampling_params", "stop")),
+}
+
+
+def test_bad_sample_is_422_naming_the_field(server, client):
+    run = client.create_training_run()
+    for case, (body, loc) in BAD_SAMPLE.items():
+        for path in (f"/v1/runs/{run.run_id}/sample", "/v1/sample"):
+            response = httpx.post(server.url + path, json=body)
+            assert response.status_code == 422, (case, path, response.text)
+            assert_422(response, loc)
 
 
 def test_checkpoint_names_and_references_are_checked(server, client):
@@ -509,7 +517,7 @@ def test_misc_malformed_requests(server, client):
 
 
 def test_request_body_over_the_limit_is_413(make_server):
-    with serve(make_server, max_request_bytes=4096) as server, ServiceClient(server.url, max_retries=0) as client:
+    with make_server(max_request_bytes=4096) as server, ServiceClient(server.url, max_retries=0) as client:
         run = client.create_training_run()
         url = f"{server.url}/v1/runs/{run.run_id}/forward_backward"
         big = {"data": [as_json(example())] * 60}
@@ -609,7 +617,7 @@ def test_idempotency_key_replays_instead_of_repeating(server, client):
 
 # -------------------------------------------------------------------------------- auth
 def test_api_key_is_required_when_configured(make_server):
-    with serve(make_server, api_key="s3cret") as server:
+    with make_server(api_key="s3cret") as server:
         for method, path in [
             ("GET", "/v1/runs"),
             ("POST", "/v1/runs"),
@@ -622,7 +630,9 @@ def test_api_key_is_required_when_configured(make_server):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "s3cre"}, {"Authorization": "s3cret"}):
                 response = httpx.request(method, server.url + path, json=body, headers=headers)
                 assert response.status_code == 401, (path, headers, response.text)
-        assert httpx.get(f"{server.url}/v1/runs", headers={"X-API-Key": "s3cret"}).status_code == 200
+        for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}, {"Authorization": "bearer s3cret"}):
+            assert httpx.get(f"{server.url}/v1/runs", headers=headers).status_code == 200, headers
+        assert httpx.get(f"{server.url}/health").status_code == 200  # liveness probes need no key
 
         with ServiceClient(server.url, max_retries=0) as anonymous:
             with pytest.raises(APIStatusError) as err:
@@ -641,7 +651,7 @@ def test_users_only_see_their_own_runs(make_server, tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"key-a": "alice", "key-b": "bob"}))
     with (
-        serve(make_server, api_keys_file=keys) as server,
+        make_server(api_keys_file=keys) as server,
         ServiceClient(server.url, api_key="key-a", max_retries=0) as alice,
         ServiceClient(server.url, api_key="key-b", max_retries=0) as bob,
     ):
@@ -706,3 +716,5 @@ def test_connection_refused_says_how_to_start_a_server():
         with pytest.raises(ConnectionFailedError):
             service.create_training_run()
     assert "eztinker server" in str(err.value) and url in str(err.value)
+    with pytest.raises(ValueError, match="http://"):
+        ServiceClient("127.0.0.1:8000")  # no scheme: said at once, not as an httpx error later

@@ -101,7 +101,8 @@ def create_app(service: Service) -> FastAPI:
     ) -> str:
         if not keys:
             return "default"
-        given = x_api_key or (authorization[7:] if authorization and authorization.startswith("Bearer ") else "")
+        # FIX: the auth scheme is case-insensitive (RFC 7235); "bearer <key>" was refused.
+        given = x_api_key or (authorization[7:] if authorization and authorization[:7].lower() == "bearer " else "")
         user = None
         for key, name in keys.items():  # compare against every key: constant time, no early exit
             if hmac.compare_digest(key.encode(), given.encode()):

@@ -7,12 +7,10 @@ import asyncio
 import hashlib
 import json
 import logging
-import math
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-import pydantic
 from transformers import PreTrainedTokenizerBase
 
 from .. import __version__
@@ -61,19 +59,6 @@ def not_found(what: str) -> ServiceError:
 
 def invalid(loc: tuple, message: str) -> ServiceError:
     return ServiceError(422, message, ("body", *loc))
-
-
-def require_finite(model: Any, loc: tuple) -> None:
-    """FIX: the schema's one-sided bounds (alpha > 0, eps > 0, weight_decay >= 0) let Infinity
-    through (Python's json sends it). An infinite lora.alpha was stored as null, so the run's
-    row no longer parsed: every later list/get of the user's runs was a 500 and the next
-    restart failed in _restore; an infinite weight_decay turns the adapter into inf/NaN.
-    Refuse any non-finite number in `model` (a pydantic model, recursively) with a 422."""
-    for name, value in model:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise invalid((*loc, name), f"{name} must be a finite number, not {value}")
-        if isinstance(value, pydantic.BaseModel):
-            require_finite(value, (*loc, name))
 
 
 class Service:
@@ -169,7 +154,6 @@ class Service:
                 ("base_model",),
                 f"this server serves {self.base.name!r}, not {request.base_model!r} (one base model per server)",
             )
-        require_finite(request.lora, ("lora",))
         lora, source = request.lora, None
         if request.from_checkpoint is not None:
             source, _ = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint")
@@ -212,7 +196,6 @@ class Service:
 
     def submit_optim_step(self, user: str, run_id: str, request: OptimStepRequest, key: str | None) -> JobRef:
         self._owned_run(user, run_id)
-        require_finite(request.adam_params, ("adam_params",))
 
         def work() -> dict:
             result = self.engine.optim_step(run_id, request.adam_params)
