@@ -279,6 +279,41 @@ def test_restart_restores_runs_checkpoints_and_jobs(make_server, tmp_path):
         assert restored.save_state("c2").result(timeout=60).step == 4
 
 
+def test_restart_restores_the_last_saved_or_loaded_state(make_server, tmp_path):
+    """Not merely the newest own checkpoint: a later load (of an older or another run's
+    checkpoint) is what the run comes back as."""
+    data_dir = tmp_path / "restart-load"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as service:
+        run = service.create_training_run()
+        train(run, 1)
+        run.save_state("c1").result(timeout=60)
+        at_c1 = score(run)
+        train(run, 1)
+        run.save_state("c2").result(timeout=60)
+        run.load_state("c1").result(timeout=60)  # back to step 1, after saving c2
+        other = service.create_training_run()
+        other.load_state(f"{run.run_id}/c2").result(timeout=60)  # never saves its own
+        at_c2 = score(other)
+
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as service:
+        restored, restored_other = (service.training_client(r.run_id) for r in (run, other))
+        assert (restored.info().step, restored.info().restored_from) == (1, f"{run.run_id}/c1")
+        assert score(restored) == pytest.approx(at_c1, rel=1e-5)
+        assert (restored_other.info().step, restored_other.info().restored_from) == (2, f"{run.run_id}/c2")
+        assert score(restored_other) == pytest.approx(at_c2, rel=1e-5)
+
+
+def test_create_run_retry_with_the_same_key_returns_the_same_run(server, client):
+    body = {"lora": {"rank": 2}, "seed": 1}
+    first = httpx.post(f"{server.url}/v1/runs", json=body, headers={"Idempotency-Key": "create-1"})
+    again = httpx.post(f"{server.url}/v1/runs", json=body, headers={"Idempotency-Key": "create-1"})
+    assert first.status_code == again.status_code == 201
+    assert first.json()["id"] == again.json()["id"]
+    assert len(client.list_runs()) == 1
+    conflict = httpx.post(f"{server.url}/v1/runs", json={"seed": 2}, headers={"Idempotency-Key": "create-1"})
+    assert conflict.status_code == 409
+
+
 # ------------------------------------------------------------------------------ liveness
 def test_health_and_job_status_answer_while_a_long_job_runs(server, client):
     run = client.create_training_run()

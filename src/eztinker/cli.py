@@ -29,8 +29,9 @@ def _settings_options(func):
         base = args[0] if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else annotation
         multiple = typing.get_origin(base) is list
         click_type = {int: int, float: float, Path: click.Path(path_type=Path)}.get(base, str)
-        default = field.default if field.default is not None and not isinstance(field.default, (SecretStr, list)) else None
-        help_text = (field.description or "") + (f"  [default: {default}]" if default is not None else "")
+        default = field.get_default(call_default_factory=True)
+        shown = default not in (None, []) and not isinstance(default, SecretStr)
+        help_text = (field.description or "") + (f"  [default: {default}]" if shown else "")
         func = click.option(
             f"--{name.replace('_', '-')}", name, type=click_type, multiple=multiple, default=None, help=help_text,
             show_envvar=False,

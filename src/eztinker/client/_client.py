@@ -195,7 +195,7 @@ class ServiceClient:
             seed=seed,
             from_checkpoint=from_checkpoint,
         )
-        info = RunInfo.model_validate(self.request("POST", "/v1/runs", request))
+        info = RunInfo.model_validate(self.request("POST", "/v1/runs", request, idempotent_key=True))
         return TrainingClient(self, info.id)
 
     def training_client(self, run_id: str) -> "TrainingClient":

@@ -69,7 +69,9 @@ def create_app(service: Service) -> FastAPI:
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
         limit = service.settings.max_request_bytes
-        if length is not None and (not length.isdigit() or int(length) > limit):
+        if length is not None and not length.isdigit():
+            return JSONResponse(status_code=400, content={"detail": f"invalid Content-Length {length!r}"})
+        if length is not None and int(length) > limit:
             return JSONResponse(
                 status_code=413,
                 content={"detail": f"request body of {length} bytes exceeds max_request_bytes ({limit})"},
@@ -127,8 +129,8 @@ def create_app(service: Service) -> FastAPI:
 
     # ------------------------------------------------------------------------------ runs
     @app.post("/v1/runs", response_model=RunInfo, status_code=201, tags=["runs"])
-    async def create_run(request: CreateRunRequest, user: User) -> RunInfo:
-        return await service.create_run(user, request)
+    async def create_run(request: CreateRunRequest, user: User, key: IdempotencyKey = None) -> RunInfo:
+        return await service.create_run(user, request, key)
 
     @app.get("/v1/runs", response_model=list[RunInfo], tags=["runs"])
     def list_runs(user: User) -> list[RunInfo]:

@@ -87,18 +87,20 @@ class Service:
             log.warning("%d job(s) were interrupted by the last shutdown and are marked failed", failed)
         for row in self.store.live_runs():
             self.engine.create_run(row["id"], LoraConfig.model_validate_json(row["lora"]), row["seed"])
-            latest = (self.store.checkpoints(row["id"]) or [None])[-1]
-            if latest is None:
-                if row["step"]:
-                    log.warning("run %s had no checkpoint; its adapter restarts from step 0", row["id"])
-                self.store.set_run_state(row["id"], 0, restored_from=None)
-                continue
-            try:
-                step = self.engine.load(row["id"], self.checkpoint_root.parent / latest.path)
-                self.store.set_run_state(row["id"], step, restored_from=f"{row['id']}/{latest.name}")
-            except (EngineError, OSError, RuntimeError) as exc:
-                log.error("run %s: could not restore %s: %s", row["id"], latest.name, exc)
-                self.store.set_run_state(row["id"], 0, restored_from=None)
+            ref, step = row["resume_from"], 0
+            if ref is None and row["step"]:
+                log.warning("run %s was never saved; its adapter restarts from step 0", row["id"])
+            if ref is not None:
+                try:
+                    source_run, name = parse_checkpoint_ref(ref, default_run=row["id"])
+                    checkpoint = self.store.checkpoint(source_run, name)
+                    if checkpoint is None:
+                        raise EngineError(f"checkpoint {ref} is not recorded")
+                    step = self.engine.load(row["id"], self.checkpoint_root.parent / checkpoint.path)
+                except (EngineError, OSError, RuntimeError, ValueError) as exc:
+                    log.error("run %s: could not restore %s (%s); it restarts from step 0", row["id"], ref, exc)
+                    ref, step = None, 0
+            self.store.set_run_state(row["id"], step, restored_from=ref)
 
     def ensure_started(self) -> None:
         if not self.runner.started:
@@ -148,7 +150,7 @@ class Service:
     def list_runs(self, user: str) -> list[RunInfo]:
         return [self.store.run_info(row) for row in self.store.live_runs(user)]
 
-    async def create_run(self, user: str, request: CreateRunRequest) -> RunInfo:
+    async def create_run(self, user: str, request: CreateRunRequest, key: str | None = None) -> RunInfo:
         if request.base_model is not None and request.base_model != self.base.name:
             raise invalid(
                 ("base_model",),
@@ -157,7 +159,13 @@ class Service:
         lora, source = request.lora, None
         if request.from_checkpoint is not None:
             source, _ = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint")
-            lora = LoraConfig.model_validate(read_training_state(source)["lora"])
+            try:
+                lora = LoraConfig.model_validate(read_training_state(source)["lora"])
+            except (EngineError, KeyError, ValueError) as exc:
+                raise invalid(("from_checkpoint",), f"unreadable checkpoint: {exc}") from None
+        digest = _request_hash("create_run", None, request) if key else None
+        if key and (existing := self.store.job_by_key(user, key)) is not None:
+            return await self._replayed_run(user, existing, digest, key)
         run_id = new_id("run")
         self.store.add_run(run_id, user, self.base.name, lora, request.seed)
 
@@ -166,14 +174,29 @@ class Service:
             if source is not None:
                 step = self.engine.load(run_id, source)
                 self.store.set_run_state(run_id, step, restored_from=request.from_checkpoint)
+                self.store.set_resume_point(run_id, request.from_checkpoint)
             return {"run_id": run_id}
 
-        job = await self._submit_and_wait(user, run_id, "create_run", work)
+        try:
+            job = await self._submit_and_wait(user, run_id, "create_run", work, key, digest)
+        except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
+            self.store.mark_run_deleted(run_id)
+            return await self._replayed_run(user, self.store.job_by_key(user, key), digest, key)
         if job.status is not JobStatus.completed:
             self.store.mark_run_deleted(run_id)
             field = ("from_checkpoint",) if source is not None else ("lora",)
             raise invalid(field, job.error or "could not create the run")
         return self.get_run(user, run_id)
+
+    async def _replayed_run(self, user: str, existing: sqlite3.Row, digest: str | None, key: str) -> RunInfo:
+        """A retried create: the run the first attempt made (waiting for it if need be)."""
+        self._replay(existing, digest, key)
+        job = await self.wait_job(user, existing["id"], 60)
+        while job.status in (JobStatus.pending, JobStatus.running):
+            job = await self.wait_job(user, existing["id"], 60)
+        if job.status is JobStatus.failed:
+            raise invalid(("lora",), job.error or "could not create the run")
+        return self.get_run(user, existing["run_id"])
 
     async def delete_run(self, user: str, run_id: str) -> None:
         self._owned_run(user, run_id)
@@ -250,7 +273,9 @@ class Service:
         def work() -> dict:
             self.engine.save(run_id, target)
             step = self.engine.step_of(run_id)
-            return self.store.add_checkpoint(run_id, request.name, str(relative), step).model_dump(mode="json")
+            checkpoint = self.store.add_checkpoint(run_id, request.name, str(relative), step)
+            self.store.set_resume_point(run_id, f"{run_id}/{request.name}")
+            return checkpoint.model_dump(mode="json")
 
         return self._submit(user, run_id, "save", request, key, work=work)
 
@@ -261,6 +286,7 @@ class Service:
         def work() -> dict:
             step = self.engine.load(run_id, path)
             self.store.set_run_state(run_id, step, restored_from=ref)
+            self.store.set_resume_point(run_id, ref)
             return {"step": step, "restored_from": ref}
 
         return self._submit(user, run_id, "load", request, key, work=work)
@@ -322,9 +348,11 @@ class Service:
             raise ServiceError(409, f"Idempotency-Key {key!r} was already used for a different request")
         return JobRef(job_id=existing["id"], status=JobStatus(existing["status"]))
 
-    async def _submit_and_wait(self, user: str, run_id: str, kind: str, work) -> JobInfo:
+    async def _submit_and_wait(
+        self, user: str, run_id: str, kind: str, work, key: str | None = None, digest: str | None = None
+    ) -> JobInfo:
         job_id = new_id("job")
-        self.store.add_job(job_id, user, run_id, kind)
+        self.store.add_job(job_id, user, run_id, kind, key, digest)
         self.ensure_started()
         self.runner.submit(Job(job_id, run_id, kind, work=work))
         while (info := self.job(user, job_id)).status in (JobStatus.pending, JobStatus.running):

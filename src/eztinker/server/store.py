@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS runs (
     seed INTEGER NOT NULL,
     step INTEGER NOT NULL DEFAULT 0,
     restored_from TEXT,
+    resume_from TEXT,  -- checkpoint the live state was last saved to or loaded from
     created_at REAL NOT NULL,
     deleted_at REAL
 );
@@ -122,6 +123,10 @@ class Store:
                 "UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)
             )
 
+    def set_resume_point(self, run_id: str, checkpoint_ref: str) -> None:
+        """After a restart the run is rebuilt from this checkpoint (its last save or load)."""
+        self._execute("UPDATE runs SET resume_from = ? WHERE id = ?", (checkpoint_ref, run_id))
+
     def mark_run_deleted(self, run_id: str) -> None:
         self._execute("UPDATE runs SET deleted_at = ? WHERE id = ?", (time.time(), run_id))
 
@@ -169,6 +174,7 @@ class Store:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> None:
+        """Raises sqlite3.IntegrityError when the owner already used `idempotency_key`."""
         self._execute(
             "INSERT INTO jobs (id, owner, run_id, kind, status, idempotency_key, request_hash, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
