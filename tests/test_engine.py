@@ -484,3 +484,64 @@ def test_delete_and_recreate_runs(engine, tiny_base):
     assert reply_logprob(engine, None, prompt, reply) == pytest.approx(base_score, abs=1e-6)
     assert greedy(engine, "run_c", prompt, max_tokens=3).tokens
     assert math.isfinite(engine.optim_step("run_c", ADAM).grad_norm)
+
+
+# ------------------------------------------------------------ 11. fast paths of the engine
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "importance_sampling", "ppo"])
+def test_hand_written_projection_gradient_equals_autograd(engine, tiny_base, loss_fn):
+    """The chunked output projection with its hand-written logits gradient gives the loss, the
+    logprobs and the adapter gradient that autograd through full logits gives."""
+    data = all_data(tiny_base.tokenizer)
+    if loss_fn != "cross_entropy":
+        rng = torch.Generator().manual_seed(0)
+        data = [
+            rl_datum(
+                d.model_input.tokens,
+                d.loss_fn_inputs.target_tokens,
+                (-12 - 2 * torch.rand(len(d.model_input.tokens), generator=rng)).tolist(),  # stale: ratios vary
+                [0.0 if i % 3 == 0 else float(i % 5) - 2 for i in range(len(d.model_input.tokens))],
+            )
+            for d in data
+        ]
+    engine.create_run("fast", LORA, seed=2)
+    engine.create_run("reference", LORA, seed=2)
+    for run_id in ("fast", "reference"):  # one identical step: lora_B nonzero
+        train(engine, run_id, [all_data(tiny_base.tokenizer)])
+    engine.logits_chunk = 5  # several chunks per micro-batch
+    fast = engine.forward_backward("fast", data, loss_fn=loss_fn)
+    assert engine._head is not None
+    engine._head = None  # as for a model whose head the engine cannot apply itself: autograd path
+    reference = engine.forward_backward("reference", data, loss_fn=loss_fn)
+
+    assert fast.loss == pytest.approx(reference.loss, rel=1e-5)
+    assert fast.num_tokens == reference.num_tokens
+    for got, want in zip(fast.logprobs, reference.logprobs):
+        assert [g is None for g in got] == [w is None for w in want]
+        assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-5, abs=1e-5)
+    assert adapter_grads(engine, "reference").abs().sum() > 0
+    assert rel_diff(adapter_grads(engine, "fast"), adapter_grads(engine, "reference")) < 1e-5
+
+
+def test_score_with_the_fused_head_equals_the_model_logits(engine, tiny_base):
+    tok = tiny_base.tokenizer
+    prompt, reply = prompt_and_reply(tok, *CONVERSATIONS[0])
+    engine.create_run("run_a", LORA)
+    train(engine, "run_a", [all_data(tok)])
+    with torch.no_grad():
+        logits = engine._peft(input_ids=torch.tensor([prompt + reply])).logits[0].log_softmax(-1)
+    want = sum(float(logits[len(prompt) - 1 + i, t]) for i, t in enumerate(reply))
+    assert reply_logprob(engine, "run_a", prompt, reply) == pytest.approx(want, rel=1e-5)
+
+
+def test_length_buckets_pad_little_and_respect_the_token_budget(engine):
+    lengths = [109, 119, 120, 126, 137, 144, 144, 147, 148, 148, 159, 164, 166, 166, 170, 178,
+               185, 186, 195, 200, 201, 201, 210, 218, 220, 222, 227, 232, 257, 259, 274, 374]
+    data = [datum_from_tokens([1] * (n // 2), [2] * (n - n // 2 + 1)) for n in lengths]
+    engine.microbatch_tokens = 8192
+    batches = engine._microbatches(data)
+    assert sorted(i for b in batches for i in b) == list(range(len(data)))
+    widths = [max(lengths[i] for i in b) for b in batches]
+    assert all(w * len(b) <= 8192 for w, b in zip(widths, batches))
+    assert all(lengths[b[0]] == w for w, b in zip(widths, batches))  # longest first
+    padded = sum(w * len(b) for w, b in zip(widths, batches))
+    assert padded <= 1.15 * sum(lengths)  # one bucket padded to 374 would be 1.7x

@@ -9,6 +9,7 @@ tokenizer and loading path, but prompt-dependent, varied greedy continuations.
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -207,3 +208,134 @@ def test_mixed_batch_of_runs_and_base_equals_each_spec_alone(sharp):
     # The three models really answer differently, so a wrong adapter per row would show.
     first = {name: tokens_of(sample_one(sharp, name, [p[0]]))[0][0] for name in ("run_a", "run_b", None)}
     assert len({tuple(t) for t in first.values()}) == 3
+
+
+# ------------------------------------------------------------------ fast paths of the sampler
+def _chooser(params_list, vocab, rows):
+    from eztinker.engine.sampler import _LogitsAreFeatures, _TokenChooser
+
+    specs = [SampleSpec(None, [[1]], 1, p) for p in params_list]
+    return _TokenChooser(specs, _LogitsAreFeatures(vocab), rows, torch.device("cpu"))
+
+
+def _frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=vocab).double() / tokens.numel()
+
+
+@pytest.mark.parametrize("vocab", [300, 512])  # 300: a ragged last block; 512: whole blocks only
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(temperature=1.0), dict(temperature=0.6), dict(temperature=1.3, top_k=7), dict(temperature=0.8, top_p=0.6)],
+)
+def test_inverse_cdf_draws_follow_the_requested_distribution(vocab, kwargs):
+    """The block-then-inside inverse-CDF draw has exactly softmax(logits / T) (after top-k/top-p)."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(vocab, generator=generator, dtype=torch.float64) * 2
+    logits[vocab - 3] = logits.max() + 0.5  # a likely token in the last block
+    n = 60_000
+    chooser = _chooser([SamplingParams(seed=1, **kwargs)], vocab, n)
+    tokens, logprobs = chooser.choose(logits.float().expand(n, vocab).contiguous(), [0] * n)
+
+    scaled = logits / kwargs["temperature"]
+    if kwargs.get("top_k"):
+        scaled[scaled < scaled.topk(kwargs["top_k"]).values[-1]] = -math.inf
+    if kwargs.get("top_p"):
+        probs, order = scaled.softmax(-1).sort(descending=True)
+        drop = (probs.cumsum(-1) - probs) >= kwargs["top_p"]
+        scaled[order[drop]] = -math.inf
+    want = scaled.softmax(-1)
+    got = _frequencies(tokens, vocab)
+    assert got[want == 0].sum() == 0  # never a token outside top-k / the nucleus
+    sigma = (want * (1 - want) / n).sqrt()
+    assert ((got - want).abs() <= 5 * sigma + 1e-4).all(), (got - want).abs().max()
+    # Logprobs are the model's own (temperature 1), whatever the sampling parameters.
+    assert torch.allclose(logprobs.double(), logits.log_softmax(-1)[tokens], atol=1e-4)
+
+
+def test_seeded_draws_do_not_depend_on_batch_mates_or_chunking(monkeypatch):
+    import eztinker.engine.sampler as sampler_module
+
+    vocab, rows = 257, 40
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(seed=5, temperature=0.9), SamplingParams(temperature=0), SamplingParams(seed=6, top_p=0.9)]
+    spec_of_row = [0] * 10 + [1] * 10 + [2] * 20
+    together = _chooser(params, vocab, rows).choose(logits, spec_of_row)[0]
+    monkeypatch.setattr(sampler_module, "_BUFFER_ELEMENTS", vocab * 7)  # rows in chunks of 7
+    chunked = _chooser(params, vocab, rows).choose(logits, spec_of_row)[0]
+    assert torch.equal(together, chunked)
+    alone = _chooser(params[:1], vocab, 10).choose(logits[:10], [0] * 10)[0]
+    assert torch.equal(together[:10], alone)
+    assert torch.equal(together[10:20], logits[10:20].argmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [300, 512])
+def test_greedy_choice_is_torch_argmax_including_ties(vocab):
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(3))
+    logits[0, 10] = logits[0, 200] = logits[0].max() + 1  # a tie: the first index wins
+    logits[1, vocab - 1] = logits[1].max() + 1  # the max in the (possibly ragged) last block
+    logits[2, :] = 0.5  # all equal
+    tokens, logprobs = _chooser([SamplingParams(temperature=0)], vocab, 6).choose(logits, [0] * 6)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert tokens[0] == 10 and tokens[2] == 0
+    assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1), atol=1e-5)
+
+
+def test_full_model_logits_path_equals_the_fused_output_head(sharp):
+    """Models whose head the sampler cannot reproduce fall back to the model's own logits: same results."""
+    train_away(sharp, "run_a", seed=1)
+    prompts = random_prompts([4, 9], seed=4)
+    specs = [
+        SampleSpec("run_a", prompts, 2, params(max_tokens=8)),
+        SampleSpec(None, prompts[:1], 3, params(max_tokens=6, temperature=1.0, seed=3)),
+    ]
+    fused = [tokens_of(r) for r in sharp.sample(specs)]
+    assert sharp._head is not None  # the tiny Qwen2's plain linear head is used directly
+    sharp._head = None  # as for a model with logit soft-capping
+    full = [tokens_of(r) for r in sharp.sample(specs)]
+    assert full == fused
+
+
+def test_stacked_lora_equals_peft_for_mixed_single_and_no_adapter(sharp):
+    """The sampler's stacked-LoRA forward gives the logits of peft's own forward: each row through
+    its own adapter (peft's `adapter_names=` path), one adapter for all rows, or none."""
+    from eztinker.engine.sampler import PreallocatedCache
+
+    train_away(sharp, "run_a", seed=1)
+    train_away(sharp, "run_b", seed=2, lora=LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj"]))
+    head = sharp._output_head()
+    ids = torch.tensor(random_prompts([7] * 5, seed=9))
+    mask = torch.ones_like(ids)
+    positions = torch.arange(7).expand(5, 7)
+
+    def ours(adapters):
+        with sharp._stacked_lora(set(adapters) - {None}) as stacked:
+            features = sharp._features_fn(stacked)(ids, mask, positions, PreallocatedCache(16), adapters)
+        logits = torch.empty(5, head.vocab_size)
+        head.logits(features, logits)
+        return logits
+
+    def peft_reference(adapters):
+        return sharp._logits_fn()(ids, mask, positions, PreallocatedCache(16), adapters)
+
+    for adapters in (["run_a", "run_b", None, "run_a", "run_b"], ["run_a"] * 5, ["run_b"] * 5, [None] * 5,
+                     ["run_b", "run_b", "run_a", "run_a", "run_a"]):
+        assert torch.allclose(ours(adapters), peft_reference(adapters), atol=1e-4), adapters
+    mixed = ours(["run_a", "run_b", None, "run_a", "run_b"])
+    assert not torch.allclose(mixed[0], ours(["run_b"] * 5)[0], atol=1e-2)  # the adapters really differ
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_others(sharp, monkeypatch):
+    """Rows that stop early are compacted out of the KV cache (or carried along) without
+    affecting the rows still decoding."""
+    import eztinker.engine.sampler as sampler_module
+
+    prompts = random_prompts([3, 8, 5, 11], seed=6)
+    specs = [SampleSpec(None, [p], 1, params(max_tokens=m)) for p, m in zip(prompts, [2, 9, 4, 12])]
+    default = [tokens_of(r) for r in sharp.sample(specs)]
+    monkeypatch.setattr(sampler_module, "_COMPACT_FRACTION", 1)  # only when every row finished
+    carried = [tokens_of(r) for r in sharp.sample(specs)]
+    monkeypatch.setattr(sampler_module, "_COMPACT_FRACTION", 10**6)  # on every finished row
+    eager = [tokens_of(r) for r in sharp.sample(specs)]
+    alone = [tokens_of(sharp.sample([s])[0]) for s in specs]
+    assert default == carried == eager == alone
+    assert [len(r[0][0]) for r in default] == [2, 9, 4, 12]

@@ -18,7 +18,12 @@ _RETIRED_PREFIX = ".retired-"
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Call `write(staging_dir)`, then make the result appear at `target` in one rename."""
+    # FIX: a run's first save creates checkpoints/<run_id>/; that new directory's own entry was
+    # never fsynced, so a power cut could lose the whole run folder after the save "completed".
+    created = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
+    if created:
+        _fsync(target.parent.parent)
     staging = target.parent / f"{_STAGING_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
@@ -40,14 +45,27 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def remove_partial_writes(root: Path) -> list[Path]:
-    """Delete staging/retired leftovers below `root` (from a crash mid-save); return them."""
+    """Delete staging/retired leftovers below `root` (from a crash mid-save); return them.
+
+    A retired directory whose target is missing is the complete previous checkpoint of an
+    overwrite that was interrupted between its two renames: it is moved back, not deleted.
+    """
     if not root.exists():
         return []
     leftovers = [
         p for p in root.rglob("*") if p.is_dir() and p.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX))
     ]
+    # FIX: a SIGKILL between `rename(target, retired)` and `rename(staging, target)` left no
+    # `target`, and this function then deleted `retired` too: the checkpoint the database still
+    # lists (the one being overwritten) was lost. Roll the overwrite back instead.
     for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.name.startswith(_RETIRED_PREFIX) and path.exists():
+            target = path.parent / path.name[len(_RETIRED_PREFIX) : -9]  # strip "-<8 hex>"
+            if path.name[-9] == "-" and target.name and not target.exists():
+                os.rename(path, target)
+                _fsync(path.parent)
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)  # (a restored one is gone from this path already)
     return leftovers
 
 

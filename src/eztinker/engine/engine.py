@@ -30,12 +30,18 @@ from ..types import (
 from . import losses
 from .checkpoints import write_atomically
 from .models import BaseModel
-from .sampler import SampleSpec, sample
+from .sampler import OutputHead, SampleSpec, sample
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.pt"
 TRAINING_STATE = "training_state.json"
 _PEFT_BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+# Micro-batching: a forward pass costs about this many padded tokens beyond its tokens; and at most
+# this many examples share one (bounds the dynamic programme's work).
+_MICROBATCH_OVERHEAD_TOKENS = 256
+_MAX_MICROBATCH_EXAMPLES = 512
+# Config fields of models whose forward rescales or caps the logits after the output projection.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class EngineError(ValueError):
@@ -57,6 +63,8 @@ class Engine:
         self.logits_chunk = logits_chunk  # positions per output-projection chunk
         self._peft: peft.PeftModel | None = None
         self._runs: dict[str, _Run] = {}
+        self._head: OutputHead | None = None
+        self._head_checked = False
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -107,7 +115,8 @@ class Engine:
             raise EngineError(f"unknown run {run_id}") from None
 
     def _activate(self, run_id: str) -> None:
-        self._peft.set_adapter(run_id)
+        if self._peft.active_adapters != [run_id]:  # set_adapter walks every module: skip if a no-op
+            self._peft.set_adapter(run_id)
 
     # --------------------------------------------------------------------------- training
     def forward_backward(
@@ -140,28 +149,51 @@ class Engine:
         return ForwardBackwardResult(loss=total_loss, num_tokens=num_tokens, logprobs=logprobs)
 
     def _microbatches(self, data: Sequence[Datum]) -> list[list[int]]:
-        """Group examples of similar length so padding stays small (longest first)."""
-        order = sorted(range(len(data)), key=lambda i: -len(data[i].model_input.tokens))
+        """Length buckets: split the examples, sorted longest first, into micro-batches of at most
+        `microbatch_tokens` padded tokens so that padding plus a per-forward overhead is smallest
+        (an exact dynamic programme over the sorted order; each bucket lists its longest first)."""
+        order = sorted(range(len(data)), key=lambda i: (-len(data[i].model_input.tokens), i))
+        lengths = [len(data[i].model_input.tokens) for i in order]
+        best = [0] + [math.inf] * len(order)  # best[i]: cost of the first i examples
+        start_of = [0] * (len(order) + 1)
+        for end in range(1, len(order) + 1):
+            for start in range(end - 1, max(-1, end - 1 - _MAX_MICROBATCH_EXAMPLES), -1):
+                count, width = end - start, lengths[start]
+                if count > 1 and width * count > self.microbatch_tokens:
+                    break  # earlier starts are only wider and longer
+                cost = best[start] + width * count + _MICROBATCH_OVERHEAD_TOKENS
+                if cost < best[end]:
+                    best[end], start_of[end] = cost, start
         batches: list[list[int]] = []
-        for i in order:
-            if batches:
-                width = len(data[batches[-1][0]].model_input.tokens)  # its first is its longest
-                if width * (len(batches[-1]) + 1) <= self.microbatch_tokens:
-                    batches[-1].append(i)
-                    continue
-            batches.append([i])
-        return batches
+        end = len(order)
+        while end > 0:
+            batches.append(order[start_of[end] : end])
+            end = start_of[end]
+        return batches[::-1]
 
     def _loss_and_backward(self, batch: list[int], data: Sequence[Datum], loss_fn: LossFnName):
         examples = [data[i] for i in batch]
         input_ids, attention_mask = self._right_pad([d.model_input.tokens for d in examples])
         selected = losses.select_positions(examples, loss_fn, input_ids.shape[1])  # [B, T] bool
         hidden_B_T_H = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        hidden_N_H = hidden_B_T_H[selected]
+        hidden_N_H = hidden_B_T_H[selected.to(hidden_B_T_H.device)]
+        inputs = losses.gather_inputs(examples, selected, loss_fn, self.base.device)
+        projection = self._projection()
+        if projection is not None:
+            # Chunked output projection in one reused buffer, its gradient written by hand: the
+            # vocabulary-sized logits never enter the autograd graph.
+            try:
+                total, logprobs_N, grad_N_H = projection.logprobs_and_grad(
+                    hidden_N_H, inputs.targets, lambda lp, chunk: losses.compute(loss_fn, lp, inputs, chunk)
+                )
+            except losses.NonFiniteLoss as exc:
+                raise EngineError(f"{loss_fn} {exc}; no gradient applied") from None
+            if hidden_N_H.shape[0]:
+                hidden_N_H.backward(grad_N_H)
+            return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_N.cpu(), selected, examples)
         # Chunked output projection: the 152k-wide logits of only a chunk of positions are alive
         # at a time; their gradient flows back into the decoder in one backward pass.
         detached = hidden_N_H.detach().requires_grad_(True)
-        inputs = losses.gather_inputs(examples, selected, loss_fn, self.base.device)
         total = 0.0
         logprobs_N = torch.empty(hidden_N_H.shape[0])
         for start in range(0, hidden_N_H.shape[0], self.logits_chunk):
@@ -176,6 +208,10 @@ class Engine:
         if hidden_N_H.shape[0]:
             hidden_N_H.backward(detached.grad)
         return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_N, selected, examples)
+
+    def _projection(self) -> losses.VocabProjection | None:
+        head = self._output_head()
+        return None if head is None else losses.VocabProjection(head.weight, head.bias, self.logits_chunk)
 
     def _decoder(self) -> torch.nn.Module:
         model = self.base.model
@@ -212,16 +248,53 @@ class Engine:
             if spec.adapter is not None:
                 self._run(spec.adapter)
             self._check_prompts(spec.prompts)
-        return sample(
-            self._logits_fn(),
-            self.base.tokenizer,
-            specs,
-            stop_token_ids=self.base.stop_token_ids,
-            pad_token_id=self.base.pad_token_id,
-            device=self.base.device,
-        )
+        head = self._output_head()
+        adapters = {spec.adapter for spec in specs} - {None}
+        stacked = self._stacked_lora(adapters) if head is not None else None
+        with stacked if stacked is not None else nullcontext():
+            return sample(
+                self._features_fn(stacked) if stacked is not None else self._logits_fn(),
+                self.base.tokenizer,
+                specs,
+                stop_token_ids=self.base.stop_token_ids,
+                pad_token_id=self.base.pad_token_id,
+                device=self.base.device,
+                head=head if stacked is not None else None,
+            )
+
+    def _stacked_lora(self, adapters: set[str]) -> _StackedLora | None:
+        """The fast sampling path's LoRA, when it reproduces peft's exactly: plain LoRA on linear
+        layers (no DoRA-like variants, no LoRA bias), no dropout (sampling is in eval mode)."""
+        if self._peft is None:
+            return _StackedLora(None, set())
+        for module in self._peft.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                if not isinstance(module, peft.tuners.lora.Linear) or module.merged:
+                    return None
+                for name in adapters & set(module.lora_A):
+                    if name in module.lora_variant or module.lora_B[name].bias is not None:
+                        return None
+        return _StackedLora(self._peft, adapters)
+
+    def _features_fn(self, stacked: _StackedLora):
+        """Forward to the final hidden state of the last position; the sampler projects it itself."""
+
+        def forward(input_ids, attention_mask, position_ids, cache, adapters):
+            stacked.set_rows(adapters, input_ids.shape[1])
+            hidden = self._decoder()(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+            return hidden[:, -1]
+
+        return forward
 
     def _logits_fn(self):
+        """Forward through the whole model (for heads the sampler cannot reproduce)."""
+
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
             kwargs = dict(
                 input_ids=input_ids,
@@ -244,6 +317,30 @@ class Engine:
             return self._peft(**kwargs, adapter_names=names).logits[:, -1]
 
         return forward
+
+    def _output_head(self) -> OutputHead | None:
+        """The model's output projection when the sampler may apply it to the final hidden state
+        itself (a plain linear layer, checked once against the model's own logits); else None."""
+        if self._head_checked:
+            return self._head
+        self._head_checked = True
+        linear = self.base.model.get_output_embeddings()
+        config = self.base.model.config
+        if type(linear) is not torch.nn.Linear or any(
+            getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING
+        ):
+            return None
+        head = OutputHead(linear.weight, linear.bias)
+        probe = torch.tensor([[self.base.pad_token_id, min(1, self.base.vocab_size - 1)]], device=self.base.device)
+        context = self._peft.disable_adapter() if self._peft is not None else nullcontext()
+        with torch.no_grad(), context:
+            want = self.base.model(input_ids=probe, logits_to_keep=1).logits[:, -1].float()
+            hidden = self._decoder()(input_ids=probe).last_hidden_state[:, -1]
+            got = torch.empty_like(want)
+            head.logits(hidden, got)
+        if torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            self._head = head
+        return self._head
 
     @torch.no_grad()
     def score(self, run_id: str | None, prompt: list[int], responses: list[list[int]]) -> list[ResponseScore]:
@@ -268,7 +365,12 @@ class Engine:
             context = nullcontext()
         with context:
             hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logprobs = self._target_logprobs(hidden[positions.to(hidden.device)], targets.to(hidden.device)).cpu()
+            hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
+            projection = self._projection()
+            if projection is not None:
+                logprobs = projection.logprobs(hidden_N_H, targets).cpu()
+            else:
+                logprobs = self._target_logprobs(hidden_N_H, targets).cpu()
         scores, offset = [], 0
         for r in responses:
             lp = logprobs[offset : offset + len(r)]
@@ -338,6 +440,92 @@ class Engine:
         bad = next((t for t in tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise EngineError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
+
+
+class _StackedLora:
+    """Every row of a sampling batch through its own adapter (or none), in two matmuls per layer.
+
+    While active, peft's LoRA layers compute their base output only, and a forward hook on each
+    adds the adapters' updates: the rank-r A matrices of all adapters in the batch are stacked
+    once per `sample` call, so for x [N, in] the update is
+        ((x @ A_all.T) * mask) @ B_all.T,   mask[i, c] = scaling of column c's adapter if it is row i's
+    added in place with addmm_. With one adapter the mask is the scaling itself. peft's own
+    `adapter_names=` path instead gathers and scatters the rows of each adapter in every layer.
+    """
+
+    def __init__(self, model: peft.PeftModel | None, adapters: set[str]):
+        self.model, self.adapters = model, sorted(adapters)
+        self._layers: dict[torch.nn.Module, tuple] = {}
+        self._handles: list = []
+        self._disabled = None
+        self._rows: list[str | None] = []
+        self._width = 1
+        self._masks: dict[tuple, torch.Tensor | float | None] = {}
+
+    def __enter__(self):
+        if self.model is None:
+            return self
+        self._disabled = self.model.disable_adapter()  # every LoRA layer: its base output only
+        self._disabled.__enter__()
+        for module in self.model.modules():
+            if not isinstance(module, peft.tuners.lora.LoraLayer):
+                continue
+            present = [a for a in self.adapters if a in module.lora_A]
+            if not present:
+                continue
+            a_all = torch.cat([module.lora_A[a].weight for a in present])  # [R, in]
+            b_all = torch.cat([module.lora_B[a].weight for a in present], dim=1)  # [out, R]
+            columns = tuple((a, module.scaling[a], module.lora_A[a].weight.shape[0]) for a in present)
+            self._layers[module] = (a_all, b_all.t(), columns)
+            self._handles.append(module.register_forward_hook(self._add_updates))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._layers.clear()
+        if self._disabled is not None:
+            return self._disabled.__exit__(*exc)
+        return None
+
+    def set_rows(self, adapters: list[str | None], width: int) -> None:
+        """The adapter of each row of the next forward pass, whose inputs are `width` tokens long."""
+        self._rows, self._width = list(adapters), width
+        self._masks.clear()
+
+    def _mask(self, columns: tuple, device, dtype):
+        """Per (token) row and stacked column: the column's scaling where it is the row's adapter.
+        A float when every row uses the one adapter there is; None when no row uses any."""
+        if columns not in self._masks:
+            used = {a for a, _, _ in columns} & set(self._rows)
+            if not used:
+                mask = None
+            elif len(columns) == 1 and set(self._rows) == used:
+                mask = float(columns[0][1])
+            else:
+                mask = torch.tensor(
+                    [[scale if row == a else 0.0 for a, scale, rank in columns for _ in range(rank)] for row in self._rows],
+                    dtype=dtype,
+                    device=device,
+                ).repeat_interleave(self._width, dim=0)
+            self._masks[columns] = mask
+        return self._masks[columns]
+
+    def _add_updates(self, module, args, output):
+        a_all, b_all_t, columns = self._layers[module]
+        mask = self._mask(columns, output.device, a_all.dtype)
+        if mask is None:
+            return output
+        output = output if output.is_contiguous() else output.contiguous()
+        x = args[0].reshape(-1, a_all.shape[1]).to(a_all.dtype)
+        out = output.view(-1, output.shape[-1])
+        down = x @ a_all.t()
+        if isinstance(mask, float):
+            out.addmm_(down.to(out.dtype), b_all_t.to(out.dtype), alpha=mask)
+        else:
+            out.addmm_(down.mul_(mask).to(out.dtype), b_all_t.to(out.dtype))
+        return output
 
 
 def read_training_state(directory: Path) -> dict:

@@ -91,3 +91,85 @@ def scatter_rows(logprobs_N: torch.Tensor, mask: torch.Tensor, examples: list[Da
         n = len(datum.loss_fn_inputs.target_tokens)
         rows.append([next(values) if mask[b, t] else None for t in range(n)])
     return rows
+
+
+# ------------------------------------------------------------------------ output projection
+# Elements of the one [positions, V] float32 buffer the projection reuses chunk after chunk
+# (128 MB): no fresh vocabulary-sized tensor per chunk, no autograd graph through the logits.
+PROJECTION_BUFFER_ELEMENTS = 1 << 25
+
+
+class NonFiniteLoss(ValueError):
+    """A chunk's loss is NaN or infinite."""
+
+
+class VocabProjection:
+    """Logprobs of target tokens under `hidden @ weight.T (+ bias)`, and the gradient of a loss of
+    those logprobs with respect to `hidden`, computed chunk by chunk in one reused buffer.
+
+    The logits' gradient is written by hand: for logprob_t = logit_t - logsumexp(logits),
+    d loss / d logits = g * (onehot(t) - softmax(logits)) with g = d loss / d logprob_t, so the
+    backward pass costs one more matmul and no extra vocabulary-sized tensors.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int):
+        self.weight, self.bias = weight, bias
+        vocab = weight.shape[0]
+        self.chunk_rows = max(1, min(chunk_rows, PROJECTION_BUFFER_ELEMENTS // vocab))
+        self._buffer: torch.Tensor | None = None
+
+    def _logits(self, hidden_C_H: torch.Tensor) -> torch.Tensor:
+        rows = hidden_C_H.shape[0]
+        if self._buffer is None or self._buffer.shape[0] < rows:
+            self._buffer = torch.empty(self.chunk_rows, self.weight.shape[0], device=self.weight.device)
+        out = self._buffer[:rows]
+        if self.weight.dtype != out.dtype:
+            out.copy_(torch.nn.functional.linear(hidden_C_H.to(self.weight.dtype), self.weight, self.bias))
+        elif self.bias is None:
+            torch.mm(hidden_C_H, self.weight.t(), out=out)
+        else:
+            torch.addmm(self.bias, hidden_C_H, self.weight.t(), out=out)
+        return out
+
+    def _logprobs_and_exp(self, hidden_C_H: torch.Tensor, targets_C: torch.Tensor):
+        """Target logprobs [C], and the buffer holding exp(logits - max) with its row sums."""
+        logits = self._logits(hidden_C_H)
+        logits.sub_(logits.amax(dim=-1, keepdim=True))
+        target_logits = logits.gather(-1, targets_C.unsqueeze(-1)).squeeze(-1)
+        exp = logits.exp_()
+        sums = exp.sum(dim=-1)
+        return target_logits - sums.log(), exp, sums
+
+    @torch.no_grad()
+    def logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(hidden_N_H.shape[0], device=hidden_N_H.device)
+        for start in range(0, hidden_N_H.shape[0], self.chunk_rows):
+            chunk = slice(start, start + self.chunk_rows)
+            out[chunk] = self._logprobs_and_exp(hidden_N_H[chunk], targets_N[chunk])[0]
+        return out
+
+    def logprobs_and_grad(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, chunk_loss):
+        """`chunk_loss(logprobs_C, chunk) -> scalar` for each chunk; returns the summed loss (a float),
+        the logprobs [N] and d(summed loss)/d hidden [N, H]. Raises NonFiniteLoss."""
+        hidden_N_H = hidden_N_H.detach()
+        grad_N_H = torch.empty_like(hidden_N_H)
+        logprobs_N = torch.empty(hidden_N_H.shape[0], device=hidden_N_H.device)
+        total = 0.0
+        for start in range(0, hidden_N_H.shape[0], self.chunk_rows):
+            chunk = slice(start, start + self.chunk_rows)
+            targets = targets_N[chunk]
+            with torch.no_grad():
+                token_logprobs, exp, sums = self._logprobs_and_exp(hidden_N_H[chunk], targets)
+            token_logprobs.requires_grad_(True)
+            loss = chunk_loss(token_logprobs, chunk)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"loss is not finite ({loss.item()})")
+            (g,) = torch.autograd.grad(loss, token_logprobs)
+            with torch.no_grad():
+                # d loss / d logits = -g * softmax + g at the target, in place in the buffer.
+                grad_logits = exp.mul_((-g / sums).unsqueeze(-1))
+                grad_logits.scatter_add_(-1, targets.unsqueeze(-1), g.unsqueeze(-1))
+                grad_N_H[chunk] = torch.mm(grad_logits.to(self.weight.dtype), self.weight).to(grad_N_H.dtype)
+            total += loss.item()
+            logprobs_N[chunk] = token_logprobs.detach()
+        return total, logprobs_N, grad_N_H

@@ -1,9 +1,16 @@
 """Batched sampling with a shared prefill and a KV cache.
 
 Every prompt is prefilled once; its KV cache is then copied to its N candidates, and all
-candidates of all prompts (of all requests, possibly of different runs) decode together. Rows
-that finish leave the batch at once, so one long candidate does not keep 127 finished ones
-decoding. Only the last position's logits are ever computed.
+candidates of all prompts (of all requests, possibly of different runs) decode together. Only the
+last position is ever projected to the vocabulary, and only for the rows still decoding: a row
+that finishes stops costing vocabulary work at once, and leaves the decoder batch as soon as
+enough rows have finished to make compacting the KV cache worth its copy.
+
+Per decode step the vocabulary-sized work is a handful of passes over one reused [rows, V] buffer
+(no `torch.multinomial`, no sort, no fresh 100 MB allocation per step): the logits are shifted by
+their max, exponentiated once (which gives the temperature-1 log-normaliser for the logprobs), and a
+token is drawn by inverse-CDF with one uniform per row from the request's seeded generator: first
+over blocks of the vocabulary (one summing pass), then inside the chosen block.
 """
 
 from __future__ import annotations
@@ -12,12 +19,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..types import SampledSequence, SamplingParams
 
-# forward(input_ids_B_T, attention_mask_B_S, position_ids_B_T, cache, adapters) -> logits_B_V
-ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache, list[str | None]], torch.Tensor]
+# forward(input_ids_B_T, attention_mask_B_S, position_ids_B_T, cache, adapters) -> features_B_D of the
+# last position: the final hidden state when a `head` is given to `sample`, else the logits.
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache, list[str | None]], torch.Tensor]
+
+# Elements of one [rows, V] float32 working buffer (two are used): bounds the memory of a step
+# whatever the number of candidates, e.g. 220 rows of a 152k vocabulary, 128 MB a buffer.
+_BUFFER_ELEMENTS = 1 << 25
+_TOP_P_CANDIDATES = 1024  # top_p first looks among this many most likely tokens, sorts all only if needed
+_COMPACT_FRACTION = 8  # drop finished rows from the decoder batch once they are >= 1/8 of it
 
 
 @dataclass
@@ -28,6 +43,36 @@ class SampleSpec:
     prompts: list[list[int]]
     num_samples: int
     params: SamplingParams
+
+
+@dataclass
+class OutputHead:
+    """The output projection: logits = features @ weight.T (+ bias), computed into a reused buffer."""
+
+    weight: torch.Tensor  # [V, D]
+    bias: torch.Tensor | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> None:
+        if self.weight.dtype != out_B_V.dtype:
+            out_B_V.copy_(torch.nn.functional.linear(features_B_D, self.weight, self.bias))
+        elif self.bias is None:
+            torch.mm(features_B_D, self.weight.t(), out=out_B_V)
+        else:
+            torch.addmm(self.bias, features_B_D, self.weight.t(), out=out_B_V)
+
+
+class _LogitsAreFeatures:
+    """For a forward function that already returns logits."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> None:
+        out_B_V.copy_(features_B_D)
 
 
 @dataclass
@@ -48,16 +93,25 @@ def sample(
     stop_token_ids: frozenset[int],
     pad_token_id: int,
     device: torch.device,
+    head: OutputHead | None = None,
 ) -> list[list[list[SampledSequence]]]:
     """Returns, per spec and per prompt, its `num_samples` candidates."""
-    prefill_rows = [(s, p) for s, spec in enumerate(specs) for p in range(len(spec.prompts))]
+    # Requests of the same adapter side by side: each adapter's rows stay one contiguous slice.
+    first_seen: dict[str | None, int] = {}
+    for s, spec in enumerate(specs):
+        first_seen.setdefault(spec.adapter, s)
+    order = sorted(range(len(specs)), key=lambda s: (first_seen[specs[s].adapter], s))
+    prefill_rows = [(s, p) for s in order for p in range(len(specs[s].prompts))]
     prompts = [specs[s].prompts[p] for s, p in prefill_rows]
     input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    logits = forward(
+    capacity = input_ids.shape[1] + max(spec.params.max_tokens for spec in specs)
+    cache = PreallocatedCache(capacity)
+    features = forward(
         input_ids, attention_mask, position_ids, cache, [specs[s].adapter for s, _ in prefill_rows]
     )
+    if head is None:
+        head = _LogitsAreFeatures(features.shape[-1])
 
     # Share each prompt's prefill with its candidates: row i of the prefill -> num_samples rows.
     expand = torch.tensor(
@@ -65,41 +119,52 @@ def sample(
         device=device,
     )
     cache.batch_select_indices(expand)
-    logits, attention_mask = logits[expand], attention_mask[expand]
+    features, attention_mask = features[expand], attention_mask[expand]
     next_position = position_ids[expand, -1:] + 1
     rows = [
         _Row(spec=s, prompt=p, max_tokens=specs[s].params.max_tokens)
         for s, p in prefill_rows
         for _ in range(specs[s].num_samples)
     ]
-    generators = [_generator(spec.params.seed, device) for spec in specs]
+    chooser = _TokenChooser(specs, head, len(rows), device)
     stop_strings = [spec.params.stop for spec in specs]
-    active = list(range(len(rows)))  # indices into `rows` of the sequences still decoding
+    batch = list(range(len(rows)))  # the decoder batch: indices into `rows`, finished ones included
+    live = list(range(len(rows)))  # positions in `batch` of the rows still decoding
 
-    while active:
-        tokens, logprobs = _choose_tokens(logits, [rows[i] for i in active], specs, generators)
-        still_active: list[int] = []
-        for k, i in enumerate(active):
-            row = rows[i]
-            row.tokens.append(int(tokens[k]))
-            row.logprobs.append(float(logprobs[k]))
-            if row.tokens[-1] in stop_token_ids or _hit_stop_string(row, stop_strings[row.spec], tokenizer):
+    while live:
+        live_rows = [rows[batch[k]] for k in live]
+        live_index = None if len(live) == len(batch) else torch.tensor(live, device=device)
+        tokens, logprobs = chooser.choose(
+            features if live_index is None else features[live_index], [row.spec for row in live_rows]
+        )
+        still_live: list[int] = []
+        for k, row, token, logprob in zip(live, live_rows, tokens.tolist(), logprobs.tolist()):
+            row.tokens.append(token)
+            row.logprobs.append(logprob)
+            if token in stop_token_ids or _hit_stop_string(row, stop_strings[row.spec], tokenizer):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= row.max_tokens:
                 row.stop_reason = "length"
             else:
-                still_active.append(k)
-        if not still_active:
+                still_live.append(k)
+        if not still_live:
             break
-        keep = torch.tensor(still_active, device=device)
-        if len(still_active) < len(active):
+        # Next input: each live row's new token; finished rows still in the batch repeat theirs.
+        step_tokens = torch.full((len(batch), 1), pad_token_id, dtype=torch.long)
+        for k, row in zip(live, live_rows):
+            step_tokens[k, 0] = row.tokens[-1]
+        step_tokens = step_tokens.to(device)
+        if (len(batch) - len(still_live)) * _COMPACT_FRACTION >= len(batch):
+            keep = torch.tensor(still_live, device=device)
             cache.batch_select_indices(keep)
-            attention_mask, next_position = attention_mask[keep], next_position[keep]
-        step_tokens = tokens[keep].unsqueeze(-1)
-        active = [active[k] for k in still_active]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
-        logits = forward(
-            step_tokens, attention_mask, next_position, cache, [specs[rows[i].spec].adapter for i in active]
+            attention_mask, next_position, step_tokens = attention_mask[keep], next_position[keep], step_tokens[keep]
+            batch = [batch[k] for k in still_live]
+            live = list(range(len(batch)))
+        else:
+            live = still_live
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(batch), 1)], dim=-1)
+        features = forward(
+            step_tokens, attention_mask, next_position, cache, [specs[rows[i].spec].adapter for i in batch]
         )
         next_position = next_position + 1
 
@@ -114,6 +179,206 @@ def sample(
             )
         )
     return results
+
+
+# ------------------------------------------------------------------------------------ KV cache
+class _PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer that writes new keys/values into a buffer sized for the whole generation
+    instead of concatenating (which copies the entire cache at every decode step)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._keys = key_states.new_empty(*key_states.shape[:-2], self.capacity, key_states.shape[-1])
+        self._values = value_states.new_empty(*value_states.shape[:-2], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[-2]:  # beyond the planned length: grow (never expected)
+            self._keys, self._values = (self._regrow(t, max(end, 2 * t.shape[-2])) for t in (self._keys, self._values))
+        self._keys[..., self.length : end, :] = key_states
+        self._values[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
+        return self.keys, self.values
+
+    def _regrow(self, buffer: torch.Tensor, capacity: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        batch = buffer.shape[0] if rows is None else rows.numel()
+        grown = buffer.new_empty(batch, *buffer.shape[1:-2], capacity, buffer.shape[-1])
+        valid = buffer[..., : self.length, :]
+        grown[..., : self.length, :] = valid if rows is None else valid[rows]
+        return grown
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys = self._regrow(self._keys, self._keys.shape[-2], indices)
+            self._values = self._regrow(self._values, self._values.shape[-2], indices)
+            self.keys, self.values = self._keys[..., : self.length, :], self._values[..., : self.length, :]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(self._keys.shape[0], device=self.device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the sampler's cache is never cropped")
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+
+class PreallocatedCache(DynamicCache):
+    """A DynamicCache whose layers preallocate `capacity` positions (prompt width + max new tokens)."""
+
+    def __init__(self, capacity: int):
+        Cache.__init__(self, layer_class_to_replicate=lambda: _PreallocatedLayer(capacity))
+
+
+# -------------------------------------------------------------------------------- token choice
+class _TokenChooser:
+    """Chooses each live row's next token with its request's parameters and reports its logprob
+    under the model itself (temperature 1), as importance-sampling losses expect."""
+
+    def __init__(self, specs: list[SampleSpec], head, max_rows: int, device: torch.device):
+        self.specs, self.head, self.device = specs, head, device
+        self.generators = [_generator(spec.params.seed, device) for spec in specs]
+        self.vocab = head.vocab_size
+        self.block = _block_size(self.vocab)
+        self.chunk_rows = max(1, min(max_rows, _BUFFER_ELEMENTS // self.vocab))
+        self._shifted = torch.empty(self.chunk_rows, self.vocab, device=device)  # logits - row max
+        self._weights = torch.empty(self.chunk_rows, self.vocab, device=device)  # unnormalised probs
+
+    def choose(self, features_B_D: torch.Tensor, spec_of_row: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = _runs(spec_of_row)  # rows of one spec are contiguous: (spec, start, stop)
+        # One uniform per sampled row from its request's generator, drawn before any chunking so
+        # that a seeded request's draws never depend on what else shares the batch.
+        uniforms = torch.zeros(len(spec_of_row), dtype=torch.float64)
+        for s, start, stop in groups:
+            if self.specs[s].params.temperature > 0:
+                uniforms[start:stop] = torch.rand(stop - start, generator=self.generators[s], dtype=torch.float64, device=self.generators[s].device).cpu()
+        uniforms = uniforms.to(self.device)
+        tokens, logprobs = [], []
+        for start in range(0, len(spec_of_row), self.chunk_rows):
+            stop = min(start + self.chunk_rows, len(spec_of_row))
+            chunk_groups = [(s, max(a, start) - start, min(b, stop) - start) for s, a, b in groups if a < stop and b > start]
+            t, lp = self._choose_chunk(features_B_D[start:stop], chunk_groups, uniforms[start:stop])
+            tokens.append(t)
+            logprobs.append(lp)
+        return torch.cat(tokens).cpu(), torch.cat(logprobs).cpu()
+
+    def _choose_chunk(self, features: torch.Tensor, groups, uniforms: torch.Tensor):
+        n = features.shape[0]
+        shifted, weights = self._shifted[:n], self._weights[:n]
+        self.head.logits(features, shifted)
+        shifted.sub_(shifted.amax(dim=-1, keepdim=True))  # max 0 per row: exp never overflows
+        torch.exp(shifted, out=weights)
+        log_normaliser = weights.sum(dim=-1).log_()  # logsumexp of the shifted logits at temperature 1
+        greedy = torch.zeros(n, dtype=torch.bool)
+        for s, a, b in groups:
+            params = self.specs[s].params
+            if params.temperature == 0:
+                greedy[a:b] = True
+                continue
+            w = weights[a:b]
+            if params.temperature != 1:
+                torch.mul(shifted[a:b], 1.0 / params.temperature, out=w).exp_()
+            if 0 < params.top_k < self.vocab:
+                kth = torch.topk(shifted[a:b], params.top_k, dim=-1).values[:, -1:]
+                w.masked_fill_(shifted[a:b] < kth, 0.0)
+            if params.top_p < 1.0:
+                _keep_top_p(w, params.top_p)
+        if greedy.all():
+            chosen = self._argmax(shifted)
+        else:
+            chosen = self._inverse_cdf(weights, uniforms)
+            if greedy.any():
+                index = greedy.nonzero().squeeze(-1).to(self.device)
+                chosen[index] = self._argmax(shifted[index])
+        logprobs = shifted.gather(-1, chosen.unsqueeze(-1)).squeeze(-1) - log_normaliser
+        return chosen, logprobs
+
+    def _block_view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[n, V] -> its full blocks [n, V // block, block] and the ragged tail [n, rest] (or None)."""
+        full = self.vocab // self.block * self.block
+        tail = x[:, full:] if full < self.vocab else None
+        return x[:, :full].view(x.shape[0], -1, self.block), tail
+
+    def _block_columns(self, block_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = block_index.unsqueeze(-1) * self.block + torch.arange(self.block, device=self.device)
+        valid = columns < self.vocab
+        return columns.clamp_(max=self.vocab - 1), valid
+
+    def _argmax(self, shifted: torch.Tensor) -> torch.Tensor:
+        """First index of each row's max (0 after the shift), like torch.argmax, in two cheap passes."""
+        blocks, tail = self._block_view(shifted)
+        block_max = blocks.amax(dim=-1)
+        if tail is not None:
+            block_max = torch.cat([block_max, tail.amax(dim=-1, keepdim=True)], dim=-1)
+        first_block = (block_max == 0).to(torch.int8).argmax(dim=-1)
+        columns, valid = self._block_columns(first_block)
+        values = shifted.gather(-1, columns).masked_fill_(~valid, float("-inf"))
+        return columns.gather(-1, values.argmax(dim=-1, keepdim=True)).squeeze(-1)
+
+    def _inverse_cdf(self, weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """Draw column j with probability weights[j] / sum(weights): block first, then inside it."""
+        blocks, tail = self._block_view(weights)
+        block_sums = blocks.sum(dim=-1)
+        if tail is not None:
+            block_sums = torch.cat([block_sums, tail.sum(dim=-1, keepdim=True)], dim=-1)
+        cumulative = block_sums.double().cumsum(dim=-1)
+        target = uniforms * cumulative[:, -1]
+        block = torch.searchsorted(cumulative, target.unsqueeze(-1), right=True)
+        block = block.clamp_(max=block_sums.shape[-1] - 1).squeeze(-1)
+        before = cumulative.gather(-1, block.unsqueeze(-1)).squeeze(-1) - block_sums.gather(-1, block.unsqueeze(-1)).squeeze(-1).double()
+        # Where in its block the draw fell, as a fraction of the block's mass, in [0, 1).
+        fraction = ((target - before) / block_sums.gather(-1, block.unsqueeze(-1)).squeeze(-1).double()).clamp_(0.0, 1.0)
+        columns, valid = self._block_columns(block)
+        values = weights.gather(-1, columns).masked_fill_(~valid, 0.0).double()
+        inside = values.cumsum(dim=-1)
+        pick = torch.searchsorted(inside, (fraction * inside[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        # Never a zero-probability column, whatever the rounding: at most the block's last positive one.
+        positions = torch.arange(self.block, device=self.device).expand_as(values)
+        last_positive = torch.where(values > 0, positions, 0).amax(dim=-1)
+        pick = torch.minimum(pick, last_positive)
+        return columns.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+
+
+def _keep_top_p(weights: torch.Tensor, top_p: float) -> None:
+    """Zero, in place, every token once the more likely tokens before it already cover top_p."""
+    total = weights.sum(dim=-1, keepdim=True)
+    k = min(weights.shape[-1], _TOP_P_CANDIDATES)
+    values, order = torch.topk(weights, k, dim=-1)  # sorted, most likely first
+    if not bool((values.sum(dim=-1, keepdim=True) >= top_p * total).all()):
+        values, order = weights.sort(dim=-1, descending=True)  # the nucleus is wider: sort it all
+    keep = (values.cumsum(dim=-1) - values) < top_p * total  # the first always stays
+    kept = values * keep
+    weights.zero_().scatter_(-1, order, kept)
+
+
+def _block_size(vocab: int) -> int:
+    for size in (256, 128, 64, 32):
+        if vocab % size == 0:
+            return size
+    return 128  # with a ragged last block
+
+
+def _runs(spec_of_row: list[int]) -> list[tuple[int, int, int]]:
+    runs: list[tuple[int, int, int]] = []
+    for i, s in enumerate(spec_of_row):
+        if runs and runs[-1][0] == s:
+            runs[-1] = (s, runs[-1][1], i + 1)
+        else:
+            runs.append((s, i, i + 1))
+    return runs
 
 
 def _left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device):
@@ -133,44 +398,6 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
-
-
-def _choose_tokens(
-    logits_B_V: torch.Tensor,
-    rows: list[_Row],
-    specs: list[SampleSpec],
-    generators: list[torch.Generator],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick each row's next token with its request's parameters; return tokens and their logprobs."""
-    logits_B_V = logits_B_V.float()
-    chosen = torch.empty(len(rows), dtype=torch.long, device=logits_B_V.device)
-    by_spec: dict[int, list[int]] = {}
-    for k, row in enumerate(rows):
-        by_spec.setdefault(row.spec, []).append(k)
-    for s, members in by_spec.items():
-        index = torch.tensor(members, device=logits_B_V.device)
-        chosen[index] = _pick(logits_B_V[index], specs[s].params, generators[s])
-    # Logprobs under the model itself (temperature 1), as importance-sampling losses expect.
-    logprobs = torch.log_softmax(logits_B_V, dim=-1).gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-    return chosen, logprobs
-
-
-def _pick(logits_B_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    if params.temperature == 0:
-        return logits_B_V.argmax(dim=-1)
-    logits_B_V = logits_B_V / params.temperature
-    if 0 < params.top_k < logits_B_V.shape[-1]:
-        kth = torch.topk(logits_B_V, params.top_k, dim=-1).values[:, -1:]
-        logits_B_V = logits_B_V.masked_fill(logits_B_V < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = logits_B_V.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token once the tokens before it already cover top_p (the first always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits_B_V = logits_B_V.masked_fill(drop, float("-inf"))
-    probs = logits_B_V.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _hit_stop_string(row: _Row, stops: list[str], tokenizer: PreTrainedTokenizerBase) -> bool:

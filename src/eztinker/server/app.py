@@ -1,6 +1,7 @@
 """HTTP routes only: parse, authenticate, hand to the service, map its errors to status codes."""
 
 
+import gc
 import hmac
 import logging
 import math
@@ -51,8 +52,16 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.ensure_started()
-        yield
-        service.close()
+        # FIX: a full garbage collection walks every object torch and transformers created at
+        # start-up (~400k: 0.15-0.4 s on the 2-core CI machine) and holds the GIL throughout, so
+        # /health and job submissions stalled for 100+ ms whenever one ran under load. Those
+        # objects live as long as the server: move them out of the collector's sight.
+        gc.freeze()
+        try:
+            yield
+        finally:
+            gc.unfreeze()
+            service.close()
 
     app = FastAPI(
         title="EZTinker",
@@ -69,7 +78,8 @@ def create_app(service: Service) -> FastAPI:
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
         limit = service.settings.max_request_bytes
-        if length is not None and not length.isdigit():
+        # FIX: str.isdigit() accepts non-ASCII digits ("²"), which int() then refuses: a 500.
+        if length is not None and not (length.isascii() and length.isdigit()):
             return JSONResponse(status_code=400, content={"detail": f"invalid Content-Length {length!r}"})
         if length is not None and int(length) > limit:
             return JSONResponse(
@@ -95,7 +105,7 @@ def create_app(service: Service) -> FastAPI:
             detail = [{"loc": list(exc.loc), "msg": exc.message, "type": "value_error"}]
         else:
             detail = exc.message
-        return JSONResponse(status_code=exc.status, content={"detail": detail})
+        return JSONResponse(status_code=exc.status, content={"detail": _finite(detail)})
 
     def current_user(
         authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
@@ -188,9 +198,14 @@ def create_app(service: Service) -> FastAPI:
 
 
 def _finite(value):
-    """JSON-able `value` with NaN/Infinity floats replaced by their names ('nan', 'inf')."""
+    """JSON-able `value` with NaN/Infinity floats replaced by their names ('nan', 'inf'), and
+    lone UTF-16 surrogates in strings spelt as escapes ('\\ud800')."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    # FIX: a lone surrogate ("\ud800" is valid JSON) echoed back in a 422 made the response
+    # body unencodable as UTF-8: a correctly rejected request became a 500.
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):

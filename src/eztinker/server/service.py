@@ -7,17 +7,20 @@ import asyncio
 import hashlib
 import json
 import logging
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from .. import __version__
 from ..chat import render_prompt
 from ..engine import BaseModel, Engine, EngineError, SampleSpec
 from ..engine.checkpoints import remove_partial_writes
-from ..engine.engine import read_training_state
+from ..engine.engine import ADAPTER_WEIGHTS, OPTIMIZER_STATE, read_training_state
 from ..types import (
     CheckpointInfo,
     CreateRunRequest,
@@ -40,9 +43,13 @@ from ..types import (
 )
 from .jobs import Job, JobRunner
 from .settings import ServerSettings
-from .store import Store, new_id
+from .store import INTERRUPTED, Store, new_id
 
 log = logging.getLogger(__name__)
+
+# FIX: seeds are stored as SQLite INTEGERs and fed to torch.manual_seed; a larger one (the schema
+# has no upper bound) raised OverflowError inside the request: a 500 instead of a 422.
+MAX_SEED = 2**63 - 1
 
 
 class ServiceError(Exception):
@@ -69,6 +76,7 @@ class Service:
         data_dir = Path(settings.data_dir)
         self.checkpoint_root = (data_dir / "checkpoints").resolve()
         self.store = Store(data_dir / "eztinker.sqlite3")
+        self._lora_targets = _lora_targets(base.model)
         self.runner = JobRunner(
             self.engine,
             self.store,
@@ -81,12 +89,19 @@ class Service:
     def _restore(self) -> None:
         """After a restart: drop half-written checkpoints, fail interrupted jobs, rebuild runs."""
         for leftover in remove_partial_writes(self.checkpoint_root):
-            log.warning("removed an interrupted checkpoint write: %s", leftover)
+            log.warning("cleaned up an interrupted checkpoint write: %s", leftover)
+        self._reconcile_checkpoints()
+        # FIX: a run whose create_run job never finished was never handed to its client (the
+        # request had not answered), yet came back after a restart as a live run nobody knew of.
+        for run_id in self.store.unfinished_creates():
+            log.warning("run %s: its creation was interrupted; it is dropped", run_id)
+            self.store.mark_run_deleted(run_id)
         failed = self.store.fail_unfinished_jobs()
         if failed:
             log.warning("%d job(s) were interrupted by the last shutdown and are marked failed", failed)
         for row in self.store.live_runs():
-            self.engine.create_run(row["id"], LoraConfig.model_validate_json(row["lora"]), row["seed"])
+            lora = LoraConfig.model_validate_json(row["lora"])
+            self.engine.create_run(row["id"], lora, row["seed"])
             ref, step = row["resume_from"], 0
             if ref is None and row["step"]:
                 log.warning("run %s was never saved; its adapter restarts from step 0", row["id"])
@@ -96,11 +111,44 @@ class Service:
                     checkpoint = self.store.checkpoint(source_run, name)
                     if checkpoint is None:
                         raise EngineError(f"checkpoint {ref} is not recorded")
-                    step = self.engine.load(row["id"], self.checkpoint_root.parent / checkpoint.path)
-                except (EngineError, OSError, RuntimeError, ValueError) as exc:
+                    path = self.checkpoint_root.parent / checkpoint.path
+                    verify_checkpoint(path, ref)
+                    step = self.engine.load(row["id"], path)
+                # FIX: only (EngineError, OSError, RuntimeError, ValueError) were caught; a corrupted
+                # adapter file raises SafetensorError, a truncated optimizer.pt EOFError or an
+                # UnpicklingError, and any of them stopped the server from starting at all.
+                except Exception as exc:
                     log.error("run %s: could not restore %s (%s); it restarts from step 0", row["id"], ref, exc)
                     ref, step = None, 0
+                    # A load that failed part-way may have replaced some tensors: start afresh.
+                    self.engine.delete_run(row["id"])
+                    self.engine.create_run(row["id"], lora, row["seed"])
             self.store.set_run_state(row["id"], step, restored_from=ref)
+
+    def _reconcile_checkpoints(self) -> None:
+        """FIX: a save killed after its directory was renamed into place but before the database
+        recorded it left a checkpoint directory that no listing shows, while its job reports
+        failed ("its effect was not applied"). Such directories of known runs are removed; an
+        overwrite killed at that moment is kept (it is complete) and its listed step corrected."""
+        if not self.checkpoint_root.is_dir():
+            return
+        for run_dir in self.checkpoint_root.iterdir():
+            if not run_dir.is_dir() or run_dir.is_symlink() or self.store.run_owner(run_dir.name) is None:
+                continue  # not a run this database knows: leave it alone
+            recorded = {c.name: c.step for c in self.store.checkpoints(run_dir.name)}
+            for directory in run_dir.iterdir():
+                if directory.name in recorded and not directory.is_symlink():
+                    try:
+                        step = int(read_training_state(directory)["step"])
+                    except (EngineError, KeyError, TypeError, ValueError):
+                        continue  # unreadable: a load of it fails with a clear error
+                    if step != recorded[directory.name]:
+                        log.warning("checkpoint %s was overwritten by an interrupted save; it holds step %d",
+                                    directory, step)
+                        self.store.set_checkpoint_step(run_dir.name, directory.name, step)
+                if directory.is_dir() and not directory.is_symlink() and directory.name not in recorded:
+                    log.warning("removed checkpoint %s: its save was interrupted before it was recorded", directory)
+                    shutil.rmtree(directory, ignore_errors=True)
 
     def ensure_started(self) -> None:
         if not self.runner.started:
@@ -156,22 +204,31 @@ class Service:
                 ("base_model",),
                 f"this server serves {self.base.name!r}, not {request.base_model!r} (one base model per server)",
             )
+        if request.seed > MAX_SEED:
+            raise invalid(("seed",), f"seed {request.seed} is above the largest allowed, {MAX_SEED}")
         lora, source = request.lora, None
         if request.from_checkpoint is not None:
             source, _ = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint")
             try:
                 lora = LoraConfig.model_validate(read_training_state(source)["lora"])
-            except (EngineError, KeyError, ValueError) as exc:
+            except (EngineError, KeyError, TypeError, ValueError) as exc:
                 raise invalid(("from_checkpoint",), f"unreadable checkpoint: {exc}") from None
+        self._check_target_modules(lora, "from_checkpoint" if source is not None else "lora")
         digest = _request_hash("create_run", None, request) if key else None
         if key and (existing := self.store.job_by_key(user, key)) is not None:
-            return await self._replayed_run(user, existing, digest, key)
+            if existing["status"] == JobStatus.failed.value and existing["error"] == INTERRUPTED:
+                # FIX: a create retried across a server restart (the SDK reuses its key) got the
+                # interrupted attempt's failure; that attempt had no effect, so create afresh.
+                self.store.release_idempotency_key(existing["id"])
+            else:
+                return await self._replayed_run(user, existing, digest, key)
         run_id = new_id("run")
         self.store.add_run(run_id, user, self.base.name, lora, request.seed)
 
         def work() -> dict:
             self.engine.create_run(run_id, lora, request.seed)
             if source is not None:
+                verify_checkpoint(source, request.from_checkpoint)
                 step = self.engine.load(run_id, source)
                 self.store.set_run_state(run_id, step, restored_from=request.from_checkpoint)
                 self.store.set_resume_point(run_id, request.from_checkpoint)
@@ -230,7 +287,10 @@ class Service:
     def submit_sample(self, user: str, run_id: str | None, request: SampleRequest, key: str | None) -> JobRef:
         if run_id is not None:
             self._owned_run(user, run_id)
+        _check_unicode(request)
         params = request.sampling_params
+        if params.seed is not None and params.seed > MAX_SEED:
+            raise invalid(("sampling_params", "seed"), f"seed {params.seed} is above the largest allowed, {MAX_SEED}")
         if params.max_tokens > self.settings.max_new_tokens:
             raise invalid(
                 ("sampling_params", "max_tokens"),
@@ -254,6 +314,7 @@ class Service:
     def submit_score(self, user: str, run_id: str | None, request: ScoreRequest, key: str | None) -> JobRef:
         if run_id is not None:
             self._owned_run(user, run_id)
+        _check_unicode(request)
         prompt = self.encode_prompt(request.prompt, ("prompt",))
         responses = [self.tokenizer.encode(r, add_special_tokens=False) for r in request.responses]
         for i, tokens in enumerate(responses):
@@ -269,27 +330,40 @@ class Service:
         self._owned_run(user, run_id)
         relative = Path("checkpoints") / run_id / request.name
         target = self.checkpoint_root.parent / relative
+        # FIX: a run's checkpoint folder that is a symlink to elsewhere was written through:
+        # loads refused such paths, saves did not.
+        if target.parent.exists() and not target.parent.resolve().is_relative_to(self.checkpoint_root):
+            raise invalid(("name",), f"checkpoint {run_id}/{request.name} is not inside the data directory")
+
+        job_id = new_id("job")
 
         def work() -> dict:
             self.engine.save(run_id, target)
             step = self.engine.step_of(run_id)
-            checkpoint = self.store.add_checkpoint(run_id, request.name, str(relative), step)
-            self.store.set_resume_point(run_id, f"{run_id}/{request.name}")
+            # FIX: the checkpoint row, the run's resume point and the job's completion were three
+            # commits; a SIGKILL between them (a third of a tiny save's time) left a listed
+            # checkpoint whose job said "interrupted: its effect was not applied". One commit now.
+            checkpoint = self.store.record_save(job_id, run_id, request.name, str(relative), step)
             return checkpoint.model_dump(mode="json")
 
-        return self._submit(user, run_id, "save", request, key, work=work)
+        return self._submit(user, run_id, "save", request, key, work=work, job_id=job_id)
 
     def submit_load(self, user: str, run_id: str, request: LoadRequest, key: str | None) -> JobRef:
         self._owned_run(user, run_id)
         path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint")
 
         def work() -> dict:
+            # FIX: a corrupted file used to surface as a bare "SafetensorError: ..." or, worse,
+            # fail after the adapter was replaced but before the optimizer state was: read
+            # every file first, so a bad checkpoint fails the job with the run untouched.
+            verify_checkpoint(path, ref)
             step = self.engine.load(run_id, path)
-            self.store.set_run_state(run_id, step, restored_from=ref)
-            self.store.set_resume_point(run_id, ref)
-            return {"step": step, "restored_from": ref}
+            result = {"step": step, "restored_from": ref}
+            self.store.record_load(job_id, run_id, step, ref, result)  # FIX: one commit, as for save
+            return result
 
-        return self._submit(user, run_id, "load", request, key, work=work)
+        job_id = new_id("job")
+        return self._submit(user, run_id, "load", request, key, work=work, job_id=job_id)
 
     def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str) -> tuple[Path, str]:
         try:
@@ -305,6 +379,31 @@ class Service:
             # A symlink or edited record pointing outside the data directory is refused.
             raise invalid((field,), f"checkpoint {source_run}/{name} is not inside the data directory")
         return path, f"{source_run}/{name}"
+
+    def _check_target_modules(self, lora: LoraConfig, field: str) -> None:
+        """FIX: LoRA target modules are checked here, before the engine sees them. peft accepts
+        some that break the shared model for everyone: ['embed_tokens'] failed half-way and
+        left every run on the server (existing and new) unable to train or sample; 'lm_head'
+        made a run that can never train; ['q_proj', 'mlp'] left stray layers behind; a string
+        other than 'all-linear' was taken as a regular expression."""
+        targets = lora.target_modules
+        loc = (field, "target_modules") if field == "lora" else (field,)
+        linear, other = self._lora_targets
+        choices = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear}))
+        if isinstance(targets, str):
+            if targets != "all-linear":
+                raise invalid(loc, f"target_modules must be 'all-linear' or a list of module names ({choices})")
+            return
+        for i, key in enumerate(targets):
+            def matches(name: str) -> bool:  # peft's rule for a list of names
+                return name == key or name.endswith("." + key)
+
+            bad = next((name for name in other if matches(name)), None)
+            if bad is not None:
+                raise invalid((*loc, i), f"target module {key!r} matches {bad!r}, which is not a LoRA-trainable "
+                                         f"linear layer; choose from {choices}")
+            if not any(matches(name) for name in linear):
+                raise invalid((*loc, i), f"target module {key!r} is not in the model; choose from {choices}")
 
     # ---------------------------------------------------------------------------- plumbing
     def encode_prompt(self, prompt: Prompt, loc: tuple) -> list[int]:
@@ -327,13 +426,16 @@ class Service:
             if not 0 <= token < vocab:
                 raise invalid((*loc, position), f"token id {token} is outside the vocabulary [0, {vocab})")
 
-    def _submit(self, user: str, run_id: str | None, kind: str, request: Any, key: str | None, **job_fields) -> JobRef:
+    def _submit(
+        self, user: str, run_id: str | None, kind: str, request: Any, key: str | None, job_id: str | None = None,
+        **job_fields,
+    ) -> JobRef:
         digest = _request_hash(kind, run_id, request) if key else None
         if key:
             existing = self.store.job_by_key(user, key)
             if existing is not None:
                 return self._replay(existing, digest, key)
-        job = Job(new_id("job"), run_id, kind, **job_fields)
+        job = Job(job_id or new_id("job"), run_id, kind, **job_fields)
         try:
             self.store.add_job(job.id, user, run_id, kind, key, digest)
         except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
@@ -377,3 +479,57 @@ class Service:
 def _request_hash(kind: str, run_id: str | None, request: Any) -> str:
     payload = json.dumps([kind, run_id, request.model_dump(mode="json")], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def verify_checkpoint(directory: Path, ref: str) -> None:
+    """Read every file of a checkpoint (adapter, optimizer state, training state) without
+    applying it; raise EngineError naming the broken file. weights_only: never unpickles code."""
+    read_training_state(directory)
+    for name, read in (
+        (ADAPTER_WEIGHTS, lambda path: load_file(path)),
+        (OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")),
+    ):
+        try:
+            read(directory / name)
+        except Exception as exc:
+            raise EngineError(
+                f"checkpoint {ref} is corrupted or incomplete: {name} cannot be read ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+def _lora_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Module names of the bare base model: (linear layers LoRA may adapt, every other module).
+    The output head is "other": the engine computes logits from its weight directly, and it may
+    share that weight with the input embeddings."""
+    head = model.get_output_embeddings()
+    linear, other = [], []
+    for name, module in model.named_modules():
+        if not name or ".lora_" in name or ".base_layer" in name or ".lora_dropout" in name:
+            continue  # the root, and peft's own submodules if the model is already wrapped
+        layer = getattr(module, "base_layer", module)
+        if isinstance(layer, torch.nn.Linear) and layer is not head and module is not head:
+            linear.append(name)
+        else:
+            other.append(name)
+    return linear, other
+
+
+def _check_unicode(request: Any) -> None:
+    """FIX: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer accepts: a
+    prompt, message, response or stop string holding one made the request a 500 (or its job
+    fail later). Refuse them up front, naming the field."""
+
+    def walk(value: Any, loc: tuple) -> None:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise invalid(loc, f"text is not valid Unicode: lone surrogate at position {exc.start}") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, (*loc, key))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, (*loc, i))
+
+    walk(request.model_dump(), ())

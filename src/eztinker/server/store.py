@@ -150,6 +150,45 @@ class Store:
         )
         return CheckpointInfo(run_id=run_id, name=name, path=path, step=step, created_at=_ts(now))
 
+    def record_save(self, job_id: str, run_id: str, name: str, path: str, step: int) -> CheckpointInfo:
+        """In one transaction: the checkpoint's row, the run's resume point, the job completed."""
+        now = time.time()
+        info = CheckpointInfo(run_id=run_id, name=name, path=path, step=step, created_at=_ts(now))
+        self._transaction([
+            ("INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at) VALUES (?, ?, ?, ?, ?)",
+             (run_id, name, path, step, now)),
+            ("UPDATE runs SET resume_from = ? WHERE id = ?", (f"{run_id}/{name}", run_id)),
+            *self._completion(job_id, info.model_dump(mode="json")),
+        ])
+        return info
+
+    def record_load(self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result: Any) -> None:
+        """In one transaction: the run's step and resume point, the job completed."""
+        self._transaction([
+            ("UPDATE runs SET step = ?, restored_from = ?, resume_from = ? WHERE id = ?",
+             (step, checkpoint_ref, checkpoint_ref, run_id)),
+            *self._completion(job_id, result),
+        ])
+
+    @staticmethod
+    def _completion(job_id: str, result: Any) -> list[tuple[str, tuple]]:
+        return [("UPDATE jobs SET status = ?, result = ?, error = NULL, finished_at = ? WHERE id = ?",
+                 (JobStatus.completed.value, json.dumps(result), time.time(), job_id))]
+
+    def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def set_checkpoint_step(self, run_id: str, name: str, step: int) -> None:
+        self._execute("UPDATE checkpoints SET step = ? WHERE run_id = ? AND name = ?", (step, run_id, name))
+
     def checkpoints(self, run_id: str) -> list[CheckpointInfo]:
         rows = self._query(
             "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY created_at, rowid", (run_id,)
@@ -203,6 +242,18 @@ class Store:
             "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? WHERE id = ?",
             (status.value, None if error is not None else json.dumps(result), error, time.time(), job_id),
         )
+
+    def unfinished_creates(self) -> list[str]:
+        """Runs whose create_run job was pending or running (at start-up: interrupted)."""
+        rows = self._query(
+            "SELECT run_id FROM jobs WHERE kind = 'create_run' AND status IN (?, ?) AND run_id IS NOT NULL",
+            (JobStatus.pending.value, JobStatus.running.value),
+        )
+        return [row["run_id"] for row in rows]
+
+    def release_idempotency_key(self, job_id: str) -> None:
+        """Let the job's key be used again (its job was interrupted and had no effect)."""
+        self._execute("UPDATE jobs SET idempotency_key = NULL, request_hash = NULL WHERE id = ?", (job_id,))
 
     def fail_unfinished_jobs(self) -> int:
         """After a restart: jobs that were pending or running can no longer complete."""

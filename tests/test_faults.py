@@ -1,0 +1,498 @@
+"""Faults: SIGKILL of the real server process mid-training and mid-checkpoint-save, crashes at
+every step of an atomic checkpoint write, corrupted and escaping checkpoint files.
+
+After every crash and restart the same invariants must hold (`assert_consistent`):
+the database opens; every run and every completed checkpoint is listed; every listed checkpoint
+directory is complete and readable; no staging, retired or unrecorded checkpoint directory is
+left; interrupted jobs are failed with a reason; each run is back at its last saved checkpoint
+(same adapter, same step) and trains on from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eztinker import (
+    AdamParams,
+    APIStatusError,
+    Datum,
+    JobFailedError,
+    LossFnInputs,
+    ModelInput,
+    ServiceClient,
+    datum_from_tokens,
+)
+from eztinker.launcher import free_port
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+
+FAST = AdamParams(learning_rate=1e-2)
+EXAMPLE = datum_from_tokens([100, 200, 300], [400, 500, 600, 700])
+CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "training_state.json"}
+START_TIMEOUT = 120.0
+ROUNDS = 3
+
+
+# ------------------------------------------------------------------------------- helpers
+class ServerProcess:
+    """`python -m eztinker.cli server` in its own process, killed with SIGKILL by the test."""
+
+    def __init__(self, model_dir: Path, data_dir: Path, port: int, log_path: Path):
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EZTINKER_") or k == "EZTINKER_SHARED_DIR"}
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        command = [sys.executable, "-m", "eztinker.cli", "server", "--model", str(model_dir),
+                   "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu", "--log-level", "warning"]
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_healthy(self) -> "ServerProcess":
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        pytest.fail(f"server not healthy after {START_TIMEOUT} s:\n{self.log()[-4000:]}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self._log.close()
+
+
+@pytest.fixture()
+def start_server(tiny_model_dir, tmp_path):
+    """start_server(data_dir, port) -> a healthy server process; all are killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(data_dir: Path, port: int) -> ServerProcess:
+        server = ServerProcess(tiny_model_dir, data_dir, port, tmp_path / f"server-{len(started)}.log")
+        started.append(server)
+        return server.wait_healthy()
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def slow_batch(positions: int) -> list[Datum]:
+    tokens = [(i * 7919) % 150_000 + 10 for i in range(positions + 1)]
+    return [Datum(model_input=ModelInput(tokens=tokens[:-1]),
+                  loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * positions))]
+
+
+def train(run, steps: int) -> list[int]:
+    futures = [(run.forward_backward([EXAMPLE]), run.optim_step(FAST)) for _ in range(steps)]
+    return [(fb.result(timeout=60), opt.result(timeout=60).step)[1] for fb, opt in futures]
+
+
+def score(run) -> float:
+    return run.score([100, 200, 300], ["hello world"]).result(timeout=60).scores[0].sum_logprob
+
+
+def wait_status(client, job_id: str, statuses: tuple[str, ...], timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while (status := client.job(job_id).status.value) not in statuses and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return status
+
+
+def assert_consistent(data_dir: Path, client: ServiceClient, expected: dict[str, dict]) -> None:
+    """The invariants after a restart. `expected[run_id]` = {"checkpoints": {name: step},
+    "resume": name or None, "score": sum_logprob at `resume`}."""
+    assert client.health().status == "ok"
+    runs = {r.id: r for r in client.list_runs()}
+    assert set(runs) == set(expected), (sorted(runs), sorted(expected))
+    root = data_dir / "checkpoints"
+    leftovers = [p for p in root.rglob("*") if p.name.startswith((".staging-", ".retired-"))]
+    assert leftovers == [], leftovers
+    for run_id, want in expected.items():
+        info = runs[run_id]
+        listed = {c.name: c.step for c in info.checkpoints}
+        assert listed == want["checkpoints"], (run_id, listed, want["checkpoints"])
+        on_disk = {p.name for p in (root / run_id).iterdir()} if (root / run_id).exists() else set()
+        assert on_disk == set(listed), f"unlisted or missing checkpoint directories: {on_disk ^ set(listed)}"
+        for checkpoint in info.checkpoints:
+            directory = data_dir / checkpoint.path
+            assert {p.name for p in directory.iterdir()} == CHECKPOINT_FILES, directory
+            assert json.loads((directory / "training_state.json").read_text())["step"] == checkpoint.step
+            assert load_file(directory / "adapter_model.safetensors")  # complete, parseable
+            torch.load(directory / "optimizer.pt", weights_only=True)
+        resume = want["resume"]
+        assert info.restored_from == (f"{run_id}/{resume}" if resume else None), info
+        assert info.step == (listed[resume] if resume else 0), info
+
+
+def assert_interrupted_or_done(client, job_id: str) -> str:
+    job = client.job(job_id)
+    assert job.status.value in ("completed", "failed"), job
+    if job.status.value == "failed":
+        assert "interrupted" in job.error and "server stopped" in job.error, job
+    return job.status.value
+
+
+# ---------------------------------------------------- SIGKILL mid forward_backward, 3 rounds
+def test_sigkill_mid_forward_backward_repeatedly(start_server, tmp_path):
+    data_dir, port = tmp_path / "data", free_port()
+    server = start_server(data_dir, port)
+    expected: dict[str, dict] = {}
+    with ServiceClient(server.url, max_retries=8) as client:
+        runs = [client.create_training_run(lora_rank=2, seed=i) for i in range(2)]
+        for run in runs:
+            expected[run.run_id] = {"checkpoints": {}, "resume": None, "score": None}
+        for round_ in range(ROUNDS):
+            for run in runs:
+                want = expected[run.run_id]
+                steps = train(run, 2)
+                name = f"r{round_}"
+                assert run.save_state(name).result(timeout=60).step == steps[-1]
+                want["checkpoints"][name] = steps[-1]
+                want["resume"], want["score"] = name, score(run)
+                train(run, 1)  # after the checkpoint: lost by the crash, by design
+            # A long forward_backward running on one run, more work queued behind on both.
+            victim = runs[round_ % 2]
+            running = victim.forward_backward(slow_batch(600 + 100 * round_))
+            queued = [victim.optim_step(FAST), runs[0].forward_backward([EXAMPLE]), runs[1].optim_step(FAST)]
+            assert wait_status(client, running.job_id, ("running",)) == "running"
+            time.sleep(random.uniform(0.0, 0.2))
+            server.kill()
+            assert server.process.returncode == -signal.SIGKILL
+
+            server = start_server(data_dir, port)  # same directory, same port, same client
+            assert_consistent(data_dir, client, expected)
+            for job_id in [running.job_id, *(f.job_id for f in queued)]:
+                assert assert_interrupted_or_done(client, job_id) == "failed"
+            for run in runs:
+                want = expected[run.run_id]
+                assert score(run) == pytest.approx(want["score"], rel=1e-5)  # the checkpoint's adapter
+                assert train(run, 1) == [want["checkpoints"][want["resume"]] + 1]  # and it trains on
+                want["checkpoints"][f"after{round_}"] = run.save_state(f"after{round_}").result(timeout=60).step
+                want["resume"], want["score"] = f"after{round_}", score(run)
+    server.kill()
+
+
+# ------------------------------------------------------- SIGKILL mid checkpoint save, 3 rounds
+def test_sigkill_mid_checkpoint_save_repeatedly(start_server, tmp_path):
+    """A burst of saves (about 15-25 ms each on the tiny model) is killed part-way, at a random
+    moment: the saves that completed are listed and whole, the one being written and the ones
+    queued are failed and leave nothing behind, whichever it turned out to be."""
+    data_dir, port = tmp_path / "data", free_port()
+    server = start_server(data_dir, port)
+    rng = random.Random(1234)
+    outcomes = []  # per kill: (saves completed before it, where the kill landed)
+    with ServiceClient(server.url, max_retries=8) as client:
+        # rank 64: bigger files, so a kill lands inside a write more often.
+        run = client.create_training_run(lora_rank=64)
+        other = client.create_training_run(lora_rank=2)
+        expected = {r.run_id: {"checkpoints": {}, "resume": None, "score": None} for r in (run, other)}
+        train(other, 1)
+        for round_ in range(ROUNDS):
+            want = expected[run.run_id]
+            step = train(run, 1)[0]
+            at_step = score(run)
+            saves = {f"k{round_}-{i}": run.save_state(f"k{round_}-{i}") for i in range(12)}
+            first = next(iter(saves.values()))
+            assert wait_status(client, first.job_id, ("running", "completed")) in ("running", "completed")
+            time.sleep(rng.uniform(0.0, 0.15))
+            server.kill()
+
+            server = start_server(data_dir, port)
+            for name, future in saves.items():
+                if assert_interrupted_or_done(client, future.job_id) == "completed":
+                    want["checkpoints"][name] = step
+                    want["resume"], want["score"] = name, at_step
+            assert_consistent(data_dir, client, expected)
+            log = server.log()
+            landed = {"mid-write": log.count("cleaned up an interrupted checkpoint write"),
+                      "after-rename": log.count("its save was interrupted before it was recorded")}
+            outcomes.append((sum(n in want["checkpoints"] for n in saves), landed))
+            if want["resume"] is not None:
+                assert score(run) == pytest.approx(want["score"], rel=1e-5)
+            # Training continues from the restored step, and saving works again.
+            base_step = want["checkpoints"][want["resume"]] if want["resume"] else 0
+            assert train(run, 1) == [base_step + 1]
+            want["checkpoints"][f"ok{round_}"] = run.save_state(f"ok{round_}").result(timeout=60).step
+            want["resume"], want["score"] = f"ok{round_}", score(run)
+            assert train(other, 1)[0] >= 1
+            expected[other.run_id]["checkpoints"][f"o{round_}"] = other.save_state(f"o{round_}").result(timeout=60).step
+            expected[other.run_id]["resume"] = f"o{round_}"
+    server.kill()
+    print(f"\nkills mid-save (saves completed of 12, partial writes cleaned up): {outcomes}")
+
+
+# ------------------------------------------------- crashes at each step of an atomic write
+CRASH_CHILD = textwrap.dedent("""
+    import importlib.util, os, signal, sys
+    from pathlib import Path
+    # checkpoints.py alone (importing eztinker.engine would load torch: seconds per child).
+    package = Path(importlib.util.find_spec("eztinker").origin).parent
+    spec = importlib.util.spec_from_file_location("checkpoints", package / "engine" / "checkpoints.py")
+    checkpoints = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checkpoints)
+
+    mode, target, source = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def write(staging):
+        for f in sorted(source.iterdir()):
+            data = f.read_bytes()
+            if mode == "mid-write" and f.name == "optimizer.pt":
+                (staging / f.name).write_bytes(data[: len(data) // 2])
+                die()
+            (staging / f.name).write_bytes(data)
+
+    if mode in ("between-renames", "after-rename"):
+        real_rename, calls = os.rename, []
+        def rename(a, b):
+            real_rename(a, b)
+            calls.append(b)
+            if mode == "between-renames" or Path(b) == target:
+                die()
+        checkpoints.os.rename = rename
+    checkpoints.write_atomically(target, write)
+    sys.exit(3)  # not reached: every mode dies first
+""")
+
+
+def crash_while_writing(mode: str, target: Path, source: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", CRASH_CHILD, mode, str(target), str(source)], capture_output=True)
+    assert result.returncode == -signal.SIGKILL, (mode, result.returncode, result.stderr.decode()[-2000:])
+
+
+def test_crash_at_every_step_of_a_checkpoint_write(make_server, tmp_path):
+    """SIGKILL (i) mid-file in the staging directory, (ii) between the two renames of an
+    overwrite, (iii) after the rename but before the database recorded it: on restart each
+    leaves the last recorded checkpoint intact and listed, and nothing else."""
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as client:
+        run = client.create_training_run(lora_rank=4)
+        train(run, 2)
+        run.save_state("c1").result(timeout=60)
+        at_c1 = score(run)
+        run.save_state("over").result(timeout=60)
+        train(run, 1)
+        run.save_state("newer").result(timeout=60)
+        train(run, 1)
+    root = data_dir / "checkpoints" / run.run_id
+    c1_bytes = {p.name: p.read_bytes() for p in (root / "c1").iterdir()}
+    newer = root / "newer"
+
+    crash_while_writing("mid-write", root / "c2", newer)  # a new checkpoint, half-written
+    crash_while_writing("between-renames", root / "c1", newer)  # overwriting c1: c1 moved aside
+    assert not (root / "c1").exists() and any(p.name.startswith(".retired-c1-") for p in root.iterdir())
+    crash_while_writing("after-rename", root / "c3", newer)  # complete, never recorded
+    assert (root / "c3").is_dir()
+    crash_while_writing("after-rename", root / "over", newer)  # overwriting "over": new content in
+    assert (root / "over").is_dir() and any(p.name.startswith(".retired-over-") for p in root.iterdir())
+
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as client:
+        assert sorted(p.name for p in root.iterdir()) == ["c1", "newer", "over"]
+        assert {p.name: p.read_bytes() for p in (root / "c1").iterdir()} == c1_bytes  # rolled back, intact
+        restored = client.training_client(run.run_id)
+        info = restored.info()
+        # "over" holds what the interrupted overwrite wrote (complete); its step says so.
+        assert {c.name: c.step for c in info.checkpoints} == {"c1": 2, "over": 3, "newer": 3}
+        assert (root / "over" / "adapter_model.safetensors").read_bytes() == (newer / "adapter_model.safetensors").read_bytes()
+        assert (info.step, info.restored_from) == (3, f"{run.run_id}/newer")
+        assert restored.load_state("c1").result(timeout=60)["step"] == 2
+        assert score(restored) == pytest.approx(at_c1, rel=1e-5)
+        assert train(restored, 1) == [3]
+        assert restored.save_state("c2").result(timeout=60).step == 3  # the names are free again
+        assert restored.save_state("c3").result(timeout=60).step == 3
+
+
+# ---------------------------------------------------------------- corrupted checkpoint files
+def test_corrupted_checkpoint_fails_its_job_alone(make_server, tmp_path):
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        other = client.create_training_run(lora_rank=2, seed=1)
+        train(run, 2)
+        for name in ("bad-adapter", "bad-optimizer", "resume"):
+            run.save_state(name).result(timeout=60)
+        root = data_dir / "checkpoints" / run.run_id
+        adapter = root / "bad-adapter" / "adapter_model.safetensors"
+        adapter.write_bytes(adapter.read_bytes()[: adapter.stat().st_size // 2])  # truncated
+        optimizer = root / "bad-optimizer" / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[:100])
+        train(run, 1)
+        before = score(run)
+
+        for name, broken in (("bad-adapter", "adapter_model.safetensors"), ("bad-optimizer", "optimizer.pt")):
+            with pytest.raises(JobFailedError) as err:
+                run.load_state(name).result(timeout=60)
+            assert "corrupted" in err.value.error and broken in err.value.error, err.value.error
+            # The run is untouched: same adapter (the optimizer file is read before any
+            # tensor is replaced), same step, still training; so is the other run.
+            assert score(run) == pytest.approx(before, rel=1e-6)
+            assert run.info().step == 3
+        with pytest.raises(APIStatusError) as err:  # a new run from it: 422 naming the problem
+            client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/bad-adapter")
+        assert err.value.status_code == 422 and "from_checkpoint" in str(err.value) and "corrupted" in str(err.value)
+        assert train(run, 1) == [4] and train(other, 2) == [1, 2]
+        assert client.health().status == "ok" and len(client.list_runs()) == 2
+
+        # The run's resume point is corrupted on disk before a restart: the server still starts,
+        # that run restarts fresh (logged), the others are restored.
+        run.load_state("resume").result(timeout=60)
+        other.save_state("o").result(timeout=60)
+        at_o = score(other)
+        adapter = root / "resume" / "adapter_model.safetensors"
+        adapter.write_bytes(b"\0" * 64)
+
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        infos = {r.id: r for r in client.list_runs()}
+        assert (infos[run.run_id].step, infos[run.run_id].restored_from) == (0, None)
+        assert (infos[other.run_id].step, infos[other.run_id].restored_from) == (2, f"{other.run_id}/o")
+        assert score(client.training_client(other.run_id)) == pytest.approx(at_o, rel=1e-5)
+        assert train(client.training_client(run.run_id), 1) == [1]
+
+
+# ------------------------------------------------------- checkpoint paths escaping the data dir
+def test_symlinked_checkpoints_pointing_outside_are_refused(make_server, tmp_path):
+    data_dir, outside = tmp_path / "data", tmp_path / "outside"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        train(run, 1)
+        run.save_state("real").result(timeout=60)
+        run.save_state("swapped").result(timeout=60)
+        root = data_dir / "checkpoints" / run.run_id
+        # A checkpoint directory replaced by a symlink to a (valid) copy outside the data dir.
+        shutil.copytree(root / "swapped", outside / "copy")
+        shutil.rmtree(root / "swapped")
+        (root / "swapped").symlink_to(outside / "copy", target_is_directory=True)
+        for attempt in (lambda: run.load_state("swapped"),
+                        lambda: client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/swapped")):
+            with pytest.raises(APIStatusError) as err:
+                attempt()
+            assert err.value.status_code == 422 and "not inside the data directory" in str(err.value)
+
+        # The whole run folder replaced by a symlink: loads and saves through it are refused.
+        other = client.create_training_run(lora_rank=2)
+        other.save_state("o").result(timeout=60)
+        other_root = data_dir / "checkpoints" / other.run_id
+        shutil.move(other_root, outside / "moved")
+        other_root.symlink_to(outside / "moved", target_is_directory=True)
+        with pytest.raises(APIStatusError) as err:
+            other.load_state("o")
+        assert err.value.status_code == 422 and "not inside the data directory" in str(err.value)
+        with pytest.raises(APIStatusError) as err:
+            other.save_state("escape")
+        assert err.value.status_code == 422 and "not inside the data directory" in str(err.value)
+        assert not (outside / "moved" / "escape").exists()
+
+        assert run.load_state("real").result(timeout=60)["step"] == 1  # the real one still loads
+        assert train(run, 1) == [2]
+
+
+# ------------------------------------------------------------ an interrupted run creation
+def test_interrupted_run_creation_is_dropped_and_its_retry_succeeds(make_server, tmp_path):
+    """A crash while create_run's job was pending: the client never got the run id, so the run
+    must not come back as a live run nobody knows of; the SDK's retry (same Idempotency-Key)
+    after the restart creates the run instead of replaying the interrupted failure."""
+    from eztinker.server.service import _request_hash
+    from eztinker.types import CreateRunRequest, LoraConfig
+
+    data_dir = tmp_path / "data"
+    body = {"lora": {"rank": 2}, "seed": 5}
+    with make_server(data_dir=data_dir) as server:
+        store = server.service.store
+        # What a SIGKILL right after the run row and its job were recorded leaves behind.
+        digest = _request_hash("create_run", None, CreateRunRequest.model_validate(body))
+        store.add_run("run_ghost", "default", server.service.base.name, LoraConfig(rank=2), 5)
+        store.add_job("job_ghostcreate", "default", "run_ghost", "create_run", "create-key", digest)
+
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        assert client.list_runs() == []
+        job = client.job("job_ghostcreate")
+        assert job.status.value == "failed" and "interrupted" in job.error
+        first = httpx.post(f"{server.url}/v1/runs", json=body, headers={"Idempotency-Key": "create-key"})
+        assert first.status_code == 201, first.text
+        again = httpx.post(f"{server.url}/v1/runs", json=body, headers={"Idempotency-Key": "create-key"})
+        assert again.status_code == 201 and again.json()["id"] == first.json()["id"]
+        assert [r.id for r in client.list_runs()] == [first.json()["id"]]
+        assert train(client.training_client(first.json()["id"]), 1) == [1]
+
+
+# ------------------------------------------------------------------- no code from a checkpoint
+def test_a_pickle_planted_in_a_checkpoint_is_never_executed(make_server, tmp_path):
+    """Clients cannot upload files, and what the server reads back from its own data directory
+    is loaded with weights_only=True / safetensors: a planted pickle fails the load, cleanly."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        train(run, 1)
+        run.save_state("c").result(timeout=60)
+        (data_dir / "checkpoints" / run.run_id / "c" / "optimizer.pt").write_bytes(pickle.dumps(Exploit()))
+        with pytest.raises(JobFailedError, match="optimizer.pt"):
+            run.load_state("c").result(timeout=60)
+        with pytest.raises(APIStatusError) as err:
+            client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/c")
+        assert err.value.status_code == 422
+        assert not marker.exists()
+        assert train(run, 1) == [2]
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        assert not marker.exists()  # nor at start-up, restoring the run from that checkpoint
+        assert client.training_client(run.run_id).info().step == 0
+
+
+# ------------------------------------------------------------------ an out-of-memory job
+def test_out_of_memory_in_one_job_fails_it_alone(make_server):
+    """A job that runs out of memory (simulated: the engine raises MemoryError for one run)
+    fails with a clear error; the other runs' jobs queued around it complete; the server
+    stays up, and the failed run itself works again afterwards."""
+    with make_server() as server, ServiceClient(server.url, max_retries=0) as client:
+        victim, bystander = client.create_training_run(lora_rank=2), client.create_training_run(lora_rank=2, seed=1)
+        engine = server.service.engine
+        real = engine.forward_backward
+
+        def forward_backward(run_id, data, loss_fn="cross_entropy"):
+            if run_id == victim.run_id and len(data[0].model_input.tokens) > 500:
+                raise MemoryError("simulated: could not allocate 40 GiB")
+            return real(run_id, data, loss_fn)
+
+        engine.forward_backward = forward_backward
+        around = [bystander.forward_backward([EXAMPLE]), bystander.optim_step(FAST)]
+        failing = victim.forward_backward(slow_batch(600))
+        around += [bystander.forward_backward([EXAMPLE]), bystander.optim_step(FAST)]
+        with pytest.raises(JobFailedError) as err:
+            failing.result(timeout=60)
+        assert "MemoryError" in err.value.error and "40 GiB" in err.value.error
+        assert [f.result(timeout=60) is not None for f in around] == [True] * 4
+        assert bystander.info().step == 2
+        assert client.health().status == "ok"
+        assert train(victim, 1) == [1]
