@@ -317,28 +317,29 @@ def test_create_run_retry_with_the_same_key_returns_the_same_run(server, client)
 # ------------------------------------------------------------------------------ liveness
 def test_health_and_job_status_answer_while_a_long_job_runs(server, client):
     run = client.create_training_run()
-    long_job = run.forward_backward(slow_batch(400))
+    # A backlog of work several seconds long, so the probes below all land while it runs,
+    # however fast the machine.
+    backlog = [run.forward_backward(slow_batch(400)) for _ in range(12)]
+    last = backlog[-1]
     with pytest.raises(TimeoutError):
-        long_job.result(timeout=0.05)
+        last.result(timeout=0.05)
     health, status = [], []
     with httpx.Client(base_url=server.url, timeout=10) as http:
-        while True:
+        for _ in range(15):
             started = time.monotonic()
             response = http.get("/health")
             health.append(time.monotonic() - started)
             assert response.status_code == 200 and response.json()["status"] == "ok"
             started = time.monotonic()
-            job = http.get(f"/v1/jobs/{long_job.job_id}")
+            job = http.get(f"/v1/jobs/{last.job_id}")
             status.append(time.monotonic() - started)
             assert job.status_code == 200
-            if job.json()["status"] in ("completed", "failed"):
-                break
             time.sleep(0.02)
-    assert long_job.result(timeout=60).num_tokens == 400
+        assert job.json()["status"] in ("pending", "running"), "the backlog ended before the probes did"
+    assert last.result(timeout=120).num_tokens == 400
     # A finished job's result is there without waiting, even for a fresh future.
-    again = APIFuture(client, long_job.job_id, ForwardBackwardResult.model_validate)
+    again = APIFuture(client, last.job_id, ForwardBackwardResult.model_validate)
     assert again.result(timeout=0).num_tokens == 400 and again.done()
-    assert len(health) >= 10, "the job was too quick to measure anything"
     for latencies in (health, status):
         assert statistics.median(latencies) < 0.1, latencies
         assert max(latencies) < 0.3, latencies

