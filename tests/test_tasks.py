@@ -309,8 +309,13 @@ def test_arith_bad_args():
 def test_arith_messages():
     p = arithmetic.load_problems("test", limit=1)[0]
     msgs = arithmetic.messages_for(p)
-    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     assert arithmetic.ANSWER_MARKER == "Answer:"
     assert "Answer: <number>" in msgs[0]["content"]
-    assert msgs[1]["content"] == p.question
+    assert msgs[-1]["content"] == p.question
+    # The worked example is in the required format and is not one of the problems.
+    example_question, example_reply = msgs[1]["content"], msgs[2]["content"]
+    assert example_reply.endswith("Answer: 11")
+    generated = {q.question for split in ("train", "test") for q in arithmetic.load_problems(split)}
+    assert example_question not in generated
     assert p.solution.endswith(f"Answer: {p.gold}")

@@ -4,7 +4,8 @@ Every task module exposes:
 
 * ``load_problems(split, limit=None, seed=0, ...) -> list[Problem]``
 * ``messages_for(problem) -> list[dict]`` — a system message with the
-  instruction, then the user question (no assistant turn)
+  instruction, optionally worked examples, then the user question (ending on
+  the user's turn)
 * ``ANSWER_MARKER`` — the answer format the prompt asks for
 """
 

@@ -30,6 +30,15 @@ SYSTEM_PROMPT = (
     "on its own line as `Answer: <number>`."
 )
 
+# One worked example before the question shows the answer format. A 135M model ignores the
+# format asked for in the system prompt alone (0 of 100 replies followed it, measured) but copies
+# a demonstrated one (a third of replies); rejection sampling then has well-formed candidates to
+# reinforce. The wording matches no template below, so it never equals a generated problem.
+DEMONSTRATION: tuple[dict[str, str], ...] = (
+    {"role": "user", "content": "A shelf holds 7 cups. Someone adds 4 more cups. How many cups are on the shelf?"},
+    {"role": "assistant", "content": f"7 + 4 = 11\n{ANSWER_MARKER} 11"},
+)
+
 OPERATIONS_BY_DIFFICULTY: dict[str, tuple[str, ...]] = {
     "easy": ("add", "sub"),
     "medium": ("add", "sub", "mul"),
@@ -210,8 +219,9 @@ def load_problems(
 
 
 def messages_for(problem: Problem) -> list[dict[str, str]]:
-    """Chat messages posing ``problem``: the system instruction, then the question."""
+    """Chat messages posing ``problem``: the system instruction, one worked example, the question."""
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
+        *DEMONSTRATION,
         {"role": "user", "content": problem.question},
     ]
