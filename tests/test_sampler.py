@@ -210,6 +210,45 @@ def test_mixed_batch_of_runs_and_base_equals_each_spec_alone(sharp):
     assert len({tuple(t) for t in first.values()}) == 3
 
 
+def test_shared_prompt_prefix_is_prefilled_once_per_adapter_without_changing_results(sharp, monkeypatch):
+    """Prompts that start alike (a system prompt, worked examples) prefill their common prefix
+    once per adapter; the candidates equal each prompt sampled alone, where nothing is shared."""
+    train_away(sharp, "run_a", seed=1)
+    train_away(sharp, "run_b", seed=2)
+    prefix = random_prompts([20], seed=7)[0]
+    tails = random_prompts([1, 6, 13], seed=8)
+    prompts = [prefix + tail for tail in tails] + [prefix[:12]]  # the last one is shorter than the prefix
+    specs = [
+        SampleSpec("run_a", prompts, 2, params(max_tokens=8)),
+        SampleSpec(None, prompts[:2], 1, params(max_tokens=8)),
+        SampleSpec("run_b", prompts[1:3], 1, params(temperature=1.0, seed=3, max_tokens=8)),
+    ]
+    widths = []
+    forward = sharp._features_fn
+
+    def recording(stacked):
+        inner = forward(stacked)
+
+        def record(input_ids, *args):
+            widths.append(tuple(input_ids.shape))
+            return inner(input_ids, *args)
+
+        return record
+
+    monkeypatch.setattr(sharp, "_features_fn", recording)
+    together = [r for r in sharp.sample(specs)]
+    # First pass: the 11 shared tokens (the shortest prompt keeps its 12th), one row per adapter.
+    assert widths[0] == (3, 11)
+    alone = [sharp.sample([SampleSpec(spec.adapter, [p], spec.num_samples, spec.params)])[0][0]
+             for spec in specs for p in spec.prompts]
+    flat = [candidates for per_spec in together for candidates in per_spec]
+    assert tokens_of(flat[:-2]) == tokens_of(alone[:-2])  # greedy: identical
+    for got, want in zip(flat, alone):
+        for g, w in zip(got, want):
+            if g.tokens == w.tokens:
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
 # ------------------------------------------------------------------ fast paths of the sampler
 def _chooser(params_list, vocab, rows):
     from eztinker.engine.sampler import _LogitsAreFeatures, _TokenChooser

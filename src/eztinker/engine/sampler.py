@@ -1,6 +1,7 @@
 """Batched sampling with a shared prefill and a KV cache.
 
-Every prompt is prefilled once; its KV cache is then copied to its N candidates, and all
+Every prompt is prefilled once, and the prefix all prompts share (a system prompt, worked
+examples) once per adapter; each prompt's KV cache is then copied to its N candidates, and all
 candidates of all prompts (of all requests, possibly of different runs) decode together. Only the
 last position is ever projected to the vocabulary, and only for the rows still decoding: a row
 that finishes stops costing vocabulary work at once, and leaves the decoder batch as soon as
@@ -33,6 +34,7 @@ ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Cache, list[str 
 _BUFFER_ELEMENTS = 1 << 25
 _TOP_P_CANDIDATES = 1024  # top_p first looks among this many most likely tokens, sorts all only if needed
 _COMPACT_FRACTION = 8  # drop finished rows from the decoder batch once they are >= 1/8 of it
+_MIN_SHARED_PREFIX = 8  # a shorter common prompt prefix is not worth its own forward pass
 
 
 @dataclass
@@ -103,12 +105,9 @@ def sample(
     order = sorted(range(len(specs)), key=lambda s: (first_seen[specs[s].adapter], s))
     prefill_rows = [(s, p) for s in order for p in range(len(specs[s].prompts))]
     prompts = [specs[s].prompts[p] for s, p in prefill_rows]
-    input_ids, attention_mask = _left_pad(prompts, pad_token_id, device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    capacity = input_ids.shape[1] + max(spec.params.max_tokens for spec in specs)
-    cache = PreallocatedCache(capacity)
-    features = forward(
-        input_ids, attention_mask, position_ids, cache, [specs[s].adapter for s, _ in prefill_rows]
+    features, attention_mask, position_ids, cache = _prefill(
+        forward, prompts, [specs[s].adapter for s, _ in prefill_rows],
+        max(spec.params.max_tokens for spec in specs), pad_token_id, device,
     )
     if head is None:
         head = _LogitsAreFeatures(features.shape[-1])
@@ -179,6 +178,48 @@ def sample(
             )
         )
     return results
+
+
+def _prefill(
+    forward: ForwardFn,
+    prompts: list[list[int]],
+    adapters: list[str | None],
+    max_tokens: int,
+    pad_token_id: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PreallocatedCache]:
+    """Runs the prompts through the model; returns the last position's features, the attention
+    mask and position ids, and the filled cache.
+
+    Prompts usually start alike (a chat template's system prompt, worked examples): their common
+    prefix is computed once per adapter and copied to every row, and only the rest is prefilled
+    per prompt, left-padded, so a row's mask reads [prefix][padding][its own tokens].
+    """
+    shared = _common_prefix_length(prompts)
+    if len(prompts) < 2 or shared < _MIN_SHARED_PREFIX:
+        shared = 0
+    groups = list(dict.fromkeys(adapters))  # the distinct adapters, in order of first use
+    suffix_ids, suffix_mask = _left_pad([p[shared:] for p in prompts], pad_token_id, device)
+    cache = PreallocatedCache(shared + suffix_ids.shape[1] + max_tokens)
+    if shared:
+        prefix = torch.tensor(prompts[0][:shared], device=device).expand(len(groups), shared)
+        forward(prefix, torch.ones_like(prefix), torch.arange(shared, device=device).expand_as(prefix), cache, groups)
+        cache.batch_select_indices(torch.tensor([groups.index(a) for a in adapters], device=device))
+    attention_mask = torch.cat([suffix_mask.new_ones(len(prompts), shared), suffix_mask], dim=-1)
+    position_ids = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+    features = forward(suffix_ids, attention_mask, position_ids, cache, adapters)
+    return features, attention_mask, position_ids, cache
+
+
+def _common_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens all prompts start with, leaving each at least one token of its own to prefill
+    (its last position's features are what the first token is drawn from)."""
+    limit = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    length = 0
+    while length < limit and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
 
 
 # ------------------------------------------------------------------------------------ KV cache
