@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from eztinker import AdamParams, SamplingParams, ServiceClient, datum_from_tokens
-from eztinker.launcher import free_port, wait_until_healthy
+from eztinker.launcher import ServerProcess, offline_env
 
 FAST = AdamParams(learning_rate=1e-3)
 RESULTS = Path(__file__).parent / "results"
@@ -53,35 +52,10 @@ def summary(seconds: list[float]) -> dict:
     }
 
 
-class Server:
-    """`python -m eztinker.cli server` in a child process (its RSS is read from /proc)."""
-
-    def __init__(self, model: str, data_dir: Path, log_file: Path, extra: list[str] = ()):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EZTINKER_") or k == "EZTINKER_SHARED_DIR"}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        command = [sys.executable, "-m", "eztinker.cli", "server", "--model", model, "--data-dir", str(data_dir),
-                   "--port", str(port), "--device", "cpu", "--log-level", "warning", *extra]
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_file, "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_until_healthy(self.url, self.process, log_file, 180)
-        except BaseException:
-            self.stop()
-            raise
-
-    def rss_mb(self) -> float:
-        return rss_mb(self.process.pid)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def start_server(model: str, data_dir: Path, log_file: Path, extra: list[str] = ()) -> ServerProcess:
+    """A server in a child process, offline, with none of the caller's EZTINKER_ settings."""
+    return ServerProcess(model=model, data_dir=data_dir, log_file=log_file, extra_args=["--device", "cpu", *extra],
+                         env=offline_env(), startup_timeout=180)
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -265,14 +239,14 @@ def main() -> None:
                 from eztinker.tiny import make_tiny_model
 
                 model = str(make_tiny_model(Path(tmp) / "tiny"))
-            server = Server(model, Path(tmp) / "data", Path(tmp) / "server.log")
+            server = start_server(model, Path(tmp) / "data", Path(tmp) / "server.log")
             url = server.url
         try:
             figures = run_load(url, runs=args.runs, pairs=args.pairs, samplers=args.samplers)
             if args.memory_runs:
                 if server is None:
                     parser.error("--memory-runs needs the server started by this script (to read its RSS)")
-                figures["memory"] = churn_runs(url, args.memory_runs, server.rss_mb)
+                figures["memory"] = churn_runs(url, args.memory_runs, lambda: rss_mb(server.process.pid))
         finally:
             if server is not None:
                 server.stop()

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from eztinker.engine import Engine, load_base_model
+from eztinker.launcher import ServerProcess, offline_env
 from eztinker.tiny import make_tiny_model
 
 
@@ -82,3 +83,25 @@ def make_server(tiny_model_dir, tmp_path):
 def serve():
     """serve(service) -> a running server (context manager) for a Service built by the test."""
     return ThreadedServer
+
+
+@pytest.fixture()
+def start_server(tiny_model_dir, tmp_path):
+    """start_server(data_dir, port) -> a healthy `eztinker server` process on the tiny model;
+    all are killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(data_dir: Path, port: int) -> ServerProcess:
+        try:
+            server = ServerProcess(
+                model=str(tiny_model_dir), data_dir=data_dir, port=port, log_file=tmp_path / f"server-{len(started)}.log",
+                extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=120, poll_interval=0.05,
+            )
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()

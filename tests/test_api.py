@@ -12,6 +12,7 @@ import time
 
 import httpx
 import pytest
+from support import slow_batch
 
 from eztinker import (
     AdamParams,
@@ -59,18 +60,6 @@ def example() -> Datum:
 
 def as_json(datum: Datum) -> dict:
     return json.loads(datum.model_dump_json())
-
-
-def slow_batch(positions: int) -> list[Datum]:
-    """One example whose every position carries loss: the output projection over the whole
-    vocabulary at each position makes this take about a second per 400 positions on CPU."""
-    tokens = [(i * 7919) % 150_000 + 10 for i in range(positions + 1)]
-    return [
-        Datum(
-            model_input=ModelInput(tokens=tokens[:-1]),
-            loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * positions),
-        )
-    ]
 
 
 def train(run, steps: int) -> list[tuple[float, int]]:

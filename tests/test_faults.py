@@ -25,95 +25,18 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import EXAMPLE, FAST, score, slow_batch, train
 
-from eztinker import (
-    AdamParams,
-    APIStatusError,
-    Datum,
-    JobFailedError,
-    LossFnInputs,
-    ModelInput,
-    ServiceClient,
-    datum_from_tokens,
-)
+from eztinker import APIStatusError, JobFailedError, ServiceClient
 from eztinker.launcher import free_port
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
-FAST = AdamParams(learning_rate=1e-2)
-EXAMPLE = datum_from_tokens([100, 200, 300], [400, 500, 600, 700])
 CHECKPOINT_FILES = {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "training_state.json"}
-START_TIMEOUT = 120.0
 ROUNDS = 3
 
 
 # ------------------------------------------------------------------------------- helpers
-class ServerProcess:
-    """`python -m eztinker.cli server` in its own process, killed with SIGKILL by the test."""
-
-    def __init__(self, model_dir: Path, data_dir: Path, port: int, log_path: Path):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("EZTINKER_") or k == "EZTINKER_SHARED_DIR"}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        command = [sys.executable, "-m", "eztinker.cli", "server", "--model", str(model_dir),
-                   "--data-dir", str(data_dir), "--port", str(port), "--device", "cpu", "--log-level", "warning"]
-        self._log = open(log_path, "ab")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_healthy(self) -> "ServerProcess":
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        pytest.fail(f"server not healthy after {START_TIMEOUT} s:\n{self.log()[-4000:]}")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-        self._log.close()
-
-
-@pytest.fixture()
-def start_server(tiny_model_dir, tmp_path):
-    """start_server(data_dir, port) -> a healthy server process; all are killed at teardown."""
-    started: list[ServerProcess] = []
-
-    def start(data_dir: Path, port: int) -> ServerProcess:
-        server = ServerProcess(tiny_model_dir, data_dir, port, tmp_path / f"server-{len(started)}.log")
-        started.append(server)
-        return server.wait_healthy()
-
-    yield start
-    for server in started:
-        server.kill()
-
-
-def slow_batch(positions: int) -> list[Datum]:
-    tokens = [(i * 7919) % 150_000 + 10 for i in range(positions + 1)]
-    return [Datum(model_input=ModelInput(tokens=tokens[:-1]),
-                  loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * positions))]
-
-
-def train(run, steps: int) -> list[int]:
-    futures = [(run.forward_backward([EXAMPLE]), run.optim_step(FAST)) for _ in range(steps)]
-    return [(fb.result(timeout=60), opt.result(timeout=60).step)[1] for fb, opt in futures]
-
-
-def score(run) -> float:
-    return run.score([100, 200, 300], ["hello world"]).result(timeout=60).scores[0].sum_logprob
-
-
 def wait_status(client, job_id: str, statuses: tuple[str, ...], timeout: float = 30) -> str:
     deadline = time.monotonic() + timeout
     while (status := client.job(job_id).status.value) not in statuses and time.monotonic() < deadline:

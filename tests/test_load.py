@@ -27,9 +27,8 @@ HEALTH_P99_BOUND_S = 0.25
 
 @pytest.fixture()
 def server_process(tiny_model_dir, tmp_path):
-    server = load_test.Server(str(tiny_model_dir), tmp_path / "data", tmp_path / "server.log")
-    yield server
-    server.stop()
+    with load_test.start_server(str(tiny_model_dir), tmp_path / "data", tmp_path / "server.log") as server:
+        yield server
 
 
 def test_concurrent_clients_every_job_accounted_for(server_process):
@@ -50,7 +49,7 @@ def test_concurrent_clients_every_job_accounted_for(server_process):
 def test_memory_stays_bounded_over_200_runs(server_process):
     """200 runs created and deleted (25 alive at a time, some trained and sampled, beside one
     run that lives throughout): the server's RSS ends within a small margin of where it was."""
-    url, rss = server_process.url, server_process.rss_mb
+    url, rss = server_process.url, lambda: load_test.rss_mb(server_process.process.pid)
     with ServiceClient(url, max_retries=0) as client:
         keeper = client.create_training_run(lora_rank=2)
 

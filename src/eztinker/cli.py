@@ -164,7 +164,7 @@ DEMO_PRESETS = {
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: int, **overrides) -> None:
     """Start a server on the embedded model and run rejection-sampling SFT on it, end to end."""
-    from .launcher import running_server
+    from .launcher import ServerProcess
 
     _quiet_libraries()
     options = {**DEMO_PRESETS[task], **{k: v for k, v in overrides.items() if v is not None}}
@@ -174,8 +174,12 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
         gsm8k_dir = find_shared_gsm8k_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
     click.echo(f"starting `eztinker server --model {model}` (the first start converts the model once, ~30 s) ...")
-    with running_server(model=model, data_dir=output_dir / "server", log_file=output_dir / "server.log") as url:
-        _run_recipe(task=task, server_url=url, api_key=None, gsm8k_dir=gsm8k_dir, difficulty="medium",
+    try:
+        server = ServerProcess(model=model, data_dir=output_dir / "server", log_file=output_dir / "server.log")
+    except RuntimeError as exc:
+        raise click.ClickException(f"the server did not start: {exc}") from exc
+    with server:
+        _run_recipe(task=task, server_url=server.url, api_key=None, gsm8k_dir=gsm8k_dir, difficulty="medium",
                     lora_rank=1, lora_alpha=16.0, seed=seed, resume_from=None, output_dir=output_dir, **options)
     click.echo(f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}")
 

@@ -1,0 +1,32 @@
+"""Small helpers shared by the tests that drive a server through the SDK."""
+
+from __future__ import annotations
+
+from eztinker import AdamParams, Datum, LossFnInputs, ModelInput, datum_from_tokens
+
+FAST = AdamParams(learning_rate=1e-2)
+PROMPT = [100, 200, 300]
+EXAMPLE = datum_from_tokens(PROMPT, [400, 500, 600, 700])
+
+
+def slow_batch(positions: int) -> list[Datum]:
+    """One example whose every position carries loss: the longest-running forward_backward per
+    token there is (the output projection over the whole vocabulary at every position)."""
+    tokens = [(i * 7919) % 150_000 + 10 for i in range(positions + 1)]
+    return [
+        Datum(
+            model_input=ModelInput(tokens=tokens[:-1]),
+            loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * positions),
+        )
+    ]
+
+
+def train(run, steps: int) -> list[int]:
+    """`steps` forward_backward + optim_step pairs, all submitted before any result is read;
+    returns the step count after each."""
+    futures = [(run.forward_backward([EXAMPLE]), run.optim_step(FAST)) for _ in range(steps)]
+    return [(fb.result(timeout=60), opt.result(timeout=60).step)[1] for fb, opt in futures]
+
+
+def score(run, response: str = "hello world") -> float:
+    return run.score(PROMPT, [response]).result(timeout=60).scores[0].sum_logprob
