@@ -80,6 +80,9 @@ def test_outputs_have_the_documented_shapes_and_only_correct_candidates_train(ma
     assert info.step == 1
     assert [c.name for c in info.checkpoints] == ["rejection_sft_epoch_1"]
     assert (out / PLOT_FILE).stat().st_size > 1000
+    # No test problem is ever "correct" here, so training did not beat the start: a tie keeps
+    # the untrained model as the best, with no checkpoint to point to.
+    assert (saved["best_epoch"], saved["best_checkpoint"]) == (0, None)
 
 
 def test_nothing_is_trained_when_no_candidate_is_correct(make_server, tmp_path):

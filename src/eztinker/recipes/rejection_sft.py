@@ -276,7 +276,9 @@ class RejectionSFT:
             )
             self._save(results)
         results["total_seconds"] = time.monotonic() - started
-        results["best_epoch"] = max(results["epochs"], key=lambda e: e["test_accuracy"])["epoch"]
+        best = max(results["epochs"], key=lambda e: e["test_accuracy"])
+        results["best_epoch"] = best["epoch"]
+        results["best_checkpoint"] = best.get("checkpoint")  # None: the untrained model was best
         self._save(results)
         self.print_table(results)
         plot_accuracy(results, self.output_dir / PLOT_FILE)
@@ -316,8 +318,10 @@ class RejectionSFT:
         row(f"rejection quality (of {n})", "rejection_quality", lambda v: f"{v:.2f}")
         row("train loss", "train_loss", lambda v: f"{v:.3f}")
         self.console.print(table)
-        best = results.get("best_epoch")
-        self.console.print(f"best test accuracy at {'the start' if best == 0 else f'epoch {best}'}; outputs in {self.output_dir}/")
+        best, checkpoint = results.get("best_epoch"), results.get("best_checkpoint")
+        where = "the start (no training helped)" if best == 0 else f"epoch {best}"
+        kept = f", checkpoint {checkpoint} (load it with `from_checkpoint`)" if checkpoint else ""
+        self.console.print(f"best test accuracy at {where}{kept}; outputs in {self.output_dir}/")
 
     def _progress(self) -> Progress:
         return Progress(

@@ -22,7 +22,6 @@ from ..engine import BaseModel, Engine, EngineError, SampleSpec
 from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import ADAPTER_WEIGHTS, OPTIMIZER_STATE, read_training_state
 from ..types import (
-    CheckpointInfo,
     CreateRunRequest,
     ForwardBackwardRequest,
     HealthInfo,
