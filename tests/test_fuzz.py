@@ -118,8 +118,8 @@ def test_fuzz_the_api_from_its_openapi_schema(make_server):
 
 
 # ------------------------------------------------------------------- hand-picked bad input
-# What the schema-driven fuzzing above does not generate (or did not, before these were
-# fixed): each used to be a 500 or to break the server for every run, not just the caller's.
+# What the schema-driven fuzzing above does not generate: inputs that, unhandled, would be a 500
+# or break the server for every run, not just the caller's.
 def _post(url: str, path: str, raw: str):
     return httpx.post(url + path, content=raw, headers={"Content-Type": "application/json"}, timeout=60)
 

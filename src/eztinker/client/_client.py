@@ -66,9 +66,8 @@ class APIFuture(Generic[T]):
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._info is None or self._info.status in (JobStatus.pending, JobStatus.running):
             remaining = _POLL_SECONDS if deadline is None else deadline - time.monotonic()
-            # FIX: ask the server at least once before giving up; `result(timeout=0)` (or a
-            # timeout spent before the first poll) used to raise TimeoutError even for a job
-            # that had long finished.
+            # Ask the server at least once before giving up, so `result(timeout=0)` (or a timeout
+            # spent before the first poll) does not raise TimeoutError for a job that has finished.
             if remaining <= 0 and self._info is not None:
                 raise TimeoutError(f"job {self.job_id} did not finish within {timeout} s")
             self._info = self._client.job(self.job_id, wait=max(0.0, min(remaining, _POLL_SECONDS)))
@@ -113,7 +112,7 @@ class ServiceClient:
         transport: httpx.BaseTransport | None = None,
     ):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # FIX: a URL without a scheme ("localhost:8000") surfaced as httpx.UnsupportedProtocol
+        # A URL without a scheme ("localhost:8000") would surface as httpx.UnsupportedProtocol
         # on the first call; say what is wrong, at once.
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https:// (got {base_url!r}), e.g. http://127.0.0.1:8000")
@@ -150,8 +149,8 @@ class ServiceClient:
                 if attempt == self.max_retries:
                     raise ConnectionFailedError(self.base_url, exc) from None
             except httpx.TransportError as exc:
-                # FIX: any other transport failure (proxy, protocol) leaked an httpx exception,
-                # against this method's contract; not retried, as a retry cannot help.
+                # Any other transport failure (proxy, protocol) must not leak an httpx exception,
+                # per this method's contract; not retried, as a retry cannot help.
                 raise ConnectionFailedError(self.base_url, exc) from None
             else:
                 if response.status_code < 400:

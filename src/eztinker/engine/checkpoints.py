@@ -18,8 +18,8 @@ _RETIRED_PREFIX = ".retired-"
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Call `write(staging_dir)`, then make the result appear at `target` in one rename."""
-    # FIX: a run's first save creates checkpoints/<run_id>/; that new directory's own entry was
-    # never fsynced, so a power cut could lose the whole run folder after the save "completed".
+    # A run's first save creates checkpoints/<run_id>/; its parent is fsynced so that a power cut
+    # cannot lose the new directory's entry, and with it the whole run folder, after the save.
     created = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     if created:
@@ -55,9 +55,9 @@ def remove_partial_writes(root: Path) -> list[Path]:
     leftovers = [
         p for p in root.rglob("*") if p.is_dir() and p.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX))
     ]
-    # FIX: a SIGKILL between `rename(target, retired)` and `rename(staging, target)` left no
-    # `target`, and this function then deleted `retired` too: the checkpoint the database still
-    # lists (the one being overwritten) was lost. Roll the overwrite back instead.
+    # A SIGKILL between `rename(target, retired)` and `rename(staging, target)` leaves no `target`;
+    # deleting `retired` then would lose the checkpoint the database still lists (the one being
+    # overwritten), so roll the overwrite back instead.
     for path in leftovers:
         if path.name.startswith(_RETIRED_PREFIX) and path.exists():
             target = path.parent / path.name[len(_RETIRED_PREFIX) : -9]  # strip "-<8 hex>"

@@ -127,9 +127,9 @@ class Engine:
         self._check_tokens(data)
         self._activate(run_id)
         self._peft.train(run.lora.dropout > 0)
-        # Fix: a failure part-way through (e.g. a non-finite loss in a later micro-batch) used to
-        # leave the earlier micro-batches' gradients accumulated, so the next optim_step applied a
-        # partial batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
+        # A failure part-way through (e.g. a non-finite loss in a later micro-batch) would leave the
+        # earlier micro-batches' gradients accumulated, so the next optim_step would apply a partial
+        # batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
         saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in run.params]
         try:
             total_loss, num_tokens = 0.0, 0
@@ -347,8 +347,8 @@ class Engine:
         """Logprob of each response given the prompt, under the run's adapter (or the base model)."""
         if run_id is not None:
             self._run(run_id)
-        # Fix: errors used to name the prompt "prompts[0]" and a response "prompts[k]" (k shifted
-        # past empty responses); name the fields the caller actually passed.
+        # Errors name the fields the caller actually passed, not positions in a combined list
+        # ("prompts[0]" for the prompt, "prompts[k]" for a response, k shifted past empty ones).
         self._check_ids(prompt, "prompt")
         for i, response in enumerate(responses):
             self._check_ids(response, f"responses[{i}]")

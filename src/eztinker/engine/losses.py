@@ -46,9 +46,9 @@ def select_positions(examples: list[Datum], loss_fn: LossFnName, width: int) -> 
 
 def gather_inputs(examples: list[Datum], mask: torch.Tensor, loss_fn: LossFnName, device) -> LossInputs:
     def flat(name: str, dtype: torch.dtype, default: float | None = None) -> torch.Tensor | None:
-        # Fix: `weights` used to become None for the whole micro-batch as soon as one example had
-        # none, so the other examples' weights (e.g. 0.5) were silently replaced by 1 and the loss
-        # depended on how examples were batched. An example without weights now gets `default`.
+        # An example without `weights` gets `default` (1.0): returning None for the whole micro-batch
+        # would silently replace the other examples' weights (e.g. 0.5) by 1, making the loss depend
+        # on how examples are batched.
         rows = []
         for b, d in enumerate(examples):
             values = getattr(d.loss_fn_inputs, name)

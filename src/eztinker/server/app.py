@@ -52,10 +52,9 @@ def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.ensure_started()
-        # FIX: a full garbage collection walks every object torch and transformers created at
-        # start-up (~400k: 0.15-0.4 s on the 2-core CI machine) and holds the GIL throughout, so
-        # /health and job submissions stalled for 100+ ms whenever one ran under load. Those
-        # objects live as long as the server: move them out of the collector's sight.
+        # A full garbage collection walks every object torch and transformers create at start-up
+        # (~400k: 0.15-0.4 s on the 2-core CI machine) holding the GIL, stalling /health and job
+        # submissions for 100+ ms under load. Those objects live as long as the server: freeze them.
         gc.freeze()
         try:
             yield
@@ -78,7 +77,7 @@ def create_app(service: Service) -> FastAPI:
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
         limit = service.settings.max_request_bytes
-        # FIX: str.isdigit() accepts non-ASCII digits ("²"), which int() then refuses: a 500.
+        # str.isdigit() accepts non-ASCII digits ("²") that int() refuses, which would be a 500.
         if length is not None and not (length.isascii() and length.isdigit()):
             return JSONResponse(status_code=400, content={"detail": f"invalid Content-Length {length!r}"})
         if length is not None and int(length) > limit:
@@ -88,13 +87,13 @@ def create_app(service: Service) -> FastAPI:
             )
         return await call_next(request)
 
-    # FIX: the Content-Length check above never sees a chunked upload (no Content-Length), so
-    # such a body was read whole, however large, before anything (auth included) looked at it.
+    # The Content-Length check above never sees a chunked upload (no Content-Length); without this,
+    # such a body would be read whole, however large, before anything (auth included) looks at it.
     app.add_middleware(_StreamedBodyLimit, limit=service.settings.max_request_bytes)
 
-    # FIX: FastAPI's default 422 handler echoes each offending input back; a NaN/Infinity sent
-    # in the JSON (Python's json emits them) made that echo unserialisable, so a correctly
-    # rejected request became a 500. Same response, with non-finite numbers spelt as strings.
+    # FastAPI's default 422 handler echoes each offending input back; a NaN/Infinity in the JSON
+    # (Python's json emits them) makes that echo unserialisable, turning a correct rejection into
+    # a 500. Same response, with non-finite numbers spelt as strings.
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):
         return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))})
@@ -113,7 +112,7 @@ def create_app(service: Service) -> FastAPI:
     ) -> str:
         if not keys:
             return "default"
-        # FIX: the auth scheme is case-insensitive (RFC 7235); "bearer <key>" was refused.
+        # The auth scheme is case-insensitive (RFC 7235), so "bearer <key>" is accepted too.
         given = x_api_key or (authorization[7:] if authorization and authorization[:7].lower() == "bearer " else "")
         user = None
         for key, name in keys.items():  # compare against every key: constant time, no early exit
@@ -202,8 +201,8 @@ def _finite(value):
     lone UTF-16 surrogates in strings spelt as escapes ('\\ud800')."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    # FIX: a lone surrogate ("\ud800" is valid JSON) echoed back in a 422 made the response
-    # body unencodable as UTF-8: a correctly rejected request became a 500.
+    # A lone surrogate ("\ud800" is valid JSON) echoed back in a 422 would make the response
+    # body unencodable as UTF-8, turning a correct rejection into a 500.
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):

@@ -46,8 +46,8 @@ from .store import INTERRUPTED, Store, new_id
 
 log = logging.getLogger(__name__)
 
-# FIX: seeds are stored as SQLite INTEGERs and fed to torch.manual_seed; a larger one (the schema
-# has no upper bound) raised OverflowError inside the request: a 500 instead of a 422.
+# Seeds are stored as SQLite INTEGERs and fed to torch.manual_seed; either raises OverflowError above this,
+# and the schema has no upper bound, so checking it up front answers 422 rather than 500.
 MAX_SEED = 2**63 - 1
 
 
@@ -90,8 +90,8 @@ class Service:
         for leftover in remove_partial_writes(self.checkpoint_root):
             log.warning("cleaned up an interrupted checkpoint write: %s", leftover)
         self._reconcile_checkpoints()
-        # FIX: a run whose create_run job never finished was never handed to its client (the
-        # request had not answered), yet came back after a restart as a live run nobody knew of.
+        # A run whose create_run job did not finish never reached its client (the request got no
+        # answer); restoring it would bring back a live run nobody knows of, so it is dropped.
         for run_id in self.store.unfinished_creates():
             log.warning("run %s: its creation was interrupted; it is dropped", run_id)
             self.store.mark_run_deleted(run_id)
@@ -113,9 +113,8 @@ class Service:
                     path = self.checkpoint_root.parent / checkpoint.path
                     verify_checkpoint(path, ref)
                     step = self.engine.load(row["id"], path)
-                # FIX: only (EngineError, OSError, RuntimeError, ValueError) were caught; a corrupted
-                # adapter file raises SafetensorError, a truncated optimizer.pt EOFError or an
-                # UnpicklingError, and any of them stopped the server from starting at all.
+                # Catch everything: a corrupted adapter file raises SafetensorError, a truncated
+                # optimizer.pt EOFError or UnpicklingError, and none of them may stop the server starting.
                 except Exception as exc:
                     log.error("run %s: could not restore %s (%s); it restarts from step 0", row["id"], ref, exc)
                     ref, step = None, 0
@@ -125,8 +124,8 @@ class Service:
             self.store.set_run_state(row["id"], step, restored_from=ref)
 
     def _reconcile_checkpoints(self) -> None:
-        """FIX: a save killed after its directory was renamed into place but before the database
-        recorded it left a checkpoint directory that no listing shows, while its job reports
+        """A save killed after its directory was renamed into place but before the database
+        recorded it leaves a checkpoint directory that no listing shows, while its job reports
         failed ("its effect was not applied"). Such directories of known runs are removed; an
         overwrite killed at that moment is kept (it is complete) and its listed step corrected."""
         if not self.checkpoint_root.is_dir():
@@ -216,8 +215,8 @@ class Service:
         digest = _request_hash("create_run", None, request) if key else None
         if key and (existing := self.store.job_by_key(user, key)) is not None:
             if existing["status"] == JobStatus.failed.value and existing["error"] == INTERRUPTED:
-                # FIX: a create retried across a server restart (the SDK reuses its key) got the
-                # interrupted attempt's failure; that attempt had no effect, so create afresh.
+                # A create retried across a server restart (the SDK reuses its key) must not replay the
+                # interrupted attempt's failure: that attempt has no effect, so create afresh.
                 self.store.release_idempotency_key(existing["id"])
             else:
                 return await self._replayed_run(user, existing, digest, key)
@@ -329,8 +328,8 @@ class Service:
         self._owned_run(user, run_id)
         relative = Path("checkpoints") / run_id / request.name
         target = self.checkpoint_root.parent / relative
-        # FIX: a run's checkpoint folder that is a symlink to elsewhere was written through:
-        # loads refused such paths, saves did not.
+        # A run's checkpoint folder that is a symlink to elsewhere would be written through;
+        # loads refuse such paths, so saves must too.
         if target.parent.exists() and not target.parent.resolve().is_relative_to(self.checkpoint_root):
             raise invalid(("name",), f"checkpoint {run_id}/{request.name} is not inside the data directory")
 
@@ -339,9 +338,9 @@ class Service:
         def work() -> dict:
             self.engine.save(run_id, target)
             step = self.engine.step_of(run_id)
-            # FIX: the checkpoint row, the run's resume point and the job's completion were three
-            # commits; a SIGKILL between them (a third of a tiny save's time) left a listed
-            # checkpoint whose job said "interrupted: its effect was not applied". One commit now.
+            # The checkpoint row, the run's resume point and the job's completion go in one commit: a
+            # SIGKILL between separate commits would leave a listed checkpoint whose job says
+            # "interrupted: its effect was not applied".
             checkpoint = self.store.record_save(job_id, run_id, request.name, str(relative), step)
             return checkpoint.model_dump(mode="json")
 
@@ -352,13 +351,13 @@ class Service:
         path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint")
 
         def work() -> dict:
-            # FIX: a corrupted file used to surface as a bare "SafetensorError: ..." or, worse,
-            # fail after the adapter was replaced but before the optimizer state was: read
-            # every file first, so a bad checkpoint fails the job with the run untouched.
+            # Read every file first, so a bad checkpoint fails the job with a clear error and the run
+            # untouched, rather than a bare "SafetensorError: ..." or a failure after the adapter is
+            # replaced but before the optimizer state is.
             verify_checkpoint(path, ref)
             step = self.engine.load(run_id, path)
             result = {"step": step, "restored_from": ref}
-            self.store.record_load(job_id, run_id, step, ref, result)  # FIX: one commit, as for save
+            self.store.record_load(job_id, run_id, step, ref, result)  # one commit, as for save
             return result
 
         job_id = new_id("job")
@@ -380,11 +379,11 @@ class Service:
         return path, f"{source_run}/{name}"
 
     def _check_target_modules(self, lora: LoraConfig, field: str) -> None:
-        """FIX: LoRA target modules are checked here, before the engine sees them. peft accepts
-        some that break the shared model for everyone: ['embed_tokens'] failed half-way and
-        left every run on the server (existing and new) unable to train or sample; 'lm_head'
-        made a run that can never train; ['q_proj', 'mlp'] left stray layers behind; a string
-        other than 'all-linear' was taken as a regular expression."""
+        """LoRA target modules are checked here, before the engine sees them: peft accepts some
+        that break the shared model for everyone. ['embed_tokens'] fails half-way and leaves
+        every run on the server (existing and new) unable to train or sample; 'lm_head' makes a
+        run that can never train; ['q_proj', 'mlp'] leaves stray layers behind; a string other
+        than 'all-linear' is taken as a regular expression."""
         targets = lora.target_modules
         loc = (field, "target_modules") if field == "lora" else (field,)
         linear, other = self._lora_targets
@@ -514,9 +513,9 @@ def _lora_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
 
 
 def _check_unicode(request: Any) -> None:
-    """FIX: JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer accepts: a
-    prompt, message, response or stop string holding one made the request a 500 (or its job
-    fail later). Refuse them up front, naming the field."""
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer accepts: a prompt,
+    message, response or stop string holding one would make the request a 500 (or its job fail
+    later). Refuse them up front, naming the field."""
 
     def walk(value: Any, loc: tuple) -> None:
         if isinstance(value, str):
