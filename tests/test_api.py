@@ -335,6 +335,26 @@ def test_health_and_job_status_answer_while_a_long_job_runs(server, client):
 
 
 # ----------------------------------------------------------------------------- bad input
+def test_large_results_are_gzipped_for_clients_that_ask(server, client):
+    run = client.create_training_run()
+    sampling = run.sample([PROMPT] * 8, num_samples=8, sampling_params=SamplingParams(max_tokens=32, seed=0))
+    sampling.result(timeout=60)
+    url = f"{server.url}/v1/jobs/{sampling.job_id}"
+    plain = httpx.get(url, headers={"Accept-Encoding": "identity"})
+    packed = httpx.get(url, headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in plain.headers
+    assert packed.headers["content-encoding"] == "gzip"
+    assert packed.json() == plain.json()
+    assert packed.num_bytes_downloaded < plain.num_bytes_downloaded / 1.5
+    # Small answers stay plain; the SDK asks for gzip only across a network.
+    assert "content-encoding" not in httpx.get(f"{server.url}/health", headers={"Accept-Encoding": "gzip"}).headers
+    assert client._http.headers["accept-encoding"] == "identity"
+    for url, wanted in [("http://localhost:1", "identity"), ("http://[::1]:1", "identity"),
+                        ("http://10.1.2.3:1", "gzip"), ("https://tinker.example.com", "gzip")]:
+        with ServiceClient(url) as remote:
+            assert remote._http.headers["accept-encoding"] == wanted, url
+
+
 def test_unknown_run_and_job_are_404(server, client):
     for method, path, body in [
         ("GET", "/v1/runs/run_missing", None),

@@ -9,6 +9,7 @@ carries an Idempotency-Key reused across its retries, so a retry never applies a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import time
 import uuid
@@ -118,6 +119,10 @@ class ServiceClient:
             raise ValueError(f"base_url must start with http:// or https:// (got {base_url!r}), e.g. http://127.0.0.1:8000")
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
+        # The server gzips large responses (sampled tokens and logprobs) for clients that ask:
+        # worth it across a network, a net cost on loopback, where compressing takes longer than
+        # sending.
+        headers["Accept-Encoding"] = "identity" if _is_loopback(self.base_url) else "gzip"
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout + _POLL_SECONDS, transport=transport
         )
@@ -277,6 +282,16 @@ def _sample_request(prompts: Sequence[PromptLike], num_samples: int, params: Sam
     return SampleRequest(
         prompts=[to_prompt(p) for p in prompts], num_samples=num_samples, sampling_params=params or SamplingParams()
     )
+
+
+def _is_loopback(url: str) -> bool:
+    host = httpx.URL(url).host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def _backoff(attempt: int) -> float:
