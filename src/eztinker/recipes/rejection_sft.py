@@ -250,7 +250,7 @@ class RejectionSFT:
             chosen = self.record_buffer(epoch, train, candidates)
             t = time.monotonic()
             lr = c.learning_rate * c.lr_decay ** (epoch - 1)
-            loss = self.train(run, chosen, lr, tokenizer) if chosen else float("nan")
+            loss = self.train(run, chosen, lr, tokenizer) if chosen else None  # no correct candidate: nothing trained
             times["train"] = time.monotonic() - t
             t = time.monotonic()
             test_metrics = self.evaluate(run, test, f"epoch {epoch}: eval test")
@@ -272,7 +272,7 @@ class RejectionSFT:
             results["epochs"].append(entry)
             self.console.print(
                 f"epoch {epoch}: test acc {entry['test_accuracy']:.1%} (strict {entry['test_strict_accuracy']:.1%}), "
-                f"train acc {entry['train_accuracy']:.1%}, {len(chosen)} trained, loss {loss:.3f}"
+                f"train acc {entry['train_accuracy']:.1%}, {len(chosen)} trained, loss {'-' if loss is None else f'{loss:.3f}'}"
             )
             self._save(results)
         results["total_seconds"] = time.monotonic() - started
@@ -309,7 +309,7 @@ class RejectionSFT:
         n = self.config.num_candidates
 
         def row(label: str, key: str, fmt: Callable[[float], str]) -> None:
-            table.add_row(label, *[fmt(e[key]) if key in e else "-" for e in epochs])
+            table.add_row(label, *[fmt(e[key]) if e.get(key) is not None else "-" for e in epochs])
 
         row("train accuracy (candidates)", "train_accuracy", lambda v: f"{v:.1%}")
         row("test accuracy", "test_accuracy", lambda v: f"{v:.1%}")
