@@ -12,32 +12,20 @@ which bounds the fused pass's speed from above. Results go to bench/results/fusi
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 
-from run import LORA, RESULTS_DIR, ROOT, Workload, interleave, load, log, machine, matmul_peak
+from run import LORA, RESULTS_DIR, Workload, interleave, load, log, machine, matmul_peak, side_bench_arguments, tiny_model_dir
 
 from eztinker.engine import Engine
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser = side_bench_arguments(__doc__)
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--examples", type=int, default=8, help="Examples per run.")
-    parser.add_argument("--repeats", type=int, default=2, help="Rounds per side; the best counts.")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache")
     args = parser.parse_args()
-
-    tiny_dir = Path(tempfile.mkdtemp(prefix="eztinker-bench-tiny-"))
-    if args.model == "tiny":
-        from eztinker.tiny import make_tiny_model
-
-        make_tiny_model(tiny_dir)
-    base = load(args.model, args.cache_dir, tiny_dir)
+    base = load(args.model, args.cache_dir, tiny_model_dir(args.model))
     examples = Workload(base, quick=False).examples[: args.runs * args.examples]
     engine = Engine(base)
     runs = [f"run{r}" for r in range(args.runs)]

@@ -125,6 +125,26 @@ def load(model: str, cache_dir: Path, tiny_dir: Path):
     return base
 
 
+def tiny_model_dir(model: str) -> Path:
+    """A fresh folder; for the tiny model, holding the tiny random Qwen2 of the tests."""
+    folder = Path(tempfile.mkdtemp(prefix="eztinker-bench-tiny-"))
+    if model == "tiny":
+        from eztinker.tiny import make_tiny_model
+
+        make_tiny_model(folder)
+    return folder
+
+
+def side_bench_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every side benchmark (bench/*.py beside this file) shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--repeats", type=int, default=2, help="Rounds per side; the best counts.")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache",
+                        help="where the embedded SmolLM2 is converted once (as the server's data/cache)")
+    return parser
+
+
 def generated_length(row: list[int], stop_ids: frozenset[int]) -> int:
     """Tokens a batched `generate` row really produced: up to and including its first stop id."""
     for i, token in enumerate(row):
@@ -566,11 +586,7 @@ def run_model(model: str, args) -> dict:
     cfg = config_for(model, args.quick)
     if args.repeats:
         cfg["repeats"] = args.repeats
-    tiny_dir = Path(tempfile.mkdtemp(prefix="eztinker-bench-tiny-"))
-    if model == "tiny":
-        from eztinker.tiny import make_tiny_model
-
-        make_tiny_model(tiny_dir)
+    tiny_dir = tiny_model_dir(model)
 
     def load_copy():
         return load(model, args.cache_dir, tiny_dir)

@@ -13,42 +13,26 @@ Results (every timing and the 1-minute load average) go to bench/results/shared_
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-from run import LORA, RESULTS_DIR, ROOT, TEMPERATURE, interleave, load, log, machine, matmul_peak
+import torch
+from run import LORA, RESULTS_DIR, TEMPERATURE, interleave, load, log, machine, matmul_peak, side_bench_arguments, tiny_model_dir
 
-sys.path.insert(0, str(ROOT / "src"))
-
-import torch  # noqa: E402
-
-import eztinker.engine.sampler as sampler  # noqa: E402
-from eztinker.chat import render_prompt  # noqa: E402
-from eztinker.engine import Engine, SampleSpec  # noqa: E402
-from eztinker.tasks import get_task  # noqa: E402
-from eztinker.types import SamplingParams  # noqa: E402
+import eztinker.engine.sampler as sampler
+from eztinker.chat import render_prompt
+from eztinker.engine import Engine, SampleSpec
+from eztinker.tasks import get_task
+from eztinker.types import SamplingParams
 
 SHARING_ON = sampler._MIN_SHARED_PREFIX
 SHARING_OFF = 1 << 30  # longer than any prompt: never share
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
-    parser.add_argument("--repeats", type=int, default=2, help="Rounds per side; the best counts.")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache")
+    parser = side_bench_arguments(__doc__)
     args = parser.parse_args()
-
-    tiny_dir = Path(tempfile.mkdtemp(prefix="eztinker-bench-tiny-"))
-    if args.model == "tiny":
-        from eztinker.tiny import make_tiny_model
-
-        make_tiny_model(tiny_dir)
-    base = load(args.model, args.cache_dir, tiny_dir)
+    base = load(args.model, args.cache_dir, tiny_model_dir(args.model))
     engine = Engine(base)
     engine.create_run("bench", LORA, seed=0)
     task = get_task("arithmetic")
