@@ -25,7 +25,11 @@ def train(run, steps: int) -> list[int]:
     """`steps` forward_backward + optim_step pairs, all submitted before any result is read;
     returns the step count after each."""
     futures = [(run.forward_backward([EXAMPLE]), run.optim_step(FAST)) for _ in range(steps)]
-    return [(fb.result(timeout=60), opt.result(timeout=60).step)[1] for fb, opt in futures]
+    steps_after = []
+    for forward_backward, optim_step in futures:
+        forward_backward.result(timeout=60)  # raises if it failed
+        steps_after.append(optim_step.result(timeout=60).step)
+    return steps_after
 
 
 def score(run, response: str = "hello world") -> float:

@@ -12,10 +12,9 @@ import time
 
 import httpx
 import pytest
-from support import slow_batch
+from support import FAST, PROMPT, score, slow_batch
 
 from eztinker import (
-    AdamParams,
     APIFuture,
     APIStatusError,
     CheckpointInfo,
@@ -35,8 +34,6 @@ from eztinker import (
 from eztinker.chat import render_prompt
 from eztinker.server.settings import ServerSettings
 
-FAST = AdamParams(learning_rate=1e-2)
-PROMPT = [100, 200, 300]
 REPLY = [400, 500, 600, 700]
 VOCAB = 151_936  # the tiny Qwen2's vocabulary (checked against /v1/info below)
 
@@ -66,10 +63,6 @@ def train(run, steps: int) -> list[tuple[float, int]]:
     """`steps` forward_backward + optim_step pairs, all submitted before any result is read."""
     futures = [(run.forward_backward([example()]), run.optim_step(FAST)) for _ in range(steps)]
     return [(fb.result(timeout=60).loss, opt.result(timeout=60).step) for fb, opt in futures]
-
-
-def score(run, response: str = "hello world") -> float:
-    return run.score(PROMPT, [response]).result(timeout=60).scores[0].sum_logprob
 
 
 def strict_json(response: httpx.Response):
