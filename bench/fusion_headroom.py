@@ -13,9 +13,8 @@ which bounds the fused pass's speed from above. Results go to bench/results/fusi
 from __future__ import annotations
 
 import json
-import time
 
-from run import LORA, RESULTS_DIR, Workload, interleave, load, log, machine, matmul_peak, side_bench_arguments, tiny_model_dir
+from run import LORA, RESULTS_DIR, Timer, Workload, interleave, load, log, machine, matmul_peak, side_bench_arguments, tiny_model_dir
 
 from eztinker.engine import Engine
 
@@ -39,9 +38,9 @@ def main() -> None:
 
     def timed(fn):
         def side():
-            start = time.perf_counter()
-            fn()
-            return len(examples), time.perf_counter() - start
+            with Timer() as t:
+                fn()
+            return len(examples), t.seconds
         return side
 
     engine.forward_backward(runs[0], examples[:2])  # warm-up, untimed

@@ -14,10 +14,12 @@ Results (every timing and the 1-minute load average) go to bench/results/shared_
 from __future__ import annotations
 
 import json
-import time
 
 import torch
-from run import LORA, RESULTS_DIR, TEMPERATURE, interleave, load, log, machine, matmul_peak, side_bench_arguments, tiny_model_dir
+from run import (
+    LORA, RESULTS_DIR, TEMPERATURE, Timer, agreement, interleave, load, log, machine, matmul_peak, side_bench_arguments,
+    tiny_model_dir,
+)
 
 import eztinker.engine.sampler as sampler
 from eztinker.chat import render_prompt
@@ -58,13 +60,12 @@ def main() -> None:
         def run():
             sampler._MIN_SHARED_PREFIX = threshold
             try:
-                start = time.perf_counter()
-                out = engine.sample([SampleSpec("bench", prompt_ids, n, params)])[0]
-                seconds = time.perf_counter() - start
+                with Timer() as t:
+                    out = engine.sample([SampleSpec("bench", prompt_ids, n, params)])[0]
             finally:
                 sampler._MIN_SHARED_PREFIX = SHARING_ON
-            outputs[name] = [c.tokens for per in out for c in per]
-            return sum(len(c.tokens) for per in out for c in per), seconds
+            outputs[name] = [c for per in out for c in per]
+            return sum(len(c.tokens) for c in outputs[name]), t.seconds
 
         return run
 
@@ -73,15 +74,13 @@ def main() -> None:
         log(f"  {workload}")
         sides = {"shared_prefix": side("on", workload, SHARING_ON), "every_prompt_whole": side("off", workload, SHARING_OFF)}
         timed = interleave(sides, args.repeats)
-        same = sum(a == b for a, b in zip(outputs["on"], outputs["off"]))
         results[workload] = {
             "unit": "tokens/s",
             "sides": timed,
             "ratio": timed["shared_prefix"]["per_s"] / timed["every_prompt_whole"]["per_s"],
-            # Float sums in another order can flip a near-tie, after which a row's tokens differ.
-            "identical_candidates": f"{same} of {len(outputs['on'])}",
+            **agreement(outputs["on"], outputs["off"]),
         }
-        log(f"    ratio {results[workload]['ratio']:.2f}x; identical candidates {same} of {len(outputs['on'])}")
+        log(f"    ratio {results[workload]['ratio']:.2f}x; identical candidates {results[workload]['identical_candidates']}")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"shared_prefix_{args.model}.json"
     path.write_text(json.dumps(results, indent=1))
