@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -40,6 +39,9 @@ from transformers import GenerationConfig  # noqa: E402
 
 from eztinker.chat import datum_from_messages, render_prompt  # noqa: E402
 from eztinker.engine import Engine, SampleSpec, load_base_model  # noqa: E402
+from eztinker.engine.sampler import left_pad  # noqa: E402
+from eztinker.launcher import ThreadedServer, build_service  # noqa: E402
+from eztinker.server.settings import ServerSettings  # noqa: E402
 from eztinker.tasks import get_task  # noqa: E402
 from eztinker.types import AdamParams, LoraConfig, SamplingParams  # noqa: E402
 
@@ -151,16 +153,6 @@ def generated_length(row: list[int], stop_ids: frozenset[int]) -> int:
         if token in stop_ids:
             return i + 1
     return len(row)
-
-
-def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
 
 
 def spread(n_items: int, k: int) -> list[int]:
@@ -409,36 +401,6 @@ def bench_training(engine: Engine, work: Workload, cfg: dict, peak: float) -> di
 
 
 # ---------------------------------------------------------------------------- end to end
-class InProcessServer:
-    """The real ASGI app served by uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, base, data_dir: Path):
-        import uvicorn
-
-        from eztinker.server.app import create_app
-        from eztinker.server.service import Service
-        from eztinker.server.settings import ServerSettings
-
-        settings = ServerSettings(model=base.name, data_dir=data_dir)
-        self.service = Service(settings, base)
-        config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the bench server did not start")
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> dict:
     """One rejection-SFT round: sample P problems x N candidates, verify, pick one per problem
     (a correct one first, then the model's own mean logprob, as the recipe does; always one, so
@@ -459,8 +421,11 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
 
     # ---- EZTinker: the server, the SDK, one batched sample, one forward_backward + optim_step
     server_base = load_copy()
-    with tempfile.TemporaryDirectory() as tmp, InProcessServer(server_base, Path(tmp)) as url:
-        client = ServiceClient(url)
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        ThreadedServer(build_service(ServerSettings(model=[server_base.name], data_dir=Path(tmp)), [server_base])) as server,
+    ):
+        client = ServiceClient(server.url)
         run = client.create_training_run(lora_rank=LORA.rank, lora_alpha=LORA.alpha)
         tok = run.get_tokenizer()
         # Server overhead: a no-op round trip (optim_step without gradients: nothing to update).

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from eztinker.engine import Engine, load_base_model
-from eztinker.launcher import ServerProcess, offline_env
+from eztinker.launcher import ServerProcess, ThreadedServer, build_service, offline_env
 from eztinker.tiny import make_tiny_model
 
 
@@ -28,39 +28,6 @@ def engine(tiny_base):
         engine.delete_run(run_id)
 
 
-class ThreadedServer:
-    """The real ASGI app served by uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, service):
-        import threading
-
-        import uvicorn
-
-        from eztinker.server.app import create_app
-
-        self.service = service
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 @pytest.fixture()
 def make_server(tiny_model_dir, tmp_path):
     """make_server(**settings) -> a running server (context manager) over a fresh data dir.
@@ -68,13 +35,12 @@ def make_server(tiny_model_dir, tmp_path):
     Each server loads its own copy of the tiny model (0.1 s), as a real server process would:
     an engine's LoRA layers live inside its base model, so servers must not share one.
     """
-    from eztinker.server.service import Service
     from eztinker.server.settings import ServerSettings
 
     def make(data_dir=None, **settings):
-        settings = ServerSettings(model=str(tiny_model_dir), data_dir=data_dir or tmp_path / "data", **settings)
-        base = load_base_model(settings.model, cache_dir=tmp_path / "cache", device="cpu")
-        return ThreadedServer(Service(settings, base))
+        settings.setdefault("model", [str(tiny_model_dir)])
+        settings = ServerSettings(data_dir=data_dir or tmp_path / "data", device="cpu", **settings)
+        return ThreadedServer(build_service(settings))
 
     return make
 
@@ -87,15 +53,16 @@ def serve():
 
 @pytest.fixture()
 def start_server(tiny_model_dir, tmp_path):
-    """start_server(data_dir, port) -> a healthy `eztinker server` process on the tiny model;
-    all are killed at teardown."""
+    """start_server(data_dir, port, model=..., extra_args=...) -> a healthy `eztinker server`
+    process (default: on the tiny model; `model=()` gives no --model flag); all are killed at teardown."""
     started: list[ServerProcess] = []
 
-    def start(data_dir: Path, port: int) -> ServerProcess:
+    def start(data_dir: Path, port: int | None, model=None, extra_args=()) -> ServerProcess:
         try:
             server = ServerProcess(
-                model=str(tiny_model_dir), data_dir=data_dir, port=port, log_file=tmp_path / f"server-{len(started)}.log",
-                extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=120, poll_interval=0.05,
+                model=str(tiny_model_dir) if model is None else model, data_dir=data_dir, port=port,
+                log_file=tmp_path / f"server-{len(started)}.log", extra_args=["--device", "cpu", *extra_args],
+                env=offline_env(), startup_timeout=120, poll_interval=0.05,
             )
         except RuntimeError as exc:
             pytest.fail(str(exc))

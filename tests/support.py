@@ -6,7 +6,8 @@ from eztinker import AdamParams, Datum, LossFnInputs, ModelInput, datum_from_tok
 
 FAST = AdamParams(learning_rate=1e-2)
 PROMPT = [100, 200, 300]
-EXAMPLE = datum_from_tokens(PROMPT, [400, 500, 600, 700])
+REPLY = [400, 500, 600, 700]
+EXAMPLE = datum_from_tokens(PROMPT, REPLY)
 
 
 def slow_batch(positions: int) -> list[Datum]:

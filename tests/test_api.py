@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from support import FAST, PROMPT, score, slow_batch
+from support import EXAMPLE, FAST, PROMPT, REPLY, score, slow_batch, train
 
 from eztinker import (
     APIFuture,
@@ -34,7 +34,6 @@ from eztinker import (
 from eztinker.chat import render_prompt
 from eztinker.server.settings import ServerSettings
 
-REPLY = [400, 500, 600, 700]
 VOCAB = 151_936  # the tiny Qwen2's vocabulary (checked against /v1/info below)
 
 
@@ -51,18 +50,8 @@ def client(server):
         yield service
 
 
-def example() -> Datum:
-    return datum_from_tokens(PROMPT, REPLY)
-
-
 def as_json(datum: Datum) -> dict:
     return json.loads(datum.model_dump_json())
-
-
-def train(run, steps: int) -> list[tuple[float, int]]:
-    """`steps` forward_backward + optim_step pairs, all submitted before any result is read."""
-    futures = [(run.forward_backward([example()]), run.optim_step(FAST)) for _ in range(steps)]
-    return [(fb.result(timeout=60).loss, opt.result(timeout=60).step) for fb, opt in futures]
 
 
 def strict_json(response: httpx.Response):
@@ -105,7 +94,7 @@ def test_sdk_round_trip(client, tmp_path):
     # Pipelined: ten jobs queued before the first result is read; they run in order.
     futures = []
     for _ in range(5):
-        futures += [run.forward_backward([example()]), run.optim_step(FAST)]
+        futures += [run.forward_backward([EXAMPLE]), run.optim_step(FAST)]
     assert len({f.job_id for f in futures}) == 10
     results = [f.result(timeout=60) for f in futures]
     losses = [r.loss for r in results[0::2]]
@@ -160,7 +149,7 @@ def test_sdk_round_trip(client, tmp_path):
     at_save = score(run)
     checkpoint = run.save_state("c5").result(timeout=60)
     assert (checkpoint.run_id, checkpoint.name, checkpoint.step) == (run.run_id, "c5", 5)
-    assert [step for _, step in train(run, 2)] == [6, 7]
+    assert train(run, 2) == [6, 7]
     assert score(run) != pytest.approx(at_save, rel=1e-6)
     loaded = run.load_state("c5").result(timeout=60)
     assert loaded == {"step": 5, "restored_from": f"{run.run_id}/c5"}
@@ -168,7 +157,7 @@ def test_sdk_round_trip(client, tmp_path):
     assert (info.step, info.restored_from) == (5, f"{run.run_id}/c5")
     assert [(c.name, c.step) for c in info.checkpoints] == [("c5", 5)]
     assert score(run) == pytest.approx(at_save, rel=1e-5)
-    assert [step for _, step in train(run, 1)] == [6]
+    assert train(run, 1) == [6]
 
     # A new run can start from a checkpoint: same adapter, same step.
     copy = client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/c5")
@@ -177,7 +166,7 @@ def test_sdk_round_trip(client, tmp_path):
 
     # Futures are awaitable.
     async def both():
-        return await asyncio.gather(copy.forward_backward([example()]), copy.optim_step(FAST))
+        return await asyncio.gather(copy.forward_backward([EXAMPLE]), copy.optim_step(FAST))
 
     fb, opt = asyncio.run(both())
     assert fb.num_tokens == len(REPLY) and opt.step == 6
@@ -203,7 +192,7 @@ def test_sdk_round_trip(client, tmp_path):
             gone.info()
         assert err.value.status_code == 404
         with pytest.raises(APIStatusError) as err:
-            gone.forward_backward([example()])
+            gone.forward_backward([EXAMPLE])
         assert err.value.status_code == 404
     # A deleted run's checkpoints stay loadable by their owner.
     assert copy.load_state(f"{run.run_id}/c5").result(timeout=60)["step"] == 5
@@ -219,7 +208,7 @@ def test_restart_restores_runs_checkpoints_and_jobs(make_server, tmp_path):
         checkpoint = save.result(timeout=60)
         at_checkpoint = score(run)
         later_step = run.optim_step(FAST)  # step 3: after the checkpoint, so lost on restart
-        run.forward_backward([example()]).result(timeout=60)
+        run.forward_backward([EXAMPLE]).result(timeout=60)
         assert later_step.result(timeout=60).step == 3
         # A job the last server was running when it died (e.g. a crash).
         server.service.store.add_job("job_crashedmidway", "default", run.run_id, "forward_backward")
@@ -256,7 +245,7 @@ def test_restart_restores_runs_checkpoints_and_jobs(make_server, tmp_path):
         # The adapter is the checkpoint's, and training continues from its step.
         restored = service.training_client(run.run_id)
         assert score(restored) == pytest.approx(at_checkpoint, rel=1e-5)
-        assert [step for _, step in train(restored, 2)] == [3, 4]
+        assert train(restored, 2) == [3, 4]
         assert restored.info().step == 4
         assert restored.save_state("c2").result(timeout=60).step == 4
 
@@ -352,7 +341,7 @@ def test_unknown_run_and_job_are_404(server, client):
     for method, path, body in [
         ("GET", "/v1/runs/run_missing", None),
         ("DELETE", "/v1/runs/run_missing", None),
-        ("POST", "/v1/runs/run_missing/forward_backward", {"data": [as_json(example())]}),
+        ("POST", "/v1/runs/run_missing/forward_backward", {"data": [as_json(EXAMPLE)]}),
         ("POST", "/v1/runs/run_missing/optim_step", {}),
         ("POST", "/v1/runs/run_missing/sample", {"prompts": [{"text": "hi"}]}),
         ("POST", "/v1/runs/run_missing/save", {"name": "c"}),
@@ -395,7 +384,7 @@ def test_non_finite_numbers_are_rejected_not_stored(server, client):
     assert client.list_runs() == []  # an infinite alpha used to be stored as null: 500 forever
 
     run = client.create_training_run()
-    datum = as_json(example())
+    datum = as_json(EXAMPLE)
     for field, value in [("weights", "NaN"), ("weights", "Infinity"), ("weights", "-Infinity")]:
         raw = json.dumps({"data": [datum]}).replace('"weights": [0.0, 0.0', f'"weights": [{value}, 0.0')
         assert value in raw
@@ -421,11 +410,11 @@ def test_non_finite_numbers_are_rejected_not_stored(server, client):
     )
     assert_422(response, ("body", "sampling_params", "temperature"))
     assert run.info().step == 0
-    assert [step for _, step in train(run, 1)] == [1]  # and the run is fine
+    assert train(run, 1) == [1]  # and the run is fine
 
 
 def _fb(tokens=None, targets=None, **changes) -> dict:
-    datum = as_json(example())
+    datum = as_json(EXAMPLE)
     if tokens is not None:
         datum["model_input"]["tokens"] = tokens
     if targets is not None:
@@ -436,7 +425,7 @@ def _fb(tokens=None, targets=None, **changes) -> dict:
 N_TOKENS = len(PROMPT) + len(REPLY) - 1
 
 
-DATUM_JSON = as_json(example())
+DATUM_JSON = as_json(EXAMPLE)
 BAD_FORWARD_BACKWARD = {  # case: (body, loc the error must have, words the detail must contain)
     "empty-data": ({"data": []}, ("body", "data"), ()),
     "no-data": ({}, ("body", "data"), ()),
@@ -482,7 +471,7 @@ def test_bad_input_through_the_sdk(client):
     assert "data.0.model_input.tokens.1" in str(err.value) and str(VOCAB + 7) in str(err.value)
     # What the SDK's own models can check, it refuses before sending.
     with pytest.raises(ValueError, match="loss_fn"):
-        run.forward_backward([example()], loss_fn="mse")
+        run.forward_backward([EXAMPLE], loss_fn="mse")
     with pytest.raises(ValueError, match="rank"):
         client.create_training_run(lora_rank=0)
     with pytest.raises(APIStatusError) as err:
@@ -558,7 +547,7 @@ def test_request_body_over_the_limit_is_413(make_server):
     with make_server(max_request_bytes=4096) as server, ServiceClient(server.url, max_retries=0) as client:
         run = client.create_training_run()
         url = f"{server.url}/v1/runs/{run.run_id}/forward_backward"
-        big = {"data": [as_json(example())] * 60}
+        big = {"data": [as_json(EXAMPLE)] * 60}
         assert len(json.dumps(big)) > 4096
         response = httpx.post(url, json=big)
         assert response.status_code == 413 and "max_request_bytes" in response.json()["detail"]
@@ -572,14 +561,14 @@ def test_request_body_over_the_limit_is_413(make_server):
 
         response = httpx.post(url, content=chunks(), headers={"Content-Type": "application/json"})
         assert response.status_code == 413, response.text
-        small = json.dumps({"data": [as_json(example())]}).encode()
+        small = json.dumps({"data": [as_json(EXAMPLE)]}).encode()
         response = httpx.post(url, content=iter([small[:50], small[50:]]), headers={"Content-Type": "application/json"})
         assert response.status_code == 202, response.text
 
         with pytest.raises(APIStatusError) as err:
-            run.forward_backward([example()] * 60)
+            run.forward_backward([EXAMPLE] * 60)
         assert err.value.status_code == 413
-        assert [step for _, step in train(run, 1)] == [1]  # smaller requests still work
+        assert train(run, 1) == [1]  # smaller requests still work
 
 
 # ----------------------------------------------------------------------- failing jobs
@@ -610,7 +599,7 @@ def test_failed_job_reports_its_error_and_the_server_keeps_serving(client):
 
     # The server and the run are fine: the next requests work.
     assert client.health().status == "ok"
-    assert [step for _, step in train(run, 2)] == [1, 2]
+    assert train(run, 2) == [1, 2]
     info = run.info()
     assert (info.step, info.restored_from) == (2, None)
     assert len(run.sample(["hi"], num_samples=2, sampling_params=SamplingParams(max_tokens=3)).result(timeout=60).sequences[0]) == 2
@@ -621,7 +610,7 @@ def test_idempotency_key_replays_instead_of_repeating(server, client):
     run = client.create_training_run(seed=3)
     twin = client.create_training_run(seed=3)  # identical adapter: the control
     url = f"{server.url}/v1/runs/{run.run_id}"
-    body = {"data": [as_json(example())]}
+    body = {"data": [as_json(EXAMPLE)]}
 
     first = httpx.post(f"{url}/forward_backward", json=body, headers={"Idempotency-Key": "fb-1"})
     second = httpx.post(f"{url}/forward_backward", json=body, headers={"Idempotency-Key": "fb-1"})
@@ -634,7 +623,7 @@ def test_idempotency_key_replays_instead_of_repeating(server, client):
     assert result.step == 1 and run.info().step == 1  # applied once
 
     # The gradient was accumulated once too: same norm as one forward_backward on the twin.
-    twin.forward_backward([example()]).result(timeout=60)
+    twin.forward_backward([EXAMPLE]).result(timeout=60)
     assert twin.optim_step(FAST).result(timeout=60).grad_norm == pytest.approx(result.grad_norm, rel=1e-5)
 
     # A replay after completion reports the finished job.
@@ -679,7 +668,7 @@ def test_api_key_is_required_when_configured(make_server):
 
         with ServiceClient(server.url, api_key="s3cret") as service:
             run = service.create_training_run()
-            assert [step for _, step in train(run, 1)] == [1]
+            assert train(run, 1) == [1]
             assert run.save_state("c").result(timeout=60).step == 1
             assert len(run.sample(["hi"], sampling_params=SamplingParams(max_tokens=2)).result(timeout=60).sequences) == 1
             assert [r.id for r in service.list_runs()] == [run.run_id]
@@ -708,7 +697,7 @@ def test_users_only_see_their_own_runs(make_server, tmp_path):
             "info": as_bob.info,
             "sample": lambda: as_bob.sample(["hi"]),
             "score": lambda: as_bob.score("hi", ["there"]),
-            "forward_backward": lambda: as_bob.forward_backward([example()]),
+            "forward_backward": lambda: as_bob.forward_backward([EXAMPLE]),
             "optim_step": lambda: as_bob.optim_step(),
             "save": lambda: as_bob.save_state("mine"),
             "load into alice's run": lambda: as_bob.load_state("a1"),

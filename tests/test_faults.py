@@ -348,7 +348,7 @@ def test_interrupted_run_creation_is_dropped_and_its_retry_succeeds(make_server,
         store = server.service.store
         # What a SIGKILL right after the run row and its job were recorded leaves behind.
         digest = _request_hash("create_run", None, CreateRunRequest.model_validate(body))
-        store.add_run("run_ghost", "default", server.service.base.name, LoraConfig(rank=2), 5)
+        store.add_run("run_ghost", "default", server.service.default_model, LoraConfig(rank=2), 5)
         store.add_job("job_ghostcreate", "default", "run_ghost", "create_run", "create-key", digest)
 
     with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
@@ -400,7 +400,7 @@ def test_out_of_memory_in_one_job_fails_it_alone(make_server):
     stays up, and the failed run itself works again afterwards."""
     with make_server() as server, ServiceClient(server.url, max_retries=0) as client:
         victim, bystander = client.create_training_run(lora_rank=2), client.create_training_run(lora_rank=2, seed=1)
-        engine = server.service.engine
+        engine = server.service.backend.engine(server.service.default_model)
         real = engine.forward_backward
 
         def forward_backward(run_id, data, loss_fn="cross_entropy"):

@@ -114,7 +114,7 @@ def test_fuzz_the_api_from_its_openapi_schema(make_server):
         deadline = time.monotonic() + 120
         while server.service.runner.queued and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert server.service.runner._events == {}  # nothing left waiting
+        assert server.service.runner._waiters == {}  # nothing left waiting
 
 
 # ------------------------------------------------------------------- hand-picked bad input

@@ -102,5 +102,5 @@ def test_finished_jobs_expire_by_age_and_by_count(make_server):
         assert finished <= 100, finished
         assert client.job(futures[-1].job_id).result["step"] == last.step  # the newest are kept
         assert httpx.get(f"{server.url}/v1/jobs/{futures[0].job_id}").status_code == 404
-        assert runner._events == {}  # no waiter state left behind for finished jobs
+        assert runner._waiters == {}  # no waiter state left behind for finished jobs
         assert run.info().step == 133

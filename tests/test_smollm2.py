@@ -9,7 +9,7 @@ import torch
 from eztinker.engine import load_base_model
 from eztinker.engine.models import embedded_model_gguf
 from eztinker.recipes.rejection_sft import Config, RejectionSFT
-from eztinker.server.service import Service
+from eztinker.launcher import build_service
 from eztinker.server.settings import ServerSettings
 
 pytestmark = pytest.mark.slow
@@ -32,8 +32,8 @@ def test_embedded_model_loads_with_its_chat_template(smollm2):
 
 
 def test_one_rejection_sft_step_on_arithmetic_changes_the_adapter(smollm2, serve, tmp_path):
-    settings = ServerSettings(model=smollm2.name, data_dir=tmp_path / "data")
-    service = Service(settings, smollm2)
+    settings = ServerSettings(model=[smollm2.name], data_dir=tmp_path / "data")
+    service = build_service(settings, [smollm2])
     with serve(service) as server:
         config = Config(
             task="arithmetic", difficulty="easy", server_url=server.url, max_samples=4, num_candidates=4,
@@ -45,5 +45,5 @@ def test_one_rejection_sft_step_on_arithmetic_changes_the_adapter(smollm2, serve
         run_id = results["run_id"]
         assert epoch["trained_examples"] >= 1, "no verified-correct candidate among 16 samples"
         assert server.service.store.run_row(run_id)["step"] == 1
-        lora_b = [p for n, p in service.engine._peft.named_parameters() if "lora_B" in n and run_id in n]
+        lora_b = [p for n, p in service.backend.engine(smollm2.name)._peft.named_parameters() if "lora_B" in n and run_id in n]
         assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero

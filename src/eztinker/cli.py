@@ -44,38 +44,43 @@ def _fail(message: str) -> typing.NoReturn:
     sys.exit(2)
 
 
-def build_settings(**flags) -> ServerSettings:
+def build_settings(settings_file: Path | None = None, **flags) -> ServerSettings:
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
     try:
+        if settings_file is not None:
+            return ServerSettings.from_file(settings_file, **given)
         return ServerSettings(**given)
     except ValidationError as exc:
         problems = "; ".join(
             f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         _fail(problems)
+    except ValueError as exc:  # an unreadable settings file or keys file
+        _fail(str(exc))
 
 
 @app.command()
 @_settings_options
+@click.option("--settings-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              envvar="EZTINKER_SETTINGS_FILE", help="JSON or TOML file of these settings (flags override it).")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def server(log_level: str, **flags) -> None:
+def server(settings_file: Path | None, log_level: str, **flags) -> None:
     """Run the training server (OpenAPI docs at /docs)."""
-    settings = build_settings(**flags)
+    settings = build_settings(settings_file, **flags)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     import uvicorn
 
-    from .engine import ModelLoadError, load_base_model
+    from .engine import ModelLoadError
+    from .launcher import build_service
     from .server.app import create_app
-    from .server.service import Service
 
-    click.echo(f"loading model {settings.model} ...", err=True)
+    click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
-        base = load_base_model(settings.model, cache_dir=Path(settings.data_dir) / "cache", device=settings.device)
+        service = build_service(settings)
     except ModelLoadError as exc:
         _fail(str(exc))
-    service = Service(settings, base)
-    click.echo(f"model {base.name} ready; data in {Path(settings.data_dir).resolve()}", err=True)
+    click.echo(f"ready: {', '.join(service.models)}; data in {service.data_dir}", err=True)
     uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level)
 
 

@@ -1,4 +1,6 @@
-"""Start `eztinker server` as a child process and wait until it answers (the demo, tests, benchmarks)."""
+"""Start a server and wait until it answers: `eztinker server` as a child process
+(`ServerProcess`: the demo, tests, benchmarks) or the same app in a thread of this process
+(`ThreadedServer`: tests and benchmarks that reach into the running service)."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class ServerProcess:
     def __init__(
         self,
         *,
-        model: str,
+        model: str | Sequence[str],
         data_dir: Path,
         log_file: Path,
         port: int | None = None,
@@ -50,8 +52,9 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = Path(log_file)
-        command = [sys.executable, "-m", "eztinker.cli", "server", "--model", model, "--data-dir", str(data_dir),
-                   "--port", str(self.port), "--log-level", "warning", *extra_args]  # fmt: skip
+        models = [model] if isinstance(model, str) else list(model)
+        command = [sys.executable, "-m", "eztinker.cli", "server", *(f"--model={m}" for m in models),
+                   "--data-dir", str(data_dir), "--port", str(self.port), "--log-level", "warning", *extra_args]  # fmt: skip
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
@@ -103,3 +106,51 @@ def wait_until_healthy(
             pass
         time.sleep(poll_interval)
     raise RuntimeError(f"the server at {url} did not become healthy within {timeout:.0f} s; see {log_file}")
+
+
+def build_service(settings, bases=None):
+    """The service for `settings` on a local backend: `bases` (loaded base models), or every model
+    the settings name, each loaded once."""
+    from .backend.local import LocalBackend
+    from .engine import load_base_model
+    from .server.service import Service
+
+    if bases is None:
+        cache_dir = Path(settings.data_dir) / "cache"
+        bases = [load_base_model(spec, cache_dir=cache_dir, device=settings.device) for spec in settings.model]
+    return Service(settings, LocalBackend(bases))
+
+
+class ThreadedServer:
+    """The real ASGI app served by uvicorn on a free loopback port, in a background thread.
+
+    `with ThreadedServer(service) as server:` -> `server.url`; `server.service` is the live service.
+    """
+
+    def __init__(self, service):
+        import threading
+
+        import uvicorn
+
+        from .server.app import create_app
+
+        self.service = service
+        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the in-process server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -46,7 +46,9 @@ class LoraConfig(_Schema):
 
 class CreateRunRequest(_Schema):
     base_model: str | None = Field(
-        None, description="Must match the server's model when given (one base model per server)."
+        None,
+        description="One of the server's base models (`GET /v1/info`); default: its first, or the "
+        "checkpoint's model when starting from one.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     seed: int = Field(0, ge=0, description="Seed of the adapter's initial weights.")
@@ -124,10 +126,11 @@ class ForwardBackwardRequest(_Schema):
 
     @model_validator(mode="after")
     def _inputs_for_loss(self) -> "ForwardBackwardRequest":
-        needed = ("weights",) if self.loss_fn == "cross_entropy" else ("logprobs", "advantages")
+        if self.loss_fn == "cross_entropy":
+            return self  # weights are optional: every position counts without them
         for i, datum in enumerate(self.data):
-            for name in needed:
-                if self.loss_fn != "cross_entropy" and getattr(datum.loss_fn_inputs, name) is None:
+            for name in ("logprobs", "advantages"):
+                if getattr(datum.loss_fn_inputs, name) is None:
                     raise ValueError(f"data[{i}].loss_fn_inputs.{name} is required by {self.loss_fn}")
         return self
 
@@ -204,6 +207,9 @@ class SamplingParams(_Schema):
 
 
 class SampleRequest(_Schema):
+    base_model: str | None = Field(
+        None, description="Bare-model sampling only: which base model (default: the server's first)."
+    )
     prompts: list[Prompt] = Field(min_length=1)
     num_samples: int = Field(1, ge=1, description="Candidates per prompt.")
     sampling_params: SamplingParams = Field(default_factory=SamplingParams)
@@ -304,7 +310,8 @@ class JobInfo(_Schema):
 
 class HealthInfo(_Schema):
     status: Literal["ok"] = "ok"
-    model: str
+    model: str = Field(description="The default base model.")
+    models: list[str] = Field(default_factory=list, description="Every base model the server holds.")
     runs: int
     queued_jobs: int
     version: str

@@ -9,7 +9,6 @@ carries an Idempotency-Key reused across its retries, so a retry never applies a
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import time
 import uuid
@@ -43,6 +42,7 @@ from ..types import (
     ScoreRequest,
     ScoreResult,
 )
+from .._net import is_loopback_url
 from ._errors import APIStatusError, ConnectionFailedError, JobFailedError
 
 T = TypeVar("T")
@@ -122,11 +122,11 @@ class ServiceClient:
         # The server gzips large responses (sampled tokens and logprobs) for clients that ask:
         # worth it across a network, a net cost on loopback, where compressing takes longer than
         # sending.
-        headers["Accept-Encoding"] = "identity" if _is_loopback(self.base_url) else "gzip"
+        headers["Accept-Encoding"] = "identity" if is_loopback_url(self.base_url) else "gzip"
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout + _POLL_SECONDS, transport=transport
         )
-        self._tokenizer = None
+        self._tokenizers: dict[str | None, Any] = {}
 
     def close(self) -> None:
         self._http.close()
@@ -200,39 +200,49 @@ class ServiceClient:
             from_checkpoint=from_checkpoint,
         )
         info = RunInfo.model_validate(self.request("POST", "/v1/runs", request, idempotent_key=True))
-        return TrainingClient(self, info.id)
+        return TrainingClient(self, info.id, info.base_model)
 
     def training_client(self, run_id: str) -> "TrainingClient":
         """A client for an existing run (e.g. after a restart)."""
-        RunInfo.model_validate(self.request("GET", f"/v1/runs/{run_id}"))
-        return TrainingClient(self, run_id)
+        info = RunInfo.model_validate(self.request("GET", f"/v1/runs/{run_id}"))
+        return TrainingClient(self, run_id, info.base_model)
 
     def sample(
-        self, prompts: Sequence[PromptLike], num_samples: int = 1, sampling_params: SamplingParams | None = None
+        self,
+        prompts: Sequence[PromptLike],
+        num_samples: int = 1,
+        sampling_params: SamplingParams | None = None,
+        *,
+        base_model: str | None = None,
     ) -> APIFuture[SampleResult]:
-        """Sample from the bare base model (no adapter)."""
-        return self._submit("/v1/sample", _sample_request(prompts, num_samples, sampling_params), SampleResult.model_validate)
+        """Sample from a bare base model (no adapter); default: the server's first."""
+        request = _sample_request(prompts, num_samples, sampling_params)
+        request.base_model = base_model
+        return self._submit("/v1/sample", request, SampleResult.model_validate)
 
-    def get_tokenizer(self, cache_dir: Path | None = None):
-        """The server model's tokenizer (fetched once, cached on disk), for building examples."""
-        if self._tokenizer is None:
+    def get_tokenizer(self, cache_dir: Path | None = None, *, base_model: str | None = None):
+        """A base model's tokenizer (default: the server's first; fetched once, cached on disk),
+        for building examples."""
+        if base_model not in self._tokenizers:
             from transformers import AutoTokenizer
 
-            payload = self.request("GET", "/v1/tokenizer")
+            params = {"model": base_model} if base_model is not None else None
+            payload = self.request("GET", "/v1/tokenizer", params=params)
             key = uuid.uuid5(uuid.NAMESPACE_URL, self.base_url + payload["model"]).hex[:12]
             target = (cache_dir or Path.home() / ".cache" / "eztinker" / "tokenizers") / key
             target.mkdir(parents=True, exist_ok=True)
             for name, text in payload["files"].items():
                 (target / Path(name).name).write_text(text)
-            self._tokenizer = AutoTokenizer.from_pretrained(target)
-        return self._tokenizer
+            self._tokenizers[base_model] = AutoTokenizer.from_pretrained(target)
+        return self._tokenizers[base_model]
 
 
 class TrainingClient:
     """One training run: its LoRA adapter and optimizer state on the server."""
 
-    def __init__(self, service: ServiceClient, run_id: str):
+    def __init__(self, service: ServiceClient, run_id: str, base_model: str | None = None):
         self.service, self.run_id = service, run_id
+        self._base_model = base_model
 
     def __repr__(self) -> str:
         return f"<TrainingClient {self.run_id}>"
@@ -247,7 +257,10 @@ class TrainingClient:
         self.service.request("DELETE", f"/v1/runs/{self.run_id}")
 
     def get_tokenizer(self):
-        return self.service.get_tokenizer()
+        """The tokenizer of this run's base model."""
+        if self._base_model is None:
+            self._base_model = self.info().base_model
+        return self.service.get_tokenizer(base_model=self._base_model)
 
     def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy") -> APIFuture[ForwardBackwardResult]:
         request = ForwardBackwardRequest(data=list(data), loss_fn=loss_fn)
@@ -282,16 +295,6 @@ def _sample_request(prompts: Sequence[PromptLike], num_samples: int, params: Sam
     return SampleRequest(
         prompts=[to_prompt(p) for p in prompts], num_samples=num_samples, sampling_params=params or SamplingParams()
     )
-
-
-def _is_loopback(url: str) -> bool:
-    host = httpx.URL(url).host
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name
-        return False
 
 
 def _backoff(attempt: int) -> float:

@@ -48,6 +48,15 @@ class EngineError(ValueError):
     """A request the engine cannot carry out (unknown run, mismatched checkpoint, NaN loss...)."""
 
 
+class InvalidTarget(EngineError):
+    """A LoRA target module the model cannot take; `index` is its position in the list (None:
+    the whole `target_modules` value)."""
+
+    def __init__(self, index: int | None, message: str):
+        super().__init__(message)
+        self.index = index
+
+
 @dataclass
 class _Run:
     lora: LoraConfig
@@ -65,6 +74,7 @@ class Engine:
         self._runs: dict[str, _Run] = {}
         self._head: OutputHead | None = None
         self._head_checked = False
+        self._lora_targets: tuple[list[str], list[str]] | None = None
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -101,6 +111,31 @@ class Engine:
             # (the base weights are untouched and never copied) and wrap afresh next time.
             self._peft.unload()
             self._peft = None
+
+    def check_target_modules(self, target_modules: str | list[str]) -> None:
+        """Refuse LoRA targets that would break the shared model, before peft sees them: peft
+        accepts some that break it for everyone. ['embed_tokens'] fails half-way and leaves every
+        run on the model (existing and new) unable to train or sample; 'lm_head' makes a run that
+        can never train; ['q_proj', 'mlp'] leaves stray layers behind; a string other than
+        'all-linear' is taken as a regular expression. Raises InvalidTarget naming the entry."""
+        if self._lora_targets is None:
+            self._lora_targets = _lora_targets(self.base.model)
+        linear, other = self._lora_targets
+        choices = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear}))
+        if isinstance(target_modules, str):
+            if target_modules != "all-linear":
+                raise InvalidTarget(None, f"target_modules must be 'all-linear' or a list of module names ({choices})")
+            return
+        for i, key in enumerate(target_modules):
+            def matches(name: str) -> bool:  # peft's rule for a list of names
+                return name == key or name.endswith("." + key)
+
+            bad = next((name for name in other if matches(name)), None)
+            if bad is not None:
+                raise InvalidTarget(i, f"target module {key!r} matches {bad!r}, which is not a LoRA-trainable "
+                                       f"linear layer; choose from {choices}")
+            if not any(matches(name) for name in linear):
+                raise InvalidTarget(i, f"target module {key!r} is not in the model; choose from {choices}")
 
     def has_run(self, run_id: str) -> bool:
         return run_id in self._runs
@@ -285,7 +320,7 @@ class Engine:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).last_hidden_state
             return hidden[:, -1]
@@ -300,7 +335,7 @@ class Engine:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -397,8 +432,13 @@ class Engine:
         write_atomically(directory, write)
 
     def load(self, run_id: str, directory: Path) -> int:
-        """Replace the run's adapter, optimizer state and step with the checkpoint's."""
+        """Replace the run's adapter, optimizer state and step with the checkpoint's.
+
+        Every file is read before anything is applied, so a bad checkpoint fails with a clear
+        error and leaves the run untouched (rather than a bare "SafetensorError" after the adapter
+        is replaced but before the optimizer state is)."""
         run = self._run(run_id)
+        verify_checkpoint(directory)
         saved = read_training_state(directory)
         if saved["lora"] != run.lora.model_dump():
             raise EngineError(
@@ -528,9 +568,43 @@ class _StackedLora:
         return output
 
 
+def verify_checkpoint(directory: Path) -> None:
+    """Read every file of a checkpoint (adapter, optimizer state, training state) without
+    applying it; raise EngineError naming the broken file. weights_only: never unpickles code."""
+    read_training_state(directory)
+    ref = f"{directory.parent.name}/{directory.name}"
+    for name, read in (
+        (ADAPTER_WEIGHTS, lambda path: load_file(path)),
+        (OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")),
+    ):
+        try:
+            read(directory / name)
+        except Exception as exc:
+            raise EngineError(
+                f"checkpoint {ref} is corrupted or incomplete: {name} cannot be read ({type(exc).__name__}: {exc})"
+            ) from None
+
+
 def read_training_state(directory: Path) -> dict:
     try:
         return json.loads((directory / TRAINING_STATE).read_text())
     except (OSError, ValueError) as exc:
         raise EngineError(f"{directory} is not a readable EZTinker checkpoint: {exc}") from exc
 
+
+
+def _lora_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Module names of the bare base model: (linear layers LoRA may adapt, every other module).
+    The output head is "other": the engine computes logits from its weight directly, and it may
+    share that weight with the input embeddings."""
+    head = model.get_output_embeddings()
+    linear, other = [], []
+    for name, module in model.named_modules():
+        if not name or ".lora_" in name or ".base_layer" in name or ".lora_dropout" in name:
+            continue  # the root, and peft's own submodules once the model is wrapped
+        layer = getattr(module, "base_layer", module)
+        if isinstance(layer, torch.nn.Linear) and layer is not head and module is not head:
+            linear.append(name)
+        else:
+            other.append(name)
+    return linear, other

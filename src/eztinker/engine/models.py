@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .checkpoints import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     stop_token_ids: frozenset[int]  # end-of-turn / end-of-text ids: sampling stops on these
     pad_token_id: int
+    source: str = ""  # the folder or Hub id it was loaded from (where its tokenizer loads from too)
 
     @property
     def vocab_size(self) -> int:
@@ -105,6 +106,7 @@ def load_base_model(
         tokenizer=tokenizer,
         stop_token_ids=_stop_token_ids(model, tokenizer),
         pad_token_id=_pad_token_id(tokenizer),
+        source=str(source),
     )
 
 
@@ -167,13 +169,10 @@ def _embedded_model_dir(cache_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a crash never leaves a half-written cache
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_atomically(target, write)  # a crash never leaves a half-written cache
     return target

@@ -199,7 +199,7 @@ def _prefill(
     if len(prompts) < 2 or shared < _MIN_SHARED_PREFIX:
         shared = 0
     groups = list(dict.fromkeys(adapters))  # the distinct adapters, in order of first use
-    suffix_ids, suffix_mask = _left_pad([p[shared:] for p in prompts], pad_token_id, device)
+    suffix_ids, suffix_mask = left_pad([p[shared:] for p in prompts], pad_token_id, device)
     cache = PreallocatedCache(shared + suffix_ids.shape[1] + max_tokens)
     if shared:
         prefix = torch.tensor(prompts[0][:shared], device=device).expand(len(groups), shared)
@@ -422,7 +422,8 @@ def _runs(spec_of_row: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device):
+def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device | str = "cpu"):
+    """[B, width] token ids and attention mask, each prompt right-aligned (padding on the left)."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)

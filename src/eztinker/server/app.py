@@ -1,17 +1,14 @@
-"""HTTP routes only: parse, authenticate, hand to the service, map its errors to status codes."""
+"""The FastAPI application: middleware, authentication and one router per protocol over one
+shared service. A protocol is a module beside `rest.py` that adds its router and its own error
+mapping here; runs, jobs, checkpoints, auth, ownership and idempotency are the service's."""
 
 
 import gc
-import hmac
 import logging
 import math
-import tempfile
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,41 +16,17 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
 
 from .. import __version__
-from ..types import (
-    CreateRunRequest,
-    ForwardBackwardRequest,
-    HealthInfo,
-    JobInfo,
-    JobRef,
-    LoadRequest,
-    OptimStepRequest,
-    RunInfo,
-    SampleRequest,
-    SaveRequest,
-    ScoreRequest,
-)
+from .rest import rest_router
 from .service import Service, ServiceError
 
 log = logging.getLogger(__name__)
 
-IdempotencyKey = Annotated[
-    str | None,
-    Header(
-        alias="Idempotency-Key",
-        max_length=200,
-        description="Retries with the same key return the original job instead of repeating it.",
-    ),
-]
-MAX_WAIT_SECONDS = 60.0
 _GZIP_MIN_BYTES = 16 * 1024  # smaller responses are not worth compressing
 
 
 def create_app(service: Service) -> FastAPI:
-    keys = service.settings.user_keys()
-
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.ensure_started()
         # A full garbage collection walks every object torch and transformers create at start-up
         # (~400k: 0.15-0.4 s on the 2-core CI machine) holding the GIL, stalling /health and job
         # submissions for 100+ ms under load. Those objects live as long as the server: freeze them.
@@ -67,11 +40,11 @@ def create_app(service: Service) -> FastAPI:
     app = FastAPI(
         title="EZTinker",
         version=__version__,
-        description="LoRA fine-tuning service: training runs share one base model; every model "
+        description="LoRA fine-tuning service: training runs share their base model's weights; every model "
         "operation is a job: submit, get a job id at once, then wait on `GET /v1/jobs/{job_id}`.",
         lifespan=lifespan,
     )
-    app.state.service = service
+    app.state.user_keys = service.settings.user_keys()
     # Large responses (sampled tokens and logprobs) are gzipped for clients that ask; level 1
     # compresses about 2x at ~30 MB/s on one core, which keeps the event loop responsive. Added
     # first, so it is the innermost middleware and sees whole responses (minimum_size applies).
@@ -106,99 +79,14 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError):
-        if exc.status == 422 and exc.loc:
-            detail = [{"loc": list(exc.loc), "msg": exc.message, "type": "value_error"}]
+        if exc.status == 422 and exc.loc is not None:
+            loc = list(exc.loc) if exc.loc[:1] in (("query",), ("path",)) else ["body", *exc.loc]
+            detail = [{"loc": loc, "msg": exc.message, "type": "value_error"}]
         else:
             detail = exc.message
         return JSONResponse(status_code=exc.status, content={"detail": _finite(detail)})
 
-    def current_user(
-        authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-        x_api_key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None,
-    ) -> str:
-        if not keys:
-            return "default"
-        # The auth scheme is case-insensitive (RFC 7235), so "bearer <key>" is accepted too.
-        given = x_api_key or (authorization[7:] if authorization and authorization[:7].lower() == "bearer " else "")
-        user = None
-        for key, name in keys.items():  # compare against every key: constant time, no early exit
-            if hmac.compare_digest(key.encode(), given.encode()):
-                user = name
-        if user is None:
-            raise ServiceError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
-        return user
-
-    User = Annotated[str, Depends(current_user)]
-
-    @app.get("/health", response_model=HealthInfo, tags=["service"])
-    def health() -> HealthInfo:
-        return service.health()
-
-    @app.get("/v1/info", tags=["service"], summary="Model, vocabulary and request limits")
-    def info(user: User) -> dict:
-        return service.info()
-
-    @app.get("/v1/tokenizer", tags=["service"], summary="The model's tokenizer files, for client-side rendering")
-    async def tokenizer_files(user: User) -> dict:
-        return await run_in_threadpool(_tokenizer_files, service)
-
-    # ------------------------------------------------------------------------------ runs
-    @app.post("/v1/runs", response_model=RunInfo, status_code=201, tags=["runs"])
-    async def create_run(request: CreateRunRequest, user: User, key: IdempotencyKey = None) -> RunInfo:
-        return await service.create_run(user, request, key)
-
-    @app.get("/v1/runs", response_model=list[RunInfo], tags=["runs"])
-    def list_runs(user: User) -> list[RunInfo]:
-        return service.list_runs(user)
-
-    @app.get("/v1/runs/{run_id}", response_model=RunInfo, tags=["runs"])
-    def get_run(run_id: str, user: User) -> RunInfo:
-        return service.get_run(user, run_id)
-
-    @app.delete("/v1/runs/{run_id}", tags=["runs"])
-    async def delete_run(run_id: str, user: User) -> dict:
-        await service.delete_run(user, run_id)
-        return {"deleted": run_id}
-
-    # ----------------------------------------------------------------------- model work
-    @app.post("/v1/runs/{run_id}/forward_backward", response_model=JobRef, status_code=202, tags=["training"])
-    async def forward_backward(run_id: str, request: ForwardBackwardRequest, user: User, key: IdempotencyKey = None):
-        return await run_in_threadpool(service.submit_forward_backward, user, run_id, request, key)
-
-    @app.post("/v1/runs/{run_id}/optim_step", response_model=JobRef, status_code=202, tags=["training"])
-    def optim_step(run_id: str, request: OptimStepRequest, user: User, key: IdempotencyKey = None):
-        return service.submit_optim_step(user, run_id, request, key)
-
-    @app.post("/v1/runs/{run_id}/sample", response_model=JobRef, status_code=202, tags=["sampling"])
-    async def sample_run(run_id: str, request: SampleRequest, user: User, key: IdempotencyKey = None):
-        return await run_in_threadpool(service.submit_sample, user, run_id, request, key)
-
-    @app.post("/v1/sample", response_model=JobRef, status_code=202, tags=["sampling"], summary="Sample from the bare base model")
-    async def sample_base(request: SampleRequest, user: User, key: IdempotencyKey = None):
-        return await run_in_threadpool(service.submit_sample, user, None, request, key)
-
-    @app.post("/v1/runs/{run_id}/evaluate", response_model=JobRef, status_code=202, tags=["sampling"],
-              summary="Score responses: mean and summed logprob of each response's tokens")
-    async def evaluate(run_id: str, request: ScoreRequest, user: User, key: IdempotencyKey = None):
-        return await run_in_threadpool(service.submit_score, user, run_id, request, key)
-
-    @app.post("/v1/runs/{run_id}/save", response_model=JobRef, status_code=202, tags=["checkpoints"])
-    def save(run_id: str, request: SaveRequest, user: User, key: IdempotencyKey = None):
-        return service.submit_save(user, run_id, request, key)
-
-    @app.post("/v1/runs/{run_id}/load", response_model=JobRef, status_code=202, tags=["checkpoints"])
-    def load(run_id: str, request: LoadRequest, user: User, key: IdempotencyKey = None):
-        return service.submit_load(user, run_id, request, key)
-
-    # ------------------------------------------------------------------------------ jobs
-    @app.get("/v1/jobs/{job_id}", response_model=JobInfo, tags=["jobs"])
-    async def get_job(
-        job_id: str,
-        user: User,
-        wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="Long-poll up to this many seconds.")] = 0,
-    ) -> JobInfo:
-        return await service.wait_job(user, job_id, wait)
-
+    app.include_router(rest_router(service))
     return app
 
 
@@ -253,12 +141,3 @@ class _StreamedBodyLimit:
             return await receive()  # after the body: disconnect notices
 
         await self.app(scope, replay, send)
-
-
-def _tokenizer_files(service: Service) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        service.tokenizer.save_pretrained(tmp)
-        return {
-            "model": service.base.name,
-            "files": {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()},
-        }

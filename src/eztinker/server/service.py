@@ -1,9 +1,13 @@
-"""The service layer: owns the engine, the store and the job runner; turns validated requests
-into jobs. Routes (app.py) only parse HTTP and call this."""
+"""The service: validation, ownership, idempotency and job submission, shared by every protocol.
+
+Routers (rest.py, and one module per further protocol) parse their wire format, call this, and
+map its errors to their own shapes. Model work goes to the runner as commands; everything the
+service needs to know of a model (vocabulary, tokenizer, LoRA rules, checkpoint format) it asks
+the backend, so nothing here imports torch.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -12,20 +16,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
-from transformers import PreTrainedTokenizerBase
-
 from .. import __version__
-from ..chat import render_prompt
-from ..engine import BaseModel, Engine, EngineError, SampleSpec
-from ..engine.checkpoints import remove_partial_writes
-from ..engine.engine import ADAPTER_WEIGHTS, OPTIMIZER_STATE, read_training_state
+from ..backend import Backend, InvalidInput, ModelInfo
+from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score
 from ..types import (
     CreateRunRequest,
     ForwardBackwardRequest,
     HealthInfo,
-    JobInfo,
     JobRef,
     JobStatus,
     LoadRequest,
@@ -34,15 +31,13 @@ from ..types import (
     Prompt,
     RunInfo,
     SampleRequest,
-    SampleResult,
     SaveRequest,
     ScoreRequest,
-    ScoreResult,
     parse_checkpoint_ref,
 )
-from .jobs import Job, JobRunner
+from .runner import Job, JobRunner
 from .settings import ServerSettings
-from .store import INTERRUPTED, Store, new_id
+from .store import INTERRUPTED, JobRecord, Store, new_id
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +47,8 @@ MAX_SEED = 2**63 - 1
 
 
 class ServiceError(Exception):
-    """Maps to an HTTP error: status, message, and (for 422) the offending field's location."""
+    """A request the service refuses: an HTTP-like status, a message, and (for 422) the offending
+    field's location within the request body. Each router maps it to its protocol's shape."""
 
     def __init__(self, status: int, message: str, loc: tuple | None = None):
         super().__init__(message)
@@ -64,30 +60,28 @@ def not_found(what: str) -> ServiceError:
 
 
 def invalid(loc: tuple, message: str) -> ServiceError:
-    return ServiceError(422, message, ("body", *loc))
+    return ServiceError(422, message, loc)
 
 
 class Service:
-    def __init__(self, settings: ServerSettings, base: BaseModel):
+    def __init__(self, settings: ServerSettings, backend: Backend):
         self.settings = settings
-        self.base = base
-        self.engine = Engine(base)
-        data_dir = Path(settings.data_dir)
-        self.checkpoint_root = (data_dir / "checkpoints").resolve()
-        self.store = Store(data_dir / "eztinker.sqlite3")
-        self._lora_targets = _lora_targets(base.model)
-        self.runner = JobRunner(
-            self.engine,
-            self.store,
-            job_ttl_seconds=settings.job_ttl_seconds,
-            max_finished_jobs=settings.max_finished_jobs,
-        )
+        self.backend = backend
+        self.models: dict[str, ModelInfo] = {m.name: m for m in backend.models()}
+        self.default_model = next(iter(self.models))
+        self.data_dir = Path(settings.data_dir).resolve()
+        self.checkpoint_root = self.data_dir / "checkpoints"
+        self.store = Store(self.data_dir / "eztinker.sqlite3")
+        self.runner = JobRunner(backend, self.store, self.data_dir, job_ttl_seconds=settings.job_ttl_seconds,
+                                max_finished_jobs=settings.max_finished_jobs)
         self._restore()
+        self.runner.start()
 
     # --------------------------------------------------------------------------- life cycle
     def _restore(self) -> None:
-        """After a restart: drop half-written checkpoints, fail interrupted jobs, rebuild runs."""
-        for leftover in remove_partial_writes(self.checkpoint_root):
+        """After a restart: drop half-written checkpoints, fail interrupted jobs, rebuild every run
+        on its own base model from its last saved or loaded checkpoint."""
+        for leftover in self.backend.remove_partial_writes(self.checkpoint_root):
             log.warning("cleaned up an interrupted checkpoint write: %s", leftover)
         self._reconcile_checkpoints()
         # A run whose create_run job did not finish never reached its client (the request got no
@@ -99,29 +93,39 @@ class Service:
         if failed:
             log.warning("%d job(s) were interrupted by the last shutdown and are marked failed", failed)
         for row in self.store.live_runs():
-            lora = LoraConfig.model_validate_json(row["lora"])
-            self.engine.create_run(row["id"], lora, row["seed"])
-            ref, step = row["resume_from"], 0
-            if ref is None and row["step"]:
-                log.warning("run %s was never saved; its adapter restarts from step 0", row["id"])
-            if ref is not None:
-                try:
-                    source_run, name = parse_checkpoint_ref(ref, default_run=row["id"])
-                    checkpoint = self.store.checkpoint(source_run, name)
-                    if checkpoint is None:
-                        raise EngineError(f"checkpoint {ref} is not recorded")
-                    path = self.checkpoint_root.parent / checkpoint.path
-                    verify_checkpoint(path, ref)
-                    step = self.engine.load(row["id"], path)
-                # Catch everything: a corrupted adapter file raises SafetensorError, a truncated
-                # optimizer.pt EOFError or UnpicklingError, and none of them may stop the server starting.
-                except Exception as exc:
-                    log.error("run %s: could not restore %s (%s); it restarts from step 0", row["id"], ref, exc)
-                    ref, step = None, 0
-                    # A load that failed part-way may have replaced some tensors: start afresh.
-                    self.engine.delete_run(row["id"])
-                    self.engine.create_run(row["id"], lora, row["seed"])
-            self.store.set_run_state(row["id"], step, restored_from=ref)
+            self._restore_run(row)
+
+    def _restore_run(self, row: sqlite3.Row) -> None:
+        run_id, model = row["id"], row["base_model"]
+        if model not in self.models:
+            log.error("run %s is on base model %s, which this server does not hold (it holds %s); it stays "
+                      "listed and comes back when a server with that model starts", run_id, model, self._held())
+            return
+        lora = LoraConfig.model_validate_json(row["lora"])
+        ref, directory = row["resume_from"], None
+        if ref is None and row["step"]:
+            log.warning("run %s was never saved; its adapter restarts from step 0", run_id)
+        if ref is not None:
+            try:
+                source_run, name = parse_checkpoint_ref(ref, default_run=run_id)
+                checkpoint = self.store.checkpoint(source_run, name)
+                if checkpoint is None:
+                    raise ValueError(f"checkpoint {ref} is not recorded")
+                directory = str(self.data_dir / checkpoint.path)
+            except ValueError as exc:
+                log.error("run %s: could not restore %s (%s); it restarts from step 0", run_id, ref, exc)
+                ref = None
+        create = CreateRun(model=model, run_id=run_id, lora=lora, seed=row["seed"], from_checkpoint=directory)
+        [outcome] = self.backend.execute([create])
+        if outcome.error is not None and directory is not None:
+            # A corrupted adapter or truncated optimizer state must not stop the server starting.
+            log.error("run %s: could not restore %s (%s); it restarts from step 0", run_id, ref, outcome.error)
+            ref = None
+            [outcome] = self.backend.execute([create.model_copy(update={"from_checkpoint": None})])
+        if outcome.error is not None:
+            log.error("run %s could not be rebuilt: %s", run_id, outcome.error)
+            return
+        self.store.set_run_state(run_id, outcome.value["step"], restored_from=ref)
 
     def _reconcile_checkpoints(self) -> None:
         """A save killed after its directory was renamed into place but before the database
@@ -137,8 +141,8 @@ class Service:
             for directory in run_dir.iterdir():
                 if directory.name in recorded and not directory.is_symlink():
                     try:
-                        step = int(read_training_state(directory)["step"])
-                    except (EngineError, KeyError, TypeError, ValueError):
+                        step = self.backend.read_checkpoint(directory).step
+                    except InvalidInput:
                         continue  # unreadable: a load of it fails with a clear error
                     if step != recorded[directory.name]:
                         log.warning("checkpoint %s was overwritten by an interrupted save; it holds step %d",
@@ -148,17 +152,15 @@ class Service:
                     log.warning("removed checkpoint %s: its save was interrupted before it was recorded", directory)
                     shutil.rmtree(directory, ignore_errors=True)
 
-    def ensure_started(self) -> None:
-        if not self.runner.started:
-            self.runner.start(asyncio.get_running_loop())
-
     def close(self) -> None:
         self.runner.stop()
         self.store.close()
+        self.backend.close()
 
     def health(self) -> HealthInfo:
         return HealthInfo(
-            model=self.base.name,
+            model=self.default_model,
+            models=list(self.models),
             runs=len(self.store.live_runs()),
             queued_jobs=self.runner.queued,
             version=__version__,
@@ -166,10 +168,16 @@ class Service:
 
     def info(self) -> dict[str, Any]:
         s = self.settings
+        default = self.models[self.default_model]
         return {
-            "model": self.base.name,
-            "vocab_size": self.base.vocab_size,
-            "stop_token_ids": sorted(self.base.stop_token_ids),
+            "model": default.name,
+            "vocab_size": default.vocab_size,
+            "stop_token_ids": list(default.stop_token_ids),
+            "models": [
+                {"name": m.name, "architecture": m.architecture, "vocab_size": m.vocab_size,
+                 "max_context_length": m.max_context_length, "stop_token_ids": list(m.stop_token_ids)}
+                for m in self.models.values()
+            ],
             "limits": {
                 "max_new_tokens": s.max_new_tokens,
                 "max_prompt_tokens": s.max_prompt_tokens,
@@ -179,39 +187,65 @@ class Service:
             },
         }
 
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.base.tokenizer
+    def model(self, name: str | None, field: tuple = ("base_model",)) -> str:
+        """The base model a request names (the default when it names none); 422 listing the
+        held ones when this server does not hold it."""
+        if name is None:
+            return self.default_model
+        if name not in self.models:
+            raise invalid(field, f"this server does not hold base model {name!r}; it holds {self._held()}")
+        return name
+
+    def _held(self) -> str:
+        return ", ".join(repr(m) for m in self.models)
+
+    def tokenizer_files(self, model: str | None) -> dict:
+        name = self.model(model, ("query", "model"))
+        return {"model": name, "files": self.backend.tokenizer_files(name)}
 
     # --------------------------------------------------------------------------------- runs
-    def _owned_run(self, user: str, run_id: str) -> sqlite3.Row:
+    def owned_run(self, user: str, run_id: str) -> sqlite3.Row:
         row = self.store.run_row(run_id)
         if row is None or row["owner"] != user:  # another user's run is as good as absent
             raise not_found(f"run {run_id}")
         return row
 
+    def _usable_run(self, user: str, run_id: str) -> tuple[sqlite3.Row, str]:
+        """The run and its base model, which this server must hold to work on it."""
+        row = self.owned_run(user, run_id)
+        if row["base_model"] not in self.models:
+            raise ServiceError(409, f"run {run_id} is on base model {row['base_model']!r}, which this server "
+                                    f"does not hold (it holds {self._held()}); start it with --model {row['base_model']}")
+        return row, row["base_model"]
+
     def get_run(self, user: str, run_id: str) -> RunInfo:
-        return self.store.run_info(self._owned_run(user, run_id))
+        return self.store.run_info(self.owned_run(user, run_id))
 
     def list_runs(self, user: str) -> list[RunInfo]:
         return [self.store.run_info(row) for row in self.store.live_runs(user)]
 
     async def create_run(self, user: str, request: CreateRunRequest, key: str | None = None) -> RunInfo:
-        if request.base_model is not None and request.base_model != self.base.name:
-            raise invalid(
-                ("base_model",),
-                f"this server serves {self.base.name!r}, not {request.base_model!r} (one base model per server)",
-            )
         if request.seed > MAX_SEED:
             raise invalid(("seed",), f"seed {request.seed} is above the largest allowed, {MAX_SEED}")
-        lora, source = request.lora, None
+        lora, source, ref = request.lora, None, None
+        requested_model = request.base_model
         if request.from_checkpoint is not None:
-            source, _ = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint")
+            source, ref = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint")
             try:
-                lora = LoraConfig.model_validate(read_training_state(source)["lora"])
-            except (EngineError, KeyError, TypeError, ValueError) as exc:
-                raise invalid(("from_checkpoint",), f"unreadable checkpoint: {exc}") from None
-        self._check_target_modules(lora, "from_checkpoint" if source is not None else "lora")
+                state = self.backend.read_checkpoint(source)
+            except InvalidInput as exc:
+                raise invalid(("from_checkpoint",), exc.message) from None
+            lora = state.lora
+            if requested_model is None:
+                requested_model = state.base_model  # a checkpoint continues on its own model
+            elif state.base_model is not None and state.base_model != requested_model:
+                raise invalid(("from_checkpoint",), f"checkpoint {ref} was trained on {state.base_model!r}, "
+                                                    f"not {requested_model!r}")
+        model = self.model(requested_model, ("from_checkpoint",) if request.base_model is None and source else ("base_model",))
+        try:
+            self.backend.check_lora(model, lora)
+        except InvalidInput as exc:
+            raise invalid(("lora", *exc.loc) if source is None else ("from_checkpoint", *exc.loc[1:]), exc.message) from None
         digest = _request_hash("create_run", None, request) if key else None
         if key and (existing := self.store.job_by_key(user, key)) is not None:
             if existing["status"] == JobStatus.failed.value and existing["error"] == INTERRUPTED:
@@ -221,19 +255,11 @@ class Service:
             else:
                 return await self._replayed_run(user, existing, digest, key)
         run_id = new_id("run")
-        self.store.add_run(run_id, user, self.base.name, lora, request.seed)
-
-        def work() -> dict:
-            self.engine.create_run(run_id, lora, request.seed)
-            if source is not None:
-                verify_checkpoint(source, request.from_checkpoint)
-                step = self.engine.load(run_id, source)
-                self.store.set_run_state(run_id, step, restored_from=request.from_checkpoint)
-                self.store.set_resume_point(run_id, request.from_checkpoint)
-            return {"run_id": run_id}
-
+        self.store.add_run(run_id, user, model, lora, request.seed)
+        command = CreateRun(model=model, run_id=run_id, lora=lora, seed=request.seed,
+                            from_checkpoint=None if source is None else str(source))
         try:
-            job = await self._submit_and_wait(user, run_id, "create_run", work, key, digest)
+            job = await self._submit_and_wait(user, Job(new_id("job"), command, checkpoint=ref), key, digest)
         except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
             self.store.mark_run_deleted(run_id)
             return await self._replayed_run(user, self.store.job_by_key(user, key), digest, key)
@@ -247,44 +273,39 @@ class Service:
         """A retried create: the run the first attempt made (waiting for it if need be)."""
         self._replay(existing, digest, key)
         job = await self.wait_job(user, existing["id"], 60)
-        while job.status in (JobStatus.pending, JobStatus.running):
+        while not job.finished:
             job = await self.wait_job(user, existing["id"], 60)
         if job.status is JobStatus.failed:
             raise invalid(("lora",), job.error or "could not create the run")
         return self.get_run(user, existing["run_id"])
 
     async def delete_run(self, user: str, run_id: str) -> None:
-        self._owned_run(user, run_id)
+        row = self.owned_run(user, run_id)
         self.store.mark_run_deleted(run_id)  # new requests for it get 404 from now on
-        # Queued behind the run's pending jobs, so they finish first.
-        await self._submit_and_wait(user, run_id, "delete_run", lambda: self.engine.delete_run(run_id))
+        if row["base_model"] in self.models:  # else it was never rebuilt in this server
+            # Queued behind the run's pending jobs, so they finish first.
+            await self._submit_and_wait(user, Job(new_id("job"), DeleteRun(model=row["base_model"], run_id=run_id)))
 
     # --------------------------------------------------------------------------------- jobs
     def submit_forward_backward(self, user: str, run_id: str, request: ForwardBackwardRequest, key: str | None) -> JobRef:
-        self._owned_run(user, run_id)
+        _, model = self._usable_run(user, run_id)
         limits = self.settings
         if len(request.data) > limits.max_batch_examples:
             raise invalid(("data",), f"{len(request.data)} examples; the limit is {limits.max_batch_examples}")
         for i, datum in enumerate(request.data):
-            loc = ("data", i, "model_input", "tokens")
-            self._check_tokens(datum.model_input.tokens, loc)
-            self._check_tokens(datum.loss_fn_inputs.target_tokens, ("data", i, "loss_fn_inputs", "target_tokens"))
-        work = lambda: self.engine.forward_backward(run_id, request.data, request.loss_fn).model_dump()
-        return self._submit(user, run_id, "forward_backward", request, key, work=work)
+            self.check_tokens(model, datum.model_input.tokens, ("data", i, "model_input", "tokens"))
+            self.check_tokens(model, datum.loss_fn_inputs.target_tokens, ("data", i, "loss_fn_inputs", "target_tokens"))
+        # Already validated: constructed without a second pass over every datum.
+        command = ForwardBackward.model_construct(model=model, run_id=run_id, data=request.data, loss_fn=request.loss_fn)
+        return self.submit(user, Job(new_id("job"), command), request, key)
 
     def submit_optim_step(self, user: str, run_id: str, request: OptimStepRequest, key: str | None) -> JobRef:
-        self._owned_run(user, run_id)
-
-        def work() -> dict:
-            result = self.engine.optim_step(run_id, request.adam_params)
-            self.store.set_run_state(run_id, result.step)
-            return result.model_dump()
-
-        return self._submit(user, run_id, "optim_step", request, key, work=work)
+        _, model = self._usable_run(user, run_id)
+        command = OptimStep(model=model, run_id=run_id, adam_params=request.adam_params)
+        return self.submit(user, Job(new_id("job"), command), request, key)
 
     def submit_sample(self, user: str, run_id: str | None, request: SampleRequest, key: str | None) -> JobRef:
-        if run_id is not None:
-            self._owned_run(user, run_id)
+        model = self._sampling_model(user, run_id, request.base_model)
         _check_unicode(request)
         params = request.sampling_params
         if params.seed is not None and params.seed > MAX_SEED:
@@ -301,67 +322,44 @@ class Service:
                 f"{len(request.prompts)} prompts x {request.num_samples} samples = {total} candidates; "
                 f"the limit is {self.settings.max_samples_per_request}",
             )
-        prompts = [self.encode_prompt(p, ("prompts", i)) for i, p in enumerate(request.prompts)]
-        spec = SampleSpec(adapter=run_id, prompts=prompts, num_samples=request.num_samples, params=params)
+        prompts = [self.encode_prompt(model, p, ("prompts", i)) for i, p in enumerate(request.prompts)]
+        command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=request.num_samples, sampling_params=params)
+        return self.submit(user, Job(new_id("job"), command), request, key)
 
-        def finish(sequences) -> dict:
-            return SampleResult(prompt_tokens=prompts, sequences=sequences).model_dump()
-
-        return self._submit(user, run_id, "sample", request, key, sample_spec=spec, finish_sample=finish)
-
-    def submit_score(self, user: str, run_id: str | None, request: ScoreRequest, key: str | None) -> JobRef:
-        if run_id is not None:
-            self._owned_run(user, run_id)
+    def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
+        _, model = self._usable_run(user, run_id)
         _check_unicode(request)
-        prompt = self.encode_prompt(request.prompt, ("prompt",))
-        responses = [self.tokenizer.encode(r, add_special_tokens=False) for r in request.responses]
+        prompt = self.encode_prompt(model, request.prompt, ("prompt",))
+        responses = [self.backend.encode_text(model, r) for r in request.responses]
         for i, tokens in enumerate(responses):
             if len(prompt) + len(tokens) > self.settings.max_prompt_tokens:
                 raise invalid(("responses", i), f"prompt + response exceed {self.settings.max_prompt_tokens} tokens")
-
-        def work() -> dict:
-            return ScoreResult(scores=self.engine.score(run_id, prompt, responses)).model_dump()
-
-        return self._submit(user, run_id, "evaluate", request, key, work=work)
+        command = Score(model=model, run_id=run_id, prompt=prompt, responses=responses)
+        return self.submit(user, Job(new_id("job"), command), request, key)
 
     def submit_save(self, user: str, run_id: str, request: SaveRequest, key: str | None) -> JobRef:
-        self._owned_run(user, run_id)
-        relative = Path("checkpoints") / run_id / request.name
-        target = self.checkpoint_root.parent / relative
+        _, model = self._usable_run(user, run_id)
+        target = self.checkpoint_root / run_id / request.name
         # A run's checkpoint folder that is a symlink to elsewhere would be written through;
         # loads refuse such paths, so saves must too.
         if target.parent.exists() and not target.parent.resolve().is_relative_to(self.checkpoint_root):
             raise invalid(("name",), f"checkpoint {run_id}/{request.name} is not inside the data directory")
-
-        job_id = new_id("job")
-
-        def work() -> dict:
-            self.engine.save(run_id, target)
-            step = self.engine.step_of(run_id)
-            # The checkpoint row, the run's resume point and the job's completion go in one commit: a
-            # SIGKILL between separate commits would leave a listed checkpoint whose job says
-            # "interrupted: its effect was not applied".
-            checkpoint = self.store.record_save(job_id, run_id, request.name, str(relative), step)
-            return checkpoint.model_dump(mode="json")
-
-        return self._submit(user, run_id, "save", request, key, work=work, job_id=job_id)
+        command = Save(model=model, run_id=run_id, directory=str(target))
+        return self.submit(user, Job(new_id("job"), command, checkpoint=f"{run_id}/{request.name}"), request, key)
 
     def submit_load(self, user: str, run_id: str, request: LoadRequest, key: str | None) -> JobRef:
-        self._owned_run(user, run_id)
+        _, model = self._usable_run(user, run_id)
         path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint")
+        command = Load(model=model, run_id=run_id, directory=str(path))
+        return self.submit(user, Job(new_id("job"), command, checkpoint=ref), request, key)
 
-        def work() -> dict:
-            # Read every file first, so a bad checkpoint fails the job with a clear error and the run
-            # untouched, rather than a bare "SafetensorError: ..." or a failure after the adapter is
-            # replaced but before the optimizer state is.
-            verify_checkpoint(path, ref)
-            step = self.engine.load(run_id, path)
-            result = {"step": step, "restored_from": ref}
-            self.store.record_load(job_id, run_id, step, ref, result)  # one commit, as for save
-            return result
-
-        job_id = new_id("job")
-        return self._submit(user, run_id, "load", request, key, work=work, job_id=job_id)
+    def _sampling_model(self, user: str, run_id: str | None, requested: str | None) -> str:
+        if run_id is None:
+            return self.model(requested)
+        _, model = self._usable_run(user, run_id)
+        if requested is not None and requested != model:
+            raise invalid(("base_model",), f"run {run_id} is on {model!r}, not {requested!r}")
+        return model
 
     def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str) -> tuple[Path, str]:
         try:
@@ -372,73 +370,41 @@ class Service:
         checkpoint = self.store.checkpoint(source_run, name) if owner == user else None
         if checkpoint is None:
             raise not_found(f"checkpoint {source_run}/{name}")
-        path = (self.checkpoint_root.parent / checkpoint.path).resolve()
+        path = (self.data_dir / checkpoint.path).resolve()
         if not path.is_relative_to(self.checkpoint_root) or not path.is_dir():
             # A symlink or edited record pointing outside the data directory is refused.
             raise invalid((field,), f"checkpoint {source_run}/{name} is not inside the data directory")
         return path, f"{source_run}/{name}"
 
-    def _check_target_modules(self, lora: LoraConfig, field: str) -> None:
-        """LoRA target modules are checked here, before the engine sees them: peft accepts some
-        that break the shared model for everyone. ['embed_tokens'] fails half-way and leaves
-        every run on the server (existing and new) unable to train or sample; 'lm_head' makes a
-        run that can never train; ['q_proj', 'mlp'] leaves stray layers behind; a string other
-        than 'all-linear' is taken as a regular expression."""
-        targets = lora.target_modules
-        loc = (field, "target_modules") if field == "lora" else (field,)
-        linear, other = self._lora_targets
-        choices = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear}))
-        if isinstance(targets, str):
-            if targets != "all-linear":
-                raise invalid(loc, f"target_modules must be 'all-linear' or a list of module names ({choices})")
-            return
-        for i, key in enumerate(targets):
-            def matches(name: str) -> bool:  # peft's rule for a list of names
-                return name == key or name.endswith("." + key)
-
-            bad = next((name for name in other if matches(name)), None)
-            if bad is not None:
-                raise invalid((*loc, i), f"target module {key!r} matches {bad!r}, which is not a LoRA-trainable "
-                                         f"linear layer; choose from {choices}")
-            if not any(matches(name) for name in linear):
-                raise invalid((*loc, i), f"target module {key!r} is not in the model; choose from {choices}")
-
     # ---------------------------------------------------------------------------- plumbing
-    def encode_prompt(self, prompt: Prompt, loc: tuple) -> list[int]:
-        if prompt.tokens is not None:
-            tokens = prompt.tokens
-        elif prompt.messages is not None:
-            tokens = render_prompt(self.tokenizer, prompt.messages)
-        else:
-            tokens = self.tokenizer.encode(prompt.text, add_special_tokens=False)
-            if not tokens:
-                raise invalid((*loc, "text"), "text encodes to no tokens")
-        self._check_tokens(tokens, (*loc, "tokens"))
+    def encode_prompt(self, model: str, prompt: Prompt, loc: tuple) -> list[int]:
+        try:
+            tokens = self.backend.encode_prompt(model, prompt)
+        except InvalidInput as exc:
+            raise invalid((*loc, *exc.loc), exc.message) from None
+        self.check_tokens(model, tokens, (*loc, "tokens"))
         return tokens
 
-    def _check_tokens(self, tokens: list[int], loc: tuple) -> None:
+    def check_tokens(self, model: str, tokens: list[int], loc: tuple) -> None:
         if len(tokens) > self.settings.max_prompt_tokens:
             raise invalid(loc, f"{len(tokens)} tokens; the limit is {self.settings.max_prompt_tokens}")
-        vocab = self.base.vocab_size
+        vocab = self.models[model].vocab_size
         for position, token in enumerate(tokens):
             if not 0 <= token < vocab:
                 raise invalid((*loc, position), f"token id {token} is outside the vocabulary [0, {vocab})")
 
-    def _submit(
-        self, user: str, run_id: str | None, kind: str, request: Any, key: str | None, job_id: str | None = None,
-        **job_fields,
-    ) -> JobRef:
-        digest = _request_hash(kind, run_id, request) if key else None
+    def submit(self, user: str, job: Job, request: Any, key: str | None) -> JobRef:
+        """Record `job` as pending and queue it; a replayed idempotency key returns the original."""
+        command = job.command
+        digest = _request_hash(command.kind, command.run_id, request) if key else None
         if key:
             existing = self.store.job_by_key(user, key)
             if existing is not None:
                 return self._replay(existing, digest, key)
-        job = Job(job_id or new_id("job"), run_id, kind, **job_fields)
         try:
-            self.store.add_job(job.id, user, run_id, kind, key, digest)
+            self.store.add_job(job.id, user, command.run_id, command.kind, key, digest)
         except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
             return self._replay(self.store.job_by_key(user, key), digest, key)
-        self.ensure_started()
         self.runner.submit(job)
         return JobRef(job_id=job.id, status=JobStatus.pending)
 
@@ -448,68 +414,30 @@ class Service:
             raise ServiceError(409, f"Idempotency-Key {key!r} was already used for a different request")
         return JobRef(job_id=existing["id"], status=JobStatus(existing["status"]))
 
-    async def _submit_and_wait(
-        self, user: str, run_id: str, kind: str, work, key: str | None = None, digest: str | None = None
-    ) -> JobInfo:
-        job_id = new_id("job")
-        self.store.add_job(job_id, user, run_id, kind, key, digest)
-        self.ensure_started()
-        self.runner.submit(Job(job_id, run_id, kind, work=work))
-        while (info := self.job(user, job_id)).status in (JobStatus.pending, JobStatus.running):
-            await self.runner.wait(job_id, 60)
-        return info
+    async def _submit_and_wait(self, user: str, job: Job, key: str | None = None, digest: str | None = None) -> JobRecord:
+        self.store.add_job(job.id, user, job.command.run_id, job.command.kind, key, digest)
+        self.runner.submit(job)
+        while not (record := self.job(user, job.id)).finished:
+            await self.wait_job(user, job.id, 60)
+        return record
 
-    def job(self, user: str, job_id: str) -> JobInfo:
+    def job(self, user: str, job_id: str) -> JobRecord:
         row = self.store.job_row(job_id)
         if row is None or row["owner"] != user:
             raise not_found(f"job {job_id}")
-        return self.store.job_info(row)
+        return self.store.job_record(row)
 
-    async def wait_job(self, user: str, job_id: str, wait: float) -> JobInfo:
-        info = self.job(user, job_id)
-        if info.status in (JobStatus.pending, JobStatus.running) and wait > 0:
-            self.ensure_started()
-            await self.runner.wait(job_id, wait)
-            info = self.job(user, job_id)
-        return info
+    async def wait_job(self, user: str, job_id: str, wait: float) -> JobRecord:
+        record = self.job(user, job_id)
+        if not record.finished and wait > 0:
+            await self.runner.wait(job_id, wait, lambda: self.job(user, job_id).finished)
+            record = self.job(user, job_id)
+        return record
 
 
 def _request_hash(kind: str, run_id: str | None, request: Any) -> str:
     payload = json.dumps([kind, run_id, request.model_dump(mode="json")], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def verify_checkpoint(directory: Path, ref: str) -> None:
-    """Read every file of a checkpoint (adapter, optimizer state, training state) without
-    applying it; raise EngineError naming the broken file. weights_only: never unpickles code."""
-    read_training_state(directory)
-    for name, read in (
-        (ADAPTER_WEIGHTS, lambda path: load_file(path)),
-        (OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")),
-    ):
-        try:
-            read(directory / name)
-        except Exception as exc:
-            raise EngineError(
-                f"checkpoint {ref} is corrupted or incomplete: {name} cannot be read ({type(exc).__name__}: {exc})"
-            ) from None
-
-
-def _lora_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """Module names of the bare base model: (linear layers LoRA may adapt, every other module).
-    The output head is "other": the engine computes logits from its weight directly, and it may
-    share that weight with the input embeddings."""
-    head = model.get_output_embeddings()
-    linear, other = [], []
-    for name, module in model.named_modules():
-        if not name or ".lora_" in name or ".base_layer" in name or ".lora_dropout" in name:
-            continue  # the root, and peft's own submodules if the model is already wrapped
-        layer = getattr(module, "base_layer", module)
-        if isinstance(layer, torch.nn.Linear) and layer is not head and module is not head:
-            linear.append(name)
-        else:
-            other.append(name)
-    return linear, other
 
 
 def _check_unicode(request: Any) -> None:

@@ -1,17 +1,20 @@
 """The server's one settings model: every field described, unknown keys rejected.
 
-Values come from CLI flags (generated from these fields), then `EZTINKER_*` environment
-variables, then the defaults below.
+Values come from CLI flags (generated from these fields), then a settings file (`--settings-file`,
+JSON or TOML, the same keys), then `EZTINKER_*` environment variables, then the defaults below.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
+import tomllib
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .._net import is_loopback_host
 
 
 class ServerSettings(BaseSettings):
@@ -19,10 +22,11 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to bind; anything but loopback needs an API key.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    model: str = Field(
-        "auto",
-        description="Base model: a Hub id, a local directory, 'smollm2-135m' (embedded, offline) or "
-        "'auto' (Qwen/Qwen2-0.5B-Instruct when the Hub is reachable, else smollm2-135m).",
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"],
+        description="Base model, repeatable (the first is the default for new runs): a Hub id, a local "
+        "directory, 'smollm2-135m' (embedded, offline) or 'auto' (Qwen/Qwen2-0.5B-Instruct when the Hub "
+        "is reachable, else smollm2-135m).",
     )
     data_dir: Path = Field(Path("data"), description="Database, checkpoints and model cache live here.")
     device: str | None = Field(None, description="'cpu' or 'cuda'; default: cuda when available.")
@@ -41,6 +45,30 @@ class ServerSettings(BaseSettings):
     max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> Any:
+        if isinstance(value, str):  # EZTINKER_MODEL="a,b" or one name
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("give at least one base model")
+            if len(set(value)) != len(value):
+                raise ValueError(f"each base model once, got {list(value)}")
+        return value
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides: Any) -> "ServerSettings":
+        """Settings from a JSON or TOML file, `overrides` (CLI flags) taking precedence."""
+        try:
+            text = Path(path).read_text()
+            values = tomllib.loads(text) if Path(path).suffix == ".toml" else json.loads(text)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"settings file {path}: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ValueError(f"settings file {path} must hold an object of settings")
+        return cls(**{**values, **overrides})
+
     @model_validator(mode="after")
     def _key_for_public_bind(self) -> "ServerSettings":
         if not self.is_loopback and self.api_key is None and self.api_keys_file is None:
@@ -52,12 +80,7 @@ class ServerSettings(BaseSettings):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def user_keys(self) -> dict[str, str]:
         """API key -> user name; empty when auth is off (loopback without keys)."""

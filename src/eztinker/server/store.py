@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -142,14 +143,6 @@ class Store:
         )
 
     # ----------------------------------------------------------------------- checkpoints
-    def add_checkpoint(self, run_id: str, name: str, path: str, step: int) -> CheckpointInfo:
-        now = time.time()
-        self._execute(
-            "INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at) VALUES (?, ?, ?, ?, ?)",
-            (run_id, name, path, step, now),
-        )
-        return CheckpointInfo(run_id=run_id, name=name, path=path, step=step, created_at=_ts(now))
-
     def record_save(self, job_id: str, run_id: str, name: str, path: str, step: int) -> CheckpointInfo:
         """In one transaction: the checkpoint's row, the run's resume point, the job completed."""
         now = time.time()
@@ -158,22 +151,29 @@ class Store:
             ("INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at) VALUES (?, ?, ?, ?, ?)",
              (run_id, name, path, step, now)),
             ("UPDATE runs SET resume_from = ? WHERE id = ?", (f"{run_id}/{name}", run_id)),
-            *self._completion(job_id, info.model_dump(mode="json")),
+            *self._completion(job_id, info.model_dump_json()),
         ])
         return info
 
-    def record_load(self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result: Any) -> None:
+    def record_load(self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result_json: str) -> None:
         """In one transaction: the run's step and resume point, the job completed."""
         self._transaction([
             ("UPDATE runs SET step = ?, restored_from = ?, resume_from = ? WHERE id = ?",
              (step, checkpoint_ref, checkpoint_ref, run_id)),
-            *self._completion(job_id, result),
+            *self._completion(job_id, result_json),
+        ])
+
+    def record_step(self, job_id: str, run_id: str, step: int, result_json: str) -> None:
+        """In one transaction: the run's step, the job completed."""
+        self._transaction([
+            ("UPDATE runs SET step = ? WHERE id = ?", (step, run_id)),
+            *self._completion(job_id, result_json),
         ])
 
     @staticmethod
-    def _completion(job_id: str, result: Any) -> list[tuple[str, tuple]]:
+    def _completion(job_id: str, result_json: str) -> list[tuple[str, tuple]]:
         return [("UPDATE jobs SET status = ?, result = ?, error = NULL, finished_at = ? WHERE id = ?",
-                 (JobStatus.completed.value, json.dumps(result), time.time(), job_id))]
+                 (JobStatus.completed.value, result_json, time.time(), job_id))]
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         with self._lock:
@@ -236,11 +236,12 @@ class Store:
             (JobStatus.running.value, time.time(), job_id),
         )
 
-    def mark_finished(self, job_id: str, result: Any = None, error: str | None = None) -> None:
+    def mark_finished(self, job_id: str, result: str | None = None, error: str | None = None) -> None:
+        """`result`: the job's result, already encoded as JSON (it is stored and served as is)."""
         status = JobStatus.failed if error is not None else JobStatus.completed
         self._execute(
             "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? WHERE id = ?",
-            (status.value, None if error is not None else json.dumps(result), error, time.time(), job_id),
+            (status.value, None if error is not None else result, error, time.time(), job_id),
         )
 
     def unfinished_creates(self) -> list[str]:
@@ -273,22 +274,45 @@ class Store:
         )
         return removed
 
-    def count_unfinished(self) -> int:
-        return self._query(
-            "SELECT COUNT(*) AS n FROM jobs WHERE status IN (?, ?)",
-            (JobStatus.pending.value, JobStatus.running.value),
-        )[0]["n"]
-
     @staticmethod
-    def job_info(row: sqlite3.Row) -> JobInfo:
-        return JobInfo(
+    def job_record(row: sqlite3.Row) -> JobRecord:
+        return JobRecord(
             id=row["id"],
             run_id=row["run_id"],
             kind=row["kind"],
             status=JobStatus(row["status"]),
-            created_at=_ts(row["created_at"]),
-            started_at=_ts(row["started_at"]),
-            finished_at=_ts(row["finished_at"]),
-            result=json.loads(row["result"]) if row["result"] is not None else None,
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            result_json=row["result"],
             error=row["error"],
         )
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as stored: its result is the JSON text the worker wrote, decoded only on demand."""
+
+    id: str
+    run_id: str | None
+    kind: str
+    status: JobStatus
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result_json: str | None
+    error: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (JobStatus.completed, JobStatus.failed)
+
+    def result(self) -> Any:
+        return None if self.result_json is None else json.loads(self.result_json)
+
+    def info(self, with_result: bool = True) -> JobInfo:
+        """The REST API's view of the job (its result decoded, unless `with_result` is False)."""
+        return JobInfo(id=self.id, run_id=self.run_id, kind=self.kind, status=self.status,
+                       created_at=_ts(self.created_at), started_at=_ts(self.started_at),
+                       finished_at=_ts(self.finished_at), result=self.result() if with_result else None,
+                       error=self.error)

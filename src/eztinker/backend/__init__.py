@@ -1,0 +1,83 @@
+"""The interface between the server and the engines that compute.
+
+The server's runner hands a backend plain commands (`commands.py`) and gets plain outcomes back;
+it never learns where an engine runs. `LocalBackend` (local.py) holds one engine per base model in
+this process; another backend (engines in other processes or hosts) implements the same few
+methods. Importing this package does not import torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..types import LoraConfig, Prompt
+from .commands import Command, Outcome
+
+
+class InvalidInput(ValueError):
+    """Input the model cannot take; `loc` is where in the request's field it is (may be empty)."""
+
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc, self.message = loc, message
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server needs to know of a base model without touching its weights."""
+
+    name: str
+    architecture: str  # e.g. "Qwen2ForCausalLM"
+    vocab_size: int
+    max_context_length: int
+    stop_token_ids: tuple[int, ...]
+    tokenizer_id: str  # a local folder or Hub id `AutoTokenizer.from_pretrained` loads
+    text_only: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointState:
+    """A checkpoint's own record of itself (its training_state)."""
+
+    step: int
+    lora: LoraConfig
+    base_model: str | None
+
+
+class Backend(Protocol):
+    def models(self) -> list[ModelInfo]:
+        """The base models this backend holds, the default one first."""
+
+    def execute(self, commands: Sequence[Command]) -> list[Outcome]:
+        """Run `commands` in order, one outcome each. Called from one worker thread. The runner
+        passes several commands at once only where `commands.fusable` allows; if a fused batch
+        fails, each command is retried alone, so one bad request never fails its neighbours."""
+
+    # Tokenizer work: light, no model weights; called from request handlers (a thread pool).
+    def encode_prompt(self, model: str, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt given as tokens, chat messages or text; InvalidInput if none."""
+
+    def encode_text(self, model: str, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens)."""
+
+    def tokenizer_files(self, model: str) -> dict[str, str]:
+        """The tokenizer's files (name -> text), for clients that render prompts themselves."""
+
+    # The engine's checkpoint format and LoRA rules.
+    def check_lora(self, model: str, lora: LoraConfig) -> None:
+        """Raise InvalidInput (loc within `lora`) for a config the model cannot take."""
+
+    def read_checkpoint(self, directory: Path) -> CheckpointState:
+        """The checkpoint's own record; InvalidInput when it is unreadable."""
+
+    def remove_partial_writes(self, root: Path) -> list[Path]:
+        """Delete (or roll back) what interrupted checkpoint writes left below `root`."""
+
+    def close(self) -> None: ...
+
+
+__all__ = ["Backend", "CheckpointState", "Command", "InvalidInput", "ModelInfo", "Outcome"]

@@ -1,0 +1,99 @@
+"""Model work as data: every operation on a base model is a plain, serialisable command.
+
+A command names its base model, its run (or none, for the bare model) and its payload; it holds
+no engine, store or callback, so it can be queued, fused with its neighbours, sent to another
+process (`Command.model_dump_json()` / `parse_command`) and replayed. Results are plain JSON-able
+values. Paths are absolute and point into the server's data directory.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from ..types import AdamParams, Datum, LoraConfig, LossFnName, SamplingParams
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Base model the command runs on.")
+    run_id: str | None = Field(None, description="The run (LoRA adapter); None: the bare base model.")
+
+
+class CreateRun(_Command):
+    kind: Literal["create_run"] = "create_run"
+    run_id: str
+    lora: LoraConfig
+    seed: int = 0
+    from_checkpoint: str | None = Field(None, description="Directory of a checkpoint to start from.")
+
+
+class DeleteRun(_Command):
+    kind: Literal["delete_run"] = "delete_run"
+    run_id: str
+
+
+class ForwardBackward(_Command):
+    kind: Literal["forward_backward"] = "forward_backward"
+    run_id: str
+    data: list[Datum]
+    loss_fn: LossFnName = "cross_entropy"
+
+
+class OptimStep(_Command):
+    kind: Literal["optim_step"] = "optim_step"
+    run_id: str
+    adam_params: AdamParams
+
+
+class Sample(_Command):
+    kind: Literal["sample"] = "sample"
+    prompts: list[list[int]]
+    num_samples: int
+    sampling_params: SamplingParams
+
+
+class Score(_Command):
+    kind: Literal["score"] = "score"
+    prompt: list[int]
+    responses: list[list[int]]
+
+
+class Save(_Command):
+    kind: Literal["save"] = "save"
+    run_id: str
+    directory: str
+
+
+class Load(_Command):
+    kind: Literal["load"] = "load"
+    run_id: str
+    directory: str
+
+
+Command = Annotated[
+    Union[CreateRun, DeleteRun, ForwardBackward, OptimStep, Sample, Score, Save, Load], Field(discriminator="kind")
+]
+_COMMAND = TypeAdapter(Command)
+
+
+def parse_command(data: str | bytes | dict) -> Command:
+    """The command a `model_dump_json()` (or its dict) describes."""
+    if isinstance(data, dict):
+        return _COMMAND.validate_python(data)
+    return _COMMAND.validate_json(data)
+
+
+def fusable(first: Command, other: Command) -> bool:
+    """Whether `other` may execute in one batch with `first`: samples of one base model (each
+    row decodes with its own run's adapter), never across models."""
+    return isinstance(first, Sample) and isinstance(other, Sample) and first.model == other.model
+
+
+class Outcome(BaseModel):
+    """What one command produced: a JSON-able value, or the error that stopped it."""
+
+    value: Any = None
+    error: str | None = None

@@ -1,0 +1,157 @@
+"""The in-process backend: one `Engine` per base model, each model's weights loaded once and
+shared by all of its runs."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..chat import render_prompt
+from ..engine import BaseModel, Engine, EngineError, SampleSpec
+from ..engine.checkpoints import remove_partial_writes
+from ..engine.engine import InvalidTarget, read_training_state
+from ..types import LoraConfig, Prompt, SampledSequence
+from . import CheckpointState, InvalidInput, ModelInfo
+from .commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score
+
+log = logging.getLogger(__name__)
+
+
+class LocalBackend:
+    def __init__(self, bases: Sequence[BaseModel], **engine_options):
+        if not bases:
+            raise ValueError("a backend needs at least one base model")
+        names = [base.name for base in bases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"base models must be distinct, got {names}")
+        self.engines = {base.name: Engine(base, **engine_options) for base in bases}
+
+    def engine(self, model: str) -> Engine:
+        try:
+            return self.engines[model]
+        except KeyError:
+            raise EngineError(f"unknown base model {model!r}; this backend holds {sorted(self.engines)}") from None
+
+    def models(self) -> list[ModelInfo]:
+        return [_model_info(engine.base) for engine in self.engines.values()]
+
+    # ------------------------------------------------------------------------- model work
+    def execute(self, commands: Sequence[Command]) -> list[Outcome]:
+        if len(commands) > 1 and all(isinstance(c, Sample) for c in commands):
+            fused = _attempt(lambda: self._sample_many(commands))
+            if fused.error is None:
+                return [Outcome(value=value) for value in fused.value]
+            # One bad request must not fail its neighbours: each alone.
+        return [_attempt(lambda c=command: self._execute_one(c)) for command in commands]
+
+    def _execute_one(self, command: Command):
+        engine = self.engine(command.model)
+        match command:
+            case CreateRun():
+                engine.create_run(command.run_id, command.lora, command.seed)
+                step = 0
+                if command.from_checkpoint is not None:
+                    try:
+                        step = engine.load(command.run_id, Path(command.from_checkpoint))
+                    except BaseException:
+                        engine.delete_run(command.run_id)  # a failed create leaves nothing behind
+                        raise
+                return {"run_id": command.run_id, "step": step}
+            case DeleteRun():
+                engine.delete_run(command.run_id)
+                return {"deleted": command.run_id}
+            case ForwardBackward():
+                return engine.forward_backward(command.run_id, command.data, command.loss_fn).model_dump()
+            case OptimStep():
+                return engine.optim_step(command.run_id, command.adam_params).model_dump()
+            case Sample():
+                return self._sample_many([command])[0]
+            case Score():
+                scores = engine.score(command.run_id, command.prompt, command.responses)
+                return {"scores": [s.model_dump() for s in scores]}
+            case Save():
+                engine.save(command.run_id, Path(command.directory))
+                return {"step": engine.step_of(command.run_id)}
+            case Load():
+                return {"step": engine.load(command.run_id, Path(command.directory))}
+        raise EngineError(f"unknown command {command.kind!r}")
+
+    def _sample_many(self, commands: Sequence[Sample]) -> list[dict]:
+        engine = self.engine(commands[0].model)
+        specs = [SampleSpec(c.run_id, c.prompts, c.num_samples, c.sampling_params) for c in commands]
+        results = engine.sample(specs)
+        return [
+            {"prompt_tokens": c.prompts, "sequences": [[_dump(s) for s in row] for row in result]}
+            for c, result in zip(commands, results)
+        ]
+
+    # ---------------------------------------------------------------------- tokenizer work
+    def encode_prompt(self, model: str, prompt: Prompt) -> list[int]:
+        tokenizer = self.engine(model).base.tokenizer
+        if prompt.tokens is not None:
+            return prompt.tokens
+        if prompt.messages is not None:
+            return render_prompt(tokenizer, prompt.messages)
+        tokens = tokenizer.encode(prompt.text, add_special_tokens=False)
+        if not tokens:
+            raise InvalidInput(("text",), "text encodes to no tokens")
+        return tokens
+
+    def encode_text(self, model: str, text: str) -> list[int]:
+        return self.engine(model).base.tokenizer.encode(text, add_special_tokens=False)
+
+    def tokenizer_files(self, model: str) -> dict[str, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine(model).base.tokenizer.save_pretrained(tmp)
+            return {p.name: p.read_text() for p in Path(tmp).iterdir() if p.is_file()}
+
+    # ------------------------------------------------------------------- checkpoint format
+    def check_lora(self, model: str, lora: LoraConfig) -> None:
+        try:
+            self.engine(model).check_target_modules(lora.target_modules)
+        except InvalidTarget as exc:
+            raise InvalidInput(("target_modules",) if exc.index is None else ("target_modules", exc.index), str(exc)) from None
+
+    def read_checkpoint(self, directory: Path) -> CheckpointState:
+        try:
+            state = read_training_state(directory)
+            return CheckpointState(step=int(state["step"]), lora=LoraConfig.model_validate(state["lora"]),
+                                   base_model=state.get("base_model"))
+        except (EngineError, KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput((), f"unreadable checkpoint: {exc}") from None
+
+    def remove_partial_writes(self, root: Path) -> list[Path]:
+        return remove_partial_writes(root)
+
+    def close(self) -> None:
+        pass
+
+
+def _attempt(work) -> Outcome:
+    try:
+        return Outcome(value=work())
+    except EngineError as exc:
+        return Outcome(error=str(exc))
+    except Exception as exc:  # a failing command fails alone; the server keeps serving
+        log.exception("command failed")
+        return Outcome(error=f"{type(exc).__name__}: {exc}")
+
+
+def _dump(sequence: SampledSequence) -> dict:
+    return {"text": sequence.text, "tokens": sequence.tokens, "logprobs": sequence.logprobs,
+            "stop_reason": sequence.stop_reason}
+
+
+def _model_info(base: BaseModel) -> ModelInfo:
+    config = base.model.config
+    architectures = getattr(config, "architectures", None) or [type(base.model).__name__]
+    return ModelInfo(
+        name=base.name,
+        architecture=architectures[0],
+        vocab_size=base.vocab_size,
+        max_context_length=int(getattr(config, "max_position_embeddings", 0) or 0),
+        stop_token_ids=tuple(sorted(base.stop_token_ids)),
+        tokenizer_id=base.source,
+    )

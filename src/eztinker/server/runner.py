@@ -1,0 +1,170 @@
+"""Job execution: one worker thread hands commands to the backend in submission order, off the
+event loop, and records each outcome in the store.
+
+A request handler validates its input, records a pending job and queues it here with its
+command; the worker takes the next command (and the samples of the same base model queued right
+behind it, which decode as one batch, even across runs), executes them on the backend and does
+all of the store's bookkeeping from the outcomes, in one place. Waiters long-poll on asyncio
+events that the worker sets through each waiter's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backend import Backend
+from ..backend.commands import Command, CreateRun, Load, OptimStep, Outcome, Save, fusable
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    id: str
+    command: Command
+    # '<run_id>/<name>': the checkpoint a save writes, or a load / create_run starts from.
+    checkpoint: str | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+class JobRunner:
+    def __init__(self, backend: Backend, store: Store, data_dir: Path, *, job_ttl_seconds: float,
+                 max_finished_jobs: int):
+        self.backend = backend
+        self.store = store
+        self.data_dir = data_dir
+        self.job_ttl_seconds = job_ttl_seconds
+        self.max_finished_jobs = max_finished_jobs
+        self._queue: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waiters_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_expiry = 0.0
+        self.busy_job: str | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work_loop, name="eztinker-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job whose row is already in the database (any thread)."""
+        with self._cv:
+            self._queue.append(job)
+            self._cv.notify()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue) + (1 if self.busy_job else 0)
+
+    async def wait(self, job_id: str, timeout: float, finished: Callable[[], bool]) -> None:
+        """Return when the job finishes or `timeout` passes, whichever is first. The waiter is
+        registered before `finished()` is checked, so a job finishing in between is not missed."""
+        if timeout <= 0:
+            return
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        with self._waiters_lock:
+            self._waiters.setdefault(job_id, []).append(entry)
+        try:
+            if not finished():
+                await asyncio.wait_for(entry[1].wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._waiters_lock:
+                entries = self._waiters.get(job_id, [])
+                if entry in entries:
+                    entries.remove(entry)
+                if not entries:
+                    self._waiters.pop(job_id, None)
+
+    def _notify_finished(self, job_id: str) -> None:
+        with self._waiters_lock:
+            entries = list(self._waiters.get(job_id, ()))
+        for loop, event in entries:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(event.set)
+
+    # ----------------------------------------------------------------------- worker side
+    def _work_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                batch = self._take_batch()
+            self._run(batch)
+            self._maybe_expire()
+
+    def _take_batch(self) -> list[Job]:
+        # Only commands queued back to back are fused, so one run's commands never reorder.
+        batch = [self._queue.popleft()]
+        while self._queue and fusable(batch[0].command, self._queue[0].command):
+            batch.append(self._queue.popleft())
+        return batch
+
+    def _run(self, batch: list[Job]) -> None:
+        for job in batch:
+            self.store.mark_started(job.id)
+        self.busy_job = batch[0].id
+        try:
+            try:
+                outcomes = self.backend.execute([job.command for job in batch])
+            except Exception as exc:  # a backend that failed as a whole fails these jobs alone
+                log.exception("backend failed")
+                outcomes = [Outcome(error=f"{type(exc).__name__}: {exc}")] * len(batch)
+            for job, outcome in zip(batch, outcomes):
+                self._record(job, outcome)
+        finally:
+            self.busy_job = None
+
+    def _record(self, job: Job, outcome: Outcome) -> None:
+        """The store's bookkeeping for a finished command. A save or load commits its effect on
+        the run and the job's completion in one transaction: a SIGKILL between separate commits
+        would leave, e.g., a listed checkpoint whose job says 'its effect was not applied'."""
+        command, value = job.command, outcome.value
+        try:
+            if outcome.error is not None:
+                self.store.mark_finished(job.id, error=outcome.error)
+            elif isinstance(command, Save):
+                relative = str(Path(command.directory).relative_to(self.data_dir))
+                name = job.checkpoint.split("/")[1]
+                self.store.record_save(job.id, command.run_id, name, relative, value["step"])
+            elif isinstance(command, Load):
+                result = {"step": value["step"], "restored_from": job.checkpoint}
+                self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(result))
+            elif isinstance(command, CreateRun) and job.checkpoint is not None:
+                self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(value))
+            elif isinstance(command, OptimStep):
+                self.store.record_step(job.id, command.run_id, value["step"], json.dumps(value))
+            else:
+                self.store.mark_finished(job.id, result=json.dumps(value))
+        except Exception as exc:  # e.g. a result that is not JSON-serialisable
+            log.exception("could not record job %s", job.id)
+            self.store.mark_finished(job.id, error=f"could not record the result: {exc}")
+        self._notify_finished(job.id)
+
+    def _maybe_expire(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expiry > 60:
+            self._last_expiry = now
+            self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs)
