@@ -72,3 +72,33 @@ def make_tiny_model(
     if generation.exists():
         (out_dir / "generation_config.json").write_text(generation.read_text())
     return out_dir
+
+
+def make_tiny_llama(out_dir: Path, config_dir: Path | None = None, *, hidden_size: int = 48, num_layers: int = 3,
+                    seed: int = 1) -> Path:
+    """A random-weight Llama (SmolLM2's architecture: tied embeddings, no attention bias), tiny,
+    with the real Qwen2 tokenizer and its chat template; its vocabulary is the tokenizer's own
+    length, so it differs from the tiny Qwen2's padded one."""
+    config_dir = config_dir or qwen2_config_dir()
+    tokenizer = AutoTokenizer.from_pretrained(config_dir)
+    qwen = json.loads((config_dir / "config.json").read_text())
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=qwen.get("bos_token_id"),
+        eos_token_id=qwen.get("eos_token_id"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
