@@ -67,3 +67,32 @@ def test_rsft_flags_and_environment_variables_reach_the_config(ran, tmp_path):
 def test_rsft_rejects_a_value_outside_the_choices():
     result = CliRunner().invoke(cli.app, ["rsft", "--difficulty", "expert"])
     assert result.exit_code == 2 and "'expert' is not one of 'easy', 'medium', 'hard'" in result.output
+
+
+class _FakeServer:
+    url = "http://127.0.0.1:1"
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def test_demo_runs_the_preset_over_the_configs_defaults(ran, monkeypatch, tmp_path):
+    import eztinker.launcher
+
+    monkeypatch.setattr(eztinker.launcher, "ServerProcess", _FakeServer)
+    args = ["demo", "--output-dir", str(tmp_path), "--epochs", "1"]
+    result = CliRunner().invoke(cli.app, args, env={"EZTINKER_GSM8K_DIR": None})
+    assert result.exit_code == 0, result.output
+    # What the demo passed explicitly before its Config came from the preset and the defaults.
+    assert ran == [Config(
+        task="arithmetic", server_url=_FakeServer.url, api_key=None, gsm8k_dir=None, difficulty="medium",
+        max_samples=64, num_candidates=4, epochs=1, learning_rate=1e-3, lr_decay=0.7, temperature=0.8,
+        max_tokens=64, eval_size=200, batch_size=8, micro_batch_size=4, prompts_per_sample_call=32,
+        lora_rank=1, lora_alpha=16.0, seed=0, checkpoint=True, resume_from=None, output_dir=tmp_path,
+    )]

@@ -129,7 +129,7 @@ DEMO_PRESETS = {
 @click.option("--max-samples", type=int, default=None, help="Override the preset.")
 @click.option("--num-candidates", type=int, default=None, help="Override the preset.")
 @click.option("--eval-size", type=int, default=None, help="Override the preset.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=RecipeConfig.seed, show_default=True)
 def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: int, **overrides) -> None:
     """Start a server on the embedded model and run rejection-sampling SFT on it, end to end."""
     from .launcher import ServerProcess
@@ -147,8 +147,8 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
     except RuntimeError as exc:
         raise click.ClickException(f"the server did not start: {exc}") from exc
     with server:
-        config = RecipeConfig(task=task, server_url=server.url, api_key=None, gsm8k_dir=gsm8k_dir, difficulty="medium",
-                              lora_rank=1, lora_alpha=16.0, seed=seed, resume_from=None, output_dir=output_dir, **options)
+        # Only the preset and the demo's own flags; everything else is the recipe's default.
+        config = RecipeConfig(task=task, server_url=server.url, gsm8k_dir=gsm8k_dir, seed=seed, output_dir=output_dir, **options)
         _run_recipe(config)
     click.echo(f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}")
 
