@@ -72,3 +72,18 @@ def start_server(tiny_model_dir, tmp_path):
     yield start
     for server in started:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    """The shared GSM8K folder. CI always has it, so a test that needs it fails, never skips, without it."""
+    import os
+
+    from eztinker.tiny import SHARED_ENV, find_shared_dir
+
+    shared = find_shared_dir() or Path(__file__).resolve().parents[1].parent / "shared"
+    path = shared / "data" / "gsm8k"
+    if not all((path / f"{split}.jsonl").is_file() for split in ("train", "test")):
+        source = f"${SHARED_ENV}" if os.environ.get(SHARED_ENV) else f"../shared beside the project; set ${SHARED_ENV} to look elsewhere"
+        pytest.fail(f"GSM8K data not found: looked for train.jsonl and test.jsonl in {path} ({source})", pytrace=False)
+    return path

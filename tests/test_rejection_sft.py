@@ -21,15 +21,11 @@ from eztinker.recipes.rejection_sft import (
     main,
     trim_after_answer,
 )
-from eztinker.tasks.gsm8k import find_shared_gsm8k_dir
-
-GSM8K_DIR = find_shared_gsm8k_dir()
-pytestmark = pytest.mark.skipif(GSM8K_DIR is None, reason="../shared/data/gsm8k not found")
 
 
-def _config(url, tmp_path, **overrides) -> Config:
+def _config(url, gsm8k_dir, tmp_path, **overrides) -> Config:
     options = dict(
-        task="gsm8k", server_url=url, gsm8k_dir=GSM8K_DIR, max_samples=4, num_candidates=2, epochs=1,
+        task="gsm8k", server_url=url, gsm8k_dir=gsm8k_dir, max_samples=4, num_candidates=2, epochs=1,
         max_tokens=6, eval_size=2, batch_size=2, micro_batch_size=1, learning_rate=1e-3,
         output_dir=tmp_path / "out",
     )
@@ -41,14 +37,14 @@ def _run_info(url, run_id) -> ez.RunInfo:
     return ez.ServiceClient(url).training_client(run_id).info()
 
 
-def test_outputs_have_the_documented_shapes_and_only_correct_candidates_train(make_server, tmp_path):
+def test_outputs_have_the_documented_shapes_and_only_correct_candidates_train(gsm8k_dir, make_server, tmp_path):
     accepted_questions: set[str] = set()
 
     def reward(text, problem):  # "correct": every candidate of the first two training problems
         return problem.id in accepted_questions
 
     with make_server() as server:
-        config = _config(server.url, tmp_path, checkpoint=True, reward_fn=reward)
+        config = _config(server.url, gsm8k_dir, tmp_path, checkpoint=True, reward_fn=reward)
         recipe = RejectionSFT(config)
         train, _ = recipe.load_problems()
         accepted_questions.update(p.id for p in train[:2])
@@ -84,21 +80,21 @@ def test_outputs_have_the_documented_shapes_and_only_correct_candidates_train(ma
     assert (saved["best_epoch"], saved["best_checkpoint"]) == (0, None)
 
 
-def test_nothing_is_trained_when_no_candidate_is_correct(make_server, tmp_path):
+def test_nothing_is_trained_when_no_candidate_is_correct(gsm8k_dir, make_server, tmp_path):
     with make_server() as server:
-        results = main(_config(server.url, tmp_path, reward_fn=lambda text, problem: False))
+        results = main(_config(server.url, gsm8k_dir, tmp_path, reward_fn=lambda text, problem: False))
         info = _run_info(server.url, results["run_id"])
     assert info.step == 0
     assert results["epochs"][1]["trained_examples"] == 0
     assert results["epochs"][1]["train_loss"] is None  # nothing trained: null, not NaN (not JSON)
 
 
-def test_resume_from_an_epoch_checkpoint_continues_the_schedule(make_server, tmp_path):
+def test_resume_from_an_epoch_checkpoint_continues_the_schedule(gsm8k_dir, make_server, tmp_path):
     always = lambda text, problem: True  # noqa: E731
     with make_server() as server:
-        first = main(_config(server.url, tmp_path, checkpoint=True, reward_fn=always))
+        first = main(_config(server.url, gsm8k_dir, tmp_path, checkpoint=True, reward_fn=always))
         ref = first["epochs"][1]["checkpoint"]
-        resumed = main(_config(server.url, tmp_path, checkpoint=True, epochs=2, resume_from=ref, reward_fn=always))
+        resumed = main(_config(server.url, gsm8k_dir, tmp_path, checkpoint=True, epochs=2, resume_from=ref, reward_fn=always))
         info = _run_info(server.url, resumed["run_id"])
     assert resumed["run_id"] != first["run_id"]
     assert resumed["resumed_from"] == ref

@@ -12,13 +12,6 @@ import pytest
 
 from eztinker.tasks import TASK_NAMES, Problem, arithmetic, get_task, gsm8k
 
-SHARED_GSM8K = gsm8k.find_shared_gsm8k_dir()
-needs_gsm8k = pytest.mark.skipif(
-    SHARED_GSM8K is None,
-    reason="shared GSM8K data not found at <project root>/../shared/data/gsm8k "
-    "(find_shared_gsm8k_dir() returned None)",
-)
-
 
 def _write_gsm8k(tmp_path, rows_by_split):
     for split, rows in rows_by_split.items():
@@ -61,10 +54,9 @@ def test_problem_is_frozen():
 # ---------------------------------------------------------------- GSM8K
 
 
-@needs_gsm8k
-def test_gsm8k_full_splits(no_gsm8k_env):
-    train = gsm8k.load_problems("train", data_dir=SHARED_GSM8K)
-    test = gsm8k.load_problems("test", data_dir=SHARED_GSM8K)
+def test_gsm8k_full_splits(gsm8k_dir, no_gsm8k_env):
+    train = gsm8k.load_problems("train", data_dir=gsm8k_dir)
+    test = gsm8k.load_problems("test", data_dir=gsm8k_dir)
     assert len(train) == 7473
     assert len(test) == 1319
     assert train[0].gold == "72"
@@ -77,22 +69,20 @@ def test_gsm8k_full_splits(no_gsm8k_env):
         assert re.fullmatch(r"-?[\d.]+", p.gold), p
 
 
-@needs_gsm8k
-def test_gsm8k_subset_is_deterministic(no_gsm8k_env):
-    a = gsm8k.load_problems("train", limit=50, seed=1, data_dir=SHARED_GSM8K)
-    b = gsm8k.load_problems("train", limit=50, seed=1, data_dir=SHARED_GSM8K)
-    c = gsm8k.load_problems("train", limit=50, seed=2, data_dir=SHARED_GSM8K)
+def test_gsm8k_subset_is_deterministic(gsm8k_dir, no_gsm8k_env):
+    a = gsm8k.load_problems("train", limit=50, seed=1, data_dir=gsm8k_dir)
+    b = gsm8k.load_problems("train", limit=50, seed=1, data_dir=gsm8k_dir)
+    c = gsm8k.load_problems("train", limit=50, seed=2, data_dir=gsm8k_dir)
     assert len(a) == 50 and len({p.id for p in a}) == 50
     assert a == b
     assert {p.id for p in a} != {p.id for p in c}
     # a smaller limit is a prefix of a larger one for the same seed
-    assert gsm8k.load_problems("train", limit=10, seed=1, data_dir=SHARED_GSM8K) == a[:10]
-    assert gsm8k.load_problems("test", limit=0, data_dir=SHARED_GSM8K) == []
+    assert gsm8k.load_problems("train", limit=10, seed=1, data_dir=gsm8k_dir) == a[:10]
+    assert gsm8k.load_problems("test", limit=0, data_dir=gsm8k_dir) == []
 
 
-@needs_gsm8k
-def test_gsm8k_env_var_source(monkeypatch):
-    monkeypatch.setenv(gsm8k.ENV_VAR, str(SHARED_GSM8K))
+def test_gsm8k_env_var_source(gsm8k_dir, monkeypatch):
+    monkeypatch.setenv(gsm8k.ENV_VAR, str(gsm8k_dir))
     test = gsm8k.load_problems("test")
     assert len(test) == 1319
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import click
 from pydantic import SecretStr, ValidationError
 
+from .recipes._cli import click_options
+from .recipes.rejection_sft import Config as RecipeConfig
 from .server.settings import ServerSettings
 
 
@@ -92,59 +94,25 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _recipe_options(func):
-    """Flags of the rejection-SFT recipe, from its Config dataclass defaults."""
-    from .recipes.rejection_sft import Config
-
-    flags = [
-        ("--task", dict(type=click.Choice(["gsm8k", "arithmetic"]), default=Config.task, help="Problem set.")),
-        ("--server-url", dict(default=Config.server_url, help="The EZTinker server.")),
-        ("--api-key", dict(default=None, envvar="EZTINKER_API_KEY", help="API key, if the server needs one.")),
-        ("--gsm8k-dir", dict(type=click.Path(path_type=Path), default=None, envvar="EZTINKER_GSM8K_DIR",
-                             help="Folder with GSM8K train.jsonl/test.jsonl (else the Hub).")),
-        ("--difficulty", dict(type=click.Choice(["easy", "medium", "hard"]), default=Config.difficulty, help="Arithmetic task only.")),
-        ("--max-samples", dict(type=int, default=Config.max_samples, help="Training problems.")),
-        ("--num-candidates", dict(type=int, default=Config.num_candidates, help="Candidates per problem.")),
-        ("--epochs", dict(type=int, default=Config.epochs)),
-        ("--learning-rate", dict(type=float, default=Config.learning_rate)),
-        ("--lr-decay", dict(type=float, default=Config.lr_decay, help="Learning-rate multiplier per epoch.")),
-        ("--temperature", dict(type=float, default=Config.temperature, help="For candidates; evaluation is greedy.")),
-        ("--max-tokens", dict(type=int, default=Config.max_tokens, help="New tokens per candidate.")),
-        ("--eval-size", dict(type=int, default=Config.eval_size, help="Held-out test problems.")),
-        ("--batch-size", dict(type=int, default=Config.batch_size, help="Examples per optimizer step.")),
-        ("--lora-rank", dict(type=int, default=Config.lora_rank)),
-        ("--lora-alpha", dict(type=float, default=Config.lora_alpha)),
-        ("--seed", dict(type=int, default=Config.seed)),
-        ("--checkpoint/--no-checkpoint", dict(default=Config.checkpoint, help="Save rejection_sft_epoch_<k> every epoch.")),
-        ("--resume-from", dict(default=None, help="Continue after '<run_id>/rejection_sft_epoch_<k>'.")),
-        ("--output-dir", dict(type=click.Path(path_type=Path), default=Config.output_dir)),
-    ]
-    for flag, kwargs in reversed(flags):
-        kwargs.setdefault("show_default", True)
-        func = click.option(flag, **kwargs)(func)
-    return func
-
-
-def _run_recipe(**options) -> dict:
+def _run_recipe(config: RecipeConfig) -> dict:
     from .client._errors import ConnectionFailedError, EZTinkerError
-    from .recipes.rejection_sft import Config, main
+    from .recipes.rejection_sft import main
     from .tasks.gsm8k import DatasetUnavailableError
 
-    options.pop("model", None)
     try:
-        return main(Config(**options))
+        return main(config)
     except ConnectionFailedError:
-        _fail(f"no EZTinker server at {options['server_url']}. Start one with: eztinker server --model smollm2-135m")
+        _fail(f"no EZTinker server at {config.server_url}. Start one with: eztinker server --model smollm2-135m")
     except (DatasetUnavailableError, EZTinkerError, ValueError) as exc:
         _fail(str(exc))
 
 
 @app.command()
-@_recipe_options
+@click_options(RecipeConfig)
 def rsft(**options) -> None:
     """Rejection-sampling SFT against a running server (GSM8K by default)."""
     _quiet_libraries()
-    _run_recipe(**options)
+    _run_recipe(RecipeConfig(**options))
 
 
 # The demo's schedule for the embedded model on arithmetic word problems (see README for the
@@ -166,7 +134,7 @@ DEMO_PRESETS = {
 @click.option("--max-samples", type=int, default=None, help="Override the preset.")
 @click.option("--num-candidates", type=int, default=None, help="Override the preset.")
 @click.option("--eval-size", type=int, default=None, help="Override the preset.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=RecipeConfig.seed, show_default=True)
 def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: int, **overrides) -> None:
     """Start a server on the embedded model and run rejection-sampling SFT on it, end to end."""
     from .launcher import ServerProcess
@@ -184,8 +152,9 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
     except RuntimeError as exc:
         raise click.ClickException(f"the server did not start: {exc}") from exc
     with server:
-        _run_recipe(task=task, server_url=server.url, api_key=None, gsm8k_dir=gsm8k_dir, difficulty="medium",
-                    lora_rank=1, lora_alpha=16.0, seed=seed, resume_from=None, output_dir=output_dir, **options)
+        # Only the preset and the demo's own flags; everything else is the recipe's default.
+        config = RecipeConfig(task=task, server_url=server.url, gsm8k_dir=gsm8k_dir, seed=seed, output_dir=output_dir, **options)
+        _run_recipe(config)
     click.echo(f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}")
 
 

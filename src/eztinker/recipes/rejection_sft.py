@@ -27,8 +27,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import AdamParams, SamplingParams, ServiceClient, TrainingClient, datum_from_messages
-from ..tasks import Problem, get_task
+from ..tasks import TASK_NAMES, Problem, get_task, gsm8k
+from ..tasks.arithmetic import DIFFICULTIES
 from ..verify import evaluate_answer, last_number, strict_answer
+from ._cli import setting
 
 BUFFER_FILE = "rejection_buffer.jsonl"
 RESULTS_FILE = "rejection_sft_results.json"
@@ -41,29 +43,34 @@ RewardFn = Callable[[str, Problem], bool]
 
 @dataclass
 class Config:
-    task: str = "gsm8k"  # "gsm8k" or "arithmetic"
-    server_url: str = "http://127.0.0.1:8000"
-    api_key: str | None = None
-    gsm8k_dir: Path | None = None  # local GSM8K JSONL folder; else $EZTINKER_GSM8K_DIR, else the Hub
-    difficulty: str = "medium"  # arithmetic task only
-    max_samples: int = 100  # training problems
-    num_candidates: int = 4  # candidates sampled per problem
-    epochs: int = 3
-    learning_rate: float = 2e-4
-    lr_decay: float = 1.0  # learning rate multiplier applied after every epoch
-    temperature: float = 0.8  # for candidates; evaluation is greedy
-    max_tokens: int = 256  # new tokens per candidate
-    eval_size: int = 100  # held-out test problems (greedy)
-    batch_size: int = 8  # examples per optimizer step (gradient accumulated over the batch)
-    micro_batch_size: int = 4  # examples per forward_backward request
-    prompts_per_sample_call: int = 32  # problems per batched `sample` request
-    lora_rank: int = 1
-    lora_alpha: float = 16.0
-    seed: int = 0
-    checkpoint: bool = False  # save `rejection_sft_epoch_<k>` after every epoch
-    resume_from: str | None = None  # '<run_id>/rejection_sft_epoch_<k>': continue after epoch k
-    output_dir: Path = Path("data")
-    reward_fn: RewardFn | None = field(default=None, repr=False)  # default: Math-Verify on the gold
+    """Every field but `reward_fn` is also an `eztinker rsft` flag, with this help and default."""
+
+    task: str = setting("gsm8k", "Problem set.", choices=TASK_NAMES)
+    server_url: str = setting("http://127.0.0.1:8000", "The EZTinker server.")
+    api_key: str | None = setting(None, "API key, if the server needs one.", envvar="EZTINKER_API_KEY")
+    gsm8k_dir: Path | None = setting(
+        None, f"Folder with GSM8K train.jsonl/test.jsonl (else ${gsm8k.ENV_VAR}, else the Hub).", envvar=gsm8k.ENV_VAR
+    )
+    difficulty: str = setting("medium", "Arithmetic task only.", choices=DIFFICULTIES)
+    max_samples: int = setting(100, "Training problems.")
+    num_candidates: int = setting(4, "Candidates sampled per problem.")
+    epochs: int = setting(3, "Rounds of sample, select, train.")
+    learning_rate: float = setting(2e-4, "Adam learning rate of the first epoch.")
+    lr_decay: float = setting(1.0, "Learning-rate multiplier applied after every epoch.")
+    temperature: float = setting(0.8, "For candidates; evaluation is greedy.")
+    max_tokens: int = setting(256, "New tokens per candidate.")
+    eval_size: int = setting(100, "Held-out test problems (greedy).")
+    batch_size: int = setting(8, "Examples per optimizer step (gradient accumulated over the batch).")
+    micro_batch_size: int = setting(4, "Examples per forward_backward request.")
+    prompts_per_sample_call: int = setting(32, "Problems per batched `sample` request.")
+    lora_rank: int = setting(1, "LoRA rank of a new run (a resumed run keeps its checkpoint's).")
+    lora_alpha: float = setting(16.0, "LoRA alpha of a new run.")
+    seed: int = setting(0, "Seeds problem order, candidate sampling and the adapter's init.")
+    checkpoint: bool = setting(False, "Save rejection_sft_epoch_<k> every epoch.")
+    resume_from: str | None = setting(None, "Continue after '<run_id>/rejection_sft_epoch_<k>'.")
+    output_dir: Path = setting(Path("data"), "Folder for the buffer, results and plot.")
+    # default: Math-Verify on the gold; a function has no flag
+    reward_fn: RewardFn | None = field(default=None, repr=False, metadata={"cli": False})
 
 
 @dataclass
