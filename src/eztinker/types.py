@@ -8,6 +8,7 @@ misspelt option is a 422 that names it, never a silently ignored setting.
 from __future__ import annotations
 
 import re
+import typing
 from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
@@ -92,10 +93,10 @@ class LossFnInputs(_Schema):
     target_tokens: list[int]
     weights: list[float] | None = Field(None, description="cross_entropy: per-token weight.")
     logprobs: list[float] | None = Field(
-        None, description="importance_sampling/ppo: the sampler's logprob of each target token."
+        None, description="RL losses (importance_sampling, ppo, cispo, dro): the sampler's logprob of each target token."
     )
     advantages: list[float] | None = Field(
-        None, description="importance_sampling/ppo: per-token advantage."
+        None, description="RL losses: per-token advantage."
     )
 
 
@@ -117,12 +118,18 @@ class Datum(_Schema):
         return self
 
 
-LossFnName = Literal["cross_entropy", "importance_sampling", "ppo"]
+LossFnName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+LOSS_FNS: tuple[str, ...] = typing.get_args(LossFnName)
 
 
 class ForwardBackwardRequest(_Schema):
     data: list[Datum] = Field(min_length=1)
     loss_fn: LossFnName = "cross_entropy"
+    loss_fn_config: dict[str, float] | None = Field(
+        None,
+        description="ppo/cispo: clip_low_threshold, clip_high_threshold (ratio bounds, default 0.8 and 1.2); "
+        "dro: beta (default 0.05).",
+    )
 
     @model_validator(mode="after")
     def _inputs_for_loss(self) -> "ForwardBackwardRequest":
@@ -195,6 +202,9 @@ class SamplingParams(_Schema):
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     stop: list[str] = Field(
         default_factory=list, description="Stop strings (the model's end-of-turn token always stops)."
+    )
+    stop_token_ids: list[int] = Field(
+        default_factory=list, description="Token ids that also stop a candidate (included in its tokens)."
     )
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
 

@@ -40,6 +40,11 @@ class ForwardBackward(_Command):
     run_id: str
     data: list[Datum]
     loss_fn: LossFnName = "cross_entropy"
+    loss_fn_config: dict[str, float] = Field(default_factory=dict, description="e.g. PPO's clip thresholds.")
+    forward_only: bool = Field(False, description="Logprobs and loss only: no gradient is accumulated.")
+    all_logprobs: bool = Field(
+        False, description="Logprobs at every position, not only where the loss is nonzero (Tinker's outputs)."
+    )
 
 
 class OptimStep(_Command):
@@ -53,6 +58,11 @@ class Sample(_Command):
     prompts: list[list[int]]
     num_samples: int
     sampling_params: SamplingParams
+    snapshot: str | None = Field(
+        None, description="Sample from this saved checkpoint's adapter (a fixed snapshot) instead of run_id's live one."
+    )
+    prompt_logprobs: bool = Field(False, description="Also the logprob of every prompt token (the first: None).")
+    topk_prompt_logprobs: int = Field(0, ge=0, description="Also the k most likely tokens at every prompt position.")
 
 
 class Score(_Command):

@@ -296,7 +296,10 @@ class Service:
             self.check_tokens(model, datum.model_input.tokens, ("data", i, "model_input", "tokens"))
             self.check_tokens(model, datum.loss_fn_inputs.target_tokens, ("data", i, "loss_fn_inputs", "target_tokens"))
         # Already validated: constructed without a second pass over every datum.
-        command = ForwardBackward.model_construct(model=model, run_id=run_id, data=request.data, loss_fn=request.loss_fn)
+        command = ForwardBackward.model_construct(
+            model=model, run_id=run_id, data=request.data, loss_fn=request.loss_fn,
+            loss_fn_config=request.loss_fn_config or {}, forward_only=False, all_logprobs=False,
+        )
         return self.submit(user, Job(new_id("job"), command), request, key)
 
     def submit_optim_step(self, user: str, run_id: str, request: OptimStepRequest, key: str | None) -> JobRef:
@@ -322,6 +325,7 @@ class Service:
                 f"{len(request.prompts)} prompts x {request.num_samples} samples = {total} candidates; "
                 f"the limit is {self.settings.max_samples_per_request}",
             )
+        self.check_tokens(model, params.stop_token_ids, ("sampling_params", "stop_token_ids"))
         prompts = [self.encode_prompt(model, p, ("prompts", i)) for i, p in enumerate(request.prompts)]
         command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=request.num_samples, sampling_params=params)
         return self.submit(user, Job(new_id("job"), command), request, key)
