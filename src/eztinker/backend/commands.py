@@ -28,6 +28,7 @@ class CreateRun(_Command):
     lora: LoraConfig
     seed: int = 0
     from_checkpoint: str | None = Field(None, description="Directory of a checkpoint to start from.")
+    with_optimizer: bool = Field(True, description="Also restore the checkpoint's optimizer state.")
 
 
 class DeleteRun(_Command):
@@ -81,6 +82,7 @@ class Load(_Command):
     kind: Literal["load"] = "load"
     run_id: str
     directory: str
+    with_optimizer: bool = Field(True, description="Also restore the optimizer state (else it starts afresh).")
 
 
 Command = Annotated[
@@ -107,3 +109,6 @@ class Outcome(BaseModel):
 
     value: Any = None
     error: str | None = None
+    error_category: Literal["user", "server"] = Field(
+        "server", description="'user': the command cannot succeed as sent (bad input); 'server': it failed here."
+    )

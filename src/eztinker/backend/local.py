@@ -54,7 +54,8 @@ class LocalBackend:
                 step = 0
                 if command.from_checkpoint is not None:
                     try:
-                        step = engine.load(command.run_id, Path(command.from_checkpoint))
+                        step = engine.load(command.run_id, Path(command.from_checkpoint),
+                                           with_optimizer=command.with_optimizer)
                     except BaseException:
                         engine.delete_run(command.run_id)  # a failed create leaves nothing behind
                         raise
@@ -75,7 +76,7 @@ class LocalBackend:
                 engine.save(command.run_id, Path(command.directory))
                 return {"step": engine.step_of(command.run_id)}
             case Load():
-                return {"step": engine.load(command.run_id, Path(command.directory))}
+                return {"step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)}
         raise EngineError(f"unknown command {command.kind!r}")
 
     def _sample_many(self, commands: Sequence[Sample]) -> list[dict]:
@@ -133,7 +134,7 @@ def _attempt(work) -> Outcome:
     try:
         return Outcome(value=work())
     except EngineError as exc:
-        return Outcome(error=str(exc))
+        return Outcome(error=str(exc), error_category="user")
     except Exception as exc:  # a failing command fails alone; the server keeps serving
         log.exception("command failed")
         return Outcome(error=f"{type(exc).__name__}: {exc}")

@@ -431,8 +431,9 @@ class Engine:
 
         write_atomically(directory, write)
 
-    def load(self, run_id: str, directory: Path) -> int:
-        """Replace the run's adapter, optimizer state and step with the checkpoint's.
+    def load(self, run_id: str, directory: Path, *, with_optimizer: bool = True) -> int:
+        """Replace the run's adapter, optimizer state and step with the checkpoint's (without the
+        optimizer state when `with_optimizer` is False: the moments then start from zero).
 
         Every file is read before anything is applied, so a bad checkpoint fails with a clear
         error and leaves the run untouched (rather than a bare "SafetensorError" after the adapter
@@ -450,8 +451,11 @@ class Engine:
         if missing:
             raise EngineError(f"checkpoint is missing {len(missing)} adapter tensors, e.g. {missing[0]}")
         # weights_only: a checkpoint can never run code on the server.
-        optimizer_state = torch.load(directory / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
-        run.optimizer.load_state_dict(optimizer_state)
+        if with_optimizer:
+            optimizer_state = torch.load(directory / OPTIMIZER_STATE, weights_only=True, map_location="cpu")
+            run.optimizer.load_state_dict(optimizer_state)
+        else:
+            run.optimizer = torch.optim.AdamW(run.params, lr=AdamParams().learning_rate)
         run.optimizer.zero_grad(set_to_none=True)
         run.step = int(saved["step"])
         return run.step

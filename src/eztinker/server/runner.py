@@ -144,7 +144,9 @@ class JobRunner:
         command, value = job.command, outcome.value
         try:
             if outcome.error is not None:
-                self.store.mark_finished(job.id, error=outcome.error)
+                self.store.mark_finished(job.id, error=outcome.error, error_category=outcome.error_category)
+                if isinstance(command, CreateRun):
+                    self.store.mark_run_deleted(command.run_id)  # the run never came to be
             elif isinstance(command, Save):
                 relative = str(Path(command.directory).relative_to(self.data_dir))
                 name = job.checkpoint.split("/")[1]

@@ -54,6 +54,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL
 );
+CREATE TABLE IF NOT EXISTS sessions (  -- Tinker client sessions
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS samplers (  -- Tinker sampling sessions: a base model, or a saved adapter
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    checkpoint TEXT,  -- '<run_id>/<name>'; NULL: the bare base model
+    model_path TEXT,
+    created_at REAL NOT NULL
+);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
@@ -80,6 +96,14 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since the first schema, for databases made before them."""
+        for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT")):
+            names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in names:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -94,11 +118,17 @@ class Store:
             return self._db.execute(sql, args).rowcount
 
     # ------------------------------------------------------------------------------ runs
-    def add_run(self, run_id: str, owner: str, base_model: str, lora: LoraConfig, seed: int) -> None:
+    def add_run(self, run_id: str, owner: str, base_model: str, lora: LoraConfig, seed: int,
+                metadata: dict | None = None) -> None:
         self._execute(
-            "INSERT INTO runs (id, owner, base_model, lora, seed, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (run_id, owner, base_model, lora.model_dump_json(), seed, time.time()),
+            "INSERT INTO runs (id, owner, base_model, lora, seed, created_at, metadata) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, owner, base_model, lora.model_dump_json(), seed, time.time(), json.dumps(metadata or {})),
         )
+
+    def run_row_any(self, run_id: str) -> sqlite3.Row | None:
+        """A run's row, deleted or not."""
+        rows = self._query("SELECT * FROM runs WHERE id = ?", (run_id,))
+        return rows[0] if rows else None
 
     def live_runs(self, owner: str | None = None) -> list[sqlite3.Row]:
         if owner is None:
@@ -186,6 +216,18 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    def delete_checkpoint(self, run_id: str, name: str) -> None:
+        self._execute("DELETE FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))
+
+    def checkpoints_of(self, owner: str) -> list[CheckpointInfo]:
+        """Every checkpoint of the owner's runs (deleted runs' included: they outlive them)."""
+        rows = self._query(
+            "SELECT c.* FROM checkpoints c JOIN runs r ON r.id = c.run_id WHERE r.owner = ? ORDER BY c.created_at",
+            (owner,),
+        )
+        return [CheckpointInfo(run_id=r["run_id"], name=r["name"], path=r["path"], step=r["step"],
+                               created_at=_ts(r["created_at"])) for r in rows]
+
     def set_checkpoint_step(self, run_id: str, name: str, step: int) -> None:
         self._execute("UPDATE checkpoints SET step = ? WHERE run_id = ? AND name = ?", (step, run_id, name))
 
@@ -236,12 +278,15 @@ class Store:
             (JobStatus.running.value, time.time(), job_id),
         )
 
-    def mark_finished(self, job_id: str, result: str | None = None, error: str | None = None) -> None:
-        """`result`: the job's result, already encoded as JSON (it is stored and served as is)."""
+    def mark_finished(self, job_id: str, result: str | None = None, error: str | None = None,
+                      error_category: str = "server") -> None:
+        """`result`: the job's result, already encoded as JSON (it is stored and served as is).
+        `error_category`: 'user' (the request cannot succeed as sent) or 'server'."""
         status = JobStatus.failed if error is not None else JobStatus.completed
         self._execute(
-            "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? WHERE id = ?",
-            (status.value, None if error is not None else result, error, time.time(), job_id),
+            "UPDATE jobs SET status = ?, result = ?, error = ?, error_category = ?, finished_at = ? WHERE id = ?",
+            (status.value, None if error is not None else result, error, None if error is None else error_category,
+             time.time(), job_id),
         )
 
     def unfinished_creates(self) -> list[str]:
@@ -286,6 +331,7 @@ class Store:
             finished_at=row["finished_at"],
             result_json=row["result"],
             error=row["error"],
+            error_category=row["error_category"] or ("server" if row["error"] else None),
         )
 
 
@@ -302,6 +348,7 @@ class JobRecord:
     finished_at: float | None
     result_json: str | None
     error: str | None
+    error_category: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -316,3 +363,47 @@ class JobRecord:
                        created_at=_ts(self.created_at), started_at=_ts(self.started_at),
                        finished_at=_ts(self.finished_at), result=self.result() if with_result else None,
                        error=self.error)
+
+
+class SessionStore:
+    """Tinker client sessions and sampling sessions, in the same database."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def add_session(self, session_id: str, owner: str, metadata: dict) -> None:
+        now = time.time()
+        self._store._execute(
+            "INSERT INTO sessions (id, owner, metadata, created_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+            (session_id, owner, json.dumps(metadata), now, now),
+        )
+
+    def session(self, session_id: str, owner: str) -> sqlite3.Row | None:
+        rows = self._store._query("SELECT * FROM sessions WHERE id = ? AND owner = ?", (session_id, owner))
+        return rows[0] if rows else None
+
+    def sessions(self, owner: str) -> list[sqlite3.Row]:
+        return self._store._query("SELECT * FROM sessions WHERE owner = ? ORDER BY created_at", (owner,))
+
+    def heartbeat(self, session_id: str) -> None:
+        self._store._execute("UPDATE sessions SET heartbeat_at = ? WHERE id = ?", (time.time(), session_id))
+
+    def finish(self, session_id: str) -> None:
+        self._store._execute("UPDATE sessions SET finished_at = ? WHERE id = ? AND finished_at IS NULL",
+                             (time.time(), session_id))
+
+    def add_sampler(self, sampler_id: str, owner: str, base_model: str, checkpoint: str | None,
+                    model_path: str | None) -> None:
+        self._store._execute(
+            "INSERT OR REPLACE INTO samplers (id, owner, base_model, checkpoint, model_path, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (sampler_id, owner, base_model, checkpoint, model_path, time.time()),
+        )
+
+    def sampler(self, sampler_id: str, owner: str) -> sqlite3.Row | None:
+        rows = self._store._query("SELECT * FROM samplers WHERE id = ? AND owner = ?", (sampler_id, owner))
+        return rows[0] if rows else None
+
+    def samplers_of_session(self, session_id: str) -> list[str]:
+        rows = self._store._query("SELECT id FROM samplers WHERE id LIKE ?", (f"{session_id}:sample:%",))
+        return [r["id"] for r in rows]
