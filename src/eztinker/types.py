@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # configurable limits (max tokens, batch sizes) when it validates a request.
 MAX_LORA_RANK = 256
 CHECKPOINT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# Run ids: ours ('run_<hex>') and the Tinker protocol's ('<session_id>:train:<n>').
+RUN_ID_PATTERN = r"[A-Za-z0-9_:-]{1,100}"
 
 
 class _Schema(BaseModel):
@@ -288,7 +290,7 @@ def parse_checkpoint_ref(ref: str, default_run: str) -> tuple[str, str]:
         raise ValueError("checkpoint must be '<name>' or '<run_id>/<name>'")
     if not re.fullmatch(CHECKPOINT_NAME_PATTERN, name) or ".." in name:
         raise ValueError(f"invalid checkpoint name {name!r}")
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+    if not re.fullmatch(RUN_ID_PATTERN, run_id):
         raise ValueError(f"invalid run id {run_id!r}")
     return run_id, name
 

@@ -225,6 +225,19 @@ class Service:
         return [self.store.run_info(row) for row in self.store.live_runs(user)]
 
     async def create_run(self, user: str, request: CreateRunRequest, key: str | None = None) -> RunInfo:
+        """Create a run and wait until it exists (the REST API answers with the run itself)."""
+        ref = self.submit_create_run(user, request, key)
+        job = await self._wait_finished(user, ref.job_id)
+        if job.status is JobStatus.failed:
+            field = ("from_checkpoint",) if request.from_checkpoint is not None else ("lora",)
+            raise invalid(field, job.error or "could not create the run")
+        return self.get_run(user, job.run_id)
+
+    def submit_create_run(self, user: str, request: CreateRunRequest, key: str | None = None, *,
+                          run_id: str | None = None, metadata: dict | None = None,
+                          with_optimizer: bool = True) -> JobRef:
+        """Validate, record the run and queue its creation; the job's run_id names it. `run_id`:
+        the protocol's own id for it (Tinker's '<session>:train:<n>'), else a fresh one."""
         if request.seed > MAX_SEED:
             raise invalid(("seed",), f"seed {request.seed} is above the largest allowed, {MAX_SEED}")
         lora, source, ref = request.lora, None, None
@@ -246,38 +259,46 @@ class Service:
             self.backend.check_lora(model, lora)
         except InvalidInput as exc:
             raise invalid(("lora", *exc.loc) if source is None else ("from_checkpoint", *exc.loc[1:]), exc.message) from None
-        digest = _request_hash("create_run", None, request) if key else None
+        digest = _request_hash("create_run", run_id, request) if key else None
         if key and (existing := self.store.job_by_key(user, key)) is not None:
             if existing["status"] == JobStatus.failed.value and existing["error"] == INTERRUPTED:
                 # A create retried across a server restart (the SDK reuses its key) must not replay the
                 # interrupted attempt's failure: that attempt has no effect, so create afresh.
                 self.store.release_idempotency_key(existing["id"])
             else:
-                return await self._replayed_run(user, existing, digest, key)
-        run_id = new_id("run")
-        self.store.add_run(run_id, user, model, lora, request.seed)
+                return self._replay(existing, digest, key)
+        if run_id is not None and (row := self.store.run_row_any(run_id)) is not None:
+            if row["owner"] != user or row["deleted_at"] is not None:
+                raise ServiceError(409, f"run id {run_id} is taken")
+            return self._replay_create(user, run_id)
+        run_id = run_id or new_id("run")
+        self.store.add_run(run_id, user, model, lora, request.seed, metadata)
         command = CreateRun(model=model, run_id=run_id, lora=lora, seed=request.seed,
-                            from_checkpoint=None if source is None else str(source))
-        try:
-            job = await self._submit_and_wait(user, Job(new_id("job"), command, checkpoint=ref), key, digest)
-        except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
+                            from_checkpoint=None if source is None else str(source), with_optimizer=with_optimizer)
+        job = Job(new_id("job"), command, checkpoint=ref)
+        answer = self.submit(user, job, request, key, digest=digest)
+        if answer.job_id != job.id:  # a concurrent retry with the same key won: this attempt is void
             self.store.mark_run_deleted(run_id)
-            return await self._replayed_run(user, self.store.job_by_key(user, key), digest, key)
-        if job.status is not JobStatus.completed:
-            self.store.mark_run_deleted(run_id)
-            field = ("from_checkpoint",) if source is not None else ("lora",)
-            raise invalid(field, job.error or "could not create the run")
-        return self.get_run(user, run_id)
+        return answer
 
-    async def _replayed_run(self, user: str, existing: sqlite3.Row, digest: str | None, key: str) -> RunInfo:
-        """A retried create: the run the first attempt made (waiting for it if need be)."""
-        self._replay(existing, digest, key)
-        job = await self.wait_job(user, existing["id"], 60)
-        while not job.finished:
-            job = await self.wait_job(user, existing["id"], 60)
-        if job.status is JobStatus.failed:
-            raise invalid(("lora",), job.error or "could not create the run")
-        return self.get_run(user, existing["run_id"])
+    def _replay_create(self, user: str, run_id: str) -> JobRef:
+        """The create job of an existing run (a protocol that names its runs asked again)."""
+        rows = self.store._query("SELECT * FROM jobs WHERE run_id = ? AND kind = 'create_run' AND owner = ?"
+                                 " ORDER BY created_at DESC LIMIT 1", (run_id, user))
+        if rows:
+            return JobRef(job_id=rows[0]["id"], status=JobStatus(rows[0]["status"]))
+        job_id = new_id("job")  # its create job has expired: a completed stand-in
+        self.store.add_job(job_id, user, run_id, "create_run")
+        self.store.mark_finished(job_id, result=json.dumps({"run_id": run_id, "step": 0}))
+        return JobRef(job_id=job_id, status=JobStatus.completed)
+
+    def failed_job(self, user: str, kind: str, run_id: str | None, message: str, category: str = "user") -> JobRef:
+        """A job that failed before it ran: protocols whose errors travel in futures (Tinker) answer
+        a request they refuse with one."""
+        job_id = new_id("job")
+        self.store.add_job(job_id, user, run_id, kind)
+        self.store.mark_finished(job_id, error=message, error_category=category)
+        return JobRef(job_id=job_id, status=JobStatus.failed)
 
     async def delete_run(self, user: str, run_id: str) -> None:
         row = self.owned_run(user, run_id)
@@ -287,7 +308,8 @@ class Service:
             await self._submit_and_wait(user, Job(new_id("job"), DeleteRun(model=row["base_model"], run_id=run_id)))
 
     # --------------------------------------------------------------------------------- jobs
-    def submit_forward_backward(self, user: str, run_id: str, request: ForwardBackwardRequest, key: str | None) -> JobRef:
+    def submit_forward_backward(self, user: str, run_id: str, request: ForwardBackwardRequest, key: str | None, *,
+                                forward_only: bool = False, all_logprobs: bool = False) -> JobRef:
         _, model = self._usable_run(user, run_id)
         limits = self.settings
         if len(request.data) > limits.max_batch_examples:
@@ -298,9 +320,10 @@ class Service:
         # Already validated: constructed without a second pass over every datum.
         command = ForwardBackward.model_construct(
             model=model, run_id=run_id, data=request.data, loss_fn=request.loss_fn,
-            loss_fn_config=request.loss_fn_config or {}, forward_only=False, all_logprobs=False,
+            loss_fn_config=request.loss_fn_config or {}, forward_only=forward_only, all_logprobs=all_logprobs,
         )
-        return self.submit(user, Job(new_id("job"), command), request, key)
+        kind_request = (request, forward_only)  # a forward and a forward_backward of one datum differ
+        return self.submit(user, Job(new_id("job"), command), kind_request, key)
 
     def submit_optim_step(self, user: str, run_id: str, request: OptimStepRequest, key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)
@@ -310,7 +333,15 @@ class Service:
     def submit_sample(self, user: str, run_id: str | None, request: SampleRequest, key: str | None) -> JobRef:
         model = self._sampling_model(user, run_id, request.base_model)
         _check_unicode(request)
-        params = request.sampling_params
+        prompts = [self.encode_prompt(model, p, ("prompts", i)) for i, p in enumerate(request.prompts)]
+        return self.submit_sample_tokens(user, model, run_id, prompts, request.num_samples, request.sampling_params,
+                                         request, key)
+
+    def submit_sample_tokens(self, user: str, model: str, run_id: str | None, prompts: list[list[int]],
+                             num_samples: int, params, request: Any, key: str | None, *, snapshot: Path | None = None,
+                             prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> JobRef:
+        """Sample token prompts on `model`: from run `run_id`'s live adapter, a saved `snapshot`
+        (a checkpoint directory), or the bare model when both are None."""
         if params.seed is not None and params.seed > MAX_SEED:
             raise invalid(("sampling_params", "seed"), f"seed {params.seed} is above the largest allowed, {MAX_SEED}")
         if params.max_tokens > self.settings.max_new_tokens:
@@ -318,16 +349,19 @@ class Service:
                 ("sampling_params", "max_tokens"),
                 f"max_tokens {params.max_tokens} is above the limit {self.settings.max_new_tokens}",
             )
-        total = len(request.prompts) * request.num_samples
+        total = len(prompts) * num_samples
         if total > self.settings.max_samples_per_request:
             raise invalid(
                 ("num_samples",),
-                f"{len(request.prompts)} prompts x {request.num_samples} samples = {total} candidates; "
+                f"{len(prompts)} prompts x {num_samples} samples = {total} candidates; "
                 f"the limit is {self.settings.max_samples_per_request}",
             )
         self.check_tokens(model, params.stop_token_ids, ("sampling_params", "stop_token_ids"))
-        prompts = [self.encode_prompt(model, p, ("prompts", i)) for i, p in enumerate(request.prompts)]
-        command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=request.num_samples, sampling_params=params)
+        for i, tokens in enumerate(prompts):
+            self.check_tokens(model, tokens, ("prompts", i, "tokens"))
+        command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=num_samples, sampling_params=params,
+                         snapshot=None if snapshot is None else str(snapshot), prompt_logprobs=prompt_logprobs,
+                         topk_prompt_logprobs=topk_prompt_logprobs)
         return self.submit(user, Job(new_id("job"), command), request, key)
 
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
@@ -351,10 +385,11 @@ class Service:
         command = Save(model=model, run_id=run_id, directory=str(target))
         return self.submit(user, Job(new_id("job"), command, checkpoint=f"{run_id}/{request.name}"), request, key)
 
-    def submit_load(self, user: str, run_id: str, request: LoadRequest, key: str | None) -> JobRef:
+    def submit_load(self, user: str, run_id: str, request: LoadRequest, key: str | None, *,
+                    with_optimizer: bool = True) -> JobRef:
         _, model = self._usable_run(user, run_id)
         path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint")
-        command = Load(model=model, run_id=run_id, directory=str(path))
+        command = Load(model=model, run_id=run_id, directory=str(path), with_optimizer=with_optimizer)
         return self.submit(user, Job(new_id("job"), command, checkpoint=ref), request, key)
 
     def _sampling_model(self, user: str, run_id: str | None, requested: str | None) -> str:
@@ -364,6 +399,15 @@ class Service:
         if requested is not None and requested != model:
             raise invalid(("base_model",), f"run {run_id} is on {model!r}, not {requested!r}")
         return model
+
+    def checkpoint_path(self, user: str, ref: str, field: str = "checkpoint") -> tuple[Path, str]:
+        """The directory of checkpoint '<run_id>/<name>' the user owns (404 otherwise)."""
+        return self._checkpoint(user, ref, default_run=None, field=field)
+
+    def delete_checkpoint(self, user: str, run_id: str, name: str) -> None:
+        path, _ = self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint")
+        self.store.delete_checkpoint(run_id, name)  # unlisted first: a crash then leaves only a stray folder
+        shutil.rmtree(path, ignore_errors=True)
 
     def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str) -> tuple[Path, str]:
         try:
@@ -397,10 +441,11 @@ class Service:
             if not 0 <= token < vocab:
                 raise invalid((*loc, position), f"token id {token} is outside the vocabulary [0, {vocab})")
 
-    def submit(self, user: str, job: Job, request: Any, key: str | None) -> JobRef:
+    def submit(self, user: str, job: Job, request: Any, key: str | None, *, digest: str | None = None) -> JobRef:
         """Record `job` as pending and queue it; a replayed idempotency key returns the original."""
         command = job.command
-        digest = _request_hash(command.kind, command.run_id, request) if key else None
+        if key and digest is None:
+            digest = _request_hash(command.kind, command.run_id, request)
         if key:
             existing = self.store.job_by_key(user, key)
             if existing is not None:
@@ -418,11 +463,14 @@ class Service:
             raise ServiceError(409, f"Idempotency-Key {key!r} was already used for a different request")
         return JobRef(job_id=existing["id"], status=JobStatus(existing["status"]))
 
-    async def _submit_and_wait(self, user: str, job: Job, key: str | None = None, digest: str | None = None) -> JobRecord:
-        self.store.add_job(job.id, user, job.command.run_id, job.command.kind, key, digest)
+    async def _submit_and_wait(self, user: str, job: Job) -> JobRecord:
+        self.store.add_job(job.id, user, job.command.run_id, job.command.kind)
         self.runner.submit(job)
-        while not (record := self.job(user, job.id)).finished:
-            await self.wait_job(user, job.id, 60)
+        return await self._wait_finished(user, job.id)
+
+    async def _wait_finished(self, user: str, job_id: str) -> JobRecord:
+        while not (record := self.job(user, job_id)).finished:
+            await self.wait_job(user, job_id, 60)
         return record
 
     def job(self, user: str, job_id: str) -> JobRecord:
@@ -440,7 +488,12 @@ class Service:
 
 
 def _request_hash(kind: str, run_id: str | None, request: Any) -> str:
-    payload = json.dumps([kind, run_id, request.model_dump(mode="json")], sort_keys=True)
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+    payload = json.dumps([kind, run_id, plain(request)], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
