@@ -1,0 +1,1 @@
+"""The Tinker protocol: its own router beside the REST API."""
