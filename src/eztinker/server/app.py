@@ -73,12 +73,21 @@ def create_app(service: Service) -> FastAPI:
     # FastAPI's default 422 handler echoes each offending input back; a NaN/Infinity in the JSON
     # (Python's json emits them) makes that echo unserialisable, turning a correct rejection into
     # a 500. Same response, with non-finite numbers spelt as strings.
+    tinker = _tinker_protocol()
+
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        return JSONResponse(status_code=422, content={"detail": _finite(jsonable_encoder(exc.errors()))})
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = _finite(jsonable_encoder(exc.errors()))
+        if tinker is not None and tinker.owns(request):
+            first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+            where = ".".join(str(part) for part in first["loc"] if part != "body")
+            return tinker.error_body(400, f"{where}: {first['msg']}" if where else first["msg"], tuple(first["loc"]))
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     @app.exception_handler(ServiceError)
-    async def service_error(_: Request, exc: ServiceError):
+    async def service_error(request: Request, exc: ServiceError):
+        if tinker is not None and tinker.owns(request):
+            return tinker.error_body(exc.status, _finite(exc.message), exc.loc)
         if exc.status == 422 and exc.loc is not None:
             loc = list(exc.loc) if exc.loc[:1] in (("query",), ("path",)) else ["body", *exc.loc]
             detail = [{"loc": loc, "msg": exc.message, "type": "value_error"}]
@@ -87,7 +96,36 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(status_code=exc.status, content={"detail": _finite(detail)})
 
     app.include_router(rest_router(service))
+    if tinker is not None:
+        app.include_router(tinker.router(service))
+
+        @app.exception_handler(tinker.WireError)
+        async def wire_error(_: Request, exc):
+            return tinker.error_body(400, _finite(exc.message), exc.loc)
+
     return app
+
+
+class _TinkerProtocol:
+    """The Tinker router and its error mapping, when the `tinker` package is installed (its
+    protobuf messages are the wire format): `pip install 'eztinker[tinker]'`."""
+
+    def __init__(self):
+        from .tinker import router, wire
+
+        self.router, self.error_body, self.WireError = router.tinker_router, router.error_body, wire.WireError
+        self.prefix = router.PREFIX + "/"
+
+    def owns(self, request: Request) -> bool:
+        return request.url.path.startswith(self.prefix)
+
+
+def _tinker_protocol() -> _TinkerProtocol | None:
+    try:
+        return _TinkerProtocol()
+    except ImportError as exc:
+        log.info("the Tinker API is off (%s); install it with: pip install 'eztinker[tinker]'", exc)
+        return None
 
 
 def _finite(value):

@@ -43,6 +43,9 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
     max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
+    tinker_session_timeout_seconds: float = Field(
+        600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
+    )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
 
     @field_validator("model", mode="before")

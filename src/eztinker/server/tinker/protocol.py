@@ -1,0 +1,167 @@
+"""Tinker's JSON request bodies, as the official SDK sends them (`tinker` 0.38), and its paths.
+
+Unknown fields are ignored (the SDK adds a `type` tag and fields this server does not use);
+defaults are Tinker's. Protobuf bodies are wire.py's.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...types import AdamParams, CHECKPOINT_NAME_PATTERN, RUN_ID_PATTERN
+
+# A checkpoint saved for sampling is one of the run's checkpoints, named with this prefix, so that
+# both APIs list it; `tinker://<run>/sampler_weights/<name>` is checkpoint `<run>/sampler_weights.<name>`.
+SAMPLER_PREFIX = "sampler_weights."
+_TINKER_PATH = re.compile(rf"tinker://({RUN_ID_PATTERN})/(weights|sampler_weights)/([^/]+)")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class CreateSession(_Body):
+    tags: list[str] = Field(default_factory=list)
+    user_metadata: dict[str, Any] = Field(default_factory=dict)
+    sdk_version: str | None = None
+
+
+class SessionRef(_Body):
+    session_id: str
+
+
+class TinkerLora(_Body):
+    rank: int = Field(32, ge=1, le=256)
+    seed: int | None = Field(None, ge=0)
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+
+
+class CreateModel(_Body):
+    session_id: str
+    model_seq_id: int = Field(ge=0)
+    base_model: str
+    lora_config: TinkerLora = Field(default_factory=TinkerLora)
+    user_metadata: dict[str, Any] | None = None
+
+
+class ModelRef(_Body):
+    model_id: str
+
+
+class TinkerAdam(_Body):
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-12, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip_norm: float = Field(0.0, ge=0, description="0: no clipping.")
+
+    def ours(self) -> AdamParams:
+        return AdamParams(learning_rate=self.learning_rate, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                          weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm or None)
+
+
+class OptimStep(_Body):
+    model_id: str
+    seq_id: int | None = None
+    adam_params: TinkerAdam = Field(default_factory=TinkerAdam)
+
+
+class SaveWeights(_Body):
+    model_id: str
+    path: str
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    overwrite: bool = False
+
+
+class SaveWeightsForSampler(_Body):
+    model_id: str
+    path: str | None = None
+    sampling_session_seq_id: int | None = None
+    seq_id: int | None = None
+    kind: str = "snapshot"
+
+
+class LoadWeights(_Body):
+    path: str
+    optimizer: bool = False
+    # load_state: the model to load into; create_training_client_from_state: a new model's session + number.
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = Field(None, ge=0)
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+
+
+class CreateSamplingSession(_Body):
+    session_id: str
+    sampling_session_seq_id: int = Field(ge=0)
+    model_path: str | None = None
+    base_model: str | None = None
+
+
+class TinkerSamplingParams(_Body):
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0)
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_k: int = Field(-1, ge=-1, description="-1: off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class ASample(_Body):
+    sampling_session_id: str
+    seq_id: int | None = None
+    num_samples: int = Field(1, ge=1)
+    prompt: dict[str, Any]
+    sampling_params: TinkerSamplingParams = Field(default_factory=TinkerSamplingParams)
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = Field(0, ge=0, le=64)
+
+
+class RetrieveFuture(_Body):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+class WeightsInfo(_Body):
+    tinker_path: str
+
+
+Kind = Literal["weights", "sampler_weights"]
+
+
+def parse_tinker_path(path: str) -> tuple[str, str]:
+    """'tinker://<run>/weights/<name>' -> (run_id, our checkpoint name); ValueError otherwise."""
+    match = _TINKER_PATH.fullmatch(path)
+    if match is None or not re.fullmatch(CHECKPOINT_NAME_PATTERN, match[3]) or ".." in match[3]:
+        raise ValueError(f"{path!r} is not a checkpoint path: expected tinker://<run_id>/weights/<name> "
+                         "or tinker://<run_id>/sampler_weights/<name>")
+    run_id, kind, name = match.groups()
+    return run_id, (SAMPLER_PREFIX + name if kind == "sampler_weights" else name)
+
+
+def checkpoint_id(name: str) -> tuple[str, str]:
+    """Our checkpoint name -> (Tinker's checkpoint_id, checkpoint_type)."""
+    if name.startswith(SAMPLER_PREFIX):
+        return f"sampler_weights/{name[len(SAMPLER_PREFIX):]}", "sampler"
+    return f"weights/{name}", "training"
+
+
+def from_checkpoint_id(checkpoint: str) -> str:
+    """Tinker's checkpoint_id ('weights/<name>' or 'sampler_weights/<name>') -> our name."""
+    kind, _, name = checkpoint.partition("/")
+    if kind not in ("weights", "sampler_weights") or not name or "/" in name:
+        raise ValueError(f"checkpoint id {checkpoint!r} must be weights/<name> or sampler_weights/<name>")
+    return SAMPLER_PREFIX + name if kind == "sampler_weights" else name
+
+
+def tinker_path(run_id: str, name: str) -> str:
+    return f"tinker://{run_id}/{checkpoint_id(name)[0]}"
