@@ -63,7 +63,10 @@ class LocalBackend:
                 engine.delete_run(command.run_id)
                 return {"deleted": command.run_id}
             case ForwardBackward():
-                return engine.forward_backward(command.run_id, command.data, command.loss_fn).model_dump()
+                return engine.forward_backward(
+                    command.run_id, command.data, command.loss_fn, loss_fn_config=command.loss_fn_config,
+                    forward_only=command.forward_only, all_logprobs=command.all_logprobs,
+                ).model_dump()
             case OptimStep():
                 return engine.optim_step(command.run_id, command.adam_params).model_dump()
             case Sample():

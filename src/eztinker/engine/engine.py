@@ -155,32 +155,53 @@ class Engine:
 
     # --------------------------------------------------------------------------- training
     def forward_backward(
-        self, run_id: str, data: Sequence[Datum], loss_fn: LossFnName = "cross_entropy"
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss_fn: LossFnName = "cross_entropy",
+        *,
+        loss_fn_config: dict[str, float] | None = None,
+        forward_only: bool = False,
+        all_logprobs: bool = False,
     ) -> ForwardBackwardResult:
-        """Accumulate the gradient of the summed loss into the run's adapter."""
+        """Accumulate the gradient of the summed loss into the run's adapter; forward_only: the loss
+        and logprobs only. all_logprobs: the logprob of every target token, not only of those whose
+        loss term can be nonzero (the others still add nothing to the loss or gradient)."""
         run = self._run(run_id)
         self._check_tokens(data)
+        try:
+            config = losses.resolve_config(loss_fn, loss_fn_config or {})
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
         self._activate(run_id)
+        if forward_only:
+            # In eval mode (no dropout) and without a graph: the run's gradients are never touched.
+            with torch.no_grad():
+                return self._forward(data, loss_fn, config, backward=False, all_logprobs=all_logprobs)
         self._peft.train(run.lora.dropout > 0)
         # A failure part-way through (e.g. a non-finite loss in a later micro-batch) would leave the
         # earlier micro-batches' gradients accumulated, so the next optim_step would apply a partial
         # batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
         saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in run.params]
         try:
-            total_loss, num_tokens = 0.0, 0
-            logprobs: list[list[float | None]] = [[] for _ in data]
-            for batch in self._microbatches(data):
-                loss, count, batch_logprobs = self._loss_and_backward(batch, data, loss_fn)
-                total_loss += loss
-                num_tokens += count
-                for i, row in zip(batch, batch_logprobs):
-                    logprobs[i] = row
+            return self._forward(data, loss_fn, config, backward=True, all_logprobs=all_logprobs)
         except BaseException:
             for param, grad in zip(run.params, saved_grads):
                 param.grad = grad
             raise
         finally:
             self._peft.eval()
+
+    def _forward(self, data: Sequence[Datum], loss_fn: LossFnName, config: dict[str, float], *,
+                 backward: bool, all_logprobs: bool) -> ForwardBackwardResult:
+        total_loss, num_tokens = 0.0, 0
+        logprobs: list[list[float | None]] = [[] for _ in data]
+        for batch in self._microbatches(data):
+            loss, count, batch_logprobs = self._loss_and_backward(batch, data, loss_fn, config, backward, all_logprobs)
+            total_loss += loss
+            num_tokens += count
+            for i, row in zip(batch, batch_logprobs):
+                logprobs[i] = row
         return ForwardBackwardResult(loss=total_loss, num_tokens=num_tokens, logprobs=logprobs)
 
     def _microbatches(self, data: Sequence[Datum]) -> list[list[int]]:
@@ -206,26 +227,51 @@ class Engine:
             end = start_of[end]
         return batches[::-1]
 
-    def _loss_and_backward(self, batch: list[int], data: Sequence[Datum], loss_fn: LossFnName):
+    def _loss_and_backward(self, batch: list[int], data: Sequence[Datum], loss_fn: LossFnName,
+                           config: dict[str, float], backward: bool, all_logprobs: bool):
         examples = [data[i] for i in batch]
         input_ids, attention_mask = self._right_pad([d.model_input.tokens for d in examples])
-        selected = losses.select_positions(examples, loss_fn, input_ids.shape[1])  # [B, T] bool
+        width, device = input_ids.shape[1], self.base.device
+        selected = losses.select_positions(examples, loss_fn, width)  # [B, T] bool
         hidden_B_T_H = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        hidden_N_H = hidden_B_T_H[selected.to(hidden_B_T_H.device)]
-        inputs = losses.gather_inputs(examples, selected, loss_fn, self.base.device)
+        hidden_N_H = hidden_B_T_H[selected.to(device)]
+        inputs = losses.gather_inputs(examples, selected, loss_fn, device)
+        if backward:
+            total, logprobs_N = self._backward(hidden_N_H, inputs, loss_fn, config)
+        else:
+            logprobs_N = self._logprobs(hidden_N_H, inputs.targets)
+            total = losses.compute(loss_fn, logprobs_N, inputs, slice(None), config).item()
+            if not math.isfinite(total):
+                raise EngineError(f"{loss_fn} loss is not finite ({total})")
+        logprobs_B_T = torch.zeros(selected.shape)
+        logprobs_B_T[selected] = logprobs_N.float().cpu()
+        known_B_T = selected
+        if all_logprobs:
+            # The other positions' logprobs, outside the graph: their loss terms are zero.
+            targets_B_T, known_B_T = losses.padded_targets(examples, width)
+            rest_B_T = known_B_T & ~selected
+            with torch.no_grad():
+                rest_M_H = hidden_B_T_H.detach()[rest_B_T.to(device)]
+                logprobs_B_T[rest_B_T] = self._logprobs(rest_M_H, targets_B_T[rest_B_T].to(device)).float().cpu()
+        return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_B_T, known_B_T, examples)
+
+    def _backward(self, hidden_N_H: torch.Tensor, inputs: losses.LossInputs, loss_fn: LossFnName,
+                  config: dict[str, float]) -> tuple[float, torch.Tensor]:
+        """The summed loss and the logprobs [N]; the loss's gradient flows back into the adapter."""
+        def chunk_loss(logprobs_C: torch.Tensor, chunk: slice) -> torch.Tensor:
+            return losses.compute(loss_fn, logprobs_C, inputs, chunk, config)
+
         projection = self._projection()
         if projection is not None:
             # Chunked output projection in one reused buffer, its gradient written by hand: the
             # vocabulary-sized logits never enter the autograd graph.
             try:
-                total, logprobs_N, grad_N_H = projection.logprobs_and_grad(
-                    hidden_N_H, inputs.targets, lambda lp, chunk: losses.compute(loss_fn, lp, inputs, chunk)
-                )
+                total, logprobs_N, grad_N_H = projection.logprobs_and_grad(hidden_N_H, inputs.targets, chunk_loss)
             except losses.NonFiniteLoss as exc:
                 raise EngineError(f"{loss_fn} {exc}; no gradient applied") from None
             if hidden_N_H.shape[0]:
                 hidden_N_H.backward(grad_N_H)
-            return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_N.cpu(), selected, examples)
+            return total, logprobs_N
         # Chunked output projection: the 152k-wide logits of only a chunk of positions are alive
         # at a time; their gradient flows back into the decoder in one backward pass.
         detached = hidden_N_H.detach().requires_grad_(True)
@@ -234,7 +280,7 @@ class Engine:
         for start in range(0, hidden_N_H.shape[0], self.logits_chunk):
             chunk = slice(start, start + self.logits_chunk)
             token_logprobs = self._target_logprobs(detached[chunk], inputs.targets[chunk])
-            loss = losses.compute(loss_fn, token_logprobs, inputs, chunk)
+            loss = chunk_loss(token_logprobs, chunk)
             if not torch.isfinite(loss):
                 raise EngineError(f"{loss_fn} loss is not finite ({loss.item()}); no gradient applied")
             loss.backward()
@@ -242,7 +288,7 @@ class Engine:
             logprobs_N[chunk] = token_logprobs.detach().float().cpu()
         if hidden_N_H.shape[0]:
             hidden_N_H.backward(detached.grad)
-        return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_N, selected, examples)
+        return total, logprobs_N
 
     def _projection(self) -> losses.VocabProjection | None:
         head = self._output_head()
@@ -255,6 +301,18 @@ class Engine:
     def _target_logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
         logits = self.base.model.get_output_embeddings()(hidden_N_H).float()
         return torch.log_softmax(logits, dim=-1).gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def _logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+        """Target logprobs [N], without a graph, chunk by chunk."""
+        projection = self._projection()
+        if projection is not None:
+            return projection.logprobs(hidden_N_H, targets_N)
+        logprobs_N = torch.empty(hidden_N_H.shape[0], device=hidden_N_H.device)
+        for start in range(0, hidden_N_H.shape[0], self.logits_chunk):
+            chunk = slice(start, start + self.logits_chunk)
+            logprobs_N[chunk] = self._target_logprobs(hidden_N_H[chunk], targets_N[chunk])
+        return logprobs_N
 
     def optim_step(self, run_id: str, adam: AdamParams) -> OptimStepResult:
         run = self._run(run_id)
