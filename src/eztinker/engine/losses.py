@@ -170,22 +170,33 @@ class VocabProjection:
             torch.addmm(self.bias, hidden_C_H, self.weight.t(), out=out)
         return out
 
-    def _logprobs_and_exp(self, hidden_C_H: torch.Tensor, targets_C: torch.Tensor):
-        """Target logprobs [C], and the buffer holding exp(logits - max) with its row sums."""
+    def _logprobs_and_exp(self, hidden_C_H: torch.Tensor, targets_C: torch.Tensor, topk: int = 0):
+        """Target logprobs [C], the buffer holding exp(logits - max) with its row sums, and with
+        topk > 0 the k largest logprobs [C, k] and their token ids [C, k] (else None)."""
         logits = self._logits(hidden_C_H)
         logits.sub_(logits.amax(dim=-1, keepdim=True))
         target_logits = logits.gather(-1, targets_C.unsqueeze(-1)).squeeze(-1)
+        top = logits.topk(topk, dim=-1) if topk else None  # before exp_ overwrites the logits
         exp = logits.exp_()
         sums = exp.sum(dim=-1)
-        return target_logits - sums.log(), exp, sums
+        log_sums = sums.log()
+        if top is not None:
+            top = (top.values - log_sums.unsqueeze(-1), top.indices)
+        return target_logits - log_sums, exp, sums, top
 
     @torch.no_grad()
-    def logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(hidden_N_H.shape[0], device=hidden_N_H.device)
-        for start in range(0, hidden_N_H.shape[0], self.chunk_rows):
+    def logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0):
+        """Target logprobs [N], the k largest logprobs [N, k] and their token ids [N, k] (k may be 0)."""
+        n = hidden_N_H.shape[0]
+        out = torch.empty(n, device=hidden_N_H.device)
+        top_N_K = torch.empty(n, topk, device=hidden_N_H.device)
+        ids_N_K = torch.empty(n, topk, dtype=torch.long, device=hidden_N_H.device)
+        for start in range(0, n, self.chunk_rows):
             chunk = slice(start, start + self.chunk_rows)
-            out[chunk] = self._logprobs_and_exp(hidden_N_H[chunk], targets_N[chunk])[0]
-        return out
+            out[chunk], _, _, top = self._logprobs_and_exp(hidden_N_H[chunk], targets_N[chunk], topk)
+            if top is not None:
+                top_N_K[chunk], ids_N_K[chunk] = top
+        return out, top_N_K, ids_N_K
 
     def logprobs_and_grad(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, chunk_loss):
         """`chunk_loss(logprobs_C, chunk) -> scalar` for each chunk; returns the summed loss (a float),
@@ -198,7 +209,7 @@ class VocabProjection:
             chunk = slice(start, start + self.chunk_rows)
             targets = targets_N[chunk]
             with torch.no_grad():
-                token_logprobs, exp, sums = self._logprobs_and_exp(hidden_N_H[chunk], targets)
+                token_logprobs, exp, sums, _ = self._logprobs_and_exp(hidden_N_H[chunk], targets)
             token_logprobs.requires_grad_(True)
             loss = chunk_loss(token_logprobs, chunk)
             if not torch.isfinite(loss):
