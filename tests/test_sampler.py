@@ -190,6 +190,24 @@ def test_max_tokens_and_stop_strings(sharp, sharp_base):
     assert unused.tokens == full.tokens and unused.stop_reason == "length"
 
 
+def test_stop_token_ids_stop_right_after_the_token(sharp):
+    prompts = random_prompts([5, 9], seed=2)
+    full = [c[0] for c in sample_one(sharp, None, prompts, max_tokens=16)]
+    # Per prompt, a token that first appears k >= 2 tokens in; both requests stop on both tokens.
+    firsts = [next(t for k, t in enumerate(c.tokens) if k >= 2 and t not in c.tokens[:k]) for c in full]
+    stopped = [c[0] for c in sample_one(sharp, None, prompts, max_tokens=16, stop_token_ids=firsts)]
+    for candidate, reference in zip(stopped, full):
+        k = next(k for k, t in enumerate(reference.tokens) if t in firsts)
+        assert candidate.tokens == reference.tokens[: k + 1]  # the stop token included
+        assert candidate.stop_reason == "stop"
+        assert candidate.text == sharp.base.tokenizer.decode(reference.tokens[:k], skip_special_tokens=True)
+    # Another request in the same batch does not stop on them.
+    specs = [SampleSpec(None, prompts, 1, params(max_tokens=16, stop_token_ids=firsts)),
+             SampleSpec(None, prompts, 1, params(max_tokens=16))]
+    together = [tokens_of(r) for r in sharp.sample(specs)]
+    assert together == [tokens_of([[c] for c in stopped]), tokens_of([[c] for c in full])]
+
+
 def test_mixed_batch_of_runs_and_base_equals_each_spec_alone(sharp):
     train_away(sharp, "run_a", seed=1)
     # Another rank and other target modules: peft's per-row adapter path must handle both.

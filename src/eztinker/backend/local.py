@@ -64,7 +64,10 @@ class LocalBackend:
                 engine.delete_run(command.run_id)
                 return {"deleted": command.run_id}
             case ForwardBackward():
-                return engine.forward_backward(command.run_id, command.data, command.loss_fn).model_dump()
+                return engine.forward_backward(
+                    command.run_id, command.data, command.loss_fn, loss_fn_config=command.loss_fn_config,
+                    forward_only=command.forward_only, all_logprobs=command.all_logprobs,
+                ).model_dump()
             case OptimStep():
                 return engine.optim_step(command.run_id, command.adam_params).model_dump()
             case Sample():
@@ -81,12 +84,23 @@ class LocalBackend:
 
     def _sample_many(self, commands: Sequence[Sample]) -> list[dict]:
         engine = self.engine(commands[0].model)
-        specs = [SampleSpec(c.run_id, c.prompts, c.num_samples, c.sampling_params) for c in commands]
+        adapters: list[str | None] = []
+        for c in commands:
+            # A snapshot loaded for an earlier command of this batch must stay until it has sampled.
+            adapters.append(c.run_id if c.snapshot is None else engine.snapshot(Path(c.snapshot), pinned=adapters))
+        specs = [SampleSpec(a, c.prompts, c.num_samples, c.sampling_params) for a, c in zip(adapters, commands)]
         results = engine.sample(specs)
-        return [
-            {"prompt_tokens": c.prompts, "sequences": [[_dump(s) for s in row] for row in result]}
-            for c, result in zip(commands, results)
-        ]
+        values = []
+        for c, adapter, result in zip(commands, adapters, results):
+            value = {"prompt_tokens": c.prompts, "sequences": [[_dump(s) for s in row] for row in result]}
+            if c.prompt_logprobs or c.topk_prompt_logprobs:
+                scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs)
+                if c.prompt_logprobs:
+                    value["prompt_logprobs"] = [s.logprobs for s in scored]
+                if c.topk_prompt_logprobs:
+                    value["topk_prompt_logprobs"] = [s.topk for s in scored]
+            values.append(value)
+        return values
 
     # ---------------------------------------------------------------------- tokenizer work
     def encode_prompt(self, model: str, prompt: Prompt) -> list[int]:

@@ -6,9 +6,11 @@ thread-safe: one caller (the server's worker thread, or a test) drives it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.pt"
 TRAINING_STATE = "training_state.json"
 _PEFT_BASE_ROW = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+_SNAPSHOT_PREFIX = "snapshot@"  # '@' is never in a run id, so a snapshot's adapter never names a run
 # Micro-batching: a forward pass costs about this many padded tokens beyond its tokens; and at most
 # this many examples share one (bounds the dynamic programme's work).
 _MICROBATCH_OVERHEAD_TOKENS = 256
@@ -65,13 +68,27 @@ class _Run:
     step: int = 0
 
 
+@dataclass
+class PromptLogprobs:
+    """Per prompt position i: log p(prompt[i] | prompt[:i]) and, if asked, the k most likely
+    [token_id, logprob] pairs of that distribution (most likely first). Position 0 has neither."""
+
+    logprobs: list[float | None]
+    topk: list[list[list] | None] | None
+
+
 class Engine:
-    def __init__(self, base: BaseModel, *, microbatch_tokens: int = 8192, logits_chunk: int = 1024):
+    def __init__(
+        self, base: BaseModel, *, microbatch_tokens: int = 8192, logits_chunk: int = 1024, max_snapshots: int = 16
+    ):
         self.base = base
         self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
         self.logits_chunk = logits_chunk  # positions per output-projection chunk
+        self.max_snapshots = max_snapshots  # checkpoint adapters kept loaded for sampling
         self._peft: peft.PeftModel | None = None
         self._runs: dict[str, _Run] = {}
+        # Snapshot adapter name -> the stamp of the checkpoint files it was loaded from, least recently used first.
+        self._snapshots: OrderedDict[str, tuple] = OrderedDict()
         self._head: OutputHead | None = None
         self._head_checked = False
         self._lora_targets: tuple[list[str], list[str]] | None = None
@@ -80,6 +97,25 @@ class Engine:
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
         if run_id in self._runs:
             raise EngineError(f"run {run_id} already exists")
+        self._add_adapter(run_id, lora, seed)
+        params = [p for n, p in self._peft.named_parameters() if f".{run_id}." in n]
+        optimizer = torch.optim.AdamW(params, lr=AdamParams().learning_rate)
+        self._runs[run_id] = _Run(lora=lora, params=params, optimizer=optimizer)
+
+    def delete_run(self, run_id: str) -> None:
+        self._run(run_id)
+        del self._runs[run_id]
+        self._remove_adapter(run_id)
+
+    def close(self) -> None:
+        """Drop every run and snapshot: the base model is as it was loaded."""
+        self._runs.clear()
+        self._snapshots.clear()
+        if self._peft is not None:
+            self._peft.unload()
+            self._peft = None
+
+    def _add_adapter(self, name: str, lora: LoraConfig, seed: int) -> None:
         config = peft.LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
@@ -92,20 +128,15 @@ class Engine:
             torch.manual_seed(seed)
             try:
                 if self._peft is None:
-                    self._peft = peft.get_peft_model(self.base.model, config, adapter_name=run_id)
+                    self._peft = peft.get_peft_model(self.base.model, config, adapter_name=name)
                 else:
-                    self._peft.add_adapter(run_id, config)
+                    self._peft.add_adapter(name, config)
             except ValueError as exc:  # e.g. target modules that do not exist in this model
                 raise EngineError(f"lora.target_modules: {exc}") from exc
-        params = [p for n, p in self._peft.named_parameters() if f".{run_id}." in n]
-        optimizer = torch.optim.AdamW(params, lr=AdamParams().learning_rate)
-        self._runs[run_id] = _Run(lora=lora, params=params, optimizer=optimizer)
 
-    def delete_run(self, run_id: str) -> None:
-        self._run(run_id)
-        del self._runs[run_id]
-        if self._runs:
-            self._peft.delete_adapter(run_id)
+    def _remove_adapter(self, name: str) -> None:
+        if len(self._peft.peft_config) > 1:
+            self._peft.delete_adapter(name)
         else:
             # peft cannot add an adapter after its last one is deleted: strip the LoRA layers
             # (the base weights are untouched and never copied) and wrap afresh next time.
@@ -153,34 +184,68 @@ class Engine:
         if self._peft.active_adapters != [run_id]:  # set_adapter walks every module: skip if a no-op
             self._peft.set_adapter(run_id)
 
+    def _through(self, adapter: str | None):
+        """A context in which the model's forward goes through `adapter` (None: the bare model)."""
+        if self._peft is None:
+            return nullcontext()
+        if adapter is None:
+            return self._peft.disable_adapter()
+        self._activate(adapter)
+        return nullcontext()
+
+    def _check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self._snapshots:
+            self._run(adapter)
+
     # --------------------------------------------------------------------------- training
     def forward_backward(
-        self, run_id: str, data: Sequence[Datum], loss_fn: LossFnName = "cross_entropy"
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss_fn: LossFnName = "cross_entropy",
+        *,
+        loss_fn_config: dict[str, float] | None = None,
+        forward_only: bool = False,
+        all_logprobs: bool = False,
     ) -> ForwardBackwardResult:
-        """Accumulate the gradient of the summed loss into the run's adapter."""
+        """Accumulate the gradient of the summed loss into the run's adapter; forward_only: the loss
+        and logprobs only. all_logprobs: the logprob of every target token, not only of those whose
+        loss term can be nonzero (the others still add nothing to the loss or gradient)."""
         run = self._run(run_id)
         self._check_tokens(data)
+        try:
+            config = losses.resolve_config(loss_fn, loss_fn_config or {})
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
         self._activate(run_id)
+        if forward_only:
+            # In eval mode (no dropout) and without a graph: the run's gradients are never touched.
+            with torch.no_grad():
+                return self._forward(data, loss_fn, config, backward=False, all_logprobs=all_logprobs)
         self._peft.train(run.lora.dropout > 0)
         # A failure part-way through (e.g. a non-finite loss in a later micro-batch) would leave the
         # earlier micro-batches' gradients accumulated, so the next optim_step would apply a partial
         # batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
         saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in run.params]
         try:
-            total_loss, num_tokens = 0.0, 0
-            logprobs: list[list[float | None]] = [[] for _ in data]
-            for batch in self._microbatches(data):
-                loss, count, batch_logprobs = self._loss_and_backward(batch, data, loss_fn)
-                total_loss += loss
-                num_tokens += count
-                for i, row in zip(batch, batch_logprobs):
-                    logprobs[i] = row
+            return self._forward(data, loss_fn, config, backward=True, all_logprobs=all_logprobs)
         except BaseException:
             for param, grad in zip(run.params, saved_grads):
                 param.grad = grad
             raise
         finally:
             self._peft.eval()
+
+    def _forward(self, data: Sequence[Datum], loss_fn: LossFnName, config: dict[str, float], *,
+                 backward: bool, all_logprobs: bool) -> ForwardBackwardResult:
+        total_loss, num_tokens = 0.0, 0
+        logprobs: list[list[float | None]] = [[] for _ in data]
+        for batch in self._microbatches(data):
+            loss, count, batch_logprobs = self._loss_and_backward(batch, data, loss_fn, config, backward, all_logprobs)
+            total_loss += loss
+            num_tokens += count
+            for i, row in zip(batch, batch_logprobs):
+                logprobs[i] = row
         return ForwardBackwardResult(loss=total_loss, num_tokens=num_tokens, logprobs=logprobs)
 
     def _microbatches(self, data: Sequence[Datum]) -> list[list[int]]:
@@ -206,26 +271,51 @@ class Engine:
             end = start_of[end]
         return batches[::-1]
 
-    def _loss_and_backward(self, batch: list[int], data: Sequence[Datum], loss_fn: LossFnName):
+    def _loss_and_backward(self, batch: list[int], data: Sequence[Datum], loss_fn: LossFnName,
+                           config: dict[str, float], backward: bool, all_logprobs: bool):
         examples = [data[i] for i in batch]
         input_ids, attention_mask = self._right_pad([d.model_input.tokens for d in examples])
-        selected = losses.select_positions(examples, loss_fn, input_ids.shape[1])  # [B, T] bool
+        width, device = input_ids.shape[1], self.base.device
+        selected = losses.select_positions(examples, loss_fn, width)  # [B, T] bool
         hidden_B_T_H = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        hidden_N_H = hidden_B_T_H[selected.to(hidden_B_T_H.device)]
-        inputs = losses.gather_inputs(examples, selected, loss_fn, self.base.device)
+        hidden_N_H = hidden_B_T_H[selected.to(device)]
+        inputs = losses.gather_inputs(examples, selected, loss_fn, device)
+        if backward:
+            total, logprobs_N = self._backward(hidden_N_H, inputs, loss_fn, config)
+        else:
+            logprobs_N = self._logprobs(hidden_N_H, inputs.targets)[0]
+            total = losses.compute(loss_fn, logprobs_N, inputs, slice(None), config).item()
+            if not math.isfinite(total):
+                raise EngineError(f"{loss_fn} loss is not finite ({total})")
+        logprobs_B_T = torch.zeros(selected.shape)
+        logprobs_B_T[selected] = logprobs_N.float().cpu()
+        known_B_T = selected
+        if all_logprobs:
+            # The other positions' logprobs, outside the graph: their loss terms are zero.
+            targets_B_T, known_B_T = losses.padded_targets(examples, width)
+            rest_B_T = known_B_T & ~selected
+            with torch.no_grad():
+                rest_M_H = hidden_B_T_H.detach()[rest_B_T.to(device)]
+                logprobs_B_T[rest_B_T] = self._logprobs(rest_M_H, targets_B_T[rest_B_T].to(device))[0].float().cpu()
+        return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_B_T, known_B_T, examples)
+
+    def _backward(self, hidden_N_H: torch.Tensor, inputs: losses.LossInputs, loss_fn: LossFnName,
+                  config: dict[str, float]) -> tuple[float, torch.Tensor]:
+        """The summed loss and the logprobs [N]; the loss's gradient flows back into the adapter."""
+        def chunk_loss(logprobs_C: torch.Tensor, chunk: slice) -> torch.Tensor:
+            return losses.compute(loss_fn, logprobs_C, inputs, chunk, config)
+
         projection = self._projection()
         if projection is not None:
             # Chunked output projection in one reused buffer, its gradient written by hand: the
             # vocabulary-sized logits never enter the autograd graph.
             try:
-                total, logprobs_N, grad_N_H = projection.logprobs_and_grad(
-                    hidden_N_H, inputs.targets, lambda lp, chunk: losses.compute(loss_fn, lp, inputs, chunk)
-                )
+                total, logprobs_N, grad_N_H = projection.logprobs_and_grad(hidden_N_H, inputs.targets, chunk_loss)
             except losses.NonFiniteLoss as exc:
                 raise EngineError(f"{loss_fn} {exc}; no gradient applied") from None
             if hidden_N_H.shape[0]:
                 hidden_N_H.backward(grad_N_H)
-            return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_N.cpu(), selected, examples)
+            return total, logprobs_N
         # Chunked output projection: the 152k-wide logits of only a chunk of positions are alive
         # at a time; their gradient flows back into the decoder in one backward pass.
         detached = hidden_N_H.detach().requires_grad_(True)
@@ -234,7 +324,7 @@ class Engine:
         for start in range(0, hidden_N_H.shape[0], self.logits_chunk):
             chunk = slice(start, start + self.logits_chunk)
             token_logprobs = self._target_logprobs(detached[chunk], inputs.targets[chunk])
-            loss = losses.compute(loss_fn, token_logprobs, inputs, chunk)
+            loss = chunk_loss(token_logprobs, chunk)
             if not torch.isfinite(loss):
                 raise EngineError(f"{loss_fn} loss is not finite ({loss.item()}); no gradient applied")
             loss.backward()
@@ -242,7 +332,7 @@ class Engine:
             logprobs_N[chunk] = token_logprobs.detach().float().cpu()
         if hidden_N_H.shape[0]:
             hidden_N_H.backward(detached.grad)
-        return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_N, selected, examples)
+        return total, logprobs_N
 
     def _projection(self) -> losses.VocabProjection | None:
         head = self._output_head()
@@ -255,6 +345,25 @@ class Engine:
     def _target_logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
         logits = self.base.model.get_output_embeddings()(hidden_N_H).float()
         return torch.log_softmax(logits, dim=-1).gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
+
+    @torch.no_grad()
+    def _logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0):
+        """Target logprobs [N], the k largest logprobs [N, k] and their token ids [N, k], no graph."""
+        projection = self._projection()
+        if projection is not None:
+            return projection.logprobs(hidden_N_H, targets_N, topk)
+        n, device = hidden_N_H.shape[0], hidden_N_H.device
+        logprobs_N = torch.empty(n, device=device)
+        top_N_K = torch.empty(n, topk, device=device)
+        ids_N_K = torch.empty(n, topk, dtype=torch.long, device=device)
+        head = self.base.model.get_output_embeddings()
+        for start in range(0, n, self.logits_chunk):
+            chunk = slice(start, start + self.logits_chunk)
+            logprobs_C_V = torch.log_softmax(head(hidden_N_H[chunk]).float(), dim=-1)
+            logprobs_N[chunk] = logprobs_C_V.gather(-1, targets_N[chunk].unsqueeze(-1)).squeeze(-1)
+            if topk:
+                top_N_K[chunk], ids_N_K[chunk] = logprobs_C_V.topk(topk, dim=-1)
+        return logprobs_N, top_N_K, ids_N_K
 
     def optim_step(self, run_id: str, adam: AdamParams) -> OptimStepResult:
         run = self._run(run_id)
@@ -278,10 +387,10 @@ class Engine:
     # ---------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, specs: list[SampleSpec]) -> list[list[list[SampledSequence]]]:
-        """Candidates for many requests, of one or several runs (or the base model), in one batch."""
+        """Candidates for many requests, of one or several runs or snapshots (or the base model),
+        in one batch."""
         for spec in specs:
-            if spec.adapter is not None:
-                self._run(spec.adapter)
+            self._check_adapter(spec.adapter)
             self._check_prompts(spec.prompts)
         head = self._output_head()
         adapters = {spec.adapter for spec in specs} - {None}
@@ -393,19 +502,10 @@ class Engine:
         for i, r in enumerate(responses):
             positions[i, len(prompt) - 1 : len(prompt) - 1 + len(r)] = True
         targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in responses if r] or [torch.empty(0, dtype=torch.long)])
-        if self._peft is None or run_id is None:
-            context = self._peft.disable_adapter() if self._peft is not None else nullcontext()
-        else:
-            self._activate(run_id)
-            context = nullcontext()
-        with context:
+        with self._through(run_id):
             hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
-            projection = self._projection()
-            if projection is not None:
-                logprobs = projection.logprobs(hidden_N_H, targets).cpu()
-            else:
-                logprobs = self._target_logprobs(hidden_N_H, targets).cpu()
+            logprobs = self._logprobs(hidden_N_H, targets)[0].cpu()
         scores, offset = [], 0
         for r in responses:
             lp = logprobs[offset : offset + len(r)]
@@ -413,6 +513,91 @@ class Engine:
             total = float(lp.sum()) if len(r) else 0.0
             scores.append(ResponseScore(sum_logprob=total, mean_logprob=total / max(len(r), 1), num_tokens=len(r)))
         return scores
+
+    @torch.no_grad()
+    def prompt_logprobs(self, adapter: str | None, prompts: list[list[int]], topk: int = 0) -> list[PromptLogprobs]:
+        """Per prompt, the logprob (temperature 1) of each of its tokens given the tokens before it,
+        and with topk > 0 the k most likely tokens there, under a run's or snapshot's adapter (or
+        the bare model)."""
+        self._check_adapter(adapter)
+        self._check_prompts(prompts)
+        if not all(prompts):
+            raise EngineError(f"prompts[{prompts.index([])}] is empty")
+        if topk > self.base.vocab_size:
+            raise EngineError(f"topk_prompt_logprobs {topk} exceeds the vocabulary size {self.base.vocab_size}")
+        input_ids, attention_mask = self._right_pad(prompts)
+        positions_B_T = torch.zeros(input_ids.shape, dtype=torch.bool)  # position t predicts token t + 1
+        for i, p in enumerate(prompts):
+            positions_B_T[i, : len(p) - 1] = True
+        targets_N = torch.tensor([t for p in prompts for t in p[1:]], dtype=torch.long, device=input_ids.device)
+        with self._through(adapter):
+            hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk)
+        logprobs, top, ids = logprobs_N.tolist(), top_N_K.tolist(), ids_N_K.tolist()
+        results, offset = [], 0
+        for p in prompts:
+            rows = range(offset, offset + len(p) - 1)
+            offset += len(p) - 1
+            results.append(PromptLogprobs(
+                logprobs=[None] + [logprobs[n] for n in rows],
+                topk=[None] + [[[t, lp] for t, lp in zip(ids[n], top[n])] for n in rows] if topk else None,
+            ))
+        return results
+
+    # ------------------------------------------------------------------------- snapshots
+    def snapshot(self, directory: Path, pinned: Collection[str] = ()) -> str:
+        """The adapter (for SampleSpec.adapter) of checkpoint `directory`'s weights, fixed whatever
+        its run trains next: loaded once, and again only when the checkpoint was saved over. At
+        most `max_snapshots` stay loaded, the least recently used go first, never one in `pinned`
+        (those of the batch being prepared). A snapshot is no run: nothing trains or saves it."""
+        directory = directory.resolve()
+        name = _SNAPSHOT_PREFIX + hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+        try:
+            stamp = _stamp(directory)
+        except OSError as exc:
+            if name in self._snapshots:  # its checkpoint is gone
+                self._drop_snapshot(name)
+            raise EngineError(f"{directory} is not a readable EZTinker checkpoint: {exc}") from None
+        if name in self._snapshots:
+            if self._snapshots[name] == stamp:
+                self._snapshots.move_to_end(name)
+                return name
+            self._drop_snapshot(name)  # saved over since: load the new weights
+        self._load_snapshot(name, directory)
+        self._snapshots[name] = stamp
+        evictable = [n for n in self._snapshots if n != name and n not in pinned]
+        for old in evictable[: max(0, len(self._snapshots) - self.max_snapshots)]:
+            self._drop_snapshot(old)
+        return name
+
+    def _load_snapshot(self, name: str, directory: Path) -> None:
+        state = read_training_state(directory)
+        if state.get("base_model") not in (None, self.base.name):
+            raise EngineError(f"checkpoint {directory} is of base model {state['base_model']!r}, not {self.base.name!r}")
+        try:
+            lora = LoraConfig.model_validate(state["lora"])
+        except (KeyError, ValueError) as exc:
+            raise EngineError(f"checkpoint {directory} has no valid LoRA config: {exc}") from None
+        try:
+            weights = load_file(directory / ADAPTER_WEIGHTS, device=str(self.base.device))
+        except Exception as exc:
+            raise EngineError(f"checkpoint {directory}: {ADAPTER_WEIGHTS} cannot be read ({type(exc).__name__}: {exc})") from None
+        self._add_adapter(name, lora, seed=0)
+        try:
+            result = peft.set_peft_model_state_dict(self._peft, weights, adapter_name=name)
+            missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+            if missing:
+                raise EngineError(f"checkpoint {directory} is missing {len(missing)} adapter tensors, e.g. {missing[0]}")
+        except RuntimeError as exc:  # tensors of other shapes than its LoRA config's
+            self._remove_adapter(name)
+            raise EngineError(f"checkpoint {directory} does not match its LoRA config: {exc}") from None
+        except BaseException:
+            self._remove_adapter(name)
+            raise
+
+    def _drop_snapshot(self, name: str) -> None:
+        del self._snapshots[name]
+        self._remove_adapter(name)
 
     # ------------------------------------------------------------------------- checkpoints
     def save(self, run_id: str, directory: Path) -> None:
@@ -587,6 +772,14 @@ def verify_checkpoint(directory: Path) -> None:
             raise EngineError(
                 f"checkpoint {ref} is corrupted or incomplete: {name} cannot be read ({type(exc).__name__}: {exc})"
             ) from None
+
+
+def _stamp(directory: Path) -> tuple:
+    """Changes whenever the checkpoint is saved over: a save writes new files (new inodes)."""
+    return tuple(
+        (s.st_ino, s.st_mtime_ns, s.st_size)
+        for s in ((directory / TRAINING_STATE).stat(), (directory / ADAPTER_WEIGHTS).stat())
+    )
 
 
 def read_training_state(directory: Path) -> dict:

@@ -1,9 +1,9 @@
 """Loss functions over the positions that carry loss.
 
-Only positions with a nonzero weight (cross_entropy) or advantage (importance_sampling, ppo) are
-projected to the vocabulary: with a 152k-token vocabulary the output projection of every position
-would dominate a small model's step. Losses are sums, so gradient accumulation over several
-`forward_backward` calls equals one call on the whole batch.
+Only positions with a nonzero weight (cross_entropy) or advantage (the RL losses) are projected to
+the vocabulary: with a 152k-token vocabulary the output projection of every position would dominate
+a small model's step. Losses are sums, so gradient accumulation over several `forward_backward`
+calls equals one call on the whole batch.
 """
 
 from __future__ import annotations
@@ -14,7 +14,25 @@ import torch
 
 from ..types import Datum, LossFnName
 
-PPO_CLIP = 0.2
+# Each loss's loss_fn_config keys and their defaults (Tinker's names).
+_CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
+    "cross_entropy": {},
+    "importance_sampling": {},
+    "ppo": _CLIP,
+    "cispo": _CLIP,
+    "dro": {"beta": 0.05},
+}
+
+
+def resolve_config(loss_fn: LossFnName, config: dict[str, float]) -> dict[str, float]:
+    """`config` over the loss's defaults; ValueError naming a key the loss does not take."""
+    defaults = CONFIG_DEFAULTS[loss_fn]
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        accepted = ", ".join(defaults) or "none"
+        raise ValueError(f"loss_fn_config: {loss_fn} does not take {unknown[0]!r} (it takes: {accepted})")
+    return {**defaults, **config}
 
 
 @dataclass
@@ -44,6 +62,17 @@ def select_positions(examples: list[Datum], loss_fn: LossFnName, width: int) -> 
     return mask
 
 
+def padded_targets(examples: list[Datum], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] target token ids (0 past each example's end) and the [B, T] mask of real positions."""
+    targets = torch.zeros((len(examples), width), dtype=torch.long)
+    valid = torch.zeros((len(examples), width), dtype=torch.bool)
+    for b, datum in enumerate(examples):
+        n = len(datum.loss_fn_inputs.target_tokens)
+        targets[b, :n] = torch.tensor(datum.loss_fn_inputs.target_tokens, dtype=torch.long)
+        valid[b, :n] = True
+    return targets, valid
+
+
 def gather_inputs(examples: list[Datum], mask: torch.Tensor, loss_fn: LossFnName, device) -> LossInputs:
     def flat(name: str, dtype: torch.dtype, default: float | None = None) -> torch.Tensor | None:
         # An example without `weights` gets `default` (1.0): returning None for the whole micro-batch
@@ -69,27 +98,37 @@ def gather_inputs(examples: list[Datum], mask: torch.Tensor, loss_fn: LossFnName
     )
 
 
-def compute(loss_fn: LossFnName, logprobs_N: torch.Tensor, inputs: LossInputs, chunk: slice) -> torch.Tensor:
+def compute(
+    loss_fn: LossFnName, logprobs_N: torch.Tensor, inputs: LossInputs, chunk: slice, config: dict[str, float]
+) -> torch.Tensor:
+    """The summed loss of a chunk of positions; `config` is `resolve_config`'s (every key set)."""
     if loss_fn == "cross_entropy":
         weights = inputs.weights[chunk] if inputs.weights is not None else torch.ones_like(logprobs_N)
         return -(logprobs_N * weights).sum()
-    ratio = torch.exp(logprobs_N - inputs.sampling_logprobs[chunk])
-    advantages = inputs.advantages[chunk]
+    sampling_logprobs, advantages = inputs.sampling_logprobs[chunk], inputs.advantages[chunk]
+    ratio = torch.exp(logprobs_N - sampling_logprobs)
     if loss_fn == "importance_sampling":
         return -(ratio * advantages).sum()
     if loss_fn == "ppo":
-        clipped = ratio.clamp(1 - PPO_CLIP, 1 + PPO_CLIP)
+        clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
         return -torch.minimum(ratio * advantages, clipped * advantages).sum()
+    if loss_fn == "cispo":
+        # The clipped ratio only weighs each token's policy gradient; no gradient flows through it.
+        weight = ratio.detach().clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+        return -(weight * logprobs_N * advantages).sum()
+    if loss_fn == "dro":
+        penalty = 0.5 * config["beta"] * (logprobs_N - sampling_logprobs).square()
+        return -(logprobs_N * advantages - penalty).sum()
     raise ValueError(f"unknown loss_fn {loss_fn!r}")
 
 
-def scatter_rows(logprobs_N: torch.Tensor, mask: torch.Tensor, examples: list[Datum]) -> list[list[float | None]]:
+def scatter_rows(logprobs_B_T: torch.Tensor, known_B_T: torch.Tensor, examples: list[Datum]) -> list[list[float | None]]:
     """Back to one list per example; None where no logit was computed."""
+    values, known = logprobs_B_T.tolist(), known_B_T.tolist()
     rows: list[list[float | None]] = []
-    values = iter(logprobs_N.tolist())
     for b, datum in enumerate(examples):
         n = len(datum.loss_fn_inputs.target_tokens)
-        rows.append([next(values) if mask[b, t] else None for t in range(n)])
+        rows.append([values[b][t] if known[b][t] else None for t in range(n)])
     return rows
 
 
@@ -131,22 +170,33 @@ class VocabProjection:
             torch.addmm(self.bias, hidden_C_H, self.weight.t(), out=out)
         return out
 
-    def _logprobs_and_exp(self, hidden_C_H: torch.Tensor, targets_C: torch.Tensor):
-        """Target logprobs [C], and the buffer holding exp(logits - max) with its row sums."""
+    def _logprobs_and_exp(self, hidden_C_H: torch.Tensor, targets_C: torch.Tensor, topk: int = 0):
+        """Target logprobs [C], the buffer holding exp(logits - max) with its row sums, and with
+        topk > 0 the k largest logprobs [C, k] and their token ids [C, k] (else None)."""
         logits = self._logits(hidden_C_H)
         logits.sub_(logits.amax(dim=-1, keepdim=True))
         target_logits = logits.gather(-1, targets_C.unsqueeze(-1)).squeeze(-1)
+        top = logits.topk(topk, dim=-1) if topk else None  # before exp_ overwrites the logits
         exp = logits.exp_()
         sums = exp.sum(dim=-1)
-        return target_logits - sums.log(), exp, sums
+        log_sums = sums.log()
+        if top is not None:
+            top = (top.values - log_sums.unsqueeze(-1), top.indices)
+        return target_logits - log_sums, exp, sums, top
 
     @torch.no_grad()
-    def logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(hidden_N_H.shape[0], device=hidden_N_H.device)
-        for start in range(0, hidden_N_H.shape[0], self.chunk_rows):
+    def logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0):
+        """Target logprobs [N], the k largest logprobs [N, k] and their token ids [N, k] (k may be 0)."""
+        n = hidden_N_H.shape[0]
+        out = torch.empty(n, device=hidden_N_H.device)
+        top_N_K = torch.empty(n, topk, device=hidden_N_H.device)
+        ids_N_K = torch.empty(n, topk, dtype=torch.long, device=hidden_N_H.device)
+        for start in range(0, n, self.chunk_rows):
             chunk = slice(start, start + self.chunk_rows)
-            out[chunk] = self._logprobs_and_exp(hidden_N_H[chunk], targets_N[chunk])[0]
-        return out
+            out[chunk], _, _, top = self._logprobs_and_exp(hidden_N_H[chunk], targets_N[chunk], topk)
+            if top is not None:
+                top_N_K[chunk], ids_N_K[chunk] = top
+        return out, top_N_K, ids_N_K
 
     def logprobs_and_grad(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, chunk_loss):
         """`chunk_loss(logprobs_C, chunk) -> scalar` for each chunk; returns the summed loss (a float),
@@ -159,7 +209,7 @@ class VocabProjection:
             chunk = slice(start, start + self.chunk_rows)
             targets = targets_N[chunk]
             with torch.no_grad():
-                token_logprobs, exp, sums = self._logprobs_and_exp(hidden_N_H[chunk], targets)
+                token_logprobs, exp, sums, _ = self._logprobs_and_exp(hidden_N_H[chunk], targets)
             token_logprobs.requires_grad_(True)
             loss = chunk_loss(token_logprobs, chunk)
             if not torch.isfinite(loss):

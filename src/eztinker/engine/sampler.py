@@ -127,6 +127,7 @@ def sample(
     ]
     chooser = _TokenChooser(specs, head, len(rows), device)
     stop_strings = [spec.params.stop for spec in specs]
+    stop_ids = [stop_token_ids | frozenset(spec.params.stop_token_ids) for spec in specs]  # the model's and the request's
     batch = list(range(len(rows)))  # the decoder batch: indices into `rows`, finished ones included
     live = list(range(len(rows)))  # positions in `batch` of the rows still decoding
 
@@ -140,7 +141,7 @@ def sample(
         for k, row, token, logprob in zip(live, live_rows, tokens.tolist(), logprobs.tolist()):
             row.tokens.append(token)
             row.logprobs.append(logprob)
-            if token in stop_token_ids or _hit_stop_string(row, stop_strings[row.spec], tokenizer):
+            if token in stop_ids[row.spec] or _hit_stop_string(row, stop_strings[row.spec], tokenizer):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= row.max_tokens:
                 row.stop_reason = "length"
@@ -171,7 +172,7 @@ def sample(
     for row in rows:
         results[row.spec][row.prompt].append(
             SampledSequence(
-                text=_visible_text(row, stop_token_ids, stop_strings[row.spec], tokenizer),
+                text=_visible_text(row, stop_ids[row.spec], stop_strings[row.spec], tokenizer),
                 tokens=row.tokens,
                 logprobs=row.logprobs,
                 stop_reason=row.stop_reason or "length",
