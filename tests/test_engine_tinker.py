@@ -385,3 +385,19 @@ def test_prompt_logprobs_equal_the_models_own_and_top_k_starts_at_the_argmax(bac
     # Engine.score agrees: the prompt's tail given its head.
     score = engine.score("a", PROMPT[:2], [PROMPT[2:]])[0].sum_logprob
     assert score == pytest.approx(sum(live["prompt_logprobs"][0][2:]), abs=1e-4)
+
+
+def test_a_non_finite_gradient_fails_its_request_and_keeps_earlier_gradients(engine, tiny_base):
+    """Hole 7: a valid forward_backward, then a ppo one whose sampler logprobs are -1e308 (finite
+    loss, non-finite gradient): the second fails naming the problem, the first's gradient stays."""
+    engine.create_run("nan", LoraConfig(rank=2))
+    good = Datum(model_input=ModelInput(tokens=[1, 2, 3]), loss_fn_inputs=LossFnInputs(target_tokens=[2, 3, 4]))
+    engine.forward_backward("nan", [good])
+    grads = [None if p.grad is None else p.grad.clone() for p in engine._runs["nan"].params]
+    bad = Datum(model_input=ModelInput(tokens=[1, 2, 3]), loss_fn_inputs=LossFnInputs(
+        target_tokens=[2, 3, 4], logprobs=[-1e308] * 3, advantages=[1.0] * 3))
+    with pytest.raises(EngineError, match="non-finite gradient"):
+        engine.forward_backward("nan", [bad], "ppo")
+    after = [p.grad for p in engine._runs["nan"].params]
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, after))
+    assert engine.optim_step("nan", AdamParams()).step == 1  # the valid batch is applied

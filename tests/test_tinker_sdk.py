@@ -102,7 +102,7 @@ def test_custom_loss_gives_the_gradient_autograd_gives(service, model):
     """forward_backward_custom sends minus the custom loss's gradient as signed cross_entropy
     weights; a twin run trained with cross_entropy on the weights autograd gives must match."""
     def custom(data, logprobs):
-        loss = sum((lp ** 2).sum() * 0.1 - lp[-1] for lp in logprobs)
+        loss = sum((lp ** 2).sum() * 0.01 + 2 * lp[-1] for lp in logprobs)
         return loss, {"custom:sum": float(loss)}
 
     a = service.create_lora_training_client(base_model=model, rank=4, seed=3)
@@ -178,10 +178,11 @@ def test_sampling_parameters(service, model):
     assert len({s.sequence_id for s in out.sequences}) == 3
     again = sampler.sample(prompt, 3, params).result()
     assert [s.tokens for s in again.sequences] == [s.tokens for s in out.sequences]  # seeded
-    first = out.sequences[0].tokens
-    stopped = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=5, temperature=1.0, seed=7,
-                                                             top_k=50, top_p=0.9, stop=[first[1]])).result()
-    assert list(stopped.sequences[0].tokens) == list(first[:2]) and stopped.sequences[0].stop_reason == "stop"
+    one = types.SamplingParams(max_tokens=5, temperature=1.0, seed=7, top_k=50, top_p=0.9)
+    first = list(sampler.sample(prompt, 1, one).result().sequences[0].tokens)
+    stop_at = first[1]
+    stopped = sampler.sample(prompt, 1, one.model_copy(update={"stop": [stop_at]})).result().sequences[0]
+    assert list(stopped.tokens) == first[: first.index(stop_at) + 1] and stopped.stop_reason == "stop"
 
     logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(PROMPT + REPLY)).result()
     assert logprobs[0] is None and len(logprobs) == len(PROMPT + REPLY)

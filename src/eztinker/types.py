@@ -149,7 +149,8 @@ class ForwardBackwardResult(_Schema):
     num_tokens: int = Field(description="Positions that carried loss (nonzero weight/advantage).")
     logprobs: list[list[float | None]] = Field(
         description="Per datum and position, logprob of the target token; null where the loss "
-        "had zero weight (those logits are never computed)."
+        "had zero weight (those logits are not computed unless every position's logprob is asked for, "
+        "as the Tinker protocol does)."
     )
 
 

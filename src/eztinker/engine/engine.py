@@ -228,7 +228,14 @@ class Engine:
         # batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
         saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in run.params]
         try:
-            return self._forward(data, loss_fn, config, backward=True, all_logprobs=all_logprobs)
+            result = self._forward(data, loss_fn, config, backward=True, all_logprobs=all_logprobs)
+            # A finite loss can still have a non-finite gradient (e.g. ppo with sampler logprobs of
+            # -1e308: the clipped term is finite, the ratio is not); applying it would wipe the
+            # batch at the next optim_step, so this request fails and the earlier gradients stay.
+            if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params):
+                raise EngineError(f"{loss_fn} gave a non-finite gradient (check the request's logprobs and "
+                                  "advantages); this request's gradient was not applied, earlier ones are kept")
+            return result
         except BaseException:
             for param, grad in zip(run.params, saved_grads):
                 param.grad = grad
