@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import tarfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
 POLL_SECONDS = 25.0  # a retrieve_future holds this long before answering try_again (the SDK waits 45 s)
 TURN_SECONDS = 30.0  # a training request arriving before its predecessor waits this long for it
+_ANSWERS_KEPT = 100_000
+_SESSION_SNAPSHOT = p.SAMPLER_PREFIX + "session-"  # our name of an unnamed sampler snapshot
+_SESSION_SNAPSHOTS_KEPT = 4
 _ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP = ["gate_proj", "up_proj", "down_proj"]
 # Files of a PEFT adapter: what a checkpoint archive holds (the optimizer state stays here).
@@ -101,8 +105,14 @@ def tinker_router(service: Service) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["tinker"])
     sessions = SessionStore(service.store)
     sequencer = Sequencer()
-    # What a future's answer needs beyond its job's result (an unnamed sampler's id), by job id.
-    answers: dict[str, dict] = {}
+    # What a future's answer needs beyond its job's result (an unnamed sampler's id), by job id;
+    # the newest _ANSWERS_KEPT (a future is retrieved soon after it is made).
+    answers: OrderedDict[str, dict] = OrderedDict()
+
+    def remember(job_id: str, extra: dict) -> None:
+        answers[job_id] = extra
+        while len(answers) > _ANSWERS_KEPT:
+            answers.popitem(last=False)
 
     def future(ref: JobRef, **extra) -> dict:
         return {"request_id": ref.job_id, **extra}
@@ -266,14 +276,23 @@ def tinker_router(service: Service) -> APIRouter:
                         raise ServiceError(422, "give path or sampling_session_seq_id", ("path",))
                     session_id = body.model_id.split(":train:")[0]
                     sampler_id = f"{session_id}:sample:{body.sampling_session_seq_id}"
-                    name = f"{p.SAMPLER_PREFIX}session-{sampler_id.replace(':', '-')}"
+                    name = f"{_SESSION_SNAPSHOT}{sampler_id.replace(':', '-')}"
                     ref = service.submit_save(user, body.model_id, SaveRequest(name=name), key)
                     run = service.get_run(user, body.model_id)
+                    drop_old_session_snapshots(user, run)
                     sessions.add_sampler(sampler_id, user, run.base_model, f"{body.model_id}/{name}", None)
-                    answers[ref.job_id] = {"sampling_session_id": sampler_id}
+                    remember(ref.job_id, {"sampling_session_id": sampler_id})
             except (ServiceError, ValidationError) as exc:
                 return refused(user, "save", body.model_id, exc)
         return future(ref, model_id=body.model_id)
+
+    def drop_old_session_snapshots(user: str, run) -> None:
+        """An unnamed snapshot is one sampling client's weights, and an RL loop makes one per
+        iteration: with the one being written, a run keeps its newest _SESSION_SNAPSHOTS_KEPT, so
+        disk use stays bounded."""
+        unnamed = [c for c in run.checkpoints if c.name.startswith(_SESSION_SNAPSHOT)]
+        for old in unnamed[: max(0, len(unnamed) - (_SESSION_SNAPSHOTS_KEPT - 1))]:
+            service.delete_checkpoint(user, run.id, old.name)
 
     @router.post("/load_weights")
     async def load_weights(body: p.LoadWeights, user: User, key: IdempotencyKey = None) -> dict:
@@ -290,7 +309,7 @@ def tinker_router(service: Service) -> APIRouter:
             except (ServiceError, ValidationError, ValueError) as exc:
                 return refused(user, "create_run", None, exc)
             sequencer.start(model_id)
-            answers[ref.job_id] = {"path": body.path, "model_id": model_id}
+            remember(ref.job_id, {"path": body.path, "model_id": model_id})
             return future(ref, model_id=model_id)
         async with sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -299,7 +318,7 @@ def tinker_router(service: Service) -> APIRouter:
                                           with_optimizer=body.optimizer)
             except (ServiceError, ValidationError, ValueError) as exc:
                 return refused(user, "load", body.model_id, exc)
-        answers[ref.job_id] = {"path": body.path, "model_id": body.model_id}
+        remember(ref.job_id, {"path": body.path, "model_id": body.model_id})
         return future(ref, model_id=body.model_id)
 
     # ------------------------------------------------------------------------ sampling
@@ -483,8 +502,6 @@ def _size(path) -> int | None:
 
 
 def _json_or_empty(text: str | None) -> dict:
-    import json
-
     try:
         return json.loads(text) if text else {}
     except ValueError:
