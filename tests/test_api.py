@@ -735,6 +735,45 @@ def test_public_bind_needs_an_api_key(monkeypatch, tmp_path):
         assert ServerSettings(host=loopback, data_dir=tmp_path).user_keys() == {}
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n"])
+def test_a_blank_api_key_is_refused_not_taken_as_no_auth(monkeypatch, tmp_path, blank):
+    # A blank key once passed the public-bind check and then matched requests carrying no key.
+    for name in ("EZTINKER_API_KEY", "EZTINKER_API_KEYS_FILE", "EZTINKER_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    for host in ("0.0.0.0", "127.0.0.1"):
+        with pytest.raises(ValueError, match="(?s)api_key.*empty or blank"):
+            ServerSettings(host=host, api_key=blank, data_dir=tmp_path)
+    monkeypatch.setenv("EZTINKER_API_KEY", blank)
+    with pytest.raises(ValueError, match="(?s)api_key.*empty or blank"):
+        ServerSettings(host="0.0.0.0", data_dir=tmp_path)
+
+
+def test_a_keys_file_must_hold_non_blank_keys_and_users(monkeypatch, tmp_path):
+    monkeypatch.delenv("EZTINKER_API_KEY", raising=False)
+    keys = tmp_path / "keys.json"
+    for content, problem in [
+        ("{}", "holds no keys"),
+        ('{"": "alice"}', "key 1 is empty or blank"),
+        ('{"key-a": "alice", "  ": "bob"}', "key 2 is empty or blank"),
+        ('{"key-a": ""}', "the user of key 1 is empty or blank"),
+        ('{"key-a": " "}', "the user of key 1 is empty or blank"),
+        ('{"key-a": 1}', "must be a JSON object"),
+        ('["key-a"]', "must be a JSON object"),
+        ("{not json", "not JSON"),
+    ]:
+        keys.write_text(content)
+        for host in ("0.0.0.0", "127.0.0.1"):
+            with pytest.raises(ValueError, match=problem) as err:
+                ServerSettings(host=host, api_keys_file=keys, data_dir=tmp_path)
+            assert str(keys) in str(err.value) and "key-a" not in str(err.value), content  # keys are secrets
+    with pytest.raises(ValueError, match="No such file"):
+        ServerSettings(api_keys_file=tmp_path / "missing.json", data_dir=tmp_path)  # at once, not at start-up
+    keys.write_text('{"key-a": "alice"}')
+    settings = ServerSettings(host="0.0.0.0", api_keys_file=keys, data_dir=tmp_path)
+    keys.unlink()  # read once, when the settings are made
+    assert settings.user_keys() == {"key-a": "alice"}
+
+
 def test_connection_refused_says_how_to_start_a_server():
     url = f"http://127.0.0.1:{closed_port()}"
     with ServiceClient(url, max_retries=0) as service:
