@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import re
 import socket
 import statistics
 import time
@@ -272,6 +274,20 @@ def test_restart_restores_the_last_saved_or_loaded_state(make_server, tmp_path):
         assert score(restored) == pytest.approx(at_c1, rel=1e-5)
         assert (restored_other.info().step, restored_other.info().restored_from) == (2, f"{run.run_id}/c2")
         assert score(restored_other) == pytest.approx(at_c2, rel=1e-5)
+
+
+def test_one_service_per_data_directory_until_it_closes(make_server, tmp_path):
+    from eztinker.server.datadir import DataDirError
+
+    data_dir = tmp_path / "shared"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as service:
+        run = service.create_training_run()
+        in_use = f"data directory {data_dir.resolve()} is in use by another EZTinker server (pid {os.getpid()})"
+        with pytest.raises(DataDirError, match=re.escape(in_use)):
+            make_server(data_dir=data_dir)
+        assert train(run, 1) == [1]  # the first one is untouched
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as service:
+        assert [r.id for r in service.list_runs()] == [run.run_id]
 
 
 def test_create_run_retry_with_the_same_key_returns_the_same_run(server, client):

@@ -81,11 +81,12 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     from .engine import ModelLoadError
     from .launcher import build_service
     from .server.app import create_app
+    from .server.datadir import DataDirError
 
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
         service = build_service(settings)
-    except ModelLoadError as exc:
+    except (ModelLoadError, DataDirError) as exc:
         _fail(str(exc))
     click.echo(f"ready: {', '.join(service.models)}; data in {service.data_dir}", err=True)
     uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level)
