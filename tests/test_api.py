@@ -690,6 +690,48 @@ def test_api_key_is_required_when_configured(make_server):
             assert [r.id for r in service.list_runs()] == [run.run_id]
 
 
+def test_two_different_keys_in_one_request_are_refused_not_guessed_between(make_server, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"key-a": "alice", "key-b": "bob"}))
+    with make_server(api_keys_file=keys) as server:
+        url = f"{server.url}/v1/runs"
+        for headers in (
+            {"X-API-Key": "wrong", "Authorization": "Bearer key-a"},  # the wrong one won before, by luck of order
+            {"X-API-Key": "key-a", "Authorization": "Bearer wrong"},
+            {"X-API-Key": "key-a", "Authorization": "Bearer key-b"},  # two valid keys of two users
+        ):
+            response = httpx.get(url, headers=headers)
+            assert response.status_code == 401 and "not two different keys" in response.json()["detail"], headers
+        for headers in (
+            {"X-API-Key": "key-a", "Authorization": "Bearer key-a"},  # the same key twice
+            {"X-API-Key": "key-a", "Authorization": "Basic dXNlcjpwdw=="},  # another scheme carries no key of ours
+        ):
+            assert httpx.get(url, headers=headers).status_code == 200, headers
+
+
+def test_health_without_a_valid_key_says_only_that_the_server_is_alive(make_server, tiny_model_dir):
+    with make_server(api_key="s3cret") as server:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"},
+                        {"X-API-Key": "wrong", "Authorization": "Bearer s3cret"}):
+            response = httpx.get(f"{server.url}/health", headers=headers)
+            assert (response.status_code, response.json()) == (200, {"status": "ok"}), headers
+        with ServiceClient(server.url, max_retries=0) as anonymous:
+            assert anonymous.health().model_dump(exclude_none=True) == {"status": "ok"}
+        with ServiceClient(server.url, api_key="s3cret") as service:
+            service.create_training_run()
+            health = service.health()
+        assert (health.model, health.models, health.runs, health.queued_jobs) == (
+            str(tiny_model_dir), [str(tiny_model_dir)], 1, 0)
+        assert health.version
+
+
+def test_doctor_checks_a_running_server(server, client):
+    from eztinker.cli import _check_server
+
+    client.create_training_run()
+    assert _check_server(server.url).startswith(f"{server.url}: model {client.health().model}, 1 runs; tokenizer loads")
+
+
 def test_users_only_see_their_own_runs(make_server, tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"key-a": "alice", "key-b": "bob"}))
