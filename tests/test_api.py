@@ -621,6 +621,27 @@ def test_failed_job_reports_its_error_and_the_server_keeps_serving(client):
     assert len(run.sample(["hi"], num_samples=2, sampling_params=SamplingParams(max_tokens=3)).result(timeout=60).sequences[0]) == 2
 
 
+def test_errors_name_checkpoints_by_reference_never_by_server_path(server, client):
+    run = client.create_training_run()
+    data_dir = server.service.data_dir
+    for name, broken in [("a", "training_state.json"), ("b", "optimizer.pt"), ("c", "adapter_model.safetensors")]:
+        run.save_state(name).result(timeout=60)
+        (data_dir / "checkpoints" / run.run_id / name / broken).unlink()
+        with pytest.raises(JobFailedError) as load:
+            run.load_state(name).result(timeout=60)
+        with pytest.raises(APIStatusError) as copy:
+            client.create_training_run(from_checkpoint=f"{run.run_id}/{name}")
+        for message in (load.value.error, str(copy.value)):
+            assert f"checkpoint {run.run_id}/{name}" in message and broken in message, message
+            assert str(data_dir) not in message, message
+    # An operating-system error the engine passes on as it is: a file where the run's folder goes.
+    other = client.create_training_run()
+    (data_dir / "checkpoints" / other.run_id).write_text("")
+    with pytest.raises(JobFailedError) as save:
+        other.save_state("x").result(timeout=60)
+    assert "File exists" in save.value.error and str(data_dir) not in save.value.error, save.value.error
+
+
 # ------------------------------------------------------------------------- idempotency
 def test_idempotency_key_replays_instead_of_repeating(server, client):
     run = client.create_training_run(seed=3)
