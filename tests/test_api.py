@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import re
 import socket
 import statistics
 import time
@@ -272,6 +274,20 @@ def test_restart_restores_the_last_saved_or_loaded_state(make_server, tmp_path):
         assert score(restored) == pytest.approx(at_c1, rel=1e-5)
         assert (restored_other.info().step, restored_other.info().restored_from) == (2, f"{run.run_id}/c2")
         assert score(restored_other) == pytest.approx(at_c2, rel=1e-5)
+
+
+def test_one_service_per_data_directory_until_it_closes(make_server, tmp_path):
+    from eztinker.server.datadir import DataDirError
+
+    data_dir = tmp_path / "shared"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as service:
+        run = service.create_training_run()
+        in_use = f"data directory {data_dir.resolve()} is in use by another EZTinker server (pid {os.getpid()})"
+        with pytest.raises(DataDirError, match=re.escape(in_use)):
+            make_server(data_dir=data_dir)
+        assert train(run, 1) == [1]  # the first one is untouched
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url) as service:
+        assert [r.id for r in service.list_runs()] == [run.run_id]
 
 
 def test_create_run_retry_with_the_same_key_returns_the_same_run(server, client):
@@ -605,6 +621,27 @@ def test_failed_job_reports_its_error_and_the_server_keeps_serving(client):
     assert len(run.sample(["hi"], num_samples=2, sampling_params=SamplingParams(max_tokens=3)).result(timeout=60).sequences[0]) == 2
 
 
+def test_errors_name_checkpoints_by_reference_never_by_server_path(server, client):
+    run = client.create_training_run()
+    data_dir = server.service.data_dir
+    for name, broken in [("a", "training_state.json"), ("b", "optimizer.pt"), ("c", "adapter_model.safetensors")]:
+        run.save_state(name).result(timeout=60)
+        (data_dir / "checkpoints" / run.run_id / name / broken).unlink()
+        with pytest.raises(JobFailedError) as load:
+            run.load_state(name).result(timeout=60)
+        with pytest.raises(APIStatusError) as copy:
+            client.create_training_run(from_checkpoint=f"{run.run_id}/{name}")
+        for message in (load.value.error, str(copy.value)):
+            assert f"checkpoint {run.run_id}/{name}" in message and broken in message, message
+            assert str(data_dir) not in message, message
+    # An operating-system error the engine passes on as it is: a file where the run's folder goes.
+    other = client.create_training_run()
+    (data_dir / "checkpoints" / other.run_id).write_text("")
+    with pytest.raises(JobFailedError) as save:
+        other.save_state("x").result(timeout=60)
+    assert "File exists" in save.value.error and str(data_dir) not in save.value.error, save.value.error
+
+
 # ------------------------------------------------------------------------- idempotency
 def test_idempotency_key_replays_instead_of_repeating(server, client):
     run = client.create_training_run(seed=3)
@@ -674,6 +711,47 @@ def test_api_key_is_required_when_configured(make_server):
             assert [r.id for r in service.list_runs()] == [run.run_id]
 
 
+def test_two_different_keys_in_one_request_are_refused_not_guessed_between(make_server, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"key-a": "alice", "key-b": "bob"}))
+    with make_server(api_keys_file=keys) as server:
+        url = f"{server.url}/v1/runs"
+        for headers in (
+            {"X-API-Key": "wrong", "Authorization": "Bearer key-a"},  # the wrong one won before, by luck of order
+            {"X-API-Key": "key-a", "Authorization": "Bearer wrong"},
+            {"X-API-Key": "key-a", "Authorization": "Bearer key-b"},  # two valid keys of two users
+        ):
+            response = httpx.get(url, headers=headers)
+            assert response.status_code == 401 and "not two different keys" in response.json()["detail"], headers
+        for headers in (
+            {"X-API-Key": "key-a", "Authorization": "Bearer key-a"},  # the same key twice
+            {"X-API-Key": "key-a", "Authorization": "Basic dXNlcjpwdw=="},  # another scheme carries no key of ours
+        ):
+            assert httpx.get(url, headers=headers).status_code == 200, headers
+
+
+def test_health_without_a_valid_key_says_only_that_the_server_is_alive(make_server, tiny_model_dir):
+    with make_server(api_key="s3cret") as server:
+        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"},
+                        {"X-API-Key": "wrong", "Authorization": "Bearer s3cret"}):
+            response = httpx.get(f"{server.url}/health", headers=headers)
+            assert (response.status_code, response.json()) == (200, {"status": "ok"}), headers
+        with ServiceClient(server.url, max_retries=0) as anonymous:
+            assert anonymous.health().model_dump(exclude_none=True) == {"status": "ok"}
+        with ServiceClient(server.url, api_key="s3cret") as service:
+            service.create_training_run()
+            health = service.health()
+        assert (health.model, health.models, health.runs) == (str(tiny_model_dir), [str(tiny_model_dir)], 1)
+        assert health.queued_jobs is not None and health.version
+
+
+def test_doctor_checks_a_running_server(server, client):
+    from eztinker.cli import _check_server
+
+    client.create_training_run()
+    assert _check_server(server.url).startswith(f"{server.url}: model {client.health().model}, 1 runs; tokenizer loads")
+
+
 def test_users_only_see_their_own_runs(make_server, tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"key-a": "alice", "key-b": "bob"}))
@@ -733,6 +811,45 @@ def test_public_bind_needs_an_api_key(monkeypatch, tmp_path):
     assert ServerSettings(host="0.0.0.0", api_key="k", data_dir=tmp_path).user_keys() == {"k": "default"}
     for loopback in ("127.0.0.1", "localhost", "::1"):
         assert ServerSettings(host=loopback, data_dir=tmp_path).user_keys() == {}
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t\n"])
+def test_a_blank_api_key_is_refused_not_taken_as_no_auth(monkeypatch, tmp_path, blank):
+    # A blank key once passed the public-bind check and then matched requests carrying no key.
+    for name in ("EZTINKER_API_KEY", "EZTINKER_API_KEYS_FILE", "EZTINKER_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    for host in ("0.0.0.0", "127.0.0.1"):
+        with pytest.raises(ValueError, match="(?s)api_key.*empty or blank"):
+            ServerSettings(host=host, api_key=blank, data_dir=tmp_path)
+    monkeypatch.setenv("EZTINKER_API_KEY", blank)
+    with pytest.raises(ValueError, match="(?s)api_key.*empty or blank"):
+        ServerSettings(host="0.0.0.0", data_dir=tmp_path)
+
+
+def test_a_keys_file_must_hold_non_blank_keys_and_users(monkeypatch, tmp_path):
+    monkeypatch.delenv("EZTINKER_API_KEY", raising=False)
+    keys = tmp_path / "keys.json"
+    for content, problem in [
+        ("{}", "holds no keys"),
+        ('{"": "alice"}', "key 1 is empty or blank"),
+        ('{"key-a": "alice", "  ": "bob"}', "key 2 is empty or blank"),
+        ('{"key-a": ""}', "the user of key 1 is empty or blank"),
+        ('{"key-a": " "}', "the user of key 1 is empty or blank"),
+        ('{"key-a": 1}', "must be a JSON object"),
+        ('["key-a"]', "must be a JSON object"),
+        ("{not json", "not JSON"),
+    ]:
+        keys.write_text(content)
+        for host in ("0.0.0.0", "127.0.0.1"):
+            with pytest.raises(ValueError, match=problem) as err:
+                ServerSettings(host=host, api_keys_file=keys, data_dir=tmp_path)
+            assert str(keys) in str(err.value) and "key-a" not in str(err.value), content  # keys are secrets
+    with pytest.raises(ValueError, match="No such file"):
+        ServerSettings(api_keys_file=tmp_path / "missing.json", data_dir=tmp_path)  # at once, not at start-up
+    keys.write_text('{"key-a": "alice"}')
+    settings = ServerSettings(host="0.0.0.0", api_keys_file=keys, data_dir=tmp_path)
+    keys.unlink()  # read once, when the settings are made
+    assert settings.user_keys() == {"key-a": "alice"}
 
 
 def test_connection_refused_says_how_to_start_a_server():

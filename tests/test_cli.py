@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from eztinker import cli
 from eztinker.recipes import rejection_sft
+from eztinker.launcher import offline_env
 from eztinker.recipes.rejection_sft import Config
+from eztinker.server.settings import ServerSettings
 
 # The flags `eztinker rsft` had when they were written by hand: scripts and the README use them.
 FLAGS_BEFORE = [
@@ -96,3 +101,43 @@ def test_demo_runs_the_preset_over_the_configs_defaults(ran, monkeypatch, tmp_pa
         max_tokens=64, eval_size=200, batch_size=8, micro_batch_size=4, prompts_per_sample_call=32,
         lora_rank=1, lora_alpha=16.0, seed=0, checkpoint=True, resume_from=None, output_dir=tmp_path,
     )]
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """`eztinker server` fails the test if it gets as far as loading a model."""
+    import eztinker.launcher
+
+    def build_service(settings, bases=None):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(eztinker.launcher, "build_service", build_service)
+
+
+def test_server_reports_a_bad_setting_at_once_in_one_line(no_model_load, tmp_path):
+    empty, missing = tmp_path / "empty.json", tmp_path / "missing.json"
+    empty.write_text("{}")
+    for args, message in [
+        (["--api-keys-file", str(missing)], f"error: API keys file {missing}: No such file or directory"),
+        (["--api-keys-file", str(empty)], f"error: API keys file {empty} holds no keys"),
+        (["--api-key", " "], "error: --api-key: the API key is empty or blank"),
+        (["--host", "0.0.0.0"], "error: binding to 0.0.0.0 exposes the server beyond this machine"),
+    ]:
+        start = time.monotonic()
+        result = CliRunner().invoke(cli.app, ["server", "--model", "smollm2-135m", "--data-dir", str(tmp_path), *args],
+                                    env={f"EZTINKER_{name.upper()}": None for name in ServerSettings.model_fields})
+        assert time.monotonic() - start < 1, args
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
+
+
+def test_a_missing_keys_file_stops_eztinker_server_at_once(tmp_path):
+    missing = tmp_path / "keys.json"
+    command = [sys.executable, "-m", "eztinker.cli", "server", "--model", "smollm2-135m", "--data-dir", str(tmp_path),
+               "--api-keys-file", str(missing)]
+    start = time.monotonic()
+    done = subprocess.run(command, env=offline_env(), capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2 and done.stdout == "", (done.stdout, done.stderr)
+    assert done.stderr == f"error: API keys file {missing}: No such file or directory\n"
+    assert elapsed < 5  # the interpreter and the CLI's imports (~0.5 s idle), not a model load (8 s)

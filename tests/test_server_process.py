@@ -4,13 +4,15 @@ SIGKILL it (mid-job), start it again on the same data directory and port, carry 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 from support import FAST, score, slow_batch, train
 
 from eztinker import ConnectionFailedError, ServiceClient
-from eztinker.launcher import free_port
+from eztinker.launcher import free_port, offline_env
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 
@@ -55,3 +57,31 @@ def test_server_survives_sigkill(start_server, tmp_path):
         assert service.health().runs == 1
     second.kill()
     assert second.process.returncode == -signal.SIGKILL
+
+
+def test_a_second_server_on_a_data_dir_in_use_refuses_and_a_killed_ones_lock_does_not_linger(
+    start_server, tiny_model_dir, tmp_path
+):
+    data_dir, port = tmp_path / "data", free_port()
+    first = start_server(data_dir, port)
+    with ServiceClient(first.url) as service:
+        run = service.create_training_run()
+        assert train(run, 1) == [1]
+        queued = run.forward_backward(slow_batch(200))
+        second = [sys.executable, "-m", "eztinker.cli", "server", "--model", str(tiny_model_dir), "--device", "cpu",
+                  "--data-dir", str(data_dir), "--port", str(free_port())]
+        start = time.monotonic()
+        refused = subprocess.run(second, env=offline_env(), capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.splitlines()[-1] == (
+            f"error: data directory {data_dir.resolve()} is in use by another EZTinker server "
+            f"(pid {first.process.pid}); stop it, or give another --data-dir"
+        )
+        assert "Traceback" not in refused.stderr and time.monotonic() - start < 30
+        # The first server's queued work was not marked interrupted by the second one.
+        assert queued.result(timeout=60).loss > 0 and run.info().step == 1
+
+        first.kill()  # SIGKILL: no shutdown code runs, the kernel drops the lock
+        restarted = start_server(data_dir, port)
+        assert [r.id for r in service.list_runs()] == [run.run_id]
+        assert restarted.process.pid != first.process.pid

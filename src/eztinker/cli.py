@@ -53,12 +53,17 @@ def build_settings(settings_file: Path | None = None, **flags) -> ServerSettings
             return ServerSettings.from_file(settings_file, **given)
         return ServerSettings(**given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-') or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
-        _fail(problems)
+        _fail("; ".join(_problem(error) for error in exc.errors()))
     except ValueError as exc:  # an unreadable settings file or keys file
         _fail(str(exc))
+
+
+def _problem(error: dict) -> str:
+    """One validation error as a line: the flag it is about (none for a check across settings)
+    and the message, without pydantic's "Value error, " prefix."""
+    message = error["msg"].removeprefix("Value error, ")
+    flag = ".".join(str(part) for part in error["loc"]).replace("_", "-")
+    return f"--{flag}: {message}" if flag else message
 
 
 @app.command()
@@ -76,11 +81,12 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     from .engine import ModelLoadError
     from .launcher import build_service
     from .server.app import create_app
+    from .server.datadir import DataDirError
 
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
         service = build_service(settings)
-    except ModelLoadError as exc:
+    except (ModelLoadError, DataDirError) as exc:
         _fail(str(exc))
     click.echo(f"ready: {', '.join(service.models)}; data in {service.data_dir}", err=True)
     uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level)

@@ -110,15 +110,22 @@ def wait_until_healthy(
 
 def build_service(settings, bases=None):
     """The service for `settings` on a local backend: `bases` (loaded base models), or every model
-    the settings name, each loaded once."""
+    the settings name, each loaded once. The data directory is locked first: a second server on
+    it fails at once (DataDirError), not after loading its models."""
     from .backend.local import LocalBackend
     from .engine import load_base_model
+    from .server.datadir import DataDirLock
     from .server.service import Service
 
-    if bases is None:
-        cache_dir = Path(settings.data_dir) / "cache"
-        bases = [load_base_model(spec, cache_dir=cache_dir, device=settings.device) for spec in settings.model]
-    return Service(settings, LocalBackend(bases))
+    lock = DataDirLock(settings.data_dir)
+    try:
+        if bases is None:
+            cache_dir = Path(settings.data_dir) / "cache"
+            bases = [load_base_model(spec, cache_dir=cache_dir, device=settings.device) for spec in settings.model]
+        return Service(settings, LocalBackend(bases), lock)
+    except BaseException:
+        lock.release()
+        raise
 
 
 class ThreadedServer:

@@ -322,9 +322,11 @@ class JobInfo(_Schema):
 
 
 class HealthInfo(_Schema):
+    """Liveness. A server with API keys answers only `status` to a request without a valid one."""
+
     status: Literal["ok"] = "ok"
-    model: str = Field(description="The default base model.")
-    models: list[str] = Field(default_factory=list, description="Every base model the server holds.")
-    runs: int
-    queued_jobs: int
-    version: str
+    model: str | None = Field(None, description="The default base model.")
+    models: list[str] | None = Field(None, description="Every base model the server holds.")
+    runs: int | None = None
+    queued_jobs: int | None = None
+    version: str | None = None

@@ -134,7 +134,9 @@ class LocalBackend:
             state = read_training_state(directory)
             return CheckpointState(step=int(state["step"]), lora=LoraConfig.model_validate(state["lora"]),
                                    base_model=state.get("base_model"))
-        except (EngineError, KeyError, TypeError, ValueError) as exc:
+        except EngineError as exc:
+            raise InvalidInput((), str(exc)) from None
+        except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput((), f"unreadable checkpoint: {exc}") from None
 
     def remove_partial_writes(self, root: Path) -> list[Path]:

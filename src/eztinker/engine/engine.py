@@ -768,7 +768,6 @@ def verify_checkpoint(directory: Path) -> None:
     """Read every file of a checkpoint (adapter, optimizer state, training state) without
     applying it; raise EngineError naming the broken file. weights_only: never unpickles code."""
     read_training_state(directory)
-    ref = f"{directory.parent.name}/{directory.name}"
     for name, read in (
         (ADAPTER_WEIGHTS, lambda path: load_file(path)),
         (OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")),
@@ -776,9 +775,8 @@ def verify_checkpoint(directory: Path) -> None:
         try:
             read(directory / name)
         except Exception as exc:
-            raise EngineError(
-                f"checkpoint {ref} is corrupted or incomplete: {name} cannot be read ({type(exc).__name__}: {exc})"
-            ) from None
+            raise EngineError(f"checkpoint {_ref(directory)} is corrupted or incomplete: {name} cannot be read "
+                              f"({type(exc).__name__}: {_without_path(exc, directory)})") from None
 
 
 def _stamp(directory: Path) -> tuple:
@@ -793,7 +791,20 @@ def read_training_state(directory: Path) -> dict:
     try:
         return json.loads((directory / TRAINING_STATE).read_text())
     except (OSError, ValueError) as exc:
-        raise EngineError(f"{directory} is not a readable EZTinker checkpoint: {exc}") from exc
+        raise EngineError(f"checkpoint {_ref(directory)} is not a readable EZTinker checkpoint: "
+                          f"{TRAINING_STATE}: {_without_path(exc, directory)}") from exc
+
+
+def _ref(directory: Path) -> str:
+    """A checkpoint directory's reference, '<run_id>/<name>': errors reach clients, who are not
+    to learn the server's paths."""
+    return f"{directory.parent.name}/{directory.name}"
+
+
+def _without_path(exc: Exception, directory: Path) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # its filename is the directory's file the message already names
+    return str(exc).replace(str(directory), _ref(directory))
 
 
 

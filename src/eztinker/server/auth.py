@@ -1,8 +1,8 @@
 """API keys -> users, shared by every protocol's routes.
 
 A key arrives as `Authorization: Bearer <key>` (EZTinker's SDK) or `X-API-Key: <key>` (the Tinker
-SDK); both map through the same table. With no keys configured (loopback only) every request is
-user "default".
+SDK); both map through the same table, and a request carrying two different keys is refused. With
+no keys configured (loopback only) every request is user "default".
 """
 
 from __future__ import annotations
@@ -24,20 +24,29 @@ def authenticate(keys: dict[str, str], given: str) -> str | None:
     return user
 
 
-def current_user(
+def request_user(
     request: Request,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
     x_api_key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None,
-) -> str:
+) -> str | None:
+    """The user the request's key belongs to ("default" with no keys configured), or None: no
+    key, a wrong one, or two different ones."""
     keys: dict[str, str] = request.app.state.user_keys
     if not keys:
         return "default"
     # The auth scheme is case-insensitive (RFC 7235), so "bearer <key>" is accepted too.
-    given = x_api_key or (authorization[7:] if authorization and authorization[:7].lower() == "bearer " else "")
-    user = authenticate(keys, given)
+    bearer = authorization[7:] if authorization and authorization[:7].lower() == "bearer " else ""
+    if x_api_key and bearer and x_api_key != bearer:
+        return None  # two different keys: refuse rather than guess which one is meant
+    return authenticate(keys, x_api_key or bearer)
+
+
+def current_user(user: Annotated[str | None, Depends(request_user)]) -> str:
     if user is None:
-        raise ServiceError(401, "missing or wrong API key (send 'Authorization: Bearer <key>' or 'X-API-Key: <key>')")
+        raise ServiceError(401, "missing or wrong API key (send 'Authorization: Bearer <key>' or 'X-API-Key: <key>', "
+                                "not two different keys)")
     return user
 
 
 User = Annotated[str, Depends(current_user)]
+MaybeUser = Annotated[str | None, Depends(request_user)]

@@ -22,7 +22,7 @@ from ..types import (
     SaveRequest,
     ScoreRequest,
 )
-from .auth import User
+from .auth import MaybeUser, User
 from .service import Service
 from .store import JobRecord
 
@@ -50,9 +50,11 @@ def rest_router(service: Service) -> APIRouter:
 
     # Routes that only touch SQLite or do light validation are plain functions: FastAPI runs
     # them in its thread pool, off the event loop. Those that wait on a job are coroutines.
-    @router.get("/health", response_model=HealthInfo, tags=["service"])
-    def health() -> HealthInfo:
-        return service.health()
+    @router.get("/health", response_model=HealthInfo, response_model_exclude_none=True, tags=["service"],
+                summary="Liveness; the models, runs and queue too for a valid key (or with no keys configured)")
+    def health(user: MaybeUser) -> HealthInfo:
+        # Probes need no key, but the rest (model paths, every user's run count) is not theirs to see.
+        return service.health() if user is not None else HealthInfo()
 
     @router.get("/v1/info", tags=["service"], summary="Base models, vocabularies and request limits")
     def info(user: User) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -34,6 +35,14 @@ class Job:
     # '<run_id>/<name>': the checkpoint a save writes, or a load / create_run starts from.
     checkpoint: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+
+
+def hide_paths(text: str, data_dir: Path) -> str:
+    """`text` with the data directory's paths made relative: to its checkpoints folder (a
+    checkpoint then reads as its reference, '<run_id>/<name>'), else to itself. Errors reach
+    clients, who are not to learn the server's file layout (an OS error names the full path)."""
+    checkpoints = data_dir / "checkpoints"
+    return text.replace(f"{checkpoints}{os.sep}", "").replace(f"{data_dir}{os.sep}", "").replace(str(data_dir), "<data-dir>")
 
 
 class JobRunner:
@@ -144,7 +153,8 @@ class JobRunner:
         command, value = job.command, outcome.value
         try:
             if outcome.error is not None:
-                self.store.mark_finished(job.id, error=outcome.error, error_category=outcome.error_category)
+                error = hide_paths(outcome.error, self.data_dir)
+                self.store.mark_finished(job.id, error=error, error_category=outcome.error_category)
                 if isinstance(command, CreateRun):
                     self.store.mark_run_deleted(command.run_id)  # the run never came to be
             elif isinstance(command, Save):

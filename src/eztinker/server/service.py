@@ -35,6 +35,7 @@ from ..types import (
     ScoreRequest,
     parse_checkpoint_ref,
 )
+from .datadir import DataDirLock
 from .runner import Job, JobRunner
 from .settings import ServerSettings
 from .store import INTERRUPTED, JobRecord, Store, new_id
@@ -64,8 +65,11 @@ def invalid(loc: tuple, message: str) -> ServiceError:
 
 
 class Service:
-    def __init__(self, settings: ServerSettings, backend: Backend):
+    def __init__(self, settings: ServerSettings, backend: Backend, lock: DataDirLock):
+        """`lock`: the data directory's, taken before the models load (so a second server on it
+        fails at once); the service holds it until `close()`."""
         self.settings = settings
+        self.lock = lock
         self.backend = backend
         self.models: dict[str, ModelInfo] = {m.name: m for m in backend.models()}
         self.default_model = next(iter(self.models))
@@ -153,9 +157,12 @@ class Service:
                     shutil.rmtree(directory, ignore_errors=True)
 
     def close(self) -> None:
-        self.runner.stop()
-        self.store.close()
-        self.backend.close()
+        try:
+            self.runner.stop()
+            self.store.close()
+            self.backend.close()
+        finally:
+            self.lock.release()  # last: the next server on this directory finds everything let go
 
     def health(self) -> HealthInfo:
         return HealthInfo(

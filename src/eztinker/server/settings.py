@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .._net import is_loopback_host
@@ -47,6 +47,7 @@ class ServerSettings(BaseSettings):
         600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
     )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
+    _user_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -60,6 +61,14 @@ class ServerSettings(BaseSettings):
                 raise ValueError(f"each base model once, got {list(value)}")
         return value
 
+    @field_validator("api_key")
+    @classmethod
+    def _non_blank_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A blank key once passed the public-bind check and then matched requests carrying no key.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("the API key is empty or blank: give a real key (or none, on loopback)")
+        return value
+
     @classmethod
     def from_file(cls, path: Path, **overrides: Any) -> "ServerSettings":
         """Settings from a JSON or TOML file, `overrides` (CLI flags) taking precedence."""
@@ -71,6 +80,16 @@ class ServerSettings(BaseSettings):
         if not isinstance(values, dict):
             raise ValueError(f"settings file {path} must hold an object of settings")
         return cls(**{**values, **overrides})
+
+    @model_validator(mode="after")
+    def _read_keys(self) -> "ServerSettings":
+        # Read now, once: a bad keys file is reported before any model loads, and the keys the
+        # server uses are the keys that were checked.
+        keys = {} if self.api_key is None else {self.api_key.get_secret_value(): "default"}
+        if self.api_keys_file is not None:
+            keys.update(_read_keys_file(self.api_keys_file))
+        self._user_keys = keys
+        return self
 
     @model_validator(mode="after")
     def _key_for_public_bind(self) -> "ServerSettings":
@@ -87,17 +106,25 @@ class ServerSettings(BaseSettings):
 
     def user_keys(self) -> dict[str, str]:
         """API key -> user name; empty when auth is off (loopback without keys)."""
-        keys: dict[str, str] = {}
-        if self.api_key is not None:
-            keys[self.api_key.get_secret_value()] = "default"
-        if self.api_keys_file is not None:
-            try:
-                mapping = json.loads(self.api_keys_file.read_text())
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"api_keys_file {self.api_keys_file}: {exc}") from exc
-            if not isinstance(mapping, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and k and v for k, v in mapping.items()
-            ):
-                raise ValueError(f"api_keys_file {self.api_keys_file} must be a JSON object {{key: user}}")
-            keys.update(mapping)
-        return keys
+        return dict(self._user_keys)
+
+
+def _read_keys_file(path: Path) -> dict[str, str]:
+    """The {key: user} mapping of an API keys file; a ValueError names the file and the problem,
+    never a key (keys are secrets)."""
+    try:
+        mapping = json.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"API keys file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"API keys file {path} is not JSON: {exc}") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ValueError(f'API keys file {path} must be a JSON object {{"<key>": "<user>", ...}}')
+    if not mapping:
+        raise ValueError(f"API keys file {path} holds no keys: give at least one (an empty file would turn auth off)")
+    for i, (key, user) in enumerate(mapping.items(), 1):
+        if not key.strip():
+            raise ValueError(f"API keys file {path}: key {i} is empty or blank")
+        if not user.strip():
+            raise ValueError(f"API keys file {path}: the user of key {i} is empty or blank")
+    return mapping
