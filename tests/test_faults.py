@@ -403,10 +403,10 @@ def test_out_of_memory_in_one_job_fails_it_alone(make_server):
         engine = server.service.backend.engine(server.service.default_model)
         real = engine.forward_backward
 
-        def forward_backward(run_id, data, loss_fn="cross_entropy"):
+        def forward_backward(run_id, data, loss_fn="cross_entropy", **options):
             if run_id == victim.run_id and len(data[0].model_input.tokens) > 500:
                 raise MemoryError("simulated: could not allocate 40 GiB")
-            return real(run_id, data, loss_fn)
+            return real(run_id, data, loss_fn, **options)
 
         engine.forward_backward = forward_backward
         around = [bystander.forward_backward([EXAMPLE]), bystander.optim_step(FAST)]
