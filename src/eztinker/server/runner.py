@@ -139,7 +139,7 @@ class JobRunner:
         self.busy_job, self._running = batch[0].id, batch
         started = time.monotonic()
         try:
-            progress = [job.progress for job in batch]
+            progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
             try:
                 if any(progress):
                     outcomes = self.backend.execute([job.command for job in batch], progress=progress)
@@ -191,3 +191,19 @@ class JobRunner:
         if now - self._last_expiry > 60:
             self._last_expiry = now
             self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs)
+
+
+def _guarded(job_id: str, listener: Progress) -> Progress:
+    """A listener that fails (its event loop closed, say) stops listening; the sample goes on."""
+    broken = False
+
+    def listen(tokens) -> None:
+        nonlocal broken
+        if not broken:
+            try:
+                listener(tokens)
+            except Exception:
+                broken = True
+                log.exception("job %s: its progress listener failed; it gets no more progress", job_id)
+
+    return listen
