@@ -240,3 +240,18 @@ def test_metrics_count_jobs_tokens_and_runs(server):
     live = [r for user in ("alice", "bob") for r in server.service.list_runs(user)]
     assert value("eztinker_runs", base_model=model) == len(live) >= 1
     assert value("eztinker_queue_depth") == 0
+
+
+def test_stop_strings_cut_whole_and_streamed_text_alike(server):
+    oa = client(server)
+    model = base_model(server)
+    full = oa.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0).choices[0].text
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop.strip(), full
+    expected = full[: full.find(stop)]
+    whole = oa.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0, stop=[stop]).choices[0]
+    assert whole.text == expected and whole.finish_reason == "stop"
+    streamed = list(oa.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0, stop=stop,
+                                          stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == expected  # nothing past the stop string was sent
+    assert streamed[-1].choices[0].finish_reason == "stop"
