@@ -291,7 +291,7 @@ def test_inverse_cdf_draws_follow_the_requested_distribution(vocab, kwargs):
     logits[vocab - 3] = logits.max() + 0.5  # a likely token in the last block
     n = 60_000
     chooser = _chooser([SamplingParams(seed=1, **kwargs)], vocab, n)
-    tokens, logprobs = chooser.choose(logits.float().expand(n, vocab).contiguous(), [0] * n)
+    tokens, logprobs, _ = chooser.choose(logits.float().expand(n, vocab).contiguous(), [0] * n)
 
     scaled = logits / kwargs["temperature"]
     if kwargs.get("top_k"):
@@ -331,7 +331,7 @@ def test_greedy_choice_is_torch_argmax_including_ties(vocab):
     logits[0, 10] = logits[0, 200] = logits[0].max() + 1  # a tie: the first index wins
     logits[1, vocab - 1] = logits[1].max() + 1  # the max in the (possibly ragged) last block
     logits[2, :] = 0.5  # all equal
-    tokens, logprobs = _chooser([SamplingParams(temperature=0)], vocab, 6).choose(logits, [0] * 6)
+    tokens, logprobs, _ = _chooser([SamplingParams(temperature=0)], vocab, 6).choose(logits, [0] * 6)
     assert torch.equal(tokens, logits.argmax(-1))
     assert tokens[0] == 10 and tokens[2] == 0
     assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1), atol=1e-5)

@@ -233,6 +233,20 @@ class SampledSequence(_Schema):
     tokens: list[int]
     logprobs: list[float] = Field(description="Model logprob (temperature 1) of each sampled token.")
     stop_reason: Literal["stop", "length"]
+    top_logprobs: list[list[tuple[int, float]]] | None = Field(
+        None, description="When asked for: at each sampled position, the k most likely (token, logprob)."
+    )
+
+
+class SampledToken(typing.NamedTuple):
+    """A candidate's newest token, reported while a sample decodes (for streaming; not on the wire)."""
+
+    prompt: int  # the prompt's index within its request
+    sample: int  # the candidate's index among its prompt's
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] | None  # the k most likely (token, logprob), when asked for
+    stop_reason: str | None  # set on the candidate's last token: 'stop' or 'length'
 
 
 class SampleResult(_Schema):

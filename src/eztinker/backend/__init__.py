@@ -8,12 +8,12 @@ methods. Importing this package does not import torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..types import LoraConfig, Prompt
+from ..types import LoraConfig, Prompt, SampledToken
 from .commands import Command, Outcome
 
 
@@ -23,6 +23,10 @@ class InvalidInput(ValueError):
     def __init__(self, loc: tuple, message: str):
         super().__init__(message)
         self.loc, self.message = loc, message
+
+
+# Receives a Sample command's newly decoded tokens, from the worker thread.
+Progress = Callable[[list[SampledToken]], None]
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,12 @@ class Backend(Protocol):
     def models(self) -> list[ModelInfo]:
         """The base models this backend holds, the default one first."""
 
-    def execute(self, commands: Sequence[Command]) -> list[Outcome]:
+    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None) -> list[Outcome]:
         """Run `commands` in order, one outcome each. Called from one worker thread. The runner
         passes several commands at once only where `commands.fusable` allows; if a fused batch
-        fails, each command is retried alone, so one bad request never fails its neighbours."""
+        fails, each command is retried alone, so one bad request never fails its neighbours.
+        `progress[i]`, when given, receives command i's sampled tokens as they are decoded
+        (Sample commands; called from the worker thread, after every decode step)."""
 
     # Tokenizer work: light, no model weights; called from request handlers (a thread pool).
     def encode_prompt(self, model: str, prompt: Prompt) -> list[int]:
@@ -63,6 +69,12 @@ class Backend(Protocol):
 
     def encode_text(self, model: str, text: str) -> list[int]:
         """Token ids of plain text (no special tokens)."""
+
+    def decode(self, model: str, tokens: list[int]) -> str:
+        """The text of token ids, special tokens left out."""
+
+    def token_bytes(self, model: str, tokens: list[int]) -> list[bytes]:
+        """Each token's own bytes (a token may hold part of a UTF-8 character)."""
 
     def tokenizer_files(self, model: str) -> dict[str, str]:
         """The tokenizer's files (name -> text), for clients that render prompts themselves."""
@@ -80,4 +92,4 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["Backend", "CheckpointState", "Command", "InvalidInput", "ModelInfo", "Outcome"]
+__all__ = ["Backend", "CheckpointState", "Command", "InvalidInput", "ModelInfo", "Outcome", "Progress"]

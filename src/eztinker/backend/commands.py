@@ -64,6 +64,7 @@ class Sample(_Command):
     )
     prompt_logprobs: bool = Field(False, description="Also the logprob of every prompt token (the first: None).")
     topk_prompt_logprobs: int = Field(0, ge=0, description="Also the k most likely tokens at every prompt position.")
+    topk_logprobs: int = Field(0, ge=0, description="Also the k most likely tokens at every sampled position.")
 
 
 class Score(_Command):

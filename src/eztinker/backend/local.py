@@ -13,7 +13,7 @@ from ..engine import BaseModel, Engine, EngineError, SampleSpec
 from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, read_training_state
 from ..types import LoraConfig, Prompt, SampledSequence
-from . import CheckpointState, InvalidInput, ModelInfo
+from . import CheckpointState, InvalidInput, ModelInfo, Progress
 from .commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,17 @@ class LocalBackend:
         return [_model_info(engine.base) for engine in self.engines.values()]
 
     # ------------------------------------------------------------------------- model work
-    def execute(self, commands: Sequence[Command]) -> list[Outcome]:
+    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None) -> list[Outcome]:
+        progress = list(progress) if progress is not None else [None] * len(commands)
         if len(commands) > 1 and all(isinstance(c, Sample) for c in commands):
-            fused = _attempt(lambda: self._sample_many(commands))
+            fused = _attempt(lambda: self._sample_many(commands, progress))
             if fused.error is None:
                 return [Outcome(value=value) for value in fused.value]
             # One bad request must not fail its neighbours: each alone.
-        return [_attempt(lambda c=command: self._execute_one(c)) for command in commands]
+        return [_attempt(lambda c=command, p=listener: self._execute_one(c, p))
+                for command, listener in zip(commands, progress)]
 
-    def _execute_one(self, command: Command):
+    def _execute_one(self, command: Command, progress: Progress | None = None):
         engine = self.engine(command.model)
         match command:
             case CreateRun():
@@ -71,7 +73,7 @@ class LocalBackend:
             case OptimStep():
                 return engine.optim_step(command.run_id, command.adam_params).model_dump()
             case Sample():
-                return self._sample_many([command])[0]
+                return self._sample_many([command], [progress])[0]
             case Score():
                 scores = engine.score(command.run_id, command.prompt, command.responses)
                 return {"scores": [s.model_dump() for s in scores]}
@@ -82,17 +84,22 @@ class LocalBackend:
                 return {"step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)}
         raise EngineError(f"unknown command {command.kind!r}")
 
-    def _sample_many(self, commands: Sequence[Sample]) -> list[dict]:
+    def _sample_many(self, commands: Sequence[Sample], progress: Sequence[Progress | None]) -> list[dict]:
         engine = self.engine(commands[0].model)
         adapters: list[str | None] = []
         for c in commands:
             # A snapshot loaded for an earlier command of this batch must stay until it has sampled.
             adapters.append(c.run_id if c.snapshot is None else engine.snapshot(Path(c.snapshot), pinned=adapters))
-        specs = [SampleSpec(a, c.prompts, c.num_samples, c.sampling_params) for a, c in zip(adapters, commands)]
+        specs = [SampleSpec(a, c.prompts, c.num_samples, c.sampling_params, top_logprobs=c.topk_logprobs, on_tokens=p)
+                 for a, c, p in zip(adapters, commands, progress)]
         results = engine.sample(specs)
         values = []
         for c, adapter, result in zip(commands, adapters, results):
             value = {"prompt_tokens": c.prompts, "sequences": [[_dump(s) for s in row] for row in result]}
+            if c.topk_logprobs:
+                for row, dumped in zip(result, value["sequences"]):
+                    for sequence, entry in zip(row, dumped):
+                        entry["top_logprobs"] = [[list(pair) for pair in position] for position in sequence.top_logprobs]
             if c.prompt_logprobs or c.topk_prompt_logprobs:
                 scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs)
                 if c.prompt_logprobs:
@@ -116,6 +123,17 @@ class LocalBackend:
 
     def encode_text(self, model: str, text: str) -> list[int]:
         return self.engine(model).base.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, model: str, tokens: list[int]) -> str:
+        return self.engine(model).base.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def token_bytes(self, model: str, tokens: list[int]) -> list[bytes]:
+        tokenizer = self.engine(model).base.tokenizer
+        if _byte_level(tokenizer):  # GPT-2-style pieces spell each byte as one character
+            pieces = tokenizer.convert_ids_to_tokens(tokens)
+            if all(p is not None and all(ch in _BYTE_OF_CHAR for ch in p) for p in pieces):
+                return [bytes(_BYTE_OF_CHAR[ch] for ch in p) for p in pieces]
+        return [tokenizer.decode([t]).encode() for t in tokens]
 
     def tokenizer_files(self, model: str) -> dict[str, str]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -159,6 +177,31 @@ def _attempt(work) -> Outcome:
 def _dump(sequence: SampledSequence) -> dict:
     return {"text": sequence.text, "tokens": sequence.tokens, "logprobs": sequence.logprobs,
             "stop_reason": sequence.stop_reason}
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character each byte is spelt with, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _bytes_to_unicode()
+_BYTE_LEVEL: dict[int, bool] = {}
+
+
+def _byte_level(tokenizer) -> bool:
+    key = id(tokenizer)
+    if key not in _BYTE_LEVEL:
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(" a", add_special_tokens=False))
+        _BYTE_LEVEL[key] = any(p and p.startswith("Ġ") for p in pieces)
+    return _BYTE_LEVEL[key]
 
 
 def _model_info(base: BaseModel) -> ModelInfo:

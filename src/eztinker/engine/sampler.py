@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..types import SampledSequence, SamplingParams
+from ..types import SampledSequence, SampledToken, SamplingParams
 
 # forward(input_ids_B_T, attention_mask_B_S, position_ids_B_T, cache, adapters) -> features_B_D of the
 # last position: the final hidden state when a `head` is given to `sample`, else the logits.
@@ -45,6 +45,10 @@ class SampleSpec:
     prompts: list[list[int]]
     num_samples: int
     params: SamplingParams
+    top_logprobs: int = 0  # also the k most likely tokens (and logprobs) at every sampled position
+    # Called from the sampling thread after every decode step with this request's new tokens
+    # (streaming); it must be quick, e.g. hand them to an event loop.
+    on_tokens: Callable[[list[SampledToken]], None] | None = None
 
 
 @dataclass
@@ -81,9 +85,11 @@ class _LogitsAreFeatures:
 class _Row:
     spec: int
     prompt: int
+    sample: int
     max_tokens: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
     stop_reason: str | None = None
 
 
@@ -121,32 +127,37 @@ def sample(
     features, attention_mask = features[expand], attention_mask[expand]
     next_position = position_ids[expand, -1:] + 1
     rows = [
-        _Row(spec=s, prompt=p, max_tokens=specs[s].params.max_tokens)
+        _Row(spec=s, prompt=p, sample=k, max_tokens=specs[s].params.max_tokens)
         for s, p in prefill_rows
-        for _ in range(specs[s].num_samples)
+        for k in range(specs[s].num_samples)
     ]
     chooser = _TokenChooser(specs, head, len(rows), device)
     stop_strings = [spec.params.stop for spec in specs]
     stop_ids = [stop_token_ids | frozenset(spec.params.stop_token_ids) for spec in specs]  # the model's and the request's
+    listening = any(spec.on_tokens is not None for spec in specs)
     batch = list(range(len(rows)))  # the decoder batch: indices into `rows`, finished ones included
     live = list(range(len(rows)))  # positions in `batch` of the rows still decoding
 
     while live:
         live_rows = [rows[batch[k]] for k in live]
         live_index = None if len(live) == len(batch) else torch.tensor(live, device=device)
-        tokens, logprobs = chooser.choose(
+        tokens, logprobs, tops = chooser.choose(
             features if live_index is None else features[live_index], [row.spec for row in live_rows]
         )
         still_live: list[int] = []
-        for k, row, token, logprob in zip(live, live_rows, tokens.tolist(), logprobs.tolist()):
+        for k, row, token, logprob, top in zip(live, live_rows, tokens.tolist(), logprobs.tolist(), tops):
             row.tokens.append(token)
             row.logprobs.append(logprob)
+            if top is not None:
+                row.top.append(top)
             if token in stop_ids[row.spec] or _hit_stop_string(row, stop_strings[row.spec], tokenizer):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= row.max_tokens:
                 row.stop_reason = "length"
             else:
                 still_live.append(k)
+        if listening:
+            _report(specs, live_rows, tops)
         if not still_live:
             break
         # Next input: each live row's new token; finished rows still in the batch repeat theirs.
@@ -176,9 +187,21 @@ def sample(
                 tokens=row.tokens,
                 logprobs=row.logprobs,
                 stop_reason=row.stop_reason or "length",
+                top_logprobs=row.top if specs[row.spec].top_logprobs else None,
             )
         )
     return results
+
+
+def _report(specs: list[SampleSpec], live_rows: list[_Row], tops: list) -> None:
+    """Hand each listening request the tokens its rows just drew (one call per request and step)."""
+    new: dict[int, list[SampledToken]] = {}
+    for row, top in zip(live_rows, tops):
+        if specs[row.spec].on_tokens is not None:
+            new.setdefault(row.spec, []).append(
+                SampledToken(row.prompt, row.sample, row.tokens[-1], row.logprobs[-1], top, row.stop_reason))
+    for s, sampled in new.items():
+        specs[s].on_tokens(sampled)
 
 
 def _prefill(
@@ -299,7 +322,8 @@ class _TokenChooser:
         self._shifted = torch.empty(self.chunk_rows, self.vocab, device=device)  # logits - row max
         self._weights = torch.empty(self.chunk_rows, self.vocab, device=device)  # unnormalised probs
 
-    def choose(self, features_B_D: torch.Tensor, spec_of_row: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(self, features_B_D: torch.Tensor, spec_of_row: list[int]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Each row's token, its logprob, and (None unless its request asks) its top tokens."""
         groups = _runs(spec_of_row)  # rows of one spec are contiguous: (spec, start, stop)
         # One uniform per sampled row from its request's generator, drawn before any chunking so
         # that a seeded request's draws never depend on what else shares the batch.
@@ -308,14 +332,15 @@ class _TokenChooser:
             if self.specs[s].params.temperature > 0:
                 uniforms[start:stop] = torch.rand(stop - start, generator=self.generators[s], dtype=torch.float64, device=self.generators[s].device).cpu()
         uniforms = uniforms.to(self.device)
-        tokens, logprobs = [], []
+        tokens, logprobs, tops = [], [], []
         for start in range(0, len(spec_of_row), self.chunk_rows):
             stop = min(start + self.chunk_rows, len(spec_of_row))
             chunk_groups = [(s, max(a, start) - start, min(b, stop) - start) for s, a, b in groups if a < stop and b > start]
-            t, lp = self._choose_chunk(features_B_D[start:stop], chunk_groups, uniforms[start:stop])
+            t, lp, top = self._choose_chunk(features_B_D[start:stop], chunk_groups, uniforms[start:stop])
             tokens.append(t)
             logprobs.append(lp)
-        return torch.cat(tokens).cpu(), torch.cat(logprobs).cpu()
+            tops.extend(top)
+        return torch.cat(tokens).cpu(), torch.cat(logprobs).cpu(), tops
 
     def _choose_chunk(self, features: torch.Tensor, groups, uniforms: torch.Tensor):
         n = features.shape[0]
@@ -324,6 +349,14 @@ class _TokenChooser:
         shifted.sub_(shifted.amax(dim=-1, keepdim=True))  # max 0 per row: exp never overflows
         torch.exp(shifted, out=weights)
         log_normaliser = weights.sum(dim=-1).log_()  # logsumexp of the shifted logits at temperature 1
+        tops: list[list[tuple[int, float]] | None] = [None] * n
+        for s, a, b in groups:
+            k = min(self.specs[s].top_logprobs, self.vocab)
+            if k:  # before any temperature or truncation: logprobs under the model itself, as the token's
+                values, ids = torch.topk(shifted[a:b], k, dim=-1)
+                values = (values - log_normaliser[a:b, None]).tolist()
+                for i, (row_ids, row_values) in enumerate(zip(ids.tolist(), values)):
+                    tops[a + i] = list(zip(row_ids, row_values))
         greedy = torch.zeros(n, dtype=torch.bool)
         for s, a, b in groups:
             params = self.specs[s].params
@@ -346,7 +379,7 @@ class _TokenChooser:
                 index = greedy.nonzero().squeeze(-1).to(self.device)
                 chosen[index] = self._argmax(shifted[index])
         logprobs = shifted.gather(-1, chosen.unsqueeze(-1)).squeeze(-1) - log_normaliser
-        return chosen, logprobs
+        return chosen, logprobs, tops
 
     def _block_view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[n, V] -> its full blocks [n, V // block, block] and the ragged tail [n, rest] (or None)."""

@@ -13,9 +13,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
+from .auth import User
+from .openai import router as openai
 from .rest import rest_router
 from .service import Service, ServiceError
 
@@ -78,6 +80,10 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         errors = _finite(jsonable_encoder(exc.errors()))
+        if openai.owns(request.url.path):
+            first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+            where = ".".join(str(part) for part in first["loc"] if part != "body")
+            return openai.error_body(400, f"{where}: {first['msg']}" if where else first["msg"], where or None)
         if tinker is not None and tinker.owns(request):
             first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
             where = ".".join(str(part) for part in first["loc"] if part != "body")
@@ -86,6 +92,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
+        if openai.owns(request.url.path):
+            error = openai.from_service_error(exc)
+            return openai.error_body(error.status, _finite(error.message), error.param)
         if tinker is not None and tinker.owns(request):
             return tinker.error_body(exc.status, _finite(exc.message), exc.loc)
         if exc.status == 422 and exc.loc is not None:
@@ -95,7 +104,17 @@ def create_app(service: Service) -> FastAPI:
             detail = exc.message
         return JSONResponse(status_code=exc.status, content={"detail": _finite(detail)})
 
+    @app.exception_handler(openai.OpenAIError)
+    async def openai_error(_: Request, exc: openai.OpenAIError):
+        return openai.error_body(exc.status, _finite(exc.message), exc.param, exc.code)
+
     app.include_router(rest_router(service))
+    app.include_router(openai.openai_router(service))
+
+    @app.get("/metrics", tags=["service"], summary="Prometheus metrics: jobs, queue depth, latencies, tokens, runs")
+    def metrics(user: User) -> Response:
+        body, content_type = service.runner.metrics.exposition()
+        return Response(body, media_type=content_type)
     if tinker is not None:
         app.include_router(tinker.router(service))
 

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backend import Backend
+from ..backend import Backend, Progress
 from ..backend.commands import Command, CreateRun, Load, OptimStep, Outcome, Save, fusable
+from .metrics import Metrics
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class Job:
     # '<run_id>/<name>': the checkpoint a save writes, or a load / create_run starts from.
     checkpoint: str | None = None
     submitted_at: float = field(default_factory=time.monotonic)
+    # A sample's listener for its tokens as they are decoded (streaming); called from the worker thread.
+    progress: Progress | None = None
 
 
 def hide_paths(text: str, data_dir: Path) -> str:
@@ -61,6 +64,8 @@ class JobRunner:
         self._stopping = False
         self._last_expiry = 0.0
         self.busy_job: str | None = None
+        self._running: list[Job] = []
+        self.metrics = Metrics()
 
     def start(self) -> None:
         if self._thread is None:
@@ -83,6 +88,12 @@ class JobRunner:
     @property
     def queued(self) -> int:
         return len(self._queue) + (1 if self.busy_job else 0)
+
+    def unfinished(self) -> list[tuple[str, str]]:
+        """(kind, 'pending' | 'running') of every job queued or executing (any thread)."""
+        with self._cv:
+            pending = [job.command.kind for job in self._queue]
+        return [(kind, "pending") for kind in pending] + [(job.command.kind, "running") for job in list(self._running)]
 
     async def wait(self, job_id: str, timeout: float, finished: Callable[[], bool]) -> None:
         """Return when the job finishes or `timeout` passes, whichever is first. The waiter is
@@ -134,17 +145,27 @@ class JobRunner:
     def _run(self, batch: list[Job]) -> None:
         for job in batch:
             self.store.mark_started(job.id)
-        self.busy_job = batch[0].id
+        self.busy_job, self._running = batch[0].id, batch
+        started = time.monotonic()
         try:
+            progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
             try:
-                outcomes = self.backend.execute([job.command for job in batch])
+                if any(progress):
+                    outcomes = self.backend.execute([job.command for job in batch], progress=progress)
+                else:
+                    outcomes = self.backend.execute([job.command for job in batch])
             except Exception as exc:  # a backend that failed as a whole fails these jobs alone
                 log.exception("backend failed")
                 outcomes = [Outcome(error=f"{type(exc).__name__}: {exc}")] * len(batch)
+            finished = time.monotonic()
             for job, outcome in zip(batch, outcomes):
                 self._record(job, outcome)
+                try:
+                    self.metrics.job_finished(job.command, outcome, started - job.submitted_at, finished - started)
+                except Exception:  # metrics must never fail a job
+                    log.exception("could not record metrics of job %s", job.id)
         finally:
-            self.busy_job = None
+            self.busy_job, self._running = None, []
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         """The store's bookkeeping for a finished command. A save or load commits its effect on
@@ -180,3 +201,19 @@ class JobRunner:
         if now - self._last_expiry > 60:
             self._last_expiry = now
             self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs)
+
+
+def _guarded(job_id: str, listener: Progress) -> Progress:
+    """A listener that fails (its event loop closed, say) stops listening; the sample goes on."""
+    broken = False
+
+    def listen(tokens) -> None:
+        nonlocal broken
+        if not broken:
+            try:
+                listener(tokens)
+            except Exception:
+                broken = True
+                log.exception("job %s: its progress listener failed; it gets no more progress", job_id)
+
+    return listen

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..backend import Backend, InvalidInput, ModelInfo
+from ..backend import Backend, InvalidInput, ModelInfo, Progress
 from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score
 from ..types import (
     CreateRunRequest,
@@ -78,6 +78,7 @@ class Service:
         self.store = Store(self.data_dir / "eztinker.sqlite3")
         self.runner = JobRunner(backend, self.store, self.data_dir, job_ttl_seconds=settings.job_ttl_seconds,
                                 max_finished_jobs=settings.max_finished_jobs)
+        self.runner.metrics.watch(self.runner.unfinished, lambda: [row["base_model"] for row in self.store.live_runs()])
         self._restore()
         self.runner.start()
 
@@ -346,9 +347,11 @@ class Service:
 
     def submit_sample_tokens(self, user: str, model: str, run_id: str | None, prompts: list[list[int]],
                              num_samples: int, params, request: Any, key: str | None, *, snapshot: Path | None = None,
-                             prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> JobRef:
+                             prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_logprobs: int = 0,
+                             progress: Progress | None = None) -> JobRef:
         """Sample token prompts on `model`: from run `run_id`'s live adapter, a saved `snapshot`
-        (a checkpoint directory), or the bare model when both are None."""
+        (a checkpoint directory), or the bare model when both are None. `progress` receives the
+        tokens as they are decoded (from the worker thread)."""
         if params.seed is not None and params.seed > MAX_SEED:
             raise invalid(("sampling_params", "seed"), f"seed {params.seed} is above the largest allowed, {MAX_SEED}")
         if params.max_tokens > self.settings.max_new_tokens:
@@ -368,8 +371,8 @@ class Service:
             self.check_tokens(model, tokens, ("prompts", i, "tokens"))
         command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=num_samples, sampling_params=params,
                          snapshot=None if snapshot is None else str(snapshot), prompt_logprobs=prompt_logprobs,
-                         topk_prompt_logprobs=topk_prompt_logprobs)
-        return self.submit(user, Job(new_id("job"), command), request, key)
+                         topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs)
+        return self.submit(user, Job(new_id("job"), command, progress=progress), request, key)
 
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)

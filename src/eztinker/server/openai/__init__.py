@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: its own router beside the REST API."""
