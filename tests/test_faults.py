@@ -334,6 +334,23 @@ def test_symlinked_checkpoints_pointing_outside_are_refused(make_server, tmp_pat
         assert train(run, 1) == [2]
 
 
+# ------------------------------------------------- a listed checkpoint whose files are gone
+def test_a_listed_checkpoint_whose_files_are_gone_is_reported_missing(make_server, tmp_path):
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        run.save_state("gone").result(timeout=60)
+        shutil.rmtree(data_dir / "checkpoints" / run.run_id / "gone")  # e.g. an operator's rm
+        for attempt in (lambda: run.load_state("gone"),
+                        lambda: client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/gone")):
+            with pytest.raises(APIStatusError) as err:
+                attempt()
+            assert err.value.status_code == 404, err.value
+            assert f"checkpoint {run.run_id}/gone is listed but its files are gone" in str(err.value)
+        server.service.delete_checkpoint("default", run.run_id, "gone")  # it can still be unlisted
+        assert run.info().checkpoints == []
+
+
 # ------------------------------------------------------------ an interrupted run creation
 def test_interrupted_run_creation_is_dropped_and_its_retry_succeeds(make_server, tmp_path):
     """A crash while create_run's job was pending: the client never got the run id, so the run

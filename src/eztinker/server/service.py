@@ -405,11 +405,13 @@ class Service:
         return self._checkpoint(user, ref, default_run=None, field=field)
 
     def delete_checkpoint(self, user: str, run_id: str, name: str) -> None:
-        path, _ = self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint")
+        # One whose files are gone can still be unlisted.
+        path, _ = self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint", must_exist=False)
         self.store.delete_checkpoint(run_id, name)  # unlisted first: a crash then leaves only a stray folder
         shutil.rmtree(path, ignore_errors=True)
 
-    def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str) -> tuple[Path, str]:
+    def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str,
+                    must_exist: bool = True) -> tuple[Path, str]:
         try:
             source_run, name = parse_checkpoint_ref(ref, default_run=default_run or "")
         except ValueError as exc:
@@ -419,9 +421,12 @@ class Service:
         if checkpoint is None:
             raise not_found(f"checkpoint {source_run}/{name}")
         path = (self.data_dir / checkpoint.path).resolve()
-        if not path.is_relative_to(self.checkpoint_root) or not path.is_dir():
+        if not path.is_relative_to(self.checkpoint_root):
             # A symlink or edited record pointing outside the data directory is refused.
             raise invalid((field,), f"checkpoint {source_run}/{name} is not inside the data directory")
+        if must_exist and not path.is_dir():
+            raise ServiceError(404, f"checkpoint {source_run}/{name} is listed but its files are gone "
+                                    "(removed from the data directory outside the server?)")
         return path, f"{source_run}/{name}"
 
     # ---------------------------------------------------------------------------- plumbing
