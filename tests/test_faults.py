@@ -250,6 +250,86 @@ def test_crash_at_every_step_of_a_checkpoint_write(make_server, tmp_path):
         assert restored.save_state("c3").result(timeout=60).step == 3
 
 
+# ------------------------------------------------------------------ a full disk during a save
+FULL_CHILD = textwrap.dedent("""
+    import importlib.util, json, resource, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import save_file
+    package = Path(importlib.util.find_spec("eztinker").origin).parent
+    spec = importlib.util.spec_from_file_location("checkpoints", package / "engine" / "checkpoints.py")
+    checkpoints = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checkpoints)
+
+    # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, as on a full disk.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    writers = {"torch.save": lambda d: torch.save({"m": torch.zeros(100_000)}, d / "optimizer.pt"),
+               "safetensors": lambda d: save_file({"m": torch.zeros(100_000)}, d / "adapter_model.safetensors")}
+    errors = {}
+    for name, writer in writers.items():
+        try:
+            checkpoints.write_atomically(Path(sys.argv[1]) / name, writer)
+        except checkpoints.CheckpointWriteError as exc:
+            errors[name] = str(exc)
+    print(json.dumps(errors))
+""")
+
+
+def test_a_save_past_the_file_size_limit_says_so_and_leaves_nothing(tmp_path):
+    """A real limit (RLIMIT_FSIZE in a child process): torch.save alone would say '[enforce fail
+    at inline_container.cc:672] unexpected pos ...'."""
+    root = tmp_path / "checkpoints" / "run_a"
+    result = subprocess.run([sys.executable, "-c", FULL_CHILD, str(root)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    limit = "a file would exceed the process's file-size limit (RLIMIT_FSIZE)"
+    assert json.loads(result.stdout) == {
+        "torch.save": f"could not write checkpoint run_a/torch.save: {limit}",
+        "safetensors": f"could not write checkpoint run_a/safetensors: {limit}",
+    }
+    assert list(root.iterdir()) == []  # no staging directory, no checkpoint
+
+
+def test_a_save_on_a_full_disk_fails_its_job_saying_so(make_server, tmp_path, monkeypatch):
+    """A full disk simulated where it shows: torch.save raises its errno-less RuntimeError and the
+    file system reports no free space. The job says why; nothing is listed or left on disk;
+    the run trains and saves on once there is room."""
+    import eztinker.engine.checkpoints as checkpoints
+
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        train(run, 1)
+        full = os.statvfs_result((4096, 4096, 1000, 1000, 0, 100, 50, 0, 0, 255))
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoints.os, "statvfs", lambda path: full)
+            patch.setattr(torch, "save", _raise_unexpected_pos)
+            with pytest.raises(JobFailedError) as err:
+                run.save_state("c").result(timeout=60)
+        assert f"could not write checkpoint {run.run_id}/c: no space left on the device" in err.value.error
+        assert run.info().checkpoints == []
+        assert list((data_dir / "checkpoints" / run.run_id).iterdir()) == []
+        assert train(run, 1) == [2]
+        assert run.save_state("c").result(timeout=60).step == 2
+
+
+def _raise_unexpected_pos(*args, **kwargs):
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def test_a_write_failing_with_enospc_names_the_lack_of_space(tmp_path):
+    import errno
+
+    from eztinker.engine.checkpoints import CheckpointWriteError, write_atomically
+
+    def write(staging):
+        (staging / "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CheckpointWriteError, match="could not write checkpoint run_a/c1: no space left on the device"):
+        write_atomically(tmp_path / "run_a" / "c1", write)
+    assert list((tmp_path / "run_a").iterdir()) == []
+
+
 # ---------------------------------------------------------------- corrupted checkpoint files
 def test_corrupted_checkpoint_fails_its_job_alone(make_server, tmp_path):
     data_dir = tmp_path / "data"
