@@ -15,7 +15,9 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
+import threading
 import sys
 import textwrap
 import time
@@ -488,6 +490,65 @@ def test_a_pickle_planted_in_a_checkpoint_is_never_executed(make_server, tmp_pat
     with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
         assert not marker.exists()  # nor at start-up, restoring the run from that checkpoint
         assert client.training_client(run.run_id).info().step == 0
+
+
+# ----------------------------------------------------------- a database locked by another process
+def test_a_locked_database_gives_503_and_the_worker_records_once_it_is_free(make_server, tmp_path):
+    """Another connection holds the SQLite write lock (as an operator's `sqlite3` shell does) while
+    a job finishes: submissions answer 503 with Retry-After (the SDK retries them), /health says
+    the worker is stalled, and once the lock is gone the job is recorded and the queue runs on."""
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        engine = server.service.backend.engine(server.service.default_model)
+        real, gate = engine.forward_backward, threading.Event()
+
+        def forward_backward(*args, **kwargs):
+            gate.wait(30)
+            return real(*args, **kwargs)
+
+        engine.forward_backward = forward_backward
+        running, queued = run.forward_backward([EXAMPLE]), run.optim_step(FAST)
+        assert wait_status(client, running.job_id, ("running",)) == "running"
+        locker = sqlite3.connect(data_dir / "eztinker.sqlite3", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            gate.set()  # the job finishes while the database is locked
+            started = time.monotonic()
+            refused = httpx.post(f"{server.url}/v1/runs/{run.run_id}/optim_step", json={"adam_params": {}})
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "2" and "database is locked" in refused.json()["detail"]
+            assert time.monotonic() - started < 5
+            deadline = time.monotonic() + 10  # the worker's first attempt waits out the busy timeout
+            while (health := httpx.get(f"{server.url}/health").json())["worker"] == "ok" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert health["status"] == "degraded" and health["worker"].startswith("stalled: the database is locked")
+        finally:
+            locker.rollback()
+            locker.close()
+        assert running.result(timeout=30).loss > 0 and queued.result(timeout=30).step == 1
+        with ServiceClient(server.url, max_retries=3) as retrying:  # the SDK's retries get through
+            assert retrying.training_client(run.run_id).optim_step(FAST).result(timeout=30).step == 2
+        health = client.health()
+        assert (health.status, health.worker) == ("ok", "ok")
+
+
+def test_health_reports_a_dead_worker(make_server):
+    with make_server() as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+
+        def broken(job_id):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        server.service.store.mark_started = broken
+        run.forward_backward([EXAMPLE])
+        deadline = time.monotonic() + 10
+        while (response := httpx.get(f"{server.url}/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert response.status_code == 503
+        body = response.json()
+        assert body["status"] == "degraded"
+        assert body["worker"] == "stopped: DatabaseError: database disk image is malformed"
 
 
 # ------------------------------------------------------------------ an out-of-memory job

@@ -321,7 +321,9 @@ class JobInfo(_Schema):
 
 
 class HealthInfo(_Schema):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = Field("ok", description="'degraded' while the worker is not 'ok'.")
+    worker: str = Field("ok", description="The job worker: 'ok', 'stalled: <why>' (e.g. the database is locked by "
+                        "another process; jobs resume when it is not) or 'stopped: <why>' (no job will run: HTTP 503).")
     model: str = Field(description="The default base model.")
     models: list[str] = Field(default_factory=list, description="Every base model the server holds.")
     runs: int

@@ -6,6 +6,7 @@ mapping here; runs, jobs, checkpoints, auth, ownership and idempotency are the s
 import gc
 import logging
 import math
+import sqlite3
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse
 from .. import __version__
 from .rest import rest_router
 from .service import Service, ServiceError
+from .store import BUSY_TIMEOUT_SECONDS, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,20 @@ def create_app(service: Service) -> FastAPI:
         else:
             detail = exc.message
         return JSONResponse(status_code=exc.status, content={"detail": _finite(detail)})
+
+    # Another process holding the database's write lock (an operator's sqlite3 shell, a backup)
+    # makes a write wait BUSY_TIMEOUT_SECONDS, then raise: a 503 the SDKs retry, not a plain 500.
+    @app.exception_handler(sqlite3.OperationalError)
+    async def database_busy(request: Request, exc: sqlite3.OperationalError):
+        if not is_busy(exc):
+            raise exc
+        message = "the database is locked by another process; retry shortly"
+        if tinker is not None and tinker.owns(request):
+            response = tinker.error_body(503, message)
+        else:
+            response = JSONResponse(status_code=503, content={"detail": message})
+        response.headers["Retry-After"] = str(math.ceil(BUSY_TIMEOUT_SECONDS))
+        return response
 
     app.include_router(rest_router(service))
     if tinker is not None:

@@ -50,9 +50,13 @@ def rest_router(service: Service) -> APIRouter:
 
     # Routes that only touch SQLite or do light validation are plain functions: FastAPI runs
     # them in its thread pool, off the event loop. Those that wait on a job are coroutines.
-    @router.get("/health", response_model=HealthInfo, tags=["service"])
-    def health() -> HealthInfo:
-        return service.health()
+    @router.get("/health", response_model=HealthInfo, tags=["service"],
+                responses={503: {"model": HealthInfo, "description": "The job worker has stopped."}})
+    def health() -> HealthInfo | Response:
+        info = service.health()
+        if info.worker.startswith("stopped"):  # alive, but no job will ever run: not healthy
+            return Response(info.model_dump_json(), status_code=503, media_type="application/json")
+        return info
 
     @router.get("/v1/info", tags=["service"], summary="Base models, vocabularies and request limits")
     def info(user: User) -> dict:

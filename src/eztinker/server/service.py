@@ -158,7 +158,10 @@ class Service:
         self.backend.close()
 
     def health(self) -> HealthInfo:
+        worker = self.runner.state
         return HealthInfo(
+            status="ok" if worker == "ok" else "degraded",
+            worker=worker,
             model=self.default_model,
             models=list(self.models),
             runs=len(self.store.live_runs()),

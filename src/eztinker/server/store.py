@@ -19,6 +19,11 @@ from typing import Any
 
 from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig, RunInfo
 
+# How long a statement waits for another process's write lock (an operator's sqlite3 shell, a
+# backup) before it raises "database is locked": a request handler then answers 503, the worker
+# retries (runner.py). The lock on the one connection is held meanwhile, so keep it short.
+BUSY_TIMEOUT_SECONDS = 2.0
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -82,6 +87,11 @@ def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite's "another connection holds the lock" (it passes; retry later)."""
+    return isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
 
@@ -89,7 +99,7 @@ def new_id(prefix: str) -> str:
 class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         with self._lock:
