@@ -332,6 +332,42 @@ def test_a_write_failing_with_enospc_names_the_lack_of_space(tmp_path):
     assert list((tmp_path / "run_a").iterdir()) == []
 
 
+# -------------------------------------------- a run restores what it loaded, not what it became
+def test_a_run_comes_back_as_what_it_loaded_after_the_source_is_overwritten_or_deleted(make_server, tmp_path):
+    """Run L loads A/c1 (A's step 2); A then saves c1 again at step 7 (and later deletes it):
+    after each restart L is back at step 2, with the adapter it loaded.
+
+    Chosen over refusing the overwrite: the load keeps a private snapshot of the checkpoint made
+    of hard links (<data_dir>/snapshots/<run>/<job>), so it costs no disk space until the source
+    is overwritten or deleted, and then exactly the bytes the run needs. Refusing would need a
+    check at submission and again in the worker (a load queued before the save races it), the
+    same again for deletes, and would make A's ordinary overwrite fail because of another run."""
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        a, loader = client.create_training_run(lora_rank=2), client.create_training_run(lora_rank=2, seed=1)
+        train(a, 2)
+        a.save_state("c1").result(timeout=60)
+        assert loader.load_state(f"{a.run_id}/c1").result(timeout=60)["step"] == 2
+        loaded = score(loader)
+        loaded_inode = (data_dir / "checkpoints" / a.run_id / "c1" / "adapter_model.safetensors").stat().st_ino
+        train(a, 5)
+        assert a.save_state("c1").result(timeout=60).step == 7
+    for restart in ("after the overwrite", "after the delete"):
+        with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+            info = client.training_client(loader.run_id).info()
+            assert (info.step, info.restored_from) == (2, f"{a.run_id}/c1"), restart
+            assert score(client.training_client(loader.run_id)) == pytest.approx(loaded, rel=1e-5), restart
+            [snapshot] = (data_dir / "snapshots" / loader.run_id).glob("*/adapter_model.safetensors")
+            assert snapshot.stat().st_ino == loaded_inode  # a hard link: no space until the source went
+            if restart == "after the overwrite":
+                server.service.delete_checkpoint("default", a.run_id, "c1")
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        reloaded = client.training_client(loader.run_id)
+        assert train(reloaded, 1) == [3]
+        reloaded.save_state("own").result(timeout=60)  # it restores from its own save now
+        assert not any((data_dir / "snapshots" / loader.run_id).iterdir())
+
+
 # ---------------------------------------------------------------- corrupted checkpoint files
 def test_corrupted_checkpoint_fails_its_job_alone(make_server, tmp_path):
     data_dir = tmp_path / "data"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -22,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backend import Backend
-from ..backend.commands import Command, CreateRun, Load, OptimStep, Outcome, Save, fusable
+from ..backend.commands import Command, CreateRun, DeleteRun, Load, OptimStep, Outcome, Save, fusable
 from .store import Store, is_busy
 
 log = logging.getLogger(__name__)
+
+SNAPSHOTS = "snapshots"  # <data_dir>/snapshots/<run_id>/<job_id>: what each run last loaded
 
 
 @dataclass
@@ -195,18 +199,56 @@ class JobRunner:
             relative = str(Path(command.directory).relative_to(self.data_dir))
             name = job.checkpoint.split("/")[1]
             self.store.record_save(job.id, command.run_id, name, relative, value["step"])
-        elif isinstance(command, Load):
-            result = {"step": value["step"], "restored_from": job.checkpoint}
-            self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(result))
-        elif isinstance(command, CreateRun) and job.checkpoint is not None:
-            self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(value))
+            self._drop_snapshots(command.run_id)  # it restores from its own save now
+        elif isinstance(command, (Load, CreateRun)) and job.checkpoint is not None:
+            source = command.directory if isinstance(command, Load) else command.from_checkpoint
+            snapshot = self._snapshot(command.run_id, job.id, Path(source))
+            result = {"step": value["step"], "restored_from": job.checkpoint} if isinstance(command, Load) else value
+            self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(result), snapshot)
+            self._drop_snapshots(command.run_id, keep=job.id)
+        elif isinstance(command, DeleteRun):
+            self.store.mark_finished(job.id, result=json.dumps(value))
+            self._drop_snapshots(command.run_id)
         elif isinstance(command, OptimStep):
             self.store.record_step(job.id, command.run_id, value["step"], json.dumps(value))
         else:
             self.store.mark_finished(job.id, result=json.dumps(value))
+
+    def _snapshot(self, run_id: str, job_id: str, source: Path) -> str:
+        """A private copy, by hard links, of the checkpoint a run just loaded; after a restart the
+        run restores from it, so it comes back as exactly what it loaded whatever happens to the
+        source (overwritten by its run's next save, deleted). Hard links cost no space while the
+        source exists: a save writes new files and renames them in, never rewriting old ones.
+        Returns its path relative to the data directory; it counts once the store records it."""
+        target = self.data_dir / SNAPSHOTS / run_id / job_id
+        target.mkdir(parents=True, exist_ok=True)
+        for file in source.iterdir():
+            if file.is_file() and not (target / file.name).exists():
+                try:
+                    os.link(file, target / file.name)
+                except OSError:  # a file system without hard links: copy
+                    shutil.copy2(file, target / file.name)
+                    _fsync(target / file.name)
+        for directory in (target, target.parent, target.parent.parent):  # durable before it is recorded
+            _fsync(directory)
+        return str(target.relative_to(self.data_dir))
+
+    def _drop_snapshots(self, run_id: str, keep: str | None = None) -> None:
+        folder = self.data_dir / SNAPSHOTS / run_id
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _maybe_expire(self) -> None:
         now = time.monotonic()
         if now - self._last_expiry > 60:
             self._last_expiry = now
             self._retrying(lambda: self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -35,7 +35,7 @@ from ..types import (
     ScoreRequest,
     parse_checkpoint_ref,
 )
-from .runner import Job, JobRunner
+from .runner import SNAPSHOTS, Job, JobRunner
 from .settings import ServerSettings
 from .store import INTERRUPTED, JobRecord, Store, new_id
 
@@ -92,6 +92,7 @@ class Service:
         failed = self.store.fail_unfinished_jobs()
         if failed:
             log.warning("%d job(s) were interrupted by the last shutdown and are marked failed", failed)
+        self._remove_stale_snapshots()
         for row in self.store.live_runs():
             self._restore_run(row)
 
@@ -105,7 +106,9 @@ class Service:
         ref, directory = row["resume_from"], None
         if ref is None and row["step"]:
             log.warning("run %s was never saved; its adapter restarts from step 0", run_id)
-        if ref is not None:
+        if row["resume_path"] is not None:  # its snapshot of what it loaded, not the source
+            directory = str(self.data_dir / row["resume_path"])
+        elif ref is not None:
             try:
                 source_run, name = parse_checkpoint_ref(ref, default_run=run_id)
                 checkpoint = self.store.checkpoint(source_run, name)
@@ -126,6 +129,15 @@ class Service:
             log.error("run %s could not be rebuilt: %s", run_id, outcome.error)
             return
         self.store.set_run_state(run_id, outcome.value["step"], restored_from=ref)
+
+    def _remove_stale_snapshots(self) -> None:
+        """Snapshots no live run restores from: of deleted runs, superseded by a later save or
+        load, or written by a load the crash interrupted before it was recorded."""
+        keep = {row["resume_path"] for row in self.store.live_runs() if row["resume_path"]}
+        root = self.data_dir / SNAPSHOTS
+        for path in root.glob("*/*") if root.is_dir() else ():
+            if str(path.relative_to(self.data_dir)) not in keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _reconcile_checkpoints(self) -> None:
         """A save killed after its directory was renamed into place but before the database

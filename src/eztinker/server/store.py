@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS runs (
     step INTEGER NOT NULL DEFAULT 0,
     restored_from TEXT,
     resume_from TEXT,  -- checkpoint the live state was last saved to or loaded from
+    resume_path TEXT,  -- after a load: the private snapshot of it to restore from (runner.py)
     created_at REAL NOT NULL,
     deleted_at REAL
 );
@@ -110,7 +111,8 @@ class Store:
 
     def _add_missing_columns(self) -> None:
         """Columns added since the first schema, for databases made before them."""
-        for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT")):
+        for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT"),
+                                    ("runs", "resume_path", "TEXT")):
             names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in names:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -190,16 +192,18 @@ class Store:
         self._transaction([
             ("INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at) VALUES (?, ?, ?, ?, ?)",
              (run_id, name, path, step, now)),
-            ("UPDATE runs SET resume_from = ? WHERE id = ?", (f"{run_id}/{name}", run_id)),
+            ("UPDATE runs SET resume_from = ?, resume_path = NULL WHERE id = ?", (f"{run_id}/{name}", run_id)),
             *self._completion(job_id, info.model_dump_json()),
         ])
         return info
 
-    def record_load(self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result_json: str) -> None:
-        """In one transaction: the run's step and resume point, the job completed."""
+    def record_load(self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result_json: str,
+                    snapshot: str) -> None:
+        """In one transaction: the run's step and resume point (`snapshot`, the data-dir-relative
+        copy of `checkpoint_ref` it loaded), the job completed."""
         self._transaction([
-            ("UPDATE runs SET step = ?, restored_from = ?, resume_from = ? WHERE id = ?",
-             (step, checkpoint_ref, checkpoint_ref, run_id)),
+            ("UPDATE runs SET step = ?, restored_from = ?, resume_from = ?, resume_path = ? WHERE id = ?",
+             (step, checkpoint_ref, checkpoint_ref, snapshot, run_id)),
             *self._completion(job_id, result_json),
         ])
 
