@@ -198,6 +198,7 @@ class Service:
                 "max_prompt_tokens": s.max_prompt_tokens,
                 "max_batch_examples": s.max_batch_examples,
                 "max_samples_per_request": s.max_samples_per_request,
+                "max_tokens_per_request": s.max_tokens_per_request,
                 "max_request_bytes": s.max_request_bytes,
             },
         }
@@ -328,7 +329,10 @@ class Service:
         _, model = self._usable_run(user, run_id)
         limits = self.settings
         if len(request.data) > limits.max_batch_examples:
-            raise invalid(("data",), f"{len(request.data)} examples; the limit is {limits.max_batch_examples}")
+            raise invalid(("data",), f"{len(request.data)} examples; the limit is max_batch_examples "
+                                     f"({limits.max_batch_examples})")
+        self._check_total_tokens(("data",), sum(len(d.model_input.tokens) for d in request.data),
+                                 f"{len(request.data)} examples")
         for i, datum in enumerate(request.data):
             self.check_tokens(model, datum.model_input.tokens, ("data", i, "model_input", "tokens"))
             self.check_tokens(model, datum.loss_fn_inputs.target_tokens, ("data", i, "loss_fn_inputs", "target_tokens"))
@@ -371,6 +375,10 @@ class Service:
                 f"{len(prompts)} prompts x {num_samples} samples = {total} candidates; "
                 f"the limit is {self.settings.max_samples_per_request}",
             )
+        # Every candidate holds a KV cache as wide as its prompt plus max_tokens.
+        self._check_total_tokens(("num_samples",), sum(len(p) + params.max_tokens for p in prompts) * num_samples,
+                                 f"{len(prompts)} prompts x {num_samples} samples x (prompt + {params.max_tokens} "
+                                 "max_tokens)")
         self.check_tokens(model, params.stop_token_ids, ("sampling_params", "stop_token_ids"))
         for i, tokens in enumerate(prompts):
             self.check_tokens(model, tokens, ("prompts", i, "tokens"))
@@ -382,8 +390,13 @@ class Service:
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)
         _check_unicode(request)
+        limit = self.settings.max_batch_examples
+        if len(request.responses) > limit:
+            raise invalid(("responses",), f"{len(request.responses)} responses; the limit is max_batch_examples ({limit})")
         prompt = self.encode_prompt(model, request.prompt, ("prompt",))
         responses = [self.backend.encode_text(model, r) for r in request.responses]
+        self._check_total_tokens(("responses",), sum(len(prompt) + len(r) for r in responses),
+                                 f"{len(responses)} x (prompt + response)")
         for i, tokens in enumerate(responses):
             if len(prompt) + len(tokens) > self.settings.max_prompt_tokens:
                 raise invalid(("responses", i), f"prompt + response exceed {self.settings.max_prompt_tokens} tokens")
@@ -452,6 +465,11 @@ class Service:
             raise invalid((*loc, *exc.loc), exc.message) from None
         self.check_tokens(model, tokens, (*loc, "tokens"))
         return tokens
+
+    def _check_total_tokens(self, loc: tuple, total: int, what: str) -> None:
+        limit = self.settings.max_tokens_per_request
+        if total > limit:
+            raise invalid(loc, f"{what} = {total} tokens; the limit is max_tokens_per_request ({limit})")
 
     def check_tokens(self, model: str, tokens: list[int], loc: tuple) -> None:
         if len(tokens) > self.settings.max_prompt_tokens:

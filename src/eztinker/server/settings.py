@@ -40,6 +40,11 @@ class ServerSettings(BaseSettings):
     max_samples_per_request: int = Field(
         4096, ge=1, description="Most candidates (prompts x num_samples) in one sample request."
     )
+    max_tokens_per_request: int = Field(
+        256 * 1024, ge=1, description="Most tokens one job may make the model hold (its memory bound): forward_backward's "
+        "datums together; evaluate's prompt + response, summed over responses; sample's (prompt + max_tokens) x "
+        "num_samples, summed over prompts.",
+    )
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
     max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
