@@ -571,6 +571,40 @@ def test_every_job_is_bounded_up_front_by_a_named_limit(make_server):
         assert run.forward_backward([long]).result(timeout=60).num_tokens > 0
 
 
+def test_slow_clients_are_dropped_while_others_are_served(make_server):
+    """Connections sending partial headers, or headers and half a body, used to stay open forever
+    (300 of them held 310 file descriptors after 75 s). Each now has a deadline; and at most
+    max_connections are served at once."""
+    with make_server(header_timeout_seconds=1, body_timeout_seconds=1, max_connections=4) as server:
+        address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+
+        def connect(first: bytes) -> socket.socket:
+            sock = socket.create_connection(address, timeout=5)
+            sock.sendall(first)
+            return sock
+
+        opened = time.monotonic()
+        slowloris = connect(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        no_body = connect(b"POST /v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{")
+        silent = connect(b"")
+        with httpx.Client(base_url=server.url) as other:
+            while time.monotonic() - opened < 0.7:  # the slowloris keeps sending; another client is served
+                slowloris.sendall(b"X-Slow: 1\r\n")
+                assert other.get("/health").status_code == 200
+                time.sleep(0.1)
+            assert httpx.get(f"{server.url}/health").status_code == 503  # a fifth connection: over the limit
+            for name, sock in (("slowloris", slowloris), ("no body", no_body), ("silent", silent)):
+                reply = b""
+                while chunk := sock.recv(4096):
+                    reply += chunk
+                assert 0.9 < time.monotonic() - opened < 3, name
+                assert reply.startswith(b"HTTP/1.1 408 Request Timeout"), (name, reply)
+                sock.close()
+            assert httpx.get(f"{server.url}/health").status_code == 200  # room again
+            assert other.get("/health").status_code == 200
+
+
 def test_request_body_over_the_limit_is_413(make_server):
     with make_server(max_request_bytes=4096) as server, ServiceClient(server.url, max_retries=0) as client:
         run = client.create_training_run()
