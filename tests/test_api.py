@@ -559,6 +559,68 @@ def test_misc_malformed_requests(server, client):
     assert_422(response, ("body", "responses"))
 
 
+def test_every_job_is_bounded_up_front_by_a_named_limit(make_server):
+    """evaluate had no limit at all (256 responses x 512 tokens took 95 s and +700 MB); a sample
+    inside every other limit drove the server to 4.1 GB. Each is now refused with a 422 naming
+    the limit, before any job is queued."""
+    with make_server(max_batch_examples=4, max_tokens_per_request=64) as server, \
+            ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run()
+        assert client.info()["limits"]["max_tokens_per_request"] == 64
+        url = f"{server.url}/v1/runs/{run.run_id}"
+        prompt = {"tokens": [100, 200, 300]}
+        too_many = httpx.post(f"{url}/evaluate", json={"prompt": prompt, "responses": ["a"] * 5})
+        assert_422(too_many, ("body", "responses"), mentions=("5 responses", "max_batch_examples (4)"))
+        too_long = httpx.post(f"{url}/evaluate", json={"prompt": prompt, "responses": ["hello " * 40] * 2})
+        assert_422(too_long, ("body", "responses"), mentions=("max_tokens_per_request (64)",))
+        sample = {"prompts": [prompt] * 2, "num_samples": 2, "sampling_params": {"max_tokens": 14}}
+        too_wide = httpx.post(f"{url}/sample", json=sample)  # (3 + 14) x 2 x 2 = 68 tokens of KV cache
+        assert_422(too_wide, ("body", "num_samples"), mentions=("= 68 tokens", "max_tokens_per_request (64)"))
+        long = datum_from_tokens(list(range(10, 30)), list(range(30, 50)))  # 39 tokens each
+        fb = httpx.post(f"{url}/forward_backward", json={"data": [as_json(long)] * 2})
+        assert_422(fb, ("body", "data"), mentions=("= 78 tokens", "max_tokens_per_request (64)"))
+        assert client.health().queued_jobs == 0
+        # Within the limits all of them run.
+        assert len(run.score([100, 200, 300], ["a", "b", "c", "d"]).result(timeout=60).scores) == 4
+        sample["sampling_params"]["max_tokens"] = 13
+        assert httpx.post(f"{url}/sample", json=sample).status_code == 202
+        assert run.forward_backward([long]).result(timeout=60).num_tokens > 0
+
+
+def test_slow_clients_are_dropped_while_others_are_served(make_server):
+    """Connections sending partial headers, or headers and half a body, used to stay open forever
+    (300 of them held 310 file descriptors after 75 s). Each now has a deadline; and at most
+    max_connections are served at once."""
+    with make_server(header_timeout_seconds=1, body_timeout_seconds=1, max_connections=4) as server:
+        address = ("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+
+        def connect(first: bytes) -> socket.socket:
+            sock = socket.create_connection(address, timeout=5)
+            sock.sendall(first)
+            return sock
+
+        opened = time.monotonic()
+        slowloris = connect(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        no_body = connect(b"POST /v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{")
+        silent = connect(b"")
+        with httpx.Client(base_url=server.url) as other:
+            while time.monotonic() - opened < 0.7:  # the slowloris keeps sending; another client is served
+                slowloris.sendall(b"X-Slow: 1\r\n")
+                assert other.get("/health").status_code == 200
+                time.sleep(0.1)
+            assert httpx.get(f"{server.url}/health").status_code == 503  # a fifth connection: over the limit
+            for name, sock in (("slowloris", slowloris), ("no body", no_body), ("silent", silent)):
+                reply = b""
+                while chunk := sock.recv(4096):
+                    reply += chunk
+                assert 0.9 < time.monotonic() - opened < 3, name
+                assert reply.startswith(b"HTTP/1.1 408 Request Timeout"), (name, reply)
+                sock.close()
+            assert httpx.get(f"{server.url}/health").status_code == 200  # room again
+            assert other.get("/health").status_code == 200
+
+
 def test_request_body_over_the_limit_is_413(make_server):
     with make_server(max_request_bytes=4096) as server, ServiceClient(server.url, max_retries=0) as client:
         run = client.create_training_run()

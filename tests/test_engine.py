@@ -217,6 +217,25 @@ def test_score_batches_responses_of_different_lengths(engine, tiny_base):
         assert together[2].sum_logprob == 0.0
 
 
+def test_score_micro_batches_many_responses_within_the_token_bound(engine, tiny_base):
+    """Scoring used to pad every response into one batch (256 x 512 tokens: +700 MB). Every
+    forward pass now holds at most `microbatch_tokens` padded tokens, with the same scores."""
+    engine.microbatch_tokens = 64
+    prompt = [100, 200, 300]
+    responses = [[(7 * i + j) % 1000 + 10 for j in range(1 + i % 9)] for i in range(40)] + [[]]
+    alone = [engine.score(None, prompt, [r])[0].sum_logprob for r in responses]
+    decoder, shapes = engine._decoder(), []
+    hook = decoder.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        together = engine.score(None, prompt, responses)
+    finally:
+        hook.remove()
+    assert len(shapes) > 1 and all(rows * width <= 64 for rows, width in shapes), shapes
+    assert sum(rows for rows, _ in shapes) == len(responses)
+    assert [s.sum_logprob for s in together] == pytest.approx(alone, rel=1e-5)
+
+
 # --------------------------------------------------------------------------- 3. checkpoints
 @pytest.mark.parametrize("where", ["same_engine", "restarted_server"])
 def test_save_load_resume_matches_uninterrupted_training(engine, tiny_base, tiny_model_dir, tmp_path, where):

@@ -15,7 +15,9 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
+import threading
 import sys
 import textwrap
 import time
@@ -250,6 +252,122 @@ def test_crash_at_every_step_of_a_checkpoint_write(make_server, tmp_path):
         assert restored.save_state("c3").result(timeout=60).step == 3
 
 
+# ------------------------------------------------------------------ a full disk during a save
+FULL_CHILD = textwrap.dedent("""
+    import importlib.util, json, resource, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import save_file
+    package = Path(importlib.util.find_spec("eztinker").origin).parent
+    spec = importlib.util.spec_from_file_location("checkpoints", package / "engine" / "checkpoints.py")
+    checkpoints = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checkpoints)
+
+    # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, as on a full disk.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    writers = {"torch.save": lambda d: torch.save({"m": torch.zeros(100_000)}, d / "optimizer.pt"),
+               "safetensors": lambda d: save_file({"m": torch.zeros(100_000)}, d / "adapter_model.safetensors")}
+    errors = {}
+    for name, writer in writers.items():
+        try:
+            checkpoints.write_atomically(Path(sys.argv[1]) / name, writer)
+        except checkpoints.CheckpointWriteError as exc:
+            errors[name] = str(exc)
+    print(json.dumps(errors))
+""")
+
+
+def test_a_save_past_the_file_size_limit_says_so_and_leaves_nothing(tmp_path):
+    """A real limit (RLIMIT_FSIZE in a child process): torch.save alone would say '[enforce fail
+    at inline_container.cc:672] unexpected pos ...'."""
+    root = tmp_path / "checkpoints" / "run_a"
+    result = subprocess.run([sys.executable, "-c", FULL_CHILD, str(root)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    limit = "a file would exceed the process's file-size limit (RLIMIT_FSIZE)"
+    assert json.loads(result.stdout) == {
+        "torch.save": f"could not write checkpoint run_a/torch.save: {limit}",
+        "safetensors": f"could not write checkpoint run_a/safetensors: {limit}",
+    }
+    assert list(root.iterdir()) == []  # no staging directory, no checkpoint
+
+
+def test_a_save_on_a_full_disk_fails_its_job_saying_so(make_server, tmp_path, monkeypatch):
+    """A full disk simulated where it shows: torch.save raises its errno-less RuntimeError and the
+    file system reports no free space. The job says why; nothing is listed or left on disk;
+    the run trains and saves on once there is room."""
+    import eztinker.engine.checkpoints as checkpoints
+
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        train(run, 1)
+        full = os.statvfs_result((4096, 4096, 1000, 1000, 0, 100, 50, 0, 0, 255))
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoints.os, "statvfs", lambda path: full)
+            patch.setattr(torch, "save", _raise_unexpected_pos)
+            with pytest.raises(JobFailedError) as err:
+                run.save_state("c").result(timeout=60)
+        assert f"could not write checkpoint {run.run_id}/c: no space left on the device" in err.value.error
+        assert run.info().checkpoints == []
+        assert list((data_dir / "checkpoints" / run.run_id).iterdir()) == []
+        assert train(run, 1) == [2]
+        assert run.save_state("c").result(timeout=60).step == 2
+
+
+def _raise_unexpected_pos(*args, **kwargs):
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def test_a_write_failing_with_enospc_names_the_lack_of_space(tmp_path):
+    import errno
+
+    from eztinker.engine.checkpoints import CheckpointWriteError, write_atomically
+
+    def write(staging):
+        (staging / "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CheckpointWriteError, match="could not write checkpoint run_a/c1: no space left on the device"):
+        write_atomically(tmp_path / "run_a" / "c1", write)
+    assert list((tmp_path / "run_a").iterdir()) == []
+
+
+# -------------------------------------------- a run restores what it loaded, not what it became
+def test_a_run_comes_back_as_what_it_loaded_after_the_source_is_overwritten_or_deleted(make_server, tmp_path):
+    """Run L loads A/c1 (A's step 2); A then saves c1 again at step 7 (and later deletes it):
+    after each restart L is back at step 2, with the adapter it loaded.
+
+    Chosen over refusing the overwrite: the load keeps a private snapshot of the checkpoint made
+    of hard links (<data_dir>/snapshots/<run>/<job>), so it costs no disk space until the source
+    is overwritten or deleted, and then exactly the bytes the run needs. Refusing would need a
+    check at submission and again in the worker (a load queued before the save races it), the
+    same again for deletes, and would make A's ordinary overwrite fail because of another run."""
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        a, loader = client.create_training_run(lora_rank=2), client.create_training_run(lora_rank=2, seed=1)
+        train(a, 2)
+        a.save_state("c1").result(timeout=60)
+        assert loader.load_state(f"{a.run_id}/c1").result(timeout=60)["step"] == 2
+        loaded = score(loader)
+        loaded_inode = (data_dir / "checkpoints" / a.run_id / "c1" / "adapter_model.safetensors").stat().st_ino
+        train(a, 5)
+        assert a.save_state("c1").result(timeout=60).step == 7
+    for restart in ("after the overwrite", "after the delete"):
+        with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+            info = client.training_client(loader.run_id).info()
+            assert (info.step, info.restored_from) == (2, f"{a.run_id}/c1"), restart
+            assert score(client.training_client(loader.run_id)) == pytest.approx(loaded, rel=1e-5), restart
+            [snapshot] = (data_dir / "snapshots" / loader.run_id).glob("*/adapter_model.safetensors")
+            assert snapshot.stat().st_ino == loaded_inode  # a hard link: no space until the source went
+            if restart == "after the overwrite":
+                server.service.delete_checkpoint("default", a.run_id, "c1")
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        reloaded = client.training_client(loader.run_id)
+        assert train(reloaded, 1) == [3]
+        reloaded.save_state("own").result(timeout=60)  # it restores from its own save now
+        assert not any((data_dir / "snapshots" / loader.run_id).iterdir())
+
+
 # ---------------------------------------------------------------- corrupted checkpoint files
 def test_corrupted_checkpoint_fails_its_job_alone(make_server, tmp_path):
     data_dir = tmp_path / "data"
@@ -334,6 +452,23 @@ def test_symlinked_checkpoints_pointing_outside_are_refused(make_server, tmp_pat
         assert train(run, 1) == [2]
 
 
+# ------------------------------------------------- a listed checkpoint whose files are gone
+def test_a_listed_checkpoint_whose_files_are_gone_is_reported_missing(make_server, tmp_path):
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        run.save_state("gone").result(timeout=60)
+        shutil.rmtree(data_dir / "checkpoints" / run.run_id / "gone")  # e.g. an operator's rm
+        for attempt in (lambda: run.load_state("gone"),
+                        lambda: client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/gone")):
+            with pytest.raises(APIStatusError) as err:
+                attempt()
+            assert err.value.status_code == 404, err.value
+            assert f"checkpoint {run.run_id}/gone is listed but its files are gone" in str(err.value)
+        server.service.delete_checkpoint("default", run.run_id, "gone")  # it can still be unlisted
+        assert run.info().checkpoints == []
+
+
 # ------------------------------------------------------------ an interrupted run creation
 def test_interrupted_run_creation_is_dropped_and_its_retry_succeeds(make_server, tmp_path):
     """A crash while create_run's job was pending: the client never got the run id, so the run
@@ -391,6 +526,65 @@ def test_a_pickle_planted_in_a_checkpoint_is_never_executed(make_server, tmp_pat
     with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
         assert not marker.exists()  # nor at start-up, restoring the run from that checkpoint
         assert client.training_client(run.run_id).info().step == 0
+
+
+# ----------------------------------------------------------- a database locked by another process
+def test_a_locked_database_gives_503_and_the_worker_records_once_it_is_free(make_server, tmp_path):
+    """Another connection holds the SQLite write lock (as an operator's `sqlite3` shell does) while
+    a job finishes: submissions answer 503 with Retry-After (the SDK retries them), /health says
+    the worker is stalled, and once the lock is gone the job is recorded and the queue runs on."""
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+        engine = server.service.backend.engine(server.service.default_model)
+        real, gate = engine.forward_backward, threading.Event()
+
+        def forward_backward(*args, **kwargs):
+            gate.wait(30)
+            return real(*args, **kwargs)
+
+        engine.forward_backward = forward_backward
+        running, queued = run.forward_backward([EXAMPLE]), run.optim_step(FAST)
+        assert wait_status(client, running.job_id, ("running",)) == "running"
+        locker = sqlite3.connect(data_dir / "eztinker.sqlite3", isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            gate.set()  # the job finishes while the database is locked
+            started = time.monotonic()
+            refused = httpx.post(f"{server.url}/v1/runs/{run.run_id}/optim_step", json={"adam_params": {}})
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "2" and "database is locked" in refused.json()["detail"]
+            assert time.monotonic() - started < 5
+            deadline = time.monotonic() + 10  # the worker's first attempt waits out the busy timeout
+            while (health := httpx.get(f"{server.url}/health").json())["worker"] == "ok" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert health["status"] == "degraded" and health["worker"].startswith("stalled: the database is locked")
+        finally:
+            locker.rollback()
+            locker.close()
+        assert running.result(timeout=30).loss > 0 and queued.result(timeout=30).step == 1
+        with ServiceClient(server.url, max_retries=3) as retrying:  # the SDK's retries get through
+            assert retrying.training_client(run.run_id).optim_step(FAST).result(timeout=30).step == 2
+        health = client.health()
+        assert (health.status, health.worker) == ("ok", "ok")
+
+
+def test_health_reports_a_dead_worker(make_server):
+    with make_server() as server, ServiceClient(server.url, max_retries=0) as client:
+        run = client.create_training_run(lora_rank=2)
+
+        def broken(job_id):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        server.service.store.mark_started = broken
+        run.forward_backward([EXAMPLE])
+        deadline = time.monotonic() + 10
+        while (response := httpx.get(f"{server.url}/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert response.status_code == 503
+        body = response.json()
+        assert body["status"] == "degraded"
+        assert body["worker"] == "stopped: DatabaseError: database disk image is malformed"
 
 
 # ------------------------------------------------------------------ an out-of-memory job

@@ -82,6 +82,7 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     from .launcher import build_service
     from .server.app import create_app
     from .server.datadir import DataDirError
+    from .server.connections import uvicorn_options
 
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
@@ -89,7 +90,8 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     except (ModelLoadError, DataDirError) as exc:
         _fail(str(exc))
     click.echo(f"ready: {', '.join(service.models)}; data in {service.data_dir}", err=True)
-    uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level)
+    uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
+                **uvicorn_options(settings))
 
 
 def _quiet_libraries() -> None:

@@ -140,9 +140,11 @@ class ThreadedServer:
         import uvicorn
 
         from .server.app import create_app
+        from .server.connections import uvicorn_options
 
         self.service = service
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning")
+        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning",
+                                **uvicorn_options(service.settings))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""

@@ -336,9 +336,11 @@ class JobInfo(_Schema):
 
 
 class HealthInfo(_Schema):
-    """Liveness. A server with API keys answers only `status` to a request without a valid one."""
+    """Liveness. A server with API keys answers only `status` (and `worker`) to a request without a valid one."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = Field("ok", description="'degraded' while the worker is not 'ok'.")
+    worker: str = Field("ok", description="The job worker: 'ok', 'stalled: <why>' (e.g. the database is locked by "
+                        "another process; jobs resume when it is not) or 'stopped: <why>' (no job will run: HTTP 503).")
     model: str | None = Field(None, description="The default base model.")
     models: list[str] | None = Field(None, description="Every base model the server holds.")
     runs: int | None = None

@@ -6,7 +6,9 @@ is renamed into place; leftovers of an interrupted save are removed at start-up.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import shutil
 import uuid
 from collections.abc import Callable
@@ -14,6 +16,16 @@ from pathlib import Path
 
 _STAGING_PREFIX = ".staging-"
 _RETIRED_PREFIX = ".retired-"
+_NO_SPACE = "no space left on the device"
+_FILE_SIZE_LIMIT = "a file would exceed the process's file-size limit (RLIMIT_FSIZE)"
+_ROOM_ERRNOS = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: "the disk quota is exhausted", errno.EFBIG: _FILE_SIZE_LIMIT}
+# Below this much free space a failed write is taken to have filled the disk.
+_FULL_DISK_BYTES = 1 << 20
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written for lack of room (a full disk, a quota, the file-size
+    limit); nothing of it was left behind."""
 
 
 def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
@@ -25,8 +37,8 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     if created:
         _fsync(target.parent.parent)
     staging = target.parent / f"{_STAGING_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     try:
+        staging.mkdir()
         write(staging)
         for path in staging.iterdir():
             _fsync(path)
@@ -39,9 +51,35 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         else:
             os.rename(staging, target)
         _fsync(target.parent)
-    except BaseException:
+    except BaseException as exc:
+        reason = _lack_of_room(exc, staging) if isinstance(exc, Exception) else None
         shutil.rmtree(staging, ignore_errors=True)
+        if reason is not None:
+            raise CheckpointWriteError(f"could not write checkpoint {target.parent.name}/{target.name}: {reason}") from exc
         raise
+
+
+def _lack_of_room(exc: Exception, staging: Path) -> str | None:
+    """Why a failed write ran out of room, or None if it did not. torch.save loses the errno
+    ("unexpected pos 576 vs 534") and safetensors keeps it only in its message ("os error 28"),
+    so the free space and the file-size limit are checked as well."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _ROOM_ERRNOS:
+            return _ROOM_ERRNOS[cause.errno]
+        number = next((n for n in _ROOM_ERRNOS if f"os error {n})" in str(cause)), None)
+        if number is not None:
+            return _ROOM_ERRNOS[number]
+        cause = cause.__cause__ or cause.__context__
+    stats = os.statvfs(staging.parent)
+    if stats.f_bavail * stats.f_frsize < _FULL_DISK_BYTES:
+        return _NO_SPACE
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and staging.is_dir() and any(
+        p.stat().st_size >= limit for p in staging.iterdir()
+    ):
+        return _FILE_SIZE_LIMIT
+    return None
 
 
 def remove_partial_writes(root: Path) -> list[Path]:

@@ -495,7 +495,9 @@ class Engine:
 
     @torch.no_grad()
     def score(self, run_id: str | None, prompt: list[int], responses: list[list[int]]) -> list[ResponseScore]:
-        """Logprob of each response given the prompt, under the run's adapter (or the base model)."""
+        """Logprob of each response given the prompt, under the run's adapter (or the base model).
+        Responses go through in micro-batches of at most `microbatch_tokens` padded tokens (one
+        response at least), longest first, so memory is bounded however many there are."""
         if run_id is not None:
             self._run(run_id)
         # Errors name the fields the caller actually passed, not positions in a combined list
@@ -503,20 +505,32 @@ class Engine:
         self._check_ids(prompt, "prompt")
         for i, response in enumerate(responses):
             self._check_ids(response, f"responses[{i}]")
-        sequences = [prompt + r for r in responses]
-        input_ids, attention_mask = self._right_pad(sequences)
-        positions = torch.zeros(input_ids.shape, dtype=torch.bool)
-        for i, r in enumerate(responses):
-            positions[i, len(prompt) - 1 : len(prompt) - 1 + len(r)] = True
-        targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in responses if r] or [torch.empty(0, dtype=torch.long)])
+        order = sorted(range(len(responses)), key=lambda i: -len(responses[i]))
+        batches: list[list[int]] = []
+        for i in order:  # the first of a batch is its widest
+            width = len(prompt) + len(responses[batches[-1][0]]) if batches else 0
+            if batches and (len(batches[-1]) + 1) * width <= self.microbatch_tokens:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        logprobs: list[torch.Tensor] = [torch.empty(0)] * len(responses)
         with self._through(run_id):
-            hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
-            logprobs = self._logprobs(hidden_N_H, targets)[0].cpu()
-        scores, offset = [], 0
-        for r in responses:
-            lp = logprobs[offset : offset + len(r)]
-            offset += len(r)
+            for batch in batches:
+                chunk = [responses[i] for i in batch]
+                input_ids, attention_mask = self._right_pad([prompt + r for r in chunk])
+                positions = torch.zeros(input_ids.shape, dtype=torch.bool)
+                for row, r in enumerate(chunk):
+                    positions[row, len(prompt) - 1 : len(prompt) - 1 + len(r)] = True
+                targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in chunk if r] or [torch.empty(0, dtype=torch.long)])
+                hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
+                chunk_logprobs = self._logprobs(hidden_N_H, targets)[0].cpu()
+                offset = 0
+                for i, r in zip(batch, chunk):
+                    logprobs[i] = chunk_logprobs[offset : offset + len(r)]
+                    offset += len(r)
+        scores = []
+        for r, lp in zip(responses, logprobs):
             total = float(lp.sum()) if len(r) else 0.0
             scores.append(ResponseScore(sum_logprob=total, mean_logprob=total / max(len(r), 1), num_tokens=len(r)))
         return scores

@@ -6,6 +6,7 @@ mapping here; runs, jobs, checkpoints, auth, ownership and idempotency are the s
 import gc
 import logging
 import math
+import sqlite3
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from .auth import User
 from .openai import router as openai
 from .rest import rest_router
 from .service import Service, ServiceError
+from .store import BUSY_TIMEOUT_SECONDS, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,20 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(openai.OpenAIError)
     async def openai_error(_: Request, exc: openai.OpenAIError):
         return openai.error_body(exc.status, _finite(exc.message), exc.param, exc.code)
+
+    # Another process holding the database's write lock (an operator's sqlite3 shell, a backup)
+    # makes a write wait BUSY_TIMEOUT_SECONDS, then raise: a 503 the SDKs retry, not a plain 500.
+    @app.exception_handler(sqlite3.OperationalError)
+    async def database_busy(request: Request, exc: sqlite3.OperationalError):
+        if not is_busy(exc):
+            raise exc
+        message = "the database is locked by another process; retry shortly"
+        if tinker is not None and tinker.owns(request):
+            response = tinker.error_body(503, message)
+        else:
+            response = JSONResponse(status_code=503, content={"detail": message})
+        response.headers["Retry-After"] = str(math.ceil(BUSY_TIMEOUT_SECONDS))
+        return response
 
     app.include_router(rest_router(service))
     app.include_router(openai.openai_router(service))

@@ -51,10 +51,16 @@ def rest_router(service: Service) -> APIRouter:
     # Routes that only touch SQLite or do light validation are plain functions: FastAPI runs
     # them in its thread pool, off the event loop. Those that wait on a job are coroutines.
     @router.get("/health", response_model=HealthInfo, response_model_exclude_none=True, tags=["service"],
-                summary="Liveness; the models, runs and queue too for a valid key (or with no keys configured)")
-    def health(user: MaybeUser) -> HealthInfo:
-        # Probes need no key, but the rest (model paths, every user's run count) is not theirs to see.
-        return service.health() if user is not None else HealthInfo()
+                summary="Liveness; the models, runs and queue too for a valid key (or with no keys configured)",
+                responses={503: {"model": HealthInfo, "description": "The job worker has stopped."}})
+    def health(user: MaybeUser) -> HealthInfo | Response:
+        info = service.health()
+        if user is None:
+            # Probes need no key, but the rest (model paths, every user's run count) is not theirs to see.
+            info = HealthInfo(status=info.status, worker=info.worker)
+        if info.worker.startswith("stopped"):  # alive, but no job will ever run: not healthy
+            return Response(info.model_dump_json(exclude_none=True), status_code=503, media_type="application/json")
+        return info
 
     @router.get("/v1/info", tags=["service"], summary="Base models, vocabularies and request limits")
     def info(user: User) -> dict:

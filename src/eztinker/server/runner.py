@@ -14,6 +14,8 @@ import asyncio
 import json
 import logging
 import os
+import shutil
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -22,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backend import Backend, Progress
-from ..backend.commands import Command, CreateRun, Load, OptimStep, Outcome, Save, fusable
+from ..backend.commands import Command, CreateRun, DeleteRun, Load, OptimStep, Outcome, Save, fusable
 from .metrics import Metrics
-from .store import Store
+from .store import Store, is_busy
 
 log = logging.getLogger(__name__)
+
+SNAPSHOTS = "snapshots"  # <data_dir>/snapshots/<run_id>/<job_id>: what each run last loaded
 
 
 @dataclass
@@ -63,6 +67,8 @@ class JobRunner:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._last_expiry = 0.0
+        self._stalled: str | None = None  # why a store write is being retried
+        self._stopped: str | None = None  # why the worker thread died
         self.busy_job: str | None = None
         self._running: list[Job] = []
         self.metrics = Metrics()
@@ -95,6 +101,14 @@ class JobRunner:
             pending = [job.command.kind for job in self._queue]
         return [(kind, "pending") for kind in pending] + [(job.command.kind, "running") for job in list(self._running)]
 
+    @property
+    def state(self) -> str:
+        """'ok'; 'stalled: <why>' while a store write is retried; 'stopped: <why>' once the
+        worker thread has died (no job will run again: /health answers 503)."""
+        if self._stopped is not None:
+            return f"stopped: {self._stopped}"
+        return "ok" if self._stalled is None else f"stalled: {self._stalled}"
+
     async def wait(self, job_id: str, timeout: float, finished: Callable[[], bool]) -> None:
         """Return when the job finishes or `timeout` passes, whichever is first. The waiter is
         registered before `finished()` is checked, so a job finishing in between is not missed."""
@@ -125,15 +139,40 @@ class JobRunner:
 
     # ----------------------------------------------------------------------- worker side
     def _work_loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._stopping:
+                        self._cv.wait()
+                    if self._stopping:
+                        return
+                    batch = self._take_batch()
+                self._run(batch)
+                self._maybe_expire()
+        except BaseException as exc:  # e.g. a database that fails for good: /health must say so
+            self._stopped = f"{type(exc).__name__}: {exc}"
+            log.exception("the worker stopped; no further job will run")
+
+    def _retrying(self, write: Callable[[], object]) -> None:
+        """Run a store write, retrying with backoff for as long as another process holds the
+        database's write lock: the outcome is recorded once the lock is gone, never lost."""
+        delay, since = 0.05, time.monotonic()
         while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                batch = self._take_batch()
-            self._run(batch)
-            self._maybe_expire()
+            try:
+                write()
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or self._stopping:
+                    raise
+                if self._stalled is None:
+                    log.warning("the database is locked by another connection; retrying the worker's write")
+                self._stalled = f"the database is locked by another connection (retrying for {time.monotonic() - since:.0f} s)"
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)
+            else:
+                if self._stalled is not None:
+                    log.warning("the database is writable again after %.1f s", time.monotonic() - since)
+                self._stalled = None
+                return
 
     def _take_batch(self) -> list[Job]:
         # Only commands queued back to back are fused, so one run's commands never reorder.
@@ -144,7 +183,7 @@ class JobRunner:
 
     def _run(self, batch: list[Job]) -> None:
         for job in batch:
-            self.store.mark_started(job.id)
+            self._retrying(lambda job=job: self.store.mark_started(job.id))
         self.busy_job, self._running = batch[0].id, batch
         started = time.monotonic()
         try:
@@ -168,39 +207,75 @@ class JobRunner:
             self.busy_job, self._running = None, []
 
     def _record(self, job: Job, outcome: Outcome) -> None:
-        """The store's bookkeeping for a finished command. A save or load commits its effect on
-        the run and the job's completion in one transaction: a SIGKILL between separate commits
-        would leave, e.g., a listed checkpoint whose job says 'its effect was not applied'."""
-        command, value = job.command, outcome.value
         try:
-            if outcome.error is not None:
-                error = hide_paths(outcome.error, self.data_dir)
-                self.store.mark_finished(job.id, error=error, error_category=outcome.error_category)
-                if isinstance(command, CreateRun):
-                    self.store.mark_run_deleted(command.run_id)  # the run never came to be
-            elif isinstance(command, Save):
-                relative = str(Path(command.directory).relative_to(self.data_dir))
-                name = job.checkpoint.split("/")[1]
-                self.store.record_save(job.id, command.run_id, name, relative, value["step"])
-            elif isinstance(command, Load):
-                result = {"step": value["step"], "restored_from": job.checkpoint}
-                self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(result))
-            elif isinstance(command, CreateRun) and job.checkpoint is not None:
-                self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(value))
-            elif isinstance(command, OptimStep):
-                self.store.record_step(job.id, command.run_id, value["step"], json.dumps(value))
-            else:
-                self.store.mark_finished(job.id, result=json.dumps(value))
+            self._retrying(lambda: self._store_outcome(job, outcome))
         except Exception as exc:  # e.g. a result that is not JSON-serialisable
             log.exception("could not record job %s", job.id)
-            self.store.mark_finished(job.id, error=f"could not record the result: {exc}")
+            error = f"could not record the result: {exc}"
+            self._retrying(lambda: self.store.mark_finished(job.id, error=error))
         self._notify_finished(job.id)
+
+    def _store_outcome(self, job: Job, outcome: Outcome) -> None:
+        """The store's bookkeeping for a finished command (idempotent: it may be retried). A save
+        or load commits its effect on the run and the job's completion in one transaction: a
+        SIGKILL between separate commits would leave, e.g., a listed checkpoint whose job says
+        'its effect was not applied'."""
+        command, value = job.command, outcome.value
+        if outcome.error is not None:
+            error = hide_paths(outcome.error, self.data_dir)
+            self.store.mark_finished(job.id, error=error, error_category=outcome.error_category)
+            if isinstance(command, CreateRun):
+                self.store.mark_run_deleted(command.run_id)  # the run never came to be
+        elif isinstance(command, Save):
+            relative = str(Path(command.directory).relative_to(self.data_dir))
+            name = job.checkpoint.split("/")[1]
+            self.store.record_save(job.id, command.run_id, name, relative, value["step"])
+            self._drop_snapshots(command.run_id)  # it restores from its own save now
+        elif isinstance(command, (Load, CreateRun)) and job.checkpoint is not None:
+            source = command.directory if isinstance(command, Load) else command.from_checkpoint
+            snapshot = self._snapshot(command.run_id, job.id, Path(source))
+            result = {"step": value["step"], "restored_from": job.checkpoint} if isinstance(command, Load) else value
+            self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(result), snapshot)
+            self._drop_snapshots(command.run_id, keep=job.id)
+        elif isinstance(command, DeleteRun):
+            self.store.mark_finished(job.id, result=json.dumps(value))
+            self._drop_snapshots(command.run_id)
+        elif isinstance(command, OptimStep):
+            self.store.record_step(job.id, command.run_id, value["step"], json.dumps(value))
+        else:
+            self.store.mark_finished(job.id, result=json.dumps(value))
+
+    def _snapshot(self, run_id: str, job_id: str, source: Path) -> str:
+        """A private copy, by hard links, of the checkpoint a run just loaded; after a restart the
+        run restores from it, so it comes back as exactly what it loaded whatever happens to the
+        source (overwritten by its run's next save, deleted). Hard links cost no space while the
+        source exists: a save writes new files and renames them in, never rewriting old ones.
+        Returns its path relative to the data directory; it counts once the store records it."""
+        target = self.data_dir / SNAPSHOTS / run_id / job_id
+        target.mkdir(parents=True, exist_ok=True)
+        for file in source.iterdir():
+            if file.is_file() and not (target / file.name).exists():
+                try:
+                    os.link(file, target / file.name)
+                except OSError:  # a file system without hard links: copy
+                    shutil.copy2(file, target / file.name)
+                    _fsync(target / file.name)
+        for directory in (target, target.parent, target.parent.parent):  # durable before it is recorded
+            _fsync(directory)
+        return str(target.relative_to(self.data_dir))
+
+    def _drop_snapshots(self, run_id: str, keep: str | None = None) -> None:
+        folder = self.data_dir / SNAPSHOTS / run_id
+        for path in folder.iterdir() if folder.is_dir() else ():
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _maybe_expire(self) -> None:
         now = time.monotonic()
         if now - self._last_expiry > 60:
             self._last_expiry = now
-            self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs)
+            self._retrying(lambda: self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs))
+
 
 
 def _guarded(job_id: str, listener: Progress) -> Progress:
@@ -217,3 +292,11 @@ def _guarded(job_id: str, listener: Progress) -> Progress:
                 log.exception("job %s: its progress listener failed; it gets no more progress", job_id)
 
     return listen
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -36,7 +36,7 @@ from ..types import (
     parse_checkpoint_ref,
 )
 from .datadir import DataDirLock
-from .runner import Job, JobRunner
+from .runner import SNAPSHOTS, Job, JobRunner
 from .settings import ServerSettings
 from .store import INTERRUPTED, JobRecord, Store, new_id
 
@@ -97,6 +97,7 @@ class Service:
         failed = self.store.fail_unfinished_jobs()
         if failed:
             log.warning("%d job(s) were interrupted by the last shutdown and are marked failed", failed)
+        self._remove_stale_snapshots()
         for row in self.store.live_runs():
             self._restore_run(row)
 
@@ -110,7 +111,9 @@ class Service:
         ref, directory = row["resume_from"], None
         if ref is None and row["step"]:
             log.warning("run %s was never saved; its adapter restarts from step 0", run_id)
-        if ref is not None:
+        if row["resume_path"] is not None:  # its snapshot of what it loaded, not the source
+            directory = str(self.data_dir / row["resume_path"])
+        elif ref is not None:
             try:
                 source_run, name = parse_checkpoint_ref(ref, default_run=run_id)
                 checkpoint = self.store.checkpoint(source_run, name)
@@ -131,6 +134,15 @@ class Service:
             log.error("run %s could not be rebuilt: %s", run_id, outcome.error)
             return
         self.store.set_run_state(run_id, outcome.value["step"], restored_from=ref)
+
+    def _remove_stale_snapshots(self) -> None:
+        """Snapshots no live run restores from: of deleted runs, superseded by a later save or
+        load, or written by a load the crash interrupted before it was recorded."""
+        keep = {row["resume_path"] for row in self.store.live_runs() if row["resume_path"]}
+        root = self.data_dir / SNAPSHOTS
+        for path in root.glob("*/*") if root.is_dir() else ():
+            if str(path.relative_to(self.data_dir)) not in keep:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _reconcile_checkpoints(self) -> None:
         """A save killed after its directory was renamed into place but before the database
@@ -166,7 +178,10 @@ class Service:
             self.lock.release()  # last: the next server on this directory finds everything let go
 
     def health(self) -> HealthInfo:
+        worker = self.runner.state
         return HealthInfo(
+            status="ok" if worker == "ok" else "degraded",
+            worker=worker,
             model=self.default_model,
             models=list(self.models),
             runs=len(self.store.live_runs()),
@@ -191,6 +206,7 @@ class Service:
                 "max_prompt_tokens": s.max_prompt_tokens,
                 "max_batch_examples": s.max_batch_examples,
                 "max_samples_per_request": s.max_samples_per_request,
+                "max_tokens_per_request": s.max_tokens_per_request,
                 "max_request_bytes": s.max_request_bytes,
             },
         }
@@ -321,7 +337,10 @@ class Service:
         _, model = self._usable_run(user, run_id)
         limits = self.settings
         if len(request.data) > limits.max_batch_examples:
-            raise invalid(("data",), f"{len(request.data)} examples; the limit is {limits.max_batch_examples}")
+            raise invalid(("data",), f"{len(request.data)} examples; the limit is max_batch_examples "
+                                     f"({limits.max_batch_examples})")
+        self._check_total_tokens(("data",), sum(len(d.model_input.tokens) for d in request.data),
+                                 f"{len(request.data)} examples")
         for i, datum in enumerate(request.data):
             self.check_tokens(model, datum.model_input.tokens, ("data", i, "model_input", "tokens"))
             self.check_tokens(model, datum.loss_fn_inputs.target_tokens, ("data", i, "loss_fn_inputs", "target_tokens"))
@@ -366,6 +385,10 @@ class Service:
                 f"{len(prompts)} prompts x {num_samples} samples = {total} candidates; "
                 f"the limit is {self.settings.max_samples_per_request}",
             )
+        # Every candidate holds a KV cache as wide as its prompt plus max_tokens.
+        self._check_total_tokens(("num_samples",), sum(len(p) + params.max_tokens for p in prompts) * num_samples,
+                                 f"{len(prompts)} prompts x {num_samples} samples x (prompt + {params.max_tokens} "
+                                 "max_tokens)")
         self.check_tokens(model, params.stop_token_ids, ("sampling_params", "stop_token_ids"))
         for i, tokens in enumerate(prompts):
             self.check_tokens(model, tokens, ("prompts", i, "tokens"))
@@ -377,8 +400,13 @@ class Service:
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)
         _check_unicode(request)
+        limit = self.settings.max_batch_examples
+        if len(request.responses) > limit:
+            raise invalid(("responses",), f"{len(request.responses)} responses; the limit is max_batch_examples ({limit})")
         prompt = self.encode_prompt(model, request.prompt, ("prompt",))
         responses = [self.backend.encode_text(model, r) for r in request.responses]
+        self._check_total_tokens(("responses",), sum(len(prompt) + len(r) for r in responses),
+                                 f"{len(responses)} x (prompt + response)")
         for i, tokens in enumerate(responses):
             if len(prompt) + len(tokens) > self.settings.max_prompt_tokens:
                 raise invalid(("responses", i), f"prompt + response exceed {self.settings.max_prompt_tokens} tokens")
@@ -415,11 +443,13 @@ class Service:
         return self._checkpoint(user, ref, default_run=None, field=field)
 
     def delete_checkpoint(self, user: str, run_id: str, name: str) -> None:
-        path, _ = self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint")
+        # One whose files are gone can still be unlisted.
+        path, _ = self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint", must_exist=False)
         self.store.delete_checkpoint(run_id, name)  # unlisted first: a crash then leaves only a stray folder
         shutil.rmtree(path, ignore_errors=True)
 
-    def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str) -> tuple[Path, str]:
+    def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str,
+                    must_exist: bool = True) -> tuple[Path, str]:
         try:
             source_run, name = parse_checkpoint_ref(ref, default_run=default_run or "")
         except ValueError as exc:
@@ -429,9 +459,12 @@ class Service:
         if checkpoint is None:
             raise not_found(f"checkpoint {source_run}/{name}")
         path = (self.data_dir / checkpoint.path).resolve()
-        if not path.is_relative_to(self.checkpoint_root) or not path.is_dir():
+        if not path.is_relative_to(self.checkpoint_root):
             # A symlink or edited record pointing outside the data directory is refused.
             raise invalid((field,), f"checkpoint {source_run}/{name} is not inside the data directory")
+        if must_exist and not path.is_dir():
+            raise ServiceError(404, f"checkpoint {source_run}/{name} is listed but its files are gone "
+                                    "(removed from the data directory outside the server?)")
         return path, f"{source_run}/{name}"
 
     # ---------------------------------------------------------------------------- plumbing
@@ -442,6 +475,11 @@ class Service:
             raise invalid((*loc, *exc.loc), exc.message) from None
         self.check_tokens(model, tokens, (*loc, "tokens"))
         return tokens
+
+    def _check_total_tokens(self, loc: tuple, total: int, what: str) -> None:
+        limit = self.settings.max_tokens_per_request
+        if total > limit:
+            raise invalid(loc, f"{what} = {total} tokens; the limit is max_tokens_per_request ({limit})")
 
     def check_tokens(self, model: str, tokens: list[int], loc: tuple) -> None:
         if len(tokens) > self.settings.max_prompt_tokens:

@@ -40,7 +40,24 @@ class ServerSettings(BaseSettings):
     max_samples_per_request: int = Field(
         4096, ge=1, description="Most candidates (prompts x num_samples) in one sample request."
     )
+    max_tokens_per_request: int = Field(
+        256 * 1024, ge=1, description="Most tokens one job may make the model hold (its memory bound): forward_backward's "
+        "datums together; evaluate's prompt + response, summed over responses; sample's (prompt + max_tokens) x "
+        "num_samples, summed over prompts.",
+    )
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    header_timeout_seconds: float = Field(
+        10, gt=0, description="A request's headers must arrive within this many seconds of the connection opening "
+        "(or of its previous response), else a 408 and the connection is closed (slow clients).",
+    )
+    body_timeout_seconds: float = Field(
+        120, gt=0, description="A request's body must arrive within this many seconds of its headers "
+        "(max_request_bytes at 1 MB/s fits), else a 408 and the connection is closed.",
+    )
+    max_connections: int = Field(
+        512, ge=1, description="Most connections served at once; a request beyond gets 503 (the SDKs retry). "
+        "Each connection is a file descriptor.",
+    )
     job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
     max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
     tinker_session_timeout_seconds: float = Field(

@@ -19,6 +19,11 @@ from typing import Any
 
 from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig, RunInfo
 
+# How long a statement waits for another process's write lock (an operator's sqlite3 shell, a
+# backup) before it raises "database is locked": a request handler then answers 503, the worker
+# retries (runner.py). The lock on the one connection is held meanwhile, so keep it short.
+BUSY_TIMEOUT_SECONDS = 2.0
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
@@ -29,6 +34,7 @@ CREATE TABLE IF NOT EXISTS runs (
     step INTEGER NOT NULL DEFAULT 0,
     restored_from TEXT,
     resume_from TEXT,  -- checkpoint the live state was last saved to or loaded from
+    resume_path TEXT,  -- after a load: the private snapshot of it to restore from (runner.py)
     created_at REAL NOT NULL,
     deleted_at REAL
 );
@@ -82,6 +88,11 @@ def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=timezone.utc)
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite's "another connection holds the lock" (it passes; retry later)."""
+    return isinstance(exc, sqlite3.OperationalError) and "database is locked" in str(exc)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
 
@@ -89,7 +100,7 @@ def new_id(prefix: str) -> str:
 class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         with self._lock:
@@ -100,7 +111,8 @@ class Store:
 
     def _add_missing_columns(self) -> None:
         """Columns added since the first schema, for databases made before them."""
-        for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT")):
+        for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT"),
+                                    ("runs", "resume_path", "TEXT")):
             names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in names:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -180,16 +192,18 @@ class Store:
         self._transaction([
             ("INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at) VALUES (?, ?, ?, ?, ?)",
              (run_id, name, path, step, now)),
-            ("UPDATE runs SET resume_from = ? WHERE id = ?", (f"{run_id}/{name}", run_id)),
+            ("UPDATE runs SET resume_from = ?, resume_path = NULL WHERE id = ?", (f"{run_id}/{name}", run_id)),
             *self._completion(job_id, info.model_dump_json()),
         ])
         return info
 
-    def record_load(self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result_json: str) -> None:
-        """In one transaction: the run's step and resume point, the job completed."""
+    def record_load(self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result_json: str,
+                    snapshot: str) -> None:
+        """In one transaction: the run's step and resume point (`snapshot`, the data-dir-relative
+        copy of `checkpoint_ref` it loaded), the job completed."""
         self._transaction([
-            ("UPDATE runs SET step = ?, restored_from = ?, resume_from = ? WHERE id = ?",
-             (step, checkpoint_ref, checkpoint_ref, run_id)),
+            ("UPDATE runs SET step = ?, restored_from = ?, resume_from = ?, resume_path = ? WHERE id = ?",
+             (step, checkpoint_ref, checkpoint_ref, snapshot, run_id)),
             *self._completion(job_id, result_json),
         ])
 
