@@ -1,8 +1,9 @@
 """Fuzz the HTTP API from its own OpenAPI schema with schemathesis (valid and invalid requests).
 
-Every response must be a non-5xx; every rejection a 4xx whose JSON `detail` names the problem
-(a message, or for 422 a list of {loc, msg} naming each offending field); every 2xx must match
-the response schema; and the server must still answer and train afterwards.
+Every response must be a non-5xx; every rejection a 4xx in its protocol's error shape that names
+the problem (REST: a JSON `detail`, a message or for 422 a list of {loc, msg} naming each
+offending field; Tinker, under /api/v1/: `{"error", "category"}`; OpenAI: `{"error": {"message"}}`);
+every 2xx must match the response schema; and the server must still answer and train afterwards.
 
 CI runs FUZZ_EXAMPLES (default 25) examples per operation and generation mode (~540
 requests); for thousands:
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from eztinker import AdamParams, SamplingParams, ServiceClient, datum_from_tokens
+from eztinker.server.openai.router import owns as is_openai_path
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
 # Tight limits keep every accepted job cheap (the queue drains quickly) and make the limits
@@ -27,9 +29,17 @@ LIMITS = dict(max_new_tokens=4, max_prompt_tokens=64, max_batch_examples=4, max_
               max_request_bytes=64 * 1024)
 
 
-def describe_problem(response) -> None:
-    """A 4xx must carry JSON {"detail": ...} that says what is wrong."""
+def describe_problem(response, path: str) -> None:
+    """A 4xx must say what is wrong, in the shape of the protocol it came through."""
     body = response.json()
+    if path.startswith("/api/v1/"):  # Tinker
+        assert isinstance(body, dict) and isinstance(body.get("error"), str) and len(body["error"]) > 8, body
+        assert body.get("category") in ("user", "server"), body
+        return
+    if is_openai_path(path):
+        error = body.get("error") if isinstance(body, dict) else None
+        assert isinstance(error, dict) and isinstance(error.get("message"), str) and len(error["message"]) > 8, body
+        return
     detail = body.get("detail") if isinstance(body, dict) else None
     assert detail, f"{response.status_code} without a detail: {response.text[:500]}"
     if isinstance(detail, list):
@@ -91,7 +101,7 @@ def test_fuzz_the_api_from_its_openapi_schema(make_server):
                         f"{case.as_curl_command()}"
                     )
                     if 400 <= response.status_code < 500:
-                        describe_problem(response)
+                        describe_problem(response, operation.path)
                     else:
                         case.validate_response(response, checks=[response_schema_conformance])
 

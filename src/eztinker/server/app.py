@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .auth import User
@@ -56,28 +57,36 @@ def create_app(service: Service) -> FastAPI:
     if service.settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=service.settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
 
+    tinker = _tinker_protocol()
+
+    def protocol_error(path: str, status: int, message: str) -> JSONResponse:
+        """An error raised outside any route (body limits, a busy database), in the shape of
+        the protocol the path belongs to."""
+        if tinker is not None and path.startswith(tinker.prefix):
+            return tinker.error_body(status, message)
+        if openai.owns(path):
+            return openai.error_body(status, message)
+        return JSONResponse(status_code=status, content={"detail": message})
+
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):
         length = request.headers.get("content-length")
         limit = service.settings.max_request_bytes
         # str.isdigit() accepts non-ASCII digits ("²") that int() refuses, which would be a 500.
         if length is not None and not (length.isascii() and length.isdigit()):
-            return JSONResponse(status_code=400, content={"detail": f"invalid Content-Length {length!r}"})
+            return protocol_error(request.url.path, 400, f"invalid Content-Length {length!r}")
         if length is not None and int(length) > limit:
-            return JSONResponse(
-                status_code=413,
-                content={"detail": f"request body of {length} bytes exceeds max_request_bytes ({limit})"},
-            )
+            return protocol_error(request.url.path, 413,
+                                  f"request body of {length} bytes exceeds max_request_bytes ({limit})")
         return await call_next(request)
 
     # The Content-Length check above never sees a chunked upload (no Content-Length); without this,
     # such a body would be read whole, however large, before anything (auth included) looks at it.
-    app.add_middleware(_StreamedBodyLimit, limit=service.settings.max_request_bytes)
+    app.add_middleware(_StreamedBodyLimit, limit=service.settings.max_request_bytes, error=protocol_error)
 
     # FastAPI's default 422 handler echoes each offending input back; a NaN/Infinity in the JSON
     # (Python's json emits them) makes that echo unserialisable, turning a correct rejection into
     # a 500. Same response, with non-finite numbers spelt as strings.
-    tinker = _tinker_protocol()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -117,11 +126,16 @@ def create_app(service: Service) -> FastAPI:
         if not is_busy(exc):
             raise exc
         message = "the database is locked by another process; retry shortly"
-        if tinker is not None and tinker.owns(request):
-            response = tinker.error_body(503, message)
-        else:
-            response = JSONResponse(status_code=503, content={"detail": message})
+        response = protocol_error(request.url.path, 503, message)
         response.headers["Retry-After"] = str(math.ceil(BUSY_TIMEOUT_SECONDS))
+        return response
+
+    # FastAPI's own errors (a body that does not parse, a method not allowed) in the path's shape.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        response = protocol_error(request.url.path, exc.status_code, str(exc.detail))
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
         return response
 
     app.include_router(rest_router(service))
@@ -184,8 +198,8 @@ class _StreamedBodyLimit:
     body up to `limit` bytes, answers 413 past that, else hands the app the buffered body.
     (FastAPI reads the whole body into memory anyway; this only caps it.)"""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, error):
+        self.app, self.limit, self.error = app, limit, error
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or any(name == b"content-length" for name, _ in scope["headers"]):
@@ -198,10 +212,7 @@ class _StreamedBodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                response = JSONResponse(
-                    status_code=413,
-                    content={"detail": f"request body exceeds max_request_bytes ({self.limit})"},
-                )
+                response = self.error(scope["path"], 413, f"request body exceeds max_request_bytes ({self.limit})")
                 return await response(scope, receive, send)
             more = message.get("more_body", False)
         body, replayed = b"".join(chunks), False

@@ -368,7 +368,10 @@ def tinker_router(service: Service) -> APIRouter:
                 topk_prompt_logprobs=body.topk_prompt_logprobs)
         except (ServiceError, ValidationError, wire.WireError) as exc:
             failed = refused(user, "sample", None, exc)
-            return {**failed, "sample_sequence_ids": [f"{failed['request_id']}:{i}" for i in range(body.num_samples)]}
+            # The SDK wants an id per sample even for a request that fails (it then reads none of them);
+            # no more than the server could ever sample, whatever num_samples claims.
+            count = min(body.num_samples, service.settings.max_samples_per_request)
+            return {**failed, "sample_sequence_ids": [f"{failed['request_id']}:{i}" for i in range(count)]}
         return future(ref, sample_sequence_ids=[f"{ref.job_id}:{i}" for i in range(body.num_samples)])
 
     # ------------------------------------------------------------------------- futures
