@@ -339,7 +339,7 @@ class HealthInfo(_Schema):
     """Liveness. A server with API keys answers only `status` (and `worker`) to a request without a valid one."""
 
     status: Literal["ok", "degraded"] = Field("ok", description="'degraded' while the worker is not 'ok'.")
-    worker: str = Field("ok", description="The job worker: 'ok', 'stalled: <why>' (e.g. the database is locked by "
+    worker: str | None = Field(None, description="The job worker: 'ok', 'stalled: <why>' (e.g. the database is locked by "
                         "another process; jobs resume when it is not) or 'stopped: <why>' (no job will run: HTTP 503).")
     model: str | None = Field(None, description="The default base model.")
     models: list[str] | None = Field(None, description="Every base model the server holds.")

@@ -55,10 +55,11 @@ def rest_router(service: Service) -> APIRouter:
                 responses={503: {"model": HealthInfo, "description": "The job worker has stopped."}})
     def health(user: MaybeUser) -> HealthInfo | Response:
         info = service.health()
+        stopped = info.worker.startswith("stopped")  # alive, but no job will ever run: not healthy
         if user is None:
             # Probes need no key, but the rest (model paths, every user's run count) is not theirs to see.
-            info = HealthInfo(status=info.status, worker=info.worker)
-        if info.worker.startswith("stopped"):  # alive, but no job will ever run: not healthy
+            info = HealthInfo(status=info.status)
+        if stopped:
             return Response(info.model_dump_json(exclude_none=True), status_code=503, media_type="application/json")
         return info
 

@@ -279,20 +279,19 @@ def tinker_router(service: Service) -> APIRouter:
                     name = f"{_SESSION_SNAPSHOT}{sampler_id.replace(':', '-')}"
                     ref = service.submit_save(user, body.model_id, SaveRequest(name=name), key)
                     run = service.get_run(user, body.model_id)
-                    drop_old_session_snapshots(user, run)
                     sessions.add_sampler(sampler_id, user, run.base_model, f"{body.model_id}/{name}", None)
                     remember(ref.job_id, {"sampling_session_id": sampler_id})
             except (ServiceError, ValidationError) as exc:
                 return refused(user, "save", body.model_id, exc)
         return future(ref, model_id=body.model_id)
 
-    def drop_old_session_snapshots(user: str, run) -> None:
+    def drop_old_session_snapshots(user: str, run_id: str) -> None:
         """An unnamed snapshot is one sampling client's weights, and an RL loop makes one per
-        iteration: with the one being written, a run keeps its newest _SESSION_SNAPSHOTS_KEPT, so
+        iteration: once one is handed out, the run keeps its newest _SESSION_SNAPSHOTS_KEPT, so
         disk use stays bounded."""
-        unnamed = [c for c in run.checkpoints if c.name.startswith(_SESSION_SNAPSHOT)]
-        for old in unnamed[: max(0, len(unnamed) - (_SESSION_SNAPSHOTS_KEPT - 1))]:
-            service.delete_checkpoint(user, run.id, old.name)
+        unnamed = [c for c in service.get_run(user, run_id).checkpoints if c.name.startswith(_SESSION_SNAPSHOT)]
+        for old in unnamed[: max(0, len(unnamed) - _SESSION_SNAPSHOTS_KEPT)]:
+            service.delete_checkpoint(user, run_id, old.name)
 
     @router.post("/load_weights")
     async def load_weights(body: p.LoadWeights, user: User, key: IdempotencyKey = None) -> dict:
@@ -387,9 +386,9 @@ def tinker_router(service: Service) -> APIRouter:
             if record.error == INTERRUPTED and record.kind == "sample":
                 return error_body(410, record.error)  # the SDK submits a sample again on 410
             return JSONResponse({"error": record.error, "category": record.error_category or "server"})
-        return answer(record)
+        return answer(user, record)
 
-    def answer(record: JobRecord) -> Response:
+    def answer(user: str, record: JobRecord) -> Response:
         value, extra = record.result(), answers.get(record.id, {})
         if record.kind == "forward_backward":
             logprobs = [[0.0 if lp is None else lp for lp in row] for row in value["logprobs"]]
@@ -408,6 +407,7 @@ def tinker_router(service: Service) -> APIRouter:
                                              "step": value["step"]}})
         if record.kind == "save":
             if "sampling_session_id" in extra:
+                drop_old_session_snapshots(user, record.run_id)
                 return JSONResponse({"sampling_session_id": extra["sampling_session_id"]})
             return JSONResponse({"path": p.tinker_path(value["run_id"], value["name"])})
         if record.kind == "load":
