@@ -37,12 +37,12 @@ class ExportResult:
 
 def checkpoint_dir(data_dir: Path, ref: str) -> Path:
     """The folder of checkpoint '<run_id>/<name>' under `data_dir`, checked to hold an adapter."""
+    if "/" not in ref:
+        raise ExportError(f"checkpoint {ref!r} names no run: expected <run_id>/<checkpoint>")
     try:
         run_id, name = parse_checkpoint_ref(ref, default_run="")
     except ValueError as exc:
         raise ExportError(f"{exc} (expected <run_id>/<checkpoint>)") from None
-    if not run_id:
-        raise ExportError(f"checkpoint {ref!r} names no run: expected <run_id>/<checkpoint>")
     directory = Path(data_dir) / "checkpoints" / run_id / name
     if not directory.is_dir():
         raise ExportError(f"checkpoint {run_id}/{name} not found in data directory {data_dir}")
@@ -84,17 +84,14 @@ def export_checkpoint(
         else:
             tokenizer = AutoTokenizer.from_pretrained(model_source(spec, cache_dir=cache_dir))
     except (ModelLoadError, OSError) as exc:
-        # ModelLoadError's message spans lines (what failed, then what to do); a CLI error is one.
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ExportError(f"base model {spec!r} of checkpoint {ref} cannot be loaded ({first}); "
+        raise ExportError(f"base model {spec!r} of checkpoint {ref} cannot be loaded ({_first_line(exc)}); "
                           "give a local copy with --model") from None
 
     if merge:
         try:
             merged = peft.PeftModel.from_pretrained(base.model, source).merge_and_unload()
-        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or module names of another model
-            raise ExportError(f"checkpoint {ref} does not fit base model {spec!r}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        except Exception as exc:  # another model's shapes or module names, an unreadable adapter file, ...
+            raise ExportError(f"checkpoint {ref} cannot be merged into base model {spec!r}: {_first_line(exc)}") from None
 
         def write(staging: Path) -> None:
             merged.save_pretrained(staging, safe_serialization=True)  # config + generation config too
@@ -113,3 +110,9 @@ def export_checkpoint(
     except OSError as exc:
         raise ExportError(f"could not write {out}: {exc.strerror or exc}") from None
     return ExportResult(out=out, ref=ref, base_model=spec, merged=merge)
+
+
+def _first_line(exc: Exception) -> str:
+    """A CLI error is one line; ModelLoadError's and torch's messages span several."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
