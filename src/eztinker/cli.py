@@ -1,4 +1,4 @@
-"""The `eztinker` command line: `server`, `rsft`, `demo`, `doctor`."""
+"""The `eztinker` command line: `server`, `rsft`, `demo`, `export`, `doctor`."""
 
 from __future__ import annotations
 
@@ -164,6 +164,28 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
         config = RecipeConfig(task=task, server_url=server.url, gsm8k_dir=gsm8k_dir, seed=seed, output_dir=output_dir, **options)
         _run_recipe(config)
     click.echo(f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}")
+
+
+@app.command()
+@click.argument("checkpoint", metavar="RUN_ID/CHECKPOINT")
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--merge", is_flag=True, help="Merge the adapter into the base model: a plain Hugging Face model folder.")
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("data"), show_default=True,
+              help="The server's data directory (read only; the server may be running).")
+@click.option("--model", default=None, help="Base model (its tokenizer; with --merge its weights too) "
+              "instead of the one the checkpoint names, e.g. a local folder of it.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+def export(checkpoint: str, out: Path, merge: bool, data_dir: Path, model: str | None, force: bool) -> None:
+    """Export a checkpoint: its PEFT adapter folder, or (--merge) the merged model, to OUT."""
+    _quiet_libraries()
+    from .export import ExportError, export_checkpoint
+
+    try:
+        result = export_checkpoint(data_dir, checkpoint, out, merge=merge, model=model, force=force)
+    except ExportError as exc:
+        _fail(str(exc))
+    what = f"{result.ref} merged into {result.base_model}" if result.merged else f"adapter {result.ref}"
+    click.echo(f"exported {what} to {result.out}")
 
 
 @app.command()

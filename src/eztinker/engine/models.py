@@ -88,7 +88,7 @@ def load_base_model(
     spec = resolve_model_spec(spec)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    source = _embedded_model_dir(cache_dir) if spec == EMBEDDED_MODEL else spec
+    source = model_source(spec, cache_dir=cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -108,6 +108,12 @@ def load_base_model(
         pad_token_id=_pad_token_id(tokenizer),
         source=str(source),
     )
+
+
+def model_source(spec: str, *, cache_dir: Path) -> str | Path:
+    """Where `spec` loads from: the embedded model's converted folder (converting it once), else
+    `spec` itself (a local directory or Hub id). What `load_base_model` and a tokenizer load from."""
+    return _embedded_model_dir(cache_dir) if spec == EMBEDDED_MODEL else spec
 
 
 def _stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

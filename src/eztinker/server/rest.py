@@ -22,6 +22,7 @@ from ..types import (
     SaveRequest,
     ScoreRequest,
 )
+from .archive import adapter_archive
 from .auth import MaybeUser, User
 from .service import Service
 from .store import JobRecord
@@ -121,6 +122,13 @@ def rest_router(service: Service) -> APIRouter:
     @router.post("/v1/runs/{run_id}/load", response_model=JobRef, status_code=202, tags=["checkpoints"])
     def load(run_id: str, request: LoadRequest, user: User, key: IdempotencyKey = None):
         return service.submit_load(user, run_id, request, key)
+
+    @router.get("/v1/runs/{run_id}/checkpoints/{name}/adapter", tags=["checkpoints"],
+                summary="Download a checkpoint's PEFT adapter as a tar (peft.PeftModel.from_pretrained loads it)",
+                response_class=Response, responses={200: {"content": {"application/x-tar": {}}}})
+    def download_adapter(run_id: str, name: str, user: User) -> Response:
+        path, ref = service.checkpoint_path(user, f"{run_id}/{name}")
+        return adapter_archive(path, ref)
 
     # ------------------------------------------------------------------------------ jobs
     @router.get("/v1/jobs/{job_id}", response_model=JobInfo, tags=["jobs"])

@@ -13,10 +13,8 @@ are 400s in Tinker's error shape.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
-import tarfile
 import time
 import uuid
 from collections import OrderedDict
@@ -39,6 +37,7 @@ from ...types import (
     SamplingParams,
     SaveRequest,
 )
+from ..archive import adapter_archive
 from ..auth import User
 from ..service import Service, ServiceError
 from ..store import INTERRUPTED, JobRecord, SessionStore
@@ -55,8 +54,6 @@ _SESSION_SNAPSHOT = p.SAMPLER_PREFIX + "session-"  # our name of an unnamed samp
 _SESSION_SNAPSHOTS_KEPT = 4
 _ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP = ["gate_proj", "up_proj", "down_proj"]
-# Files of a PEFT adapter: what a checkpoint archive holds (the optimizer state stays here).
-_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 IdempotencyKey = Annotated[str | None, Header(alias="X-Idempotency-Key", max_length=200, include_in_schema=False)]
 
@@ -468,13 +465,7 @@ def tinker_router(service: Service) -> APIRouter:
     def checkpoint_archive(run_id: str, checkpoint: str, user: User) -> Response:
         """The checkpoint's PEFT adapter as a tar (`peft.PeftModel.from_pretrained` loads it)."""
         name, path = our_checkpoint(user, run_id, checkpoint)
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for file in _ADAPTER_FILES:
-                tar.add(path / file, arcname=file)
-        filename = f"{run_id.replace(':', '-')}-{name}.tar"
-        return Response(buffer.getvalue(), media_type="application/x-tar",
-                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+        return adapter_archive(path, f"{run_id}/{name}")
 
     @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint:path}")
     def delete_checkpoint(run_id: str, checkpoint: str, user: User) -> dict:
