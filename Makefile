@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(VENV)/bin/eztinker demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/run.py

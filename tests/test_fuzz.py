@@ -5,8 +5,8 @@ the problem (REST: a JSON `detail`, a message or for 422 a list of {loc, msg} na
 offending field; Tinker, under /api/v1/: `{"error", "category"}`; OpenAI: `{"error": {"message"}}`);
 every 2xx must match the response schema; and the server must still answer and train afterwards.
 
-CI runs FUZZ_EXAMPLES (default 25) examples per operation and generation mode (~540
-requests); for thousands:
+CI runs FUZZ_EXAMPLES (default 15) examples per operation and generation mode, over every
+operation of the three protocols (about 1,400 requests); for thousands:
 
     FUZZ_EXAMPLES=300 python -m pytest tests/test_fuzz.py -q -s
 """
@@ -22,7 +22,7 @@ import pytest
 from eztinker import AdamParams, SamplingParams, ServiceClient, datum_from_tokens
 from eztinker.server.openai.router import owns as is_openai_path
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
 # Tight limits keep every accepted job cheap (the queue drains quickly) and make the limits
 # themselves part of what is fuzzed.
 LIMITS = dict(max_new_tokens=4, max_prompt_tokens=64, max_batch_examples=4, max_samples_per_request=4,
