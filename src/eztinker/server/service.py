@@ -307,10 +307,9 @@ class Service:
 
     def _replay_create(self, user: str, run_id: str) -> JobRef:
         """The create job of an existing run (a protocol that names its runs asked again)."""
-        rows = self.store._query("SELECT * FROM jobs WHERE run_id = ? AND kind = 'create_run' AND owner = ?"
-                                 " ORDER BY created_at DESC LIMIT 1", (run_id, user))
-        if rows:
-            return JobRef(job_id=rows[0]["id"], status=JobStatus(rows[0]["status"]))
+        row = self.store.create_job_of(run_id, user)
+        if row is not None:
+            return JobRef(job_id=row["id"], status=JobStatus(row["status"]))
         job_id = new_id("job")  # its create job has expired: a completed stand-in
         self.store.add_job(job_id, user, run_id, "create_run")
         self.store.mark_finished(job_id, result=json.dumps({"run_id": run_id, "step": 0}))

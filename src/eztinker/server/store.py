@@ -276,6 +276,12 @@ class Store:
             (job_id, owner, run_id, kind, JobStatus.pending.value, idempotency_key, request_hash, time.time()),
         )
 
+    def create_job_of(self, run_id: str, owner: str) -> sqlite3.Row | None:
+        """The newest create_run job of a run (None once finished jobs have expired)."""
+        rows = self._query("SELECT * FROM jobs WHERE run_id = ? AND kind = 'create_run' AND owner = ?"
+                           " ORDER BY created_at DESC LIMIT 1", (run_id, owner))
+        return rows[0] if rows else None
+
     def job_by_key(self, owner: str, idempotency_key: str) -> sqlite3.Row | None:
         rows = self._query(
             "SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, idempotency_key)
@@ -419,5 +425,6 @@ class SessionStore:
         return rows[0] if rows else None
 
     def samplers_of_session(self, session_id: str) -> list[str]:
-        rows = self._store._query("SELECT id FROM samplers WHERE id LIKE ?", (f"{session_id}:sample:%",))
+        # instr, not LIKE: session ids hold '_', which LIKE takes for any character.
+        rows = self._store._query("SELECT id FROM samplers WHERE instr(id, ?) = 1", (f"{session_id}:sample:",))
         return [r["id"] for r in rows]
