@@ -78,6 +78,29 @@ class RunInfo(_Schema):
         None, description="Checkpoint the run's live state was last restored from, if any."
     )
     checkpoints: list[CheckpointInfo] = Field(default_factory=list)
+    status: Literal["creating", "working", "idle", "unavailable"] = Field(
+        "idle", description="creating: its create job has not finished; working: jobs of it are queued or running; "
+        "unavailable: this server does not hold its base model.")
+    last_loss: float | None = Field(
+        None, description="Loss per token of its newest training step (its forward_backwards' summed loss over their tokens).")
+    updated_at: datetime | None = Field(None, description="When it last trained or saved a checkpoint.")
+
+
+class MetricPoint(_Schema):
+    """One optimizer step of a run, from its forward_backwards and its optim_step."""
+
+    step: int = Field(description="The optimizer step (1 is the first): its gradient's batches and its update.")
+    loss: float | None = Field(None, description="Summed loss of the step's forward_backwards.")
+    num_tokens: int | None = Field(None, description="Positions that carried loss in them.")
+    loss_per_token: float | None = None
+    grad_norm: float | None = Field(None, description="None until the step's optim_step has run.")
+    learning_rate: float | None = None
+    recorded_at: datetime
+
+
+class RunMetrics(_Schema):
+    run_id: str
+    points: list[MetricPoint] = Field(description="One per step, oldest first (after a load, from its checkpoint on).")
 
 
 # ------------------------------------------------------------------------------------ training

@@ -35,6 +35,7 @@ from ..types import (
     OptimStepResult,
     Prompt,
     RunInfo,
+    RunMetrics,
     SampleRequest,
     SampleResult,
     SamplingParams,
@@ -255,6 +256,10 @@ class TrainingClient:
 
     def delete(self) -> None:
         self.service.request("DELETE", f"/v1/runs/{self.run_id}")
+
+    def metrics(self) -> RunMetrics:
+        """The run's training curve as the server recorded it: one point per optimizer step."""
+        return RunMetrics.model_validate(self.service.request("GET", self._path("metrics")))
 
     def get_tokenizer(self):
         """The tokenizer of this run's base model."""

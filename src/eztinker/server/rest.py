@@ -18,6 +18,7 @@ from ..types import (
     LoadRequest,
     OptimStepRequest,
     RunInfo,
+    RunMetrics,
     SampleRequest,
     SaveRequest,
     ScoreRequest,
@@ -86,6 +87,19 @@ def rest_router(service: Service) -> APIRouter:
     @router.get("/v1/runs/{run_id}", response_model=RunInfo, tags=["runs"])
     def get_run(run_id: str, user: User) -> RunInfo:
         return service.get_run(user, run_id)
+
+    @router.get("/v1/runs/{run_id}/metrics", response_model=RunMetrics, tags=["runs"],
+                summary="The run's training curve: loss, tokens, grad norm and learning rate per optimizer step")
+    def run_metrics(run_id: str, user: User) -> RunMetrics:
+        return service.run_metrics(user, run_id)
+
+    @router.get("/v1/runs/{run_id}/jobs", response_model=list[JobInfo], tags=["runs"],
+                summary="The run's queued and running jobs, then its newest finished ones (results left out)")
+    def run_jobs(
+        run_id: str, user: User,
+        limit: Annotated[int, Query(ge=1, le=200, description="Finished jobs to list at most.")] = 20,
+    ) -> list[JobInfo]:
+        return service.run_jobs(user, run_id, limit)
 
     @router.delete("/v1/runs/{run_id}", tags=["runs"])
     async def delete_run(run_id: str, user: User) -> dict:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backend import Backend, Progress
-from ..backend.commands import Command, CreateRun, DeleteRun, Load, OptimStep, Outcome, Save, fusable
+from ..backend.commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Save, fusable
 from .metrics import Metrics
 from .store import Store, is_busy
 
@@ -241,7 +241,9 @@ class JobRunner:
             self.store.mark_finished(job.id, result=json.dumps(value))
             self._drop_snapshots(command.run_id)
         elif isinstance(command, OptimStep):
-            self.store.record_step(job.id, command.run_id, value["step"], json.dumps(value))
+            self.store.record_step(job.id, command.run_id, value)
+        elif isinstance(command, ForwardBackward) and not command.forward_only:
+            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"], value["num_tokens"])
         else:
             self.store.mark_finished(job.id, result=json.dumps(value))
 

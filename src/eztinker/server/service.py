@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,16 @@ from ..types import (
     CreateRunRequest,
     ForwardBackwardRequest,
     HealthInfo,
+    JobInfo,
     JobRef,
     JobStatus,
     LoadRequest,
     LoraConfig,
+    MetricPoint,
     OptimStepRequest,
     Prompt,
     RunInfo,
+    RunMetrics,
     SampleRequest,
     SaveRequest,
     ScoreRequest,
@@ -243,10 +247,55 @@ class Service:
         return row, row["base_model"]
 
     def get_run(self, user: str, run_id: str) -> RunInfo:
-        return self.store.run_info(self.owned_run(user, run_id))
+        return self._run_infos(user, [self.owned_run(user, run_id)])[0]
 
     def list_runs(self, user: str) -> list[RunInfo]:
-        return [self.store.run_info(row) for row in self.store.live_runs(user)]
+        return self._run_infos(user, self.store.live_runs(user))
+
+    def _run_infos(self, user: str, rows: list[sqlite3.Row]) -> list[RunInfo]:
+        """The runs with their status, last loss and last activity (three queries for all of them)."""
+        losses, activity = self.store.last_losses(user), self.store.last_activity(user)
+        busy: dict[str, set[str]] = {}
+        for job in self.store.unfinished_jobs(user):
+            busy.setdefault(job["run_id"], set()).add(job["kind"])
+        infos = []
+        for row in rows:
+            kinds = busy.get(row["id"], set())
+            status = ("unavailable" if row["base_model"] not in self.models else "creating" if "create_run" in kinds
+                      else "working" if kinds else "idle")
+            _, loss, tokens = losses.get(row["id"], (None, None, None))
+            updated = activity.get(row["id"])
+            infos.append(self.store.run_info(
+                row, status=status, last_loss=loss / tokens if loss is not None and tokens else None,
+                updated_at=None if updated is None else datetime.fromtimestamp(updated, tz=timezone.utc)))
+        return infos
+
+    def run_metrics(self, user: str, run_id: str) -> RunMetrics:
+        """The run's curve: one point per optimizer step, from the training log."""
+        self.owned_run(user, run_id)
+        points: dict[int, dict[str, Any]] = {}
+        for row in self.store.training_log(run_id):
+            point = points.setdefault(row["step"], {"step": row["step"]})
+            point["recorded_at"] = row["recorded_at"]
+            if row["kind"] == "optim_step":
+                point.update(grad_norm=row["grad_norm"], learning_rate=row["learning_rate"])
+            elif row["loss"] is not None:
+                point["loss"] = point.get("loss", 0.0) + row["loss"]
+                point["num_tokens"] = point.get("num_tokens", 0) + row["num_tokens"]
+        for point in points.values():
+            if point.get("num_tokens"):
+                point["loss_per_token"] = point["loss"] / point["num_tokens"]
+            point["recorded_at"] = datetime.fromtimestamp(point["recorded_at"], tz=timezone.utc)
+        return RunMetrics(run_id=run_id, points=[MetricPoint(**points[step]) for step in sorted(points)])
+
+    def run_jobs(self, user: str, run_id: str, limit: int) -> list[JobInfo]:
+        """The run's newest jobs, queued and running ones first (their results left out)."""
+        self.owned_run(user, run_id)
+        unfinished = self.store.unfinished_jobs(user, run_id)
+        seen = {row["id"] for row in unfinished}
+        recent = [row for row in self.store.recent_jobs(user, run_id, limit) if row["id"] not in seen]
+        rows = [*reversed(unfinished), *recent][:max(limit, len(unfinished))]
+        return [self.store.job_record(row).info(with_result=False) for row in rows]
 
     async def create_run(self, user: str, request: CreateRunRequest, key: str | None = None) -> RunInfo:
         """Create a run and wait until it exists (the REST API answers with the run itself)."""

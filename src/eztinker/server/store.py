@@ -76,6 +76,18 @@ CREATE TABLE IF NOT EXISTS samplers (  -- Tinker sampling sessions: a base model
     model_path TEXT,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS training_log (  -- what each forward_backward / optim_step reported: a run's curves
+    job_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    step INTEGER NOT NULL,  -- the optimizer step the job belongs to: a gradient goes into the run's step + 1
+    kind TEXT NOT NULL,
+    loss REAL,              -- forward_backward: summed over the batch
+    num_tokens INTEGER,     -- forward_backward: positions that carried loss
+    grad_norm REAL,         -- optim_step
+    learning_rate REAL,     -- optim_step
+    recorded_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS training_log_run ON training_log(run_id, step);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
@@ -173,7 +185,8 @@ class Store:
     def mark_run_deleted(self, run_id: str) -> None:
         self._execute("UPDATE runs SET deleted_at = ? WHERE id = ?", (time.time(), run_id))
 
-    def run_info(self, row: sqlite3.Row) -> RunInfo:
+    def run_info(self, row: sqlite3.Row, **live) -> RunInfo:
+        """The run as stored; `live`: what the service adds (status, last loss, last activity)."""
         return RunInfo(
             id=row["id"],
             base_model=row["base_model"],
@@ -182,6 +195,7 @@ class Store:
             created_at=_ts(row["created_at"]),
             restored_from=row["restored_from"],
             checkpoints=self.checkpoints(row["id"]),
+            **live,
         )
 
     # ----------------------------------------------------------------------- checkpoints
@@ -204,15 +218,57 @@ class Store:
         self._transaction([
             ("UPDATE runs SET step = ?, restored_from = ?, resume_from = ?, resume_path = ? WHERE id = ?",
              (step, checkpoint_ref, checkpoint_ref, snapshot, run_id)),
+            # Steps past the loaded one were undone: the run's curve continues from the checkpoint.
+            ("DELETE FROM training_log WHERE run_id = ? AND step > ?", (run_id, step)),
             *self._completion(job_id, result_json),
         ])
 
-    def record_step(self, job_id: str, run_id: str, step: int, result_json: str) -> None:
-        """In one transaction: the run's step, the job completed."""
+    def record_step(self, job_id: str, run_id: str, result: dict) -> None:
+        """In one transaction: the run's step, its grad norm and learning rate in the training
+        log, the job completed."""
         self._transaction([
-            ("UPDATE runs SET step = ? WHERE id = ?", (step, run_id)),
+            ("UPDATE runs SET step = ? WHERE id = ?", (result["step"], run_id)),
+            ("INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, grad_norm, learning_rate, recorded_at)"
+             " VALUES (?, ?, ?, 'optim_step', ?, ?, ?)",
+             (job_id, run_id, result["step"], result["grad_norm"], result["learning_rate"], time.time())),
+            *self._completion(job_id, json.dumps(result)),
+        ])
+
+    def record_forward_backward(self, job_id: str, run_id: str, result_json: str, loss: float, num_tokens: int) -> None:
+        """In one transaction: the batch's loss in the training log (at the step its gradient
+        goes into), the job completed."""
+        self._transaction([
+            ("INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, loss, num_tokens, recorded_at)"
+             " SELECT ?, id, step + 1, 'forward_backward', ?, ?, ? FROM runs WHERE id = ?",
+             (job_id, loss, num_tokens, time.time(), run_id)),
             *self._completion(job_id, result_json),
         ])
+
+    def training_log(self, run_id: str) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM training_log WHERE run_id = ? ORDER BY step, recorded_at", (run_id,))
+
+    def last_losses(self, owner: str) -> dict[str, tuple[int, float, int]]:
+        """Per run of the owner: (step, summed loss, tokens) of its newest step with a forward_backward."""
+        rows = self._query(
+            "SELECT l.run_id, l.step, SUM(l.loss) AS loss, SUM(l.num_tokens) AS tokens FROM training_log l"
+            " JOIN (SELECT t.run_id, MAX(t.step) AS step FROM training_log t JOIN runs r ON r.id = t.run_id"
+            "       WHERE r.owner = ? AND t.kind = 'forward_backward' GROUP BY t.run_id) newest"
+            " ON newest.run_id = l.run_id AND newest.step = l.step"
+            " WHERE l.kind = 'forward_backward' GROUP BY l.run_id, l.step",
+            (owner,),
+        )
+        return {r["run_id"]: (r["step"], r["loss"], r["tokens"]) for r in rows}
+
+    def last_activity(self, owner: str) -> dict[str, float]:
+        """Per run of the owner: when it last trained or saved (absent: never since its creation)."""
+        rows = self._query(
+            "SELECT run_id, MAX(t) AS t FROM ("
+            " SELECT l.run_id, l.recorded_at AS t FROM training_log l JOIN runs r ON r.id = l.run_id WHERE r.owner = ?"
+            " UNION ALL SELECT c.run_id, c.created_at FROM checkpoints c JOIN runs r ON r.id = c.run_id WHERE r.owner = ?"
+            ") GROUP BY run_id",
+            (owner, owner),
+        )
+        return {r["run_id"]: r["t"] for r in rows}
 
     @staticmethod
     def _completion(job_id: str, result_json: str) -> list[tuple[str, tuple]]:
@@ -281,6 +337,19 @@ class Store:
         rows = self._query("SELECT * FROM jobs WHERE run_id = ? AND kind = 'create_run' AND owner = ?"
                            " ORDER BY created_at DESC LIMIT 1", (run_id, owner))
         return rows[0] if rows else None
+
+    def unfinished_jobs(self, owner: str, run_id: str | None = None) -> list[sqlite3.Row]:
+        """The owner's pending and running jobs (of one run), oldest first."""
+        sql = "SELECT * FROM jobs WHERE owner = ? AND status IN (?, ?)"
+        args: tuple = (owner, JobStatus.pending.value, JobStatus.running.value)
+        if run_id is not None:
+            sql, args = sql + " AND run_id = ?", (*args, run_id)
+        return self._query(sql + " ORDER BY created_at", args)
+
+    def recent_jobs(self, owner: str, run_id: str, limit: int) -> list[sqlite3.Row]:
+        """A run's newest jobs, finished or not (finished ones are kept until they expire)."""
+        return self._query("SELECT * FROM jobs WHERE owner = ? AND run_id = ? ORDER BY created_at DESC LIMIT ?",
+                           (owner, run_id, limit))
 
     def job_by_key(self, owner: str, idempotency_key: str) -> sqlite3.Row | None:
         rows = self._query(
