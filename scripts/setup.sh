@@ -25,4 +25,11 @@ fi
 # Kimi models); the light dependencies its SL and RL loops import come after it.
 .venv/bin/pip install --quiet --no-deps "tinker-cookbook==0.6.1"
 .venv/bin/pip install --quiet chz termcolor blobfile datasets pillow
+# Chromium for the dashboard's browser test: Playwright drives the system's (Debian's `chromium`),
+# as its own browser download needs the open internet.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=$([ "$(id -u)" -eq 0 ] && echo "" || echo "sudo")
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q chromium >/dev/null || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+fi
 .venv/bin/python -c "import eztinker, torch; print('eztinker', eztinker.__version__, 'torch', torch.__version__)"

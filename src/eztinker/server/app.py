@@ -23,6 +23,7 @@ from .openai import router as openai
 from .rest import rest_router
 from .service import Service, ServiceError
 from .store import BUSY_TIMEOUT_SECONDS, is_busy
+from .ui import mount_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ def create_app(service: Service) -> FastAPI:
     def metrics(user: User) -> Response:
         body, content_type = service.runner.metrics.exposition()
         return Response(body, media_type=content_type)
+    mount_dashboard(app)
     if tinker is not None:
         app.include_router(tinker.router(service))
 

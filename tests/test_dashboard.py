@@ -1,0 +1,144 @@
+"""The web dashboard in a real browser: Debian's Chromium driven by Playwright against a real
+`eztinker server` process with API keys, its runs trained through the SDK.
+
+Screenshots go to the test's tmp dir; set EZTINKER_SCREENSHOTS=<dir> to keep them (docs/ has two).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+from support import EXAMPLE, FAST, slow_batch, train
+
+from eztinker import ServiceClient
+
+STEPS = 6
+
+
+def chromium_executable() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("no system Chromium: install Debian's `chromium` (scripts/setup.sh does)", pytrace=False)
+    return path
+
+
+@pytest.fixture()
+def browser():
+    with sync_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+        browser = playwright.chromium.launch(executable_path=chromium_executable(), args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def server(start_server, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"key-alice": "alice", "key-bob": "bob"}))
+    return start_server(tmp_path / "data", None, extra_args=["--api-keys-file", str(keys)])
+
+
+def screenshots_dir(tmp_path: Path) -> Path:
+    return Path(os.environ.get("EZTINKER_SCREENSHOTS") or tmp_path)
+
+
+def test_dashboard_lists_runs_plots_steps_downloads_checkpoints_and_samples(server, browser, tmp_path):
+    alice = ServiceClient(server.url, api_key="key-alice")
+    run = alice.create_training_run(lora_rank=4, seed=1)
+    train(run, STEPS)
+    run.save_state("after-6").result(timeout=60)
+    bob_run = ServiceClient(server.url, api_key="key-bob").create_training_run(lora_rank=2)
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server.url + "/")
+    # No data without a key: the sign-in form, not the runs.
+    expect(page.locator("#login-form")).to_be_visible()
+    page.fill("#login-key", "wrong")
+    page.click("#login-form button")
+    expect(page.locator("#login-error")).to_have_text("That key was refused.")
+    page.fill("#login-key", "key-alice")
+    page.click("#login-form button")
+
+    row = page.locator(f"tr[data-run='{run.run_id}']")
+    expect(row).to_be_visible()
+    expect(row).to_contain_text("4")  # rank
+    expect(row.locator("td").nth(3)).to_have_text(str(STEPS))
+    expect(row).to_contain_text("idle")
+    assert page.locator(f"tr[data-run='{bob_run.run_id}']").count() == 0  # another user's run is not shown
+
+    page.click(f"a[href='#/runs/{run.run_id}']")
+    expect(page.locator("tr[data-step]")).to_have_count(STEPS)
+    points = page.evaluate("window.eztinker.charts.loss_per_token.data")
+    recorded = run.metrics().points
+    assert points[0] == list(range(1, STEPS + 1)) == [p.step for p in recorded]
+    assert points[1] == pytest.approx([p.loss_per_token for p in recorded])
+    assert points[1][-1] < points[1][0]  # the curve shows the loss falling
+    grad = page.evaluate("window.eztinker.charts.grad_norm.data")
+    assert grad[1] == pytest.approx([p.grad_norm for p in recorded]) and all(g > 0 for g in grad[1])
+
+    page.screenshot(path=str(screenshots_dir(tmp_path) / "dashboard-run.png"), full_page=True)
+
+    # Jobs update live: a slow forward_backward shows as running (or queued), then completed.
+    future = run.forward_backward(slow_batch(3000))
+    job_row = page.locator(f"tr[data-job='{future.job_id}']")
+    expect(job_row).to_have_attribute("data-status", re.compile("pending|running"), timeout=10_000)
+    expect(page.locator(".facts")).to_contain_text("working")
+    future.result(timeout=60)
+    expect(job_row).to_have_attribute("data-status", "completed", timeout=10_000)
+    run.optim_step(FAST).result(timeout=60)
+    expect(page.locator(".facts dd").nth(2)).to_have_text(str(STEPS + 1), timeout=10_000)
+    expect(page.locator("tr[data-step]")).to_have_count(STEPS + 1)
+
+    with page.expect_download() as download_info:
+        page.click(f"[data-download='{run.run_id}/after-6']")
+    download = download_info.value
+    assert download.suggested_filename.endswith("after-6.tar")
+    with tarfile.open(fileobj=io.BytesIO(Path(download.path()).read_bytes())) as tar:
+        assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    page.click(f"tr[data-checkpoint='after-6'] a")  # into the playground, on that checkpoint
+    expect(page.locator("#playground-model")).to_have_value(f"{run.run_id}/after-6")
+    page.fill("#playground-message", "Say something.")
+    page.fill("#playground-max-tokens", "8")
+    page.click("#playground-send")
+    expect(page.locator("#playground-output")).to_have_attribute("data-done", "true", timeout=30_000)
+    reply = page.locator("#playground-output .turn.assistant").inner_text()
+    assert reply.startswith("Model: ") and len(reply) > len("Model: ")
+    expect(page.locator("#playground-usage")).to_contain_text("8 completion tokens")
+    page.screenshot(path=str(screenshots_dir(tmp_path) / "dashboard-playground.png"), full_page=True)
+
+
+def test_run_metrics_follow_steps_and_loads(start_server, tmp_path):
+    """The REST view the curves come from: one point per step, gradient accumulation summed, and
+    a load rewinding the curve to its checkpoint."""
+    client = ServiceClient(start_server(tmp_path / "data", None).url)
+    run = client.create_training_run(lora_rank=4)
+    first = run.forward_backward([EXAMPLE]).result(timeout=60)
+    second = run.forward_backward([EXAMPLE, EXAMPLE]).result(timeout=60)
+    partial = run.metrics().points
+    assert [p.step for p in partial] == [1] and partial[0].grad_norm is None  # the step is under way
+    assert partial[0].loss == pytest.approx(first.loss + second.loss)
+    assert partial[0].num_tokens == first.num_tokens + second.num_tokens
+    result = run.optim_step(FAST).result(timeout=60)
+    run.save_state("one").result(timeout=60)
+    train(run, 2)
+    points = run.metrics().points
+    assert [p.step for p in points] == [1, 2, 3]
+    assert points[0].grad_norm == pytest.approx(result.grad_norm)
+    assert points[0].loss_per_token == pytest.approx(points[0].loss / points[0].num_tokens)
+    info = run.info()
+    assert info.last_loss == pytest.approx(points[-1].loss_per_token) and info.status == "idle"
+    assert info.updated_at is not None
+
+    run.load_state("one").result(timeout=60)
+    assert [p.step for p in run.metrics().points] == [1]
+    train(run, 1)
+    assert [p.step for p in run.metrics().points] == [1, 2]
