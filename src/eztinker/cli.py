@@ -164,6 +164,8 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
         config = RecipeConfig(task=task, server_url=server.url, gsm8k_dir=gsm8k_dir, seed=seed, output_dir=output_dir, **options)
         _run_recipe(config)
     click.echo(f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}")
+    click.echo(f"to look at the run in the dashboard: eztinker server --model {model} --data-dir {output_dir / 'server'},"
+               " then open http://127.0.0.1:8000/")
 
 
 @app.command()
