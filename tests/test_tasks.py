@@ -30,7 +30,7 @@ def no_gsm8k_env(monkeypatch):
 
 
 def test_get_task_returns_modules():
-    assert set(TASK_NAMES) == {"gsm8k", "arithmetic"}
+    assert set(TASK_NAMES) == {"gsm8k", "arithmetic", "math", "aqua"}
     assert get_task("gsm8k") is gsm8k
     assert get_task("arithmetic") is arithmetic
     for name in TASK_NAMES:
