@@ -58,16 +58,19 @@ def plot_curves(results: dict[str, Any], path: Path, series: list[tuple[str, str
     epochs = results["epochs"]
     xs = [e["epoch"] for e in epochs]
     fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = False
     for key, label in series:
         points = [(x, e[key]) for x, e in zip(xs, epochs) if e.get(key) is not None]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
+            plotted = True
     ax.set_xlabel("epoch (0 = before training)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.set_xticks(xs)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if plotted:
+        ax.legend()
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
