@@ -22,7 +22,7 @@ ANSWER_MARKER = "\\boxed"
 ENV_VAR = "EZTINKER_MATH_DIR"
 SOURCE = DataSource(
     name="MATH", flag="--math-dir", env_var=ENV_VAR, hub_dataset="DigitalLearningGmbH/MATH-lighteval",
-    hub_config="default", required=("problem", "solution"),
+    hub_config=None, required=("problem", "solution"),
 )
 SYSTEM_PROMPT = (
     "Solve the competition math problem step by step. "
