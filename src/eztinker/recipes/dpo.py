@@ -26,7 +26,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +34,11 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import AdamParams, Datum, ServiceClient, TrainingClient, datum_from_messages
-from ..tasks import TASK_NAMES, Problem, aqua, competition_math, get_task, gsm8k
-from ..tasks.arithmetic import DIFFICULTIES
+from ..tasks import TASK_NAMES, Problem, get_task
 from ._cli import setting
+from ._settings import TaskRecipeSettings
 from ._results import config_dict, epoch_of, mean, plot_curves, previous_results, save_results
-from ._rollouts import Candidate, RewardFn, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
+from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -51,50 +51,28 @@ METRICS = ("loss", "margin", "correct", "chosen_reward", "rejected_reward")  # s
 
 
 @dataclass
-class Config:
-    """Every field but `reward_fn` is also an `eztinker dpo` flag, with this help and default."""
+class Config(TaskRecipeSettings):
+    """Every field but `reward_fn` is also an `eztinker dpo` flag, with this help and default
+    (the shared ones are described in `_settings.py`)."""
 
     task: str = setting("arithmetic", "Problem set: buffer pairs and held-out evaluation.", choices=TASK_NAMES)
-    pairs_file: Path | None = setting(
-        None, "JSONL of {prompt, chosen, rejected} (prompt: text or chat messages); else pairs from the run's samples."
-    )
-    server_url: str = setting("http://127.0.0.1:8000", "The EZTinker server.")
-    api_key: str | None = setting(None, "API key, if the server needs one.", envvar="EZTINKER_API_KEY")
-    gsm8k_dir: Path | None = setting(
-        None, f"Folder with GSM8K train.jsonl/test.jsonl (else ${gsm8k.ENV_VAR}, else the Hub).", envvar=gsm8k.ENV_VAR
-    )
-    math_dir: Path | None = setting(
-        None, f"Folder with MATH train.jsonl/test.jsonl (else ${competition_math.ENV_VAR}, else the Hub).",
-        envvar=competition_math.ENV_VAR,
-    )
-    aqua_dir: Path | None = setting(
-        None, f"Folder with AQuA-RAT train.jsonl/test.jsonl (else ${aqua.ENV_VAR}, else the Hub).", envvar=aqua.ENV_VAR
-    )
-    difficulty: str = setting("medium", "Arithmetic task only.", choices=DIFFICULTIES)
     max_samples: int = setting(64, "Training problems (buffer pairs).")
-    num_candidates: int = setting(4, "Candidates sampled per problem (buffer pairs).")
     epochs: int = setting(3, "Rounds of training (on fresh buffer pairs unless --pairs-file) and evaluation.")
-    beta: float = setting(0.1, "DPO beta: the strength of the pull toward the reference.")
     learning_rate: float = setting(1e-3, "Adam learning rate of the first epoch.")
-    lr_decay: float = setting(1.0, "Learning-rate multiplier applied after every epoch.")
-    temperature: float = setting(0.8, "For candidates; evaluation is greedy.")
     max_tokens: int = setting(64, "New tokens per candidate.")
     eval_size: int = setting(100, "Held-out test problems (greedy); 0 skips evaluation.")
     batch_size: int = setting(8, "Pairs per optimizer step (gradient accumulated over the batch).")
     micro_batch_size: int = setting(4, "Pairs per forward_backward_custom request.")
-    prompts_per_sample_call: int = setting(32, "Problems per batched `sample` request.")
-    lora_rank: int = setting(1, "LoRA rank of a new run (a resumed run keeps its checkpoint's).")
-    lora_alpha: float = setting(16.0, "LoRA alpha of a new run.")
-    seed: int = setting(0, "Seeds problem order, candidate sampling and the adapter's init.")
+    checkpoint: bool = setting(False, "Save dpo_epoch_<k> every epoch.")
+    resume_from: str | None = setting(None, "Continue after '<run_id>/dpo_epoch_<k>'.")
+    pairs_file: Path | None = setting(
+        None, "JSONL of {prompt, chosen, rejected} (prompt: text or chat messages); else pairs from the run's samples."
+    )
+    beta: float = setting(0.1, "DPO beta: the strength of the pull toward the reference.")
     reference_checkpoint: str | None = setting(None, "Frozen reference '<run_id>/<name>'; default: the base model.")
     time_budget_minutes: float | None = setting(
         None, "Start no epoch or optimizer step after this many minutes (the running epoch's evaluation still runs)."
     )
-    checkpoint: bool = setting(False, "Save dpo_epoch_<k> every epoch.")
-    resume_from: str | None = setting(None, "Continue after '<run_id>/dpo_epoch_<k>'.")
-    output_dir: Path = setting(Path("data"), "Folder for the buffer, results and plot.")
-    # default: the task's verifier (Math-Verify on the gold); a function has no flag
-    reward_fn: RewardFn | None = field(default=None, repr=False, metadata={"cli": False})
 
 
 @dataclass
