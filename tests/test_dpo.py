@@ -210,3 +210,11 @@ def test_bad_pairs_files_are_one_line_naming_line_and_field(tmp_path):
         read_pairs(bad)
     result = CliRunner().invoke(app, ["dpo", "--pairs-file", str(bad), "--output-dir", str(tmp_path / "o")])
     assert result.exit_code == 2 and "'prompt' must be text" in result.output and "Traceback" not in result.output
+
+
+def test_eval_every_skips_middle_epochs_but_scores_the_last(make_server, tmp_path):
+    pairs = _write_pairs(tmp_path / "pairs.jsonl", count=2)
+    with make_server() as server:
+        results = main(_config(server.url, tmp_path, pairs_file=pairs, epochs=3, eval_every=5))
+    assert ["test_accuracy" in e for e in results["epochs"]] == [True, False, False, True]
+    assert results["best_epoch"] in (0, 3)

@@ -70,8 +70,10 @@ class Config(TaskRecipeSettings):
     )
     beta: float = setting(0.1, "DPO beta: the strength of the pull toward the reference.")
     reference_checkpoint: str | None = setting(None, "Frozen reference '<run_id>/<name>'; default: the base model.")
+    eval_every: int = setting(1, "Evaluate every this many epochs (and always after the last one run).")
     time_budget_minutes: float | None = setting(
-        None, "Start no epoch or optimizer step after this many minutes (the running epoch's evaluation still runs)."
+        None, "Start no epoch that would end past this many minutes from the start, judged by the previous "
+        "epoch's duration (the final evaluation still runs)."
     )
 
 
@@ -173,9 +175,9 @@ class DPO:
         self.rollouts = Rollouts(config, self.task, config.reward_fn, self.rng, self.console)
         self.started = time.monotonic()
 
-    def out_of_time(self) -> bool:
+    def out_of_time(self, next_epoch_seconds: float) -> bool:
         budget = self.config.time_budget_minutes
-        return budget is not None and time.monotonic() - self.started >= budget * 60
+        return budget is not None and time.monotonic() - self.started + next_epoch_seconds > budget * 60
 
     # ------------------------------------------------------------------------ pairs
     def buffer_pairs(self, epoch: int, run: TrainingClient, problems: list[Problem]) -> tuple[list[Pair], list[list[Candidate]]]:
@@ -222,8 +224,6 @@ class DPO:
         with progress_bar(self.console) as progress:
             bar = progress.add_task("train", total=len(order), acc="")
             for start in range(0, len(order), c.batch_size):
-                if self.out_of_time():
-                    break
                 batch = order[start : start + c.batch_size]
                 results = []
                 for m in range(0, len(batch), c.micro_batch_size):
@@ -286,16 +286,18 @@ class DPO:
         results = previous_results(results_path, c.resume_from, CHECKPOINT_PREFIX) if c.resume_from else {"epochs": []}
         results.update(config=config_dict(c, drop=("reward_fn", "api_key")), model=model, run_id=run.run_id)
         if start_epoch == 1 and test:
-            t = time.monotonic()
-            test_metrics = self.rollouts.evaluate(run, test, "eval test (before training)")
-            results["epochs"] = [{"epoch": 0, **{f"test_{k}": v for k, v in test_metrics.items()},
-                                  "seconds": {"eval": time.monotonic() - t}}]
+            initial: dict[str, Any] = {"epoch": 0, "seconds": {}}
+            self._evaluate(run, test, initial, initial["seconds"])
+            results["epochs"] = [initial]
             save_results(results_path, results)
         fixed = None  # the pairs file's datums and reference logprobs, computed once
+        last_epoch_seconds = 0.0
         for epoch in range(start_epoch, c.epochs + 1):
-            if self.out_of_time():
-                results["stopped"] = f"time budget of {c.time_budget_minutes} min reached before epoch {epoch}"
+            if self.out_of_time(last_epoch_seconds):
+                results["stopped"] = (f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
+                                      f"(~{last_epoch_seconds:.0f} s) would end past it")
                 break
+            epoch_started = time.monotonic()
             times: dict[str, float] = {}
             entry: dict[str, Any] = {"epoch": epoch}
             t = time.monotonic()
@@ -319,11 +321,8 @@ class DPO:
             entry["learning_rate"] = lr
             entry.update(self.train(run, data, ref, lr) if pairs else {"optimizer_steps": 0, "trained_pairs": 0})
             times["train"] = time.monotonic() - t
-            if test:
-                t = time.monotonic()
-                test_metrics = self.rollouts.evaluate(run, test, f"epoch {epoch}: eval test")
-                entry.update({f"test_{k}": v for k, v in test_metrics.items()})
-                times["eval"] = time.monotonic() - t
+            if test and (epoch % c.eval_every == 0 or epoch == c.epochs):
+                self._evaluate(run, test, entry, times)
             entry["seconds"] = times
             if c.checkpoint:
                 entry["checkpoint"] = f"{run.run_id}/{CHECKPOINT_PREFIX}{epoch}"
@@ -331,6 +330,11 @@ class DPO:
             results["epochs"].append(entry)
             self._report(entry)
             save_results(results_path, results)
+            last_epoch_seconds = time.monotonic() - epoch_started
+        last = results["epochs"][-1] if results["epochs"] else None
+        if test and last is not None and last["epoch"] > 0 and "test_accuracy" not in last:
+            self._evaluate(run, test, last, last["seconds"])  # the run's final adapter is always scored
+            self._report(last)
         results["total_seconds"] = time.monotonic() - self.started
         scored = [e for e in results["epochs"] if "test_accuracy" in e]
         if scored:
@@ -344,6 +348,13 @@ class DPO:
                      ("test_lenient_accuracy", "test lenient"), ("reward_accuracy", "implicit-reward accuracy (train pairs)")],
                     f"DPO: {results['config']['task']} on {results['model']}")
         return results
+
+    def _evaluate(self, run: TrainingClient, test: list[Problem], entry: dict[str, Any], times: dict[str, float]) -> None:
+        t = time.monotonic()
+        label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
+        metrics = self.rollouts.evaluate(run, test, label)
+        entry.update({f"test_{k}": v for k, v in metrics.items()})
+        times["eval"] = time.monotonic() - t
 
     def _report(self, entry: dict[str, Any]) -> None:
         def fmt(key: str, spec: str) -> str:
