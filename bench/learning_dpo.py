@@ -37,7 +37,7 @@ from eztinker.recipes.dpo import Config, main
 # The demo's sampling schedule (64 problems x 4 candidates, 64 new tokens, 200 test problems),
 # with DPO's own knobs; epochs is a ceiling, the time budget decides how many run.
 SCHEDULE = dict(task="arithmetic", max_samples=64, num_candidates=4, temperature=0.8, max_tokens=64, eval_size=200,
-                epochs=20, eval_every=1000, learning_rate=1e-3, lr_decay=0.8, beta=0.1, batch_size=8,
+                epochs=20, eval_every=1000, learning_rate=1e-3, lr_decay=0.8, beta=0.1, batch_size=4,
                 micro_batch_size=4, checkpoint=True, seed=0)
 
 
