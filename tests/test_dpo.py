@@ -96,7 +96,7 @@ def test_forward_backward_custom_gradient_equals_autograd_in_process(make_server
             want_loss.backward()
         run.delete()
     assert isinstance(result, ez.CustomLossResult)
-    assert result.loss == pytest.approx(float(want_loss), rel=1e-5)
+    assert result.loss == pytest.approx(want_loss.item(), rel=1e-5)
     assert result.metrics["first_sum"] == pytest.approx(want_metrics["first_sum"], rel=1e-5)
     assert [len(r) for r in result.logprobs] == [len(d.model_input.tokens) for d in data]
     got, want = torch.cat([g.flatten() for g in server_grads]), torch.cat([p.grad.flatten() for p in params])
