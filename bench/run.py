@@ -406,17 +406,16 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
     (a correct one first, then the model's own mean logprob, as the recipe does; always one, so
     that the training work does not depend on the model's accuracy), train one step on them."""
     from eztinker import ServiceClient
-    from eztinker.recipes.rejection_sft import default_reward, trim_after_answer
     from eztinker.verify import evaluate_answer
 
     P, N, T = cfg["e2e_problems"], cfg["candidates"], cfg["new_tokens"]
     problems = work.problems[:P]
     messages = [work.task.messages_for(p) for p in problems]
-    marker = work.task.ANSWER_MARKER
+    task = work.task
     evaluate_answer("#### 1", "1")  # start the verifier's worker processes outside the timings
 
     def pick(candidates):  # candidates: (text, mean_logprob)
-        scored = [(default_reward(trim_after_answer(text, marker), problem), lp, text) for (text, lp), problem in candidates]
+        scored = [(task.is_correct(task.trim_reply(text), problem), lp, text) for (text, lp), problem in candidates]
         return max(range(len(scored)), key=lambda i: scored[i][:2])
 
     # ---- EZTinker: the server, the SDK, one batched sample, one forward_backward + optim_step
@@ -445,7 +444,7 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
                 for problem, m, seqs in zip(problems, messages, result.sequences):
                     cands = [((s.text, sum(s.logprobs) / max(len(s.logprobs), 1)), problem) for s in seqs]
                     text = seqs[pick(cands)].text
-                    chosen.append(datum_from_messages(tok, [*m, {"role": "assistant", "content": trim_after_answer(text, marker)}]))
+                    chosen.append(datum_from_messages(tok, [*m, {"role": "assistant", "content": task.trim_reply(text)}]))
                 _normalise(chosen)
                 fb = run.forward_backward(chosen)
                 step = run.optim_step(AdamParams(learning_rate=1e-4))
@@ -488,7 +487,7 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
             model.train(False)
             for j in train_subset:
                 text = texts.get(j * N, "")
-                datum = datum_from_messages(tok, [*messages[j], {"role": "assistant", "content": trim_after_answer(text, marker) or "0"}])
+                datum = datum_from_messages(tok, [*messages[j], {"role": "assistant", "content": task.trim_reply(text) or "0"}])
                 loss = naive_example_loss(model, datum, len(datum.model_input.tokens), naive_base.pad_token_id)
                 (loss / max(1, sum(1 for w in datum.loss_fn_inputs.weights if w))).backward()
             optimizer.step()

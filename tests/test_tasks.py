@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from eztinker.tasks import TASK_NAMES, Problem, arithmetic, get_task, gsm8k
+from eztinker.tasks import TASK_NAMES, Problem, aqua, arithmetic, competition_math, get_task, gsm8k
 
 
 def _write_gsm8k(tmp_path, rows_by_split):
@@ -30,7 +30,7 @@ def no_gsm8k_env(monkeypatch):
 
 
 def test_get_task_returns_modules():
-    assert set(TASK_NAMES) == {"gsm8k", "arithmetic"}
+    assert set(TASK_NAMES) == {"gsm8k", "arithmetic", "math", "aqua"}
     assert get_task("gsm8k") is gsm8k
     assert get_task("arithmetic") is arithmetic
     for name in TASK_NAMES:
@@ -309,3 +309,100 @@ def test_arith_messages():
     generated = {q.question for split in ("train", "test") for q in arithmetic.load_problems(split)}
     assert example_question not in generated
     assert p.solution.endswith(f"Answer: {p.gold}")
+
+
+# ---------------------------------------------------------------- MATH and AQuA-RAT fixtures
+def _write_jsonl(directory, split, rows):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+MATH_ROWS = [
+    {"problem": "Compute $\\frac{2}{4}$.", "solution": "We simplify: $\\boxed{\\frac{1}{2}}$.", "level": "Level 1"},
+    {"problem": "What is $\\sqrt{16}$?", "solution": "It is $\\boxed{4}$."},
+    {"problem": "Solve for $x$.", "solution": "...", "answer": "\\{1, 2\\}"},  # MATH-500 style: an answer field
+]
+
+
+def test_math_loads_local_jsonl_and_takes_the_last_boxed_answer(tmp_path):
+    folder = _write_jsonl(tmp_path, "test", MATH_ROWS)
+    problems = competition_math.load_problems("test", data_dir=folder)
+    assert [p.gold for p in problems] == ["\\frac{1}{2}", "4", "\\{1, 2\\}"]
+    assert problems[0].id == "math-test-0" and problems[0].question == MATH_ROWS[0]["problem"]
+    assert competition_math.load_problems("test", limit=2, seed=1, data_dir=folder) == \
+        competition_math.load_problems("test", limit=2, seed=1, data_dir=folder)
+    messages = get_task("math").messages_for(problems[0])
+    assert [m["role"] for m in messages] == ["system", "user"] and "\\boxed{}" in messages[0]["content"]
+
+
+def test_math_grades_latex_by_equivalence_and_format(tmp_path):
+    half = competition_math.load_problems("test", data_dir=_write_jsonl(tmp_path, "test", MATH_ROWS))[0]
+    assert competition_math.is_correct("So the answer is $\\boxed{0.5}$.", half)  # Math-Verify: 1/2 = 0.5
+    assert competition_math.is_correct("$\\boxed{\\dfrac{1}{2}}$", half)
+    assert not competition_math.is_correct("$\\boxed{\\frac{1}{3}}$", half)
+    assert competition_math.strict_correct("Thus \\boxed{\\frac12}", half)
+    assert not competition_math.strict_correct("The answer is 0.5", half)  # right, but not boxed
+    assert competition_math.lenient_correct("The answer is 0.5", half)
+    assert competition_math.trim_reply("x = \\boxed{\\frac{1}{2}}.\nAlso, more words") == "x = \\boxed{\\frac{1}{2}}."
+
+
+def test_math_without_a_source_says_how_to_fix_it(monkeypatch, tmp_path):
+    monkeypatch.delenv(competition_math.ENV_VAR, raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(gsm8k.DatasetUnavailableError) as exc:
+        competition_math.load_problems("train")
+    assert "--math-dir" in str(exc.value) and competition_math.ENV_VAR in str(exc.value)
+    assert "DigitalLearningGmbH/MATH-lighteval" in str(exc.value)
+    _write_jsonl(tmp_path, "train", [{"problem": "p", "solution": "no box"}])
+    with pytest.raises(ValueError, match="no \\\\boxed"):
+        competition_math.load_problems("train", data_dir=tmp_path)
+
+
+AQUA_ROWS = [
+    {"question": "A train runs 60 km in 1.5 h. Its speed in km/h?", "options": ["A)30", "B)40", "C)45", "D)50", "E)90"],
+     "rationale": "60 / 1.5 = 40", "correct": "B"},
+    {"question": "2 + 2 = ?", "options": ["A) 3", "B) 4", "C) 5", "D) 6", "E) 7"], "rationale": "Easy.", "correct": "b"},
+]
+
+
+def test_aqua_loads_local_jsonl_with_the_options_in_the_question(tmp_path):
+    folder = _write_jsonl(tmp_path, "validation", AQUA_ROWS)
+    problems = aqua.load_problems("validation", data_dir=folder)
+    assert [p.gold for p in problems] == ["B", "B"]
+    assert problems[0].question.endswith("Options:\nA) 30\nB) 40\nC) 45\nD) 50\nE) 90")
+    assert problems[0].solution == "60 / 1.5 = 40\nAnswer: B"
+    assert get_task("aqua") is aqua and "Answer: <letter>" in aqua.messages_for(problems[0])[0]["content"]
+    _write_jsonl(tmp_path, "test", [{**AQUA_ROWS[0], "correct": "F"}])
+    with pytest.raises(ValueError, match="'correct' must be one of A-E"):
+        aqua.load_problems("test", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="expected an object with"):
+        _write_jsonl(tmp_path, "train", [{"question": "q"}])
+        aqua.load_problems("train", data_dir=tmp_path)
+
+
+def test_aqua_grades_the_option_letter(tmp_path):
+    problem = aqua.load_problems("validation", data_dir=_write_jsonl(tmp_path, "validation", AQUA_ROWS))[0]
+    assert aqua.is_correct("60/1.5 = 40, so the answer is (B).", problem)
+    assert aqua.strict_correct("60/1.5 = 40\nAnswer: B", problem)
+    assert not aqua.strict_correct("The answer is B", problem)  # right, not in the asked format
+    assert aqua.lenient_correct("I think B", problem) and not aqua.is_correct("I think B", problem)
+    assert not aqua.is_correct("Answer: C", problem)
+    assert aqua.trim_reply("40 km/h\nAnswer: B\nBut maybe C") == "40 km/h\nAnswer: B"
+
+
+@pytest.mark.parametrize("recipe", ["rejection_sft", "dpo"])
+def test_the_recipes_load_math_and_aqua_from_their_folders(tmp_path, recipe):
+    import importlib
+
+    from eztinker.recipes._rollouts import load_problems
+
+    config_cls = importlib.import_module(f"eztinker.recipes.{recipe}").Config
+    math_dir, aqua_dir = tmp_path / "math", tmp_path / "aqua"
+    for split in ("train", "test"):
+        _write_jsonl(math_dir, split, MATH_ROWS)
+        _write_jsonl(aqua_dir, split, AQUA_ROWS)
+    train, test = load_problems(config_cls(task="math", math_dir=math_dir, max_samples=2, eval_size=1), get_task("math"))
+    assert (len(train), len(test)) == (2, 1) and train[0].id.startswith("math-train-")
+    train, test = load_problems(config_cls(task="aqua", aqua_dir=aqua_dir, max_samples=5, eval_size=2), get_task("aqua"))
+    assert (len(train), len(test)) == (2, 2) and {p.gold for p in test} == {"B"}

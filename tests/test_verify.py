@@ -12,8 +12,12 @@ from eztinker.verify import (
     evaluate_answer,
     extract_final_answer,
     gsm8k_gold,
+    last_boxed,
     last_number,
+    last_option_letter,
+    option_letter,
     strict_answer,
+    strict_option,
 )
 
 REASONING = (
@@ -200,3 +204,35 @@ def test_strict_answer():
     assert strict_answer("The answer is 42") is None
     assert strict_answer("Answer: unknown, maybe 42") is None
     assert strict_answer("Final: 7", marker="Final:") == "7"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("so \\boxed{\\frac{\\sqrt{3}}{2}} is it", "\\frac{\\sqrt{3}}{2}"),  # nested braces
+        ("\\boxed {7}", "7"),
+        ("\\boxed{unclosed", None),
+        ("no box", None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "choice", "strict", "lenient"),
+    [
+        ("The answer is (C).", "C", None, "C"),
+        ("Answer: **B**", "B", "B", "B"),
+        ("so \\boxed{D}", "D", None, "D"),
+        ("(A) is wrong, (E) fits", "E", None, "E"),
+        ("Answer: option C", "C", None, "C"),
+        ("The answer is: \\text{B}", "B", None, "B"),
+        ("A shelf holds 7, so C", None, None, "C"),  # only the lenient reading takes a bare letter
+        ("Answer: Apples", None, None, None),
+    ],
+)
+def test_option_letters(text, choice, strict, lenient):
+    assert option_letter(text) == choice
+    assert strict_option(text) == strict
+    assert last_option_letter(text) == lenient

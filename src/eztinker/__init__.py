@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from .chat import datum_from_messages, datum_from_tokens
 from .client._client import APIFuture, ServiceClient, TrainingClient
+from .client._custom_loss import CustomLossResult
 from .client._errors import APIStatusError, ConnectionFailedError, EZTinkerError, JobFailedError
 from .types import (
     AdamParams,
@@ -33,6 +34,7 @@ __all__ = [
     "ServiceClient",
     "TrainingClient",
     "APIFuture",
+    "CustomLossResult",
     # errors
     "EZTinkerError",
     "ConnectionFailedError",

@@ -1,4 +1,4 @@
-"""The `eztinker` command line: `server`, `rsft`, `demo`, `export`, `doctor`."""
+"""The `eztinker` command line: `server`, `rsft`, `dpo`, `demo`, `export`, `doctor`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import click
 from pydantic import SecretStr, ValidationError
 
 from .recipes._cli import click_options
+from .recipes.dpo import Config as DPOConfig
 from .recipes.rejection_sft import Config as RecipeConfig
 from .server.settings import ServerSettings
 
@@ -102,13 +103,14 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _run_recipe(config: RecipeConfig) -> dict:
+def _run_recipe(config: RecipeConfig, main: typing.Callable[[typing.Any], dict] | None = None) -> dict:
+    """Run a recipe's `main` (default: rejection SFT's), its expected failures as one line."""
     from .client._errors import ConnectionFailedError, EZTinkerError
-    from .recipes.rejection_sft import main
+    from .recipes import rejection_sft
     from .tasks.gsm8k import DatasetUnavailableError
 
     try:
-        return main(config)
+        return (main or rejection_sft.main)(config)
     except ConnectionFailedError:
         _fail(f"no EZTinker server at {config.server_url}. Start one with: eztinker server --model smollm2-135m")
     except (DatasetUnavailableError, EZTinkerError, ValueError) as exc:
@@ -121,6 +123,17 @@ def rsft(**options) -> None:
     """Rejection-sampling SFT against a running server (GSM8K by default)."""
     _quiet_libraries()
     _run_recipe(RecipeConfig(**options))
+
+
+# ----------------------------------------------------------------------------------- dpo
+@app.command()
+@click_options(DPOConfig)
+def dpo(**options) -> None:
+    """DPO against a running server: pairs from --pairs-file, or from the run's own samples."""
+    from .recipes.dpo import main
+
+    _quiet_libraries()
+    _run_recipe(DPOConfig(**options), main)
 
 
 # The demo's schedule for the embedded model on arithmetic word problems (see README for the

@@ -27,12 +27,17 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
+    "boxed_span",
     "evaluate_answer",
     "extract_final_answer",
     "gsm8k_gold",
+    "last_boxed",
     "last_number",
+    "last_option_letter",
+    "option_letter",
     "shutdown_verifier_pool",
     "strict_answer",
+    "strict_option",
 ]
 
 # A number as written in prose: optional minus, optional thousands separators, optional
@@ -82,8 +87,9 @@ def gsm8k_gold(answer_field: str) -> str:
     return _clean(match.group(0)) if match else tail
 
 
-def _last_boxed(text: str) -> str | None:
-    """Contents of the last `\\boxed{...}`, honouring nested braces; None if absent/unclosed."""
+def boxed_span(text: str) -> tuple[str, int] | None:
+    """The contents of the last `\\boxed{...}` (nested braces honoured) and the index just past
+    its closing brace; None if there is none or it never closed (a truncated generation)."""
     start = text.rfind("\\boxed")
     if start < 0:
         return None
@@ -96,8 +102,15 @@ def _last_boxed(text: str) -> str | None:
     for j in range(i, len(text)):
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         if depth == 0:
-            return text[i + 1 : j].strip() or None
-    return None  # truncated generation: the box never closed
+            content = text[i + 1 : j].strip()
+            return (content, j + 1) if content else None
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Contents of the last `\\boxed{...}`, honouring nested braces; None if absent/unclosed."""
+    span = boxed_span(text)
+    return span[0] if span else None
 
 
 def _number_after(text: str, pos: int) -> str | None:
@@ -109,7 +122,7 @@ def extract_final_answer(text: str) -> str | None:
     """The response's final answer, by priority: last `\\boxed{}`, number after the last
     `####`, number after the last `Answer:`/`answer is`, else the last number. Taking the
     *last* marker is what rejects answers that only appear mid-reasoning."""
-    boxed = _last_boxed(text)
+    boxed = last_boxed(text)
     if boxed is not None:
         return boxed
     hashes = text.rfind("####")
@@ -120,6 +133,39 @@ def extract_final_answer(text: str) -> str | None:
         return number
     numbers = _NUM_RE.findall(text)
     return _clean(numbers[-1]) if numbers else None
+
+
+# A multiple-choice answer: "(C)", "C)", "C." or a bare "C", possibly in bold or \text{}.
+_LETTER = r"[\s*:]*(?:\\text\{)?\(?([A-E])(?![A-Za-z])"
+
+
+def option_letter(text: str) -> str | None:
+    """The chosen option (A-E) of a multiple-choice reply, by priority: the last `\\boxed{}`
+    holding one, the letter after the last `Answer:`/`answer is`, else the last parenthesised
+    "(C)" or "C)"."""
+    boxed = last_boxed(text)
+    if boxed is not None and (match := re.fullmatch(r"\(?(?:\\text\{)?([A-E])\}?\)?", boxed)):
+        return match.group(1)
+    for marker in reversed(list(_ANSWER_MARKER_RE.finditer(text))):
+        if match := re.compile(rf"(?:\s*option)?{_LETTER}").match(text, marker.end()):
+            return match.group(1)
+    letters = re.findall(r"(?<![A-Za-z])\(?([A-E])\)", text)
+    return letters[-1] if letters else None
+
+
+def strict_option(text: str, marker: str = "Answer:") -> str | None:
+    """The letter (A-E) directly after the LAST `marker` (the strict format check), or None."""
+    start = text.rfind(marker)
+    if start < 0:
+        return None
+    match = re.compile(_LETTER).match(text, start + len(marker))
+    return match.group(1) if match else None
+
+
+def last_option_letter(text: str) -> str | None:
+    """The last standalone capital A-E anywhere in `text` (the lenient check), or None."""
+    letters = re.findall(r"(?<![A-Za-z])([A-E])(?![A-Za-z])", text)
+    return letters[-1] if letters else None
 
 
 def _plain_number(answer: str) -> str | None:

@@ -44,6 +44,7 @@ from ..types import (
     ScoreResult,
 )
 from .._net import is_loopback_url
+from ._custom_loss import CustomLossFn, CustomLossResult, linearise
 from ._errors import APIStatusError, ConnectionFailedError, JobFailedError
 
 T = TypeVar("T")
@@ -270,6 +271,32 @@ class TrainingClient:
     def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy") -> APIFuture[ForwardBackwardResult]:
         request = ForwardBackwardRequest(data=list(data), loss_fn=loss_fn)
         return self.service._submit(self._path("forward_backward"), request, ForwardBackwardResult.model_validate)
+
+    def forward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy") -> APIFuture[ForwardBackwardResult]:
+        """The loss and every target token's logprob under the run's adapter; no gradient."""
+        request = ForwardBackwardRequest(data=list(data), loss_fn=loss_fn)
+        return self.service._submit(self._path("forward"), request, ForwardBackwardResult.model_validate)
+
+    def forward_backward_custom(self, data: Sequence[Datum], loss_fn: CustomLossFn) -> APIFuture[CustomLossResult]:
+        """Accumulate the gradient of `loss_fn(data, logprobs) -> (loss, metrics)`, any torch-
+        differentiable function of the per-token logprobs (one 1-D tensor per datum), as the
+        Tinker SDK's call does: a `forward`, the loss and its gradient here, then a
+        `forward_backward` whose cross_entropy weights are minus that gradient.
+
+        Waits for the forward (its logprobs are the loss's input) and returns once the
+        forward_backward is submitted, so calls submitted after it (an `optim_step`) queue behind it.
+        """
+        data = list(data)
+        forward = self.forward(data).result()
+        loss, metrics, weighted = linearise(data, forward.logprobs, loss_fn)
+        logprobs = [[float(v) for v in row] for row in forward.logprobs]
+
+        def parse(raw: Any) -> CustomLossResult:
+            result = ForwardBackwardResult.model_validate(raw)
+            return CustomLossResult(loss=loss, metrics=metrics, logprobs=logprobs, num_tokens=result.num_tokens)
+
+        request = ForwardBackwardRequest(data=weighted, loss_fn="cross_entropy")
+        return self.service._submit(self._path("forward_backward"), request, parse)
 
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResult]:
         request = OptimStepRequest(adam_params=adam_params or AdamParams())

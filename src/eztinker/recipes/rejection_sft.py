@@ -11,92 +11,37 @@ timings, checkpoints) and `rejection_sft_accuracy.png`.
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .. import AdamParams, SamplingParams, ServiceClient, TrainingClient, datum_from_messages
-from ..tasks import TASK_NAMES, Problem, get_task, gsm8k
-from ..tasks.arithmetic import DIFFICULTIES
-from ..verify import evaluate_answer, last_number, strict_answer
+from .. import AdamParams, ServiceClient, TrainingClient, datum_from_messages
+from ..tasks import Problem, get_task
+from ..tasks._grading import trim_after_answer as trim_after_answer  # part of this recipe's interface
 from ._cli import setting
+from ._settings import TaskRecipeSettings
+from ._results import config_dict, epoch_of, mean, plot_curves, previous_results, save_results
+from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
 
 BUFFER_FILE = "rejection_buffer.jsonl"
 RESULTS_FILE = "rejection_sft_results.json"
 PLOT_FILE = "rejection_sft_accuracy.png"
 CHECKPOINT_PREFIX = "rejection_sft_epoch_"
 
-# reward_fn(response_text, problem) -> True when the response is correct.
-RewardFn = Callable[[str, Problem], bool]
-
 
 @dataclass
-class Config:
-    """Every field but `reward_fn` is also an `eztinker rsft` flag, with this help and default."""
+class Config(TaskRecipeSettings):
+    """Every field but `reward_fn` is also an `eztinker rsft` flag, with this help and default
+    (the shared ones are described in `_settings.py`)."""
 
-    task: str = setting("gsm8k", "Problem set.", choices=TASK_NAMES)
-    server_url: str = setting("http://127.0.0.1:8000", "The EZTinker server.")
-    api_key: str | None = setting(None, "API key, if the server needs one.", envvar="EZTINKER_API_KEY")
-    gsm8k_dir: Path | None = setting(
-        None, f"Folder with GSM8K train.jsonl/test.jsonl (else ${gsm8k.ENV_VAR}, else the Hub).", envvar=gsm8k.ENV_VAR
-    )
-    difficulty: str = setting("medium", "Arithmetic task only.", choices=DIFFICULTIES)
-    max_samples: int = setting(100, "Training problems.")
-    num_candidates: int = setting(4, "Candidates sampled per problem.")
-    epochs: int = setting(3, "Rounds of sample, select, train.")
-    learning_rate: float = setting(2e-4, "Adam learning rate of the first epoch.")
-    lr_decay: float = setting(1.0, "Learning-rate multiplier applied after every epoch.")
-    temperature: float = setting(0.8, "For candidates; evaluation is greedy.")
-    max_tokens: int = setting(256, "New tokens per candidate.")
-    eval_size: int = setting(100, "Held-out test problems (greedy).")
-    batch_size: int = setting(8, "Examples per optimizer step (gradient accumulated over the batch).")
-    micro_batch_size: int = setting(4, "Examples per forward_backward request.")
-    prompts_per_sample_call: int = setting(32, "Problems per batched `sample` request.")
-    lora_rank: int = setting(1, "LoRA rank of a new run (a resumed run keeps its checkpoint's).")
-    lora_alpha: float = setting(16.0, "LoRA alpha of a new run.")
-    seed: int = setting(0, "Seeds problem order, candidate sampling and the adapter's init.")
     checkpoint: bool = setting(False, "Save rejection_sft_epoch_<k> every epoch.")
     resume_from: str | None = setting(None, "Continue after '<run_id>/rejection_sft_epoch_<k>'.")
-    output_dir: Path = setting(Path("data"), "Folder for the buffer, results and plot.")
-    # default: Math-Verify on the gold; a function has no flag
-    reward_fn: RewardFn | None = field(default=None, repr=False, metadata={"cli": False})
-
-
-@dataclass
-class Candidate:
-    text: str
-    correct: bool
-    strict: bool  # the answer is in the required format (e.g. `Answer: 42`) and right
-    mean_logprob: float
-
-
-# --------------------------------------------------------------------------------- checking
-def default_reward(text: str, problem: Problem) -> bool:
-    return bool(evaluate_answer(text, problem.gold)["is_correct"])
-
-
-def _matches(value: str | float | None, gold: str) -> bool:
-    try:
-        return value is not None and math.isclose(float(value), float(gold), rel_tol=1e-6, abs_tol=1e-9)
-    except ValueError:
-        return False
-
-
-def trim_after_answer(text: str, marker: str) -> str:
-    """Cut a reply after its answer line: what follows is rambling we should not train on."""
-    match = re.search(re.escape(marker) + r"\s*\$?-?[\d,]*\.?\d+[^\n]*", text)
-    return text[: match.end()].rstrip() if match else text
 
 
 # ------------------------------------------------------------------------------------ recipe
@@ -105,94 +50,26 @@ class RejectionSFT:
         self.config = config
         self.console = console or Console()
         self.task = get_task(config.task)
-        self.reward_fn = config.reward_fn or default_reward
         self.output_dir = Path(config.output_dir)
         self.rng = random.Random(config.seed)
+        self.rollouts = Rollouts(config, self.task, config.reward_fn, self.rng, self.console)
 
     # ------------------------------------------------------------------------ data
     def load_problems(self) -> tuple[list[Problem], list[Problem]]:
-        c = self.config
-        extra = {"data_dir": c.gsm8k_dir} if c.task == "gsm8k" else {"difficulty": c.difficulty}
-        train = self.task.load_problems("train", limit=c.max_samples, seed=c.seed, **extra)
-        test = self.task.load_problems("test", limit=c.eval_size, seed=c.seed, **extra)
-        return train, test
-
-    # -------------------------------------------------------------------- sampling
-    def sample(self, run: TrainingClient, problems: list[Problem], n: int, greedy: bool, label: str) -> list[list[Candidate]]:
-        """All candidates for `problems`; requests go out together and are verified as they land."""
-        c = self.config
-        params = SamplingParams(
-            max_tokens=c.max_tokens,
-            temperature=0.0 if greedy else c.temperature,
-            seed=None if greedy else self.rng.randrange(2**31),
-        )
-        chunks = [problems[i : i + c.prompts_per_sample_call] for i in range(0, len(problems), c.prompts_per_sample_call)]
-        futures = [run.sample([self.task.messages_for(p) for p in chunk], num_samples=n, sampling_params=params) for chunk in chunks]
-        results: list[list[Candidate]] = []
-        correct = total = 0
-        with self._progress() as progress, ThreadPoolExecutor(8) as verifier:
-            bar = progress.add_task(label, total=len(problems), acc="")
-            for chunk, future in zip(chunks, futures):
-                sequences = future.result().sequences
-                jobs = [
-                    [verifier.submit(self._candidate, seq, problem) for seq in per_prompt]
-                    for problem, per_prompt in zip(chunk, sequences)
-                ]
-                for per_prompt in jobs:
-                    candidates = [j.result() for j in per_prompt]
-                    results.append(candidates)
-                    correct += sum(x.correct for x in candidates)
-                    total += len(candidates)
-                progress.update(bar, advance=len(chunk), acc=f"acc {correct / max(total, 1):.1%}")
-        return results
-
-    def _candidate(self, sequence, problem: Problem) -> Candidate:
-        marker = self.task.ANSWER_MARKER
-        text = trim_after_answer(sequence.text, marker)
-        n = max(len(sequence.logprobs), 1)
-        return Candidate(
-            text=text,
-            correct=self.reward_fn(text, problem),
-            strict=_matches(strict_answer(text, marker), problem.gold),
-            mean_logprob=sum(sequence.logprobs) / n,
-        )
-
-    def evaluate(self, run: TrainingClient, problems: list[Problem], label: str) -> dict[str, float]:
-        """Greedy accuracy: by the verifier, in the required format (strict), by last number (lenient)."""
-        candidates = [c[0] for c in self.sample(run, problems, 1, greedy=True, label=label)]
-        n = max(len(problems), 1)
-        return {
-            "accuracy": sum(c.correct for c in candidates) / n,
-            "strict_accuracy": sum(c.strict for c in candidates) / n,
-            "lenient_accuracy": sum(_matches(last_number(c.text), p.gold) for c, p in zip(candidates, problems)) / n,
-        }
+        return load_problems(self.config, self.task)
 
     # -------------------------------------------------------------------- selection
-    @staticmethod
-    def select(candidates: list[Candidate]) -> int | None:
-        """Index of the best correct candidate: correct and well-formatted first, then the model's own score."""
-        correct = [i for i, c in enumerate(candidates) if c.correct]
-        if not correct:
-            return None
-        return max(correct, key=lambda i: (candidates[i].strict, candidates[i].mean_logprob))
+    select = staticmethod(best_correct)
 
     def record_buffer(self, epoch: int, problems: list[Problem], candidates: list[list[Candidate]]) -> list[tuple[Problem, str]]:
         chosen: list[tuple[Problem, str]] = []
-        with open(self.output_dir / BUFFER_FILE, "a") as f:
-            for problem, cands in zip(problems, candidates):
-                best = self.select(cands)
-                if best is not None:
-                    chosen.append((problem, cands[best].text))
-                f.write(json.dumps({
-                    "epoch": epoch,
-                    "id": problem.id,
-                    "question": problem.question,
-                    "gold": problem.gold,
-                    "candidates": [c.text for c in cands],
-                    "correct": [c.correct for c in cands],
-                    "mean_logprobs": [round(c.mean_logprob, 4) for c in cands],
-                    "chosen": best,
-                }) + "\n")
+        entries = []
+        for problem, cands in zip(problems, candidates):
+            best = self.select(cands)
+            if best is not None:
+                chosen.append((problem, cands[best].text))
+            entries.append(buffer_entry(epoch, problem, cands, chosen=best))
+        append_jsonl(self.output_dir / BUFFER_FILE, entries)
         return chosen
 
     # --------------------------------------------------------------------- training
@@ -210,7 +87,7 @@ class RejectionSFT:
             fbs = [run.forward_backward(batch[i : i + c.micro_batch_size]) for i in range(0, len(batch), c.micro_batch_size)]
             futures.append((fbs, run.optim_step(AdamParams(learning_rate=learning_rate))))
         losses = []
-        with self._progress() as progress:
+        with progress_bar(self.console) as progress:
             bar = progress.add_task("train", total=len(futures), acc="")
             for fbs, step in futures:
                 losses.append(sum(f.result().loss for f in fbs))
@@ -227,7 +104,7 @@ class RejectionSFT:
         train, test = self.load_problems()
         start_epoch = 1
         if c.resume_from:
-            start_epoch = _epoch_of(c.resume_from) + 1
+            start_epoch = epoch_of(c.resume_from, CHECKPOINT_PREFIX) + 1
             run = service.create_training_run(from_checkpoint=c.resume_from, seed=c.seed)
         else:
             run = service.create_training_run(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, seed=c.seed)
@@ -237,22 +114,22 @@ class RejectionSFT:
             f"[bold]rejection SFT[/] on {c.task}: model {health.model}, run {run.run_id}, "
             f"{len(train)} train / {len(test)} test problems, {c.num_candidates} candidates, epochs {start_epoch}..{c.epochs}"
         )
-        results = self._previous_results() if c.resume_from else {"epochs": []}
-        results.update(config=_config_dict(c), model=health.model, run_id=run.run_id)
+        results = previous_results(self.output_dir / RESULTS_FILE, c.resume_from, CHECKPOINT_PREFIX) if c.resume_from else {"epochs": []}
+        results.update(config=config_dict(c, drop=("reward_fn", "api_key")), model=health.model, run_id=run.run_id)
         started = time.monotonic()
 
         if start_epoch == 1:
             t = time.monotonic()
-            test_metrics = self.evaluate(run, test, "eval test (before training)")
+            test_metrics = self.rollouts.evaluate(run, test, "eval test (before training)")
             results["epochs"] = [{"epoch": 0, **{f"test_{k}": v for k, v in test_metrics.items()}, "seconds": {"eval": time.monotonic() - t}}]
-            self._save(results)
+            save_results(self.output_dir / RESULTS_FILE, results)
         candidates = None
         for epoch in range(start_epoch, c.epochs + 1):
             times: dict[str, float] = {}
             t = time.monotonic()
             # Epoch 1 trains on the buffer filled by the initial model (phase 2); later epochs
             # regenerate candidates with the updated adapter.
-            candidates = self.sample(run, train, c.num_candidates, greedy=False, label=f"epoch {epoch}: sample")
+            candidates = self.rollouts.sample(run, train, c.num_candidates, greedy=False, label=f"epoch {epoch}: sample")
             times["sample"] = time.monotonic() - t
             chosen = self.record_buffer(epoch, train, candidates)
             t = time.monotonic()
@@ -260,14 +137,14 @@ class RejectionSFT:
             loss = self.train(run, chosen, lr, tokenizer) if chosen else None  # no correct candidate: nothing trained
             times["train"] = time.monotonic() - t
             t = time.monotonic()
-            test_metrics = self.evaluate(run, test, f"epoch {epoch}: eval test")
+            test_metrics = self.rollouts.evaluate(run, test, f"epoch {epoch}: eval test")
             times["eval"] = time.monotonic() - t
             entry = {
                 "epoch": epoch,
                 "learning_rate": lr,
-                "train_accuracy": _mean(x.correct for cands in candidates for x in cands),
-                "rejection_quality": _mean(sum(x.correct for x in cands) for cands in candidates),
-                "coverage": _mean(any(x.correct for x in cands) for cands in candidates),
+                "train_accuracy": mean(x.correct for cands in candidates for x in cands),
+                "rejection_quality": mean(sum(x.correct for x in cands) for cands in candidates),
+                "coverage": mean(any(x.correct for x in cands) for cands in candidates),
                 "trained_examples": len(chosen),
                 "train_loss": loss,
                 **{f"test_{k}": v for k, v in test_metrics.items()},
@@ -281,31 +158,15 @@ class RejectionSFT:
                 f"epoch {epoch}: test acc {entry['test_accuracy']:.1%} (strict {entry['test_strict_accuracy']:.1%}), "
                 f"train acc {entry['train_accuracy']:.1%}, {len(chosen)} trained, loss {'-' if loss is None else f'{loss:.3f}'}"
             )
-            self._save(results)
+            save_results(self.output_dir / RESULTS_FILE, results)
         results["total_seconds"] = time.monotonic() - started
         best = max(results["epochs"], key=lambda e: e["test_accuracy"])
         results["best_epoch"] = best["epoch"]
         results["best_checkpoint"] = best.get("checkpoint")  # None: the untrained model was best
-        self._save(results)
+        save_results(self.output_dir / RESULTS_FILE, results)
         self.print_table(results)
         plot_accuracy(results, self.output_dir / PLOT_FILE)
         return results
-
-    def _previous_results(self) -> dict[str, Any]:
-        path = self.output_dir / RESULTS_FILE
-        if not path.exists():
-            return {"epochs": []}
-        previous = json.loads(path.read_text())
-        keep = _epoch_of(self.config.resume_from)
-        previous["epochs"] = [e for e in previous.get("epochs", []) if e["epoch"] <= keep]
-        previous["resumed_from"] = self.config.resume_from
-        return previous
-
-    def _save(self, results: dict[str, Any]) -> None:
-        path = self.output_dir / RESULTS_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(path)
 
     def print_table(self, results: dict[str, Any]) -> None:
         epochs = results["epochs"]
@@ -330,60 +191,10 @@ class RejectionSFT:
         kept = f", checkpoint {checkpoint} (load it with `from_checkpoint`)" if checkpoint else ""
         self.console.print(f"best test accuracy at {where}{kept}; outputs in {self.output_dir}/")
 
-    def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
-            TimeElapsedColumn(), console=self.console, transient=True,
-        )
-
-
-def _epoch_of(checkpoint_ref: str) -> int:
-    name = checkpoint_ref.rsplit("/", 1)[-1]
-    if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX):].isdigit():
-        raise ValueError(f"resume_from must name a '{CHECKPOINT_PREFIX}<k>' checkpoint, got {checkpoint_ref!r}")
-    return int(name[len(CHECKPOINT_PREFIX):])
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else 0.0
-
-
-def _config_dict(config: Config) -> dict[str, Any]:
-    data = asdict(config)
-    data.pop("reward_fn")
-    data.pop("api_key")
-    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
-
-
 def plot_accuracy(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = results["epochs"]
-    xs = [e["epoch"] for e in epochs]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in [
-        ("test_accuracy", "test (verifier)"),
-        ("test_strict_accuracy", "test strict format"),
-        ("test_lenient_accuracy", "test lenient"),
-        ("train_accuracy", "train candidates"),
-    ]:
-        points = [(x, e[key]) for x, e in zip(xs, epochs) if key in e]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=label)
-    ax.set_xlabel("epoch (0 = before training)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_xticks(xs)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"Rejection-sampling SFT: {results['config']['task']} on {results['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = [("test_accuracy", "test (verifier)"), ("test_strict_accuracy", "test strict format"),
+              ("test_lenient_accuracy", "test lenient"), ("train_accuracy", "train candidates")]
+    plot_curves(results, path, series, f"Rejection-sampling SFT: {results['config']['task']} on {results['model']}")
 
 
 def main(config: Config) -> dict[str, Any]:

@@ -111,6 +111,11 @@ def rest_router(service: Service) -> APIRouter:
     def forward_backward(run_id: str, request: ForwardBackwardRequest, user: User, key: IdempotencyKey = None):
         return service.submit_forward_backward(user, run_id, request, key)
 
+    @router.post("/v1/runs/{run_id}/forward", response_model=JobRef, status_code=202, tags=["training"],
+                 summary="The loss and every target token's logprob, without a gradient")
+    def forward(run_id: str, request: ForwardBackwardRequest, user: User, key: IdempotencyKey = None):
+        return service.submit_forward_backward(user, run_id, request, key, forward_only=True, all_logprobs=True)
+
     @router.post("/v1/runs/{run_id}/optim_step", response_model=JobRef, status_code=202, tags=["training"])
     def optim_step(run_id: str, request: OptimStepRequest, user: User, key: IdempotencyKey = None):
         return service.submit_optim_step(user, run_id, request, key)

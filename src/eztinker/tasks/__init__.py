@@ -7,6 +7,11 @@ Every task module exposes:
   instruction, optionally worked examples, then the user question (ending on
   the user's turn)
 * ``ANSWER_MARKER`` — the answer format the prompt asks for
+* ``is_correct``, ``strict_correct``, ``lenient_correct``, ``trim_reply`` — grading (see
+  ``_grading.py``)
+
+Tasks with files take ``data_dir`` (GSM8K, MATH, AQuA-RAT: local JSONL, else an environment
+variable's folder, else the Hub); the arithmetic task is generated and takes ``difficulty``.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ from types import ModuleType
 
 from eztinker.tasks._problem import Problem
 
-TASK_NAMES: tuple[str, ...] = ("gsm8k", "arithmetic")
+# Task name -> module ("math" would shadow the standard library's module of that name).
+_MODULES = {"gsm8k": "gsm8k", "arithmetic": "arithmetic", "math": "competition_math", "aqua": "aqua"}
+TASK_NAMES: tuple[str, ...] = tuple(_MODULES)
 
 
 def get_task(name: str) -> ModuleType:
-    """Return the task module for ``name`` ("gsm8k" or "arithmetic")."""
+    """Return the task module for ``name`` (one of TASK_NAMES)."""
     if name not in TASK_NAMES:
         raise ValueError(
             f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}"
         )
-    return importlib.import_module(f"eztinker.tasks.{name}")
+    return importlib.import_module(f"eztinker.tasks.{_MODULES[name]}")
 
 
 __all__ = ["Problem", "TASK_NAMES", "get_task"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from eztinker.tasks._grading import NumericAnswers
 from eztinker.tasks._problem import Problem
 
 ANSWER_MARKER = "Answer:"
@@ -225,3 +226,10 @@ def messages_for(problem: Problem) -> list[dict[str, str]]:
         *DEMONSTRATION,
         {"role": "user", "content": problem.question},
     ]
+
+
+_answers = NumericAnswers(ANSWER_MARKER)
+is_correct = _answers.is_correct
+strict_correct = _answers.strict_correct
+lenient_correct = _answers.lenient_correct
+trim_reply = _answers.trim_reply

@@ -14,14 +14,14 @@ says how to fix it.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 from pathlib import Path
-from typing import Any
 
+from eztinker.tasks._grading import NumericAnswers
 from eztinker.tasks._problem import Problem
+from eztinker.tasks._source import DatasetUnavailableError as DatasetUnavailableError  # callers catch it from here
+from eztinker.tasks._source import DataSource, check_limit, subset
 
 ANSWER_MARKER = "####"
 ENV_VAR = "EZTINKER_GSM8K_DIR"
@@ -38,27 +38,10 @@ SYSTEM_PROMPT = (
 _CALC_ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
-class DatasetUnavailableError(FileNotFoundError, RuntimeError):
-    """GSM8K could not be loaded from any source.
-
-    Subclasses both :class:`FileNotFoundError` and :class:`RuntimeError`, so
-    callers may catch either.
-    """
-
-
-def _fix_hint() -> str:
-    return (
-        "To fix this, do one of:\n"
-        "  - pass --gsm8k-dir DIR (data_dir=DIR in Python) with DIR a folder "
-        "containing train.jsonl and test.jsonl;\n"
-        f"  - set {ENV_VAR}=DIR to such a folder;\n"
-        "  - install `datasets` (pip install datasets) and allow network access "
-        f"to the Hugging Face Hub (dataset {HUB_DATASET}, config {HUB_CONFIG})."
-    )
-
-
-def _unavailable(problem: str) -> DatasetUnavailableError:
-    return DatasetUnavailableError(f"GSM8K data unavailable: {problem}\n{_fix_hint()}")
+SOURCE = DataSource(
+    name="GSM8K", flag="--gsm8k-dir", env_var=ENV_VAR, hub_dataset=HUB_DATASET, hub_config=HUB_CONFIG,
+    required=("question", "answer"), splits=SPLITS,
+)
 
 
 def find_shared_gsm8k_dir() -> Path | None:
@@ -86,55 +69,6 @@ def _clean_solution(answer: str) -> str:
     return _CALC_ANNOTATION.sub("", answer).strip()
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "question" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{lineno}: expected an object with 'question' and 'answer'")
-            rows.append(row)
-    return rows
-
-
-def _rows_from_dir(directory: Path, split: str, origin: str) -> list[dict[str, Any]]:
-    path = directory / f"{split}.jsonl"
-    if not path.is_file():
-        what = "does not exist" if not directory.is_dir() else f"has no {split}.jsonl"
-        raise _unavailable(f"{origin} {str(directory)!r} {what}.")
-    return _read_jsonl(path)
-
-
-def _rows_from_hub(split: str) -> tuple[list[dict[str, Any]] | None, str]:
-    """Return (rows, "") from the Hub, or (None, reason) if unavailable."""
-    try:
-        import datasets  # noqa: PLC0415  (optional dependency, imported lazily)
-    except ImportError:
-        return None, "the `datasets` package is not installed"
-    try:
-        ds = datasets.load_dataset(HUB_DATASET, HUB_CONFIG, split=split)
-        return [{"question": r["question"], "answer": r["answer"]} for r in ds], ""
-    except Exception as e:  # network errors, auth, missing cache, ...
-        return None, f"loading {HUB_DATASET} from the Hub failed ({type(e).__name__}: {e})"
-
-
-def _load_rows(split: str, data_dir: str | os.PathLike[str] | None) -> list[dict[str, Any]]:
-    if data_dir is not None:
-        return _rows_from_dir(Path(data_dir).expanduser(), split, "data_dir")
-    env_dir = os.environ.get(ENV_VAR, "").strip()
-    if env_dir:
-        return _rows_from_dir(Path(env_dir).expanduser(), split, ENV_VAR)
-    rows, reason = _rows_from_hub(split)
-    if rows is None:
-        raise _unavailable(f"no --gsm8k-dir given, {ENV_VAR} is not set, and {reason}.")
-    return rows
-
-
 def load_problems(
     split: str,
     limit: int | None = None,
@@ -156,15 +90,9 @@ def load_problems(
         ValueError: unknown split or negative limit.
         DatasetUnavailableError: no source could provide the data.
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown GSM8K split {split!r}; allowed splits: {', '.join(SPLITS)}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    rows = _load_rows(split, data_dir)
-    indices = list(range(len(rows)))
-    if limit is not None:
-        random.Random(seed).shuffle(indices)
-        indices = indices[:limit]
+    check_limit(limit)
+    rows = SOURCE.load_rows(split, data_dir)
+    indices = subset(len(rows), limit, seed)
     problems = []
     for i in indices:
         answer = rows[i]["answer"]
@@ -185,3 +113,10 @@ def messages_for(problem: Problem) -> list[dict[str, str]]:
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": problem.question},
     ]
+
+
+_answers = NumericAnswers(ANSWER_MARKER)
+is_correct = _answers.is_correct
+strict_correct = _answers.strict_correct
+lenient_correct = _answers.lenient_correct
+trim_reply = _answers.trim_reply

@@ -1,0 +1,77 @@
+"""A recipe's results file and what resuming needs from it: the results JSON written atomically
+after every epoch, the epoch a checkpoint name stands for, the earlier epochs a resumed run
+keeps, the config as JSON, and the accuracy plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+
+def save_results(path: Path, results: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
+def epoch_of(checkpoint_ref: str, prefix: str) -> int:
+    """'<run_id>/<prefix><k>' -> k; ValueError for any other name."""
+    name = checkpoint_ref.rsplit("/", 1)[-1]
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+        raise ValueError(f"resume_from must name a '{prefix}<k>' checkpoint, got {checkpoint_ref!r}")
+    return int(name[len(prefix):])
+
+
+def previous_results(path: Path, resume_from: str, prefix: str) -> dict[str, Any]:
+    """The results of the run being resumed, up to and including the checkpoint's epoch."""
+    if not path.exists():
+        return {"epochs": []}
+    previous = json.loads(path.read_text())
+    keep = epoch_of(resume_from, prefix)
+    previous["epochs"] = [e for e in previous.get("epochs", []) if e["epoch"] <= keep]
+    previous["resumed_from"] = resume_from
+    return previous
+
+
+def config_dict(config: Any, *, drop: tuple[str, ...]) -> dict[str, Any]:
+    """The config as JSON values, without `drop` (secrets, functions)."""
+    data = asdict(config)
+    for name in drop:
+        data.pop(name)
+    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def plot_curves(results: dict[str, Any], path: Path, series: list[tuple[str, str]], title: str) -> None:
+    """One accuracy line per (results key, label) over the epochs; epoch 0 is before training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = results["epochs"]
+    xs = [e["epoch"] for e in epochs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = False
+    for key, label in series:
+        points = [(x, e[key]) for x, e in zip(xs, epochs) if e.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+            plotted = True
+    ax.set_xlabel("epoch (0 = before training)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    if plotted:
+        ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
