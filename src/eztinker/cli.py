@@ -78,7 +78,6 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     _quiet_libraries()
     import uvicorn
 
-    from .engine import ModelLoadError
     from .launcher import build_service
     from .server.app import create_app
     from .server.datadir import DataDirError
@@ -87,11 +86,22 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
         service = build_service(settings)
-    except (ModelLoadError, DataDirError) as exc:
+    except (DataDirError, *_start_errors(settings.backend)) as exc:
         _fail(str(exc))
     click.echo(f"ready: {', '.join(service.models)}; data in {service.data_dir}", err=True)
     uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
                 **uvicorn_options(settings))
+
+
+def _start_errors(backend: str) -> tuple[type[Exception], ...]:
+    """A backend's one-line start-up errors (each imported only for its backend: Ray's without torch)."""
+    if backend == "ray":
+        from .backend.ray import RayStartError
+
+        return (RayStartError,)
+    from .engine import ModelLoadError
+
+    return (ModelLoadError,)
 
 
 def _quiet_libraries() -> None:
