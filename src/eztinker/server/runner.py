@@ -254,7 +254,7 @@ class JobRunner:
                 else:
                     outcomes = self.backend.execute([job.command for job in batch], lane=lane.key)
             except WorkerLost as exc:
-                lost, outcomes = exc, [Outcome(error=str(exc))] * len(batch)
+                lost, outcomes = exc, []  # recorded once its runs are back (below)
             except Exception as exc:  # a backend that failed as a whole fails these jobs alone
                 log.exception("backend failed")
                 outcomes = [Outcome(error=f"{type(exc).__name__}: {exc}")] * len(batch)
@@ -265,34 +265,37 @@ class JobRunner:
                     self.metrics.job_finished(job.command, outcome, started - job.submitted_at, finished - started)
                 except Exception:  # metrics must never fail a job
                     log.exception("could not record metrics of job %s", job.id)
+            if lost is not None:
+                self._worker_lost(lane, lost, batch)
         finally:
             with self._cv:
                 lane.running = []
-        if lost is not None:
-            self._worker_lost(lane, lost)
 
-    def _worker_lost(self, lane: _Lane, lost: WorkerLost) -> None:
-        """Fail the lane's queued jobs with the loss, then rebuild each of its runs on a live worker
-        (as after a restart); a run's jobs submitted meanwhile wait, and then run on its new lane."""
+    def _worker_lost(self, lane: _Lane, lost: WorkerLost, batch: list[Job]) -> None:
+        """Rebuild each of the lane's runs on a live worker (as after a restart), then fail its
+        running and queued jobs with the loss: a client that sees the failure finds its run back.
+        A run's jobs submitted meanwhile wait, and then go to its new lane."""
         log.error("%s", lost)
         with self._cv:
             lane.lost = str(lost)
-            queued = list(lane.queue)
-            lane.queue.clear()
             for run_id in lost.runs:
                 self._parked.setdefault(run_id, [])
-        for job in queued:
-            self._record(job, Outcome(error=str(lost)))
         for run_id in lost.runs:
             try:
                 if self.restore_run is not None:
                     self.restore_run(run_id)
             except Exception:
                 log.exception("run %s could not be restored after its worker was lost", run_id)
-            with self._cv:
+        with self._cv:
+            failed = batch + list(lane.queue)
+            lane.queue.clear()
+        for job in failed:
+            self._record(job, Outcome(error=str(lost)))
+        with self._cv:
+            for run_id in lost.runs:
                 for job in self._parked.pop(run_id, []):
                     self._enqueue(job)
-                self._cv.notify_all()
+            self._cv.notify_all()
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         try:

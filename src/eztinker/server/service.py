@@ -108,9 +108,10 @@ class Service:
             self._restore_run(row)
 
     def _restore_lost_run(self, run_id: str) -> None:
-        """A run whose worker was lost comes back as after a restart (unless deleted meanwhile)."""
+        """A run whose worker was lost comes back as after a restart, unless deleted meanwhile or
+        still being created (its create job fails with the loss, and it never comes to be)."""
         row = self.store.run_row(run_id)
-        if row is not None:
+        if row is not None and run_id not in self.store.unfinished_creates():
             self._restore_run(row)
 
     def _restore_run(self, row: sqlite3.Row) -> None:

@@ -12,6 +12,7 @@ checkpoint directory.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class RayBackend:
 
         owns_ray = not ray.is_initialized()
         if owns_ray:
+            _check_reachable(address)
             try:
                 ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
             except Exception as exc:  # ConnectionError, or Ray's own for a malformed address
@@ -223,6 +225,20 @@ class RayBackend:
                 pass
         if self._owns_ray:
             ray.shutdown()
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail at once for a 'HOST:PORT' (or 'ray://HOST:PORT') nobody answers at: `ray.init` would
+    retry for minutes, logging as it goes."""
+    if address is None or address == "auto":
+        return  # no address: Ray starts one here; 'auto': Ray fails fast itself when none runs
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RayStartError(f"--ray-address {address!r} is not 'auto', 'HOST:PORT' or 'ray://HOST:PORT'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayStartError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def _one_line(exc: BaseException) -> str:
