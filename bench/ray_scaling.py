@@ -6,10 +6,12 @@
    pairs of one `--positions`-token example, all at once, through the SDK) on a server whose Ray
    backend has one worker of one CPU, then on one with two workers of one CPU each (runs spread
    2 + 2). Reported: steps per second of each and their ratio (ideal: 2).
+   Beside it, the machine's own parallel headroom (two CPU-bound processes against one, before
+   and after): the ratio can be no better, and other processes on the machine lower it.
 2. Overhead: a no-op (`execute([])`: the whole call path, no command) and a small
    forward_backward (one 8-token example) on the Ray backend (one worker of one CPU) against the
    local backend in this process on one thread: the backend call alone, and a job's round trip
-   through the server (submit, long-poll the result).
+   through the server (submit, long-poll the result); calls alternate between the two, medians.
 
 A Ray instance of 2 CPUs runs in this process; results: bench/results/ray_scaling.json.
 """
@@ -20,6 +22,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +34,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 import eztinker as ez  # noqa: E402
-from eztinker.backend.commands import ForwardBackward  # noqa: E402
+from eztinker.backend.commands import CreateRun, ForwardBackward  # noqa: E402
 from eztinker.launcher import ThreadedServer, build_service  # noqa: E402
 from eztinker.server.settings import ServerSettings  # noqa: E402
 
@@ -47,8 +51,8 @@ def service(model: Path, root: Path, name: str, **settings):
     return build_service(ServerSettings(model=[str(model)], data_dir=root / name, device="cpu", **settings))
 
 
-def ray_service(model: Path, root: Path, workers: int):
-    return service(model, root, f"ray-{workers}", backend="ray", workers_per_model=[workers], worker_cpus=1)
+def ray_service(model: Path, root: Path, name: str, workers: int):
+    return service(model, root, name, backend="ray", workers_per_model=[workers], worker_cpus=1)
 
 
 def throughput(svc, steps: int, positions: int) -> dict:
@@ -63,72 +67,88 @@ def throughput(svc, steps: int, positions: int) -> dict:
         for fb, opt in futures:
             fb.result(timeout=600), opt.result(timeout=600)
         wall = time.perf_counter() - started
-    svc.close()
     return {"wall_s": round(wall, 3), "steps_per_s": round(RUNS * steps / wall, 3), "runs_per_worker": placement}
 
 
-def backend_latency(backend, commands, repeats: int) -> float:
-    """Median seconds of `backend.execute(commands)`."""
-    times = []
+def alternating(calls: dict, repeats: int) -> dict:
+    """Median milliseconds of each of `calls` (name -> function), called in turn, so a change in
+    the machine's load (other processes) falls on all of them alike."""
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        started = time.perf_counter()
-        [outcome.error for outcome in backend.execute(commands)]
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def job_latency(svc, data, repeats: int) -> dict:
-    """Median seconds of a job's round trip through the server: a forward_backward submitted and waited for."""
-    with ThreadedServer(svc) as server, ez.ServiceClient(server.url, max_retries=0) as client:
-        run = client.create_training_run(lora_rank=8)
-        times = []
-        for _ in range(repeats):
+        for name, call in calls.items():
             started = time.perf_counter()
-            run.forward_backward(data).result(timeout=60)
-            times.append(time.perf_counter() - started)
-        run_id = run.run_id
-    return {"median_s": statistics.median(times), "run_id": run_id}
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: round(1e3 * statistics.median(values), 4) for name, values in times.items()}
 
 
 def overhead(model: Path, root: Path, repeats: int) -> dict:
     torch.set_num_threads(1)  # the local backend on one thread, as a Ray worker of one CPU
-    local, on_ray = service(model, root, "local"), ray_service(model, root, 1)
+    services = {"local": service(model, root, "local"), "ray": ray_service(model, root, "ray-overhead", 1)}
     small = [example(8)]
-    results = {}
-    try:
-        for name, svc in (("local", local), ("ray", on_ray)):
-            job = job_latency(svc, small, repeats)
-            fb = ForwardBackward(model=svc.default_model, run_id=job["run_id"], data=small)
-            results[name] = {
-                "noop_execute_ms": 1e3 * backend_latency(svc.backend, [], repeats),
-                "small_forward_backward_execute_ms": 1e3 * backend_latency(svc.backend, [fb], repeats),
-                "small_forward_backward_job_ms": 1e3 * job["median_s"],
-            }
-    finally:
-        local.close(), on_ray.close()
-    results["ray_minus_local_ms"] = {k: results["ray"][k] - results["local"][k] for k in results["local"]}
-    for side in ("local", "ray", "ray_minus_local_ms"):
-        results[side] = {k: round(v, 3) for k, v in results[side].items()}
+    execute = {}
+    for name, svc in services.items():
+        [created] = svc.backend.execute([CreateRun(model=svc.default_model, run_id="bench", lora=ez.LoraConfig(rank=8))])
+        assert created.error is None, created.error
+        fb = ForwardBackward(model=svc.default_model, run_id="bench", data=small)
+        lane = svc.backend.lanes(fb)[0]
+        execute[f"{name}_noop"] = lambda b=svc.backend, lane=lane: b.execute([], lane=lane)
+        execute[f"{name}_forward_backward"] = lambda b=svc.backend, fb=fb, lane=lane: b.execute([fb], lane=lane)
+    results = {"backend_execute_ms": alternating(execute, repeats)}
+    # Through the server (the app's lifespan closes each service at the end).
+    with ThreadedServer(services["local"]) as local, ThreadedServer(services["ray"]) as on_ray:
+        clients = {name: ez.ServiceClient(server.url, max_retries=0) for name, server in (("local", local), ("ray", on_ray))}
+        runs = {name: client.create_training_run(lora_rank=8) for name, client in clients.items()}
+        results["forward_backward_job_ms"] = alternating(
+            {name: lambda run=run: run.forward_backward(small).result(timeout=60) for name, run in runs.items()}, repeats)
+        for client in clients.values():
+            client.close()
+    e, j = results["backend_execute_ms"], results["forward_backward_job_ms"]
+    results["ray_minus_local_ms"] = {
+        "noop_execute": round(e["ray_noop"] - e["local_noop"], 4),
+        "forward_backward_execute": round(e["ray_forward_backward"] - e["local_forward_backward"], 4),
+        "forward_backward_job": round(j["ray"] - j["local"], 4),
+    }
     return results
+
+
+SPIN = "x = 0\nfor i in range(15_000_000): x += i"
+
+
+def parallel_headroom() -> float:
+    """The machine's own answer to 'do two processes run twice as fast as one?' right now: two
+    CPU-bound processes at once against one alone (2.0 on two idle cores; less while other
+    processes hold the cores). The scaling ratio can be no better."""
+
+    def wall(n: int) -> float:
+        started = time.perf_counter()
+        for process in [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]:
+            process.wait()
+        return time.perf_counter() - started
+
+    return round(2 * wall(1) / wall(2), 2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="forward_backward + optim_step pairs per run")
     parser.add_argument("--positions", type=int, default=512, help="tokens of the training example")
-    parser.add_argument("--repeats", type=int, default=200, help="calls per overhead measure (median)")
+    parser.add_argument("--repeats", type=int, default=100, help="calls per overhead measure (median)")
     args = parser.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     model = tiny_model_dir("tiny")
     root = Path(tempfile.mkdtemp(prefix="eztinker-ray-bench-"))
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level="error")
     try:
+        headroom_before = parallel_headroom()
+        log(f"parallel headroom of the machine: {headroom_before}")
         log("4 runs on 1 worker of 1 CPU ...")
-        one = throughput(ray_service(model, root, 1), args.steps, args.positions)
+        one = throughput(ray_service(model, root, "ray-one", 1), args.steps, args.positions)
         log(f"  {one}")
         log("4 runs on 2 workers of 1 CPU each ...")
-        two = throughput(ray_service(model, root, 2), args.steps, args.positions)
+        two = throughput(ray_service(model, root, "ray-two", 2), args.steps, args.positions)
         log(f"  {two}")
+        headroom_after = parallel_headroom()
         log("round-trip overhead ...")
         costs = overhead(model, root, args.repeats)
         log(f"  {costs}")
@@ -139,7 +159,8 @@ def main() -> None:
         "machine": {**machine(), "load_average_at_end": os.getloadavg()},
         "ray": ray.__version__,
         "scaling": {"one_worker": one, "two_workers": two,
-                    "throughput_ratio": round(two["steps_per_s"] / one["steps_per_s"], 2)},
+                    "throughput_ratio": round(two["steps_per_s"] / one["steps_per_s"], 2),
+                    "machine_parallel_headroom_before_after": [headroom_before, headroom_after]},
         "overhead": costs,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

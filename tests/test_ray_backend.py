@@ -133,6 +133,16 @@ def test_the_tinker_sdk_trains_and_samples_over_ray(server, models, monkeypatch)
                 client.training_client(run.id).delete()
 
 
+def test_openai_streams_arrive_token_by_token_from_a_worker(server, models):
+    openai = pytest.importorskip("openai")
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    chat = [{"role": "user", "content": "Count to five."}]
+    whole = oa.chat.completions.create(model=models[0], messages=chat, max_tokens=8, seed=3)
+    chunks = list(oa.chat.completions.create(model=models[0], messages=chat, max_tokens=8, seed=3, stream=True))
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 4  # as decoded, not one block
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+
+
 def test_losing_a_worker_fails_its_jobs_and_brings_its_runs_back_on_the_other(client, models):
     doomed, _, _ = trained(client, models[0], seed=7)
     survivor, _, _ = trained(client, models[0], seed=8)

@@ -186,14 +186,18 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
               help="The server's data directory (read only; the server may be running).")
 @click.option("--model", default=None, help="Base model (its tokenizer; with --merge its weights too) "
               "instead of the one the checkpoint names, e.g. a local folder of it.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="The server's --checkpoint-dir, if it had one (default: <data-dir>/checkpoints).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def export(checkpoint: str, out: Path, merge: bool, data_dir: Path, model: str | None, force: bool) -> None:
+def export(checkpoint: str, out: Path, merge: bool, data_dir: Path, model: str | None, checkpoint_dir: Path | None,
+           force: bool) -> None:
     """Export a checkpoint: its PEFT adapter folder, or (--merge) the merged model, to OUT."""
     _quiet_libraries()
     from .export import ExportError, export_checkpoint
 
     try:
-        result = export_checkpoint(data_dir, checkpoint, out, merge=merge, model=model, force=force)
+        result = export_checkpoint(data_dir, checkpoint, out, merge=merge, model=model, force=force,
+                                   checkpoints=checkpoint_dir)
     except ExportError as exc:
         _fail(str(exc))
     what = f"{result.ref} merged into {result.base_model}" if result.merged else f"adapter {result.ref}"
