@@ -9,7 +9,7 @@ import sys
 SERVER_SIDE = ["eztinker.server.app", "eztinker.server.service", "eztinker.server.rest", "eztinker.server.runner",
                "eztinker.server.store", "eztinker.server.auth", "eztinker.server.archive", "eztinker.server.metrics",
                "eztinker.server.openai.router", "eztinker.server.openai.protocol", "eztinker.backend",
-               "eztinker.backend.commands"]
+               "eztinker.backend.commands", "eztinker.backend.ray"]
 
 
 def test_server_modules_import_no_torch_safetensors_or_transformers():

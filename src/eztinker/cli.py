@@ -79,7 +79,6 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     _quiet_libraries()
     import uvicorn
 
-    from .engine import ModelLoadError
     from .launcher import build_service
     from .server.app import create_app
     from .server.datadir import DataDirError
@@ -88,11 +87,22 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
         service = build_service(settings)
-    except (ModelLoadError, DataDirError) as exc:
+    except (DataDirError, *_start_errors(settings.backend)) as exc:
         _fail(str(exc))
     click.echo(f"ready: {', '.join(service.models)}; data in {service.data_dir}", err=True)
     uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
                 **uvicorn_options(settings))
+
+
+def _start_errors(backend: str) -> tuple[type[Exception], ...]:
+    """A backend's one-line start-up errors (each imported only for its backend: Ray's without torch)."""
+    if backend == "ray":
+        from .backend.ray import RayStartError
+
+        return (RayStartError,)
+    from .engine import ModelLoadError
+
+    return (ModelLoadError,)
 
 
 def _quiet_libraries() -> None:
@@ -189,14 +199,18 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
               help="The server's data directory (read only; the server may be running).")
 @click.option("--model", default=None, help="Base model (its tokenizer; with --merge its weights too) "
               "instead of the one the checkpoint names, e.g. a local folder of it.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="The server's --checkpoint-dir, if it had one (default: <data-dir>/checkpoints).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def export(checkpoint: str, out: Path, merge: bool, data_dir: Path, model: str | None, force: bool) -> None:
+def export(checkpoint: str, out: Path, merge: bool, data_dir: Path, model: str | None, checkpoint_dir: Path | None,
+           force: bool) -> None:
     """Export a checkpoint: its PEFT adapter folder, or (--merge) the merged model, to OUT."""
     _quiet_libraries()
     from .export import ExportError, export_checkpoint
 
     try:
-        result = export_checkpoint(data_dir, checkpoint, out, merge=merge, model=model, force=force)
+        result = export_checkpoint(data_dir, checkpoint, out, merge=merge, model=model, force=force,
+                                   checkpoints=checkpoint_dir)
     except ExportError as exc:
         _fail(str(exc))
     what = f"{result.ref} merged into {result.base_model}" if result.merged else f"adapter {result.ref}"

@@ -35,15 +35,16 @@ class ExportResult:
     merged: bool
 
 
-def checkpoint_dir(data_dir: Path, ref: str) -> Path:
-    """The folder of checkpoint '<run_id>/<name>' under `data_dir`, checked to hold an adapter."""
+def checkpoint_dir(data_dir: Path, ref: str, checkpoints: Path | None = None) -> Path:
+    """The folder of checkpoint '<run_id>/<name>' under `checkpoints` (the server's
+    --checkpoint-dir; default <data_dir>/checkpoints), checked to hold an adapter."""
     if "/" not in ref:
         raise ExportError(f"checkpoint {ref!r} names no run: expected <run_id>/<checkpoint>")
     try:
         run_id, name = parse_checkpoint_ref(ref, default_run="")
     except ValueError as exc:
         raise ExportError(f"{exc} (expected <run_id>/<checkpoint>)") from None
-    directory = Path(data_dir) / "checkpoints" / run_id / name
+    directory = Path(checkpoints or Path(data_dir) / "checkpoints") / run_id / name
     if not directory.is_dir():
         raise ExportError(f"checkpoint {run_id}/{name} not found in data directory {data_dir}")
     missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
@@ -60,12 +61,13 @@ def export_checkpoint(
     merge: bool = False,
     model: str | None = None,
     force: bool = False,
+    checkpoints: Path | None = None,
 ) -> ExportResult:
     """Write checkpoint `ref` of `data_dir` to `out` (atomically): the adapter folder, or with
     `merge` the base model with the adapter merged in. `model` overrides the base model the
-    checkpoint names (e.g. a local copy of it)."""
+    checkpoint names (e.g. a local copy of it); `checkpoints`: the server's --checkpoint-dir."""
     data_dir, out = Path(data_dir), Path(out)
-    source = checkpoint_dir(data_dir, ref)
+    source = checkpoint_dir(data_dir, ref, checkpoints)
     ref = f"{source.parent.name}/{source.name}"
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory")

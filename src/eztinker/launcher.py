@@ -109,23 +109,34 @@ def wait_until_healthy(
 
 
 def build_service(settings, bases=None):
-    """The service for `settings` on a local backend: `bases` (loaded base models), or every model
-    the settings name, each loaded once. The data directory is locked first: a second server on
-    it fails at once (DataDirError), not after loading its models."""
-    from .backend.local import LocalBackend
-    from .engine import load_base_model
+    """The service for `settings` on its backend: local (`bases`, loaded base models, or every
+    model the settings name, each loaded once) or Ray (workers started on the cluster). The data
+    directory is locked first: a second server on it fails at once (DataDirError), not after
+    loading its models."""
     from .server.datadir import DataDirLock
     from .server.service import Service
 
     lock = DataDirLock(settings.data_dir)
     try:
-        if bases is None:
-            cache_dir = Path(settings.data_dir) / "cache"
-            bases = [load_base_model(spec, cache_dir=cache_dir, device=settings.device) for spec in settings.model]
-        return Service(settings, LocalBackend(bases), lock)
+        return Service(settings, _backend(settings, bases), lock)
     except BaseException:
         lock.release()
         raise
+
+
+def _backend(settings, bases):
+    cache_dir = Path(settings.data_dir).resolve() / "cache"
+    if settings.backend == "ray":  # torch loads in the workers only
+        from .backend.ray import RayBackend
+
+        return RayBackend.start(settings.workers_of(), address=settings.ray_address, cache_dir=cache_dir,
+                                device=settings.device, cpus=settings.worker_cpus, gpus=settings.worker_gpus)
+    from .backend.local import LocalBackend
+    from .engine import load_base_model
+
+    if bases is None:
+        bases = [load_base_model(spec, cache_dir=cache_dir, device=settings.device) for spec in settings.model]
+    return LocalBackend(bases)
 
 
 class ThreadedServer:

@@ -358,6 +358,15 @@ class JobInfo(_Schema):
     error: str | None = None
 
 
+class WorkerStatus(_Schema):
+    """One engine worker: its base model, whether it is alive, the runs placed on it."""
+
+    name: str
+    model: str
+    alive: bool
+    runs: list[str]
+
+
 class HealthInfo(_Schema):
     """Liveness. A server with API keys answers only `status` (and `worker`) to a request without a valid one."""
 
@@ -369,3 +378,5 @@ class HealthInfo(_Schema):
     runs: int | None = None
     queued_jobs: int | None = None
     version: str | None = None
+    workers: list[WorkerStatus] | None = Field(
+        None, description="The engine workers of a backend that has several (Ray), with the runs placed on each.")

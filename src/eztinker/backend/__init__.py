@@ -2,13 +2,13 @@
 
 The server's runner hands a backend plain commands (`commands.py`) and gets plain outcomes back;
 it never learns where an engine runs. `LocalBackend` (local.py) holds one engine per base model in
-this process; another backend (engines in other processes or hosts) implements the same few
-methods. Importing this package does not import torch.
+this process; `RayBackend` (ray/) holds them in Ray actors, several per base model, on any host of
+a Ray cluster. Importing this package does not import torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +23,26 @@ class InvalidInput(ValueError):
     def __init__(self, loc: tuple, message: str):
         super().__init__(message)
         self.loc, self.message = loc, message
+
+
+class WorkerLost(Exception):
+    """The worker a command was sent to is gone (its process was killed, its host lost), and with
+    it the adapters and optimizer states of `runs`, the runs placed on it; `str()` says so for
+    the jobs it fails."""
+
+    def __init__(self, worker: str, runs: Sequence[str], message: str):
+        super().__init__(message)
+        self.worker, self.runs = worker, list(runs)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One engine worker of a backend that has several: its base model and the runs placed on it."""
+
+    name: str
+    model: str
+    alive: bool
+    runs: tuple[str, ...]
 
 
 # Receives a Sample command's newly decoded tokens, from the worker thread.
@@ -56,12 +76,25 @@ class Backend(Protocol):
     def models(self) -> list[ModelInfo]:
         """The base models this backend holds, the default one first."""
 
-    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None) -> list[Outcome]:
-        """Run `commands` in order, one outcome each. Called from one worker thread. The runner
+    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
+                lane: Hashable = None) -> list[Outcome]:
+        """Run `commands` in order, one outcome each, on `lane` (one of `lanes()`; None: the
+        first lane of the first command, as at start-up). The runner
         passes several commands at once only where `commands.fusable` allows; if a fused batch
         fails, each command is retried alone, so one bad request never fails its neighbours.
         `progress[i]`, when given, receives command i's sampled tokens as they are decoded
-        (Sample commands; called from the worker thread, after every decode step)."""
+        (Sample commands; called from the worker thread, after every decode step). Called from
+        one thread per lane; every command of the call is of that lane. Raises WorkerLost when
+        the lane's worker is gone."""
+
+    def lanes(self, command: Command) -> list[Hashable]:
+        """The workers `command` may run on (the runner's lanes): one for a run's own commands, its
+        run's (which keeps them in order), or several for work any worker of its model can do (a
+        bare-model or snapshot sample), of which the runner takes the least busy. Lanes run in
+        parallel, each in order; a single-worker backend answers [None]."""
+
+    def workers(self) -> list[WorkerInfo]:
+        """The engine workers and their runs; empty for a backend of one worker."""
 
     # Tokenizer work: light, no model weights; called from request handlers (a thread pool).
     def encode_prompt(self, model: str, prompt: Prompt) -> list[int]:
@@ -92,4 +125,5 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["Backend", "CheckpointState", "Command", "InvalidInput", "ModelInfo", "Outcome", "Progress"]
+__all__ = ["Backend", "CheckpointState", "Command", "InvalidInput", "ModelInfo", "Outcome", "Progress", "WorkerInfo",
+           "WorkerLost"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from ..chat import render_prompt
@@ -13,7 +13,7 @@ from ..engine import BaseModel, Engine, EngineError, SampleSpec
 from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, read_training_state
 from ..types import LoraConfig, Prompt, SampledSequence
-from . import CheckpointState, InvalidInput, ModelInfo, Progress
+from . import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
 from .commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,14 @@ class LocalBackend:
         return [_model_info(engine.base) for engine in self.engines.values()]
 
     # ------------------------------------------------------------------------- model work
-    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None) -> list[Outcome]:
+    def lanes(self, command: Command) -> list[Hashable]:
+        return [None]  # one process, one lane: every command in submission order
+
+    def workers(self) -> list[WorkerInfo]:
+        return []
+
+    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
+                lane: Hashable = None) -> list[Outcome]:
         progress = list(progress) if progress is not None else [None] * len(commands)
         if len(commands) > 1 and all(isinstance(c, Sample) for c in commands):
             fused = _attempt(lambda: self._sample_many(commands, progress))

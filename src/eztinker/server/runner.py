@@ -1,11 +1,16 @@
-"""Job execution: one worker thread hands commands to the backend in submission order, off the
-event loop, and records each outcome in the store.
+"""Job execution: commands go to the backend off the event loop, one thread per lane (a backend's
+engine worker: the local backend has one), each lane in submission order, and every outcome is
+recorded in the store.
 
 A request handler validates its input, records a pending job and queues it here with its
-command; the worker takes the next command (and the samples of the same base model queued right
-behind it, which decode as one batch, even across runs), executes them on the backend and does
-all of the store's bookkeeping from the outcomes, in one place. Waiters long-poll on asyncio
-events that the worker sets through each waiter's own event loop.
+command, on the lane the backend names for it (a run's commands always on its run's, so they keep
+their order; a snapshot sample on the least busy of its model's). A lane's thread takes its next
+command (and the samples of the same base model queued right behind it, which decode as one
+batch, even across runs), executes them on the backend and does all of the store's bookkeeping
+from the outcomes, in one place. Lanes of different workers run in parallel. When a lane's
+worker is lost, its running and queued jobs fail saying so, and its runs are restored on a live
+worker (the service's restart path) while their new jobs wait. Waiters long-poll on asyncio
+events that the workers set through each waiter's own event loop.
 """
 
 from __future__ import annotations
@@ -19,11 +24,11 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backend import Backend, Progress
+from ..backend import Backend, Progress, WorkerLost
 from ..backend.commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Save, fusable
 from .metrics import Metrics
 from .store import Store, is_busy
@@ -44,62 +49,114 @@ class Job:
     progress: Progress | None = None
 
 
-def hide_paths(text: str, data_dir: Path) -> str:
+@dataclass
+class _Lane:
+    """One engine worker's queue, run in order by a thread of its own."""
+
+    key: Hashable
+    queue: deque[Job] = field(default_factory=deque)
+    running: list[Job] = field(default_factory=list)
+    lost: str | None = None  # why its worker is gone: every job that reaches it fails with this
+    thread: threading.Thread | None = None
+
+
+def hide_paths(text: str, data_dir: Path, checkpoint_root: Path | None = None) -> str:
     """`text` with the data directory's paths made relative: to its checkpoints folder (a
     checkpoint then reads as its reference, '<run_id>/<name>'), else to itself. Errors reach
     clients, who are not to learn the server's file layout (an OS error names the full path)."""
-    checkpoints = data_dir / "checkpoints"
+    checkpoints = checkpoint_root or data_dir / "checkpoints"
     return text.replace(f"{checkpoints}{os.sep}", "").replace(f"{data_dir}{os.sep}", "").replace(str(data_dir), "<data-dir>")
+
+
+def stored_path(path: Path, data_dir: Path) -> str:
+    """How the store records a checkpoint or snapshot directory: relative to the data directory
+    when inside it (the data directory can move), else absolute (a shared --checkpoint-dir);
+    `data_dir / stored` gives the directory back either way."""
+    return str(path.relative_to(data_dir)) if path.is_relative_to(data_dir) else str(path)
 
 
 class JobRunner:
     def __init__(self, backend: Backend, store: Store, data_dir: Path, *, job_ttl_seconds: float,
-                 max_finished_jobs: int):
+                 max_finished_jobs: int, checkpoint_root: Path | None = None,
+                 snapshot_root: Path | None = None, restore_run: Callable[[str], None] | None = None):
+        """`restore_run(run_id)` rebuilds a run whose worker was lost (on a live one, from its last
+        checkpoint), as after a restart."""
         self.backend = backend
         self.store = store
         self.data_dir = data_dir
+        self.checkpoint_root = checkpoint_root or data_dir / "checkpoints"
+        self.snapshot_root = snapshot_root or data_dir / SNAPSHOTS
         self.job_ttl_seconds = job_ttl_seconds
         self.max_finished_jobs = max_finished_jobs
-        self._queue: deque[Job] = deque()
+        self.restore_run = restore_run
+        self._lanes: dict[Hashable, _Lane] = {}
+        self._parked: dict[str, list[Job]] = {}  # jobs of runs being restored after their worker was lost
         self._cv = threading.Condition()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._waiters_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._started = False
         self._stopping = False
         self._last_expiry = 0.0
+        self._expiry_lock = threading.Lock()
         self._stalled: str | None = None  # why a store write is being retried
-        self._stopped: str | None = None  # why the worker thread died
-        self.busy_job: str | None = None
-        self._running: list[Job] = []
+        self._stopped: str | None = None  # why a worker thread died
         self.metrics = Metrics()
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work_loop, name="eztinker-worker", daemon=True)
-            self._thread.start()
+        with self._cv:
+            self._started = True
+            for lane in self._lanes.values():
+                self._start_lane(lane)
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
+            threads = [lane.thread for lane in self._lanes.values() if lane.thread is not None]
+        for thread in threads:
+            thread.join(timeout)
 
     def submit(self, job: Job) -> None:
         """Queue a job whose row is already in the database (any thread)."""
         with self._cv:
-            self._queue.append(job)
-            self._cv.notify()
+            self._enqueue(job)
+            self._cv.notify_all()
+
+    def _enqueue(self, job: Job) -> None:
+        """On its run's lane, or the least busy of the lanes it may take (holding the lock)."""
+        if job.command.run_id in self._parked:
+            self._parked[job.command.run_id].append(job)
+            return
+        lanes = [self._lane(key) for key in self.backend.lanes(job.command)]
+        min(lanes, key=lambda lane: (lane.lost is not None, len(lane.queue) + len(lane.running))).queue.append(job)
+
+    def _lane(self, key: Hashable) -> _Lane:
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(key)
+            if self._started:
+                self._start_lane(lane)
+        return lane
+
+    def _start_lane(self, lane: _Lane) -> None:
+        if lane.thread is None:
+            name = "eztinker-worker" if lane.key is None else f"eztinker-worker-{lane.key}"
+            lane.thread = threading.Thread(target=self._work_loop, args=(lane,), name=name, daemon=True)
+            lane.thread.start()
 
     @property
     def queued(self) -> int:
-        return len(self._queue) + (1 if self.busy_job else 0)
+        with self._cv:
+            return sum(len(lane.queue) + (1 if lane.running else 0) for lane in self._lanes.values()) + sum(
+                len(jobs) for jobs in self._parked.values())
 
     def unfinished(self) -> list[tuple[str, str]]:
         """(kind, 'pending' | 'running') of every job queued or executing (any thread)."""
         with self._cv:
-            pending = [job.command.kind for job in self._queue]
-        return [(kind, "pending") for kind in pending] + [(job.command.kind, "running") for job in list(self._running)]
+            pending = [job.command.kind for lane in self._lanes.values() for job in lane.queue]
+            pending += [job.command.kind for jobs in self._parked.values() for job in jobs]
+            running = [job.command.kind for lane in self._lanes.values() for job in lane.running]
+        return [(kind, "pending") for kind in pending] + [(kind, "running") for kind in running]
 
     @property
     def state(self) -> str:
@@ -138,16 +195,16 @@ class JobRunner:
                 loop.call_soon_threadsafe(event.set)
 
     # ----------------------------------------------------------------------- worker side
-    def _work_loop(self) -> None:
+    def _work_loop(self, lane: _Lane) -> None:
         try:
             while True:
                 with self._cv:
-                    while not self._queue and not self._stopping:
+                    while not lane.queue and not self._stopping:
                         self._cv.wait()
                     if self._stopping:
                         return
-                    batch = self._take_batch()
-                self._run(batch)
+                    batch = lane.running = self._take_batch(lane.queue)
+                self._run(lane, batch)
                 self._maybe_expire()
         except BaseException as exc:  # e.g. a database that fails for good: /health must say so
             self._stopped = f"{type(exc).__name__}: {exc}"
@@ -174,25 +231,30 @@ class JobRunner:
                 self._stalled = None
                 return
 
-    def _take_batch(self) -> list[Job]:
+    @staticmethod
+    def _take_batch(queue: deque[Job]) -> list[Job]:
         # Only commands queued back to back are fused, so one run's commands never reorder.
-        batch = [self._queue.popleft()]
-        while self._queue and fusable(batch[0].command, self._queue[0].command):
-            batch.append(self._queue.popleft())
+        batch = [queue.popleft()]
+        while queue and fusable(batch[0].command, queue[0].command):
+            batch.append(queue.popleft())
         return batch
 
-    def _run(self, batch: list[Job]) -> None:
-        for job in batch:
-            self._retrying(lambda job=job: self.store.mark_started(job.id))
-        self.busy_job, self._running = batch[0].id, batch
-        started = time.monotonic()
+    def _run(self, lane: _Lane, batch: list[Job]) -> None:
+        lost: WorkerLost | None = None
         try:
+            for job in batch:
+                self._retrying(lambda job=job: self.store.mark_started(job.id))
+            started = time.monotonic()
             progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
             try:
-                if any(progress):
-                    outcomes = self.backend.execute([job.command for job in batch], progress=progress)
+                if lane.lost is not None:
+                    outcomes = [Outcome(error=lane.lost)] * len(batch)
+                elif any(progress):
+                    outcomes = self.backend.execute([job.command for job in batch], progress=progress, lane=lane.key)
                 else:
-                    outcomes = self.backend.execute([job.command for job in batch])
+                    outcomes = self.backend.execute([job.command for job in batch], lane=lane.key)
+            except WorkerLost as exc:
+                lost, outcomes = exc, []  # recorded once its runs are back (below)
             except Exception as exc:  # a backend that failed as a whole fails these jobs alone
                 log.exception("backend failed")
                 outcomes = [Outcome(error=f"{type(exc).__name__}: {exc}")] * len(batch)
@@ -203,8 +265,37 @@ class JobRunner:
                     self.metrics.job_finished(job.command, outcome, started - job.submitted_at, finished - started)
                 except Exception:  # metrics must never fail a job
                     log.exception("could not record metrics of job %s", job.id)
+            if lost is not None:
+                self._worker_lost(lane, lost, batch)
         finally:
-            self.busy_job, self._running = None, []
+            with self._cv:
+                lane.running = []
+
+    def _worker_lost(self, lane: _Lane, lost: WorkerLost, batch: list[Job]) -> None:
+        """Rebuild each of the lane's runs on a live worker (as after a restart), then fail its
+        running and queued jobs with the loss: a client that sees the failure finds its run back.
+        A run's jobs submitted meanwhile wait, and then go to its new lane."""
+        log.error("%s", lost)
+        with self._cv:
+            lane.lost = str(lost)
+            for run_id in lost.runs:
+                self._parked.setdefault(run_id, [])
+        for run_id in lost.runs:
+            try:
+                if self.restore_run is not None:
+                    self.restore_run(run_id)
+            except Exception:
+                log.exception("run %s could not be restored after its worker was lost", run_id)
+        with self._cv:
+            failed = batch + list(lane.queue)
+            lane.queue.clear()
+        for job in failed:
+            self._record(job, Outcome(error=str(lost)))
+        with self._cv:
+            for run_id in lost.runs:
+                for job in self._parked.pop(run_id, []):
+                    self._enqueue(job)
+            self._cv.notify_all()
 
     def _record(self, job: Job, outcome: Outcome) -> None:
         try:
@@ -222,12 +313,12 @@ class JobRunner:
         'its effect was not applied'."""
         command, value = job.command, outcome.value
         if outcome.error is not None:
-            error = hide_paths(outcome.error, self.data_dir)
+            error = hide_paths(outcome.error, self.data_dir, self.checkpoint_root)
             self.store.mark_finished(job.id, error=error, error_category=outcome.error_category)
             if isinstance(command, CreateRun):
                 self.store.mark_run_deleted(command.run_id)  # the run never came to be
         elif isinstance(command, Save):
-            relative = str(Path(command.directory).relative_to(self.data_dir))
+            relative = stored_path(Path(command.directory), self.data_dir)
             name = job.checkpoint.split("/")[1]
             self.store.record_save(job.id, command.run_id, name, relative, value["step"])
             self._drop_snapshots(command.run_id)  # it restores from its own save now
@@ -253,7 +344,7 @@ class JobRunner:
         source (overwritten by its run's next save, deleted). Hard links cost no space while the
         source exists: a save writes new files and renames them in, never rewriting old ones.
         Returns its path relative to the data directory; it counts once the store records it."""
-        target = self.data_dir / SNAPSHOTS / run_id / job_id
+        target = self.snapshot_root / run_id / job_id
         target.mkdir(parents=True, exist_ok=True)
         for file in source.iterdir():
             if file.is_file() and not (target / file.name).exists():
@@ -264,19 +355,22 @@ class JobRunner:
                     _fsync(target / file.name)
         for directory in (target, target.parent, target.parent.parent):  # durable before it is recorded
             _fsync(directory)
-        return str(target.relative_to(self.data_dir))
+        return stored_path(target, self.data_dir)
 
     def _drop_snapshots(self, run_id: str, keep: str | None = None) -> None:
-        folder = self.data_dir / SNAPSHOTS / run_id
+        folder = self.snapshot_root / run_id
         for path in folder.iterdir() if folder.is_dir() else ():
             if path.name != keep:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _maybe_expire(self) -> None:
         now = time.monotonic()
-        if now - self._last_expiry > 60:
-            self._last_expiry = now
-            self._retrying(lambda: self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs))
+        if now - self._last_expiry > 60 and self._expiry_lock.acquire(blocking=False):  # one lane expires
+            try:
+                self._last_expiry = now
+                self._retrying(lambda: self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs))
+            finally:
+                self._expiry_lock.release()
 
 
 

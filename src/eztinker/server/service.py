@@ -37,10 +37,11 @@ from ..types import (
     SampleRequest,
     SaveRequest,
     ScoreRequest,
+    WorkerStatus,
     parse_checkpoint_ref,
 )
 from .datadir import DataDirLock
-from .runner import SNAPSHOTS, Job, JobRunner
+from .runner import Job, JobRunner, stored_path
 from .settings import ServerSettings
 from .store import INTERRUPTED, JobRecord, Store, new_id
 
@@ -78,10 +79,11 @@ class Service:
         self.models: dict[str, ModelInfo] = {m.name: m for m in backend.models()}
         self.default_model = next(iter(self.models))
         self.data_dir = Path(settings.data_dir).resolve()
-        self.checkpoint_root = self.data_dir / "checkpoints"
+        self.checkpoint_root, self.snapshot_root = settings.checkpoint_root(), settings.snapshot_root()
         self.store = Store(self.data_dir / "eztinker.sqlite3")
         self.runner = JobRunner(backend, self.store, self.data_dir, job_ttl_seconds=settings.job_ttl_seconds,
-                                max_finished_jobs=settings.max_finished_jobs)
+                                max_finished_jobs=settings.max_finished_jobs, checkpoint_root=self.checkpoint_root,
+                                snapshot_root=self.snapshot_root, restore_run=self._restore_lost_run)
         self.runner.metrics.watch(self.runner.unfinished, lambda: [row["base_model"] for row in self.store.live_runs()])
         self._restore()
         self.runner.start()
@@ -103,6 +105,13 @@ class Service:
             log.warning("%d job(s) were interrupted by the last shutdown and are marked failed", failed)
         self._remove_stale_snapshots()
         for row in self.store.live_runs():
+            self._restore_run(row)
+
+    def _restore_lost_run(self, run_id: str) -> None:
+        """A run whose worker was lost comes back as after a restart, unless deleted meanwhile or
+        still being created (its create job fails with the loss, and it never comes to be)."""
+        row = self.store.run_row(run_id)
+        if row is not None and run_id not in self.store.unfinished_creates():
             self._restore_run(row)
 
     def _restore_run(self, row: sqlite3.Row) -> None:
@@ -143,9 +152,9 @@ class Service:
         """Snapshots no live run restores from: of deleted runs, superseded by a later save or
         load, or written by a load the crash interrupted before it was recorded."""
         keep = {row["resume_path"] for row in self.store.live_runs() if row["resume_path"]}
-        root = self.data_dir / SNAPSHOTS
+        root = self.snapshot_root
         for path in root.glob("*/*") if root.is_dir() else ():
-            if str(path.relative_to(self.data_dir)) not in keep:
+            if stored_path(path, self.data_dir) not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
     def _reconcile_checkpoints(self) -> None:
@@ -183,6 +192,8 @@ class Service:
 
     def health(self) -> HealthInfo:
         worker = self.runner.state
+        workers = [WorkerStatus(name=w.name, model=w.model, alive=w.alive, runs=list(w.runs))
+                   for w in self.backend.workers()]
         return HealthInfo(
             status="ok" if worker == "ok" else "degraded",
             worker=worker,
@@ -191,6 +202,7 @@ class Service:
             runs=len(self.store.live_runs()),
             queued_jobs=self.runner.queued,
             version=__version__,
+            workers=workers or None,
         )
 
     def info(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,7 +29,25 @@ class ServerSettings(BaseSettings):
         "is reachable, else smollm2-135m).",
     )
     data_dir: Path = Field(Path("data"), description="Database, checkpoints and model cache live here.")
+    checkpoint_dir: Path | None = Field(
+        None, description="Where checkpoints (and the snapshots runs restore from) live, if not <data-dir>/checkpoints: "
+        "with --backend ray, a folder every Ray node reads and writes at this same path (a shared file system).",
+    )
     device: str | None = Field(None, description="'cpu' or 'cuda'; default: cuda when available.")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="'local': the engines run in this process; 'ray': in Ray actors, on any node of a Ray cluster."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'HOST:PORT' or 'ray://HOST:PORT'); default: start a "
+        "single-machine Ray instance. Needs --backend ray.",
+    )
+    workers_per_model: list[int] = Field(
+        default_factory=lambda: [1], description="Ray workers (engine actors) per base model: one number for every "
+        "--model, or one per --model in order. Needs --backend ray.",
+    )
+    worker_cpus: float = Field(1, gt=0, description="CPUs each Ray worker reserves (its torch threads).")
+    worker_gpus: float | None = Field(
+        None, ge=0, description="GPUs each Ray worker reserves; default: 1 when the cluster has GPUs, else 0.")
     api_key: SecretStr | None = Field(None, description="Single API key (user 'default').")
     api_keys_file: Path | None = Field(
         None, description="JSON file mapping API keys to user names; each user sees only their runs."
@@ -116,6 +134,33 @@ class ServerSettings(BaseSettings):
                 "give --api-key (or EZTINKER_API_KEY) or --api-keys-file"
             )
         return self
+
+    @model_validator(mode="after")
+    def _ray_settings(self) -> "ServerSettings":
+        if self.backend != "ray":
+            given = [flag for flag, value in (("--ray-address", self.ray_address),
+                                              ("--workers-per-model", self.workers_per_model != [1]),
+                                              ("--worker-cpus", self.worker_cpus != 1),
+                                              ("--worker-gpus", self.worker_gpus is not None)) if value]
+            if given:
+                raise ValueError(f"{', '.join(given)} needs --backend ray")
+        if len(self.workers_per_model) not in (1, len(self.model)) or min(self.workers_per_model, default=0) < 1:
+            raise ValueError(f"--workers-per-model: give one number >= 1 for every model, or one per --model "
+                             f"({len(self.model)}), got {self.workers_per_model}")
+        return self
+
+    def checkpoint_root(self) -> Path:
+        return (self.checkpoint_dir or self.data_dir / "checkpoints").resolve()
+
+    def snapshot_root(self) -> Path:
+        """Hard-linked copies of what runs loaded (they restore from these): beside the checkpoints,
+        on the same file system, so every worker reads them."""
+        return (self.data_dir / "snapshots" if self.checkpoint_dir is None else self.checkpoint_dir / ".snapshots").resolve()
+
+    def workers_of(self) -> dict[str, int]:
+        """Base model -> how many Ray workers hold it."""
+        counts = self.workers_per_model * len(self.model) if len(self.workers_per_model) == 1 else self.workers_per_model
+        return dict(zip(self.model, counts))
 
     @property
     def is_loopback(self) -> bool:

@@ -1,0 +1,76 @@
+"""The Ray actor that computes: one base model in a `LocalBackend` of its own, with the adapters
+and optimizer states of the runs placed on it. torch, transformers and peft are imported here,
+inside the actor's process, never in the API process."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from pathlib import Path
+
+import ray
+
+from .. import InvalidInput
+
+
+@ray.remote(concurrency_groups={"light": 2})
+class EngineWorker:
+    """Model work (`execute`) runs in the default group, one call at a time, in order; tokenizer
+    work, LoRA and checkpoint checks run in the "light" group, beside it, so a request handler's
+    encode never waits behind a training step."""
+
+    def __init__(self):
+        self.backend = None
+
+    def load(self, spec: str, cache_dir: str, device: str | None) -> dict:
+        """Load the base model; {'info': ModelInfo} or {'error': one line}."""
+        from ...engine import ModelLoadError, load_base_model
+        from ..local import LocalBackend
+
+        try:
+            base = load_base_model(spec, cache_dir=Path(cache_dir), device=device)
+        except ModelLoadError as exc:
+            return {"error": str(exc)}
+        self.backend = LocalBackend([base])
+        [info] = self.backend.models()
+        return {"info": info, "pid": os.getpid()}
+
+    def execute(self, commands: list) -> list:
+        return self.backend.execute(commands)
+
+    @ray.method(concurrency_group="light")
+    def call(self, method: str, *args):
+        """A light backend method: ('ok', value) or ('invalid', loc, message) (InvalidInput does
+        not survive pickling with its fields)."""
+        try:
+            return "ok", getattr(self.backend, method)(*args)
+        except InvalidInput as exc:
+            return "invalid", exc.loc, exc.message
+
+    @ray.method(concurrency_group="light")
+    def ping(self) -> None:
+        """A no-op round trip (the bench's overhead measure)."""
+
+    @ray.method(num_returns="streaming")
+    def execute_streaming(self, commands: list, listening: list[bool]):
+        """`execute`, yielding ('tokens', i, tokens) as command i's samples decode (for the
+        listeners of streaming requests), then ('done', outcomes)."""
+        events: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            progress = [(lambda tokens, i=i: events.put(("tokens", i, tokens))) if on else None
+                        for i, on in enumerate(listening)]
+            try:
+                events.put(("done", self.backend.execute(commands, progress)))
+            except BaseException as exc:  # reaches the caller as this call's error
+                events.put(("error", exc))
+
+        threading.Thread(target=work, name="eztinker-execute", daemon=True).start()
+        while True:
+            event = events.get()
+            if event[0] == "error":
+                raise event[1]
+            yield event
+            if event[0] == "done":
+                return
