@@ -40,7 +40,10 @@ SMALL_CALLS = ("optim_step", "round_trip_forward_1x8", "forward_backward_4x32")
 
 # ------------------------------------------------------------------------------- servers
 def thread_env(threads: int) -> dict:
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+    # OMP_WAIT_POLICY=PASSIVE: on this shared 2-core machine (load 7-8 from other jobs) libgomp's
+    # spinning threads made torch 3x slower (fb 8x128 on SmolLM2 in-process: 54-65 s at 2 spinning
+    # threads, 19 s at 2 passive ones, 17 s at 1). XLA's Eigen pool does not read it.
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
             "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"}
 
 
@@ -53,14 +56,15 @@ def eztinker_command(args, run_dir: Path, port: int) -> tuple[list[str], dict]:
 def skyrl_command(args, run_dir: Path, port: int) -> tuple[list[str], dict]:
     # SkyRL refuses to start unless `uv run` launched it (it re-launches its engine the same way).
     # Adapter slots: the workload's 5 training clients and its sampler; rank 8. Its default
-    # (32 slots of rank 32) ran the engine out of this machine's 24 GB at the first optim_step;
-    # micro-batches of 8 sequences keep the 32-example batch's activations in memory (EZTinker
+    # (32 slots of rank 32) ran the engine out of this machine's 24 GB at the first optim_step, and
+    # micro-batches of 8 sequences took over 15 GB on the 32 GSM8K examples;
+    # micro-batches of 4 sequences keep the 32-example batch's activations in memory (EZTinker
     # micro-batches by tokens on its own).
     command = [str(args.peers_dir / "uvtool" / "bin" / "uv"), "run", "--no-project",
                "--python", str(args.peers_dir / "skyrl-venv" / "bin" / "python"), "-m", "skyrl.tinker.api",
                "--base-model", str(args.model_dir), "--backend", "jax",
                "--backend-config", json.dumps({"max_lora_adapters": 8, "max_lora_rank": LORA_RANK,
-                                                       "train_micro_batch_size": 8}),
+                                                       "train_micro_batch_size": 4}),
                "--host", "127.0.0.1", "--port", str(port),
                "--database-url", f"sqlite:///{run_dir / 'tinker.db'}", "--checkpoints-base", str(run_dir / "checkpoints")]
     return command, {"PATH": f"{args.peers_dir / 'uvtool' / 'bin'}:{os.environ['PATH']}",
@@ -192,6 +196,7 @@ class Phases:
         entry["server_cpu_seconds"].append(tree_stat(self.server_pid)[0] - cpu0)
         for key, value in extra.items():
             entry.setdefault(key, []).append(value(out) if callable(value) else value)
+        print(f"    {name}: {entry['seconds'][-1]:.3f} s", flush=True)
         return out
 
 
@@ -313,6 +318,20 @@ def plot(results: dict, table: dict) -> None:
     fig.savefig(PLOT, dpi=110)
 
 
+def report(results: dict) -> str:
+    """The recorded results as a Markdown table (docs/performance.md's)."""
+    ours, theirs, table = results["eztinker"]["summary"], results["skyrl"]["summary"], results["ratios"]
+    lines = ["| phase | EZTinker first / steady | SkyRL first / steady | steady ratio | goal | first-call ratio | server CPU ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in table.items():
+        def cell(s):
+            rate = f" ({s['steady_tokens_per_second']:.0f} tok/s)" if "steady_tokens_per_second" in s else ""
+            return f"{s['first_seconds']:.2f} / {s['steady_median_seconds']:.3f} s{rate}"
+        lines.append(f"| {name} | {cell(ours[name])} | {cell(theirs[name])} | **{row['steady']:.2f}x** | {row['goal']:.0f}x, "
+                     f"{'met' if row['met'] else '**missed**'} | {row['first_call']:.2f}x | {row['server_cpu']:.2f}x |")
+    return "\n".join(lines)
+
+
 def machine(threads: int) -> dict:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)}
@@ -338,7 +357,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4, help="steady calls per small phase (large ones get half)")
     parser.add_argument("--max-rss-gb", type=float, default=14.0)
     parser.add_argument("--work-dir", type=Path, default=peers_dir / "runs")
+    parser.add_argument("--report", action="store_true", help="print the recorded results as Markdown")
     args = parser.parse_args()
+    if args.report:
+        return print(report(json.loads(RESULTS.read_text())))
     if args.command == "drive":
         return drive(args.url, args.model, args.server_pid, Path(args.out), args.repeats)
 
