@@ -75,3 +75,49 @@ def plot_curves(results: dict[str, Any], path: Path, series: list[tuple[str, str
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# Rows every recipe's epoch table shows (label, results key, format).
+PERCENT, NUMBER = (lambda v: f"{v:.1%}"), (lambda v: f"{v:.3f}")
+TEST_ROWS = [
+    ("test accuracy", "test_accuracy", PERCENT),
+    ("test strict (format) acc.", "test_strict_accuracy", PERCENT),
+    ("test lenient (last number)", "test_lenient_accuracy", PERCENT),
+]
+TEST_SERIES = [("test_accuracy", "test (verifier)"), ("test_strict_accuracy", "test strict format"),
+               ("test_lenient_accuracy", "test lenient")]
+
+
+def print_epoch_table(console, title: str, epochs: list[dict[str, Any]], rows) -> None:
+    """One column per epoch ('initial' for epoch 0), one row per (label, key, format); '-' where unset."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    for e in epochs:
+        table.add_column("initial" if e["epoch"] == 0 else f"epoch {e['epoch']}", justify="right")
+    for label, key, fmt in rows:
+        table.add_row(label, *[fmt(e[key]) if e.get(key) is not None else "-" for e in epochs])
+    console.print(table)
+
+
+def record_best(results: dict[str, Any]) -> None:
+    """The best-scoring epoch and its checkpoint (None: the untrained model was best)."""
+    scored = [e for e in results["epochs"] if e.get("test_accuracy") is not None]
+    if scored:
+        best = max(scored, key=lambda e: e["test_accuracy"])
+        results["best_epoch"] = best["epoch"]
+        results["best_checkpoint"] = best.get("checkpoint")
+
+
+def print_best(console, results: dict[str, Any], output_dir: Path) -> None:
+    if "stopped" in results:
+        console.print(f"stopped: {results['stopped']}")
+    best = results.get("best_epoch")
+    if best is None:
+        console.print(f"outputs in {output_dir}/")
+        return
+    where = "the start (no training helped)" if best == 0 else f"epoch {best}"
+    checkpoint = results.get("best_checkpoint")
+    kept = f", checkpoint {checkpoint} (load it with `from_checkpoint`)" if checkpoint else ""
+    console.print(f"best test accuracy at {where}{kept}; outputs in {output_dir}/")

@@ -45,6 +45,11 @@ class TaskRecipeSettings:
     lora_rank: int = setting(1, "LoRA rank of a new run (a resumed run keeps its checkpoint's).")
     lora_alpha: float = setting(16.0, "LoRA alpha of a new run.")
     seed: int = setting(0, "Seeds problem order, candidate sampling and the adapter's init.")
+    eval_every: int = setting(1, "Evaluate every this many epochs (and always after the last one run).")
+    time_budget_minutes: float | None = setting(
+        None, "Start no epoch that would end past this many minutes from the start, judged by the previous "
+        "epoch's duration (the final evaluation still runs)."
+    )
     checkpoint: bool = setting(False, "Save a checkpoint every epoch.")
     resume_from: str | None = setting(None, "Continue after '<run_id>/<an epoch checkpoint of this recipe>'.")
     output_dir: Path = setting(Path("data"), "Folder for the buffer, results and plot.")

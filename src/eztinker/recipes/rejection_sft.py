@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from .. import AdamParams, ServiceClient, TrainingClient, datum_from_messages
 from ..tasks import Problem, get_task
 from ..tasks._grading import trim_after_answer as trim_after_answer  # part of this recipe's interface
 from ._cli import setting
 from ._settings import TaskRecipeSettings
-from ._results import config_dict, epoch_of, mean, plot_curves, previous_results, save_results
+from ._budget import TimeBudget
+from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, epoch_of, mean, plot_curves,
+                       previous_results, print_best, print_epoch_table, record_best, save_results)
 from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
 
 BUFFER_FILE = "rejection_buffer.jsonl"
@@ -118,13 +118,19 @@ class RejectionSFT:
         results.update(config=config_dict(c, drop=("reward_fn", "api_key")), model=health.model, run_id=run.run_id)
         started = time.monotonic()
 
+        budget = TimeBudget(c.time_budget_minutes)
         if start_epoch == 1:
-            t = time.monotonic()
-            test_metrics = self.rollouts.evaluate(run, test, "eval test (before training)")
-            results["epochs"] = [{"epoch": 0, **{f"test_{k}": v for k, v in test_metrics.items()}, "seconds": {"eval": time.monotonic() - t}}]
+            initial: dict[str, Any] = {"epoch": 0, "seconds": {}}
+            self._evaluate(run, test, initial, initial["seconds"])
+            results["epochs"] = [initial]
             save_results(self.output_dir / RESULTS_FILE, results)
-        candidates = None
+        last_epoch_seconds = 0.0
         for epoch in range(start_epoch, c.epochs + 1):
+            if not budget.allows(last_epoch_seconds):
+                results["stopped"] = (f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
+                                      f"(~{last_epoch_seconds:.0f} s) would end past it")
+                break
+            epoch_started = time.monotonic()
             times: dict[str, float] = {}
             t = time.monotonic()
             # Epoch 1 trains on the buffer filled by the initial model (phase 2); later epochs
@@ -136,64 +142,60 @@ class RejectionSFT:
             lr = c.learning_rate * c.lr_decay ** (epoch - 1)
             loss = self.train(run, chosen, lr, tokenizer) if chosen else None  # no correct candidate: nothing trained
             times["train"] = time.monotonic() - t
-            t = time.monotonic()
-            test_metrics = self.rollouts.evaluate(run, test, f"epoch {epoch}: eval test")
-            times["eval"] = time.monotonic() - t
-            entry = {
+            entry: dict[str, Any] = {
                 "epoch": epoch,
                 "learning_rate": lr,
                 "train_accuracy": mean(x.correct for cands in candidates for x in cands),
                 "rejection_quality": mean(sum(x.correct for x in cands) for cands in candidates),
                 "coverage": mean(any(x.correct for x in cands) for cands in candidates),
                 "trained_examples": len(chosen),
+                "optimizer_steps": -(-len(chosen) // c.batch_size),
                 "train_loss": loss,
-                **{f"test_{k}": v for k, v in test_metrics.items()},
                 "seconds": times,
             }
+            if epoch % c.eval_every == 0 or epoch == c.epochs:
+                self._evaluate(run, test, entry, times)
             if c.checkpoint:
                 entry["checkpoint"] = f"{run.run_id}/{CHECKPOINT_PREFIX}{epoch}"
                 entry["checkpoint_path"] = run.save_state(f"{CHECKPOINT_PREFIX}{epoch}").result().path
             results["epochs"].append(entry)
-            self.console.print(
-                f"epoch {epoch}: test acc {entry['test_accuracy']:.1%} (strict {entry['test_strict_accuracy']:.1%}), "
-                f"train acc {entry['train_accuracy']:.1%}, {len(chosen)} trained, loss {'-' if loss is None else f'{loss:.3f}'}"
-            )
+            self._report(entry)
             save_results(self.output_dir / RESULTS_FILE, results)
+            last_epoch_seconds = time.monotonic() - epoch_started
+        last = results["epochs"][-1] if results["epochs"] else None
+        if last is not None and last["epoch"] > 0 and "test_accuracy" not in last:
+            self._evaluate(run, test, last, last["seconds"])  # the run's final adapter is always scored
+            self._report(last)
         results["total_seconds"] = time.monotonic() - started
-        best = max(results["epochs"], key=lambda e: e["test_accuracy"])
-        results["best_epoch"] = best["epoch"]
-        results["best_checkpoint"] = best.get("checkpoint")  # None: the untrained model was best
+        record_best(results)
         save_results(self.output_dir / RESULTS_FILE, results)
-        self.print_table(results)
+        n = c.num_candidates
+        print_epoch_table(self.console, f"Rejection-sampling SFT on {c.task} ({results['model']})", results["epochs"], [
+            ("train accuracy (candidates)", "train_accuracy", PERCENT), *TEST_ROWS,
+            (f"rejection quality (of {n})", "rejection_quality", NUMBER), ("train loss", "train_loss", NUMBER),
+        ])
+        print_best(self.console, results, self.output_dir)
         plot_accuracy(results, self.output_dir / PLOT_FILE)
         return results
 
-    def print_table(self, results: dict[str, Any]) -> None:
-        epochs = results["epochs"]
-        table = Table(title=f"Rejection-sampling SFT on {self.config.task} ({results['model']})")
-        table.add_column("metric")
-        for e in epochs:
-            table.add_column("initial" if e["epoch"] == 0 else f"epoch {e['epoch']}", justify="right")
-        n = self.config.num_candidates
+    def _evaluate(self, run: TrainingClient, test: list[Problem], entry: dict[str, Any], times: dict[str, float]) -> None:
+        t = time.monotonic()
+        label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
+        entry.update({f"test_{k}": v for k, v in self.rollouts.evaluate(run, test, label).items()})
+        times["eval"] = time.monotonic() - t
 
-        def row(label: str, key: str, fmt: Callable[[float], str]) -> None:
-            table.add_row(label, *[fmt(e[key]) if e.get(key) is not None else "-" for e in epochs])
+    def _report(self, entry: dict[str, Any]) -> None:
+        loss = entry["train_loss"]
+        test = (f"test acc {entry['test_accuracy']:.1%} (strict {entry['test_strict_accuracy']:.1%}), "
+                if "test_accuracy" in entry else "")
+        self.console.print(
+            f"epoch {entry['epoch']}: {test}train acc {entry['train_accuracy']:.1%}, "
+            f"{entry['trained_examples']} trained, loss {'-' if loss is None else f'{loss:.3f}'}"
+        )
 
-        row("train accuracy (candidates)", "train_accuracy", lambda v: f"{v:.1%}")
-        row("test accuracy", "test_accuracy", lambda v: f"{v:.1%}")
-        row("test strict (format) acc.", "test_strict_accuracy", lambda v: f"{v:.1%}")
-        row("test lenient (last number)", "test_lenient_accuracy", lambda v: f"{v:.1%}")
-        row(f"rejection quality (of {n})", "rejection_quality", lambda v: f"{v:.2f}")
-        row("train loss", "train_loss", lambda v: f"{v:.3f}")
-        self.console.print(table)
-        best, checkpoint = results.get("best_epoch"), results.get("best_checkpoint")
-        where = "the start (no training helped)" if best == 0 else f"epoch {best}"
-        kept = f", checkpoint {checkpoint} (load it with `from_checkpoint`)" if checkpoint else ""
-        self.console.print(f"best test accuracy at {where}{kept}; outputs in {self.output_dir}/")
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> None:
-    series = [("test_accuracy", "test (verifier)"), ("test_strict_accuracy", "test strict format"),
-              ("test_lenient_accuracy", "test lenient"), ("train_accuracy", "train candidates")]
+    series = [*TEST_SERIES, ("train_accuracy", "train candidates")]
     plot_curves(results, path, series, f"Rejection-sampling SFT: {results['config']['task']} on {results['model']}")
 
 
