@@ -64,6 +64,24 @@ def test_dpo_loss_fn_sums_reply_tokens_and_averages_over_the_batch():
     assert logprobs[1].grad.tolist() == pytest.approx([0.0, g])
 
 
+def test_dpo_loss_fn_sft_term_adds_the_chosen_replys_mean_nll():
+    chosen = ez.Datum(model_input=ez.ModelInput(tokens=[1, 2, 3]),
+                      loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 3, 4], weights=[0, 1, 1]))
+    rejected = ez.Datum(model_input=ez.ModelInput(tokens=[1, 2]),
+                        loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 5], weights=[0, 1]))
+    logprobs = [torch.tensor([-9.0, -1.0, -2.0], requires_grad=True), torch.tensor([-9.0, -1.5], requires_grad=True)]
+    loss, metrics = dpo_loss_fn([-2.0, -2.0], beta=1.0, normaliser=2, sft_weight=0.5)([chosen, rejected], logprobs)
+    margin = -1.5
+    dpo = math.log1p(math.exp(-margin))
+    assert metrics["loss"] == pytest.approx(dpo) and metrics["chosen_nll"] == pytest.approx(1.5)  # (1 + 2) / 2 tokens
+    assert loss.item() == pytest.approx((dpo + 0.5 * 1.5) / 2)
+    loss.backward()
+    g = 1 / (1 + math.exp(margin)) / 2
+    sft = 0.5 / 2 / 2  # weight / tokens / normaliser, on each chosen reply token
+    assert logprobs[0].grad.tolist() == pytest.approx([0.0, -g - sft, -g - sft])
+    assert logprobs[1].grad.tolist() == pytest.approx([0.0, g])  # the rejected reply gets no SFT pull
+
+
 # -------------------------------------------------------------- forward_backward_custom
 def _nonlinear_loss(data, logprobs):
     """A loss no server loss computes: squares and a log-sum-exp of weighted logprob sums."""

@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.table import Table
 
 from .. import AdamParams, Datum, ServiceClient, TrainingClient, datum_from_messages
 from ..tasks import TASK_NAMES, Problem, get_task
 from ._cli import setting
 from ._settings import TaskRecipeSettings
-from ._results import config_dict, epoch_of, mean, plot_curves, previous_results, save_results
+from ._budget import TimeBudget
+from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, epoch_of, mean, plot_curves,
+                       previous_results, print_best, print_epoch_table, record_best, save_results)
 from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ BUFFER_FILE = "dpo_buffer.jsonl"
 RESULTS_FILE = "dpo_results.json"
 PLOT_FILE = "dpo_accuracy.png"
 CHECKPOINT_PREFIX = "dpo_epoch_"
-METRICS = ("loss", "margin", "correct", "chosen_reward", "rejected_reward")  # summed per micro-batch
+METRICS = ("loss", "margin", "correct", "chosen_reward", "rejected_reward", "chosen_nll")  # summed per micro-batch
 
 
 @dataclass
@@ -69,12 +70,11 @@ class Config(TaskRecipeSettings):
         None, "JSONL of {prompt, chosen, rejected} (prompt: text or chat messages); else pairs from the run's samples."
     )
     beta: float = setting(0.1, "DPO beta: the strength of the pull toward the reference.")
-    reference_checkpoint: str | None = setting(None, "Frozen reference '<run_id>/<name>'; default: the base model.")
-    eval_every: int = setting(1, "Evaluate every this many epochs (and always after the last one run).")
-    time_budget_minutes: float | None = setting(
-        None, "Start no epoch that would end past this many minutes from the start, judged by the previous "
-        "epoch's duration (the final evaluation still runs)."
+    sft_weight: float = setting(
+        0.0, "Weight of an SFT term, the chosen reply's mean per-token NLL (as in RPO): it keeps DPO from "
+        "lowering the chosen reply's likelihood along with the rejected one's."
     )
+    reference_checkpoint: str | None = setting(None, "Frozen reference '<run_id>/<name>'; default: the base model.")
 
 
 @dataclass
@@ -104,11 +104,12 @@ def reply_logprob(datum: Datum, logprobs: torch.Tensor) -> torch.Tensor:
     return (logprobs * torch.tensor(datum.loss_fn_inputs.weights, dtype=logprobs.dtype)).sum()
 
 
-def dpo_loss_fn(reference: Sequence[float], beta: float, normaliser: int) -> Callable:
+def dpo_loss_fn(reference: Sequence[float], beta: float, normaliser: int, sft_weight: float = 0.0) -> Callable:
     """A `forward_backward_custom` loss over datums [chosen_0, rejected_0, chosen_1, ...] whose
-    reference reply logprobs are `reference` (same order): the summed DPO loss / `normaliser`
-    (the optimizer batch's pair count, so accumulated micro-batches average over the batch).
-    Its metrics are the sums of METRICS over the micro-batch's pairs."""
+    reference reply logprobs are `reference` (same order): per pair the DPO loss plus
+    `sft_weight` x the chosen reply's mean per-token NLL, summed and divided by `normaliser` (the
+    optimizer batch's pair count, so accumulated micro-batches average over the batch). Its
+    metrics are the sums of METRICS over the micro-batch's pairs (`loss`: the DPO term alone)."""
     import torch
 
     ref = torch.tensor(reference, dtype=torch.float32)
@@ -116,7 +117,11 @@ def dpo_loss_fn(reference: Sequence[float], beta: float, normaliser: int) -> Cal
     def loss_fn(data: Sequence[Datum], logprobs: list[torch.Tensor]):
         policy = torch.stack([reply_logprob(d, lp) for d, lp in zip(data, logprobs)])
         terms = dpo_terms(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta)
-        return terms["loss"].sum() / normaliser, {k: float(terms[k].detach().sum()) for k in METRICS}
+        chosen_tokens = torch.tensor([max(sum(1 for w in d.loss_fn_inputs.weights if w), 1) for d in data[0::2]],
+                                     dtype=torch.float32)
+        terms["chosen_nll"] = -policy[0::2] / chosen_tokens
+        total = terms["loss"] + sft_weight * terms["chosen_nll"] if sft_weight else terms["loss"]
+        return total.sum() / normaliser, {k: float(terms[k].detach().sum()) for k in METRICS}
 
     return loss_fn
 
@@ -173,11 +178,7 @@ class DPO:
         self.output_dir = Path(config.output_dir)
         self.rng = random.Random(config.seed)
         self.rollouts = Rollouts(config, self.task, config.reward_fn, self.rng, self.console)
-        self.started = time.monotonic()
-
-    def out_of_time(self, next_epoch_seconds: float) -> bool:
-        budget = self.config.time_budget_minutes
-        return budget is not None and time.monotonic() - self.started + next_epoch_seconds > budget * 60
+        self.budget = TimeBudget(config.time_budget_minutes)
 
     # ------------------------------------------------------------------------ pairs
     def buffer_pairs(self, epoch: int, run: TrainingClient, problems: list[Problem]) -> tuple[list[Pair], list[list[Candidate]]]:
@@ -229,7 +230,7 @@ class DPO:
                 for m in range(0, len(batch), c.micro_batch_size):
                     micro = batch[m : m + c.micro_batch_size]
                     rows = [k for p in micro for k in (2 * p, 2 * p + 1)]
-                    loss_fn = dpo_loss_fn([reference[k] for k in rows], c.beta, len(batch))
+                    loss_fn = dpo_loss_fn([reference[k] for k in rows], c.beta, len(batch), c.sft_weight)
                     results.append(run.forward_backward_custom([data[k] for k in rows], loss_fn))
                 step = run.optim_step(AdamParams(learning_rate=learning_rate))
                 for future in results:
@@ -241,7 +242,7 @@ class DPO:
                 progress.update(bar, advance=len(batch), acc=f"loss {totals['loss'] / pairs_seen:.3f}")
         metrics: dict[str, Any] = {"optimizer_steps": steps, "trained_pairs": pairs_seen}
         names = {"loss": "dpo_loss", "margin": "reward_margin", "correct": "reward_accuracy",
-                 "chosen_reward": "chosen_reward", "rejected_reward": "rejected_reward"}
+                 "chosen_reward": "chosen_reward", "rejected_reward": "rejected_reward", "chosen_nll": "chosen_nll"}
         for key, name in names.items():
             metrics[name] = totals[key] / pairs_seen if pairs_seen else None
         return metrics
@@ -293,7 +294,7 @@ class DPO:
         fixed = None  # the pairs file's datums and reference logprobs, computed once
         last_epoch_seconds = 0.0
         for epoch in range(start_epoch, c.epochs + 1):
-            if self.out_of_time(last_epoch_seconds):
+            if not self.budget.allows(last_epoch_seconds):
                 results["stopped"] = (f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
                                       f"(~{last_epoch_seconds:.0f} s) would end past it")
                 break
@@ -335,17 +336,19 @@ class DPO:
         if test and last is not None and last["epoch"] > 0 and "test_accuracy" not in last:
             self._evaluate(run, test, last, last["seconds"])  # the run's final adapter is always scored
             self._report(last)
-        results["total_seconds"] = time.monotonic() - self.started
-        scored = [e for e in results["epochs"] if "test_accuracy" in e]
-        if scored:
-            best = max(scored, key=lambda e: e["test_accuracy"])
-            results["best_epoch"] = best["epoch"]
-            results["best_checkpoint"] = best.get("checkpoint")  # None: the untrained model was best
+        results["total_seconds"] = self.budget.elapsed()
+        record_best(results)
         save_results(results_path, results)
-        self.print_table(results)
+        print_epoch_table(self.console, f"DPO on {c.task} ({results['model']}), beta {c.beta}", results["epochs"], [
+            *TEST_ROWS, ("train accuracy (candidates)", "train_accuracy", PERCENT), ("pairs", "pairs", str),
+            ("DPO loss", "dpo_loss", NUMBER), ("reward margin", "reward_margin", NUMBER),
+            ("implicit-reward accuracy", "reward_accuracy", PERCENT), ("chosen reward", "chosen_reward", NUMBER),
+            ("rejected reward", "rejected_reward", NUMBER),
+            ("chosen reply NLL per token", "chosen_nll", NUMBER),
+        ])
+        print_best(self.console, results, self.output_dir)
         plot_curves(results, self.output_dir / PLOT_FILE,
-                    [("test_accuracy", "test (verifier)"), ("test_strict_accuracy", "test strict format"),
-                     ("test_lenient_accuracy", "test lenient"), ("reward_accuracy", "implicit-reward accuracy (train pairs)")],
+                    [*TEST_SERIES, ("reward_accuracy", "implicit-reward accuracy (train pairs)")],
                     f"DPO: {results['config']['task']} on {results['model']}")
         return results
 
@@ -365,37 +368,6 @@ class DPO:
             f"epoch {entry['epoch']}: {test}{entry['pairs']} pairs, {entry['optimizer_steps']} steps, "
             f"loss {fmt('dpo_loss', '.3f')}, margin {fmt('reward_margin', '.3f')}, reward acc {fmt('reward_accuracy', '.1%')}"
         )
-
-    def print_table(self, results: dict[str, Any]) -> None:
-        epochs = results["epochs"]
-        table = Table(title=f"DPO on {self.config.task} ({results['model']}), beta {self.config.beta}")
-        table.add_column("metric")
-        for e in epochs:
-            table.add_column("initial" if e["epoch"] == 0 else f"epoch {e['epoch']}", justify="right")
-
-        def row(label: str, key: str, fmt: Callable[[float], str]) -> None:
-            table.add_row(label, *[fmt(e[key]) if e.get(key) is not None else "-" for e in epochs])
-
-        percent, number = (lambda v: f"{v:.1%}"), (lambda v: f"{v:.3f}")
-        row("test accuracy", "test_accuracy", percent)
-        row("test strict (format) acc.", "test_strict_accuracy", percent)
-        row("test lenient", "test_lenient_accuracy", percent)
-        row("train accuracy (candidates)", "train_accuracy", percent)
-        row("pairs", "pairs", str)
-        row("DPO loss", "dpo_loss", number)
-        row("reward margin", "reward_margin", number)
-        row("implicit-reward accuracy", "reward_accuracy", percent)
-        row("chosen reward", "chosen_reward", number)
-        row("rejected reward", "rejected_reward", number)
-        self.console.print(table)
-        if "stopped" in results:
-            self.console.print(f"stopped: {results['stopped']}")
-        best = results.get("best_epoch")
-        if best is not None:
-            where = "the start (no training helped)" if best == 0 else f"epoch {best}"
-            checkpoint = results.get("best_checkpoint")
-            kept = f", checkpoint {checkpoint} (load it with `from_checkpoint`)" if checkpoint else ""
-            self.console.print(f"best test accuracy at {where}{kept}; outputs in {self.output_dir}/")
 
 
 def main(config: Config) -> dict[str, Any]:
