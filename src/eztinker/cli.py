@@ -1,4 +1,4 @@
-"""The `eztinker` command line: `server`, `rsft`, `dpo`, `demo`, `export`, `doctor`."""
+"""The `eztinker` command line: `server`, `rsft`, `rl`, `dpo`, `demo`, `export`, `doctor`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pydantic import SecretStr, ValidationError
 from .recipes._cli import click_options
 from .recipes.dpo import Config as DPOConfig
 from .recipes.rejection_sft import Config as RecipeConfig
+from .recipes.rl import Config as RLConfig
 from .server.settings import ServerSettings
 
 
@@ -133,6 +134,17 @@ def rsft(**options) -> None:
     """Rejection-sampling SFT against a running server (GSM8K by default)."""
     _quiet_libraries()
     _run_recipe(RecipeConfig(**options))
+
+
+# ------------------------------------------------------------------------------------ rl
+@app.command()
+@click_options(RLConfig)
+def rl(**options) -> None:
+    """RL against a running server: groups of replies per problem, group-normalised advantages."""
+    from .recipes.rl import main
+
+    _quiet_libraries()
+    _run_recipe(RLConfig(**options), main)
 
 
 # ----------------------------------------------------------------------------------- dpo

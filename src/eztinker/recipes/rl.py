@@ -1,0 +1,386 @@
+"""RL with group-normalised advantages (GRPO-style policy gradient).
+
+Every step takes `groups_per_step` problems; for each, a group of `num_candidates` replies is
+sampled from the run's adapter and scored (`scorers.py`: Math-Verify by default, a reward model
+or an LLM judge). A reply's advantage is its reward minus its group's mean, divided by the
+group's standard deviation (`--no-normalize-std` keeps only the centring); groups whose replies
+all score the same teach nothing and are skipped. Every reply token gets its reply's advantage,
+and the server's `importance_sampling` (or clipped `ppo`) loss weighs it by the ratio of the
+current policy to the sampling one, using the sampling logprobs, so samples that are a step or
+two old are still corrected for. The loss is averaged over the step's trained reply tokens.
+
+Sampling is pipelined (`SampleBuffer`): up to `max_staleness` steps' sampling requests wait on
+the server ahead of the step being trained, so the server samples while this side scores and
+builds the batch. `--max-staleness 0` is the plain sequential loop: sample, score, train, wait.
+
+An epoch is one pass over the training problems. A plain script over the SDK: a typed config,
+then `main(config)`; `eztinker rl --help`. Outputs under `output_dir`: `rl_rollouts.jsonl`
+(every group: replies, rewards, advantages, the adapter step that sampled it), `rl_results.json`
+(config, per-epoch and per-step metrics, timings, checkpoints) and `rl_accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .. import AdamParams, Datum, LossFnInputs, ModelInput, SamplingParams, ServiceClient, TrainingClient
+from ..tasks import TASK_NAMES, Problem, get_task
+from ._budget import TimeBudget
+from ._cli import setting
+from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, epoch_of, mean, plot_curves,
+                       previous_results, print_best, print_epoch_table, record_best, save_results)
+from ._rollouts import Rollouts, append_jsonl, load_problems, progress_bar
+from ._settings import TaskRecipeSettings
+from .scorers import SCORER_NAMES, Scorer, make_scorer
+
+ROLLOUTS_FILE = "rl_rollouts.jsonl"
+RESULTS_FILE = "rl_results.json"
+PLOT_FILE = "rl_accuracy.png"
+CHECKPOINT_PREFIX = "rl_epoch_"
+LOSSES = ("importance_sampling", "ppo")
+
+
+@dataclass
+class Config(TaskRecipeSettings):
+    """Every field but `reward_fn` is also an `eztinker rl` flag, with this help and default
+    (the shared ones are described in `_settings.py`)."""
+
+    task: str = setting("arithmetic", "Problem set.", choices=TASK_NAMES)
+    max_samples: int = setting(256, "Training problems (one epoch is one pass over them).")
+    num_candidates: int = setting(4, "Group size: replies sampled per problem.")
+    epochs: int = setting(1, "Passes over the training problems.")
+    learning_rate: float = setting(1e-3, "Adam learning rate of the first epoch.")
+    temperature: float = setting(1.0, "For the groups; evaluation is greedy.")
+    max_tokens: int = setting(64, "New tokens per reply.")
+    eval_size: int = setting(100, "Held-out test problems (greedy); 0 skips evaluation.")
+    batch_size: int = field(default=0, metadata={"cli": False})  # unused: a step is --groups-per-step groups
+    groups_per_step: int = setting(8, "Problems (groups) per optimizer step.")
+    micro_batch_size: int = setting(16, "Replies per forward_backward request.")
+    loss_fn: str = setting("importance_sampling", "Policy-gradient loss on the server.", choices=LOSSES)
+    normalize_std: bool = setting(True, "Divide advantages by the group's reward standard deviation (GRPO).")
+    max_staleness: int = setting(
+        1, "Steps the sampling adapter may lag the trained one: sampling for that many steps ahead is "
+        "queued while a step trains (0: the sequential loop)."
+    )
+    scorer: str = setting("verifier", "Rewards: the task's verifier (Math-Verify), a reward model, or an LLM judge.",
+                          choices=SCORER_NAMES)
+    reward_model: str | None = setting(None, "--scorer reward-model: a sequence-classification model (folder or Hub id).")
+    judge_model: str | None = setting(None, "--scorer judge: a base model on the server (default: its first).")
+    time_budget_minutes: float | None = setting(
+        None, "Start no step that would end past this many minutes from the start, judged by the previous "
+        "step's duration (the final evaluation still runs)."
+    )
+    checkpoint: bool = setting(False, "Save rl_epoch_<k> every epoch.")
+    resume_from: str | None = setting(
+        None, "Continue after '<run_id>/rl_epoch_<k>' (an epoch cut short by the time budget is saved too, "
+        "and resuming from it goes on with epoch k+1)."
+    )
+
+
+# ------------------------------------------------------------------------- advantages
+def group_advantages(rewards: Sequence[float], normalize_std: bool = True) -> list[float]:
+    """Reward minus the group mean, over the group's (population) standard deviation when asked;
+    all zeros when every reply scored the same."""
+    mu = sum(rewards) / len(rewards)
+    centred = [r - mu for r in rewards]
+    std = math.sqrt(sum(c * c for c in centred) / len(rewards))
+    if std < 1e-6:
+        return [0.0] * len(rewards)
+    return [c / std for c in centred] if normalize_std else centred
+
+
+@dataclass
+class Reply:
+    text: str  # as scored (after the task's trim)
+    tokens: list[int]  # as sampled, end-of-turn token included
+    logprobs: list[float]
+    reward: float
+    correct: bool
+
+
+@dataclass
+class Group:
+    problem: Problem
+    prompt_tokens: list[int]
+    replies: list[Reply]
+    sampled_at: int  # optimizer steps of the adapter that sampled it
+    advantages: list[float] = field(default_factory=list)
+
+
+def policy_datum(prompt_tokens: Sequence[int], reply: Reply, advantage: float) -> Datum:
+    """Next-token example over prompt + reply: each reply token carries the advantage (already
+    scaled) and its sampling logprob; prompt positions carry nothing."""
+    tokens = [*prompt_tokens, *reply.tokens]
+    pad = [0.0] * (len(prompt_tokens) - 1)
+    return Datum(
+        model_input=ModelInput(tokens=tokens[:-1]),
+        loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], logprobs=pad + list(reply.logprobs),
+                                    advantages=pad + [advantage] * len(reply.tokens)),
+    )
+
+
+def step_data(groups: Sequence[Group]) -> tuple[list[Datum], int]:
+    """The step's examples (replies with a nonzero advantage) and their reply-token count; the
+    advantages are divided by it, so the summed loss is a per-token mean."""
+    trained = [(g, r, a) for g in groups for r, a in zip(g.replies, g.advantages) if a != 0.0]
+    tokens = sum(len(r.tokens) for _, r, _ in trained)
+    return [policy_datum(g.prompt_tokens, r, a / tokens) for g, r, a in trained], tokens
+
+
+# ---------------------------------------------------------------------- the sampler side
+class SampleBuffer:
+    """Groups for the coming steps. `request(i)` submits step i's sampling to the server at once
+    and scores the replies in a background thread as soon as they land; `take(i)` waits for them."""
+
+    def __init__(self, run: TrainingClient, task, scorer: Scorer, params: SamplingParams, group_size: int,
+                 rng: random.Random):
+        self.run, self.task, self.scorer, self.params, self.group_size, self.rng = run, task, scorer, params, group_size, rng
+        self.pending: dict[int, Future] = {}
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="rl-score")
+
+    def request(self, index: int, problems: list[Problem], sampled_at: int) -> None:
+        if index in self.pending:
+            return
+        params = self.params.model_copy(update={"seed": self.rng.randrange(2**31)})
+        future = self.run.sample([self.task.messages_for(p) for p in problems], self.group_size, params)
+        self.pending[index] = self.pool.submit(self._score, future, problems, sampled_at)
+
+    def take(self, index: int) -> list[Group]:
+        return self.pending.pop(index).result()
+
+    def _score(self, future, problems: list[Problem], sampled_at: int) -> list[Group]:
+        result = future.result()
+        groups = []
+        for problem, prompt_tokens, sequences in zip(problems, result.prompt_tokens, result.sequences):
+            texts = [self.task.trim_reply(s.text) for s in sequences]
+            rewards = self.scorer(problem, texts)
+            replies = [Reply(text, list(s.tokens), list(s.logprobs), float(reward), self.task.is_correct(text, problem))
+                       for text, s, reward in zip(texts, sequences, rewards)]
+            groups.append(Group(problem, list(prompt_tokens), replies, sampled_at))
+        return groups
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------ metrics
+def step_metrics(groups: list[Group], data: list[Datum], fb_logprobs: list[list[float | None]],
+                 trained_on: int) -> dict[str, Any]:
+    """A step's numbers: reward, accuracy, mixed groups, KL(sampler || trainer) and the sampler's
+    entropy (both per token, estimated from the sampled tokens), lengths, and staleness (how many
+    updates the adapter that sampled a group lags the one it is trained on, `trained_on`)."""
+    replies = [r for g in groups for r in g.replies]
+    kl_terms = []
+    for datum, row in zip(data, fb_logprobs):
+        for sampled, trained, adv in zip(datum.loss_fn_inputs.logprobs, row, datum.loss_fn_inputs.advantages):
+            if adv != 0.0 and trained is not None:
+                kl_terms.append(sampled - trained)
+    return {
+        "step": trained_on + 1,
+        "mean_reward": mean(r.reward for r in replies),
+        "train_accuracy": mean(r.correct for r in replies),
+        "mixed_groups": mean(any(a != 0.0 for a in g.advantages) for g in groups),
+        "kl_sample_train": mean(kl_terms) if kl_terms else None,
+        "entropy": -sum(sum(r.logprobs) for r in replies) / max(sum(len(r.logprobs) for r in replies), 1),
+        "reply_tokens": mean(len(r.tokens) for r in replies),
+        "trained_replies": len(data),
+        "staleness": mean(trained_on - g.sampled_at for g in groups),
+    }
+
+
+EPOCH_MEANS = ("mean_reward", "train_accuracy", "mixed_groups", "kl_sample_train", "entropy", "reply_tokens", "staleness")
+
+
+def epoch_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"optimizer_steps": len(steps), "trained_replies": sum(s["trained_replies"] for s in steps)}
+    for key in EPOCH_MEANS:
+        values = [s[key] for s in steps if s.get(key) is not None]
+        summary[key] = mean(values) if values else None
+    return summary
+
+
+# ------------------------------------------------------------------------------- recipe
+class RL:
+    def __init__(self, config: Config, console: Console | None = None):
+        if config.groups_per_step < 1 or config.num_candidates < 2:
+            raise ValueError("--groups-per-step must be at least 1 and --num-candidates at least 2 (a group)")
+        if config.max_staleness < 0:
+            raise ValueError("--max-staleness must be 0 or more")
+        self.config = config
+        self.console = console or Console()
+        self.task = get_task(config.task)
+        self.output_dir = Path(config.output_dir)
+        self.rng = random.Random(config.seed)
+        self.rollouts = Rollouts(config, self.task, config.reward_fn, self.rng, self.console)
+        self.budget = TimeBudget(config.time_budget_minutes)
+
+    def schedule(self, train: list[Problem], start_epoch: int) -> list[tuple[int, list[Problem]]]:
+        """(epoch, problems) of every step from `start_epoch` on; each epoch in its own seeded order."""
+        c, steps = self.config, []
+        for epoch in range(start_epoch, c.epochs + 1):
+            order = list(train)
+            random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
+            steps += [(epoch, order[i : i + c.groups_per_step]) for i in range(0, len(order), c.groups_per_step)]
+        return steps
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        service = ServiceClient(c.server_url, api_key=c.api_key)
+        health = service.health()
+        scorer = make_scorer(c, self.task, service)
+        train, test = load_problems(c, self.task)
+        test = test if c.eval_size > 0 else []
+        start_epoch = 1
+        if c.resume_from:
+            start_epoch = epoch_of(c.resume_from, CHECKPOINT_PREFIX) + 1
+            run = service.create_training_run(from_checkpoint=c.resume_from, seed=c.seed)
+        else:
+            run = service.create_training_run(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, seed=c.seed)
+            (self.output_dir / ROLLOUTS_FILE).unlink(missing_ok=True)
+        self.console.print(
+            f"[bold]RL[/] ({c.loss_fn}, scorer {c.scorer}) on {c.task}: model {health.model}, run {run.run_id}, "
+            f"{len(train)} train / {len(test)} test problems, groups of {c.num_candidates}, "
+            f"{c.groups_per_step} per step, max staleness {c.max_staleness}, epochs {start_epoch}..{c.epochs}"
+        )
+        results_path = self.output_dir / RESULTS_FILE
+        results = previous_results(results_path, c.resume_from, CHECKPOINT_PREFIX) if c.resume_from else {"epochs": []}
+        results["steps"] = [s for s in results.get("steps", []) if s["epoch"] < start_epoch]
+        results.update(config=config_dict(c, drop=("reward_fn", "api_key")), model=health.model, run_id=run.run_id)
+        if start_epoch == 1:
+            results["epochs"] = []
+        if start_epoch == 1 and test:
+            initial: dict[str, Any] = {"epoch": 0, "seconds": {}}
+            self._evaluate(run, test, initial)
+            results["epochs"] = [initial]
+            save_results(results_path, results)
+        params = SamplingParams(max_tokens=c.max_tokens, temperature=c.temperature)
+        buffer = SampleBuffer(run, self.task, scorer, params, c.num_candidates, self.rng)
+        try:
+            self._train(run, buffer, self.schedule(train, start_epoch), test, results)
+        finally:
+            buffer.close()
+        last = results["epochs"][-1] if results["epochs"] else None
+        if test and last is not None and last["epoch"] > 0 and "test_accuracy" not in last:
+            self._evaluate(run, test, last)  # the run's final adapter is always scored
+            self._report(last)
+        results["total_seconds"] = self.budget.elapsed()
+        record_best(results)
+        save_results(results_path, results)
+        print_epoch_table(self.console, f"RL ({c.loss_fn}) on {c.task} ({results['model']}), scorer {c.scorer}",
+                          results["epochs"], [
+            *TEST_ROWS, ("train accuracy (groups)", "train_accuracy", PERCENT), ("mean reward", "mean_reward", NUMBER),
+            ("groups with mixed rewards", "mixed_groups", PERCENT), ("KL(sampler || trainer)", "kl_sample_train", NUMBER),
+            ("entropy per token", "entropy", NUMBER), ("reply tokens", "reply_tokens", NUMBER),
+            ("staleness (steps)", "staleness", NUMBER), ("optimizer steps", "optimizer_steps", str),
+        ])
+        print_best(self.console, results, self.output_dir)
+        plot_curves(results, self.output_dir / PLOT_FILE, [*TEST_SERIES, ("train_accuracy", "train accuracy (groups)")],
+                    f"RL: {c.task} on {results['model']}")
+        return results
+
+    def _train(self, run: TrainingClient, buffer: SampleBuffer, schedule: list[tuple[int, list[Problem]]],
+               test: list[Problem], results: dict[str, Any]) -> None:
+        c = self.config
+        step_at = run.info().step
+        ahead = c.max_staleness
+        for i in range(min(ahead + 1, len(schedule))):  # the first steps' sampling, all on the current adapter
+            buffer.request(i, schedule[i][1], step_at)
+        epoch_steps: list[dict[str, Any]] = []
+        epoch_times = {"wait_for_samples": 0.0, "train": 0.0}
+        last_step_seconds = 0.0
+        with progress_bar(self.console) as progress:
+            bar = progress.add_task("rl", total=len(schedule), acc="")
+            for i, (epoch, problems) in enumerate(schedule):
+                if not self.budget.allows(last_step_seconds):
+                    results["stopped"] = (f"time budget of {c.time_budget_minutes} min: a step (~{last_step_seconds:.0f} s) "
+                                          f"would end past it, after {step_at} optimizer steps")
+                    break
+                step_started = time.monotonic()
+                groups = buffer.take(i)
+                epoch_times["wait_for_samples"] += time.monotonic() - step_started
+                t = time.monotonic()
+                for g in groups:
+                    g.advantages = group_advantages([r.reward for r in g.replies], c.normalize_std)
+                data, _ = step_data(groups)
+                lr = c.learning_rate * c.lr_decay ** (epoch - 1)
+                trained_on = step_at
+                fbs = [run.forward_backward(data[k : k + c.micro_batch_size], loss_fn=c.loss_fn)
+                       for k in range(0, len(data), c.micro_batch_size)]
+                optim = run.optim_step(AdamParams(learning_rate=lr)) if data else None
+                if ahead and i + ahead + 1 < len(schedule):  # queued behind this step's update: runs on the next adapter
+                    buffer.request(i + ahead + 1, schedule[i + ahead + 1][1], trained_on + (optim is not None))
+                fb_logprobs = [row for f in fbs for row in f.result().logprobs]
+                loss = sum(f.result().loss for f in fbs) if fbs else None
+                if optim is not None:
+                    step_at = optim.result().step
+                if not ahead and i + 1 < len(schedule):  # sequential: sample only once the update is in
+                    buffer.request(i + 1, schedule[i + 1][1], step_at)
+                epoch_times["train"] += time.monotonic() - t
+                metrics = {"epoch": epoch, **step_metrics(groups, data, fb_logprobs, trained_on), "loss": loss,
+                           "learning_rate": lr, "seconds": round(time.monotonic() - step_started, 3)}
+                epoch_steps.append(metrics)
+                results["steps"].append(metrics)
+                self._log_groups(epoch, step_at, groups)
+                progress.update(bar, advance=1, acc=f"reward {metrics['mean_reward']:.2f}")
+                last_step_seconds = time.monotonic() - step_started
+                if i + 1 == len(schedule) or schedule[i + 1][0] != epoch:
+                    self._end_epoch(run, epoch, epoch_steps, epoch_times, test, results, partial=False)
+                    epoch_steps, epoch_times = [], {"wait_for_samples": 0.0, "train": 0.0}
+        if epoch_steps:  # stopped by the budget inside an epoch
+            self._end_epoch(run, epoch_steps[-1]["epoch"], epoch_steps, epoch_times, test, results, partial=True)
+
+    def _end_epoch(self, run: TrainingClient, epoch: int, steps: list[dict[str, Any]], times: dict[str, float],
+                   test: list[Problem], results: dict[str, Any], partial: bool) -> None:
+        c = self.config
+        entry: dict[str, Any] = {"epoch": epoch, **epoch_summary(steps), "learning_rate": steps[-1]["learning_rate"],
+                                 "seconds": dict(times)}
+        if partial:
+            entry["partial"] = True
+        elif test and (epoch % c.eval_every == 0 or epoch == c.epochs):
+            self._evaluate(run, test, entry)
+        if c.checkpoint:
+            entry["checkpoint"] = f"{run.run_id}/{CHECKPOINT_PREFIX}{epoch}"
+            entry["checkpoint_path"] = run.save_state(f"{CHECKPOINT_PREFIX}{epoch}").result().path
+        results["epochs"].append(entry)
+        self._report(entry)
+        save_results(self.output_dir / RESULTS_FILE, results)
+
+    def _evaluate(self, run: TrainingClient, test: list[Problem], entry: dict[str, Any]) -> None:
+        t = time.monotonic()
+        label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
+        entry.update({f"test_{k}": v for k, v in self.rollouts.evaluate(run, test, label).items()})
+        entry["seconds"]["eval"] = time.monotonic() - t
+
+    def _log_groups(self, epoch: int, step: int, groups: list[Group]) -> None:
+        append_jsonl(self.output_dir / ROLLOUTS_FILE, [{
+            "epoch": epoch, "step": step, "sampled_at": g.sampled_at, "id": g.problem.id, "gold": g.problem.gold,
+            "replies": [r.text for r in g.replies], "rewards": [r.reward for r in g.replies],
+            "correct": [r.correct for r in g.replies], "advantages": [round(a, 4) for a in g.advantages],
+        } for g in groups])
+
+    def _report(self, entry: dict[str, Any]) -> None:
+        def fmt(key: str, spec: str) -> str:
+            return "-" if entry.get(key) is None else format(entry[key], spec)
+
+        test = f"test acc {fmt('test_accuracy', '.1%')} (strict {fmt('test_strict_accuracy', '.1%')}), " if "test_accuracy" in entry else ""
+        self.console.print(
+            f"epoch {entry['epoch']}{' (partial)' if entry.get('partial') else ''}: {test}{entry['optimizer_steps']} steps, "
+            f"reward {fmt('mean_reward', '.3f')}, mixed groups {fmt('mixed_groups', '.0%')}, "
+            f"KL {fmt('kl_sample_train', '.4f')}, entropy {fmt('entropy', '.3f')}"
+        )
+
+
+def main(config: Config) -> dict[str, Any]:
+    return RL(config).run()
