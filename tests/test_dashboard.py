@@ -104,7 +104,7 @@ def test_dashboard_lists_runs_plots_steps_downloads_checkpoints_and_samples(serv
     with tarfile.open(fileobj=io.BytesIO(Path(download.path()).read_bytes())) as tar:
         assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors"]
 
-    page.click(f"tr[data-checkpoint='after-6'] a")  # into the playground, on that checkpoint
+    page.click("tr[data-checkpoint='after-6'] a")  # into the playground, on that checkpoint
     expect(page.locator("#playground-model")).to_have_value(f"{run.run_id}/after-6")
     page.fill("#playground-message", "Say something.")
     page.fill("#playground-max-tokens", "8")

@@ -1,6 +1,6 @@
 """A recipe's results file and what resuming needs from it: the results JSON written atomically
-after every epoch, the epoch a checkpoint name stands for, the earlier epochs a resumed run
-keeps, the config as JSON, and the accuracy plot."""
+after every epoch, the run to train (new or restored), the epoch a checkpoint name stands for,
+the earlier epochs a resumed run keeps, the config as JSON, the epoch table and the accuracy plot."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def epoch_of(checkpoint_ref: str, prefix: str) -> int:
     if not name.startswith(prefix) or not name[len(prefix):].isdigit():
         raise ValueError(f"resume_from must name a '{prefix}<k>' checkpoint, got {checkpoint_ref!r}")
     return int(name[len(prefix):])
+
+
+def open_run(service, config: Any, prefix: str, log_file: Path):
+    """(run, first epoch to train): a new run, whose log file starts empty, or, with
+    `config.resume_from`, a run restored from that '<prefix><k>' checkpoint, going on at k + 1."""
+    if config.resume_from:
+        start_epoch = epoch_of(config.resume_from, prefix) + 1
+        return service.create_training_run(from_checkpoint=config.resume_from, seed=config.seed), start_epoch
+    log_file.unlink(missing_ok=True)
+    return service.create_training_run(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, seed=config.seed), 1
 
 
 def previous_results(path: Path, resume_from: str, prefix: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from ..tasks import TASK_NAMES, Problem, get_task
 from ._cli import setting
 from ._settings import TaskRecipeSettings
 from ._budget import TimeBudget
-from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, epoch_of, mean, plot_curves,
+from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
                        previous_results, print_best, print_epoch_table, record_best, save_results)
 from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
 
@@ -259,13 +259,7 @@ class DPO:
         if fixed_pairs is None or c.eval_size > 0:
             train, test = load_problems(c, self.task)
             test = test if c.eval_size > 0 else []
-        start_epoch = 1
-        if c.resume_from:
-            start_epoch = epoch_of(c.resume_from, CHECKPOINT_PREFIX) + 1
-            run = service.create_training_run(from_checkpoint=c.resume_from, seed=c.seed)
-        else:
-            run = service.create_training_run(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, seed=c.seed)
-            (self.output_dir / BUFFER_FILE).unlink(missing_ok=True)
+        run, start_epoch = open_run(service, c, CHECKPOINT_PREFIX, self.output_dir / BUFFER_FILE)
         # A fresh adapter's update is zero (LoRA B starts at 0): this run *is* the base model.
         reference = (service.create_training_run(from_checkpoint=c.reference_checkpoint, seed=c.seed)
                      if c.reference_checkpoint else service.create_training_run(lora_rank=1, seed=c.seed))

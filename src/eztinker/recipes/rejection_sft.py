@@ -25,7 +25,7 @@ from ..tasks._grading import trim_after_answer as trim_after_answer  # part of t
 from ._cli import setting
 from ._settings import TaskRecipeSettings
 from ._budget import TimeBudget
-from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, epoch_of, mean, plot_curves,
+from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
                        previous_results, print_best, print_epoch_table, record_best, save_results)
 from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
 
@@ -102,13 +102,7 @@ class RejectionSFT:
         service = ServiceClient(c.server_url, api_key=c.api_key)
         health = service.health()
         train, test = self.load_problems()
-        start_epoch = 1
-        if c.resume_from:
-            start_epoch = epoch_of(c.resume_from, CHECKPOINT_PREFIX) + 1
-            run = service.create_training_run(from_checkpoint=c.resume_from, seed=c.seed)
-        else:
-            run = service.create_training_run(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, seed=c.seed)
-            (self.output_dir / BUFFER_FILE).unlink(missing_ok=True)
+        run, start_epoch = open_run(service, c, CHECKPOINT_PREFIX, self.output_dir / BUFFER_FILE)
         tokenizer = run.get_tokenizer()
         self.console.print(
             f"[bold]rejection SFT[/] on {c.task}: model {health.model}, run {run.run_id}, "

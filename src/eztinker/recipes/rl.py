@@ -36,7 +36,7 @@ from .. import AdamParams, Datum, LossFnInputs, ModelInput, SamplingParams, Serv
 from ..tasks import TASK_NAMES, Problem, get_task
 from ._budget import TimeBudget
 from ._cli import setting
-from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, epoch_of, mean, plot_curves,
+from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
                        previous_results, print_best, print_epoch_table, record_best, save_results)
 from ._rollouts import Rollouts, append_jsonl, load_problems, progress_bar
 from ._settings import TaskRecipeSettings
@@ -242,13 +242,7 @@ class RL:
         scorer = make_scorer(c, self.task, service)
         train, test = load_problems(c, self.task)
         test = test if c.eval_size > 0 else []
-        start_epoch = 1
-        if c.resume_from:
-            start_epoch = epoch_of(c.resume_from, CHECKPOINT_PREFIX) + 1
-            run = service.create_training_run(from_checkpoint=c.resume_from, seed=c.seed)
-        else:
-            run = service.create_training_run(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, seed=c.seed)
-            (self.output_dir / ROLLOUTS_FILE).unlink(missing_ok=True)
+        run, start_epoch = open_run(service, c, CHECKPOINT_PREFIX, self.output_dir / ROLLOUTS_FILE)
         self.console.print(
             f"[bold]RL[/] ({c.loss_fn}, scorer {c.scorer}) on {c.task}: model {health.model}, run {run.run_id}, "
             f"{len(train)} train / {len(test)} test problems, groups of {c.num_candidates}, "
