@@ -195,6 +195,29 @@ def test_sampling_parameters(service, model):
         assert len(row) == 3 and row[0][1] >= row[1][1] >= row[2][1] >= lp - 1e-4
 
 
+def sample_batches(server) -> tuple[float, float]:
+    """(batches, requests) the server has decoded, from its /metrics histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ALICE}"}).text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    return samples["eztinker_sample_batch_requests_count"], samples["eztinker_sample_batch_requests_sum"]
+
+
+def test_requests_sent_together_decode_as_one_batch_with_the_same_samples(service, server, model):
+    """The SDK sends one request per prompt; the server gathers those that arrive together into
+    one batch (sample_gather_ms), and a seeded request's samples do not depend on the batch."""
+    sampler = service.create_lora_training_client(base_model=model, rank=4).save_weights_and_get_sampling_client()
+    prompts = [types.ModelInput.from_ints([100 + i, 200, 300 + 7 * i]) for i in range(8)]
+    params = [types.SamplingParams(max_tokens=6, temperature=1.0, seed=i) for i in range(8)]
+    alone = [list(sampler.sample(p, 2, q).result().sequences[1].tokens) for p, q in zip(prompts, params)]
+    batches, requests = sample_batches(server)
+    futures = [sampler.sample(p, 2, q) for p, q in zip(prompts, params)]
+    together = [list(f.result().sequences[1].tokens) for f in futures]
+    after = sample_batches(server)
+    assert together == alone
+    assert (after[0] - batches, after[1] - requests) == (1, 8)  # with --sample-gather-ms 0: 2 batches (1 + 7)
+
+
 def test_two_training_clients_do_not_affect_each_other(service, model):
     a = service.create_lora_training_client(base_model=model, rank=4, seed=5)
     b = service.create_lora_training_client(base_model=model, rank=4, seed=5)

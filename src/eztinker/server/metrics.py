@@ -36,6 +36,9 @@ class Metrics:
                                       ["model"], registry=self.registry)
         self.tokens_trained = Counter("eztinker_tokens_trained", "Input tokens of completed forward_backward passes "
                                       "(forward-only passes excluded), by base model.", ["model"], registry=self.registry)
+        self.sample_batch_requests = Histogram(
+            "eztinker_sample_batch_requests", "Sample requests decoded together in one batch (see sample_gather_ms).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
 
     def job_finished(self, command: Command, outcome: Outcome, queued_s: float, run_s: float) -> None:
         kind = command.kind

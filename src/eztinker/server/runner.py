@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backend import Backend, Progress, WorkerLost
-from ..backend.commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Save, fusable
+from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
+                                Save, fusable)
 from .metrics import Metrics
 from .store import Store, is_busy
 
 log = logging.getLogger(__name__)
 
+_GATHER_LIMIT = 10  # a sample batch gathers arrivals for at most this many gaps (sample_gather_seconds)
 SNAPSHOTS = "snapshots"  # <data_dir>/snapshots/<run_id>/<job_id>: what each run last loaded
 
 
@@ -77,7 +79,7 @@ def stored_path(path: Path, data_dir: Path) -> str:
 
 class JobRunner:
     def __init__(self, backend: Backend, store: Store, data_dir: Path, *, job_ttl_seconds: float,
-                 max_finished_jobs: int, checkpoint_root: Path | None = None,
+                 max_finished_jobs: int, sample_gather_seconds: float = 0.0, checkpoint_root: Path | None = None,
                  snapshot_root: Path | None = None, restore_run: Callable[[str], None] | None = None):
         """`restore_run(run_id)` rebuilds a run whose worker was lost (on a live one, from its last
         checkpoint), as after a restart."""
@@ -88,6 +90,7 @@ class JobRunner:
         self.snapshot_root = snapshot_root or data_dir / SNAPSHOTS
         self.job_ttl_seconds = job_ttl_seconds
         self.max_finished_jobs = max_finished_jobs
+        self.sample_gather_seconds = sample_gather_seconds
         self.restore_run = restore_run
         self._lanes: dict[Hashable, _Lane] = {}
         self._parked: dict[str, list[Job]] = {}  # jobs of runs being restored after their worker was lost
@@ -204,6 +207,7 @@ class JobRunner:
                     if self._stopping:
                         return
                     batch = lane.running = self._take_batch(lane.queue)
+                    self._gather(lane, batch)
                 self._run(lane, batch)
                 self._maybe_expire()
         except BaseException as exc:  # e.g. a database that fails for good: /health must say so
@@ -239,6 +243,26 @@ class JobRunner:
             batch.append(queue.popleft())
         return batch
 
+    def _gather(self, lane: _Lane, batch: list[Job]) -> None:
+        """Let a sample batch grow while fusable samples keep arriving (holding the lock): a client
+        sending N requests at once (the Tinker SDK sends one per prompt, a few milliseconds apart)
+        gets one N-prompt batch, not a 1-prompt batch followed by an (N-1)-prompt one. Gathering
+        ends at a quiet gap of `sample_gather_seconds`, at anything but a fusable sample at the
+        head of the queue, or `_GATHER_LIMIT` gaps after it began (which bounds the latency it adds)."""
+        if not self.sample_gather_seconds or not isinstance(batch[0].command, Sample):
+            return
+        limit = time.monotonic() + _GATHER_LIMIT * self.sample_gather_seconds
+        while not self._stopping:
+            deadline = min(time.monotonic() + self.sample_gather_seconds, limit)
+            while not lane.queue and not self._stopping and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(left)
+            if not lane.queue or not fusable(batch[0].command, lane.queue[0].command):
+                return
+            while lane.queue and fusable(batch[0].command, lane.queue[0].command):
+                batch.append(lane.queue.popleft())
+            if time.monotonic() >= limit:
+                return
+
     def _run(self, lane: _Lane, batch: list[Job]) -> None:
         lost: WorkerLost | None = None
         try:
@@ -259,6 +283,8 @@ class JobRunner:
                 log.exception("backend failed")
                 outcomes = [Outcome(error=f"{type(exc).__name__}: {exc}")] * len(batch)
             finished = time.monotonic()
+            if isinstance(batch[0].command, Sample):
+                self.metrics.sample_batch_requests.observe(len(batch))
             for job, outcome in zip(batch, outcomes):
                 self._record(job, outcome)
                 try:

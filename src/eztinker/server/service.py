@@ -82,7 +82,8 @@ class Service:
         self.checkpoint_root, self.snapshot_root = settings.checkpoint_root(), settings.snapshot_root()
         self.store = Store(self.data_dir / "eztinker.sqlite3")
         self.runner = JobRunner(backend, self.store, self.data_dir, job_ttl_seconds=settings.job_ttl_seconds,
-                                max_finished_jobs=settings.max_finished_jobs, checkpoint_root=self.checkpoint_root,
+                                max_finished_jobs=settings.max_finished_jobs,
+                                sample_gather_seconds=settings.sample_gather_ms / 1000, checkpoint_root=self.checkpoint_root,
                                 snapshot_root=self.snapshot_root, restore_run=self._restore_lost_run)
         self.runner.metrics.watch(self.runner.unfinished, lambda: [row["base_model"] for row in self.store.live_runs()])
         self._restore()

@@ -76,6 +76,11 @@ class ServerSettings(BaseSettings):
         512, ge=1, description="Most connections served at once; a request beyond gets 503 (the SDKs retry). "
         "Each connection is a file descriptor.",
     )
+    sample_gather_ms: float = Field(
+        20, ge=0, le=1000, description="A sample job waits for more samples of its model until none has arrived for "
+        "this many milliseconds (10 times this at most), so that requests sent together decode as one batch "
+        "(the Tinker SDK sends one request per prompt); 0 starts every sample at once.",
+    )
     job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
     max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
     tinker_session_timeout_seconds: float = Field(
