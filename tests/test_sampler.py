@@ -396,3 +396,37 @@ def test_finished_rows_leave_the_batch_without_changing_the_others(sharp, monkey
     alone = [tokens_of(sharp.sample([s])[0]) for s in specs]
     assert default == carried == eager == alone
     assert [len(r[0][0]) for r in default] == [2, 9, 4, 12]
+
+
+def test_candidates_sharing_one_copy_of_their_prompt_cache_equal_copying_it(sharp, monkeypatch):
+    """The decode attention that reads a prompt's KV cache once for all its candidates (a shared
+    system prefix, left padding, runs and the base model in one batch, rows finishing early and
+    leaving the batch) gives what copying the cache to every candidate gives: the same seeded
+    tokens and, to rounding, the same logprobs."""
+    import eztinker.engine.prompt_attention as prompt_attention
+    import eztinker.engine.sampler as sampler_module
+
+    train_away(sharp, "run_a", seed=1)
+    prefix = random_prompts([10], seed=9)[0]
+    prompts = [prefix + tail for tail in random_prompts([2, 9, 17], seed=10)]
+    specs = [
+        SampleSpec("run_a", prompts, 4, params(temperature=1.0, seed=5, max_tokens=10)),
+        SampleSpec(None, prompts[1:], 3, params(temperature=0.8, seed=6, max_tokens=7, stop_token_ids=[17, 101])),
+        SampleSpec("run_a", prompts[:1], 2, params(max_tokens=9)),
+    ]
+    monkeypatch.setattr(sampler_module, "_COMPACT_FRACTION", 10**6)  # every finished row leaves at once
+    monkeypatch.setattr(sampler_module, "_MIN_SHARED_ROW_TOKENS", 0)  # these few rows would be copied
+    caches = []
+    original = sharp._attention_for
+    monkeypatch.setattr(sharp, "_attention_for", lambda cache: caches.append(type(cache)) or original(cache))
+    shared = sharp.sample(specs)
+    assert prompt_attention.SharedPromptCache in caches  # the decode steps took the shared path
+    monkeypatch.setattr(prompt_attention, "supports", lambda config: False)
+    copied = sharp.sample(specs)
+    assert [tokens_of(r) for r in shared] == [tokens_of(r) for r in copied]
+    for got_spec, want_spec in zip(shared, copied):
+        for got, want in zip(got_spec, want_spec):
+            for g, w in zip(got, want):
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    lengths = {len(c.tokens) for r in shared for cs in r for c in cs}
+    assert len(lengths) > 1  # some rows stopped early

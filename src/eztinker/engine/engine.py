@@ -29,7 +29,7 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import losses
+from . import losses, prompt_attention
 from .checkpoints import write_atomically
 from .models import BaseModel
 from .sampler import OutputHead, SampleSpec, sample
@@ -411,6 +411,7 @@ class Engine:
                 pad_token_id=self.base.pad_token_id,
                 device=self.base.device,
                 head=head if stacked is not None else None,
+                share_prompts=prompt_attention.supports(self.base.model.config),
             )
 
     def _stacked_lora(self, adapters: set[str]) -> _StackedLora | None:
@@ -432,13 +433,14 @@ class Engine:
 
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
             stacked.set_rows(adapters, input_ids.shape[1])
-            hidden = self._decoder()(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-            ).last_hidden_state
+            with self._attention_for(cache):
+                hidden = self._decoder()(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=True,
+                ).last_hidden_state
             return hidden[:, -1]
 
         return forward
@@ -447,6 +449,10 @@ class Engine:
         """Forward through the whole model (for heads the sampler cannot reproduce)."""
 
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
+            with self._attention_for(cache):
+                return through_model(input_ids, attention_mask, position_ids, cache, adapters)
+
+        def through_model(input_ids, attention_mask, position_ids, cache, adapters):
             kwargs = dict(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -468,6 +474,12 @@ class Engine:
             return self._peft(**kwargs, adapter_names=names).logits[:, -1]
 
         return forward
+
+    def _attention_for(self, cache):
+        """Decode steps over a SharedPromptCache read it through its own attention."""
+        if isinstance(cache, prompt_attention.SharedPromptCache):
+            return prompt_attention.attending(cache, self.base.model.config)
+        return nullcontext()
 
     def _output_head(self) -> OutputHead | None:
         """The model's output projection when the sampler may apply it to the final hidden state

@@ -1,8 +1,9 @@
 """Batched sampling with a shared prefill and a KV cache.
 
 Every prompt is prefilled once, and the prefix all prompts share (a system prompt, worked
-examples) once per adapter; each prompt's KV cache is then copied to its N candidates, and all
-candidates of all prompts (of all requests, possibly of different runs) decode together. Only the
+examples) once per adapter; each prompt's KV cache then serves its N candidates (one copy shared
+by them where the model allows, prompt_attention.py, else copied to each), and all candidates of
+all prompts (of all requests, possibly of different runs) decode together. Only the
 last position is ever projected to the vocabulary, and only for the rows still decoding: a row
 that finishes stops costing vocabulary work at once, and leaves the decoder batch as soon as
 enough rows have finished to make compacting the KV cache worth its copy.
@@ -24,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..types import SampledSequence, SampledToken, SamplingParams
+from .prompt_attention import SharedPromptCache
 
 # forward(input_ids_B_T, attention_mask_B_S, position_ids_B_T, cache, adapters) -> features_B_D of the
 # last position: the final hidden state when a `head` is given to `sample`, else the logits.
@@ -35,6 +37,7 @@ _BUFFER_ELEMENTS = 1 << 25
 _TOP_P_CANDIDATES = 1024  # top_p first looks among this many most likely tokens, sorts all only if needed
 _COMPACT_FRACTION = 8  # drop finished rows from the decoder batch once they are >= 1/8 of it
 _MIN_SHARED_PREFIX = 8  # a shorter common prompt prefix is not worth its own forward pass
+_MIN_SHARED_ROW_TOKENS = 4096  # rows x prompt width from which candidates share their prompt's cache
 
 
 @dataclass
@@ -102,8 +105,11 @@ def sample(
     pad_token_id: int,
     device: torch.device,
     head: OutputHead | None = None,
+    share_prompts: bool = False,
 ) -> list[list[list[SampledSequence]]]:
-    """Returns, per spec and per prompt, its `num_samples` candidates."""
+    """Returns, per spec and per prompt, its `num_samples` candidates. `share_prompts`: the
+    forward function runs decode steps with a `SharedPromptCache` (prompt_attention.py), so a
+    prompt's candidates may share one copy of its KV cache instead of one copy each."""
     # Requests of the same adapter side by side: each adapter's rows stay one contiguous slice.
     first_seen: dict[str | None, int] = {}
     for s, spec in enumerate(specs):
@@ -111,9 +117,11 @@ def sample(
     order = sorted(range(len(specs)), key=lambda s: (first_seen[specs[s].adapter], s))
     prefill_rows = [(s, p) for s in order for p in range(len(specs[s].prompts))]
     prompts = [specs[s].prompts[p] for s, p in prefill_rows]
+    max_tokens = max(spec.params.max_tokens for spec in specs)
+    share_prompts = share_prompts and _worth_sharing(prompts, [specs[s].num_samples for s, _ in prefill_rows])
     features, attention_mask, position_ids, cache = _prefill(
         forward, prompts, [specs[s].adapter for s, _ in prefill_rows],
-        max(spec.params.max_tokens for spec in specs), pad_token_id, device,
+        0 if share_prompts else max_tokens, pad_token_id, device,
     )
     if head is None:
         head = _LogitsAreFeatures(features.shape[-1])
@@ -123,7 +131,10 @@ def sample(
         [i for i, (s, _) in enumerate(prefill_rows) for _ in range(specs[s].num_samples)],
         device=device,
     )
-    cache.batch_select_indices(expand)
+    if share_prompts:
+        cache = SharedPromptCache(cache, attention_mask, expand, capacity=max_tokens)
+    else:
+        cache.batch_select_indices(expand)
     features, attention_mask = features[expand], attention_mask[expand]
     next_position = position_ids[expand, -1:] + 1
     rows = [
@@ -233,6 +244,14 @@ def _prefill(
     position_ids = shared + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
     features = forward(suffix_ids, attention_mask, position_ids, cache, adapters)
     return features, attention_mask, position_ids, cache
+
+
+def _worth_sharing(prompts: list[list[int]], candidates: list[int]) -> bool:
+    """Whether sharing each prompt's cache among its candidates beats copying it to each: with
+    two candidates a prompt on average, and copies big enough to cost memory traffic (4 x 16
+    tokens from one prompt was 5-20% slower shared: the split attention has more, smaller ops)."""
+    rows = sum(candidates)
+    return rows >= 2 * len(prompts) and rows * max(len(p) for p in prompts) >= _MIN_SHARED_ROW_TOKENS
 
 
 def _common_prefix_length(prompts: list[list[int]]) -> int:

@@ -1,0 +1,164 @@
+"""Decode-time attention that reads each prompt's keys and values once for all its candidates.
+
+Without it, the sampler copies every prompt's prefilled KV cache to each of its N candidate rows,
+and every decode step reads all N copies: at 16 prompts x 8 candidates of GSM8K length that is most
+of the attention's memory traffic, and attention about a third of the step. With `SharedPromptCache`
+a prompt's keys and values stay one copy, and each row keeps only those of the tokens it generated.
+A decode step's attention is computed in two parts, then merged by their log-sum-exp (the same
+softmax, to rounding):
+  * the prompt part: the candidates of a prompt are extra query rows of one matmul against that
+    prompt's keys (padding masked out);
+  * the generated part: each row against its own generated keys (all valid, none masked).
+
+It is registered with transformers as an attention implementation and switched on only around the
+sampler's decode steps (`attending`); models it cannot reproduce exactly (sliding windows, logit
+soft-capping, attention sinks) keep the copying path: see `supports`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+ATTENTION_NAME = "eztinker_shared_prompt"
+# Plain causal full attention with the standard q/k/v layout (GQA included); checked, not assumed.
+_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
+
+_active: ContextVar[SharedPromptCache | None] = ContextVar("eztinker_shared_prompt_cache", default=None)
+
+
+def supports(config: PretrainedConfig) -> bool:
+    """Whether this model's attention is what `_attention` computes (sdpa-equivalent, full, causal)."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return (
+        config.model_type in _MODEL_TYPES
+        and config._attn_implementation == "sdpa"
+        and not getattr(config, "use_sliding_window", False)
+        and all(kind == "full_attention" for kind in layer_types)
+        and getattr(config, "attn_logit_softcapping", None) is None
+    )
+
+
+class _GeneratedLayer(DynamicLayer):
+    """One layer: the prompts' keys/values [P, kv, Lp, D] (shared, read only) and each row's
+    generated ones in a buffer sized for the whole generation [R, kv, capacity, D]."""
+
+    def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.prompt_keys, self.prompt_values = prompt_keys, prompt_values
+        self.capacity, self.length = capacity, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[-1])
+            self._keys, self._values = key_states.new_empty(shape), value_states.new_empty(shape)
+            self.is_initialized = True
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"generated {end} tokens, more than the {self.capacity} planned")
+        self._keys[..., self.length : end, :] = key_states
+        self._values[..., self.length : end, :] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.prompt_keys.shape[-2] + self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self.keys, self.values = self._keys[..., : self.length, :], self._values[..., : self.length, :]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the sampler's cache is never cropped")
+
+
+class SharedPromptCache(DynamicCache):
+    """The decode cache: `prompt_cache`'s layers (one row per prompt, `prompt_mask` [P, Lp] marks
+    real tokens) shared by the rows; `row_prompt[r]` is the prompt of row r."""
+
+    def __init__(self, prompt_cache: Cache, prompt_mask: torch.Tensor, row_prompt: torch.Tensor, capacity: int):
+        Cache.__init__(self, layers=[_GeneratedLayer(layer.keys, layer.values, capacity) for layer in prompt_cache.layers])
+        self.prompt_padding = ~prompt_mask.bool()[:, None, None, :]  # [P, 1, 1, Lp], True where padding
+        self._place(row_prompt)
+
+    def _place(self, row_prompt: torch.Tensor) -> None:
+        """Each row's slot among its prompt's rows: queries go to a [P, slots] grid for the prompt part."""
+        self.row_prompt = row_prompt
+        counts = torch.bincount(row_prompt, minlength=self.prompt_padding.shape[0])
+        self.slots = int(counts.max())
+        first = torch.cumsum(counts, 0) - counts  # rows stay grouped by prompt, in prompt order
+        self.row_slot = torch.arange(len(row_prompt), device=row_prompt.device) - first[row_prompt]
+        if not bool((row_prompt[1:] >= row_prompt[:-1]).all()):
+            raise ValueError("rows must be grouped by prompt")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._place(self.row_prompt[indices])
+
+    def attend(self, layer_idx: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float):
+        """query [R, H, 1, D]; keys/values: the rows' generated ones [R, kv, Lg, D]. -> [R, 1, H, D]."""
+        rows, heads, q_len, dim = query.shape
+        if q_len != 1:
+            raise ValueError("shared-prompt attention is for decode steps (one new token per row)")
+        layer = self.layers[layer_idx]
+        prompts, kv = layer.prompt_keys.shape[:2]
+        rep, slots = heads // kv, self.slots
+        q = query[:, :, 0]  # [R, H, D]
+        grid = q.new_zeros(prompts, slots, heads, dim)
+        grid[self.row_prompt, self.row_slot] = q
+        grid = grid.view(prompts, slots, kv, rep, dim).transpose(1, 2).reshape(prompts, kv, slots * rep, dim)
+        prompt_out, prompt_max, prompt_sum = _partial(grid, layer.prompt_keys, layer.prompt_values, scale, self.prompt_padding)
+
+        def to_rows(x: torch.Tensor) -> torch.Tensor:  # [P, kv, slots * rep, X] -> [R, kv, rep, X]
+            x = x.view(prompts, kv, slots, rep, x.shape[-1]).transpose(1, 2)
+            return x[self.row_prompt, self.row_slot]
+
+        prompt_out, prompt_max, prompt_sum = to_rows(prompt_out), to_rows(prompt_max), to_rows(prompt_sum)
+        own_out, own_max, own_sum = _partial(q.view(rows, kv, rep, dim), keys, values, scale, None)
+        top = torch.maximum(prompt_max, own_max)
+        prompt_weight, own_weight = torch.exp(prompt_max - top), torch.exp(own_max - top)
+        out = (prompt_out * prompt_weight + own_out * own_weight) / (prompt_sum * prompt_weight + own_sum * own_weight)
+        return out.reshape(rows, 1, heads, dim)
+
+
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, padding: torch.Tensor | None):
+    """Unnormalised softmax attention over one part of the keys: (sum_j e_j v_j, max score, sum_j e_j),
+    e_j = exp(score_j - max), so two parts merge exactly."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if padding is not None:
+        scores.masked_fill_(padding, float("-inf"))
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = scores.sub_(top).exp_()
+    return torch.matmul(weights, v), top, weights.sum(dim=-1, keepdim=True)
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    cache = _active.get()
+    if cache is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention outside the sampler's decode steps")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return cache.attend(module.layer_idx, query, key, value, scale), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _attention)
+
+
+@contextmanager
+def attending(cache: SharedPromptCache, config: PretrainedConfig) -> Iterator[None]:
+    """Within: the model's attention reads `cache` in two parts (for one forward of decode steps)."""
+    previous = config._attn_implementation
+    token = _active.set(cache)
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _active.reset(token)
