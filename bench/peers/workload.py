@@ -40,10 +40,12 @@ SMALL_CALLS = ("optim_step", "round_trip_forward_1x8", "forward_backward_4x32")
 
 # ------------------------------------------------------------------------------- servers
 def thread_env(threads: int) -> dict:
-    # OMP_WAIT_POLICY=PASSIVE: on this shared 2-core machine (load 7-8 from other jobs) libgomp's
-    # spinning threads made torch 3x slower (fb 8x128 on SmolLM2 in-process: 54-65 s at 2 spinning
-    # threads, 19 s at 2 passive ones, 17 s at 1). XLA's Eigen pool does not read it.
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+    # The same thread counts for both servers (XLA's Eigen pool reads XLA_FLAGS, torch OMP/MKL).
+    # No OMP_WAIT_POLICY=PASSIVE: on an idle machine it made EZTinker's small calls 1.5-2x slower
+    # (a 1 x 8 forward 0.17-0.28 s against 0.11-0.13 s spinning; sampling 4 x 16 2.4-4.7 s
+    # against 1.9-2.3 s), and XLA does not read it. (On a machine shared with other jobs the
+    # opposite holds: there libgomp's spinning threads made torch 3x slower.)
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}"}
 
 
