@@ -202,6 +202,31 @@ def test_interleaved_runs_keep_their_own_gradients(engine, tiny_base):
     assert rel_diff(flat(adapter_weights(engine, "mixed")), flat(adapter_weights(engine, "alone"))) == 0
 
 
+def test_optim_step_is_torch_adamw_with_clipping(engine, tiny_base):
+    """The fused AdamW the engine steps with equals torch's reference (per-tensor loop) AdamW after
+    clipping the gradient norm, with every hyperparameter the request sets."""
+    engine.create_run("a", LORA, seed=3)
+    params = engine._runs["a"].params
+    shadow = [p.detach().clone().requires_grad_(True) for p in params]
+    reference = torch.optim.AdamW(shadow, foreach=False)
+    data = all_data(tiny_base.tokenizer)
+    for step, adam in enumerate([AdamParams(learning_rate=3e-2, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.1,
+                                            grad_clip_norm=0.5), AdamParams(learning_rate=1e-2)]):
+        engine.forward_backward("a", data[step:step + 2])
+        for s, p in zip(shadow, params):
+            s.grad = p.grad.clone()
+        result = engine.optim_step("a", adam)
+        norm = torch.nn.utils.clip_grad_norm_(shadow, adam.grad_clip_norm if adam.grad_clip_norm is not None else math.inf,
+                                              foreach=False)
+        for group in reference.param_groups:
+            group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay)
+        reference.step()
+        assert result.grad_norm == pytest.approx(float(norm), rel=1e-5)
+        for s, p in zip(shadow, params):
+            torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-5, atol=1e-7)
+    assert engine._runs["a"].optimizer.param_groups[0]["fused"]
+
+
 def test_score_batches_responses_of_different_lengths(engine, tiny_base):
     tok = tiny_base.tokenizer
     engine.create_run("run_a", LORA)
