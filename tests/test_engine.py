@@ -227,6 +227,37 @@ def test_optim_step_is_torch_adamw_with_clipping(engine, tiny_base):
     assert engine._runs["a"].optimizer.param_groups[0]["fused"]
 
 
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "down_proj"]])
+def test_runs_added_to_wrapped_layers_equal_peft_add_adapter(tiny_base, monkeypatch, targets):
+    """A run created once the model's layers are LoRA layers skips peft's walk over every module:
+    the same seeded init on the same layers as peft's add_adapter, and it trains alike (that its
+    checkpoint loads with plain peft: test_checkpoint_loads_with_plain_peft)."""
+    import eztinker.engine.engine as engine_module
+
+    lora = LoraConfig(rank=4, alpha=16, target_modules=targets)
+
+    def runs(fast: bool):
+        monkeypatch.setattr(engine_module, "_UPDATE_LAYER_TAKES_CONFIG", fast)
+        engine = Engine(tiny_base)
+        added = []
+        original = engine._add_to_wrapped_layers
+        monkeypatch.setattr(engine, "_add_to_wrapped_layers", lambda *a: added.append(original(*a)) or added[-1])
+        engine.create_run("first", LoraConfig(rank=2, alpha=8), seed=1)
+        engine.create_run("second", lora, seed=5)
+        weights = adapter_weights(engine, "second")
+        loss = train(engine, "second", [all_data(tiny_base.tokenizer)] * 2)[-1]
+        engine.close()
+        return added, weights, loss
+
+    fast_added, fast_weights, fast_loss = runs(True)
+    slow_added, slow_weights, slow_loss = runs(False)
+    assert fast_added == [True] and slow_added == [False]
+    assert fast_weights.keys() == slow_weights.keys()
+    for key in fast_weights:
+        torch.testing.assert_close(fast_weights[key], slow_weights[key], rtol=0, atol=0)
+    assert fast_loss == pytest.approx(slow_loss, rel=1e-6)
+
+
 def test_score_batches_responses_of_different_lengths(engine, tiny_base):
     tok = tiny_base.tokenizer
     engine.create_run("run_a", LORA)

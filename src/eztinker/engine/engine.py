@@ -7,6 +7,7 @@ thread-safe: one caller (the server's worker thread, or a test) drives it.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 from collections import OrderedDict
@@ -77,6 +78,11 @@ class PromptLogprobs:
     topk: list[list[list] | None] | None
 
 
+# peft 0.21's LoraLayer.update_layer(adapter_name, r, lora_alpha, config, **kwargs); older
+# versions take the config's fields one by one, and the engine then uses peft's add_adapter.
+_UPDATE_LAYER_TAKES_CONFIG = "config" in inspect.signature(peft.tuners.lora.LoraLayer.update_layer).parameters
+
+
 def _adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
     """fused: one kernel over all of a run's tensors. On CPU torch's default is a Python loop of
     about ten operations per tensor, and a LoRA on every linear layer has hundreds of tensors
@@ -135,10 +141,38 @@ class Engine:
             try:
                 if self._peft is None:
                     self._peft = peft.get_peft_model(self.base.model, config, adapter_name=name)
-                else:
+                elif not self._add_to_wrapped_layers(name, config, lora.target_modules):
                     self._peft.add_adapter(name, config)
             except ValueError as exc:  # e.g. target modules that do not exist in this model
                 raise EngineError(f"lora.target_modules: {exc}") from exc
+
+    def _add_to_wrapped_layers(self, name: str, config: peft.LoraConfig, targets: str | list[str]) -> bool:
+        """peft's add_adapter walks every module of the model, earlier adapters' LoRA modules
+        included, so creating a run grew with the runs loaded (SmolLM2: 0.24 s with none, 0.57 s
+        with ten). When every layer the targets name is already a LoRA layer, this adds the adapter
+        to those layers as peft's add_adapter does for them (`update_layer`, in module order, so
+        the seeded init is the same). False (peft's own path) otherwise, or on a peft whose
+        `update_layer` takes other arguments."""
+        if not _UPDATE_LAYER_TAKES_CONFIG:
+            return False
+        if self._lora_targets is None:
+            self._lora_targets = _lora_targets(self.base.model)
+        names = [n for n in self._lora_targets[0]
+                 if targets == "all-linear" or any(n == k or n.endswith("." + k) for k in targets)]
+        layers = [self.base.model.get_submodule(n) for n in names]
+        if not layers or not all(isinstance(layer, peft.tuners.lora.Linear) for layer in layers):
+            return False
+        self._peft.peft_config[name] = config
+        try:
+            for key, layer in zip(names, layers):
+                layer.update_layer(name, config.r, lora_alpha=config.lora_alpha, target_name=key, config=config)
+        except BaseException:
+            for layer in layers:
+                if name in layer.lora_A:
+                    layer.delete_adapter(name)
+            del self._peft.peft_config[name]
+            raise
+        return True
 
     def _remove_adapter(self, name: str) -> None:
         if len(self._peft.peft_config) > 1:

@@ -1,0 +1,57 @@
+"""Creating runs on one base model: peft's add_adapter (which walks every module, earlier adapters'
+LoRA modules included) against adding the adapter to the already-wrapped LoRA layers, side by side.
+
+    python bench/create_run.py [--model smollm2|tiny] [--runs 10] [--repeats 2]
+
+Each round creates `--runs` rank-8 runs one after another on a fresh engine, once per path,
+alternating; every create is timed. Results: bench/results/create_run_<model>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+from run import RESULTS_DIR, load, log, machine, side_bench_arguments, tiny_model_dir
+
+import eztinker.engine.engine as engine_module
+from eztinker.engine import Engine
+from eztinker.types import LoraConfig
+
+
+def main() -> None:
+    parser = side_bench_arguments(__doc__)
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    base = load(args.model, args.cache_dir, tiny_model_dir(args.model))
+    fast = engine_module._UPDATE_LAYER_TAKES_CONFIG
+    seconds: dict[str, list[list[float]]] = {"peft_add_adapter": [], "wrapped_layers": []}
+    for _ in range(args.repeats):
+        for path in seconds:
+            engine_module._UPDATE_LAYER_TAKES_CONFIG = fast and path == "wrapped_layers"
+            engine, times = Engine(base), []
+            for i in range(args.runs):
+                start = time.perf_counter()
+                engine.create_run(f"r{i}", LoraConfig(rank=8), seed=i)
+                times.append(time.perf_counter() - start)
+            engine.close()
+            seconds[path].append(times)
+            log(f"  {path}: " + " ".join(f"{t:.3f}" for t in times) + " s")
+    engine_module._UPDATE_LAYER_TAKES_CONFIG = fast
+    # The first create of an engine wraps the model (the same on both paths): medians of the rest.
+    medians = {path: statistics.median(t for r in rounds for t in r[1:]) for path, rounds in seconds.items()}
+    results = {"model": args.model, "runs": args.runs, "machine": machine(), "load_1min": os.getloadavg()[0],
+               "seconds": seconds, "median_seconds_after_the_first": medians,
+               "ratio": medians["peft_add_adapter"] / medians["wrapped_layers"],
+               "command": f"python bench/create_run.py --model {args.model} --runs {args.runs} --repeats {args.repeats}"}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"create_run_{args.model}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    log(f"median create after the first: peft {medians['peft_add_adapter'] * 1e3:.0f} ms, wrapped layers "
+        f"{medians['wrapped_layers'] * 1e3:.0f} ms, {results['ratio']:.1f}x; results: {path}")
+
+
+if __name__ == "__main__":
+    main()
