@@ -157,8 +157,7 @@ class Engine:
             return False
         if self._lora_targets is None:
             self._lora_targets = _lora_targets(self.base.model)
-        names = [n for n in self._lora_targets[0]
-                 if targets == "all-linear" or any(n == k or n.endswith("." + k) for k in targets)]
+        names = [n for n in self._lora_targets[0] if targets == "all-linear" or _targets(n, targets)]
         layers = [self.base.model.get_submodule(n) for n in names]
         if not layers or not all(isinstance(layer, peft.tuners.lora.Linear) for layer in layers):
             return False
@@ -198,14 +197,11 @@ class Engine:
                 raise InvalidTarget(None, f"target_modules must be 'all-linear' or a list of module names ({choices})")
             return
         for i, key in enumerate(target_modules):
-            def matches(name: str) -> bool:  # peft's rule for a list of names
-                return name == key or name.endswith("." + key)
-
-            bad = next((name for name in other if matches(name)), None)
+            bad = next((name for name in other if _targets(name, [key])), None)
             if bad is not None:
                 raise InvalidTarget(i, f"target module {key!r} matches {bad!r}, which is not a LoRA-trainable "
                                        f"linear layer; choose from {choices}")
-            if not any(matches(name) for name in linear):
+            if not any(_targets(name, [key]) for name in linear):
                 raise InvalidTarget(i, f"target module {key!r} is not in the model; choose from {choices}")
 
     def has_run(self, run_id: str) -> bool:
@@ -872,6 +868,11 @@ def _without_path(exc: Exception, directory: Path) -> str:
         return exc.strerror  # its filename is the directory's file the message already names
     return str(exc).replace(str(directory), _ref(directory))
 
+
+
+def _targets(name: str, target_modules: list[str]) -> bool:
+    """peft's rule for a list of target module names: the module's name or its last parts."""
+    return any(name == key or name.endswith("." + key) for key in target_modules)
 
 
 def _lora_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
