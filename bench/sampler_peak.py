@@ -23,7 +23,8 @@ import time
 import torch
 from run import LORA, RESULTS_DIR, TEMPERATURE, Workload, load, log, machine, matmul_peak, side_bench_arguments, tiny_model_dir
 
-from eztinker.engine import Engine, SampleSpec, prompt_attention
+from eztinker.engine import Engine, SampleSpec
+from eztinker.engine import sampler as sampler_module
 from eztinker.types import SamplingParams
 
 PROMPTS, CANDIDATES, NEW_TOKENS = 16, 8, 128
@@ -46,10 +47,10 @@ def main() -> None:
         return sum(len(c.tokens) for per in out for c in per), time.perf_counter() - start
 
     engine.sample([SampleSpec("bench", prompts[:1], 2, params.model_copy(update={"max_tokens": 4}))])  # warm-up
-    rounds, supported = [], prompt_attention.supports
+    rounds, worth_sharing = [], sampler_module._worth_sharing
     for _ in range(args.repeats):
         for cache in ("shared", "copied"):
-            prompt_attention.supports = supported if cache == "shared" else (lambda config: False)
+            sampler_module._worth_sharing = worth_sharing if cache == "shared" else (lambda prompts, candidates: False)
             before = matmul_peak()
             tokens, seconds = sample()
             after = matmul_peak()
@@ -59,7 +60,7 @@ def main() -> None:
                            "fraction_of_peak": rate * 2 * n_params / max(before, after), "load_1min": os.getloadavg()[0]})
             log(f"  {cache:6s}: {tokens} tokens in {seconds:.1f} s = {rate:.0f} tokens/s; peak {max(before, after) / 1e9:.0f} "
                 f"GFLOP/s; {100 * rounds[-1]['fraction_of_peak']:.1f}% of it (load {rounds[-1]['load_1min']:.1f})")
-    prompt_attention.supports = supported
+    sampler_module._worth_sharing = worth_sharing
     shared = [r for r in rounds if r["prompt_cache"] == "shared"]
     best = max(shared, key=lambda r: r["fraction_of_peak"])
     ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(shared, rounds[1::2])]

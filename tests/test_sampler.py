@@ -416,13 +416,16 @@ def test_candidates_sharing_one_copy_of_their_prompt_cache_equal_copying_it(shar
     ]
     monkeypatch.setattr(sampler_module, "_COMPACT_FRACTION", 10**6)  # every finished row leaves at once
     monkeypatch.setattr(sampler_module, "_MIN_SHARED_ROW_TOKENS", 0)  # these few rows would be copied
-    caches = []
-    original = sharp._attention_for
-    monkeypatch.setattr(sharp, "_attention_for", lambda cache: caches.append(type(cache)) or original(cache))
+    attended = []
+    original = prompt_attention.SharedPromptCache.attend
+    monkeypatch.setattr(prompt_attention.SharedPromptCache, "attend",
+                        lambda self, *args: attended.append(1) or original(self, *args))
     shared = sharp.sample(specs)
-    assert prompt_attention.SharedPromptCache in caches  # the decode steps took the shared path
-    monkeypatch.setattr(prompt_attention, "supports", lambda config: False)
+    assert attended  # the decode steps took the shared path
+    monkeypatch.setattr(sampler_module, "_worth_sharing", lambda prompts, candidates: False)
+    attended.clear()
     copied = sharp.sample(specs)
+    assert not attended
     assert [tokens_of(r) for r in shared] == [tokens_of(r) for r in copied]
     for got_spec, want_spec in zip(shared, copied):
         for got, want in zip(got_spec, want_spec):

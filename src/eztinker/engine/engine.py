@@ -12,7 +12,7 @@ import json
 import math
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import losses, prompt_attention
+from . import decode_step, losses, prompt_attention
 from .checkpoints import write_atomically
 from .models import BaseModel
 from .sampler import OutputHead, SampleSpec, sample
@@ -225,7 +225,7 @@ class Engine:
         if self._peft is None:
             return nullcontext()
         if adapter is None:
-            return self._peft.disable_adapter()
+            return _base_only(self._peft)
         self._activate(adapter)
         return nullcontext()
 
@@ -465,10 +465,15 @@ class Engine:
         return _StackedLora(self._peft, adapters)
 
     def _features_fn(self, stacked: _StackedLora):
-        """Forward to the final hidden state of the last position; the sampler projects it itself."""
+        """Forward to the final hidden state of the last position; the sampler projects it itself.
+        Decode steps (one token a row) of the models it covers go through `DecodeStep`."""
+        decoder, config = self._decoder(), self.base.model.config
+        step = decode_step.DecodeStep(decoder, config, stacked) if decode_step.supports(decoder, config) else None
 
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
             stacked.set_rows(adapters, input_ids.shape[1])
+            if step is not None and input_ids.shape[1] == 1:
+                return step(input_ids, attention_mask, position_ids, cache)
             with self._attention_for(cache):
                 hidden = self._decoder()(
                     input_ids=input_ids,
@@ -501,7 +506,7 @@ class Engine:
             if self._peft is None:
                 return self.base.model(**kwargs).logits[:, -1]
             if distinct == {None}:
-                with self._peft.disable_adapter():
+                with _base_only(self._peft):
                     return self._peft(**kwargs).logits[:, -1]
             if len(distinct) == 1:
                 self._activate(adapters[0])
@@ -531,7 +536,7 @@ class Engine:
             return None
         head = OutputHead(linear.weight, linear.bias)
         probe = torch.tensor([[self.base.pad_token_id, min(1, self.base.vocab_size - 1)]], device=self.base.device)
-        context = self._peft.disable_adapter() if self._peft is not None else nullcontext()
+        context = _base_only(self._peft) if self._peft is not None else nullcontext()
         with torch.no_grad(), context:
             want = self.base.model(input_ids=probe, logits_to_keep=1).logits[:, -1].float()
             hidden = self._decoder()(input_ids=probe).last_hidden_state[:, -1]
@@ -763,7 +768,7 @@ class _StackedLora:
     def __enter__(self):
         if self.model is None:
             return self
-        self._disabled = self.model.disable_adapter()  # every LoRA layer: its base output only
+        self._disabled = _base_only(self.model)  # every LoRA layer: its base output only
         self._disabled.__enter__()
         for module in self.model.modules():
             if not isinstance(module, peft.tuners.lora.LoraLayer):
@@ -811,19 +816,43 @@ class _StackedLora:
         return self._masks[columns]
 
     def _add_updates(self, module, args, output):
-        a_all, b_all_t, columns = self._layers[module]
-        mask = self._mask(columns, output.device, a_all.dtype)
-        if mask is None:
-            return output
         output = output if output.is_contiguous() else output.contiguous()
-        x = args[0].reshape(-1, a_all.shape[1]).to(a_all.dtype)
-        out = output.view(-1, output.shape[-1])
-        down = x @ a_all.t()
-        if isinstance(mask, float):
-            out.addmm_(down.to(out.dtype), b_all_t.to(out.dtype), alpha=mask)
-        else:
-            out.addmm_(down.mul_(mask).to(out.dtype), b_all_t.to(out.dtype))
+        self.add_update(module, args[0], output)
         return output
+
+    def add_update(self, module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (contiguous, the base output of `module` for its input x) += the rows' LoRA updates."""
+        layer = self._layers.get(module)
+        if layer is None:
+            return
+        a_all, b_all_t, columns = layer
+        mask = self._mask(columns, out.device, a_all.dtype)
+        if mask is None:
+            return
+        # Called for every projection of every decode step: no casts or reshapes that are no-ops.
+        x = x if x.dim() == 2 else x.reshape(-1, a_all.shape[1])
+        out = out if out.dim() == 2 else out.view(-1, out.shape[-1])
+        down = torch.mm(x if x.dtype == a_all.dtype else x.to(a_all.dtype), a_all.t())
+        if not isinstance(mask, float):
+            down.mul_(mask)
+        if down.dtype != out.dtype:
+            down, b_all_t = down.to(out.dtype), b_all_t.to(out.dtype)
+        out.addmm_(down, b_all_t, alpha=mask if isinstance(mask, float) else 1)
+
+
+@contextmanager
+def _base_only(model: peft.PeftModel):
+    """Within: every LoRA layer computes its base output only. peft's `disable_adapter()` does the
+    same after a model-status check that walks and prints every module (75 ms a call on SmolLM2,
+    half a small sampling call's overhead)."""
+    layers = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def verify_checkpoint(directory: Path) -> None:

@@ -1,0 +1,113 @@
+"""The sampler's decode step without transformers' modules (engine/decode_step.py) gives what the
+modules give, for each model family it covers: the same seeded tokens and, to rounding, the same
+logprobs, with runs of different LoRA targets and the base model in one batch, left padding, a
+shared system prefix, rows finishing early, and both KV caches (copied to every candidate, and
+each prompt's shared by its candidates). CPU only, offline; tiny random models whose decoder
+weights are drawn large enough that greedy continuations depend on the prompt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import eztinker.engine.decode_step as decode_step
+import eztinker.engine.sampler as sampler_module
+from eztinker.chat import datum_from_tokens
+from eztinker.engine import Engine, SampleSpec, load_base_model
+from eztinker.tiny import make_tiny_llama, make_tiny_model, qwen2_config_dir
+from eztinker.types import AdamParams, LoraConfig, SamplingParams
+
+from test_sampler import random_prompts, tokens_of
+
+
+def _tiny_qwen3(out_dir):
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_config_dir())
+    qwen = json.loads((qwen2_config_dir() / "config.json").read_text())
+    config = AutoConfig.for_model(
+        "qwen3", vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        tie_word_embeddings=True, eos_token_id=qwen.get("eos_token_id"),
+    )
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+_MAKERS = {"qwen2": make_tiny_model, "llama": make_tiny_llama, "qwen3": _tiny_qwen3}
+
+
+@pytest.fixture(scope="module", params=sorted(_MAKERS))
+def family_base(request, tmp_path_factory):
+    made = _MAKERS[request.param](tmp_path_factory.mktemp(f"tiny-{request.param}"))
+    model = AutoModelForCausalLM.from_pretrained(made, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.model.layers.parameters():
+            param.normal_(0.0, 0.25 if param.dim() == 2 else 1.0, generator=generator)  # biases and norms too
+    model.save_pretrained(made)
+    base = load_base_model(str(made), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    assert base.model.config.model_type == request.param
+    return base
+
+
+@pytest.fixture(scope="module")
+def trained(family_base):
+    """An engine with two runs trained away from the base model, on different LoRA targets."""
+    engine = Engine(family_base)
+    for run_id, seed, lora in (("run_a", 1, LoraConfig(rank=4, alpha=16)),
+                               ("run_b", 2, LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))):
+        engine.create_run(run_id, lora, seed=seed)
+        prompt, reply = random_prompts([6, 8], seed=100 + seed)
+        for _ in range(4):
+            engine.forward_backward(run_id, [datum_from_tokens(prompt, reply)])
+            engine.optim_step(run_id, AdamParams(learning_rate=3e-2))
+    return engine
+
+
+@pytest.mark.parametrize("cache", ["copied", "shared"])
+def test_decode_steps_without_transformers_modules_equal_them(trained, cache, monkeypatch):
+    assert decode_step.supports(trained._decoder(), trained.base.model.config)
+    prefix = random_prompts([10], seed=9)[0]
+    prompts = [prefix + tail for tail in random_prompts([1, 6, 13], seed=10)]
+    specs = [
+        SampleSpec("run_a", prompts, 3, SamplingParams(temperature=1.0, seed=5, max_tokens=10)),
+        SampleSpec(None, prompts[1:], 2, SamplingParams(temperature=0.8, seed=6, max_tokens=7, stop_token_ids=[17, 101])),
+        SampleSpec("run_b", prompts[:2], 2, SamplingParams(temperature=0, max_tokens=9)),
+        SampleSpec("run_a", [random_prompts([1], seed=4)[0]], 1, SamplingParams(temperature=0, max_tokens=5)),  # one-token prompt
+    ]
+    monkeypatch.setattr(sampler_module, "_COMPACT_FRACTION", 10**6)  # every finished row leaves at once
+    monkeypatch.setattr(sampler_module, "_worth_sharing", lambda prompts, candidates: cache == "shared")
+    steps = []
+    original = decode_step.DecodeStep.__call__
+    monkeypatch.setattr(decode_step.DecodeStep, "__call__", lambda self, *args: steps.append(1) or original(self, *args))
+    lean = trained.sample(specs)
+    assert len(steps) >= 9  # the decode steps went through DecodeStep
+    monkeypatch.setattr(decode_step, "supports", lambda decoder, config: False)
+    steps.clear()
+    modules = trained.sample(specs)
+    assert not steps
+    assert [tokens_of(r) for r in lean] == [tokens_of(r) for r in modules]
+    for got_spec, want_spec in zip(lean, modules):
+        for got, want in zip(got_spec, want_spec):
+            for g, w in zip(got, want):
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    assert len({len(c.tokens) for r in lean for cs in r for c in cs}) > 1  # some rows stopped early
+    greedy_a, greedy_b = tokens_of(lean[2])[0][0], trained.sample([SampleSpec(
+        "run_a", prompts[:1], 1, SamplingParams(temperature=0, max_tokens=9))])[0][0][0].tokens
+    assert greedy_a != greedy_b  # the two runs really differ
+
+
+def test_unsupported_structures_keep_transformers_modules(trained):
+    """A decoder the step does not compute (here: another activation) is left to transformers."""
+    config = trained.base.model.config
+    decoder = trained._decoder()
+    assert decode_step.supports(decoder, config)
+    original = config.hidden_act
+    try:
+        config.hidden_act = "gelu"
+        assert not decode_step.supports(decoder, config)
+    finally:
+        config.hidden_act = original
