@@ -280,13 +280,12 @@ def test_score_micro_batches_many_responses_within_the_token_bound(engine, tiny_
     prompt = [100, 200, 300]
     responses = [[(7 * i + j) % 1000 + 10 for j in range(1 + i % 9)] for i in range(40)] + [[]]
     alone = [engine.score(None, prompt, [r])[0].sum_logprob for r in responses]
-    decoder, shapes = engine._decoder(), []
-    hook = decoder.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape),
-                                             with_kwargs=True)
+    shapes, forward = [], engine._hidden_states  # every forward pass of the decoder goes through it
+    engine._hidden_states = lambda adapter, input_ids, mask: shapes.append(input_ids.shape) or forward(adapter, input_ids, mask)
     try:
         together = engine.score(None, prompt, responses)
     finally:
-        hook.remove()
+        del engine._hidden_states
     assert len(shapes) > 1 and all(rows * width <= 64 for rows, width in shapes), shapes
     assert sum(rows for rows, _ in shapes) == len(responses)
     assert [s.sum_logprob for s in together] == pytest.approx(alone, rel=1e-5)

@@ -1,9 +1,13 @@
-"""The sampler's decode step without transformers' modules (engine/decode_step.py) gives what the
-modules give, for each model family it covers: the same seeded tokens and, to rounding, the same
-logprobs, with runs of different LoRA targets and the base model in one batch, left padding, a
-shared system prefix, rows finishing early, and both KV caches (copied to every candidate, and
-each prompt's shared by its candidates). CPU only, offline; tiny random models whose decoder
-weights are drawn large enough that greedy continuations depend on the prompt."""
+"""The decoder's forward without transformers' and peft's modules (engine/plain_decoder.py) gives
+what the modules give, for each model family it covers:
+  * sampling (its decode steps): the same seeded tokens and, to rounding, the same logprobs, with
+    runs of different LoRA targets and the base model in one batch, left padding, a shared system
+    prefix, rows finishing early, and both KV caches (copied to every candidate, and each prompt's
+    shared by its candidates);
+  * training (whole sequences): the same loss, logprobs and LoRA gradients, padding and LoRA
+    dropout included; and scoring and prompt logprobs.
+CPU only, offline; tiny random models whose decoder weights are drawn large enough that greedy
+continuations depend on the prompt."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import eztinker.engine.decode_step as decode_step
+import eztinker.engine.plain_decoder as plain_decoder
 import eztinker.engine.sampler as sampler_module
 from eztinker.chat import datum_from_tokens
 from eztinker.engine import Engine, SampleSpec, load_base_model
@@ -69,7 +73,7 @@ def trained(family_base):
 
 @pytest.mark.parametrize("cache", ["copied", "shared"])
 def test_decode_steps_without_transformers_modules_equal_them(trained, cache, monkeypatch):
-    assert decode_step.supports(trained._decoder(), trained.base.model.config)
+    assert plain_decoder.supports(trained._decoder(), trained.base.model.config)
     prefix = random_prompts([10], seed=9)[0]
     prompts = [prefix + tail for tail in random_prompts([1, 6, 13], seed=10)]
     specs = [
@@ -81,11 +85,11 @@ def test_decode_steps_without_transformers_modules_equal_them(trained, cache, mo
     monkeypatch.setattr(sampler_module, "_COMPACT_FRACTION", 10**6)  # every finished row leaves at once
     monkeypatch.setattr(sampler_module, "_worth_sharing", lambda prompts, candidates: cache == "shared")
     steps = []
-    original = decode_step.DecodeStep.__call__
-    monkeypatch.setattr(decode_step.DecodeStep, "__call__", lambda self, *args: steps.append(1) or original(self, *args))
+    original = plain_decoder.PlainDecoder.decode
+    monkeypatch.setattr(plain_decoder.PlainDecoder, "decode", lambda self, *args: steps.append(1) or original(self, *args))
     lean = trained.sample(specs)
-    assert len(steps) >= 9  # the decode steps went through DecodeStep
-    monkeypatch.setattr(decode_step, "supports", lambda decoder, config: False)
+    assert len(steps) >= 9  # the decode steps went through PlainDecoder
+    monkeypatch.setattr(plain_decoder, "supports", lambda decoder, config: False)
     steps.clear()
     modules = trained.sample(specs)
     assert not steps
@@ -104,10 +108,72 @@ def test_unsupported_structures_keep_transformers_modules(trained):
     """A decoder the step does not compute (here: another activation) is left to transformers."""
     config = trained.base.model.config
     decoder = trained._decoder()
-    assert decode_step.supports(decoder, config)
+    assert plain_decoder.supports(decoder, config)
     original = config.hidden_act
     try:
         config.hidden_act = "gelu"
-        assert not decode_step.supports(decoder, config)
+        assert not plain_decoder.supports(decoder, config)
     finally:
         config.hidden_act = original
+
+
+def _through_both(engine, monkeypatch, call):
+    """call() by PlainDecoder, then through the modules (checking each took its path)."""
+    forwards = []
+    original = plain_decoder.PlainDecoder.causal
+    monkeypatch.setattr(plain_decoder.PlainDecoder, "causal", lambda self, ids: forwards.append(1) or original(self, ids))
+    plain = call()
+    assert forwards
+    with monkeypatch.context() as patch:
+        patch.setattr(plain_decoder, "supports", lambda decoder, config: False)
+        forwards.clear()
+        modules = call()
+        assert not forwards
+    return plain, modules
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_forward_without_modules_equals_them(trained, dropout, monkeypatch):
+    """forward_backward: loss, every logprob and the run's LoRA gradients equal peft's forward,
+    with right padding (three lengths), other runs loaded, and LoRA dropout (the same seeded masks)."""
+    engine = trained
+    engine.create_run("run", LoraConfig(rank=4, alpha=16, dropout=dropout), seed=1)
+    try:
+        _train_both_ways(engine, monkeypatch)
+    finally:
+        engine.delete_run("run")
+
+
+def _train_both_ways(engine, monkeypatch):
+    prompt, reply = random_prompts([6, 8], seed=3)
+    engine.forward_backward("run", [datum_from_tokens(prompt, reply)])
+    engine.optim_step("run", AdamParams(learning_rate=3e-2))  # B != 0, so every LoRA factor has a gradient
+    data = [datum_from_tokens(p, r) for p, r in zip(random_prompts([3, 9, 5], seed=4), random_prompts([4, 2, 11], seed=5))]
+    params = engine._runs["run"].params
+
+    def step():
+        for param in params:
+            param.grad = None
+        torch.manual_seed(7)
+        result = engine.forward_backward("run", data, "cross_entropy")
+        return result, [param.grad.clone() for param in params]
+
+    (plain, plain_grads), (modules, module_grads) = _through_both(engine, monkeypatch, step)
+    assert plain.loss == pytest.approx(modules.loss, rel=1e-5)
+    for got, want in zip(plain.logprobs, modules.logprobs):
+        assert got == pytest.approx(want, abs=1e-4)
+    assert len(plain_grads) == len(params) > 0
+    for got, want in zip(plain_grads, module_grads):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert any(bool(g.abs().sum() > 0) for g in plain_grads)
+
+
+def test_scores_and_prompt_logprobs_without_modules_equal_them(trained, monkeypatch):
+    prompt, responses = random_prompts([5], seed=11)[0], random_prompts([3, 7, 1], seed=12)
+    for adapter in ("run_a", "run_b", None):
+        plain, modules = _through_both(trained, monkeypatch, lambda: trained.score(adapter, prompt, responses))
+        assert [s.sum_logprob for s in plain] == pytest.approx([s.sum_logprob for s in modules], abs=1e-4)
+        plain, modules = _through_both(trained, monkeypatch, lambda: trained.prompt_logprobs(adapter, [prompt, responses[1]], topk=2))
+        for got, want in zip(plain, modules):
+            assert got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-4)
+            assert [[t for t, _ in k] for k in got.topk[1:]] == [[t for t, _ in k] for k in want.topk[1:]]

@@ -365,7 +365,7 @@ def test_stacked_lora_equals_peft_for_mixed_single_and_no_adapter(sharp):
     positions = torch.arange(7).expand(5, 7)
 
     def ours(adapters):
-        with sharp._stacked_lora(set(adapters) - {None}) as stacked:
+        with torch.no_grad(), sharp._stacked_lora(set(adapters) - {None}) as stacked:  # as in Engine.sample
             features = sharp._features_fn(stacked)(ids, mask, positions, PreallocatedCache(16), adapters)
         logits = torch.empty(5, head.vocab_size)
         head.logits(features, logits)

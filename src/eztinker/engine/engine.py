@@ -30,7 +30,7 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import decode_step, losses, prompt_attention
+from . import losses, plain_decoder, prompt_attention
 from .checkpoints import write_atomically
 from .models import BaseModel
 from .sampler import OutputHead, SampleSpec, sample
@@ -105,6 +105,7 @@ class Engine:
         self._head: OutputHead | None = None
         self._head_checked = False
         self._lora_targets: tuple[list[str], list[str]] | None = None
+        self._lora_layer_list: list[peft.tuners.lora.LoraLayer] | None = None
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -123,11 +124,20 @@ class Engine:
         """Drop every run and snapshot: the base model is as it was loaded."""
         self._runs.clear()
         self._snapshots.clear()
+        self._lora_layer_list = None
         if self._peft is not None:
             self._peft.unload()
             self._peft = None
 
+    def _lora_layers(self) -> list[peft.tuners.lora.LoraLayer]:
+        """The model's LoRA layers, walked for once per change of adapters (a walk of all SmolLM2's
+        modules costs about 12 ms, and every sampling call needs the list)."""
+        if self._lora_layer_list is None:
+            self._lora_layer_list = [m for m in self._peft.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+        return self._lora_layer_list
+
     def _add_adapter(self, name: str, lora: LoraConfig, seed: int) -> None:
+        self._lora_layer_list = None
         config = peft.LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
@@ -174,6 +184,7 @@ class Engine:
         return True
 
     def _remove_adapter(self, name: str) -> None:
+        self._lora_layer_list = None
         if len(self._peft.peft_config) > 1:
             self._peft.delete_adapter(name)
         else:
@@ -225,7 +236,7 @@ class Engine:
         if self._peft is None:
             return nullcontext()
         if adapter is None:
-            return _base_only(self._peft)
+            return _base_only(self._lora_layers())
         self._activate(adapter)
         return nullcontext()
 
@@ -257,14 +268,14 @@ class Engine:
         if forward_only:
             # In eval mode (no dropout) and without a graph: the run's gradients are never touched.
             with torch.no_grad():
-                return self._forward(data, loss_fn, config, backward=False, all_logprobs=all_logprobs)
+                return self._forward(run_id, data, loss_fn, config, backward=False, all_logprobs=all_logprobs)
         self._peft.train(run.lora.dropout > 0)
         # A failure part-way through (e.g. a non-finite loss in a later micro-batch) would leave the
         # earlier micro-batches' gradients accumulated, so the next optim_step would apply a partial
         # batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
         saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in run.params]
         try:
-            result = self._forward(data, loss_fn, config, backward=True, all_logprobs=all_logprobs)
+            result = self._forward(run_id, data, loss_fn, config, backward=True, all_logprobs=all_logprobs)
             # A finite loss can still have a non-finite gradient (e.g. ppo with sampler logprobs of
             # -1e308: the clipped term is finite, the ratio is not); applying it would wipe the
             # batch at the next optim_step, so this request fails and the earlier gradients stay.
@@ -279,12 +290,12 @@ class Engine:
         finally:
             self._peft.eval()
 
-    def _forward(self, data: Sequence[Datum], loss_fn: LossFnName, config: dict[str, float], *,
+    def _forward(self, run_id: str, data: Sequence[Datum], loss_fn: LossFnName, config: dict[str, float], *,
                  backward: bool, all_logprobs: bool) -> ForwardBackwardResult:
         total_loss, num_tokens = 0.0, 0
         logprobs: list[list[float | None]] = [[] for _ in data]
         for batch in self._microbatches(data):
-            loss, count, batch_logprobs = self._loss_and_backward(batch, data, loss_fn, config, backward, all_logprobs)
+            loss, count, batch_logprobs = self._loss_and_backward(run_id, batch, data, loss_fn, config, backward, all_logprobs)
             total_loss += loss
             num_tokens += count
             for i, row in zip(batch, batch_logprobs):
@@ -314,13 +325,13 @@ class Engine:
             end = start_of[end]
         return batches[::-1]
 
-    def _loss_and_backward(self, batch: list[int], data: Sequence[Datum], loss_fn: LossFnName,
+    def _loss_and_backward(self, run_id: str, batch: list[int], data: Sequence[Datum], loss_fn: LossFnName,
                            config: dict[str, float], backward: bool, all_logprobs: bool):
         examples = [data[i] for i in batch]
         input_ids, attention_mask = self._right_pad([d.model_input.tokens for d in examples])
         width, device = input_ids.shape[1], self.base.device
         selected = losses.select_positions(examples, loss_fn, width)  # [B, T] bool
-        hidden_B_T_H = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden_B_T_H = self._hidden_states(run_id, input_ids, attention_mask)
         hidden_N_H = hidden_B_T_H[selected.to(device)]
         inputs = losses.gather_inputs(examples, selected, loss_fn, device)
         if backward:
@@ -451,29 +462,43 @@ class Engine:
             )
 
     def _stacked_lora(self, adapters: set[str]) -> _StackedLora | None:
-        """The fast sampling path's LoRA, when it reproduces peft's exactly: plain LoRA on linear
-        layers (no DoRA-like variants, no LoRA bias), no dropout (sampling is in eval mode)."""
+        """The fast sampling path's LoRA, when it reproduces peft's (no dropout: sampling is in eval mode)."""
         if self._peft is None:
-            return _StackedLora(None, set())
-        for module in self._peft.modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                if not isinstance(module, peft.tuners.lora.Linear) or module.merged:
-                    return None
-                for name in adapters & set(module.lora_A):
-                    if name in module.lora_variant or module.lora_B[name].bias is not None:
-                        return None
-        return _StackedLora(self._peft, adapters)
+            return _StackedLora([], set())
+        return _StackedLora(self._lora_layers(), adapters) if self._plain_lora(adapters) else None
+
+    def _plain_lora(self, adapters: set[str]) -> bool:
+        """Whether these adapters are plain LoRA on linear layers (no DoRA-like variants, no LoRA
+        bias, not merged), which is what the engine's own LoRA updates compute."""
+        for module in self._lora_layers():
+            if not isinstance(module, peft.tuners.lora.Linear) or module.merged:
+                return False
+            for name in adapters & set(module.lora_A):
+                if name in module.lora_variant or module.lora_B[name].bias is not None:
+                    return False
+        return True
+
+    def _hidden_states(self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The final hidden states [B, T, H] of right-padded sequences through `adapter` (a run's
+        or a snapshot's LoRA, None: the bare model): by `PlainDecoder` where it computes this model
+        and adapter, else through transformers' and peft's modules."""
+        decoder, config = self._decoder(), self.base.model.config
+        if plain_decoder.supports(decoder, config) and (adapter is None or self._plain_lora({adapter})):
+            lora = None if adapter is None else _RunLora(self._lora_layers(), adapter)
+            return plain_decoder.PlainDecoder(decoder, config, lora).causal(input_ids)
+        with self._through(adapter):
+            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def _features_fn(self, stacked: _StackedLora):
         """Forward to the final hidden state of the last position; the sampler projects it itself.
-        Decode steps (one token a row) of the models it covers go through `DecodeStep`."""
+        Decode steps (one token a row) of the models it covers go through `PlainDecoder`."""
         decoder, config = self._decoder(), self.base.model.config
-        step = decode_step.DecodeStep(decoder, config, stacked) if decode_step.supports(decoder, config) else None
+        plain = plain_decoder.PlainDecoder(decoder, config, stacked) if plain_decoder.supports(decoder, config) else None
 
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
             stacked.set_rows(adapters, input_ids.shape[1])
-            if step is not None and input_ids.shape[1] == 1:
-                return step(input_ids, attention_mask, position_ids, cache)
+            if plain is not None and input_ids.shape[1] == 1:
+                return plain.decode(input_ids, attention_mask, position_ids, cache)
             with self._attention_for(cache):
                 hidden = self._decoder()(
                     input_ids=input_ids,
@@ -506,7 +531,7 @@ class Engine:
             if self._peft is None:
                 return self.base.model(**kwargs).logits[:, -1]
             if distinct == {None}:
-                with _base_only(self._peft):
+                with _base_only(self._lora_layers()):
                     return self._peft(**kwargs).logits[:, -1]
             if len(distinct) == 1:
                 self._activate(adapters[0])
@@ -536,7 +561,7 @@ class Engine:
             return None
         head = OutputHead(linear.weight, linear.bias)
         probe = torch.tensor([[self.base.pad_token_id, min(1, self.base.vocab_size - 1)]], device=self.base.device)
-        context = _base_only(self._peft) if self._peft is not None else nullcontext()
+        context = _base_only(self._lora_layers()) if self._peft is not None else nullcontext()
         with torch.no_grad(), context:
             want = self.base.model(input_ids=probe, logits_to_keep=1).logits[:, -1].float()
             hidden = self._decoder()(input_ids=probe).last_hidden_state[:, -1]
@@ -567,21 +592,20 @@ class Engine:
             else:
                 batches.append([i])
         logprobs: list[torch.Tensor] = [torch.empty(0)] * len(responses)
-        with self._through(run_id):
-            for batch in batches:
-                chunk = [responses[i] for i in batch]
-                input_ids, attention_mask = self._right_pad([prompt + r for r in chunk])
-                positions = torch.zeros(input_ids.shape, dtype=torch.bool)
-                for row, r in enumerate(chunk):
-                    positions[row, len(prompt) - 1 : len(prompt) - 1 + len(r)] = True
-                targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in chunk if r] or [torch.empty(0, dtype=torch.long)])
-                hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
-                chunk_logprobs = self._logprobs(hidden_N_H, targets)[0].cpu()
-                offset = 0
-                for i, r in zip(batch, chunk):
-                    logprobs[i] = chunk_logprobs[offset : offset + len(r)]
-                    offset += len(r)
+        for batch in batches:
+            chunk = [responses[i] for i in batch]
+            input_ids, attention_mask = self._right_pad([prompt + r for r in chunk])
+            positions = torch.zeros(input_ids.shape, dtype=torch.bool)
+            for row, r in enumerate(chunk):
+                positions[row, len(prompt) - 1 : len(prompt) - 1 + len(r)] = True
+            targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in chunk if r] or [torch.empty(0, dtype=torch.long)])
+            hidden = self._hidden_states(run_id, input_ids, attention_mask)
+            hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
+            chunk_logprobs = self._logprobs(hidden_N_H, targets)[0].cpu()
+            offset = 0
+            for i, r in zip(batch, chunk):
+                logprobs[i] = chunk_logprobs[offset : offset + len(r)]
+                offset += len(r)
         scores = []
         for r, lp in zip(responses, logprobs):
             total = float(lp.sum()) if len(r) else 0.0
@@ -604,9 +628,8 @@ class Engine:
         for i, p in enumerate(prompts):
             positions_B_T[i, : len(p) - 1] = True
         targets_N = torch.tensor([t for p in prompts for t in p[1:]], dtype=torch.long, device=input_ids.device)
-        with self._through(adapter):
-            hidden = self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk)
+        hidden = self._hidden_states(adapter, input_ids, attention_mask)
+        logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk)
         logprobs, top, ids = logprobs_N.tolist(), top_N_K.tolist(), ids_N_K.tolist()
         results, offset = [], 0
         for p in prompts:
@@ -756,8 +779,8 @@ class _StackedLora:
     `adapter_names=` path instead gathers and scatters the rows of each adapter in every layer.
     """
 
-    def __init__(self, model: peft.PeftModel | None, adapters: set[str]):
-        self.model, self.adapters = model, sorted(adapters)
+    def __init__(self, lora_layers: list[peft.tuners.lora.LoraLayer], adapters: set[str]):
+        self.lora_layers, self.adapters = lora_layers, sorted(adapters)
         self._layers: dict[torch.nn.Module, tuple] = {}
         self._handles: list = []
         self._disabled = None
@@ -766,13 +789,11 @@ class _StackedLora:
         self._masks: dict[tuple, torch.Tensor | float | None] = {}
 
     def __enter__(self):
-        if self.model is None:
+        if not self.lora_layers:
             return self
-        self._disabled = _base_only(self.model)  # every LoRA layer: its base output only
+        self._disabled = _base_only(self.lora_layers)  # every LoRA layer: its base output only
         self._disabled.__enter__()
-        for module in self.model.modules():
-            if not isinstance(module, peft.tuners.lora.LoraLayer):
-                continue
+        for module in self.lora_layers:
             present = [a for a in self.adapters if a in module.lora_A]
             if not present:
                 continue
@@ -840,19 +861,53 @@ class _StackedLora:
         out.addmm_(down, b_all_t, alpha=mask if isinstance(mask, float) else 1)
 
 
+class _RunLora:
+    """One adapter's LoRA updates for `PlainDecoder`'s whole-sequence forward (training, scoring):
+    differentiable, with the adapter's dropout when in train mode. peft computes
+    `base(x) + lora_B(lora_A(dropout(x))) * scaling`; this adds the same product into the base
+    output in place (one addmm), without the two passes over the [N, out] output that the
+    separate scaling and sum take."""
+
+    def __init__(self, lora_layers: list[peft.tuners.lora.LoraLayer], adapter: str):
+        self._layers = {
+            module: (module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter],
+                     module.lora_dropout[adapter])
+            for module in lora_layers
+            if adapter in module.lora_A
+        }
+
+    def add_update(self, module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+        """x [N, in], out [N, out]: PlainDecoder's flattened positions."""
+        layer = self._layers.get(module)
+        if layer is None:
+            return
+        a, b, scaling, dropout = layer
+        down = dropout(x).to(a.dtype) @ a.t()
+        out.addmm_(down.to(out.dtype), b.t().to(out.dtype), alpha=scaling)
+
+
 @contextmanager
-def _base_only(model: peft.PeftModel):
-    """Within: every LoRA layer computes its base output only. peft's `disable_adapter()` does the
-    same after a model-status check that walks and prints every module (75 ms a call on SmolLM2,
-    half a small sampling call's overhead)."""
-    layers = [m for m in model.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) and not m.disable_adapters]
+def _base_only(lora_layers: list[peft.tuners.lora.LoraLayer]):
+    """Within: these LoRA layers compute their base output only. peft's `disable_adapter()` does the
+    same after a model-status check that walks and prints every module (66-75 ms a call on
+    SmolLM2, more than the rest of a small sampling call's overhead), and its per-layer
+    `enable_adapters` re-sets every adapter parameter's requires_grad (another 30 ms): this sets the
+    layers' flag only, which is what their forward reads."""
+    layers = [layer for layer in lora_layers if not layer.disable_adapters]
+    direct = all(isinstance(getattr(layer, "_disable_adapters", None), bool) for layer in layers)
     for layer in layers:
-        layer.enable_adapters(False)
+        if direct:
+            layer._disable_adapters = True
+        else:  # a peft that keeps the flag elsewhere: its public toggle
+            layer.enable_adapters(False)
     try:
         yield
     finally:
         for layer in layers:
-            layer.enable_adapters(True)
+            if direct:
+                layer._disable_adapters = False
+            else:
+                layer.enable_adapters(True)
 
 
 def verify_checkpoint(directory: Path) -> None:

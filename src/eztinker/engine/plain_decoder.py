@@ -1,14 +1,18 @@
-"""One decode step of a llama-family decoder as plain tensor operations.
+"""A llama-family decoder's forward as plain tensor operations, for the sampler's decode steps
+and for training and scoring forwards over whole sequences.
 
-A sampler decode step feeds one new token per row through the model. Through transformers'
-modules a step of SmolLM2-135M at 4 rows took 69 ms, of which the matmuls were 31: the rest was
-Python around them (module calls, hooks and decorators, a causal mask built every step). For the
-models `prompt_attention` already reads exactly (llama, qwen2, qwen3: SiLU MLP, sdpa, full causal
-attention), `DecodeStep` computes the same step from the same parameters with nothing between the
-operations: a padding mask once per step, then per layer RMSNorm, q/k/v projections (plus the
-stacked LoRA updates), RoPE, the cache write, attention (sdpa over the row's cache, packed per
-key/value head as transformers does for one query, or the shared prompt cache's two-part
-attention), o_proj and the MLP. Prefill (many tokens a row) keeps transformers' path.
+Through transformers' and peft's modules a decode step of SmolLM2-135M at 4 rows took 69 ms, of
+which the matmuls were 31: the rest was Python around them (module calls, hooks and decorators,
+a causal mask built every step, peft's per-layer adapter bookkeeping). For the models
+`prompt_attention` already reads exactly (llama, qwen2, qwen3: SiLU MLP, sdpa, full causal
+attention), `PlainDecoder` computes the same forward from the same parameters with nothing between
+the operations: per layer RMSNorm, q/k/v projections plus the LoRA updates (`LoraUpdates`: the
+sampler's stacked adapters, or one training run's, differentiable), RoPE, attention, o_proj, MLP.
+  * `decode`: one new token a row over a KV cache: sdpa over the row's cache (packed per key/value
+    head as transformers does for one query), or the shared prompt cache's two-part attention.
+  * `causal`: whole right-padded sequences from position 0, no cache (training, scoring): causal
+    sdpa. Padding at the end changes no real position's output (causality), so no mask is needed.
+The sampler's prefill (left padding over a cached prefix) keeps transformers' path.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoraUpdates(Protocol):
-    """Adds the rows' LoRA updates of `module` for its input `x` [N, in] to its base output `out` [N, out]."""
+    """Adds the LoRA updates of `module` for its input `x` [..., in] to its base output `out` [..., out] (in place)."""
 
     def add_update(self, module: torch.nn.Module, x: torch.Tensor, out: torch.Tensor) -> None: ...
 
@@ -54,8 +58,8 @@ class _Layer:
 
 
 def supports(decoder: torch.nn.Module, config) -> bool:
-    """Whether `decoder` (the model's base, e.g. LlamaModel) is the structure `DecodeStep` computes."""
-    if not prompt_attention.supports(config) or config.hidden_act != "silu":
+    """Whether `decoder` (the model's base, e.g. LlamaModel) is the structure `PlainDecoder` computes."""
+    if not prompt_attention.supports(config) or config.hidden_act != "silu" or getattr(config, "attention_dropout", 0.0):
         return False
     try:
         layers = decoder.layers[: config.num_hidden_layers]
@@ -75,8 +79,8 @@ def _base_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
     return module if type(module) is torch.nn.Linear else None
 
 
-class DecodeStep:
-    """Decode steps of `decoder` (one token per row), the LoRA updates of each projection by `lora`."""
+class PlainDecoder:
+    """Forwards of `decoder` (the model's base module), the LoRA updates of each projection by `lora`."""
 
     def __init__(self, decoder: torch.nn.Module, config, lora: LoraUpdates | None):
         self.embed, self.rotary, self.lora = decoder.embed_tokens, decoder.rotary_emb, lora
@@ -103,35 +107,58 @@ class DecodeStep:
         )
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
         """input_ids, position_ids [R, 1]; attention_mask [R, L] over the cache and the new token.
         Returns the final hidden state [R, D] (after the final norm)."""
         rows = input_ids.shape[0]
-        x = self.embed(input_ids)  # [R, 1, D]
-        cos, sin = self.rotary(x, position_ids)  # [R, 1, head_dim]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads of [R, heads, 1, head_dim]
-        x = x.view(rows, -1)
-        shared = isinstance(cache, prompt_attention.SharedPromptCache)
-        # As transformers: no mask when no row has padding (sdpa over all heads, GQA in the kernel),
-        # else the rows' mask with each key/value head's queries packed as one query block.
-        mask = None if shared or bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
+        if isinstance(cache, prompt_attention.SharedPromptCache):
+            def attend(index, q, k, v):
+                keys, values = cache.update(k, v, index)
+                return cache.attend(index, q, keys, values, self.scale).reshape(rows, -1)
+        elif bool(attention_mask.all()):  # as transformers: no mask, sdpa over all heads, GQA in the kernel
+            def attend(index, q, k, v):
+                keys, values = cache.update(k, v, index)
+                out = F.scaled_dot_product_attention(q, keys, values, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
+                return out.transpose(1, 2).reshape(rows, -1)
+        else:  # padding: the rows' mask, each key/value head's queries packed as one query block
+            mask = attention_mask.bool()[:, None, None, :]
+
+            def attend(index, q, k, v):
+                keys, values = cache.update(k, v, index)
+                packed = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+                return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=self.scale).reshape(rows, -1)
+        return self._forward(input_ids, position_ids, attend)
+
+    def causal(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T], right-padded, from position 0. Returns the final hidden states [B, T, D]."""
+        batch, width = input_ids.shape
+
+        def attend(index, q, k, v):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
+            return out.transpose(1, 2).reshape(batch * width, -1)
+
+        positions = torch.arange(width, device=input_ids.device).expand(batch, width)
+        return self._forward(input_ids, positions, attend).view(batch, width, -1)
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
+        """The final hidden states [B * T, D]. Positions stay flattened between the attentions, so
+        every projection's output is a plain 2-D tensor its LoRA update is added to in place (an
+        in-place add into a view would cost autograd a copy of it)."""
+        batch, width = input_ids.shape
+        x = self.embed(input_ids)  # [B, T, D]
+        cos, sin = self.rotary(x, position_ids)  # [B, T, head_dim]
+        x = x.view(batch * width, -1)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads of [B, heads, T, head_dim]
         for layer in self.layers:
             h = self._norm(x, layer.input_norm)
-            q = self._project(layer.q, h).view(rows, self.heads, 1, self.head_dim)
-            k = self._project(layer.k, h).view(rows, self.kv_heads, 1, self.head_dim)
-            v = self._project(layer.v, h).view(rows, self.kv_heads, 1, self.head_dim)
+            q = self._project(layer.q, h).view(batch, width, self.heads, self.head_dim)
+            k = self._project(layer.k, h).view(batch, width, self.kv_heads, self.head_dim)
+            v = self._project(layer.v, h).view(batch, width, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            keys, values = cache.update(k, v, layer.index)
-            if shared:
-                attended = cache.attend(layer.index, q, keys, values, self.scale)
-            elif mask is None:
-                attended = F.scaled_dot_product_attention(q, keys, values, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
-            else:
-                packed = q.view(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-                attended = F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=self.scale)
-            x = x + self._project(layer.o, attended.reshape(rows, -1))
+            x = x + self._project(layer.o, attend(layer.index, q, k, v))
             h = self._norm(x, layer.post_attention_norm)
             x = x + self._project(layer.down, F.silu(self._project(layer.gate, h)) * self._project(layer.up, h))
         return self._norm(x, self.final_norm)
