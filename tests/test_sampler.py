@@ -426,6 +426,15 @@ def test_candidates_sharing_one_copy_of_their_prompt_cache_equal_copying_it(shar
     attended.clear()
     copied = sharp.sample(specs)
     assert not attended
+    monkeypatch.setattr(sampler_module, "_worth_sharing", lambda prompts, candidates: True)
+    monkeypatch.setattr(prompt_attention, "_fused_kernel", lambda q: False)  # the parts by matmuls (off CPU)
+    unfused = sharp.sample(specs)
+    assert attended
+    assert [tokens_of(r) for r in unfused] == [tokens_of(r) for r in copied]
+    for got_spec, want_spec in zip(unfused, copied):
+        for got, want in zip(got_spec, want_spec):
+            for g, w in zip(got, want):
+                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
     assert [tokens_of(r) for r in shared] == [tokens_of(r) for r in copied]
     for got_spec, want_spec in zip(shared, copied):
         for got, want in zip(got_spec, want_spec):
