@@ -355,7 +355,7 @@ def test_full_model_logits_path_equals_the_fused_output_head(sharp):
 def test_stacked_lora_equals_peft_for_mixed_single_and_no_adapter(sharp):
     """The sampler's stacked-LoRA forward gives the logits of peft's own forward: each row through
     its own adapter (peft's `adapter_names=` path), one adapter for all rows, or none."""
-    from eztinker.engine.sampler import PreallocatedCache
+    from eztinker.engine.kv_cache import PreallocatedCache
 
     train_away(sharp, "run_a", seed=1)
     train_away(sharp, "run_b", seed=2, lora=LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj"]))

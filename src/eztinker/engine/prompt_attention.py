@@ -23,7 +23,9 @@ from contextvars import ContextVar
 
 import torch
 from transformers import AttentionInterface, PretrainedConfig
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache
+
+from .kv_cache import PreallocatedLayer
 
 ATTENTION_NAME = "eztinker_shared_prompt"
 # Plain causal full attention with the standard q/k/v layout (GQA included); checked, not assumed.
@@ -44,40 +46,16 @@ def supports(config: PretrainedConfig) -> bool:
     )
 
 
-class _GeneratedLayer(DynamicLayer):
-    """One layer: the prompts' keys/values [P, kv, Lp, D] (shared, read only) and each row's
-    generated ones in a buffer sized for the whole generation [R, kv, capacity, D]."""
+class _GeneratedLayer(PreallocatedLayer):
+    """One layer: the prompts' keys/values [P, kv, Lp, D] (shared, read only) and, in the buffer,
+    each row's generated ones [R, kv, capacity, D]."""
 
     def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, capacity: int):
-        super().__init__()
+        super().__init__(capacity)
         self.prompt_keys, self.prompt_values = prompt_keys, prompt_values
-        self.capacity, self.length = capacity, 0
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.dtype, self.device = key_states.dtype, key_states.device
-            shape = (key_states.shape[0], key_states.shape[1], self.capacity, key_states.shape[-1])
-            self._keys, self._values = key_states.new_empty(shape), value_states.new_empty(shape)
-            self.is_initialized = True
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"generated {end} tokens, more than the {self.capacity} planned")
-        self._keys[..., self.length : end, :] = key_states
-        self._values[..., self.length : end, :] = value_states
-        self.length = end
-        self.keys, self.values = self._keys[..., :end, :], self._values[..., :end, :]
-        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.prompt_keys.shape[-2] + self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._keys, self._values = self._keys[indices], self._values[indices]
-            self.keys, self.values = self._keys[..., : self.length, :], self._values[..., : self.length, :]
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("the sampler's cache is never cropped")
 
 
 class SharedPromptCache(DynamicCache):
