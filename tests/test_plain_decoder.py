@@ -177,3 +177,22 @@ def test_scores_and_prompt_logprobs_without_modules_equal_them(trained, monkeypa
         for got, want in zip(plain, modules):
             assert got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-4)
             assert [[t for t, _ in k] for k in got.topk[1:]] == [[t for t, _ in k] for k in want.topk[1:]]
+
+
+def test_a_new_runs_dropout_acts_only_in_training(trained):
+    """A run with LoRA dropout, created after others: its scores are deterministic (dropout off),
+    and equal before and after a training call switched it on and off again."""
+    trained.create_run("dropping", LoraConfig(rank=4, alpha=16, dropout=0.5), seed=3)
+    try:
+        prompt, reply = random_prompts([5, 6], seed=21)
+        trained.forward_backward("dropping", [datum_from_tokens(prompt, reply)])
+        trained.optim_step("dropping", AdamParams(learning_rate=3e-2))  # B != 0: the dropout would show
+        first, again = (trained.score("dropping", prompt, [reply])[0].sum_logprob for _ in range(2))
+        assert first == again
+        trained.create_run("dropping_too", LoraConfig(rank=4, alpha=16, dropout=0.5), seed=4)
+        trained._runs["dropping_too"].params[1].data.normal_()  # a nonzero B: its dropout would change scores
+        scores = {trained.score("dropping_too", prompt, [reply])[0].sum_logprob for _ in range(3)}
+        assert len(scores) == 1
+        trained.delete_run("dropping_too")
+    finally:
+        trained.delete_run("dropping")

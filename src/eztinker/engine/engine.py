@@ -155,6 +155,11 @@ class Engine:
                     self._peft.add_adapter(name, config)
             except ValueError as exc:  # e.g. target modules that do not exist in this model
                 raise EngineError(f"lora.target_modules: {exc}") from exc
+        # New modules start in train mode; the engine's model is in eval mode but within a
+        # training call, so a new run's dropout must not act when it samples or scores first.
+        for layer in self._lora_layers():
+            if name in layer.lora_dropout:
+                layer.lora_dropout[name].eval()
 
     def _add_to_wrapped_layers(self, name: str, config: peft.LoraConfig, targets: str | list[str]) -> bool:
         """peft's add_adapter walks every module of the model, earlier adapters' LoRA modules
@@ -269,7 +274,12 @@ class Engine:
             # In eval mode (no dropout) and without a graph: the run's gradients are never touched.
             with torch.no_grad():
                 return self._forward(run_id, data, loss_fn, config, backward=False, all_logprobs=all_logprobs)
-        self._peft.train(run.lora.dropout > 0)
+        # Train mode only switches the LoRA dropout on (the base model's own dropout is never
+        # used in training); a run without dropout stays in eval mode, which spares two walks of
+        # every module of the model (about 15 ms a call on SmolLM2).
+        dropout = run.lora.dropout > 0
+        if dropout:
+            self._peft.train()
         # A failure part-way through (e.g. a non-finite loss in a later micro-batch) would leave the
         # earlier micro-batches' gradients accumulated, so the next optim_step would apply a partial
         # batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
@@ -279,7 +289,8 @@ class Engine:
             # A finite loss can still have a non-finite gradient (e.g. ppo with sampler logprobs of
             # -1e308: the clipped term is finite, the ratio is not); applying it would wipe the
             # batch at the next optim_step, so this request fails and the earlier gradients stay.
-            if not all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params):
+            grads = [p.grad.view(-1) for p in run.params if p.grad is not None]
+            if grads and not bool(torch.isfinite(torch.cat(grads)).all()):  # one check, not one a tensor
                 raise EngineError(f"{loss_fn} gave a non-finite gradient (check the request's logprobs and "
                                   "advantages); this request's gradient was not applied, earlier ones are kept")
             return result
@@ -288,7 +299,8 @@ class Engine:
                 param.grad = grad
             raise
         finally:
-            self._peft.eval()
+            if dropout:
+                self._peft.eval()
 
     def _forward(self, run_id: str, data: Sequence[Datum], loss_fn: LossFnName, config: dict[str, float], *,
                  backward: bool, all_logprobs: bool) -> ForwardBackwardResult:
