@@ -151,6 +151,7 @@ class Engine:
             try:
                 if self._peft is None:
                     self._peft = peft.get_peft_model(self.base.model, config, adapter_name=name)
+                    self._peft.eval()  # a new PeftModel is in train mode; the engine's model is not
                 elif not self._add_to_wrapped_layers(name, config, lora.target_modules):
                     self._peft.add_adapter(name, config)
             except ValueError as exc:  # e.g. target modules that do not exist in this model
