@@ -337,6 +337,24 @@ def test_greedy_choice_is_torch_argmax_including_ties(vocab):
     assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_output_projection_in_column_blocks_equals_one_matmul(dtype, with_bias):
+    """The head's logits, a block of vocabulary columns at a time, equal one matmul: every block
+    written, the ragged last one included, with a bias and with weights of another dtype."""
+    from eztinker.engine.output_projection import BLOCK_COLUMNS, logits_into
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 2 * BLOCK_COLUMNS + 37
+    weight = torch.randn(vocab, 24, generator=generator).to(dtype)
+    bias = torch.randn(vocab, generator=generator).to(dtype) if with_bias else None
+    hidden = torch.randn(5, 24, generator=generator)
+    out = torch.full((5, vocab), float("nan"))
+    logits_into(out, hidden, weight, bias)
+    want = torch.nn.functional.linear(hidden.to(dtype), weight, bias).float()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_full_model_logits_path_equals_the_fused_output_head(sharp):
     """Models whose head the sampler cannot reproduce fall back to the model's own logits: same results."""
     train_away(sharp, "run_a", seed=1)

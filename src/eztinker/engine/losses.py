@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..types import Datum, LossFnName
+from .output_projection import logits_into
 
 # Each loss's loss_fn_config keys and their defaults (Tinker's names).
 _CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
@@ -161,14 +162,7 @@ class VocabProjection:
         rows = hidden_C_H.shape[0]
         if self._buffer is None or self._buffer.shape[0] < rows:
             self._buffer = torch.empty(self.chunk_rows, self.weight.shape[0], device=self.weight.device)
-        out = self._buffer[:rows]
-        if self.weight.dtype != out.dtype:
-            out.copy_(torch.nn.functional.linear(hidden_C_H.to(self.weight.dtype), self.weight, self.bias))
-        elif self.bias is None:
-            torch.mm(hidden_C_H, self.weight.t(), out=out)
-        else:
-            torch.addmm(self.bias, hidden_C_H, self.weight.t(), out=out)
-        return out
+        return logits_into(self._buffer[:rows], hidden_C_H, self.weight, self.bias)
 
     def _logprobs_and_exp(self, hidden_C_H: torch.Tensor, targets_C: torch.Tensor, topk: int = 0):
         """Target logprobs [C], the buffer holding exp(logits - max) with its row sums, and with

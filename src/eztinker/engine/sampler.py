@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache
 
 from ..types import SampledSequence, SampledToken, SamplingParams
 from .kv_cache import PreallocatedCache
+from .output_projection import logits_into
 from .prompt_attention import SharedPromptCache
 
 # forward(input_ids_B_T, attention_mask_B_S, position_ids_B_T, cache, adapters) -> features_B_D of the
@@ -67,12 +68,7 @@ class OutputHead:
         return self.weight.shape[0]
 
     def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> None:
-        if self.weight.dtype != out_B_V.dtype:
-            out_B_V.copy_(torch.nn.functional.linear(features_B_D, self.weight, self.bias))
-        elif self.bias is None:
-            torch.mm(features_B_D, self.weight.t(), out=out_B_V)
-        else:
-            torch.addmm(self.bias, features_B_D, self.weight.t(), out=out_B_V)
+        logits_into(out_B_V, features_B_D, self.weight, self.bias)
 
 
 class _LogitsAreFeatures:

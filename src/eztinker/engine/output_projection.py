@@ -1,0 +1,29 @@
+"""The output projection's logits, written into a caller's buffer a block of vocabulary columns at a time.
+
+On CPU one [rows, V] matmul against a 49k-152k-row weight runs well below the speed of the same
+work in blocks of 1024 columns, each block's weights and outputs used while they are in cache:
+1.3-1.7x at 4-128 rows (the sampler's), 1.06-1.11x at 512-1024 (training's), on a 2-core AVX2
+EPYC with MKL, for SmolLM2's and Qwen2's heads (`python bench/output_projection.py`). The
+backward product (logit gradients times the weight) gains nothing from blocking and stays whole.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_COLUMNS = 1024
+
+
+def logits_into(out_R_V: torch.Tensor, hidden_R_D: torch.Tensor, weight_V_D: torch.Tensor, bias_V: torch.Tensor | None = None) -> torch.Tensor:
+    """out = hidden @ weight.T (+ bias), in place; returns out."""
+    if weight_V_D.dtype != out_R_V.dtype:
+        out_R_V.copy_(torch.nn.functional.linear(hidden_R_D.to(weight_V_D.dtype), weight_V_D, bias_V))
+        return out_R_V
+    block = BLOCK_COLUMNS if out_R_V.device.type == "cpu" else weight_V_D.shape[0]
+    for start in range(0, weight_V_D.shape[0], block):
+        columns = slice(start, start + block)
+        if bias_V is None:
+            torch.mm(hidden_R_D, weight_V_D[columns].t(), out=out_R_V[:, columns])
+        else:
+            torch.addmm(bias_V[columns], hidden_R_D, weight_V_D[columns].t(), out=out_R_V[:, columns])
+    return out_R_V
