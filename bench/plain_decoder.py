@@ -23,7 +23,6 @@ import peft
 from run import RESULTS_DIR, Workload, load, log, machine, side_bench_arguments, tiny_model_dir
 
 import eztinker.engine.engine as engine_module
-import eztinker.engine.plain_decoder as plain_decoder
 from eztinker.engine import Engine, SampleSpec
 from eztinker.types import Datum, LoraConfig, SamplingParams
 
@@ -57,19 +56,19 @@ def main() -> None:
         "sample_1x4x16": sampling(1, 4, 16),
         "sample_4x8x64": sampling(4, 8, 64),
     }
-    supported = plain_decoder.supports
+    plain = engine._plain_decoder
     for call in calls.values():  # warm-up
         call(0)
     seconds: dict[str, dict[str, list[float]]] = {name: {"plain": [], "modules": []} for name in calls}
     for i in range(args.repeats):
         for name, call in calls.items():
             for path in ("plain", "modules"):
-                plain_decoder.supports = supported if path == "plain" else (lambda decoder, config: False)
+                engine._plain_decoder = plain if path == "plain" else (lambda: None)
                 start = time.perf_counter()
                 call(i)
                 seconds[name][path].append(time.perf_counter() - start)
             log(f"  {name}: plain {seconds[name]['plain'][-1]:.3f} s, modules {seconds[name]['modules'][-1]:.3f} s")
-    plain_decoder.supports = supported
+    del engine._plain_decoder
     for param in engine._runs["bench"].params:
         param.grad = None
 

@@ -89,7 +89,7 @@ def test_decode_steps_without_transformers_modules_equal_them(trained, cache, mo
     monkeypatch.setattr(plain_decoder.PlainDecoder, "decode", lambda self, *args: steps.append(1) or original(self, *args))
     lean = trained.sample(specs)
     assert len(steps) >= 9  # the decode steps went through PlainDecoder
-    monkeypatch.setattr(plain_decoder, "supports", lambda decoder, config: False)
+    monkeypatch.setattr(trained, "_plain_decoder", lambda: None)  # as for a model it does not compute
     steps.clear()
     modules = trained.sample(specs)
     assert not steps
@@ -121,11 +121,11 @@ def _through_both(engine, monkeypatch, call):
     """call() by PlainDecoder, then through the modules (checking each took its path)."""
     forwards = []
     original = plain_decoder.PlainDecoder.causal
-    monkeypatch.setattr(plain_decoder.PlainDecoder, "causal", lambda self, ids: forwards.append(1) or original(self, ids))
+    monkeypatch.setattr(plain_decoder.PlainDecoder, "causal", lambda self, *args: forwards.append(1) or original(self, *args))
     plain = call()
     assert forwards
     with monkeypatch.context() as patch:
-        patch.setattr(plain_decoder, "supports", lambda decoder, config: False)
+        patch.setattr(engine, "_plain_decoder", lambda: None)
         forwards.clear()
         modules = call()
         assert not forwards
@@ -196,3 +196,20 @@ def test_a_new_runs_dropout_acts_only_in_training(trained):
         trained.delete_run("dropping_too")
     finally:
         trained.delete_run("dropping")
+
+
+def test_the_plain_decoder_follows_the_projections_peft_wraps_and_unwraps(tiny_model_dir, tmp_path, monkeypatch):
+    """An engine that computed with no run yet (projections not wrapped by peft), then creates one:
+    its scores through the plain decoder still carry the run's LoRA, as through the modules; with
+    the last run deleted (peft unwrapped again) the bare model's scores are as before."""
+    engine = Engine(load_base_model(str(tiny_model_dir), cache_dir=tmp_path, device="cpu"))
+    prompt, responses = random_prompts([5], seed=31)[0], random_prompts([4, 6], seed=32)
+    bare = [s.sum_logprob for s in engine.score(None, prompt, responses)]
+    engine.create_run("late", LoraConfig(rank=4, alpha=16), seed=5)
+    for param in engine._runs["late"].params:
+        param.data.normal_(0.0, 0.5)  # B != 0, large: the adapter changes every score
+    plain, modules = _through_both(engine, monkeypatch, lambda: engine.score("late", prompt, responses))
+    assert [s.sum_logprob for s in plain] == pytest.approx([s.sum_logprob for s in modules], abs=1e-4)
+    assert [s.sum_logprob for s in plain] != pytest.approx(bare, abs=1e-2)
+    engine.delete_run("late")
+    assert [s.sum_logprob for s in engine.score(None, prompt, responses)] == pytest.approx(bare, abs=1e-5)

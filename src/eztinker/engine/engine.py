@@ -106,6 +106,8 @@ class Engine:
         self._head_checked = False
         self._lora_targets: tuple[list[str], list[str]] | None = None
         self._lora_layer_list: list[peft.tuners.lora.LoraLayer] | None = None
+        self._plain: plain_decoder.PlainDecoder | None = None
+        self._plain_checked = False
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -124,10 +126,14 @@ class Engine:
         """Drop every run and snapshot: the base model is as it was loaded."""
         self._runs.clear()
         self._snapshots.clear()
-        self._lora_layer_list = None
+        self._modules_changed()
         if self._peft is not None:
             self._peft.unload()
             self._peft = None
+
+    def _modules_changed(self) -> None:
+        """Adapters were added or removed: the module walks below are redone when next needed."""
+        self._lora_layer_list, self._plain, self._plain_checked = None, None, False
 
     def _lora_layers(self) -> list[peft.tuners.lora.LoraLayer]:
         """The model's LoRA layers, walked for once per change of adapters (a walk of all SmolLM2's
@@ -137,7 +143,7 @@ class Engine:
         return self._lora_layer_list
 
     def _add_adapter(self, name: str, lora: LoraConfig, seed: int) -> None:
-        self._lora_layer_list = None
+        self._modules_changed()
         config = peft.LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
@@ -190,7 +196,7 @@ class Engine:
         return True
 
     def _remove_adapter(self, name: str) -> None:
-        self._lora_layer_list = None
+        self._modules_changed()
         if len(self._peft.peft_config) > 1:
             self._peft.delete_adapter(name)
         else:
@@ -495,23 +501,31 @@ class Engine:
         """The final hidden states [B, T, H] of right-padded sequences through `adapter` (a run's
         or a snapshot's LoRA, None: the bare model): by `PlainDecoder` where it computes this model
         and adapter, else through transformers' and peft's modules."""
-        decoder, config = self._decoder(), self.base.model.config
-        if plain_decoder.supports(decoder, config) and (adapter is None or self._plain_lora({adapter})):
-            lora = None if adapter is None else _RunLora(self._lora_layers(), adapter)
-            return plain_decoder.PlainDecoder(decoder, config, lora).causal(input_ids)
+        plain = self._plain_decoder()
+        if plain is not None and (adapter is None or self._plain_lora({adapter})):
+            return plain.causal(input_ids, None if adapter is None else _RunLora(self._lora_layers(), adapter))
         with self._through(adapter):
-            return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _plain_decoder(self) -> plain_decoder.PlainDecoder | None:
+        """The decoder as plain tensor ops, where `PlainDecoder` computes this model (else None);
+        built once per change of adapters (the first adapter wraps every projection in peft's
+        LoRA layer), since checking and collecting 30 layers' parameters took 4-5 ms a call."""
+        if not self._plain_checked:
+            decoder, config = self._decoder(), self.base.model.config
+            self._plain = plain_decoder.PlainDecoder(decoder, config) if plain_decoder.supports(decoder, config) else None
+            self._plain_checked = True
+        return self._plain
 
     def _features_fn(self, stacked: _StackedLora):
         """Forward to the final hidden state of the last position; the sampler projects it itself.
         Decode steps (one token a row) of the models it covers go through `PlainDecoder`."""
-        decoder, config = self._decoder(), self.base.model.config
-        plain = plain_decoder.PlainDecoder(decoder, config, stacked) if plain_decoder.supports(decoder, config) else None
+        plain = self._plain_decoder()
 
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
             stacked.set_rows(adapters, input_ids.shape[1])
             if plain is not None and input_ids.shape[1] == 1:
-                return plain.decode(input_ids, attention_mask, position_ids, cache)
+                return plain.decode(input_ids, attention_mask, position_ids, cache, stacked)
             with self._attention_for(cache):
                 hidden = self._decoder()(
                     input_ids=input_ids,

@@ -80,10 +80,12 @@ def _base_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 class PlainDecoder:
-    """Forwards of `decoder` (the model's base module), the LoRA updates of each projection by `lora`."""
+    """Forwards of `decoder` (the model's base module), each with the LoRA updates of a `lora`
+    (None: the bare model). Holds the decoder's parameters, not copies: valid until peft wraps or
+    unwraps its projections (adapters added to or removed from the model)."""
 
-    def __init__(self, decoder: torch.nn.Module, config, lora: LoraUpdates | None):
-        self.embed, self.rotary, self.lora = decoder.embed_tokens, decoder.rotary_emb, lora
+    def __init__(self, decoder: torch.nn.Module, config):
+        self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
         self.final_norm, self.eps = decoder.norm.weight, config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -107,7 +109,8 @@ class PlainDecoder:
         )
 
     @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
+               lora: LoraUpdates | None) -> torch.Tensor:
         """input_ids, position_ids [R, 1]; attention_mask [R, L] over the cache and the new token.
         Returns the final hidden state [R, D] (after the final norm)."""
         rows = input_ids.shape[0]
@@ -127,9 +130,9 @@ class PlainDecoder:
                 keys, values = cache.update(k, v, index)
                 packed = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
                 return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=self.scale).reshape(rows, -1)
-        return self._forward(input_ids, position_ids, attend)
+        return self._forward(input_ids, position_ids, attend, lora)
 
-    def causal(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def causal(self, input_ids: torch.Tensor, lora: LoraUpdates | None) -> torch.Tensor:
         """input_ids [B, T], right-padded, from position 0. Returns the final hidden states [B, T, D]."""
         batch, width = input_ids.shape
 
@@ -138,9 +141,9 @@ class PlainDecoder:
             return out.transpose(1, 2).reshape(batch * width, -1)
 
         positions = torch.arange(width, device=input_ids.device).expand(batch, width)
-        return self._forward(input_ids, positions, attend).view(batch, width, -1)
+        return self._forward(input_ids, positions, attend, lora).view(batch, width, -1)
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend, lora: LoraUpdates | None) -> torch.Tensor:
         """The final hidden states [B * T, D]. Positions stay flattened between the attentions, so
         every projection's output is a plain 2-D tensor its LoRA update is added to in place (an
         in-place add into a view would cost autograd a copy of it)."""
@@ -151,16 +154,16 @@ class PlainDecoder:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads of [B, heads, T, head_dim]
         for layer in self.layers:
             h = self._norm(x, layer.input_norm)
-            q = self._project(layer.q, h).view(batch, width, self.heads, self.head_dim)
-            k = self._project(layer.k, h).view(batch, width, self.kv_heads, self.head_dim)
-            v = self._project(layer.v, h).view(batch, width, self.kv_heads, self.head_dim)
+            q = self._project(layer.q, h, lora).view(batch, width, self.heads, self.head_dim)
+            k = self._project(layer.k, h, lora).view(batch, width, self.kv_heads, self.head_dim)
+            v = self._project(layer.v, h, lora).view(batch, width, self.kv_heads, self.head_dim)
             if layer.q_norm is not None:
                 q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            x = x + self._project(layer.o, attend(layer.index, q, k, v))
+            x = x + self._project(layer.o, attend(layer.index, q, k, v), lora)
             h = self._norm(x, layer.post_attention_norm)
-            x = x + self._project(layer.down, F.silu(self._project(layer.gate, h)) * self._project(layer.up, h))
+            x = x + self._project(layer.down, F.silu(self._project(layer.gate, h, lora)) * self._project(layer.up, h, lora), lora)
         return self._norm(x, self.final_norm)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -169,10 +172,11 @@ class PlainDecoder:
             return weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
-    def _project(self, projection: _Projection, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _project(projection: _Projection, x: torch.Tensor, lora: LoraUpdates | None) -> torch.Tensor:
         out = F.linear(x, projection.weight, projection.bias)
-        if self.lora is not None:
-            self.lora.add_update(projection.module, x, out)
+        if lora is not None:
+            lora.add_update(projection.module, x, out)
         return out
 
 
