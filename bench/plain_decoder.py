@@ -1,14 +1,15 @@
-"""The decoder's forward as plain tensor ops (engine/plain_decoder.py) against the same forward
-through transformers' and peft's modules, side by side; and peft's `disable_adapter()` against the
-engine's direct toggle, which every sampling call enters once.
+"""The decoder's forward as plain tensor ops (engine/plain_decoder.py), with its base weights packed
+for oneDNN (engine/packed_linear.py, the default) and without (`F.linear`, MKL), against the same
+forward through transformers' and peft's modules, side by side; and peft's `disable_adapter()`
+against the engine's direct toggle, which every sampling call enters once.
 
     python bench/plain_decoder.py [--model smollm2|tiny] [--repeats 5]
 
 Calls (rank-8 run): the peers workload's small ones, a forward of 1 x 8 tokens and a
 forward_backward of 4 x 32, and a forward_backward of 8 x 128; sampling one GSM8K prompt's
 4 candidates x 16 tokens, and 4 prompts x 8 candidates x 64 tokens (seeded, temperature 1; plain
-decode steps, prefill through the modules either way). Every round makes each call once per path,
-alternating; medians and their ratio are reported. Results: bench/results/plain_decoder_<model>.json.
+decode steps, prefill through the modules either way; the output head packed on every path).
+Every round makes each call once per path, alternating; medians and their ratios are reported. Results: bench/results/plain_decoder_<model>.json.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import statistics
 import time
 
 import peft
+import torch
 from run import RESULTS_DIR, Workload, load, log, machine, side_bench_arguments, tiny_model_dir
 
 import eztinker.engine.engine as engine_module
+import eztinker.engine.packed_linear as packed_linear
 from eztinker.engine import Engine, SampleSpec
 from eztinker.types import Datum, LoraConfig, SamplingParams
 
@@ -34,6 +37,10 @@ def windows(count: int, length: int, seed: int) -> list[Datum]:
         ids = [rng.randrange(100, 40_000) for _ in range(length + 1)]
         out.append(Datum(model_input={"tokens": ids[:-1]}, loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * length}))
     return out
+
+
+def unpacked(x, weight, bias, packed):
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def main() -> None:
@@ -56,19 +63,22 @@ def main() -> None:
         "sample_1x4x16": sampling(1, 4, 16),
         "sample_4x8x64": sampling(4, 8, 64),
     }
-    plain = engine._plain_decoder
+    plain, packed = engine._plain_decoder, packed_linear.linear
     for call in calls.values():  # warm-up
         call(0)
-    seconds: dict[str, dict[str, list[float]]] = {name: {"plain": [], "modules": []} for name in calls}
+    paths = ("plain", "plain_unpacked", "modules")
+    seconds: dict[str, dict[str, list[float]]] = {name: {path: [] for path in paths} for name in calls}
     for i in range(args.repeats):
         for name, call in calls.items():
-            for path in ("plain", "modules"):
-                engine._plain_decoder = plain if path == "plain" else (lambda: None)
+            for path in paths:
+                engine._plain_decoder = (lambda: None) if path == "modules" else plain
+                packed_linear.linear = unpacked if path == "plain_unpacked" else packed
                 start = time.perf_counter()
                 call(i)
                 seconds[name][path].append(time.perf_counter() - start)
-            log(f"  {name}: plain {seconds[name]['plain'][-1]:.3f} s, modules {seconds[name]['modules'][-1]:.3f} s")
+            log(f"  {name}: " + ", ".join(f"{path} {seconds[name][path][-1]:.3f} s" for path in paths))
     del engine._plain_decoder
+    packed_linear.linear = packed
     for param in engine._runs["bench"].params:
         param.grad = None
 
@@ -83,16 +93,19 @@ def main() -> None:
 
     medians = {name: {path: statistics.median(t) for path, t in paths.items()} for name, paths in seconds.items()}
     ratios = {name: m["modules"] / m["plain"] for name, m in medians.items()}
+    packing = {name: m["plain_unpacked"] / m["plain"] for name, m in medians.items()}
     toggle_medians = {name: statistics.median(t) for name, t in toggles.items()}
     results = {"model": args.model, "lora_rank": 8, "peft": peft.__version__, "machine": machine(),
                "load_1min": os.getloadavg()[0], "seconds": seconds, "median_seconds": medians, "modules_over_plain": ratios,
+               "unpacked_over_packed": packing,
                "adapter_toggle_seconds": toggles, "adapter_toggle_median_seconds": toggle_medians,
                "command": f"python bench/plain_decoder.py --model {args.model} --repeats {args.repeats}"}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"plain_decoder_{args.model}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     for name, m in medians.items():
-        log(f"{name}: plain {m['plain']:.3f} s, modules {m['modules']:.3f} s, {ratios[name]:.2f}x")
+        log(f"{name}: plain {m['plain']:.3f} s, plain unpacked {m['plain_unpacked']:.3f} s, modules {m['modules']:.3f} s: "
+            f"modules / plain {ratios[name]:.2f}x, unpacked / packed {packing[name]:.2f}x")
     log(f"adapters off and on: peft disable_adapter {toggle_medians['peft_disable_adapter'] * 1e3:.1f} ms, "
         f"engine {toggle_medians['engine_base_only'] * 1e3:.1f} ms; results: {path}")
 

@@ -213,3 +213,28 @@ def test_the_plain_decoder_follows_the_projections_peft_wraps_and_unwraps(tiny_m
     assert [s.sum_logprob for s in plain] != pytest.approx(bare, abs=1e-2)
     engine.delete_run("late")
     assert [s.sum_logprob for s in engine.score(None, prompt, responses)] == pytest.approx(bare, abs=1e-5)
+
+
+def test_packed_weights_compute_f_linear_and_its_input_gradient():
+    """A base weight packed for oneDNN gives F.linear's output and input gradient (2-D and 3-D
+    inputs, with a bias); weights it does not apply to are not packed, and a trainable weight is
+    multiplied as it is."""
+    from eztinker.engine.packed_linear import linear, pack
+
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
+    packed = pack(weight)
+    assert packed is not None
+    for shape in ((5, 24), (2, 3, 24)):
+        x = torch.randn(*shape, generator=generator, requires_grad=True)
+        got = linear(x, weight, bias, packed)
+        (got * torch.arange(40.0)).sum().backward()
+        got_grad, x.grad = x.grad, None
+        want = torch.nn.functional.linear(x, weight, bias)
+        (want * torch.arange(40.0)).sum().backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_grad, x.grad, rtol=1e-5, atol=1e-4)
+    assert pack(weight.to(torch.bfloat16)) is None and pack(bias) is None
+    trainable = weight.clone().requires_grad_(True)
+    linear(torch.randn(2, 24), trainable, None, packed).sum().backward()
+    assert trainable.grad is not None

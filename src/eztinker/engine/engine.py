@@ -30,7 +30,7 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import losses, plain_decoder, prompt_attention
+from . import losses, packed_linear, plain_decoder, prompt_attention
 from .checkpoints import write_atomically
 from .models import BaseModel
 from .sampler import OutputHead, SampleSpec, sample
@@ -92,7 +92,8 @@ def _adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
 
 class Engine:
     def __init__(
-        self, base: BaseModel, *, microbatch_tokens: int = 8192, logits_chunk: int = 1024, max_snapshots: int = 16
+        self, base: BaseModel, *, microbatch_tokens: int = 8192, logits_chunk: int = 1024, max_snapshots: int = 16,
+        pack_weights: bool = True,
     ):
         self.base = base
         self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
@@ -108,6 +109,10 @@ class Engine:
         self._lora_layer_list: list[peft.tuners.lora.LoraLayer] | None = None
         self._plain: plain_decoder.PlainDecoder | None = None
         self._plain_checked = False
+        # Base weights packed for oneDNN (packed_linear.py), by id of the weight (kept alive beside).
+        self.pack_weights = pack_weights
+        self._packs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._plain_decoder()  # packs its weights now, not in the first call
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -409,7 +414,7 @@ class Engine:
 
     def _projection(self) -> losses.VocabProjection | None:
         head = self._output_head()
-        return None if head is None else losses.VocabProjection(head.weight, head.bias, self.logits_chunk)
+        return None if head is None else losses.VocabProjection(head.weight, head.bias, self.logits_chunk, head.packed)
 
     def _decoder(self) -> torch.nn.Module:
         model = self.base.model
@@ -513,9 +518,18 @@ class Engine:
         LoRA layer), since checking and collecting 30 layers' parameters took 4-5 ms a call."""
         if not self._plain_checked:
             decoder, config = self._decoder(), self.base.model.config
-            self._plain = plain_decoder.PlainDecoder(decoder, config) if plain_decoder.supports(decoder, config) else None
+            supported = plain_decoder.supports(decoder, config)
+            self._plain = plain_decoder.PlainDecoder(decoder, config, self._packed) if supported else None
             self._plain_checked = True
         return self._plain
+
+    def _packed(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """A base weight's packed copy for oneDNN, made once; None where it does not apply."""
+        if not self.pack_weights:
+            return None
+        if id(weight) not in self._packs:
+            self._packs[id(weight)] = (weight, packed_linear.pack(weight))
+        return self._packs[id(weight)][1]
 
     def _features_fn(self, stacked: _StackedLora):
         """Forward to the final hidden state of the last position; the sampler projects it itself.
@@ -586,7 +600,7 @@ class Engine:
             getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING
         ):
             return None
-        head = OutputHead(linear.weight, linear.bias)
+        head = OutputHead(linear.weight, linear.bias, self._packed(linear.weight))
         probe = torch.tensor([[self.base.pad_token_id, min(1, self.base.vocab_size - 1)]], device=self.base.device)
         context = _base_only(self._lora_layers()) if self._peft is not None else nullcontext()
         with torch.no_grad(), context:

@@ -152,8 +152,8 @@ class VocabProjection:
     backward pass costs one more matmul and no extra vocabulary-sized tensors.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int):
-        self.weight, self.bias = weight, bias
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int, packed: torch.Tensor | None = None):
+        self.weight, self.bias, self.packed = weight, bias, packed  # packed: for oneDNN (packed_linear.py)
         vocab = weight.shape[0]
         self.chunk_rows = max(1, min(chunk_rows, PROJECTION_BUFFER_ELEMENTS // vocab))
         self._buffer: torch.Tensor | None = None
@@ -162,7 +162,7 @@ class VocabProjection:
         rows = hidden_C_H.shape[0]
         if self._buffer is None or self._buffer.shape[0] < rows:
             self._buffer = torch.empty(self.chunk_rows, self.weight.shape[0], device=self.weight.device)
-        return logits_into(self._buffer[:rows], hidden_C_H, self.weight, self.bias)
+        return logits_into(self._buffer[:rows], hidden_C_H, self.weight, self.bias, self.packed)
 
     def _logprobs_and_exp(self, hidden_C_H: torch.Tensor, targets_C: torch.Tensor, topk: int = 0):
         """Target logprobs [C], the buffer holding exp(logits - max) with its row sums, and with

@@ -17,13 +17,14 @@ The sampler's prefill (left padding over a cached prefix) keeps transformers' pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import peft
 import torch
 import torch.nn.functional as F
-from . import prompt_attention
+from . import packed_linear, prompt_attention
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -39,6 +40,7 @@ class _Projection:
     module: torch.nn.Module  # the model's own (peft-wrapped or plain) linear, the key of its LoRA update
     weight: torch.Tensor
     bias: torch.Tensor | None
+    packed: torch.Tensor | None  # the weight packed for oneDNN (packed_linear.py), or None
 
 
 @dataclass(frozen=True)
@@ -82,23 +84,24 @@ def _base_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
 class PlainDecoder:
     """Forwards of `decoder` (the model's base module), each with the LoRA updates of a `lora`
     (None: the bare model). Holds the decoder's parameters, not copies: valid until peft wraps or
-    unwraps its projections (adapters added to or removed from the model)."""
+    unwraps its projections (adapters added to or removed from the model). `pack(weight)`: a
+    projection weight's packed copy for oneDNN, or None to multiply by the weight itself."""
 
-    def __init__(self, decoder: torch.nn.Module, config):
+    def __init__(self, decoder: torch.nn.Module, config, pack: Callable[[torch.Tensor], torch.Tensor | None] = lambda w: None):
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
         self.final_norm, self.eps = decoder.norm.weight, config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
-        self.layers = [self._layer(i, layer) for i, layer in enumerate(decoder.layers[: config.num_hidden_layers])]
+        self.layers = [self._layer(i, layer, pack) for i, layer in enumerate(decoder.layers[: config.num_hidden_layers])]
 
     @staticmethod
-    def _layer(index: int, layer: torch.nn.Module) -> _Layer:
+    def _layer(index: int, layer: torch.nn.Module, pack) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
 
         def projection(module: torch.nn.Module) -> _Projection:
             linear = _base_linear(module)
-            return _Projection(module, linear.weight, linear.bias)
+            return _Projection(module, linear.weight, linear.bias, pack(linear.weight))
 
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return _Layer(
@@ -174,7 +177,7 @@ class PlainDecoder:
 
     @staticmethod
     def _project(projection: _Projection, x: torch.Tensor, lora: LoraUpdates | None) -> torch.Tensor:
-        out = F.linear(x, projection.weight, projection.bias)
+        out = packed_linear.linear(x, projection.weight, projection.bias, projection.packed)
         if lora is not None:
             lora.add_update(projection.module, x, out)
         return out

@@ -62,13 +62,14 @@ class OutputHead:
 
     weight: torch.Tensor  # [V, D]
     bias: torch.Tensor | None = None
+    packed: torch.Tensor | None = None  # the weight packed for oneDNN (packed_linear.py)
 
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
     def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> None:
-        logits_into(out_B_V, features_B_D, self.weight, self.bias)
+        logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
 
 
 class _LogitsAreFeatures:
