@@ -77,9 +77,10 @@ class ServerSettings(BaseSettings):
         "Each connection is a file descriptor.",
     )
     sample_gather_ms: float = Field(
-        20, ge=0, le=1000, description="A sample job waits for more samples of its model until none has arrived for "
+        50, ge=0, le=1000, description="A sample job waits for more samples of its model until none has arrived for "
         "this many milliseconds (10 times this at most), so that requests sent together decode as one batch "
-        "(the Tinker SDK sends one request per prompt); 0 starts every sample at once.",
+        "(the Tinker SDK sends one request per prompt; 16 sent at once arrived up to 37 ms apart on a 2-core "
+        "machine); 0 starts every sample at once.",
     )
     job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
     max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
