@@ -132,6 +132,7 @@ class Engine:
         self._runs.clear()
         self._snapshots.clear()
         self._modules_changed()
+        self._packs.clear()  # the packed copies of the base weights: the weights' memory again
         if self._peft is not None:
             self._peft.unload()
             self._peft = None
