@@ -20,6 +20,7 @@ from eztinker import datum_from_tokens  # noqa: E402
 from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 
 ALICE, BOB = "tml-alice-key", "tml-bob-key"
+GATHER_MS = 250
 PROMPT, REPLY = [100, 200, 300], [400, 500, 600, 700]
 VOCAB = 151_936
 
@@ -29,8 +30,11 @@ def server(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tinker-server")
     keys = root / "keys.json"
     keys.write_text(json.dumps({ALICE: "alice", BOB: "bob"}))
+    # The SDK's requests for one batch arrive a few ms apart, but CI runs a CPU-bound test on the
+    # other core beside this one, which can stretch a gap past the 50 ms default: hence 250.
+    args = ["--device", "cpu", "--api-keys-file", str(keys), "--sample-gather-ms", str(GATHER_MS)]
     with ServerProcess(model=str(tiny_model_dir), data_dir=root / "data", log_file=root / "server.log",
-                       extra_args=["--device", "cpu", "--api-keys-file", str(keys)], env=offline_env(),
+                       extra_args=args, env=offline_env(),
                        startup_timeout=120, poll_interval=0.05) as running:
         yield running
 
