@@ -227,14 +227,28 @@ def test_optim_step_is_torch_adamw_with_clipping(engine, tiny_base):
     assert engine._runs["a"].optimizer.param_groups[0]["fused"]
 
 
-@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "down_proj"]])
-def test_runs_added_to_wrapped_layers_equal_peft_add_adapter(tiny_base, monkeypatch, targets):
-    """A run created once the model's layers are LoRA layers skips peft's walk over every module:
-    the same seeded init on the same layers as peft's add_adapter, and it trains alike (that its
-    checkpoint loads with plain peft: test_checkpoint_loads_with_plain_peft)."""
+def lora_layer_state(engine, run_id: str) -> list[tuple]:
+    """What each LoRA layer holds of a run besides its weights, and its weights' dtype and flags."""
+    state = []
+    for name, layer in engine._peft.named_modules():
+        if isinstance(layer, peft.tuners.lora.LoraLayer) and run_id in layer.lora_A:
+            dropout = layer.lora_dropout[run_id]
+            state.append((name, layer.r[run_id], layer.lora_alpha[run_id], layer.scaling[run_id], layer.use_rslora[run_id],
+                          layer.use_dora[run_id], layer.lora_bias[run_id], type(dropout), getattr(dropout, "p", None),
+                          dropout.training, *[(p.dtype, p.device, p.requires_grad, p.is_leaf)
+                                              for key in ("lora_A", "lora_B") for p in getattr(layer, key)[run_id].parameters()]))
+    return state
+
+
+@pytest.mark.parametrize("targets, dropout", [("all-linear", 0.0), (["q_proj", "down_proj"], 0.1)])
+def test_runs_added_to_wrapped_layers_equal_peft_add_adapter(tiny_base, monkeypatch, targets, dropout):
+    """A run created once the model's layers are LoRA layers skips peft's walks over every module
+    and every adapter: the same seeded init on the same layers as peft's add_adapter, the same
+    layer state, its parameters in the model's order, and it trains alike (that its checkpoint
+    loads with plain peft: test_checkpoint_loads_with_plain_peft)."""
     import eztinker.engine.engine as engine_module
 
-    lora = LoraConfig(rank=4, alpha=16, target_modules=targets)
+    lora = LoraConfig(rank=4, alpha=16, dropout=dropout, target_modules=targets)
 
     def runs(fast: bool):
         monkeypatch.setattr(engine_module, "_UPDATE_LAYER_TAKES_CONFIG", fast)
@@ -244,18 +258,37 @@ def test_runs_added_to_wrapped_layers_equal_peft_add_adapter(tiny_base, monkeypa
         monkeypatch.setattr(engine, "_add_to_wrapped_layers", lambda *a: added.append(original(*a)) or added[-1])
         engine.create_run("first", LoraConfig(rank=2, alpha=8), seed=1)
         engine.create_run("second", lora, seed=5)
-        weights = adapter_weights(engine, "second")
+        weights, state = adapter_weights(engine, "second"), lora_layer_state(engine, "second")
+        in_model_order = [p for n, p in engine._peft.named_parameters() if ".second." in n]
+        assert [id(p) for p in engine._runs["second"].params] == [id(p) for p in in_model_order]
+        torch.manual_seed(0)  # LoRA dropout draws from the global generator
         loss = train(engine, "second", [all_data(tiny_base.tokenizer)] * 2)[-1]
         engine.close()
-        return added, weights, loss
+        return added, weights, state, loss
 
-    fast_added, fast_weights, fast_loss = runs(True)
-    slow_added, slow_weights, slow_loss = runs(False)
+    fast_added, fast_weights, fast_state, fast_loss = runs(True)
+    slow_added, slow_weights, slow_state, slow_loss = runs(False)
     assert fast_added == [True] and slow_added == [False]
     assert fast_weights.keys() == slow_weights.keys()
     for key in fast_weights:
         torch.testing.assert_close(fast_weights[key], slow_weights[key], rtol=0, atol=0)
+    assert fast_state == slow_state and len(fast_state) == (14 if targets == "all-linear" else 4)
     assert fast_loss == pytest.approx(slow_loss, rel=1e-6)
+
+
+def test_runs_on_a_bf16_model_get_float32_adapters(tiny_model_dir, tmp_path):
+    """peft's add_adapter upcasts a bf16 model's new adapters to float32 (stable training); the
+    first run (get_peft_model) and later ones (added to the wrapped layers) alike."""
+    base = load_base_model(str(tiny_model_dir), cache_dir=tmp_path, device="cpu", dtype=torch.bfloat16)
+    engine = Engine(base)
+    for run_id in ("first", "second"):
+        engine.create_run(run_id, LORA, seed=3)
+    assert {p.dtype for run in engine._runs.values() for p in run.params} == {torch.float32}
+    assert adapter_weights(engine, "first").keys() == adapter_weights(engine, "second").keys()
+    for key, value in adapter_weights(engine, "first").items():  # the same seed: the same init
+        torch.testing.assert_close(value, adapter_weights(engine, "second")[key], rtol=0, atol=0)
+    assert next(base.model.parameters()).dtype == torch.bfloat16
+    engine.close()
 
 
 def test_score_batches_responses_of_different_lengths(engine, tiny_base):

@@ -30,7 +30,7 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import losses, packed_linear, plain_decoder, prompt_attention
+from . import lora_adapters, losses, packed_linear, plain_decoder, prompt_attention
 from .checkpoints import write_atomically
 from .models import BaseModel
 from .sampler import OutputHead, SampleSpec, sample
@@ -119,7 +119,7 @@ class Engine:
         if run_id in self._runs:
             raise EngineError(f"run {run_id} already exists")
         self._add_adapter(run_id, lora, seed)
-        params = [p for n, p in self._peft.named_parameters() if f".{run_id}." in n]
+        params = lora_adapters.parameters(self._lora_layers(), run_id)
         self._runs[run_id] = _Run(lora=lora, params=params, optimizer=_adamw(params))
 
     def delete_run(self, run_id: str) -> None:
@@ -137,9 +137,12 @@ class Engine:
             self._peft.unload()
             self._peft = None
 
-    def _modules_changed(self) -> None:
-        """Adapters were added or removed: the module walks below are redone when next needed."""
-        self._lora_layer_list, self._plain, self._plain_checked = None, None, False
+    def _modules_changed(self, layers: bool = True) -> None:
+        """Adapters were added or removed (on the same `layers`, or not): the module walks below
+        are redone when next needed."""
+        if layers:
+            self._lora_layer_list = None
+        self._plain, self._plain_checked = None, False
 
     def _lora_layers(self) -> list[peft.tuners.lora.LoraLayer]:
         """The model's LoRA layers, walked for once per change of adapters (a walk of all SmolLM2's
@@ -149,7 +152,6 @@ class Engine:
         return self._lora_layer_list
 
     def _add_adapter(self, name: str, lora: LoraConfig, seed: int) -> None:
-        self._modules_changed()
         config = peft.LoraConfig(
             r=lora.rank,
             lora_alpha=lora.alpha,
@@ -162,9 +164,13 @@ class Engine:
             torch.manual_seed(seed)
             try:
                 if self._peft is None:
+                    self._modules_changed()
                     self._peft = peft.get_peft_model(self.base.model, config, adapter_name=name)
                     self._peft.eval()  # a new PeftModel is in train mode; the engine's model is not
-                elif not self._add_to_wrapped_layers(name, config, lora.target_modules):
+                elif self._add_to_wrapped_layers(name, config, lora.target_modules):
+                    self._modules_changed(layers=False)
+                else:
+                    self._modules_changed()
                     self._peft.add_adapter(name, config)
             except ValueError as exc:  # e.g. target modules that do not exist in this model
                 raise EngineError(f"lora.target_modules: {exc}") from exc
@@ -178,9 +184,9 @@ class Engine:
         """peft's add_adapter walks every module of the model, earlier adapters' LoRA modules
         included, so creating a run grew with the runs loaded (SmolLM2: 0.24 s with none, 0.57 s
         with ten). When every layer the targets name is already a LoRA layer, this adds the adapter
-        to those layers as peft's add_adapter does for them (`update_layer`, in module order, so
-        the seeded init is the same). False (peft's own path) otherwise, or on a peft whose
-        `update_layer` takes other arguments."""
+        to those layers as peft's add_adapter does for them (in module order, so the seeded init
+        is the same): `lora_adapters.add` where it can, else `update_layer`. False (peft's own
+        path) otherwise, or on a peft whose `update_layer` takes other arguments."""
         if not _UPDATE_LAYER_TAKES_CONFIG:
             return False
         if self._lora_targets is None:
@@ -191,8 +197,12 @@ class Engine:
             return False
         self._peft.peft_config[name] = config
         try:
-            for key, layer in zip(names, layers):
-                layer.update_layer(name, config.r, lora_alpha=config.lora_alpha, target_name=key, config=config)
+            if lora_adapters.can_add(layers, config):
+                for layer in layers:
+                    lora_adapters.add(layer, name, config)
+            else:
+                for key, layer in zip(names, layers):
+                    layer.update_layer(name, config.r, lora_alpha=config.lora_alpha, target_name=key, config=config)
         except BaseException:
             for layer in layers:
                 if name in layer.lora_A:

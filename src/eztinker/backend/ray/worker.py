@@ -4,6 +4,7 @@ inside the actor's process, never in the API process."""
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import threading
@@ -33,6 +34,7 @@ class EngineWorker:
         except ModelLoadError as exc:
             return {"error": str(exc)}
         self.backend = LocalBackend([base])
+        gc.freeze()  # the model lives as long as the worker: out of the collector's full passes (see cli.server)
         [info] = self.backend.models()
         return {"info": info, "pid": os.getpid()}
 
