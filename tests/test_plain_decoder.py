@@ -72,7 +72,8 @@ def trained(family_base):
 
 
 @pytest.mark.parametrize("cache", ["copied", "shared"])
-def test_decode_steps_without_transformers_modules_equal_them(trained, cache, monkeypatch):
+def test_sampling_without_transformers_modules_equals_them(trained, cache, monkeypatch):
+    """Prefill and decode steps by PlainDecoder, against the same sampling through the modules."""
     assert plain_decoder.supports(trained._decoder(), trained.base.model.config)
     prefix = random_prompts([10], seed=9)[0]
     prompts = [prefix + tail for tail in random_prompts([1, 6, 13], seed=10)]
@@ -80,25 +81,33 @@ def test_decode_steps_without_transformers_modules_equal_them(trained, cache, mo
         SampleSpec("run_a", prompts, 3, SamplingParams(temperature=1.0, seed=5, max_tokens=10)),
         SampleSpec(None, prompts[1:], 2, SamplingParams(temperature=0.8, seed=6, max_tokens=7, stop_token_ids=[17, 101])),
         SampleSpec("run_b", prompts[:2], 2, SamplingParams(temperature=0, max_tokens=9)),
-        SampleSpec("run_a", [random_prompts([1], seed=4)[0]], 1, SamplingParams(temperature=0, max_tokens=5)),  # one-token prompt
     ]
+    one_token = SampleSpec("run_a", [random_prompts([1], seed=4)[0]], 1, SamplingParams(temperature=0, max_tokens=5))
     monkeypatch.setattr(sampler_module, "_COMPACT_FRACTION", 10**6)  # every finished row leaves at once
     monkeypatch.setattr(sampler_module, "_worth_sharing", lambda prompts, candidates: cache == "shared")
-    steps = []
-    original = plain_decoder.PlainDecoder.decode
-    monkeypatch.setattr(plain_decoder.PlainDecoder, "decode", lambda self, *args: steps.append(1) or original(self, *args))
-    lean = trained.sample(specs)
-    assert len(steps) >= 9  # the decode steps went through PlainDecoder
-    monkeypatch.setattr(trained, "_plain_decoder", lambda: None)  # as for a model it does not compute
-    steps.clear()
-    modules = trained.sample(specs)
-    assert not steps
-    assert [tokens_of(r) for r in lean] == [tokens_of(r) for r in modules]
-    for got_spec, want_spec in zip(lean, modules):
-        for got, want in zip(got_spec, want_spec):
-            for g, w in zip(got, want):
-                assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
-    assert len({len(c.tokens) for r in lean for cs in r for c in cs}) > 1  # some rows stopped early
+    steps, prefills = [], []
+    for name, calls in (("decode", steps), ("prefill", prefills)):
+        original = getattr(plain_decoder.PlainDecoder, name)
+        monkeypatch.setattr(plain_decoder.PlainDecoder, name,
+                            lambda self, *args, calls=calls, original=original: calls.append(args[0].shape) or original(self, *args))
+    # The prompts' shared prefix, once per adapter, then their own tokens left-padded over it;
+    # with a one-token prompt besides, no shared prefix: every prompt whole, left-padded.
+    batches = [(specs, [(3, 10), (7, 13)]), (specs + [one_token], [(8, 23)])]
+    for batch, prefill_shapes in batches:
+        prefills.clear(), steps.clear()
+        lean = trained.sample(batch)
+        assert prefills == prefill_shapes and len(steps) >= 9
+        with monkeypatch.context() as patch:
+            patch.setattr(trained, "_plain_decoder", lambda: None)  # as for a model it does not compute
+            steps.clear(), prefills.clear()
+            modules = trained.sample(batch)
+            assert not steps and not prefills
+        assert [tokens_of(r) for r in lean] == [tokens_of(r) for r in modules]
+        for got_spec, want_spec in zip(lean, modules):
+            for got, want in zip(got_spec, want_spec):
+                for g, w in zip(got, want):
+                    assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+        assert len({len(c.tokens) for r in lean for cs in r for c in cs}) > 1  # some rows stopped early
     greedy_a, greedy_b = tokens_of(lean[2])[0][0], trained.sample([SampleSpec(
         "run_a", prompts[:1], 1, SamplingParams(temperature=0, max_tokens=9))])[0][0][0].tokens
     assert greedy_a != greedy_b  # the two runs really differ

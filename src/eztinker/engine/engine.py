@@ -544,13 +544,15 @@ class Engine:
 
     def _features_fn(self, stacked: _StackedLora):
         """Forward to the final hidden state of the last position; the sampler projects it itself.
-        Decode steps (one token a row) of the models it covers go through `PlainDecoder`."""
+        The prefill and decode steps of the models it covers go through `PlainDecoder`."""
         plain = self._plain_decoder()
 
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
             stacked.set_rows(adapters, input_ids.shape[1])
             if plain is not None and input_ids.shape[1] == 1:
                 return plain.decode(input_ids, attention_mask, position_ids, cache, stacked)
+            if plain is not None and not isinstance(cache, prompt_attention.SharedPromptCache):
+                return plain.prefill(input_ids, attention_mask, position_ids, cache, stacked)
             with self._attention_for(cache):
                 hidden = self._decoder()(
                     input_ids=input_ids,

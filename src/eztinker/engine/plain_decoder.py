@@ -12,7 +12,8 @@ sampler's stacked adapters, or one training run's, differentiable), RoPE, attent
     head as transformers does for one query), or the shared prompt cache's two-part attention.
   * `causal`: whole right-padded sequences from position 0, no cache (training, scoring): causal
     sdpa. Padding at the end changes no real position's output (causality), so no mask is needed.
-The sampler's prefill (left padding over a cached prefix) keeps transformers' path.
+  * `prefill`: the sampler's prompts, left-padded, after a cached shared prefix (or none): sdpa
+    with the rows' causal padding mask, writing the KV cache.
 """
 
 from __future__ import annotations
@@ -134,6 +135,34 @@ class PlainDecoder:
                 packed = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
                 return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=self.scale).reshape(rows, -1)
         return self._forward(input_ids, position_ids, attend, lora)
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
+                lora: LoraUpdates | None) -> torch.Tensor:
+        """The sampler's prefill: input_ids, position_ids [R, T], left-padded, after the L - T
+        positions already in `cache` (a shared prefix, or none); attention_mask [R, L] over all
+        of them. Writes these positions' keys and values into the cache and returns the last
+        position's final hidden state [R, D]."""
+        rows, width = input_ids.shape
+        past = attention_mask.shape[1] - width
+        if past == 0 and bool(attention_mask.all()):
+            mask, causal = None, True
+        else:
+            # Query t (at cache position past + t) sees the unpadded positions up to its own, and
+            # itself in any case: for a padding query that sees no key, torch 2.13's sdpa gives
+            # zeros, but older kernels (torch 2.4's math one) give NaNs, which masked keys spread.
+            mask = torch.ones(width, past + width, dtype=torch.bool, device=input_ids.device).tril(past)
+            mask = mask & attention_mask.bool()[:, None, None, :]
+            mask[..., torch.arange(width), past + torch.arange(width)] = True
+            causal = False
+
+        def attend(index, q, k, v):
+            keys, values = cache.update(k, v, index)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                                 enable_gqa=self.heads != self.kv_heads)
+            return out.transpose(1, 2).reshape(rows * width, -1)
+
+        return self._forward(input_ids, position_ids, attend, lora).view(rows, width, -1)[:, -1]
 
     def causal(self, input_ids: torch.Tensor, lora: LoraUpdates | None) -> torch.Tensor:
         """input_ids [B, T], right-padded, from position 0. Returns the final hidden states [B, T, D]."""
