@@ -7,8 +7,8 @@ against the engine's direct toggle, which every sampling call enters once.
 
 Calls (rank-8 run): the peers workload's small ones, a forward of 1 x 8 tokens and a
 forward_backward of 4 x 32, and a forward_backward of 8 x 128; sampling one GSM8K prompt's
-4 candidates x 16 tokens, and 4 prompts x 8 candidates x 64 tokens (seeded, temperature 1; plain
-decode steps, prefill through the modules either way; the output head packed on every path).
+4 candidates x 16 tokens, 4 prompts x 8 candidates x 64 tokens, and 16 prompts x 4 candidates x 1
+token, nearly all prefill (seeded, temperature 1; the output head packed on every path).
 Every round makes each call once per path, alternating; medians and their ratios are reported. Results: bench/results/plain_decoder_<model>.json.
 """
 
@@ -62,6 +62,7 @@ def main() -> None:
         "forward_backward_8x128": lambda i: engine.forward_backward("bench", eight),
         "sample_1x4x16": sampling(1, 4, 16),
         "sample_4x8x64": sampling(4, 8, 64),
+        "sample_16x4x1": sampling(16, 4, 1),  # nearly all prefill
     }
     plain, packed = engine._plain_decoder, packed_linear.linear
     for call in calls.values():  # warm-up
