@@ -312,7 +312,7 @@ def plot(results: dict, table: dict) -> None:
         ax.hlines(table[n]["goal"], x - 0.4, x + 0.4, colors="k", linestyles="dashed")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_yscale("log")
-    ax.set_xticks(list(xs), [n.replace("_", "\n", 1) for n in names], fontsize=7)
+    ax.set_xticks(list(xs), [n.replace("_", "\n") for n in names], fontsize=7)  # a line a word: no overlap
     ax.set_ylabel("SkyRL time / EZTinker time (x, log)")
     ax.set_title(f"EZTinker vs SkyRL 0.4.0 (JAX) through tinker {results['sdk']}, {results['model_name']}: dashed = goal")
     ax.legend()
