@@ -549,10 +549,9 @@ class Engine:
 
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
             stacked.set_rows(adapters, input_ids.shape[1])
-            if plain is not None and input_ids.shape[1] == 1:
-                return plain.decode(input_ids, attention_mask, position_ids, cache, stacked)
-            if plain is not None and not isinstance(cache, prompt_attention.SharedPromptCache):
-                return plain.prefill(input_ids, attention_mask, position_ids, cache, stacked)
+            if plain is not None:  # one token a row: a decode step (or a one-token prompt's prefill)
+                step = plain.decode if input_ids.shape[1] == 1 else plain.prefill
+                return step(input_ids, attention_mask, position_ids, cache, stacked)
             with self._attention_for(cache):
                 hidden = self._decoder()(
                     input_ids=input_ids,
