@@ -77,7 +77,7 @@ def test_a_second_server_on_a_data_dir_in_use_refuses_and_a_killed_ones_lock_doe
             f"error: data directory {data_dir.resolve()} is in use by another EZTinker server "
             f"(pid {first.process.pid}); stop it, or give another --data-dir"
         )
-        assert "Traceback" not in refused.stderr and time.monotonic() - start < 30
+        assert "Traceback" not in refused.stderr and time.monotonic() - start < 15  # before any model (or torch) loads
         # The first server's queued work was not marked interrupted by the second one.
         assert queued.result(timeout=60).loss > 0 and run.info().step == 1
 

@@ -89,7 +89,9 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
         service = build_service(settings)
-    except (DataDirError, *_start_errors(settings.backend)) as exc:
+    except DataDirError as exc:  # caught first: the other errors' classes import torch (seconds)
+        _fail(str(exc))
+    except _start_errors(settings.backend) as exc:
         _fail(str(exc))
     click.echo(f"ready: {', '.join(service.models)}; data in {service.data_dir}", err=True)
     # What is loaded by now (models, tokenizers, libraries) lives as long as the server: keep it
