@@ -865,6 +865,32 @@ def test_users_only_see_their_own_runs(make_server, tmp_path):
         assert [r.id for r in bob.list_runs()] == [bobs_run.run_id]
 
 
+def test_a_runs_info_reads_its_own_history_only(server, client):
+    """One run's info (status, last loss, last activity) comes from that run's rows alone, and
+    equals what the listing of all of the owner's runs says of it."""
+    trained, saved, fresh = (client.create_training_run() for _ in range(3))
+    train(trained, 2)
+    saved.save_state("s1").result(timeout=60)
+    # A long job on one run, a step of another queued behind it: both are working meanwhile.
+    blocker, queued = trained.forward_backward(slow_batch(600)), saved.optim_step(FAST)
+    statuses = {run.run_id: run.info().status for run in (trained, saved, fresh)}
+    blocker.result(timeout=120), queued.result(timeout=120)
+    assert statuses == {trained.run_id: "working", saved.run_id: "working", fresh.run_id: "idle"}
+
+    infos = {run.run_id: run.info() for run in (trained, saved, fresh)}
+    listed = {info.id: info for info in client.list_runs()}
+    assert infos[trained.run_id].last_loss is not None and infos[trained.run_id].updated_at is not None
+    assert infos[saved.run_id].last_loss is None and infos[saved.run_id].updated_at is not None
+    assert (infos[fresh.run_id].last_loss, infos[fresh.run_id].updated_at) == (None, None)
+    for run_id, info in infos.items():
+        assert (info.status, info.last_loss, info.updated_at) == (listed[run_id].status, listed[run_id].last_loss, listed[run_id].updated_at)
+    store = server.service.store
+    owner = store.run_row(fresh.run_id)["owner"]
+    assert store.last_losses(owner, fresh.run_id) == {} and store.last_activity(owner, fresh.run_id) == {}
+    assert set(store.last_losses(owner, trained.run_id)) == {trained.run_id}
+    assert set(store.last_activity(owner, saved.run_id)) == {saved.run_id}
+
+
 def test_public_bind_needs_an_api_key(monkeypatch, tmp_path):
     for name in ("EZTINKER_API_KEY", "EZTINKER_API_KEYS_FILE", "EZTINKER_HOST"):
         monkeypatch.delenv(name, raising=False)

@@ -247,26 +247,31 @@ class Store:
     def training_log(self, run_id: str) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM training_log WHERE run_id = ? ORDER BY step, recorded_at", (run_id,))
 
-    def last_losses(self, owner: str) -> dict[str, tuple[int, float, int]]:
-        """Per run of the owner: (step, summed loss, tokens) of its newest step with a forward_backward."""
+    def last_losses(self, owner: str, run_id: str | None = None) -> dict[str, tuple[int, float, int]]:
+        """Per run of the owner (or only `run_id`): (step, summed loss, tokens) of its newest step
+        with a forward_backward."""
+        scope, args = _run_scope("t.run_id", owner, run_id)
         rows = self._query(
             "SELECT l.run_id, l.step, SUM(l.loss) AS loss, SUM(l.num_tokens) AS tokens FROM training_log l"
             " JOIN (SELECT t.run_id, MAX(t.step) AS step FROM training_log t JOIN runs r ON r.id = t.run_id"
-            "       WHERE r.owner = ? AND t.kind = 'forward_backward' GROUP BY t.run_id) newest"
+            f"       WHERE {scope} AND t.kind = 'forward_backward' GROUP BY t.run_id) newest"
             " ON newest.run_id = l.run_id AND newest.step = l.step"
             " WHERE l.kind = 'forward_backward' GROUP BY l.run_id, l.step",
-            (owner,),
+            args,
         )
         return {r["run_id"]: (r["step"], r["loss"], r["tokens"]) for r in rows}
 
-    def last_activity(self, owner: str) -> dict[str, float]:
-        """Per run of the owner: when it last trained or saved (absent: never since its creation)."""
+    def last_activity(self, owner: str, run_id: str | None = None) -> dict[str, float]:
+        """Per run of the owner (or only `run_id`): when it last trained or saved (absent: never
+        since its creation)."""
+        log_scope, log_args = _run_scope("l.run_id", owner, run_id)
+        saved_scope, saved_args = _run_scope("c.run_id", owner, run_id)
         rows = self._query(
             "SELECT run_id, MAX(t) AS t FROM ("
-            " SELECT l.run_id, l.recorded_at AS t FROM training_log l JOIN runs r ON r.id = l.run_id WHERE r.owner = ?"
-            " UNION ALL SELECT c.run_id, c.created_at FROM checkpoints c JOIN runs r ON r.id = c.run_id WHERE r.owner = ?"
+            f" SELECT l.run_id, l.recorded_at AS t FROM training_log l JOIN runs r ON r.id = l.run_id WHERE {log_scope}"
+            f" UNION ALL SELECT c.run_id, c.created_at FROM checkpoints c JOIN runs r ON r.id = c.run_id WHERE {saved_scope}"
             ") GROUP BY run_id",
-            (owner, owner),
+            (*log_args, *saved_args),
         )
         return {r["run_id"]: r["t"] for r in rows}
 
@@ -497,3 +502,11 @@ class SessionStore:
         # instr, not LIKE: session ids hold '_', which LIKE takes for any character.
         rows = self._store._query("SELECT id FROM samplers WHERE instr(id, ?) = 1", (f"{session_id}:sample:",))
         return [r["id"] for r in rows]
+
+
+def _run_scope(column: str, owner: str, run_id: str | None) -> tuple[str, tuple]:
+    """The WHERE condition (on a query joining `runs r`) for the owner's runs, or one of them:
+    one run's lookups use the run's index instead of reading all of the owner's history."""
+    if run_id is None:
+        return "r.owner = ?", (owner,)
+    return f"r.owner = ? AND {column} = ?", (owner, run_id)
