@@ -24,10 +24,12 @@ from eztinker.recipes.rl import (
     Group,
     Reply,
     SampleBuffer,
+    epoch_summary,
     group_advantages,
     main,
     policy_datum,
     step_data,
+    step_metrics,
 )
 from eztinker.tasks import Problem, get_task
 
@@ -62,6 +64,21 @@ def test_step_data_skips_zero_advantages_and_averages_over_reply_tokens():
     assert data[1].loss_fn_inputs.advantages == pytest.approx([0, 0, -2 / 5, -2 / 5, -2 / 5])
     direct = policy_datum([7, 8], reply([9]), 0.25)
     assert direct.model_input.tokens == [7, 8] and direct.loss_fn_inputs.advantages == [0.0, 0.25]
+
+
+def test_a_step_with_nothing_to_learn_takes_no_optimizer_step():
+    reply = lambda reward: Reply("x", [1, 2], [-0.5, -0.5], reward, bool(reward))  # noqa: E731
+    mixed = Group(Problem("p", "q", "1"), [10], [reply(1.0), reply(0.0)], sampled_at=3)
+    alike = Group(Problem("p", "q", "1"), [10], [reply(1.0), reply(1.0)], sampled_at=4)
+    steps = []
+    for groups, trained_on in (([mixed], 3), ([alike], 4)):
+        for g in groups:
+            g.advantages = group_advantages([r.reward for r in g.replies])
+        data, _ = step_data(groups)
+        steps.append(step_metrics(groups, data, [[None] * len(d.model_input.tokens) for d in data], trained_on))
+    assert [s["step"] for s in steps] == [4, 4] and [s["trained_replies"] for s in steps] == [2, 0]
+    summary = epoch_summary(steps)
+    assert summary["optimizer_steps"] == 1 and summary["trained_replies"] == 2
 
 
 # ------------------------------------------------------------------- one step on a server

@@ -187,7 +187,7 @@ def step_metrics(groups: list[Group], data: list[Datum], fb_logprobs: list[list[
             if adv != 0.0 and trained is not None:
                 kl_terms.append(sampled - trained)
     return {
-        "step": trained_on + 1,
+        "step": trained_on + bool(data),  # the adapter's step after this one (none taken without data)
         "mean_reward": mean(r.reward for r in replies),
         "train_accuracy": mean(r.correct for r in replies),
         "mixed_groups": mean(any(a != 0.0 for a in g.advantages) for g in groups),
@@ -203,7 +203,9 @@ EPOCH_MEANS = ("mean_reward", "train_accuracy", "mixed_groups", "kl_sample_train
 
 
 def epoch_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"optimizer_steps": len(steps), "trained_replies": sum(s["trained_replies"] for s in steps)}
+    # A step whose groups all scored alike trains on nothing and takes no optimizer step.
+    summary: dict[str, Any] = {"optimizer_steps": sum(1 for s in steps if s["trained_replies"]),
+                               "trained_replies": sum(s["trained_replies"] for s in steps)}
     for key in EPOCH_MEANS:
         values = [s[key] for s in steps if s.get(key) is not None]
         summary[key] = mean(values) if values else None
