@@ -67,3 +67,18 @@ def test_one_rejection_sft_step_on_arithmetic_changes_the_adapter(smollm2, serve
         assert server.service.store.run_row(run_id)["step"] == 1
         lora_b = [p for n, p in service.backend.engine(smollm2.name)._peft.named_parameters() if "lora_B" in n and run_id in n]
         assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
+
+
+def test_a_gguf_file_is_parsed_once_while_converting(tmp_path):
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("tiny.answer", 42)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    with models.reading_gguf_once():
+        first, again = gguf.GGUFReader(path), gguf.GGUFReader(path)
+        assert first is again and first.fields["tiny.answer"].contents() == 42
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)  # outside: as gguf made it
