@@ -549,7 +549,7 @@ class Engine:
 
         def forward(input_ids, attention_mask, position_ids, cache, adapters):
             stacked.set_rows(adapters, input_ids.shape[1])
-            if plain is not None:  # one token a row: a decode step (or a one-token prompt's prefill)
+            if plain is not None:  # one token a row: a decode step (or one-token prompts' prefill); wider: a prefill
                 step = plain.decode if input_ids.shape[1] == 1 else plain.prefill
                 return step(input_ids, attention_mask, position_ids, cache, stacked)
             with self._attention_for(cache):

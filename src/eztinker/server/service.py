@@ -260,14 +260,15 @@ class Service:
         return row, row["base_model"]
 
     def get_run(self, user: str, run_id: str) -> RunInfo:
-        return self._run_infos(user, [self.owned_run(user, run_id)], run_id)[0]
+        return self._run_infos(user, [self.owned_run(user, run_id)])[0]
 
     def list_runs(self, user: str) -> list[RunInfo]:
         return self._run_infos(user, self.store.live_runs(user))
 
-    def _run_infos(self, user: str, rows: list[sqlite3.Row], run_id: str | None = None) -> list[RunInfo]:
+    def _run_infos(self, user: str, rows: list[sqlite3.Row]) -> list[RunInfo]:
         """The runs with their status, last loss and last activity (three queries for all of the
-        user's runs, or for `run_id`'s alone when rows is that run)."""
+        user's runs; for one run, for that run's rows alone)."""
+        run_id = rows[0]["id"] if len(rows) == 1 else None
         losses, activity = self.store.last_losses(user, run_id), self.store.last_activity(user, run_id)
         busy: dict[str, set[str]] = {}
         for job in self.store.unfinished_jobs(user, run_id):
