@@ -32,6 +32,7 @@ def backend(tiny_base):
     yield backend
     for engine in backend.engines.values():
         engine.close()
+    backend.close()
 
 
 # ----------------------------------------------------------------------------------- helpers

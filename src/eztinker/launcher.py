@@ -132,10 +132,9 @@ def _backend(settings, bases):
         return RayBackend.start(settings.workers_of(), address=settings.ray_address, cache_dir=cache_dir,
                                 device=settings.device, cpus=settings.worker_cpus, gpus=settings.worker_gpus)
     from .backend.local import LocalBackend
-    from .engine import load_base_model
 
     if bases is None:
-        bases = [load_base_model(spec, cache_dir=cache_dir, device=settings.device) for spec in settings.model]
+        return LocalBackend.load(settings.model, cache_dir=cache_dir, device=settings.device)
     return LocalBackend(bases)
 
 

@@ -1,5 +1,5 @@
 """The in-process backend: one `Engine` per base model, each model's weights loaded once and
-shared by all of its runs."""
+shared by all of its runs, all of its torch work on one thread (compute_thread.py says why)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,40 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from ..chat import render_prompt
-from ..engine import BaseModel, Engine, EngineError, SampleSpec
+from ..engine import BaseModel, Engine, EngineError, SampleSpec, load_base_model
 from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, read_training_state
 from ..types import LoraConfig, Prompt, SampledSequence
 from . import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
 from .commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score
+from .compute_thread import ComputeThread
 
 log = logging.getLogger(__name__)
 
 
 class LocalBackend:
-    def __init__(self, bases: Sequence[BaseModel], **engine_options):
+    def __init__(self, bases: Sequence[BaseModel], *, compute: ComputeThread | None = None, **engine_options):
+        """Engines for models loaded already (`load` loads them on the backend's compute thread)."""
         if not bases:
             raise ValueError("a backend needs at least one base model")
         names = [base.name for base in bases]
         if len(set(names)) != len(names):
             raise ValueError(f"base models must be distinct, got {names}")
-        self.engines = {base.name: Engine(base, **engine_options) for base in bases}
+        self._compute = compute or ComputeThread()
+        self.engines = self._compute.run(lambda: {base.name: Engine(base, **engine_options) for base in bases})
         self._tokenizer_files: dict[str, dict[str, str]] = {}
+
+    @classmethod
+    def load(cls, specs: Sequence[str], *, cache_dir: Path, device: str | None, **engine_options) -> LocalBackend:
+        """Load each model (ModelLoadError names the one that fails) and build its engine, both on
+        the thread that will run its commands."""
+        compute = ComputeThread()
+        try:
+            bases = compute.run(lambda: [load_base_model(spec, cache_dir=cache_dir, device=device) for spec in specs])
+        except BaseException:
+            compute.close()
+            raise
+        return cls(bases, compute=compute, **engine_options)
 
     def engine(self, model: str) -> Engine:
         try:
@@ -47,6 +62,9 @@ class LocalBackend:
 
     def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
                 lane: Hashable = None) -> list[Outcome]:
+        return self._compute.run(lambda: self._execute(commands, progress))
+
+    def _execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None) -> list[Outcome]:
         progress = list(progress) if progress is not None else [None] * len(commands)
         if len(commands) > 1 and all(isinstance(c, Sample) for c in commands):
             fused = _attempt(lambda: self._sample_many(commands, progress))
@@ -175,7 +193,7 @@ class LocalBackend:
         return remove_partial_writes(root)
 
     def close(self) -> None:
-        pass
+        self._compute.close()
 
 
 def _attempt(work) -> Outcome:

@@ -26,14 +26,13 @@ class EngineWorker:
 
     def load(self, spec: str, cache_dir: str, device: str | None) -> dict:
         """Load the base model; {'info': ModelInfo} or {'error': one line}."""
-        from ...engine import ModelLoadError, load_base_model
+        from ...engine import ModelLoadError
         from ..local import LocalBackend
 
         try:
-            base = load_base_model(spec, cache_dir=Path(cache_dir), device=device)
+            self.backend = LocalBackend.load([spec], cache_dir=Path(cache_dir), device=device)
         except ModelLoadError as exc:
             return {"error": str(exc)}
-        self.backend = LocalBackend([base])
         gc.freeze()  # the model lives as long as the worker: out of the collector's full passes (see cli.server)
         [info] = self.backend.models()
         return {"info": info, "pid": os.getpid()}
