@@ -5,9 +5,9 @@ Why: PyTorch's CPU kernels run in GNU OpenMP (libgomp) thread teams, one team pe
 starts parallel work, kept for that thread's life. Once a second thread has started a team,
 libgomp manages more threads than there are CPUs and stops letting team threads spin between
 parallel regions: they sleep, and each of the thousands of small kernels of a training step waits
-for them to wake. A server that loaded its model on the main thread and ran its jobs on a worker
-thread ran `forward_backward` of 4 x 32 tokens on SmolLM2 1.7x slower than the same call made on
-the loading thread (0.74 against 0.44 s; bench/compute_thread.py).
+for them to wake. Loaded on the main thread and called from a second one (the server's layout
+before this thread), SmolLM2 ran `forward_backward` of 4 x 32 tokens 1.45x slower, `optim_step`
+3.6x and sampling 4 x 16 tokens 1.69x (bench/compute_thread.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class ComputeThread:
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()  # no work is handed over after the stop signal
-        # A daemon: a command still running at exit must not hold the process (the runner gives
-        # its jobs a deadline on shutdown; an interrupted job is failed on restart).
+        # A daemon: a command still running at exit must not hold the process (the runner waits
+        # at most 30 s for its lanes on shutdown; a job interrupted so is failed on restart).
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
