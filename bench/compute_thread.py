@@ -17,6 +17,7 @@ Results: bench/results/compute_thread_<model>.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -93,7 +94,7 @@ def main() -> None:
 
     parser = side_bench_arguments(__doc__)
     parser.add_argument("--calls", type=int, default=8, help="steady calls of each kind per child")
-    parser.add_argument("--layout", choices=LAYOUTS, help=argparse_hidden())
+    parser.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)  # a child's layout
     args = parser.parse_args()
     if args.layout:
         return print(json.dumps(child(args.layout, args.model, args.cache_dir, args.calls)))
@@ -116,15 +117,9 @@ def main() -> None:
             f"compute-thread / same-thread {row['compute_over_same_thread']:.2f}x")
     out = RESULTS_DIR / f"compute_thread_{args.model}.json"
     out.write_text(json.dumps({"model": args.model, "machine": machine(), "rounds": rounds, "best": best, "ratios": ratios,
-                               "command": f"python bench/compute_thread.py --model {args.model} --repeats {args.repeats}"},
+                               "command": f"python bench/compute_thread.py --model {args.model} --repeats {args.repeats} --calls {args.calls}"},
                               indent=1) + "\n")
     log(f"results: {out}")
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

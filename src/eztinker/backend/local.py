@@ -39,10 +39,10 @@ class LocalBackend:
         compute = ComputeThread()
         try:
             bases = compute.run(lambda: [load_base_model(spec, cache_dir=cache_dir, device=device) for spec in specs])
+            return cls(bases, compute=compute, **engine_options)
         except BaseException:
             compute.close()
             raise
-        return cls(bases, compute=compute, **engine_options)
 
     def engine(self, model: str) -> Engine:
         try:
