@@ -10,7 +10,9 @@ the same thread count (torch's OpenMP/MKL, XLA's Eigen pool). The workload (`dri
 child process per server, so one server's SDK session cannot outlive it. Every call is timed
 from submit to result; call 0 of each phase is its first call (JIT compilation, buffers), the
 rest are steady. The server's CPU seconds (its whole process tree) are recorded beside the wall
-time, since other jobs share this machine. Results: bench/results/peers.json, docs/peers.png.
+time, since other jobs share this machine. Last, while the server still runs, a few steps of
+tinker-cookbook's RL loop (cookbook_rl.py, in setup_skyrl.sh's cookbook-venv). Results:
+bench/results/peers.json, docs/peers.png.
 """
 
 from __future__ import annotations
@@ -268,6 +270,36 @@ def drive(url: str, model: str, server_pid: int, out: Path, repeats: int) -> Non
     out.write_text(json.dumps({"phases": phases.data, "losses": losses, "sdk": tinker.__version__ if hasattr(tinker, "__version__") else None}))
 
 
+def run_client(server: Server, command: list[str], run_dir: Path) -> None:
+    """Runs a client process against `server` to its end; stops it if the server dies first (the
+    SDK retries against a dead server for ever)."""
+    client = subprocess.Popen(command)
+    while client.poll() is None:
+        if server.process.poll() is not None:
+            client.kill()
+            raise RuntimeError(f"{server.name} exited ({server.killed or server.process.returncode}); log {run_dir / 'server.log'}")
+        time.sleep(1)
+    if client.returncode:
+        raise RuntimeError(f"{Path(command[1]).name} against {server.name} failed ({client.returncode})")
+
+
+def cookbook_rl(python: Path, server: Server, model: str, run_dir: Path) -> dict:
+    """A few steps of tinker-cookbook's RL loop (cookbook_rl.py, in its own venv) against `server`,
+    as a phase entry like `Phases`' own: the cookbook times its steps inside its process, so each
+    step's server CPU is the loop's mean (its start and final checkpoint included)."""
+    out = run_dir / "cookbook_rl.json"
+    load, cpu = os.getloadavg()[0], tree_stat(server.process.pid)[0]
+    run_client(server, [str(python), str(Path(__file__).with_name("cookbook_rl.py")), "--base-url", server.url,
+                        "--model", model, "--out", str(out)], run_dir)
+    cpu = tree_stat(server.process.pid)[0] - cpu
+    rl = json.loads(out.read_text())
+    steps = len(rl["step_seconds"])
+    for seconds, reward in zip(rl["step_seconds"], rl["reward"]):
+        print(f"    cookbook_rl_step: {seconds:.3f} s (reward {reward:.2f})", flush=True)
+    return {"seconds": rl["step_seconds"], "server_cpu_seconds": [cpu / steps] * steps, "load_1min_before": load,
+            "reward": rl["reward"], "kl_sample_train": rl["kl_sample_train"], "config": rl["config"]}
+
+
 # ------------------------------------------------------------------------------ reports
 def summarise(phases: dict) -> dict:
     out = {}
@@ -354,6 +386,8 @@ def main() -> None:
     parser.add_argument("--peers-dir", type=Path, default=peers_dir, help="where setup_skyrl.sh installed the peers")
     parser.add_argument("--model-dir", type=Path, default=peers_dir / "models" / "smollm2-135m-instruct")
     parser.add_argument("--eztinker-python", type=Path, default=ROOT / ".venv" / "bin" / "python")
+    parser.add_argument("--cookbook-python", type=Path, default=peers_dir / "cookbook-venv" / "bin" / "python",
+                        help="tinker-cookbook 0.4.3's venv (setup_skyrl.sh), for the RL loop's phase")
     parser.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=4, help="steady calls per small phase (large ones get half)")
@@ -385,16 +419,16 @@ def main() -> None:
             models = server.wait_ready()
             ready = time.perf_counter() - start
             out = run_dir / "workload.json"
-            driver = subprocess.Popen([sys.executable, __file__, "drive", "--url", server.url, "--model", models[0],
-                                       "--out", str(out), "--server-pid", str(server.process.pid), "--repeats", str(args.repeats)])
-            while driver.poll() is None:  # the SDK retries against a dead server for ever: stop it
-                if server.process.poll() is not None:
-                    driver.kill()
-                    raise RuntimeError(f"{name} exited ({server.killed or server.process.returncode}); log {run_dir / 'server.log'}")
-                time.sleep(1)
-            if driver.returncode:
-                raise RuntimeError(f"the workload against {name} failed ({driver.returncode})")
+            run_client(server, [sys.executable, __file__, "drive", "--url", server.url, "--model", models[0], "--out", str(out),
+                                "--server-pid", str(server.process.pid), "--repeats", str(args.repeats)], run_dir)
             raw = json.loads(out.read_text())
+            if args.cookbook_python.exists():
+                try:
+                    raw["phases"]["cookbook_rl_step"] = cookbook_rl(args.cookbook_python, server, models[0], run_dir)
+                except RuntimeError as error:  # the SDK phases' results stand without it
+                    print(f"    the cookbook's RL loop failed: {error}", flush=True)
+            else:
+                print(f"    no {args.cookbook_python}: the cookbook's RL loop is skipped (setup_skyrl.sh installs it)", flush=True)
         finally:
             server.stop()
         if server.killed:
