@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import eztinker.engine.packed_linear as packed_linear
 import eztinker.engine.plain_decoder as plain_decoder
 import eztinker.engine.sampler as sampler_module
 from eztinker.chat import datum_from_tokens
@@ -59,15 +60,22 @@ def family_base(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(family_base):
-    """An engine with two runs trained away from the base model, on different LoRA targets."""
-    engine = Engine(family_base)
-    for run_id, seed, lora in (("run_a", 1, LoraConfig(rank=4, alpha=16)),
-                               ("run_b", 2, LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))):
-        engine.create_run(run_id, lora, seed=seed)
-        prompt, reply = random_prompts([6, 8], seed=100 + seed)
-        for _ in range(4):
-            engine.forward_backward(run_id, [datum_from_tokens(prompt, reply)])
-            engine.optim_step(run_id, AdamParams(learning_rate=3e-2))
+    """An engine with two runs trained away from the base model, on different LoRA targets. Its
+    weights are packed for oneDNN for every input size, whatever this machine's timing would pick,
+    so that the comparisons below cover the packed path (F.linear is what transformers runs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed_linear, "measured_choice", lambda weight, blocked: (True,) * len(packed_linear.BANDS))
+        engine = Engine(family_base)
+        for run_id, seed, lora in (("run_a", 1, LoraConfig(rank=4, alpha=16)),
+                                   ("run_b", 2, LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))):
+            engine.create_run(run_id, lora, seed=seed)
+            prompt, reply = random_prompts([6, 8], seed=100 + seed)
+            for _ in range(4):
+                engine.forward_backward(run_id, [datum_from_tokens(prompt, reply)])
+                engine.optim_step(run_id, AdamParams(learning_rate=3e-2))
+    layer = engine._plain_decoder().layers[0]
+    projections = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+    assert engine._output_head().packed is not None and all(p.packed is not None for p in projections)
     return engine
 
 
@@ -226,24 +234,42 @@ def test_the_plain_decoder_follows_the_projections_peft_wraps_and_unwraps(tiny_m
 
 def test_packed_weights_compute_f_linear_and_its_input_gradient():
     """A base weight packed for oneDNN gives F.linear's output and input gradient (2-D and 3-D
-    inputs, with a bias); weights it does not apply to are not packed, and a trainable weight is
-    multiplied as it is."""
+    inputs, with a bias, one row to many, whichever sizes it serves); weights it does not apply
+    to are not packed, and a trainable weight is multiplied as it is."""
     from eztinker.engine.packed_linear import linear, pack
 
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
-    packed = pack(weight)
-    assert packed is not None
-    for shape in ((5, 24), (2, 3, 24)):
-        x = torch.randn(*shape, generator=generator, requires_grad=True)
-        got = linear(x, weight, bias, packed)
-        (got * torch.arange(40.0)).sum().backward()
-        got_grad, x.grad = x.grad, None
-        want = torch.nn.functional.linear(x, weight, bias)
-        (want * torch.arange(40.0)).sum().backward()
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got_grad, x.grad, rtol=1e-5, atol=1e-4)
+    for serves in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        packed = pack(weight, choose=lambda weight, blocked: serves)
+        assert packed.faster == serves
+        for shape in ((1, 24), (5, 24), (2, 3, 24), (17, 24), (3, 16, 24)):
+            x = torch.randn(*shape, generator=generator, requires_grad=True)
+            got = linear(x, weight, bias, packed)
+            (got * torch.arange(40.0)).sum().backward()
+            got_grad, x.grad = x.grad, None
+            want = torch.nn.functional.linear(x, weight, bias)
+            (want * torch.arange(40.0)).sum().backward()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got_grad, x.grad, rtol=1e-5, atol=1e-4)
     assert pack(weight.to(torch.bfloat16)) is None and pack(bias) is None
     trainable = weight.clone().requires_grad_(True)
     linear(torch.randn(2, 24), trainable, None, packed).sum().backward()
     assert trainable.grad is not None
+
+
+def test_a_weight_is_packed_for_the_sizes_where_onednn_measured_faster():
+    """`pack` keeps the blocked copy only for the input sizes where it beat F.linear: the real
+    timing gives a decision for every band of sizes, made once per shape; a weight that lost in
+    every band is not packed at all (no second copy of its memory)."""
+    from eztinker.engine import packed_linear
+
+    weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    packed = packed_linear.pack(weight)
+    decision = packed_linear._measured[((48, 32), torch.float32)]
+    assert len(decision) == len(packed_linear.BANDS) and all(isinstance(faster, bool) for faster in decision)
+    assert packed is None if not any(decision) else packed.faster == decision
+    assert packed_linear.measured_choice(weight.clone(), None) == decision  # the same shape is not timed again
+    assert packed_linear.pack(weight, choose=lambda weight, blocked: (False, False, False)) is None
+    served = packed_linear.PackedWeight(torch.empty(0), faster=(False, True, False))
+    assert [served.serves(rows) for rows in (1, 2, 16, 17, 4096)] == [False, True, True, False, False]

@@ -111,8 +111,10 @@ class Engine:
         self._plain_checked = False
         # Base weights packed for oneDNN (packed_linear.py), by id of the weight (kept alive beside).
         self.pack_weights = pack_weights
-        self._packs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._plain_decoder()  # packs its weights now, not in the first call
+        self._packs: dict[int, tuple[torch.Tensor, packed_linear.PackedWeight | None]] = {}
+        # Pack (and time, packed_linear.py) the weights now, not in the first call.
+        self._plain_decoder()
+        self._output_head()
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -534,8 +536,9 @@ class Engine:
             self._plain_checked = True
         return self._plain
 
-    def _packed(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """A base weight's packed copy for oneDNN, made once; None where it does not apply."""
+    def _packed(self, weight: torch.Tensor) -> packed_linear.PackedWeight | None:
+        """A base weight's packed copy for oneDNN, made once; None where it does not apply or
+        was not faster here."""
         if not self.pack_weights:
             return None
         if id(weight) not in self._packs:

@@ -14,6 +14,7 @@ import torch
 
 from ..types import Datum, LossFnName
 from .output_projection import logits_into
+from .packed_linear import PackedWeight
 
 # Each loss's loss_fn_config keys and their defaults (Tinker's names).
 _CLIP = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
@@ -152,7 +153,7 @@ class VocabProjection:
     backward pass costs one more matmul and no extra vocabulary-sized tensors.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int, packed: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int, packed: PackedWeight | None = None):
         self.weight, self.bias, self.packed = weight, bias, packed  # packed: for oneDNN (packed_linear.py)
         vocab = weight.shape[0]
         self.chunk_rows = max(1, min(chunk_rows, PROJECTION_BUFFER_ELEMENTS // vocab))

@@ -4,7 +4,7 @@ On CPU one [rows, V] matmul against a 49k-152k-row weight runs well below the sp
 work in blocks of 1024 columns, each block's weights and outputs used while they are in cache:
 1.3-1.7x at 4-128 rows (the sampler's), 1.06-1.11x at 512-1024 (training's), on a 2-core AVX2
 EPYC with MKL, for SmolLM2's and Qwen2's heads (`python bench/packed_linear.py`); oneDNN with the
-weight packed (packed_linear.py) is faster again, and is used where the weight is packed. The
+weight packed (packed_linear.py) is faster again there, and is used where it serves. The
 backward product (logit gradients times the weight) gains nothing from blocking and stays whole.
 """
 
@@ -18,10 +18,10 @@ BLOCK_COLUMNS = 1024
 
 
 def logits_into(out_R_V: torch.Tensor, hidden_R_D: torch.Tensor, weight_V_D: torch.Tensor, bias_V: torch.Tensor | None = None,
-                packed: torch.Tensor | None = None) -> torch.Tensor:
+                packed: packed_linear.PackedWeight | None = None) -> torch.Tensor:
     """out = hidden @ weight.T (+ bias), in place; returns out. `packed`: the weight packed for
-    oneDNN (packed_linear.py), faster still than the blocks where there is one."""
-    if packed is not None:
+    oneDNN (packed_linear.py), used for the row counts where it measured faster."""
+    if packed is not None and packed.serves(hidden_R_D.shape[0]):
         out_R_V.copy_(packed_linear.linear(hidden_R_D, weight_V_D, bias_V, packed))
         return out_R_V
     if weight_V_D.dtype != out_R_V.dtype:

@@ -1,47 +1,112 @@
-"""Linear layers over frozen base weights through oneDNN, each weight packed once into its blocked layout.
+"""Linear layers over frozen base weights through oneDNN, each weight packed once into its blocked
+layout, for the input sizes where that measured faster than MKL on this machine.
 
-On CPU torch's float32 matmul is MKL's. On a 2-core AVX2 EPYC it ran a small decoder's shapes
-below oneDNN's speed with the weight prepacked (`python bench/packed_linear.py`, cache-warm): at 4
-rows (a decode step of 4 candidates) SmolLM2's q/o, gate/up and down projections 1.6-2.1x slower,
-its output head 3.3x (k/v, 192 x 576: 0.7x); at 128-1024 rows the projections 0.9-1.3x, the head
-1.5-2.2x. Whole calls (`bench/plain_decoder.py`): forward 1 x 8 1.44x, sampling 1 x 4 x 16 1.37x,
-forward_backward 4 x 32 1.12x. A packed weight costs the weight's memory once more, so the engine
-packs only what its own forward computes (`PlainDecoder`'s projections and the output head), once:
-base weights never change.
+On CPU torch's float32 matmul is MKL's. Which library is faster depends on the CPU and the number
+of rows (`python bench/packed_linear.py`, cache-warm):
+  * a 2-core AVX2 EPYC: oneDNN with the weight prepacked ran SmolLM2's q/o, gate/up and down
+    projections 1.6-2.1x faster at 4 rows (a decode step of 4 candidates), its output head 3.3x
+    (k/v, 192 x 576: 0.7x); at 128-1024 rows the projections 0.9-1.3x, the head 1.5-2.2x;
+  * a 2-core Sapphire Rapids Xeon (AVX-512): at 4 rows the projections 0.56-0.77x (MKL faster),
+    the head 1.42x; at 128 rows 0.85-1.08x, the head 1.15x.
+So `pack` times both on each weight shape, once per process, at one row, a few and many, and the
+packed copy serves only the sizes where it won; a weight for which it won at none is not packed.
+A packed weight costs the weight's memory once more, so the engine packs only what its own forward
+computes (`PlainDecoder`'s projections and the output head), once: base weights never change.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+# Input sizes timed apart, as (the most rows of the band, the rows timed for it): a single
+# sequence's decode step (the Xeon's packed copy was 4.5x slower there: 2.0 s against 0.44 s for
+# 32 tokens); decode steps of a few candidates; larger batches and training micro-batches.
+BANDS = ((1, 1), (16, 4), (None, 128))
+_PROBE_REPEATS = 3
 
-def pack(weight: torch.Tensor) -> torch.Tensor | None:
+# Per weight shape and dtype: whether the packed copy was faster, band by band.
+_measured: dict[tuple, tuple[bool, ...]] = {}
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A frozen weight in oneDNN's blocked layout, and the input sizes it is the faster way for."""
+
+    blocked: torch.Tensor
+    faster: tuple[bool, ...]  # per band of BANDS
+
+    def serves(self, rows: int) -> bool:
+        for (most, _), faster in zip(BANDS, self.faster):
+            if most is None or rows <= most:
+                return faster
+        return False
+
+
+# (weight, its blocked copy) -> whether the copy is faster, band by band.
+Chooser = Callable[[torch.Tensor, torch.Tensor], tuple[bool, ...]]
+
+
+def pack(weight: torch.Tensor, choose: Chooser | None = None) -> PackedWeight | None:
     """`weight` [out, in] packed for oneDNN, or None where that does not apply (not a float32 CPU
-    tensor, a torch without oneDNN) or does not reproduce `F.linear` on a probe."""
+    tensor, a torch without oneDNN), does not reproduce `F.linear` on a probe, or was not faster
+    for any input size. `choose`: by default `measured_choice`."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
         return None
+    weight = weight.detach()
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-        if not torch.allclose(_forward(probe, packed, None), F.linear(probe, weight.detach()), rtol=1e-4, atol=1e-5):
+        if not torch.allclose(_forward(probe, blocked, None), F.linear(probe, weight), rtol=1e-4, atol=1e-5):
             return None
     except (AttributeError, RuntimeError):  # the op is missing or refuses this weight
         return None
-    return packed
+    faster = tuple((choose or measured_choice)(weight, blocked))
+    return PackedWeight(blocked, faster) if any(faster) else None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias), by the packed weight where there is one (differentiable in x)."""
-    if packed is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+def measured_choice(weight: torch.Tensor, blocked: torch.Tensor) -> tuple[bool, ...]:
+    """Whether `blocked` beat `F.linear`, band by band: the medians of a few alternating timings,
+    measured once per weight shape (a weight's values do not change the speed)."""
+    key = (tuple(weight.shape), weight.dtype)
+    if key not in _measured:
+        _measured[key] = tuple(_packed_is_faster(weight, blocked, rows) for _, rows in BANDS)
+    return _measured[key]
+
+
+def _packed_is_faster(weight: torch.Tensor, blocked: torch.Tensor, rows: int) -> bool:
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    paths = (lambda: F.linear(x, weight), lambda: _forward(x, blocked, None))
+    seconds: tuple[list[float], list[float]] = ([], [])
+    for repeat in range(_PROBE_REPEATS + 1):  # the first round warms up
+        for path, times in zip(paths, seconds):
+            start = time.perf_counter()
+            path()
+            if repeat:
+                times.append(time.perf_counter() - start)
+    return statistics.median(seconds[1]) < statistics.median(seconds[0])
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the packed weight where it serves x's size (differentiable in x)."""
+    if packed is None or weight.requires_grad or (bias is not None and bias.requires_grad) or not packed.serves(_rows(x)):
         return F.linear(x, weight, bias)
     if x.requires_grad and torch.is_grad_enabled():
-        return _PackedLinear.apply(x, weight, bias, packed)
-    return _forward(x, packed, bias)
+        return _PackedLinear.apply(x, weight, bias, packed.blocked)
+    return _forward(x, packed.blocked, bias)
 
 
-def _forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def _forward(x: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -49,9 +114,9 @@ class _PackedLinear(torch.autograd.Function):
     are frozen: no gradient of their own)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, packed):
+    def forward(ctx, x, weight, bias, blocked):
         ctx.save_for_backward(weight)
-        return _forward(x, packed, bias)
+        return _forward(x, blocked, bias)
 
     @staticmethod
     def backward(ctx, grad):

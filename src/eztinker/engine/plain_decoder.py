@@ -41,7 +41,7 @@ class _Projection:
     module: torch.nn.Module  # the model's own (peft-wrapped or plain) linear, the key of its LoRA update
     weight: torch.Tensor
     bias: torch.Tensor | None
-    packed: torch.Tensor | None  # the weight packed for oneDNN (packed_linear.py), or None
+    packed: packed_linear.PackedWeight | None  # the weight packed for oneDNN (packed_linear.py), or None
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ class PlainDecoder:
     unwraps its projections (adapters added to or removed from the model). `pack(weight)`: a
     projection weight's packed copy for oneDNN, or None to multiply by the weight itself."""
 
-    def __init__(self, decoder: torch.nn.Module, config, pack: Callable[[torch.Tensor], torch.Tensor | None] = lambda w: None):
+    def __init__(self, decoder: torch.nn.Module, config,
+                 pack: Callable[[torch.Tensor], packed_linear.PackedWeight | None] = lambda w: None):
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
         self.final_norm, self.eps = decoder.norm.weight, config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache
 from ..types import SampledSequence, SampledToken, SamplingParams
 from .kv_cache import PreallocatedCache
 from .output_projection import logits_into
+from .packed_linear import PackedWeight
 from .prompt_attention import SharedPromptCache
 
 # forward(input_ids_B_T, attention_mask_B_S, position_ids_B_T, cache, adapters) -> features_B_D of the
@@ -62,7 +63,7 @@ class OutputHead:
 
     weight: torch.Tensor  # [V, D]
     bias: torch.Tensor | None = None
-    packed: torch.Tensor | None = None  # the weight packed for oneDNN (packed_linear.py)
+    packed: PackedWeight | None = None  # the weight packed for oneDNN (packed_linear.py)
 
     @property
     def vocab_size(self) -> int:
