@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -86,11 +85,11 @@ def child(layout: str, model: str, cache_dir: Path, calls: int) -> dict:
         caller = threading.Thread(target=measure)
         caller.start()
         caller.join()
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    return {"median_seconds": {name: statistics.median(values) for name, values in seconds.items()}}
 
 
 def main() -> None:
-    from run import RESULTS_DIR, log, machine, side_bench_arguments
+    from run import RESULTS_DIR, alternate_in_children, log, machine, side_bench_arguments
 
     parser = side_bench_arguments(__doc__)
     parser.add_argument("--calls", type=int, default=8, help="steady calls of each kind per child")
@@ -98,18 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.layout:
         return print(json.dumps(child(args.layout, args.model, args.cache_dir, args.calls)))
-    rounds = []
-    for round_ in range(args.repeats):
-        for layout in LAYOUTS:
-            out = subprocess.run([sys.executable, __file__, "--layout", layout, "--model", args.model, "--cache-dir",
-                                  str(args.cache_dir), "--calls", str(args.calls)], capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{layout} failed:\n{out.stderr[-3000:]}")
-            medians = json.loads(out.stdout.strip().splitlines()[-1])
-            rounds.append({"round": round_, "layout": layout, "median_seconds": medians})
-            log(f"  round {round_} {layout:15s} " + "  ".join(f"{k} {v:.3f} s" for k, v in medians.items()))
-    best = {layout: {name: min(r["median_seconds"][name] for r in rounds if r["layout"] == layout) for name in CALLS}
-            for layout in LAYOUTS}
+    rounds, best = alternate_in_children(__file__, "layout", LAYOUTS, args, CALLS)
     ratios = {name: {"second_over_compute_thread": best["second-thread"][name] / best["compute-thread"][name],
                      "compute_over_same_thread": best["compute-thread"][name] / best["same-thread"][name]} for name in CALLS}
     for name, row in ratios.items():

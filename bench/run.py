@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +146,27 @@ def side_bench_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache",
                         help="where the embedded SmolLM2 is converted once (as the server's data/cache)")
     return parser
+
+
+def alternate_in_children(script: str, option: str, variants: Sequence[str], args: argparse.Namespace, calls: Sequence[str]):
+    """Side by side where a variant needs a process of its own: `script --<option> VARIANT` (with
+    --model, --cache-dir and --calls from `args`) runs once per variant a round, the variants
+    alternating, `args.repeats` rounds. A child prints its result as JSON on its last line, with
+    the medians of its steady calls under "median_seconds". Returns the rows (round, variant,
+    result) and the best (smallest) median per variant and call."""
+    rows = []
+    for round_ in range(args.repeats):
+        for variant in variants:
+            out = subprocess.run([sys.executable, script, f"--{option}", variant, "--model", args.model,
+                                  "--cache-dir", str(args.cache_dir), "--calls", str(args.calls)], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append({"round": round_, option: variant, **result})
+            log(f"  round {round_} {variant:15s} " + "  ".join(f"{k} {v:.3f} s" for k, v in result["median_seconds"].items()))
+    best = {variant: {name: min(r["median_seconds"][name] for r in rows if r[option] == variant) for name in calls}
+            for variant in variants}
+    return rows, best
 
 
 def generated_length(row: list[int], stop_ids: frozenset[int]) -> int:
