@@ -4,7 +4,8 @@ with every projection and the output head
   * all-packed:  packed for oneDNN and used at every input size (the engine before each weight's
                  packed copy served only the sizes where it measured faster);
   * measured:    packed, and used only at the sizes where `packed_linear.measured_choice` timed it
-                 faster than MKL's F.linear on this machine (the engine's default);
+                 faster than MKL's F.linear on this machine (the head: than MKL in column blocks;
+                 the engine's default);
   * unpacked:    `Engine(pack_weights=False)`: MKL's F.linear throughout (the head in column blocks).
 
     python bench/packed_choice.py [--model smollm2|tiny] [--repeats 2] [--calls 5]
@@ -22,7 +23,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,11 +34,11 @@ CALLS = ("sample_1x1x32", "sample_1x4x16", "sample_16x8x32", "forward_1x8", "for
 def child(choice: str, model: str, cache_dir: Path, calls: int) -> dict:
     from run import TEMPERATURE, Workload, load, tiny_model_dir
 
-    from eztinker.engine import Engine, SampleSpec, packed_linear
+    from eztinker.engine import Engine, SampleSpec, output_projection, packed_linear
     from eztinker.types import Datum, LoraConfig, LossFnInputs, ModelInput, SamplingParams
 
     if choice == "all-packed":
-        packed_linear.measured_choice = lambda weight, blocked: (True,) * len(packed_linear.BANDS)
+        packed_linear.measured_choice = output_projection._head_choice = lambda weight, blocked: (True,) * len(packed_linear.BANDS)
     base = load(model, cache_dir, tiny_model_dir(model))
     engine = Engine(base, pack_weights=choice != "unpacked")
     engine.create_run("r", LoraConfig(rank=8, alpha=32.0))
@@ -64,12 +64,12 @@ def child(choice: str, model: str, cache_dir: Path, calls: int) -> dict:
             work[name]()
             if i:
                 seconds[name].append(time.perf_counter() - start)
-    decisions = {"x".join(map(str, shape)): faster for (shape, _), faster in packed_linear._measured.items()}
+    decisions = {"x".join(map(str, shape)): faster for (shape, _), faster in {**packed_linear._measured, **output_projection._measured}.items()}
     return {"median_seconds": {name: statistics.median(values) for name, values in seconds.items()}, "decisions": decisions}
 
 
 def main() -> None:
-    from run import RESULTS_DIR, log, machine, side_bench_arguments
+    from run import RESULTS_DIR, alternate_in_children, log, machine, side_bench_arguments
 
     parser = side_bench_arguments(__doc__)
     parser.add_argument("--calls", type=int, default=5, help="steady calls of each kind per child")
@@ -77,20 +77,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.choice:
         return print(json.dumps(child(args.choice, args.model, args.cache_dir, args.calls)))
-    rounds = []
-    for round_ in range(args.repeats):
-        for choice in CHOICES:
-            out = subprocess.run([sys.executable, __file__, "--choice", choice, "--model", args.model, "--cache-dir",
-                                  str(args.cache_dir), "--calls", str(args.calls)], capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{choice} failed:\n{out.stderr[-3000:]}")
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            rounds.append({"round": round_, "choice": choice, **result})
-            log(f"  round {round_} {choice:10s} " + "  ".join(f"{k} {v:.3f} s" for k, v in result["median_seconds"].items()))
-            if choice == "measured":
-                log(f"    packed copy faster (1 row, 2-16, more): {result['decisions']}")
-    best = {choice: {name: min(r["median_seconds"][name] for r in rounds if r["choice"] == choice) for name in CALLS}
-            for choice in CHOICES}
+    rounds, best = alternate_in_children(__file__, "choice", CHOICES, args, CALLS)
+    for row in rounds:
+        if row["choice"] == "measured":
+            log(f"  round {row['round']}: the packed copy faster (1 row, 2-16, more): {row['decisions']}")
     ratios = {name: {f"{choice}_over_measured": best[choice][name] / best["measured"][name] for choice in ("all-packed", "unpacked")}
               for name in CALLS}
     for name, row in ratios.items():

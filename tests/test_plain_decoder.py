@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import eztinker.engine.output_projection as output_projection
 import eztinker.engine.packed_linear as packed_linear
 import eztinker.engine.plain_decoder as plain_decoder
 import eztinker.engine.sampler as sampler_module
@@ -64,7 +65,9 @@ def trained(family_base):
     weights are packed for oneDNN for every input size, whatever this machine's timing would pick,
     so that the comparisons below cover the packed path (F.linear is what transformers runs)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(packed_linear, "measured_choice", lambda weight, blocked: (True,) * len(packed_linear.BANDS))
+        everywhere = lambda weight, blocked: (True,) * len(packed_linear.BANDS)  # noqa: E731
+        patch.setattr(packed_linear, "measured_choice", everywhere)
+        patch.setattr(output_projection, "_head_choice", everywhere)
         engine = Engine(family_base)
         for run_id, seed, lora in (("run_a", 1, LoraConfig(rank=4, alpha=16)),
                                    ("run_b", 2, LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))):
@@ -259,9 +262,10 @@ def test_packed_weights_compute_f_linear_and_its_input_gradient():
 
 
 def test_a_weight_is_packed_for_the_sizes_where_onednn_measured_faster():
-    """`pack` keeps the blocked copy only for the input sizes where it beat F.linear: the real
-    timing gives a decision for every band of sizes, made once per shape; a weight that lost in
-    every band is not packed at all (no second copy of its memory)."""
+    """`pack` keeps the blocked copy only for the input sizes where it beat F.linear (an output
+    head's, where it beat the head's column blocks): the real timing gives a decision for every
+    band of sizes, made once per shape; a weight that lost in every band is not packed at all (no
+    second copy of its memory)."""
     from eztinker.engine import packed_linear
 
     weight = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
@@ -271,5 +275,9 @@ def test_a_weight_is_packed_for_the_sizes_where_onednn_measured_faster():
     assert packed is None if not any(decision) else packed.faster == decision
     assert packed_linear.measured_choice(weight.clone(), None) == decision  # the same shape is not timed again
     assert packed_linear.pack(weight, choose=lambda weight, blocked: (False, False, False)) is None
+    head = torch.randn(4096, 32, generator=torch.Generator().manual_seed(1))  # timed against its column blocks
+    packed_head = output_projection.pack_head(head)
+    decision = output_projection._measured[((4096, 32), torch.float32)]
+    assert len(decision) == len(packed_linear.BANDS) and (packed_head is None if not any(decision) else packed_head.faster == decision)
     served = packed_linear.PackedWeight(torch.empty(0), faster=(False, True, False))
     assert [served.serves(rows) for rows in (1, 2, 16, 17, 4096)] == [False, True, True, False, False]

@@ -30,7 +30,7 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import lora_adapters, losses, packed_linear, plain_decoder, prompt_attention
+from . import lora_adapters, losses, output_projection, packed_linear, plain_decoder, prompt_attention
 from .checkpoints import write_atomically
 from .models import BaseModel
 from .sampler import OutputHead, SampleSpec, sample
@@ -536,13 +536,13 @@ class Engine:
             self._plain_checked = True
         return self._plain
 
-    def _packed(self, weight: torch.Tensor) -> packed_linear.PackedWeight | None:
-        """A base weight's packed copy for oneDNN, made once; None where it does not apply or
-        was not faster here."""
+    def _packed(self, weight: torch.Tensor, head: bool = False) -> packed_linear.PackedWeight | None:
+        """A base weight's packed copy for oneDNN (`head`: the output projection's, timed against
+        its column blocks), made once; None where it does not apply or was not faster here."""
         if not self.pack_weights:
             return None
         if id(weight) not in self._packs:
-            self._packs[id(weight)] = (weight, packed_linear.pack(weight))
+            self._packs[id(weight)] = (weight, output_projection.pack_head(weight) if head else packed_linear.pack(weight))
         return self._packs[id(weight)][1]
 
     def _features_fn(self, stacked: _StackedLora):
@@ -615,7 +615,7 @@ class Engine:
             getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING
         ):
             return None
-        head = OutputHead(linear.weight, linear.bias, self._packed(linear.weight))
+        head = OutputHead(linear.weight, linear.bias, self._packed(linear.weight, head=True))
         probe = torch.tensor([[self.base.pad_token_id, min(1, self.base.vocab_size - 1)]], device=self.base.device)
         context = _base_only(self._lora_layers()) if self._peft is not None else nullcontext()
         with torch.no_grad(), context:

@@ -10,6 +10,7 @@ of rows (`python bench/packed_linear.py`, cache-warm):
     the head 1.42x; at 128 rows 0.85-1.08x, the head 1.15x.
 So `pack` times both on each weight shape, once per process, at one row, a few and many, and the
 packed copy serves only the sizes where it won; a weight for which it won at none is not packed.
+(An output head is timed against its own alternative, MKL in column blocks: output_projection.py.)
 A packed weight costs the weight's memory once more, so the engine packs only what its own forward
 computes (`PlainDecoder`'s projections and the output head), once: base weights never change.
 """
@@ -71,22 +72,27 @@ def pack(weight: torch.Tensor, choose: Chooser | None = None) -> PackedWeight | 
 
 
 def measured_choice(weight: torch.Tensor, blocked: torch.Tensor) -> tuple[bool, ...]:
-    """Whether `blocked` beat `F.linear`, band by band: the medians of a few alternating timings,
-    measured once per weight shape (a weight's values do not change the speed)."""
+    """Whether `blocked` beat `F.linear`, band by band, measured once per weight shape (a weight's
+    values do not change the speed)."""
     key = (tuple(weight.shape), weight.dtype)
     if key not in _measured:
-        _measured[key] = tuple(_packed_is_faster(weight, blocked, rows) for _, rows in BANDS)
+        _measured[key] = time_bands(weight.shape[1], lambda x: _forward(x, blocked, None), lambda x: F.linear(x, weight))
     return _measured[key]
 
 
-def _packed_is_faster(weight: torch.Tensor, blocked: torch.Tensor, rows: int) -> bool:
-    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
-    paths = (lambda: F.linear(x, weight), lambda: _forward(x, blocked, None))
+def time_bands(width: int, packed: Callable[[torch.Tensor], object], unpacked: Callable[[torch.Tensor], object]) -> tuple[bool, ...]:
+    """Whether `packed(x)` beat `unpacked(x)` at each band's rows (x [rows, width]): the medians
+    of a few alternating calls after one of each to warm up."""
+    return tuple(_faster(packed, unpacked, torch.randn(rows, width, generator=torch.Generator().manual_seed(0)))
+                 for _, rows in BANDS)
+
+
+def _faster(packed, unpacked, x: torch.Tensor) -> bool:
     seconds: tuple[list[float], list[float]] = ([], [])
     for repeat in range(_PROBE_REPEATS + 1):  # the first round warms up
-        for path, times in zip(paths, seconds):
+        for path, times in zip((unpacked, packed), seconds):
             start = time.perf_counter()
-            path()
+            path(x)
             if repeat:
                 times.append(time.perf_counter() - start)
     return statistics.median(seconds[1]) < statistics.median(seconds[0])
