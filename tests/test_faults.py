@@ -591,6 +591,31 @@ def test_a_locked_database_gives_503_and_the_worker_records_once_it_is_free(make
         assert (health.status, health.worker) == ("ok", "ok")
 
 
+def test_a_save_is_answered_after_the_runs_load_snapshots_are_dropped(make_server, tmp_path, monkeypatch):
+    """A save's job is finished in the store from its commit (the save becomes the run's restore
+    point, crash-safely), and the run's load snapshots are dropped after that commit: a client
+    whose poll arrives in between is answered once they are gone, not while they are still on disk."""
+    from eztinker.server.runner import JobRunner
+
+    drop = JobRunner._drop_snapshots
+
+    def slow_drop(self, run_id, keep=None):
+        time.sleep(0.6)  # a slow disk: the poll below arrives between the commit and the drop
+        drop(self, run_id, keep)
+
+    data_dir = tmp_path / "data"
+    with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
+        source, loader = client.create_training_run(lora_rank=2), client.create_training_run(lora_rank=2, seed=1)
+        source.save_state("c1").result(timeout=60)
+        loader.load_state(f"{source.run_id}/c1").result(timeout=60)
+        assert any((data_dir / "snapshots" / loader.run_id).iterdir())
+        monkeypatch.setattr(JobRunner, "_drop_snapshots", slow_drop)
+        saving = loader.save_state("own")  # the client polls only in result()
+        time.sleep(0.3)  # the save has committed by now; its run's snapshots are being dropped
+        assert saving.result(timeout=60).step == 0
+        assert not any((data_dir / "snapshots" / loader.run_id).iterdir())
+
+
 def test_health_reports_a_dead_worker(make_server):
     with make_server() as server, ServiceClient(server.url, max_retries=0) as client:
         run = client.create_training_run(lora_rank=2)

@@ -97,6 +97,9 @@ class JobRunner:
         self._cv = threading.Condition()
         self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
         self._waiters_lock = threading.Lock()
+        # Jobs whose outcome is being recorded: the store shows them finished from its commit on,
+        # but what follows the commit (a save drops the run's load snapshots) is not yet done.
+        self._recording: set[str] = set()
         self._started = False
         self._stopping = False
         self._last_expiry = 0.0
@@ -189,6 +192,11 @@ class JobRunner:
                     entries.remove(entry)
                 if not entries:
                     self._waiters.pop(job_id, None)
+
+    def settled(self, job_id: str) -> bool:
+        """Whether the recording of a finished job is complete (false while its bookkeeping runs)."""
+        with self._waiters_lock:
+            return job_id not in self._recording
 
     def _notify_finished(self, job_id: str) -> None:
         with self._waiters_lock:
@@ -324,12 +332,17 @@ class JobRunner:
             self._cv.notify_all()
 
     def _record(self, job: Job, outcome: Outcome) -> None:
+        with self._waiters_lock:
+            self._recording.add(job.id)
         try:
             self._retrying(lambda: self._store_outcome(job, outcome))
         except Exception as exc:  # e.g. a result that is not JSON-serialisable
             log.exception("could not record job %s", job.id)
             error = f"could not record the result: {exc}"
             self._retrying(lambda: self.store.mark_finished(job.id, error=error))
+        finally:
+            with self._waiters_lock:
+                self._recording.discard(job.id)
         self._notify_finished(job.id)
 
     def _store_outcome(self, job: Job, outcome: Outcome) -> None:

@@ -591,9 +591,16 @@ class Service:
         return self.store.job_record(row)
 
     async def wait_job(self, user: str, job_id: str, wait: float) -> JobRecord:
+        """The job, once finished and its recording complete or `wait` seconds passed. A save's
+        job is finished from the store's commit, which makes the save the run's restore point, and
+        only then are the run's load snapshots dropped: a waiting client is answered after that."""
+
+        def settled(record: JobRecord) -> bool:
+            return record.finished and self.runner.settled(job_id)
+
         record = self.job(user, job_id)
-        if not record.finished and wait > 0:
-            await self.runner.wait(job_id, wait, lambda: self.job(user, job_id).finished)
+        if not settled(record) and wait > 0:
+            await self.runner.wait(job_id, wait, lambda: settled(self.job(user, job_id)))
             record = self.job(user, job_id)
         return record
 
