@@ -385,9 +385,7 @@ def test_stacked_lora_equals_peft_for_mixed_single_and_no_adapter(sharp):
     def ours(adapters):
         with torch.no_grad(), sharp._stacked_lora(set(adapters) - {None}) as stacked:  # as in Engine.sample
             features = sharp._features_fn(stacked)(ids, mask, positions, PreallocatedCache(16), adapters)
-        logits = torch.empty(5, head.vocab_size)
-        head.logits(features, logits)
-        return logits
+        return head.logits(features, torch.empty(5, head.vocab_size))
 
     def peft_reference(adapters):
         return sharp._logits_fn()(ids, mask, positions, PreallocatedCache(16), adapters)

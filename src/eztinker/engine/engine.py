@@ -621,8 +621,7 @@ class Engine:
         with torch.no_grad(), context:
             want = self.base.model(input_ids=probe, logits_to_keep=1).logits[:, -1].float()
             hidden = self._decoder()(input_ids=probe).last_hidden_state[:, -1]
-            got = torch.empty_like(want)
-            head.logits(hidden, got)
+            got = head.logits(hidden, torch.empty_like(want))
         if torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             self._head = head
         return self._head

@@ -59,7 +59,8 @@ class SampleSpec:
 
 @dataclass
 class OutputHead:
-    """The output projection: logits = features @ weight.T (+ bias), computed into a reused buffer."""
+    """The output projection: logits = features @ weight.T (+ bias), computed into a reused buffer
+    (by the packed weight, where it serves, into oneDNN's own new tensor)."""
 
     weight: torch.Tensor  # [V, D]
     bias: torch.Tensor | None = None
@@ -69,8 +70,9 @@ class OutputHead:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
-    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> None:
-        logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
+    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> torch.Tensor:
+        """The logits, in `out_B_V` or a new tensor (`logits_into`)."""
+        return logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
 
 
 class _LogitsAreFeatures:
@@ -79,8 +81,8 @@ class _LogitsAreFeatures:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
-    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> None:
-        out_B_V.copy_(features_B_D)
+    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> torch.Tensor:
+        return out_B_V.copy_(features_B_D)
 
 
 @dataclass
@@ -300,8 +302,7 @@ class _TokenChooser:
 
     def _choose_chunk(self, features: torch.Tensor, groups, uniforms: torch.Tensor):
         n = features.shape[0]
-        shifted, weights = self._shifted[:n], self._weights[:n]
-        self.head.logits(features, shifted)
+        shifted, weights = self.head.logits(features, self._shifted[:n]), self._weights[:n]
         shifted.sub_(shifted.amax(dim=-1, keepdim=True))  # max 0 per row: exp never overflows
         torch.exp(shifted, out=weights)
         log_normaliser = weights.sum(dim=-1).log_()  # logsumexp of the shifted logits at temperature 1
