@@ -8,8 +8,9 @@ last position is ever projected to the vocabulary, and only for the rows still d
 that finishes stops costing vocabulary work at once, and leaves the decoder batch as soon as
 enough rows have finished to make compacting the KV cache worth its copy.
 
-Per decode step the vocabulary-sized work is a handful of passes over one reused [rows, V] buffer
-(no `torch.multinomial`, no sort, no fresh 100 MB allocation per step): the logits are shifted by
+Per decode step the vocabulary-sized work is a handful of passes over reused [rows, V] buffers
+(no `torch.multinomial`, no sort; the one fresh [rows, V] tensor is the logits where the head's
+packed weight serves, as oneDNN has no out= form, and its timing counts that): the logits are shifted by
 their max, exponentiated once (which gives the temperature-1 log-normaliser for the logprobs), and a
 token is drawn by inverse-CDF with one uniform per row from the request's seeded generator: first
 over blocks of the vocabulary (one summing pass), then inside the chosen block.
