@@ -113,16 +113,48 @@ class ModelInput(_Schema):
 
 
 class LossFnInputs(_Schema):
-    """Per-position inputs; position i scores `target_tokens[i]` after `model_input.tokens[:i+1]`."""
+    """Per-position inputs; position i scores `target_tokens[i]` after `model_input.tokens[:i+1]`.
 
-    target_tokens: list[int]
-    weights: list[float] | None = Field(None, description="cross_entropy: per-token weight.")
+    cross_entropy also takes several targets per position: `target_tokens` and `weights` of
+    shape [N, K] (top-k distillation); position i's loss is -sum_k weights[i][k] * logprob(target_tokens[i][k]).
+    """
+
+    target_tokens: list[int] | list[list[int]]
+    weights: list[float] | list[list[float]] | None = Field(
+        None, description="cross_entropy: per-token weight ([N], or [N, K] beside [N, K] target_tokens).")
     logprobs: list[float] | None = Field(
-        None, description="RL losses (importance_sampling, ppo, cispo, dro): the sampler's logprob of each target token."
+        None, description="RL losses: the sampler's logprob of each target token."
     )
     advantages: list[float] | None = Field(
         None, description="RL losses: per-token advantage."
     )
+    sequence_ratio_mask: list[float] | None = Field(
+        None, description="gspo: nonzero at the positions whose log-ratios are averaged into the sequence ratio."
+    )
+
+    @property
+    def targets_per_position(self) -> int | None:
+        """K for [N, K] target_tokens, None for one target a position."""
+        first = self.target_tokens[0] if self.target_tokens else None
+        return len(first) if isinstance(first, list) else None
+
+    def flat_target_tokens(self) -> list[int]:
+        if self.targets_per_position is None:
+            return list(self.target_tokens)  # type: ignore[arg-type]
+        return [t for row in self.target_tokens for t in row]  # type: ignore[union-attr]
+
+    @model_validator(mode="after")
+    def _rectangular(self) -> "LossFnInputs":
+        k = self.targets_per_position
+        if k is not None and (k < 1 or any(not isinstance(r, list) or len(r) != k for r in self.target_tokens)):
+            raise ValueError("target_tokens must be [N] or a rectangular [N, K] with K >= 1")
+        if self.weights is not None and self.target_tokens:
+            w_first = self.weights[0] if self.weights else None
+            w_k = len(w_first) if isinstance(w_first, list) else None
+            if w_k != k or (k is not None and any(not isinstance(r, list) or len(r) != k for r in self.weights)):
+                shape = "[N]" if k is None else f"[N, {k}]"
+                raise ValueError(f"weights must have the shape of target_tokens ({shape})")
+        return self
 
 
 class Datum(_Schema):
@@ -133,7 +165,7 @@ class Datum(_Schema):
     def _aligned(self) -> "Datum":
         n = len(self.model_input.tokens)
         inputs = self.loss_fn_inputs
-        for name in ("target_tokens", "weights", "logprobs", "advantages"):
+        for name in ("target_tokens", "weights", "logprobs", "advantages", "sequence_ratio_mask"):
             values = getattr(inputs, name)
             if values is not None and len(values) != n:
                 raise ValueError(
@@ -143,7 +175,7 @@ class Datum(_Schema):
         return self
 
 
-LossFnName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+LossFnName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"]
 LOSS_FNS: tuple[str, ...] = typing.get_args(LossFnName)
 
 
@@ -152,17 +184,24 @@ class ForwardBackwardRequest(_Schema):
     loss_fn: LossFnName = "cross_entropy"
     loss_fn_config: dict[str, float] | None = Field(
         None,
-        description="ppo/cispo: clip_low_threshold, clip_high_threshold (ratio bounds, default 0.8 and 1.2); "
-        "dro: beta (default 0.05).",
+        description="ppo/cispo/gspo: clip_low_threshold, clip_high_threshold (ratio bounds, default 0.8 and 1.2); "
+        "dro: beta (default 0.05); stable_reinforce: max_weight (the importance weight's cap, default 2).",
     )
 
     @model_validator(mode="after")
     def _inputs_for_loss(self) -> "ForwardBackwardRequest":
-        if self.loss_fn == "cross_entropy":
-            return self  # weights are optional: every position counts without them
         for i, datum in enumerate(self.data):
-            for name in ("logprobs", "advantages"):
-                if getattr(datum.loss_fn_inputs, name) is None:
+            inputs = datum.loss_fn_inputs
+            if self.loss_fn != "cross_entropy" and inputs.targets_per_position is not None:
+                raise ValueError(f"data[{i}].loss_fn_inputs.target_tokens is [N, K]; only cross_entropy takes "
+                                 f"several targets a position, {self.loss_fn} takes [N]")
+            if self.loss_fn != "gspo" and inputs.sequence_ratio_mask is not None:
+                raise ValueError(f"data[{i}].loss_fn_inputs.sequence_ratio_mask is only taken by gspo")
+            if self.loss_fn == "cross_entropy":
+                continue  # weights are optional: every position counts without them
+            required = ("logprobs", "advantages") + (("sequence_ratio_mask",) if self.loss_fn == "gspo" else ())
+            for name in required:
+                if getattr(inputs, name) is None:
                     raise ValueError(f"data[{i}].loss_fn_inputs.{name} is required by {self.loss_fn}")
         return self
 
@@ -170,8 +209,8 @@ class ForwardBackwardRequest(_Schema):
 class ForwardBackwardResult(_Schema):
     loss: float = Field(description="Summed loss over the batch (cross_entropy: weighted NLL).")
     num_tokens: int = Field(description="Positions that carried loss (nonzero weight/advantage).")
-    logprobs: list[list[float | None]] = Field(
-        description="Per datum and position, logprob of the target token; null where the loss "
+    logprobs: list[list[float | None] | list[list[float | None]]] = Field(
+        description="Per datum and position, logprob of the target token ([N, K] for [N, K] targets); null where the loss "
         "had zero weight (those logits are not computed unless every position's logprob is asked for, "
         "as the Tinker protocol does)."
     )

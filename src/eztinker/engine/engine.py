@@ -371,6 +371,10 @@ class Engine:
         hidden_B_T_H = self._hidden_states(run_id, input_ids, attention_mask)
         hidden_N_H = hidden_B_T_H[selected.to(device)]
         inputs = losses.gather_inputs(examples, selected, loss_fn, device)
+        if loss_fn == "gspo":
+            # The sequence ratio's value needs every masked logprob of an example before any
+            # token's loss: one pass without a graph first.
+            losses.set_sequence_log_ratios(inputs, self._logprobs(hidden_N_H.detach(), inputs.targets)[0], len(batch))
         if backward:
             total, logprobs_N = self._backward(hidden_N_H, inputs, loss_fn, config)
         else:
@@ -378,12 +382,13 @@ class Engine:
             total = losses.compute(loss_fn, logprobs_N, inputs, slice(None), config).item()
             if not math.isfinite(total):
                 raise EngineError(f"{loss_fn} loss is not finite ({total})")
-        logprobs_B_T = torch.zeros(selected.shape)
+        k = losses.targets_width(examples) if loss_fn == "cross_entropy" else None  # [N, K] targets
+        logprobs_B_T = torch.zeros(selected.shape if k is None else (*selected.shape, k))
         logprobs_B_T[selected] = logprobs_N.float().cpu()
         known_B_T = selected
         if all_logprobs:
             # The other positions' logprobs, outside the graph: their loss terms are zero.
-            targets_B_T, known_B_T = losses.padded_targets(examples, width)
+            targets_B_T, known_B_T = losses.padded_targets(examples, width, k)
             rest_B_T = known_B_T & ~selected
             with torch.no_grad():
                 rest_M_H = hidden_B_T_H.detach()[rest_B_T.to(device)]
@@ -411,7 +416,7 @@ class Engine:
         # at a time; their gradient flows back into the decoder in one backward pass.
         detached = hidden_N_H.detach().requires_grad_(True)
         total = 0.0
-        logprobs_N = torch.empty(hidden_N_H.shape[0])
+        logprobs_N = torch.empty(inputs.targets.shape)
         for start in range(0, hidden_N_H.shape[0], self.logits_chunk):
             chunk = slice(start, start + self.logits_chunk)
             token_logprobs = self._target_logprobs(detached[chunk], inputs.targets[chunk])
@@ -435,7 +440,7 @@ class Engine:
 
     def _target_logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
         logits = self.base.model.get_output_embeddings()(hidden_N_H).float()
-        return torch.log_softmax(logits, dim=-1).gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
+        return torch.log_softmax(logits, dim=-1).gather(-1, losses.two_d(targets_N)).reshape(targets_N.shape)
 
     @torch.no_grad()
     def _logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0):
@@ -444,14 +449,14 @@ class Engine:
         if projection is not None:
             return projection.logprobs(hidden_N_H, targets_N, topk)
         n, device = hidden_N_H.shape[0], hidden_N_H.device
-        logprobs_N = torch.empty(n, device=device)
+        logprobs_N = torch.empty(targets_N.shape, device=device)
         top_N_K = torch.empty(n, topk, device=device)
         ids_N_K = torch.empty(n, topk, dtype=torch.long, device=device)
         head = self.base.model.get_output_embeddings()
         for start in range(0, n, self.logits_chunk):
             chunk = slice(start, start + self.logits_chunk)
             logprobs_C_V = torch.log_softmax(head(hidden_N_H[chunk]).float(), dim=-1)
-            logprobs_N[chunk] = logprobs_C_V.gather(-1, targets_N[chunk].unsqueeze(-1)).squeeze(-1)
+            logprobs_N[chunk] = logprobs_C_V.gather(-1, losses.two_d(targets_N[chunk])).reshape(targets_N[chunk].shape)
             if topk:
                 top_N_K[chunk], ids_N_K[chunk] = logprobs_C_V.topk(topk, dim=-1)
         return logprobs_N, top_N_K, ids_N_K
@@ -810,7 +815,7 @@ class Engine:
     def _check_tokens(self, data: Sequence[Datum]) -> None:
         for i, datum in enumerate(data):
             self._check_ids(datum.model_input.tokens, f"data[{i}].model_input.tokens")
-            self._check_ids(datum.loss_fn_inputs.target_tokens, f"data[{i}].loss_fn_inputs.target_tokens")
+            self._check_ids(datum.loss_fn_inputs.flat_target_tokens(), f"data[{i}].loss_fn_inputs.target_tokens")
 
     def _check_prompts(self, prompts: Sequence[list[int]]) -> None:
         for i, tokens in enumerate(prompts):

@@ -406,7 +406,8 @@ class Service:
                                  f"{len(request.data)} examples")
         for i, datum in enumerate(request.data):
             self.check_tokens(model, datum.model_input.tokens, ("data", i, "model_input", "tokens"))
-            self.check_tokens(model, datum.loss_fn_inputs.target_tokens, ("data", i, "loss_fn_inputs", "target_tokens"))
+            self.check_tokens(model, datum.loss_fn_inputs.flat_target_tokens(),
+                              ("data", i, "loss_fn_inputs", "target_tokens"))
         # Already validated: constructed without a second pass over every datum.
         command = ForwardBackward.model_construct(
             model=model, run_id=run_id, data=request.data, loss_fn=request.loss_fn,
