@@ -21,6 +21,7 @@ from .. import __version__
 from ..backend import Backend, InvalidInput, ModelInfo, Progress
 from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score
 from ..types import (
+    LOSS_FNS,
     CreateRunRequest,
     ForwardBackwardRequest,
     HealthInfo,
@@ -218,6 +219,7 @@ class Service:
                  "max_context_length": m.max_context_length, "stop_token_ids": list(m.stop_token_ids)}
                 for m in self.models.values()
             ],
+            "loss_fns": list(LOSS_FNS),
             "limits": {
                 "max_new_tokens": s.max_new_tokens,
                 "max_prompt_tokens": s.max_prompt_tokens,

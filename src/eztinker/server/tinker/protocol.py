@@ -124,6 +124,8 @@ class ASample(_Body):
     sampling_params: TinkerSamplingParams = Field(default_factory=TinkerSamplingParams)
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = Field(0, ge=0, le=64)
+    record_stability_info: bool | None = Field(
+        None, description="Record each sampled sequence for stable_reinforce, under its sequence_id.")
 
 
 class RetrieveFuture(_Body):

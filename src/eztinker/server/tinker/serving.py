@@ -41,6 +41,7 @@ from ..service import Service, ServiceError
 from ..store import INTERRUPTED, JobRecord, SessionStore
 from . import protocol as p
 from . import wire
+from .provenance import ProvenanceError, RecordedSequence, StabilityRecords, resolve, session_of_id
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ class FutureExtra:
     sampling_session_id: str | None = None  # an unnamed sampler snapshot's session
     path: str | None = None  # a load's tinker path, echoed back
     model_id: str | None = None
+    # A sample of a client made with record_stability_info: its session and prompt, to record
+    # its sequences when they are answered.
+    stability_session: str | None = None
+    prompt: tuple[int, ...] = ()
 
 
 class Sequencer:
@@ -142,6 +147,7 @@ class TinkerServing:
         self.sessions = SessionStore(service.store)
         self.sequencer = Sequencer()
         self.extras = FutureExtras()
+        self.stability = StabilityRecords()  # sequences sampled with record_stability_info
 
     # ------------------------------------------------------------------ helpers
     def _refused(self, user: str, kind: str, run_id: str | None, exc: Exception) -> FutureRef:
@@ -161,10 +167,12 @@ class TinkerServing:
 
     # ------------------------------------------------------------------ sessions
     def capabilities(self) -> dict:
+        # The SDK's GetServerCapabilitiesResponse has no field for losses (it ignores the extra
+        # key); supported_loss_fns is for clients that read the JSON themselves.
         return {"supported_models": [
             {"model_name": m.name, "max_context_length": m.max_context_length, "trainable": True, "sampleable": True}
             for m in self.service.models.values()
-        ]}
+        ], "supported_loss_fns": list(LOSS_FNS)}
 
     def create_session(self, user: str, body: p.CreateSession) -> str:
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
@@ -229,13 +237,38 @@ class TinkerServing:
                 if call.loss_fn not in LOSS_FNS:
                     raise ServiceError(422, f"loss_fn {call.loss_fn!r} is not supported by this server; "
                                             f"it supports {', '.join(LOSS_FNS)}", ("loss_fn",))
-                request = ForwardBackwardRequest(data=call.data, loss_fn=call.loss_fn,
+                data = self._with_recorded_logprobs(call) if call.loss_fn == "stable_reinforce" else call.data
+                request = ForwardBackwardRequest(data=data, loss_fn=call.loss_fn,
                                                  loss_fn_config=call.loss_fn_config or None)
                 ref = self.service.submit_forward_backward(user, call.model_id, request, key,
                                                            forward_only=call.forward_only, all_logprobs=True)
             except (ServiceError, ValidationError) as exc:
                 return self._refused(user, "forward_backward", call.model_id, exc)
         return FutureRef(ref.job_id, model_id=call.model_id)
+
+    def _with_recorded_logprobs(self, call: wire.ForwardBackwardCall) -> list:
+        """stable_reinforce's data with the sampler's recorded logprobs in `logprobs` wherever a
+        run of sampled tokens covers a target; 422 naming the datum when its provenance is
+        missing or does not match the record."""
+        session_id = session_of_id(call.model_id)
+        data = []
+        for i, (datum, provenance) in enumerate(zip(call.data, call.provenance)):
+            if provenance is None:
+                raise ServiceError(422, f"data[{i}] has no provenance: stable_reinforce needs every datum to name the "
+                                        "sampled sequences behind its tokens (Datum.with_provenance)",
+                                   ("data", i, "loss_fn_input_spans"))
+            inputs = datum.loss_fn_inputs
+            try:
+                recorded = resolve(self.stability, session_id, i, provenance, datum.model_input.tokens,
+                                   inputs.target_tokens)
+            except ProvenanceError as exc:
+                raise ServiceError(422, exc.message, exc.loc) from None
+            if inputs.logprobs is None:
+                data.append(datum)  # refused by name when the request is built
+                continue
+            logprobs = [sent if mine is None else mine for sent, mine in zip(inputs.logprobs, recorded)]
+            data.append(datum.model_copy(update={"loss_fn_inputs": inputs.model_copy(update={"logprobs": logprobs})}))
+        return data
 
     async def optim_step(self, user: str, body: p.OptimStep, key: str | None) -> FutureRef:
         async with self.sequencer.turn(body.model_id, body.seq_id):
@@ -357,6 +390,9 @@ class TinkerServing:
             # no more than the server could ever sample, whatever num_samples claims.
             count = min(body.num_samples, self.service.settings.max_samples_per_request)
             return FutureRef(failed.request_id, sample_sequence_ids=[f"{failed.request_id}:{i}" for i in range(count)])
+        if body.record_stability_info:
+            self.extras.remember(ref.job_id, FutureExtra(stability_session=session_of_id(body.sampling_session_id),
+                                                         prompt=tuple(wire.decode_model_input_json(body.prompt))))
         return FutureRef(ref.job_id, sample_sequence_ids=[f"{ref.job_id}:{i}" for i in range(body.num_samples)])
 
     def _submit_sample(self, user: str, body: p.ASample, key: str | None) -> JobRef:
@@ -394,10 +430,14 @@ class TinkerServing:
     def _answer(self, user: str, record: JobRecord) -> Response:
         value, extra = record.result(), self.extras.get(record.id)
         if record.kind == "forward_backward":
-            logprobs = [[0.0 if lp is None else lp for lp in row] for row in value["logprobs"]]
+            logprobs = [[_known(lp) for lp in row] for row in value["logprobs"]]
             body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value["loss"]})
             return Response(body, media_type="application/x-protobuf")
         if record.kind == "sample":
+            if extra.stability_session is not None:
+                for i, seq in enumerate(value["sequences"][0]):
+                    self.stability.record(f"{record.id}:{i}", RecordedSequence(
+                        extra.stability_session, extra.prompt, tuple(seq["tokens"]), tuple(seq["logprobs"])))
             body = wire.encode_sample_response(
                 value["sequences"][0],
                 prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
@@ -477,6 +517,13 @@ class TinkerServing:
         return {"base_model": state.base_model, "is_lora": True, "lora_rank": state.lora.rank,
                 "train_attn": True, "train_mlp": targets == "all-linear" or "up_proj" in targets,
                 "train_unembed": False}
+
+
+def _known(logprob: Any) -> Any:
+    """A logprob, or a row of K, with None (not computed) as 0.0."""
+    if isinstance(logprob, list):
+        return [0.0 if lp is None else lp for lp in logprob]
+    return 0.0 if logprob is None else logprob
 
 
 def _size(path: Path) -> int | None:

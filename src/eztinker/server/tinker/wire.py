@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 from tinker.proto import tinker_public_pb2 as pb
 
 from ...types import Datum
+from .provenance import DatumProvenance, ProvenanceSpan, SpanKind
 
 __all__ = [
     "WireError",
@@ -53,7 +55,10 @@ _INPUTS: dict[str, bool] = {
     "weights": False,
     "logprobs": False,
     "advantages": False,
+    "sequence_ratio_mask": False,
 }
+# The inputs that may carry several values a position ([N, K]: top-k distillation's targets).
+_MULTI = {"target_tokens", "weights"}
 
 _DTYPE_NAMES = {
     pb.DTYPE_UNSPECIFIED: "unspecified",
@@ -96,6 +101,8 @@ class ForwardBackwardCall:
     loss_fn_config: dict[str, float] = field(default_factory=dict)
     forward_only: bool = False
     data: list[Datum] = field(default_factory=list)
+    # Per datum, its provenance (Datum.with_provenance in the SDK), None where it has none.
+    provenance: list[DatumProvenance | None] = field(default_factory=list)
 
 
 def _where(loc: Sequence[str | int]) -> str:
@@ -208,18 +215,17 @@ def _dense(msg: pb.Tensor, loc: tuple[str | int, ...]) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _tensor(msg: pb.Tensor, loc: tuple[str | int, ...]) -> np.ndarray:
-    """A Tensor -> a 1-D numpy array. A 2-D tensor of shape [N, 1] counts as 1-D; anything
-    wider (several targets per position) is not something this server's losses take."""
+def _tensor(msg: pb.Tensor, loc: tuple[str | int, ...], multi: bool = False) -> np.ndarray:
+    """A Tensor -> a 1-D numpy array, or with `multi` a 2-D [N, K] one (K >= 2). A 2-D tensor
+    of shape [N, 1] counts as 1-D."""
     arr = _dense(msg, loc)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
+    if arr.ndim == 2 and multi:
+        return arr
     if arr.ndim > 1:
-        raise WireError(
-            f"{_where(loc)} has shape {list(arr.shape)}; this server takes 1-D "
-            "loss_fn_inputs (one value per input token)",
-            loc,
-        )
+        takes = "[N] or [N, K]" if multi else "[N] (one value per input token)"
+        raise WireError(f"{_where(loc)} has shape {list(arr.shape)}; it must be {takes}", loc)
     return arr.reshape(-1)
 
 
@@ -235,11 +241,12 @@ def _ints(arr: np.ndarray, loc: tuple[str | int, ...]) -> list[int]:
 
 def _floats(arr: np.ndarray, loc: tuple[str | int, ...]) -> list[float]:
     arr = arr.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(arr))
+    bad = np.argwhere(~np.isfinite(arr))
     if bad.size:
-        i = int(bad[0])
+        at = tuple(int(i) for i in bad[0])
+        index = "".join(f"[{i}]" for i in at)
         raise WireError(
-            f"{_where(loc)}[{i}] is {arr[i]}; only finite values are accepted", (*loc, i)
+            f"{_where(loc)}{index} is {arr[at]}; only finite values are accepted", (*loc, *at)
         )
     return arr.tolist()
 
@@ -276,7 +283,7 @@ def _datum(msg: pb.Datum, i: int) -> Datum:
                 f"{', '.join(_INPUTS)}",
                 loc,
             )
-        arr = _tensor(msg.loss_fn_inputs[name], loc)
+        arr = _tensor(msg.loss_fn_inputs[name], loc, multi=name in _MULTI)
         inputs[name] = _ints(arr, loc) if _INPUTS[name] else _floats(arr, loc)
     try:
         return Datum(model_input={"tokens": tokens}, loss_fn_inputs=inputs)
@@ -350,41 +357,85 @@ def decode_forward_backward(
         loss_fn_config=_loss_fn_config(msg),
         forward_only=msg.forward_only,
         data=[_datum(d, i) for i, d in enumerate(msg.data)],
+        provenance=[_provenance(d, i) for i, d in enumerate(msg.data)],
     )
 
 
+def _spans(msgs: Sequence[pb.ProvenanceSpan], i: int, name: str, covers: int) -> tuple[ProvenanceSpan, ...]:
+    spans = []
+    for j, msg in enumerate(msgs):
+        loc = ("data", i, name, j)
+        kind = msg.WhichOneof("span")
+        if kind is None:
+            raise WireError(f"{_where(loc)} is an empty provenance span", loc)
+        arm = getattr(msg, kind)
+        if not arm.sequence_id or arm.offset < 0 or arm.length < 0:
+            raise WireError(f"{_where(loc)} needs a sequence_id, offset >= 0 and length >= 0", loc)
+        spans.append(ProvenanceSpan(SpanKind.PROMPT if kind == "prompt_tokens" else SpanKind.SAMPLED,
+                                    arm.sequence_id, int(arm.offset), int(arm.length)))
+    total = sum(span.length for span in spans)
+    if total != covers:
+        raise WireError(f"data[{i}].{name} cover {total} positions but the field has {covers}; "
+                        "the runs must tile it exactly", ("data", i, name))
+    return tuple(spans)
+
+
+def _provenance(msg: pb.Datum, i: int) -> DatumProvenance | None:
+    """A datum's provenance runs, checked to tile its model input and its targets."""
+    if not msg.model_input_spans and not msg.loss_fn_input_spans:
+        return None
+    if not msg.model_input_spans or not msg.loss_fn_input_spans:
+        raise WireError(f"data[{i}]: provenance comes as a pair, model_input_spans and loss_fn_input_spans",
+                        ("data", i, "model_input_spans"))
+    n = sum(len(_array(c.encoded_text.tokens, pb.DTYPE_INT32, ("data", i), "tokens")) for c in msg.model_input)
+    return DatumProvenance(model_input=_spans(msg.model_input_spans, i, "model_input_spans", n),
+                           targets=_spans(msg.loss_fn_input_spans, i, "loss_fn_input_spans", n))
+
+
 # ------------------------------------------------------------------------------------ outputs
-def _batched_float32(rows: Sequence[Sequence[float]]) -> pb.BatchedTensor:
+def _batched_float32(rows: Sequence[Sequence[Any]], trailing: tuple[int, ...] = ()) -> pb.BatchedTensor:
     arrays = [np.asarray(row, dtype="<f4").reshape(-1) for row in rows]
     offsets = np.zeros(len(arrays) + 1, dtype="<i8")
     offsets[1:] = np.cumsum([a.nbytes for a in arrays])
     data = np.concatenate(arrays).tobytes() if arrays else b""
-    return pb.BatchedTensor(data=data, offsets=offsets.tobytes(), dtype=pb.DTYPE_FLOAT32)
+    return pb.BatchedTensor(data=data, offsets=offsets.tobytes(), dtype=pb.DTYPE_FLOAT32, trailing_shape=trailing)
+
+
+def _trailing(row: Sequence[Any]) -> tuple[int, ...]:
+    """() for an [N] row, (K,) for an [N, K] one."""
+    first = row[0] if len(row) else None
+    return (len(first),) if isinstance(first, (list, tuple)) else ()
 
 
 def encode_forward_backward_output(
-    logprobs: list[list[float]],
+    logprobs: list[list[Any]],
     metrics: dict[str, float],
     elementwise_loss: list[list[float]] | None = None,
 ) -> bytes:
-    """A forward_backward result: one ArrayRecord holding every datum's `logprobs` (and
-    `elementwise_loss`), plus the metrics. Metric keys are `name:reduction` (`loss:sum`)."""
+    """A forward_backward result: the datums' `logprobs` (and `elementwise_loss`), [N] or [N, K]
+    each, in one ArrayRecord per run of one shape, plus the metrics. Metric keys are `name:reduction` (`loss:sum`)."""
     for key in metrics:
         if key.count(":") != 1:
             raise ValueError(
                 f"metric key {key!r} must be 'name:reduction' with exactly one ':' "
                 "(the SDK splits every key on it)"
             )
-    record = pb.ArrayRecord(type_tag="ArrayRecord", num_datums=len(logprobs))
-    record.fields["logprobs"].CopyFrom(_batched_float32(logprobs))
-    if elementwise_loss is not None:
-        if len(elementwise_loss) != len(logprobs) or any(
-            len(a) != len(b) for a, b in zip(elementwise_loss, logprobs)
-        ):
-            raise ValueError("elementwise_loss must have the shape of logprobs, datum by datum")
-        record.fields["elementwise_loss"].CopyFrom(_batched_float32(elementwise_loss))
+    if elementwise_loss is not None and (len(elementwise_loss) != len(logprobs) or any(
+            len(a) != len(b) for a, b in zip(elementwise_loss, logprobs))):
+        raise ValueError("elementwise_loss must have the shape of logprobs, datum by datum")
+    # One ArrayRecord per run of datums of one trailing shape ([N] rows, or [N, K] rows of one K):
+    # the SDK reads ragged outputs as several internally rectangular records, in order.
+    runs = [list(run) for _, run in groupby(range(len(logprobs)), key=lambda i: _trailing(logprobs[i]))] or [[]]
+    records: list[pb.ArrayRecord] = []
+    for run in runs:
+        shape = _trailing(logprobs[run[0]]) if run else ()
+        record = pb.ArrayRecord(type_tag="ArrayRecord", num_datums=len(run))
+        record.fields["logprobs"].CopyFrom(_batched_float32([logprobs[i] for i in run], shape))
+        if elementwise_loss is not None:
+            record.fields["elementwise_loss"].CopyFrom(_batched_float32([elementwise_loss[i] for i in run], shape))
+        records.append(record)
     out = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord")
-    out.loss_fn_outputs.append(record)
+    out.loss_fn_outputs.extend(records)
     for key, value in metrics.items():
         out.metrics[key] = float(value)
     return out.SerializeToString()
