@@ -230,11 +230,15 @@ def test_sdk_sparse_csr_tensors_expand_to_dense():
     expanded = wire._dense(msg.data[0].loss_fn_inputs["target_tokens"], loc)
     assert expanded.dtype == np.int64
     assert np.array_equal(expanded, tensor.to_numpy()) and np.array_equal(expanded, dense.numpy())
-    # ... but [N, K] targets (several per position) are not what this server's losses take
+    # ... and decoded as [N, K] targets (several per position, top-k distillation)
+    assert decode(req).data[0].loss_fn_inputs.target_tokens == dense.tolist()
+    # which only target_tokens and weights may be
+    datum = T.Datum(model_input=T.ModelInput.from_ints([1, 2, 3, 4, 5, 6]),
+                    loss_fn_inputs={"target_tokens": [1] * 6, "advantages": T.TensorData.from_torch(dense.float())})
     with pytest.raises(WireError) as err:
-        decode(req)
-    assert err.value.loc == loc
-    assert "shape [6, 8]" in err.value.message and "1-D" in err.value.message
+        decode(sdk_forward_backward([datum]))
+    assert err.value.loc == ("data", 0, "loss_fn_inputs", "advantages")
+    assert "shape [6, 8]" in err.value.message and "it must be [N]" in err.value.message
 
 
 def test_sparse_csr_of_one_column_decodes_as_1d():
@@ -448,6 +452,37 @@ def test_forward_backward_output_without_elementwise_loss_and_bad_metric_keys():
             wire.encode_forward_backward_output([[-1.0]], {key: 1.0})
     with pytest.raises(ValueError, match="shape of logprobs"):
         wire.encode_forward_backward_output([[-1.0]], {"loss:sum": 1.0}, [[1.0, 2.0]])
+
+
+def test_forward_backward_output_of_k_targets_goes_out_in_records_of_one_shape():
+    logprobs = [[-1.0, -2.0], [[-0.5, -0.25], [-3.0, -4.0], [-5.0, -6.0]], [[-1.0, -1.5, -2.5]], [-7.0]]
+    body = wire.encode_forward_backward_output(logprobs, {"loss:sum": 1.0})
+    msg = pb.ForwardBackwardOutput()
+    msg.ParseFromString(body)
+    assert [(r.num_datums, list(r.fields["logprobs"].trailing_shape)) for r in msg.loss_fn_outputs] == [
+        (1, []), (1, [2]), (1, [3]), (1, [])]
+    out = deserialize_forward_backward_output(body)
+    assert [row["logprobs"].shape for row in out.loss_fn_outputs] == [[2], [3, 2], [1, 3], [1]]
+    assert [row["logprobs"].to_numpy().tolist() for row in out.loss_fn_outputs] == logprobs
+
+
+def test_provenance_spans_decode_and_must_tile_their_fields():
+    spans = dict(model_input=[T.PromptProvenanceSpan(sequence_id="s:0", length=2),
+                              T.SampledProvenanceSpan(sequence_id="s:0", length=1)],
+                 loss_fn_inputs=[T.PromptProvenanceSpan(sequence_id="s:0", offset=1, length=1),
+                                 T.SampledProvenanceSpan(sequence_id="s:0", length=2)])
+    datum = T.Datum(model_input=T.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [2, 3, 4]})
+    call = decode(sdk_forward_backward([datum.with_provenance(**spans), datum]))
+    first, second = call.provenance
+    assert second is None
+    assert [(s.kind.value, s.sequence_id, s.offset, s.length) for s in first.targets] == [
+        ("prompt", "s:0", 1, 1), ("sampled", "s:0", 0, 2)]
+    # runs that do not tile the tokens (bypassing the SDK's own check) are refused by name
+    short = T.Datum(model_input=datum.model_input, loss_fn_inputs=datum.loss_fn_inputs,
+                    model_input_spans=spans["model_input"][:1], loss_fn_input_spans=spans["loss_fn_inputs"])
+    with pytest.raises(WireError) as err:
+        decode(sdk_forward_backward([short]))
+    assert err.value.loc == ("data", 0, "model_input_spans") and "cover 2 positions" in err.value.message
 
 
 # --------------------------------------------------------------------------------- sample out
