@@ -25,6 +25,8 @@ fi
 # Kimi models); the light dependencies its SL and RL loops import come after it.
 .venv/bin/pip install --quiet --no-deps "tinker-cookbook==0.6.1"
 .venv/bin/pip install --quiet chz termcolor blobfile datasets pillow
+# math_rl (and rl_loop) import its graders: the cookbook's [math-rl] extra.
+.venv/bin/pip install --quiet "sympy>=1.12.0" "pylatexenc>=2.0" "math-verify>=0.5.0"
 # Chromium for the dashboard's browser test: Playwright drives the system's (Debian's `chromium`),
 # as its own browser download needs the open internet.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then

@@ -1,0 +1,194 @@
+"""tinker-cookbook 0.6.1's recipe entry points, unmodified and with their default configurations,
+for a few steps against one real `eztinker server` process: math_rl (its arithmetic environment;
+stable_reinforce by default), async RL (math_rl with max_steps_off_policy), SDFT (top-20 teacher
+distillation: [N, K] cross_entropy) and off-policy distillation (n_teacher_targets=20).
+
+Only what a user without the Hub changes is changed: base_url, the log path, max_steps, and
+local data. The server presents its model under a name from the cookbook's model table
+(`Qwen/Qwen3.5-9B-Base`: its folder sits at that relative path in the server's working
+directory), and the cookbook's own `register_tokenizer` maps that name to the folder's tokenizer.
+
+The model is a hand-set tiny Qwen2 (see `hand_set_model`): whatever the prompt, it answers with
+digits and <|im_end|>, so arithmetic groups earn mixed rewards (a reply that runs past
+max_tokens without its stop loses the format reward) and the policy gradient is not zero. The RL
+recipes use the qwen3_instruct renderer (its stop is <|im_end|>) and 8 groups a batch, not 100.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
+from eztinker.tiny import make_tiny_model  # noqa: E402
+
+MODEL = "Qwen/Qwen3.5-9B-Base"  # rl_loop's and off-policy reasoning's default; role_colon renderer
+END_P, DIGIT_P = 0.2, 0.08  # the hand-set model's next-token distribution
+RENDERER = "qwen3_instruct"  # ChatML, whose stop is <|im_end|> (role_colon's is the text "\n\nUser:")
+GROUPS = 8  # groups_per_batch for the RL recipes (default 100): mixed groups are all but certain with 8
+TIMES: dict[str, float] = {}
+
+
+def hand_set_model(out: Path) -> Path:
+    """A tiny Qwen2 whose next token does not depend on its input: <|im_end|> with probability
+    0.2, each digit 0.08, everything else ~1e-3 together. Its last layer's value projection is
+    zeroed and its bias made large, so attention adds one constant, dominant vector to every
+    position; the (tied) output rows of those 11 tokens are set along it."""
+    make_tiny_model(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    attention = model.model.layers[-1].self_attn
+    with torch.no_grad():
+        attention.v_proj.weight.zero_()
+        attention.v_proj.bias.copy_(torch.linspace(-1, 1, attention.v_proj.bias.numel()) * 300)
+        direction = model.model(torch.tensor([[1, 2, 3]])).last_hidden_state[0].mean(0)
+        head = model.get_output_embeddings().weight
+        scale = 1.5e8  # the partition function the chosen logits aim at (the other logits are ~0)
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+        for token, p in [(end, END_P)] + [(d, DIGIT_P) for d in digits]:
+            head[token] = direction / direction.norm() ** 2 * math.log(p * scale)
+        check = model(torch.tensor([[9, 8, 7, 6]])).logits[0, -1].softmax(-1)
+    assert abs(float(check[end]) - END_P) < 0.01, float(check[end])
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recipes")
+    hand_set_model(root / MODEL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    here = os.getcwd()
+    os.chdir(root)  # the server names its model by the relative path it was given
+    try:
+        with ServerProcess(model=MODEL, data_dir=root / "data", log_file=root / "server.log",
+                           extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=120,
+                           poll_interval=0.05) as running:
+            os.chdir(here)
+            yield running
+    finally:
+        os.chdir(here)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, server, root):
+    import tinker_cookbook.utils.cost_estimation as cost_estimation
+    from tinker_cookbook import tokenizer_utils
+
+    monkeypatch.setenv("TINKER_BASE_URL", server.url)
+    monkeypatch.setenv("TINKER_API_KEY", "tml-cookbook")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
+    tokenizer_utils.register_tokenizer(MODEL, lambda: AutoTokenizer.from_pretrained(root / MODEL))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_times():
+    yield
+    print("\nrecipe run times (s):", json.dumps({k: round(v, 1) for k, v in TIMES.items()}))
+
+
+def rows(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def timed(name: str, run) -> None:
+    start = time.perf_counter()
+    run()
+    TIMES[name] = time.perf_counter() - start
+
+
+def server_log_has_no_refusals(server) -> None:
+    log = server.log()
+    assert "Traceback" not in log, log[-3000:]
+
+
+# ------------------------------------------------------------------------------ RL recipes
+def test_math_rl_arithmetic_with_its_default_stable_reinforce(server, tmp_path):
+    from tinker_cookbook.recipes.math_rl import train as math_rl
+
+    config = math_rl.CLIConfig(model_name=MODEL, renderer_name=RENDERER, base_url=server.url,
+                               log_path=str(tmp_path / "run"), max_steps=2, groups_per_batch=GROUPS)
+    assert (config.loss_fn, config.env) == ("stable_reinforce", "arithmetic")
+    timed("math_rl", lambda: asyncio.run(math_rl.cli_main(config)))
+    steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "env/all/reward/total" in m]
+    assert len(steps) == 2
+    for m in steps:
+        # Mixed rewards (some replies miss their stop within max_tokens), so the gradient moved ...
+        assert 0 < m["env/all/format"] < 1 and m["grad_norm"] > 0, m
+        # ... and the sampler's logprobs of its own tokens are the trainer's.
+        assert abs(m["optim/kl_sample_train_v1"]) < 1e-3, m
+    server_log_has_no_refusals(server)
+
+
+def test_async_rl_trains_off_policy_with_stable_reinforce(server, tmp_path):
+    from tinker_cookbook.recipes.math_rl import train as math_rl
+
+    config = math_rl.CLIConfig(model_name=MODEL, renderer_name=RENDERER, base_url=server.url,
+                               log_path=str(tmp_path / "run"), max_steps=2, groups_per_batch=GROUPS,
+                               max_steps_off_policy=1)
+    timed("async_rl", lambda: asyncio.run(math_rl.cli_main(config)))
+    steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "env/all/reward/total" in m]
+    assert len(steps) == 2 and all(m["grad_norm"] > 0 for m in steps), steps
+
+
+# ------------------------------------------------------------------------ distillation
+def test_sdft_with_top_20_teacher_targets(server, tmp_path):
+    from datasets import Dataset
+
+    from tinker_cookbook.recipes.sdft import train as sdft
+
+    data = tmp_path / "toolalpaca"
+    Dataset.from_list([{"prompt": f"What is {a} + {b}?", "golden_response": [str(a + b)]}
+                       for a, b in [(2, 3), (4, 1), (5, 5), (7, 2), (1, 1), (3, 3), (6, 2), (8, 1), (9, 0), (2, 2)]]
+                      ).save_to_disk(str(data))
+    config = sdft.CLIConfig(model_name=MODEL, base_url=server.url, log_path=str(tmp_path / "run"), max_steps=2,
+                            dataset="toolalpaca", toolalpaca_data_path=str(data))
+    assert (config.topk, config.reverse) == (20, False)
+    timed("sdft", lambda: asyncio.run(sdft.cli_main(config)))
+    steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "sdft/topk" in m]
+    assert len(steps) == 2 and all(m["sdft/topk"] == 20 for m in steps), steps
+    server_log_has_no_refusals(server)
+
+
+def test_off_policy_distillation_with_20_teacher_targets(server, tmp_path):
+    from tinker_cookbook.distillation import train_off_policy
+    from tinker_cookbook.distillation.datasets import TeacherConfig
+    from tinker_cookbook.supervised.data import FromConversationFileBuilder
+    from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
+                                                     {"role": "assistant", "content": f"{a + b}"}]}) + "\n"
+                            for a, b in [(2, 3), (4, 1), (5, 5), (7, 2)] * 4))
+    builder = FromConversationFileBuilder(
+        file_path=str(data),
+        common_config=ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=MODEL, renderer_name="role_colon",
+                                                     max_length=256, batch_size=8))
+    config = train_off_policy.Config(
+        learning_rate=1e-3, model_name=MODEL, recipe_name="local_off_policy", log_path=str(tmp_path / "run"),
+        base_url=server.url, max_steps=2,
+        dataset_configs=[train_off_policy.DatasetWithTeacher(dataset_builder=builder,
+                                                             teacher_config=TeacherConfig(base_model=MODEL))])
+    assert config.n_teacher_targets == 20
+    timed("off_policy_distillation", lambda: asyncio.run(train_off_policy.main(config)))
+    steps = rows(tmp_path / "run" / "metrics.jsonl")
+    assert len([m for m in steps if "progress/step" in m or "step" in m]) >= 2, steps
+    server_log_has_no_refusals(server)
