@@ -77,7 +77,9 @@ def server(root):
     os.chdir(root)  # the server names its model by the relative path it was given
     try:
         with ServerProcess(model=MODEL, data_dir=root / "data", log_file=root / "server.log",
-                           extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=120,
+                           # SDFT samples up to 2048 tokens by default (the server's default bound is 1024)
+                           extra_args=["--device", "cpu", "--max-new-tokens", "2048"], env=offline_env(),
+                           startup_timeout=120,
                            poll_interval=0.05) as running:
             os.chdir(here)
             yield running
@@ -156,11 +158,13 @@ def test_sdft_with_top_20_teacher_targets(server, tmp_path):
     from tinker_cookbook.recipes.sdft import train as sdft
 
     data = tmp_path / "toolalpaca"
+    # 72 rows: its 90% train split holds two batches of the default 32 groups
     Dataset.from_list([{"prompt": f"What is {a} + {b}?", "golden_response": [str(a + b)]}
-                       for a, b in [(2, 3), (4, 1), (5, 5), (7, 2), (1, 1), (3, 3), (6, 2), (8, 1), (9, 0), (2, 2)]]
-                      ).save_to_disk(str(data))
+                       for a in range(9) for b in range(8)]).save_to_disk(str(data))
+    # eval_every=0: cookbook 0.6.1's SDFT evaluator cannot read its own test set (RLTestSetEvaluator
+    # takes SDFTDataset.get_batch's (builders, questions, answers) for builders), whatever the server.
     config = sdft.CLIConfig(model_name=MODEL, base_url=server.url, log_path=str(tmp_path / "run"), max_steps=2,
-                            dataset="toolalpaca", toolalpaca_data_path=str(data))
+                            dataset="toolalpaca", toolalpaca_data_path=str(data), eval_every=0)
     assert (config.topk, config.reverse) == (20, False)
     timed("sdft", lambda: asyncio.run(sdft.cli_main(config)))
     steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "sdft/topk" in m]
