@@ -8,9 +8,10 @@ local data. The server presents its model under a name from the cookbook's model
 (`Qwen/Qwen3.5-9B-Base`: its folder sits at that relative path in the server's working
 directory), and the cookbook's own `register_tokenizer` maps that name to the folder's tokenizer.
 
-The model is a hand-set tiny Qwen2 (see `hand_set_model`): whatever the prompt, it answers with
-digits and <|im_end|>, so arithmetic groups earn mixed rewards (a reply that runs past
-max_tokens without its stop loses the format reward) and the policy gradient is not zero. The RL
+The model is a hand-set tiny Qwen2 (see `hand_set_model`): its next token depends only on the
+current one, so arithmetic groups earn mixed rewards (a reply that runs past max_tokens without
+its stop loses the format reward) and rl_loop's GSM8K-style groups do too (it boxes 3 or 7), and
+the policy gradient is not zero. The RL
 recipes use the qwen3_instruct renderer (its stop is <|im_end|>) and 8 groups a batch, not 100.
 """
 
@@ -33,33 +34,53 @@ from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 from eztinker.tiny import make_tiny_model  # noqa: E402
 
 MODEL = "Qwen/Qwen3.5-9B-Base"  # rl_loop's and off-policy reasoning's default; role_colon renderer
-END_P, DIGIT_P = 0.2, 0.08  # the hand-set model's next-token distribution
 RENDERER = "qwen3_instruct"  # ChatML, whose stop is <|im_end|> (role_colon's is the text "\n\nUser:")
 GROUPS = 8  # groups_per_batch for the RL recipes (default 100): mixed groups are all but certain with 8
 TIMES: dict[str, float] = {}
 
 
+# The hand-set model's next-token distributions, by the token before ("default": any other).
+# role_colon's prompt ends in ":", after which it writes " \\boxed{3}" or " \\boxed{7}" and stops at
+# "\n\nUser:"; elsewhere it answers with digits, "}\n\n" and <|im_end|>.
+DEFAULT = {"<|im_end|>": 0.2, "}\n\n": 0.2, **{str(d): 0.06 for d in range(10)}}
+CHAIN = {":": {" \\": 1.0}, " \\": {"boxed": 1.0}, "boxed": {"{": 1.0}, "{": {"3": 0.5, "7": 0.5},
+         "3": {"}\n\n": 0.5, "<|im_end|>": 0.5}, "7": {"}\n\n": 0.5, "<|im_end|>": 0.5},
+         "}\n\n": {"User": 1.0}, "User": {":": 1.0}}
+
+
 def hand_set_model(out: Path) -> Path:
-    """A tiny Qwen2 whose next token does not depend on its input: <|im_end|> with probability
-    0.2, each digit 0.08, everything else ~1e-3 together. Its last layer's value projection is
-    zeroed and its bias made large, so attention adds one constant, dominant vector to every
-    position; the (tied) output rows of those 11 tokens are set along it."""
+    """A tiny Qwen2 whose next token depends on the current token only, as DEFAULT and CHAIN say
+    (everything else ~1e-3 together). Its attention and MLP outputs are zeroed, so the residual
+    stream is the token's embedding: every chain token has its own orthogonal embedding, every
+    other token one shared embedding; the (untied) output rows map each to its successors."""
     make_tiny_model(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    attention = model.model.layers[-1].self_attn
+    ids = {text: tokenizer.encode(text) for text in {*DEFAULT, *CHAIN, *(t for n in CHAIN.values() for t in n)}}
+    assert all(len(v) == 1 for v in ids.values()), ids  # each is one token of this tokenizer
+    ids = {text: v[0] for text, v in ids.items()}
+    hidden = model.config.hidden_size
+    basis = torch.linalg.qr(torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(0)))[0].T
+    direction = {"default": basis[0], **{text: basis[1 + i] for i, text in enumerate(CHAIN)}}
+    scale = math.log(1.5e8)  # the partition function the chosen logits aim at (the other ~152k logits are 0)
     with torch.no_grad():
-        attention.v_proj.weight.zero_()
-        attention.v_proj.bias.copy_(torch.linspace(-1, 1, attention.v_proj.bias.numel()) * 300)
-        direction = model.model(torch.tensor([[1, 2, 3]])).last_hidden_state[0].mean(0)
-        head = model.get_output_embeddings().weight
-        scale = 1.5e8  # the partition function the chosen logits aim at (the other logits are ~0)
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-        for token, p in [(end, END_P)] + [(d, DIGIT_P) for d in digits]:
-            head[token] = direction / direction.norm() ** 2 * math.log(p * scale)
-        check = model(torch.tensor([[9, 8, 7, 6]])).logits[0, -1].softmax(-1)
-    assert abs(float(check[end]) - END_P) < 0.01, float(check[end])
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = model.model.embed_tokens.weight
+        embed.copy_(direction["default"].expand_as(embed))
+        for text in CHAIN:
+            embed[ids[text]] = direction[text]
+        head = torch.zeros_like(embed)
+        norm = math.sqrt(hidden)  # RMSNorm maps a unit vector to length sqrt(hidden)
+        for source, successors in [("default", DEFAULT), *CHAIN.items()]:
+            for text, p in successors.items():
+                head[ids[text]] += direction[source] / norm * (scale + math.log(p))
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(head)
+        probs = model(torch.tensor([[ids["boxed"], 9, 8, ids["{"]]])).logits[0].softmax(-1)
+    assert abs(float(probs[1, ids["<|im_end|>"]]) - 0.2) < 0.01 and abs(float(probs[3, ids["3"]]) - 0.5) < 0.01
+    assert float(probs[0, ids["{"]]) > 0.99
     model.save_pretrained(out)
     return out
 
@@ -195,4 +216,25 @@ def test_off_policy_distillation_with_20_teacher_targets(server, tmp_path):
     timed("off_policy_distillation", lambda: asyncio.run(train_off_policy.main(config)))
     steps = rows(tmp_path / "run" / "metrics.jsonl")
     assert len([m for m in steps if "progress/step" in m or "step" in m]) >= 2, steps
+    server_log_has_no_refusals(server)
+
+
+def test_rl_loop_with_its_default_stable_reinforce(server, tmp_path, monkeypatch):
+    import datasets
+
+    from tinker_cookbook.recipes import rl_loop
+
+    # Local GSM8K-style data in place of the Hub's openai/gsm8k (the recipe names it in code).
+    local = datasets.DatasetDict({"train": datasets.Dataset.from_list(
+        [{"question": f"Tom has {n} apples and eats {n - a}. How many are left?", "answer": f"... #### {a}"}
+         for n, a in [(5, 3), (9, 7), (4, 3), (8, 7), (6, 3), (10, 7), (3, 3), (7, 7)]])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: local)
+    config = rl_loop.Config(base_url=server.url, log_path=str(tmp_path / "run"), batch_size=2, max_steps=2)
+    assert (config.model_name, config.loss_fn) == (MODEL, "stable_reinforce")
+    timed("rl_loop", lambda: rl_loop.main(config))
+    steps = rows(tmp_path / "run" / "metrics.jsonl")
+    assert len(steps) == 2, steps
+    # It boxes 3 or 7 at random and closes the box half the time: a quarter right, so groups are mixed.
+    rewards = [m["reward/total"] for m in steps]
+    assert all(0.05 < r < 0.6 for r in rewards), rewards
     server_log_has_no_refusals(server)
