@@ -177,3 +177,28 @@ def test_cross_entropy_over_k_targets_is_the_sum_of_its_one_target_terms(session
     for j in range(k):
         assert lp_multi[:, j].tolist() == pytest.approx(one.loss_fn_outputs[j]["logprobs"].tolist(), abs=1e-5)
     assert torch.allclose(out.loss_fn_outputs[1]["logprobs"].to_torch(), lp_multi, atol=1e-6)
+
+
+def test_recorded_sequences_last_a_day_after_their_last_use():
+    from eztinker.server.tinker.provenance import ProvenanceError, RecordedSequence, StabilityRecords
+
+    now = [0.0]
+    records = StabilityRecords(clock=lambda: now[0], max_tokens=20)
+    mine = RecordedSequence("sess_a", (1, 2), (3, 4), (-0.5, -0.25))
+    records.record("job_1:0", mine)
+    now[0] = 20 * 3600
+    assert records.use("job_1:0", "sess_a", ()) == mine  # used at 20 h: good until 44 h
+    with pytest.raises(ProvenanceError, match="not a recorded sequence of session sess_b"):
+        records.use("job_1:0", "sess_b", ())  # another session's
+    now[0] = 43 * 3600
+    assert records.use("job_1:0", "sess_a", ()) == mine
+    now[0] = 43 * 3600 + 24 * 3600 + 1  # a day after its last use: gone
+    with pytest.raises(ProvenanceError):
+        records.use("job_1:0", "sess_a", ())
+    assert len(records) == 0
+    # Beyond max_tokens, the least recently used go first.
+    for i in range(6):
+        records.record(f"job_2:{i}", mine)  # 4 tokens each
+    assert len(records) == 5 and records.use("job_2:5", "sess_a", ()) == mine
+    with pytest.raises(ProvenanceError):
+        records.use("job_2:0", "sess_a", ())

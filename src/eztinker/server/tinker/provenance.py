@@ -94,9 +94,13 @@ class StabilityRecords:
                 self._tokens -= _size(old)
 
     def _drop_expired(self) -> None:
+        # Records are kept in order of last use, so the first to expire come first.
         now = self.clock()
-        for sequence_id in [s for s, (_, expires) in self._records.items() if expires <= now]:
-            old, _ = self._records.pop(sequence_id)
+        while self._records:
+            sequence_id, (old, expires) = next(iter(self._records.items()))
+            if expires > now:
+                break
+            del self._records[sequence_id]
             self._tokens -= _size(old)
 
     def use(self, sequence_id: str, session_id: str, loc: tuple[str | int, ...]) -> RecordedSequence:
@@ -132,30 +136,28 @@ def resolve(records: StabilityRecords, session_id: str, index: int, provenance: 
     and that the datum's tokens there are the recorded ones: every model-input run, and the
     sampled runs of the targets (prompt runs of the targets are not compared: recipes pad the
     targets of prompt positions, which carry no loss)."""
+    sampler_logprobs: list[float | None] = [None] * len(targets)
     for field_name, spans, values in (("model_input_spans", provenance.model_input, tokens),
                                       ("loss_fn_input_spans", provenance.targets, targets)):
         position = 0
         for j, span in enumerate(spans):
             loc = ("data", index, field_name, j)
             record = records.use(span.sequence_id, session_id, loc)
-            source = len(record.prompt if span.kind is SpanKind.PROMPT else record.tokens)
+            sampled = span.kind is SpanKind.SAMPLED
+            source = len(record.tokens if sampled else record.prompt)
             if span.offset + span.length > source:
                 raise ProvenanceError(
                     f"data[{index}].{field_name}[{j}] covers {span.kind.value} positions "
                     f"[{span.offset}, {span.offset + span.length}) of sequence {span.sequence_id!r}, "
                     f"which has {source}", loc)
-            compare = field_name == "model_input_spans" or span.kind is SpanKind.SAMPLED
+            compare = field_name == "model_input_spans" or sampled
             if compare and tuple(values[position: position + span.length]) != _tokens_of(record, span):
                 raise ProvenanceError(
                     f"data[{index}].{field_name}[{j}]: the datum's tokens at positions "
                     f"[{position}, {position + span.length}) are not the {span.kind.value} tokens of sequence "
                     f"{span.sequence_id!r} it names", loc)
+            if field_name == "loss_fn_input_spans" and sampled:
+                sampler_logprobs[position: position + span.length] = \
+                    record.logprobs[span.offset: span.offset + span.length]
             position += span.length
-    sampler_logprobs: list[float | None] = [None] * len(targets)
-    position = 0
-    for span in provenance.targets:
-        if span.kind is SpanKind.SAMPLED:
-            record = records.use(span.sequence_id, session_id, ("data", index, "loss_fn_input_spans"))
-            sampler_logprobs[position: position + span.length] = record.logprobs[span.offset: span.offset + span.length]
-        position += span.length
     return sampler_logprobs
