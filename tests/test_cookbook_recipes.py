@@ -220,15 +220,16 @@ def test_off_policy_distillation_with_20_teacher_targets(server, tmp_path):
 
 
 def test_rl_loop_with_its_default_stable_reinforce(server, tmp_path, monkeypatch):
-    import datasets
-
     from tinker_cookbook.recipes import rl_loop
 
-    # Local GSM8K-style data in place of the Hub's openai/gsm8k (the recipe names it in code).
-    local = datasets.DatasetDict({"train": datasets.Dataset.from_list(
-        [{"question": f"Tom has {n} apples and eats {n - a}. How many are left?", "answer": f"... #### {a}"}
-         for n, a in [(5, 3), (9, 7), (4, 3), (8, 7), (6, 3), (10, 7), (3, 3), (7, 7)]])})
-    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: local)
+    from hub_datasets import _write_repo
+
+    # A local openai/gsm8k (GSM8K's fields, answers 3 or 7) where load_dataset looks first: the
+    # working directory.
+    _write_repo(tmp_path, "openai/gsm8k", {"train": [
+        {"question": f"Tom has {n} apples and eats {n - a}. How many are left?", "answer": f"... #### {a}"}
+        for n, a in [(5, 3), (9, 7), (4, 3), (8, 7)]]}, config="main")
+    monkeypatch.chdir(tmp_path)
     config = rl_loop.Config(base_url=server.url, log_path=str(tmp_path / "run"), batch_size=2, max_steps=2)
     assert (config.model_name, config.loss_fn) == (MODEL, "stable_reinforce")
     timed("rl_loop", lambda: rl_loop.main(config))
