@@ -275,9 +275,9 @@ def test_rl_losses_follow_their_formulas(service, model, loss_fn, config):
 def test_a_loss_the_server_lacks_fails_with_category_user(service, model):
     client = service.create_lora_training_client(base_model=model, rank=4)
     with pytest.raises(tinker.RequestFailedError) as err:
-        client.forward_backward([rl_datum()], "gspo").result()
+        client.forward_backward([rl_datum()], "made_up_loss").result()  # every LossFnType but custom is served
     assert err.value.category == types.RequestErrorCategory.User
-    assert "gspo" in str(err.value) and "cispo" in str(err.value)
+    assert "made_up_loss" in str(err.value) and "stable_reinforce" in str(err.value)
 
 
 # ------------------------------------------------------------------------- bad input
