@@ -233,6 +233,10 @@ class SamplingParams(_Schema):
         default_factory=list, description="Token ids that also stop a candidate (included in its tokens)."
     )
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
+    ignore_eos: bool = Field(
+        False, description="The model's end-of-turn/end-of-text tokens do not stop a candidate (only stop, "
+        "stop_token_ids and max_tokens do): Tinker's stop=[]."
+    )
 
     @field_validator("stop")
     @classmethod

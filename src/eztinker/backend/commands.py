@@ -65,6 +65,16 @@ class Sample(_Command):
     prompt_logprobs: bool = Field(False, description="Also the logprob of every prompt token (the first: None).")
     topk_prompt_logprobs: int = Field(0, ge=0, description="Also the k most likely tokens at every prompt position.")
     topk_logprobs: int = Field(0, ge=0, description="Also the k most likely tokens at every sampled position.")
+    prompt_logprobs_last_n: int | None = Field(
+        None, ge=1, description="Prompt logprobs (and top-k) for each prompt's last n tokens only; the rest None."
+    )
+    prompt_targets: list[list[list[int]]] | None = Field(
+        None, description="Per prompt, per position 1 .. len - 1: token ids whose logprobs to return there."
+    )
+    prompt_alt_tokens_k: int = Field(
+        0, ge=0, description="Per prompt position 1 .. len - 1: this many independent draws from the model's "
+        "next-token distribution at the sampling temperature, with their (temperature-1) logprobs."
+    )
 
 
 class Score(_Command):

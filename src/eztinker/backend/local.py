@@ -12,6 +12,7 @@ from ..chat import render_prompt
 from ..engine import BaseModel, Engine, EngineError, SampleSpec, load_base_model
 from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, read_training_state
+from ..engine.prompt_scoring import PromptExtras
 from ..types import LoraConfig, Prompt, SampledSequence
 from . import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
 from .commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score
@@ -126,12 +127,21 @@ class LocalBackend:
                 for row, dumped in zip(result, value["sequences"]):
                     for sequence, entry in zip(row, dumped):
                         entry["top_logprobs"] = [[list(pair) for pair in position] for position in sequence.top_logprobs]
-            if c.prompt_logprobs or c.topk_prompt_logprobs:
-                scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs)
+            if c.prompt_logprobs or c.topk_prompt_logprobs or c.prompt_targets is not None or c.prompt_alt_tokens_k:
+                extras = [PromptExtras(targets=None if c.prompt_targets is None else c.prompt_targets[i],
+                                       alt_k=c.prompt_alt_tokens_k, temperature=c.sampling_params.temperature,
+                                       seed=c.sampling_params.seed) for i in range(len(c.prompts))]
+                scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs,
+                                                last_n=c.prompt_logprobs_last_n, extras=extras)
                 if c.prompt_logprobs:
                     value["prompt_logprobs"] = [s.logprobs for s in scored]
                 if c.topk_prompt_logprobs:
                     value["topk_prompt_logprobs"] = [s.topk for s in scored]
+                if c.prompt_targets is not None:
+                    value["target_prompt_logprobs"] = [s.extras.target_logprobs for s in scored]
+                if c.prompt_alt_tokens_k:
+                    value["prompt_alt_tokens"] = [{"tokens": s.extras.alt_tokens, "logprobs": s.extras.alt_logprobs}
+                                                  for s in scored]
             values.append(value)
         return values
 
