@@ -20,6 +20,13 @@ SAMPLER_PREFIX = "sampler_weights."
 _TINKER_PATH = re.compile(rf"tinker://({RUN_ID_PATTERN})/(weights|sampler_weights)/([^/]+)")
 
 
+# POST client/config's flags, read by every SDK version (each ignores the ones it lacks); the rest stay at
+# their defaults (no zstd, no JWT exchange). SDKs before 0.25 send forward_backward as JSON and call
+# /api/v1/forward unless told to send protobuf (which this server reads) and forward through
+# forward_backward with forward_only; later SDKs always do both.
+CLIENT_CONFIG: dict[str, Any] = {"proto_write_fwdbwd": True, "fwd_via_fwdbwd": True}
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
