@@ -33,7 +33,7 @@ def server(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cookbook-server")
     models = [str(tiny_model_dir), f"{SL_LOOP_MODEL}={tiny_model_dir}"]
     with ServerProcess(model=models, data_dir=root / "data", log_file=root / "server.log",
-                       extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=120,
+                       extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=300,
                        poll_interval=0.05) as running:
         yield running
 
