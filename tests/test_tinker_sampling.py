@@ -178,4 +178,9 @@ def test_an_unknown_asample_field_is_refused_not_ignored(server, tiny_model_dir)
                                              "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
                                              "sampling_params": {"max_tokens": 1}, "logit_bias": {"5": 10}}).json()
         answer = http.post("/retrieve_future", json={"request_id": future["request_id"]}).json()
-    assert answer["category"] == "user" and "logit_bias" in answer["error"]
+        assert answer["category"] == "user" and "logit_bias" in answer["error"]
+        future = http.post("/asample", json={"sampling_session_id": sampler_id, "seq_id": 1, "num_samples": 1,
+                                             "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+                                             "sampling_params": {"max_tokens": 1, "min_p": 0.1}}).json()
+        answer = http.post("/retrieve_future", json={"request_id": future["request_id"]}).json()
+        assert answer["category"] == "user" and "sampling_params.min_p" in answer["error"]

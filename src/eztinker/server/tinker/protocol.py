@@ -116,6 +116,7 @@ class CreateSamplingSession(_Body):
 
 
 class TinkerSamplingParams(_Body):
+    model_config = ConfigDict(extra="allow")  # ASample.unsupported refuses what it does not know
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | list[int] | None = None
@@ -154,6 +155,9 @@ class ASample(_Body):
         """The first field that asks for something this server does not do, with why; None if none."""
         for name in self.model_extra or {}:
             return f"{name} is not a sampling field this server knows; it would be ignored, so it is refused"
+        for name in self.sampling_params.model_extra or {}:
+            return (f"sampling_params.{name} is not a sampling parameter this server knows; it would be ignored, "
+                    "so it is refused")
         if self.record_stability_info:
             return "record_stability_info is not supported by this server (no stable_reinforce)"
         if self.base_model is not None or self.model_path is not None:
