@@ -700,7 +700,7 @@ class Engine:
             extra = None
             if extras is not None and (extras[i].targets is not None or extras[i].alt_k):
                 extra = prompt_scoring.score_prompt(hidden[i, : len(p) - 1], extras[i], self._log_softmax,
-                                                    self.logits_chunk)
+                                                    prompt_scoring.rows_per_chunk(self.base.vocab_size))
             results.append(PromptLogprobs(
                 logprobs=unscored + [logprobs[r] for r in rows],
                 topk=unscored + [[[t, lp] for t, lp in zip(ids[r], top[r])] for r in rows] if topk else None,

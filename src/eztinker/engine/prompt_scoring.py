@@ -30,6 +30,15 @@ class ExtrasResult:
     alt_logprobs: list[list[float]] | None = None  # the model's logprob (temperature 1) of each draw
 
 
+# Elements of one [C, V] float32 chunk: a few such tensors are alive at once (log-softmax, the draws'
+# tempered probabilities), e.g. 220 rows of a 152k vocabulary, 128 MB each.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def rows_per_chunk(vocab_size: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // vocab_size)
+
+
 def generator_for(seed: int | None, device: torch.device) -> torch.Generator:
     generator = torch.Generator(device=device)
     if seed is None:
