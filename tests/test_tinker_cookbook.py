@@ -24,16 +24,13 @@ from tinker_cookbook.tokenizer_utils import get_tokenizer  # noqa: E402
 from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 
 RENDERER = "qwen3_instruct"  # Qwen's ChatML without <think>: Qwen2 is not in the cookbook's model table
-# The tiny model is also served under the name sl_loop's defaults ask for (in the cookbook's model table).
-SL_LOOP_MODEL = "Qwen/Qwen3.5-9B-Base"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cookbook-server")
-    models = [str(tiny_model_dir), f"{SL_LOOP_MODEL}={tiny_model_dir}"]
-    with ServerProcess(model=models, data_dir=root / "data", log_file=root / "server.log",
-                       extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=300,
+    with ServerProcess(model=str(tiny_model_dir), data_dir=root / "data", log_file=root / "server.log",
+                       extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=120,
                        poll_interval=0.05) as running:
         yield running
 
@@ -81,43 +78,6 @@ def test_the_cookbook_supervised_loop_trains_and_checkpoints(server, tiny_model_
 
     listed = tinker.RestClient(base_url=server.url).list_checkpoints(final["state_path"].split("/")[2]).result()
     assert {"weights/final", "sampler_weights/final"} <= {c.checkpoint_id for c in listed.checkpoints}
-
-
-def test_the_cookbook_sl_loop_recipe_runs_with_its_defaults_on_a_named_model(server, tiny_model_dir, tmp_path,
-                                                                             monkeypatch):
-    """`recipes/sl_loop.py` unmodified with its default Config (model Qwen/Qwen3.5-9B-Base, batch 128,
-    its renderer looked up in the cookbook's model table), on the tiny model served under that name.
-    Offline stand-ins for what it would download: its tokenizer (registered with the cookbook's own
-    hook, loading the folder get_info names) and no_robots (256 local conversations: 2 batches)."""
-    import datasets
-    from tinker_cookbook import tokenizer_utils
-    from tinker_cookbook.recipes import sl_loop
-    from transformers import AutoTokenizer
-
-    config = sl_loop.Config(log_path=str(tmp_path / "sl-loop"))
-    assert config.model_name == SL_LOOP_MODEL and config.batch_size == 128
-    monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, SL_LOOP_MODEL,
-                        lambda: AutoTokenizer.from_pretrained(tiny_model_dir))
-    conversations = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                                   {"role": "assistant", "content": f"{a + b}."}]}
-                     for a in range(16) for b in range(16)]
-
-    def load_dataset(name, *args, **kwargs):
-        assert name == "HuggingFaceH4/no_robots"
-        return datasets.DatasetDict({"train": datasets.Dataset.from_list(conversations)})
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    sl_loop.main(config)
-    metrics = rows(tmp_path / "sl-loop" / "metrics.jsonl")
-    steps = [m for m in metrics if "train_mean_nll" in m]
-    assert len(steps) == 2 and all(m["num_sequences"] == 128 and m["train_mean_nll"] > 0 for m in steps)
-    assert steps[-1]["progress"] == 0.5  # the 2nd of 2 batches of 128: one epoch of the 256 local conversations
-    final = rows(tmp_path / "sl-loop" / "checkpoints.jsonl")[-1]
-    run_id = final["state_path"].split("/")[2]
-    import tinker
-
-    run = tinker.RestClient(base_url=server.url).get_training_run(run_id).result()
-    assert run.base_model == SL_LOOP_MODEL
 
 
 class _SumEnv(ProblemEnv):
