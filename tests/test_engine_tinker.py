@@ -403,7 +403,8 @@ def test_prompt_scoring_extras_equal_the_models_own_logprobs(backend, tiny_base)
                       sampling_params=SamplingParams(max_tokens=1, temperature=temperature, seed=seed), **kwargs)
 
     value, again, other_seed, greedy_draws = execute(
-        backend, request(topk_prompt_logprobs=2, prompt_logprobs_last_n=1, prompt_targets=targets, prompt_alt_tokens_k=5),
+        backend,
+        request(topk_prompt_logprobs=2, prompt_logprobs_last_n=1, prompt_targets=targets, prompt_alt_tokens_k=5),
         request(prompt_alt_tokens_k=5), request(seed=4, prompt_alt_tokens_k=5),
         request(temperature=0, prompt_alt_tokens_k=3))
     for i, prompt in enumerate(prompts):
@@ -438,7 +439,8 @@ def test_ignore_eos_samples_past_the_models_end_token(backend, tiny_base):
     train_steps(backend, model, "eos", [eos], steps=8)
 
     def sample(**params):
-        command = Sample(model=model, run_id="eos", prompts=[PROMPT], num_samples=1, sampling_params=greedy(5, **params))
+        command = Sample(model=model, run_id="eos", prompts=[PROMPT], num_samples=1,
+                         sampling_params=greedy(5, **params))
         return execute(backend, command)[0]["sequences"][0][0]
 
     stopped, went_on = sample(), sample(ignore_eos=True)

@@ -140,7 +140,8 @@ def test_stop_empty_list_samples_past_the_end_token(service, tiny_model_dir):
 
     def sample(**params):
         params = types.SamplingParams(max_tokens=4, temperature=0.0, **params)
-        return sampler.sample(types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params).result().sequences[0]
+        result = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params).result()
+        return result.sequences[0]
 
     stopped, went_on = sample(), sample(stop=[])
     assert stopped.tokens == [eos] and stopped.stop_reason == "stop"

@@ -114,7 +114,8 @@ def load_base_model(
         tokenizer=tokenizer,
         stop_token_ids=_stop_token_ids(model, tokenizer),
         pad_token_id=_pad_token_id(tokenizer),
-        source=str(Path(source).resolve()) if Path(source).is_dir() else str(source),  # clients load it wherever they run
+        # Absolute: clients load the tokenizer from it wherever they run.
+        source=str(Path(source).resolve()) if Path(source).is_dir() else str(source),
     )
 
 

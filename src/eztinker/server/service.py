@@ -488,7 +488,8 @@ class Service:
                               f"has {len(prompt)} tokens, so it needs len(prompt) - 1 = {len(prompt) - 1}")
             cells = sum(len(row) for row in rows)
             if cells == 0:
-                raise invalid(("target_prompt_logprobs",), "target_prompt_logprobs names no token id (every cell is -1)")
+                raise invalid(("target_prompt_logprobs",),
+                              "target_prompt_logprobs names no token id (every cell is -1)")
             if cells > cells_limit:
                 raise invalid(("target_prompt_logprobs",), f"target_prompt_logprobs names {cells} ids; the limit is "
                               f"{cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)")
