@@ -297,9 +297,13 @@ class Service:
             elif row["loss"] is not None:
                 point["loss"] = point.get("loss", 0.0) + row["loss"]
                 point["num_tokens"] = point.get("num_tokens", 0) + row["num_tokens"]
+                # cross_entropy: divided by its weights' sum (a mean NLL per token whatever the
+                # weights' scale); the RL losses and rows logged before weight sums: by the tokens.
+                weight = row["weight_sum"] if row["weight_sum"] is not None else row["num_tokens"]
+                point["weight_sum"] = point.get("weight_sum", 0.0) + weight
         for point in points.values():
-            if point.get("num_tokens"):
-                point["loss_per_token"] = point["loss"] / point["num_tokens"]
+            if point.get("weight_sum"):
+                point["loss_per_token"] = point["loss"] / point["weight_sum"]
             point["recorded_at"] = datetime.fromtimestamp(point["recorded_at"], tz=timezone.utc)
         return RunMetrics(run_id=run_id, points=[MetricPoint(**points[step]) for step in sorted(points)])
 
