@@ -179,3 +179,29 @@ def test_eztinker_eval_bad_input_is_one_line(server, tasks_dir):
         assert done.exit_code == 2, (args, done.output, done.exception)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.strip().startswith("error:") and done.stderr.strip().count("\n") == 0, done.stderr
+
+
+def test_recipe_eval_tasks_run_lm_eval_at_every_evaluation(server, tasks_dir, gsm8k_dir, tmp_path):
+    """rsft --eval-tasks: lm-eval's scores beside the task's own accuracy, before and after training,
+    in the results, as JSON files and on the server (rl and dpo share the hook and the flags)."""
+    from click.testing import CliRunner
+
+    from eztinker.cli import app
+    from eztinker.recipes.rejection_sft import Config, main
+
+    config = Config(task="gsm8k", server_url=server.url, gsm8k_dir=gsm8k_dir, max_samples=2, num_candidates=1,
+                    epochs=1, max_tokens=4, eval_size=1, batch_size=2, micro_batch_size=2, learning_rate=1e-3,
+                    output_dir=tmp_path / "out", reward_fn=lambda text, problem: True,
+                    eval_tasks="tiny_mc", eval_include_path=tasks_dir, eval_limit=2)
+    results = main(config)
+    epochs = results["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    for entry in epochs:
+        assert "test_accuracy" in entry and 0.0 <= entry["lm_eval"]["tiny_mc"]["acc,none"] <= 1.0
+        assert entry["seconds"]["lm_eval"] > 0
+    assert len(list((tmp_path / "out" / "lm_eval").glob("lm_eval_*.json"))) == 2
+    recorded = httpx.get(f"{server.url}/v1/runs/{results['run_id']}/evaluations").json()
+    run_step = httpx.get(f"{server.url}/v1/runs/{results['run_id']}").json()["step"]
+    assert [(r["checkpoint"], r["step"]) for r in recorded] == [(None, 0), (None, run_step)] and run_step > 0
+    for command in ("rl", "dpo"):
+        assert "--eval-tasks" in CliRunner().invoke(app, [command, "--help"]).output
