@@ -67,7 +67,8 @@ def test_echo_scores_the_prompt_with_max_tokens_zero(server):
     assert out.usage.prompt_tokens == len(tokens) and out.usage.completion_tokens == 0
 
     # Token-id prompts and lists of prompts (lm-eval sends ids in batches); n copies of each.
-    batch = client.completions.create(model=model, prompt=[tokens, tokens[:4]], echo=True, logprobs=0, max_tokens=0, n=2)
+    batch = client.completions.create(model=model, prompt=[tokens, tokens[:4]], echo=True, logprobs=0, max_tokens=0,
+                                      n=2)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert batch.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
     assert batch.choices[2].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:4], abs=1e-4)

@@ -225,7 +225,7 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
 @click.option("--server-url", default="http://127.0.0.1:8000", show_default=True, envvar="EZTINKER_SERVER_URL")
 @click.option("--api-key", default=None, envvar="EZTINKER_API_KEY", help="API key, if the server needs one.")
 @click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("data/eval"),
-              show_default=True, help="Where lm-eval's results JSON goes (a recipe's --output-dir keeps them together).")
+              show_default=True, help="Where lm-eval's results JSON goes.")
 @click.option("--record/--no-record", default=True, show_default=True,
               help="Record the scores on the server (a run or checkpoint: its dashboard page lists them).")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -98,7 +98,8 @@ class Load(_Command):
 
 
 Command = Annotated[
-    Union[CreateRun, DeleteRun, ForwardBackward, OptimStep, Sample, Score, ScorePrompts, Save, Load], Field(discriminator="kind")
+    Union[CreateRun, DeleteRun, ForwardBackward, OptimStep, Sample, Score, ScorePrompts, Save, Load],
+    Field(discriminator="kind"),
 ]
 _COMMAND = TypeAdapter(Command)
 

@@ -171,7 +171,8 @@ class LocalBackend:
             mine = [scored[(i, j)] for j in range(len(c.prompts))]
             value = {"prompt_logprobs": [s.logprobs for s in mine]}
             if c.topk:
-                value["topk_prompt_logprobs"] = [[None if top is None else top[: c.topk] for top in s.topk] for s in mine]
+                value["topk_prompt_logprobs"] = [[None if top is None else top[: c.topk] for top in s.topk]
+                                                 for s in mine]
             values.append(value)
         return values
 

@@ -31,7 +31,8 @@ def evaluations_router(service: Service) -> APIRouter:
                 raise not_found(f"checkpoint {run_id}/{report.checkpoint}")
             step = checkpoint.step
         if set(report.scores) - set(report.tasks):
-            raise invalid(("scores",), f"scores for tasks not listed in tasks: {sorted(set(report.scores) - set(report.tasks))}")
+            extra = sorted(set(report.scores) - set(report.tasks))
+            raise invalid(("scores",), f"scores for tasks not listed in tasks: {extra}")
         evaluation_id = new_id("eval")
         created = service.store.add_evaluation(evaluation_id, run_id, report.checkpoint, step,
                                                report.model_dump_json(exclude={"checkpoint"}))

@@ -373,8 +373,8 @@ class JobRunner:
         elif isinstance(command, OptimStep):
             self.store.record_step(job.id, command.run_id, value)
         elif isinstance(command, ForwardBackward) and not command.forward_only:
-            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"], value["num_tokens"],
-                                               _weight_sum(command))
+            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"],
+                                               value["num_tokens"], _weight_sum(command))
         else:
             self.store.mark_finished(job.id, result=json.dumps(value))
 

@@ -250,8 +250,8 @@ class Store:
         goes into), the job completed. `weight_sum`: cross_entropy's summed weights, which
         turn its weighted loss into a mean NLL per token (None for the RL losses)."""
         self._transaction([
-            ("INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, loss, num_tokens, weight_sum, recorded_at)"
-             " SELECT ?, id, step + 1, 'forward_backward', ?, ?, ?, ? FROM runs WHERE id = ?",
+            ("INSERT OR REPLACE INTO training_log"
+             " (job_id, run_id, step, kind, loss, num_tokens, weight_sum, recorded_at) SELECT ?, id, step + 1, 'forward_backward', ?, ?, ?, ? FROM runs WHERE id = ?",
              (job_id, loss, num_tokens, weight_sum, time.time(), run_id)),
             *self._completion(job_id, result_json),
         ])
@@ -307,8 +307,8 @@ class Store:
 
     def add_evaluation(self, evaluation_id: str, run_id: str, checkpoint: str | None, step: int, report: str) -> float:
         created = time.time()
-        self._execute("INSERT INTO evaluations (id, run_id, checkpoint, step, report, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                      (evaluation_id, run_id, checkpoint, step, report, created))
+        self._execute("INSERT INTO evaluations (id, run_id, checkpoint, step, report, created_at)"
+                      " VALUES (?, ?, ?, ?, ?, ?)", (evaluation_id, run_id, checkpoint, step, report, created))
         return created
 
     def evaluations(self, run_id: str) -> list[sqlite3.Row]:

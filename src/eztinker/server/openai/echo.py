@@ -49,6 +49,10 @@ async def echo_completion(service: Service, user: str, body: p.CompletionRequest
         try:
             prompts = prompts_of(target.base_model, body)
             if body.max_tokens == 0:
+                limit = service.settings.max_samples_per_request
+                if len(prompts) * body.n > limit:  # the copies are free to compute, not to send
+                    raise OpenAIError(400, f"{len(prompts)} prompts x n {body.n} = {len(prompts) * body.n} choices; "
+                                           f"the limit is {limit}", "n")
                 if not want_logprobs:  # the text alone: nothing to compute
                     return target, prompts, None
                 ref = service.submit_score_prompts(user, target.base_model, run_id, prompts, top, body,

@@ -256,8 +256,8 @@ def openai_router(service: Service) -> APIRouter:
             from .echo import echo_completion  # it builds on this module's errors and targets
 
             return await echo_completion(service, user, body, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
-                                         resolve=resolve, sampling_params=sampling_params, prompts_of=completion_prompts,
-                                         finished=finished, failure=failure)
+                                         resolve=resolve, sampling_params=sampling_params,
+                                         prompts_of=completion_prompts, finished=finished, failure=failure)
         top = body.logprobs or 0
         job = _Job(service, user, "cmpl", n=body.n, chat=False, logprobs=body.logprobs is not None, top=top,
                    stream=bool(body.stream), include_usage=bool(body.stream_options and body.stream_options.include_usage))

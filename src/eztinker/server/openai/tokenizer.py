@@ -105,7 +105,8 @@ def add_tokenizer_routes(router: APIRouter, service: Service, resolve: Callable[
                     tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
                                                            tokenize=True, return_dict=True)["input_ids"]
                 except Exception as exc:  # the template refuses a role or an order of turns
-                    raise OpenAIError(400, f"messages: the chat template cannot render them: {exc}", "messages") from None
+                    raise OpenAIError(400, f"messages: the chat template cannot render them: {exc}",
+                                      "messages") from None
             strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
             return TokenizeResponse(count=len(tokens), max_model_len=service.models[model].max_context_length,
                                     tokens=tokens, token_strs=strs)
