@@ -74,6 +74,9 @@ def test_echo_scores_the_prompt_with_max_tokens_zero(server):
     assert batch.choices[2].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:4], abs=1e-4)
     assert batch.choices[0].text == TEXT and batch.choices[0].logprobs.top_logprobs is None
 
+    one = client.completions.create(model=model, prompt=tokens[:1], echo=True, logprobs=2, max_tokens=0)
+    assert one.choices[0].logprobs.token_logprobs == [None] and one.choices[0].logprobs.top_logprobs == [None]
+
     # echo without logprobs: the text alone.
     plain = client.completions.create(model=model, prompt=TEXT, echo=True, max_tokens=0)
     assert plain.choices[0].text == TEXT and plain.choices[0].logprobs is None
@@ -164,3 +167,19 @@ def test_lm_eval_detects_the_remote_tokenizer(server):
     assert check_remote_tokenizer_support(server.url + "/v1/completions")
     remote = RemoteTokenizer(server.url + "/v1/completions")
     assert remote.decode(remote.encode(TEXT)) == TEXT and remote.eos_token_id is not None
+
+
+def test_evaluations_are_recorded_per_adapter(server, trained_run):
+    url = f"{server.url}/v1/runs/{trained_run.run_id}/evaluations"
+    report = {"tasks": ["arc_easy"], "scores": {"arc_easy": {"acc,none": 0.5}}, "harness": "lm-eval 0.4.13"}
+    live = httpx.post(url, json=report).json()
+    saved = httpx.post(url, json={**report, "checkpoint": "three"}).json()
+    assert (live["checkpoint"], live["step"]) == (None, 3) and (saved["checkpoint"], saved["step"]) == ("three", 3)
+    listed = httpx.get(url).json()
+    assert [e["id"] for e in listed][-2:] == [live["id"], saved["id"]] and listed[-1]["scores"] == report["scores"]
+
+    assert httpx.post(url, json={**report, "checkpoint": "nope"}).status_code == 404
+    stray = httpx.post(url, json={**report, "scores": {"mmlu": {"acc,none": 0.1}}})
+    assert stray.status_code == 422 and stray.json()["detail"][0]["loc"] == ["body", "scores"]
+    assert httpx.post(url, json={**report, "scores": {"arc_easy": {"acc,none": "NaN"}}}).status_code == 422
+    assert httpx.get(f"{server.url}/v1/runs/run_missing/evaluations").status_code == 404
