@@ -183,3 +183,27 @@ def test_evaluations_are_recorded_per_adapter(server, trained_run):
     assert stray.status_code == 422 and stray.json()["detail"][0]["loc"] == ["body", "scores"]
     assert httpx.post(url, json={**report, "scores": {"arc_easy": {"acc,none": "NaN"}}}).status_code == 422
     assert httpx.get(f"{server.url}/v1/runs/run_missing/evaluations").status_code == 404
+
+
+def test_prompt_scorings_fuse_across_adapters(server, trained_run):
+    """Scorings of one base model run as one batch (grouped by adapter inside it), each command's
+    answer the same as alone; they never fuse with samples."""
+    from eztinker.backend.commands import Sample, ScorePrompts, fusable
+    from eztinker.types import SamplingParams
+
+    base = server.service.default_model
+    bare = ScorePrompts(model=base, prompts=[[11, 12, 13, 14], [15, 16]], topk=2)
+    tuned = ScorePrompts(model=base, run_id=trained_run.run_id, prompts=[[11, 12, 13, 14]])
+    assert fusable(bare, tuned)
+    assert not fusable(bare, Sample(model=base, prompts=[[1]], num_samples=1, sampling_params=SamplingParams()))
+    together = server.service.backend.execute([bare, tuned])
+    alone = [server.service.backend.execute([c])[0] for c in (bare, tuned)]
+    for fused, single in zip(together, alone):
+        assert fused.error is None and set(fused.value) == set(single.value)
+        for a, b in zip(fused.value["prompt_logprobs"], single.value["prompt_logprobs"]):
+            assert a[0] is None and a[1:] == pytest.approx(b[1:], abs=1e-4)
+    assert [len(top) for top in together[0].value["topk_prompt_logprobs"][0][1:]] == [2, 2, 2]
+    assert "topk_prompt_logprobs" not in together[1].value
+    # The run's adapter scores differently from the bare model.
+    assert together[1].value["prompt_logprobs"][0][1:] != pytest.approx(together[0].value["prompt_logprobs"][0][1:],
+                                                                        abs=1e-4)
