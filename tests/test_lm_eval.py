@@ -205,3 +205,21 @@ def test_recipe_eval_tasks_run_lm_eval_at_every_evaluation(server, tasks_dir, gs
     assert [(r["checkpoint"], r["step"]) for r in recorded] == [(None, 0), (None, run_step)] and run_step > 0
     for command in ("rl", "dpo"):
         assert "--eval-tasks" in CliRunner().invoke(app, [command, "--help"]).output
+
+
+def test_eval_of_a_second_base_model_uses_its_own_tokenizer(make_server, tiny_model_dir, tasks_dir, tmp_path):
+    """lm-eval's remote tokenizer is the default model's; another base model's comes as its files."""
+    from eztinker.evaluation import evaluate
+    from eztinker.tiny import make_tiny_llama
+
+    llama_dir = make_tiny_llama(tmp_path / "tiny-llama")
+    with make_server(model=[str(tiny_model_dir), str(llama_dir)]) as two:
+        outcome = evaluate(two.url, str(llama_dir), ["tiny_mc"], include_path=tasks_dir, limit=1, log_samples=True)
+    assert outcome.results["config"]["model_args"]["tokenizer_backend"] == "huggingface"
+    sample = outcome.results["samples"]["tiny_mc"][0]
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    context = f"Question: {sample['doc']['question']}\nAnswer:"
+    expected = [continuation_logprob(model, tokenizer, context, " " + c) for c in sample["doc"]["choices"]]
+    assert [resp[0][0] for resp in sample["resps"]] == pytest.approx(expected, abs=2e-3)
+    assert outcome.recorded is None  # a base model: nothing to record on

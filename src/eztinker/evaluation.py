@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -84,6 +85,10 @@ def evaluate(server_url: str, model: str, tasks: Sequence[str], *, limit: float 
     with httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=60) as http:
         target = resolve_target(http, model)
         limits = _get(http, "/v1/info")
+        # lm-eval's remote tokenizer asks /tokenize without a model: the server's default one.
+        # Another base model's tokenizer comes as its files, into a folder lm-eval loads.
+        tokenizer_files = None if target.base_model == limits["model"] else \
+            _get(http, f"/v1/tokenizer?model={quote(target.base_model)}")["files"]
     lm_eval = _import_lm_eval()
     base = next(m for m in limits["models"] if m["name"] == target.base_model)
     max_length = min(base["max_context_length"], limits["limits"]["max_prompt_tokens"])
@@ -100,12 +105,17 @@ def evaluate(server_url: str, model: str, tasks: Sequence[str], *, limit: float 
         "tokenized_requests": True, "max_length": max_length, "max_gen_toks": gen, "num_concurrent": 1,
         "max_retries": 1, "timeout": 600, "seed": seed,
     }
+    scratch = tempfile.TemporaryDirectory(prefix="eztinker-tokenizer-")
+    if tokenizer_files is not None:
+        for name, text in tokenizer_files.items():
+            (Path(scratch.name) / name).write_text(text)
+        model_args.update(tokenizer_backend="huggingface", tokenizer=scratch.name)
     if api_key:
         model_args["auth_token"] = api_key  # the remote tokenizer's requests; the completions' read OPENAI_API_KEY
     config = {"limit": limit, "num_fewshot": num_fewshot, "max_length": max_length, "max_gen_toks": gen,
               "batch_size": batch_size, "seed": seed, "include_path": str(include_path) if include_path else None}
     started = time.monotonic()
-    with _openai_key(api_key):
+    with scratch, _openai_key(api_key):
         try:
             results = lm_eval.simple_evaluate(
                 model="local-completions", model_args=model_args, tasks=tasks, num_fewshot=num_fewshot,
