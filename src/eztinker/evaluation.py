@@ -124,7 +124,9 @@ def evaluate(server_url: str, model: str, tasks: Sequence[str], *, limit: float 
         except EvalError:
             raise
         except Exception as exc:  # a dataset download offline, a refused request: one line, not lm-eval's traceback
-            raise EvalError(f"lm-eval failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+            hint = "; offline, give local task files with --include-path (docs/eval.md)" if \
+                isinstance(exc, ConnectionError) or "Hub" in str(exc) else ""
+            raise EvalError(f"lm-eval failed: {type(exc).__name__}: {_first_line(exc)}{hint}") from exc
     if results is None:
         raise EvalError("lm-eval returned no results")
     outcome = EvalOutcome(target=target, results=results, scores=scores_of(results),
