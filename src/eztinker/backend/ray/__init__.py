@@ -50,7 +50,7 @@ class RayBackend:
 
     @classmethod
     def start(cls, workers_of: dict[str, int], *, address: str | None, cache_dir: Path, device: str | None,
-              cpus: float, gpus: float | None) -> RayBackend:
+              cpus: float, gpus: float | None, engine_options: dict | None = None) -> RayBackend:
         """Join the cluster at `address` (None: start a Ray instance on this machine), start
         `workers_of[spec]` workers for each base model spec and wait until each has loaded it. A
         process already connected to Ray (a benchmark, say) stays on its cluster."""
@@ -65,7 +65,7 @@ class RayBackend:
                 raise RayStartError(f"cannot reach the Ray cluster at {address}: {_one_line(exc)}") from None
         try:
             return cls._start_workers(workers_of, cache_dir=cache_dir, device=device, cpus=cpus, gpus=gpus,
-                                      owns_ray=owns_ray)
+                                      owns_ray=owns_ray, engine_options=engine_options or {})
         except BaseException:
             if owns_ray:
                 ray.shutdown()
@@ -73,7 +73,7 @@ class RayBackend:
 
     @classmethod
     def _start_workers(cls, workers_of: dict[str, int], *, cache_dir: Path, device: str | None, cpus: float,
-                       gpus: float | None, owns_ray: bool) -> RayBackend:
+                       gpus: float | None, owns_ray: bool, engine_options: dict | None = None) -> RayBackend:
         import ray
 
         from .worker import EngineWorker
@@ -96,7 +96,8 @@ class RayBackend:
                     raise RayStartError(f"cannot start Ray worker {name}: {_one_line(exc)}") from None
                 actors.append((spec, name, actor))
         loaded = []
-        for (spec, name, actor), ref in zip(actors, [a.load.remote(s, str(cache_dir), device) for s, _, a in actors]):
+        for (spec, name, actor), ref in zip(actors, [a.load.remote(s, str(cache_dir), device, engine_options or {})
+                                                               for s, _, a in actors]):
             try:
                 answer = ray.get(ref)
             except ray.exceptions.RayError as exc:
