@@ -14,6 +14,8 @@ from eztinker.engine import Engine, SampleSpec, device_paths, load_base_model, p
 from eztinker.engine.engine import head_matches
 from eztinker.types import AdamParams, LoraConfig, SamplingParams
 
+from conftest import TEST_DEVICE
+
 LORA = LoraConfig(rank=4, alpha=16)
 
 
@@ -36,7 +38,7 @@ def peaked_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bf16_engine(peaked_model_dir, tmp_path_factory):
     with device_paths.portable_kernels():
-        base = load_base_model(str(peaked_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu",
+        base = load_base_model(str(peaked_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device=TEST_DEVICE,
                                dtype=torch.bfloat16)
         engine = Engine(base)
         yield engine
@@ -160,3 +162,25 @@ def test_head_probe_tolerance_fits_the_dtype():
     assert not head_matches(rounded_apart, want, torch.float32)
     wrong = want * 1.1
     assert not head_matches(wrong, want, torch.bfloat16) and not head_matches(wrong, want, torch.float32)
+
+
+def test_bf16_checkpointing_gives_the_plain_gradients(bf16_engine):
+    """In bf16 (the GPU's default: checkpointing on) the recomputed layers, the low-precision
+    RMSNorm's own backward included, give the gradients of the plain forward."""
+    engine = bf16_engine
+    engine.create_run("ckpt", LORA, seed=2)
+    engine.forward_backward("ckpt", _data(2, 20, seed=3))
+    engine.optim_step("ckpt", AdamParams(learning_rate=5e-2))
+    grads = {}
+    checkpointing = engine.activation_checkpointing
+    try:
+        for checkpoint in (False, True):
+            engine.activation_checkpointing = checkpoint
+            engine.forward_backward("ckpt", _data(2, 20, seed=4))
+            grads[checkpoint] = torch.cat([p.grad.flatten() for p in engine._runs["ckpt"].params])
+            engine._runs["ckpt"].optimizer.zero_grad(set_to_none=True)
+    finally:
+        engine.activation_checkpointing = checkpointing
+    assert grads[False].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-3, atol=1e-6)
+    engine.delete_run("ckpt")

@@ -243,11 +243,11 @@ class _LowPrecisionRmsNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        x = x.float()
+        (saved,) = ctx.saved_tensors  # once: checkpointing's recomputed tensors may be unpacked only once
+        x = saved.float()
         rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps)
         normed, grad = x * rstd, grad.float()
-        return (rstd * (grad - normed * (grad * normed).mean(-1, keepdim=True))).to(ctx.saved_tensors[0].dtype), None
+        return (rstd * (grad - normed * (grad * normed).mean(-1, keepdim=True))).to(saved.dtype), None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
