@@ -532,7 +532,7 @@ class Engine:
         plain = self._plain_decoder()
         if plain is not None and (adapter is None or self._plain_lora({adapter})):
             lora = None if adapter is None else _RunLora(self._lora_layers(), adapter)
-            return plain.causal(input_ids, lora, checkpoint=self.activation_checkpointing)
+            return plain.causal(input_ids, lora, self.activation_checkpointing)
         with self._through(adapter):
             return self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
