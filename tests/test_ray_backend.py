@@ -144,7 +144,7 @@ def test_openai_streams_arrive_token_by_token_from_a_worker(server, models):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
 
 
-def test_losing_a_worker_fails_its_jobs_and_brings_its_runs_back_on_the_other(client, models):
+def test_losing_a_worker_fails_its_jobs_brings_its_runs_back_and_replaces_it(client, models):
     doomed, _, _ = trained(client, models[0], seed=7)
     survivor, _, _ = trained(client, models[0], seed=8)
     llama_run, _, _ = trained(client, models[1], seed=9)
@@ -176,9 +176,17 @@ def test_losing_a_worker_fails_its_jobs_and_brings_its_runs_back_on_the_other(cl
     assert doomed.info().step == 2 and score(doomed) == pytest.approx(at_checkpoint, abs=1e-5)
     assert doomed.forward_backward([EXAMPLE]).result(timeout=60).loss > 0
     assert doomed.optim_step(FAST).result(timeout=60).step == 3
-    # New runs go to the live worker only.
+    # A replacement of the lost worker starts and loads the model (capacity comes back without a
+    # restart); a new run goes to it, the live worker holding the fewest runs.
+    deadline, replacements = time.monotonic() + 180, []
+    while not replacements and time.monotonic() < deadline:
+        replacements = [w.name for w in client.health().workers
+                        if w.alive and w.model == models[0] and w.name not in (dead, other)]
+        time.sleep(0.2)
+    assert replacements and replacements[0].startswith(dead.split("@")[0] + ".r"), client.health()
     fresh = client.create_training_run(lora_rank=2)
-    assert placement(client).get(fresh.run_id) == other, (fresh.run_id, client.health())
+    assert placement(client).get(fresh.run_id) == replacements[0], (fresh.run_id, client.health())
+    assert fresh.forward_backward([EXAMPLE]).result(timeout=60).loss > 0
 
 
 def test_an_unreachable_cluster_is_a_one_line_error(models, tmp_path):
