@@ -1,4 +1,4 @@
-"""The Ray backend: a local Ray cluster started here (2 CPUs) and one `eztinker server --backend ray`
+"""The Ray backend: a local Ray cluster of two nodes started here (1 CPU each) and one `eztinker server --backend ray`
 subprocess on it, with two workers of the tiny Qwen2 and one of the tiny Llama, driven through
 the REST SDK and the official Tinker SDK. Runs spread over the workers, train exactly as on the
 local backend, load each other's checkpoints across workers, and survive losing a worker.
@@ -32,10 +32,17 @@ def models(tiny_model_dir, tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A Ray head in this process; its workers inherit this environment (PYTHONPATH, offline Hub)."""
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level="error")
+    """Two Ray nodes on this machine, one CPU each (a head and a worker node, as on two machines);
+    their workers inherit this environment (PYTHONPATH, offline Hub)."""
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20,
+                                                          "include_dashboard": False})
+    nodes.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    ray.init(address=nodes.address, logging_level="error")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    nodes.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +162,9 @@ def test_losing_a_worker_fails_its_jobs_brings_its_runs_back_and_replaces_it(cli
     before = placement(client)
     dead, other = before[doomed.run_id], before[survivor.run_id]
     assert dead != other
+    node_of = {worker.name: ray.get(ray.get_actor(worker.name, namespace="eztinker").__ray_call__.remote(
+        lambda self: ray.get_runtime_context().get_node_id())) for worker in client.health().workers}
+    assert len(set(node_of.values())) == 2, node_of  # the workers are spread over both nodes
 
     pending = [doomed.forward_backward(slow_batch(3000)) for _ in range(3)]
     others = [(run.forward_backward([EXAMPLE]), run.optim_step(FAST)) for run in (survivor, llama_run) for _ in range(3)]
