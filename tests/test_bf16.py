@@ -77,7 +77,7 @@ def test_bf16_engine_trains_and_samples_on_the_gpu_code_path(bf16_engine):
 def test_sampler_and_trainer_logprobs_agree_in_bf16(bf16_engine, monkeypatch):
     """The cookbook's kl_sample_train (v1: mean of sampler - trainer logprobs; v2: half their mean
     square) under 1e-3, with each prompt's candidates sharing its KV cache (the two-part attention
-    off the CPU's fused kernel: matmuls and a log-sum-exp). bf16 scores there gave v1 2.7e-3."""
+    off the CPU's fused kernel: matmuls and a log-sum-exp). bf16 scores there gave v1 2.7e-3 to 7.9e-3."""
     engine = bf16_engine
     engine.create_run("agree", LORA, seed=4)
     engine.forward_backward("agree", _data(2, 20, seed=5))
