@@ -9,7 +9,8 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from ..chat import render_prompt
-from ..engine import BaseModel, Engine, EngineError, SampleSpec, load_base_model
+from ..device_placement import PlacementError, place_models
+from ..engine import BaseModel, Engine, EngineError, ModelLoadError, SampleSpec, load_base_model
 from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, read_training_state
 from ..engine.prompt_scoring import PromptExtras
@@ -35,12 +36,25 @@ class LocalBackend:
         self._tokenizer_files: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def load(cls, specs: Sequence[str], *, cache_dir: Path, device: str | None, **engine_options) -> LocalBackend:
+    def load(cls, specs: Sequence[str], *, cache_dir: Path, device: str | Sequence[str] | None,
+             **engine_options) -> LocalBackend:
         """Load each model (ModelLoadError names the one that fails) and build its engine, both on
-        the thread that will run its commands."""
+        the thread that will run its commands. `device`: the `--device` entries (device_placement.py:
+        none spreads the models over the visible GPUs)."""
         compute = ComputeThread()
+        requests = [device] if isinstance(device, str) else list(device or ())
+
+        def load_all() -> list[BaseModel]:
+            import torch
+
+            try:
+                placement = place_models(specs, requests, torch.cuda.device_count())
+            except PlacementError as exc:
+                raise ModelLoadError(f"--device: {exc}") from None
+            return [load_base_model(spec, cache_dir=cache_dir, device=placement[spec]) for spec in specs]
+
         try:
-            bases = compute.run(lambda: [load_base_model(spec, cache_dir=cache_dir, device=device) for spec in specs])
+            bases = compute.run(load_all)
             return cls(bases, compute=compute, **engine_options)
         except BaseException:
             compute.close()

@@ -30,7 +30,16 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import lora_adapters, losses, output_projection, packed_linear, plain_decoder, prompt_attention, prompt_scoring
+from . import (
+    lora_adapters,
+    losses,
+    memory,
+    output_projection,
+    packed_linear,
+    plain_decoder,
+    prompt_attention,
+    prompt_scoring,
+)
 from .checkpoints import write_atomically
 from .models import BaseModel
 from .prompt_scoring import PromptExtras
@@ -94,11 +103,13 @@ def _adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
 
 class Engine:
     def __init__(
-        self, base: BaseModel, *, microbatch_tokens: int = 8192, logits_chunk: int = 1024, max_snapshots: int = 16,
-        pack_weights: bool = True,
+        self, base: BaseModel, *, microbatch_tokens: int | None = None, logits_chunk: int = 1024, max_snapshots: int = 16,
+        pack_weights: bool = True, activation_checkpointing: bool | None = None,
     ):
+        """microbatch_tokens: padded tokens per training forward (None: sized from the device's free
+        memory, memory.py; 8192 on the CPU). activation_checkpointing (None: on where it pays, on an
+        accelerator, whose memory bounds the micro-batch; on the CPU it would only cost time)."""
         self.base = base
-        self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
         self.logits_chunk = logits_chunk  # positions per output-projection chunk
         self.max_snapshots = max_snapshots  # checkpoint adapters kept loaded for sampling
         self._peft: peft.PeftModel | None = None
@@ -117,6 +128,14 @@ class Engine:
         # Pack (and time, packed_linear.py) the weights now, not in the first call.
         self._plain_decoder()
         self._output_head()
+        if activation_checkpointing is None:
+            activation_checkpointing = base.device.type != "cpu"
+        # Only PlainDecoder's forward checkpoints (transformers' layers do so in train mode only).
+        self.activation_checkpointing = activation_checkpointing and self._plain is not None
+        if microbatch_tokens is None:
+            microbatch_tokens = memory.default_microbatch_tokens(
+                base.model.config, base.model.dtype, base.device, self.activation_checkpointing)
+        self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -523,7 +542,8 @@ class Engine:
         and adapter, else through transformers' and peft's modules."""
         plain = self._plain_decoder()
         if plain is not None and (adapter is None or self._plain_lora({adapter})):
-            return plain.causal(input_ids, None if adapter is None else _RunLora(self._lora_layers(), adapter))
+            lora = None if adapter is None else _RunLora(self._lora_layers(), adapter)
+            return plain.causal(input_ids, lora, self.activation_checkpointing)
         with self._through(adapter):
             return self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
@@ -624,7 +644,7 @@ class Engine:
             want = self.base.model(input_ids=probe, logits_to_keep=1).logits[:, -1].float()
             hidden = self._decoder()(input_ids=probe).last_hidden_state[:, -1]
             got = head.logits(hidden, torch.empty_like(want))
-        if torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        if head_matches(got, want, linear.weight.dtype):
             self._head = head
         return self._head
 
@@ -839,6 +859,14 @@ class Engine:
             raise EngineError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
 
 
+def head_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the head's logits `got` are the model's `want` to the rounding of `dtype`: 1e-4 in
+    float32; a few units in the last place of bf16's 8-bit mantissa (2^-7 = 0.8%) in bf16, whose
+    logits two orders of summation may round apart (a 1e-4 probe would switch the head off there)."""
+    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+    return bool(torch.allclose(got, want, rtol=tolerance, atol=tolerance * max(1.0, float(want.abs().max()))))
+
+
 class _StackedLora:
     """Every row of a sampling batch through its own adapter (or none), in two matmuls per layer.
 
@@ -868,8 +896,10 @@ class _StackedLora:
             present = [a for a in self.adapters if a in module.lora_A]
             if not present:
                 continue
-            a_all = torch.cat([module.lora_A[a].weight for a in present])  # [R, in]
-            b_all = torch.cat([module.lora_B[a].weight for a in present], dim=1)  # [out, R]
+            # In the base weight's dtype, as training's _RunLora computes them (bf16 on a GPU).
+            dtype = module.get_base_layer().weight.dtype
+            a_all = torch.cat([module.lora_A[a].weight for a in present]).to(dtype)  # [R, in]
+            b_all = torch.cat([module.lora_B[a].weight for a in present], dim=1).to(dtype)  # [out, R]
             columns = tuple((a, module.scaling[a], module.lora_A[a].weight.shape[0]) for a in present)
             self._layers[module] = (a_all, b_all.t(), columns)
             self._handles.append(module.register_forward_hook(self._add_updates))
@@ -953,8 +983,10 @@ class _RunLora:
         if layer is None:
             return
         a, b, scaling, dropout = layer
-        down = dropout(x).to(a.dtype) @ a.t()
-        out.addmm_(down.to(out.dtype), b.t().to(out.dtype), alpha=scaling)
+        # In the activations' dtype: the float32 adapter is cast (differentiably), not the input, so
+        # a bf16 model keeps no float32 copy of each projection's input for the backward pass.
+        down = dropout(x) @ (a.t() if a.dtype == x.dtype else a.t().to(x.dtype))
+        out.addmm_(down, b.t() if b.dtype == out.dtype else b.t().to(out.dtype), alpha=scaling)
 
 
 @contextmanager

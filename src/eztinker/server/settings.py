@@ -36,7 +36,20 @@ class ServerSettings(BaseSettings):
         None, description="Where checkpoints (and the snapshots runs restore from) live, if not <data-dir>/checkpoints: "
         "with --backend ray, a folder every Ray node reads and writes at this same path (a shared file system).",
     )
-    device: str | None = Field(None, description="'cpu' or 'cuda'; default: cuda when available.")
+    device: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Device of the base models, repeatable: 'cpu', 'cuda' or 'cuda:N' for every model, one per "
+        "--model in order, or MODEL=DEVICE for one. Default (and 'cuda' without an index): the models spread over "
+        "the visible GPUs, the CPU without one. With --backend ray: one device, each worker's own.",
+    )
+    microbatch_tokens: int | None = Field(
+        None, ge=64, description="Padded tokens per training forward pass (a micro-batch); default: sized from the "
+        "device's free memory once the model is loaded (8192 on the CPU).",
+    )
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute each layer's activations in the backward pass instead of keeping them "
+        "(less memory, about a third more compute); default: on a GPU, off on the CPU.",
+    )
     backend: Literal["local", "ray"] = Field(
         "local", description="'local': the engines run in this process; 'ray': in Ray actors, on any node of a Ray cluster."
     )
@@ -111,6 +124,15 @@ class ServerSettings(BaseSettings):
                 raise ValueError(f"each base model (served name) once, got {list(value)}")
         return value
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):  # EZTINKER_DEVICE="cuda:0,m=cuda:1" or one device
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("api_key")
     @classmethod
     def _non_blank_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -163,6 +185,20 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"--workers-per-model: give one number >= 1 for every model, or one per --model "
                              f"({len(self.model)}), got {self.workers_per_model}")
         return self
+
+    @model_validator(mode="after")
+    def _device_requests(self) -> "ServerSettings":
+        from ..device_placement import parse_device_requests
+
+        parse_device_requests(self.model, self.device)  # its form now; the GPUs' count at load
+        if self.backend == "ray" and (len(self.device) > 1 or any("=" in d or ":" in d for d in self.device)):
+            raise ValueError("--device with --backend ray: one device ('cpu' or 'cuda') for every worker; "
+                             "Ray gives each worker its GPU (--worker-gpus)")
+        return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """What each engine is built with (settings of the training forward)."""
+        return {"microbatch_tokens": self.microbatch_tokens, "activation_checkpointing": self.activation_checkpointing}
 
     def checkpoint_root(self) -> Path:
         return (self.checkpoint_dir or self.data_dir / "checkpoints").resolve()
