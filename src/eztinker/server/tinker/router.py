@@ -13,7 +13,6 @@ are 400s in Tinker's error shape.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -22,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -37,12 +36,14 @@ from ...types import (
     SamplingParams,
     SaveRequest,
 )
-from ..archive import adapter_archive
 from ..auth import User
+from ..checkpoints import CheckpointKind
+from ..downloads import check_age_recipients
 from ..service import Service, ServiceError
 from ..store import INTERRUPTED, JobRecord, SessionStore
 from . import protocol as p
 from . import wire
+from .checkpoint_routes import checkpoint_router
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ PREFIX = "/api/v1"
 POLL_SECONDS = 25.0  # a retrieve_future holds this long before answering try_again (the SDK waits 45 s)
 TURN_SECONDS = 30.0  # a training request arriving before its predecessor waits this long for it
 _ANSWERS_KEPT = 100_000
-_SESSION_SNAPSHOT = p.SAMPLER_PREFIX + "session-"  # our name of an unnamed sampler snapshot
-_SESSION_SNAPSHOTS_KEPT = 4
 _ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -245,17 +244,13 @@ def tinker_router(service: Service) -> APIRouter:
                 return refused(user, "optim_step", body.model_id, exc)
         return future(ref, model_id=body.model_id)
 
-    def save(user: str, run_id: str, name: str, overwrite: bool, key: str | None) -> JobRef:
-        if not overwrite and service.store.checkpoint(run_id, name) is not None:
-            raise ServiceError(422, f"checkpoint {p.tinker_path(run_id, name)} exists; pass overwrite=True to replace it",
-                               ("path",))
-        return service.submit_save(user, run_id, SaveRequest(name=name), key)
-
     @router.post("/save_weights")
     async def save_weights(body: p.SaveWeights, user: User, key: IdempotencyKey = None) -> dict:
         async with sequencer.turn(body.model_id, body.seq_id):
             try:
-                ref = save(user, body.model_id, body.path, body.overwrite, key)
+                ref = service.submit_save(user, body.model_id, SaveRequest(name=body.path), key, field="path",
+                                          kind=CheckpointKind.training, ttl_seconds=body.ttl_seconds,
+                                          overwrite=body.overwrite, meta={"user_metadata": body.user_metadata})
             except (ServiceError, ValidationError) as exc:
                 return refused(user, "save", body.model_id, exc)
         return future(ref, model_id=body.model_id)
@@ -265,7 +260,9 @@ def tinker_router(service: Service) -> APIRouter:
         async with sequencer.turn(body.model_id, body.seq_id):
             try:
                 if body.path is not None:
-                    ref = save(user, body.model_id, p.SAMPLER_PREFIX + body.path, True, key)
+                    ref = service.submit_save(user, body.model_id, SaveRequest(name=body.path), key, field="path",
+                                              kind=CheckpointKind.sampler, ttl_seconds=body.ttl_seconds,
+                                              meta={"user_metadata": body.user_metadata})
                 else:
                     # An unnamed snapshot for a sampling session of the current weights: saved like a
                     # named one, so that it stays what it is however the run trains on.
@@ -273,25 +270,35 @@ def tinker_router(service: Service) -> APIRouter:
                         raise ServiceError(422, "give path or sampling_session_seq_id", ("path",))
                     session_id = body.model_id.split(":train:")[0]
                     sampler_id = f"{session_id}:sample:{body.sampling_session_seq_id}"
-                    name = f"{_SESSION_SNAPSHOT}{sampler_id.replace(':', '-')}"
-                    ref = service.submit_save(user, body.model_id, SaveRequest(name=name), key)
+                    ref, checkpoint = service.submit_sampler_snapshot(user, body.model_id, sampler_id, key,
+                                                                      ttl_seconds=body.ttl_seconds)
                     run = service.get_run(user, body.model_id)
-                    sessions.add_sampler(sampler_id, user, run.base_model, f"{body.model_id}/{name}", None)
+                    sessions.add_sampler(sampler_id, user, run.base_model, checkpoint, None)
                     remember(ref.job_id, {"sampling_session_id": sampler_id})
             except (ServiceError, ValidationError) as exc:
                 return refused(user, "save", body.model_id, exc)
         return future(ref, model_id=body.model_id)
 
-    def drop_old_session_snapshots(user: str, run_id: str) -> None:
-        """An unnamed snapshot is one sampling client's weights, and an RL loop makes one per
-        iteration: once one is handed out, the run keeps its newest _SESSION_SNAPSHOTS_KEPT, so
-        disk use stays bounded."""
-        unnamed = [c for c in service.get_run(user, run_id).checkpoints if c.name.startswith(_SESSION_SNAPSHOT)]
-        for old in unnamed[: max(0, len(unnamed) - _SESSION_SNAPSHOTS_KEPT)]:
-            service.delete_checkpoint(user, run_id, old.name)
+    @router.post("/save_weights_external")
+    async def save_weights_external(body: p.SaveWeightsExternal, user: User, key: IdempotencyKey = None) -> dict:
+        """The adapter as a PEFT folder, downloadable through external_weights_urls (its files
+        encrypted to `age_encryption_recipients` as they go out, when given)."""
+        async with sequencer.turn(body.model_id, body.seq_id):
+            try:
+                recipients = body.age_encryption_recipients
+                meta = {"age_recipients": check_age_recipients(recipients)} if recipients is not None else {}
+                ref = service.submit_save(user, body.model_id, SaveRequest(name=body.path), key, field="path",
+                                          kind=CheckpointKind.external, ttl_seconds=body.ttl_seconds, meta=meta)
+            except (ServiceError, ValidationError) as exc:
+                return refused(user, "save", body.model_id, exc)
+        return future(ref, model_id=body.model_id)
 
     @router.post("/load_weights")
     async def load_weights(body: p.LoadWeights, user: User, key: IdempotencyKey = None) -> dict:
+        if body.weights_access_token is not None:
+            raise ServiceError(422, "weights_access_token is not supported by this server: the checkpoint's owner "
+                                    "publishes it instead (RestClient.publish_checkpoint_from_tinker_path)",
+                               ("weights_access_token",))
         if body.model_id is None:  # create_training_client_from_state: a new model from the checkpoint
             if body.session_id is None or body.model_seq_id is None:
                 raise ServiceError(422, "give model_id, or session_id and model_seq_id", ("model_id",))
@@ -327,7 +334,7 @@ def tinker_router(service: Service) -> APIRouter:
                 run_id, name = p.parse_tinker_path(body.model_path)
             except ValueError as exc:
                 raise ServiceError(422, str(exc), ("model_path",)) from None
-            service.checkpoint_path(user, f"{run_id}/{name}", field="model_path")  # 404 unless the user's
+            service.checkpoint_path(user, f"{run_id}/{name}", field="model_path", published=True)  # 404 unless readable
             base_model = service.store.run_row_any(run_id)["base_model"]
             sessions.add_sampler(sampler_id, user, base_model, f"{run_id}/{name}", body.model_path)
         elif body.base_model is not None:
@@ -357,7 +364,8 @@ def tinker_router(service: Service) -> APIRouter:
                 top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop, stop_token_ids=stop_ids, seed=sp.seed)
             snapshot = None
             if sampler["checkpoint"] is not None:
-                snapshot, _ = service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id")
+                snapshot, _ = service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id",
+                                                      published=True)
             ref = service.submit_sample_tokens(
                 user, sampler["base_model"], None, [prompt], body.num_samples, params, body, key, snapshot=snapshot,
                 prompt_logprobs=body.prompt_logprobs or body.topk_prompt_logprobs > 0,
@@ -404,99 +412,12 @@ def tinker_router(service: Service) -> APIRouter:
                                              "step": value["step"]}})
         if record.kind == "save":
             if "sampling_session_id" in extra:
-                drop_old_session_snapshots(user, record.run_id)
                 return JSONResponse({"sampling_session_id": extra["sampling_session_id"]})
             return JSONResponse({"path": p.tinker_path(value["run_id"], value["name"])})
         if record.kind == "load":
             return JSONResponse({"path": extra.get("path"), "model_id": record.run_id})
         return JSONResponse(value)
 
-    # ---------------------------------------------------------- checkpoints (RestClient)
-    def checkpoint_json(run_id: str, info) -> dict:
-        checkpoint, kind = p.checkpoint_id(info.name)
-        return {"checkpoint_id": checkpoint, "checkpoint_type": kind, "time": info.created_at.isoformat(),
-                "tinker_path": p.tinker_path(run_id, info.name), "public": False,
-                "size_bytes": _size(service.data_dir / info.path)}
-
-    def training_run_json(run) -> dict:
-        row = service.store.run_row_any(run.id)
-        training = [c for c in run.checkpoints if p.checkpoint_id(c.name)[1] == "training"]
-        sampler = [c for c in run.checkpoints if p.checkpoint_id(c.name)[1] == "sampler"]
-        metadata = _json_or_empty(row["metadata"]).get("user_metadata") or {}
-        return {"training_run_id": run.id, "base_model": run.base_model, "model_owner": row["owner"], "is_lora": True,
-                "corrupted": False, "lora_rank": run.lora.rank, "last_request_time": run.created_at.isoformat(),
-                "last_checkpoint": checkpoint_json(run.id, training[-1]) if training else None,
-                "last_sampler_checkpoint": checkpoint_json(run.id, sampler[-1]) if sampler else None,
-                "user_metadata": {k: str(v) for k, v in metadata.items()}}
-
-    @router.get("/training_runs")
-    def list_training_runs(user: User, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-                           offset: Annotated[int, Query(ge=0)] = 0) -> dict:
-        runs = service.list_runs(user)
-        page = runs[offset: offset + limit]
-        return {"training_runs": [training_run_json(r) for r in page],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
-
-    @router.get("/training_runs/{run_id}")
-    def get_training_run(run_id: str, user: User) -> dict:
-        return training_run_json(service.get_run(user, run_id))
-
-    @router.get("/training_runs/{run_id}/checkpoints")
-    def list_checkpoints(run_id: str, user: User) -> dict:
-        run = service.get_run(user, run_id)
-        return {"checkpoints": [checkpoint_json(run_id, c) for c in run.checkpoints]}
-
-    @router.get("/checkpoints")
-    def list_user_checkpoints(user: User, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                              offset: Annotated[int, Query(ge=0)] = 0) -> dict:
-        every = service.store.checkpoints_of(user)
-        return {"checkpoints": [checkpoint_json(c.run_id, c) for c in every[offset: offset + limit]],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(every)}}
-
-    def our_checkpoint(user: str, run_id: str, checkpoint: str) -> tuple[str, Any]:
-        try:
-            name = p.from_checkpoint_id(checkpoint)
-        except ValueError as exc:
-            raise ServiceError(422, str(exc), ("checkpoint_id",)) from None
-        path, _ = service.checkpoint_path(user, f"{run_id}/{name}")
-        return name, path
-
-    @router.get("/training_runs/{run_id}/checkpoints/{checkpoint:path}/archive")
-    def checkpoint_archive(run_id: str, checkpoint: str, user: User) -> Response:
-        """The checkpoint's PEFT adapter as a tar (`peft.PeftModel.from_pretrained` loads it)."""
-        name, path = our_checkpoint(user, run_id, checkpoint)
-        return adapter_archive(path, f"{run_id}/{name}")
-
-    @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint:path}")
-    def delete_checkpoint(run_id: str, checkpoint: str, user: User) -> dict:
-        name, _ = our_checkpoint(user, run_id, checkpoint)
-        service.delete_checkpoint(user, run_id, name)
-        return {}
-
-    @router.post("/weights_info")
-    def weights_info(body: p.WeightsInfo, user: User) -> dict:
-        try:
-            run_id, name = p.parse_tinker_path(body.tinker_path)
-        except ValueError as exc:
-            raise ServiceError(422, str(exc), ("tinker_path",)) from None
-        path, _ = service.checkpoint_path(user, f"{run_id}/{name}", field="tinker_path")
-        state = service.backend.read_checkpoint(path)
-        return {"base_model": state.base_model, "is_lora": True, "lora_rank": state.lora.rank,
-                "train_attn": True, "train_mlp": state.lora.target_modules == "all-linear" or "up_proj" in state.lora.target_modules,
-                "train_unembed": False}
-
+    router.include_router(checkpoint_router(service))
     return router
 
-
-def _size(path) -> int | None:
-    try:
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    except OSError:
-        return None
-
-
-def _json_or_empty(text: str | None) -> dict:
-    try:
-        return json.loads(text) if text else {}
-    except ValueError:
-        return {}
