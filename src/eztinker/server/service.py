@@ -526,12 +526,16 @@ class Service:
         self._usable_run(user, run_id)
         _check_ttl(ttl_seconds)
         name = names.auto_snapshot_name(sampler_id)
-        snapshots = [c for c in self.store.auto_checkpoints(run_id) if c.name != name]
-        for old in snapshots[: max(0, len(snapshots) - (self.settings.sampler_snapshots_kept - 1))]:
-            self._remove_checkpoint(run_id, old.name)
+        self._prune_snapshots(run_id, self.settings.sampler_snapshots_kept - 1, but=name)
         lifecycle = CheckpointLifecycle(with_optimizer=False, auto=True, ttl_seconds=ttl_seconds)
         ref = self._submit_save(user, run_id, name, lifecycle, ("snapshot", sampler_id, ttl_seconds), key)
         return ref, f"{run_id}/{name}"
+
+    def _prune_snapshots(self, run_id: str, keep: int, but: str | None = None) -> None:
+        """Delete the run's unnamed sampler snapshots but its newest `keep` (and `but`)."""
+        snapshots = [c for c in self.store.auto_checkpoints(run_id) if c.name != but]
+        for old in snapshots[: max(0, len(snapshots) - keep)]:
+            self._remove_checkpoint(run_id, old.name)
 
     def _submit_save(self, user: str, run_id: str, name: str, lifecycle: CheckpointLifecycle, request: Any,
                      key: str | None) -> JobRef:
@@ -582,7 +586,11 @@ class Service:
         self.store.set_checkpoint_public(run_id, name, public)
 
     def sweep_checkpoints(self) -> int:
-        """Delete expired checkpoints and those of deleted runs (rows, then files); returns how many."""
+        """Delete expired checkpoints and those of deleted runs (rows, then files), and prune the
+        unnamed sampler snapshots that saves finishing after their successors' submission left
+        beyond `sampler_snapshots_kept`; returns how many checkpoints expired or went with their run."""
+        for run_id in self.store.runs_with_auto_checkpoints_over(self.settings.sampler_snapshots_kept):
+            self._prune_snapshots(run_id, self.settings.sampler_snapshots_kept)
         doomed = self.store.checkpoints_to_remove(time.time())
         for checkpoint in doomed:
             log.info("checkpoint %s/%s: %s, deleted", checkpoint.run_id, checkpoint.name,

@@ -346,6 +346,11 @@ class Store:
                            (run_id,))
         return [_checkpoint_info(r) for r in rows]
 
+    def runs_with_auto_checkpoints_over(self, count: int) -> list[str]:
+        """Runs with more than `count` unnamed sampler snapshots."""
+        rows = self._query("SELECT run_id FROM checkpoints WHERE auto = 1 GROUP BY run_id HAVING COUNT(*) > ?", (count,))
+        return [r["run_id"] for r in rows]
+
     def set_checkpoint_expiry(self, run_id: str, name: str, expires_at: float | None) -> None:
         self._execute("UPDATE checkpoints SET expires_at = ? WHERE run_id = ? AND name = ?", (expires_at, run_id, name))
 
