@@ -272,6 +272,23 @@ def test_the_cookbooks_weights_download_gives_an_adapter_peft_loads_to_the_serve
                 if c.checkpoint_type == "external"]
 
 
+def test_the_sdks_checkpoint_download_command_writes_the_adapter(server, trained, tiny_model_dir, tmp_path):
+    """`tinker checkpoint download` (SDK 0.38's CLI, unmodified): a training checkpoint is exported
+    through a temporary external_weights checkpoint of a new run and fetched from its URLs."""
+    import os
+    import subprocess
+    import sys
+
+    state = trained.save_state("for-cli").result().path
+    env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": ALICE, "TINKER_TELEMETRY": "0"}
+    done = subprocess.run([sys.executable, "-m", "tinker.cli", "checkpoint", "download", state, "--output",
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [folder] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert peft_logprobs(tiny_model_dir, folder) == pytest.approx(logprobs(trained), abs=1e-4)
+
+
 def test_external_weights_urls_work_without_a_key_and_expire_with_the_checkpoint(server, trained, tiny_model_dir, tmp_path):
     path = trained.save_weights_external("export", ttl_seconds=3600).result().path
     assert path == f"tinker://{trained.model_id}/external_weights/export"

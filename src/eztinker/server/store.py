@@ -205,7 +205,8 @@ class Store:
             step=row["step"],
             created_at=_ts(row["created_at"]),
             restored_from=row["restored_from"],
-            checkpoints=self.checkpoints(row["id"], include_auto=False),
+            checkpoints=[c for c in self.checkpoints(row["id"], include_auto=False)
+                         if c.expires_at is None or c.expires_at.timestamp() > time.time()],  # expired: unlisted at once
             **live,
         )
 
