@@ -327,3 +327,38 @@ def test_the_archive_url_answers_the_old_sdks_contract(server, trained, tiny_mod
     # Another user's request for it is a 404, and so is a key-less one a 401.
     assert httpx.get(route, headers={"X-API-Key": BOB, "Accept": "application/json"}).status_code == 404
     assert httpx.get(route, headers={"Accept": "application/json"}).status_code == 401
+
+
+def test_a_database_from_before_the_lifecycle_columns_keeps_working(tmp_path):
+    """Opening an old database adds the columns; the unnamed snapshots it holds (those an unnamed
+    sampling session samples from) become the server's to prune, and nothing else does."""
+    import sqlite3
+
+    from eztinker.server.store import Store
+
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE runs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, base_model TEXT NOT NULL, lora TEXT NOT NULL,
+            seed INTEGER NOT NULL, step INTEGER NOT NULL DEFAULT 0, restored_from TEXT, resume_from TEXT,
+            created_at REAL NOT NULL, deleted_at REAL);
+        CREATE TABLE checkpoints (run_id TEXT NOT NULL REFERENCES runs(id), name TEXT NOT NULL, path TEXT NOT NULL,
+            step INTEGER NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (run_id, name));
+        CREATE TABLE samplers (id TEXT PRIMARY KEY, owner TEXT NOT NULL, base_model TEXT NOT NULL, checkpoint TEXT,
+            model_path TEXT, created_at REAL NOT NULL);
+        INSERT INTO runs VALUES ('s:train:0', 'u', 'm', '{"rank": 1}', 0, 3, NULL, NULL, 1.0, NULL);
+        INSERT INTO checkpoints VALUES ('s:train:0', 'sampler_weights.session-s-sample-1', 'c/a', 3, 2.0);
+        INSERT INTO checkpoints VALUES ('s:train:0', 'sampler_weights.session-keepme', 'c/b', 3, 3.0);
+        INSERT INTO checkpoints VALUES ('s:train:0', 'final', 'c/c', 3, 4.0);
+        INSERT INTO samplers VALUES ('s:sample:1', 'u', 'm', 's:train:0/sampler_weights.session-s-sample-1', NULL, 2.0);
+        INSERT INTO samplers VALUES ('s:sample:2', 'u', 'm', 's:train:0/sampler_weights.session-keepme',
+            'tinker://s:train:0/sampler_weights/session-keepme', 3.0);
+    """)
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert [c.name for c in store.auto_checkpoints("s:train:0")] == ["sampler_weights.session-s-sample-1"]
+    assert [(c.name, c.public, c.expires_at) for c in store.checkpoints("s:train:0", include_auto=False)] == [
+        ("sampler_weights.session-keepme", False, None), ("final", False, None)]
+    store.close()
+    Store(path).close()  # opening it again changes nothing

@@ -8,6 +8,7 @@ the backend, so nothing here imports torch.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -412,7 +413,11 @@ class Service:
             # Queued behind the run's pending jobs, so they finish first.
             await self._submit_and_wait(user, Job(new_id("job"), DeleteRun(model=row["base_model"], run_id=run_id)))
         # Its checkpoints go with it (runs that loaded one restore from their own snapshot of it); a
-        # crash before this is made good by the sweep at the next start.
+        # crash before this is made good by the sweep at the next start. Off the event loop: a
+        # run's folders can be many.
+        await asyncio.to_thread(self._remove_checkpoints_of, run_id)
+
+    def _remove_checkpoints_of(self, run_id: str) -> None:
         for checkpoint in self.store.checkpoints(run_id):
             self._remove_checkpoint(checkpoint.run_id, checkpoint.name)
         _remove_empty(self.checkpoint_root / run_id)
