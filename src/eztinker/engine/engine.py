@@ -30,9 +30,10 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import lora_adapters, losses, output_projection, packed_linear, plain_decoder, prompt_attention
+from . import lora_adapters, losses, output_projection, packed_linear, plain_decoder, prompt_attention, prompt_scoring
 from .checkpoints import write_atomically
 from .models import BaseModel
+from .prompt_scoring import PromptExtras
 from .sampler import OutputHead, SampleSpec, sample
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,6 +77,7 @@ class PromptLogprobs:
 
     logprobs: list[float | None]
     topk: list[list[list] | None] | None
+    extras: prompt_scoring.ExtrasResult | None = None  # what PromptExtras asked for
 
 
 # peft 0.21's LoraLayer.update_layer(adapter_name, r, lora_alpha, config, **kwargs); older
@@ -668,10 +670,12 @@ class Engine:
         return scores
 
     @torch.no_grad()
-    def prompt_logprobs(self, adapter: str | None, prompts: list[list[int]], topk: int = 0) -> list[PromptLogprobs]:
+    def prompt_logprobs(self, adapter: str | None, prompts: list[list[int]], topk: int = 0, last_n: int | None = None,
+                        extras: list[PromptExtras] | None = None) -> list[PromptLogprobs]:
         """Per prompt, the logprob (temperature 1) of each of its tokens given the tokens before it,
         and with topk > 0 the k most likely tokens there, under a run's or snapshot's adapter (or
-        the bare model)."""
+        the bare model). `last_n`: only each prompt's last n tokens are scored (the rest None).
+        `extras` (one per prompt): target ids' logprobs and draws at every position (prompt_scoring.py)."""
         self._check_adapter(adapter)
         self._check_prompts(prompts)
         if not all(prompts):
@@ -679,22 +683,34 @@ class Engine:
         if topk > self.base.vocab_size:
             raise EngineError(f"topk_prompt_logprobs {topk} exceeds the vocabulary size {self.base.vocab_size}")
         input_ids, attention_mask = self._right_pad(prompts)
+        scored = [len(p) - 1 if last_n is None else min(last_n, len(p) - 1) for p in prompts]
         positions_B_T = torch.zeros(input_ids.shape, dtype=torch.bool)  # position t predicts token t + 1
-        for i, p in enumerate(prompts):
-            positions_B_T[i, : len(p) - 1] = True
-        targets_N = torch.tensor([t for p in prompts for t in p[1:]], dtype=torch.long, device=input_ids.device)
+        for i, (p, n) in enumerate(zip(prompts, scored)):
+            positions_B_T[i, len(p) - 1 - n: len(p) - 1] = True
+        targets_N = torch.tensor([t for p, n in zip(prompts, scored) for t in p[len(p) - n:]], dtype=torch.long,
+                                 device=input_ids.device)
         hidden = self._hidden_states(adapter, input_ids, attention_mask)
         logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk)
         logprobs, top, ids = logprobs_N.tolist(), top_N_K.tolist(), ids_N_K.tolist()
         results, offset = [], 0
-        for p in prompts:
-            rows = range(offset, offset + len(p) - 1)
-            offset += len(p) - 1
+        for i, (p, n) in enumerate(zip(prompts, scored)):
+            rows = range(offset, offset + n)
+            offset += n
+            unscored = [None] * (len(p) - n)
+            extra = None
+            if extras is not None and (extras[i].targets is not None or extras[i].alt_k):
+                extra = prompt_scoring.score_prompt(hidden[i, : len(p) - 1], extras[i], self._log_softmax,
+                                                    prompt_scoring.rows_per_chunk(self.base.vocab_size))
             results.append(PromptLogprobs(
-                logprobs=[None] + [logprobs[n] for n in rows],
-                topk=[None] + [[[t, lp] for t, lp in zip(ids[n], top[n])] for n in rows] if topk else None,
+                logprobs=unscored + [logprobs[r] for r in rows],
+                topk=unscored + [[[t, lp] for t, lp in zip(ids[r], top[r])] for r in rows] if topk else None,
+                extras=extra,
             ))
         return results
+
+    def _log_softmax(self, hidden_C_H: torch.Tensor) -> torch.Tensor:
+        """The model's logprobs (temperature 1) over the vocabulary [C, V] at these final hidden states."""
+        return torch.log_softmax(self.base.model.get_output_embeddings()(hidden_C_H).float(), dim=-1)
 
     # ------------------------------------------------------------------------- snapshots
     def snapshot(self, directory: Path, pinned: Collection[str] = ()) -> str:

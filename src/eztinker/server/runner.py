@@ -376,7 +376,8 @@ class JobRunner:
         elif isinstance(command, OptimStep):
             self.store.record_step(job.id, command.run_id, value)
         elif isinstance(command, ForwardBackward) and not command.forward_only:
-            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"], value["num_tokens"])
+            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"],
+                                               value["num_tokens"], _weight_sum(command))
         else:
             self.store.mark_finished(job.id, result=json.dumps(value))
 
@@ -414,6 +415,23 @@ class JobRunner:
             finally:
                 self._expiry_lock.release()
 
+
+
+def _weight_sum(command: ForwardBackward) -> float | None:
+    """cross_entropy's summed weights over the batch (a datum without weights weighs 1 at every
+    position): its weighted loss over this is the mean NLL per token, whether the weights are
+    ones or already normalised to sum to 1. None for the other losses (no weights)."""
+    if command.loss_fn != "cross_entropy":
+        return None
+    total = 0.0
+    for datum in command.data:
+        weights = datum.loss_fn_inputs.weights
+        total += len(datum.loss_fn_inputs.target_tokens) if weights is None else _total(weights)
+    return total
+
+
+def _total(values) -> float:
+    return float(sum(_total(v) if isinstance(v, (list, tuple)) else v for v in values))
 
 
 def _guarded(job_id: str, listener: Progress) -> Progress:

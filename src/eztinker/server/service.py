@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import __version__
 from ..backend import Backend, InvalidInput, ModelInfo, Progress
-from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score
+from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score, ScorePrompts
 from ..types import (
     CreateRunRequest,
     ForwardBackwardRequest,
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 # Seeds are stored as SQLite INTEGERs and fed to torch.manual_seed; either raises OverflowError above this,
 # and the schema has no upper bound, so checking it up front answers 422 rather than 500.
 MAX_SEED = 2**63 - 1
+# Ids scored (target_prompt_logprobs) or drawn (prompt_alt_tokens_k) per prompt token, on average: as wide as a top-k.
+MAX_PROMPT_CELLS_PER_TOKEN = 64
 
 
 class ServiceError(Exception):
@@ -315,9 +317,13 @@ class Service:
             elif row["loss"] is not None:
                 point["loss"] = point.get("loss", 0.0) + row["loss"]
                 point["num_tokens"] = point.get("num_tokens", 0) + row["num_tokens"]
+                # cross_entropy: divided by its weights' sum (a mean NLL per token whatever the
+                # weights' scale); the RL losses and rows logged before weight sums: by the tokens.
+                weight = row["weight_sum"] if row["weight_sum"] is not None else row["num_tokens"]
+                point["weight_sum"] = point.get("weight_sum", 0.0) + weight
         for point in points.values():
-            if point.get("num_tokens"):
-                point["loss_per_token"] = point["loss"] / point["num_tokens"]
+            if point.get("weight_sum"):
+                point["loss_per_token"] = point["loss"] / point["weight_sum"]
             point["recorded_at"] = datetime.fromtimestamp(point["recorded_at"], tz=timezone.utc)
         return RunMetrics(run_id=run_id, points=[MetricPoint(**points[step]) for step in sorted(points)])
 
@@ -458,7 +464,8 @@ class Service:
     def submit_sample_tokens(self, user: str, model: str, run_id: str | None, prompts: list[list[int]],
                              num_samples: int, params, request: Any, key: str | None, *, snapshot: Path | None = None,
                              prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_logprobs: int = 0,
-                             progress: Progress | None = None) -> JobRef:
+                             prompt_logprobs_last_n: int | None = None, prompt_targets: list | None = None,
+                             prompt_alt_tokens_k: int = 0, progress: Progress | None = None) -> JobRef:
         """Sample token prompts on `model`: from run `run_id`'s live adapter, a saved `snapshot`
         (a checkpoint directory), or the bare model when both are None. `progress` receives the
         tokens as they are decoded (from the worker thread)."""
@@ -483,10 +490,60 @@ class Service:
         self.check_tokens(model, params.stop_token_ids, ("sampling_params", "stop_token_ids"))
         for i, tokens in enumerate(prompts):
             self.check_tokens(model, tokens, ("prompts", i, "tokens"))
+        self._check_prompt_scoring(model, prompts, prompt_logprobs_last_n, prompt_targets, prompt_alt_tokens_k)
         command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=num_samples, sampling_params=params,
                          snapshot=None if snapshot is None else str(snapshot), prompt_logprobs=prompt_logprobs,
-                         topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs)
+                         topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs,
+                         prompt_logprobs_last_n=prompt_logprobs_last_n, prompt_targets=prompt_targets,
+                         prompt_alt_tokens_k=prompt_alt_tokens_k)
         return self.submit(user, Job(new_id("job"), command, progress=progress), request, key)
+
+    def _check_prompt_scoring(self, model: str, prompts: list[list[int]], last_n: int | None, targets: list | None,
+                              alt_k: int) -> None:
+        """What a sample asks at its prompts' positions fits each prompt: `last_n` at most len - 1,
+        `targets` one row per position 1 .. len - 1 of ids in the vocabulary, at most MAX_PROMPT_CELLS_PER_TOKEN
+        ids (and draws) per prompt token on average (they cost a vocabulary row each, like a top-k)."""
+        vocab = self.models[model].vocab_size
+        for i, prompt in enumerate(prompts):
+            if last_n is not None and not 1 <= last_n <= len(prompt) - 1:
+                raise invalid(("prompt_logprobs_last_n",), f"prompt_logprobs_last_n is {last_n}; it must be between "
+                              f"1 and len(prompt) - 1 = {len(prompt) - 1}")
+            cells_limit = MAX_PROMPT_CELLS_PER_TOKEN * len(prompt)
+            if alt_k * (len(prompt) - 1) > cells_limit:
+                raise invalid(("prompt_alt_tokens_k",), f"prompt_alt_tokens_k {alt_k} x {len(prompt) - 1} positions "
+                              f"is above the limit of {cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)")
+            if targets is None:
+                continue
+            rows = targets[i]
+            if len(rows) != len(prompt) - 1:
+                raise invalid(("target_prompt_logprobs",), f"target_prompt_logprobs has {len(rows)} rows; the prompt "
+                              f"has {len(prompt)} tokens, so it needs len(prompt) - 1 = {len(prompt) - 1}")
+            cells = sum(len(row) for row in rows)
+            if cells == 0:
+                raise invalid(("target_prompt_logprobs",),
+                              "target_prompt_logprobs names no token id (every cell is -1)")
+            if cells > cells_limit:
+                raise invalid(("target_prompt_logprobs",), f"target_prompt_logprobs names {cells} ids; the limit is "
+                              f"{cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)")
+            for r, row in enumerate(rows):
+                for token in row:
+                    if not 0 <= token < vocab:
+                        raise invalid(("target_prompt_logprobs", r),
+                                      f"token id {token} is outside the vocabulary [0, {vocab})")
+
+    def submit_score_prompts(self, user: str, model: str, run_id: str | None, prompts: list[list[int]], topk: int,
+                             request: Any, *, snapshot: Path | None = None) -> JobRef:
+        """Score token prompts on `model` (a run's live adapter, a saved `snapshot`, or the bare
+        model): every token's logprob given those before it, one forward pass, no sampling."""
+        if len(prompts) > self.settings.max_batch_examples:
+            raise invalid(("prompts",), f"{len(prompts)} prompts; the limit is max_batch_examples "
+                                        f"({self.settings.max_batch_examples})")
+        self._check_total_tokens(("prompts",), sum(len(p) for p in prompts), f"{len(prompts)} prompts")
+        for i, tokens in enumerate(prompts):
+            self.check_tokens(model, tokens, ("prompts", i, "tokens"))
+        command = ScorePrompts(model=model, run_id=run_id, prompts=prompts, topk=topk,
+                               snapshot=None if snapshot is None else str(snapshot))
+        return self.submit(user, Job(new_id("job"), command), request, None)
 
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)

@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .._net import is_loopback_host
+from ..model_spec import served_name
 
 
 class ServerSettings(BaseSettings):
@@ -26,7 +27,9 @@ class ServerSettings(BaseSettings):
         default_factory=lambda: ["auto"],
         description="Base model, repeatable (the first is the default for new runs): a Hub id, a local "
         "directory, 'smollm2-135m' (embedded, offline) or 'auto' (Qwen/Qwen2-0.5B-Instruct when the Hub "
-        "is reachable, else smollm2-135m).",
+        "is reachable, else smollm2-135m); NAME=SOURCE serves SOURCE under the name NAME (e.g. "
+        "Qwen/Qwen3-4B-Instruct-2507=/path/to/folder, for recipes that look models up by name). In a "
+        "settings file also a table {NAME = SOURCE, ...}.",
     )
     data_dir: Path = Field(Path("data"), description="Database, checkpoints and model cache live here.")
     checkpoint_dir: Path | None = Field(
@@ -106,11 +109,17 @@ class ServerSettings(BaseSettings):
     def _models(cls, value: Any) -> Any:
         if isinstance(value, str):  # EZTINKER_MODEL="a,b" or one name
             value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, dict):  # a settings file's table: {served name: source}
+            value = [f"{name}={source}" for name, source in value.items()]
         if isinstance(value, (list, tuple)):
             if not value:
                 raise ValueError("give at least one base model")
-            if len(set(value)) != len(value):
-                raise ValueError(f"each base model once, got {list(value)}")
+            try:
+                names = [served_name(v) for v in value] if all(isinstance(v, str) for v in value) else value
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            if len(set(names)) != len(names):
+                raise ValueError(f"each base model (served name) once, got {list(value)}")
         return value
 
     @field_validator("api_key")

@@ -83,11 +83,21 @@ CREATE TABLE IF NOT EXISTS training_log (  -- what each forward_backward / optim
     kind TEXT NOT NULL,
     loss REAL,              -- forward_backward: summed over the batch
     num_tokens INTEGER,     -- forward_backward: positions that carried loss
+    weight_sum REAL,        -- forward_backward, cross_entropy: the sum of its weights (the loss's denominator)
     grad_norm REAL,         -- optim_step
     learning_rate REAL,     -- optim_step
     recorded_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS training_log_run ON training_log(run_id, step);
+CREATE TABLE IF NOT EXISTS evaluations (  -- harness results (lm-eval) of a run's adapter or checkpoint, as reported
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    checkpoint TEXT,        -- its name; NULL: the run's live adapter
+    step INTEGER NOT NULL,  -- the adapter's optimizer step
+    report TEXT NOT NULL,   -- JSON: harness, tasks, scores, config
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evaluations_run ON evaluations(run_id, created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
@@ -130,7 +140,8 @@ class Store:
     def _add_missing_columns(self) -> None:
         """Columns added since the first schema, for databases made before them."""
         for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT"),
-                                    ("runs", "resume_path", "TEXT"), *CHECKPOINT_COLUMNS):
+                                    ("runs", "resume_path", "TEXT"), ("training_log", "weight_sum", "REAL"),
+                                    *CHECKPOINT_COLUMNS):
             names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in names:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -252,13 +263,15 @@ class Store:
             *self._completion(job_id, json.dumps(result)),
         ])
 
-    def record_forward_backward(self, job_id: str, run_id: str, result_json: str, loss: float, num_tokens: int) -> None:
+    def record_forward_backward(self, job_id: str, run_id: str, result_json: str, loss: float, num_tokens: int,
+                                weight_sum: float | None = None) -> None:
         """In one transaction: the batch's loss in the training log (at the step its gradient
-        goes into), the job completed."""
+        goes into), the job completed. `weight_sum`: cross_entropy's summed weights, which
+        turn its weighted loss into a mean NLL per token (None for the RL losses)."""
         self._transaction([
-            ("INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, loss, num_tokens, recorded_at)"
-             " SELECT ?, id, step + 1, 'forward_backward', ?, ?, ? FROM runs WHERE id = ?",
-             (job_id, loss, num_tokens, time.time(), run_id)),
+            ("INSERT OR REPLACE INTO training_log"
+             " (job_id, run_id, step, kind, loss, num_tokens, weight_sum, recorded_at) SELECT ?, id, step + 1, 'forward_backward', ?, ?, ?, ? FROM runs WHERE id = ?",
+             (job_id, loss, num_tokens, weight_sum, time.time(), run_id)),
             *self._completion(job_id, result_json),
         ])
 
@@ -266,11 +279,13 @@ class Store:
         return self._query("SELECT * FROM training_log WHERE run_id = ? ORDER BY step, recorded_at", (run_id,))
 
     def last_losses(self, owner: str, run_id: str | None = None) -> dict[str, tuple[int, float, int]]:
-        """Per run of the owner (or only `run_id`): (step, summed loss, tokens) of its newest step
-        with a forward_backward."""
+        """Per run of the owner (or only `run_id`): (step, summed loss, its denominator) of its newest
+        step with a forward_backward; the denominator is the weight sum where recorded, else the
+        tokens that carried loss."""
         scope, args = _run_scope("t.run_id", owner, run_id)
         rows = self._query(
-            "SELECT l.run_id, l.step, SUM(l.loss) AS loss, SUM(l.num_tokens) AS tokens FROM training_log l"
+            "SELECT l.run_id, l.step, SUM(l.loss) AS loss, SUM(COALESCE(l.weight_sum, l.num_tokens)) AS tokens"
+            " FROM training_log l"
             " JOIN (SELECT t.run_id, MAX(t.step) AS step FROM training_log t JOIN runs r ON r.id = t.run_id"
             f"       WHERE {scope} AND t.kind = 'forward_backward' GROUP BY t.run_id) newest"
             " ON newest.run_id = l.run_id AND newest.step = l.step"
@@ -308,6 +323,15 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def add_evaluation(self, evaluation_id: str, run_id: str, checkpoint: str | None, step: int, report: str) -> float:
+        created = time.time()
+        self._execute("INSERT INTO evaluations (id, run_id, checkpoint, step, report, created_at)"
+                      " VALUES (?, ?, ?, ?, ?, ?)", (evaluation_id, run_id, checkpoint, step, report, created))
+        return created
+
+    def evaluations(self, run_id: str) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM evaluations WHERE run_id = ? ORDER BY created_at, rowid", (run_id,))
 
     def delete_checkpoint(self, run_id: str, name: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))

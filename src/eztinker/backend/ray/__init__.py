@@ -20,7 +20,7 @@ from typing import Any
 
 from ...types import LoraConfig, Prompt
 from .. import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo, WorkerLost
-from ..commands import Command, CreateRun, DeleteRun, Outcome, Sample
+from ..commands import Command, CreateRun, DeleteRun, Outcome, Sample, ScorePrompts
 from .placement import NoLiveWorker, Placement
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,8 @@ class RayBackend:
     # ------------------------------------------------------------------------- model work
     def lanes(self, command: Command) -> list[Hashable]:
         model = command.model
-        anywhere = (isinstance(command, Sample) and command.snapshot is not None) or command.run_id is None
+        snapshot = isinstance(command, (Sample, ScorePrompts)) and command.snapshot is not None
+        anywhere = snapshot or command.run_id is None
         if anywhere:  # a snapshot or the bare model: any of its workers holds those
             return self._placement.live(model) or self._of_model(model)
         if not isinstance(command, CreateRun) and (worker := self._placement.worker_of(command.run_id)):

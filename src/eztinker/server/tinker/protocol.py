@@ -1,7 +1,8 @@
 """Tinker's JSON request bodies, as the official SDK sends them (`tinker` 0.38), and its paths.
 
-Unknown fields are ignored (the SDK adds a `type` tag and fields this server does not use);
-defaults are Tinker's. Protobuf bodies are wire.py's.
+Unknown fields are ignored (the SDK adds a `type` tag and fields this server does not use),
+except in asample, which refuses any it does not know; defaults are Tinker's. Protobuf bodies are
+wire.py's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ _SEGMENT = {"weights": CheckpointKind.training, "sampler_weights": CheckpointKin
             "external_weights": CheckpointKind.external}
 _SEGMENT_OF = {kind: segment for segment, kind in _SEGMENT.items()}
 _TINKER_PATH = re.compile(rf"tinker://({RUN_ID_PATTERN})/(weights|sampler_weights|external_weights)/([^/]+)")
+
+
+# POST client/config's flags, read by every SDK version (each ignores the ones it lacks); the rest stay at
+# their defaults (no zstd, no JWT exchange). SDKs before 0.25 send forward_backward as JSON and call
+# /api/v1/forward unless told to send protobuf (which this server reads) and forward through
+# forward_backward with forward_only; later SDKs always do both.
+CLIENT_CONFIG: dict[str, Any] = {"proto_write_fwdbwd": True, "fwd_via_fwdbwd": True}
 
 
 class _Body(BaseModel):
@@ -128,6 +136,7 @@ class CreateSamplingSession(_Body):
 
 
 class TinkerSamplingParams(_Body):
+    model_config = ConfigDict(extra="allow")  # ASample.unsupported refuses what it does not know
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | list[int] | None = None
@@ -136,14 +145,47 @@ class TinkerSamplingParams(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
 
 
+MAX_TOPK = 64  # top-k widths (prompt and sampled positions) and prompt_alt_tokens_k
+
+
 class ASample(_Body):
+    """Every field of the SDK's SampleRequest (0.38) is declared: each is honoured or refused by
+    name (`unsupported`), and a field this server does not know is refused too, never ignored."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
     sampling_session_id: str
     seq_id: int | None = None
     num_samples: int = Field(1, ge=1)
     prompt: dict[str, Any]
     sampling_params: TinkerSamplingParams = Field(default_factory=TinkerSamplingParams)
-    prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = Field(0, ge=0, le=64)
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = Field(0, ge=0, le=MAX_TOPK)
+    topk_sample_logprobs: int = Field(0, ge=0, le=MAX_TOPK)
+    target_prompt_logprobs: dict[str, Any] | None = None  # TensorData: wire.decode_target_grid reads it
+    prompt_alt_tokens_k: int = Field(0, ge=0, le=MAX_TOPK)
+    prompt_logprobs_last_n: int | None = Field(None, ge=1)
+    record_stability_info: bool | None = None
+    # A SampleRequest may name its model instead of a sampling session; the SDK sends a session.
+    base_model: str | None = None
+    model_path: str | None = None
+    type: str | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field that asks for something this server does not do, with why; None if none."""
+        for name in self.model_extra or {}:
+            return f"{name} is not a sampling field this server knows; it would be ignored, so it is refused"
+        for name in self.sampling_params.model_extra or {}:
+            return (f"sampling_params.{name} is not a sampling parameter this server knows; it would be ignored, "
+                    "so it is refused")
+        if self.record_stability_info:
+            return "record_stability_info is not supported by this server (no stable_reinforce)"
+        if self.base_model is not None or self.model_path is not None:
+            field = "base_model" if self.base_model is not None else "model_path"
+            return f"{field}: give the sampling_session_id of a sampling session for it instead"
+        if self.prompt_logprobs_last_n is not None and not self.prompt_logprobs:
+            return "prompt_logprobs_last_n applies to prompt logprobs: set prompt_logprobs too"
+        return None
 
 
 class RetrieveFuture(_Body):

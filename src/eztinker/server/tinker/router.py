@@ -36,7 +36,7 @@ def tinker_router(service: Service) -> APIRouter:
     # ------------------------------------------------------------------ client set-up
     @router.post("/client/config")
     def client_config(user: User) -> dict:
-        return {}  # every flag at its default: protobuf bodies, no zstd, no JWT exchange
+        return p.CLIENT_CONFIG
 
     @router.post("/client/dynamic_config")
     def dynamic_config(user: User) -> dict:

@@ -82,6 +82,7 @@ class FutureExtra:
     sampling_session_id: str | None = None  # an unnamed sampler snapshot's session
     path: str | None = None  # a load's tinker path, echoed back
     model_id: str | None = None
+    target_grid: wire.TargetGrid | None = None  # a sample's target_prompt_logprobs: the answer's layout
 
 
 class Sequencer:
@@ -369,23 +370,33 @@ class TinkerServing:
         return FutureRef(ref.job_id, sample_sequence_ids=[f"{ref.job_id}:{i}" for i in range(body.num_samples)])
 
     def _submit_sample(self, user: str, body: p.ASample, key: str | None) -> JobRef:
+        refusal = body.unsupported()
+        if refusal is not None:
+            raise ServiceError(422, refusal)
         sampler = self.sessions.sampler(body.sampling_session_id, user)
         if sampler is None:
             raise ServiceError(404, f"sampling session {body.sampling_session_id} not found")
         prompt = wire.decode_model_input_json(body.prompt)
+        grid = None if body.target_prompt_logprobs is None else wire.decode_target_grid(body.target_prompt_logprobs)
         stop, stop_ids = wire.parse_stop(body.sampling_params.stop)
         sp = body.sampling_params
         params = SamplingParams(
             max_tokens=sp.max_tokens or min(self.service.settings.max_new_tokens, 256), temperature=sp.temperature,
-            top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop, stop_token_ids=stop_ids, seed=sp.seed)
+            top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop, stop_token_ids=stop_ids, seed=sp.seed,
+            ignore_eos=wire.stop_disables_eos(sp.stop))
         snapshot = None
         if sampler["checkpoint"] is not None:
             snapshot, _ = self.service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id",
                                                        published=True)
-        return self.service.submit_sample_tokens(
+        ref = self.service.submit_sample_tokens(
             user, sampler["base_model"], None, [prompt], body.num_samples, params, body, key, snapshot=snapshot,
-            prompt_logprobs=body.prompt_logprobs or body.topk_prompt_logprobs > 0,
-            topk_prompt_logprobs=body.topk_prompt_logprobs)
+            prompt_logprobs=bool(body.prompt_logprobs) or body.topk_prompt_logprobs > 0,
+            topk_prompt_logprobs=body.topk_prompt_logprobs, topk_logprobs=body.topk_sample_logprobs,
+            prompt_logprobs_last_n=body.prompt_logprobs_last_n, prompt_targets=None if grid is None else [grid.rows],
+            prompt_alt_tokens_k=body.prompt_alt_tokens_k)
+        if grid is not None:
+            self.extras.remember(ref.job_id, FutureExtra(target_grid=grid))
+        return ref
 
     # ------------------------------------------------------------------ futures
     async def retrieve(self, user: str, request_id: str) -> Response:
@@ -408,10 +419,15 @@ class TinkerServing:
             body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value["loss"]})
             return Response(body, media_type="application/x-protobuf")
         if record.kind == "sample":
+            targets, alt = value.get("target_prompt_logprobs"), value.get("prompt_alt_tokens")
+            if targets is not None and extra.target_grid is None:  # its layout was lost (a restart): sample again
+                return error_body(410, "this sample's target_prompt_logprobs layout is gone; send it again")
             body = wire.encode_sample_response(
                 value["sequences"][0],
                 prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
-                topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0])
+                topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0],
+                target_prompt_logprobs=None if targets is None else extra.target_grid.answer(targets[0]),
+                prompt_alt_tokens=None if alt is None else (alt[0]["tokens"], alt[0]["logprobs"]))
             return Response(body, media_type="application/x-protobuf")
         if record.kind == "create_run":
             return JSONResponse({"model_id": record.run_id, **({"path": extra.path} if extra.path else {})})
