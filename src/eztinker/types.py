@@ -66,6 +66,8 @@ class CheckpointInfo(_Schema):
     path: str
     step: int
     created_at: datetime
+    expires_at: datetime | None = Field(None, description="When the server deletes it (None: never).")
+    public: bool = Field(False, description="Published: other users of the server may load and sample it.")
 
 
 class RunInfo(_Schema):

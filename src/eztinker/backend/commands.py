@@ -98,6 +98,7 @@ class Save(_Command):
     kind: Literal["save"] = "save"
     run_id: str
     directory: str
+    with_optimizer: bool = Field(True, description="Also save the optimizer state (False: weights only).")
 
 
 class Load(_Command):

@@ -127,7 +127,7 @@ class LocalBackend:
                 scores = engine.score(command.run_id, command.prompt, command.responses)
                 return {"scores": [s.model_dump() for s in scores]}
             case Save():
-                engine.save(command.run_id, Path(command.directory))
+                engine.save(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)
                 return {"step": engine.step_of(command.run_id)}
             case Load():
                 return {"step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)}
@@ -248,7 +248,7 @@ class LocalBackend:
         try:
             state = read_training_state(directory)
             return CheckpointState(step=int(state["step"]), lora=LoraConfig.model_validate(state["lora"]),
-                                   base_model=state.get("base_model"))
+                                   base_model=state.get("base_model"), has_optimizer=bool(state.get("optimizer", True)))
         except EngineError as exc:
             raise InvalidInput((), str(exc)) from None
         except (KeyError, TypeError, ValueError) as exc:

@@ -788,8 +788,10 @@ class Engine:
         self._remove_adapter(name)
 
     # ------------------------------------------------------------------------- checkpoints
-    def save(self, run_id: str, directory: Path) -> None:
-        """Adapter in PEFT's own format + optimizer state + step, written atomically."""
+    def save(self, run_id: str, directory: Path, *, with_optimizer: bool = True) -> None:
+        """Adapter in PEFT's own format + optimizer state + step, written atomically. Without
+        the optimizer state (`with_optimizer` False: weights for sampling or export), Adam's two
+        moments per parameter are left out: two thirds of a checkpoint's bytes."""
         run = self._run(run_id)
         state = peft.get_peft_model_state_dict(self._peft, adapter_name=run_id)
         config = self._peft.peft_config[run_id]
@@ -797,10 +799,12 @@ class Engine:
         def write(staging: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, staging / ADAPTER_WEIGHTS)
             config.save_pretrained(staging)
-            torch.save(run.optimizer.state_dict(), staging / OPTIMIZER_STATE)
-            (staging / TRAINING_STATE).write_text(
-                json.dumps({"step": run.step, "lora": run.lora.model_dump(), "base_model": self.base.name})
-            )
+            if with_optimizer:
+                torch.save(run.optimizer.state_dict(), staging / OPTIMIZER_STATE)
+            (staging / TRAINING_STATE).write_text(json.dumps({
+                "step": run.step, "lora": run.lora.model_dump(), "base_model": self.base.name,
+                "optimizer": with_optimizer,
+            }))
 
         write_atomically(directory, write)
 
@@ -814,6 +818,9 @@ class Engine:
         run = self._run(run_id)
         verify_checkpoint(directory)
         saved = read_training_state(directory)
+        if with_optimizer and not saved.get("optimizer", True):
+            raise EngineError(f"checkpoint {_ref(directory)} holds weights only (saved for sampling or export), "
+                              "no optimizer state: load it without the optimizer state")
         if saved["lora"] != run.lora.model_dump():
             raise EngineError(
                 f"checkpoint LoRA config {saved['lora']} does not match the run's {run.lora.model_dump()}"
@@ -1016,11 +1023,10 @@ def _base_only(lora_layers: list[peft.tuners.lora.LoraLayer]):
 def verify_checkpoint(directory: Path) -> None:
     """Read every file of a checkpoint (adapter, optimizer state, training state) without
     applying it; raise EngineError naming the broken file. weights_only: never unpickles code."""
-    read_training_state(directory)
-    for name, read in (
-        (ADAPTER_WEIGHTS, lambda path: load_file(path)),
-        (OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")),
-    ):
+    files = [(ADAPTER_WEIGHTS, lambda path: load_file(path))]
+    if read_training_state(directory).get("optimizer", True):  # weights-only checkpoints have none
+        files.append((OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")))
+    for name, read in files:
         try:
             read(directory / name)
         except Exception as exc:

@@ -32,7 +32,7 @@ from ..backend import Backend, Progress, WorkerLost
 from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
                                 Save, fusable)
 from .metrics import Metrics
-from .store import Store, is_busy
+from .store import CheckpointLifecycle, Store, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class Job:
     command: Command
     # '<run_id>/<name>': the checkpoint a save writes, or a load / create_run starts from.
     checkpoint: str | None = None
+    # A save's: what its checkpoint's row records beside it (expiry, weights only, ...).
+    lifecycle: CheckpointLifecycle | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     # A sample's listener for its tokens as they are decoded (streaming); called from the worker thread.
     progress: Progress | None = None
@@ -359,8 +361,9 @@ class JobRunner:
         elif isinstance(command, Save):
             relative = stored_path(Path(command.directory), self.data_dir)
             name = job.checkpoint.split("/")[1]
-            self.store.record_save(job.id, command.run_id, name, relative, value["step"])
-            self._drop_snapshots(command.run_id)  # it restores from its own save now
+            self.store.record_save(job.id, command.run_id, name, relative, value["step"], job.lifecycle)
+            if command.with_optimizer:
+                self._drop_snapshots(command.run_id)  # it restores from its own save now
         elif isinstance(command, (Load, CreateRun)) and job.checkpoint is not None:
             source = command.directory if isinstance(command, Load) else command.from_checkpoint
             snapshot = self._snapshot(command.run_id, job.id, Path(source))

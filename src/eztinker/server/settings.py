@@ -104,6 +104,17 @@ class ServerSettings(BaseSettings):
         600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
     )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
+    checkpoint_sweep_seconds: float = Field(
+        60, gt=0, description="How often the server deletes expired checkpoints (a Tinker ttl_seconds) and those of "
+        "deleted runs; expired ones are refused from the moment they expire.",
+    )
+    sampler_snapshots_kept: int = Field(
+        4, ge=1, description="Unnamed sampler snapshots (save_weights_and_get_sampling_client) a run keeps: older ones "
+        "are deleted as new ones are saved. Named checkpoints are never pruned.",
+    )
+    download_url_seconds: float = Field(
+        3600, gt=0, description="How long a signed checkpoint download URL (Tinker archive or external weights) works.",
+    )
     _user_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("model", mode="before")

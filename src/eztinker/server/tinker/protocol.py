@@ -8,16 +8,20 @@ wire.py's.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...types import AdamParams, CHECKPOINT_NAME_PATTERN, RUN_ID_PATTERN
+from ..checkpoints import CheckpointKind, kind_of, stored_name, user_name
 
-# A checkpoint saved for sampling is one of the run's checkpoints, named with this prefix, so that
-# both APIs list it; `tinker://<run>/sampler_weights/<name>` is checkpoint `<run>/sampler_weights.<name>`.
-SAMPLER_PREFIX = "sampler_weights."
-_TINKER_PATH = re.compile(rf"tinker://({RUN_ID_PATTERN})/(weights|sampler_weights)/([^/]+)")
+# A checkpoint saved for sampling (or export) is one of the run's checkpoints, in its kind's
+# namespace (checkpoints.py), so that both APIs list it: `tinker://<run>/sampler_weights/<name>` is
+# checkpoint `<run>/sampler_weights.<name>`, `tinker://<run>/weights/<name>` is `<run>/<name>`.
+_SEGMENT = {"weights": CheckpointKind.training, "sampler_weights": CheckpointKind.sampler,
+            "external_weights": CheckpointKind.external}
+_SEGMENT_OF = {kind: segment for segment, kind in _SEGMENT.items()}
+_TINKER_PATH = re.compile(rf"tinker://({RUN_ID_PATTERN})/(weights|sampler_weights|external_weights)/([^/]+)")
 
 
 # POST client/config's flags, read by every SDK version (each ignores the ones it lacks); the rest stay at
@@ -86,6 +90,7 @@ class SaveWeights(_Body):
     seq_id: int | None = None
     ttl_seconds: int | None = None
     overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
 
 
 class SaveWeightsForSampler(_Body):
@@ -94,6 +99,20 @@ class SaveWeightsForSampler(_Body):
     sampling_session_seq_id: int | None = None
     seq_id: int | None = None
     kind: str = "snapshot"
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] | None = None
+
+
+class SaveWeightsExternal(_Body):
+    model_id: str
+    path: str
+    seq_id: int | None = None
+    ttl_seconds: int | None = None
+    age_encryption_recipients: list[str] | None = Field(None, max_length=10)
+
+
+class CheckpointTtl(_Body):
+    ttl_seconds: int | None = None
 
 
 class LoadWeights(_Body):
@@ -106,6 +125,7 @@ class LoadWeights(_Body):
     model_seq_id: int | None = Field(None, ge=0)
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
+    weights_access_token: str | None = None
 
 
 class CreateSamplingSession(_Body):
@@ -177,32 +197,31 @@ class WeightsInfo(_Body):
     tinker_path: str
 
 
-Kind = Literal["weights", "sampler_weights"]
-
-
 def parse_tinker_path(path: str) -> tuple[str, str]:
-    """'tinker://<run>/weights/<name>' -> (run_id, our checkpoint name); ValueError otherwise."""
+    """'tinker://<run>/weights/<name>' (or sampler_weights, external_weights) -> (run_id, our
+    checkpoint name); ValueError otherwise."""
     match = _TINKER_PATH.fullmatch(path)
     if match is None or not re.fullmatch(CHECKPOINT_NAME_PATTERN, match[3]) or ".." in match[3]:
-        raise ValueError(f"{path!r} is not a checkpoint path: expected tinker://<run_id>/weights/<name> "
-                         "or tinker://<run_id>/sampler_weights/<name>")
-    run_id, kind, name = match.groups()
-    return run_id, (SAMPLER_PREFIX + name if kind == "sampler_weights" else name)
+        raise ValueError(f"{path!r} is not a checkpoint path: expected tinker://<run_id>/weights/<name>, "
+                         "tinker://<run_id>/sampler_weights/<name> or tinker://<run_id>/external_weights/<name>")
+    run_id, segment, name = match.groups()
+    return run_id, stored_name(_SEGMENT[segment], name)
 
 
 def checkpoint_id(name: str) -> tuple[str, str]:
     """Our checkpoint name -> (Tinker's checkpoint_id, checkpoint_type)."""
-    if name.startswith(SAMPLER_PREFIX):
-        return f"sampler_weights/{name[len(SAMPLER_PREFIX):]}", "sampler"
-    return f"weights/{name}", "training"
+    kind = kind_of(name)
+    return f"{_SEGMENT_OF[kind]}/{user_name(name)}", kind.value
 
 
 def from_checkpoint_id(checkpoint: str) -> str:
-    """Tinker's checkpoint_id ('weights/<name>' or 'sampler_weights/<name>') -> our name."""
-    kind, _, name = checkpoint.partition("/")
-    if kind not in ("weights", "sampler_weights") or not name or "/" in name:
-        raise ValueError(f"checkpoint id {checkpoint!r} must be weights/<name> or sampler_weights/<name>")
-    return SAMPLER_PREFIX + name if kind == "sampler_weights" else name
+    """Tinker's checkpoint_id ('weights/<name>', 'sampler_weights/<name>', 'external_weights/<name>')
+    -> our name; ValueError otherwise."""
+    segment, _, name = checkpoint.partition("/")
+    if segment not in _SEGMENT or not name or "/" in name:
+        raise ValueError(f"checkpoint id {checkpoint!r} must be weights/<name>, sampler_weights/<name> "
+                         "or external_weights/<name>")
+    return stored_name(_SEGMENT[segment], name)
 
 
 def tinker_path(run_id: str, name: str) -> str:
