@@ -5,8 +5,8 @@ distillation: [N, K] cross_entropy) and off-policy distillation (n_teacher_targe
 
 Only what a user without the Hub changes is changed: base_url, the log path, max_steps, and
 local data. The server presents its model under a name from the cookbook's model table
-(`Qwen/Qwen3.5-9B-Base`: its folder sits at that relative path in the server's working
-directory), and the cookbook's own `register_tokenizer` maps that name to the folder's tokenizer.
+(`--model Qwen/Qwen3.5-9B-Base=FOLDER`), and the cookbook's own `register_tokenizer` maps that name
+to the folder's tokenizer.
 
 The model is a hand-set tiny Qwen2 (see `hand_set_model`): its next token depends only on the
 current one, so arithmetic groups earn mixed rewards (a reply that runs past max_tokens without
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -94,18 +93,12 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(root):
-    here = os.getcwd()
-    os.chdir(root)  # the server names its model by the relative path it was given
-    try:
-        with ServerProcess(model=MODEL, data_dir=root / "data", log_file=root / "server.log",
-                           # SDFT samples up to 2048 tokens by default (the server's default bound is 1024)
-                           extra_args=["--device", "cpu", "--max-new-tokens", "2048"], env=offline_env(),
-                           startup_timeout=120,
-                           poll_interval=0.05) as running:
-            os.chdir(here)
-            yield running
-    finally:
-        os.chdir(here)
+    # The model table's name for a local folder (--model NAME=PATH).
+    with ServerProcess(model=f"{MODEL}={root / MODEL}", data_dir=root / "data", log_file=root / "server.log",
+                       # SDFT samples up to 2048 tokens by default (the server's default bound is 1024)
+                       extra_args=["--device", "cpu", "--max-new-tokens", "2048"], env=offline_env(),
+                       startup_timeout=120, poll_interval=0.05) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)
