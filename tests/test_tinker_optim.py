@@ -178,3 +178,37 @@ def test_train_unembed_is_honoured_and_reported(server, service, tiny_model_dir)
                 "cross_entropy").result(timeout=60)
             trained = forward.loss_fn_outputs[0]["logprobs"].tolist()[2:]
             assert list(sequence.logprobs) == pytest.approx(trained, abs=1e-4)
+
+
+# ------------------------------------------------------------------- the REST and OpenAI doors
+def test_rest_run_with_head_lora_serves_its_checkpoint_over_openai(server, tiny_model_dir):
+    """REST's LoraConfig offers train_unembed; the OpenAI API serving the checkpoint gives plain peft's
+    greedy tokens and logprobs for that adapter (the head's LoRA included)."""
+    openai = pytest.importorskip("openai")
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    with EZServiceClient(server.url, api_key=KEY) as rest:
+        run = rest.create_training_run(lora_rank=4, train_unembed=True)
+        assert run.info().lora.train_unembed
+        for _ in range(3):
+            run.forward_backward([our_datum()]).result(timeout=60)
+            run.optim_step(AdamParams(learning_rate=0.05)).result(timeout=60)
+        run.save_state("served").result(timeout=60)
+    directory = server.service.data_dir / "checkpoints" / run.run_id / "served"
+    assert any("lm_head.lora_B" in k for k in load_file(directory / ADAPTER_WEIGHTS))
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
+    out = client.completions.create(model=f"{run.run_id}/served", prompt=TOKENS[:3], max_tokens=4, temperature=0,
+                                    logprobs=0)
+    served = out.choices[0].logprobs.token_logprobs
+
+    model = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), directory).eval()
+    tokens, want = list(TOKENS[:3]), []
+    with torch.no_grad():
+        for _ in range(4):
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([tokens])).logits[0, -1].float(), -1)
+            tokens.append(int(logprobs.argmax()))
+            want.append(float(logprobs.max()))
+    assert served == pytest.approx(want, abs=1e-4)
