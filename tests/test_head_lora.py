@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eztinker.engine import Engine, SampleSpec
+from eztinker.engine import SampleSpec
 from eztinker.engine.engine import ADAPTER_WEIGHTS
 from eztinker.export import export_checkpoint
 from eztinker.types import AdamParams, Datum, LoraConfig, LossFnInputs, ModelInput, SamplingParams

@@ -30,7 +30,8 @@ def gradients(params, step: int) -> list[torch.Tensor]:
             for p in params]
 
 
-def adamw_by_hand(initial: list[torch.Tensor], steps: list[tuple[list[torch.Tensor], AdamParams]]) -> list[torch.Tensor]:
+def adamw_by_hand(initial: list[torch.Tensor],
+                  steps: list[tuple[list[torch.Tensor], AdamParams]]) -> list[torch.Tensor]:
     """AdamW, decoupled weight decay, after clipping the global gradient norm (torch's rule:
     scale by clip / (norm + 1e-6) when that is below 1), in float64."""
     params = [p.double().clone() for p in initial]

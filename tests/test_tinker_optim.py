@@ -158,7 +158,8 @@ def test_train_unembed_is_honoured_and_reported(server, service, tiny_model_dir)
         client = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, **kwargs).result()
         losses = []
         for _ in range(3):
-            losses.append(client.forward_backward([sdk_datum()], "cross_entropy").result(timeout=60).metrics["loss:sum"])
+            output = client.forward_backward([sdk_datum()], "cross_entropy").result(timeout=60)
+            losses.append(output.metrics["loss:sum"])
             client.optim_step(types.AdamParams(learning_rate=0.05)).result(timeout=60)
         assert losses[-1] < losses[0]
         path = client.save_weights_for_sampler("head").result(timeout=60).path

@@ -200,7 +200,7 @@ class AdamParams(_Schema):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled: each step multiplies the weights by 1 - lr * weight_decay.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled: a step scales the weights by 1 - lr * weight_decay.")
     grad_clip_norm: float | None = Field(
         1.0, ge=0, description="Clip the adapter's gradient norm to this; 0 or null disables clipping (Tinker sends 0)."
     )

@@ -272,8 +272,9 @@ class Engine:
         """Refuse LoRA targets that would break the shared model, before peft sees them: peft
         accepts some that break it for everyone. ['embed_tokens'] fails half-way and leaves every
         run on the model (existing and new) unable to train or sample; 'lm_head' makes a run that
-        can never train (`train_unembed` adapts the head); ['q_proj', 'mlp'] leaves stray layers behind; a string other than
-        'all-linear' is taken as a regular expression. Raises InvalidTarget naming the entry."""
+        can never train (`train_unembed` adapts the head); ['q_proj', 'mlp'] leaves stray layers
+        behind; a string other than 'all-linear' is taken as a regular expression. Raises
+        InvalidTarget naming the entry."""
         if self._lora_targets is None:
             self._lora_targets = _lora_targets(self.base.model)
         linear, other = self._lora_targets
@@ -478,7 +479,7 @@ class Engine:
 
     def _projection(self, head_lora: HeadLora | None = None) -> losses.VocabProjection | None:
         """The fast output projection (None where the head is not a plain linear one); with `head_lora`,
-        it projects `head_lora.features(hidden, head_lora)`."""
+        it projects `head_lora.features(hidden, head_lora)` (head_lora.py)."""
         head = self._output_head()
         if head is None:
             return None
