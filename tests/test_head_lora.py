@@ -59,6 +59,7 @@ def unembed(engine):
     yield engine
     # The input embeddings the head shares its weight with are as loaded, whatever was trained.
     assert torch.equal(engine.base.model.get_input_embeddings().weight, embeddings)
+    engine.close()  # snapshots too: the next test's engine gets the base model as loaded
 
 
 def test_the_head_gets_a_lora_only_when_asked(engine):
