@@ -33,12 +33,17 @@ def teacher_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-teacher"), seed=7)
 
 
+# sl_loop's default model, in the cookbook's model table: the tiny model is also served under this name.
+SL_LOOP_MODEL = "Qwen/Qwen3.5-9B-Base"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes-server")
-    with ServerProcess(model=[str(tiny_model_dir), str(teacher_dir)], data_dir=root / "data",
+    models = [str(tiny_model_dir), str(teacher_dir), f"{SL_LOOP_MODEL}={tiny_model_dir}"]
+    with ServerProcess(model=models, data_dir=root / "data",
                        log_file=root / "server.log", extra_args=["--device", "cpu"], env=offline_env(),
-                       startup_timeout=120, poll_interval=0.05) as running:
+                       startup_timeout=300, poll_interval=0.05) as running:
         yield running
 
 
@@ -111,3 +116,28 @@ def test_on_policy_distillation_from_a_second_base_model(tiny_model_dir, teacher
     # the sampler's logprobs are the trainer's (the importance ratio is 1).
     assert all(abs(m["teacher_kl"]) > 1e-5 for m in steps), steps
     assert all(abs(m["optim/kl_sample_train_v1"]) < 1e-3 for m in steps), steps
+
+
+def test_sl_loop_runs_with_its_defaults_on_a_model_served_under_a_table_name(server, tiny_model_dir, tmp_path,
+                                                                            monkeypatch):
+    """`recipes/sl_loop.py` unmodified with its default Config (model Qwen/Qwen3.5-9B-Base, whose
+    renderer it looks up in the cookbook's model table; batch 128; no_robots), on the tiny model
+    served under that name (`--model NAME=FOLDER`). Its tokenizer is registered with the cookbook's
+    own hook, loading the folder get_info names (offline, a Hub name loads nothing)."""
+    from tinker_cookbook import tokenizer_utils
+    from tinker_cookbook.recipes import sl_loop
+    from transformers import AutoTokenizer
+
+    config = sl_loop.Config(log_path=str(tmp_path / "sl-loop"))
+    assert config.model_name == SL_LOOP_MODEL and config.batch_size == 128
+    monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, SL_LOOP_MODEL,
+                        lambda: AutoTokenizer.from_pretrained(tiny_model_dir))
+    sl_loop.main(config)
+    steps = [m for m in rows(tmp_path / "sl-loop" / "metrics.jsonl") if "train_mean_nll" in m]
+    # The mirror's 300 conversations: 2 whole batches of 128 (the rest dropped), one epoch.
+    assert len(steps) == 2 and all(m["num_sequences"] == 128 and m["train_mean_nll"] > 0 for m in steps)
+    final = rows(tmp_path / "sl-loop" / "checkpoints.jsonl")[-1]
+    import tinker
+
+    run = tinker.RestClient(base_url=server.url).get_training_run(final["state_path"].split("/")[2]).result()
+    assert run.base_model == SL_LOOP_MODEL
