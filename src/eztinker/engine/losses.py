@@ -249,6 +249,10 @@ class VocabProjection:
             top = (top.values - log_sums.unsqueeze(-1), top.indices)
         return target_logits - log_sums.reshape(-1, *([1] * (targets_C.dim() - 1))), exp, sums, top
 
+    def _hidden_grad(self, grad_logits_C_V: torch.Tensor, hidden_C_H: torch.Tensor) -> torch.Tensor:
+        """d loss / d hidden of a chunk, from d loss / d logits (head_lora.py adds its LoRA's part)."""
+        return torch.mm(grad_logits_C_V.to(self.weight.dtype), self.weight).to(hidden_C_H.dtype)
+
     @torch.no_grad()
     def logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0):
         """Target logprobs [N] (or [N, K]), the k largest logprobs [N, k] and their token ids [N, k] (k may be 0)."""
@@ -286,7 +290,7 @@ class VocabProjection:
                 g_C_K = two_d(g)
                 grad_logits = exp.mul_((-g_C_K.sum(dim=-1) / sums).unsqueeze(-1))
                 grad_logits.scatter_add_(-1, two_d(targets), g_C_K.to(grad_logits.dtype))
-                grad_N_H[chunk] = torch.mm(grad_logits.to(self.weight.dtype), self.weight).to(grad_N_H.dtype)
+                grad_N_H[chunk] = self._hidden_grad(grad_logits, hidden_N_H[chunk])
             total += loss.item()
             logprobs_N[chunk] = token_logprobs.detach()
         return total, logprobs_N, grad_N_H
