@@ -76,6 +76,8 @@ class APIFuture(Generic[T]):
             self._info = self._client.job(self.job_id, wait=max(0.0, min(remaining, _POLL_SECONDS)))
         if self._info.status is JobStatus.failed:
             raise JobFailedError(self.job_id, self._info.kind, self._info.error or "unknown error")
+        if self._info.error is not None and self._info.result is None:  # completed; its large result expired since
+            raise JobFailedError(self.job_id, self._info.kind, self._info.error)
         return self._parse(self._info.result)
 
     def __await__(self):

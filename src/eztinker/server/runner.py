@@ -32,6 +32,7 @@ from ..backend import Backend, Progress, WorkerLost
 from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
                                 Save, fusable)
 from .metrics import Metrics
+from .retention import RetentionPolicy
 from .store import Store, is_busy
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,8 @@ def stored_path(path: Path, data_dir: Path) -> str:
 
 
 class JobRunner:
-    def __init__(self, backend: Backend, store: Store, data_dir: Path, *, job_ttl_seconds: float,
-                 max_finished_jobs: int, sample_gather_seconds: float = 0.0, checkpoint_root: Path | None = None,
+    def __init__(self, backend: Backend, store: Store, data_dir: Path, *, retention: RetentionPolicy,
+                 sample_gather_seconds: float = 0.0, checkpoint_root: Path | None = None,
                  snapshot_root: Path | None = None, restore_run: Callable[[str], None] | None = None):
         """`restore_run(run_id)` rebuilds a run whose worker was lost (on a live one, from its last
         checkpoint), as after a restart."""
@@ -88,8 +89,7 @@ class JobRunner:
         self.data_dir = data_dir
         self.checkpoint_root = checkpoint_root or data_dir / "checkpoints"
         self.snapshot_root = snapshot_root or data_dir / SNAPSHOTS
-        self.job_ttl_seconds = job_ttl_seconds
-        self.max_finished_jobs = max_finished_jobs
+        self.retention = retention
         self.sample_gather_seconds = sample_gather_seconds
         self.restore_run = restore_run
         self._lanes: dict[Hashable, _Lane] = {}
@@ -407,7 +407,7 @@ class JobRunner:
         if now - self._last_expiry > 60 and self._expiry_lock.acquire(blocking=False):  # one lane expires
             try:
                 self._last_expiry = now
-                self._retrying(lambda: self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs))
+                self._retrying(lambda: self.store.expire(self.retention))
             finally:
                 self._expiry_lock.release()
 

@@ -81,8 +81,7 @@ class Service:
         self.data_dir = Path(settings.data_dir).resolve()
         self.checkpoint_root, self.snapshot_root = settings.checkpoint_root(), settings.snapshot_root()
         self.store = Store(self.data_dir / "eztinker.sqlite3")
-        self.runner = JobRunner(backend, self.store, self.data_dir, job_ttl_seconds=settings.job_ttl_seconds,
-                                max_finished_jobs=settings.max_finished_jobs,
+        self.runner = JobRunner(backend, self.store, self.data_dir, retention=settings.retention(),
                                 sample_gather_seconds=settings.sample_gather_ms / 1000, checkpoint_root=self.checkpoint_root,
                                 snapshot_root=self.snapshot_root, restore_run=self._restore_lost_run)
         self.runner.metrics.watch(self.runner.unfinished, lambda: [row["base_model"] for row in self.store.live_runs()])

@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .._net import is_loopback_host
+from .retention import RetentionPolicy
 
 
 class ServerSettings(BaseSettings):
@@ -83,7 +84,23 @@ class ServerSettings(BaseSettings):
         "machine); 0 starts every sample at once.",
     )
     job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
-    max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
+    max_finished_jobs_per_user: int = Field(
+        10_000, ge=100, description="Finished jobs each user keeps at most (their newest); one user's traffic never "
+        "evicts another's jobs.")
+    idempotency_ttl_seconds: float = Field(
+        24 * 3600, gt=0, description="An Idempotency-Key is remembered this long after its job finished, even once "
+        "the job itself has expired: a retry with it is answered with the original job, never run again.")
+    max_idempotency_keys_per_user: int = Field(
+        1_000_000, ge=1000, description="Keys of expired jobs each user's retries are remembered by, at most (their "
+        "newest; about 150 bytes each).")
+    large_result_bytes: int = Field(
+        256 * 1024, ge=1024, description="A result over this many bytes of JSON (a sample of many long candidates) "
+        "counts as large: kept large_result_ttl_seconds, within max_result_bytes_per_user.")
+    large_result_ttl_seconds: float = Field(
+        3600, gt=0, description="Large results are dropped this long after their job finished (the job stays, "
+        "completed, its error saying so).")
+    max_result_bytes_per_user: int = Field(
+        256 * 1024 * 1024, ge=64 * 1024, description="Bytes of large results each user keeps at most (the newest).")
     tinker_session_timeout_seconds: float = Field(
         600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
     )
@@ -154,6 +171,14 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"--workers-per-model: give one number >= 1 for every model, or one per --model "
                              f"({len(self.model)}), got {self.workers_per_model}")
         return self
+
+    def retention(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            job_ttl_s=self.job_ttl_seconds, max_jobs_per_user=self.max_finished_jobs_per_user,
+            idempotency_ttl_s=self.idempotency_ttl_seconds,
+            max_idempotency_keys_per_user=self.max_idempotency_keys_per_user,
+            large_result_bytes=self.large_result_bytes, large_result_ttl_s=self.large_result_ttl_seconds,
+            max_result_bytes_per_user=self.max_result_bytes_per_user)
 
     def checkpoint_root(self) -> Path:
         return (self.checkpoint_dir or self.data_dir / "checkpoints").resolve()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig, RunInfo
+from .retention import RetentionPolicy, expire
 
 # How long a statement waits for another process's write lock (an operator's sqlite3 shell, a
 # backup) before it raises "database is locked": a request handler then answers 503, the worker
@@ -91,7 +92,19 @@ CREATE INDEX IF NOT EXISTS training_log_run ON training_log(run_id, step);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
+CREATE TABLE IF NOT EXISTS idempotency_keys (  -- keys of expired jobs, kept idempotency_ttl_seconds (retention.py)
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    request_hash TEXT,
+    status TEXT NOT NULL,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
 """
+# After the columns added since the first schema: retention reads sizes from the index alone
+# (a column stored after a large result would make SQLite walk the result's overflow pages).
+LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_owner_results ON jobs(owner, finished_at, result_bytes);"
 
 INTERRUPTED = "interrupted: the server stopped before this job finished; its effect was not applied"
 
@@ -120,11 +133,13 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
             self._add_missing_columns()
+            self._db.executescript(LATE_INDEXES)
 
     def _add_missing_columns(self) -> None:
         """Columns added since the first schema, for databases made before them."""
         for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT"),
-                                    ("runs", "resume_path", "TEXT")):
+                                    ("runs", "resume_path", "TEXT"),
+                                    ("jobs", "result_bytes", "INTEGER")):
             names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in names:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -277,8 +292,8 @@ class Store:
 
     @staticmethod
     def _completion(job_id: str, result_json: str) -> list[tuple[str, tuple]]:
-        return [("UPDATE jobs SET status = ?, result = ?, error = NULL, finished_at = ? WHERE id = ?",
-                 (JobStatus.completed.value, result_json, time.time(), job_id))]
+        return [("UPDATE jobs SET status = ?, result = ?, result_bytes = ?, error = NULL, finished_at = ? WHERE id = ?",
+                 (JobStatus.completed.value, result_json, len(result_json), time.time(), job_id))]
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         with self._lock:
@@ -330,12 +345,17 @@ class Store:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> None:
-        """Raises sqlite3.IntegrityError when the owner already used `idempotency_key`."""
-        self._execute(
+        """Raises sqlite3.IntegrityError when the owner already used `idempotency_key` (its job
+        may have expired since: the key is remembered on its own, idempotency_keys)."""
+        added = self._execute(
             "INSERT INTO jobs (id, owner, run_id, kind, status, idempotency_key, request_hash, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, owner, run_id, kind, JobStatus.pending.value, idempotency_key, request_hash, time.time()),
+            " SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
+            " (SELECT 1 FROM idempotency_keys WHERE owner = ? AND key = ?)",
+            (job_id, owner, run_id, kind, JobStatus.pending.value, idempotency_key, request_hash, time.time(),
+             owner, idempotency_key),
         )
+        if not added:
+            raise sqlite3.IntegrityError(f"idempotency key {idempotency_key!r} was used by an expired job")
 
     def create_job_of(self, run_id: str, owner: str) -> sqlite3.Row | None:
         """The newest create_run job of a run (None once finished jobs have expired)."""
@@ -357,8 +377,12 @@ class Store:
                            (owner, run_id, limit))
 
     def job_by_key(self, owner: str, idempotency_key: str) -> sqlite3.Row | None:
+        """The job the owner's key names (id, status, request_hash, error): its row, or once the
+        row has expired, what idempotency_keys remembers of it."""
         rows = self._query(
-            "SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, idempotency_key)
+            "SELECT id, status, request_hash, error FROM jobs WHERE owner = ? AND idempotency_key = ?"
+            " UNION ALL SELECT job_id, status, request_hash, NULL FROM idempotency_keys WHERE owner = ? AND key = ?",
+            (owner, idempotency_key, owner, idempotency_key),
         )
         return rows[0] if rows else None
 
@@ -377,10 +401,12 @@ class Store:
         """`result`: the job's result, already encoded as JSON (it is stored and served as is).
         `error_category`: 'user' (the request cannot succeed as sent) or 'server'."""
         status = JobStatus.failed if error is not None else JobStatus.completed
+        result = None if error is not None else result
         self._execute(
-            "UPDATE jobs SET status = ?, result = ?, error = ?, error_category = ?, finished_at = ? WHERE id = ?",
-            (status.value, None if error is not None else result, error, None if error is None else error_category,
-             time.time(), job_id),
+            "UPDATE jobs SET status = ?, result = ?, result_bytes = ?, error = ?, error_category = ?, finished_at = ?"
+            " WHERE id = ?",
+            (status.value, result, None if result is None else len(result), error,
+             None if error is None else error_category, time.time(), job_id),
         )
 
     def unfinished_creates(self) -> list[str]:
@@ -402,16 +428,10 @@ class Store:
             (JobStatus.failed.value, INTERRUPTED, time.time(), JobStatus.pending.value, JobStatus.running.value),
         )
 
-    def expire_jobs(self, older_than_s: float, keep_at_most: int) -> int:
-        """Forget finished jobs older than the TTL, and beyond the newest `keep_at_most`."""
-        cutoff = time.time() - older_than_s
-        removed = self._execute("DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?", (cutoff,))
-        removed += self._execute(
-            "DELETE FROM jobs WHERE finished_at IS NOT NULL AND id NOT IN "
-            "(SELECT id FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?)",
-            (keep_at_most,),
-        )
-        return removed
+    def expire(self, policy: RetentionPolicy) -> dict[str, int]:
+        """Apply the retention policy (retention.py) once; returns what it removed, by kind."""
+        with self._lock:
+            return expire(self._db, policy, forget_keys_of=INTERRUPTED)
 
     @staticmethod
     def job_record(row: sqlite3.Row) -> JobRecord:
