@@ -660,3 +660,29 @@ def test_out_of_memory_in_one_job_fails_it_alone(make_server):
         assert bystander.info().step == 2
         assert client.health().status == "ok"
         assert train(victim, 1) == [1]
+
+
+# --------------------------------------------------------- the training curve after a SIGKILL
+def test_the_training_curve_shows_each_step_once_after_a_sigkill(start_server, tmp_path):
+    """Steps logged after the last save belong to the life the crash ended: the run restarts
+    from its checkpoint and re-runs them, and its curve must not count them twice."""
+    data_dir, port = tmp_path / "data", free_port()
+    server = start_server(data_dir, port)
+    with ServiceClient(server.url, max_retries=8) as client:
+        run = client.create_training_run(lora_rank=2, seed=0)
+        train(run, 2)
+        assert run.save_state("saved").result(timeout=60).step == 2
+        train(run, 2)  # steps 3 and 4: lost by the crash
+        tokens = run.metrics().points[0].num_tokens
+        assert [p.step for p in run.metrics().points] == [1, 2, 3, 4]
+        server.kill()
+        assert server.process.returncode == -signal.SIGKILL
+
+        server = start_server(data_dir, port)
+        assert run.info().step == 2
+        assert [p.step for p in run.metrics().points] == [1, 2]
+        assert train(run, 1) == [3]
+        points = run.metrics().points
+        assert [p.step for p in points] == [1, 2, 3]
+        assert points[2].num_tokens == tokens and points[2].grad_norm is not None  # one life's batch, not two
+    server.kill()

@@ -146,7 +146,7 @@ class Service:
         if outcome.error is not None:
             log.error("run %s could not be rebuilt: %s", run_id, outcome.error)
             return
-        self.store.set_run_state(run_id, outcome.value["step"], restored_from=ref)
+        self.store.record_restore(run_id, outcome.value["step"], restored_from=ref)
 
     def _remove_stale_snapshots(self) -> None:
         """Snapshots no live run restores from: of deleted runs, superseded by a later save or

@@ -193,6 +193,15 @@ class Store:
                 "UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)
             )
 
+    def record_restore(self, run_id: str, step: int, restored_from: str | None) -> None:
+        """In one transaction: a run rebuilt after a crash (or its worker's loss) at `step`, and its
+        curve cut back to that step: what was logged after it belongs to the life the crash ended,
+        and its re-run must not count twice."""
+        self._transaction([
+            ("UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)),
+            ("DELETE FROM training_log WHERE run_id = ? AND step > ?", (run_id, step)),
+        ])
+
     def set_resume_point(self, run_id: str, checkpoint_ref: str) -> None:
         """After a restart the run is rebuilt from this checkpoint (its last save or load)."""
         self._execute("UPDATE runs SET resume_from = ? WHERE id = ?", (checkpoint_ref, run_id))
