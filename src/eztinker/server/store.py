@@ -1,8 +1,8 @@
 """SQLite record of runs, jobs and checkpoints: what must survive a restart.
 
-One connection guarded by a lock (the event loop and the worker thread both use it); WAL mode
-with synchronous=FULL so a committed row survives a power cut, and readers never wait on the
-worker's writes.
+Two connections, each guarded by a lock (request handlers and the worker threads share them):
+one writes, one reads. WAL mode with synchronous=FULL so a committed row survives a power cut;
+reads never wait on a write, ours or another process's.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,9 +22,11 @@ from typing import Any
 from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig, RunInfo
 from .retention import RetentionPolicy, expire
 
-# How long a statement waits for another process's write lock (an operator's sqlite3 shell, a
-# backup) before it raises "database is locked": a request handler then answers 503, the worker
-# retries (runner.py). The lock on the one connection is held meanwhile, so keep it short.
+# How long a write waits, all told, before it raises "database is locked": for the store's other
+# writers (its write connection is one) and then for another process's write lock (an operator's
+# sqlite3 shell, a backup). A request handler then answers 503, the worker retries (runner.py).
+# Once bounded only SQLite's own wait, so five requests queued behind a locked database were
+# answered after 2, 4, ... s; now each is answered within this bound.
 BUSY_TIMEOUT_SECONDS = 2.0
 
 SCHEMA = """
@@ -134,6 +138,11 @@ class Store:
             self._db.executescript(SCHEMA)
             self._add_missing_columns()
             self._db.executescript(LATE_INDEXES)
+        self._reader = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False,
+                                       isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        self._reader.execute("PRAGMA query_only=1")
+        self._read_lock = threading.Lock()
 
     def _add_missing_columns(self) -> None:
         """Columns added since the first schema, for databases made before them."""
@@ -145,16 +154,39 @@ class Store:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     def _execute(self, sql: str, args: tuple = ()) -> int:
-        with self._lock:
-            return self._db.execute(sql, args).rowcount
+        with self._writing() as db:
+            return db.execute(sql, args).rowcount
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The write connection, within BUSY_TIMEOUT_SECONDS all told: the wait for the store's
+        other writers is taken off SQLite's wait for another process's lock."""
+        started = time.monotonic()
+        if not self._lock.acquire(timeout=BUSY_TIMEOUT_SECONDS):
+            raise sqlite3.OperationalError("database is locked (the store's other writes are waiting for it)")
+        shortened = False
+        try:
+            left = BUSY_TIMEOUT_SECONDS - (time.monotonic() - started)
+            if left < BUSY_TIMEOUT_SECONDS - 0.005:
+                shortened = True
+                self._db.execute(f"PRAGMA busy_timeout = {max(int(left * 1000), 1)}")
+            yield self._db
+        finally:
+            try:
+                if shortened:
+                    self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            finally:
+                self._lock.release()
 
     # ------------------------------------------------------------------------------ runs
     def add_run(self, run_id: str, owner: str, base_model: str, lora: LoraConfig, seed: int,
@@ -305,15 +337,15 @@ class Store:
                  (JobStatus.completed.value, result_json, len(result_json), time.time(), job_id))]
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._writing() as db:
+            db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in statements:
-                    self._db.execute(sql, args)
+                    db.execute(sql, args)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def delete_checkpoint(self, run_id: str, name: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))
@@ -439,8 +471,8 @@ class Store:
 
     def expire(self, policy: RetentionPolicy) -> dict[str, int]:
         """Apply the retention policy (retention.py) once; returns what it removed, by kind."""
-        with self._lock:
-            return expire(self._db, policy, forget_keys_of=INTERRUPTED)
+        with self._writing() as db:
+            return expire(db, policy, forget_keys_of=INTERRUPTED)
 
     @staticmethod
     def job_record(row: sqlite3.Row) -> JobRecord:
