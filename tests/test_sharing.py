@@ -133,3 +133,95 @@ def test_large_results_are_capped_per_user_by_bytes(make_server, keys_file):
         assert clients["key-b"].job(bob_job.job_id).result is not None
         for client in clients.values():
             client.close()
+
+
+# ---------------------------------------------------------------------------------- limits
+def test_limits_default_on_a_keyed_server_and_are_off_without_keys(tmp_path, keys_file):
+    from eztinker.server.limits import UserLimits
+    from eztinker.server.settings import ServerSettings
+
+    assert ServerSettings(data_dir=tmp_path).user_limits() == UserLimits()  # one user: nothing to share
+    keyed = ServerSettings(data_dir=tmp_path, api_keys_file=keys_file)
+    assert keyed.user_limits() == UserLimits(runs=32, checkpoints=512, checkpoint_bytes=50 * 1024**3,
+                                             sample_tokens=2 * keyed.max_tokens_per_request, queued_jobs=1024)
+    custom = ServerSettings(data_dir=tmp_path, api_keys_file=keys_file, max_runs_per_user=0, max_queued_jobs_per_user=5)
+    assert custom.user_limits().runs is None and custom.user_limits().queued_jobs == 5  # 0: no limit
+    assert ServerSettings(data_dir=tmp_path, max_runs_per_user=3).user_limits().runs == 3  # given: applies keyless too
+
+
+def _blocked_engine(server):
+    """Hold every forward_backward until the returned event is set (jobs then stay in flight)."""
+    import threading
+
+    engine = server.service.backend.engine(server.service.default_model)
+    real, gate = engine.forward_backward, threading.Event()
+
+    def forward_backward(*args, **kwargs):
+        gate.wait(60)
+        return real(*args, **kwargs)
+
+    engine.forward_backward = forward_backward
+    return gate
+
+
+def test_per_user_limits_refuse_with_a_429_naming_the_limit(make_server, keys_file):
+    """Hole 5: one user could create 300 runs and 200 checkpoints, and hold the sampler with any
+    number of requests. Each limit refuses with a 429 that names it, in the protocol's shape; a
+    limit that waiting cannot clear says not to retry; another user is unaffected."""
+    example = {"model_input": {"tokens": [1, 2, 3]}, "loss_fn_inputs": {"target_tokens": [2, 3, 4]}}
+    with make_server(api_keys_file=keys_file, max_runs_per_user=2, max_checkpoints_per_user=2,
+                     max_queued_jobs_per_user=3, max_sample_tokens_in_flight_per_user=200) as server:
+        alice = httpx.Client(base_url=server.url, headers=_auth("key-a"), timeout=60)
+        bob = httpx.Client(base_url=server.url, headers=_auth("key-b"), timeout=60)
+        runs = [alice.post("/v1/runs", json={"lora": {"rank": 2}}).json()["id"] for _ in range(2)]
+        refused = alice.post("/v1/runs", json={"lora": {"rank": 2}})
+        assert refused.status_code == 429 and "max_runs_per_user (2)" in refused.json()["detail"]
+        assert refused.headers["x-should-retry"] == "false"  # deleting a run is what helps, not waiting
+        assert [r["id"] for r in alice.get("/v1/runs").json()] == runs  # the refused one left nothing behind
+        assert bob.post("/v1/runs", json={"lora": {"rank": 2}}).status_code == 201
+
+        run = runs[0]
+        for name in ("a", "b"):
+            job = alice.post(f"/v1/runs/{run}/save", json={"name": name}).json()["job_id"]
+            info = alice.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
+            assert info["status"] == "completed", info
+        refused = alice.post(f"/v1/runs/{run}/save", json={"name": "c"})
+        assert refused.status_code == 429 and "max_checkpoints_per_user (2)" in refused.json()["detail"]
+        assert alice.post(f"/v1/runs/{run}/save", json={"name": "a"}).status_code == 202  # an overwrite adds nothing
+
+        # Sampling tokens: (3 + max_tokens) x n per request, against 200 in flight.
+        sample = {"prompts": [{"tokens": [1, 2, 3]}], "num_samples": 4, "sampling_params": {"max_tokens": 100}}
+        refused = alice.post(f"/v1/runs/{run}/sample", json=sample)
+        assert refused.status_code == 429 and "max_sample_tokens_in_flight_per_user (200)" in refused.json()["detail"]
+        assert refused.headers["x-should-retry"] == "false"  # 412 tokens never fit
+        chat = {"model": str(server.service.default_model), "messages": [{"role": "user", "content": "hi"}],
+                "n": 8, "max_tokens": 100}
+        refused = alice.post("/v1/chat/completions", json=chat)
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "requests"
+        assert "max_sample_tokens_in_flight_per_user" in error["message"]
+
+        gate = _blocked_engine(server)
+        try:
+            alice.get(f"/v1/jobs/{alice.post(f'/v1/runs/{run}/optim_step', json={}).json()['job_id']}",
+                      params={"wait": 30})  # the overwrite's save is done: nothing of alice's in flight
+            held = [alice.post(f"/v1/runs/{run}/forward_backward", json={"data": [example]}).json()["job_id"]]
+            small = {**sample, "sampling_params": {"max_tokens": 40}}  # (3 + 40) x 4 = 172 tokens
+            held.append(alice.post(f"/v1/runs/{runs[1]}/sample", json=small).json()["job_id"])
+            refused = alice.post(f"/v1/runs/{runs[1]}/sample", json=small)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"  # it fits once the first is done
+            assert "hold 172 tokens" in refused.json()["detail"]
+            held.append(alice.post(f"/v1/runs/{run}/optim_step", json={}).json()["job_id"])
+            refused = alice.post(f"/v1/runs/{run}/optim_step", json={})
+            assert refused.status_code == 429 and "max_queued_jobs_per_user (3)" in refused.json()["detail"]
+            assert refused.headers["retry-after"] == "1"
+            bob_run = bob.get("/v1/runs").json()[0]["id"]
+            assert bob.post(f"/v1/runs/{bob_run}/optim_step", json={}).status_code == 202  # bob's own share
+        finally:
+            gate.set()
+        for job in held:
+            info = alice.get(f"/v1/jobs/{job}", params={"wait": 60}).json()
+            assert info["status"] == "completed", info
+        assert alice.post(f"/v1/runs/{run}/optim_step", json={}).status_code == 202  # room again
+        assert server.service.runner._in_flight.jobs("alice") <= 1

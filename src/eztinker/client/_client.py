@@ -164,7 +164,8 @@ class ServiceClient:
             else:
                 if response.status_code < 400:
                     return response.json()
-                if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
+                if (response.status_code not in RETRY_STATUSES or attempt == self.max_retries
+                        or response.headers.get("x-should-retry") == "false"):  # e.g. a limit waiting cannot clear
                     raise APIStatusError.from_response(response)
             time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")

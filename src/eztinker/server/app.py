@@ -21,7 +21,7 @@ from .. import __version__
 from .auth import User
 from .openai import router as openai
 from .rest import rest_router
-from .service import Service, ServiceError
+from .service import LimitExceeded, Service, ServiceError
 from .store import BUSY_TIMEOUT_SECONDS, is_busy
 from .ui import mount_dashboard
 
@@ -90,9 +90,17 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
+        response = _service_error(request, exc)
+        if isinstance(exc, LimitExceeded):
+            # Every SDK here retries a 429; one that waiting cannot clear says not to (the header
+            # the Tinker and OpenAI SDKs obey), one that can says when.
+            response.headers.update({"Retry-After": "1"} if exc.clears else {"X-Should-Retry": "false"})
+        return response
+
+    def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if openai.owns(request.url.path):
             error = openai.from_service_error(exc)
-            return openai.error_body(error.status, _finite(error.message), error.param)
+            return openai.error_body(error.status, _finite(error.message), error.param, error.code)
         if tinker is not None and tinker.owns(request):
             return tinker.error_body(exc.status, _finite(exc.message), exc.loc)
         if exc.status == 422 and exc.loc is not None:
@@ -104,7 +112,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(openai.OpenAIError)
     async def openai_error(_: Request, exc: openai.OpenAIError):
-        return openai.error_body(exc.status, _finite(exc.message), exc.param, exc.code)
+        response = openai.error_body(exc.status, _finite(exc.message), exc.param, exc.code)
+        response.headers.update(exc.headers)
+        return response
 
     # Another process holding the database's write lock (an operator's sqlite3 shell, a backup)
     # makes a write wait BUSY_TIMEOUT_SECONDS, then raise: a 503 the SDKs retry, not a plain 500.

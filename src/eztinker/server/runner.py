@@ -23,7 +23,6 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 from ..backend import Backend, Progress, WorkerLost
 from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
                                 Save, fusable)
+from .limits import FairQueue, InFlight, Refusal, UserLimits
 from .metrics import Metrics
 from .retention import RetentionPolicy
 from .store import Store, is_busy
@@ -50,6 +50,7 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     # A sample's listener for its tokens as they are decoded (streaming); called from the worker thread.
     progress: Progress | None = None
+    owner: str = ""  # the user who submitted it: lanes serve users' queues in turn (limits.FairQueue)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class _Lane:
     """One engine worker's queue, run in order by a thread of its own."""
 
     key: Hashable
-    queue: deque[Job] = field(default_factory=deque)
+    queue: FairQueue = field(default_factory=FairQueue)
     running: list[Job] = field(default_factory=list)
     lost: str | None = None  # why its worker is gone: every job that reaches it fails with this
     thread: threading.Thread | None = None
@@ -106,6 +107,7 @@ class JobRunner:
         self._expiry_lock = threading.Lock()
         self._stalled: str | None = None  # why a store write is being retried
         self._stopped: str | None = None  # why a worker thread died
+        self._in_flight = InFlight()  # each user's unfinished jobs and sampling tokens (per-user limits)
         self.metrics = Metrics()
 
     def start(self) -> None:
@@ -121,6 +123,17 @@ class JobRunner:
             threads = [lane.thread for lane in self._lanes.values() if lane.thread is not None]
         for thread in threads:
             thread.join(timeout)
+
+    def admit(self, job: Job, limits: UserLimits) -> Refusal | None:
+        """Count the job against its owner's in-flight limits before its row is written, or say
+        which limit it would exceed (any thread). Admitted, it counts until its outcome is
+        recorded, or `withdraw` if it is never submitted."""
+        with self._cv:
+            return self._in_flight.admit(job, limits)
+
+    def withdraw(self, job_id: str) -> None:
+        with self._cv:
+            self._in_flight.release(job_id)
 
     def submit(self, job: Job) -> None:
         """Queue a job whose row is already in the database (any thread)."""
@@ -214,7 +227,7 @@ class JobRunner:
                         self._cv.wait()
                     if self._stopping:
                         return
-                    batch = lane.running = self._take_batch(lane.queue)
+                    batch = lane.running = lane.queue.take(fusable)
                     self._gather(lane, batch)
                 self._run(lane, batch)
                 self._maybe_expire()
@@ -243,20 +256,12 @@ class JobRunner:
                 self._stalled = None
                 return
 
-    @staticmethod
-    def _take_batch(queue: deque[Job]) -> list[Job]:
-        # Only commands queued back to back are fused, so one run's commands never reorder.
-        batch = [queue.popleft()]
-        while queue and fusable(batch[0].command, queue[0].command):
-            batch.append(queue.popleft())
-        return batch
-
     def _gather(self, lane: _Lane, batch: list[Job]) -> None:
         """Let a sample batch grow while fusable samples keep arriving (holding the lock): a client
         sending N requests at once (the Tinker SDK sends one per prompt, a few milliseconds apart)
         gets one N-prompt batch, not a 1-prompt batch followed by an (N-1)-prompt one. Gathering
-        ends at a quiet gap of `sample_gather_seconds`, at anything but a fusable sample at the
-        head of the queue, or `_GATHER_LIMIT` gaps after it began (which bounds the latency it adds)."""
+        ends at a quiet gap of `sample_gather_seconds`, when nothing at the head of a user's queue
+        may join (FairQueue.join), or `_GATHER_LIMIT` gaps after it began (which bounds the latency it adds)."""
         if not self.sample_gather_seconds or not isinstance(batch[0].command, Sample):
             return
         limit = time.monotonic() + _GATHER_LIMIT * self.sample_gather_seconds
@@ -264,10 +269,8 @@ class JobRunner:
             deadline = min(time.monotonic() + self.sample_gather_seconds, limit)
             while not lane.queue and not self._stopping and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(left)
-            if not lane.queue or not fusable(batch[0].command, lane.queue[0].command):
+            if not lane.queue.join(batch, fusable):
                 return
-            while lane.queue and fusable(batch[0].command, lane.queue[0].command):
-                batch.append(lane.queue.popleft())
             if time.monotonic() >= limit:
                 return
 
@@ -343,6 +346,7 @@ class JobRunner:
         finally:
             with self._waiters_lock:
                 self._recording.discard(job.id)
+            self.withdraw(job.id)
         self._notify_finished(job.id)
 
     def _store_outcome(self, job: Job, outcome: Outcome) -> None:

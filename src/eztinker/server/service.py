@@ -61,6 +61,16 @@ class ServiceError(Exception):
         self.status, self.message, self.loc = status, message, loc
 
 
+class LimitExceeded(ServiceError):
+    """A per-user limit refused the request (429). `clears`: whether waiting for the user's work
+    in flight can make room; if not, retrying is pointless (the user must delete something or ask
+    for less), and each protocol says so in its own way."""
+
+    def __init__(self, limit: str, message: str, *, clears: bool):
+        super().__init__(429, message)
+        self.limit, self.clears = limit, clears
+
+
 def not_found(what: str) -> ServiceError:
     return ServiceError(404, f"{what} not found")
 
@@ -84,6 +94,7 @@ class Service:
         self.runner = JobRunner(backend, self.store, self.data_dir, retention=settings.retention(),
                                 sample_gather_seconds=settings.sample_gather_ms / 1000, checkpoint_root=self.checkpoint_root,
                                 snapshot_root=self.snapshot_root, restore_run=self._restore_lost_run)
+        self.limits = settings.user_limits()
         self.runner.metrics.watch(self.runner.unfinished, lambda: [row["base_model"] for row in self.store.live_runs()])
         self._restore()
         self.runner.start()
@@ -359,11 +370,18 @@ class Service:
                 raise ServiceError(409, f"run id {run_id} is taken")
             return self._replay_create(user, run_id)
         run_id = run_id or new_id("run")
+        if self.limits.runs is not None and len(self.store.live_runs(user)) >= self.limits.runs:
+            raise LimitExceeded("max_runs_per_user", f"you have {self.limits.runs} live runs; the limit is "
+                                f"max_runs_per_user ({self.limits.runs}): delete one first", clears=False)
         self.store.add_run(run_id, user, model, lora, request.seed, metadata)
         command = CreateRun(model=model, run_id=run_id, lora=lora, seed=request.seed,
                             from_checkpoint=None if source is None else str(source), with_optimizer=with_optimizer)
         job = Job(new_id("job"), command, checkpoint=ref)
-        answer = self.submit(user, job, request, key, digest=digest)
+        try:
+            answer = self.submit(user, job, request, key, digest=digest)
+        except ServiceError:  # refused (a limit): the run never came to be
+            self.store.mark_run_deleted(run_id)
+            raise
         if answer.job_id != job.id:  # a concurrent retry with the same key won: this attempt is void
             self.store.mark_run_deleted(run_id)
         return answer
@@ -482,6 +500,8 @@ class Service:
         # loads refuse such paths, so saves must too.
         if target.parent.exists() and not target.parent.resolve().is_relative_to(self.checkpoint_root):
             raise invalid(("name",), f"checkpoint {run_id}/{request.name} is not inside the data directory")
+        if self.store.checkpoint(run_id, request.name) is None:  # an overwrite adds nothing
+            self._check_checkpoint_limits(user)
         command = Save(model=model, run_id=run_id, directory=str(target))
         return self.submit(user, Job(new_id("job"), command, checkpoint=f"{run_id}/{request.name}"), request, key)
 
@@ -491,6 +511,24 @@ class Service:
         path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint")
         command = Load(model=model, run_id=run_id, directory=str(path), with_optimizer=with_optimizer)
         return self.submit(user, Job(new_id("job"), command, checkpoint=ref), request, key)
+
+    def _check_checkpoint_limits(self, user: str) -> None:
+        limits = self.limits
+        if limits.checkpoints is None and limits.checkpoint_bytes is None:
+            return
+        listed = self.store.checkpoints_of(user)
+        if limits.checkpoints is not None:
+            queued = sum(1 for job in self.store.unfinished_jobs(user) if job["kind"] == "save")
+            if len(listed) + queued >= limits.checkpoints:
+                raise LimitExceeded("max_checkpoints_per_user", f"you have {len(listed)} checkpoints and {queued} "
+                                    f"saves queued; the limit is max_checkpoints_per_user ({limits.checkpoints}): "
+                                    "delete some first", clears=False)
+        if limits.checkpoint_bytes is not None:
+            held = sum(_bytes_in(self.data_dir / c.path) for c in listed)
+            if held >= limits.checkpoint_bytes:
+                raise LimitExceeded("max_checkpoint_bytes_per_user", f"your checkpoints hold {held} bytes; the limit "
+                                    f"is max_checkpoint_bytes_per_user ({limits.checkpoint_bytes}): delete some first",
+                                    clears=False)
 
     def _sampling_model(self, user: str, run_id: str | None, requested: str | None) -> str:
         if run_id is None:
@@ -560,10 +598,18 @@ class Service:
             existing = self.store.job_by_key(user, key)
             if existing is not None:
                 return self._replay(existing, digest, key)
+        job.owner = user
+        refusal = self.runner.admit(job, self.limits)
+        if refusal is not None:
+            raise LimitExceeded(refusal.limit, refusal.message, clears=refusal.clears)
         try:
             self.store.add_job(job.id, user, command.run_id, command.kind, key, digest)
         except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
+            self.runner.withdraw(job.id)
             return self._replay(self.store.job_by_key(user, key), digest, key)
+        except BaseException:
+            self.runner.withdraw(job.id)
+            raise
         self.runner.submit(job)
         return JobRef(job_id=job.id, status=JobStatus.pending)
 
@@ -574,6 +620,7 @@ class Service:
         return JobRef(job_id=existing["id"], status=JobStatus(existing["status"]))
 
     async def _submit_and_wait(self, user: str, job: Job) -> JobRecord:
+        job.owner = user  # not admitted: a deletion frees what the limits count, it is never refused
         self.store.add_job(job.id, user, job.command.run_id, job.command.kind)
         self.runner.submit(job)
         return await self._wait_finished(user, job.id)
@@ -602,6 +649,13 @@ class Service:
             await self.runner.wait(job_id, wait, lambda: settled(self.job(user, job_id)))
             record = self.job(user, job_id)
         return record
+
+
+def _bytes_in(directory: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    except OSError:
+        return 0
 
 
 def _request_hash(kind: str, run_id: str | None, request: Any) -> str:

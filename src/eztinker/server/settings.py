@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .._net import is_loopback_host
+from .limits import UserLimits
 from .retention import RetentionPolicy
 
 
@@ -101,6 +102,22 @@ class ServerSettings(BaseSettings):
         "completed, its error saying so).")
     max_result_bytes_per_user: int = Field(
         256 * 1024 * 1024, ge=64 * 1024, description="Bytes of large results each user keeps at most (the newest).")
+    # Per-user limits. Not given (None): the default for a server with API keys (shared by several
+    # users), none on a keyless loopback server (one user); 0: no limit.
+    max_runs_per_user: int | None = Field(
+        None, ge=0, description="Live runs each user may have (default with API keys: 32; each holds its adapter, "
+        "gradients and optimizer state in memory, about 0.44 GB at rank 64 on Qwen2-0.5B).")
+    max_checkpoints_per_user: int | None = Field(
+        None, ge=0, description="Checkpoints each user may have listed, saves queued included (default with API "
+        "keys: 512).")
+    max_checkpoint_bytes_per_user: int | None = Field(
+        None, ge=0, description="Bytes of checkpoints on disk after which a user's further saves are refused "
+        "(default with API keys: 50 GiB).")
+    max_sample_tokens_in_flight_per_user: int | None = Field(
+        None, ge=0, description="Tokens each user's unfinished samples may hold, counted as max_tokens_per_request "
+        "counts them (default with API keys: 2 x max_tokens_per_request).")
+    max_queued_jobs_per_user: int | None = Field(
+        None, ge=0, description="Jobs each user may have queued or running (default with API keys: 1024).")
     tinker_session_timeout_seconds: float = Field(
         600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
     )
@@ -171,6 +188,21 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"--workers-per-model: give one number >= 1 for every model, or one per --model "
                              f"({len(self.model)}), got {self.workers_per_model}")
         return self
+
+    def user_limits(self) -> UserLimits:
+        """The per-user limits in force: given values (0: none), else the keyed server's defaults."""
+        keyed = bool(self._user_keys)
+
+        def pick(given: int | None, default: int) -> int | None:
+            value = given if given is not None else (default if keyed else 0)
+            return value or None
+
+        return UserLimits(
+            runs=pick(self.max_runs_per_user, 32),
+            checkpoints=pick(self.max_checkpoints_per_user, 512),
+            checkpoint_bytes=pick(self.max_checkpoint_bytes_per_user, 50 * 1024**3),
+            sample_tokens=pick(self.max_sample_tokens_in_flight_per_user, 2 * self.max_tokens_per_request),
+            queued_jobs=pick(self.max_queued_jobs_per_user, 1024))
 
     def retention(self) -> RetentionPolicy:
         return RetentionPolicy(
