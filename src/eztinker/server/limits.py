@@ -91,8 +91,9 @@ class InFlight:
 
 
 class FairQueue:
-    """A lane's queued jobs: one FIFO per user, served round-robin, so a user's backlog delays
-    another user by at most one batch, not by the whole backlog.
+    """A lane's queued jobs: one FIFO per user, the user served least recently going first, so a
+    user's backlog delays another user by at most one batch, not by the whole backlog (and a user
+    who comes back after a pause is served next).
 
     A batch is led by the head job of the user whose turn it is; fusable jobs (samples of the
     same base model) join it from the heads of every user's queue, so each user's order holds,
@@ -100,7 +101,9 @@ class FairQueue:
     short one's batch and hold its result back."""
 
     def __init__(self) -> None:
-        self._queues: dict[str, deque[Job]] = {}  # in turn order: the first user is served next
+        self._queues: dict[str, deque[Job]] = {}
+        self._served: dict[str, int] = {}  # user -> when last served (a batch counter)
+        self._batches = 0
 
     def append(self, job: Job) -> None:
         self._queues.setdefault(job.owner, deque()).append(job)
@@ -120,11 +123,13 @@ class FairQueue:
 
     def take(self, fusable: Callable[[Command, Command], bool]) -> list[Job]:
         """The next batch: the head of the user whose turn it is, then whatever may join it."""
-        owner, queue = next(iter(self._queues.items()))
+        owner = min(self._queues, key=lambda user: self._served.get(user, -1))
+        self._batches += 1
+        self._served[owner] = self._batches
+        queue = self._queues[owner]
         batch = [queue.popleft()]
-        del self._queues[owner]  # to the back of the turn order
-        if queue:
-            self._queues[owner] = queue
+        if not queue:
+            del self._queues[owner]
         self.join(batch, fusable)
         return batch
 
