@@ -11,7 +11,7 @@ import pytest
 
 from eztinker import JobFailedError, SamplingParams, ServiceClient
 
-KEYS = {"key-a": "alice", "key-b": "bob"}
+KEYS = {"tml-key-a": "alice", "tml-key-b": "bob"}
 
 
 def _auth(key: str) -> dict:
@@ -49,8 +49,8 @@ def test_another_users_flood_never_makes_a_retry_apply_a_step_twice(make_server,
     finished optim_step, and A's retry with the same Idempotency-Key ran it again."""
     with make_server(api_keys_file=keys_file, max_finished_jobs_per_user=100) as server:
         url = server.url
-        alice = httpx.Client(base_url=url, headers=_auth("key-a"), timeout=60)
-        bob = httpx.Client(base_url=url, headers=_auth("key-b"), timeout=60)
+        alice = httpx.Client(base_url=url, headers=_auth("tml-key-a"), timeout=60)
+        bob = httpx.Client(base_url=url, headers=_auth("tml-key-b"), timeout=60)
         run = alice.post("/v1/runs", json={"lora": {"rank": 2}}).json()["id"]
         step = {"adam_params": {"learning_rate": 0.01}}
         first = alice.post(f"/v1/runs/{run}/optim_step", json=step, headers={"Idempotency-Key": "step-1"}).json()
@@ -76,9 +76,9 @@ def test_a_key_outlives_its_expired_job_and_a_large_result_is_dropped_in_time(ma
     step is not applied again. A large result is dropped after large_result_ttl_seconds: the job
     stays completed, saying so, and the SDK raises instead of parsing nothing."""
     with make_server(api_keys_file=keys_file, max_finished_jobs_per_user=100, large_result_bytes=1024,
-                     large_result_ttl_seconds=1) as server, ServiceClient(server.url, api_key="key-a",
+                     large_result_ttl_seconds=1) as server, ServiceClient(server.url, api_key="tml-key-a",
                                                                            max_retries=0) as client:
-        alice = httpx.Client(base_url=server.url, headers=_auth("key-a"), timeout=60)
+        alice = httpx.Client(base_url=server.url, headers=_auth("tml-key-a"), timeout=60)
         run = client.create_training_run(lora_rank=2)
         step = {"adam_params": {"learning_rate": 0.01}}
         first = alice.post(f"/v1/runs/{run.run_id}/optim_step", json=step, headers={"Idempotency-Key": "k"}).json()
@@ -117,20 +117,20 @@ def test_large_results_are_capped_per_user_by_bytes(make_server, keys_file):
         clients = {k: ServiceClient(server.url, api_key=k, max_retries=0) for k in KEYS}
         runs = {k: c.create_training_run(lora_rank=2) for k, c in clients.items()}
         params = SamplingParams(max_tokens=32, seed=3)
-        bob_job = runs["key-b"].sample([[1, 2, 3]], num_samples=16, sampling_params=params)
+        bob_job = runs["tml-key-b"].sample([[1, 2, 3]], num_samples=16, sampling_params=params)
         bob_job.result(timeout=60)
-        alice_jobs = [runs["key-a"].sample([[1, 2, 3]], num_samples=16, sampling_params=params) for _ in range(4)]
+        alice_jobs = [runs["tml-key-a"].sample([[1, 2, 3]], num_samples=16, sampling_params=params) for _ in range(4)]
         for job in alice_jobs:
             job.result(timeout=60)
         sizes = {row["id"]: row["result_bytes"] for row in server.service.store._query("SELECT id, result_bytes FROM jobs")}
         assert sum(sizes[j.job_id] for j in alice_jobs) > share > sizes[alice_jobs[-1].job_id] > 1024
         _expire_now(server)
-        runs["key-a"].optim_step().result(timeout=30)
-        _wait_for(lambda: clients["key-a"].job(alice_jobs[0].job_id).error is not None)
-        kept = [clients["key-a"].job(j.job_id).result is not None for j in alice_jobs]
+        runs["tml-key-a"].optim_step().result(timeout=30)
+        _wait_for(lambda: clients["tml-key-a"].job(alice_jobs[0].job_id).error is not None)
+        kept = [clients["tml-key-a"].job(j.job_id).result is not None for j in alice_jobs]
         assert kept[-1] and not kept[0]
         assert sum(sizes[j.job_id] for j, k in zip(alice_jobs, kept) if k) <= share
-        assert clients["key-b"].job(bob_job.job_id).result is not None
+        assert clients["tml-key-b"].job(bob_job.job_id).result is not None
         for client in clients.values():
             client.close()
 
@@ -171,8 +171,8 @@ def test_per_user_limits_refuse_with_a_429_naming_the_limit(make_server, keys_fi
     example = {"model_input": {"tokens": [1, 2, 3]}, "loss_fn_inputs": {"target_tokens": [2, 3, 4]}}
     with make_server(api_keys_file=keys_file, max_runs_per_user=2, max_checkpoints_per_user=2,
                      max_queued_jobs_per_user=3, max_sample_tokens_in_flight_per_user=200) as server:
-        alice = httpx.Client(base_url=server.url, headers=_auth("key-a"), timeout=60)
-        bob = httpx.Client(base_url=server.url, headers=_auth("key-b"), timeout=60)
+        alice = httpx.Client(base_url=server.url, headers=_auth("tml-key-a"), timeout=60)
+        bob = httpx.Client(base_url=server.url, headers=_auth("tml-key-b"), timeout=60)
         runs = [alice.post("/v1/runs", json={"lora": {"rank": 2}}).json()["id"] for _ in range(2)]
         refused = alice.post("/v1/runs", json={"lora": {"rank": 2}})
         assert refused.status_code == 429 and "max_runs_per_user (2)" in refused.json()["detail"]
@@ -235,8 +235,8 @@ def test_one_users_flood_does_not_starve_another_users_chat(make_server, keys_fi
     from support import slow_batch
 
     with make_server(api_keys_file=keys_file) as server:
-        alice = httpx.Client(base_url=server.url, headers=_auth("key-a"), timeout=120)
-        bob = httpx.Client(base_url=server.url, headers=_auth("key-b"), timeout=120)
+        alice = httpx.Client(base_url=server.url, headers=_auth("tml-key-a"), timeout=120)
+        bob = httpx.Client(base_url=server.url, headers=_auth("tml-key-b"), timeout=120)
         chat = {"model": str(server.service.default_model), "messages": [{"role": "user", "content": "hello"}],
                 "max_tokens": 8, "temperature": 0}
 
@@ -282,3 +282,44 @@ def test_one_users_flood_does_not_starve_another_users_chat(make_server, keys_fi
         assert bob_done_s < flood_s / 2  # bob's training went in turn with alice's, not after it
         assert alice.get(f"/v1/runs/{run}").json()["step"] == 12
         assert bob.get(f"/v1/runs/{bob_run}").json()["step"] == 2
+
+
+# --------------------------------------------------------------------- the Tinker SDK's view
+def test_the_tinker_sdk_sees_limits_as_it_expects(make_server, keys_file, tiny_model_dir, monkeypatch):
+    """A limit waiting cannot clear is a failed future with category user (the SDK raises at once,
+    instead of retrying a 429 for minutes); sampling tokens in flight are a 429, which the SDK's
+    sampling backpressure waits out: both of two samples that do not fit together come back."""
+    tinker = pytest.importorskip("tinker")
+    from tinker import types
+
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with make_server(api_keys_file=keys_file, max_runs_per_user=1,
+                     max_sample_tokens_in_flight_per_user=200) as server:
+        refusals = []
+        admit = server.service.runner.admit
+
+        def recording_admit(job, limits):
+            refusal = admit(job, limits)
+            refusals.append(refusal)
+            return refusal
+
+        monkeypatch.setattr(server.service.runner, "admit", recording_admit)
+        client = tinker.ServiceClient(base_url=server.url, api_key="tml-key-a")
+        try:
+            training = client.create_lora_training_client(base_model=str(tiny_model_dir), rank=2).result()
+            started = time.monotonic()
+            with pytest.raises(Exception, match="max_runs_per_user"):
+                client.create_lora_training_client(base_model=str(tiny_model_dir), rank=2).result()
+            assert time.monotonic() - started < 30  # refused, not retried
+
+            sampler = training.save_weights_and_get_sampling_client("w")
+            params = types.SamplingParams(max_tokens=32, temperature=1.0, seed=5)
+            prompt = types.ModelInput.from_ints([1, 2, 3])
+            futures = [sampler.sample(prompt=prompt, num_samples=4, sampling_params=params) for _ in range(2)]
+            results = [future.result(timeout=120) for future in futures]  # (3 + 32) x 4 = 140 tokens each
+            assert [len(r.sequences) for r in results] == [4, 4]
+            assert any(r is not None and r.limit == "max_sample_tokens_in_flight_per_user" and r.clears
+                       for r in refusals)
+        finally:
+            client.close("success").result()

@@ -37,7 +37,7 @@ from ...types import (
     SamplingParams,
     SaveRequest,
 )
-from ..service import Service, ServiceError
+from ..service import LimitExceeded, Service, ServiceError
 from ..store import INTERRUPTED, JobRecord, SessionStore
 from . import protocol as p
 from . import wire
@@ -145,6 +145,8 @@ class TinkerServing:
 
     # ------------------------------------------------------------------ helpers
     def _refused(self, user: str, kind: str, run_id: str | None, exc: Exception) -> FutureRef:
+        # A per-user limit (a 429) on a training call is a failed future too, even one that waiting
+        # would clear: the SDK would retry it after the calls behind it had taken its seq_id turn.
         message = exc.message if isinstance(exc, (ServiceError, wire.WireError)) else str(exc)
         if isinstance(exc, ServiceError) and exc.loc:
             message = f"{'.'.join(str(part) for part in exc.loc)}: {message}"
@@ -352,6 +354,8 @@ class TinkerServing:
         try:
             ref = self._submit_sample(user, body, key)
         except (ServiceError, ValidationError, wire.WireError) as exc:
+            if isinstance(exc, LimitExceeded) and exc.clears:
+                raise  # a 429: the SDK's sampling backpressure waits a second and sends it again
             failed = self._refused(user, "sample", None, exc)
             # The SDK wants an id per sample even for a request that fails (it then reads none of them);
             # no more than the server could ever sample, whatever num_samples claims.
