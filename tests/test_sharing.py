@@ -142,7 +142,7 @@ def test_limits_default_on_a_keyed_server_and_are_off_without_keys(tmp_path, key
 
     assert ServerSettings(data_dir=tmp_path).user_limits() == UserLimits()  # one user: nothing to share
     keyed = ServerSettings(data_dir=tmp_path, api_keys_file=keys_file)
-    assert keyed.user_limits() == UserLimits(runs=32, checkpoints=512, checkpoint_bytes=50 * 1024**3,
+    assert keyed.user_limits() == UserLimits(runs=64, checkpoints=512, checkpoint_bytes=50 * 1024**3,
                                              sample_tokens=2 * keyed.max_tokens_per_request, queued_jobs=1024)
     custom = ServerSettings(data_dir=tmp_path, api_keys_file=keys_file, max_runs_per_user=0, max_queued_jobs_per_user=5)
     assert custom.user_limits().runs is None and custom.user_limits().queued_jobs == 5  # 0: no limit

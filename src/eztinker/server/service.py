@@ -372,7 +372,8 @@ class Service:
         run_id = run_id or new_id("run")
         if self.limits.runs is not None and len(self.store.live_runs(user)) >= self.limits.runs:
             raise LimitExceeded("max_runs_per_user", f"you have {self.limits.runs} live runs; the limit is "
-                                f"max_runs_per_user ({self.limits.runs}): delete one first", clears=False)
+                                f"max_runs_per_user ({self.limits.runs}): delete one first (DELETE /v1/runs/<id>; a "
+                                "Tinker model's id is its run id)", clears=False)
         self.store.add_run(run_id, user, model, lora, request.seed, metadata)
         command = CreateRun(model=model, run_id=run_id, lora=lora, seed=request.seed,
                             from_checkpoint=None if source is None else str(source), with_optimizer=with_optimizer)

@@ -105,7 +105,7 @@ class ServerSettings(BaseSettings):
     # Per-user limits. Not given (None): the default for a server with API keys (shared by several
     # users), none on a keyless loopback server (one user); 0: no limit.
     max_runs_per_user: int | None = Field(
-        None, ge=0, description="Live runs each user may have (default with API keys: 32; each holds its adapter, "
+        None, ge=0, description="Live runs each user may have (default with API keys: 64; each holds its adapter, "
         "gradients and optimizer state in memory, about 0.44 GB at rank 64 on Qwen2-0.5B).")
     max_checkpoints_per_user: int | None = Field(
         None, ge=0, description="Checkpoints each user may have listed, saves queued included (default with API "
@@ -198,7 +198,7 @@ class ServerSettings(BaseSettings):
             return value or None
 
         return UserLimits(
-            runs=pick(self.max_runs_per_user, 32),
+            runs=pick(self.max_runs_per_user, 64),
             checkpoints=pick(self.max_checkpoints_per_user, 512),
             checkpoint_bytes=pick(self.max_checkpoint_bytes_per_user, 50 * 1024**3),
             sample_tokens=pick(self.max_sample_tokens_in_flight_per_user, 2 * self.max_tokens_per_request),
