@@ -66,6 +66,8 @@ class CheckpointInfo(_Schema):
     path: str
     step: int
     created_at: datetime
+    expires_at: datetime | None = Field(None, description="When the server deletes it (None: never).")
+    public: bool = Field(False, description="Published: other users of the server may load and sample it.")
 
 
 class RunInfo(_Schema):
@@ -82,7 +84,8 @@ class RunInfo(_Schema):
         "idle", description="creating: its create job has not finished; working: jobs of it are queued or running; "
         "unavailable: this server does not hold its base model.")
     last_loss: float | None = Field(
-        None, description="Loss per token of its newest training step (its forward_backwards' summed loss over their tokens).")
+        None, description="Loss per token of its newest training step (its forward_backwards' summed loss over the sum "
+                          "of their weights: cross_entropy's mean NLL).")
     updated_at: datetime | None = Field(None, description="When it last trained or saved a checkpoint.")
 
 
@@ -92,7 +95,9 @@ class MetricPoint(_Schema):
     step: int = Field(description="The optimizer step (1 is the first): its gradient's batches and its update.")
     loss: float | None = Field(None, description="Summed loss of the step's forward_backwards.")
     num_tokens: int | None = Field(None, description="Positions that carried loss in them.")
-    loss_per_token: float | None = None
+    weight_sum: float | None = Field(None, description="cross_entropy: the sum of the step's weights (other losses: "
+                                                       "its tokens), the loss's denominator.")
+    loss_per_token: float | None = Field(None, description="loss / weight_sum: cross_entropy's mean NLL per token.")
     grad_norm: float | None = Field(None, description="None until the step's optim_step has run.")
     learning_rate: float | None = None
     recorded_at: datetime
@@ -233,6 +238,10 @@ class SamplingParams(_Schema):
         default_factory=list, description="Token ids that also stop a candidate (included in its tokens)."
     )
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
+    ignore_eos: bool = Field(
+        False, description="The model's end-of-turn/end-of-text tokens do not stop a candidate (only stop, "
+        "stop_token_ids and max_tokens do): Tinker's stop=[]."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -380,3 +389,21 @@ class HealthInfo(_Schema):
     version: str | None = None
     workers: list[WorkerStatus] | None = Field(
         None, description="The engine workers of a backend that has several (Ray), with the runs placed on each.")
+
+
+class EvaluationReport(_Schema):
+    """A harness's results for one of a run's adapters (`eztinker eval` and the recipes' --eval-tasks send them)."""
+
+    checkpoint: str | None = Field(None, max_length=200, description="The checkpoint's name; None: the live adapter.")
+    harness: str = Field("lm-eval", max_length=100, description="What produced the scores, e.g. 'lm-eval 0.4.13'.")
+    tasks: list[str] = Field(min_length=1, max_length=1000)
+    scores: dict[str, dict[str, float | None]] = Field(
+        description="Per task, its metrics as the harness names them (e.g. {'arc_easy': {'acc,none': 0.25}}).")
+    config: dict[str, Any] = Field(default_factory=dict, description="limit, few-shot count and the like.")
+
+
+class EvaluationInfo(EvaluationReport):
+    id: str
+    run_id: str
+    step: int = Field(description="The adapter's optimizer step: the checkpoint's, or the run's when reported.")
+    created_at: datetime

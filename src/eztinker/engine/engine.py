@@ -30,9 +30,19 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import lora_adapters, losses, output_projection, packed_linear, plain_decoder, prompt_attention
+from . import (
+    lora_adapters,
+    losses,
+    memory,
+    output_projection,
+    packed_linear,
+    plain_decoder,
+    prompt_attention,
+    prompt_scoring,
+)
 from .checkpoints import write_atomically
 from .models import BaseModel
+from .prompt_scoring import PromptExtras
 from .sampler import OutputHead, SampleSpec, sample
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,6 +86,7 @@ class PromptLogprobs:
 
     logprobs: list[float | None]
     topk: list[list[list] | None] | None
+    extras: prompt_scoring.ExtrasResult | None = None  # what PromptExtras asked for
 
 
 # peft 0.21's LoraLayer.update_layer(adapter_name, r, lora_alpha, config, **kwargs); older
@@ -92,11 +103,13 @@ def _adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
 
 class Engine:
     def __init__(
-        self, base: BaseModel, *, microbatch_tokens: int = 8192, logits_chunk: int = 1024, max_snapshots: int = 16,
-        pack_weights: bool = True,
+        self, base: BaseModel, *, microbatch_tokens: int | None = None, logits_chunk: int = 1024, max_snapshots: int = 16,
+        pack_weights: bool = True, activation_checkpointing: bool | None = None,
     ):
+        """microbatch_tokens: padded tokens per training forward (None: sized from the device's free
+        memory, memory.py; 8192 on the CPU). activation_checkpointing (None: on where it pays, on an
+        accelerator, whose memory bounds the micro-batch; on the CPU it would only cost time)."""
         self.base = base
-        self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
         self.logits_chunk = logits_chunk  # positions per output-projection chunk
         self.max_snapshots = max_snapshots  # checkpoint adapters kept loaded for sampling
         self._peft: peft.PeftModel | None = None
@@ -115,6 +128,14 @@ class Engine:
         # Pack (and time, packed_linear.py) the weights now, not in the first call.
         self._plain_decoder()
         self._output_head()
+        if activation_checkpointing is None:
+            activation_checkpointing = base.device.type != "cpu"
+        # Only PlainDecoder's forward checkpoints (transformers' layers do so in train mode only).
+        self.activation_checkpointing = activation_checkpointing and self._plain is not None
+        if microbatch_tokens is None:
+            microbatch_tokens = memory.default_microbatch_tokens(
+                base.model.config, base.model.dtype, base.device, self.activation_checkpointing)
+        self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -521,7 +542,8 @@ class Engine:
         and adapter, else through transformers' and peft's modules."""
         plain = self._plain_decoder()
         if plain is not None and (adapter is None or self._plain_lora({adapter})):
-            return plain.causal(input_ids, None if adapter is None else _RunLora(self._lora_layers(), adapter))
+            lora = None if adapter is None else _RunLora(self._lora_layers(), adapter)
+            return plain.causal(input_ids, lora, self.activation_checkpointing)
         with self._through(adapter):
             return self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
@@ -622,7 +644,7 @@ class Engine:
             want = self.base.model(input_ids=probe, logits_to_keep=1).logits[:, -1].float()
             hidden = self._decoder()(input_ids=probe).last_hidden_state[:, -1]
             got = head.logits(hidden, torch.empty_like(want))
-        if torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        if head_matches(got, want, linear.weight.dtype):
             self._head = head
         return self._head
 
@@ -668,10 +690,12 @@ class Engine:
         return scores
 
     @torch.no_grad()
-    def prompt_logprobs(self, adapter: str | None, prompts: list[list[int]], topk: int = 0) -> list[PromptLogprobs]:
+    def prompt_logprobs(self, adapter: str | None, prompts: list[list[int]], topk: int = 0, last_n: int | None = None,
+                        extras: list[PromptExtras] | None = None) -> list[PromptLogprobs]:
         """Per prompt, the logprob (temperature 1) of each of its tokens given the tokens before it,
         and with topk > 0 the k most likely tokens there, under a run's or snapshot's adapter (or
-        the bare model)."""
+        the bare model). `last_n`: only each prompt's last n tokens are scored (the rest None).
+        `extras` (one per prompt): target ids' logprobs and draws at every position (prompt_scoring.py)."""
         self._check_adapter(adapter)
         self._check_prompts(prompts)
         if not all(prompts):
@@ -679,22 +703,34 @@ class Engine:
         if topk > self.base.vocab_size:
             raise EngineError(f"topk_prompt_logprobs {topk} exceeds the vocabulary size {self.base.vocab_size}")
         input_ids, attention_mask = self._right_pad(prompts)
+        scored = [len(p) - 1 if last_n is None else min(last_n, len(p) - 1) for p in prompts]
         positions_B_T = torch.zeros(input_ids.shape, dtype=torch.bool)  # position t predicts token t + 1
-        for i, p in enumerate(prompts):
-            positions_B_T[i, : len(p) - 1] = True
-        targets_N = torch.tensor([t for p in prompts for t in p[1:]], dtype=torch.long, device=input_ids.device)
+        for i, (p, n) in enumerate(zip(prompts, scored)):
+            positions_B_T[i, len(p) - 1 - n: len(p) - 1] = True
+        targets_N = torch.tensor([t for p, n in zip(prompts, scored) for t in p[len(p) - n:]], dtype=torch.long,
+                                 device=input_ids.device)
         hidden = self._hidden_states(adapter, input_ids, attention_mask)
         logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk)
         logprobs, top, ids = logprobs_N.tolist(), top_N_K.tolist(), ids_N_K.tolist()
         results, offset = [], 0
-        for p in prompts:
-            rows = range(offset, offset + len(p) - 1)
-            offset += len(p) - 1
+        for i, (p, n) in enumerate(zip(prompts, scored)):
+            rows = range(offset, offset + n)
+            offset += n
+            unscored = [None] * (len(p) - n)
+            extra = None
+            if extras is not None and (extras[i].targets is not None or extras[i].alt_k):
+                extra = prompt_scoring.score_prompt(hidden[i, : len(p) - 1], extras[i], self._log_softmax,
+                                                    prompt_scoring.rows_per_chunk(self.base.vocab_size))
             results.append(PromptLogprobs(
-                logprobs=[None] + [logprobs[n] for n in rows],
-                topk=[None] + [[[t, lp] for t, lp in zip(ids[n], top[n])] for n in rows] if topk else None,
+                logprobs=unscored + [logprobs[r] for r in rows],
+                topk=unscored + [[[t, lp] for t, lp in zip(ids[r], top[r])] for r in rows] if topk else None,
+                extras=extra,
             ))
         return results
+
+    def _log_softmax(self, hidden_C_H: torch.Tensor) -> torch.Tensor:
+        """The model's logprobs (temperature 1) over the vocabulary [C, V] at these final hidden states."""
+        return torch.log_softmax(self.base.model.get_output_embeddings()(hidden_C_H).float(), dim=-1)
 
     # ------------------------------------------------------------------------- snapshots
     def snapshot(self, directory: Path, pinned: Collection[str] = ()) -> str:
@@ -752,8 +788,10 @@ class Engine:
         self._remove_adapter(name)
 
     # ------------------------------------------------------------------------- checkpoints
-    def save(self, run_id: str, directory: Path) -> None:
-        """Adapter in PEFT's own format + optimizer state + step, written atomically."""
+    def save(self, run_id: str, directory: Path, *, with_optimizer: bool = True) -> None:
+        """Adapter in PEFT's own format + optimizer state + step, written atomically. Without
+        the optimizer state (`with_optimizer` False: weights for sampling or export), Adam's two
+        moments per parameter are left out: two thirds of a checkpoint's bytes."""
         run = self._run(run_id)
         state = peft.get_peft_model_state_dict(self._peft, adapter_name=run_id)
         config = self._peft.peft_config[run_id]
@@ -761,10 +799,12 @@ class Engine:
         def write(staging: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, staging / ADAPTER_WEIGHTS)
             config.save_pretrained(staging)
-            torch.save(run.optimizer.state_dict(), staging / OPTIMIZER_STATE)
-            (staging / TRAINING_STATE).write_text(
-                json.dumps({"step": run.step, "lora": run.lora.model_dump(), "base_model": self.base.name})
-            )
+            if with_optimizer:
+                torch.save(run.optimizer.state_dict(), staging / OPTIMIZER_STATE)
+            (staging / TRAINING_STATE).write_text(json.dumps({
+                "step": run.step, "lora": run.lora.model_dump(), "base_model": self.base.name,
+                "optimizer": with_optimizer,
+            }))
 
         write_atomically(directory, write)
 
@@ -778,6 +818,9 @@ class Engine:
         run = self._run(run_id)
         verify_checkpoint(directory)
         saved = read_training_state(directory)
+        if with_optimizer and not saved.get("optimizer", True):
+            raise EngineError(f"checkpoint {_ref(directory)} holds weights only (saved for sampling or export), "
+                              "no optimizer state: load it without the optimizer state")
         if saved["lora"] != run.lora.model_dump():
             raise EngineError(
                 f"checkpoint LoRA config {saved['lora']} does not match the run's {run.lora.model_dump()}"
@@ -823,6 +866,14 @@ class Engine:
             raise EngineError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
 
 
+def head_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the head's logits `got` are the model's `want` to the rounding of `dtype`: 1e-4 in
+    float32; a few units in the last place of bf16's 8-bit mantissa (2^-7 = 0.8%) in bf16, whose
+    logits two orders of summation may round apart (a 1e-4 probe would switch the head off there)."""
+    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+    return bool(torch.allclose(got, want, rtol=tolerance, atol=tolerance * max(1.0, float(want.abs().max()))))
+
+
 class _StackedLora:
     """Every row of a sampling batch through its own adapter (or none), in two matmuls per layer.
 
@@ -852,8 +903,10 @@ class _StackedLora:
             present = [a for a in self.adapters if a in module.lora_A]
             if not present:
                 continue
-            a_all = torch.cat([module.lora_A[a].weight for a in present])  # [R, in]
-            b_all = torch.cat([module.lora_B[a].weight for a in present], dim=1)  # [out, R]
+            # In the base weight's dtype, as training's _RunLora computes them (bf16 on a GPU).
+            dtype = module.get_base_layer().weight.dtype
+            a_all = torch.cat([module.lora_A[a].weight for a in present]).to(dtype)  # [R, in]
+            b_all = torch.cat([module.lora_B[a].weight for a in present], dim=1).to(dtype)  # [out, R]
             columns = tuple((a, module.scaling[a], module.lora_A[a].weight.shape[0]) for a in present)
             self._layers[module] = (a_all, b_all.t(), columns)
             self._handles.append(module.register_forward_hook(self._add_updates))
@@ -937,8 +990,10 @@ class _RunLora:
         if layer is None:
             return
         a, b, scaling, dropout = layer
-        down = dropout(x).to(a.dtype) @ a.t()
-        out.addmm_(down.to(out.dtype), b.t().to(out.dtype), alpha=scaling)
+        # In the activations' dtype: the float32 adapter is cast (differentiably), not the input, so
+        # a bf16 model keeps no float32 copy of each projection's input for the backward pass.
+        down = dropout(x) @ (a.t() if a.dtype == x.dtype else a.t().to(x.dtype))
+        out.addmm_(down, b.t() if b.dtype == out.dtype else b.t().to(out.dtype), alpha=scaling)
 
 
 @contextmanager
@@ -968,11 +1023,10 @@ def _base_only(lora_layers: list[peft.tuners.lora.LoraLayer]):
 def verify_checkpoint(directory: Path) -> None:
     """Read every file of a checkpoint (adapter, optimizer state, training state) without
     applying it; raise EngineError naming the broken file. weights_only: never unpickles code."""
-    read_training_state(directory)
-    for name, read in (
-        (ADAPTER_WEIGHTS, lambda path: load_file(path)),
-        (OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")),
-    ):
+    files = [(ADAPTER_WEIGHTS, lambda path: load_file(path))]
+    if read_training_state(directory).get("optimizer", True):  # weights-only checkpoints have none
+        files.append((OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")))
+    for name, read in files:
         try:
             read(directory / name)
         except Exception as exc:

@@ -146,7 +146,9 @@ def sample(
     ]
     chooser = _TokenChooser(specs, head, len(rows), device)
     stop_strings = [spec.params.stop for spec in specs]
-    stop_ids = [stop_token_ids | frozenset(spec.params.stop_token_ids) for spec in specs]  # the model's and the request's
+    # The model's (unless the request turns them off) and the request's.
+    stop_ids = [(frozenset() if spec.params.ignore_eos else stop_token_ids) | frozenset(spec.params.stop_token_ids)
+                for spec in specs]
     listening = any(spec.on_tokens is not None for spec in specs)
     batch = list(range(len(rows)))  # the decoder batch: indices into `rows`, finished ones included
     live = list(range(len(rows)))  # positions in `batch` of the rows still decoding

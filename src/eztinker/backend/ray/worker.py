@@ -24,13 +24,13 @@ class EngineWorker:
     def __init__(self):
         self.backend = None
 
-    def load(self, spec: str, cache_dir: str, device: str | None) -> dict:
-        """Load the base model; {'info': ModelInfo} or {'error': one line}."""
+    def load(self, spec: str, cache_dir: str, device: str | None, engine_options: dict | None = None) -> dict:
+        """Load the base model (its engine built with `engine_options`); {'info': ModelInfo} or {'error': one line}."""
         from ...engine import ModelLoadError
         from ..local import LocalBackend
 
         try:
-            self.backend = LocalBackend.load([spec], cache_dir=Path(cache_dir), device=device)
+            self.backend = LocalBackend.load([spec], cache_dir=Path(cache_dir), device=device, **(engine_options or {}))
         except ModelLoadError as exc:
             return {"error": str(exc)}
         gc.freeze()  # the model lives as long as the worker: out of the collector's full passes (see cli.server)

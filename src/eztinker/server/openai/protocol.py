@@ -2,7 +2,7 @@
 `/v1/completions`, as the official `openai` client sends and reads them.
 
 Unknown request fields are ignored (clients send `user`, `metadata`, `store`, ...); options this
-server cannot honour (tools, penalties, logit_bias, echo, ...) are refused by the router with a 400
+server cannot honour (tools, penalties, logit_bias, suffix, ...) are refused by the router with a 400
 that names them, never silently dropped.
 """
 
@@ -62,6 +62,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 only with echo: score the prompt, generate nothing (refused otherwise).
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
@@ -133,8 +135,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None] = Field(description="With echo, the prompt's first token has none (None).")
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
