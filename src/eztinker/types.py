@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Bounds that hold whatever the server's settings say; the server enforces its tighter,
 # configurable limits (max tokens, batch sizes) when it validates a request.
@@ -34,16 +34,22 @@ class LoraConfig(_Schema):
     rank: int = Field(1, ge=1, le=MAX_LORA_RANK, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    train_unembed: bool = Field(
+        False, description="Also a LoRA on the output head (lm_head; Tinker's name). Where the head shares its weight "
+        "with the input embeddings, the input embeddings stay as they are.")
     target_modules: str | list[str] = Field(
         "all-linear",
-        description="'all-linear' (every linear layer but the output head) or module names.",
+        description="'all-linear' (every linear layer but the output head) or module names ([] with train_unembed: "
+        "the output head alone).",
     )
 
     @field_validator("target_modules")
     @classmethod
-    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and (not value or not all(v.strip() for v in value)):
-            raise ValueError("target_modules must name at least one module")
+    def _non_empty(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(value, list) and not all(v.strip() for v in value):
+            raise ValueError("target_modules must not name an empty module")
+        if value == [] and not info.data.get("train_unembed"):
+            raise ValueError("target_modules must name at least one module (or set train_unembed)")
         return value
 
 
@@ -183,14 +189,40 @@ class ForwardBackwardResult(_Schema):
 
 
 class AdamParams(_Schema):
+    """AdamW's hyperparameters for one optimizer step: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
+    p <- p (1 - lr wd) - lr m^ / (sqrt(v^) + eps) (bias-corrected m^, v^; decoupled weight decay, as in
+    torch's AdamW and Tinker's), after the gradient's global norm is clipped to `grad_clip_norm`.
+
+    The one parameter model of every door; only the defaults of the fields a request leaves out
+    differ, each as its protocol documents them:
+    - REST (`POST /v1/runs/{id}/optim_step`, this package's SDK): the field defaults below (torch's
+      AdamW's betas and eps; the gradient norm clipped at 1.0).
+    - Tinker (`POST /api/v1/optim_step`, `tinker.types.AdamParams`): `TINKER_ADAM_DEFAULTS` (beta2
+      0.95, eps 1e-12, no clipping), applied by `AdamParams.tinker` in server/tinker/protocol.py.
+    """
+
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled: a step scales the weights by 1 - lr * weight_decay.")
     grad_clip_norm: float | None = Field(
-        1.0, gt=0, description="Clip the adapter's gradient norm to this; null disables clipping."
+        1.0, ge=0, description="Clip the adapter's gradient norm to this; 0 or null disables clipping (Tinker sends 0)."
     )
+
+    @classmethod
+    def tinker(cls, given: dict[str, Any]) -> "AdamParams":
+        """The fields a Tinker request gives, over Tinker's defaults for the rest; unknown fields are refused."""
+        return cls.model_validate({**TINKER_ADAM_DEFAULTS, **given})
+
+    @property
+    def clip_norm(self) -> float | None:
+        """The norm the gradient is clipped to, None for none."""
+        return self.grad_clip_norm or None
+
+
+# tinker.types.AdamParams' defaults (SDK 0.38, and Tinker's docs): where they differ from REST's.
+TINKER_ADAM_DEFAULTS: dict[str, Any] = {"beta2": 0.95, "eps": 1e-12, "grad_clip_norm": 0.0}
 
 
 class OptimStepRequest(_Schema):

@@ -6,10 +6,13 @@ thread-safe: one caller (the server's worker thread, or a test) drives it.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import inspect
 import json
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager, nullcontext
@@ -40,6 +43,7 @@ from . import (
     prompt_attention,
     prompt_scoring,
 )
+from .head_lora import HeadLora, HeadLoraProjection, features as head_features
 from .checkpoints import write_atomically
 from .models import BaseModel
 from .prompt_scoring import PromptExtras
@@ -120,6 +124,8 @@ class Engine:
         self._head_checked = False
         self._lora_targets: tuple[list[str], list[str]] | None = None
         self._lora_layer_list: list[peft.tuners.lora.LoraLayer] | None = None
+        self._head_layer: peft.tuners.lora.LoraLayer | None = None  # the output head's, once wrapped
+        self._head_name: str | None = None
         self._plain: plain_decoder.PlainDecoder | None = None
         self._plain_checked = False
         # Base weights packed for oneDNN (packed_linear.py), by id of the weight (kept alive beside).
@@ -165,6 +171,7 @@ class Engine:
         are redone when next needed."""
         if layers:
             self._lora_layer_list = None
+            self._head_layer = None
         self._plain, self._plain_checked = None, False
 
     def _lora_layers(self) -> list[peft.tuners.lora.LoraLayer]:
@@ -179,18 +186,20 @@ class Engine:
             r=lora.rank,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=self._peft_targets(lora),
             base_model_name_or_path=self.base.name,
         )
         # Seeded adapter init (lora_A is random, lora_B zero) without touching the global RNG.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # A LoRA on a head tied to the embeddings: peft warns of merging, which export.py unties first.
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
             torch.manual_seed(seed)
             try:
                 if self._peft is None:
                     self._modules_changed()
                     self._peft = peft.get_peft_model(self.base.model, config, adapter_name=name)
                     self._peft.eval()  # a new PeftModel is in train mode; the engine's model is not
-                elif self._add_to_wrapped_layers(name, config, lora.target_modules):
+                elif self._add_to_wrapped_layers(name, config, lora):
                     self._modules_changed(layers=False)
                 else:
                     self._modules_changed()
@@ -203,7 +212,41 @@ class Engine:
             if name in layer.lora_dropout:
                 layer.lora_dropout[name].eval()
 
-    def _add_to_wrapped_layers(self, name: str, config: peft.LoraConfig, targets: str | list[str]) -> bool:
+    def _peft_targets(self, lora: LoraConfig) -> str | list[str]:
+        """peft's target_modules for `lora`. With train_unembed, the output head's module name after the
+        others' ('all-linear' spelt out by name: peft's 'all-linear' leaves the head out)."""
+        if not lora.train_unembed:
+            return lora.target_modules
+        if self._lora_targets is None:
+            self._lora_targets = _lora_targets(self.base.model)
+        names = lora.target_modules
+        if names == "all-linear":
+            names = sorted({name.rsplit(".", 1)[-1] for name in self._lora_targets[0]})
+        return [*names, self._output_head_name()]
+
+    def _output_head_name(self) -> str:
+        if self._head_name is None:
+            head = self.base.model.get_output_embeddings()
+            self._head_name = next(name for name, module in self.base.model.named_modules() if module is head)
+        return self._head_name
+
+    def _head_lora_layer(self) -> peft.tuners.lora.LoraLayer | None:
+        """The peft LoRA layer wrapping the output head, if an adapter has put one there."""
+        if self._head_layer is None and self._peft is not None:
+            head = self.base.model.get_output_embeddings()
+            self._head_layer = head if isinstance(head, peft.tuners.lora.LoraLayer) else None
+        return self._head_layer
+
+    def _head_lora(self, adapter: str | None) -> HeadLora | None:
+        """`adapter`'s LoRA on the output head (train_unembed), or None."""
+        return HeadLora.of(self._head_lora_layer(), adapter)
+
+    def _head_linear(self) -> torch.nn.Module:
+        """The output head's own layer, without any LoRA."""
+        head = self.base.model.get_output_embeddings()
+        return head.get_base_layer() if isinstance(head, peft.tuners.lora.LoraLayer) else head
+
+    def _add_to_wrapped_layers(self, name: str, config: peft.LoraConfig, lora: LoraConfig) -> bool:
         """peft's add_adapter walks every module of the model, earlier adapters' LoRA modules
         included, so creating a run grew with the runs loaded (SmolLM2: 0.24 s with none, 0.57 s
         with ten). When every layer the targets name is already a LoRA layer, this adds the adapter
@@ -214,7 +257,10 @@ class Engine:
             return False
         if self._lora_targets is None:
             self._lora_targets = _lora_targets(self.base.model)
+        targets = lora.target_modules
         names = [n for n in self._lora_targets[0] if targets == "all-linear" or _targets(n, targets)]
+        if lora.train_unembed:
+            names.append(self._output_head_name())  # the last module of a causal LM, as in peft's walk
         layers = [self.base.model.get_submodule(n) for n in names]
         if not layers or not all(isinstance(layer, peft.tuners.lora.Linear) for layer in layers):
             return False
@@ -248,8 +294,9 @@ class Engine:
         """Refuse LoRA targets that would break the shared model, before peft sees them: peft
         accepts some that break it for everyone. ['embed_tokens'] fails half-way and leaves every
         run on the model (existing and new) unable to train or sample; 'lm_head' makes a run that
-        can never train; ['q_proj', 'mlp'] leaves stray layers behind; a string other than
-        'all-linear' is taken as a regular expression. Raises InvalidTarget naming the entry."""
+        can never train (`train_unembed` adapts the head); ['q_proj', 'mlp'] leaves stray layers
+        behind; a string other than 'all-linear' is taken as a regular expression. Raises
+        InvalidTarget naming the entry."""
         if self._lora_targets is None:
             self._lora_targets = _lora_targets(self.base.model)
         linear, other = self._lora_targets
@@ -261,8 +308,9 @@ class Engine:
         for i, key in enumerate(target_modules):
             bad = next((name for name in other if _targets(name, [key])), None)
             if bad is not None:
+                head = " (set train_unembed for a LoRA on the output head)" if bad == self._output_head_name() else ""
                 raise InvalidTarget(i, f"target module {key!r} matches {bad!r}, which is not a LoRA-trainable "
-                                       f"linear layer; choose from {choices}")
+                                       f"linear layer{head}; choose from {choices}")
             if not any(_targets(name, [key]) for name in linear):
                 raise InvalidTarget(i, f"target module {key!r} is not in the model; choose from {choices}")
 
@@ -393,9 +441,9 @@ class Engine:
         hidden_N_H = hidden_B_T_H[selected.to(device)]
         inputs = losses.gather_inputs(examples, selected, loss_fn, device)
         if backward:
-            total, logprobs_N = self._backward(hidden_N_H, inputs, loss_fn, config)
+            total, logprobs_N = self._backward(hidden_N_H, inputs, loss_fn, config, self._head_lora(run_id))
         else:
-            logprobs_N = self._logprobs(hidden_N_H, inputs.targets)[0]
+            logprobs_N = self._logprobs(hidden_N_H, inputs.targets, adapter=run_id)[0]
             total = losses.compute(loss_fn, logprobs_N, inputs, slice(None), config).item()
             if not math.isfinite(total):
                 raise EngineError(f"{loss_fn} loss is not finite ({total})")
@@ -408,19 +456,24 @@ class Engine:
             rest_B_T = known_B_T & ~selected
             with torch.no_grad():
                 rest_M_H = hidden_B_T_H.detach()[rest_B_T.to(device)]
-                logprobs_B_T[rest_B_T] = self._logprobs(rest_M_H, targets_B_T[rest_B_T].to(device))[0].float().cpu()
+                rest_targets = targets_B_T[rest_B_T].to(device)
+                logprobs_B_T[rest_B_T] = self._logprobs(rest_M_H, rest_targets, adapter=run_id)[0].float().cpu()
         return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_B_T, known_B_T, examples)
 
     def _backward(self, hidden_N_H: torch.Tensor, inputs: losses.LossInputs, loss_fn: LossFnName,
-                  config: dict[str, float]) -> tuple[float, torch.Tensor]:
-        """The summed loss and the logprobs [N]; the loss's gradient flows back into the adapter."""
+                  config: dict[str, float], head_lora: HeadLora | None = None) -> tuple[float, torch.Tensor]:
+        """The summed loss and the logprobs [N]; the loss's gradient flows back into the adapter
+        (`head_lora`: the run's LoRA on the output head, if it has one)."""
         def chunk_loss(logprobs_C: torch.Tensor, chunk: slice) -> torch.Tensor:
             return losses.compute(loss_fn, logprobs_C, inputs, chunk, config)
 
-        projection = self._projection()
+        projection = self._projection(head_lora)
         if projection is not None:
             # Chunked output projection in one reused buffer, its gradient written by hand: the
-            # vocabulary-sized logits never enter the autograd graph.
+            # vocabulary-sized logits never enter the autograd graph. With a LoRA on the head, what is
+            # projected is [hidden, its LoRA down-projection] (head_lora.py).
+            if head_lora is not None:
+                hidden_N_H = head_features(hidden_N_H, head_lora)
             try:
                 total, logprobs_N, grad_N_H = projection.logprobs_and_grad(hidden_N_H, inputs.targets, chunk_loss)
             except losses.NonFiniteLoss as exc:
@@ -435,7 +488,7 @@ class Engine:
         logprobs_N = torch.empty(hidden_N_H.shape[0])
         for start in range(0, hidden_N_H.shape[0], self.logits_chunk):
             chunk = slice(start, start + self.logits_chunk)
-            token_logprobs = self._target_logprobs(detached[chunk], inputs.targets[chunk])
+            token_logprobs = self._target_logprobs(detached[chunk], inputs.targets[chunk], head_lora)
             loss = chunk_loss(token_logprobs, chunk)
             if not torch.isfinite(loss):
                 raise EngineError(f"{loss_fn} loss is not finite ({loss.item()}); no gradient applied")
@@ -446,32 +499,47 @@ class Engine:
             hidden_N_H.backward(detached.grad)
         return total, logprobs_N
 
-    def _projection(self) -> losses.VocabProjection | None:
+    def _projection(self, head_lora: HeadLora | None = None) -> losses.VocabProjection | None:
+        """The fast output projection (None where the head is not a plain linear one); with `head_lora`,
+        it projects `head_lora.features(hidden, head_lora)` (head_lora.py)."""
         head = self._output_head()
-        return None if head is None else losses.VocabProjection(head.weight, head.bias, self.logits_chunk, head.packed)
+        if head is None:
+            return None
+        if head_lora is not None:
+            return HeadLoraProjection(head.weight, head.bias, self.logits_chunk, head.packed, head_lora)
+        return losses.VocabProjection(head.weight, head.bias, self.logits_chunk, head.packed)
 
     def _decoder(self) -> torch.nn.Module:
         model = self.base.model
         return getattr(model, model.base_model_prefix)
 
-    def _target_logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-        logits = self.base.model.get_output_embeddings()(hidden_N_H).float()
+    def _target_logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor,
+                         head_lora: HeadLora | None = None) -> torch.Tensor:
+        logits = self._head_linear()(hidden_N_H).float()
+        if head_lora is not None:
+            logits = head_lora.logits(logits, hidden_N_H)
         return torch.log_softmax(logits, dim=-1).gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
-    def _logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0):
-        """Target logprobs [N], the k largest logprobs [N, k] and their token ids [N, k], no graph."""
-        projection = self._projection()
+    def _logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0, *, adapter: str | None):
+        """Target logprobs [N], the k largest logprobs [N, k] and their token ids [N, k], no graph, under
+        `adapter`'s LoRA on the output head if it has one (its LoRAs elsewhere made the hidden states)."""
+        head_lora = self._head_lora(adapter)
+        projection = self._projection(head_lora)
         if projection is not None:
-            return projection.logprobs(hidden_N_H, targets_N, topk)
+            features = hidden_N_H if head_lora is None else head_features(hidden_N_H, head_lora)
+            return projection.logprobs(features, targets_N, topk)
         n, device = hidden_N_H.shape[0], hidden_N_H.device
         logprobs_N = torch.empty(n, device=device)
         top_N_K = torch.empty(n, topk, device=device)
         ids_N_K = torch.empty(n, topk, dtype=torch.long, device=device)
-        head = self.base.model.get_output_embeddings()
+        head = self._head_linear()
         for start in range(0, n, self.logits_chunk):
             chunk = slice(start, start + self.logits_chunk)
-            logprobs_C_V = torch.log_softmax(head(hidden_N_H[chunk]).float(), dim=-1)
+            logits = head(hidden_N_H[chunk]).float()
+            if head_lora is not None:
+                logits = head_lora.logits(logits, hidden_N_H[chunk])
+            logprobs_C_V = torch.log_softmax(logits, dim=-1)
             logprobs_N[chunk] = logprobs_C_V.gather(-1, targets_N[chunk].unsqueeze(-1)).squeeze(-1)
             if topk:
                 top_N_K[chunk], ids_N_K[chunk] = logprobs_C_V.topk(topk, dim=-1)
@@ -486,7 +554,7 @@ class Engine:
                 eps=adam.eps,
                 weight_decay=adam.weight_decay,
             )
-        max_norm = adam.grad_clip_norm if adam.grad_clip_norm is not None else math.inf
+        max_norm = adam.clip_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
         if not math.isfinite(grad_norm):
             run.optimizer.zero_grad(set_to_none=True)
@@ -507,6 +575,9 @@ class Engine:
         head = self._output_head()
         adapters = {spec.adapter for spec in specs} - {None}
         stacked = self._stacked_lora(adapters) if head is not None else None
+        head_loras = {a: lora for a in adapters if (lora := self._head_lora(a)) is not None}
+        if head is not None and head_loras:
+            head = dataclasses.replace(head, loras=head_loras)
         with stacked if stacked is not None else nullcontext():
             return sample(
                 self._features_fn(stacked) if stacked is not None else self._logits_fn(),
@@ -523,7 +594,11 @@ class Engine:
         """The fast sampling path's LoRA, when it reproduces peft's (no dropout: sampling is in eval mode)."""
         if self._peft is None:
             return _StackedLora([], set())
-        return _StackedLora(self._lora_layers(), adapters) if self._plain_lora(adapters) else None
+        if not self._plain_lora(adapters):
+            return None
+        # The head's LoRA is the sampler's to add (OutputHead.loras): the model's head is never called here.
+        head = self._head_lora_layer()
+        return _StackedLora([layer for layer in self._lora_layers() if layer is not head], adapters)
 
     def _plain_lora(self, adapters: set[str]) -> bool:
         """Whether these adapters are plain LoRA on linear layers (no DoRA-like variants, no LoRA
@@ -631,7 +706,7 @@ class Engine:
         if self._head_checked:
             return self._head
         self._head_checked = True
-        linear = self.base.model.get_output_embeddings()
+        linear = self._head_linear()
         config = self.base.model.config
         if type(linear) is not torch.nn.Linear or any(
             getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING
@@ -678,7 +753,7 @@ class Engine:
             targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in chunk if r] or [torch.empty(0, dtype=torch.long)])
             hidden = self._hidden_states(run_id, input_ids, attention_mask)
             hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
-            chunk_logprobs = self._logprobs(hidden_N_H, targets)[0].cpu()
+            chunk_logprobs = self._logprobs(hidden_N_H, targets, adapter=run_id)[0].cpu()
             offset = 0
             for i, r in zip(batch, chunk):
                 logprobs[i] = chunk_logprobs[offset : offset + len(r)]
@@ -710,7 +785,8 @@ class Engine:
         targets_N = torch.tensor([t for p, n in zip(prompts, scored) for t in p[len(p) - n:]], dtype=torch.long,
                                  device=input_ids.device)
         hidden = self._hidden_states(adapter, input_ids, attention_mask)
-        logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk)
+        logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk,
+                                                      adapter=adapter)
         logprobs, top, ids = logprobs_N.tolist(), top_N_K.tolist(), ids_N_K.tolist()
         results, offset = [], 0
         for i, (p, n) in enumerate(zip(prompts, scored)):
@@ -719,7 +795,8 @@ class Engine:
             unscored = [None] * (len(p) - n)
             extra = None
             if extras is not None and (extras[i].targets is not None or extras[i].alt_k):
-                extra = prompt_scoring.score_prompt(hidden[i, : len(p) - 1], extras[i], self._log_softmax,
+                extra = prompt_scoring.score_prompt(hidden[i, : len(p) - 1], extras[i],
+                                                    functools.partial(self._log_softmax, adapter=adapter),
                                                     prompt_scoring.rows_per_chunk(self.base.vocab_size))
             results.append(PromptLogprobs(
                 logprobs=unscored + [logprobs[r] for r in rows],
@@ -728,9 +805,14 @@ class Engine:
             ))
         return results
 
-    def _log_softmax(self, hidden_C_H: torch.Tensor) -> torch.Tensor:
-        """The model's logprobs (temperature 1) over the vocabulary [C, V] at these final hidden states."""
-        return torch.log_softmax(self.base.model.get_output_embeddings()(hidden_C_H).float(), dim=-1)
+    def _log_softmax(self, hidden_C_H: torch.Tensor, *, adapter: str | None) -> torch.Tensor:
+        """The model's logprobs (temperature 1) over the vocabulary [C, V] at these final hidden states,
+        `adapter`'s LoRA on the output head included if it has one."""
+        logits = self._head_linear()(hidden_C_H).float()
+        head_lora = self._head_lora(adapter)
+        if head_lora is not None:
+            logits = head_lora.logits(logits, hidden_C_H)
+        return torch.log_softmax(logits, dim=-1)
 
     # ------------------------------------------------------------------------- snapshots
     def snapshot(self, directory: Path, pinned: Collection[str] = ()) -> str:
@@ -793,7 +875,9 @@ class Engine:
         the optimizer state (`with_optimizer` False: weights for sampling or export), Adam's two
         moments per parameter are left out: two thirds of a checkpoint's bytes."""
         run = self._run(run_id)
-        state = peft.get_peft_model_state_dict(self._peft, adapter_name=run_id)
+        # save_embedding_layers: peft would otherwise add the whole (base) output head and embeddings
+        # to the adapter of a run with a LoRA on the head, since "lm_head" is among its targets.
+        state = peft.get_peft_model_state_dict(self._peft, adapter_name=run_id, save_embedding_layers=False)
         config = self._peft.peft_config[run_id]
 
         def write(staging: Path) -> None:
@@ -821,7 +905,7 @@ class Engine:
         if with_optimizer and not saved.get("optimizer", True):
             raise EngineError(f"checkpoint {_ref(directory)} holds weights only (saved for sampling or export), "
                               "no optimizer state: load it without the optimizer state")
-        if saved["lora"] != run.lora.model_dump():
+        if LoraConfig.model_validate(saved["lora"]) != run.lora:  # a field added since has its default
             raise EngineError(
                 f"checkpoint LoRA config {saved['lora']} does not match the run's {run.lora.model_dump()}"
             )

@@ -1,8 +1,8 @@
 """Tinker's JSON request bodies, as the official SDK sends them (`tinker` 0.38), and its paths.
 
 Unknown fields are ignored (the SDK adds a `type` tag and fields this server does not use),
-except in asample, which refuses any it does not know; defaults are Tinker's. Protobuf bodies are
-wire.py's.
+except in asample, which refuses any it does not know; defaults are Tinker's, AdamW's included
+(`AdamParams.tinker`, types.py). Protobuf bodies are wire.py's.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...types import AdamParams, CHECKPOINT_NAME_PATTERN, RUN_ID_PATTERN
 from ..checkpoints import CheckpointKind, kind_of, stored_name, user_name
@@ -58,6 +58,7 @@ class CreateModel(_Body):
     model_seq_id: int = Field(ge=0)
     base_model: str
     lora_config: TinkerLora = Field(default_factory=TinkerLora)
+    optimizer_config: dict[str, Any] | None = Field(None, description="Checked by `check_optimizer_config`.")
     user_metadata: dict[str, Any] | None = None
 
 
@@ -65,23 +66,59 @@ class ModelRef(_Body):
     model_id: str
 
 
-class TinkerAdam(_Body):
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-12, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip_norm: float = Field(0.0, ge=0, description="0: no clipping.")
+# The optimizer families of Tinker's SDK (0.38: `AdamOptimizerConfig`, `DimuonOptimizerConfig` at
+# create_model and load_weights; `AdamParams`, `DimuonParams` at optim_step) that this server honours:
+# AdamW only. Tinker's docs name Dimuon's fields (a momentum, a damped row and column preconditioner,
+# a matrix-sign iteration whose count and epsilon are "internal constants") but publish no update rule,
+# so it is refused, never approximated.
+ADAMW = {"type": "adamw"}
+_NO_DIMUON = ("Dimuon is not supported by this server: Tinker does not publish its update rule, so it is not "
+              "implemented here; create the model with AdamOptimizerConfig (AdamW, the default) and step it with "
+              "AdamParams")
 
-    def ours(self) -> AdamParams:
-        return AdamParams(learning_rate=self.learning_rate, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                          weight_decay=self.weight_decay, grad_clip_norm=self.grad_clip_norm or None)
+
+def check_optimizer_config(config: dict[str, Any] | None, field: str = "optimizer_config") -> None:
+    """ValueError naming the field unless `config` selects AdamW (or is absent: AdamW, Tinker's default)."""
+    if config is None:
+        return
+    kind = config.get("type")
+    if kind == "dimuon":
+        raise ValueError(f"{field}: {_NO_DIMUON}")
+    if kind != "adamw":
+        raise ValueError(f"{field}.type: optimizer {kind!r} is not supported; this server supports 'adamw'")
+    extra = sorted(set(config) - {"type"})
+    if extra:
+        raise ValueError(f"{field}.{extra[0]}: not a field of AdamOptimizerConfig")
 
 
 class OptimStep(_Body):
+    """The SDK sends AdamParams as `adam_params` and other families (DimuonParams) as `optimizer_params`;
+    its own model also reads `optim_params`."""
+
     model_id: str
     seq_id: int | None = None
-    adam_params: TinkerAdam = Field(default_factory=TinkerAdam)
+    adam_params: dict[str, Any] | None = None
+    optimizer_params: dict[str, Any] | None = None
+    optim_params: dict[str, Any] | None = None
+
+    def adam(self) -> AdamParams:
+        """The step's AdamW hyperparameters: what the request gives over Tinker's defaults
+        (`AdamParams.tinker`); ValueError naming the field for anything else."""
+        given = [(name, value) for name in ("adam_params", "optimizer_params", "optim_params")
+                 if (value := getattr(self, name)) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1][0]}: give one of adam_params, optimizer_params, optim_params")
+        field, params = given[0] if given else ("adam_params", {})
+        kind = params.get("type")
+        if kind == "dimuon":
+            raise ValueError(f"{field}: {_NO_DIMUON}")
+        if kind is not None and kind != "adamw":
+            raise ValueError(f"{field}.type: optimizer {kind!r} is not supported; this server supports AdamParams")
+        try:
+            return AdamParams.tinker({k: v for k, v in params.items() if k != "type"})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise ValueError(f"{field}.{'.'.join(map(str, error['loc']))}: {error['msg']}") from None
 
 
 class SaveWeights(_Body):
@@ -126,6 +163,7 @@ class LoadWeights(_Body):
     base_model: str | None = None
     user_metadata: dict[str, Any] | None = None
     weights_access_token: str | None = None
+    optimizer_config: dict[str, Any] | None = Field(None, description="Checked by `check_optimizer_config`.")
 
 
 class CreateSamplingSession(_Body):

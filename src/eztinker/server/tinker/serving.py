@@ -199,16 +199,17 @@ class TinkerServing:
         model_id = model_id_of(body.session_id, body.model_seq_id)
         try:
             self.session_of(user, body.session_id)
+            p.check_optimizer_config(body.optimizer_config)
             lora = body.lora_config
-            if not (lora.train_attn or lora.train_mlp):
-                raise ServiceError(422, "train_attn or train_mlp must be true (the output head is not trained here)",
-                                   ("lora_config",))
-            targets = "all-linear" if lora.train_attn and lora.train_mlp else (_ATTN if lora.train_attn else _MLP)
-            request = CreateRunRequest(base_model=body.base_model, seed=lora.seed or 0,
-                                       lora=LoraConfig(rank=lora.rank, alpha=32.0, target_modules=targets))
+            if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+                raise ServiceError(422, "train_attn, train_mlp or train_unembed must be true", ("lora_config",))
+            targets = "all-linear" if lora.train_attn and lora.train_mlp else (
+                _ATTN if lora.train_attn else _MLP if lora.train_mlp else [])
+            request = CreateRunRequest(base_model=body.base_model, seed=lora.seed or 0, lora=LoraConfig(
+                rank=lora.rank, alpha=32.0, target_modules=targets, train_unembed=lora.train_unembed))
             metadata = {"user_metadata": body.user_metadata or {}, "lora_config": lora.model_dump()}
             ref = self.service.submit_create_run(user, request, key, run_id=model_id, metadata=metadata)
-        except (ServiceError, ValidationError) as exc:
+        except (ServiceError, ValidationError, ValueError) as exc:
             return self._refused(user, "create_run", None, exc)
         self.sequencer.start(model_id)
         return FutureRef(ref.job_id, model_id=model_id)
@@ -220,6 +221,7 @@ class TinkerServing:
             "model_id": run.id,
             "model_data": {"arch": info.architecture if info else None, "model_name": run.base_model,
                            "tokenizer_id": info.tokenizer_id if info else run.base_model},
+            "optimizer_config": p.ADAMW,
             "is_lora": True,
             "lora_rank": run.lora.rank,
             "model_name": run.base_model,
@@ -244,9 +246,9 @@ class TinkerServing:
     async def optim_step(self, user: str, body: p.OptimStep, key: str | None) -> FutureRef:
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
-                request = OptimStepRequest(adam_params=body.adam_params.ours())
+                request = OptimStepRequest(adam_params=body.adam())
                 ref = self.service.submit_optim_step(user, body.model_id, request, key)
-            except (ServiceError, ValidationError) as exc:
+            except (ServiceError, ValidationError, ValueError) as exc:
                 return self._refused(user, "optim_step", body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
@@ -311,6 +313,7 @@ class TinkerServing:
             return self._create_from_state(user, body, key)
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
+                p.check_optimizer_config(body.optimizer_config)
                 source, name = p.parse_tinker_path(body.path)
                 ref = self.service.submit_load(user, body.model_id, LoadRequest(checkpoint=f"{source}/{name}"), key,
                                                with_optimizer=body.optimizer)
@@ -326,6 +329,7 @@ class TinkerServing:
         model_id = model_id_of(body.session_id, body.model_seq_id)
         try:
             self.session_of(user, body.session_id)
+            p.check_optimizer_config(body.optimizer_config)
             source, name = p.parse_tinker_path(body.path)
             request = CreateRunRequest(base_model=body.base_model, from_checkpoint=f"{source}/{name}")
             ref = self.service.submit_create_run(user, request, key, run_id=model_id, with_optimizer=body.optimizer,
@@ -505,9 +509,11 @@ class TinkerServing:
         path, _ = self.service.checkpoint_path(user, f"{run_id}/{name}", field="tinker_path", published=True)
         state = self.service.backend.read_checkpoint(path)
         targets = state.lora.target_modules
-        return {"base_model": state.base_model, "is_lora": True, "lora_rank": state.lora.rank,
-                "train_attn": True, "train_mlp": targets == "all-linear" or "up_proj" in targets,
-                "train_unembed": False}
+        return {"base_model": state.base_model, "optimizer_config": p.ADAMW, "is_lora": True,
+                "lora_rank": state.lora.rank,
+                "train_attn": targets == "all-linear" or any(t in targets for t in _ATTN),
+                "train_mlp": targets == "all-linear" or any(t in targets for t in _MLP),
+                "train_unembed": state.lora.train_unembed}
 
 
 def _unexpired(checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:
