@@ -782,6 +782,10 @@ def test_two_different_keys_in_one_request_are_refused_not_guessed_between(make_
             {"X-API-Key": "wrong", "Authorization": "Bearer key-a"},  # the wrong one won before, by luck of order
             {"X-API-Key": "key-a", "Authorization": "Bearer wrong"},
             {"X-API-Key": "key-a", "Authorization": "Bearer key-b"},  # two valid keys of two users
+            # One header twice: the first copy used to win, whatever the second said.
+            [("Authorization", "Bearer key-a"), ("Authorization", "Bearer key-b")],
+            [("X-API-Key", "key-a"), ("X-API-Key", "key-b")],
+            [("X-API-Key", "key-a"), ("X-API-Key", "wrong")],
         ):
             response = httpx.get(url, headers=headers)
             assert response.status_code == 401 and "not two different keys" in response.json()["detail"], headers

@@ -88,6 +88,10 @@ class ServerSettings(BaseSettings):
         600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
     )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host names a server without API keys answers besides localhost, "
+        "127.0.0.1 and [::1] (its Host check against DNS rebinding); '*' turns the check off.",
+    )
     _user_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("model", mode="before")
