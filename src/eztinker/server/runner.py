@@ -28,7 +28,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backend import Backend, Progress, WorkerLost
+from ..backend import ABANDONED, Backend, Progress, WorkerLost
 from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
                                 Save, fusable)
 from .metrics import Metrics
@@ -49,6 +49,8 @@ class Job:
     submitted_at: float = field(default_factory=time.monotonic)
     # A sample's listener for its tokens as they are decoded (streaming); called from the worker thread.
     progress: Progress | None = None
+    # Set once every consumer of the job's result is gone (`JobRunner.cancel`): a sample stops decoding.
+    abandoned: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -149,6 +151,29 @@ class JobRunner:
             name = "eztinker-worker" if lane.key is None else f"eztinker-worker-{lane.key}"
             lane.thread = threading.Thread(target=self._work_loop, args=(lane,), name=name, daemon=True)
             lane.thread.start()
+
+    def cancel(self, job_id: str, why: str) -> bool:
+        """Every consumer of a queued or running sample is gone: a queued one fails at once with
+        `why`, a running one stops decoding at its next step. Whether the sample was found (other
+        kinds of job are never cancelled: a training step's effect is wanted whoever waits)."""
+        with self._cv:
+            for queue in [lane.queue for lane in self._lanes.values()] + list(self._parked.values()):
+                for job in queue:
+                    if job.id == job_id and isinstance(job.command, Sample):
+                        job.abandoned.set()
+                        queue.remove(job)
+                        break
+                else:
+                    continue
+                break
+            else:
+                running = next((job for lane in self._lanes.values() for job in lane.running
+                                if job.id == job_id and isinstance(job.command, Sample)), None)
+                if running is not None:
+                    running.abandoned.set()
+                return running is not None
+        self._record(job, Outcome(error=f"{ABANDONED}: {why}; it never started", error_category="user"))
+        return True
 
     @property
     def queued(self) -> int:
@@ -278,13 +303,14 @@ class JobRunner:
                 self._retrying(lambda job=job: self.store.mark_started(job.id))
             started = time.monotonic()
             progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
+            options = {"progress": progress} if any(progress) else {}
+            if isinstance(batch[0].command, Sample):
+                options["cancelled"] = [job.abandoned.is_set for job in batch]
             try:
                 if lane.lost is not None:
                     outcomes = [Outcome(error=lane.lost)] * len(batch)
-                elif any(progress):
-                    outcomes = self.backend.execute([job.command for job in batch], progress=progress, lane=lane.key)
                 else:
-                    outcomes = self.backend.execute([job.command for job in batch], lane=lane.key)
+                    outcomes = self.backend.execute([job.command for job in batch], lane=lane.key, **options)
             except WorkerLost as exc:
                 lost, outcomes = exc, []  # recorded once its runs are back (below)
             except Exception as exc:  # a backend that failed as a whole fails these jobs alone
