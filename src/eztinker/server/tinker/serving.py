@@ -1,0 +1,493 @@
+"""The Tinker protocol's serving logic, behind the thin routes of router.py.
+
+`TinkerServing` holds the protocol's own state explicitly: the client sessions and sampling
+sessions (in the database), the per-model training order (`Sequencer`) and what a future's
+answer needs beyond its job's result (`FutureExtras`). Each operation returns a typed value
+(`FutureRef`, or a protocol body); requests the service refuses become failed futures with
+category "user", as Tinker reports errors through futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from ...types import (
+    LOSS_FNS,
+    CheckpointInfo,
+    CreateRunRequest,
+    ForwardBackwardRequest,
+    JobRef,
+    LoadRequest,
+    LoraConfig,
+    OptimStepRequest,
+    RunInfo,
+    SamplingParams,
+    SaveRequest,
+)
+from ..service import Service, ServiceError
+from ..store import INTERRUPTED, JobRecord, SessionStore
+from . import protocol as p
+from . import wire
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 25.0  # a retrieve_future holds this long before answering try_again (the SDK waits 45 s)
+TURN_SECONDS = 30.0  # a training request arriving before its predecessor waits this long for it
+_EXTRAS_KEPT = 100_000
+_SESSION_SNAPSHOT = p.SAMPLER_PREFIX + "session-"  # our name of an unnamed sampler snapshot
+_SESSION_SNAPSHOTS_KEPT = 4
+_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_MLP = ["gate_proj", "up_proj", "down_proj"]
+
+
+def error_body(status: int, message: str, loc: tuple | None = None) -> JSONResponse:
+    """Tinker's error shape. A 409 (which the SDK retries for minutes) goes out as a 400."""
+    content: dict[str, Any] = {"error": message, "category": "user" if status < 500 else "server"}
+    if loc:
+        content["loc"] = list(loc)
+    return JSONResponse(status_code=400 if status == 409 else status, content=content)
+
+
+@dataclass(frozen=True)
+class FutureRef:
+    """A submitted request's answer: the future to poll, and what the SDK reads beside it."""
+
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
+
+    def body(self) -> dict[str, Any]:
+        return {k: v for k, v in (("request_id", self.request_id), ("model_id", self.model_id),
+                                  ("sample_sequence_ids", self.sample_sequence_ids)) if v is not None}
+
+
+@dataclass(frozen=True)
+class FutureExtra:
+    """What a future's answer needs beyond its job's result."""
+
+    sampling_session_id: str | None = None  # an unnamed sampler snapshot's session
+    path: str | None = None  # a load's tinker path, echoed back
+    model_id: str | None = None
+
+
+class Sequencer:
+    """Runs each model's training requests in `seq_id` order: a request waits (up to
+    TURN_SECONDS) until every lower seq_id of its model has been submitted. The SDK sends the
+    chunks of one call concurrently, so they can arrive out of order."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    def start(self, model_id: str, first: int = 1) -> None:
+        self._next[model_id] = first
+
+    @asynccontextmanager
+    async def turn(self, model_id: str, seq_id: int | None) -> AsyncIterator[None]:
+        if seq_id is None:
+            yield
+            return
+        async with self._changed:
+            self._next.setdefault(model_id, seq_id)  # a model this process did not start (e.g. after a restart)
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self._next[model_id] >= seq_id), TURN_SECONDS)
+            except asyncio.TimeoutError:
+                log.warning("model %s: seq_id %d went ahead after waiting %.0f s for seq_id %d", model_id, seq_id,
+                            TURN_SECONDS, self._next[model_id])
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._next[model_id] = max(self._next.get(model_id, 0), seq_id + 1)
+                self._changed.notify_all()
+
+
+@dataclass
+class FutureExtras:
+    """FutureExtra by job id, the newest _EXTRAS_KEPT (a future is retrieved soon after it is made)."""
+
+    _by_job: OrderedDict[str, FutureExtra] = field(default_factory=OrderedDict)
+
+    def remember(self, job_id: str, extra: FutureExtra) -> None:
+        self._by_job[job_id] = extra
+        while len(self._by_job) > _EXTRAS_KEPT:
+            self._by_job.popitem(last=False)
+
+    def get(self, job_id: str) -> FutureExtra:
+        return self._by_job.get(job_id) or FutureExtra()
+
+
+def model_id_of(session_id: str, model_seq_id: int) -> str:
+    return f"{session_id}:train:{model_seq_id}"
+
+
+class TinkerServing:
+    """The Tinker protocol over one Service."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.sessions = SessionStore(service.store)
+        self.sequencer = Sequencer()
+        self.extras = FutureExtras()
+
+    # ------------------------------------------------------------------ helpers
+    def _refused(self, user: str, kind: str, run_id: str | None, exc: Exception) -> FutureRef:
+        message = exc.message if isinstance(exc, (ServiceError, wire.WireError)) else str(exc)
+        if isinstance(exc, ServiceError) and exc.loc:
+            message = f"{'.'.join(str(part) for part in exc.loc)}: {message}"
+        return FutureRef(self.service.failed_job(user, kind, run_id, message).job_id)
+
+    def session_of(self, user: str, session_id: str):
+        row = self.sessions.session(session_id, user)
+        if row is None:
+            raise ServiceError(404, f"session {session_id} not found")
+        timeout = self.service.settings.tinker_session_timeout_seconds
+        if row["finished_at"] is not None or time.time() - row["heartbeat_at"] > timeout:
+            raise ServiceError(410, f"session {session_id} has ended; create a new ServiceClient")
+        return row
+
+    # ------------------------------------------------------------------ sessions
+    def capabilities(self) -> dict:
+        return {"supported_models": [
+            {"model_name": m.name, "max_context_length": m.max_context_length, "trainable": True, "sampleable": True}
+            for m in self.service.models.values()
+        ]}
+
+    def create_session(self, user: str, body: p.CreateSession) -> str:
+        session_id = f"sess_{uuid.uuid4().hex[:16]}"
+        self.sessions.add_session(session_id, user, {"tags": body.tags, "user_metadata": body.user_metadata,
+                                                     "sdk_version": body.sdk_version})
+        return session_id
+
+    def heartbeat(self, user: str, session_id: str) -> None:
+        self.session_of(user, session_id)
+        self.sessions.heartbeat(session_id)
+
+    def finish_session(self, user: str, session_id: str) -> None:
+        if self.sessions.session(session_id, user) is None:
+            raise ServiceError(404, f"session {session_id} not found")
+        self.sessions.finish(session_id)
+
+    def session_ids(self, user: str) -> list[str]:
+        return [row["id"] for row in self.sessions.sessions(user)]
+
+    def session_contents(self, user: str, session_id: str) -> dict:
+        if self.sessions.session(session_id, user) is None:
+            raise ServiceError(404, f"session {session_id} not found")
+        runs = [r.id for r in self.service.list_runs(user) if r.id.startswith(f"{session_id}:train:")]
+        return {"training_run_ids": runs, "sampler_ids": self.sessions.samplers_of_session(session_id)}
+
+    # ------------------------------------------------------------------ models
+    def create_model(self, user: str, body: p.CreateModel, key: str | None) -> FutureRef:
+        model_id = model_id_of(body.session_id, body.model_seq_id)
+        try:
+            self.session_of(user, body.session_id)
+            lora = body.lora_config
+            if not (lora.train_attn or lora.train_mlp):
+                raise ServiceError(422, "train_attn or train_mlp must be true (the output head is not trained here)",
+                                   ("lora_config",))
+            targets = "all-linear" if lora.train_attn and lora.train_mlp else (_ATTN if lora.train_attn else _MLP)
+            request = CreateRunRequest(base_model=body.base_model, seed=lora.seed or 0,
+                                       lora=LoraConfig(rank=lora.rank, alpha=32.0, target_modules=targets))
+            metadata = {"user_metadata": body.user_metadata or {}, "lora_config": lora.model_dump()}
+            ref = self.service.submit_create_run(user, request, key, run_id=model_id, metadata=metadata)
+        except (ServiceError, ValidationError) as exc:
+            return self._refused(user, "create_run", None, exc)
+        self.sequencer.start(model_id)
+        return FutureRef(ref.job_id, model_id=model_id)
+
+    def model_info(self, user: str, model_id: str) -> dict:
+        run = self.service.get_run(user, model_id)
+        info = self.service.models.get(run.base_model)
+        return {
+            "model_id": run.id,
+            "model_data": {"arch": info.architecture if info else None, "model_name": run.base_model,
+                           "tokenizer_id": info.tokenizer_id if info else run.base_model},
+            "is_lora": True,
+            "lora_rank": run.lora.rank,
+            "model_name": run.base_model,
+        }
+
+    # ------------------------------------------------------------------ training
+    async def forward_backward(self, user: str, raw: bytes, encoding: str | None, key: str | None) -> FutureRef:
+        call = wire.decode_forward_backward(raw, encoding)
+        async with self.sequencer.turn(call.model_id, call.seq_id):
+            try:
+                if call.loss_fn not in LOSS_FNS:
+                    raise ServiceError(422, f"loss_fn {call.loss_fn!r} is not supported by this server; "
+                                            f"it supports {', '.join(LOSS_FNS)}", ("loss_fn",))
+                request = ForwardBackwardRequest(data=call.data, loss_fn=call.loss_fn,
+                                                 loss_fn_config=call.loss_fn_config or None)
+                ref = self.service.submit_forward_backward(user, call.model_id, request, key,
+                                                           forward_only=call.forward_only, all_logprobs=True)
+            except (ServiceError, ValidationError) as exc:
+                return self._refused(user, "forward_backward", call.model_id, exc)
+        return FutureRef(ref.job_id, model_id=call.model_id)
+
+    async def optim_step(self, user: str, body: p.OptimStep, key: str | None) -> FutureRef:
+        async with self.sequencer.turn(body.model_id, body.seq_id):
+            try:
+                request = OptimStepRequest(adam_params=body.adam_params.ours())
+                ref = self.service.submit_optim_step(user, body.model_id, request, key)
+            except (ServiceError, ValidationError) as exc:
+                return self._refused(user, "optim_step", body.model_id, exc)
+        return FutureRef(ref.job_id, model_id=body.model_id)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, user: str, run_id: str, name: str, overwrite: bool, key: str | None) -> JobRef:
+        if not overwrite and self.service.store.checkpoint(run_id, name) is not None:
+            raise ServiceError(422, f"checkpoint {p.tinker_path(run_id, name)} exists; pass overwrite=True to replace it",
+                               ("path",))
+        return self.service.submit_save(user, run_id, SaveRequest(name=name), key)
+
+    async def save_weights(self, user: str, body: p.SaveWeights, key: str | None) -> FutureRef:
+        async with self.sequencer.turn(body.model_id, body.seq_id):
+            try:
+                ref = self._save(user, body.model_id, body.path, body.overwrite, key)
+            except (ServiceError, ValidationError) as exc:
+                return self._refused(user, "save", body.model_id, exc)
+        return FutureRef(ref.job_id, model_id=body.model_id)
+
+    async def save_weights_for_sampler(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> FutureRef:
+        async with self.sequencer.turn(body.model_id, body.seq_id):
+            try:
+                if body.path is not None:
+                    ref = self._save(user, body.model_id, p.SAMPLER_PREFIX + body.path, True, key)
+                else:
+                    ref = self._save_session_snapshot(user, body, key)
+            except (ServiceError, ValidationError) as exc:
+                return self._refused(user, "save", body.model_id, exc)
+        return FutureRef(ref.job_id, model_id=body.model_id)
+
+    def _save_session_snapshot(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> JobRef:
+        """An unnamed snapshot for a sampling session of the current weights: saved like a named
+        one, so that it stays what it is however the run trains on."""
+        if body.sampling_session_seq_id is None:
+            raise ServiceError(422, "give path or sampling_session_seq_id", ("path",))
+        session_id = body.model_id.split(":train:")[0]
+        sampler_id = f"{session_id}:sample:{body.sampling_session_seq_id}"
+        name = f"{_SESSION_SNAPSHOT}{sampler_id.replace(':', '-')}"
+        ref = self.service.submit_save(user, body.model_id, SaveRequest(name=name), key)
+        run = self.service.get_run(user, body.model_id)
+        self.sessions.add_sampler(sampler_id, user, run.base_model, f"{body.model_id}/{name}", None)
+        self.extras.remember(ref.job_id, FutureExtra(sampling_session_id=sampler_id))
+        return ref
+
+    def _drop_old_session_snapshots(self, user: str, run_id: str) -> None:
+        """An unnamed snapshot is one sampling client's weights, and an RL loop makes one per
+        iteration: once one is handed out, the run keeps its newest _SESSION_SNAPSHOTS_KEPT, so
+        disk use stays bounded."""
+        unnamed = [c for c in self.service.get_run(user, run_id).checkpoints if c.name.startswith(_SESSION_SNAPSHOT)]
+        for old in unnamed[: max(0, len(unnamed) - _SESSION_SNAPSHOTS_KEPT)]:
+            self.service.delete_checkpoint(user, run_id, old.name)
+
+    async def load_weights(self, user: str, body: p.LoadWeights, key: str | None) -> FutureRef:
+        if body.model_id is None:
+            return self._create_from_state(user, body, key)
+        async with self.sequencer.turn(body.model_id, body.seq_id):
+            try:
+                source, name = p.parse_tinker_path(body.path)
+                ref = self.service.submit_load(user, body.model_id, LoadRequest(checkpoint=f"{source}/{name}"), key,
+                                               with_optimizer=body.optimizer)
+            except (ServiceError, ValidationError, ValueError) as exc:
+                return self._refused(user, "load", body.model_id, exc)
+        self.extras.remember(ref.job_id, FutureExtra(path=body.path, model_id=body.model_id))
+        return FutureRef(ref.job_id, model_id=body.model_id)
+
+    def _create_from_state(self, user: str, body: p.LoadWeights, key: str | None) -> FutureRef:
+        """create_training_client_from_state: a new model from the checkpoint."""
+        if body.session_id is None or body.model_seq_id is None:
+            raise ServiceError(422, "give model_id, or session_id and model_seq_id", ("model_id",))
+        model_id = model_id_of(body.session_id, body.model_seq_id)
+        try:
+            self.session_of(user, body.session_id)
+            source, name = p.parse_tinker_path(body.path)
+            request = CreateRunRequest(base_model=body.base_model, from_checkpoint=f"{source}/{name}")
+            ref = self.service.submit_create_run(user, request, key, run_id=model_id, with_optimizer=body.optimizer,
+                                                 metadata={"user_metadata": body.user_metadata or {}})
+        except (ServiceError, ValidationError, ValueError) as exc:
+            return self._refused(user, "create_run", None, exc)
+        self.sequencer.start(model_id)
+        self.extras.remember(ref.job_id, FutureExtra(path=body.path, model_id=model_id))
+        return FutureRef(ref.job_id, model_id=model_id)
+
+    # ------------------------------------------------------------------ sampling
+    def create_sampling_session(self, user: str, body: p.CreateSamplingSession) -> str:
+        self.session_of(user, body.session_id)
+        sampler_id = f"{body.session_id}:sample:{body.sampling_session_seq_id}"
+        if body.model_path is not None:
+            try:
+                run_id, name = p.parse_tinker_path(body.model_path)
+            except ValueError as exc:
+                raise ServiceError(422, str(exc), ("model_path",)) from None
+            self.service.checkpoint_path(user, f"{run_id}/{name}", field="model_path")  # 404 unless the user's
+            base_model = self.service.store.run_row_any(run_id)["base_model"]
+            self.sessions.add_sampler(sampler_id, user, base_model, f"{run_id}/{name}", body.model_path)
+        elif body.base_model is not None:
+            self.sessions.add_sampler(sampler_id, user, self.service.model(body.base_model), None, None)
+        else:
+            raise ServiceError(422, "give model_path or base_model", ("model_path",))
+        return sampler_id
+
+    def sampler(self, user: str, sampler_id: str) -> dict:
+        row = self.sessions.sampler(sampler_id, user)
+        if row is None:
+            raise ServiceError(404, f"sampler {sampler_id} not found")
+        return {"sampler_id": row["id"], "base_model": row["base_model"], "model_path": row["model_path"]}
+
+    def sample(self, user: str, body: p.ASample, key: str | None) -> FutureRef:
+        try:
+            ref = self._submit_sample(user, body, key)
+        except (ServiceError, ValidationError, wire.WireError) as exc:
+            failed = self._refused(user, "sample", None, exc)
+            # The SDK wants an id per sample even for a request that fails (it then reads none of them);
+            # no more than the server could ever sample, whatever num_samples claims.
+            count = min(body.num_samples, self.service.settings.max_samples_per_request)
+            return FutureRef(failed.request_id, sample_sequence_ids=[f"{failed.request_id}:{i}" for i in range(count)])
+        return FutureRef(ref.job_id, sample_sequence_ids=[f"{ref.job_id}:{i}" for i in range(body.num_samples)])
+
+    def _submit_sample(self, user: str, body: p.ASample, key: str | None) -> JobRef:
+        sampler = self.sessions.sampler(body.sampling_session_id, user)
+        if sampler is None:
+            raise ServiceError(404, f"sampling session {body.sampling_session_id} not found")
+        prompt = wire.decode_model_input_json(body.prompt)
+        stop, stop_ids = wire.parse_stop(body.sampling_params.stop)
+        sp = body.sampling_params
+        params = SamplingParams(
+            max_tokens=sp.max_tokens or min(self.service.settings.max_new_tokens, 256), temperature=sp.temperature,
+            top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop, stop_token_ids=stop_ids, seed=sp.seed)
+        snapshot = None
+        if sampler["checkpoint"] is not None:
+            snapshot, _ = self.service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id")
+        return self.service.submit_sample_tokens(
+            user, sampler["base_model"], None, [prompt], body.num_samples, params, body, key, snapshot=snapshot,
+            prompt_logprobs=body.prompt_logprobs or body.topk_prompt_logprobs > 0,
+            topk_prompt_logprobs=body.topk_prompt_logprobs)
+
+    # ------------------------------------------------------------------ futures
+    async def retrieve(self, user: str, request_id: str) -> Response:
+        try:
+            record = await self.service.wait_job(user, request_id, POLL_SECONDS)
+        except ServiceError:
+            return error_body(404, f"future {request_id} not found (unknown, or expired)")
+        if not record.finished:
+            return JSONResponse({"type": "try_again", "request_id": record.id, "queue_state": "active"})
+        if record.error is not None:
+            if record.error == INTERRUPTED and record.kind == "sample":
+                return error_body(410, record.error)  # the SDK submits a sample again on 410
+            return JSONResponse({"error": record.error, "category": record.error_category or "server"})
+        return self._answer(user, record)
+
+    def _answer(self, user: str, record: JobRecord) -> Response:
+        value, extra = record.result(), self.extras.get(record.id)
+        if record.kind == "forward_backward":
+            logprobs = [[0.0 if lp is None else lp for lp in row] for row in value["logprobs"]]
+            body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value["loss"]})
+            return Response(body, media_type="application/x-protobuf")
+        if record.kind == "sample":
+            body = wire.encode_sample_response(
+                value["sequences"][0],
+                prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
+                topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0])
+            return Response(body, media_type="application/x-protobuf")
+        if record.kind == "create_run":
+            return JSONResponse({"model_id": record.run_id, **({"path": extra.path} if extra.path else {})})
+        if record.kind == "optim_step":
+            return JSONResponse({"metrics": {"grad_norm": value["grad_norm"], "learning_rate": value["learning_rate"],
+                                             "step": value["step"]}})
+        if record.kind == "save":
+            if extra.sampling_session_id is not None:
+                self._drop_old_session_snapshots(user, record.run_id)
+                return JSONResponse({"sampling_session_id": extra.sampling_session_id})
+            return JSONResponse({"path": p.tinker_path(value["run_id"], value["name"])})
+        if record.kind == "load":
+            return JSONResponse({"path": extra.path, "model_id": record.run_id})
+        return JSONResponse(value)
+
+    # ------------------------------------------------------------------ RestClient: runs and checkpoints
+    def _checkpoint_json(self, run_id: str, info: CheckpointInfo) -> dict:
+        checkpoint, kind = p.checkpoint_id(info.name)
+        return {"checkpoint_id": checkpoint, "checkpoint_type": kind, "time": info.created_at.isoformat(),
+                "tinker_path": p.tinker_path(run_id, info.name), "public": False,
+                "size_bytes": _size(self.service.data_dir / info.path)}
+
+    def _training_run_json(self, run: RunInfo) -> dict:
+        row = self.service.store.run_row_any(run.id)
+        training = [c for c in run.checkpoints if p.checkpoint_id(c.name)[1] == "training"]
+        sampler = [c for c in run.checkpoints if p.checkpoint_id(c.name)[1] == "sampler"]
+        metadata = _json_or_empty(row["metadata"]).get("user_metadata") or {}
+        return {"training_run_id": run.id, "base_model": run.base_model, "model_owner": row["owner"], "is_lora": True,
+                "corrupted": False, "lora_rank": run.lora.rank, "last_request_time": run.created_at.isoformat(),
+                "last_checkpoint": self._checkpoint_json(run.id, training[-1]) if training else None,
+                "last_sampler_checkpoint": self._checkpoint_json(run.id, sampler[-1]) if sampler else None,
+                "user_metadata": {k: str(v) for k, v in metadata.items()}}
+
+    def training_runs(self, user: str, limit: int, offset: int) -> dict:
+        runs = self.service.list_runs(user)
+        page = runs[offset: offset + limit]
+        return {"training_runs": [self._training_run_json(r) for r in page],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
+
+    def training_run(self, user: str, run_id: str) -> dict:
+        return self._training_run_json(self.service.get_run(user, run_id))
+
+    def run_checkpoints(self, user: str, run_id: str) -> dict:
+        run = self.service.get_run(user, run_id)
+        return {"checkpoints": [self._checkpoint_json(run_id, c) for c in run.checkpoints]}
+
+    def user_checkpoints(self, user: str, limit: int, offset: int) -> dict:
+        every = self.service.store.checkpoints_of(user)
+        return {"checkpoints": [self._checkpoint_json(c.run_id, c) for c in every[offset: offset + limit]],
+                "cursor": {"offset": offset, "limit": limit, "total_count": len(every)}}
+
+    def our_checkpoint(self, user: str, run_id: str, checkpoint: str) -> tuple[str, Path]:
+        """Tinker's checkpoint id of one of the user's runs -> (our name, its folder)."""
+        try:
+            name = p.from_checkpoint_id(checkpoint)
+        except ValueError as exc:
+            raise ServiceError(422, str(exc), ("checkpoint_id",)) from None
+        path, _ = self.service.checkpoint_path(user, f"{run_id}/{name}")
+        return name, path
+
+    def delete_checkpoint(self, user: str, run_id: str, checkpoint: str) -> None:
+        name, _ = self.our_checkpoint(user, run_id, checkpoint)
+        self.service.delete_checkpoint(user, run_id, name)
+
+    def weights_info(self, user: str, tinker_path: str) -> dict:
+        try:
+            run_id, name = p.parse_tinker_path(tinker_path)
+        except ValueError as exc:
+            raise ServiceError(422, str(exc), ("tinker_path",)) from None
+        path, _ = self.service.checkpoint_path(user, f"{run_id}/{name}", field="tinker_path")
+        state = self.service.backend.read_checkpoint(path)
+        targets = state.lora.target_modules
+        return {"base_model": state.base_model, "is_lora": True, "lora_rank": state.lora.rank,
+                "train_attn": True, "train_mlp": targets == "all-linear" or "up_proj" in targets,
+                "train_unembed": False}
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    except OSError:
+        return None
+
+
+def _json_or_empty(text: str | None) -> dict:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return {}
