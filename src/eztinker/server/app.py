@@ -145,7 +145,7 @@ def create_app(service: Service) -> FastAPI:
 
         @app.exception_handler(tinker.WireError)
         async def wire_error(_: Request, exc):
-            return tinker.error_body(400, _finite(exc.message), exc.loc)
+            return tinker.error_body(exc.status, _finite(exc.message), exc.loc)
 
     return app
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -223,7 +224,11 @@ class TinkerServing:
 
     # ------------------------------------------------------------------ training
     async def forward_backward(self, user: str, raw: bytes, encoding: str | None, key: str | None) -> FutureRef:
-        call = wire.decode_forward_backward(raw, encoding)
+        settings = self.service.settings
+        # Off the event loop: inflating and decoding take time that grows with the body.
+        call = await run_in_threadpool(wire.decode_forward_backward, raw, encoding,
+                                       max_decompressed_bytes=settings.max_request_bytes,
+                                       max_elements=settings.max_tokens_per_request)
         async with self.sequencer.turn(call.model_id, call.seq_id):
             try:
                 if call.loss_fn not in LOSS_FNS:
