@@ -51,6 +51,11 @@ class Job:
     progress: Progress | None = None
     # Set once every consumer of the job's result is gone (`JobRunner.cancel`): a sample stops decoding.
     abandoned: threading.Event = field(default_factory=threading.Event)
+    # Or, asked after every decode step (it must be quick): whether they are gone, e.g. its session ended.
+    consumers_gone: Callable[[], bool] | None = None
+
+    def gone(self) -> bool:
+        return self.abandoned.is_set() or (self.consumers_gone is not None and self.consumers_gone())
 
 
 @dataclass
@@ -305,7 +310,7 @@ class JobRunner:
             progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
             options = {"progress": progress} if any(progress) else {}
             if isinstance(batch[0].command, Sample):
-                options["cancelled"] = [job.abandoned.is_set for job in batch]
+                options["cancelled"] = [job.gone for job in batch]
             try:
                 if lane.lost is not None:
                     outcomes = [Outcome(error=lane.lost)] * len(batch)

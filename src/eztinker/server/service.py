@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import sqlite3
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -430,10 +431,12 @@ class Service:
     def submit_sample_tokens(self, user: str, model: str, run_id: str | None, prompts: list[list[int]],
                              num_samples: int, params, request: Any, key: str | None, *, snapshot: Path | None = None,
                              prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_logprobs: int = 0,
-                             progress: Progress | None = None) -> JobRef:
+                             progress: Progress | None = None,
+                             consumers_gone: Callable[[], bool] | None = None) -> JobRef:
         """Sample token prompts on `model`: from run `run_id`'s live adapter, a saved `snapshot`
         (a checkpoint directory), or the bare model when both are None. `progress` receives the
-        tokens as they are decoded (from the worker thread)."""
+        tokens as they are decoded (from the worker thread); `consumers_gone`, asked after every
+        decode step, stops the sample once it answers True."""
         if params.seed is not None and params.seed > MAX_SEED:
             raise invalid(("sampling_params", "seed"), f"seed {params.seed} is above the largest allowed, {MAX_SEED}")
         if params.max_tokens > self.settings.max_new_tokens:
@@ -458,7 +461,8 @@ class Service:
         command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=num_samples, sampling_params=params,
                          snapshot=None if snapshot is None else str(snapshot), prompt_logprobs=prompt_logprobs,
                          topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs)
-        return self.submit(user, Job(new_id("job"), command, progress=progress), request, key)
+        return self.submit(user, Job(new_id("job"), command, progress=progress, consumers_gone=consumers_gone),
+                           request, key)
 
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)

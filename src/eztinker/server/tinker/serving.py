@@ -131,6 +131,29 @@ class FutureExtras:
         return self._by_job.get(job_id) or FutureExtra()
 
 
+class SessionLiveness:
+    """When each client session last showed life, in memory (seeded from the database after a
+    restart): a sample of the session asks after every decode step, for the price of a dict
+    look-up, whether its session has ended (finished, or no heartbeat for the timeout)."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self.timeout_seconds = timeout_seconds
+        self._beats: dict[str, float] = {}
+        self._finished: set[str] = set()
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._beats
+
+    def beat(self, session_id: str, at: float | None = None) -> None:
+        self._beats[session_id] = max(time.time() if at is None else at, self._beats.get(session_id, 0.0))
+
+    def finish(self, session_id: str) -> None:
+        self._finished.add(session_id)
+
+    def ended(self, session_id: str) -> bool:
+        return session_id in self._finished or time.time() - self._beats.get(session_id, 0.0) > self.timeout_seconds
+
+
 def model_id_of(session_id: str, model_seq_id: int) -> str:
     return f"{session_id}:train:{model_seq_id}"
 
@@ -143,8 +166,18 @@ class TinkerServing:
         self.sessions = SessionStore(service.store)
         self.sequencer = Sequencer()
         self.extras = FutureExtras()
+        self.liveness = SessionLiveness(service.settings.tinker_session_timeout_seconds)
 
     # ------------------------------------------------------------------ helpers
+    def _not_owned(self, user: str, kind: str, model_id: str) -> FutureRef | None:
+        """A failed future when `model_id` is not one of the user's models, checked before its
+        turn: another user's request never waits in, nor moves, that model's sequence."""
+        try:
+            self.service.owned_run(user, model_id)
+        except ServiceError as exc:
+            return self._refused(user, kind, None, exc)
+        return None
+
     def _refused(self, user: str, kind: str, run_id: str | None, exc: Exception) -> FutureRef:
         message = exc.message if isinstance(exc, (ServiceError, wire.WireError)) else str(exc)
         if isinstance(exc, ServiceError) and exc.loc:
@@ -171,16 +204,19 @@ class TinkerServing:
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
         self.sessions.add_session(session_id, user, {"tags": body.tags, "user_metadata": body.user_metadata,
                                                      "sdk_version": body.sdk_version})
+        self.liveness.beat(session_id)
         return session_id
 
     def heartbeat(self, user: str, session_id: str) -> None:
         self.session_of(user, session_id)
         self.sessions.heartbeat(session_id)
+        self.liveness.beat(session_id)
 
     def finish_session(self, user: str, session_id: str) -> None:
         if self.sessions.session(session_id, user) is None:
             raise ServiceError(404, f"session {session_id} not found")
         self.sessions.finish(session_id)
+        self.liveness.finish(session_id)  # its samples still decoding stop at their next step
 
     def session_ids(self, user: str) -> list[str]:
         return [row["id"] for row in self.sessions.sessions(user)]
@@ -229,6 +265,8 @@ class TinkerServing:
         call = await run_in_threadpool(wire.decode_forward_backward, raw, encoding,
                                        max_decompressed_bytes=settings.max_request_bytes,
                                        max_elements=settings.max_tokens_per_request)
+        if (refused := self._not_owned(user, "forward_backward", call.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(call.model_id, call.seq_id):
             try:
                 if call.loss_fn not in LOSS_FNS:
@@ -243,6 +281,8 @@ class TinkerServing:
         return FutureRef(ref.job_id, model_id=call.model_id)
 
     async def optim_step(self, user: str, body: p.OptimStep, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "optim_step", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 request = OptimStepRequest(adam_params=body.adam_params.ours())
@@ -259,6 +299,8 @@ class TinkerServing:
         return self.service.submit_save(user, run_id, SaveRequest(name=name), key)
 
     async def save_weights(self, user: str, body: p.SaveWeights, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 ref = self._save(user, body.model_id, body.path, body.overwrite, key)
@@ -267,6 +309,8 @@ class TinkerServing:
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     async def save_weights_for_sampler(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 if body.path is not None:
@@ -302,6 +346,8 @@ class TinkerServing:
     async def load_weights(self, user: str, body: p.LoadWeights, key: str | None) -> FutureRef:
         if body.model_id is None:
             return self._create_from_state(user, body, key)
+        if (refused := self._not_owned(user, "load", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 source, name = p.parse_tinker_path(body.path)
@@ -377,10 +423,26 @@ class TinkerServing:
         snapshot = None
         if sampler["checkpoint"] is not None:
             snapshot, _ = self.service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id")
+        session_id = self._live_session_of_sampler(user, body.sampling_session_id)
         return self.service.submit_sample_tokens(
             user, sampler["base_model"], None, [prompt], body.num_samples, params, body, key, snapshot=snapshot,
             prompt_logprobs=body.prompt_logprobs or body.topk_prompt_logprobs > 0,
-            topk_prompt_logprobs=body.topk_prompt_logprobs)
+            topk_prompt_logprobs=body.topk_prompt_logprobs,
+            consumers_gone=lambda: self.liveness.ended(session_id))
+
+    def _live_session_of_sampler(self, user: str, sampler_id: str) -> str:
+        """The client session a sampler belongs to (its futures' only reader), known to the liveness
+        record; a sample for a session that has ended is refused."""
+        session_id = sampler_id.rsplit(":sample:", 1)[0]
+        if session_id not in self.liveness:  # e.g. after a restart
+            row = self.sessions.session(session_id, user)
+            if row is not None:
+                self.liveness.beat(session_id, row["heartbeat_at"])
+                if row["finished_at"] is not None:
+                    self.liveness.finish(session_id)
+        if self.liveness.ended(session_id):
+            raise ServiceError(410, f"session {session_id} has ended; create a new ServiceClient")
+        return session_id
 
     # ------------------------------------------------------------------ futures
     async def retrieve(self, user: str, request_id: str) -> Response:
