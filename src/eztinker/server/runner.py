@@ -32,7 +32,7 @@ from ..backend import ABANDONED, Backend, Progress, WorkerLost
 from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
                                 Save, fusable)
 from .metrics import Metrics
-from .store import Store, is_busy
+from .store import INTERRUPTED, Store, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ class JobRunner:
         self._recording: set[str] = set()
         self._started = False
         self._stopping = False
+        self._draining = False  # shutting down: no job starts any more
         self._last_expiry = 0.0
         self._expiry_lock = threading.Lock()
         self._stalled: str | None = None  # why a store write is being retried
@@ -121,19 +122,52 @@ class JobRunner:
             for lane in self._lanes.values():
                 self._start_lane(lane)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def drain(self) -> None:
+        """The server is shutting down: no job starts any more. Every queued job (and any submitted
+        from now on) fails at once as interrupted, so its waiter learns it now and a client's retry
+        after the restart runs it afresh; running jobs go on (`stop` bounds how long)."""
         with self._cv:
+            self._draining = True
+            failed = [job for lane in self._lanes.values() for job in lane.queue]
+            failed += [job for jobs in self._parked.values() for job in jobs]
+            for lane in self._lanes.values():
+                lane.queue.clear()
+            self._parked.clear()
+            self._cv.notify_all()
+        for job in failed:
+            self._record(job, Outcome(error=INTERRUPTED))
+        if failed:
+            log.warning("shutting down: %d queued job(s) failed as interrupted", len(failed))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain, give the running jobs up to `timeout` seconds to finish (running samples are
+        cut at the deadline), then stop the lanes. A job still running after that is marked
+        interrupted at the next start."""
+        self.drain()
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while any(lane.running for lane in self._lanes.values()) and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(min(left, 0.1))
+            running = [job for lane in self._lanes.values() for job in lane.running]
+            for job in running:
+                job.abandoned.set()  # a sample stops at its next step; other work cannot be cut short
             self._stopping = True
             self._cv.notify_all()
             threads = [lane.thread for lane in self._lanes.values() if lane.thread is not None]
+        if running:
+            log.warning("shutting down: %d job(s) still running after %.0f s: %s", len(running), timeout,
+                        ", ".join(f"{job.id} ({job.command.kind})" for job in running))
         for thread in threads:
-            thread.join(timeout)
+            thread.join(max(deadline - time.monotonic(), 0) + 2.0)
 
     def submit(self, job: Job) -> None:
         """Queue a job whose row is already in the database (any thread)."""
         with self._cv:
-            self._enqueue(job)
-            self._cv.notify_all()
+            if not self._draining:
+                self._enqueue(job)
+                self._cv.notify_all()
+                return
+        self._record(job, Outcome(error=INTERRUPTED))  # shutting down: nothing starts
 
     def _enqueue(self, job: Job) -> None:
         """On its run's lane, or the least busy of the lanes it may take (holding the lock)."""
@@ -335,6 +369,7 @@ class JobRunner:
         finally:
             with self._cv:
                 lane.running = []
+                self._cv.notify_all()  # a stop() waiting for running jobs
 
     def _worker_lost(self, lane: _Lane, lost: WorkerLost, batch: list[Job]) -> None:
         """Rebuild each of the lane's runs on a live worker (as after a restart), then fail its

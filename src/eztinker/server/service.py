@@ -186,7 +186,7 @@ class Service:
 
     def close(self) -> None:
         try:
-            self.runner.stop()
+            self.runner.stop(self.settings.shutdown_grace_seconds)
             self.store.close()
             self.backend.close()
         finally:
