@@ -600,8 +600,8 @@ def test_slow_clients_are_dropped_while_others_are_served(make_server):
             return sock
 
         opened = time.monotonic()
-        slowloris = connect(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        no_body = connect(b"POST /v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slowloris = connect(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # a Host of this machine
+        no_body = connect(b"POST /v1/runs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 100\r\n\r\n{")
         silent = connect(b"")
         with httpx.Client(base_url=server.url) as other:
