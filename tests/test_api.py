@@ -196,8 +196,11 @@ def test_sdk_round_trip(client, tmp_path):
         with pytest.raises(APIStatusError) as err:
             gone.forward_backward([EXAMPLE])
         assert err.value.status_code == 404
-    # A deleted run's checkpoints stay loadable by their owner.
-    assert copy.load_state(f"{run.run_id}/c5").result(timeout=60)["step"] == 5
+    # A deleted run's checkpoints go with it; the run created from one keeps what it loaded.
+    with pytest.raises(APIStatusError) as err:
+        copy.load_state(f"{run.run_id}/c5").result(timeout=60)
+    assert err.value.status_code == 404
+    assert copy.info().restored_from == f"{run.run_id}/c5"
 
 
 # --------------------------------------------------------------------------------- restart

@@ -191,8 +191,9 @@ def test_errors_in_openai_shape(server):
     with pytest.raises(openai.BadRequestError) as caught:
         oa.chat.completions.create(model=model, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
     assert caught.value.body["param"].startswith("messages")
-    with pytest.raises(openai.BadRequestError):
-        oa.completions.create(model=model, prompt="hi", echo=True)
+    with pytest.raises(openai.BadRequestError) as caught:  # echo is supported (test_eval_api.py); suffix is not
+        oa.completions.create(model=model, prompt="hi", suffix="there")
+    assert caught.value.body["param"] == "suffix"
     with pytest.raises(openai.BadRequestError):
         oa.completions.create(model=model, prompt=[10**7])  # a token outside the vocabulary
 

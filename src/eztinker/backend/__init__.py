@@ -75,6 +75,7 @@ class CheckpointState:
     step: int
     lora: LoraConfig
     base_model: str | None
+    has_optimizer: bool = True  # False: saved for sampling or export, weights only
 
 
 class Backend(Protocol):

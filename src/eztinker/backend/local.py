@@ -9,12 +9,15 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from ..chat import render_prompt
-from ..engine import BaseModel, Engine, EngineError, SampleSpec, load_base_model
+from ..device_placement import PlacementError, place_models
+from ..engine import BaseModel, Engine, EngineError, ModelLoadError, SampleSpec, load_base_model
 from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, read_training_state
+from ..engine.prompt_scoring import PromptExtras
 from ..types import LoraConfig, Prompt, SampledSequence
 from . import ABANDONED, Cancelled, CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
-from .commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score
+from .commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score,
+                       ScorePrompts)
 from .compute_thread import ComputeThread
 
 log = logging.getLogger(__name__)
@@ -33,12 +36,25 @@ class LocalBackend:
         self._tokenizer_files: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def load(cls, specs: Sequence[str], *, cache_dir: Path, device: str | None, **engine_options) -> LocalBackend:
+    def load(cls, specs: Sequence[str], *, cache_dir: Path, device: str | Sequence[str] | None,
+             **engine_options) -> LocalBackend:
         """Load each model (ModelLoadError names the one that fails) and build its engine, both on
-        the thread that will run its commands."""
+        the thread that will run its commands. `device`: the `--device` entries (device_placement.py:
+        none spreads the models over the visible GPUs)."""
         compute = ComputeThread()
+        requests = [device] if isinstance(device, str) else list(device or ())
+
+        def load_all() -> list[BaseModel]:
+            import torch
+
+            try:
+                placement = place_models(specs, requests, torch.cuda.device_count())
+            except PlacementError as exc:
+                raise ModelLoadError(f"--device: {exc}") from None
+            return [load_base_model(spec, cache_dir=cache_dir, device=placement[spec]) for spec in specs]
+
         try:
-            bases = compute.run(lambda: [load_base_model(spec, cache_dir=cache_dir, device=device) for spec in specs])
+            bases = compute.run(load_all)
             return cls(bases, compute=compute, **engine_options)
         except BaseException:
             compute.close()
@@ -68,8 +84,13 @@ class LocalBackend:
                  cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
         progress = list(progress) if progress is not None else [None] * len(commands)
         cancelled = list(cancelled) if cancelled is not None else [None] * len(commands)
+        fuse = None
         if len(commands) > 1 and all(isinstance(c, Sample) for c in commands):
-            fused = _attempt(lambda: self._sample_many(commands, progress, cancelled))
+            fuse = lambda: self._sample_many(commands, progress, cancelled)  # noqa: E731
+        elif len(commands) > 1 and all(isinstance(c, ScorePrompts) for c in commands):
+            fuse = lambda: self._score_prompts_many(commands)  # noqa: E731
+        if fuse is not None:
+            fused = _attempt(fuse)
             if fused.error is None:
                 return [value if isinstance(value, Outcome) else Outcome(value=value) for value in fused.value]
             # One bad request must not fail its neighbours: each alone.
@@ -105,11 +126,13 @@ class LocalBackend:
                 if isinstance(value, Outcome):
                     raise EngineError(value.error)
                 return value
+            case ScorePrompts():
+                return self._score_prompts_many([command])[0]
             case Score():
                 scores = engine.score(command.run_id, command.prompt, command.responses)
                 return {"scores": [s.model_dump() for s in scores]}
             case Save():
-                engine.save(command.run_id, Path(command.directory))
+                engine.save(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)
                 return {"step": engine.step_of(command.run_id)}
             case Load():
                 return {"step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)}
@@ -141,12 +164,54 @@ class LocalBackend:
                 for row, dumped in zip(result, value["sequences"]):
                     for sequence, entry in zip(row, dumped):
                         entry["top_logprobs"] = [[list(pair) for pair in position] for position in sequence.top_logprobs]
-            if c.prompt_logprobs or c.topk_prompt_logprobs:
-                scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs)
+            if c.prompt_logprobs or c.topk_prompt_logprobs or c.prompt_targets is not None or c.prompt_alt_tokens_k:
+                extras = [PromptExtras(targets=None if c.prompt_targets is None else c.prompt_targets[i],
+                                       alt_k=c.prompt_alt_tokens_k, temperature=c.sampling_params.temperature,
+                                       seed=c.sampling_params.seed) for i in range(len(c.prompts))]
+                scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs,
+                                                last_n=c.prompt_logprobs_last_n, extras=extras)
                 if c.prompt_logprobs:
                     value["prompt_logprobs"] = [s.logprobs for s in scored]
                 if c.topk_prompt_logprobs:
                     value["topk_prompt_logprobs"] = [s.topk for s in scored]
+                if c.prompt_targets is not None:
+                    value["target_prompt_logprobs"] = [s.extras.target_logprobs for s in scored]
+                if c.prompt_alt_tokens_k:
+                    value["prompt_alt_tokens"] = [{"tokens": s.extras.alt_tokens, "logprobs": s.extras.alt_logprobs}
+                                                  for s in scored]
+            values.append(value)
+        return values
+
+    def _score_prompts_many(self, commands: Sequence[ScorePrompts]) -> list[dict]:
+        """All prompts of the batch, grouped by adapter, in forward passes of at most the engine's
+        `microbatch_tokens` padded tokens each (one pass for a few short prompts)."""
+        engine = self.engine(commands[0].model)
+        adapters: list[str | None] = []
+        for c in commands:
+            adapters.append(c.run_id if c.snapshot is None else engine.snapshot(Path(c.snapshot), pinned=adapters))
+        rows: dict[str | None, list[tuple[int, int]]] = {}  # adapter -> (command, prompt) in the batch
+        for i, (c, adapter) in enumerate(zip(commands, adapters)):
+            rows.setdefault(adapter, []).extend((i, j) for j in range(len(c.prompts)))
+        scored: dict[tuple[int, int], object] = {}
+        for adapter, keys in rows.items():
+            keys.sort(key=lambda k: -len(commands[k[0]].prompts[k[1]]))  # longest first: less padding
+            topk = max(commands[i].topk for i, _ in keys)
+            chunk: list[tuple[int, int]] = []
+            for n, key in enumerate(keys):
+                chunk.append(key)
+                width = len(commands[chunk[0][0]].prompts[chunk[0][1]])
+                next_fits = n + 1 < len(keys) and (len(chunk) + 1) * width <= engine.microbatch_tokens
+                if not next_fits:
+                    results = engine.prompt_logprobs(adapter, [commands[i].prompts[j] for i, j in chunk], topk)
+                    scored.update(zip(chunk, results))
+                    chunk = []
+        values = []
+        for i, c in enumerate(commands):
+            mine = [scored[(i, j)] for j in range(len(c.prompts))]
+            value = {"prompt_logprobs": [s.logprobs for s in mine]}
+            if c.topk:
+                value["topk_prompt_logprobs"] = [[None if top is None else top[: c.topk] for top in s.topk]
+                                                 for s in mine]
             values.append(value)
         return values
 
@@ -198,7 +263,7 @@ class LocalBackend:
         try:
             state = read_training_state(directory)
             return CheckpointState(step=int(state["step"]), lora=LoraConfig.model_validate(state["lora"]),
-                                   base_model=state.get("base_model"))
+                                   base_model=state.get("base_model"), has_optimizer=bool(state.get("optimizer", True)))
         except EngineError as exc:
             raise InvalidInput((), str(exc)) from None
         except (KeyError, TypeError, ValueError) as exc:

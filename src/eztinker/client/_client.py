@@ -194,10 +194,12 @@ class ServiceClient:
         seed: int = 0,
         base_model: str | None = None,
         from_checkpoint: str | None = None,
+        train_unembed: bool = False,
     ) -> "TrainingClient":
         request = CreateRunRequest(
             base_model=base_model,
-            lora=LoraConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules),
+            lora=LoraConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules,
+                            train_unembed=train_unembed),
             seed=seed,
             from_checkpoint=from_checkpoint,
         )

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from ..types import SampledSequence, SampledToken, SamplingParams
+from .head_lora import HeadLora
 from .kv_cache import PreallocatedCache
 from .output_projection import logits_into
 from .packed_linear import PackedWeight
@@ -70,14 +71,22 @@ class OutputHead:
     weight: torch.Tensor  # [V, D]
     bias: torch.Tensor | None = None
     packed: PackedWeight | None = None  # the weight packed for oneDNN (packed_linear.py)
+    loras: dict[str, HeadLora] = field(default_factory=dict)  # adapters' LoRAs on the head (train_unembed)
 
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
-    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> torch.Tensor:
-        """The logits, in `out_B_V` or a new tensor (`logits_into`)."""
-        return logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
+    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor,
+               row_adapters: list[tuple[str | None, int, int]] = ()) -> torch.Tensor:
+        """The logits, in `out_B_V` or a new tensor (`logits_into`); rows [a, b) of each
+        (adapter, a, b) in `row_adapters` also get that adapter's LoRA on the head, if it has one."""
+        logits = logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
+        for adapter, a, b in row_adapters if self.loras else ():
+            lora = self.loras.get(adapter)
+            if lora is not None:
+                lora.add_to(logits[a:b], lora.down(features_B_D[a:b]))
+        return logits
 
 
 class _LogitsAreFeatures:
@@ -86,8 +95,8 @@ class _LogitsAreFeatures:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
-    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> torch.Tensor:
-        return out_B_V.copy_(features_B_D)
+    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor, row_adapters=()) -> torch.Tensor:
+        return out_B_V.copy_(features_B_D)  # the forward went through the whole model, its head's LoRA included
 
 
 @dataclass
@@ -149,7 +158,7 @@ def sample(
         for k in range(specs[s].num_samples)
     ]
     stop_strings = [spec.params.stop for spec in specs]
-    # The model's (unless the request ignores them) and the request's own.
+    # The model's (unless the request turns them off) and the request's.
     stop_ids = [(frozenset() if spec.params.ignore_eos else stop_token_ids) | frozenset(spec.params.stop_token_ids)
                 for spec in specs]
     chooser = _TokenChooser(specs, head, len(rows), device, stop_ids)
@@ -328,7 +337,8 @@ class _TokenChooser:
 
     def _choose_chunk(self, features: torch.Tensor, groups, uniforms: torch.Tensor, rows: list[_Row] | None):
         n = features.shape[0]
-        shifted, weights = self.head.logits(features, self._shifted[:n]), self._weights[:n]
+        row_adapters = [(self.specs[s].adapter, a, b) for s, a, b in groups]
+        shifted, weights = self.head.logits(features, self._shifted[:n], row_adapters), self._weights[:n]
         row_max = shifted.amax(dim=-1, keepdim=True)
         shifted.sub_(row_max)  # max 0 per row: exp never overflows
         torch.exp(shifted, out=weights)

@@ -35,6 +35,7 @@ from rich.console import Console
 from .. import AdamParams, Datum, ServiceClient, TrainingClient, datum_from_messages
 from ..tasks import TASK_NAMES, Problem, get_task
 from ._cli import setting
+from ._lm_eval import evaluate_with_lm_eval
 from ._settings import TaskRecipeSettings
 from ._budget import TimeBudget
 from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
@@ -352,6 +353,7 @@ class DPO:
         metrics = self.rollouts.evaluate(run, test, label)
         entry.update({f"test_{k}": v for k, v in metrics.items()})
         times["eval"] = time.monotonic() - t
+        evaluate_with_lm_eval(self.config, run, entry, times, self.output_dir, self.console)
 
     def _report(self, entry: dict[str, Any]) -> None:
         def fmt(key: str, spec: str) -> str:

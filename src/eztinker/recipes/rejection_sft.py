@@ -23,6 +23,7 @@ from .. import AdamParams, ServiceClient, TrainingClient, datum_from_messages
 from ..tasks import Problem, get_task
 from ..tasks._grading import trim_after_answer as trim_after_answer  # part of this recipe's interface
 from ._cli import setting
+from ._lm_eval import evaluate_with_lm_eval
 from ._settings import TaskRecipeSettings
 from ._budget import TimeBudget
 from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
@@ -177,6 +178,7 @@ class RejectionSFT:
         label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
         entry.update({f"test_{k}": v for k, v in self.rollouts.evaluate(run, test, label).items()})
         times["eval"] = time.monotonic() - t
+        evaluate_with_lm_eval(self.config, run, entry, times, self.output_dir, self.console)
 
     def _report(self, entry: dict[str, Any]) -> None:
         loss = entry["train_loss"]

@@ -19,6 +19,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .auth import User
+from .downloads import downloads_router
+from .evaluations import evaluations_router
 from .guards import HostCheck, SecurityHeaders
 from .openai import router as openai
 from .rest import rest_router
@@ -132,6 +134,8 @@ def create_app(service: Service) -> FastAPI:
         return response
 
     app.include_router(rest_router(service))
+    app.include_router(downloads_router(service))
+    app.include_router(evaluations_router(service))
     app.include_router(openai.openai_router(service))
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics: jobs, queue depth, latencies, tokens, runs")

@@ -32,7 +32,7 @@ from ..backend import ABANDONED, Backend, Progress, WorkerLost
 from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
                                 Save, fusable)
 from .metrics import Metrics
-from .store import INTERRUPTED, Store, is_busy
+from .store import INTERRUPTED, CheckpointLifecycle, Store, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class Job:
     command: Command
     # '<run_id>/<name>': the checkpoint a save writes, or a load / create_run starts from.
     checkpoint: str | None = None
+    # A save's: what its checkpoint's row records beside it (expiry, weights only, ...).
+    lifecycle: CheckpointLifecycle | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     # A sample's listener for its tokens as they are decoded (streaming); called from the worker thread.
     progress: Progress | None = None
@@ -425,8 +427,9 @@ class JobRunner:
         elif isinstance(command, Save):
             relative = stored_path(Path(command.directory), self.data_dir)
             name = job.checkpoint.split("/")[1]
-            self.store.record_save(job.id, command.run_id, name, relative, value["step"])
-            self._drop_snapshots(command.run_id)  # it restores from its own save now
+            self.store.record_save(job.id, command.run_id, name, relative, value["step"], job.lifecycle)
+            if command.with_optimizer:
+                self._drop_snapshots(command.run_id)  # it restores from its own save now
         elif isinstance(command, (Load, CreateRun)) and job.checkpoint is not None:
             source = command.directory if isinstance(command, Load) else command.from_checkpoint
             snapshot = self._snapshot(command.run_id, job.id, Path(source))
@@ -439,7 +442,8 @@ class JobRunner:
         elif isinstance(command, OptimStep):
             self.store.record_step(job.id, command.run_id, value)
         elif isinstance(command, ForwardBackward) and not command.forward_only:
-            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"], value["num_tokens"])
+            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"],
+                                               value["num_tokens"], _weight_sum(command))
         else:
             self.store.mark_finished(job.id, result=json.dumps(value))
 
@@ -477,6 +481,23 @@ class JobRunner:
             finally:
                 self._expiry_lock.release()
 
+
+
+def _weight_sum(command: ForwardBackward) -> float | None:
+    """cross_entropy's summed weights over the batch (a datum without weights weighs 1 at every
+    position): its weighted loss over this is the mean NLL per token, whether the weights are
+    ones or already normalised to sum to 1. None for the other losses (no weights)."""
+    if command.loss_fn != "cross_entropy":
+        return None
+    total = 0.0
+    for datum in command.data:
+        weights = datum.loss_fn_inputs.weights
+        total += len(datum.loss_fn_inputs.target_tokens) if weights is None else _total(weights)
+    return total
+
+
+def _total(values) -> float:
+    return float(sum(_total(v) if isinstance(v, (list, tuple)) else v for v in values))
 
 
 def _guarded(job_id: str, listener: Progress) -> Progress:

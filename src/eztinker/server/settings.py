@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .._net import is_loopback_host
+from ..model_spec import served_name
 
 
 class ServerSettings(BaseSettings):
@@ -26,14 +27,29 @@ class ServerSettings(BaseSettings):
         default_factory=lambda: ["auto"],
         description="Base model, repeatable (the first is the default for new runs): a Hub id, a local "
         "directory, 'smollm2-135m' (embedded, offline) or 'auto' (Qwen/Qwen2-0.5B-Instruct when the Hub "
-        "is reachable, else smollm2-135m).",
+        "is reachable, else smollm2-135m); NAME=SOURCE serves SOURCE under the name NAME (e.g. "
+        "Qwen/Qwen3-4B-Instruct-2507=/path/to/folder, for recipes that look models up by name). In a "
+        "settings file also a table {NAME = SOURCE, ...}.",
     )
     data_dir: Path = Field(Path("data"), description="Database, checkpoints and model cache live here.")
     checkpoint_dir: Path | None = Field(
         None, description="Where checkpoints (and the snapshots runs restore from) live, if not <data-dir>/checkpoints: "
         "with --backend ray, a folder every Ray node reads and writes at this same path (a shared file system).",
     )
-    device: str | None = Field(None, description="'cpu' or 'cuda'; default: cuda when available.")
+    device: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Device of the base models, repeatable: 'cpu', 'cuda' or 'cuda:N' for every model, one per "
+        "--model in order, or MODEL=DEVICE for one. Default (and 'cuda' without an index): the models spread over "
+        "the visible GPUs, the CPU without one. With --backend ray: one device, each worker's own.",
+    )
+    microbatch_tokens: int | None = Field(
+        None, ge=64, description="Padded tokens per training forward pass (a micro-batch); default: sized from the "
+        "device's free memory once the model is loaded (8192 on the CPU).",
+    )
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute each layer's activations in the backward pass instead of keeping them "
+        "(less memory, about a third more compute); default: on a GPU, off on the CPU.",
+    )
     backend: Literal["local", "ray"] = Field(
         "local", description="'local': the engines run in this process; 'ray': in Ray actors, on any node of a Ray cluster."
     )
@@ -97,6 +113,17 @@ class ServerSettings(BaseSettings):
         default_factory=list, description="Host names a server without API keys answers besides localhost, "
         "127.0.0.1 and [::1] (its Host check against DNS rebinding); '*' turns the check off.",
     )
+    checkpoint_sweep_seconds: float = Field(
+        60, gt=0, description="How often the server deletes expired checkpoints (a Tinker ttl_seconds) and those of "
+        "deleted runs; expired ones are refused from the moment they expire.",
+    )
+    sampler_snapshots_kept: int = Field(
+        4, ge=1, description="Unnamed sampler snapshots (save_weights_and_get_sampling_client) a run keeps: older ones "
+        "are deleted as new ones are saved. Named checkpoints are never pruned.",
+    )
+    download_url_seconds: float = Field(
+        3600, gt=0, description="How long a signed checkpoint download URL (Tinker archive or external weights) works.",
+    )
     _user_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("model", mode="before")
@@ -104,11 +131,26 @@ class ServerSettings(BaseSettings):
     def _models(cls, value: Any) -> Any:
         if isinstance(value, str):  # EZTINKER_MODEL="a,b" or one name
             value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, dict):  # a settings file's table: {served name: source}
+            value = [f"{name}={source}" for name, source in value.items()]
         if isinstance(value, (list, tuple)):
             if not value:
                 raise ValueError("give at least one base model")
-            if len(set(value)) != len(value):
-                raise ValueError(f"each base model once, got {list(value)}")
+            try:
+                names = [served_name(v) for v in value] if all(isinstance(v, str) for v in value) else value
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            if len(set(names)) != len(names):
+                raise ValueError(f"each base model (served name) once, got {list(value)}")
+        return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):  # EZTINKER_DEVICE="cuda:0,m=cuda:1" or one device
+            value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("api_key")
@@ -163,6 +205,20 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"--workers-per-model: give one number >= 1 for every model, or one per --model "
                              f"({len(self.model)}), got {self.workers_per_model}")
         return self
+
+    @model_validator(mode="after")
+    def _device_requests(self) -> "ServerSettings":
+        from ..device_placement import parse_device_requests
+
+        parse_device_requests(self.model, self.device)  # its form now; the GPUs' count at load
+        if self.backend == "ray" and (len(self.device) > 1 or any("=" in d or ":" in d for d in self.device)):
+            raise ValueError("--device with --backend ray: one device ('cpu' or 'cuda') for every worker; "
+                             "Ray gives each worker its GPU (--worker-gpus)")
+        return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """What each engine is built with (settings of the training forward)."""
+        return {"microbatch_tokens": self.microbatch_tokens, "activation_checkpointing": self.activation_checkpointing}
 
     def checkpoint_root(self) -> Path:
         return (self.checkpoint_dir or self.data_dir / "checkpoints").resolve()

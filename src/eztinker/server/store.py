@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -83,15 +83,31 @@ CREATE TABLE IF NOT EXISTS training_log (  -- what each forward_backward / optim
     kind TEXT NOT NULL,
     loss REAL,              -- forward_backward: summed over the batch
     num_tokens INTEGER,     -- forward_backward: positions that carried loss
+    weight_sum REAL,        -- forward_backward, cross_entropy: the sum of its weights (the loss's denominator)
     grad_norm REAL,         -- optim_step
     learning_rate REAL,     -- optim_step
     recorded_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS training_log_run ON training_log(run_id, step);
+CREATE TABLE IF NOT EXISTS evaluations (  -- harness results (lm-eval) of a run's adapter or checkpoint, as reported
+    id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    checkpoint TEXT,        -- its name; NULL: the run's live adapter
+    step INTEGER NOT NULL,  -- the adapter's optimizer step
+    report TEXT NOT NULL,   -- JSON: harness, tasks, scores, config
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evaluations_run ON evaluations(run_id, created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
 """
+
+# Checkpoint columns added since the first schema: `auto` 1 for a snapshot the server saved
+# unnamed (only those are pruned), `expires_at` when the server deletes it (NULL: never), `public`
+# 1 when other users may load and sample it, `meta` JSON (the protocol's own: user metadata...).
+CHECKPOINT_COLUMNS = (("checkpoints", "auto", "INTEGER NOT NULL DEFAULT 0"), ("checkpoints", "expires_at", "REAL"),
+                      ("checkpoints", "public", "INTEGER NOT NULL DEFAULT 0"), ("checkpoints", "meta", "TEXT"))
 
 INTERRUPTED = "interrupted: the server stopped before this job finished; its effect was not applied"
 
@@ -124,10 +140,16 @@ class Store:
     def _add_missing_columns(self) -> None:
         """Columns added since the first schema, for databases made before them."""
         for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT"),
-                                    ("runs", "resume_path", "TEXT")):
+                                    ("runs", "resume_path", "TEXT"), ("training_log", "weight_sum", "REAL"),
+                                    *CHECKPOINT_COLUMNS):
             names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in names:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                if (table, column) == ("checkpoints", "auto"):
+                    # Made before the column: a sampler snapshot the server saved unnamed is the one an
+                    # unnamed sampling session (no model_path) samples from.
+                    self._db.execute("UPDATE checkpoints SET auto = 1 WHERE run_id || '/' || name IN"
+                                     " (SELECT checkpoint FROM samplers WHERE model_path IS NULL AND checkpoint IS NOT NULL)")
 
     def close(self) -> None:
         with self._lock:
@@ -194,19 +216,26 @@ class Store:
             step=row["step"],
             created_at=_ts(row["created_at"]),
             restored_from=row["restored_from"],
-            checkpoints=self.checkpoints(row["id"]),
+            checkpoints=[c for c in self.checkpoints(row["id"], include_auto=False)
+                         if c.expires_at is None or c.expires_at.timestamp() > time.time()],  # expired: unlisted at once
             **live,
         )
 
     # ----------------------------------------------------------------------- checkpoints
-    def record_save(self, job_id: str, run_id: str, name: str, path: str, step: int) -> CheckpointInfo:
-        """In one transaction: the checkpoint's row, the run's resume point, the job completed."""
-        now = time.time()
-        info = CheckpointInfo(run_id=run_id, name=name, path=path, step=step, created_at=_ts(now))
+    def record_save(self, job_id: str, run_id: str, name: str, path: str, step: int,
+                    lifecycle: CheckpointLifecycle | None = None) -> CheckpointInfo:
+        """In one transaction: the checkpoint's row, the run's resume point (a save with the
+        optimizer state only: a restart restores exactly what was saved), the job completed."""
+        now, life = time.time(), lifecycle or CheckpointLifecycle()
+        expires_at = None if life.ttl_seconds is None else now + life.ttl_seconds
+        info = CheckpointInfo(run_id=run_id, name=name, path=path, step=step, created_at=_ts(now),
+                              expires_at=_ts(expires_at))
+        resume = [("UPDATE runs SET resume_from = ?, resume_path = NULL WHERE id = ?", (f"{run_id}/{name}", run_id))]
         self._transaction([
-            ("INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at) VALUES (?, ?, ?, ?, ?)",
-             (run_id, name, path, step, now)),
-            ("UPDATE runs SET resume_from = ?, resume_path = NULL WHERE id = ?", (f"{run_id}/{name}", run_id)),
+            ("INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at, auto, expires_at, public, meta)"
+             " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+             (run_id, name, path, step, now, int(life.auto), expires_at, json.dumps(life.meta))),
+            *(resume if life.with_optimizer else []),
             *self._completion(job_id, info.model_dump_json()),
         ])
         return info
@@ -234,13 +263,15 @@ class Store:
             *self._completion(job_id, json.dumps(result)),
         ])
 
-    def record_forward_backward(self, job_id: str, run_id: str, result_json: str, loss: float, num_tokens: int) -> None:
+    def record_forward_backward(self, job_id: str, run_id: str, result_json: str, loss: float, num_tokens: int,
+                                weight_sum: float | None = None) -> None:
         """In one transaction: the batch's loss in the training log (at the step its gradient
-        goes into), the job completed."""
+        goes into), the job completed. `weight_sum`: cross_entropy's summed weights, which
+        turn its weighted loss into a mean NLL per token (None for the RL losses)."""
         self._transaction([
-            ("INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, loss, num_tokens, recorded_at)"
-             " SELECT ?, id, step + 1, 'forward_backward', ?, ?, ? FROM runs WHERE id = ?",
-             (job_id, loss, num_tokens, time.time(), run_id)),
+            ("INSERT OR REPLACE INTO training_log"
+             " (job_id, run_id, step, kind, loss, num_tokens, weight_sum, recorded_at) SELECT ?, id, step + 1, 'forward_backward', ?, ?, ?, ? FROM runs WHERE id = ?",
+             (job_id, loss, num_tokens, weight_sum, time.time(), run_id)),
             *self._completion(job_id, result_json),
         ])
 
@@ -248,11 +279,13 @@ class Store:
         return self._query("SELECT * FROM training_log WHERE run_id = ? ORDER BY step, recorded_at", (run_id,))
 
     def last_losses(self, owner: str, run_id: str | None = None) -> dict[str, tuple[int, float, int]]:
-        """Per run of the owner (or only `run_id`): (step, summed loss, tokens) of its newest step
-        with a forward_backward."""
+        """Per run of the owner (or only `run_id`): (step, summed loss, its denominator) of its newest
+        step with a forward_backward; the denominator is the weight sum where recorded, else the
+        tokens that carried loss."""
         scope, args = _run_scope("t.run_id", owner, run_id)
         rows = self._query(
-            "SELECT l.run_id, l.step, SUM(l.loss) AS loss, SUM(l.num_tokens) AS tokens FROM training_log l"
+            "SELECT l.run_id, l.step, SUM(l.loss) AS loss, SUM(COALESCE(l.weight_sum, l.num_tokens)) AS tokens"
+            " FROM training_log l"
             " JOIN (SELECT t.run_id, MAX(t.step) AS step FROM training_log t JOIN runs r ON r.id = t.run_id"
             f"       WHERE {scope} AND t.kind = 'forward_backward' GROUP BY t.run_id) newest"
             " ON newest.run_id = l.run_id AND newest.step = l.step"
@@ -291,34 +324,80 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    def add_evaluation(self, evaluation_id: str, run_id: str, checkpoint: str | None, step: int, report: str) -> float:
+        created = time.time()
+        self._execute("INSERT INTO evaluations (id, run_id, checkpoint, step, report, created_at)"
+                      " VALUES (?, ?, ?, ?, ?, ?)", (evaluation_id, run_id, checkpoint, step, report, created))
+        return created
+
+    def evaluations(self, run_id: str) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM evaluations WHERE run_id = ? ORDER BY created_at, rowid", (run_id,))
+
     def delete_checkpoint(self, run_id: str, name: str) -> None:
         self._execute("DELETE FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))
 
     def checkpoints_of(self, owner: str) -> list[CheckpointInfo]:
-        """Every checkpoint of the owner's runs (deleted runs' included: they outlive them)."""
+        """Every checkpoint of the owner's live runs but the server's own unnamed snapshots."""
         rows = self._query(
-            "SELECT c.* FROM checkpoints c JOIN runs r ON r.id = c.run_id WHERE r.owner = ? ORDER BY c.created_at",
+            "SELECT c.* FROM checkpoints c JOIN runs r ON r.id = c.run_id"
+            " WHERE r.owner = ? AND r.deleted_at IS NULL AND c.auto = 0 ORDER BY c.created_at, c.rowid",
             (owner,),
         )
-        return [CheckpointInfo(run_id=r["run_id"], name=r["name"], path=r["path"], step=r["step"],
-                               created_at=_ts(r["created_at"])) for r in rows]
+        return [_checkpoint_info(r) for r in rows]
 
     def set_checkpoint_step(self, run_id: str, name: str, step: int) -> None:
         self._execute("UPDATE checkpoints SET step = ? WHERE run_id = ? AND name = ?", (step, run_id, name))
 
-    def checkpoints(self, run_id: str) -> list[CheckpointInfo]:
+    def checkpoints(self, run_id: str, include_auto: bool = True) -> list[CheckpointInfo]:
+        """The run's checkpoints, oldest first; `include_auto` False leaves out the unnamed
+        snapshots the server saved for sampling sessions (an implementation detail to listings)."""
         rows = self._query(
-            "SELECT * FROM checkpoints WHERE run_id = ? ORDER BY created_at, rowid", (run_id,)
+            "SELECT * FROM checkpoints WHERE run_id = ?" + ("" if include_auto else " AND auto = 0")
+            + " ORDER BY created_at, rowid", (run_id,)
         )
-        return [
-            CheckpointInfo(
-                run_id=r["run_id"], name=r["name"], path=r["path"], step=r["step"], created_at=_ts(r["created_at"])
-            )
-            for r in rows
-        ]
+        return [_checkpoint_info(r) for r in rows]
 
     def checkpoint(self, run_id: str, name: str) -> CheckpointInfo | None:
-        return next((c for c in self.checkpoints(run_id) if c.name == name), None)
+        rows = self._query("SELECT * FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))
+        return _checkpoint_info(rows[0]) if rows else None
+
+    def checkpoint_meta(self, run_id: str, name: str) -> dict:
+        rows = self._query("SELECT meta FROM checkpoints WHERE run_id = ? AND name = ?", (run_id, name))
+        return json.loads(rows[0]["meta"]) if rows and rows[0]["meta"] else {}
+
+    def auto_checkpoints(self, run_id: str) -> list[CheckpointInfo]:
+        """The unnamed snapshots the server saved for the run's sampling sessions, oldest first."""
+        rows = self._query("SELECT * FROM checkpoints WHERE run_id = ? AND auto = 1 ORDER BY created_at, rowid",
+                           (run_id,))
+        return [_checkpoint_info(r) for r in rows]
+
+    def runs_with_auto_checkpoints_over(self, count: int) -> list[str]:
+        """Runs with more than `count` unnamed sampler snapshots."""
+        rows = self._query("SELECT run_id FROM checkpoints WHERE auto = 1 GROUP BY run_id HAVING COUNT(*) > ?", (count,))
+        return [r["run_id"] for r in rows]
+
+    def set_checkpoint_expiry(self, run_id: str, name: str, expires_at: float | None) -> None:
+        self._execute("UPDATE checkpoints SET expires_at = ? WHERE run_id = ? AND name = ?", (expires_at, run_id, name))
+
+    def set_checkpoint_public(self, run_id: str, name: str, public: bool) -> None:
+        self._execute("UPDATE checkpoints SET public = ? WHERE run_id = ? AND name = ?", (int(public), run_id, name))
+
+    def checkpoints_to_remove(self, now: float) -> list[CheckpointInfo]:
+        """Checkpoints past their expiry, and every checkpoint of a deleted run."""
+        rows = self._query(
+            "SELECT c.* FROM checkpoints c JOIN runs r ON r.id = c.run_id"
+            " WHERE (c.expires_at IS NOT NULL AND c.expires_at <= ?) OR r.deleted_at IS NOT NULL", (now,)
+        )
+        return [_checkpoint_info(r) for r in rows]
+
+    def runs_resuming_from(self, checkpoint_ref: str) -> list[sqlite3.Row]:
+        """Live runs that a restart would rebuild from checkpoint '<run_id>/<name>' itself (not
+        from a private snapshot of it)."""
+        return self._query("SELECT * FROM runs WHERE deleted_at IS NULL AND resume_from = ? AND resume_path IS NULL",
+                           (checkpoint_ref,))
+
+    def set_resume_path(self, run_id: str, snapshot: str) -> None:
+        self._execute("UPDATE runs SET resume_path = ? WHERE id = ?", (snapshot, run_id))
 
     # ------------------------------------------------------------------------------ jobs
     def add_job(
@@ -427,6 +506,22 @@ class Store:
             error=row["error"],
             error_category=row["error_category"] or ("server" if row["error"] else None),
         )
+
+
+@dataclass(frozen=True)
+class CheckpointLifecycle:
+    """What a save records beside the checkpoint itself."""
+
+    with_optimizer: bool = True  # False: weights only, which a restart does not restore from
+    auto: bool = False  # an unnamed snapshot the server made (pruned by the server)
+    ttl_seconds: float | None = None  # deleted this long after the save (None: kept)
+    meta: dict = field(default_factory=dict)
+
+
+def _checkpoint_info(row: sqlite3.Row) -> CheckpointInfo:
+    return CheckpointInfo(run_id=row["run_id"], name=row["name"], path=row["path"], step=row["step"],
+                          created_at=_ts(row["created_at"]), expires_at=_ts(row["expires_at"]),
+                          public=bool(row["public"]))
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ class EngineWorker:
         self.backend = None
         self._abandoned: dict[str, set[int]] = {}  # call id -> its commands whose consumers are gone
 
-    def load(self, spec: str, cache_dir: str, device: str | None) -> dict:
-        """Load the base model; {'info': ModelInfo} or {'error': one line}."""
+    def load(self, spec: str, cache_dir: str, device: str | None, engine_options: dict | None = None) -> dict:
+        """Load the base model (its engine built with `engine_options`); {'info': ModelInfo} or {'error': one line}."""
         from ...engine import ModelLoadError
         from ..local import LocalBackend
 
         try:
-            self.backend = LocalBackend.load([spec], cache_dir=Path(cache_dir), device=device)
+            self.backend = LocalBackend.load([spec], cache_dir=Path(cache_dir), device=device, **(engine_options or {}))
         except ModelLoadError as exc:
             return {"error": str(exc)}
         gc.freeze()  # the model lives as long as the worker: out of the collector's full passes (see cli.server)

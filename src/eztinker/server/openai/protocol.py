@@ -2,7 +2,7 @@
 `/v1/completions`, as the official `openai` client sends and reads them.
 
 Unknown request fields are ignored (clients send `user`, `metadata`, `store`, ...); options this
-server cannot honour (tools, presence/frequency penalties, logit_bias, echo, audio, reasoning_effort,
+server cannot honour (tools, presence/frequency penalties, logit_bias, suffix, audio, reasoning_effort,
 ...) are declared here so that the router refuses them with a 400 that names them, never silently
 dropped. vLLM's sampling extensions (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
 `ignore_eos`, sent through the client's `extra_body`) are honoured, as vLLM defines them.
@@ -77,6 +77,8 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 only with echo: score the prompt, generate nothing (refused otherwise).
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
@@ -148,8 +150,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None] = Field(description="With echo, the prompt's first token has none (None).")
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

@@ -34,7 +34,7 @@ from . import protocol as p
 
 log = logging.getLogger(__name__)
 
-PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/tokenizer_info")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -196,7 +196,7 @@ def openai_router(service: Service) -> APIRouter:
             messages.append(ChatMessage(role=role, content=content or ""))
         return service.encode_prompt(model, Prompt(messages=messages), ("messages",))
 
-    def completion_prompts(model: str, body: p.CompletionRequest) -> list[list[int]]:
+    def completion_prompts(model: str, body: p.CompletionRequest) -> list[list[int]]:  # also echo.py's
         prompt = body.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -261,14 +261,24 @@ def openai_router(service: Service) -> APIRouter:
 
     @router.post("/v1/completions", response_model=p.Completion)
     async def completions(body: p.CompletionRequest, user: User, request: Request):
-        refuse_unsupported(body, {"echo": bool, "suffix": bool,
-                                  "best_of": lambda v: v is not None and v != body.n})
+        refuse_unsupported(body, {"suffix": bool, "best_of": lambda v: v is not None and v != body.n})
+        if body.max_tokens == 0 and not body.echo:
+            raise OpenAIError(400, "max_tokens must be at least 1 (0 only with echo: score the prompt)", "max_tokens")
+        if body.echo:
+            from .echo import echo_completion  # it builds on this module's errors and targets
+
+            return await echo_completion(service, user, body, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
+                                         resolve=resolve, sampling_params=sampling_params,
+                                         prompts_of=completion_prompts, finished=finished, failure=failure)
         top = body.logprobs or 0
         job = _Job(service, user, "cmpl", n=body.n, chat=False, logprobs=body.logprobs is not None, top=top,
                    stream=bool(body.stream), include_usage=bool(body.stream_options and body.stream_options.include_usage))
         return await job.run(lambda: submit(user, body, lambda m: completion_prompts(m, body), body.max_tokens,
                                             "max_tokens", top, job.progress), finished, failure, request)
 
+    from .tokenizer import add_tokenizer_routes  # vLLM's /tokenize and the like; it builds on this module
+
+    add_tokenizer_routes(router, service, resolve)
     return router
 
 

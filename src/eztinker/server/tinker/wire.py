@@ -40,6 +40,9 @@ __all__ = [
     "encode_sample_response",
     "decode_model_input_json",
     "parse_stop",
+    "stop_disables_eos",
+    "TargetGrid",
+    "decode_target_grid",
     "MAX_DECOMPRESSED_BYTES",
     "TOPK_SENTINEL",
 ]
@@ -433,10 +436,15 @@ def encode_sample_response(
     sequences: Sequence[Any],
     prompt_logprobs: list[float | None] | None = None,
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None,
+    *,
+    target_prompt_logprobs: pb.Tensor | None = None,
+    prompt_alt_tokens: tuple[list[list[int]], list[list[float]]] | None = None,
 ) -> bytes:
     """An asample result. Each sequence is a mapping (or an object) with `tokens`, `logprobs`
-    (one per token) and `stop_reason` ("stop" or "length"). A prompt logprob of None goes out
-    as NaN; top-k rows go out as a length x k matrix padded with (0, -99999.0)."""
+    (one per token), `stop_reason` ("stop" or "length") and, when asked for, `top_logprobs` (per
+    token, its k most likely (token, logprob)). A prompt logprob of None goes out as NaN; top-k
+    rows go out as a length x k matrix padded with (0, -99999.0). `target_prompt_logprobs`: the
+    tensor `TargetGrid.answer` made; `prompt_alt_tokens`: the draws and their logprobs, [len - 1][k]."""
     out = pb.SampleResponse()
     for n, seq in enumerate(sequences):
         tokens = list(_field(seq, "tokens"))
@@ -448,17 +456,104 @@ def encode_sample_response(
             )
         if stop_reason not in _STOP_REASONS:
             raise ValueError(f"sequence {n}: stop_reason must be 'stop' or 'length'")
-        out.sequences.add(
+        encoded = out.sequences.add(
             stop_reason=_STOP_REASONS[stop_reason],
             tokens=np.asarray(tokens, dtype="<i4").tobytes(),
             logprobs=np.asarray(logprobs, dtype="<f4").tobytes(),
         )
+        top = seq.get("top_logprobs") if isinstance(seq, Mapping) else getattr(seq, "top_logprobs", None)
+        if top is not None:
+            if len(top) != len(tokens):
+                raise ValueError(f"sequence {n} has {len(tokens)} tokens but {len(top)} top_logprobs rows")
+            encoded.topk_sampled_logprobs.CopyFrom(_topk(top))
+    if target_prompt_logprobs is not None:
+        out.target_prompt_logprobs.CopyFrom(target_prompt_logprobs)
+    if prompt_alt_tokens is not None:
+        alt_tokens, alt_logprobs = prompt_alt_tokens
+        out.prompt_alt_tokens.tokens.CopyFrom(_dense_tensor(alt_tokens, "<i8", pb.DTYPE_INT64))
+        out.prompt_alt_tokens.logprobs.CopyFrom(_dense_tensor(alt_logprobs, "<f4", pb.DTYPE_FLOAT32))
     if prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in prompt_logprobs]
         out.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
     if topk_prompt_logprobs is not None:
         out.topk_prompt_logprobs.CopyFrom(_topk(topk_prompt_logprobs))
     return out.SerializeToString()
+
+
+def _dense_tensor(rows: list[list[Any]], np_dtype: str, dtype: int) -> pb.Tensor:
+    width = len(rows[0]) if rows else 0
+    arr = np.asarray(rows, dtype=np_dtype).reshape(len(rows), width)
+    return pb.Tensor(dense=arr.tobytes(), dtype=dtype, shape=[len(rows), width])
+
+
+@dataclass(frozen=True)
+class TargetGrid:
+    """asample's `target_prompt_logprobs` decoded: the ids asked at each prompt position 1 .. len - 1
+    (`rows`, -1 cells left out), and the request's layout (dense or sparse CSR), which the answer keeps."""
+
+    rows: list[list[int]]
+    shape: tuple[int, int]
+    cells: list[tuple[int, int]]  # (row, id) of each stored value, in the request's order; id -1: nothing asked
+    crow_indices: list[int] | None = None  # sparse CSR: the request's, returned as they came
+    col_indices: list[int] | None = None
+
+    def answer(self, logprobs: list[list[float]]) -> pb.Tensor:
+        """`logprobs[r]`: one per `rows[r]` -> a float32 tensor of the request's shape and layout,
+        0.0 where the request had -1."""
+        taken = [iter(row) for row in logprobs]
+        values = np.asarray([0.0 if token == -1 else next(taken[r]) for r, token in self.cells], dtype="<f4")
+        msg = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(self.shape))
+        if self.crow_indices is None:
+            msg.dense = values.tobytes()
+        else:
+            msg.sparse_csr.values = values.tobytes()
+            msg.sparse_csr.crow_indices = np.asarray(self.crow_indices, dtype="<i8").tobytes()
+            msg.sparse_csr.col_indices = np.asarray(self.col_indices, dtype="<i8").tobytes()
+        return msg
+
+
+def _int_list(value: Any, loc: tuple[str | int, ...], what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise WireError(f"{_where(loc)}: {what} must be a list of integers", loc)
+    return value
+
+
+def decode_target_grid(tensor: Any) -> TargetGrid:
+    """asample's JSON `target_prompt_logprobs` (TensorData: int64 ids of shape [len(prompt) - 1, K],
+    -1 for no id; dense, or sparse CSR with `sparse_crow_indices` / `sparse_col_indices`)."""
+    loc: tuple[str | int, ...] = ("target_prompt_logprobs",)
+    if not isinstance(tensor, dict):
+        raise WireError("target_prompt_logprobs must be a TensorData object", loc)
+    if tensor.get("dtype") != "int64":
+        raise WireError(f"target_prompt_logprobs has dtype {tensor.get('dtype')!r}; it must be int64 token ids",
+                        (*loc, "dtype"))
+    shape = _int_list(tensor.get("shape"), (*loc, "shape"), "shape")
+    if len(shape) != 2 or min(shape) < 0:
+        raise WireError(f"target_prompt_logprobs has shape {shape}; it must be 2-D, [len(prompt) - 1, K]",
+                        (*loc, "shape"))
+    rows_n, width = shape
+    data = _int_list(tensor.get("data"), (*loc, "data"), "data")
+    if any(v < -1 for v in data):
+        raise WireError("target_prompt_logprobs holds a negative id other than -1 (no id)", (*loc, "data"))
+    crow, col = tensor.get("sparse_crow_indices"), tensor.get("sparse_col_indices")
+    if crow is None and col is None:
+        if len(data) != rows_n * width:
+            raise WireError(f"target_prompt_logprobs has shape {shape} but {len(data)} values", (*loc, "data"))
+        row_of = [i // width for i in range(len(data))] if width else []
+    else:
+        crow = _int_list(crow, (*loc, "sparse_crow_indices"), "sparse_crow_indices")
+        col = _int_list(col, (*loc, "sparse_col_indices"), "sparse_col_indices")
+        if (len(crow) != rows_n + 1 or crow[0] != 0 or crow[-1] != len(data) or len(col) != len(data)
+                or any(b < a for a, b in zip(crow, crow[1:])) or any(not 0 <= c < width for c in col)):
+            raise WireError(f"target_prompt_logprobs is not a valid sparse CSR tensor of shape {shape} "
+                            f"({len(crow)} crow indices, {len(col)} col indices, {len(data)} values)", loc)
+        row_of = [r for r in range(rows_n) for _ in range(crow[r + 1] - crow[r])]
+    rows: list[list[int]] = [[] for _ in range(rows_n)]
+    for r, token in zip(row_of, data):
+        if token != -1:
+            rows[r].append(token)
+    return TargetGrid(rows=rows, shape=(rows_n, width), cells=list(zip(row_of, data)), crow_indices=crow,
+                      col_indices=col)
 
 
 # ---------------------------------------------------------------------------- asample (JSON)
@@ -499,7 +594,8 @@ def decode_model_input_json(prompt: dict) -> list[int]:
 
 def parse_stop(stop: Any) -> tuple[list[str], list[int]]:
     """sampling_params.stop (None, a string, a list of strings or a list of token ids)
-    -> (stop strings, stop token ids)."""
+    -> (stop strings, stop token ids). An empty list also turns the model's own end tokens off
+    (tinker 0.38: `stop=[]` samples until max_tokens); `stop_disables_eos` says which."""
     loc = ("sampling_params", "stop")
     if stop is None:
         return [], []
@@ -518,3 +614,9 @@ def parse_stop(stop: Any) -> tuple[list[str], list[int]]:
     raise WireError(
         "sampling_params.stop must be all strings or all token ids, not a mix", loc
     )
+
+
+def stop_disables_eos(stop: Any) -> bool:
+    """`stop=[]`: nothing stops a candidate but max_tokens, not even the model's end tokens (SDK
+    0.38's SamplingParams.stop); None keeps them."""
+    return isinstance(stop, list) and not stop
