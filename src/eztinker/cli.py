@@ -84,7 +84,7 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     from .launcher import build_service
     from .server.app import create_app
     from .server.datadir import DataDirError
-    from .server.connections import uvicorn_options
+    from .server.connections import draining_server, uvicorn_options
 
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
@@ -98,8 +98,9 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     # out of the collector's full passes, each of which walked its ~400k objects (0.25 s, every
     # thread stopped) on SmolLM2.
     gc.freeze()
-    uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
-                **uvicorn_options(settings))
+    config = uvicorn.Config(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
+                            **uvicorn_options(settings))
+    draining_server(config, service.runner).run()
 
 
 def _start_errors(backend: str) -> tuple[type[Exception], ...]:

@@ -15,7 +15,7 @@ from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, read_training_state
 from ..engine.prompt_scoring import PromptExtras
 from ..types import LoraConfig, Prompt, SampledSequence
-from . import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
+from . import ABANDONED, Cancelled, CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
 from .commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score,
                        ScorePrompts)
 from .compute_thread import ComputeThread
@@ -77,25 +77,27 @@ class LocalBackend:
         return []
 
     def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None) -> list[Outcome]:
-        return self._compute.run(lambda: self._execute(commands, progress))
+                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
+        return self._compute.run(lambda: self._execute(commands, progress, cancelled))
 
-    def _execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None) -> list[Outcome]:
+    def _execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None,
+                 cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
         progress = list(progress) if progress is not None else [None] * len(commands)
+        cancelled = list(cancelled) if cancelled is not None else [None] * len(commands)
         fuse = None
         if len(commands) > 1 and all(isinstance(c, Sample) for c in commands):
-            fuse = lambda: self._sample_many(commands, progress)  # noqa: E731
+            fuse = lambda: self._sample_many(commands, progress, cancelled)  # noqa: E731
         elif len(commands) > 1 and all(isinstance(c, ScorePrompts) for c in commands):
             fuse = lambda: self._score_prompts_many(commands)  # noqa: E731
         if fuse is not None:
             fused = _attempt(fuse)
             if fused.error is None:
-                return [Outcome(value=value) for value in fused.value]
+                return [value if isinstance(value, Outcome) else Outcome(value=value) for value in fused.value]
             # One bad request must not fail its neighbours: each alone.
-        return [_attempt(lambda c=command, p=listener: self._execute_one(c, p))
-                for command, listener in zip(commands, progress)]
+        return [_attempt(lambda c=command, p=listener, q=cancel: self._execute_one(c, p, q))
+                for command, listener, cancel in zip(commands, progress, cancelled)]
 
-    def _execute_one(self, command: Command, progress: Progress | None = None):
+    def _execute_one(self, command: Command, progress: Progress | None = None, cancelled: Cancelled | None = None):
         engine = self.engine(command.model)
         match command:
             case CreateRun():
@@ -120,7 +122,10 @@ class LocalBackend:
             case OptimStep():
                 return engine.optim_step(command.run_id, command.adam_params).model_dump()
             case Sample():
-                return self._sample_many([command], [progress])[0]
+                value = self._sample_many([command], [progress], [cancelled])[0]
+                if isinstance(value, Outcome):
+                    raise EngineError(value.error)
+                return value
             case ScorePrompts():
                 return self._score_prompts_many([command])[0]
             case Score():
@@ -133,17 +138,27 @@ class LocalBackend:
                 return {"step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)}
         raise EngineError(f"unknown command {command.kind!r}")
 
-    def _sample_many(self, commands: Sequence[Sample], progress: Sequence[Progress | None]) -> list[dict]:
+    def _sample_many(self, commands: Sequence[Sample], progress: Sequence[Progress | None],
+                     cancelled: Sequence[Cancelled | None] | None = None) -> list[dict | Outcome]:
+        """Each command's value, or for one abandoned by its consumers, the Outcome saying so."""
+        cancelled = cancelled or [None] * len(commands)
         engine = self.engine(commands[0].model)
         adapters: list[str | None] = []
         for c in commands:
             # A snapshot loaded for an earlier command of this batch must stay until it has sampled.
             adapters.append(c.run_id if c.snapshot is None else engine.snapshot(Path(c.snapshot), pinned=adapters))
-        specs = [SampleSpec(a, c.prompts, c.num_samples, c.sampling_params, top_logprobs=c.topk_logprobs, on_tokens=p)
-                 for a, c, p in zip(adapters, commands, progress)]
+        specs = [SampleSpec(a, c.prompts, c.num_samples, c.sampling_params, top_logprobs=c.topk_logprobs, on_tokens=p,
+                            cancelled=q) for a, c, p, q in zip(adapters, commands, progress, cancelled)]
         results = engine.sample(specs)
-        values = []
-        for c, adapter, result in zip(commands, adapters, results):
+        values: list[dict | Outcome] = []
+        for c, adapter, result, spec in zip(commands, adapters, results, specs):
+            if spec.abandoned:
+                decoded = sum(len(s.tokens) for row in result for s in row)
+                most = c.sampling_params.max_tokens * c.num_samples * len(c.prompts)
+                values.append(Outcome(value={"decoded_tokens": decoded}, error_category="user",
+                                      error=f"{ABANDONED}: every consumer of this sample went away; it stopped "
+                                            f"decoding after {decoded} of at most {most} tokens"))
+                continue
             value = {"prompt_tokens": c.prompts, "sequences": [[_dump(s) for s in row] for row in result]}
             if c.topk_logprobs:
                 for row, dumped in zip(result, value["sequences"]):

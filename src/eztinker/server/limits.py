@@ -121,6 +121,15 @@ class FairQueue:
     def clear(self) -> None:
         self._queues.clear()
 
+    def remove(self, job: Job) -> None:
+        """Take a queued job out (a cancelled sample); ValueError if it is not queued."""
+        queue = self._queues.get(job.owner)
+        if queue is None:
+            raise ValueError(f"job {job.id} is not queued")
+        queue.remove(job)
+        if not queue:
+            del self._queues[job.owner]
+
     def take(self, fusable: Callable[[Command, Command], bool]) -> list[Job]:
         """The next batch: the head of the user whose turn it is, then whatever may join it."""
         owner = min(self._queues, key=lambda user: self._served.get(user, -1))

@@ -27,13 +27,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backend import Backend, Progress, WorkerLost
+from ..backend import ABANDONED, Backend, Progress, WorkerLost
 from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
                                 Save, fusable)
 from .limits import FairQueue, InFlight, Refusal, UserLimits
 from .metrics import Metrics
 from .retention import RetentionPolicy
-from .store import CheckpointLifecycle, Store, is_busy
+from .store import INTERRUPTED, CheckpointLifecycle, Store, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,13 @@ class Job:
     # A sample's listener for its tokens as they are decoded (streaming); called from the worker thread.
     progress: Progress | None = None
     owner: str = ""  # the user who submitted it: lanes serve users' queues in turn (limits.FairQueue)
+    # Set once every consumer of the job's result is gone (`JobRunner.cancel`): a sample stops decoding.
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    # Or, asked after every decode step (it must be quick): whether they are gone, e.g. its session ended.
+    consumers_gone: Callable[[], bool] | None = None
+
+    def gone(self) -> bool:
+        return self.abandoned.is_set() or (self.consumers_gone is not None and self.consumers_gone())
 
 
 @dataclass
@@ -105,6 +112,7 @@ class JobRunner:
         self._recording: set[str] = set()
         self._started = False
         self._stopping = False
+        self._draining = False  # shutting down: no job starts any more
         self._last_expiry = 0.0
         self._expiry_lock = threading.Lock()
         self._stalled: str | None = None  # why a store write is being retried
@@ -118,13 +126,43 @@ class JobRunner:
             for lane in self._lanes.values():
                 self._start_lane(lane)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def drain(self) -> None:
+        """The server is shutting down: no job starts any more. Every queued job (and any submitted
+        from now on) fails at once as interrupted, so its waiter learns it now and a client's retry
+        after the restart runs it afresh; running jobs go on (`stop` bounds how long)."""
         with self._cv:
+            self._draining = True
+            failed = [job for lane in self._lanes.values() for job in lane.queue]
+            failed += [job for jobs in self._parked.values() for job in jobs]
+            for lane in self._lanes.values():
+                lane.queue.clear()
+            self._parked.clear()
+            self._cv.notify_all()
+        for job in failed:
+            self._record(job, Outcome(error=INTERRUPTED))
+        if failed:
+            log.warning("shutting down: %d queued job(s) failed as interrupted", len(failed))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain, give the running jobs up to `timeout` seconds to finish (running samples are
+        cut at the deadline), then stop the lanes. A job still running after that is marked
+        interrupted at the next start."""
+        self.drain()
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while any(lane.running for lane in self._lanes.values()) and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(min(left, 0.1))
+            running = [job for lane in self._lanes.values() for job in lane.running]
+            for job in running:
+                job.abandoned.set()  # a sample stops at its next step; other work cannot be cut short
             self._stopping = True
             self._cv.notify_all()
             threads = [lane.thread for lane in self._lanes.values() if lane.thread is not None]
+        if running:
+            log.warning("shutting down: %d job(s) still running after %.0f s: %s", len(running), timeout,
+                        ", ".join(f"{job.id} ({job.command.kind})" for job in running))
         for thread in threads:
-            thread.join(timeout)
+            thread.join(max(deadline - time.monotonic(), 0) + 2.0)
 
     def admit(self, job: Job, limits: UserLimits) -> Refusal | None:
         """Count the job against its owner's in-flight limits before its row is written, or say
@@ -140,8 +178,11 @@ class JobRunner:
     def submit(self, job: Job) -> None:
         """Queue a job whose row is already in the database (any thread)."""
         with self._cv:
-            self._enqueue(job)
-            self._cv.notify_all()
+            if not self._draining:
+                self._enqueue(job)
+                self._cv.notify_all()
+                return
+        self._record(job, Outcome(error=INTERRUPTED))  # shutting down: nothing starts
 
     def _enqueue(self, job: Job) -> None:
         """On its run's lane, or the least busy of the lanes it may take (holding the lock)."""
@@ -164,6 +205,29 @@ class JobRunner:
             name = "eztinker-worker" if lane.key is None else f"eztinker-worker-{lane.key}"
             lane.thread = threading.Thread(target=self._work_loop, args=(lane,), name=name, daemon=True)
             lane.thread.start()
+
+    def cancel(self, job_id: str, why: str) -> bool:
+        """Every consumer of a queued or running sample is gone: a queued one fails at once with
+        `why`, a running one stops decoding at its next step. Whether the sample was found (other
+        kinds of job are never cancelled: a training step's effect is wanted whoever waits)."""
+        with self._cv:
+            for queue in [lane.queue for lane in self._lanes.values()] + list(self._parked.values()):
+                for job in queue:
+                    if job.id == job_id and isinstance(job.command, Sample):
+                        job.abandoned.set()
+                        queue.remove(job)
+                        break
+                else:
+                    continue
+                break
+            else:
+                running = next((job for lane in self._lanes.values() for job in lane.running
+                                if job.id == job_id and isinstance(job.command, Sample)), None)
+                if running is not None:
+                    running.abandoned.set()
+                return running is not None
+        self._record(job, Outcome(error=f"{ABANDONED}: {why}; it never started", error_category="user"))
+        return True
 
     @property
     def queued(self) -> int:
@@ -283,13 +347,14 @@ class JobRunner:
                 self._retrying(lambda job=job: self.store.mark_started(job.id))
             started = time.monotonic()
             progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
+            options = {"progress": progress} if any(progress) else {}
+            if isinstance(batch[0].command, Sample):
+                options["cancelled"] = [job.gone for job in batch]
             try:
                 if lane.lost is not None:
                     outcomes = [Outcome(error=lane.lost)] * len(batch)
-                elif any(progress):
-                    outcomes = self.backend.execute([job.command for job in batch], progress=progress, lane=lane.key)
                 else:
-                    outcomes = self.backend.execute([job.command for job in batch], lane=lane.key)
+                    outcomes = self.backend.execute([job.command for job in batch], lane=lane.key, **options)
             except WorkerLost as exc:
                 lost, outcomes = exc, []  # recorded once its runs are back (below)
             except Exception as exc:  # a backend that failed as a whole fails these jobs alone
@@ -309,6 +374,7 @@ class JobRunner:
         finally:
             with self._cv:
                 lane.running = []
+                self._cv.notify_all()  # a stop() waiting for running jobs
 
     def _worker_lost(self, lane: _Lane, lost: WorkerLost, batch: list[Job]) -> None:
         """Rebuild each of the lane's runs on a live worker (as after a restart), then fail its

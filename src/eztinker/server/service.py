@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ class Service:
     def close(self) -> None:
         try:
             self._sweeping.set()
-            self.runner.stop()
+            self.runner.stop(self.settings.shutdown_grace_seconds)
             self.store.close()
             self.backend.close()
         finally:
@@ -483,10 +484,12 @@ class Service:
                              num_samples: int, params, request: Any, key: str | None, *, snapshot: Path | None = None,
                              prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_logprobs: int = 0,
                              prompt_logprobs_last_n: int | None = None, prompt_targets: list | None = None,
-                             prompt_alt_tokens_k: int = 0, progress: Progress | None = None) -> JobRef:
+                             prompt_alt_tokens_k: int = 0, progress: Progress | None = None,
+                             consumers_gone: Callable[[], bool] | None = None) -> JobRef:
         """Sample token prompts on `model`: from run `run_id`'s live adapter, a saved `snapshot`
         (a checkpoint directory), or the bare model when both are None. `progress` receives the
-        tokens as they are decoded (from the worker thread)."""
+        tokens as they are decoded (from the worker thread); `consumers_gone`, asked after every
+        decode step, stops the sample once it answers True."""
         if params.seed is not None and params.seed > MAX_SEED:
             raise invalid(("sampling_params", "seed"), f"seed {params.seed} is above the largest allowed, {MAX_SEED}")
         if params.max_tokens > self.settings.max_new_tokens:
@@ -514,7 +517,8 @@ class Service:
                          topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs,
                          prompt_logprobs_last_n=prompt_logprobs_last_n, prompt_targets=prompt_targets,
                          prompt_alt_tokens_k=prompt_alt_tokens_k)
-        return self.submit(user, Job(new_id("job"), command, progress=progress), request, key)
+        return self.submit(user, Job(new_id("job"), command, progress=progress, consumers_gone=consumers_gone),
+                           request, key)
 
     def _check_prompt_scoring(self, model: str, prompts: list[list[int]], last_n: int | None, targets: list | None,
                               alt_k: int) -> None:

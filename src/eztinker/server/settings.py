@@ -137,7 +137,16 @@ class ServerSettings(BaseSettings):
     tinker_session_timeout_seconds: float = Field(
         600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
     )
+    shutdown_grace_seconds: float = Field(
+        30, ge=0, description="On SIGTERM the server stops accepting connections, fails every queued job at once "
+        "(as interrupted: a client's retry after the restart runs it), and gives running jobs this long to finish; "
+        "a sample still decoding then stops, and any other job still running is marked interrupted at the next start.",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host names a server without API keys answers besides localhost, "
+        "127.0.0.1 and [::1] (its Host check against DNS rebinding); '*' turns the check off.",
+    )
     checkpoint_sweep_seconds: float = Field(
         60, gt=0, description="How often the server deletes expired checkpoints (a Tinker ttl_seconds) and those of "
         "deleted runs; expired ones are refused from the moment they expire.",

@@ -17,19 +17,35 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...types import LoraConfig, Prompt
-from .. import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo, WorkerLost
+from .. import Cancelled, CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo, WorkerLost
 from ..commands import Command, CreateRun, DeleteRun, Outcome, Sample, ScorePrompts
 from .placement import NoLiveWorker, Placement
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "eztinker"
+_CANCEL_POLL_SECONDS = 0.2  # how often a call's cancellations are looked for while it runs without streaming
+
+
+class _Cancels:
+    """A call's cancellable commands: forwards each newly abandoned one to the worker, once."""
+
+    def __init__(self, worker: _Worker, cancelled: Sequence[Cancelled | None]):
+        self.worker, self.cancelled, self.sent = worker, cancelled, set()
+        self.call_id = uuid.uuid4().hex
+
+    def forward(self) -> None:
+        for i, cancelled in enumerate(self.cancelled):
+            if cancelled is not None and i not in self.sent and cancelled():
+                self.sent.add(i)
+                self.worker.actor.cancel.remote(self.call_id, i)
 
 
 class RayStartError(RuntimeError):
@@ -161,16 +177,23 @@ class RayBackend:
             return self._of_model(model)[:1]  # a dead lane: the job fails saying its worker is gone
 
     def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None) -> list[Outcome]:
+                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
         import ray
 
         worker = self._workers[lane if lane is not None else self.lanes(commands[0])[0]]
         if not self._placement.is_alive(worker.name):
             raise self._lost(worker, "it was found dead")
         listening = [p is not None for p in progress] if progress is not None else []
+        # A call with cancellable commands gets an id the worker's `cancel` names it by.
+        watch = _Cancels(worker, cancelled) if cancelled is not None and any(cancelled) else None
         try:
             if any(listening):
-                outcomes = self._stream(worker, commands, listening, progress)
+                outcomes = self._stream(worker, commands, listening, progress, watch)
+            elif watch is not None:
+                ref = worker.actor.execute.remote(list(commands), watch.call_id)
+                while not ray.wait([ref], timeout=_CANCEL_POLL_SECONDS)[0]:
+                    watch.forward()
+                outcomes = ray.get(ref)
             else:
                 outcomes = ray.get(worker.actor.execute.remote(list(commands)))
         except ray.exceptions.RayActorError as exc:
@@ -185,13 +208,16 @@ class RayBackend:
 
     @staticmethod
     def _stream(worker: _Worker, commands: Sequence[Command], listening: list[bool],
-                progress: Sequence[Progress | None]) -> list[Outcome]:
+                progress: Sequence[Progress | None], watch: _Cancels | None) -> list[Outcome]:
         import ray
 
-        for ref in worker.actor.execute_streaming.remote(list(commands), listening):
+        call_id = None if watch is None else watch.call_id
+        for ref in worker.actor.execute_streaming.remote(list(commands), listening, call_id):
             event = ray.get(ref)
             if event[0] == "tokens":
                 progress[event[1]](event[2])
+                if watch is not None:  # tokens arrive after every decode step
+                    watch.forward()
             else:
                 return event[1]
         raise RuntimeError(f"Ray worker {worker.name} ended a call without its outcomes")
