@@ -12,8 +12,10 @@ from pathlib import Path
 
 import click
 from pydantic import SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 
 from .recipes._cli import click_options
+from .recipes._settings import TaskRecipeSettings
 from .recipes.dpo import Config as DPOConfig
 from .recipes.rejection_sft import Config as RecipeConfig
 from .recipes.rl import Config as RLConfig
@@ -61,7 +63,7 @@ def build_settings(settings_file: Path | None = None, **flags) -> ServerSettings
         _fail(str(exc))
 
 
-def _problem(error: dict) -> str:
+def _problem(error: ErrorDetails) -> str:
     """One validation error as a line: the flag it is about (none for a check across settings)
     and the message, without pydantic's "Value error, " prefix."""
     message = error["msg"].removeprefix("Value error, ")
@@ -122,15 +124,16 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _run_recipe(config: RecipeConfig, main: typing.Callable[[typing.Any], dict] | None = None) -> dict:
+def _run_recipe(config: TaskRecipeSettings, main: typing.Callable[[typing.Any], dict] | None = None) -> dict:
     """Run a recipe's `main` (default: rejection SFT's), its expected failures as one line."""
     from .client._errors import ConnectionFailedError, EZTinkerError
     from .evaluation import EvalError
     from .recipes import rejection_sft
     from .tasks.gsm8k import DatasetUnavailableError
 
+    recipe: typing.Callable[[typing.Any], dict] = main or rejection_sft.main  # each recipe takes its own Config
     try:
-        return (main or rejection_sft.main)(config)
+        return recipe(config)
     except ConnectionFailedError:
         _fail(f"no EZTinker server at {config.server_url}. Start one with: eztinker server --model smollm2-135m")
     except (DatasetUnavailableError, EZTinkerError, EvalError, ValueError) as exc:

@@ -94,7 +94,7 @@ class Backend(Protocol):
         one thread per lane; every command of the call is of that lane. Raises WorkerLost when
         the lane's worker is gone."""
 
-    def lanes(self, command: Command) -> list[Hashable]:
+    def lanes(self, command: Command) -> Sequence[Hashable]:
         """The workers `command` may run on (the runner's lanes): one for a run's own commands, its
         run's (which keeps them in order), or several for work any worker of its model can do (a
         bare-model or snapshot sample), of which the runner takes the least busy. Lanes run in

@@ -294,7 +294,7 @@ class TrainingClient:
         data = list(data)
         forward = self.forward(data).result()
         loss, metrics, weighted = linearise(data, forward.logprobs, loss_fn)
-        logprobs = [[float(v) for v in row] for row in forward.logprobs]
+        logprobs = [[float(v) for v in row if v is not None] for row in forward.logprobs]  # linearise refused None
 
         def parse(raw: Any) -> CustomLossResult:
             result = ForwardBackwardResult.model_validate(raw)

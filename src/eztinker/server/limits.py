@@ -46,6 +46,11 @@ def sample_tokens(command: Command) -> int:
     return sum(len(p) + command.sampling_params.max_tokens for p in command.prompts) * command.num_samples
 
 
+def _within(command: Command, bound: int | None) -> bool:
+    """Whether `command` may join a batch whose leader samples at most `bound` tokens (None: no bound)."""
+    return bound is None or (isinstance(command, Sample) and command.sampling_params.max_tokens <= bound)
+
+
 class InFlight:
     """Each user's unfinished jobs and sampling tokens, counted from admission to recording.
     Not thread-safe: the runner holds its lock around every call."""
@@ -149,8 +154,7 @@ class FairQueue:
         joined = False
         for owner in list(self._queues):
             queue = self._queues[owner]
-            while queue and fusable(leader, queue[0].command) and (
-                    bound is None or queue[0].command.sampling_params.max_tokens <= bound):
+            while queue and fusable(leader, queue[0].command) and _within(queue[0].command, bound):
                 batch.append(queue.popleft())
                 joined = True
             if not queue:

@@ -16,6 +16,7 @@ events that the workers set through each waiter's own event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -238,9 +239,9 @@ class JobRunner:
     def unfinished(self) -> list[tuple[str, str]]:
         """(kind, 'pending' | 'running') of every job queued or executing (any thread)."""
         with self._cv:
-            pending = [job.command.kind for lane in self._lanes.values() for job in lane.queue]
+            pending: list[str] = [job.command.kind for lane in self._lanes.values() for job in lane.queue]
             pending += [job.command.kind for jobs in self._parked.values() for job in jobs]
-            running = [job.command.kind for lane in self._lanes.values() for job in lane.running]
+            running: list[str] = [job.command.kind for lane in self._lanes.values() for job in lane.running]
         return [(kind, "pending") for kind in pending] + [(kind, "running") for kind in running]
 
     @property
@@ -344,7 +345,7 @@ class JobRunner:
         lost: WorkerLost | None = None
         try:
             for job in batch:
-                self._retrying(lambda job=job: self.store.mark_started(job.id))
+                self._retrying(functools.partial(self.store.mark_started, job.id))
             started = time.monotonic()
             progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
             options = {"progress": progress} if any(progress) else {}
@@ -429,6 +430,7 @@ class JobRunner:
             if isinstance(command, CreateRun):
                 self.store.mark_run_deleted(command.run_id)  # the run never came to be
         elif isinstance(command, Save):
+            assert job.checkpoint is not None, "a save's job names the checkpoint it writes"
             relative = stored_path(Path(command.directory), self.data_dir)
             name = job.checkpoint.split("/")[1]
             self.store.record_save(job.id, command.run_id, name, relative, value["step"], job.lifecycle)
@@ -436,6 +438,7 @@ class JobRunner:
                 self._drop_snapshots(command.run_id)  # it restores from its own save now
         elif isinstance(command, (Load, CreateRun)) and job.checkpoint is not None:
             source = command.directory if isinstance(command, Load) else command.from_checkpoint
+            assert source is not None, "a create_run's job names a checkpoint only when it starts from one"
             snapshot = self._snapshot(command.run_id, job.id, Path(source))
             result = {"step": value["step"], "restored_from": job.checkpoint} if isinstance(command, Load) else value
             self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(result), snapshot)

@@ -354,6 +354,7 @@ class Service:
         if job.status is JobStatus.failed:
             field = ("from_checkpoint",) if request.from_checkpoint is not None else ("lora",)
             raise invalid(field, job.error or "could not create the run")
+        assert job.run_id is not None, "a create_run job names its run"
         return self.get_run(user, job.run_id)
 
     def submit_create_run(self, user: str, request: CreateRunRequest, key: str | None = None, *,
@@ -790,7 +791,10 @@ class Service:
             self.store.add_job(job.id, user, command.run_id, command.kind, key, digest)
         except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
             self.runner.withdraw(job.id)
-            return self._replay(self.store.job_by_key(user, key), digest, key)
+            existing = self.store.job_by_key(user, key) if key else None
+            if existing is None or key is None:  # not a key's race: a genuine integrity failure
+                raise
+            return self._replay(existing, digest, key)
         except BaseException:
             self.runner.withdraw(job.id)
             raise

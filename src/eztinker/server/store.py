@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig, RunInfo
@@ -238,7 +239,7 @@ class Store:
         rows = self._query("SELECT owner FROM runs WHERE id = ?", (run_id,))
         return rows[0]["owner"] if rows else None
 
-    def set_run_state(self, run_id: str, step: int, restored_from: str | None = ...) -> None:
+    def set_run_state(self, run_id: str, step: int, restored_from: str | None | EllipsisType = ...) -> None:
         if restored_from is ...:
             self._execute("UPDATE runs SET step = ? WHERE id = ?", (step, run_id))
         else:

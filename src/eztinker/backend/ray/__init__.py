@@ -134,7 +134,9 @@ class RayBackend:
             for i in range(n):
                 name = f"{Path(spec).name or spec}#{i}@{job}"
                 try:
-                    actor = EngineWorker.options(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus).remote()
+                    # ray.remote made EngineWorker an ActorClass; ray's stubs keep the plain class's type.
+                    actor = EngineWorker.options(  # type: ignore[attr-defined]
+                        name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus).remote()
                 except ValueError as exc:  # the name is taken
                     raise RayStartError(f"cannot start Ray worker {name}: {_one_line(exc)}") from None
                 actors.append((spec, name, actor))
@@ -163,11 +165,10 @@ class RayBackend:
                 for name, w in self._workers.items()]
 
     # ------------------------------------------------------------------------- model work
-    def lanes(self, command: Command) -> list[Hashable]:
+    def lanes(self, command: Command) -> Sequence[Hashable]:
         model = command.model
         snapshot = isinstance(command, (Sample, ScorePrompts)) and command.snapshot is not None
-        anywhere = snapshot or command.run_id is None
-        if anywhere:  # a snapshot or the bare model: any of its workers holds those
+        if snapshot or command.run_id is None:  # a snapshot or the bare model: any of its workers holds those
             return self._placement.live(model) or self._of_model(model)
         if not isinstance(command, CreateRun) and (worker := self._placement.worker_of(command.run_id)):
             return [worker]
@@ -180,14 +181,17 @@ class RayBackend:
                 lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
         import ray
 
-        worker = self._workers[lane if lane is not None else self.lanes(commands[0])[0]]
+        key = lane if lane is not None else self.lanes(commands[0])[0]
+        if not isinstance(key, str):  # this backend's lanes are its workers' names
+            raise TypeError(f"not a Ray worker's lane: {key!r}")
+        worker = self._workers[key]
         if not self._placement.is_alive(worker.name):
             raise self._lost(worker, "it was found dead")
         listening = [p is not None for p in progress] if progress is not None else []
         # A call with cancellable commands gets an id the worker's `cancel` names it by.
         watch = _Cancels(worker, cancelled) if cancelled is not None and any(cancelled) else None
         try:
-            if any(listening):
+            if progress is not None and any(listening):
                 outcomes = self._stream(worker, commands, listening, progress, watch)
             elif watch is not None:
                 ref = worker.actor.execute.remote(list(commands), watch.call_id)
@@ -201,9 +205,10 @@ class RayBackend:
             self._replace(worker)
             raise self._lost(worker, _death(exc)) from None
         for command, outcome in zip(commands, outcomes):
-            deleted = isinstance(command, DeleteRun) and outcome.error is None
-            if deleted or (isinstance(command, CreateRun) and outcome.error is not None):  # or never created
-                self._placement.forget(command.run_id)
+            if isinstance(command, (DeleteRun, CreateRun)):
+                deleted = isinstance(command, DeleteRun) and outcome.error is None
+                if deleted or (isinstance(command, CreateRun) and outcome.error is not None):  # or never created
+                    self._placement.forget(command.run_id)
         return outcomes
 
     @staticmethod
@@ -238,11 +243,12 @@ class RayBackend:
         from .worker import EngineWorker
 
         respawn = self._respawn
+        assert respawn is not None, "_replace starts a replacement only when lost workers are replaced"
         for attempt in range(_REPLACE_ATTEMPTS):
             name = f"{lost.name.split('@')[0]}.r{next(self._replacements)}@{respawn.job}"
             try:
-                actor = EngineWorker.options(name=name, namespace=NAMESPACE, num_cpus=respawn.cpus,
-                                             num_gpus=respawn.gpus).remote()
+                actor = EngineWorker.options(  # type: ignore[attr-defined]  # an ActorClass (see _start_workers)
+                    name=name, namespace=NAMESPACE, num_cpus=respawn.cpus, num_gpus=respawn.gpus).remote()
                 answer = ray.get(actor.load.remote(respawn.specs[lost.model], respawn.cache_dir, respawn.device,
                                                    respawn.engine_options))
             except Exception as exc:  # Ray's errors for a worker that could not start or died loading

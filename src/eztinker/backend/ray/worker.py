@@ -15,7 +15,7 @@ import ray
 from .. import InvalidInput
 
 
-@ray.remote(concurrency_groups={"light": 2})
+@ray.remote(concurrency_groups={"light": 2})  # type: ignore[call-overload]  # ray's stubs omit concurrency_groups
 class EngineWorker:
     """Model work (`execute`) runs in the default group, one call at a time, in order; tokenizer
     work, LoRA and checkpoint checks run in the "light" group, beside it, so a request handler's
