@@ -103,7 +103,7 @@ def test_dashboard_lists_runs_plots_steps_downloads_checkpoints_and_samples(serv
     download = download_info.value
     assert download.suggested_filename.endswith("after-6.tar")
     with tarfile.open(fileobj=io.BytesIO(Path(download.path()).read_bytes())) as tar:
-        assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint_complete"]
 
     page.click("tr[data-checkpoint='after-6'] a")  # into the playground, on that checkpoint
     expect(page.locator("#playground-model")).to_have_value(f"{run.run_id}/after-6")

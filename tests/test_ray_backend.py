@@ -151,6 +151,31 @@ def test_openai_streams_arrive_token_by_token_from_a_worker(server, models):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
 
 
+def test_abandoned_samples_stop_decoding_on_a_worker(server, models):
+    """The runner's cancel crosses to the Ray worker: a stream whose client hangs up, and a whole
+    answer whose client times out, stop at their next decode step there too."""
+    import httpx
+
+    def abandoned() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("eztinker_samples_abandoned_total"))
+
+    long = {"model": models[0], "messages": [{"role": "user", "content": "Go on."}], "n": 4, "max_tokens": 1024,
+            "ignore_eos": True}
+    before = abandoned()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # tokens flow: hang up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=long, timeout=1.0)  # streamed none: watched by polling
+    deadline = time.monotonic() + 60
+    while abandoned() < before + 2:
+        assert time.monotonic() < deadline, "an abandoned sample kept decoding on its worker"
+        time.sleep(0.1)
+
+
 def test_losing_a_worker_fails_its_jobs_brings_its_runs_back_and_replaces_it(client, models):
     doomed, _, _ = trained(client, models[0], seed=7)
     survivor, _, _ = trained(client, models[0], seed=8)

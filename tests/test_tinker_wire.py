@@ -241,6 +241,27 @@ def test_sdk_sparse_csr_tensors_expand_to_dense():
     assert "shape [6, 8]" in err.value.message and "it must be [N]" in err.value.message
 
 
+def test_declared_shapes_are_bounded_before_anything_is_allocated():
+    """177 bytes of sparse CSR once declared [3, 2^36]: numpy asked for 768 GiB (a 500)."""
+    loc = ("data", 0, "loss_fn_inputs", "weights")
+    huge = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3, 2**36], sparse_csr=pb.SparseCsr(
+        crow_indices=np.array([0, 1, 1, 1], "<i8").tobytes(), col_indices=np.array([5], "<i8").tobytes(),
+        values=np.array([1.0], "<f4").tobytes()))
+    for tensor in (huge, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**62, 2**62], dense=b"")):
+        with pytest.raises(WireError, match="max_tokens_per_request") as err:
+            wire._dense(tensor, loc, max_elements=1000)
+        assert err.value.loc == loc and err.value.status == 400
+    msg = pb.ForwardBackwardRequest(model_id="m", loss_fn="cross_entropy")
+    datum = msg.data.add()
+    datum.model_input.add().encoded_text.tokens = np.array([1, 2, 3], "<i4").tobytes()
+    datum.loss_fn_inputs["target_tokens"].CopyFrom(pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3],
+                                                              dense=np.array([2, 3, 4], "<i8").tobytes()))
+    datum.loss_fn_inputs["weights"].CopyFrom(huge)
+    with pytest.raises(WireError, match=r"declares shape \[3, 68719476736\]") as err:
+        wire.decode_forward_backward(msg.SerializeToString(), None)
+    assert err.value.loc == loc
+
+
 def test_sparse_csr_of_one_column_decodes_as_1d():
     # The SDK never sparsifies a [N, 1] tensor (CSR would not be smaller), but its encoder
     # takes a sparse TensorData built by hand: target_tokens [N, 1] with zeros left out.
@@ -396,18 +417,25 @@ def test_zstd_without_content_size_and_bomb_limit():
     raw = sdk_forward_backward([datum]).content
     streamed = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
     assert wire.decode_forward_backward(streamed, "ZSTD").data[0].model_input.tokens == [1, 2]
-    with pytest.raises(WireError, match=rf"inflates to {len(raw)} bytes, more than 8"):
+    with pytest.raises(WireError, match=rf"more than max_request_bytes \(8 bytes\): it declares {len(raw)}") as err:
         wire.decode_forward_backward(
             zstandard.ZstdCompressor().compress(raw), "zstd", max_decompressed_bytes=8
         )
-    with pytest.raises(WireError, match="inflates beyond 8 bytes"):
+    assert err.value.status == 413
+    with pytest.raises(WireError, match=r"inflates to more than max_request_bytes \(8 bytes\)") as err:
         wire.decode_forward_backward(streamed, "zstd", max_decompressed_bytes=8)
+    assert err.value.status == 413
     # a frame that declares more than the limit is refused before anything is allocated
     bomb = zstandard.ZstdCompressor().compress(bytes(1 << 20))
     params = zstandard.get_frame_parameters(bomb)
     assert params.content_size == 1 << 20
     with pytest.raises(WireError, match="more than"):
         wire.decode_forward_backward(bomb, "zstd", max_decompressed_bytes=1 << 19)
+    # one that does not declare its size, or lies about it, is stopped as it inflates past the limit
+    hidden = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1 << 22))
+    with pytest.raises(WireError, match="inflates to more than") as err:
+        wire.decode_forward_backward(hidden, "zstd", max_decompressed_bytes=1 << 20)
+    assert err.value.status == 413
     with pytest.raises(WireError, match="Content-Encoding"):
         wire.decode_forward_backward(raw, "gzip")
 

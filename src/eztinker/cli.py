@@ -12,8 +12,10 @@ from pathlib import Path
 
 import click
 from pydantic import SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 
 from .recipes._cli import click_options
+from .recipes._settings import TaskRecipeSettings
 from .recipes.dpo import Config as DPOConfig
 from .recipes.rejection_sft import Config as RecipeConfig
 from .recipes.rl import Config as RLConfig
@@ -61,7 +63,7 @@ def build_settings(settings_file: Path | None = None, **flags) -> ServerSettings
         _fail(str(exc))
 
 
-def _problem(error: dict) -> str:
+def _problem(error: ErrorDetails) -> str:
     """One validation error as a line: the flag it is about (none for a check across settings)
     and the message, without pydantic's "Value error, " prefix."""
     message = error["msg"].removeprefix("Value error, ")
@@ -84,7 +86,7 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     from .launcher import build_service
     from .server.app import create_app
     from .server.datadir import DataDirError
-    from .server.connections import uvicorn_options
+    from .server.connections import draining_server, uvicorn_options
 
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
@@ -98,8 +100,9 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     # out of the collector's full passes, each of which walked its ~400k objects (0.25 s, every
     # thread stopped) on SmolLM2.
     gc.freeze()
-    uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
-                **uvicorn_options(settings))
+    config = uvicorn.Config(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
+                            **uvicorn_options(settings))
+    draining_server(config, service.runner).run()
 
 
 def _start_errors(backend: str) -> tuple[type[Exception], ...]:
@@ -121,15 +124,16 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _run_recipe(config: RecipeConfig, main: typing.Callable[[typing.Any], dict] | None = None) -> dict:
+def _run_recipe(config: TaskRecipeSettings, main: typing.Callable[[typing.Any], dict] | None = None) -> dict:
     """Run a recipe's `main` (default: rejection SFT's), its expected failures as one line."""
     from .client._errors import ConnectionFailedError, EZTinkerError
     from .evaluation import EvalError
     from .recipes import rejection_sft
     from .tasks.gsm8k import DatasetUnavailableError
 
+    recipe: typing.Callable[[typing.Any], dict] = main or rejection_sft.main  # each recipe takes its own Config
     try:
-        return (main or rejection_sft.main)(config)
+        return recipe(config)
     except ConnectionFailedError:
         _fail(f"no EZTinker server at {config.server_url}. Start one with: eztinker server --model smollm2-135m")
     except (DatasetUnavailableError, EZTinkerError, EvalError, ValueError) as exc:

@@ -309,10 +309,23 @@ class SamplingParams(_Schema):
         default_factory=list, description="Token ids that also stop a candidate (included in its tokens)."
     )
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
+    # As vLLM defines them (its SamplingParams), for the OpenAI door's clients that send them.
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p x the most likely "
+                         "one (after temperature); 0 disables it.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=100.0, description="Divides the positive logits (multiplies the negative ones) of tokens "
+        "already in the prompt or the candidate; > 1 discourages repeats, 1 disables it.")
+    min_tokens: int = Field(0, ge=0, description="No stop (stop token or string) before this many new tokens.")
     ignore_eos: bool = Field(
         False, description="The model's end-of-turn/end-of-text tokens do not stop a candidate (only stop, "
-        "stop_token_ids and max_tokens do): Tinker's stop=[]."
+        "stop_token_ids and max_tokens do): Tinker's stop=[], vLLM's ignore_eos."
     )
+
+    @model_validator(mode="after")
+    def _min_tokens_within_max(self) -> "SamplingParams":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
 
     @field_validator("stop")
     @classmethod

@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from .. import AdamParams, ServiceClient, TrainingClient, datum_from_messages
+from ..chat import loss_weights
 from ..tasks import Problem, get_task
 from ..tasks._grading import trim_after_answer as trim_after_answer  # part of this recipe's interface
 from ._cli import setting
@@ -82,9 +83,9 @@ class RejectionSFT:
         futures = []
         for start in range(0, len(data), c.batch_size):
             batch = data[start : start + c.batch_size]
-            tokens = sum(sum(1 for w in d.loss_fn_inputs.weights if w) for d in batch)
+            tokens = sum(sum(1 for w in loss_weights(d) if w) for d in batch)
             for d in batch:  # mean per-token loss over the batch
-                d.loss_fn_inputs.weights = [w / tokens for w in d.loss_fn_inputs.weights]
+                d.loss_fn_inputs.weights = [w / tokens for w in loss_weights(d)]
             fbs = [run.forward_backward(batch[i : i + c.micro_batch_size]) for i in range(0, len(batch), c.micro_batch_size)]
             futures.append((fbs, run.optim_step(AdamParams(learning_rate=learning_rate))))
         losses = []

@@ -184,7 +184,9 @@ def step_metrics(groups: list[Group], data: list[Datum], fb_logprobs: list[list[
     replies = [r for g in groups for r in g.replies]
     kl_terms = []
     for datum, row in zip(data, fb_logprobs):
-        for sampled, trained, adv in zip(datum.loss_fn_inputs.logprobs, row, datum.loss_fn_inputs.advantages):
+        sampler_logprobs, advantages = datum.loss_fn_inputs.logprobs, datum.loss_fn_inputs.advantages
+        assert sampler_logprobs is not None and advantages is not None, "policy_datum sets both"
+        for sampled, trained, adv in zip(sampler_logprobs, row, advantages):
             if adv != 0.0 and trained is not None:
                 kl_terms.append(sampled - trained)
     return {

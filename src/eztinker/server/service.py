@@ -16,6 +16,7 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,16 @@ class ServiceError(Exception):
         self.status, self.message, self.loc = status, message, loc
 
 
+class LimitExceeded(ServiceError):
+    """A per-user limit refused the request (429). `clears`: whether waiting for the user's work
+    in flight can make room; if not, retrying is pointless (the user must delete something or ask
+    for less), and each protocol says so in its own way."""
+
+    def __init__(self, limit: str, message: str, *, clears: bool):
+        super().__init__(429, message)
+        self.limit, self.clears = limit, clears
+
+
 def not_found(what: str) -> ServiceError:
     return ServiceError(404, f"{what} not found")
 
@@ -89,10 +100,10 @@ class Service:
         self.data_dir = Path(settings.data_dir).resolve()
         self.checkpoint_root, self.snapshot_root = settings.checkpoint_root(), settings.snapshot_root()
         self.store = Store(self.data_dir / "eztinker.sqlite3")
-        self.runner = JobRunner(backend, self.store, self.data_dir, job_ttl_seconds=settings.job_ttl_seconds,
-                                max_finished_jobs=settings.max_finished_jobs,
+        self.runner = JobRunner(backend, self.store, self.data_dir, retention=settings.retention(),
                                 sample_gather_seconds=settings.sample_gather_ms / 1000, checkpoint_root=self.checkpoint_root,
                                 snapshot_root=self.snapshot_root, restore_run=self._restore_lost_run)
+        self.limits = settings.user_limits()
         self.runner.metrics.watch(self.runner.unfinished, lambda: [row["base_model"] for row in self.store.live_runs()])
         self.signer = UrlSigner(self.data_dir / "signing.key")
         self._restore()
@@ -167,7 +178,7 @@ class Service:
         if outcome.error is not None:
             log.error("run %s could not be rebuilt: %s", run_id, outcome.error)
             return
-        self.store.set_run_state(run_id, outcome.value["step"], restored_from=ref)
+        self.store.record_restore(run_id, outcome.value["step"], restored_from=ref)
 
     def _remove_stale_snapshots(self) -> None:
         """Snapshots no live run restores from: of deleted runs, superseded by a later save or
@@ -206,7 +217,7 @@ class Service:
     def close(self) -> None:
         try:
             self._sweeping.set()
-            self.runner.stop()
+            self.runner.stop(self.settings.shutdown_grace_seconds)
             self.store.close()
             self.backend.close()
         finally:
@@ -345,6 +356,7 @@ class Service:
         if job.status is JobStatus.failed:
             field = ("from_checkpoint",) if request.from_checkpoint is not None else ("lora",)
             raise invalid(field, job.error or "could not create the run")
+        assert job.run_id is not None, "a create_run job names its run"
         return self.get_run(user, job.run_id)
 
     def submit_create_run(self, user: str, request: CreateRunRequest, key: str | None = None, *,
@@ -387,11 +399,19 @@ class Service:
                 raise ServiceError(409, f"run id {run_id} is taken")
             return self._replay_create(user, run_id)
         run_id = run_id or new_id("run")
+        if self.limits.runs is not None and len(self.store.live_runs(user)) >= self.limits.runs:
+            raise LimitExceeded("max_runs_per_user", f"you have {self.limits.runs} live runs; the limit is "
+                                f"max_runs_per_user ({self.limits.runs}): delete one first (DELETE /v1/runs/<id>; a "
+                                "Tinker model's id is its run id)", clears=False)
         self.store.add_run(run_id, user, model, lora, request.seed, metadata)
         command = CreateRun(model=model, run_id=run_id, lora=lora, seed=request.seed,
                             from_checkpoint=None if source is None else str(source), with_optimizer=with_optimizer)
         job = Job(new_id("job"), command, checkpoint=ref)
-        answer = self.submit(user, job, request, key, digest=digest)
+        try:
+            answer = self.submit(user, job, request, key, digest=digest)
+        except ServiceError:  # refused (a limit): the run never came to be
+            self.store.mark_run_deleted(run_id)
+            raise
         if answer.job_id != job.id:  # a concurrent retry with the same key won: this attempt is void
             self.store.mark_run_deleted(run_id)
         return answer
@@ -468,10 +488,12 @@ class Service:
                              num_samples: int, params, request: Any, key: str | None, *, snapshot: Path | None = None,
                              prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_logprobs: int = 0,
                              prompt_logprobs_last_n: int | None = None, prompt_targets: list | None = None,
-                             prompt_alt_tokens_k: int = 0, progress: Progress | None = None) -> JobRef:
+                             prompt_alt_tokens_k: int = 0, progress: Progress | None = None,
+                             consumers_gone: Callable[[], bool] | None = None) -> JobRef:
         """Sample token prompts on `model`: from run `run_id`'s live adapter, a saved `snapshot`
         (a checkpoint directory), or the bare model when both are None. `progress` receives the
-        tokens as they are decoded (from the worker thread)."""
+        tokens as they are decoded (from the worker thread); `consumers_gone`, asked after every
+        decode step, stops the sample once it answers True."""
         if params.seed is not None and params.seed > MAX_SEED:
             raise invalid(("sampling_params", "seed"), f"seed {params.seed} is above the largest allowed, {MAX_SEED}")
         if params.max_tokens > self.settings.max_new_tokens:
@@ -499,7 +521,8 @@ class Service:
                          topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs,
                          prompt_logprobs_last_n=prompt_logprobs_last_n, prompt_targets=prompt_targets,
                          prompt_alt_tokens_k=prompt_alt_tokens_k)
-        return self.submit(user, Job(new_id("job"), command, progress=progress), request, key)
+        return self.submit(user, Job(new_id("job"), command, progress=progress, consumers_gone=consumers_gone),
+                           request, key)
 
     def _check_prompt_scoring(self, model: str, prompts: list[list[int]], last_n: int | None, targets: list | None,
                               alt_k: int) -> None:
@@ -610,6 +633,8 @@ class Service:
         # loads refuse such paths, so saves must too.
         if target.parent.exists() and not target.parent.resolve().is_relative_to(self.checkpoint_root):
             raise invalid(("name",), f"checkpoint {run_id}/{name} is not inside the data directory")
+        if not lifecycle.auto and self.store.checkpoint(run_id, name) is None:  # an overwrite adds nothing
+            self._check_checkpoint_limits(user)
         command = Save(model=model, run_id=run_id, directory=str(target), with_optimizer=lifecycle.with_optimizer)
         job = Job(new_id("job"), command, checkpoint=f"{run_id}/{name}", lifecycle=lifecycle)
         return self.submit(user, job, request, key)
@@ -620,6 +645,24 @@ class Service:
         path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint", published=True)
         command = Load(model=model, run_id=run_id, directory=str(path), with_optimizer=with_optimizer)
         return self.submit(user, Job(new_id("job"), command, checkpoint=ref), request, key)
+
+    def _check_checkpoint_limits(self, user: str) -> None:
+        limits = self.limits
+        if limits.checkpoints is None and limits.checkpoint_bytes is None:
+            return
+        listed = self.store.checkpoints_of(user)
+        if limits.checkpoints is not None:
+            queued = sum(1 for job in self.store.unfinished_jobs(user) if job["kind"] == "save")
+            if len(listed) + queued >= limits.checkpoints:
+                raise LimitExceeded("max_checkpoints_per_user", f"you have {len(listed)} checkpoints and {queued} "
+                                    f"saves queued; the limit is max_checkpoints_per_user ({limits.checkpoints}): "
+                                    "delete some first", clears=False)
+        if limits.checkpoint_bytes is not None:
+            held = sum(_bytes_in(self.data_dir / c.path) for c in listed)
+            if held >= limits.checkpoint_bytes:
+                raise LimitExceeded("max_checkpoint_bytes_per_user", f"your checkpoints hold {held} bytes; the limit "
+                                    f"is max_checkpoint_bytes_per_user ({limits.checkpoint_bytes}): delete some first",
+                                    clears=False)
 
     def _sampling_model(self, user: str, run_id: str | None, requested: str | None) -> str:
         if run_id is None:
@@ -743,10 +786,21 @@ class Service:
             existing = self.store.job_by_key(user, key)
             if existing is not None:
                 return self._replay(existing, digest, key)
+        job.owner = user
+        refusal = self.runner.admit(job, self.limits)
+        if refusal is not None:
+            raise LimitExceeded(refusal.limit, refusal.message, clears=refusal.clears)
         try:
             self.store.add_job(job.id, user, command.run_id, command.kind, key, digest)
         except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
-            return self._replay(self.store.job_by_key(user, key), digest, key)
+            self.runner.withdraw(job.id)
+            existing = self.store.job_by_key(user, key) if key else None
+            if existing is None or key is None:  # not a key's race: a genuine integrity failure
+                raise
+            return self._replay(existing, digest, key)
+        except BaseException:
+            self.runner.withdraw(job.id)
+            raise
         self.runner.submit(job)
         return JobRef(job_id=job.id, status=JobStatus.pending)
 
@@ -757,6 +811,7 @@ class Service:
         return JobRef(job_id=existing["id"], status=JobStatus(existing["status"]))
 
     async def _submit_and_wait(self, user: str, job: Job) -> JobRecord:
+        job.owner = user  # not admitted: a deletion frees what the limits count, it is never refused
         self.store.add_job(job.id, user, job.command.run_id, job.command.kind)
         self.runner.submit(job)
         return await self._wait_finished(user, job.id)
@@ -785,6 +840,13 @@ class Service:
             await self.runner.wait(job_id, wait, lambda: settled(self.job(user, job_id)))
             record = self.job(user, job_id)
         return record
+
+
+def _bytes_in(directory: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    except OSError:
+        return 0
 
 
 def _check_ttl(ttl_seconds: float | None) -> None:

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .._net import is_loopback_host
 from ..model_spec import served_name
+from .limits import UserLimits
+from .retention import RetentionPolicy
 
 
 class ServerSettings(BaseSettings):
@@ -99,11 +101,52 @@ class ServerSettings(BaseSettings):
         "machine); 0 starts every sample at once.",
     )
     job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
-    max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
+    max_finished_jobs_per_user: int = Field(
+        10_000, ge=100, description="Finished jobs each user keeps at most (their newest); one user's traffic never "
+        "evicts another's jobs.")
+    idempotency_ttl_seconds: float = Field(
+        24 * 3600, gt=0, description="An Idempotency-Key is remembered this long after its job finished, even once "
+        "the job itself has expired: a retry with it is answered with the original job, never run again.")
+    max_idempotency_keys_per_user: int = Field(
+        1_000_000, ge=1000, description="Keys of expired jobs each user's retries are remembered by, at most (their "
+        "newest; about 150 bytes each).")
+    large_result_bytes: int = Field(
+        256 * 1024, ge=1024, description="A result over this many bytes of JSON (a sample of many long candidates) "
+        "counts as large: kept large_result_ttl_seconds, within max_result_bytes_per_user.")
+    large_result_ttl_seconds: float = Field(
+        3600, gt=0, description="Large results are dropped this long after their job finished (the job stays, "
+        "completed, its error saying so).")
+    max_result_bytes_per_user: int = Field(
+        256 * 1024 * 1024, ge=64 * 1024, description="Bytes of large results each user keeps at most (the newest).")
+    # Per-user limits. Not given (None): the default for a server with API keys (shared by several
+    # users), none on a keyless loopback server (one user); 0: no limit.
+    max_runs_per_user: int | None = Field(
+        None, ge=0, description="Live runs each user may have (default with API keys: 64; each holds its adapter, "
+        "gradients and optimizer state in memory, about 0.44 GB at rank 64 on Qwen2-0.5B).")
+    max_checkpoints_per_user: int | None = Field(
+        None, ge=0, description="Checkpoints each user may have listed, saves queued included (default with API "
+        "keys: 512).")
+    max_checkpoint_bytes_per_user: int | None = Field(
+        None, ge=0, description="Bytes of checkpoints on disk after which a user's further saves are refused "
+        "(default with API keys: 50 GiB).")
+    max_sample_tokens_in_flight_per_user: int | None = Field(
+        None, ge=0, description="Tokens each user's unfinished samples may hold, counted as max_tokens_per_request "
+        "counts them (default with API keys: 2 x max_tokens_per_request).")
+    max_queued_jobs_per_user: int | None = Field(
+        None, ge=0, description="Jobs each user may have queued or running (default with API keys: 1024).")
     tinker_session_timeout_seconds: float = Field(
         600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
     )
+    shutdown_grace_seconds: float = Field(
+        30, ge=0, description="On SIGTERM the server stops accepting connections, fails every queued job at once "
+        "(as interrupted: a client's retry after the restart runs it), and gives running jobs this long to finish; "
+        "a sample still decoding then stops, and any other job still running is marked interrupted at the next start.",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host names a server without API keys answers besides localhost, "
+        "127.0.0.1 and [::1] (its Host check against DNS rebinding); '*' turns the check off.",
+    )
     checkpoint_sweep_seconds: float = Field(
         60, gt=0, description="How often the server deletes expired checkpoints (a Tinker ttl_seconds) and those of "
         "deleted runs; expired ones are refused from the moment they expire.",
@@ -196,6 +239,29 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"--workers-per-model: give one number >= 1 for every model, or one per --model "
                              f"({len(self.model)}), got {self.workers_per_model}")
         return self
+
+    def user_limits(self) -> UserLimits:
+        """The per-user limits in force: given values (0: none), else the keyed server's defaults."""
+        keyed = bool(self._user_keys)
+
+        def pick(given: int | None, default: int) -> int | None:
+            value = given if given is not None else (default if keyed else 0)
+            return value or None
+
+        return UserLimits(
+            runs=pick(self.max_runs_per_user, 64),
+            checkpoints=pick(self.max_checkpoints_per_user, 512),
+            checkpoint_bytes=pick(self.max_checkpoint_bytes_per_user, 50 * 1024**3),
+            sample_tokens=pick(self.max_sample_tokens_in_flight_per_user, 2 * self.max_tokens_per_request),
+            queued_jobs=pick(self.max_queued_jobs_per_user, 1024))
+
+    def retention(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            job_ttl_s=self.job_ttl_seconds, max_jobs_per_user=self.max_finished_jobs_per_user,
+            idempotency_ttl_s=self.idempotency_ttl_seconds,
+            max_idempotency_keys_per_user=self.max_idempotency_keys_per_user,
+            large_result_bytes=self.large_result_bytes, large_result_ttl_s=self.large_result_ttl_seconds,
+            max_result_bytes_per_user=self.max_result_bytes_per_user)
 
     @model_validator(mode="after")
     def _device_requests(self) -> "ServerSettings":

@@ -1,8 +1,8 @@
 """SQLite record of runs, jobs and checkpoints: what must survive a restart.
 
-One connection guarded by a lock (the event loop and the worker thread both use it); WAL mode
-with synchronous=FULL so a committed row survives a power cut, and readers never wait on the
-worker's writes.
+Two connections, each guarded by a lock (request handlers and the worker threads share them):
+one writes, one reads. WAL mode with synchronous=FULL so a committed row survives a power cut;
+reads never wait on a write, ours or another process's.
 """
 
 from __future__ import annotations
@@ -12,16 +12,22 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig, RunInfo
+from .retention import RetentionPolicy, expire
 
-# How long a statement waits for another process's write lock (an operator's sqlite3 shell, a
-# backup) before it raises "database is locked": a request handler then answers 503, the worker
-# retries (runner.py). The lock on the one connection is held meanwhile, so keep it short.
+# How long a write waits, all told, before it raises "database is locked": for the store's other
+# writers (its write connection is one) and then for another process's write lock (an operator's
+# sqlite3 shell, a backup). A request handler then answers 503, the worker retries (runner.py).
+# Once bounded only SQLite's own wait, so five requests queued behind a locked database were
+# answered after 2, 4, ... s; now each is answered within this bound.
 BUSY_TIMEOUT_SECONDS = 2.0
 
 SCHEMA = """
@@ -101,7 +107,19 @@ CREATE INDEX IF NOT EXISTS evaluations_run ON evaluations(run_id, created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(owner, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
+CREATE TABLE IF NOT EXISTS idempotency_keys (  -- keys of expired jobs, kept idempotency_ttl_seconds (retention.py)
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    request_hash TEXT,
+    status TEXT NOT NULL,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+);
 """
+# After the columns added since the first schema: retention reads sizes from the index alone
+# (a column stored after a large result would make SQLite walk the result's overflow pages).
+LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_owner_results ON jobs(owner, finished_at, result_bytes);"
 
 # Checkpoint columns added since the first schema: `auto` 1 for a snapshot the server saved
 # unnamed (only those are pruned), `expires_at` when the server deletes it (NULL: never), `public`
@@ -136,12 +154,18 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
             self._add_missing_columns()
+            self._db.executescript(LATE_INDEXES)
+        self._reader = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False,
+                                       isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        self._reader.execute("PRAGMA query_only=1")
+        self._read_lock = threading.Lock()
 
     def _add_missing_columns(self) -> None:
         """Columns added since the first schema, for databases made before them."""
         for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT"),
                                     ("runs", "resume_path", "TEXT"), ("training_log", "weight_sum", "REAL"),
-                                    *CHECKPOINT_COLUMNS):
+                                    ("jobs", "result_bytes", "INTEGER"), *CHECKPOINT_COLUMNS):
             names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in names:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
@@ -152,16 +176,39 @@ class Store:
                                      " (SELECT checkpoint FROM samplers WHERE model_path IS NULL AND checkpoint IS NOT NULL)")
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     def _execute(self, sql: str, args: tuple = ()) -> int:
-        with self._lock:
-            return self._db.execute(sql, args).rowcount
+        with self._writing() as db:
+            return db.execute(sql, args).rowcount
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """The write connection, within BUSY_TIMEOUT_SECONDS all told: the wait for the store's
+        other writers is taken off SQLite's wait for another process's lock."""
+        started = time.monotonic()
+        if not self._lock.acquire(timeout=BUSY_TIMEOUT_SECONDS):
+            raise sqlite3.OperationalError("database is locked (the store's other writes are waiting for it)")
+        shortened = False
+        try:
+            left = BUSY_TIMEOUT_SECONDS - (time.monotonic() - started)
+            if left < BUSY_TIMEOUT_SECONDS - 0.005:
+                shortened = True
+                self._db.execute(f"PRAGMA busy_timeout = {max(int(left * 1000), 1)}")
+            yield self._db
+        finally:
+            try:
+                if shortened:
+                    self._db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            finally:
+                self._lock.release()
 
     # ------------------------------------------------------------------------------ runs
     def add_run(self, run_id: str, owner: str, base_model: str, lora: LoraConfig, seed: int,
@@ -192,13 +239,22 @@ class Store:
         rows = self._query("SELECT owner FROM runs WHERE id = ?", (run_id,))
         return rows[0]["owner"] if rows else None
 
-    def set_run_state(self, run_id: str, step: int, restored_from: str | None = ...) -> None:
+    def set_run_state(self, run_id: str, step: int, restored_from: str | None | EllipsisType = ...) -> None:
         if restored_from is ...:
             self._execute("UPDATE runs SET step = ? WHERE id = ?", (step, run_id))
         else:
             self._execute(
                 "UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)
             )
+
+    def record_restore(self, run_id: str, step: int, restored_from: str | None) -> None:
+        """In one transaction: a run rebuilt after a crash (or its worker's loss) at `step`, and its
+        curve cut back to that step: what was logged after it belongs to the life the crash ended,
+        and its re-run must not count twice."""
+        self._transaction([
+            ("UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)),
+            ("DELETE FROM training_log WHERE run_id = ? AND step > ?", (run_id, step)),
+        ])
 
     def set_resume_point(self, run_id: str, checkpoint_ref: str) -> None:
         """After a restart the run is rebuilt from this checkpoint (its last save or load)."""
@@ -310,19 +366,19 @@ class Store:
 
     @staticmethod
     def _completion(job_id: str, result_json: str) -> list[tuple[str, tuple]]:
-        return [("UPDATE jobs SET status = ?, result = ?, error = NULL, finished_at = ? WHERE id = ?",
-                 (JobStatus.completed.value, result_json, time.time(), job_id))]
+        return [("UPDATE jobs SET status = ?, result = ?, result_bytes = ?, error = NULL, finished_at = ? WHERE id = ?",
+                 (JobStatus.completed.value, result_json, len(result_json), time.time(), job_id))]
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._writing() as db:
+            db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in statements:
-                    self._db.execute(sql, args)
+                    db.execute(sql, args)
             except BaseException:
-                self._db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def add_evaluation(self, evaluation_id: str, run_id: str, checkpoint: str | None, step: int, report: str) -> float:
         created = time.time()
@@ -409,12 +465,17 @@ class Store:
         idempotency_key: str | None = None,
         request_hash: str | None = None,
     ) -> None:
-        """Raises sqlite3.IntegrityError when the owner already used `idempotency_key`."""
-        self._execute(
+        """Raises sqlite3.IntegrityError when the owner already used `idempotency_key` (its job
+        may have expired since: the key is remembered on its own, idempotency_keys)."""
+        added = self._execute(
             "INSERT INTO jobs (id, owner, run_id, kind, status, idempotency_key, request_hash, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, owner, run_id, kind, JobStatus.pending.value, idempotency_key, request_hash, time.time()),
+            " SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
+            " (SELECT 1 FROM idempotency_keys WHERE owner = ? AND key = ?)",
+            (job_id, owner, run_id, kind, JobStatus.pending.value, idempotency_key, request_hash, time.time(),
+             owner, idempotency_key),
         )
+        if not added:
+            raise sqlite3.IntegrityError(f"idempotency key {idempotency_key!r} was used by an expired job")
 
     def create_job_of(self, run_id: str, owner: str) -> sqlite3.Row | None:
         """The newest create_run job of a run (None once finished jobs have expired)."""
@@ -436,8 +497,12 @@ class Store:
                            (owner, run_id, limit))
 
     def job_by_key(self, owner: str, idempotency_key: str) -> sqlite3.Row | None:
+        """The job the owner's key names (id, status, request_hash, error): its row, or once the
+        row has expired, what idempotency_keys remembers of it."""
         rows = self._query(
-            "SELECT * FROM jobs WHERE owner = ? AND idempotency_key = ?", (owner, idempotency_key)
+            "SELECT id, status, request_hash, error FROM jobs WHERE owner = ? AND idempotency_key = ?"
+            " UNION ALL SELECT job_id, status, request_hash, NULL FROM idempotency_keys WHERE owner = ? AND key = ?",
+            (owner, idempotency_key, owner, idempotency_key),
         )
         return rows[0] if rows else None
 
@@ -456,10 +521,12 @@ class Store:
         """`result`: the job's result, already encoded as JSON (it is stored and served as is).
         `error_category`: 'user' (the request cannot succeed as sent) or 'server'."""
         status = JobStatus.failed if error is not None else JobStatus.completed
+        result = None if error is not None else result
         self._execute(
-            "UPDATE jobs SET status = ?, result = ?, error = ?, error_category = ?, finished_at = ? WHERE id = ?",
-            (status.value, None if error is not None else result, error, None if error is None else error_category,
-             time.time(), job_id),
+            "UPDATE jobs SET status = ?, result = ?, result_bytes = ?, error = ?, error_category = ?, finished_at = ?"
+            " WHERE id = ?",
+            (status.value, result, None if result is None else len(result), error,
+             None if error is None else error_category, time.time(), job_id),
         )
 
     def unfinished_creates(self) -> list[str]:
@@ -481,16 +548,10 @@ class Store:
             (JobStatus.failed.value, INTERRUPTED, time.time(), JobStatus.pending.value, JobStatus.running.value),
         )
 
-    def expire_jobs(self, older_than_s: float, keep_at_most: int) -> int:
-        """Forget finished jobs older than the TTL, and beyond the newest `keep_at_most`."""
-        cutoff = time.time() - older_than_s
-        removed = self._execute("DELETE FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?", (cutoff,))
-        removed += self._execute(
-            "DELETE FROM jobs WHERE finished_at IS NOT NULL AND id NOT IN "
-            "(SELECT id FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?)",
-            (keep_at_most,),
-        )
-        return removed
+    def expire(self, policy: RetentionPolicy) -> dict[str, int]:
+        """Apply the retention policy (retention.py) once; returns what it removed, by kind."""
+        with self._writing() as db:
+            return expire(db, policy, forget_keys_of=INTERRUPTED)
 
     @staticmethod
     def job_record(row: sqlite3.Row) -> JobRecord:

@@ -17,19 +17,35 @@ import logging
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...types import LoraConfig, Prompt
-from .. import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo, WorkerLost
+from .. import Cancelled, CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo, WorkerLost
 from ..commands import Command, CreateRun, DeleteRun, Outcome, Sample, ScorePrompts
 from .placement import NoLiveWorker, Placement
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "eztinker"
+_CANCEL_POLL_SECONDS = 0.2  # how often a call's cancellations are looked for while it runs without streaming
+
+
+class _Cancels:
+    """A call's cancellable commands: forwards each newly abandoned one to the worker, once."""
+
+    def __init__(self, worker: _Worker, cancelled: Sequence[Cancelled | None]):
+        self.worker, self.cancelled, self.sent = worker, cancelled, set()
+        self.call_id = uuid.uuid4().hex
+
+    def forward(self) -> None:
+        for i, cancelled in enumerate(self.cancelled):
+            if cancelled is not None and i not in self.sent and cancelled():
+                self.sent.add(i)
+                self.worker.actor.cancel.remote(self.call_id, i)
 
 
 class RayStartError(RuntimeError):
@@ -118,7 +134,9 @@ class RayBackend:
             for i in range(n):
                 name = f"{Path(spec).name or spec}#{i}@{job}"
                 try:
-                    actor = EngineWorker.options(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus).remote()
+                    # ray.remote made EngineWorker an ActorClass; ray's stubs keep the plain class's type.
+                    actor = EngineWorker.options(  # type: ignore[attr-defined]
+                        name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus).remote()
                 except ValueError as exc:  # the name is taken
                     raise RayStartError(f"cannot start Ray worker {name}: {_one_line(exc)}") from None
                 actors.append((spec, name, actor))
@@ -147,11 +165,10 @@ class RayBackend:
                 for name, w in self._workers.items()]
 
     # ------------------------------------------------------------------------- model work
-    def lanes(self, command: Command) -> list[Hashable]:
+    def lanes(self, command: Command) -> Sequence[Hashable]:
         model = command.model
         snapshot = isinstance(command, (Sample, ScorePrompts)) and command.snapshot is not None
-        anywhere = snapshot or command.run_id is None
-        if anywhere:  # a snapshot or the bare model: any of its workers holds those
+        if snapshot or command.run_id is None:  # a snapshot or the bare model: any of its workers holds those
             return self._placement.live(model) or self._of_model(model)
         if not isinstance(command, CreateRun) and (worker := self._placement.worker_of(command.run_id)):
             return [worker]
@@ -161,16 +178,26 @@ class RayBackend:
             return self._of_model(model)[:1]  # a dead lane: the job fails saying its worker is gone
 
     def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None) -> list[Outcome]:
+                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
         import ray
 
-        worker = self._workers[lane if lane is not None else self.lanes(commands[0])[0]]
+        key = lane if lane is not None else self.lanes(commands[0])[0]
+        if not isinstance(key, str):  # this backend's lanes are its workers' names
+            raise TypeError(f"not a Ray worker's lane: {key!r}")
+        worker = self._workers[key]
         if not self._placement.is_alive(worker.name):
             raise self._lost(worker, "it was found dead")
         listening = [p is not None for p in progress] if progress is not None else []
+        # A call with cancellable commands gets an id the worker's `cancel` names it by.
+        watch = _Cancels(worker, cancelled) if cancelled is not None and any(cancelled) else None
         try:
-            if any(listening):
-                outcomes = self._stream(worker, commands, listening, progress)
+            if progress is not None and any(listening):
+                outcomes = self._stream(worker, commands, listening, progress, watch)
+            elif watch is not None:
+                ref = worker.actor.execute.remote(list(commands), watch.call_id)
+                while not ray.wait([ref], timeout=_CANCEL_POLL_SECONDS)[0]:
+                    watch.forward()
+                outcomes = ray.get(ref)
             else:
                 outcomes = ray.get(worker.actor.execute.remote(list(commands)))
         except ray.exceptions.RayActorError as exc:
@@ -178,20 +205,24 @@ class RayBackend:
             self._replace(worker)
             raise self._lost(worker, _death(exc)) from None
         for command, outcome in zip(commands, outcomes):
-            deleted = isinstance(command, DeleteRun) and outcome.error is None
-            if deleted or (isinstance(command, CreateRun) and outcome.error is not None):  # or never created
-                self._placement.forget(command.run_id)
+            if isinstance(command, (DeleteRun, CreateRun)):
+                deleted = isinstance(command, DeleteRun) and outcome.error is None
+                if deleted or (isinstance(command, CreateRun) and outcome.error is not None):  # or never created
+                    self._placement.forget(command.run_id)
         return outcomes
 
     @staticmethod
     def _stream(worker: _Worker, commands: Sequence[Command], listening: list[bool],
-                progress: Sequence[Progress | None]) -> list[Outcome]:
+                progress: Sequence[Progress | None], watch: _Cancels | None) -> list[Outcome]:
         import ray
 
-        for ref in worker.actor.execute_streaming.remote(list(commands), listening):
+        call_id = None if watch is None else watch.call_id
+        for ref in worker.actor.execute_streaming.remote(list(commands), listening, call_id):
             event = ray.get(ref)
             if event[0] == "tokens":
                 progress[event[1]](event[2])
+                if watch is not None:  # tokens arrive after every decode step
+                    watch.forward()
             else:
                 return event[1]
         raise RuntimeError(f"Ray worker {worker.name} ended a call without its outcomes")
@@ -212,11 +243,12 @@ class RayBackend:
         from .worker import EngineWorker
 
         respawn = self._respawn
+        assert respawn is not None, "_replace starts a replacement only when lost workers are replaced"
         for attempt in range(_REPLACE_ATTEMPTS):
             name = f"{lost.name.split('@')[0]}.r{next(self._replacements)}@{respawn.job}"
             try:
-                actor = EngineWorker.options(name=name, namespace=NAMESPACE, num_cpus=respawn.cpus,
-                                             num_gpus=respawn.gpus).remote()
+                actor = EngineWorker.options(  # type: ignore[attr-defined]  # an ActorClass (see _start_workers)
+                    name=name, namespace=NAMESPACE, num_cpus=respawn.cpus, num_gpus=respawn.gpus).remote()
                 answer = ray.get(actor.load.remote(respawn.specs[lost.model], respawn.cache_dir, respawn.device,
                                                    respawn.engine_options))
             except Exception as exc:  # Ray's errors for a worker that could not start or died loading

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -40,7 +41,7 @@ from ...types import (
 )
 from ..checkpoints import CheckpointKind
 from ..downloads import check_age_recipients
-from ..service import Service, ServiceError
+from ..service import LimitExceeded, Service, ServiceError
 from ..store import INTERRUPTED, JobRecord, SessionStore
 from . import protocol as p
 from . import wire
@@ -137,6 +138,29 @@ class FutureExtras:
         return self._by_job.get(job_id) or FutureExtra()
 
 
+class SessionLiveness:
+    """When each client session last showed life, in memory (seeded from the database after a
+    restart): a sample of the session asks after every decode step, for the price of a dict
+    look-up, whether its session has ended (finished, or no heartbeat for the timeout)."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self.timeout_seconds = timeout_seconds
+        self._beats: dict[str, float] = {}
+        self._finished: set[str] = set()
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._beats
+
+    def beat(self, session_id: str, at: float | None = None) -> None:
+        self._beats[session_id] = max(time.time() if at is None else at, self._beats.get(session_id, 0.0))
+
+    def finish(self, session_id: str) -> None:
+        self._finished.add(session_id)
+
+    def ended(self, session_id: str) -> bool:
+        return session_id in self._finished or time.time() - self._beats.get(session_id, 0.0) > self.timeout_seconds
+
+
 def model_id_of(session_id: str, model_seq_id: int) -> str:
     return f"{session_id}:train:{model_seq_id}"
 
@@ -150,9 +174,21 @@ class TinkerServing:
         self.sequencer = Sequencer()
         self.extras = FutureExtras()
         self.stability = StabilityRecords()  # sequences sampled with record_stability_info
+        self.liveness = SessionLiveness(service.settings.tinker_session_timeout_seconds)
 
     # ------------------------------------------------------------------ helpers
+    def _not_owned(self, user: str, kind: str, model_id: str) -> FutureRef | None:
+        """A failed future when `model_id` is not one of the user's models, checked before its
+        turn: another user's request never waits in, nor moves, that model's sequence."""
+        try:
+            self.service.owned_run(user, model_id)
+        except ServiceError as exc:
+            return self._refused(user, kind, None, exc)
+        return None
+
     def _refused(self, user: str, kind: str, run_id: str | None, exc: Exception) -> FutureRef:
+        # A per-user limit (a 429) on a training call is a failed future too, even one that waiting
+        # would clear: the SDK would retry it after the calls behind it had taken its seq_id turn.
         message = exc.message if isinstance(exc, (ServiceError, wire.WireError)) else str(exc)
         if isinstance(exc, ServiceError) and exc.loc:
             message = f"{'.'.join(str(part) for part in exc.loc)}: {message}"
@@ -180,16 +216,19 @@ class TinkerServing:
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
         self.sessions.add_session(session_id, user, {"tags": body.tags, "user_metadata": body.user_metadata,
                                                      "sdk_version": body.sdk_version})
+        self.liveness.beat(session_id)
         return session_id
 
     def heartbeat(self, user: str, session_id: str) -> None:
         self.session_of(user, session_id)
         self.sessions.heartbeat(session_id)
+        self.liveness.beat(session_id)
 
     def finish_session(self, user: str, session_id: str) -> None:
         if self.sessions.session(session_id, user) is None:
             raise ServiceError(404, f"session {session_id} not found")
         self.sessions.finish(session_id)
+        self.liveness.finish(session_id)  # its samples still decoding stop at their next step
 
     def session_ids(self, user: str) -> list[str]:
         return [row["id"] for row in self.sessions.sessions(user)]
@@ -235,7 +274,13 @@ class TinkerServing:
 
     # ------------------------------------------------------------------ training
     async def forward_backward(self, user: str, raw: bytes, encoding: str | None, key: str | None) -> FutureRef:
-        call = wire.decode_forward_backward(raw, encoding)
+        settings = self.service.settings
+        # Off the event loop: inflating and decoding take time that grows with the body.
+        call = await run_in_threadpool(wire.decode_forward_backward, raw, encoding,
+                                       max_decompressed_bytes=settings.max_request_bytes,
+                                       max_elements=settings.max_tokens_per_request)
+        if (refused := self._not_owned(user, "forward_backward", call.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(call.model_id, call.seq_id):
             try:
                 if call.loss_fn not in LOSS_FNS:
@@ -275,6 +320,8 @@ class TinkerServing:
         return data
 
     async def optim_step(self, user: str, body: p.OptimStep, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "optim_step", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 request = OptimStepRequest(adam_params=body.adam())
@@ -285,6 +332,8 @@ class TinkerServing:
 
     # ------------------------------------------------------------------ checkpoints
     async def save_weights(self, user: str, body: p.SaveWeights, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 ref = self.service.submit_save(
@@ -295,6 +344,8 @@ class TinkerServing:
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     async def save_weights_for_sampler(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 if body.path is not None:
@@ -325,6 +376,8 @@ class TinkerServing:
     async def save_weights_external(self, user: str, body: p.SaveWeightsExternal, key: str | None) -> FutureRef:
         """The adapter as a PEFT folder, downloadable through external_weights_urls (its files
         encrypted to `age_encryption_recipients` as they go out, when given)."""
+        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 recipients = body.age_encryption_recipients
@@ -342,6 +395,8 @@ class TinkerServing:
                                ("weights_access_token",))
         if body.model_id is None:
             return self._create_from_state(user, body, key)
+        if (refused := self._not_owned(user, "load", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 p.check_optimizer_config(body.optimizer_config)
@@ -399,6 +454,8 @@ class TinkerServing:
         try:
             ref = self._submit_sample(user, body, key)
         except (ServiceError, ValidationError, wire.WireError) as exc:
+            if isinstance(exc, LimitExceeded) and exc.clears:
+                raise  # a 429: the SDK's sampling backpressure waits a second and sends it again
             failed = self._refused(user, "sample", None, exc)
             # The SDK wants an id per sample even for a request that fails (it then reads none of them);
             # no more than the server could ever sample, whatever num_samples claims.
@@ -425,18 +482,33 @@ class TinkerServing:
         if sampler["checkpoint"] is not None:
             snapshot, _ = self.service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id",
                                                        published=True)
+        session_id = self._live_session_of_sampler(user, body.sampling_session_id)
         ref = self.service.submit_sample_tokens(
             user, sampler["base_model"], None, [prompt], body.num_samples, params, body, key, snapshot=snapshot,
             prompt_logprobs=bool(body.prompt_logprobs) or body.topk_prompt_logprobs > 0,
             topk_prompt_logprobs=body.topk_prompt_logprobs, topk_logprobs=body.topk_sample_logprobs,
             prompt_logprobs_last_n=body.prompt_logprobs_last_n, prompt_targets=None if grid is None else [grid.rows],
-            prompt_alt_tokens_k=body.prompt_alt_tokens_k)
+            prompt_alt_tokens_k=body.prompt_alt_tokens_k, consumers_gone=lambda: self.liveness.ended(session_id))
         # record_stability_info: the sequences are recorded when the answer is first read (_answer).
         stability = session_of_id(body.sampling_session_id) if body.record_stability_info else None
         if grid is not None or stability is not None:
             self.extras.remember(ref.job_id, FutureExtra(target_grid=grid, stability_session=stability,
                                                          prompt=tuple(prompt) if stability else ()))
         return ref
+
+    def _live_session_of_sampler(self, user: str, sampler_id: str) -> str:
+        """The client session a sampler belongs to (its futures' only reader), known to the liveness
+        record; a sample for a session that has ended is refused."""
+        session_id = sampler_id.rsplit(":sample:", 1)[0]
+        if session_id not in self.liveness:  # e.g. after a restart
+            row = self.sessions.session(session_id, user)
+            if row is not None:
+                self.liveness.beat(session_id, row["heartbeat_at"])
+                if row["finished_at"] is not None:
+                    self.liveness.finish(session_id)
+        if self.liveness.ended(session_id):
+            raise ServiceError(410, f"session {session_id} has ended; create a new ServiceClient")
+        return session_id
 
     # ------------------------------------------------------------------ futures
     async def retrieve(self, user: str, request_id: str) -> Response:

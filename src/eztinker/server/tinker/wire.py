@@ -10,6 +10,11 @@ everything else it speaks is JSON. The schema is the one the SDK itself ships
 Every problem with what a client sent is a `WireError`: a message that names the offending
 place (`data[2].loss_fn_inputs.weights ...`) and the same place as a `loc` tuple. Problems
 with what the server hands the encoders are programming errors (`ValueError`).
+
+Decoding work and memory are bounded by the input and the limits passed in, checked before
+anything is allocated: a zstd body is inflated in chunks up to `max_decompressed_bytes` (a
+413 beyond), and a tensor's declared shape may not exceed `max_elements` values. Decoding a
+large body takes CPU time: callers run it off the event loop.
 """
 
 from __future__ import annotations
@@ -44,8 +49,12 @@ __all__ = [
     "TOPK_SENTINEL",
 ]
 
-# A zstd body may not inflate beyond this (the SDK cuts requests at ~5 MB before compression).
-MAX_DECOMPRESSED_BYTES = 256 * 2**20
+# A zstd body may not inflate beyond this (the SDK cuts requests at ~5 MB before compression);
+# the server passes its max_request_bytes: a body is bounded alike, compressed or not.
+MAX_DECOMPRESSED_BYTES = 64 * 2**20
+# A loss_fn_inputs tensor holds one value per token: its declared shape may not hold more.
+MAX_ELEMENTS = 256 * 1024
+_INFLATE_CHUNK = 1 << 20
 
 # What the SDK reads as "no entry" in a TopkLogprobs cell.
 TOPK_SENTINEL: tuple[int, float] = (0, -99999.0)
@@ -88,10 +97,11 @@ class WireError(ValueError):
     a path (`("data", 0, "loss_fn_inputs", "weights")`), `()` for the body as a whole.
     """
 
-    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+    def __init__(self, message: str, loc: tuple[str | int, ...] = (), status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.loc = tuple(loc)
+        self.status = status  # 413: a body over a size limit
 
 
 @dataclass(frozen=True)
@@ -131,20 +141,26 @@ def _inflate(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     import zstandard  # a dependency of tinker
 
     bad = "malformed ForwardBackwardRequest protobuf: bad zstd body"
+    too_big = f"the zstd body inflates to more than max_request_bytes ({limit} bytes)"
     try:
         size = zstandard.get_frame_parameters(body).content_size
     except zstandard.ZstdError as exc:
         raise WireError(f"{bad}: {exc}") from exc
-    # decompress() trusts a frame's declared size (and allocates it), so check it first; a
-    # frame without one (streaming compressors) is held to the limit as it inflates.
-    known = size != zstandard.CONTENTSIZE_UNKNOWN
-    if known and size > limit:
-        raise WireError(f"{bad}: it inflates to {size} bytes, more than {limit}")
+    if size != zstandard.CONTENTSIZE_UNKNOWN and size > limit:  # refused before anything inflates
+        raise WireError(f"{too_big}: it declares {size}", status=413)
+    # Inflated in chunks, whatever the frame declares, and stopped as soon as it passes the limit:
+    # a 30 KB bomb costs at most `limit` bytes and the time to inflate them.
+    out, total = [], 0
     try:
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+        with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+            while chunk := reader.read(_INFLATE_CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise WireError(too_big, status=413)
+                out.append(chunk)
     except zstandard.ZstdError as exc:
-        beyond = "" if known else f" (or it inflates beyond {limit} bytes)"
-        raise WireError(f"{bad}: {exc}{beyond}") from exc
+        raise WireError(f"{bad}: {exc}") from exc
+    return b"".join(out)
 
 
 def _array(buf: bytes, dtype: int, loc: tuple[str | int, ...], what: str) -> np.ndarray:
@@ -176,11 +192,15 @@ def _index_array(buf: bytes, loc: tuple[str | int, ...], what: str) -> np.ndarra
     return np.frombuffer(buf, dtype="<i8")
 
 
-def _dense(msg: pb.Tensor, loc: tuple[str | int, ...]) -> np.ndarray:
-    """A Tensor -> a numpy array of its shape; sparse CSR is expanded with zeros."""
+def _dense(msg: pb.Tensor, loc: tuple[str | int, ...], max_elements: int = MAX_ELEMENTS) -> np.ndarray:
+    """A Tensor -> a numpy array of its shape; sparse CSR is expanded with zeros. The declared
+    shape is checked against `max_elements` first: a 177-byte CSR tensor may declare [3, 2^36]."""
     shape = [int(s) for s in msg.shape]
     if any(s < 0 for s in shape):
         raise WireError(f"{_where(loc)} has a negative dimension in shape {shape}", loc)
+    if math.prod(shape) > max_elements:
+        raise WireError(f"{_where(loc)} declares shape {shape}, {math.prod(shape)} values; a loss_fn_inputs tensor "
+                        f"holds at most max_tokens_per_request ({max_elements})", loc)
     which = msg.WhichOneof("encoding")
     if which == "sparse_csr":
         if len(shape) != 2:
@@ -218,10 +238,11 @@ def _dense(msg: pb.Tensor, loc: tuple[str | int, ...]) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _tensor(msg: pb.Tensor, loc: tuple[str | int, ...], multi: bool = False) -> np.ndarray:
+def _tensor(msg: pb.Tensor, loc: tuple[str | int, ...], max_elements: int = MAX_ELEMENTS,
+            multi: bool = False) -> np.ndarray:
     """A Tensor -> a 1-D numpy array, or with `multi` a 2-D [N, K] one (K >= 2). A 2-D tensor
     of shape [N, 1] counts as 1-D."""
-    arr = _dense(msg, loc)
+    arr = _dense(msg, loc, max_elements)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim == 2 and multi:
@@ -272,7 +293,7 @@ def _model_input(datum: pb.Datum, i: int) -> list[int]:
     return tokens
 
 
-def _datum(msg: pb.Datum, i: int) -> Datum:
+def _datum(msg: pb.Datum, i: int, max_elements: int = MAX_ELEMENTS) -> Datum:
     tokens = _model_input(msg, i)
     inputs: dict[str, Any] = {}
     for name in sorted(msg.loss_fn_inputs):
@@ -286,7 +307,7 @@ def _datum(msg: pb.Datum, i: int) -> Datum:
                 f"{', '.join(_INPUTS)}",
                 loc,
             )
-        arr = _tensor(msg.loss_fn_inputs[name], loc, multi=name in _MULTI)
+        arr = _tensor(msg.loss_fn_inputs[name], loc, max_elements, multi=name in _MULTI)
         inputs[name] = _ints(arr, loc) if _INPUTS[name] else _floats(arr, loc)
     try:
         return Datum(model_input={"tokens": tokens}, loss_fn_inputs=inputs)
@@ -343,8 +364,10 @@ def decode_forward_backward(
     content_encoding: str | None,
     *,
     max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
+    max_elements: int = MAX_ELEMENTS,
 ) -> ForwardBackwardCall:
-    """A `/api/v1/forward_backward` body (protobuf, zstd when `content_encoding` says so)."""
+    """A `/api/v1/forward_backward` body (protobuf, zstd when `content_encoding` says so). CPU
+    work that grows with the body: call it off the event loop."""
     raw = _inflate(body, content_encoding, max_decompressed_bytes)
     msg = pb.ForwardBackwardRequest()
     try:
@@ -359,7 +382,7 @@ def decode_forward_backward(
         loss_fn=msg.loss_fn,
         loss_fn_config=_loss_fn_config(msg),
         forward_only=msg.forward_only,
-        data=[_datum(d, i) for i, d in enumerate(msg.data)],
+        data=[_datum(d, i, max_elements) for i, d in enumerate(msg.data)],
         provenance=[_provenance(d, i) for i, d in enumerate(msg.data)],
     )
 
