@@ -1,6 +1,9 @@
 """EZTinker vs the straightforward way, side by side in one process, on the same model.
 
-    python bench/run.py [--model tiny|smollm2|both] [--quick]
+    python bench/run.py [--model tiny|smollm2|qwen2-0.5b|both] [--quick]
+
+qwen2-0.5b is the flagship's architecture (Qwen2-0.5B-Instruct) with random weights built from
+../shared/models/qwen2-0.5b-instruct-config (no download): its speed, not its answers, is the point.
 
 Each comparison runs both sides on the same weights, dtype (float32), thread count and inputs,
 interleaved, and reports the ratio of their throughputs. Results go to bench/results/<model>.json
@@ -122,10 +125,39 @@ def neutral_generation_config(base, max_new_tokens: int, temperature: float) -> 
 
 
 def load(model: str, cache_dir: Path, tiny_dir: Path):
-    base = load_base_model(str(tiny_dir) if model == "tiny" else "smollm2-135m", cache_dir=cache_dir, device="cpu")
+    if model == "qwen2-0.5b":
+        base = random_qwen2()
+    else:
+        base = load_base_model(str(tiny_dir) if model == "tiny" else "smollm2-135m", cache_dir=cache_dir, device="cpu")
     # Our explicit sampling parameters only: never the checkpoint's defaults (Qwen2: top_k 20, ...).
     base.model.generation_config = neutral_generation_config(base, 16, 1.0)
     return base
+
+
+def random_qwen2():
+    """Qwen2-0.5B-Instruct's architecture and tokenizer with seeded random weights, float32 on the
+    CPU, built in memory (each call the same weights: the bare baseline is a second copy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from eztinker.engine.models import BaseModel, _pad_token_id, _stop_token_ids
+    from eztinker.tiny import qwen2_config_dir
+
+    folder = qwen2_config_dir()
+    raw = json.loads((folder / "config.json").read_text())
+    raw.pop("torch_dtype", None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**raw), dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return BaseModel(name="qwen2-0.5b", model=model, tokenizer=tokenizer, stop_token_ids=_stop_token_ids(model, tokenizer),
+                     pad_token_id=_pad_token_id(tokenizer), source=str(folder))
+
+
+def decode_flops_per_token(model) -> float:
+    """Matmul FLOPs of one decoded token: every linear layer and the output head once (2 per weight);
+    attention over the cache is left out (small at these lengths)."""
+    return 2.0 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def tiny_model_dir(model: str) -> Path:
@@ -201,7 +233,7 @@ class Workload:
 
 
 # ---------------------------------------------------------------------------- sampling
-def bench_sampling(engine: Engine, bare, work: Workload, cfg: dict) -> dict:
+def bench_sampling(engine: Engine, bare, work: Workload, cfg: dict, peak: float) -> dict:
     P, N, T = cfg["prompts"], cfg["candidates"], cfg["new_tokens"]
     prompts = work.prompts[:P]
     params = SamplingParams(max_tokens=T, temperature=TEMPERATURE, seed=0)
@@ -247,8 +279,11 @@ def bench_sampling(engine: Engine, bare, work: Workload, cfg: dict) -> dict:
              "naive_generate_per_candidate": naive, "batched_generate_bare_base": batched_generate}
     results = interleave(sides, cfg["repeats"])
     rate = {k: v["per_s"] for k, v in results.items()}
+    per_token = decode_flops_per_token(work.base.model)
     return {
         "workload": f"{P} prompts x {N} candidates x {T} new tokens, temperature {TEMPERATURE}, top_p 1",
+        "decode_flops_per_token": per_token,
+        "fraction_of_matmul_peak": {k: r * per_token / peak for k, r in rate.items()},
         "naive_candidates_timed": len(subset),
         "unit": "tokens/s",
         "sides": results,
@@ -545,7 +580,7 @@ def config_for(model: str, quick: bool) -> dict:
         return dict(prompts=4, candidates=4, new_tokens=32, naive_candidates=2, repeats=1,
                     runs=2, run_prompts=2, run_candidates=2, examples=8, naive_examples=2,
                     e2e_problems=4, naive_e2e_candidates=2, naive_e2e_examples=2, round_trips=20)
-    smol = model == "smollm2"
+    smol = model in ("smollm2", "qwen2-0.5b")
     return dict(prompts=16, candidates=8, new_tokens=128, naive_candidates=4 if smol else 8, repeats=1,
                 runs=4, run_prompts=4, run_candidates=4, examples=32, naive_examples=4 if smol else 8,
                 e2e_problems=16, naive_e2e_candidates=4 if smol else 8, naive_e2e_examples=4 if smol else 8,
@@ -591,7 +626,7 @@ def run_model(model: str, args) -> dict:
     started = time.perf_counter()
     if "sampling" in args.only:
         log("  sampling")
-        results["sampling"] = bench_sampling(engine, bare, work, cfg)
+        results["sampling"] = bench_sampling(engine, bare, work, cfg, peak)
         save(model, args, results)  # after every section: a stopped run keeps what it measured
     del bare
     if "multi_run" in args.only:
@@ -635,6 +670,11 @@ def print_table(results: dict) -> None:
     s = results.get("sampling")
     if s:
         log(f"  adapter cost in EZTinker's sampler: {100 * s['ratios']['adapter_cost']:.1f}% of tokens/s")
+        if "fraction_of_matmul_peak" in s:
+            fractions = s["fraction_of_matmul_peak"]
+            log(f"  sampling at {100 * fractions['eztinker']:.1f}% of the matmul peak (batched generate "
+                f"{100 * fractions['batched_generate_bare_base']:.1f}%, generate per candidate "
+                f"{100 * fractions['naive_generate_per_candidate']:.1f}%)")
     t = results.get("training")
     if t:
         log(f"  training: {t['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved = {100 * t['fraction_of_matmul_peak']:.0f}% of the matmul peak; "
@@ -705,7 +745,7 @@ def plot(all_results: dict[str, dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["tiny", "smollm2", "both"], default="both")
+    parser.add_argument("--model", choices=["tiny", "smollm2", "qwen2-0.5b", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (about a minute for tiny)")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache",
                         help="where the embedded SmolLM2 is converted once (as the server's data/cache)")
@@ -717,7 +757,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the recorded results as Markdown; run nothing")
     args = parser.parse_args()
     if args.report:
-        for model in ("tiny", "smollm2"):
+        for model in ("tiny", "smollm2", "qwen2-0.5b"):
             path = RESULTS_DIR / f"{model}.json"
             if path.exists():
                 results = json.loads(path.read_text())

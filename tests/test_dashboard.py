@@ -14,6 +14,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import expect, sync_playwright
 from support import EXAMPLE, FAST, slow_batch, train
@@ -102,7 +103,7 @@ def test_dashboard_lists_runs_plots_steps_downloads_checkpoints_and_samples(serv
     download = download_info.value
     assert download.suggested_filename.endswith("after-6.tar")
     with tarfile.open(fileobj=io.BytesIO(Path(download.path()).read_bytes())) as tar:
-        assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint_complete"]
 
     page.click("tr[data-checkpoint='after-6'] a")  # into the playground, on that checkpoint
     expect(page.locator("#playground-model")).to_have_value(f"{run.run_id}/after-6")
@@ -142,3 +143,62 @@ def test_run_metrics_follow_steps_and_loads(start_server, tmp_path):
     assert [p.step for p in run.metrics().points] == [1]
     train(run, 1)
     assert [p.step for p in run.metrics().points] == [1, 2]
+
+
+def reply_datum(prompt: list[int], reply: list[int], weight: float):
+    """prompt + reply; the reply's positions weigh `weight`, the prompt's nothing."""
+    from eztinker import Datum, LossFnInputs, ModelInput
+
+    tokens = prompt + reply
+    return Datum(model_input=ModelInput(tokens=tokens[:-1]),
+                 loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:],
+                                             weights=[0.0] * (len(prompt) - 1) + [weight] * len(reply)))
+
+
+def mean_nll(run, data) -> float:
+    """By hand: minus the mean logprob of the reply tokens (every weighted position), from forward."""
+    logprobs = run.forward(data).result(timeout=60).logprobs
+    picked = [lp for datum, row in zip(data, logprobs) for w, lp in zip(datum.loss_fn_inputs.weights, row) if w]
+    return -sum(picked) / len(picked)
+
+
+def test_run_page_plots_mean_nll_and_lists_evaluations(server, browser, tmp_path):
+    """The loss curve is the mean NLL per token for weights of ones and for weights normalised to
+    sum to 1 alike; the run's recorded evaluations are listed."""
+    alice = ServiceClient(server.url, api_key="key-alice")
+    run = alice.create_training_run(lora_rank=4, seed=2)
+    ones = [reply_datum([11, 12, 13], [21, 22, 23, 24], 1.0), reply_datum([14, 15], [25, 26], 1.0)]
+    expected = [mean_nll(run, ones)]
+    run.forward_backward(ones).result(timeout=60)
+    run.optim_step(FAST).result(timeout=60)
+    normalised = [reply_datum([11, 12, 13], [21, 22, 23, 24], 1 / 6), reply_datum([14, 15], [25, 26], 1 / 6)]
+    expected.append(mean_nll(run, normalised))
+    run.forward_backward(normalised).result(timeout=60)
+    run.optim_step(FAST).result(timeout=60)
+    run.save_state("two").result(timeout=60)
+    report = {"checkpoint": "two", "harness": "lm-eval 0.4.13", "tasks": ["arc_easy"],
+              "scores": {"arc_easy": {"acc,none": 0.25, "acc_stderr,none": 0.1, "acc_norm,none": 0.5}},
+              "config": {"limit": 4}}
+    recorded = httpx.post(f"{server.url}/v1/runs/{run.run_id}/evaluations", json=report,
+                          headers={"Authorization": "Bearer key-alice"})
+    assert recorded.status_code == 200, recorded.text
+    refused = httpx.post(f"{server.url}/v1/runs/{run.run_id}/evaluations", json=report,
+                         headers={"Authorization": "Bearer key-bob"})
+    assert refused.status_code == 404  # another user's run is not there to record on
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.goto(server.url + "/")
+    page.fill("#login-key", "key-alice")
+    page.click("#login-form button")
+    page.goto(f"{server.url}/#/runs/{run.run_id}")
+    expect(page.locator("tr[data-step]")).to_have_count(2)
+    points = page.evaluate("window.eztinker.charts.loss_per_token.data")
+    assert points[0] == [1, 2]
+    assert points[1] == pytest.approx(expected, rel=1e-4)  # not 6x too small on the normalised step
+    expect(page.locator("tr[data-step='2'] td").nth(3)).to_have_text("1")  # the weight sum
+    row = page.locator(f"tr[data-evaluation='{recorded.json()['id']}']")
+    expect(row).to_contain_text("two")
+    expect(row).to_contain_text("arc_easy")
+    expect(row).to_contain_text("acc 0.25 · acc_norm 0.5")
+    page.locator("details").first.evaluate("node => node.open = true")
+    page.screenshot(path=str(screenshots_dir(tmp_path) / "dashboard-evaluations.png"), full_page=True)

@@ -388,6 +388,68 @@ def test_prompt_logprobs_equal_the_models_own_and_top_k_starts_at_the_argmax(bac
     assert score == pytest.approx(sum(live["prompt_logprobs"][0][2:]), abs=1e-4)
 
 
+def test_prompt_scoring_extras_equal_the_models_own_logprobs(backend, tiny_base):
+    """prompt_logprobs_last_n, target ids' logprobs and alternative-token draws at prompt positions
+    (Tinker's asample fields), under a trained adapter, against the model's own log-softmax."""
+    model = tiny_base.name
+    engine = backend.engine(model)
+    execute(backend, CreateRun(model=model, run_id="a", lora=LORA))
+    train_steps(backend, model, "a", [7000, 7001, 7002], steps=2)
+    prompts = [[11, 22, 33, 44, 55, 66], [77, 88]]
+    targets = [[[5, 6], [], [7], [8, 9, 10], [11]], [[12, 13]]]
+
+    def request(temperature=1.0, seed=3, **kwargs):
+        return Sample(model=model, run_id="a", prompts=prompts, num_samples=1, prompt_logprobs=True,
+                      sampling_params=SamplingParams(max_tokens=1, temperature=temperature, seed=seed), **kwargs)
+
+    value, again, other_seed, greedy_draws = execute(
+        backend,
+        request(topk_prompt_logprobs=2, prompt_logprobs_last_n=1, prompt_targets=targets, prompt_alt_tokens_k=5),
+        request(prompt_alt_tokens_k=5), request(seed=4, prompt_alt_tokens_k=5),
+        request(temperature=0, prompt_alt_tokens_k=3))
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            want_T_V = model_logprobs(engine, "a", prompt)
+        # last_n = 1: only the last prompt token is scored, top-k likewise.
+        assert value["prompt_logprobs"][i][:-1] == [None] * (len(prompt) - 1)
+        assert value["prompt_logprobs"][i][-1] == pytest.approx(float(want_T_V[-2, prompt[-1]]), abs=1e-4)
+        assert value["topk_prompt_logprobs"][i][:-1] == [None] * (len(prompt) - 1)
+        assert [t for t, _ in value["topk_prompt_logprobs"][i][-1]] == want_T_V[-2].topk(2).indices.tolist()
+        for row, (ids, got) in enumerate(zip(targets[i], value["target_prompt_logprobs"][i], strict=True)):
+            assert got == pytest.approx(want_T_V[row, ids].tolist(), abs=1e-4)
+        alt = value["prompt_alt_tokens"][i]
+        assert len(alt["tokens"]) == len(prompt) - 1 and all(len(r) == 5 for r in alt["tokens"])
+        for row, (tokens, logprobs) in enumerate(zip(alt["tokens"], alt["logprobs"])):
+            assert logprobs == pytest.approx(want_T_V[row, tokens].tolist(), abs=1e-4)
+        assert again["prompt_alt_tokens"][i] == alt  # the same seed draws the same
+        # Temperature 0 draws the most likely token every time.
+        argmax = want_T_V[: len(prompt) - 1].argmax(-1).tolist()
+        assert greedy_draws["prompt_alt_tokens"][i]["tokens"] == [[t] * 3 for t in argmax]
+    assert other_seed["prompt_alt_tokens"] != value["prompt_alt_tokens"]
+    assert "target_prompt_logprobs" not in again and "prompt_alt_tokens" not in (
+        execute(backend, request())[0])
+
+
+def test_ignore_eos_samples_past_the_models_end_token(backend, tiny_base):
+    """A run trained to answer with the end-of-text token stops there; with ignore_eos (Tinker's
+    stop=[]) it samples on to max_tokens, its first token still that end token."""
+    model = tiny_base.name
+    eos = min(tiny_base.stop_token_ids)
+    execute(backend, CreateRun(model=model, run_id="eos", lora=LORA))
+    train_steps(backend, model, "eos", [eos], steps=8)
+
+    def sample(**params):
+        command = Sample(model=model, run_id="eos", prompts=[PROMPT], num_samples=1,
+                         sampling_params=greedy(5, **params))
+        return execute(backend, command)[0]["sequences"][0][0]
+
+    stopped, went_on = sample(), sample(ignore_eos=True)
+    assert stopped["tokens"] == [eos] and stopped["stop_reason"] == "stop"
+    assert went_on["tokens"][0] == eos and len(went_on["tokens"]) == 5 and went_on["stop_reason"] == "length"
+    # The request's own stop tokens still stop it.
+    assert sample(ignore_eos=True, stop_token_ids=[eos])["tokens"] == [eos]
+
+
 def test_a_non_finite_gradient_fails_its_request_and_keeps_earlier_gradients(engine, tiny_base):
     """Hole 7: a valid forward_backward, then a ppo one whose sampler logprobs are -1e308 (finite
     loss, non-finite gradient): the second fails naming the problem, the first's gradient stays."""

@@ -119,7 +119,7 @@ def test_rest_adapter_download_is_a_tar_peft_loads_and_only_for_its_owner(make_s
         assert response.headers["content-type"] == "application/x-tar"
         assert f'filename="{run.run_id}-c1.tar"' in response.headers["content-disposition"]
         with tarfile.open(fileobj=io.BytesIO(response.content)) as tar:
-            assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors"]
+            assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint_complete"]
             tar.extractall(tmp_path / "download", filter="data")
         downloaded = adapter_logits(tiny_model_dir, tmp_path / "download")
         on_disk = server.service.checkpoint_root / run.run_id / "c1"

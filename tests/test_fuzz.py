@@ -223,3 +223,77 @@ def test_prompts_and_examples_over_the_token_limit_are_422(make_server):
         _assert_422_at(httpx.post(f"{base}/sample", json={"prompts": [{"tokens": [1]}] * 3, "num_samples": 2,
                                                          "sampling_params": {"max_tokens": 2}}), ("body", "num_samples"))
         assert run.info().step == 0
+
+
+# ------------------------------------------------------------------- the Tinker protobuf door
+def _forward_backward_body(target_tokens, weights) -> bytes:
+    """A Tinker ForwardBackwardRequest (the SDK's own protobuf schema) with these tensors."""
+    import numpy as np
+    from tinker.proto import tinker_public_pb2 as pb
+
+    msg = pb.ForwardBackwardRequest(model_id="sess_x:train:0", seq_id=1, loss_fn="cross_entropy")
+    datum = msg.data.add()
+    datum.model_input.add().encoded_text.tokens = np.array([1, 2, 3], "<i4").tobytes()
+    datum.loss_fn_inputs["target_tokens"].CopyFrom(target_tokens or pb.Tensor(
+        dtype=pb.DTYPE_INT64, shape=[3], dense=np.array([2, 3, 4], "<i8").tobytes()))
+    datum.loss_fn_inputs["weights"].CopyFrom(weights)
+    return msg.SerializeToString()
+
+
+def test_declared_tensor_shapes_over_the_limits_are_4xx_not_5xx(make_server):
+    """177 bytes of sparse CSR declaring [3, 2^36] made numpy ask for 768 GiB: a 500, every time."""
+    import numpy as np
+    from tinker.proto import tinker_public_pb2 as pb
+
+    csr = pb.SparseCsr(crow_indices=np.array([0, 1, 1, 1], "<i8").tobytes(),
+                       col_indices=np.array([5], "<i8").tobytes(), values=np.array([1.0], "<f4").tobytes())
+    cases = [
+        _forward_backward_body(None, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3, 2**36], sparse_csr=csr)),
+        _forward_backward_body(None, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**40, 2**40], sparse_csr=csr)),
+        _forward_backward_body(None, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**62, 4], dense=b"")),
+        _forward_backward_body(pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3, 2**30], sparse_csr=pb.SparseCsr(
+            crow_indices=np.array([0, 0, 0, 0], "<i8").tobytes())), pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3],
+                                                                                dense=np.ones(3, "<f4").tobytes())),
+    ]
+    with make_server(**LIMITS) as server:
+        for body in cases:
+            response = httpx.post(server.url + "/api/v1/forward_backward", content=body, timeout=60,
+                                  headers={"Content-Type": "application/x-protobuf"})
+            assert response.status_code == 400, response.text
+            assert "max_tokens_per_request" in response.json()["error"] and response.json()["category"] == "user"
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_zstd_bomb_is_413_and_inflates_off_the_event_loop(make_server):
+    """26-30 KB of zstd that inflates to 250 MB stalled /health 3 s per request (decoded on the
+    event loop) and raised RSS by 2 GB. Each bomb is now inflated in chunks, off the loop, and
+    stopped at max_request_bytes."""
+    import threading
+
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    zeros = bytes(1 << 20)
+    hidden = b"".join([*(compressor.compress(zeros) for _ in range(250)), compressor.flush()])  # 250 MB inflated
+    declared = zstandard.ZstdCompressor().compress(zeros * 16)  # says it inflates to 16 MB
+    assert len(hidden) < 64 * 1024
+    with make_server(max_request_bytes=8 << 20) as server:
+        answers, health = [], []
+
+        def post(body: bytes) -> None:
+            answers.append(httpx.post(server.url + "/api/v1/forward_backward", content=body, timeout=120,
+                                      headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"}))
+
+        posters = [threading.Thread(target=post, args=(body,)) for body in (hidden, hidden, hidden, declared)]
+        for thread in posters:
+            thread.start()
+        while any(thread.is_alive() for thread in posters):
+            started = time.monotonic()
+            assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+            health.append(time.monotonic() - started)
+        for thread in posters:
+            thread.join()
+        for response in answers:
+            assert response.status_code == 413, response.text
+            assert "max_request_bytes (8388608 bytes)" in response.json()["error"]
+        assert max(health, default=0) < 1.0, health

@@ -79,9 +79,10 @@ def test_memory_stays_bounded_over_200_runs(server_process):
 
 
 def test_finished_jobs_expire_by_age_and_by_count(make_server):
-    """Finished jobs (and their results) are kept job_ttl_seconds at most, and only the newest
-    max_finished_jobs; the worker expires them at most once a minute, after a job."""
-    with make_server(job_ttl_seconds=1, max_finished_jobs=100) as server, ServiceClient(server.url, max_retries=0) as client:
+    """Finished jobs (and their results) are kept job_ttl_seconds at most, and each user keeps only
+    their newest max_finished_jobs_per_user; the worker expires them at most once a minute, after a job."""
+    with make_server(job_ttl_seconds=1, max_finished_jobs_per_user=100) as server, \
+            ServiceClient(server.url, max_retries=0) as client:
         runner, store = server.service.runner, server.service.store
         run = client.create_training_run()
         old = run.optim_step()

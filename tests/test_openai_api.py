@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import EXAMPLE, PROMPT, train
 
-from eztinker import ServiceClient
+from eztinker import AdamParams, ServiceClient, datum_from_tokens
 from eztinker.launcher import ThreadedServer, build_service
 from eztinker.server.settings import ServerSettings
 
@@ -191,8 +191,9 @@ def test_errors_in_openai_shape(server):
     with pytest.raises(openai.BadRequestError) as caught:
         oa.chat.completions.create(model=model, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}])
     assert caught.value.body["param"].startswith("messages")
-    with pytest.raises(openai.BadRequestError):
-        oa.completions.create(model=model, prompt="hi", echo=True)
+    with pytest.raises(openai.BadRequestError) as caught:  # echo is supported (test_eval_api.py); suffix is not
+        oa.completions.create(model=model, prompt="hi", suffix="there")
+    assert caught.value.body["param"] == "suffix"
     with pytest.raises(openai.BadRequestError):
         oa.completions.create(model=model, prompt=[10**7])  # a token outside the vocabulary
 
@@ -255,3 +256,126 @@ def test_stop_strings_cut_whole_and_streamed_text_alike(server):
                                           stream=True))
     assert "".join(c.choices[0].text for c in streamed) == expected  # nothing past the stop string was sent
     assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_vllm_sampling_extensions_are_honoured(server):
+    """top_k, min_p, repetition_penalty, min_tokens and ignore_eos, as vLLM's server takes them
+    (the openai client sends them in extra_body); test_sampler.py checks each against its definition."""
+    oa = client(server)
+    model = base_model(server)
+
+    def completion(**extra):
+        out = oa.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=extra.pop("temperature", 0),
+                                    seed=5, logprobs=0, extra_body=extra)
+        return out.choices[0], out.usage.completion_tokens
+
+    greedy_choice, _ = completion()
+    greedy = greedy_choice.logprobs.token_logprobs
+    sampled = completion(temperature=1.5)[0].logprobs.token_logprobs
+    assert sampled != greedy
+    assert completion(temperature=1.5, top_k=1)[0].logprobs.token_logprobs == greedy  # only the most likely is left
+    assert completion(temperature=1.5, min_p=1.0)[0].logprobs.token_logprobs == greedy
+    assert completion(temperature=1.5, top_k=-1)[0].logprobs.token_logprobs == sampled  # vLLM's "off"
+    penalised = completion(repetition_penalty=2.0)[0].logprobs.tokens
+    assert len(set(greedy_choice.logprobs.tokens)) < 3 < len(set(penalised))  # the tiny model's loop is broken
+    # min_tokens: no stop before it, a stop string included (the greedy reply's first piece).
+    first = greedy_choice.logprobs.tokens[0]
+    assert first and completion(stop=[first])[1] == 1
+    assert completion(stop=[first], min_tokens=5)[1] >= 5
+
+    # ignore_eos: a run trained to end its reply at once.
+    eos = sorted(server.service.models[model].stop_token_ids)[0]
+    with ServiceClient(server.url, api_key="key-a", max_retries=0) as sdk:
+        run = sdk.create_training_run(lora_rank=4, seed=3)
+        for _ in range(12):
+            run.forward_backward([datum_from_tokens(PROMPT, [eos])])
+            run.optim_step(AdamParams(learning_rate=5e-2))
+        run.save_state("ends-at-once").result(timeout=120)
+    ends = oa.completions.create(model=run.run_id, prompt=PROMPT, max_tokens=6, temperature=0)
+    assert ends.choices[0].finish_reason == "stop" and ends.usage.completion_tokens == 1
+    goes_on = oa.completions.create(model=run.run_id, prompt=PROMPT, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert goes_on.choices[0].finish_reason == "length" and goes_on.usage.completion_tokens == 6
+    held = oa.completions.create(model=run.run_id, prompt=PROMPT, max_tokens=6, temperature=0,
+                                 extra_body={"min_tokens": 3})
+    assert held.usage.completion_tokens >= 3
+
+
+def test_parameters_this_server_cannot_honour_are_refused_by_name(server):
+    oa = client(server)
+    model = base_model(server)
+    refused = [
+        (dict(extra_body={"best_of": 3}), "best_of"),
+        (dict(modalities=["text", "audio"]), "modalities"),
+        (dict(audio={"voice": "alloy", "format": "wav"}), "audio"),
+        (dict(prediction={"type": "content", "content": "x"}), "prediction"),
+        (dict(reasoning_effort="low"), "reasoning_effort"),
+        (dict(web_search_options={}), "web_search_options"),
+        (dict(max_tokens=4, extra_body={"min_tokens": 5}), "min_tokens"),
+        (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+        (dict(extra_body={"min_p": 1.5}), "min_p"),
+        (dict(extra_body={"top_k": -2}), "top_k"),
+    ]
+    for kwargs, param in refused:
+        with pytest.raises(openai.BadRequestError) as caught:
+            oa.chat.completions.create(model=model, messages=CHAT, **kwargs)
+        body = caught.value.body
+        assert caught.value.status_code == 400 and body["param"] == param, (kwargs, body)
+        assert body["type"] == "invalid_request_error" and param in body["message"], body
+    # Their neutral values are what the server does anyway.
+    neutral = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=2, n=2, modalities=["text"],
+                                         extra_body={"best_of": 2})
+    assert len(neutral.choices) == 2
+
+
+def test_an_abandoned_sample_stops_decoding_and_does_not_hold_up_the_next_request(server):
+    """A stream whose client disconnects, and a whole answer whose client timed out, stop at the
+    next decode step: an 8-token chat sent right after is not queued behind their 8 x 1024 tokens."""
+    import time
+
+    oa = client(server)
+    model = base_model(server)
+    long = {"model": model, "messages": CHAT, "n": 8, "max_tokens": 1024, "ignore_eos": True}
+    headers = {"Authorization": "Bearer key-a"}
+
+    def abandoned() -> tuple[float, float]:
+        found = scrape(server)
+        return (found.get(("eztinker_samples_abandoned_total", (("model", model),)), 0),
+                found.get(("eztinker_tokens_sampled_total", (("model", model),)), 0))
+
+    def after_abandoning(count_before: float) -> None:
+        deadline = time.monotonic() + 60
+        while abandoned()[0] < count_before + 1:
+            assert time.monotonic() < deadline, "the abandoned sample was never cancelled"
+            time.sleep(0.05)
+
+    # A stream: read until tokens flow, then hang up.
+    count, tokens = abandoned()
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.url + "/v1/chat/completions", headers=headers, json={**long, "stream": True}) as response:
+            chunks = 0
+            for line in response.iter_lines():
+                chunks += line.startswith("data: ") and '"content":"' in line and '"content":""' not in line
+                if chunks >= 8:
+                    break
+    started = time.monotonic()
+    chat = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=8, extra_body={"ignore_eos": True})
+    waited = time.monotonic() - started
+    after_abandoning(count)
+    count_after, tokens_after = abandoned()
+    decoded = tokens_after - tokens - chat.usage.completion_tokens
+    assert chat.usage.completion_tokens == 8
+    assert decoded < 8 * 1024 / 4, decoded  # it stopped soon after its client left (all 8192 before)
+    assert waited < 10, waited
+
+    # A whole answer whose client gives up waiting.
+    count, tokens = count_after, tokens_after
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", headers=headers, json=long, timeout=1.0)
+    started = time.monotonic()
+    chat = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=8, extra_body={"ignore_eos": True})
+    waited = time.monotonic() - started
+    after_abandoning(count)
+    decoded = abandoned()[1] - tokens - chat.usage.completion_tokens
+    assert decoded < 8 * 1024 / 4, decoded
+    assert waited < 10, waited

@@ -1,4 +1,4 @@
-"""The Ray backend: a local Ray cluster started here (2 CPUs) and one `eztinker server --backend ray`
+"""The Ray backend: a local Ray cluster of two nodes started here (1 CPU each) and one `eztinker server --backend ray`
 subprocess on it, with two workers of the tiny Qwen2 and one of the tiny Llama, driven through
 the REST SDK and the official Tinker SDK. Runs spread over the workers, train exactly as on the
 local backend, load each other's checkpoints across workers, and survive losing a worker.
@@ -32,10 +32,17 @@ def models(tiny_model_dir, tmp_path_factory) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A Ray head in this process; its workers inherit this environment (PYTHONPATH, offline Hub)."""
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, logging_level="error")
+    """Two Ray nodes on this machine, one CPU each (a head and a worker node, as on two machines);
+    their workers inherit this environment (PYTHONPATH, offline Hub)."""
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20,
+                                                          "include_dashboard": False})
+    nodes.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    ray.init(address=nodes.address, logging_level="error")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    nodes.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +151,32 @@ def test_openai_streams_arrive_token_by_token_from_a_worker(server, models):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
 
 
-def test_losing_a_worker_fails_its_jobs_and_brings_its_runs_back_on_the_other(client, models):
+def test_abandoned_samples_stop_decoding_on_a_worker(server, models):
+    """The runner's cancel crosses to the Ray worker: a stream whose client hangs up, and a whole
+    answer whose client times out, stop at their next decode step there too."""
+    import httpx
+
+    def abandoned() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("eztinker_samples_abandoned_total"))
+
+    long = {"model": models[0], "messages": [{"role": "user", "content": "Go on."}], "n": 4, "max_tokens": 1024,
+            "ignore_eos": True}
+    before = abandoned()
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # tokens flow: hang up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=long, timeout=1.0)  # streamed none: watched by polling
+    deadline = time.monotonic() + 60
+    while abandoned() < before + 2:
+        assert time.monotonic() < deadline, "an abandoned sample kept decoding on its worker"
+        time.sleep(0.1)
+
+
+def test_losing_a_worker_fails_its_jobs_brings_its_runs_back_and_replaces_it(client, models):
     doomed, _, _ = trained(client, models[0], seed=7)
     survivor, _, _ = trained(client, models[0], seed=8)
     llama_run, _, _ = trained(client, models[1], seed=9)
@@ -155,6 +187,9 @@ def test_losing_a_worker_fails_its_jobs_and_brings_its_runs_back_on_the_other(cl
     before = placement(client)
     dead, other = before[doomed.run_id], before[survivor.run_id]
     assert dead != other
+    node_of = {worker.name: ray.get(ray.get_actor(worker.name, namespace="eztinker").__ray_call__.remote(
+        lambda self: ray.get_runtime_context().get_node_id())) for worker in client.health().workers}
+    assert len(set(node_of.values())) == 2, node_of  # the workers are spread over both nodes
 
     pending = [doomed.forward_backward(slow_batch(3000)) for _ in range(3)]
     others = [(run.forward_backward([EXAMPLE]), run.optim_step(FAST)) for run in (survivor, llama_run) for _ in range(3)]
@@ -176,9 +211,17 @@ def test_losing_a_worker_fails_its_jobs_and_brings_its_runs_back_on_the_other(cl
     assert doomed.info().step == 2 and score(doomed) == pytest.approx(at_checkpoint, abs=1e-5)
     assert doomed.forward_backward([EXAMPLE]).result(timeout=60).loss > 0
     assert doomed.optim_step(FAST).result(timeout=60).step == 3
-    # New runs go to the live worker only.
+    # A replacement of the lost worker starts and loads the model (capacity comes back without a
+    # restart); a new run goes to it, the live worker holding the fewest runs.
+    deadline, replacements = time.monotonic() + 180, []
+    while not replacements and time.monotonic() < deadline:
+        replacements = [w.name for w in client.health().workers
+                        if w.alive and w.model == models[0] and w.name not in (dead, other)]
+        time.sleep(0.2)
+    assert replacements and replacements[0].startswith(dead.split("@")[0] + ".r"), client.health()
     fresh = client.create_training_run(lora_rank=2)
-    assert placement(client).get(fresh.run_id) == other, (fresh.run_id, client.health())
+    assert placement(client).get(fresh.run_id) == replacements[0], (fresh.run_id, client.health())
+    assert fresh.forward_backward([EXAMPLE]).result(timeout=60).loss > 0
 
 
 def test_an_unreachable_cluster_is_a_one_line_error(models, tmp_path):

@@ -65,10 +65,10 @@ def random_prompts(lengths, seed=0) -> list[list[int]]:
     return [[rng.randrange(300, 100_000) for _ in range(n)] for n in lengths]
 
 
-def hf_greedy(model, base, prompt, max_tokens) -> list[int]:
+def hf_greedy(model, base, prompt, max_tokens, repetition_penalty=1.0) -> list[int]:
     config = GenerationConfig(
         do_sample=False,
-        repetition_penalty=1.0,  # else the model's generation_config (Qwen2: 1.1) is merged in
+        repetition_penalty=repetition_penalty,  # 1.0: else the model's generation_config (Qwen2: 1.1) is merged in
         max_new_tokens=max_tokens,
         eos_token_id=sorted(base.stop_token_ids),
         pad_token_id=base.pad_token_id,
@@ -458,3 +458,57 @@ def test_candidates_sharing_one_copy_of_their_prompt_cache_equal_copying_it(shar
                 assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
     lengths = {len(c.tokens) for r in shared for cs in r for c in cs}
     assert len(lengths) > 1  # some rows stopped early
+
+
+def test_repetition_penalty_and_min_p_as_vllm_and_transformers_define_them(sharp, sharp_base):
+    prompts = random_prompts([5, 9], seed=3)
+    plain = tokens_of(sample_one(sharp, None, prompts, max_tokens=10))
+    for penalty in (1.5, 0.7):  # > 1 discourages repeats of prompt and output tokens, < 1 encourages them
+        got = tokens_of(sample_one(sharp, None, prompts, max_tokens=10, repetition_penalty=penalty))
+        assert got == [[hf_greedy(sharp_base.model, sharp_base, p, 10, repetition_penalty=penalty)] for p in prompts]
+    assert got != plain  # 0.7: repeats now win
+    # min_p = 1 keeps only the most likely token: greedy, whatever the temperature.
+    assert tokens_of(sample_one(sharp, None, prompts, max_tokens=10, temperature=1.5, min_p=1.0, seed=4)) == plain
+    assert tokens_of(sample_one(sharp, None, prompts, max_tokens=10, temperature=1.5, min_p=0.0, seed=4)) != plain
+
+
+def test_min_tokens_holds_back_every_stop_and_ignore_eos_ignores_the_models_own(sharp, sharp_base, monkeypatch):
+    prompt = random_prompts([7], seed=4)
+    full = sample_one(sharp, None, prompt, max_tokens=12)[0][0].tokens
+    k = next(k for k, t in enumerate(full) if k >= 2 and t not in full[:k])
+    eos = full[k]
+    monkeypatch.setattr(sharp_base, "stop_token_ids", frozenset({eos}))  # the model's end-of-turn token is now this
+    stopped = sample_one(sharp, None, prompt, max_tokens=12)[0][0]
+    assert stopped.tokens == full[: k + 1] and stopped.stop_reason == "stop"
+    ignored = sample_one(sharp, None, prompt, max_tokens=12, ignore_eos=True)[0][0]
+    assert ignored.tokens == full and ignored.stop_reason == "length"
+    held = sample_one(sharp, None, prompt, max_tokens=12, min_tokens=k + 3)[0][0]
+    assert held.tokens[:k] == full[:k] and eos not in held.tokens[: k + 3] and len(held.tokens) >= k + 3
+    # The request's own stop tokens and stop strings are held back too.
+    monkeypatch.setattr(sharp_base, "stop_token_ids", frozenset())
+    held = sample_one(sharp, None, prompt, max_tokens=12, min_tokens=k + 3, stop_token_ids=[eos])[0][0]
+    assert eos not in held.tokens[: k + 3] and len(held.tokens) >= k + 3
+    text = sharp_base.tokenizer.decode(full[:1])
+    early = sample_one(sharp, None, prompt, max_tokens=12, stop=[text])[0][0]
+    late = sample_one(sharp, None, prompt, max_tokens=12, stop=[text], min_tokens=5)[0][0]
+    assert len(early.tokens) == 1 and len(late.tokens) >= 5 and late.tokens[:5] == full[:5]
+    with pytest.raises(ValueError, match="min_tokens"):
+        params(max_tokens=4, min_tokens=5)
+
+
+def test_a_cancelled_request_stops_decoding_at_the_next_step_and_leaves_the_others(sharp):
+    prompts = random_prompts([5], seed=6)
+    polls = 0
+
+    def cancelled() -> bool:
+        nonlocal polls
+        polls += 1
+        return polls > 3  # its consumer goes away after the third step
+
+    specs = [SampleSpec(None, prompts, 2, params(max_tokens=40), cancelled=cancelled),
+             SampleSpec(None, prompts, 1, params(max_tokens=40))]
+    cut, kept = sharp.sample(specs)
+    assert specs[0].abandoned and specs[1].abandoned is False
+    assert [len(c.tokens) for c in cut[0]] == [4, 4]
+    assert tokens_of(kept) == tokens_of(sample_one(sharp, None, prompts, max_tokens=40))
+    assert [len(c.tokens) for c in kept[0]] == [40]

@@ -85,3 +85,51 @@ def test_a_second_server_on_a_data_dir_in_use_refuses_and_a_killed_ones_lock_doe
         restarted = start_server(data_dir, port)
         assert [r.id for r in service.list_runs()] == [run.run_id]
         assert restarted.process.pid != first.process.pid
+
+
+def test_sigterm_lets_the_running_job_finish_fails_the_queued_ones_at_once_and_exits_within_its_bound(
+        start_server, tmp_path):
+    """SIGTERM used to wait ~25 s (held long-polls) while the queue went on running, then leave
+    the rest to be failed at the next start. Now: no job starts after the signal, the queued
+    ones fail at once as interrupted (their waiters hear it), the running one finishes within
+    --shutdown-grace-seconds, and the process exits."""
+    import threading
+
+    data_dir, port = tmp_path / "data", free_port()
+    server = start_server(data_dir, port, extra_args=["--shutdown-grace-seconds", "60"])
+    with ServiceClient(server.url, max_retries=0) as service:
+        run = service.create_training_run(lora_rank=2)
+        running = run.forward_backward(slow_batch(800))
+        queued = [run.optim_step(FAST), run.forward_backward(slow_batch(8)), run.optim_step(FAST)]
+        deadline = time.monotonic() + 30
+        while service.job(running.job_id).status.value != "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        heard: dict[str, str] = {}
+
+        def wait_for(job) -> None:  # a client long-polling its queued job while the server stops
+            try:
+                job.result(timeout=60)
+                heard[job.job_id] = "completed"
+            except Exception as exc:  # noqa: BLE001 - what it heard is the point
+                heard[job.job_id] = str(exc)
+
+        waiters = [threading.Thread(target=wait_for, args=(job,)) for job in queued]
+        for thread in waiters:
+            thread.start()
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        server.process.terminate()
+        for thread in waiters:
+            thread.join(30)
+        assert all("interrupted" in heard.get(job.job_id, "") for job in queued), heard
+        assert server.process.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it is done
+        took = time.monotonic() - signalled
+        assert took < 20, took  # the slow batch's own time, not the 25 s long-polls
+
+    restarted = start_server(data_dir, port)
+    with ServiceClient(restarted.url) as service:
+        assert service.job(running.job_id).status.value == "completed"  # it finished before the exit
+        for job in queued:
+            found = service.job(job.job_id)
+            assert found.status.value == "failed" and "interrupted" in found.error, found
+    assert "queued job(s) failed as interrupted" in server.log()

@@ -322,8 +322,11 @@ def test_rest_client_lists_deletes_and_downloads_checkpoints(service, server, mo
     info = rest.get_weights_info_by_tinker_path(state).result()
     assert (info.base_model, info.lora_rank, info.is_lora) == (model, 4, True)
 
-    archive = httpx.get(f"{server.url}/api/v1/training_runs/{client.model_id}/checkpoints/weights/one/archive",
-                        headers={"X-API-Key": ALICE})
+    # The archive route answers a signed URL (SDKs 0.25-0.34's contract); the URL needs no key.
+    signed = httpx.get(f"{server.url}/api/v1/training_runs/{client.model_id}/checkpoints/weights/one/archive",
+                       headers={"X-API-Key": ALICE, "Accept": "application/json"})
+    assert signed.status_code == 200
+    archive = httpx.get(signed.json()["url"])
     assert archive.status_code == 200
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         folder = server.log_file.parent / "adapter"
@@ -429,6 +432,8 @@ def test_unnamed_snapshots_of_a_run_are_bounded_on_disk(service, server, model):
     client = service.create_lora_training_client(base_model=model, rank=4)
     for _ in range(6):
         assert len(greedy(client.save_weights_and_get_sampling_client())) >= 1
+    # They are the server's own: not listed (the user never named them), pruned on disk.
     rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
-    kept = [c for c in rest.list_checkpoints(client.model_id).result().checkpoints if c.checkpoint_type == "sampler"]
-    assert len(kept) == 4
+    assert [c for c in rest.list_checkpoints(client.model_id).result().checkpoints if c.checkpoint_type == "sampler"] == []
+    kept = list((server.log_file.parent / "data" / "checkpoints" / client.model_id).iterdir())
+    assert len(kept) == 4 and all(p.name.startswith("sampler_weights._") for p in kept)

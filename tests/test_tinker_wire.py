@@ -237,6 +237,27 @@ def test_sdk_sparse_csr_tensors_expand_to_dense():
     assert "shape [6, 8]" in err.value.message and "1-D" in err.value.message
 
 
+def test_declared_shapes_are_bounded_before_anything_is_allocated():
+    """177 bytes of sparse CSR once declared [3, 2^36]: numpy asked for 768 GiB (a 500)."""
+    loc = ("data", 0, "loss_fn_inputs", "weights")
+    huge = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3, 2**36], sparse_csr=pb.SparseCsr(
+        crow_indices=np.array([0, 1, 1, 1], "<i8").tobytes(), col_indices=np.array([5], "<i8").tobytes(),
+        values=np.array([1.0], "<f4").tobytes()))
+    for tensor in (huge, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**62, 2**62], dense=b"")):
+        with pytest.raises(WireError, match="max_tokens_per_request") as err:
+            wire._dense(tensor, loc, max_elements=1000)
+        assert err.value.loc == loc and err.value.status == 400
+    msg = pb.ForwardBackwardRequest(model_id="m", loss_fn="cross_entropy")
+    datum = msg.data.add()
+    datum.model_input.add().encoded_text.tokens = np.array([1, 2, 3], "<i4").tobytes()
+    datum.loss_fn_inputs["target_tokens"].CopyFrom(pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3],
+                                                              dense=np.array([2, 3, 4], "<i8").tobytes()))
+    datum.loss_fn_inputs["weights"].CopyFrom(huge)
+    with pytest.raises(WireError, match=r"declares shape \[3, 68719476736\]") as err:
+        wire.decode_forward_backward(msg.SerializeToString(), None)
+    assert err.value.loc == loc
+
+
 def test_sparse_csr_of_one_column_decodes_as_1d():
     # The SDK never sparsifies a [N, 1] tensor (CSR would not be smaller), but its encoder
     # takes a sparse TensorData built by hand: target_tokens [N, 1] with zeros left out.
@@ -392,18 +413,25 @@ def test_zstd_without_content_size_and_bomb_limit():
     raw = sdk_forward_backward([datum]).content
     streamed = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
     assert wire.decode_forward_backward(streamed, "ZSTD").data[0].model_input.tokens == [1, 2]
-    with pytest.raises(WireError, match=rf"inflates to {len(raw)} bytes, more than 8"):
+    with pytest.raises(WireError, match=rf"more than max_request_bytes \(8 bytes\): it declares {len(raw)}") as err:
         wire.decode_forward_backward(
             zstandard.ZstdCompressor().compress(raw), "zstd", max_decompressed_bytes=8
         )
-    with pytest.raises(WireError, match="inflates beyond 8 bytes"):
+    assert err.value.status == 413
+    with pytest.raises(WireError, match=r"inflates to more than max_request_bytes \(8 bytes\)") as err:
         wire.decode_forward_backward(streamed, "zstd", max_decompressed_bytes=8)
+    assert err.value.status == 413
     # a frame that declares more than the limit is refused before anything is allocated
     bomb = zstandard.ZstdCompressor().compress(bytes(1 << 20))
     params = zstandard.get_frame_parameters(bomb)
     assert params.content_size == 1 << 20
     with pytest.raises(WireError, match="more than"):
         wire.decode_forward_backward(bomb, "zstd", max_decompressed_bytes=1 << 19)
+    # one that does not declare its size, or lies about it, is stopped as it inflates past the limit
+    hidden = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1 << 22))
+    with pytest.raises(WireError, match="inflates to more than") as err:
+        wire.decode_forward_backward(hidden, "zstd", max_decompressed_bytes=1 << 20)
+    assert err.value.status == 413
     with pytest.raises(WireError, match="Content-Encoding"):
         wire.decode_forward_backward(raw, "gzip")
 
@@ -555,3 +583,66 @@ def test_wire_needs_no_torch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[0]"
+
+
+# ------------------------------------------------------------- asample's per-position fields
+def _json_tensor(td: T.TensorData) -> dict:
+    """A TensorData as the SDK's asample JSON carries it (built and sent by the SDK's own code)."""
+    import json
+
+    from tinker.lib.public_interfaces.sampling_client import _tensor_data_to_model
+
+    request = T.SampleRequest(prompt=T.ModelInput.from_ints([1, 2, 3, 4]), sampling_params=T.SamplingParams(stop=[]),
+                              num_samples=1, sampling_session_id="sess-1:sample:0", seq_id=0,
+                              target_prompt_logprobs=_tensor_data_to_model(td))
+    body = json.loads(_sdk_post(lambda c: c.sampling.asample(request=request)).content)
+    assert body["sampling_params"]["stop"] == []  # stop=[] reaches the server as []: EOS off
+    return body["target_prompt_logprobs"]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_target_prompt_logprobs_decode_and_answer_in_the_requests_layout(sparse):
+    import torch
+
+    ids = torch.full((5, 4), -1)
+    ids[0, 2], ids[2, 0], ids[2, 1] = 7, 9, 9
+    td = T.TensorData.from_torch_sparse(ids, pad_value=-1) if sparse else T.TensorData.from_torch(ids)
+    assert (td.sparse_crow_indices is not None) == sparse
+    grid = wire.decode_target_grid(_json_tensor(td))
+    assert grid.rows == [[7], [], [9, 9], [], []] and grid.shape == (5, 4)
+    body = wire.encode_sample_response([{"tokens": [1], "logprobs": [-0.5], "stop_reason": "length"}],
+                                       target_prompt_logprobs=grid.answer([[-2.0], [], [-3.0, -3.0], [], []]))
+    got = deserialize_sample_response(body).target_prompt_logprobs
+    assert (got.sparse_crow_indices is not None) == sparse  # the answer keeps the request's layout
+    want = torch.zeros(5, 4)
+    want[0, 2], want[2, 0], want[2, 1] = -2.0, -3.0, -3.0
+    assert got.to_torch(pad_value=0).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("tensor, message", [
+    ({"data": [1.0], "dtype": "float32", "shape": [1, 1]}, "int64"),
+    ({"data": [1, 2], "dtype": "int64", "shape": [2]}, "2-D"),
+    ({"data": [1, 2, 3], "dtype": "int64", "shape": [2, 2]}, "but 3 values"),
+    ({"data": [1, -2], "dtype": "int64", "shape": [1, 2]}, "negative id"),
+    ({"data": [1], "dtype": "int64", "shape": [2, 2], "sparse_crow_indices": [0, 1],
+      "sparse_col_indices": [0]}, "sparse CSR"),
+])
+def test_bad_target_prompt_logprobs_are_refused_naming_the_field(tensor, message):
+    with pytest.raises(WireError) as err:
+        wire.decode_target_grid(tensor)
+    assert "target_prompt_logprobs" in err.value.message and message in err.value.message
+
+
+def test_sampled_top_k_and_alt_tokens_reach_the_sdks_types():
+    seq = {"tokens": [3, 4], "logprobs": [-0.1, -0.2], "stop_reason": "stop",
+           "top_logprobs": [[(3, -0.1), (8, -2.5)], [(9, -0.05), (4, -0.2)]]}
+    body = wire.encode_sample_response([seq], prompt_alt_tokens=([[1, 2], [3, 3]], [[-1.5, -2.5], [-0.5, -0.5]]))
+    response = deserialize_sample_response(body)
+    (got,) = response.sequences
+    assert [[t for t, _ in row] for row in got.topk_logprobs] == [[3, 8], [9, 4]]
+    assert [[lp for _, lp in row] for row in got.topk_logprobs] == [pytest.approx([-0.1, -2.5]),
+                                                                    pytest.approx([-0.05, -0.2])]
+    alt = response.prompt_alt_tokens
+    assert alt.tokens.dtype == "int64" and alt.tokens.to_torch().tolist() == [[1, 2], [3, 3]]
+    assert alt.logprobs.to_torch().tolist() == [[-1.5, -2.5], [-0.5, -0.5]]
+    assert wire.stop_disables_eos([]) and not wire.stop_disables_eos(None) and not wire.stop_disables_eos(["x"])

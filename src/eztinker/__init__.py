@@ -5,10 +5,9 @@ The public SDK surface; everything else is internal.
 
 __version__ = "0.1.0"
 
+import importlib
+
 from .chat import datum_from_messages, datum_from_tokens
-from .client._client import APIFuture, ServiceClient, TrainingClient
-from .client._custom_loss import CustomLossResult
-from .client._errors import APIStatusError, ConnectionFailedError, EZTinkerError, JobFailedError
 from .types import (
     AdamParams,
     ChatMessage,
@@ -63,3 +62,19 @@ __all__ = [
     "datum_from_tokens",
     "__version__",
 ]
+
+# The client's names load on first use: it needs httpx, which the engine alone (a GPU machine
+# running bench/gpu_check.py, a Ray worker) does not.
+_CLIENT_NAMES = {
+    "APIFuture": "_client", "ServiceClient": "_client", "TrainingClient": "_client",
+    "CustomLossResult": "_custom_loss",
+    "APIStatusError": "_errors", "ConnectionFailedError": "_errors", "EZTinkerError": "_errors", "JobFailedError": "_errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _CLIENT_NAMES:
+        value = getattr(importlib.import_module(f".client.{_CLIENT_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,3 +51,10 @@ def datum_from_tokens(prompt: list[int], reply: list[int], weight: float = 1.0) 
         model_input=ModelInput(tokens=tokens[:-1]),
         loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=weights),
     )
+
+
+def loss_weights(datum: Datum) -> list[float]:
+    """A supervised example's cross_entropy weights (the datum_from_* functions always set them)."""
+    if datum.loss_fn_inputs.weights is None:
+        raise ValueError("the datum has no loss_fn_inputs.weights: not a supervised example")
+    return datum.loss_fn_inputs.weights

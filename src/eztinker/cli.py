@@ -1,4 +1,4 @@
-"""The `eztinker` command line: `server`, `rsft`, `rl`, `dpo`, `demo`, `export`, `doctor`."""
+"""The `eztinker` command line: `server`, `rsft`, `rl`, `dpo`, `demo`, `eval`, `export`, `doctor`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from pathlib import Path
 
 import click
 from pydantic import SecretStr, ValidationError
+from pydantic_core import ErrorDetails
 
 from .recipes._cli import click_options
+from .recipes._settings import TaskRecipeSettings
 from .recipes.dpo import Config as DPOConfig
 from .recipes.rejection_sft import Config as RecipeConfig
 from .recipes.rl import Config as RLConfig
@@ -61,7 +63,7 @@ def build_settings(settings_file: Path | None = None, **flags) -> ServerSettings
         _fail(str(exc))
 
 
-def _problem(error: dict) -> str:
+def _problem(error: ErrorDetails) -> str:
     """One validation error as a line: the flag it is about (none for a check across settings)
     and the message, without pydantic's "Value error, " prefix."""
     message = error["msg"].removeprefix("Value error, ")
@@ -84,7 +86,7 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     from .launcher import build_service
     from .server.app import create_app
     from .server.datadir import DataDirError
-    from .server.connections import uvicorn_options
+    from .server.connections import draining_server, uvicorn_options
 
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
@@ -98,8 +100,9 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     # out of the collector's full passes, each of which walked its ~400k objects (0.25 s, every
     # thread stopped) on SmolLM2.
     gc.freeze()
-    uvicorn.run(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
-                **uvicorn_options(settings))
+    config = uvicorn.Config(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
+                            **uvicorn_options(settings))
+    draining_server(config, service.runner).run()
 
 
 def _start_errors(backend: str) -> tuple[type[Exception], ...]:
@@ -121,17 +124,19 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _run_recipe(config: RecipeConfig, main: typing.Callable[[typing.Any], dict] | None = None) -> dict:
+def _run_recipe(config: TaskRecipeSettings, main: typing.Callable[[typing.Any], dict] | None = None) -> dict:
     """Run a recipe's `main` (default: rejection SFT's), its expected failures as one line."""
     from .client._errors import ConnectionFailedError, EZTinkerError
+    from .evaluation import EvalError
     from .recipes import rejection_sft
     from .tasks.gsm8k import DatasetUnavailableError
 
+    recipe: typing.Callable[[typing.Any], dict] = main or rejection_sft.main  # each recipe takes its own Config
     try:
-        return (main or rejection_sft.main)(config)
+        return recipe(config)
     except ConnectionFailedError:
         _fail(f"no EZTinker server at {config.server_url}. Start one with: eztinker server --model smollm2-135m")
-    except (DatasetUnavailableError, EZTinkerError, ValueError) as exc:
+    except (DatasetUnavailableError, EZTinkerError, EvalError, ValueError) as exc:
         _fail(str(exc))
 
 
@@ -208,6 +213,44 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
     click.echo(f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}")
     click.echo(f"to look at the run in the dashboard: eztinker server --model {model} --data-dir {output_dir / 'server'},"
                " then open http://127.0.0.1:8000/")
+
+
+# ---------------------------------------------------------------------------------- eval
+@app.command(name="eval")
+@click.argument("model", metavar="MODEL")
+@click.option("--tasks", required=True, help="lm-eval tasks, comma-separated (e.g. gsm8k,arc_easy).")
+@click.option("--limit", type=float, default=None, help="Examples per task (a fraction of each task below 1).")
+@click.option("--include-path", type=click.Path(path_type=Path), default=None,
+              help="A folder of lm-eval task YAMLs (local datasets: offline).")
+@click.option("--num-fewshot", type=int, default=None, help="Few-shot examples (default: each task's own).")
+@click.option("--max-gen-toks", type=int, default=None,
+              help="New tokens per generation [default: 256, or the server's max_new_tokens if less].")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Requests per call to the server.")
+@click.option("--server-url", default="http://127.0.0.1:8000", show_default=True, envvar="EZTINKER_SERVER_URL")
+@click.option("--api-key", default=None, envvar="EZTINKER_API_KEY", help="API key, if the server needs one.")
+@click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("data/eval"),
+              show_default=True, help="Where lm-eval's results JSON goes.")
+@click.option("--record/--no-record", default=True, show_default=True,
+              help="Record the scores on the server (a run or checkpoint: its dashboard page lists them).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def eval_command(model: str, tasks: str, limit: float | None, include_path: Path | None, num_fewshot: int | None,
+                 max_gen_toks: int | None, batch_size: int, server_url: str, api_key: str | None, output_dir: Path,
+                 record: bool, seed: int) -> None:
+    """Evaluate MODEL (a base model, a run, or RUN_ID/CHECKPOINT) with lm-evaluation-harness,
+    against the running server's OpenAI API; prints lm-eval's table and writes its JSON."""
+    from .evaluation import EvalError, evaluate
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        outcome = evaluate(server_url, model, tasks.split(","), limit=limit, include_path=include_path,
+                           api_key=api_key, num_fewshot=num_fewshot, max_gen_toks=max_gen_toks,
+                           batch_size=batch_size, output_dir=output_dir, record=record, seed=seed)
+    except EvalError as exc:
+        _fail(str(exc))
+    click.echo(outcome.table)
+    click.echo(f"{model}: {', '.join(outcome.scores)} in {outcome.seconds:.0f} s; results: {outcome.json_path}")
+    if outcome.recorded is not None:
+        click.echo(f"recorded on the server as {outcome.recorded.id} (the run's page in the dashboard lists it)")
 
 
 @app.command()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import peft
+import torch
 from transformers import AutoTokenizer
 
 from .engine.checkpoints import CheckpointWriteError, write_atomically
@@ -91,6 +92,8 @@ def export_checkpoint(
 
     if merge:
         try:
+            if _trains_head(source):
+                _untie_output_head(base.model)
             merged = peft.PeftModel.from_pretrained(base.model, source).merge_and_unload()
         except Exception as exc:  # another model's shapes or module names, an unreadable adapter file, ...
             raise ExportError(f"checkpoint {ref} cannot be merged into base model {spec!r}: {_first_line(exc)}") from None
@@ -112,6 +115,26 @@ def export_checkpoint(
     except OSError as exc:
         raise ExportError(f"could not write {out}: {exc.strerror or exc}") from None
     return ExportResult(out=out, ref=ref, base_model=spec, merged=merge)
+
+
+def _trains_head(checkpoint: Path) -> bool:
+    try:
+        return bool(read_training_state(checkpoint)["lora"].get("train_unembed"))
+    except (EngineError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _untie_output_head(model) -> None:
+    """The output head with a weight of its own: merging a LoRA on a head tied to the input
+    embeddings (train_unembed) would otherwise write the head's update into the embeddings too.
+    The merged model is saved untied (both matrices), and loads as such."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return
+    head.weight = torch.nn.Parameter(embeddings.weight.detach().clone(), requires_grad=False)
+    for config in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
+        if config is not None and hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = False
 
 
 def _first_line(exc: Exception) -> str:

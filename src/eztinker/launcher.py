@@ -130,12 +130,13 @@ def _backend(settings, bases):
         from .backend.ray import RayBackend
 
         return RayBackend.start(settings.workers_of(), address=settings.ray_address, cache_dir=cache_dir,
-                                device=settings.device, cpus=settings.worker_cpus, gpus=settings.worker_gpus)
+                                device=settings.device[0] if settings.device else None, cpus=settings.worker_cpus,
+                                gpus=settings.worker_gpus, engine_options=settings.engine_options())
     from .backend.local import LocalBackend
 
     if bases is None:
-        return LocalBackend.load(settings.model, cache_dir=cache_dir, device=settings.device)
-    return LocalBackend(bases)
+        return LocalBackend.load(settings.model, cache_dir=cache_dir, device=settings.device, **settings.engine_options())
+    return LocalBackend(bases, **settings.engine_options())
 
 
 class ThreadedServer:

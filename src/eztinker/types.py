@@ -13,7 +13,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Bounds that hold whatever the server's settings say; the server enforces its tighter,
 # configurable limits (max tokens, batch sizes) when it validates a request.
@@ -34,16 +34,22 @@ class LoraConfig(_Schema):
     rank: int = Field(1, ge=1, le=MAX_LORA_RANK, description="LoRA rank r.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    train_unembed: bool = Field(
+        False, description="Also a LoRA on the output head (lm_head; Tinker's name). Where the head shares its weight "
+        "with the input embeddings, the input embeddings stay as they are.")
     target_modules: str | list[str] = Field(
         "all-linear",
-        description="'all-linear' (every linear layer but the output head) or module names.",
+        description="'all-linear' (every linear layer but the output head) or module names ([] with train_unembed: "
+        "the output head alone).",
     )
 
     @field_validator("target_modules")
     @classmethod
-    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and (not value or not all(v.strip() for v in value)):
-            raise ValueError("target_modules must name at least one module")
+    def _non_empty(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(value, list) and not all(v.strip() for v in value):
+            raise ValueError("target_modules must not name an empty module")
+        if value == [] and not info.data.get("train_unembed"):
+            raise ValueError("target_modules must name at least one module (or set train_unembed)")
         return value
 
 
@@ -66,6 +72,8 @@ class CheckpointInfo(_Schema):
     path: str
     step: int
     created_at: datetime
+    expires_at: datetime | None = Field(None, description="When the server deletes it (None: never).")
+    public: bool = Field(False, description="Published: other users of the server may load and sample it.")
 
 
 class RunInfo(_Schema):
@@ -82,7 +90,8 @@ class RunInfo(_Schema):
         "idle", description="creating: its create job has not finished; working: jobs of it are queued or running; "
         "unavailable: this server does not hold its base model.")
     last_loss: float | None = Field(
-        None, description="Loss per token of its newest training step (its forward_backwards' summed loss over their tokens).")
+        None, description="Loss per token of its newest training step (its forward_backwards' summed loss over the sum "
+                          "of their weights: cross_entropy's mean NLL).")
     updated_at: datetime | None = Field(None, description="When it last trained or saved a checkpoint.")
 
 
@@ -92,7 +101,9 @@ class MetricPoint(_Schema):
     step: int = Field(description="The optimizer step (1 is the first): its gradient's batches and its update.")
     loss: float | None = Field(None, description="Summed loss of the step's forward_backwards.")
     num_tokens: int | None = Field(None, description="Positions that carried loss in them.")
-    loss_per_token: float | None = None
+    weight_sum: float | None = Field(None, description="cross_entropy: the sum of the step's weights (other losses: "
+                                                       "its tokens), the loss's denominator.")
+    loss_per_token: float | None = Field(None, description="loss / weight_sum: cross_entropy's mean NLL per token.")
     grad_norm: float | None = Field(None, description="None until the step's optim_step has run.")
     learning_rate: float | None = None
     recorded_at: datetime
@@ -178,14 +189,40 @@ class ForwardBackwardResult(_Schema):
 
 
 class AdamParams(_Schema):
+    """AdamW's hyperparameters for one optimizer step: m = b1 m + (1 - b1) g, v = b2 v + (1 - b2) g^2,
+    p <- p (1 - lr wd) - lr m^ / (sqrt(v^) + eps) (bias-corrected m^, v^; decoupled weight decay, as in
+    torch's AdamW and Tinker's), after the gradient's global norm is clipped to `grad_clip_norm`.
+
+    The one parameter model of every door; only the defaults of the fields a request leaves out
+    differ, each as its protocol documents them:
+    - REST (`POST /v1/runs/{id}/optim_step`, this package's SDK): the field defaults below (torch's
+      AdamW's betas and eps; the gradient norm clipped at 1.0).
+    - Tinker (`POST /api/v1/optim_step`, `tinker.types.AdamParams`): `TINKER_ADAM_DEFAULTS` (beta2
+      0.95, eps 1e-12, no clipping), applied by `AdamParams.tinker` in server/tinker/protocol.py.
+    """
+
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
     eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled: a step scales the weights by 1 - lr * weight_decay.")
     grad_clip_norm: float | None = Field(
-        1.0, gt=0, description="Clip the adapter's gradient norm to this; null disables clipping."
+        1.0, ge=0, description="Clip the adapter's gradient norm to this; 0 or null disables clipping (Tinker sends 0)."
     )
+
+    @classmethod
+    def tinker(cls, given: dict[str, Any]) -> "AdamParams":
+        """The fields a Tinker request gives, over Tinker's defaults for the rest; unknown fields are refused."""
+        return cls.model_validate({**TINKER_ADAM_DEFAULTS, **given})
+
+    @property
+    def clip_norm(self) -> float | None:
+        """The norm the gradient is clipped to, None for none."""
+        return self.grad_clip_norm or None
+
+
+# tinker.types.AdamParams' defaults (SDK 0.38, and Tinker's docs): where they differ from REST's.
+TINKER_ADAM_DEFAULTS: dict[str, Any] = {"beta2": 0.95, "eps": 1e-12, "grad_clip_norm": 0.0}
 
 
 class OptimStepRequest(_Schema):
@@ -233,6 +270,23 @@ class SamplingParams(_Schema):
         default_factory=list, description="Token ids that also stop a candidate (included in its tokens)."
     )
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
+    # As vLLM defines them (its SamplingParams), for the OpenAI door's clients that send them.
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p x the most likely "
+                         "one (after temperature); 0 disables it.")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=100.0, description="Divides the positive logits (multiplies the negative ones) of tokens "
+        "already in the prompt or the candidate; > 1 discourages repeats, 1 disables it.")
+    min_tokens: int = Field(0, ge=0, description="No stop (stop token or string) before this many new tokens.")
+    ignore_eos: bool = Field(
+        False, description="The model's end-of-turn/end-of-text tokens do not stop a candidate (only stop, "
+        "stop_token_ids and max_tokens do): Tinker's stop=[], vLLM's ignore_eos."
+    )
+
+    @model_validator(mode="after")
+    def _min_tokens_within_max(self) -> "SamplingParams":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -380,3 +434,21 @@ class HealthInfo(_Schema):
     version: str | None = None
     workers: list[WorkerStatus] | None = Field(
         None, description="The engine workers of a backend that has several (Ray), with the runs placed on each.")
+
+
+class EvaluationReport(_Schema):
+    """A harness's results for one of a run's adapters (`eztinker eval` and the recipes' --eval-tasks send them)."""
+
+    checkpoint: str | None = Field(None, max_length=200, description="The checkpoint's name; None: the live adapter.")
+    harness: str = Field("lm-eval", max_length=100, description="What produced the scores, e.g. 'lm-eval 0.4.13'.")
+    tasks: list[str] = Field(min_length=1, max_length=1000)
+    scores: dict[str, dict[str, float | None]] = Field(
+        description="Per task, its metrics as the harness names them (e.g. {'arc_easy': {'acc,none': 0.25}}).")
+    config: dict[str, Any] = Field(default_factory=dict, description="limit, few-shot count and the like.")
+
+
+class EvaluationInfo(EvaluationReport):
+    id: str
+    run_id: str
+    step: int = Field(description="The adapter's optimizer step: the checkpoint's, or the run's when reported.")
+    created_at: datetime

@@ -47,6 +47,11 @@ class WorkerInfo:
 
 # Receives a Sample command's newly decoded tokens, from the worker thread.
 Progress = Callable[[list[SampledToken]], None]
+# Polled by a Sample command after every decode step: True once every consumer of its result is
+# gone (a client that disconnected, a session that ended); it then stops decoding and fails with
+# ABANDONED in its error.
+Cancelled = Callable[[], bool]
+ABANDONED = "abandoned"
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class CheckpointState:
     step: int
     lora: LoraConfig
     base_model: str | None
+    has_optimizer: bool = True  # False: saved for sampling or export, weights only
 
 
 class Backend(Protocol):
@@ -77,17 +83,18 @@ class Backend(Protocol):
         """The base models this backend holds, the default one first."""
 
     def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None) -> list[Outcome]:
+                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
         """Run `commands` in order, one outcome each, on `lane` (one of `lanes()`; None: the
         first lane of the first command, as at start-up). The runner
         passes several commands at once only where `commands.fusable` allows; if a fused batch
         fails, each command is retried alone, so one bad request never fails its neighbours.
         `progress[i]`, when given, receives command i's sampled tokens as they are decoded
-        (Sample commands; called from the worker thread, after every decode step). Called from
+        (Sample commands; called from the worker thread, after every decode step). `cancelled[i]`,
+        when given, is polled as command i decodes (`Cancelled`). Called from
         one thread per lane; every command of the call is of that lane. Raises WorkerLost when
         the lane's worker is gone."""
 
-    def lanes(self, command: Command) -> list[Hashable]:
+    def lanes(self, command: Command) -> Sequence[Hashable]:
         """The workers `command` may run on (the runner's lanes): one for a run's own commands, its
         run's (which keeps them in order), or several for work any worker of its model can do (a
         bare-model or snapshot sample), of which the runner takes the least busy. Lanes run in
@@ -125,5 +132,5 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["Backend", "CheckpointState", "Command", "InvalidInput", "ModelInfo", "Outcome", "Progress", "WorkerInfo",
+__all__ = ["ABANDONED", "Backend", "Cancelled", "CheckpointState", "Command", "InvalidInput", "ModelInfo", "Outcome", "Progress", "WorkerInfo",
            "WorkerLost"]

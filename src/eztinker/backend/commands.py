@@ -65,6 +65,16 @@ class Sample(_Command):
     prompt_logprobs: bool = Field(False, description="Also the logprob of every prompt token (the first: None).")
     topk_prompt_logprobs: int = Field(0, ge=0, description="Also the k most likely tokens at every prompt position.")
     topk_logprobs: int = Field(0, ge=0, description="Also the k most likely tokens at every sampled position.")
+    prompt_logprobs_last_n: int | None = Field(
+        None, ge=1, description="Prompt logprobs (and top-k) for each prompt's last n tokens only; the rest None."
+    )
+    prompt_targets: list[list[list[int]]] | None = Field(
+        None, description="Per prompt, per position 1 .. len - 1: token ids whose logprobs to return there."
+    )
+    prompt_alt_tokens_k: int = Field(
+        0, ge=0, description="Per prompt position 1 .. len - 1: this many independent draws from the model's "
+        "next-token distribution at the sampling temperature, with their (temperature-1) logprobs."
+    )
 
 
 class Score(_Command):
@@ -73,10 +83,22 @@ class Score(_Command):
     responses: list[list[int]]
 
 
+class ScorePrompts(_Command):
+    """Every prompt token's logprob given the tokens before it (the first: None) and, with topk,
+    the k most likely tokens there: one forward pass, no decoding (OpenAI's `echo` with
+    `max_tokens: 0`, as lm-eval's loglikelihood requests score a context and its continuation)."""
+
+    kind: Literal["score_prompts"] = "score_prompts"
+    prompts: list[list[int]]
+    snapshot: str | None = Field(None, description="Score under this saved checkpoint's adapter instead of run_id's.")
+    topk: int = Field(0, ge=0, description="Also the k most likely tokens at every position.")
+
+
 class Save(_Command):
     kind: Literal["save"] = "save"
     run_id: str
     directory: str
+    with_optimizer: bool = Field(True, description="Also save the optimizer state (False: weights only).")
 
 
 class Load(_Command):
@@ -87,7 +109,8 @@ class Load(_Command):
 
 
 Command = Annotated[
-    Union[CreateRun, DeleteRun, ForwardBackward, OptimStep, Sample, Score, Save, Load], Field(discriminator="kind")
+    Union[CreateRun, DeleteRun, ForwardBackward, OptimStep, Sample, Score, ScorePrompts, Save, Load],
+    Field(discriminator="kind"),
 ]
 _COMMAND = TypeAdapter(Command)
 
@@ -101,8 +124,9 @@ def parse_command(data: str | bytes | dict) -> Command:
 
 def fusable(first: Command, other: Command) -> bool:
     """Whether `other` may execute in one batch with `first`: samples of one base model (each
-    row decodes with its own run's adapter), never across models."""
-    return isinstance(first, Sample) and isinstance(other, Sample) and first.model == other.model
+    row decodes with its own run's adapter), or prompt scorings of one base model; never across
+    models or kinds."""
+    return type(first) is type(other) and isinstance(first, (Sample, ScorePrompts)) and first.model == other.model
 
 
 class Outcome(BaseModel):

@@ -7,17 +7,31 @@ import logging
 import tempfile
 from collections.abc import Hashable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..chat import render_prompt
-from ..engine import BaseModel, Engine, EngineError, SampleSpec, load_base_model
+from ..device_placement import PlacementError, place_models
+from ..engine import BaseModel, Engine, EngineError, ModelLoadError, SampleSpec, load_base_model
 from ..engine.checkpoints import remove_partial_writes
-from ..engine.engine import InvalidTarget, read_training_state
+from ..engine.engine import InvalidTarget, PromptLogprobs, read_training_state
+from ..engine.prompt_scoring import ExtrasResult, PromptExtras
 from ..types import LoraConfig, Prompt, SampledSequence
-from . import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
-from .commands import Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score
+from . import ABANDONED, Cancelled, CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
+from .commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score,
+                       ScorePrompts)
 from .compute_thread import ComputeThread
 
 log = logging.getLogger(__name__)
+
+
+def _extras(scored: PromptLogprobs) -> ExtrasResult:
+    assert scored.extras is not None, "prompt_logprobs returns each prompt's extras when given PromptExtras"
+    return scored.extras
+
+
+def _topk(scored: PromptLogprobs) -> list[list[list] | None]:
+    assert scored.topk is not None, "prompt_logprobs returns the top k when topk > 0"
+    return scored.topk
 
 
 class LocalBackend:
@@ -33,12 +47,25 @@ class LocalBackend:
         self._tokenizer_files: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def load(cls, specs: Sequence[str], *, cache_dir: Path, device: str | None, **engine_options) -> LocalBackend:
+    def load(cls, specs: Sequence[str], *, cache_dir: Path, device: str | Sequence[str] | None,
+             **engine_options) -> LocalBackend:
         """Load each model (ModelLoadError names the one that fails) and build its engine, both on
-        the thread that will run its commands."""
+        the thread that will run its commands. `device`: the `--device` entries (device_placement.py:
+        none spreads the models over the visible GPUs)."""
         compute = ComputeThread()
+        requests = [device] if isinstance(device, str) else list(device or ())
+
+        def load_all() -> list[BaseModel]:
+            import torch
+
+            try:
+                placement = place_models(specs, requests, torch.cuda.device_count())
+            except PlacementError as exc:
+                raise ModelLoadError(f"--device: {exc}") from None
+            return [load_base_model(spec, cache_dir=cache_dir, device=placement[spec]) for spec in specs]
+
         try:
-            bases = compute.run(lambda: [load_base_model(spec, cache_dir=cache_dir, device=device) for spec in specs])
+            bases = compute.run(load_all)
             return cls(bases, compute=compute, **engine_options)
         except BaseException:
             compute.close()
@@ -61,20 +88,29 @@ class LocalBackend:
         return []
 
     def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None) -> list[Outcome]:
-        return self._compute.run(lambda: self._execute(commands, progress))
+                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
+        return self._compute.run(lambda: self._execute(commands, progress, cancelled))
 
-    def _execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None) -> list[Outcome]:
+    def _execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None,
+                 cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
         progress = list(progress) if progress is not None else [None] * len(commands)
-        if len(commands) > 1 and all(isinstance(c, Sample) for c in commands):
-            fused = _attempt(lambda: self._sample_many(commands, progress))
+        cancelled = list(cancelled) if cancelled is not None else [None] * len(commands)
+        fuse = None
+        samples = [c for c in commands if isinstance(c, Sample)]
+        scorings = [c for c in commands if isinstance(c, ScorePrompts)]
+        if len(commands) > 1 and len(samples) == len(commands):
+            fuse = lambda: self._sample_many(samples, progress, cancelled)  # noqa: E731
+        elif len(commands) > 1 and len(scorings) == len(commands):
+            fuse = lambda: self._score_prompts_many(scorings)  # noqa: E731
+        if fuse is not None:
+            fused = _attempt(fuse)
             if fused.error is None:
-                return [Outcome(value=value) for value in fused.value]
+                return [value if isinstance(value, Outcome) else Outcome(value=value) for value in fused.value]
             # One bad request must not fail its neighbours: each alone.
-        return [_attempt(lambda c=command, p=listener: self._execute_one(c, p))
-                for command, listener in zip(commands, progress)]
+        return [_attempt(lambda c=command, p=listener, q=cancel: self._execute_one(c, p, q))
+                for command, listener, cancel in zip(commands, progress, cancelled)]
 
-    def _execute_one(self, command: Command, progress: Progress | None = None):
+    def _execute_one(self, command: Command, progress: Progress | None = None, cancelled: Cancelled | None = None):
         engine = self.engine(command.model)
         match command:
             case CreateRun():
@@ -99,39 +135,100 @@ class LocalBackend:
             case OptimStep():
                 return engine.optim_step(command.run_id, command.adam_params).model_dump()
             case Sample():
-                return self._sample_many([command], [progress])[0]
+                value = self._sample_many([command], [progress], [cancelled])[0]
+                if isinstance(value, Outcome):
+                    raise EngineError(value.error)
+                return value
+            case ScorePrompts():
+                return self._score_prompts_many([command])[0]
             case Score():
                 scores = engine.score(command.run_id, command.prompt, command.responses)
                 return {"scores": [s.model_dump() for s in scores]}
             case Save():
-                engine.save(command.run_id, Path(command.directory))
+                engine.save(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)
                 return {"step": engine.step_of(command.run_id)}
             case Load():
                 return {"step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)}
         raise EngineError(f"unknown command {command.kind!r}")
 
-    def _sample_many(self, commands: Sequence[Sample], progress: Sequence[Progress | None]) -> list[dict]:
+    def _sample_many(self, commands: Sequence[Sample], progress: Sequence[Progress | None],
+                     cancelled: Sequence[Cancelled | None] | None = None) -> list[dict | Outcome]:
+        """Each command's value, or for one abandoned by its consumers, the Outcome saying so."""
+        cancelled = cancelled or [None] * len(commands)
         engine = self.engine(commands[0].model)
         adapters: list[str | None] = []
         for c in commands:
             # A snapshot loaded for an earlier command of this batch must stay until it has sampled.
-            adapters.append(c.run_id if c.snapshot is None else engine.snapshot(Path(c.snapshot), pinned=adapters))
-        specs = [SampleSpec(a, c.prompts, c.num_samples, c.sampling_params, top_logprobs=c.topk_logprobs, on_tokens=p)
-                 for a, c, p in zip(adapters, commands, progress)]
+            pinned = [a for a in adapters if a is not None]
+            adapters.append(c.run_id if c.snapshot is None else engine.snapshot(Path(c.snapshot), pinned=pinned))
+        specs = [SampleSpec(a, c.prompts, c.num_samples, c.sampling_params, top_logprobs=c.topk_logprobs, on_tokens=p,
+                            cancelled=q) for a, c, p, q in zip(adapters, commands, progress, cancelled)]
         results = engine.sample(specs)
-        values = []
-        for c, adapter, result in zip(commands, adapters, results):
-            value = {"prompt_tokens": c.prompts, "sequences": [[_dump(s) for s in row] for row in result]}
+        values: list[dict | Outcome] = []
+        for c, adapter, result, spec in zip(commands, adapters, results, specs):
+            if spec.abandoned:
+                decoded = sum(len(s.tokens) for row in result for s in row)
+                most = c.sampling_params.max_tokens * c.num_samples * len(c.prompts)
+                values.append(Outcome(value={"decoded_tokens": decoded}, error_category="user",
+                                      error=f"{ABANDONED}: every consumer of this sample went away; it stopped "
+                                            f"decoding after {decoded} of at most {most} tokens"))
+                continue
+            value: dict[str, Any] = {"prompt_tokens": c.prompts,
+                                     "sequences": [[_dump(s) for s in row] for row in result]}
             if c.topk_logprobs:
                 for row, dumped in zip(result, value["sequences"]):
                     for sequence, entry in zip(row, dumped):
+                        assert sequence.top_logprobs is not None, "the engine returns top_logprobs when asked for them"
                         entry["top_logprobs"] = [[list(pair) for pair in position] for position in sequence.top_logprobs]
-            if c.prompt_logprobs or c.topk_prompt_logprobs:
-                scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs)
+            if c.prompt_logprobs or c.topk_prompt_logprobs or c.prompt_targets is not None or c.prompt_alt_tokens_k:
+                extras = [PromptExtras(targets=None if c.prompt_targets is None else c.prompt_targets[i],
+                                       alt_k=c.prompt_alt_tokens_k, temperature=c.sampling_params.temperature,
+                                       seed=c.sampling_params.seed) for i in range(len(c.prompts))]
+                scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs,
+                                                last_n=c.prompt_logprobs_last_n, extras=extras)
                 if c.prompt_logprobs:
                     value["prompt_logprobs"] = [s.logprobs for s in scored]
                 if c.topk_prompt_logprobs:
                     value["topk_prompt_logprobs"] = [s.topk for s in scored]
+                if c.prompt_targets is not None:
+                    value["target_prompt_logprobs"] = [_extras(s).target_logprobs for s in scored]
+                if c.prompt_alt_tokens_k:
+                    value["prompt_alt_tokens"] = [{"tokens": _extras(s).alt_tokens, "logprobs": _extras(s).alt_logprobs}
+                                                  for s in scored]
+            values.append(value)
+        return values
+
+    def _score_prompts_many(self, commands: Sequence[ScorePrompts]) -> list[dict]:
+        """All prompts of the batch, grouped by adapter, in forward passes of at most the engine's
+        `microbatch_tokens` padded tokens each (one pass for a few short prompts)."""
+        engine = self.engine(commands[0].model)
+        adapters: list[str | None] = []
+        for c in commands:
+            pinned = [a for a in adapters if a is not None]
+            adapters.append(c.run_id if c.snapshot is None else engine.snapshot(Path(c.snapshot), pinned=pinned))
+        rows: dict[str | None, list[tuple[int, int]]] = {}  # adapter -> (command, prompt) in the batch
+        for i, (c, adapter) in enumerate(zip(commands, adapters)):
+            rows.setdefault(adapter, []).extend((i, j) for j in range(len(c.prompts)))
+        scored: dict[tuple[int, int], PromptLogprobs] = {}
+        for adapter, keys in rows.items():
+            keys.sort(key=lambda k: -len(commands[k[0]].prompts[k[1]]))  # longest first: less padding
+            topk = max(commands[i].topk for i, _ in keys)
+            chunk: list[tuple[int, int]] = []
+            for n, key in enumerate(keys):
+                chunk.append(key)
+                width = len(commands[chunk[0][0]].prompts[chunk[0][1]])
+                next_fits = n + 1 < len(keys) and (len(chunk) + 1) * width <= engine.microbatch_tokens
+                if not next_fits:
+                    results = engine.prompt_logprobs(adapter, [commands[i].prompts[j] for i, j in chunk], topk)
+                    scored.update(zip(chunk, results))
+                    chunk = []
+        values = []
+        for i, c in enumerate(commands):
+            mine = [scored[(i, j)] for j in range(len(c.prompts))]
+            value: dict[str, Any] = {"prompt_logprobs": [s.logprobs for s in mine]}
+            if c.topk:
+                value["topk_prompt_logprobs"] = [[None if top is None else top[: c.topk] for top in _topk(s)]
+                                                 for s in mine]
             values.append(value)
         return values
 
@@ -151,7 +248,8 @@ class LocalBackend:
         return self.engine(model).base.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, model: str, tokens: list[int]) -> str:
-        return self.engine(model).base.tokenizer.decode(tokens, skip_special_tokens=True)
+        # A list of ids decodes to one str; transformers types decode's result as str | list[str].
+        return self.engine(model).base.tokenizer.decode(tokens, skip_special_tokens=True)  # type: ignore[return-value]
 
     def token_bytes(self, model: str, tokens: list[int]) -> list[bytes]:
         tokenizer = self.engine(model).base.tokenizer
@@ -159,7 +257,7 @@ class LocalBackend:
             pieces = tokenizer.convert_ids_to_tokens(tokens)
             if all(p is not None and all(ch in _BYTE_OF_CHAR for ch in p) for p in pieces):
                 return [bytes(_BYTE_OF_CHAR[ch] for ch in p) for p in pieces]
-        return [tokenizer.decode([t]).encode() for t in tokens]
+        return [tokenizer.decode([t]).encode() for t in tokens]  # type: ignore[union-attr]  # str for a list of ids
 
     def tokenizer_files(self, model: str) -> dict[str, str]:
         # A base model's tokenizer never changes while the server runs, and writing it out costs
@@ -183,7 +281,7 @@ class LocalBackend:
         try:
             state = read_training_state(directory)
             return CheckpointState(step=int(state["step"]), lora=LoraConfig.model_validate(state["lora"]),
-                                   base_model=state.get("base_model"))
+                                   base_model=state.get("base_model"), has_optimizer=bool(state.get("optimizer", True)))
         except EngineError as exc:
             raise InvalidInput((), str(exc)) from None
         except (KeyError, TypeError, ValueError) as exc:

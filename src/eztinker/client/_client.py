@@ -76,6 +76,8 @@ class APIFuture(Generic[T]):
             self._info = self._client.job(self.job_id, wait=max(0.0, min(remaining, _POLL_SECONDS)))
         if self._info.status is JobStatus.failed:
             raise JobFailedError(self.job_id, self._info.kind, self._info.error or "unknown error")
+        if self._info.error is not None and self._info.result is None:  # completed; its large result expired since
+            raise JobFailedError(self.job_id, self._info.kind, self._info.error)
         return self._parse(self._info.result)
 
     def __await__(self):
@@ -162,7 +164,8 @@ class ServiceClient:
             else:
                 if response.status_code < 400:
                     return response.json()
-                if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
+                if (response.status_code not in RETRY_STATUSES or attempt == self.max_retries
+                        or response.headers.get("x-should-retry") == "false"):  # e.g. a limit waiting cannot clear
                     raise APIStatusError.from_response(response)
             time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
@@ -194,10 +197,12 @@ class ServiceClient:
         seed: int = 0,
         base_model: str | None = None,
         from_checkpoint: str | None = None,
+        train_unembed: bool = False,
     ) -> "TrainingClient":
         request = CreateRunRequest(
             base_model=base_model,
-            lora=LoraConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules),
+            lora=LoraConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules,
+                            train_unembed=train_unembed),
             seed=seed,
             from_checkpoint=from_checkpoint,
         )
@@ -289,7 +294,7 @@ class TrainingClient:
         data = list(data)
         forward = self.forward(data).result()
         loss, metrics, weighted = linearise(data, forward.logprobs, loss_fn)
-        logprobs = [[float(v) for v in row] for row in forward.logprobs]
+        logprobs = [[float(v) for v in row if v is not None] for row in forward.logprobs]  # linearise refused None
 
         def parse(raw: Any) -> CustomLossResult:
             result = ForwardBackwardResult.model_validate(raw)

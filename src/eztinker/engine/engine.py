@@ -6,10 +6,13 @@ thread-safe: one caller (the server's worker thread, or a test) drives it.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import inspect
 import json
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from contextlib import contextmanager, nullcontext
@@ -30,9 +33,20 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import lora_adapters, losses, output_projection, packed_linear, plain_decoder, prompt_attention
+from . import (
+    lora_adapters,
+    losses,
+    memory,
+    output_projection,
+    packed_linear,
+    plain_decoder,
+    prompt_attention,
+    prompt_scoring,
+)
+from .head_lora import HeadLora, HeadLoraProjection, features as head_features
 from .checkpoints import write_atomically
 from .models import BaseModel
+from .prompt_scoring import PromptExtras
 from .sampler import OutputHead, SampleSpec, sample
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -76,6 +90,7 @@ class PromptLogprobs:
 
     logprobs: list[float | None]
     topk: list[list[list] | None] | None
+    extras: prompt_scoring.ExtrasResult | None = None  # what PromptExtras asked for
 
 
 # peft 0.21's LoraLayer.update_layer(adapter_name, r, lora_alpha, config, **kwargs); older
@@ -92,11 +107,13 @@ def _adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
 
 class Engine:
     def __init__(
-        self, base: BaseModel, *, microbatch_tokens: int = 8192, logits_chunk: int = 1024, max_snapshots: int = 16,
-        pack_weights: bool = True,
+        self, base: BaseModel, *, microbatch_tokens: int | None = None, logits_chunk: int = 1024, max_snapshots: int = 16,
+        pack_weights: bool = True, activation_checkpointing: bool | None = None,
     ):
+        """microbatch_tokens: padded tokens per training forward (None: sized from the device's free
+        memory, memory.py; 8192 on the CPU). activation_checkpointing (None: on where it pays, on an
+        accelerator, whose memory bounds the micro-batch; on the CPU it would only cost time)."""
         self.base = base
-        self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
         self.logits_chunk = logits_chunk  # positions per output-projection chunk
         self.max_snapshots = max_snapshots  # checkpoint adapters kept loaded for sampling
         self._peft: peft.PeftModel | None = None
@@ -107,6 +124,8 @@ class Engine:
         self._head_checked = False
         self._lora_targets: tuple[list[str], list[str]] | None = None
         self._lora_layer_list: list[peft.tuners.lora.LoraLayer] | None = None
+        self._head_layer: peft.tuners.lora.LoraLayer | None = None  # the output head's, once wrapped
+        self._head_name: str | None = None
         self._plain: plain_decoder.PlainDecoder | None = None
         self._plain_checked = False
         # Base weights packed for oneDNN (packed_linear.py), by id of the weight (kept alive beside).
@@ -115,6 +134,14 @@ class Engine:
         # Pack (and time, packed_linear.py) the weights now, not in the first call.
         self._plain_decoder()
         self._output_head()
+        if activation_checkpointing is None:
+            activation_checkpointing = base.device.type != "cpu"
+        # Only PlainDecoder's forward checkpoints (transformers' layers do so in train mode only).
+        self.activation_checkpointing = activation_checkpointing and self._plain is not None
+        if microbatch_tokens is None:
+            microbatch_tokens = memory.default_microbatch_tokens(
+                base.model.config, base.model.dtype, base.device, self.activation_checkpointing)
+        self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
 
     # ------------------------------------------------------------------------------- runs
     def create_run(self, run_id: str, lora: LoraConfig, seed: int = 0) -> None:
@@ -144,6 +171,7 @@ class Engine:
         are redone when next needed."""
         if layers:
             self._lora_layer_list = None
+            self._head_layer = None
         self._plain, self._plain_checked = None, False
 
     def _lora_layers(self) -> list[peft.tuners.lora.LoraLayer]:
@@ -158,18 +186,20 @@ class Engine:
             r=lora.rank,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=self._peft_targets(lora),
             base_model_name_or_path=self.base.name,
         )
         # Seeded adapter init (lora_A is random, lora_B zero) without touching the global RNG.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # A LoRA on a head tied to the embeddings: peft warns of merging, which export.py unties first.
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True`")
             torch.manual_seed(seed)
             try:
                 if self._peft is None:
                     self._modules_changed()
                     self._peft = peft.get_peft_model(self.base.model, config, adapter_name=name)
                     self._peft.eval()  # a new PeftModel is in train mode; the engine's model is not
-                elif self._add_to_wrapped_layers(name, config, lora.target_modules):
+                elif self._add_to_wrapped_layers(name, config, lora):
                     self._modules_changed(layers=False)
                 else:
                     self._modules_changed()
@@ -182,7 +212,41 @@ class Engine:
             if name in layer.lora_dropout:
                 layer.lora_dropout[name].eval()
 
-    def _add_to_wrapped_layers(self, name: str, config: peft.LoraConfig, targets: str | list[str]) -> bool:
+    def _peft_targets(self, lora: LoraConfig) -> str | list[str]:
+        """peft's target_modules for `lora`. With train_unembed, the output head's module name after the
+        others' ('all-linear' spelt out by name: peft's 'all-linear' leaves the head out)."""
+        if not lora.train_unembed:
+            return lora.target_modules
+        if self._lora_targets is None:
+            self._lora_targets = _lora_targets(self.base.model)
+        names = lora.target_modules
+        if names == "all-linear":
+            names = sorted({name.rsplit(".", 1)[-1] for name in self._lora_targets[0]})
+        return [*names, self._output_head_name()]
+
+    def _output_head_name(self) -> str:
+        if self._head_name is None:
+            head = self.base.model.get_output_embeddings()
+            self._head_name = next(name for name, module in self.base.model.named_modules() if module is head)
+        return self._head_name
+
+    def _head_lora_layer(self) -> peft.tuners.lora.LoraLayer | None:
+        """The peft LoRA layer wrapping the output head, if an adapter has put one there."""
+        if self._head_layer is None and self._peft is not None:
+            head = self.base.model.get_output_embeddings()
+            self._head_layer = head if isinstance(head, peft.tuners.lora.LoraLayer) else None
+        return self._head_layer
+
+    def _head_lora(self, adapter: str | None) -> HeadLora | None:
+        """`adapter`'s LoRA on the output head (train_unembed), or None."""
+        return HeadLora.of(self._head_lora_layer(), adapter)
+
+    def _head_linear(self) -> torch.nn.Module:
+        """The output head's own layer, without any LoRA."""
+        head = self.base.model.get_output_embeddings()
+        return head.get_base_layer() if isinstance(head, peft.tuners.lora.LoraLayer) else head
+
+    def _add_to_wrapped_layers(self, name: str, config: peft.LoraConfig, lora: LoraConfig) -> bool:
         """peft's add_adapter walks every module of the model, earlier adapters' LoRA modules
         included, so creating a run grew with the runs loaded (SmolLM2: 0.24 s with none, 0.57 s
         with ten). When every layer the targets name is already a LoRA layer, this adds the adapter
@@ -193,7 +257,10 @@ class Engine:
             return False
         if self._lora_targets is None:
             self._lora_targets = _lora_targets(self.base.model)
+        targets = lora.target_modules
         names = [n for n in self._lora_targets[0] if targets == "all-linear" or _targets(n, targets)]
+        if lora.train_unembed:
+            names.append(self._output_head_name())  # the last module of a causal LM, as in peft's walk
         layers = [self.base.model.get_submodule(n) for n in names]
         if not layers or not all(isinstance(layer, peft.tuners.lora.Linear) for layer in layers):
             return False
@@ -227,8 +294,9 @@ class Engine:
         """Refuse LoRA targets that would break the shared model, before peft sees them: peft
         accepts some that break it for everyone. ['embed_tokens'] fails half-way and leaves every
         run on the model (existing and new) unable to train or sample; 'lm_head' makes a run that
-        can never train; ['q_proj', 'mlp'] leaves stray layers behind; a string other than
-        'all-linear' is taken as a regular expression. Raises InvalidTarget naming the entry."""
+        can never train (`train_unembed` adapts the head); ['q_proj', 'mlp'] leaves stray layers
+        behind; a string other than 'all-linear' is taken as a regular expression. Raises
+        InvalidTarget naming the entry."""
         if self._lora_targets is None:
             self._lora_targets = _lora_targets(self.base.model)
         linear, other = self._lora_targets
@@ -240,8 +308,9 @@ class Engine:
         for i, key in enumerate(target_modules):
             bad = next((name for name in other if _targets(name, [key])), None)
             if bad is not None:
+                head = " (set train_unembed for a LoRA on the output head)" if bad == self._output_head_name() else ""
                 raise InvalidTarget(i, f"target module {key!r} matches {bad!r}, which is not a LoRA-trainable "
-                                       f"linear layer; choose from {choices}")
+                                       f"linear layer{head}; choose from {choices}")
             if not any(_targets(name, [key]) for name in linear):
                 raise InvalidTarget(i, f"target module {key!r} is not in the model; choose from {choices}")
 
@@ -372,9 +441,9 @@ class Engine:
         hidden_N_H = hidden_B_T_H[selected.to(device)]
         inputs = losses.gather_inputs(examples, selected, loss_fn, device)
         if backward:
-            total, logprobs_N = self._backward(hidden_N_H, inputs, loss_fn, config)
+            total, logprobs_N = self._backward(hidden_N_H, inputs, loss_fn, config, self._head_lora(run_id))
         else:
-            logprobs_N = self._logprobs(hidden_N_H, inputs.targets)[0]
+            logprobs_N = self._logprobs(hidden_N_H, inputs.targets, adapter=run_id)[0]
             total = losses.compute(loss_fn, logprobs_N, inputs, slice(None), config).item()
             if not math.isfinite(total):
                 raise EngineError(f"{loss_fn} loss is not finite ({total})")
@@ -387,19 +456,24 @@ class Engine:
             rest_B_T = known_B_T & ~selected
             with torch.no_grad():
                 rest_M_H = hidden_B_T_H.detach()[rest_B_T.to(device)]
-                logprobs_B_T[rest_B_T] = self._logprobs(rest_M_H, targets_B_T[rest_B_T].to(device))[0].float().cpu()
+                rest_targets = targets_B_T[rest_B_T].to(device)
+                logprobs_B_T[rest_B_T] = self._logprobs(rest_M_H, rest_targets, adapter=run_id)[0].float().cpu()
         return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_B_T, known_B_T, examples)
 
     def _backward(self, hidden_N_H: torch.Tensor, inputs: losses.LossInputs, loss_fn: LossFnName,
-                  config: dict[str, float]) -> tuple[float, torch.Tensor]:
-        """The summed loss and the logprobs [N]; the loss's gradient flows back into the adapter."""
+                  config: dict[str, float], head_lora: HeadLora | None = None) -> tuple[float, torch.Tensor]:
+        """The summed loss and the logprobs [N]; the loss's gradient flows back into the adapter
+        (`head_lora`: the run's LoRA on the output head, if it has one)."""
         def chunk_loss(logprobs_C: torch.Tensor, chunk: slice) -> torch.Tensor:
             return losses.compute(loss_fn, logprobs_C, inputs, chunk, config)
 
-        projection = self._projection()
+        projection = self._projection(head_lora)
         if projection is not None:
             # Chunked output projection in one reused buffer, its gradient written by hand: the
-            # vocabulary-sized logits never enter the autograd graph.
+            # vocabulary-sized logits never enter the autograd graph. With a LoRA on the head, what is
+            # projected is [hidden, its LoRA down-projection] (head_lora.py).
+            if head_lora is not None:
+                hidden_N_H = head_features(hidden_N_H, head_lora)
             try:
                 total, logprobs_N, grad_N_H = projection.logprobs_and_grad(hidden_N_H, inputs.targets, chunk_loss)
             except losses.NonFiniteLoss as exc:
@@ -414,7 +488,7 @@ class Engine:
         logprobs_N = torch.empty(hidden_N_H.shape[0])
         for start in range(0, hidden_N_H.shape[0], self.logits_chunk):
             chunk = slice(start, start + self.logits_chunk)
-            token_logprobs = self._target_logprobs(detached[chunk], inputs.targets[chunk])
+            token_logprobs = self._target_logprobs(detached[chunk], inputs.targets[chunk], head_lora)
             loss = chunk_loss(token_logprobs, chunk)
             if not torch.isfinite(loss):
                 raise EngineError(f"{loss_fn} loss is not finite ({loss.item()}); no gradient applied")
@@ -425,32 +499,47 @@ class Engine:
             hidden_N_H.backward(detached.grad)
         return total, logprobs_N
 
-    def _projection(self) -> losses.VocabProjection | None:
+    def _projection(self, head_lora: HeadLora | None = None) -> losses.VocabProjection | None:
+        """The fast output projection (None where the head is not a plain linear one); with `head_lora`,
+        it projects `head_lora.features(hidden, head_lora)` (head_lora.py)."""
         head = self._output_head()
-        return None if head is None else losses.VocabProjection(head.weight, head.bias, self.logits_chunk, head.packed)
+        if head is None:
+            return None
+        if head_lora is not None:
+            return HeadLoraProjection(head.weight, head.bias, self.logits_chunk, head.packed, head_lora)
+        return losses.VocabProjection(head.weight, head.bias, self.logits_chunk, head.packed)
 
     def _decoder(self) -> torch.nn.Module:
         model = self.base.model
         return getattr(model, model.base_model_prefix)
 
-    def _target_logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
-        logits = self.base.model.get_output_embeddings()(hidden_N_H).float()
+    def _target_logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor,
+                         head_lora: HeadLora | None = None) -> torch.Tensor:
+        logits = self._head_linear()(hidden_N_H).float()
+        if head_lora is not None:
+            logits = head_lora.logits(logits, hidden_N_H)
         return torch.log_softmax(logits, dim=-1).gather(-1, targets_N.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
-    def _logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0):
-        """Target logprobs [N], the k largest logprobs [N, k] and their token ids [N, k], no graph."""
-        projection = self._projection()
+    def _logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0, *, adapter: str | None):
+        """Target logprobs [N], the k largest logprobs [N, k] and their token ids [N, k], no graph, under
+        `adapter`'s LoRA on the output head if it has one (its LoRAs elsewhere made the hidden states)."""
+        head_lora = self._head_lora(adapter)
+        projection = self._projection(head_lora)
         if projection is not None:
-            return projection.logprobs(hidden_N_H, targets_N, topk)
+            features = hidden_N_H if head_lora is None else head_features(hidden_N_H, head_lora)
+            return projection.logprobs(features, targets_N, topk)
         n, device = hidden_N_H.shape[0], hidden_N_H.device
         logprobs_N = torch.empty(n, device=device)
         top_N_K = torch.empty(n, topk, device=device)
         ids_N_K = torch.empty(n, topk, dtype=torch.long, device=device)
-        head = self.base.model.get_output_embeddings()
+        head = self._head_linear()
         for start in range(0, n, self.logits_chunk):
             chunk = slice(start, start + self.logits_chunk)
-            logprobs_C_V = torch.log_softmax(head(hidden_N_H[chunk]).float(), dim=-1)
+            logits = head(hidden_N_H[chunk]).float()
+            if head_lora is not None:
+                logits = head_lora.logits(logits, hidden_N_H[chunk])
+            logprobs_C_V = torch.log_softmax(logits, dim=-1)
             logprobs_N[chunk] = logprobs_C_V.gather(-1, targets_N[chunk].unsqueeze(-1)).squeeze(-1)
             if topk:
                 top_N_K[chunk], ids_N_K[chunk] = logprobs_C_V.topk(topk, dim=-1)
@@ -465,7 +554,7 @@ class Engine:
                 eps=adam.eps,
                 weight_decay=adam.weight_decay,
             )
-        max_norm = adam.grad_clip_norm if adam.grad_clip_norm is not None else math.inf
+        max_norm = adam.clip_norm or math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, max_norm))
         if not math.isfinite(grad_norm):
             run.optimizer.zero_grad(set_to_none=True)
@@ -486,6 +575,9 @@ class Engine:
         head = self._output_head()
         adapters = {spec.adapter for spec in specs} - {None}
         stacked = self._stacked_lora(adapters) if head is not None else None
+        head_loras = {a: lora for a in adapters if (lora := self._head_lora(a)) is not None}
+        if head is not None and head_loras:
+            head = dataclasses.replace(head, loras=head_loras)
         with stacked if stacked is not None else nullcontext():
             return sample(
                 self._features_fn(stacked) if stacked is not None else self._logits_fn(),
@@ -502,7 +594,11 @@ class Engine:
         """The fast sampling path's LoRA, when it reproduces peft's (no dropout: sampling is in eval mode)."""
         if self._peft is None:
             return _StackedLora([], set())
-        return _StackedLora(self._lora_layers(), adapters) if self._plain_lora(adapters) else None
+        if not self._plain_lora(adapters):
+            return None
+        # The head's LoRA is the sampler's to add (OutputHead.loras): the model's head is never called here.
+        head = self._head_lora_layer()
+        return _StackedLora([layer for layer in self._lora_layers() if layer is not head], adapters)
 
     def _plain_lora(self, adapters: set[str]) -> bool:
         """Whether these adapters are plain LoRA on linear layers (no DoRA-like variants, no LoRA
@@ -521,7 +617,8 @@ class Engine:
         and adapter, else through transformers' and peft's modules."""
         plain = self._plain_decoder()
         if plain is not None and (adapter is None or self._plain_lora({adapter})):
-            return plain.causal(input_ids, None if adapter is None else _RunLora(self._lora_layers(), adapter))
+            lora = None if adapter is None else _RunLora(self._lora_layers(), adapter)
+            return plain.causal(input_ids, lora, self.activation_checkpointing)
         with self._through(adapter):
             return self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
@@ -609,7 +706,7 @@ class Engine:
         if self._head_checked:
             return self._head
         self._head_checked = True
-        linear = self.base.model.get_output_embeddings()
+        linear = self._head_linear()
         config = self.base.model.config
         if type(linear) is not torch.nn.Linear or any(
             getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING
@@ -622,7 +719,7 @@ class Engine:
             want = self.base.model(input_ids=probe, logits_to_keep=1).logits[:, -1].float()
             hidden = self._decoder()(input_ids=probe).last_hidden_state[:, -1]
             got = head.logits(hidden, torch.empty_like(want))
-        if torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        if head_matches(got, want, linear.weight.dtype):
             self._head = head
         return self._head
 
@@ -656,7 +753,7 @@ class Engine:
             targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in chunk if r] or [torch.empty(0, dtype=torch.long)])
             hidden = self._hidden_states(run_id, input_ids, attention_mask)
             hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
-            chunk_logprobs = self._logprobs(hidden_N_H, targets)[0].cpu()
+            chunk_logprobs = self._logprobs(hidden_N_H, targets, adapter=run_id)[0].cpu()
             offset = 0
             for i, r in zip(batch, chunk):
                 logprobs[i] = chunk_logprobs[offset : offset + len(r)]
@@ -668,10 +765,12 @@ class Engine:
         return scores
 
     @torch.no_grad()
-    def prompt_logprobs(self, adapter: str | None, prompts: list[list[int]], topk: int = 0) -> list[PromptLogprobs]:
+    def prompt_logprobs(self, adapter: str | None, prompts: list[list[int]], topk: int = 0, last_n: int | None = None,
+                        extras: list[PromptExtras] | None = None) -> list[PromptLogprobs]:
         """Per prompt, the logprob (temperature 1) of each of its tokens given the tokens before it,
         and with topk > 0 the k most likely tokens there, under a run's or snapshot's adapter (or
-        the bare model)."""
+        the bare model). `last_n`: only each prompt's last n tokens are scored (the rest None).
+        `extras` (one per prompt): target ids' logprobs and draws at every position (prompt_scoring.py)."""
         self._check_adapter(adapter)
         self._check_prompts(prompts)
         if not all(prompts):
@@ -679,22 +778,41 @@ class Engine:
         if topk > self.base.vocab_size:
             raise EngineError(f"topk_prompt_logprobs {topk} exceeds the vocabulary size {self.base.vocab_size}")
         input_ids, attention_mask = self._right_pad(prompts)
+        scored = [len(p) - 1 if last_n is None else min(last_n, len(p) - 1) for p in prompts]
         positions_B_T = torch.zeros(input_ids.shape, dtype=torch.bool)  # position t predicts token t + 1
-        for i, p in enumerate(prompts):
-            positions_B_T[i, : len(p) - 1] = True
-        targets_N = torch.tensor([t for p in prompts for t in p[1:]], dtype=torch.long, device=input_ids.device)
+        for i, (p, n) in enumerate(zip(prompts, scored)):
+            positions_B_T[i, len(p) - 1 - n: len(p) - 1] = True
+        targets_N = torch.tensor([t for p, n in zip(prompts, scored) for t in p[len(p) - n:]], dtype=torch.long,
+                                 device=input_ids.device)
         hidden = self._hidden_states(adapter, input_ids, attention_mask)
-        logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk)
+        logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk,
+                                                      adapter=adapter)
         logprobs, top, ids = logprobs_N.tolist(), top_N_K.tolist(), ids_N_K.tolist()
         results, offset = [], 0
-        for p in prompts:
-            rows = range(offset, offset + len(p) - 1)
-            offset += len(p) - 1
+        for i, (p, n) in enumerate(zip(prompts, scored)):
+            rows = range(offset, offset + n)
+            offset += n
+            unscored = [None] * (len(p) - n)
+            extra = None
+            if extras is not None and (extras[i].targets is not None or extras[i].alt_k):
+                extra = prompt_scoring.score_prompt(hidden[i, : len(p) - 1], extras[i],
+                                                    functools.partial(self._log_softmax, adapter=adapter),
+                                                    prompt_scoring.rows_per_chunk(self.base.vocab_size))
             results.append(PromptLogprobs(
-                logprobs=[None] + [logprobs[n] for n in rows],
-                topk=[None] + [[[t, lp] for t, lp in zip(ids[n], top[n])] for n in rows] if topk else None,
+                logprobs=unscored + [logprobs[r] for r in rows],
+                topk=unscored + [[[t, lp] for t, lp in zip(ids[r], top[r])] for r in rows] if topk else None,
+                extras=extra,
             ))
         return results
+
+    def _log_softmax(self, hidden_C_H: torch.Tensor, *, adapter: str | None) -> torch.Tensor:
+        """The model's logprobs (temperature 1) over the vocabulary [C, V] at these final hidden states,
+        `adapter`'s LoRA on the output head included if it has one."""
+        logits = self._head_linear()(hidden_C_H).float()
+        head_lora = self._head_lora(adapter)
+        if head_lora is not None:
+            logits = head_lora.logits(logits, hidden_C_H)
+        return torch.log_softmax(logits, dim=-1)
 
     # ------------------------------------------------------------------------- snapshots
     def snapshot(self, directory: Path, pinned: Collection[str] = ()) -> str:
@@ -752,19 +870,25 @@ class Engine:
         self._remove_adapter(name)
 
     # ------------------------------------------------------------------------- checkpoints
-    def save(self, run_id: str, directory: Path) -> None:
-        """Adapter in PEFT's own format + optimizer state + step, written atomically."""
+    def save(self, run_id: str, directory: Path, *, with_optimizer: bool = True) -> None:
+        """Adapter in PEFT's own format + optimizer state + step, written atomically. Without
+        the optimizer state (`with_optimizer` False: weights for sampling or export), Adam's two
+        moments per parameter are left out: two thirds of a checkpoint's bytes."""
         run = self._run(run_id)
-        state = peft.get_peft_model_state_dict(self._peft, adapter_name=run_id)
+        # save_embedding_layers: peft would otherwise add the whole (base) output head and embeddings
+        # to the adapter of a run with a LoRA on the head, since "lm_head" is among its targets.
+        state = peft.get_peft_model_state_dict(self._peft, adapter_name=run_id, save_embedding_layers=False)
         config = self._peft.peft_config[run_id]
 
         def write(staging: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, staging / ADAPTER_WEIGHTS)
             config.save_pretrained(staging)
-            torch.save(run.optimizer.state_dict(), staging / OPTIMIZER_STATE)
-            (staging / TRAINING_STATE).write_text(
-                json.dumps({"step": run.step, "lora": run.lora.model_dump(), "base_model": self.base.name})
-            )
+            if with_optimizer:
+                torch.save(run.optimizer.state_dict(), staging / OPTIMIZER_STATE)
+            (staging / TRAINING_STATE).write_text(json.dumps({
+                "step": run.step, "lora": run.lora.model_dump(), "base_model": self.base.name,
+                "optimizer": with_optimizer,
+            }))
 
         write_atomically(directory, write)
 
@@ -778,7 +902,10 @@ class Engine:
         run = self._run(run_id)
         verify_checkpoint(directory)
         saved = read_training_state(directory)
-        if saved["lora"] != run.lora.model_dump():
+        if with_optimizer and not saved.get("optimizer", True):
+            raise EngineError(f"checkpoint {_ref(directory)} holds weights only (saved for sampling or export), "
+                              "no optimizer state: load it without the optimizer state")
+        if LoraConfig.model_validate(saved["lora"]) != run.lora:  # a field added since has its default
             raise EngineError(
                 f"checkpoint LoRA config {saved['lora']} does not match the run's {run.lora.model_dump()}"
             )
@@ -823,6 +950,14 @@ class Engine:
             raise EngineError(f"{field}: token id {bad} is outside the vocabulary [0, {vocab})")
 
 
+def head_matches(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether the head's logits `got` are the model's `want` to the rounding of `dtype`: 1e-4 in
+    float32; a few units in the last place of bf16's 8-bit mantissa (2^-7 = 0.8%) in bf16, whose
+    logits two orders of summation may round apart (a 1e-4 probe would switch the head off there)."""
+    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-4
+    return bool(torch.allclose(got, want, rtol=tolerance, atol=tolerance * max(1.0, float(want.abs().max()))))
+
+
 class _StackedLora:
     """Every row of a sampling batch through its own adapter (or none), in two matmuls per layer.
 
@@ -852,8 +987,10 @@ class _StackedLora:
             present = [a for a in self.adapters if a in module.lora_A]
             if not present:
                 continue
-            a_all = torch.cat([module.lora_A[a].weight for a in present])  # [R, in]
-            b_all = torch.cat([module.lora_B[a].weight for a in present], dim=1)  # [out, R]
+            # In the base weight's dtype, as training's _RunLora computes them (bf16 on a GPU).
+            dtype = module.get_base_layer().weight.dtype
+            a_all = torch.cat([module.lora_A[a].weight for a in present]).to(dtype)  # [R, in]
+            b_all = torch.cat([module.lora_B[a].weight for a in present], dim=1).to(dtype)  # [out, R]
             columns = tuple((a, module.scaling[a], module.lora_A[a].weight.shape[0]) for a in present)
             self._layers[module] = (a_all, b_all.t(), columns)
             self._handles.append(module.register_forward_hook(self._add_updates))
@@ -937,8 +1074,10 @@ class _RunLora:
         if layer is None:
             return
         a, b, scaling, dropout = layer
-        down = dropout(x).to(a.dtype) @ a.t()
-        out.addmm_(down.to(out.dtype), b.t().to(out.dtype), alpha=scaling)
+        # In the activations' dtype: the float32 adapter is cast (differentiably), not the input, so
+        # a bf16 model keeps no float32 copy of each projection's input for the backward pass.
+        down = dropout(x) @ (a.t() if a.dtype == x.dtype else a.t().to(x.dtype))
+        out.addmm_(down, b.t() if b.dtype == out.dtype else b.t().to(out.dtype), alpha=scaling)
 
 
 @contextmanager
@@ -968,11 +1107,10 @@ def _base_only(lora_layers: list[peft.tuners.lora.LoraLayer]):
 def verify_checkpoint(directory: Path) -> None:
     """Read every file of a checkpoint (adapter, optimizer state, training state) without
     applying it; raise EngineError naming the broken file. weights_only: never unpickles code."""
-    read_training_state(directory)
-    for name, read in (
-        (ADAPTER_WEIGHTS, lambda path: load_file(path)),
-        (OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")),
-    ):
+    files = [(ADAPTER_WEIGHTS, lambda path: load_file(path))]
+    if read_training_state(directory).get("optimizer", True):  # weights-only checkpoints have none
+        files.append((OPTIMIZER_STATE, lambda path: torch.load(path, weights_only=True, map_location="cpu")))
+    for name, read in files:
         try:
             read(directory / name)
         except Exception as exc:

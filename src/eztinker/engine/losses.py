@@ -179,6 +179,10 @@ class VocabProjection:
             top = (top.values - log_sums.unsqueeze(-1), top.indices)
         return target_logits - log_sums, exp, sums, top
 
+    def _hidden_grad(self, grad_logits_C_V: torch.Tensor, hidden_C_H: torch.Tensor) -> torch.Tensor:
+        """d loss / d hidden of a chunk, from d loss / d logits (head_lora.py adds its LoRA's part)."""
+        return torch.mm(grad_logits_C_V.to(self.weight.dtype), self.weight).to(hidden_C_H.dtype)
+
     @torch.no_grad()
     def logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, topk: int = 0):
         """Target logprobs [N], the k largest logprobs [N, k] and their token ids [N, k] (k may be 0)."""
@@ -214,7 +218,7 @@ class VocabProjection:
                 # d loss / d logits = -g * softmax + g at the target, in place in the buffer.
                 grad_logits = exp.mul_((-g / sums).unsqueeze(-1))
                 grad_logits.scatter_add_(-1, targets.unsqueeze(-1), g.unsqueeze(-1))
-                grad_N_H[chunk] = torch.mm(grad_logits.to(self.weight.dtype), self.weight).to(grad_N_H.dtype)
+                grad_N_H[chunk] = self._hidden_grad(grad_logits, hidden_N_H[chunk])
             total += loss.item()
             logprobs_N[chunk] = token_logprobs.detach()
         return total, logprobs_N, grad_N_H

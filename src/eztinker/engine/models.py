@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..model_spec import split_model_spec
 from .checkpoints import write_atomically
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,12 @@ def load_base_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
 ) -> BaseModel:
-    """Load `spec`: 'smollm2-135m', 'auto', a local directory, or a Hub id."""
+    """Load `spec`: 'smollm2-135m', 'auto', a local directory, or a Hub id, optionally served under
+    another name ('NAME=SOURCE', split_model_spec)."""
+    try:
+        name, spec = split_model_spec(spec)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
     spec = resolve_model_spec(spec)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -103,18 +109,21 @@ def load_base_model(
     model.to(device).eval()
     model.requires_grad_(False)
     return BaseModel(
-        name=spec,
+        name=name or spec,
         model=model,
         tokenizer=tokenizer,
         stop_token_ids=_stop_token_ids(model, tokenizer),
         pad_token_id=_pad_token_id(tokenizer),
-        source=str(source),
+        # Absolute: clients load the tokenizer from it wherever they run.
+        source=str(Path(source).resolve()) if Path(source).is_dir() else str(source),
     )
 
 
 def model_source(spec: str, *, cache_dir: Path) -> str | Path:
     """Where `spec` loads from: the embedded model's converted folder (converting it once), else
-    `spec` itself (a local directory or Hub id). What `load_base_model` and a tokenizer load from."""
+    `spec` itself (a local directory or Hub id; of 'NAME=SOURCE', SOURCE). What `load_base_model`
+    and a tokenizer load from."""
+    spec = split_model_spec(spec)[1]
     return _embedded_model_dir(cache_dir) if spec == EMBEDDED_MODEL else spec
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import packed_linear
+from . import device_paths, packed_linear
 
 BLOCK_COLUMNS = 1024
 
@@ -31,7 +31,7 @@ def logits_into(out_R_V: torch.Tensor, hidden_R_D: torch.Tensor, weight_V_D: tor
     if weight_V_D.dtype != out_R_V.dtype:
         out_R_V.copy_(torch.nn.functional.linear(hidden_R_D.to(weight_V_D.dtype), weight_V_D, bias_V))
         return out_R_V
-    block = BLOCK_COLUMNS if out_R_V.device.type == "cpu" else weight_V_D.shape[0]
+    block = BLOCK_COLUMNS if device_paths.cpu_kernels(out_R_V.device) else weight_V_D.shape[0]
     for start in range(0, weight_V_D.shape[0], block):
         columns = slice(start, start + block)
         if bias_V is None:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import device_paths
+
 # Input sizes timed apart, as (the most rows of the band, the rows timed for it): a single
 # sequence's decode step (with every weight packed, the Xeon sampled one 32-token sequence in
 # 2.25 s against 0.51 s measured: bench/packed_choice.py); decode steps of a few candidates;
@@ -59,7 +61,7 @@ def pack(weight: torch.Tensor, choose: Chooser | None = None) -> PackedWeight | 
     """`weight` [out, in] packed for oneDNN, or None where that does not apply (not a float32 CPU
     tensor, a torch without oneDNN), does not reproduce `F.linear` on a probe, or was not faster
     for any input size. `choose`: by default `measured_choice`."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+    if not device_paths.cpu_kernels(weight.device) or weight.dtype != torch.float32 or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
         return None
     weight = weight.detach()
     try:

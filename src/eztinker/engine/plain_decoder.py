@@ -25,6 +25,8 @@ from typing import Protocol
 import peft
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
 from . import packed_linear, prompt_attention
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -165,8 +167,11 @@ class PlainDecoder:
 
         return self._forward(input_ids, position_ids, attend, lora).view(rows, width, -1)[:, -1]
 
-    def causal(self, input_ids: torch.Tensor, lora: LoraUpdates | None) -> torch.Tensor:
-        """input_ids [B, T], right-padded, from position 0. Returns the final hidden states [B, T, D]."""
+    def causal(self, input_ids: torch.Tensor, lora: LoraUpdates | None, checkpoint: bool = False) -> torch.Tensor:
+        """input_ids [B, T], right-padded, from position 0. Returns the final hidden states [B, T, D].
+        `checkpoint`: activation checkpointing, where a graph is built: each layer keeps only its
+        input for the backward pass and recomputes the rest there (one layer's activations alive
+        at a time instead of all of them, for about a third more compute)."""
         batch, width = input_ids.shape
 
         def attend(index, q, k, v):
@@ -174,9 +179,10 @@ class PlainDecoder:
             return out.transpose(1, 2).reshape(batch * width, -1)
 
         positions = torch.arange(width, device=input_ids.device).expand(batch, width)
-        return self._forward(input_ids, positions, attend, lora).view(batch, width, -1)
+        return self._forward(input_ids, positions, attend, lora, checkpoint).view(batch, width, -1)
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend, lora: LoraUpdates | None) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend, lora: LoraUpdates | None,
+                 checkpoint: bool = False) -> torch.Tensor:
         """The final hidden states [B * T, D]. Positions stay flattened between the attentions, so
         every projection's output is a plain 2-D tensor its LoRA update is added to in place (an
         in-place add into a view would cost autograd a copy of it)."""
@@ -185,24 +191,36 @@ class PlainDecoder:
         cos, sin = self.rotary(x, position_ids)  # [B, T, head_dim]
         x = x.view(batch * width, -1)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # over the heads of [B, heads, T, head_dim]
+        checkpoint = checkpoint and torch.is_grad_enabled()
         for layer in self.layers:
-            h = self._norm(x, layer.input_norm)
-            q = self._project(layer.q, h, lora).view(batch, width, self.heads, self.head_dim)
-            k = self._project(layer.k, h, lora).view(batch, width, self.kv_heads, self.head_dim)
-            v = self._project(layer.v, h, lora).view(batch, width, self.kv_heads, self.head_dim)
-            if layer.q_norm is not None:
-                q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            x = x + self._project(layer.o, attend(layer.index, q, k, v), lora)
-            h = self._norm(x, layer.post_attention_norm)
-            x = x + self._project(layer.down, F.silu(self._project(layer.gate, h, lora)) * self._project(layer.up, h, lora), lora)
+            if checkpoint:  # non-reentrant: the LoRA parameters get their gradients; dropout's RNG is replayed
+                x = torch.utils.checkpoint.checkpoint(self._block, layer, x, cos, sin, attend, lora, batch, width,
+                                                      use_reentrant=False)
+            else:
+                x = self._block(layer, x, cos, sin, attend, lora, batch, width)
         return self._norm(x, self.final_norm)
+
+    def _block(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
+               lora: LoraUpdates | None, batch: int, width: int) -> torch.Tensor:
+        """One decoder layer on the flattened positions x [B * T, D]."""
+        h = self._norm(x, layer.input_norm)
+        q = self._project(layer.q, h, lora).view(batch, width, self.heads, self.head_dim)
+        k = self._project(layer.k, h, lora).view(batch, width, self.kv_heads, self.head_dim)
+        v = self._project(layer.v, h, lora).view(batch, width, self.kv_heads, self.head_dim)
+        if layer.q_norm is not None:
+            q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        x = x + self._project(layer.o, attend(layer.index, q, k, v), lora)
+        h = self._norm(x, layer.post_attention_norm)
+        return x + self._project(layer.down, F.silu(self._project(layer.gate, h, lora)) * self._project(layer.up, h, lora), lora)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """transformers' RMSNorm: normalised in float32, cast back, then scaled."""
         if x.dtype == torch.float32:
             return weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        if x.requires_grad and torch.is_grad_enabled():
+            return weight * _LowPrecisionRmsNorm.apply(x, self.eps)
         return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     @staticmethod
@@ -211,6 +229,25 @@ class PlainDecoder:
         if lora is not None:
             lora.add_update(projection.module, x, out)
         return out
+
+
+class _LowPrecisionRmsNorm(torch.autograd.Function):
+    """rms_norm(x.float()).to(x.dtype) for a bf16/fp16 x, keeping x itself for the backward pass:
+    autograd would keep the float32 copy (twice the bytes of every norm's input, two a layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.eps = eps
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (saved,) = ctx.saved_tensors  # once: checkpointing's recomputed tensors may be unpacked only once
+        x = saved.float()
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps)
+        normed, grad = x * rstd, grad.float()
+        return (rstd * (grad - normed * (grad * normed).mean(-1, keepdim=True))).to(saved.dtype), None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

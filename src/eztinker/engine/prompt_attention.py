@@ -25,6 +25,7 @@ import torch
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 
+from . import device_paths
 from .kv_cache import PreallocatedLayer
 
 ATTENTION_NAME = "eztinker_shared_prompt"
@@ -103,9 +104,12 @@ class SharedPromptCache(DynamicCache):
 
         prompt_out, prompt_lse = to_rows(prompt_out), to_rows(prompt_lse)
         own_out, own_lse = _part(q.view(rows, kv, rep, dim), keys, values, scale, None)
-        prompt_weight = torch.sigmoid(prompt_lse - own_lse)  # the prompt part's share of the softmax mass
-        out = own_out + (prompt_out - own_out) * prompt_weight
-        return out.reshape(rows, 1, heads, dim)
+        # Merged in float32 (the parts' log-sum-exps are float32 on every path), then back to the
+        # queries' dtype: a bf16 model's attention output stays bf16.
+        prompt_weight = torch.sigmoid(prompt_lse.float() - own_lse.float())  # the prompt part's share of the softmax mass
+        own_out = own_out.float()
+        out = own_out + (prompt_out.float() - own_out) * prompt_weight
+        return out.to(query.dtype).reshape(rows, 1, heads, dim)
 
 
 def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor | None):
@@ -114,17 +118,19 @@ def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias:
     if _fused_kernel(q):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
         return out, lse.unsqueeze(-1)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    # Scores and softmax in float32, as fused attention kernels keep them: bf16 scores (3 significant
+    # digits) moved a bf16 model's sampled logprobs away from the trainer's sdpa ones.
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)).mul_(scale)
     if bias is not None:
         scores.add_(bias)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return torch.matmul(scores.sub_(lse).exp_(), v), lse
+    return torch.matmul(scores.sub_(lse).exp_().to(v.dtype), v), lse
 
 
 def _fused_kernel(q: torch.Tensor) -> bool:
     """Whether to use the fused kernel sdpa runs on CPU, which also returns the log-sum-exp (half
     the time of the matmuls and softmax written out, on SmolLM2's 16 x 8 decode steps)."""
-    return q.device.type == "cpu"
+    return device_paths.cpu_kernels(q.device)
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from ..types import SampledSequence, SampledToken, SamplingParams
+from .head_lora import HeadLora
 from .kv_cache import PreallocatedCache
 from .output_projection import logits_into
 from .packed_linear import PackedWeight
@@ -56,6 +57,10 @@ class SampleSpec:
     # Called from the sampling thread after every decode step with this request's new tokens
     # (streaming); it must be quick, e.g. hand them to an event loop.
     on_tokens: Callable[[list[SampledToken]], None] | None = None
+    # Polled after every decode step: once it answers True (every consumer of the request is
+    # gone), the request's rows stop decoding and `abandoned` is set; its results are partial.
+    cancelled: Callable[[], bool] | None = None
+    abandoned: bool = False
 
 
 @dataclass
@@ -66,14 +71,22 @@ class OutputHead:
     weight: torch.Tensor  # [V, D]
     bias: torch.Tensor | None = None
     packed: PackedWeight | None = None  # the weight packed for oneDNN (packed_linear.py)
+    loras: dict[str, HeadLora] = field(default_factory=dict)  # adapters' LoRAs on the head (train_unembed)
 
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
-    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> torch.Tensor:
-        """The logits, in `out_B_V` or a new tensor (`logits_into`)."""
-        return logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
+    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor,
+               row_adapters: list[tuple[str | None, int, int]] = ()) -> torch.Tensor:
+        """The logits, in `out_B_V` or a new tensor (`logits_into`); rows [a, b) of each
+        (adapter, a, b) in `row_adapters` also get that adapter's LoRA on the head, if it has one."""
+        logits = logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
+        for adapter, a, b in row_adapters if self.loras else ():
+            lora = self.loras.get(adapter)
+            if lora is not None:
+                lora.add_to(logits[a:b], lora.down(features_B_D[a:b]))
+        return logits
 
 
 class _LogitsAreFeatures:
@@ -82,8 +95,8 @@ class _LogitsAreFeatures:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
-    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor) -> torch.Tensor:
-        return out_B_V.copy_(features_B_D)
+    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor, row_adapters=()) -> torch.Tensor:
+        return out_B_V.copy_(features_B_D)  # the forward went through the whole model, its head's LoRA included
 
 
 @dataclass
@@ -144,10 +157,13 @@ def sample(
         for s, p in prefill_rows
         for k in range(specs[s].num_samples)
     ]
-    chooser = _TokenChooser(specs, head, len(rows), device)
     stop_strings = [spec.params.stop for spec in specs]
-    stop_ids = [stop_token_ids | frozenset(spec.params.stop_token_ids) for spec in specs]  # the model's and the request's
+    # The model's (unless the request turns them off) and the request's.
+    stop_ids = [(frozenset() if spec.params.ignore_eos else stop_token_ids) | frozenset(spec.params.stop_token_ids)
+                for spec in specs]
+    chooser = _TokenChooser(specs, head, len(rows), device, stop_ids)
     listening = any(spec.on_tokens is not None for spec in specs)
+    cancellable = [s for s, spec in enumerate(specs) if spec.cancelled is not None]
     batch = list(range(len(rows)))  # the decoder batch: indices into `rows`, finished ones included
     live = list(range(len(rows)))  # positions in `batch` of the rows still decoding
 
@@ -155,7 +171,7 @@ def sample(
         live_rows = [rows[batch[k]] for k in live]
         live_index = None if len(live) == len(batch) else torch.tensor(live, device=device)
         tokens, logprobs, tops = chooser.choose(
-            features if live_index is None else features[live_index], [row.spec for row in live_rows]
+            features if live_index is None else features[live_index], [row.spec for row in live_rows], live_rows
         )
         still_live: list[int] = []
         for k, row, token, logprob, top in zip(live, live_rows, tokens.tolist(), logprobs.tolist(), tops):
@@ -163,7 +179,9 @@ def sample(
             row.logprobs.append(logprob)
             if top is not None:
                 row.top.append(top)
-            if token in stop_ids[row.spec] or _hit_stop_string(row, stop_strings[row.spec], tokenizer):
+            if len(row.tokens) < specs[row.spec].params.min_tokens:  # nothing stops it yet (as in vLLM)
+                still_live.append(k)
+            elif token in stop_ids[row.spec] or _hit_stop_string(row, stop_strings[row.spec], tokenizer):
                 row.stop_reason = "stop"
             elif len(row.tokens) >= row.max_tokens:
                 row.stop_reason = "length"
@@ -171,6 +189,8 @@ def sample(
                 still_live.append(k)
         if listening:
             _report(specs, live_rows, tops)
+        if cancellable and (cut := _newly_abandoned(specs, cancellable)):
+            still_live = [k for k in still_live if rows[batch[k]].spec not in cut]
         if not still_live:
             break
         # Next input: each live row's new token; finished rows still in the batch repeat theirs.
@@ -204,6 +224,14 @@ def sample(
             )
         )
     return results
+
+
+def _newly_abandoned(specs: list[SampleSpec], cancellable: list[int]) -> set[int]:
+    """The specs whose consumers went away since the last step (marked abandoned)."""
+    cut = {s for s in cancellable if not specs[s].abandoned and specs[s].cancelled()}
+    for s in cut:
+        specs[s].abandoned = True
+    return cut
 
 
 def _report(specs: list[SampleSpec], live_rows: list[_Row], tops: list) -> None:
@@ -272,8 +300,11 @@ class _TokenChooser:
     """Chooses each live row's next token with its request's parameters and reports its logprob
     under the model itself (temperature 1), as importance-sampling losses expect."""
 
-    def __init__(self, specs: list[SampleSpec], head, max_rows: int, device: torch.device):
+    def __init__(self, specs: list[SampleSpec], head, max_rows: int, device: torch.device,
+                 stop_ids: list[frozenset[int]] | None = None):
+        """`stop_ids[s]`: the tokens that stop spec s, masked while it is short of its min_tokens."""
         self.specs, self.head, self.device = specs, head, device
+        self.stop_ids = stop_ids or [frozenset(spec.params.stop_token_ids) for spec in specs]
         self.generators = [_generator(spec.params.seed, device) for spec in specs]
         self.vocab = head.vocab_size
         self.block = _block_size(self.vocab)
@@ -281,8 +312,10 @@ class _TokenChooser:
         self._shifted = torch.empty(self.chunk_rows, self.vocab, device=device)  # logits - row max
         self._weights = torch.empty(self.chunk_rows, self.vocab, device=device)  # unnormalised probs
 
-    def choose(self, features_B_D: torch.Tensor, spec_of_row: list[int]) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Each row's token, its logprob, and (None unless its request asks) its top tokens."""
+    def choose(self, features_B_D: torch.Tensor, spec_of_row: list[int],
+               rows: list[_Row] | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Each row's token, its logprob, and (None unless its request asks) its top tokens. `rows`
+        (the rows' candidates so far) serve the repetition penalty and min_tokens."""
         groups = _runs(spec_of_row)  # rows of one spec are contiguous: (spec, start, stop)
         # One uniform per sampled row from its request's generator, drawn before any chunking so
         # that a seeded request's draws never depend on what else shares the batch.
@@ -295,16 +328,19 @@ class _TokenChooser:
         for start in range(0, len(spec_of_row), self.chunk_rows):
             stop = min(start + self.chunk_rows, len(spec_of_row))
             chunk_groups = [(s, max(a, start) - start, min(b, stop) - start) for s, a, b in groups if a < stop and b > start]
-            t, lp, top = self._choose_chunk(features_B_D[start:stop], chunk_groups, uniforms[start:stop])
+            t, lp, top = self._choose_chunk(features_B_D[start:stop], chunk_groups, uniforms[start:stop],
+                                            None if rows is None else rows[start:stop])
             tokens.append(t)
             logprobs.append(lp)
             tops.extend(top)
         return torch.cat(tokens).cpu(), torch.cat(logprobs).cpu(), tops
 
-    def _choose_chunk(self, features: torch.Tensor, groups, uniforms: torch.Tensor):
+    def _choose_chunk(self, features: torch.Tensor, groups, uniforms: torch.Tensor, rows: list[_Row] | None):
         n = features.shape[0]
-        shifted, weights = self.head.logits(features, self._shifted[:n]), self._weights[:n]
-        shifted.sub_(shifted.amax(dim=-1, keepdim=True))  # max 0 per row: exp never overflows
+        row_adapters = [(self.specs[s].adapter, a, b) for s, a, b in groups]
+        shifted, weights = self.head.logits(features, self._shifted[:n], row_adapters), self._weights[:n]
+        row_max = shifted.amax(dim=-1, keepdim=True)
+        shifted.sub_(row_max)  # max 0 per row: exp never overflows
         torch.exp(shifted, out=weights)
         log_normaliser = weights.sum(dim=-1).log_()  # logsumexp of the shifted logits at temperature 1
         tops: list[list[tuple[int, float]] | None] = [None] * n
@@ -316,28 +352,60 @@ class _TokenChooser:
                 for i, (row_ids, row_values) in enumerate(zip(ids.tolist(), values)):
                     tops[a + i] = list(zip(row_ids, row_values))
         greedy = torch.zeros(n, dtype=torch.bool)
+        forced: list[tuple[int, int, torch.Tensor]] = []  # greedy rows whose logits were adjusted
         for s, a, b in groups:
             params = self.specs[s].params
+            adjusted = self._adjusted(s, shifted[a:b], row_max[a:b], rows[a:b]) if rows is not None else None
             if params.temperature == 0:
-                greedy[a:b] = True
+                if adjusted is None:
+                    greedy[a:b] = True
+                else:  # greedy after the penalty and masks, as vLLM's
+                    forced.append((a, b, adjusted.argmax(dim=-1)))
                 continue
             w = weights[a:b]
-            if params.temperature != 1:
-                torch.mul(shifted[a:b], 1.0 / params.temperature, out=w).exp_()
+            logits = shifted[a:b] if adjusted is None else adjusted.sub_(adjusted.amax(dim=-1, keepdim=True))
+            if params.temperature != 1 or adjusted is not None:
+                torch.mul(logits, 1.0 / params.temperature, out=w).exp_()
+            if params.min_p > 0:  # the most likely token's weight is 1 here (its shifted logit is 0)
+                w.masked_fill_(w < params.min_p, 0.0)
             if 0 < params.top_k < self.vocab:
-                kth = torch.topk(shifted[a:b], params.top_k, dim=-1).values[:, -1:]
-                w.masked_fill_(shifted[a:b] < kth, 0.0)
+                kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+                w.masked_fill_(logits < kth, 0.0)
             if params.top_p < 1.0:
                 _keep_top_p(w, params.top_p)
-        if greedy.all():
+        if greedy.all() and not forced:
             chosen = self._argmax(shifted)
         else:
             chosen = self._inverse_cdf(weights, uniforms)
             if greedy.any():
                 index = greedy.nonzero().squeeze(-1).to(self.device)
                 chosen[index] = self._argmax(shifted[index])
+            for a, b, picked in forced:
+                chosen[a:b] = picked
         logprobs = shifted.gather(-1, chosen.unsqueeze(-1)).squeeze(-1) - log_normaliser
         return chosen, logprobs, tops
+
+    def _adjusted(self, s: int, shifted: torch.Tensor, row_max: torch.Tensor, rows: list[_Row]) -> torch.Tensor | None:
+        """Spec s's rows' logits after its repetition penalty, with its stop tokens masked in the rows
+        short of min_tokens (a new tensor); None when neither applies. The reported logprobs stay
+        the model's own."""
+        params = self.specs[s].params
+        early = [i for i, row in enumerate(rows) if len(row.tokens) < params.min_tokens]
+        masked = [t for t in self.stop_ids[s] if t < self.vocab] if early else []
+        if params.repetition_penalty == 1.0 and not masked:
+            return None
+        adjusted = shifted + row_max  # the raw logits: the penalty depends on their sign
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros_like(adjusted, dtype=torch.bool)
+            for i, row in enumerate(rows):
+                ids = torch.tensor(self.specs[s].prompts[row.prompt] + row.tokens, device=self.device)
+                seen[i, ids[ids < self.vocab]] = True
+            penalty = params.repetition_penalty
+            adjusted = torch.where(seen, torch.where(adjusted > 0, adjusted / penalty, adjusted * penalty), adjusted)
+        if masked:
+            index = torch.tensor(early, device=self.device)
+            adjusted[index.unsqueeze(-1), torch.tensor(masked, device=self.device)] = float("-inf")
+        return adjusted
 
     def _block_view(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[n, V] -> its full blocks [n, V // block, block] and the ragged tail [n, rest] (or None)."""

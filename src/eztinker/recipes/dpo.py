@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from .. import AdamParams, Datum, ServiceClient, TrainingClient, datum_from_messages
+from ..chat import loss_weights
 from ..tasks import TASK_NAMES, Problem, get_task
 from ._cli import setting
+from ._lm_eval import evaluate_with_lm_eval
 from ._settings import TaskRecipeSettings
 from ._budget import TimeBudget
 from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
@@ -101,7 +103,7 @@ def reply_logprob(datum: Datum, logprobs: torch.Tensor) -> torch.Tensor:
     """The summed logprob of the datum's reply: the positions its weights mark."""
     import torch
 
-    return (logprobs * torch.tensor(datum.loss_fn_inputs.weights, dtype=logprobs.dtype)).sum()
+    return (logprobs * torch.tensor(loss_weights(datum), dtype=logprobs.dtype)).sum()
 
 
 def dpo_loss_fn(reference: Sequence[float], beta: float, normaliser: int, sft_weight: float = 0.0) -> Callable:
@@ -117,7 +119,7 @@ def dpo_loss_fn(reference: Sequence[float], beta: float, normaliser: int, sft_we
     def loss_fn(data: Sequence[Datum], logprobs: list[torch.Tensor]):
         policy = torch.stack([reply_logprob(d, lp) for d, lp in zip(data, logprobs)])
         terms = dpo_terms(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta)
-        chosen_tokens = torch.tensor([max(sum(1 for w in d.loss_fn_inputs.weights if w), 1) for d in data[0::2]],
+        chosen_tokens = torch.tensor([max(sum(1 for w in loss_weights(d) if w), 1) for d in data[0::2]],
                                      dtype=torch.float32)
         terms["chosen_nll"] = -policy[0::2] / chosen_tokens
         total = terms["loss"] + sft_weight * terms["chosen_nll"] if sft_weight else terms["loss"]
@@ -352,6 +354,7 @@ class DPO:
         metrics = self.rollouts.evaluate(run, test, label)
         entry.update({f"test_{k}": v for k, v in metrics.items()})
         times["eval"] = time.monotonic() - t
+        evaluate_with_lm_eval(self.config, run, entry, times, self.output_dir, self.console)
 
     def _report(self, entry: dict[str, Any]) -> None:
         def fmt(key: str, spec: str) -> str:

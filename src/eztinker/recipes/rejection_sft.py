@@ -20,9 +20,11 @@ from typing import Any
 from rich.console import Console
 
 from .. import AdamParams, ServiceClient, TrainingClient, datum_from_messages
+from ..chat import loss_weights
 from ..tasks import Problem, get_task
 from ..tasks._grading import trim_after_answer as trim_after_answer  # part of this recipe's interface
 from ._cli import setting
+from ._lm_eval import evaluate_with_lm_eval
 from ._settings import TaskRecipeSettings
 from ._budget import TimeBudget
 from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
@@ -81,9 +83,9 @@ class RejectionSFT:
         futures = []
         for start in range(0, len(data), c.batch_size):
             batch = data[start : start + c.batch_size]
-            tokens = sum(sum(1 for w in d.loss_fn_inputs.weights if w) for d in batch)
+            tokens = sum(sum(1 for w in loss_weights(d) if w) for d in batch)
             for d in batch:  # mean per-token loss over the batch
-                d.loss_fn_inputs.weights = [w / tokens for w in d.loss_fn_inputs.weights]
+                d.loss_fn_inputs.weights = [w / tokens for w in loss_weights(d)]
             fbs = [run.forward_backward(batch[i : i + c.micro_batch_size]) for i in range(0, len(batch), c.micro_batch_size)]
             futures.append((fbs, run.optim_step(AdamParams(learning_rate=learning_rate))))
         losses = []
@@ -177,6 +179,7 @@ class RejectionSFT:
         label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
         entry.update({f"test_{k}": v for k, v in self.rollouts.evaluate(run, test, label).items()})
         times["eval"] = time.monotonic() - t
+        evaluate_with_lm_eval(self.config, run, entry, times, self.output_dir, self.console)
 
     def _report(self, entry: dict[str, Any]) -> None:
         loss = entry["train_loss"]

@@ -39,6 +39,7 @@ from ._cli import setting
 from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
                        previous_results, print_best, print_epoch_table, record_best, save_results)
 from ._rollouts import Rollouts, append_jsonl, load_problems, progress_bar
+from ._lm_eval import evaluate_with_lm_eval
 from ._settings import TaskRecipeSettings
 from .scorers import SCORER_NAMES, Scorer, make_scorer
 
@@ -183,7 +184,9 @@ def step_metrics(groups: list[Group], data: list[Datum], fb_logprobs: list[list[
     replies = [r for g in groups for r in g.replies]
     kl_terms = []
     for datum, row in zip(data, fb_logprobs):
-        for sampled, trained, adv in zip(datum.loss_fn_inputs.logprobs, row, datum.loss_fn_inputs.advantages):
+        sampler_logprobs, advantages = datum.loss_fn_inputs.logprobs, datum.loss_fn_inputs.advantages
+        assert sampler_logprobs is not None and advantages is not None, "policy_datum sets both"
+        for sampled, trained, adv in zip(sampler_logprobs, row, advantages):
             if adv != 0.0 and trained is not None:
                 kl_terms.append(sampled - trained)
     return {
@@ -358,6 +361,7 @@ class RL:
         label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
         entry.update({f"test_{k}": v for k, v in self.rollouts.evaluate(run, test, label).items()})
         entry["seconds"]["eval"] = time.monotonic() - t
+        evaluate_with_lm_eval(self.config, run, entry, entry["seconds"], self.output_dir, self.console)
 
     def _log_groups(self, epoch: int, step: int, groups: list[Group]) -> None:
         append_jsonl(self.output_dir / ROLLOUTS_FILE, [{

@@ -58,7 +58,8 @@ class RewardModelScorer:
     def text(self, problem: Problem, reply: str) -> str:
         messages = [*self.task.messages_for(problem), {"role": "assistant", "content": reply}]
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            # tokenize=False returns the text; transformers types the result as every mode's union.
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)  # type: ignore[return-value]
         return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
     def __call__(self, problem: Problem, replies: Sequence[str]) -> list[float]:

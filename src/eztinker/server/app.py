@@ -19,11 +19,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .auth import User
+from .downloads import downloads_router
+from .evaluations import evaluations_router
+from .guards import HostCheck, SecurityHeaders
 from .openai import router as openai
 from .rest import rest_router
-from .service import Service, ServiceError
+from .service import LimitExceeded, Service, ServiceError
 from .store import BUSY_TIMEOUT_SECONDS, is_busy
-from .ui import mount_dashboard
+from .ui import DOCS, PREFIX as UI_PREFIX, mount_api_docs, mount_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ def create_app(service: Service) -> FastAPI:
         description="LoRA fine-tuning service: training runs share their base model's weights; every model "
         "operation is a job: submit, get a job id at once, then wait on `GET /v1/jobs/{job_id}`.",
         lifespan=lifespan,
+        docs_url=None,  # mount_api_docs serves Swagger UI from the package, not a CDN
+        redoc_url=None,
     )
     app.state.user_keys = service.settings.user_keys()
     # Large responses (sampled tokens and logprobs) are gzipped for clients that ask; level 1
@@ -70,6 +75,9 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(status_code=status, content={"detail": message})
 
     app.add_middleware(_BodyLimit, limit=service.settings.max_request_bytes, error=protocol_error)
+    app.add_middleware(SecurityHeaders, page_prefixes=(UI_PREFIX + "/", DOCS))
+    if not app.state.user_keys:  # outermost: a refused Host reaches nothing else
+        app.add_middleware(HostCheck, allowed=service.settings.allowed_hosts, error=protocol_error)
 
     # FastAPI's default 422 handler echoes each offending input back; a NaN/Infinity in the JSON
     # (Python's json emits them) makes that echo unserialisable, turning a correct rejection into
@@ -90,9 +98,17 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
+        response = _service_error(request, exc)
+        if isinstance(exc, LimitExceeded):
+            # Every SDK here retries a 429; one that waiting cannot clear says not to (the header
+            # the Tinker and OpenAI SDKs obey), one that can says when.
+            response.headers.update({"Retry-After": "1"} if exc.clears else {"X-Should-Retry": "false"})
+        return response
+
+    def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if openai.owns(request.url.path):
             error = openai.from_service_error(exc)
-            return openai.error_body(error.status, _finite(error.message), error.param)
+            return openai.error_body(error.status, _finite(error.message), error.param, error.code)
         if tinker is not None and tinker.owns(request):
             return tinker.error_body(exc.status, _finite(exc.message), exc.loc)
         if exc.status == 422 and exc.loc is not None:
@@ -104,7 +120,9 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(openai.OpenAIError)
     async def openai_error(_: Request, exc: openai.OpenAIError):
-        return openai.error_body(exc.status, _finite(exc.message), exc.param, exc.code)
+        response = openai.error_body(exc.status, _finite(exc.message), exc.param, exc.code)
+        response.headers.update(exc.headers)
+        return response
 
     # Another process holding the database's write lock (an operator's sqlite3 shell, a backup)
     # makes a write wait BUSY_TIMEOUT_SECONDS, then raise: a 503 the SDKs retry, not a plain 500.
@@ -126,6 +144,8 @@ def create_app(service: Service) -> FastAPI:
         return response
 
     app.include_router(rest_router(service))
+    app.include_router(downloads_router(service))
+    app.include_router(evaluations_router(service))
     app.include_router(openai.openai_router(service))
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics: jobs, queue depth, latencies, tokens, runs")
@@ -133,12 +153,13 @@ def create_app(service: Service) -> FastAPI:
         body, content_type = service.runner.metrics.exposition()
         return Response(body, media_type=content_type)
     mount_dashboard(app)
+    mount_api_docs(app)
     if tinker is not None:
         app.include_router(tinker.router(service))
 
         @app.exception_handler(tinker.WireError)
         async def wire_error(_: Request, exc):
-            return tinker.error_body(400, _finite(exc.message), exc.loc)
+            return tinker.error_body(exc.status, _finite(exc.message), exc.loc)
 
     return app
 

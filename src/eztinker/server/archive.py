@@ -15,6 +15,8 @@ from fastapi.responses import Response
 from .service import ServiceError
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# An empty member that Tinker's archives end with: SDKs 0.25-0.34 refuse an archive without it.
+COMPLETE_MARKER = "checkpoint_complete"
 
 
 def adapter_archive(directory: Path, ref: str) -> Response:
@@ -25,6 +27,7 @@ def adapter_archive(directory: Path, ref: str) -> Response:
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for name in ADAPTER_FILES:
                 tar.add(directory / name, arcname=name)
+            tar.addfile(tarfile.TarInfo(COMPLETE_MARKER), io.BytesIO(b""))
     except FileNotFoundError:  # deleted (or replaced by hand) since its ownership was checked
         raise ServiceError(404, f"checkpoint {ref} is listed but its files are gone") from None
     filename = ref.replace(":", "-").replace("/", "-") + ".tar"

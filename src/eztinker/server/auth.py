@@ -1,8 +1,9 @@
 """API keys -> users, shared by every protocol's routes.
 
 A key arrives as `Authorization: Bearer <key>` (EZTinker's SDK) or `X-API-Key: <key>` (the Tinker
-SDK); both map through the same table, and a request carrying two different keys is refused. With
-no keys configured (loopback only) every request is user "default".
+SDK); both map through the same table, and a request carrying two different keys (in one header
+twice, or one in each) is refused. With no keys configured (loopback only) every request is user
+"default".
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
 
 from .service import ServiceError
 
@@ -24,21 +25,21 @@ def authenticate(keys: dict[str, str], given: str) -> str | None:
     return user
 
 
-def request_user(
-    request: Request,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    x_api_key: Annotated[str | None, Header(alias="X-API-Key", include_in_schema=False)] = None,
-) -> str | None:
+def request_user(request: Request) -> str | None:
     """The user the request's key belongs to ("default" with no keys configured), or None: no
     key, a wrong one, or two different ones."""
     keys: dict[str, str] = request.app.state.user_keys
     if not keys:
         return "default"
-    # The auth scheme is case-insensitive (RFC 7235), so "bearer <key>" is accepted too.
-    bearer = authorization[7:] if authorization and authorization[:7].lower() == "bearer " else ""
-    if x_api_key and bearer and x_api_key != bearer:
-        return None  # two different keys: refuse rather than guess which one is meant
-    return authenticate(keys, x_api_key or bearer)
+    # The auth scheme is case-insensitive (RFC 7235), so "bearer <key>" is accepted too. FastAPI's
+    # Header() gives only the first of repeated headers: every copy is read, so that a second key
+    # (added by a proxy, or smuggled in) is refused instead of silently losing to the first.
+    given = {value[7:] if value[:7].lower() == "bearer " else "" for value in request.headers.getlist("authorization")}
+    given |= set(request.headers.getlist("x-api-key"))
+    given.discard("")
+    if len(given) != 1:
+        return None  # none, or two different keys: refuse rather than guess which one is meant
+    return authenticate(keys, given.pop())
 
 
 def current_user(user: Annotated[str | None, Depends(request_user)]) -> str:

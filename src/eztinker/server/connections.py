@@ -73,8 +73,29 @@ class TimedH11Protocol(H11Protocol):
 def uvicorn_options(settings) -> dict:
     """Keyword arguments for uvicorn.run / uvicorn.Config that enforce the settings' bounds."""
     return {
+        # Requests still open this long after SIGTERM are cut (their jobs have had the grace period).
+        "timeout_graceful_shutdown": settings.shutdown_grace_seconds + 5,
         "http": functools.partial(TimedH11Protocol, header_timeout=settings.header_timeout_seconds,
                                   body_timeout=settings.body_timeout_seconds),
         # uvicorn refuses once `connections >= limit`, counting the connection asking.
         "limit_concurrency": settings.max_connections + 1,
     }
+
+
+def draining_server(config, runner):
+    """A uvicorn Server whose first SIGTERM (or Ctrl-C) also drains the runner at once: no job
+    starts any more, queued ones fail as interrupted (their long-polls answer now), running ones
+    finish within shutdown_grace_seconds (the app's shutdown waits for them). Without it the
+    runner would go on starting queued jobs while uvicorn waits for open requests to end."""
+    import threading
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                # Not in the signal handler itself: it interrupts the loop's thread, which may hold the runner's lock.
+                threading.Thread(target=runner.drain, name="eztinker-drain", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)

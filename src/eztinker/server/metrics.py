@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from ..backend import ABANDONED
 from ..backend.commands import Command, ForwardBackward, Outcome, Sample
 
 # Job latencies range from a millisecond (a bookkeeping command) to minutes (a long training batch).
@@ -36,6 +37,9 @@ class Metrics:
                                       ["model"], registry=self.registry)
         self.tokens_trained = Counter("eztinker_tokens_trained", "Input tokens of completed forward_backward passes "
                                       "(forward-only passes excluded), by base model.", ["model"], registry=self.registry)
+        self.samples_abandoned = Counter("eztinker_samples_abandoned", "Samples stopped early because every consumer "
+                                         "went away (a client that disconnected, a session that ended), by base model.",
+                                         ["model"], registry=self.registry)
         self.sample_batch_requests = Histogram(
             "eztinker_sample_batch_requests", "Sample requests decoded together in one batch (see sample_gather_ms).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
@@ -47,6 +51,9 @@ class Metrics:
         self.run_seconds.labels(kind).observe(run_s)
         self.latency_seconds.labels(kind).observe(queued_s + run_s)
         if outcome.error is not None:
+            if isinstance(command, Sample) and outcome.error.startswith(ABANDONED):
+                self.samples_abandoned.labels(command.model).inc()
+                self.tokens_sampled.labels(command.model).inc((outcome.value or {}).get("decoded_tokens", 0))
             return
         if isinstance(command, Sample):
             sampled = sum(len(s["tokens"]) for row in outcome.value["sequences"] for s in row)

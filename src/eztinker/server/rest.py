@@ -57,7 +57,8 @@ def rest_router(service: Service) -> APIRouter:
                 responses={503: {"model": HealthInfo, "description": "The job worker has stopped."}})
     def health(user: MaybeUser) -> HealthInfo | Response:
         info = service.health()
-        stopped = info.worker.startswith("stopped")  # alive, but no job will ever run: not healthy
+        # alive, but no job will ever run: not healthy
+        stopped = info.worker is not None and info.worker.startswith("stopped")
         if user is None:
             # Probes need no key, but the rest (model paths, every user's run count) is not theirs to see.
             info = HealthInfo(status=info.status)

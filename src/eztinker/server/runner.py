@@ -16,6 +16,7 @@ events that the workers set through each waiter's own event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -23,16 +24,17 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backend import Backend, Progress, WorkerLost
+from ..backend import ABANDONED, Backend, Progress, WorkerLost
 from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
                                 Save, fusable)
+from .limits import FairQueue, InFlight, Refusal, UserLimits
 from .metrics import Metrics
-from .store import Store, is_busy
+from .retention import RetentionPolicy
+from .store import INTERRUPTED, CheckpointLifecycle, Store, is_busy
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,19 @@ class Job:
     command: Command
     # '<run_id>/<name>': the checkpoint a save writes, or a load / create_run starts from.
     checkpoint: str | None = None
+    # A save's: what its checkpoint's row records beside it (expiry, weights only, ...).
+    lifecycle: CheckpointLifecycle | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     # A sample's listener for its tokens as they are decoded (streaming); called from the worker thread.
     progress: Progress | None = None
+    owner: str = ""  # the user who submitted it: lanes serve users' queues in turn (limits.FairQueue)
+    # Set once every consumer of the job's result is gone (`JobRunner.cancel`): a sample stops decoding.
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    # Or, asked after every decode step (it must be quick): whether they are gone, e.g. its session ended.
+    consumers_gone: Callable[[], bool] | None = None
+
+    def gone(self) -> bool:
+        return self.abandoned.is_set() or (self.consumers_gone is not None and self.consumers_gone())
 
 
 @dataclass
@@ -56,7 +68,7 @@ class _Lane:
     """One engine worker's queue, run in order by a thread of its own."""
 
     key: Hashable
-    queue: deque[Job] = field(default_factory=deque)
+    queue: FairQueue = field(default_factory=FairQueue)
     running: list[Job] = field(default_factory=list)
     lost: str | None = None  # why its worker is gone: every job that reaches it fails with this
     thread: threading.Thread | None = None
@@ -78,8 +90,8 @@ def stored_path(path: Path, data_dir: Path) -> str:
 
 
 class JobRunner:
-    def __init__(self, backend: Backend, store: Store, data_dir: Path, *, job_ttl_seconds: float,
-                 max_finished_jobs: int, sample_gather_seconds: float = 0.0, checkpoint_root: Path | None = None,
+    def __init__(self, backend: Backend, store: Store, data_dir: Path, *, retention: RetentionPolicy,
+                 sample_gather_seconds: float = 0.0, checkpoint_root: Path | None = None,
                  snapshot_root: Path | None = None, restore_run: Callable[[str], None] | None = None):
         """`restore_run(run_id)` rebuilds a run whose worker was lost (on a live one, from its last
         checkpoint), as after a restart."""
@@ -88,8 +100,7 @@ class JobRunner:
         self.data_dir = data_dir
         self.checkpoint_root = checkpoint_root or data_dir / "checkpoints"
         self.snapshot_root = snapshot_root or data_dir / SNAPSHOTS
-        self.job_ttl_seconds = job_ttl_seconds
-        self.max_finished_jobs = max_finished_jobs
+        self.retention = retention
         self.sample_gather_seconds = sample_gather_seconds
         self.restore_run = restore_run
         self._lanes: dict[Hashable, _Lane] = {}
@@ -102,10 +113,12 @@ class JobRunner:
         self._recording: set[str] = set()
         self._started = False
         self._stopping = False
+        self._draining = False  # shutting down: no job starts any more
         self._last_expiry = 0.0
         self._expiry_lock = threading.Lock()
         self._stalled: str | None = None  # why a store write is being retried
         self._stopped: str | None = None  # why a worker thread died
+        self._in_flight = InFlight()  # each user's unfinished jobs and sampling tokens (per-user limits)
         self.metrics = Metrics()
 
     def start(self) -> None:
@@ -114,19 +127,63 @@ class JobRunner:
             for lane in self._lanes.values():
                 self._start_lane(lane)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def drain(self) -> None:
+        """The server is shutting down: no job starts any more. Every queued job (and any submitted
+        from now on) fails at once as interrupted, so its waiter learns it now and a client's retry
+        after the restart runs it afresh; running jobs go on (`stop` bounds how long)."""
         with self._cv:
+            self._draining = True
+            failed = [job for lane in self._lanes.values() for job in lane.queue]
+            failed += [job for jobs in self._parked.values() for job in jobs]
+            for lane in self._lanes.values():
+                lane.queue.clear()
+            self._parked.clear()
+            self._cv.notify_all()
+        for job in failed:
+            self._record(job, Outcome(error=INTERRUPTED))
+        if failed:
+            log.warning("shutting down: %d queued job(s) failed as interrupted", len(failed))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain, give the running jobs up to `timeout` seconds to finish (running samples are
+        cut at the deadline), then stop the lanes. A job still running after that is marked
+        interrupted at the next start."""
+        self.drain()
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while any(lane.running for lane in self._lanes.values()) and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait(min(left, 0.1))
+            running = [job for lane in self._lanes.values() for job in lane.running]
+            for job in running:
+                job.abandoned.set()  # a sample stops at its next step; other work cannot be cut short
             self._stopping = True
             self._cv.notify_all()
             threads = [lane.thread for lane in self._lanes.values() if lane.thread is not None]
+        if running:
+            log.warning("shutting down: %d job(s) still running after %.0f s: %s", len(running), timeout,
+                        ", ".join(f"{job.id} ({job.command.kind})" for job in running))
         for thread in threads:
-            thread.join(timeout)
+            thread.join(max(deadline - time.monotonic(), 0) + 2.0)
+
+    def admit(self, job: Job, limits: UserLimits) -> Refusal | None:
+        """Count the job against its owner's in-flight limits before its row is written, or say
+        which limit it would exceed (any thread). Admitted, it counts until its outcome is
+        recorded, or `withdraw` if it is never submitted."""
+        with self._cv:
+            return self._in_flight.admit(job, limits)
+
+    def withdraw(self, job_id: str) -> None:
+        with self._cv:
+            self._in_flight.release(job_id)
 
     def submit(self, job: Job) -> None:
         """Queue a job whose row is already in the database (any thread)."""
         with self._cv:
-            self._enqueue(job)
-            self._cv.notify_all()
+            if not self._draining:
+                self._enqueue(job)
+                self._cv.notify_all()
+                return
+        self._record(job, Outcome(error=INTERRUPTED))  # shutting down: nothing starts
 
     def _enqueue(self, job: Job) -> None:
         """On its run's lane, or the least busy of the lanes it may take (holding the lock)."""
@@ -150,6 +207,29 @@ class JobRunner:
             lane.thread = threading.Thread(target=self._work_loop, args=(lane,), name=name, daemon=True)
             lane.thread.start()
 
+    def cancel(self, job_id: str, why: str) -> bool:
+        """Every consumer of a queued or running sample is gone: a queued one fails at once with
+        `why`, a running one stops decoding at its next step. Whether the sample was found (other
+        kinds of job are never cancelled: a training step's effect is wanted whoever waits)."""
+        with self._cv:
+            for queue in [lane.queue for lane in self._lanes.values()] + list(self._parked.values()):
+                for job in queue:
+                    if job.id == job_id and isinstance(job.command, Sample):
+                        job.abandoned.set()
+                        queue.remove(job)
+                        break
+                else:
+                    continue
+                break
+            else:
+                running = next((job for lane in self._lanes.values() for job in lane.running
+                                if job.id == job_id and isinstance(job.command, Sample)), None)
+                if running is not None:
+                    running.abandoned.set()
+                return running is not None
+        self._record(job, Outcome(error=f"{ABANDONED}: {why}; it never started", error_category="user"))
+        return True
+
     @property
     def queued(self) -> int:
         with self._cv:
@@ -159,9 +239,9 @@ class JobRunner:
     def unfinished(self) -> list[tuple[str, str]]:
         """(kind, 'pending' | 'running') of every job queued or executing (any thread)."""
         with self._cv:
-            pending = [job.command.kind for lane in self._lanes.values() for job in lane.queue]
+            pending: list[str] = [job.command.kind for lane in self._lanes.values() for job in lane.queue]
             pending += [job.command.kind for jobs in self._parked.values() for job in jobs]
-            running = [job.command.kind for lane in self._lanes.values() for job in lane.running]
+            running: list[str] = [job.command.kind for lane in self._lanes.values() for job in lane.running]
         return [(kind, "pending") for kind in pending] + [(kind, "running") for kind in running]
 
     @property
@@ -214,7 +294,7 @@ class JobRunner:
                         self._cv.wait()
                     if self._stopping:
                         return
-                    batch = lane.running = self._take_batch(lane.queue)
+                    batch = lane.running = lane.queue.take(fusable)
                     self._gather(lane, batch)
                 self._run(lane, batch)
                 self._maybe_expire()
@@ -243,20 +323,12 @@ class JobRunner:
                 self._stalled = None
                 return
 
-    @staticmethod
-    def _take_batch(queue: deque[Job]) -> list[Job]:
-        # Only commands queued back to back are fused, so one run's commands never reorder.
-        batch = [queue.popleft()]
-        while queue and fusable(batch[0].command, queue[0].command):
-            batch.append(queue.popleft())
-        return batch
-
     def _gather(self, lane: _Lane, batch: list[Job]) -> None:
         """Let a sample batch grow while fusable samples keep arriving (holding the lock): a client
         sending N requests at once (the Tinker SDK sends one per prompt, a few milliseconds apart)
         gets one N-prompt batch, not a 1-prompt batch followed by an (N-1)-prompt one. Gathering
-        ends at a quiet gap of `sample_gather_seconds`, at anything but a fusable sample at the
-        head of the queue, or `_GATHER_LIMIT` gaps after it began (which bounds the latency it adds)."""
+        ends at a quiet gap of `sample_gather_seconds`, when nothing at the head of a user's queue
+        may join (FairQueue.join), or `_GATHER_LIMIT` gaps after it began (which bounds the latency it adds)."""
         if not self.sample_gather_seconds or not isinstance(batch[0].command, Sample):
             return
         limit = time.monotonic() + _GATHER_LIMIT * self.sample_gather_seconds
@@ -264,10 +336,8 @@ class JobRunner:
             deadline = min(time.monotonic() + self.sample_gather_seconds, limit)
             while not lane.queue and not self._stopping and (left := deadline - time.monotonic()) > 0:
                 self._cv.wait(left)
-            if not lane.queue or not fusable(batch[0].command, lane.queue[0].command):
+            if not lane.queue.join(batch, fusable):
                 return
-            while lane.queue and fusable(batch[0].command, lane.queue[0].command):
-                batch.append(lane.queue.popleft())
             if time.monotonic() >= limit:
                 return
 
@@ -275,16 +345,17 @@ class JobRunner:
         lost: WorkerLost | None = None
         try:
             for job in batch:
-                self._retrying(lambda job=job: self.store.mark_started(job.id))
+                self._retrying(functools.partial(self.store.mark_started, job.id))
             started = time.monotonic()
             progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
+            options = {"progress": progress} if any(progress) else {}
+            if isinstance(batch[0].command, Sample):
+                options["cancelled"] = [job.gone for job in batch]
             try:
                 if lane.lost is not None:
                     outcomes = [Outcome(error=lane.lost)] * len(batch)
-                elif any(progress):
-                    outcomes = self.backend.execute([job.command for job in batch], progress=progress, lane=lane.key)
                 else:
-                    outcomes = self.backend.execute([job.command for job in batch], lane=lane.key)
+                    outcomes = self.backend.execute([job.command for job in batch], lane=lane.key, **options)
             except WorkerLost as exc:
                 lost, outcomes = exc, []  # recorded once its runs are back (below)
             except Exception as exc:  # a backend that failed as a whole fails these jobs alone
@@ -304,6 +375,7 @@ class JobRunner:
         finally:
             with self._cv:
                 lane.running = []
+                self._cv.notify_all()  # a stop() waiting for running jobs
 
     def _worker_lost(self, lane: _Lane, lost: WorkerLost, batch: list[Job]) -> None:
         """Rebuild each of the lane's runs on a live worker (as after a restart), then fail its
@@ -343,6 +415,7 @@ class JobRunner:
         finally:
             with self._waiters_lock:
                 self._recording.discard(job.id)
+            self.withdraw(job.id)
         self._notify_finished(job.id)
 
     def _store_outcome(self, job: Job, outcome: Outcome) -> None:
@@ -357,12 +430,15 @@ class JobRunner:
             if isinstance(command, CreateRun):
                 self.store.mark_run_deleted(command.run_id)  # the run never came to be
         elif isinstance(command, Save):
+            assert job.checkpoint is not None, "a save's job names the checkpoint it writes"
             relative = stored_path(Path(command.directory), self.data_dir)
             name = job.checkpoint.split("/")[1]
-            self.store.record_save(job.id, command.run_id, name, relative, value["step"])
-            self._drop_snapshots(command.run_id)  # it restores from its own save now
+            self.store.record_save(job.id, command.run_id, name, relative, value["step"], job.lifecycle)
+            if command.with_optimizer:
+                self._drop_snapshots(command.run_id)  # it restores from its own save now
         elif isinstance(command, (Load, CreateRun)) and job.checkpoint is not None:
             source = command.directory if isinstance(command, Load) else command.from_checkpoint
+            assert source is not None, "a create_run's job names a checkpoint only when it starts from one"
             snapshot = self._snapshot(command.run_id, job.id, Path(source))
             result = {"step": value["step"], "restored_from": job.checkpoint} if isinstance(command, Load) else value
             self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(result), snapshot)
@@ -373,7 +449,8 @@ class JobRunner:
         elif isinstance(command, OptimStep):
             self.store.record_step(job.id, command.run_id, value)
         elif isinstance(command, ForwardBackward) and not command.forward_only:
-            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"], value["num_tokens"])
+            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"],
+                                               value["num_tokens"], _weight_sum(command))
         else:
             self.store.mark_finished(job.id, result=json.dumps(value))
 
@@ -407,10 +484,27 @@ class JobRunner:
         if now - self._last_expiry > 60 and self._expiry_lock.acquire(blocking=False):  # one lane expires
             try:
                 self._last_expiry = now
-                self._retrying(lambda: self.store.expire_jobs(self.job_ttl_seconds, self.max_finished_jobs))
+                self._retrying(lambda: self.store.expire(self.retention))
             finally:
                 self._expiry_lock.release()
 
+
+
+def _weight_sum(command: ForwardBackward) -> float | None:
+    """cross_entropy's summed weights over the batch (a datum without weights weighs 1 at every
+    position): its weighted loss over this is the mean NLL per token, whether the weights are
+    ones or already normalised to sum to 1. None for the other losses (no weights)."""
+    if command.loss_fn != "cross_entropy":
+        return None
+    total = 0.0
+    for datum in command.data:
+        weights = datum.loss_fn_inputs.weights
+        total += len(datum.loss_fn_inputs.target_tokens) if weights is None else _total(weights)
+    return total
+
+
+def _total(values) -> float:
+    return float(sum(_total(v) if isinstance(v, (list, tuple)) else v for v in values))
 
 
 def _guarded(job_id: str, listener: Progress) -> Progress:

@@ -8,18 +8,22 @@ the backend, so nothing here imports torch.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import shutil
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..backend import Backend, InvalidInput, ModelInfo, Progress
-from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score
+from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score, ScorePrompts
 from ..types import (
     CreateRunRequest,
     ForwardBackwardRequest,
@@ -40,16 +44,20 @@ from ..types import (
     WorkerStatus,
     parse_checkpoint_ref,
 )
+from . import checkpoints as names
+from .checkpoints import MAX_TTL_SECONDS, CheckpointKind, UrlSigner, link_copy
 from .datadir import DataDirLock
 from .runner import Job, JobRunner, stored_path
 from .settings import ServerSettings
-from .store import INTERRUPTED, JobRecord, Store, new_id
+from .store import INTERRUPTED, CheckpointLifecycle, JobRecord, Store, new_id
 
 log = logging.getLogger(__name__)
 
 # Seeds are stored as SQLite INTEGERs and fed to torch.manual_seed; either raises OverflowError above this,
 # and the schema has no upper bound, so checking it up front answers 422 rather than 500.
 MAX_SEED = 2**63 - 1
+# Ids scored (target_prompt_logprobs) or drawn (prompt_alt_tokens_k) per prompt token, on average: as wide as a top-k.
+MAX_PROMPT_CELLS_PER_TOKEN = 64
 
 
 class ServiceError(Exception):
@@ -59,6 +67,16 @@ class ServiceError(Exception):
     def __init__(self, status: int, message: str, loc: tuple | None = None):
         super().__init__(message)
         self.status, self.message, self.loc = status, message, loc
+
+
+class LimitExceeded(ServiceError):
+    """A per-user limit refused the request (429). `clears`: whether waiting for the user's work
+    in flight can make room; if not, retrying is pointless (the user must delete something or ask
+    for less), and each protocol says so in its own way."""
+
+    def __init__(self, limit: str, message: str, *, clears: bool):
+        super().__init__(429, message)
+        self.limit, self.clears = limit, clears
 
 
 def not_found(what: str) -> ServiceError:
@@ -81,13 +99,17 @@ class Service:
         self.data_dir = Path(settings.data_dir).resolve()
         self.checkpoint_root, self.snapshot_root = settings.checkpoint_root(), settings.snapshot_root()
         self.store = Store(self.data_dir / "eztinker.sqlite3")
-        self.runner = JobRunner(backend, self.store, self.data_dir, job_ttl_seconds=settings.job_ttl_seconds,
-                                max_finished_jobs=settings.max_finished_jobs,
+        self.runner = JobRunner(backend, self.store, self.data_dir, retention=settings.retention(),
                                 sample_gather_seconds=settings.sample_gather_ms / 1000, checkpoint_root=self.checkpoint_root,
                                 snapshot_root=self.snapshot_root, restore_run=self._restore_lost_run)
+        self.limits = settings.user_limits()
         self.runner.metrics.watch(self.runner.unfinished, lambda: [row["base_model"] for row in self.store.live_runs()])
+        self.signer = UrlSigner(self.data_dir / "signing.key")
         self._restore()
         self.runner.start()
+        self._sweeping = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_periodically, name="checkpoint-sweep", daemon=True)
+        self._sweeper.start()
 
     # --------------------------------------------------------------------------- life cycle
     def _restore(self) -> None:
@@ -104,6 +126,7 @@ class Service:
         failed = self.store.fail_unfinished_jobs()
         if failed:
             log.warning("%d job(s) were interrupted by the last shutdown and are marked failed", failed)
+        self.sweep_checkpoints()
         self._remove_stale_snapshots()
         for row in self.store.live_runs():
             self._restore_run(row)
@@ -137,7 +160,14 @@ class Service:
             except ValueError as exc:
                 log.error("run %s: could not restore %s (%s); it restarts from step 0", run_id, ref, exc)
                 ref = None
-        create = CreateRun(model=model, run_id=run_id, lora=lora, seed=row["seed"], from_checkpoint=directory)
+        with_optimizer = True
+        if directory is not None:  # what a run loaded may be weights only: then Adam's moments start afresh
+            try:
+                with_optimizer = self.backend.read_checkpoint(Path(directory)).has_optimizer
+            except InvalidInput:
+                pass  # the create below fails on it and says why
+        create = CreateRun(model=model, run_id=run_id, lora=lora, seed=row["seed"], from_checkpoint=directory,
+                           with_optimizer=with_optimizer)
         [outcome] = self.backend.execute([create])
         if outcome.error is not None and directory is not None:
             # A corrupted adapter or truncated optimizer state must not stop the server starting.
@@ -147,7 +177,7 @@ class Service:
         if outcome.error is not None:
             log.error("run %s could not be rebuilt: %s", run_id, outcome.error)
             return
-        self.store.set_run_state(run_id, outcome.value["step"], restored_from=ref)
+        self.store.record_restore(run_id, outcome.value["step"], restored_from=ref)
 
     def _remove_stale_snapshots(self) -> None:
         """Snapshots no live run restores from: of deleted runs, superseded by a later save or
@@ -185,7 +215,8 @@ class Service:
 
     def close(self) -> None:
         try:
-            self.runner.stop()
+            self._sweeping.set()
+            self.runner.stop(self.settings.shutdown_grace_seconds)
             self.store.close()
             self.backend.close()
         finally:
@@ -297,9 +328,13 @@ class Service:
             elif row["loss"] is not None:
                 point["loss"] = point.get("loss", 0.0) + row["loss"]
                 point["num_tokens"] = point.get("num_tokens", 0) + row["num_tokens"]
+                # cross_entropy: divided by its weights' sum (a mean NLL per token whatever the
+                # weights' scale); the RL losses and rows logged before weight sums: by the tokens.
+                weight = row["weight_sum"] if row["weight_sum"] is not None else row["num_tokens"]
+                point["weight_sum"] = point.get("weight_sum", 0.0) + weight
         for point in points.values():
-            if point.get("num_tokens"):
-                point["loss_per_token"] = point["loss"] / point["num_tokens"]
+            if point.get("weight_sum"):
+                point["loss_per_token"] = point["loss"] / point["weight_sum"]
             point["recorded_at"] = datetime.fromtimestamp(point["recorded_at"], tz=timezone.utc)
         return RunMetrics(run_id=run_id, points=[MetricPoint(**points[step]) for step in sorted(points)])
 
@@ -319,6 +354,7 @@ class Service:
         if job.status is JobStatus.failed:
             field = ("from_checkpoint",) if request.from_checkpoint is not None else ("lora",)
             raise invalid(field, job.error or "could not create the run")
+        assert job.run_id is not None, "a create_run job names its run"
         return self.get_run(user, job.run_id)
 
     def submit_create_run(self, user: str, request: CreateRunRequest, key: str | None = None, *,
@@ -331,7 +367,8 @@ class Service:
         lora, source, ref = request.lora, None, None
         requested_model = request.base_model
         if request.from_checkpoint is not None:
-            source, ref = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint")
+            source, ref = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint",
+                                           published=True)
             try:
                 state = self.backend.read_checkpoint(source)
             except InvalidInput as exc:
@@ -360,11 +397,19 @@ class Service:
                 raise ServiceError(409, f"run id {run_id} is taken")
             return self._replay_create(user, run_id)
         run_id = run_id or new_id("run")
+        if self.limits.runs is not None and len(self.store.live_runs(user)) >= self.limits.runs:
+            raise LimitExceeded("max_runs_per_user", f"you have {self.limits.runs} live runs; the limit is "
+                                f"max_runs_per_user ({self.limits.runs}): delete one first (DELETE /v1/runs/<id>; a "
+                                "Tinker model's id is its run id)", clears=False)
         self.store.add_run(run_id, user, model, lora, request.seed, metadata)
         command = CreateRun(model=model, run_id=run_id, lora=lora, seed=request.seed,
                             from_checkpoint=None if source is None else str(source), with_optimizer=with_optimizer)
         job = Job(new_id("job"), command, checkpoint=ref)
-        answer = self.submit(user, job, request, key, digest=digest)
+        try:
+            answer = self.submit(user, job, request, key, digest=digest)
+        except ServiceError:  # refused (a limit): the run never came to be
+            self.store.mark_run_deleted(run_id)
+            raise
         if answer.job_id != job.id:  # a concurrent retry with the same key won: this attempt is void
             self.store.mark_run_deleted(run_id)
         return answer
@@ -393,6 +438,15 @@ class Service:
         if row["base_model"] in self.models:  # else it was never rebuilt in this server
             # Queued behind the run's pending jobs, so they finish first.
             await self._submit_and_wait(user, Job(new_id("job"), DeleteRun(model=row["base_model"], run_id=run_id)))
+        # Its checkpoints go with it (runs that loaded one restore from their own snapshot of it); a
+        # crash before this is made good by the sweep at the next start. Off the event loop: a
+        # run's folders can be many.
+        await asyncio.to_thread(self._remove_checkpoints_of, run_id)
+
+    def _remove_checkpoints_of(self, run_id: str) -> None:
+        for checkpoint in self.store.checkpoints(run_id):
+            self._remove_checkpoint(checkpoint.run_id, checkpoint.name)
+        _remove_empty(self.checkpoint_root / run_id)
 
     # --------------------------------------------------------------------------------- jobs
     def submit_forward_backward(self, user: str, run_id: str, request: ForwardBackwardRequest, key: str | None, *,
@@ -430,10 +484,13 @@ class Service:
     def submit_sample_tokens(self, user: str, model: str, run_id: str | None, prompts: list[list[int]],
                              num_samples: int, params, request: Any, key: str | None, *, snapshot: Path | None = None,
                              prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_logprobs: int = 0,
-                             progress: Progress | None = None) -> JobRef:
+                             prompt_logprobs_last_n: int | None = None, prompt_targets: list | None = None,
+                             prompt_alt_tokens_k: int = 0, progress: Progress | None = None,
+                             consumers_gone: Callable[[], bool] | None = None) -> JobRef:
         """Sample token prompts on `model`: from run `run_id`'s live adapter, a saved `snapshot`
         (a checkpoint directory), or the bare model when both are None. `progress` receives the
-        tokens as they are decoded (from the worker thread)."""
+        tokens as they are decoded (from the worker thread); `consumers_gone`, asked after every
+        decode step, stops the sample once it answers True."""
         if params.seed is not None and params.seed > MAX_SEED:
             raise invalid(("sampling_params", "seed"), f"seed {params.seed} is above the largest allowed, {MAX_SEED}")
         if params.max_tokens > self.settings.max_new_tokens:
@@ -455,10 +512,61 @@ class Service:
         self.check_tokens(model, params.stop_token_ids, ("sampling_params", "stop_token_ids"))
         for i, tokens in enumerate(prompts):
             self.check_tokens(model, tokens, ("prompts", i, "tokens"))
+        self._check_prompt_scoring(model, prompts, prompt_logprobs_last_n, prompt_targets, prompt_alt_tokens_k)
         command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=num_samples, sampling_params=params,
                          snapshot=None if snapshot is None else str(snapshot), prompt_logprobs=prompt_logprobs,
-                         topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs)
-        return self.submit(user, Job(new_id("job"), command, progress=progress), request, key)
+                         topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs,
+                         prompt_logprobs_last_n=prompt_logprobs_last_n, prompt_targets=prompt_targets,
+                         prompt_alt_tokens_k=prompt_alt_tokens_k)
+        return self.submit(user, Job(new_id("job"), command, progress=progress, consumers_gone=consumers_gone),
+                           request, key)
+
+    def _check_prompt_scoring(self, model: str, prompts: list[list[int]], last_n: int | None, targets: list | None,
+                              alt_k: int) -> None:
+        """What a sample asks at its prompts' positions fits each prompt: `last_n` at most len - 1,
+        `targets` one row per position 1 .. len - 1 of ids in the vocabulary, at most MAX_PROMPT_CELLS_PER_TOKEN
+        ids (and draws) per prompt token on average (they cost a vocabulary row each, like a top-k)."""
+        vocab = self.models[model].vocab_size
+        for i, prompt in enumerate(prompts):
+            if last_n is not None and not 1 <= last_n <= len(prompt) - 1:
+                raise invalid(("prompt_logprobs_last_n",), f"prompt_logprobs_last_n is {last_n}; it must be between "
+                              f"1 and len(prompt) - 1 = {len(prompt) - 1}")
+            cells_limit = MAX_PROMPT_CELLS_PER_TOKEN * len(prompt)
+            if alt_k * (len(prompt) - 1) > cells_limit:
+                raise invalid(("prompt_alt_tokens_k",), f"prompt_alt_tokens_k {alt_k} x {len(prompt) - 1} positions "
+                              f"is above the limit of {cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)")
+            if targets is None:
+                continue
+            rows = targets[i]
+            if len(rows) != len(prompt) - 1:
+                raise invalid(("target_prompt_logprobs",), f"target_prompt_logprobs has {len(rows)} rows; the prompt "
+                              f"has {len(prompt)} tokens, so it needs len(prompt) - 1 = {len(prompt) - 1}")
+            cells = sum(len(row) for row in rows)
+            if cells == 0:
+                raise invalid(("target_prompt_logprobs",),
+                              "target_prompt_logprobs names no token id (every cell is -1)")
+            if cells > cells_limit:
+                raise invalid(("target_prompt_logprobs",), f"target_prompt_logprobs names {cells} ids; the limit is "
+                              f"{cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)")
+            for r, row in enumerate(rows):
+                for token in row:
+                    if not 0 <= token < vocab:
+                        raise invalid(("target_prompt_logprobs", r),
+                                      f"token id {token} is outside the vocabulary [0, {vocab})")
+
+    def submit_score_prompts(self, user: str, model: str, run_id: str | None, prompts: list[list[int]], topk: int,
+                             request: Any, *, snapshot: Path | None = None) -> JobRef:
+        """Score token prompts on `model` (a run's live adapter, a saved `snapshot`, or the bare
+        model): every token's logprob given those before it, one forward pass, no sampling."""
+        if len(prompts) > self.settings.max_batch_examples:
+            raise invalid(("prompts",), f"{len(prompts)} prompts; the limit is max_batch_examples "
+                                        f"({self.settings.max_batch_examples})")
+        self._check_total_tokens(("prompts",), sum(len(p) for p in prompts), f"{len(prompts)} prompts")
+        for i, tokens in enumerate(prompts):
+            self.check_tokens(model, tokens, ("prompts", i, "tokens"))
+        command = ScorePrompts(model=model, run_id=run_id, prompts=prompts, topk=topk,
+                               snapshot=None if snapshot is None else str(snapshot))
+        return self.submit(user, Job(new_id("job"), command), request, None)
 
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)
@@ -476,22 +584,82 @@ class Service:
         command = Score(model=model, run_id=run_id, prompt=prompt, responses=responses)
         return self.submit(user, Job(new_id("job"), command), request, key)
 
-    def submit_save(self, user: str, run_id: str, request: SaveRequest, key: str | None) -> JobRef:
+    def submit_save(self, user: str, run_id: str, request: SaveRequest, key: str | None, *,
+                    kind: CheckpointKind = CheckpointKind.training, ttl_seconds: float | None = None,
+                    overwrite: bool = True, meta: dict | None = None, field: str = "name") -> JobRef:
+        """Save the run's state as checkpoint `request.name` of `kind` (its namespace: see
+        checkpoints.py); training checkpoints hold the optimizer state, the others weights only.
+        `ttl_seconds`: the server deletes it that long after the save."""
+        try:
+            name = names.stored_name(kind, request.name)
+        except ValueError as exc:
+            raise invalid((field,), str(exc)) from None
+        self._usable_run(user, run_id)
+        _check_ttl(ttl_seconds)
+        if not overwrite and self.store.checkpoint(run_id, name) is not None:
+            raise invalid((field,), f"checkpoint {request.name!r} of run {run_id} exists; overwrite it explicitly")
+        lifecycle = CheckpointLifecycle(with_optimizer=names.with_optimizer(kind), ttl_seconds=ttl_seconds,
+                                        meta=meta or {})
+        return self._submit_save(user, run_id, name, lifecycle, (request, kind, ttl_seconds, meta), key)
+
+    def submit_sampler_snapshot(self, user: str, run_id: str, sampler_id: str, key: str | None, *,
+                                ttl_seconds: float | None = None) -> tuple[JobRef, str]:
+        """Save the run's weights for sampling session `sampler_id` (Tinker's unnamed
+        save_weights_for_sampler); returns the job and the checkpoint's reference. The run keeps
+        only its newest `sampler_snapshots_kept` such snapshots: older ones are pruned here, at
+        submission, whether or not anyone retrieves the futures. Named checkpoints are never pruned."""
+        self._usable_run(user, run_id)
+        _check_ttl(ttl_seconds)
+        name = names.auto_snapshot_name(sampler_id)
+        self._prune_snapshots(run_id, self.settings.sampler_snapshots_kept - 1, but=name)
+        lifecycle = CheckpointLifecycle(with_optimizer=False, auto=True, ttl_seconds=ttl_seconds)
+        ref = self._submit_save(user, run_id, name, lifecycle, ("snapshot", sampler_id, ttl_seconds), key)
+        return ref, f"{run_id}/{name}"
+
+    def _prune_snapshots(self, run_id: str, keep: int, but: str | None = None) -> None:
+        """Delete the run's unnamed sampler snapshots but its newest `keep` (and `but`)."""
+        snapshots = [c for c in self.store.auto_checkpoints(run_id) if c.name != but]
+        for old in snapshots[: max(0, len(snapshots) - keep)]:
+            self._remove_checkpoint(run_id, old.name)
+
+    def _submit_save(self, user: str, run_id: str, name: str, lifecycle: CheckpointLifecycle, request: Any,
+                     key: str | None) -> JobRef:
         _, model = self._usable_run(user, run_id)
-        target = self.checkpoint_root / run_id / request.name
+        target = self.checkpoint_root / run_id / name
         # A run's checkpoint folder that is a symlink to elsewhere would be written through;
         # loads refuse such paths, so saves must too.
         if target.parent.exists() and not target.parent.resolve().is_relative_to(self.checkpoint_root):
-            raise invalid(("name",), f"checkpoint {run_id}/{request.name} is not inside the data directory")
-        command = Save(model=model, run_id=run_id, directory=str(target))
-        return self.submit(user, Job(new_id("job"), command, checkpoint=f"{run_id}/{request.name}"), request, key)
+            raise invalid(("name",), f"checkpoint {run_id}/{name} is not inside the data directory")
+        if not lifecycle.auto and self.store.checkpoint(run_id, name) is None:  # an overwrite adds nothing
+            self._check_checkpoint_limits(user)
+        command = Save(model=model, run_id=run_id, directory=str(target), with_optimizer=lifecycle.with_optimizer)
+        job = Job(new_id("job"), command, checkpoint=f"{run_id}/{name}", lifecycle=lifecycle)
+        return self.submit(user, job, request, key)
 
     def submit_load(self, user: str, run_id: str, request: LoadRequest, key: str | None, *,
                     with_optimizer: bool = True) -> JobRef:
         _, model = self._usable_run(user, run_id)
-        path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint")
+        path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint", published=True)
         command = Load(model=model, run_id=run_id, directory=str(path), with_optimizer=with_optimizer)
         return self.submit(user, Job(new_id("job"), command, checkpoint=ref), request, key)
+
+    def _check_checkpoint_limits(self, user: str) -> None:
+        limits = self.limits
+        if limits.checkpoints is None and limits.checkpoint_bytes is None:
+            return
+        listed = self.store.checkpoints_of(user)
+        if limits.checkpoints is not None:
+            queued = sum(1 for job in self.store.unfinished_jobs(user) if job["kind"] == "save")
+            if len(listed) + queued >= limits.checkpoints:
+                raise LimitExceeded("max_checkpoints_per_user", f"you have {len(listed)} checkpoints and {queued} "
+                                    f"saves queued; the limit is max_checkpoints_per_user ({limits.checkpoints}): "
+                                    "delete some first", clears=False)
+        if limits.checkpoint_bytes is not None:
+            held = sum(_bytes_in(self.data_dir / c.path) for c in listed)
+            if held >= limits.checkpoint_bytes:
+                raise LimitExceeded("max_checkpoint_bytes_per_user", f"your checkpoints hold {held} bytes; the limit "
+                                    f"is max_checkpoint_bytes_per_user ({limits.checkpoint_bytes}): delete some first",
+                                    clears=False)
 
     def _sampling_model(self, user: str, run_id: str | None, requested: str | None) -> str:
         if run_id is None:
@@ -501,24 +669,78 @@ class Service:
             raise invalid(("base_model",), f"run {run_id} is on {model!r}, not {requested!r}")
         return model
 
-    def checkpoint_path(self, user: str, ref: str, field: str = "checkpoint") -> tuple[Path, str]:
-        """The directory of checkpoint '<run_id>/<name>' the user owns (404 otherwise)."""
-        return self._checkpoint(user, ref, default_run=None, field=field)
+    def checkpoint_path(self, user: str, ref: str, field: str = "checkpoint", *, published: bool = False) -> tuple[Path, str]:
+        """The directory of checkpoint '<run_id>/<name>' the user owns (404 otherwise); with
+        `published`, also another user's that its owner published (to load, sample or download)."""
+        return self._checkpoint(user, ref, default_run=None, field=field, published=published)
 
     def delete_checkpoint(self, user: str, run_id: str, name: str) -> None:
         # One whose files are gone can still be unlisted.
-        path, _ = self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint", must_exist=False)
+        self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint", must_exist=False)
+        self._remove_checkpoint(run_id, name)
+
+    def set_checkpoint_ttl(self, user: str, run_id: str, name: str, ttl_seconds: float | None) -> None:
+        """The checkpoint expires `ttl_seconds` from now (None: never)."""
+        self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint")
+        _check_ttl(ttl_seconds)
+        self.store.set_checkpoint_expiry(run_id, name, None if ttl_seconds is None else time.time() + ttl_seconds)
+
+    def publish_checkpoint(self, user: str, run_id: str, name: str, public: bool) -> None:
+        """Published: every user of this server may load, sample and download it (not change it)."""
+        self._checkpoint(user, f"{run_id}/{name}", default_run=None, field="checkpoint")
+        self.store.set_checkpoint_public(run_id, name, public)
+
+    def sweep_checkpoints(self) -> int:
+        """Delete expired checkpoints and those of deleted runs (rows, then files), and prune the
+        unnamed sampler snapshots that saves finishing after their successors' submission left
+        beyond `sampler_snapshots_kept`; returns how many checkpoints expired or went with their run."""
+        for run_id in self.store.runs_with_auto_checkpoints_over(self.settings.sampler_snapshots_kept):
+            self._prune_snapshots(run_id, self.settings.sampler_snapshots_kept)
+        doomed = self.store.checkpoints_to_remove(time.time())
+        for checkpoint in doomed:
+            log.info("checkpoint %s/%s: %s, deleted", checkpoint.run_id, checkpoint.name,
+                     "expired" if self.store.run_row(checkpoint.run_id) else "its run was deleted")
+            self._remove_checkpoint(checkpoint.run_id, checkpoint.name)
+        for run_id in {c.run_id for c in doomed}:
+            if self.store.run_row(run_id) is None:
+                _remove_empty(self.checkpoint_root / run_id)
+        return len(doomed)
+
+    def _sweep_periodically(self) -> None:
+        while not self._sweeping.wait(self.settings.checkpoint_sweep_seconds):
+            try:
+                self.sweep_checkpoints()
+            except Exception:  # a busy database, say: the next sweep tries again
+                log.exception("the checkpoint sweep failed; it runs again in %.0f s", self.settings.checkpoint_sweep_seconds)
+
+    def _remove_checkpoint(self, run_id: str, name: str) -> None:
+        """Unlist a checkpoint and delete its files. A live run that a restart would rebuild from
+        it gets its own hard-linked copy first (as after a load), so the restart still finds it."""
+        checkpoint = self.store.checkpoint(run_id, name)
+        if checkpoint is None:
+            return
+        path = (self.data_dir / checkpoint.path).resolve()
+        for row in self.store.runs_resuming_from(f"{run_id}/{name}"):
+            if path.is_dir():
+                copy = self.snapshot_root / row["id"] / new_id("keep")
+                link_copy(path, copy)
+                self.store.set_resume_path(row["id"], stored_path(copy, self.data_dir))
         self.store.delete_checkpoint(run_id, name)  # unlisted first: a crash then leaves only a stray folder
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_relative_to(self.checkpoint_root):
+            shutil.rmtree(path, ignore_errors=True)
 
     def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str,
-                    must_exist: bool = True) -> tuple[Path, str]:
+                    must_exist: bool = True, published: bool = False) -> tuple[Path, str]:
         try:
             source_run, name = parse_checkpoint_ref(ref, default_run=default_run or "")
         except ValueError as exc:
             raise invalid((field,), str(exc)) from None
         owner = self.store.run_owner(source_run)
-        checkpoint = self.store.checkpoint(source_run, name) if owner == user else None
+        checkpoint = self.store.checkpoint(source_run, name) if owner is not None else None
+        if checkpoint is not None and owner != user and not (published and checkpoint.public):
+            checkpoint = None  # another user's, unpublished: as good as absent
+        if checkpoint is not None and checkpoint.expires_at is not None and checkpoint.expires_at.timestamp() <= time.time():
+            checkpoint = None  # expired: never served, whether or not the sweep has deleted it yet
         if checkpoint is None:
             raise not_found(f"checkpoint {source_run}/{name}")
         path = (self.data_dir / checkpoint.path).resolve()
@@ -561,10 +783,21 @@ class Service:
             existing = self.store.job_by_key(user, key)
             if existing is not None:
                 return self._replay(existing, digest, key)
+        job.owner = user
+        refusal = self.runner.admit(job, self.limits)
+        if refusal is not None:
+            raise LimitExceeded(refusal.limit, refusal.message, clears=refusal.clears)
         try:
             self.store.add_job(job.id, user, command.run_id, command.kind, key, digest)
         except sqlite3.IntegrityError:  # the same key raced in from a concurrent retry
-            return self._replay(self.store.job_by_key(user, key), digest, key)
+            self.runner.withdraw(job.id)
+            existing = self.store.job_by_key(user, key) if key else None
+            if existing is None or key is None:  # not a key's race: a genuine integrity failure
+                raise
+            return self._replay(existing, digest, key)
+        except BaseException:
+            self.runner.withdraw(job.id)
+            raise
         self.runner.submit(job)
         return JobRef(job_id=job.id, status=JobStatus.pending)
 
@@ -575,6 +808,7 @@ class Service:
         return JobRef(job_id=existing["id"], status=JobStatus(existing["status"]))
 
     async def _submit_and_wait(self, user: str, job: Job) -> JobRecord:
+        job.owner = user  # not admitted: a deletion frees what the limits count, it is never refused
         self.store.add_job(job.id, user, job.command.run_id, job.command.kind)
         self.runner.submit(job)
         return await self._wait_finished(user, job.id)
@@ -603,6 +837,25 @@ class Service:
             await self.runner.wait(job_id, wait, lambda: settled(self.job(user, job_id)))
             record = self.job(user, job_id)
         return record
+
+
+def _bytes_in(directory: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+    except OSError:
+        return 0
+
+
+def _check_ttl(ttl_seconds: float | None) -> None:
+    if ttl_seconds is not None and not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+        raise invalid(("ttl_seconds",), f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (ten years), or null")
+
+
+def _remove_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:
+        pass  # not empty (a stray folder an operator put there), or already gone
 
 
 def _request_hash(kind: str, run_id: str | None, request: Any) -> str:

@@ -15,6 +15,9 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .._net import is_loopback_host
+from ..model_spec import served_name
+from .limits import UserLimits
+from .retention import RetentionPolicy
 
 
 class ServerSettings(BaseSettings):
@@ -26,14 +29,29 @@ class ServerSettings(BaseSettings):
         default_factory=lambda: ["auto"],
         description="Base model, repeatable (the first is the default for new runs): a Hub id, a local "
         "directory, 'smollm2-135m' (embedded, offline) or 'auto' (Qwen/Qwen2-0.5B-Instruct when the Hub "
-        "is reachable, else smollm2-135m).",
+        "is reachable, else smollm2-135m); NAME=SOURCE serves SOURCE under the name NAME (e.g. "
+        "Qwen/Qwen3-4B-Instruct-2507=/path/to/folder, for recipes that look models up by name). In a "
+        "settings file also a table {NAME = SOURCE, ...}.",
     )
     data_dir: Path = Field(Path("data"), description="Database, checkpoints and model cache live here.")
     checkpoint_dir: Path | None = Field(
         None, description="Where checkpoints (and the snapshots runs restore from) live, if not <data-dir>/checkpoints: "
         "with --backend ray, a folder every Ray node reads and writes at this same path (a shared file system).",
     )
-    device: str | None = Field(None, description="'cpu' or 'cuda'; default: cuda when available.")
+    device: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Device of the base models, repeatable: 'cpu', 'cuda' or 'cuda:N' for every model, one per "
+        "--model in order, or MODEL=DEVICE for one. Default (and 'cuda' without an index): the models spread over "
+        "the visible GPUs, the CPU without one. With --backend ray: one device, each worker's own.",
+    )
+    microbatch_tokens: int | None = Field(
+        None, ge=64, description="Padded tokens per training forward pass (a micro-batch); default: sized from the "
+        "device's free memory once the model is loaded (8192 on the CPU).",
+    )
+    activation_checkpointing: bool | None = Field(
+        None, description="Recompute each layer's activations in the backward pass instead of keeping them "
+        "(less memory, about a third more compute); default: on a GPU, off on the CPU.",
+    )
     backend: Literal["local", "ray"] = Field(
         "local", description="'local': the engines run in this process; 'ray': in Ray actors, on any node of a Ray cluster."
     )
@@ -83,11 +101,63 @@ class ServerSettings(BaseSettings):
         "machine); 0 starts every sample at once.",
     )
     job_ttl_seconds: float = Field(24 * 3600, gt=0, description="Finished jobs are forgotten after this.")
-    max_finished_jobs: int = Field(100_000, ge=100, description="Finished jobs kept at most (newest first).")
+    max_finished_jobs_per_user: int = Field(
+        10_000, ge=100, description="Finished jobs each user keeps at most (their newest); one user's traffic never "
+        "evicts another's jobs.")
+    idempotency_ttl_seconds: float = Field(
+        24 * 3600, gt=0, description="An Idempotency-Key is remembered this long after its job finished, even once "
+        "the job itself has expired: a retry with it is answered with the original job, never run again.")
+    max_idempotency_keys_per_user: int = Field(
+        1_000_000, ge=1000, description="Keys of expired jobs each user's retries are remembered by, at most (their "
+        "newest; about 150 bytes each).")
+    large_result_bytes: int = Field(
+        256 * 1024, ge=1024, description="A result over this many bytes of JSON (a sample of many long candidates) "
+        "counts as large: kept large_result_ttl_seconds, within max_result_bytes_per_user.")
+    large_result_ttl_seconds: float = Field(
+        3600, gt=0, description="Large results are dropped this long after their job finished (the job stays, "
+        "completed, its error saying so).")
+    max_result_bytes_per_user: int = Field(
+        256 * 1024 * 1024, ge=64 * 1024, description="Bytes of large results each user keeps at most (the newest).")
+    # Per-user limits. Not given (None): the default for a server with API keys (shared by several
+    # users), none on a keyless loopback server (one user); 0: no limit.
+    max_runs_per_user: int | None = Field(
+        None, ge=0, description="Live runs each user may have (default with API keys: 64; each holds its adapter, "
+        "gradients and optimizer state in memory, about 0.44 GB at rank 64 on Qwen2-0.5B).")
+    max_checkpoints_per_user: int | None = Field(
+        None, ge=0, description="Checkpoints each user may have listed, saves queued included (default with API "
+        "keys: 512).")
+    max_checkpoint_bytes_per_user: int | None = Field(
+        None, ge=0, description="Bytes of checkpoints on disk after which a user's further saves are refused "
+        "(default with API keys: 50 GiB).")
+    max_sample_tokens_in_flight_per_user: int | None = Field(
+        None, ge=0, description="Tokens each user's unfinished samples may hold, counted as max_tokens_per_request "
+        "counts them (default with API keys: 2 x max_tokens_per_request).")
+    max_queued_jobs_per_user: int | None = Field(
+        None, ge=0, description="Jobs each user may have queued or running (default with API keys: 1024).")
     tinker_session_timeout_seconds: float = Field(
         600, gt=0, description="A Tinker session without a heartbeat for this long has ended (the SDK beats every 10 s)."
     )
+    shutdown_grace_seconds: float = Field(
+        30, ge=0, description="On SIGTERM the server stops accepting connections, fails every queued job at once "
+        "(as interrupted: a client's retry after the restart runs it), and gives running jobs this long to finish; "
+        "a sample still decoding then stops, and any other job still running is marked interrupted at the next start.",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins to allow (off when empty).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host names a server without API keys answers besides localhost, "
+        "127.0.0.1 and [::1] (its Host check against DNS rebinding); '*' turns the check off.",
+    )
+    checkpoint_sweep_seconds: float = Field(
+        60, gt=0, description="How often the server deletes expired checkpoints (a Tinker ttl_seconds) and those of "
+        "deleted runs; expired ones are refused from the moment they expire.",
+    )
+    sampler_snapshots_kept: int = Field(
+        4, ge=1, description="Unnamed sampler snapshots (save_weights_and_get_sampling_client) a run keeps: older ones "
+        "are deleted as new ones are saved. Named checkpoints are never pruned.",
+    )
+    download_url_seconds: float = Field(
+        3600, gt=0, description="How long a signed checkpoint download URL (Tinker archive or external weights) works.",
+    )
     _user_keys: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("model", mode="before")
@@ -95,11 +165,26 @@ class ServerSettings(BaseSettings):
     def _models(cls, value: Any) -> Any:
         if isinstance(value, str):  # EZTINKER_MODEL="a,b" or one name
             value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, dict):  # a settings file's table: {served name: source}
+            value = [f"{name}={source}" for name, source in value.items()]
         if isinstance(value, (list, tuple)):
             if not value:
                 raise ValueError("give at least one base model")
-            if len(set(value)) != len(value):
-                raise ValueError(f"each base model once, got {list(value)}")
+            try:
+                names = [served_name(v) for v in value] if all(isinstance(v, str) for v in value) else value
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            if len(set(names)) != len(names):
+                raise ValueError(f"each base model (served name) once, got {list(value)}")
+        return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _devices(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):  # EZTINKER_DEVICE="cuda:0,m=cuda:1" or one device
+            value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("api_key")
@@ -154,6 +239,43 @@ class ServerSettings(BaseSettings):
             raise ValueError(f"--workers-per-model: give one number >= 1 for every model, or one per --model "
                              f"({len(self.model)}), got {self.workers_per_model}")
         return self
+
+    def user_limits(self) -> UserLimits:
+        """The per-user limits in force: given values (0: none), else the keyed server's defaults."""
+        keyed = bool(self._user_keys)
+
+        def pick(given: int | None, default: int) -> int | None:
+            value = given if given is not None else (default if keyed else 0)
+            return value or None
+
+        return UserLimits(
+            runs=pick(self.max_runs_per_user, 64),
+            checkpoints=pick(self.max_checkpoints_per_user, 512),
+            checkpoint_bytes=pick(self.max_checkpoint_bytes_per_user, 50 * 1024**3),
+            sample_tokens=pick(self.max_sample_tokens_in_flight_per_user, 2 * self.max_tokens_per_request),
+            queued_jobs=pick(self.max_queued_jobs_per_user, 1024))
+
+    def retention(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            job_ttl_s=self.job_ttl_seconds, max_jobs_per_user=self.max_finished_jobs_per_user,
+            idempotency_ttl_s=self.idempotency_ttl_seconds,
+            max_idempotency_keys_per_user=self.max_idempotency_keys_per_user,
+            large_result_bytes=self.large_result_bytes, large_result_ttl_s=self.large_result_ttl_seconds,
+            max_result_bytes_per_user=self.max_result_bytes_per_user)
+
+    @model_validator(mode="after")
+    def _device_requests(self) -> "ServerSettings":
+        from ..device_placement import parse_device_requests
+
+        parse_device_requests(self.model, self.device)  # its form now; the GPUs' count at load
+        if self.backend == "ray" and (len(self.device) > 1 or any("=" in d or ":" in d for d in self.device)):
+            raise ValueError("--device with --backend ray: one device ('cpu' or 'cuda') for every worker; "
+                             "Ray gives each worker its GPU (--worker-gpus)")
+        return self
+
+    def engine_options(self) -> dict[str, Any]:
+        """What each engine is built with (settings of the training forward)."""
+        return {"microbatch_tokens": self.microbatch_tokens, "activation_checkpointing": self.activation_checkpointing}
 
     def checkpoint_root(self) -> Path:
         return (self.checkpoint_dir or self.data_dir / "checkpoints").resolve()

@@ -6,26 +6,46 @@ A run's commands go to its worker, in order (one runner lane per worker); a bare
 snapshot sample may go to any worker of its model. A worker that dies (killed, its node lost)
 raises WorkerLost for the command that finds it so; the runner then fails its jobs and restores
 its runs on live workers from their last checkpoint, which every worker reads from the shared
-checkpoint directory.
+checkpoint directory. A replacement worker of the same model is started at once, in the
+background (`_replace`), so the cluster's capacity comes back without a restart.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
+import threading
+import time
+import uuid
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...types import LoraConfig, Prompt
-from .. import CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo, WorkerLost
-from ..commands import Command, CreateRun, DeleteRun, Outcome, Sample
+from .. import Cancelled, CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo, WorkerLost
+from ..commands import Command, CreateRun, DeleteRun, Outcome, Sample, ScorePrompts
 from .placement import NoLiveWorker, Placement
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "eztinker"
+_CANCEL_POLL_SECONDS = 0.2  # how often a call's cancellations are looked for while it runs without streaming
+
+
+class _Cancels:
+    """A call's cancellable commands: forwards each newly abandoned one to the worker, once."""
+
+    def __init__(self, worker: _Worker, cancelled: Sequence[Cancelled | None]):
+        self.worker, self.cancelled, self.sent = worker, cancelled, set()
+        self.call_id = uuid.uuid4().hex
+
+    def forward(self) -> None:
+        for i, cancelled in enumerate(self.cancelled):
+            if cancelled is not None and i not in self.sent and cancelled():
+                self.sent.add(i)
+                self.worker.actor.cancel.remote(self.call_id, i)
 
 
 class RayStartError(RuntimeError):
@@ -40,9 +60,32 @@ class _Worker:
     actor: Any
 
 
+@dataclass(frozen=True)
+class _Respawn:
+    """How the workers were started, to start a replacement of a lost one the same way."""
+
+    specs: dict[str, str]  # model name -> the spec it was loaded from
+    cache_dir: str
+    device: str | None
+    cpus: float
+    gpus: float
+    engine_options: dict
+    job: str
+
+
+_REPLACE_ATTEMPTS = 5  # a replacement that cannot start (no resources yet, a node coming back) is retried
+
+
 class RayBackend:
-    def __init__(self, workers: Sequence[_Worker], models: Sequence[ModelInfo], owns_ray: bool):
+    def __init__(self, workers: Sequence[_Worker], models: Sequence[ModelInfo], owns_ray: bool,
+                 respawn: _Respawn | None = None):
         self._owns_ray = owns_ray  # it connected this process to Ray, so it disconnects at close
+        self._respawn = respawn  # None: lost workers are not replaced
+        self._replaced: set[str] = set()
+        self._replacements = itertools.count(1)
+        self._closing = False
+        self._lock = threading.Lock()
+        # Replaced as a whole (never mutated) when a replacement joins: readers need no lock.
         self._workers = {w.name: w for w in workers}
         self._models = list(models)
         self._placement = Placement({w.name: w.model for w in workers})
@@ -50,7 +93,7 @@ class RayBackend:
 
     @classmethod
     def start(cls, workers_of: dict[str, int], *, address: str | None, cache_dir: Path, device: str | None,
-              cpus: float, gpus: float | None) -> RayBackend:
+              cpus: float, gpus: float | None, engine_options: dict | None = None) -> RayBackend:
         """Join the cluster at `address` (None: start a Ray instance on this machine), start
         `workers_of[spec]` workers for each base model spec and wait until each has loaded it. A
         process already connected to Ray (a benchmark, say) stays on its cluster."""
@@ -65,7 +108,7 @@ class RayBackend:
                 raise RayStartError(f"cannot reach the Ray cluster at {address}: {_one_line(exc)}") from None
         try:
             return cls._start_workers(workers_of, cache_dir=cache_dir, device=device, cpus=cpus, gpus=gpus,
-                                      owns_ray=owns_ray)
+                                      owns_ray=owns_ray, engine_options=engine_options or {})
         except BaseException:
             if owns_ray:
                 ray.shutdown()
@@ -73,7 +116,7 @@ class RayBackend:
 
     @classmethod
     def _start_workers(cls, workers_of: dict[str, int], *, cache_dir: Path, device: str | None, cpus: float,
-                       gpus: float | None, owns_ray: bool) -> RayBackend:
+                       gpus: float | None, owns_ray: bool, engine_options: dict | None = None) -> RayBackend:
         import ray
 
         from .worker import EngineWorker
@@ -91,12 +134,15 @@ class RayBackend:
             for i in range(n):
                 name = f"{Path(spec).name or spec}#{i}@{job}"
                 try:
-                    actor = EngineWorker.options(name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus).remote()
+                    # ray.remote made EngineWorker an ActorClass; ray's stubs keep the plain class's type.
+                    actor = EngineWorker.options(  # type: ignore[attr-defined]
+                        name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus).remote()
                 except ValueError as exc:  # the name is taken
                     raise RayStartError(f"cannot start Ray worker {name}: {_one_line(exc)}") from None
                 actors.append((spec, name, actor))
         loaded = []
-        for (spec, name, actor), ref in zip(actors, [a.load.remote(s, str(cache_dir), device) for s, _, a in actors]):
+        for (spec, name, actor), ref in zip(actors, [a.load.remote(s, str(cache_dir), device, engine_options or {})
+                                                               for s, _, a in actors]):
             try:
                 answer = ray.get(ref)
             except ray.exceptions.RayError as exc:
@@ -107,7 +153,9 @@ class RayBackend:
             log.info("Ray worker %s holds %s (pid %s)", name, spec, answer["pid"])
         workers = [_Worker(name, info.name, actor) for (_, name, actor), info in zip(actors, loaded)]
         models = list({info.name: info for info in loaded}.values())
-        return cls(workers, models, owns_ray)
+        respawn = _Respawn({info.name: spec for (spec, _, _), info in zip(actors, loaded)}, str(cache_dir), device,
+                           cpus, gpus, dict(engine_options or {}), str(job))
+        return cls(workers, models, owns_ray, respawn)
 
     def models(self) -> list[ModelInfo]:
         return list(self._models)
@@ -117,10 +165,10 @@ class RayBackend:
                 for name, w in self._workers.items()]
 
     # ------------------------------------------------------------------------- model work
-    def lanes(self, command: Command) -> list[Hashable]:
+    def lanes(self, command: Command) -> Sequence[Hashable]:
         model = command.model
-        anywhere = (isinstance(command, Sample) and command.snapshot is not None) or command.run_id is None
-        if anywhere:  # a snapshot or the bare model: any of its workers holds those
+        snapshot = isinstance(command, (Sample, ScorePrompts)) and command.snapshot is not None
+        if snapshot or command.run_id is None:  # a snapshot or the bare model: any of its workers holds those
             return self._placement.live(model) or self._of_model(model)
         if not isinstance(command, CreateRun) and (worker := self._placement.worker_of(command.run_id)):
             return [worker]
@@ -130,39 +178,96 @@ class RayBackend:
             return self._of_model(model)[:1]  # a dead lane: the job fails saying its worker is gone
 
     def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None) -> list[Outcome]:
+                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
         import ray
 
-        worker = self._workers[lane if lane is not None else self.lanes(commands[0])[0]]
+        key = lane if lane is not None else self.lanes(commands[0])[0]
+        if not isinstance(key, str):  # this backend's lanes are its workers' names
+            raise TypeError(f"not a Ray worker's lane: {key!r}")
+        worker = self._workers[key]
         if not self._placement.is_alive(worker.name):
             raise self._lost(worker, "it was found dead")
         listening = [p is not None for p in progress] if progress is not None else []
+        # A call with cancellable commands gets an id the worker's `cancel` names it by.
+        watch = _Cancels(worker, cancelled) if cancelled is not None and any(cancelled) else None
         try:
-            if any(listening):
-                outcomes = self._stream(worker, commands, listening, progress)
+            if progress is not None and any(listening):
+                outcomes = self._stream(worker, commands, listening, progress, watch)
+            elif watch is not None:
+                ref = worker.actor.execute.remote(list(commands), watch.call_id)
+                while not ray.wait([ref], timeout=_CANCEL_POLL_SECONDS)[0]:
+                    watch.forward()
+                outcomes = ray.get(ref)
             else:
                 outcomes = ray.get(worker.actor.execute.remote(list(commands)))
         except ray.exceptions.RayActorError as exc:
             self._placement.lose(worker.name)
+            self._replace(worker)
             raise self._lost(worker, _death(exc)) from None
         for command, outcome in zip(commands, outcomes):
-            deleted = isinstance(command, DeleteRun) and outcome.error is None
-            if deleted or (isinstance(command, CreateRun) and outcome.error is not None):  # or never created
-                self._placement.forget(command.run_id)
+            if isinstance(command, (DeleteRun, CreateRun)):
+                deleted = isinstance(command, DeleteRun) and outcome.error is None
+                if deleted or (isinstance(command, CreateRun) and outcome.error is not None):  # or never created
+                    self._placement.forget(command.run_id)
         return outcomes
 
     @staticmethod
     def _stream(worker: _Worker, commands: Sequence[Command], listening: list[bool],
-                progress: Sequence[Progress | None]) -> list[Outcome]:
+                progress: Sequence[Progress | None], watch: _Cancels | None) -> list[Outcome]:
         import ray
 
-        for ref in worker.actor.execute_streaming.remote(list(commands), listening):
+        call_id = None if watch is None else watch.call_id
+        for ref in worker.actor.execute_streaming.remote(list(commands), listening, call_id):
             event = ray.get(ref)
             if event[0] == "tokens":
                 progress[event[1]](event[2])
+                if watch is not None:  # tokens arrive after every decode step
+                    watch.forward()
             else:
                 return event[1]
         raise RuntimeError(f"Ray worker {worker.name} ended a call without its outcomes")
+
+    def _replace(self, lost: _Worker) -> None:
+        """Start a worker of `lost`'s model in its place, in the background (loading a model takes
+        seconds to minutes); it joins the placement once loaded. Once per lost worker."""
+        with self._lock:
+            if self._respawn is None or self._closing or lost.name in self._replaced:
+                return
+            self._replaced.add(lost.name)
+        threading.Thread(target=self._start_replacement, args=(lost,), name=f"eztinker-replace-{lost.name}",
+                         daemon=True).start()
+
+    def _start_replacement(self, lost: _Worker) -> None:
+        import ray
+
+        from .worker import EngineWorker
+
+        respawn = self._respawn
+        assert respawn is not None, "_replace starts a replacement only when lost workers are replaced"
+        for attempt in range(_REPLACE_ATTEMPTS):
+            name = f"{lost.name.split('@')[0]}.r{next(self._replacements)}@{respawn.job}"
+            try:
+                actor = EngineWorker.options(  # type: ignore[attr-defined]  # an ActorClass (see _start_workers)
+                    name=name, namespace=NAMESPACE, num_cpus=respawn.cpus, num_gpus=respawn.gpus).remote()
+                answer = ray.get(actor.load.remote(respawn.specs[lost.model], respawn.cache_dir, respawn.device,
+                                                   respawn.engine_options))
+            except Exception as exc:  # Ray's errors for a worker that could not start or died loading
+                log.warning("replacement %s of Ray worker %s did not start (%s); attempt %d of %d", name, lost.name,
+                            _one_line(exc), attempt + 1, _REPLACE_ATTEMPTS)
+                time.sleep(min(30.0, 2.0 ** attempt))
+                continue
+            if "error" in answer:
+                log.error("replacement %s of Ray worker %s cannot load its model: %s", name, lost.name, answer["error"])
+                return
+            with self._lock:
+                if self._closing:
+                    ray.kill(actor)
+                    return
+                self._workers = {**self._workers, name: _Worker(name, lost.model, actor)}
+                self._placement.add(name, lost.model)
+            log.info("Ray worker %s replaces %s (pid %s)", name, lost.name, answer["pid"])
+            return
+        log.error("Ray worker %s was not replaced after %d attempts", lost.name, _REPLACE_ATTEMPTS)
 
     def _lost(self, worker: _Worker, why: str) -> WorkerLost:
         return WorkerLost(worker.name, self._placement.runs_on(worker.name),
@@ -182,6 +287,7 @@ class RayBackend:
                 answer = ray.get(self._workers[name].actor.call.remote(method, *args))
             except ray.exceptions.RayActorError:
                 self._placement.lose(name)  # its lane finds out at its next command
+                self._replace(self._workers[name])
                 continue
             if answer[0] == "invalid":
                 raise InvalidInput(answer[1], answer[2])
@@ -218,6 +324,8 @@ class RayBackend:
     def close(self) -> None:
         import ray
 
+        with self._lock:
+            self._closing = True  # no replacement joins from now on
         for worker in self._workers.values():
             try:
                 ray.kill(worker.actor)

@@ -49,6 +49,12 @@ class Placement:
     def _live(self, model: str | None) -> list[str]:
         return [w for w, m in self.model_of.items() if w in self._alive and model in (None, m)]
 
+    def add(self, worker: str, model: str) -> None:
+        """A new live worker of `model` (a replacement of a lost one): new runs may go to it."""
+        with self._lock:
+            self.model_of[worker] = model
+            self._alive.add(worker)
+
     def is_alive(self, worker: str) -> bool:
         with self._lock:
             return worker in self._alive

@@ -2,8 +2,10 @@
 `/v1/completions`, as the official `openai` client sends and reads them.
 
 Unknown request fields are ignored (clients send `user`, `metadata`, `store`, ...); options this
-server cannot honour (tools, penalties, logit_bias, echo, ...) are refused by the router with a 400
-that names them, never silently dropped.
+server cannot honour (tools, presence/frequency penalties, logit_bias, suffix, audio, reasoning_effort,
+...) are declared here so that the router refuses them with a 400 that names them, never silently
+dropped. vLLM's sampling extensions (`top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+`ignore_eos`, sent through the client's `extra_body`) are honoured, as vLLM defines them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ class _Sampling(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's extensions, honoured.
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off.")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
 
 
 class ContentPart(_Body):
@@ -58,10 +66,19 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    # Refused unless neutral (the router says which).
+    best_of: int | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 only with echo: score the prompt, generate nothing (refused otherwise).
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
@@ -133,8 +150,8 @@ class ChatCompletionChunk(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None] = Field(description="With echo, the prompt's first token has none (None).")
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

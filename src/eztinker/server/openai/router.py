@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from ...types import ChatMessage, Prompt, SampledToken, SamplingParams, parse_checkpoint_ref
@@ -34,7 +34,7 @@ from . import protocol as p
 
 log = logging.getLogger(__name__)
 
-PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions")
+PATHS = ("/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/tokenizer_info")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -46,12 +46,14 @@ class OpenAIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers: dict[str, str] = {}
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
+    # OpenAI's own 429s are {"type": "requests" | "tokens", "code": "rate_limit_exceeded"}.
+    kind = "server_error" if status >= 500 else "requests" if status == 429 else "invalid_request_error"
     if code is None:
-        code = {401: "invalid_api_key", 404: "not_found"}.get(status)
+        code = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}.get(status)
     return JSONResponse(status_code=status,
                         content={"error": {"message": message, "type": kind, "param": param, "code": code}})
 
@@ -63,7 +65,11 @@ def from_service_error(exc: ServiceError, names: dict[str, str] | None = None) -
     if exc.loc:
         key = str(exc.loc[1]) if exc.loc[0] == "sampling_params" and len(exc.loc) > 1 else str(exc.loc[0])
         param = (names or {}).get(key, _PARAMS.get(key, key))
-    return OpenAIError(status, exc.message, param)
+    error = OpenAIError(status, exc.message, param)
+    clears = getattr(exc, "clears", None)  # a per-user limit (service.LimitExceeded)
+    if clears is not None:
+        error.headers = {"Retry-After": "1"} if clears else {"X-Should-Retry": "false"}
+    return error
 
 
 _PARAMS = {"num_samples": "n", "max_tokens": "max_tokens", "seed": "seed", "stop": "stop", "temperature": "temperature",
@@ -164,11 +170,18 @@ def openai_router(service: Service) -> APIRouter:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(s == "" for s in stop):
             raise OpenAIError(400, "stop strings must not be empty", "stop")
+        max_tokens = max_tokens or service.settings.max_new_tokens
+        if body.min_tokens is not None and body.min_tokens > max_tokens:
+            raise OpenAIError(400, f"min_tokens ({body.min_tokens}) must not exceed {max_name} ({max_tokens})",
+                              "min_tokens")
         try:
             return SamplingParams(
-                max_tokens=max_tokens or service.settings.max_new_tokens,
+                max_tokens=max_tokens,
                 temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed)
+                top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
+                top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                min_tokens=body.min_tokens or 0, ignore_eos=bool(body.ignore_eos))
         except ValidationError as exc:
             first = exc.errors()[0]
             name = str(first["loc"][0]) if first["loc"] else None
@@ -189,7 +202,7 @@ def openai_router(service: Service) -> APIRouter:
             messages.append(ChatMessage(role=role, content=content or ""))
         return service.encode_prompt(model, Prompt(messages=messages), ("messages",))
 
-    def completion_prompts(model: str, body: p.CompletionRequest) -> list[list[int]]:
+    def completion_prompts(model: str, body: p.CompletionRequest) -> list[list[int]]:  # also echo.py's
         prompt = body.prompt
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -234,9 +247,14 @@ def openai_router(service: Service) -> APIRouter:
         return OpenAIError(400 if record.error_category == "user" else 500, record.error or "sampling failed")
 
     @router.post("/v1/chat/completions", response_model=p.ChatCompletion)
-    async def chat_completions(body: p.ChatCompletionRequest, user: User):
+    async def chat_completions(body: p.ChatCompletionRequest, user: User, request: Request):
         refuse_unsupported(body, {"tools": bool, "functions": bool,
-                                  "response_format": lambda v: bool(v) and v.get("type") != "text"})
+                                  "response_format": lambda v: bool(v) and v.get("type") != "text",
+                                  "best_of": lambda v: v is not None and v != body.n,
+                                  "modalities": lambda v: v is not None and v != ["text"],
+                                  "audio": lambda v: v is not None, "prediction": lambda v: v is not None,
+                                  "reasoning_effort": lambda v: v is not None,
+                                  "web_search_options": lambda v: v is not None})
         max_tokens, max_name = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens \
             else (body.max_tokens, "max_tokens")
         top = (body.top_logprobs or 0) if body.logprobs else 0
@@ -245,19 +263,36 @@ def openai_router(service: Service) -> APIRouter:
         job = _Job(service, user, "chatcmpl", n=body.n, chat=True, logprobs=bool(body.logprobs), top=top, stream=bool(body.stream),
                    include_usage=bool(body.stream_options and body.stream_options.include_usage))
         return await job.run(lambda: submit(user, body, lambda m: [chat_prompt(m, body)], max_tokens, max_name, top,
-                                            job.progress), finished, failure)
+                                            job.progress), finished, failure, request)
 
     @router.post("/v1/completions", response_model=p.Completion)
-    async def completions(body: p.CompletionRequest, user: User):
-        refuse_unsupported(body, {"echo": bool, "suffix": bool,
-                                  "best_of": lambda v: v is not None and v != body.n})
+    async def completions(body: p.CompletionRequest, user: User, request: Request):
+        refuse_unsupported(body, {"suffix": bool, "best_of": lambda v: v is not None and v != body.n})
+        if body.max_tokens == 0 and not body.echo:
+            raise OpenAIError(400, "max_tokens must be at least 1 (0 only with echo: score the prompt)", "max_tokens")
+        if body.echo:
+            from .echo import echo_completion  # it builds on this module's errors and targets
+
+            return await echo_completion(service, user, body, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
+                                         resolve=resolve, sampling_params=sampling_params,
+                                         prompts_of=completion_prompts, finished=finished, failure=failure)
         top = body.logprobs or 0
         job = _Job(service, user, "cmpl", n=body.n, chat=False, logprobs=body.logprobs is not None, top=top,
                    stream=bool(body.stream), include_usage=bool(body.stream_options and body.stream_options.include_usage))
         return await job.run(lambda: submit(user, body, lambda m: completion_prompts(m, body), body.max_tokens,
-                                            "max_tokens", top, job.progress), finished, failure)
+                                            "max_tokens", top, job.progress), finished, failure, request)
 
+    from .tokenizer import add_tokenizer_routes  # vLLM's /tokenize and the like; it builds on this module
+
+    add_tokenizer_routes(router, service, resolve)
     return router
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed its connection. (The body has been read by now: the
+    server's next message for this request is its disconnect.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Job:
@@ -277,12 +312,23 @@ class _Job:
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.queue.put_nowait, tokens)
 
-    async def run(self, submit, finished, failure):
+    async def run(self, submit, finished, failure, request: Request):
         self.target, self.prompts, self.params, job_id = await run_in_threadpool(submit)
         self.model = self.service.models[self.target.base_model]
         self.stop_ids = frozenset(self.model.stop_token_ids)
         if not self.stream:
-            record = await finished(self.user, job_id)
+            answer = asyncio.ensure_future(finished(self.user, job_id))
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (answer, gone):
+                    task.cancel()
+            if not answer.done() or answer.cancelled():
+                # Nobody is left to read the answer: the sample stops at its next decode step.
+                self.service.runner.cancel(job_id, "the client disconnected before its answer")
+                return Response(status_code=499)  # never sent: the connection is gone
+            record = answer.result()
             if record.error is not None:
                 raise failure(record)
             return await run_in_threadpool(self._whole, record.result())
@@ -427,8 +473,9 @@ class _Job:
                 yield self._chunk([], usage=self._usage(value))
             yield "data: [DONE]\n\n"
         finally:
-            if not done_task.done():
-                done_task.cancel()  # the client went away; the sample itself runs to its end
+            if not done_task.done():  # the client went away: the sample stops at its next decode step
+                done_task.cancel()
+                self.service.runner.cancel(job_id, "the client of this stream disconnected")
 
     def _step(self, batches: list[list[SampledToken]], choices: list[_Choice], per_prompt: int):
         new: dict[int, list[tuple]] = {}

@@ -15,10 +15,10 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 
-from ..archive import adapter_archive
 from ..auth import User
 from ..service import Service
 from . import protocol as p
+from .checkpoint_sharing import CheckpointSharing
 from .serving import TinkerServing
 
 PREFIX = "/api/v1"
@@ -31,11 +31,12 @@ Offset = Annotated[int, Query(ge=0)]
 def tinker_router(service: Service) -> APIRouter:
     router = APIRouter(prefix=PREFIX, tags=["tinker"])
     tinker = TinkerServing(service)
+    sharing = CheckpointSharing(service)
 
     # ------------------------------------------------------------------ client set-up
     @router.post("/client/config")
     def client_config(user: User) -> dict:
-        return {}  # every flag at its default: protobuf bodies, no zstd, no JWT exchange
+        return p.CLIENT_CONFIG
 
     @router.post("/client/dynamic_config")
     def dynamic_config(user: User) -> dict:
@@ -102,6 +103,10 @@ def tinker_router(service: Service) -> APIRouter:
     async def save_weights_for_sampler(body: p.SaveWeightsForSampler, user: User, key: IdempotencyKey = None) -> dict:
         return (await tinker.save_weights_for_sampler(user, body, key)).body()
 
+    @router.post("/save_weights_external")
+    async def save_weights_external(body: p.SaveWeightsExternal, user: User, key: IdempotencyKey = None) -> dict:
+        return (await tinker.save_weights_external(user, body, key)).body()
+
     @router.post("/load_weights")
     async def load_weights(body: p.LoadWeights, user: User, key: IdempotencyKey = None) -> dict:
         return (await tinker.load_weights(user, body, key)).body()
@@ -141,11 +146,28 @@ def tinker_router(service: Service) -> APIRouter:
     def list_user_checkpoints(user: User, limit: Limit = 100, offset: Offset = 0) -> dict:
         return tinker.user_checkpoints(user, limit, offset)
 
+    # Routes that end in a fixed word come before the bare DELETE, whose {checkpoint:path} would
+    # take 'weights/x/publish' whole.
     @router.get("/training_runs/{run_id}/checkpoints/{checkpoint:path}/archive")
-    def checkpoint_archive(run_id: str, checkpoint: str, user: User) -> Response:
-        """The checkpoint's PEFT adapter as a tar (`peft.PeftModel.from_pretrained` loads it)."""
-        name, path = tinker.our_checkpoint(user, run_id, checkpoint)
-        return adapter_archive(path, f"{run_id}/{name}")
+    def checkpoint_archive(run_id: str, checkpoint: str, user: User, request: Request) -> Response:
+        """A signed URL of the checkpoint's PEFT adapter as a tar (JSON {url, expires}, or a 302)."""
+        return sharing.archive_url(user, run_id, checkpoint, request)
+
+    @router.get("/training_runs/{run_id}/checkpoints/{checkpoint:path}/external_weights_urls")
+    def external_weights_urls(run_id: str, checkpoint: str, user: User, request: Request) -> dict:
+        return sharing.external_weights_urls(user, run_id, checkpoint, request)
+
+    @router.post("/training_runs/{run_id}/checkpoints/{checkpoint:path}/publish", status_code=204)
+    def publish(run_id: str, checkpoint: str, user: User) -> None:
+        sharing.publish(user, run_id, checkpoint, True)
+
+    @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint:path}/publish", status_code=204)
+    def unpublish(run_id: str, checkpoint: str, user: User) -> None:
+        sharing.publish(user, run_id, checkpoint, False)
+
+    @router.put("/training_runs/{run_id}/checkpoints/{checkpoint:path}/ttl", status_code=204)
+    def set_checkpoint_ttl(run_id: str, checkpoint: str, body: p.CheckpointTtl, user: User) -> None:
+        sharing.set_ttl(user, run_id, checkpoint, body.ttl_seconds)
 
     @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint:path}")
     def delete_checkpoint(run_id: str, checkpoint: str, user: User) -> dict:

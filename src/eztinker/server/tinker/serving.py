@@ -18,9 +18,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
@@ -37,7 +39,9 @@ from ...types import (
     SamplingParams,
     SaveRequest,
 )
-from ..service import Service, ServiceError
+from ..checkpoints import CheckpointKind
+from ..downloads import check_age_recipients
+from ..service import LimitExceeded, Service, ServiceError
 from ..store import INTERRUPTED, JobRecord, SessionStore
 from . import protocol as p
 from . import wire
@@ -47,8 +51,6 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 25.0  # a retrieve_future holds this long before answering try_again (the SDK waits 45 s)
 TURN_SECONDS = 30.0  # a training request arriving before its predecessor waits this long for it
 _EXTRAS_KEPT = 100_000
-_SESSION_SNAPSHOT = p.SAMPLER_PREFIX + "session-"  # our name of an unnamed sampler snapshot
-_SESSION_SNAPSHOTS_KEPT = 4
 _ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -81,6 +83,7 @@ class FutureExtra:
     sampling_session_id: str | None = None  # an unnamed sampler snapshot's session
     path: str | None = None  # a load's tinker path, echoed back
     model_id: str | None = None
+    target_grid: wire.TargetGrid | None = None  # a sample's target_prompt_logprobs: the answer's layout
 
 
 class Sequencer:
@@ -130,6 +133,29 @@ class FutureExtras:
         return self._by_job.get(job_id) or FutureExtra()
 
 
+class SessionLiveness:
+    """When each client session last showed life, in memory (seeded from the database after a
+    restart): a sample of the session asks after every decode step, for the price of a dict
+    look-up, whether its session has ended (finished, or no heartbeat for the timeout)."""
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self.timeout_seconds = timeout_seconds
+        self._beats: dict[str, float] = {}
+        self._finished: set[str] = set()
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._beats
+
+    def beat(self, session_id: str, at: float | None = None) -> None:
+        self._beats[session_id] = max(time.time() if at is None else at, self._beats.get(session_id, 0.0))
+
+    def finish(self, session_id: str) -> None:
+        self._finished.add(session_id)
+
+    def ended(self, session_id: str) -> bool:
+        return session_id in self._finished or time.time() - self._beats.get(session_id, 0.0) > self.timeout_seconds
+
+
 def model_id_of(session_id: str, model_seq_id: int) -> str:
     return f"{session_id}:train:{model_seq_id}"
 
@@ -142,9 +168,21 @@ class TinkerServing:
         self.sessions = SessionStore(service.store)
         self.sequencer = Sequencer()
         self.extras = FutureExtras()
+        self.liveness = SessionLiveness(service.settings.tinker_session_timeout_seconds)
 
     # ------------------------------------------------------------------ helpers
+    def _not_owned(self, user: str, kind: str, model_id: str) -> FutureRef | None:
+        """A failed future when `model_id` is not one of the user's models, checked before its
+        turn: another user's request never waits in, nor moves, that model's sequence."""
+        try:
+            self.service.owned_run(user, model_id)
+        except ServiceError as exc:
+            return self._refused(user, kind, None, exc)
+        return None
+
     def _refused(self, user: str, kind: str, run_id: str | None, exc: Exception) -> FutureRef:
+        # A per-user limit (a 429) on a training call is a failed future too, even one that waiting
+        # would clear: the SDK would retry it after the calls behind it had taken its seq_id turn.
         message = exc.message if isinstance(exc, (ServiceError, wire.WireError)) else str(exc)
         if isinstance(exc, ServiceError) and exc.loc:
             message = f"{'.'.join(str(part) for part in exc.loc)}: {message}"
@@ -170,16 +208,19 @@ class TinkerServing:
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
         self.sessions.add_session(session_id, user, {"tags": body.tags, "user_metadata": body.user_metadata,
                                                      "sdk_version": body.sdk_version})
+        self.liveness.beat(session_id)
         return session_id
 
     def heartbeat(self, user: str, session_id: str) -> None:
         self.session_of(user, session_id)
         self.sessions.heartbeat(session_id)
+        self.liveness.beat(session_id)
 
     def finish_session(self, user: str, session_id: str) -> None:
         if self.sessions.session(session_id, user) is None:
             raise ServiceError(404, f"session {session_id} not found")
         self.sessions.finish(session_id)
+        self.liveness.finish(session_id)  # its samples still decoding stop at their next step
 
     def session_ids(self, user: str) -> list[str]:
         return [row["id"] for row in self.sessions.sessions(user)]
@@ -195,16 +236,17 @@ class TinkerServing:
         model_id = model_id_of(body.session_id, body.model_seq_id)
         try:
             self.session_of(user, body.session_id)
+            p.check_optimizer_config(body.optimizer_config)
             lora = body.lora_config
-            if not (lora.train_attn or lora.train_mlp):
-                raise ServiceError(422, "train_attn or train_mlp must be true (the output head is not trained here)",
-                                   ("lora_config",))
-            targets = "all-linear" if lora.train_attn and lora.train_mlp else (_ATTN if lora.train_attn else _MLP)
-            request = CreateRunRequest(base_model=body.base_model, seed=lora.seed or 0,
-                                       lora=LoraConfig(rank=lora.rank, alpha=32.0, target_modules=targets))
+            if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
+                raise ServiceError(422, "train_attn, train_mlp or train_unembed must be true", ("lora_config",))
+            targets = "all-linear" if lora.train_attn and lora.train_mlp else (
+                _ATTN if lora.train_attn else _MLP if lora.train_mlp else [])
+            request = CreateRunRequest(base_model=body.base_model, seed=lora.seed or 0, lora=LoraConfig(
+                rank=lora.rank, alpha=32.0, target_modules=targets, train_unembed=lora.train_unembed))
             metadata = {"user_metadata": body.user_metadata or {}, "lora_config": lora.model_dump()}
             ref = self.service.submit_create_run(user, request, key, run_id=model_id, metadata=metadata)
-        except (ServiceError, ValidationError) as exc:
+        except (ServiceError, ValidationError, ValueError) as exc:
             return self._refused(user, "create_run", None, exc)
         self.sequencer.start(model_id)
         return FutureRef(ref.job_id, model_id=model_id)
@@ -216,6 +258,7 @@ class TinkerServing:
             "model_id": run.id,
             "model_data": {"arch": info.architecture if info else None, "model_name": run.base_model,
                            "tokenizer_id": info.tokenizer_id if info else run.base_model},
+            "optimizer_config": p.ADAMW,
             "is_lora": True,
             "lora_rank": run.lora.rank,
             "model_name": run.base_model,
@@ -223,7 +266,13 @@ class TinkerServing:
 
     # ------------------------------------------------------------------ training
     async def forward_backward(self, user: str, raw: bytes, encoding: str | None, key: str | None) -> FutureRef:
-        call = wire.decode_forward_backward(raw, encoding)
+        settings = self.service.settings
+        # Off the event loop: inflating and decoding take time that grows with the body.
+        call = await run_in_threadpool(wire.decode_forward_backward, raw, encoding,
+                                       max_decompressed_bytes=settings.max_request_bytes,
+                                       max_elements=settings.max_tokens_per_request)
+        if (refused := self._not_owned(user, "forward_backward", call.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(call.model_id, call.seq_id):
             try:
                 if call.loss_fn not in LOSS_FNS:
@@ -238,34 +287,38 @@ class TinkerServing:
         return FutureRef(ref.job_id, model_id=call.model_id)
 
     async def optim_step(self, user: str, body: p.OptimStep, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "optim_step", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
-                request = OptimStepRequest(adam_params=body.adam_params.ours())
+                request = OptimStepRequest(adam_params=body.adam())
                 ref = self.service.submit_optim_step(user, body.model_id, request, key)
-            except (ServiceError, ValidationError) as exc:
+            except (ServiceError, ValidationError, ValueError) as exc:
                 return self._refused(user, "optim_step", body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     # ------------------------------------------------------------------ checkpoints
-    def _save(self, user: str, run_id: str, name: str, overwrite: bool, key: str | None) -> JobRef:
-        if not overwrite and self.service.store.checkpoint(run_id, name) is not None:
-            raise ServiceError(422, f"checkpoint {p.tinker_path(run_id, name)} exists; pass overwrite=True to replace it",
-                               ("path",))
-        return self.service.submit_save(user, run_id, SaveRequest(name=name), key)
-
     async def save_weights(self, user: str, body: p.SaveWeights, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
-                ref = self._save(user, body.model_id, body.path, body.overwrite, key)
+                ref = self.service.submit_save(
+                    user, body.model_id, SaveRequest(name=body.path), key, kind=CheckpointKind.training, field="path",
+                    ttl_seconds=body.ttl_seconds, overwrite=body.overwrite, meta={"user_metadata": body.user_metadata})
             except (ServiceError, ValidationError) as exc:
                 return self._refused(user, "save", body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     async def save_weights_for_sampler(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> FutureRef:
+        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 if body.path is not None:
-                    ref = self._save(user, body.model_id, p.SAMPLER_PREFIX + body.path, True, key)
+                    ref = self.service.submit_save(
+                        user, body.model_id, SaveRequest(name=body.path), key, kind=CheckpointKind.sampler,
+                        field="path", ttl_seconds=body.ttl_seconds, meta={"user_metadata": body.user_metadata})
                 else:
                     ref = self._save_session_snapshot(user, body, key)
             except (ServiceError, ValidationError) as exc:
@@ -274,31 +327,46 @@ class TinkerServing:
 
     def _save_session_snapshot(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> JobRef:
         """An unnamed snapshot for a sampling session of the current weights: saved like a named
-        one, so that it stays what it is however the run trains on."""
+        one, so that it stays what it is however the run trains on. The service prunes the run's
+        older ones (never a named checkpoint)."""
         if body.sampling_session_seq_id is None:
             raise ServiceError(422, "give path or sampling_session_seq_id", ("path",))
         session_id = body.model_id.split(":train:")[0]
         sampler_id = f"{session_id}:sample:{body.sampling_session_seq_id}"
-        name = f"{_SESSION_SNAPSHOT}{sampler_id.replace(':', '-')}"
-        ref = self.service.submit_save(user, body.model_id, SaveRequest(name=name), key)
+        ref, checkpoint = self.service.submit_sampler_snapshot(user, body.model_id, sampler_id, key,
+                                                               ttl_seconds=body.ttl_seconds)
         run = self.service.get_run(user, body.model_id)
-        self.sessions.add_sampler(sampler_id, user, run.base_model, f"{body.model_id}/{name}", None)
+        self.sessions.add_sampler(sampler_id, user, run.base_model, checkpoint, None)
         self.extras.remember(ref.job_id, FutureExtra(sampling_session_id=sampler_id))
         return ref
 
-    def _drop_old_session_snapshots(self, user: str, run_id: str) -> None:
-        """An unnamed snapshot is one sampling client's weights, and an RL loop makes one per
-        iteration: once one is handed out, the run keeps its newest _SESSION_SNAPSHOTS_KEPT, so
-        disk use stays bounded."""
-        unnamed = [c for c in self.service.get_run(user, run_id).checkpoints if c.name.startswith(_SESSION_SNAPSHOT)]
-        for old in unnamed[: max(0, len(unnamed) - _SESSION_SNAPSHOTS_KEPT)]:
-            self.service.delete_checkpoint(user, run_id, old.name)
-
-    async def load_weights(self, user: str, body: p.LoadWeights, key: str | None) -> FutureRef:
-        if body.model_id is None:
-            return self._create_from_state(user, body, key)
+    async def save_weights_external(self, user: str, body: p.SaveWeightsExternal, key: str | None) -> FutureRef:
+        """The adapter as a PEFT folder, downloadable through external_weights_urls (its files
+        encrypted to `age_encryption_recipients` as they go out, when given)."""
+        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+            return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
+                recipients = body.age_encryption_recipients
+                meta = {"age_recipients": check_age_recipients(recipients)} if recipients is not None else {}
+                ref = self.service.submit_save(user, body.model_id, SaveRequest(name=body.path), key, field="path",
+                                               kind=CheckpointKind.external, ttl_seconds=body.ttl_seconds, meta=meta)
+            except (ServiceError, ValidationError) as exc:
+                return self._refused(user, "save", body.model_id, exc)
+        return FutureRef(ref.job_id, model_id=body.model_id)
+
+    async def load_weights(self, user: str, body: p.LoadWeights, key: str | None) -> FutureRef:
+        if body.weights_access_token is not None:
+            raise ServiceError(422, "weights_access_token is not supported by this server: the checkpoint's owner "
+                                    "publishes it instead (RestClient.publish_checkpoint_from_tinker_path)",
+                               ("weights_access_token",))
+        if body.model_id is None:
+            return self._create_from_state(user, body, key)
+        if (refused := self._not_owned(user, "load", body.model_id)) is not None:
+            return refused
+        async with self.sequencer.turn(body.model_id, body.seq_id):
+            try:
+                p.check_optimizer_config(body.optimizer_config)
                 source, name = p.parse_tinker_path(body.path)
                 ref = self.service.submit_load(user, body.model_id, LoadRequest(checkpoint=f"{source}/{name}"), key,
                                                with_optimizer=body.optimizer)
@@ -314,6 +382,7 @@ class TinkerServing:
         model_id = model_id_of(body.session_id, body.model_seq_id)
         try:
             self.session_of(user, body.session_id)
+            p.check_optimizer_config(body.optimizer_config)
             source, name = p.parse_tinker_path(body.path)
             request = CreateRunRequest(base_model=body.base_model, from_checkpoint=f"{source}/{name}")
             ref = self.service.submit_create_run(user, request, key, run_id=model_id, with_optimizer=body.optimizer,
@@ -333,7 +402,7 @@ class TinkerServing:
                 run_id, name = p.parse_tinker_path(body.model_path)
             except ValueError as exc:
                 raise ServiceError(422, str(exc), ("model_path",)) from None
-            self.service.checkpoint_path(user, f"{run_id}/{name}", field="model_path")  # 404 unless the user's
+            self.service.checkpoint_path(user, f"{run_id}/{name}", field="model_path", published=True)  # else 404
             base_model = self.service.store.run_row_any(run_id)["base_model"]
             self.sessions.add_sampler(sampler_id, user, base_model, f"{run_id}/{name}", body.model_path)
         elif body.base_model is not None:
@@ -352,6 +421,8 @@ class TinkerServing:
         try:
             ref = self._submit_sample(user, body, key)
         except (ServiceError, ValidationError, wire.WireError) as exc:
+            if isinstance(exc, LimitExceeded) and exc.clears:
+                raise  # a 429: the SDK's sampling backpressure waits a second and sends it again
             failed = self._refused(user, "sample", None, exc)
             # The SDK wants an id per sample even for a request that fails (it then reads none of them);
             # no more than the server could ever sample, whatever num_samples claims.
@@ -360,22 +431,48 @@ class TinkerServing:
         return FutureRef(ref.job_id, sample_sequence_ids=[f"{ref.job_id}:{i}" for i in range(body.num_samples)])
 
     def _submit_sample(self, user: str, body: p.ASample, key: str | None) -> JobRef:
+        refusal = body.unsupported()
+        if refusal is not None:
+            raise ServiceError(422, refusal)
         sampler = self.sessions.sampler(body.sampling_session_id, user)
         if sampler is None:
             raise ServiceError(404, f"sampling session {body.sampling_session_id} not found")
         prompt = wire.decode_model_input_json(body.prompt)
+        grid = None if body.target_prompt_logprobs is None else wire.decode_target_grid(body.target_prompt_logprobs)
         stop, stop_ids = wire.parse_stop(body.sampling_params.stop)
         sp = body.sampling_params
         params = SamplingParams(
             max_tokens=sp.max_tokens or min(self.service.settings.max_new_tokens, 256), temperature=sp.temperature,
-            top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop, stop_token_ids=stop_ids, seed=sp.seed)
+            top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop, stop_token_ids=stop_ids, seed=sp.seed,
+            ignore_eos=wire.stop_disables_eos(sp.stop))
         snapshot = None
         if sampler["checkpoint"] is not None:
-            snapshot, _ = self.service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id")
-        return self.service.submit_sample_tokens(
+            snapshot, _ = self.service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id",
+                                                       published=True)
+        session_id = self._live_session_of_sampler(user, body.sampling_session_id)
+        ref = self.service.submit_sample_tokens(
             user, sampler["base_model"], None, [prompt], body.num_samples, params, body, key, snapshot=snapshot,
-            prompt_logprobs=body.prompt_logprobs or body.topk_prompt_logprobs > 0,
-            topk_prompt_logprobs=body.topk_prompt_logprobs)
+            prompt_logprobs=bool(body.prompt_logprobs) or body.topk_prompt_logprobs > 0,
+            topk_prompt_logprobs=body.topk_prompt_logprobs, topk_logprobs=body.topk_sample_logprobs,
+            prompt_logprobs_last_n=body.prompt_logprobs_last_n, prompt_targets=None if grid is None else [grid.rows],
+            prompt_alt_tokens_k=body.prompt_alt_tokens_k, consumers_gone=lambda: self.liveness.ended(session_id))
+        if grid is not None:
+            self.extras.remember(ref.job_id, FutureExtra(target_grid=grid))
+        return ref
+
+    def _live_session_of_sampler(self, user: str, sampler_id: str) -> str:
+        """The client session a sampler belongs to (its futures' only reader), known to the liveness
+        record; a sample for a session that has ended is refused."""
+        session_id = sampler_id.rsplit(":sample:", 1)[0]
+        if session_id not in self.liveness:  # e.g. after a restart
+            row = self.sessions.session(session_id, user)
+            if row is not None:
+                self.liveness.beat(session_id, row["heartbeat_at"])
+                if row["finished_at"] is not None:
+                    self.liveness.finish(session_id)
+        if self.liveness.ended(session_id):
+            raise ServiceError(410, f"session {session_id} has ended; create a new ServiceClient")
+        return session_id
 
     # ------------------------------------------------------------------ futures
     async def retrieve(self, user: str, request_id: str) -> Response:
@@ -398,10 +495,15 @@ class TinkerServing:
             body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value["loss"]})
             return Response(body, media_type="application/x-protobuf")
         if record.kind == "sample":
+            targets, alt = value.get("target_prompt_logprobs"), value.get("prompt_alt_tokens")
+            if targets is not None and extra.target_grid is None:  # its layout was lost (a restart): sample again
+                return error_body(410, "this sample's target_prompt_logprobs layout is gone; send it again")
             body = wire.encode_sample_response(
                 value["sequences"][0],
                 prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
-                topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0])
+                topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0],
+                target_prompt_logprobs=None if targets is None else extra.target_grid.answer(targets[0]),
+                prompt_alt_tokens=None if alt is None else (alt[0]["tokens"], alt[0]["logprobs"]))
             return Response(body, media_type="application/x-protobuf")
         if record.kind == "create_run":
             return JSONResponse({"model_id": record.run_id, **({"path": extra.path} if extra.path else {})})
@@ -410,7 +512,6 @@ class TinkerServing:
                                              "step": value["step"]}})
         if record.kind == "save":
             if extra.sampling_session_id is not None:
-                self._drop_old_session_snapshots(user, record.run_id)
                 return JSONResponse({"sampling_session_id": extra.sampling_session_id})
             return JSONResponse({"path": p.tinker_path(value["run_id"], value["name"])})
         if record.kind == "load":
@@ -420,14 +521,16 @@ class TinkerServing:
     # ------------------------------------------------------------------ RestClient: runs and checkpoints
     def _checkpoint_json(self, run_id: str, info: CheckpointInfo) -> dict:
         checkpoint, kind = p.checkpoint_id(info.name)
+        metadata = self.service.store.checkpoint_meta(run_id, info.name).get("user_metadata")
         return {"checkpoint_id": checkpoint, "checkpoint_type": kind, "time": info.created_at.isoformat(),
-                "tinker_path": p.tinker_path(run_id, info.name), "public": False,
-                "size_bytes": _size(self.service.data_dir / info.path)}
+                "tinker_path": p.tinker_path(run_id, info.name), "public": info.public,
+                "size_bytes": _size(self.service.data_dir / info.path), "user_metadata": metadata,
+                "expires_at": None if info.expires_at is None else info.expires_at.isoformat()}
 
     def _training_run_json(self, run: RunInfo) -> dict:
         row = self.service.store.run_row_any(run.id)
-        training = [c for c in run.checkpoints if p.checkpoint_id(c.name)[1] == "training"]
-        sampler = [c for c in run.checkpoints if p.checkpoint_id(c.name)[1] == "sampler"]
+        training = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "training"]
+        sampler = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "sampler"]
         metadata = _json_or_empty(row["metadata"]).get("user_metadata") or {}
         return {"training_run_id": run.id, "base_model": run.base_model, "model_owner": row["owner"], "is_lora": True,
                 "corrupted": False, "lora_rank": run.lora.rank, "last_request_time": run.created_at.isoformat(),
@@ -446,10 +549,10 @@ class TinkerServing:
 
     def run_checkpoints(self, user: str, run_id: str) -> dict:
         run = self.service.get_run(user, run_id)
-        return {"checkpoints": [self._checkpoint_json(run_id, c) for c in run.checkpoints]}
+        return {"checkpoints": [self._checkpoint_json(run_id, c) for c in _unexpired(run.checkpoints)]}
 
     def user_checkpoints(self, user: str, limit: int, offset: int) -> dict:
-        every = self.service.store.checkpoints_of(user)
+        every = _unexpired(self.service.store.checkpoints_of(user))
         return {"checkpoints": [self._checkpoint_json(c.run_id, c) for c in every[offset: offset + limit]],
                 "cursor": {"offset": offset, "limit": limit, "total_count": len(every)}}
 
@@ -471,12 +574,20 @@ class TinkerServing:
             run_id, name = p.parse_tinker_path(tinker_path)
         except ValueError as exc:
             raise ServiceError(422, str(exc), ("tinker_path",)) from None
-        path, _ = self.service.checkpoint_path(user, f"{run_id}/{name}", field="tinker_path")
+        path, _ = self.service.checkpoint_path(user, f"{run_id}/{name}", field="tinker_path", published=True)
         state = self.service.backend.read_checkpoint(path)
         targets = state.lora.target_modules
-        return {"base_model": state.base_model, "is_lora": True, "lora_rank": state.lora.rank,
-                "train_attn": True, "train_mlp": targets == "all-linear" or "up_proj" in targets,
-                "train_unembed": False}
+        return {"base_model": state.base_model, "optimizer_config": p.ADAMW, "is_lora": True,
+                "lora_rank": state.lora.rank,
+                "train_attn": targets == "all-linear" or any(t in targets for t in _ATTN),
+                "train_mlp": targets == "all-linear" or any(t in targets for t in _MLP),
+                "train_unembed": state.lora.train_unembed}
+
+
+def _unexpired(checkpoints: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    """Expired checkpoints leave listings at once, before the sweep deletes them."""
+    now = datetime.now(timezone.utc)
+    return [c for c in checkpoints if c.expires_at is None or c.expires_at > now]
 
 
 def _size(path: Path) -> int | None:

@@ -10,6 +10,11 @@ everything else it speaks is JSON. The schema is the one the SDK itself ships
 Every problem with what a client sent is a `WireError`: a message that names the offending
 place (`data[2].loss_fn_inputs.weights ...`) and the same place as a `loc` tuple. Problems
 with what the server hands the encoders are programming errors (`ValueError`).
+
+Decoding work and memory are bounded by the input and the limits passed in, checked before
+anything is allocated: a zstd body is inflated in chunks up to `max_decompressed_bytes` (a
+413 beyond), and a tensor's declared shape may not exceed `max_elements` values. Decoding a
+large body takes CPU time: callers run it off the event loop.
 """
 
 from __future__ import annotations
@@ -35,12 +40,19 @@ __all__ = [
     "encode_sample_response",
     "decode_model_input_json",
     "parse_stop",
+    "stop_disables_eos",
+    "TargetGrid",
+    "decode_target_grid",
     "MAX_DECOMPRESSED_BYTES",
     "TOPK_SENTINEL",
 ]
 
-# A zstd body may not inflate beyond this (the SDK cuts requests at ~5 MB before compression).
-MAX_DECOMPRESSED_BYTES = 256 * 2**20
+# A zstd body may not inflate beyond this (the SDK cuts requests at ~5 MB before compression);
+# the server passes its max_request_bytes: a body is bounded alike, compressed or not.
+MAX_DECOMPRESSED_BYTES = 64 * 2**20
+# A loss_fn_inputs tensor holds one value per token: its declared shape may not hold more.
+MAX_ELEMENTS = 256 * 1024
+_INFLATE_CHUNK = 1 << 20
 
 # What the SDK reads as "no entry" in a TopkLogprobs cell.
 TOPK_SENTINEL: tuple[int, float] = (0, -99999.0)
@@ -80,10 +92,11 @@ class WireError(ValueError):
     a path (`("data", 0, "loss_fn_inputs", "weights")`), `()` for the body as a whole.
     """
 
-    def __init__(self, message: str, loc: tuple[str | int, ...] = ()) -> None:
+    def __init__(self, message: str, loc: tuple[str | int, ...] = (), status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.loc = tuple(loc)
+        self.status = status  # 413: a body over a size limit
 
 
 @dataclass(frozen=True)
@@ -121,20 +134,26 @@ def _inflate(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     import zstandard  # a dependency of tinker
 
     bad = "malformed ForwardBackwardRequest protobuf: bad zstd body"
+    too_big = f"the zstd body inflates to more than max_request_bytes ({limit} bytes)"
     try:
         size = zstandard.get_frame_parameters(body).content_size
     except zstandard.ZstdError as exc:
         raise WireError(f"{bad}: {exc}") from exc
-    # decompress() trusts a frame's declared size (and allocates it), so check it first; a
-    # frame without one (streaming compressors) is held to the limit as it inflates.
-    known = size != zstandard.CONTENTSIZE_UNKNOWN
-    if known and size > limit:
-        raise WireError(f"{bad}: it inflates to {size} bytes, more than {limit}")
+    if size != zstandard.CONTENTSIZE_UNKNOWN and size > limit:  # refused before anything inflates
+        raise WireError(f"{too_big}: it declares {size}", status=413)
+    # Inflated in chunks, whatever the frame declares, and stopped as soon as it passes the limit:
+    # a 30 KB bomb costs at most `limit` bytes and the time to inflate them.
+    out, total = [], 0
     try:
-        return zstandard.ZstdDecompressor().decompress(body, max_output_size=limit)
+        with zstandard.ZstdDecompressor().stream_reader(body) as reader:
+            while chunk := reader.read(_INFLATE_CHUNK):
+                total += len(chunk)
+                if total > limit:
+                    raise WireError(too_big, status=413)
+                out.append(chunk)
     except zstandard.ZstdError as exc:
-        beyond = "" if known else f" (or it inflates beyond {limit} bytes)"
-        raise WireError(f"{bad}: {exc}{beyond}") from exc
+        raise WireError(f"{bad}: {exc}") from exc
+    return b"".join(out)
 
 
 def _array(buf: bytes, dtype: int, loc: tuple[str | int, ...], what: str) -> np.ndarray:
@@ -166,11 +185,15 @@ def _index_array(buf: bytes, loc: tuple[str | int, ...], what: str) -> np.ndarra
     return np.frombuffer(buf, dtype="<i8")
 
 
-def _dense(msg: pb.Tensor, loc: tuple[str | int, ...]) -> np.ndarray:
-    """A Tensor -> a numpy array of its shape; sparse CSR is expanded with zeros."""
+def _dense(msg: pb.Tensor, loc: tuple[str | int, ...], max_elements: int = MAX_ELEMENTS) -> np.ndarray:
+    """A Tensor -> a numpy array of its shape; sparse CSR is expanded with zeros. The declared
+    shape is checked against `max_elements` first: a 177-byte CSR tensor may declare [3, 2^36]."""
     shape = [int(s) for s in msg.shape]
     if any(s < 0 for s in shape):
         raise WireError(f"{_where(loc)} has a negative dimension in shape {shape}", loc)
+    if math.prod(shape) > max_elements:
+        raise WireError(f"{_where(loc)} declares shape {shape}, {math.prod(shape)} values; a loss_fn_inputs tensor "
+                        f"holds at most max_tokens_per_request ({max_elements})", loc)
     which = msg.WhichOneof("encoding")
     if which == "sparse_csr":
         if len(shape) != 2:
@@ -208,10 +231,10 @@ def _dense(msg: pb.Tensor, loc: tuple[str | int, ...]) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _tensor(msg: pb.Tensor, loc: tuple[str | int, ...]) -> np.ndarray:
+def _tensor(msg: pb.Tensor, loc: tuple[str | int, ...], max_elements: int = MAX_ELEMENTS) -> np.ndarray:
     """A Tensor -> a 1-D numpy array. A 2-D tensor of shape [N, 1] counts as 1-D; anything
     wider (several targets per position) is not something this server's losses take."""
-    arr = _dense(msg, loc)
+    arr = _dense(msg, loc, max_elements)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim > 1:
@@ -262,7 +285,7 @@ def _model_input(datum: pb.Datum, i: int) -> list[int]:
     return tokens
 
 
-def _datum(msg: pb.Datum, i: int) -> Datum:
+def _datum(msg: pb.Datum, i: int, max_elements: int = MAX_ELEMENTS) -> Datum:
     tokens = _model_input(msg, i)
     inputs: dict[str, Any] = {}
     for name in sorted(msg.loss_fn_inputs):
@@ -276,7 +299,7 @@ def _datum(msg: pb.Datum, i: int) -> Datum:
                 f"{', '.join(_INPUTS)}",
                 loc,
             )
-        arr = _tensor(msg.loss_fn_inputs[name], loc)
+        arr = _tensor(msg.loss_fn_inputs[name], loc, max_elements)
         inputs[name] = _ints(arr, loc) if _INPUTS[name] else _floats(arr, loc)
     try:
         return Datum(model_input={"tokens": tokens}, loss_fn_inputs=inputs)
@@ -333,8 +356,10 @@ def decode_forward_backward(
     content_encoding: str | None,
     *,
     max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES,
+    max_elements: int = MAX_ELEMENTS,
 ) -> ForwardBackwardCall:
-    """A `/api/v1/forward_backward` body (protobuf, zstd when `content_encoding` says so)."""
+    """A `/api/v1/forward_backward` body (protobuf, zstd when `content_encoding` says so). CPU
+    work that grows with the body: call it off the event loop."""
     raw = _inflate(body, content_encoding, max_decompressed_bytes)
     msg = pb.ForwardBackwardRequest()
     try:
@@ -349,7 +374,7 @@ def decode_forward_backward(
         loss_fn=msg.loss_fn,
         loss_fn_config=_loss_fn_config(msg),
         forward_only=msg.forward_only,
-        data=[_datum(d, i) for i, d in enumerate(msg.data)],
+        data=[_datum(d, i, max_elements) for i, d in enumerate(msg.data)],
     )
 
 
@@ -411,10 +436,15 @@ def encode_sample_response(
     sequences: Sequence[Any],
     prompt_logprobs: list[float | None] | None = None,
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None,
+    *,
+    target_prompt_logprobs: pb.Tensor | None = None,
+    prompt_alt_tokens: tuple[list[list[int]], list[list[float]]] | None = None,
 ) -> bytes:
     """An asample result. Each sequence is a mapping (or an object) with `tokens`, `logprobs`
-    (one per token) and `stop_reason` ("stop" or "length"). A prompt logprob of None goes out
-    as NaN; top-k rows go out as a length x k matrix padded with (0, -99999.0)."""
+    (one per token), `stop_reason` ("stop" or "length") and, when asked for, `top_logprobs` (per
+    token, its k most likely (token, logprob)). A prompt logprob of None goes out as NaN; top-k
+    rows go out as a length x k matrix padded with (0, -99999.0). `target_prompt_logprobs`: the
+    tensor `TargetGrid.answer` made; `prompt_alt_tokens`: the draws and their logprobs, [len - 1][k]."""
     out = pb.SampleResponse()
     for n, seq in enumerate(sequences):
         tokens = list(_field(seq, "tokens"))
@@ -426,17 +456,104 @@ def encode_sample_response(
             )
         if stop_reason not in _STOP_REASONS:
             raise ValueError(f"sequence {n}: stop_reason must be 'stop' or 'length'")
-        out.sequences.add(
+        encoded = out.sequences.add(
             stop_reason=_STOP_REASONS[stop_reason],
             tokens=np.asarray(tokens, dtype="<i4").tobytes(),
             logprobs=np.asarray(logprobs, dtype="<f4").tobytes(),
         )
+        top = seq.get("top_logprobs") if isinstance(seq, Mapping) else getattr(seq, "top_logprobs", None)
+        if top is not None:
+            if len(top) != len(tokens):
+                raise ValueError(f"sequence {n} has {len(tokens)} tokens but {len(top)} top_logprobs rows")
+            encoded.topk_sampled_logprobs.CopyFrom(_topk(top))
+    if target_prompt_logprobs is not None:
+        out.target_prompt_logprobs.CopyFrom(target_prompt_logprobs)
+    if prompt_alt_tokens is not None:
+        alt_tokens, alt_logprobs = prompt_alt_tokens
+        out.prompt_alt_tokens.tokens.CopyFrom(_dense_tensor(alt_tokens, "<i8", pb.DTYPE_INT64))
+        out.prompt_alt_tokens.logprobs.CopyFrom(_dense_tensor(alt_logprobs, "<f4", pb.DTYPE_FLOAT32))
     if prompt_logprobs is not None:
         values = [math.nan if v is None else v for v in prompt_logprobs]
         out.prompt_logprobs = np.asarray(values, dtype="<f4").tobytes()
     if topk_prompt_logprobs is not None:
         out.topk_prompt_logprobs.CopyFrom(_topk(topk_prompt_logprobs))
     return out.SerializeToString()
+
+
+def _dense_tensor(rows: list[list[Any]], np_dtype: str, dtype: int) -> pb.Tensor:
+    width = len(rows[0]) if rows else 0
+    arr = np.asarray(rows, dtype=np_dtype).reshape(len(rows), width)
+    return pb.Tensor(dense=arr.tobytes(), dtype=dtype, shape=[len(rows), width])
+
+
+@dataclass(frozen=True)
+class TargetGrid:
+    """asample's `target_prompt_logprobs` decoded: the ids asked at each prompt position 1 .. len - 1
+    (`rows`, -1 cells left out), and the request's layout (dense or sparse CSR), which the answer keeps."""
+
+    rows: list[list[int]]
+    shape: tuple[int, int]
+    cells: list[tuple[int, int]]  # (row, id) of each stored value, in the request's order; id -1: nothing asked
+    crow_indices: list[int] | None = None  # sparse CSR: the request's, returned as they came
+    col_indices: list[int] | None = None
+
+    def answer(self, logprobs: list[list[float]]) -> pb.Tensor:
+        """`logprobs[r]`: one per `rows[r]` -> a float32 tensor of the request's shape and layout,
+        0.0 where the request had -1."""
+        taken = [iter(row) for row in logprobs]
+        values = np.asarray([0.0 if token == -1 else next(taken[r]) for r, token in self.cells], dtype="<f4")
+        msg = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=list(self.shape))
+        if self.crow_indices is None:
+            msg.dense = values.tobytes()
+        else:
+            msg.sparse_csr.values = values.tobytes()
+            msg.sparse_csr.crow_indices = np.asarray(self.crow_indices, dtype="<i8").tobytes()
+            msg.sparse_csr.col_indices = np.asarray(self.col_indices, dtype="<i8").tobytes()
+        return msg
+
+
+def _int_list(value: Any, loc: tuple[str | int, ...], what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise WireError(f"{_where(loc)}: {what} must be a list of integers", loc)
+    return value
+
+
+def decode_target_grid(tensor: Any) -> TargetGrid:
+    """asample's JSON `target_prompt_logprobs` (TensorData: int64 ids of shape [len(prompt) - 1, K],
+    -1 for no id; dense, or sparse CSR with `sparse_crow_indices` / `sparse_col_indices`)."""
+    loc: tuple[str | int, ...] = ("target_prompt_logprobs",)
+    if not isinstance(tensor, dict):
+        raise WireError("target_prompt_logprobs must be a TensorData object", loc)
+    if tensor.get("dtype") != "int64":
+        raise WireError(f"target_prompt_logprobs has dtype {tensor.get('dtype')!r}; it must be int64 token ids",
+                        (*loc, "dtype"))
+    shape = _int_list(tensor.get("shape"), (*loc, "shape"), "shape")
+    if len(shape) != 2 or min(shape) < 0:
+        raise WireError(f"target_prompt_logprobs has shape {shape}; it must be 2-D, [len(prompt) - 1, K]",
+                        (*loc, "shape"))
+    rows_n, width = shape
+    data = _int_list(tensor.get("data"), (*loc, "data"), "data")
+    if any(v < -1 for v in data):
+        raise WireError("target_prompt_logprobs holds a negative id other than -1 (no id)", (*loc, "data"))
+    crow, col = tensor.get("sparse_crow_indices"), tensor.get("sparse_col_indices")
+    if crow is None and col is None:
+        if len(data) != rows_n * width:
+            raise WireError(f"target_prompt_logprobs has shape {shape} but {len(data)} values", (*loc, "data"))
+        row_of = [i // width for i in range(len(data))] if width else []
+    else:
+        crow = _int_list(crow, (*loc, "sparse_crow_indices"), "sparse_crow_indices")
+        col = _int_list(col, (*loc, "sparse_col_indices"), "sparse_col_indices")
+        if (len(crow) != rows_n + 1 or crow[0] != 0 or crow[-1] != len(data) or len(col) != len(data)
+                or any(b < a for a, b in zip(crow, crow[1:])) or any(not 0 <= c < width for c in col)):
+            raise WireError(f"target_prompt_logprobs is not a valid sparse CSR tensor of shape {shape} "
+                            f"({len(crow)} crow indices, {len(col)} col indices, {len(data)} values)", loc)
+        row_of = [r for r in range(rows_n) for _ in range(crow[r + 1] - crow[r])]
+    rows: list[list[int]] = [[] for _ in range(rows_n)]
+    for r, token in zip(row_of, data):
+        if token != -1:
+            rows[r].append(token)
+    return TargetGrid(rows=rows, shape=(rows_n, width), cells=list(zip(row_of, data)), crow_indices=crow,
+                      col_indices=col)
 
 
 # ---------------------------------------------------------------------------- asample (JSON)
@@ -477,7 +594,8 @@ def decode_model_input_json(prompt: dict) -> list[int]:
 
 def parse_stop(stop: Any) -> tuple[list[str], list[int]]:
     """sampling_params.stop (None, a string, a list of strings or a list of token ids)
-    -> (stop strings, stop token ids)."""
+    -> (stop strings, stop token ids). An empty list also turns the model's own end tokens off
+    (tinker 0.38: `stop=[]` samples until max_tokens); `stop_disables_eos` says which."""
     loc = ("sampling_params", "stop")
     if stop is None:
         return [], []
@@ -496,3 +614,9 @@ def parse_stop(stop: Any) -> tuple[list[str], list[int]]:
     raise WireError(
         "sampling_params.stop must be all strings or all token ids, not a mix", loc
     )
+
+
+def stop_disables_eos(stop: Any) -> bool:
+    """`stop=[]`: nothing stops a candidate but max_tokens, not even the model's end tokens (SDK
+    0.38's SamplingParams.stop); None keeps them."""
+    return isinstance(stop, list) and not stop

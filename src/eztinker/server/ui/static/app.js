@@ -158,6 +158,8 @@ async function runsView() {
 
 // ------------------------------------------------------------------------------ a run
 const CURVES = [
+  // The step's loss over the sum of its weights: cross_entropy's mean NLL per token, whether the
+  // weights are ones or normalised to sum to 1 (not over the token count, which is off by that sum).
   { key: "loss_per_token", title: "Loss per token", color: "#2f6fde" },
   { key: "grad_norm", title: "Gradient norm", color: "#c4320a" },
 ];
@@ -181,12 +183,14 @@ async function runView(runId) {
   const charts = el("div", { class: "grid" });
   const dataTable = el("div");
   const checkpoints = el("div");
+  const evaluations = el("div");
   const jobs = el("div");
   main.replaceChildren(
     el("section", { class: "card" }, el("h1", { class: "mono" }, runId), facts),
     charts,
     el("section", { class: "card" }, el("details", {}, el("summary", {}, "Per-step data"), dataTable)),
     el("section", { class: "card" }, el("h2", {}, "Checkpoints"), checkpoints),
+    el("section", { class: "card" }, el("h2", {}, "Evaluations"), evaluations),
     el("section", { class: "card" }, el("h2", {}, "Jobs"), el("p", { class: "muted" },
       "Queued and running jobs first, then the newest finished ones; refreshed every 2 s."), jobs));
 
@@ -199,8 +203,8 @@ async function runView(runId) {
 
   const base = `/v1/runs/${encodeURIComponent(runId)}`;
   state.refresh = async () => {
-    const [run, metrics, jobList] = await Promise.all([
-      getJSON(base), getJSON(`${base}/metrics`), getJSON(`${base}/jobs`)]);
+    const [run, metrics, jobList, evaluationList] = await Promise.all([
+      getJSON(base), getJSON(`${base}/metrics`), getJSON(`${base}/jobs`), getJSON(`${base}/evaluations`)]);
     renderFacts(facts, run);
     const steps = metrics.points.map((p) => p.step);
     for (const curve of CURVES) {
@@ -208,13 +212,16 @@ async function runView(runId) {
     }
     dataTable.replaceChildren(table(
       [{ label: "Step", num: true }, { label: "Loss / token", num: true }, { label: "Tokens", num: true },
-        { label: "Grad norm", num: true }, { label: "Learning rate", num: true }, "Recorded"],
+        { label: "Weight sum", num: true }, { label: "Grad norm", num: true }, { label: "Learning rate", num: true },
+        "Recorded"],
       metrics.points.map((p) => el("tr", { "data-step": p.step },
         el("td", { class: "num" }, p.step), el("td", { class: "num" }, number(p.loss_per_token)),
-        el("td", { class: "num" }, p.num_tokens ?? "—"), el("td", { class: "num" }, number(p.grad_norm)),
+        el("td", { class: "num" }, p.num_tokens ?? "—"), el("td", { class: "num" }, number(p.weight_sum)),
+        el("td", { class: "num" }, number(p.grad_norm)),
         el("td", { class: "num" }, number(p.learning_rate, 3)), el("td", {}, when(p.recorded_at)))),
       "No training steps recorded yet."));
     renderCheckpoints(checkpoints, run);
+    renderEvaluations(evaluations, evaluationList);
     renderJobs(jobs, jobList);
   };
 }
@@ -250,6 +257,25 @@ function renderCheckpoints(container, run) {
         el("td", {}, el("code", {}, `eztinker export ${ref} OUT --merge`)));
     }),
     "No checkpoints yet: save one with save_state (or the Tinker SDK's save_state / save_weights_for_sampler)."));
+}
+
+// What `eztinker eval` (or a recipe's --eval-tasks) recorded: one row per evaluated task, newest first.
+function renderEvaluations(container, evaluations) {
+  const metrics = (scores) => Object.entries(scores)
+    .filter(([name, value]) => value !== null && !name.includes("stderr"))
+    .map(([name, value]) => `${name.replace(/,none$/, "")} ${number(value)}`).join(" · ");
+  const rows = evaluations.slice().reverse().flatMap((e) => e.tasks.map((task) =>
+    el("tr", { "data-evaluation": e.id, "data-task": task },
+      el("td", { class: "mono" }, e.checkpoint ?? "live adapter"),
+      el("td", { class: "num" }, e.step),
+      el("td", {}, task),
+      el("td", { class: "mono" }, metrics(e.scores[task] ?? {})),
+      el("td", { class: "num" }, e.config.limit ?? "all"),
+      el("td", {}, e.harness),
+      el("td", {}, when(e.created_at)))));
+  container.replaceChildren(table(
+    ["Adapter", { label: "Step", num: true }, "Task", "Scores", { label: "Limit", num: true }, "Harness", "Recorded"],
+    rows, "No evaluations yet: `eztinker eval <run>/<checkpoint> --tasks ...` records one here."));
 }
 
 function renderJobs(container, jobs) {
