@@ -43,15 +43,21 @@ def child(layout: str, model: str, cache_dir: Path, calls: int) -> dict:
     data = []
     for _ in range(4):
         ids = [rng.randrange(100, 20000) for _ in range(33)]
-        data.append(Datum(model_input=ModelInput(tokens=ids[:-1]),
-                          loss_fn_inputs=LossFnInputs(target_tokens=ids[1:], weights=[1.0] * 32)))
+        data.append(
+            Datum(
+                model_input=ModelInput(tokens=ids[:-1]),
+                loss_fn_inputs=LossFnInputs(target_tokens=ids[1:], weights=[1.0] * 32),
+            )
+        )
     prompt = [rng.randrange(100, 20000) for _ in range(24)]
     lora, adam = LoraConfig(rank=8, alpha=32.0), AdamParams(learning_rate=1e-4)
     params = SamplingParams(max_tokens=16, temperature=0.8, seed=0)
 
     if layout == "compute-thread":
         tiny = tiny_model_dir(model)
-        backend = LocalBackend.load([str(tiny) if model == "tiny" else "smollm2-135m"], cache_dir=cache_dir, device="cpu")
+        backend = LocalBackend.load(
+            [str(tiny) if model == "tiny" else "smollm2-135m"], cache_dir=cache_dir, device="cpu"
+        )
         name = next(iter(backend.engines))
 
         def one(command):
@@ -59,15 +65,21 @@ def child(layout: str, model: str, cache_dir: Path, calls: int) -> dict:
             assert outcome.error is None, outcome.error
 
         one(CreateRun(model=name, run_id="r", lora=lora))
-        work = {"forward_backward_4x32": lambda: one(ForwardBackward(model=name, run_id="r", data=data)),
-                "optim_step": lambda: one(OptimStep(model=name, run_id="r", adam_params=adam)),
-                "sample_4x16": lambda: one(Sample(model=name, run_id="r", prompts=[prompt], num_samples=4, sampling_params=params))}
+        work = {
+            "forward_backward_4x32": lambda: one(ForwardBackward(model=name, run_id="r", data=data)),
+            "optim_step": lambda: one(OptimStep(model=name, run_id="r", adam_params=adam)),
+            "sample_4x16": lambda: one(
+                Sample(model=name, run_id="r", prompts=[prompt], num_samples=4, sampling_params=params)
+            ),
+        }
     else:
         engine = Engine(load(model, cache_dir, tiny_model_dir(model)))
         engine.create_run("r", lora)
-        work = {"forward_backward_4x32": lambda: engine.forward_backward("r", data),
-                "optim_step": lambda: engine.optim_step("r", adam),
-                "sample_4x16": lambda: engine.sample([SampleSpec("r", [prompt], 4, params)])}
+        work = {
+            "forward_backward_4x32": lambda: engine.forward_backward("r", data),
+            "optim_step": lambda: engine.optim_step("r", adam),
+            "sample_4x16": lambda: engine.sample([SampleSpec("r", [prompt], 4, params)]),
+        }
 
     seconds: dict[str, list[float]] = {name: [] for name in CALLS}
 
@@ -98,15 +110,33 @@ def main() -> None:
     if args.layout:
         return print(json.dumps(child(args.layout, args.model, args.cache_dir, args.calls)))
     rounds, best = alternate_in_children(__file__, "layout", LAYOUTS, args, CALLS)
-    ratios = {name: {"second_over_compute_thread": best["second-thread"][name] / best["compute-thread"][name],
-                     "compute_over_same_thread": best["compute-thread"][name] / best["same-thread"][name]} for name in CALLS}
+    ratios = {
+        name: {
+            "second_over_compute_thread": best["second-thread"][name] / best["compute-thread"][name],
+            "compute_over_same_thread": best["compute-thread"][name] / best["same-thread"][name],
+        }
+        for name in CALLS
+    }
     for name, row in ratios.items():
-        log(f"{name:22s} second-thread / compute-thread {row['second_over_compute_thread']:.2f}x; "
-            f"compute-thread / same-thread {row['compute_over_same_thread']:.2f}x")
+        log(
+            f"{name:22s} second-thread / compute-thread {row['second_over_compute_thread']:.2f}x; "
+            f"compute-thread / same-thread {row['compute_over_same_thread']:.2f}x"
+        )
     out = RESULTS_DIR / f"compute_thread_{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "machine": machine(), "rounds": rounds, "best": best, "ratios": ratios,
-                               "command": f"python bench/compute_thread.py --model {args.model} --repeats {args.repeats} --calls {args.calls}"},
-                              indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "machine": machine(),
+                "rounds": rounds,
+                "best": best,
+                "ratios": ratios,
+                "command": f"python bench/compute_thread.py --model {args.model} --repeats {args.repeats} --calls {args.calls}",
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     log(f"results: {out}")
 
 

@@ -50,16 +50,26 @@ def main() -> None:
     engine_module._UPDATE_LAYER_TAKES_CONFIG, lora_adapters.can_add = fast, can_add
     # The first create of an engine wraps the model (the same on every path): medians of the rest.
     medians = {path: statistics.median(t for r in rounds for t in r[1:]) for path, rounds in seconds.items()}
-    results = {"model": args.model, "runs": args.runs, "machine": machine(), "load_1min": os.getloadavg()[0],
-               "seconds": seconds, "median_seconds_after_the_first": medians,
-               "ratios_to_lora_adapters": {path: medians[path] / medians["lora_adapters"] for path in paths},
-               "command": f"python bench/create_run.py --model {args.model} --runs {args.runs} --repeats {args.repeats}"}
+    results = {
+        "model": args.model,
+        "runs": args.runs,
+        "machine": machine(),
+        "load_1min": os.getloadavg()[0],
+        "seconds": seconds,
+        "median_seconds_after_the_first": medians,
+        "ratios_to_lora_adapters": {path: medians[path] / medians["lora_adapters"] for path in paths},
+        "command": f"python bench/create_run.py --model {args.model} --runs {args.runs} --repeats {args.repeats}",
+    }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"create_run_{args.model}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
-    log("median create after the first: " + ", ".join(
-        f"{name} {medians[name] * 1e3:.0f} ms ({results['ratios_to_lora_adapters'][name]:.1f}x)" for name in paths)
-        + f"; results: {path}")
+    log(
+        "median create after the first: "
+        + ", ".join(
+            f"{name} {medians[name] * 1e3:.0f} ms ({results['ratios_to_lora_adapters'][name]:.1f}x)" for name in paths
+        )
+        + f"; results: {path}"
+    )
 
 
 if __name__ == "__main__":

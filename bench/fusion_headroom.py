@@ -14,7 +14,19 @@ from __future__ import annotations
 
 import json
 
-from run import LORA, RESULTS_DIR, Timer, Workload, interleave, load, log, machine, matmul_peak, side_bench_arguments, tiny_model_dir
+from run import (
+    LORA,
+    RESULTS_DIR,
+    Timer,
+    Workload,
+    interleave,
+    load,
+    log,
+    machine,
+    matmul_peak,
+    side_bench_arguments,
+    tiny_model_dir,
+)
 
 from eztinker.engine import Engine
 
@@ -30,9 +42,11 @@ def main() -> None:
     runs = [f"run{r}" for r in range(args.runs)]
     for r, run_id in enumerate(runs):
         engine.create_run(run_id, LORA, seed=r)
-    per_run = [examples[r * args.examples:(r + 1) * args.examples] for r in range(args.runs)]
-    log(f"== {args.model}: {args.runs} runs x {args.examples} examples of "
-        f"{min(len(d.model_input.tokens) for d in examples)}-{max(len(d.model_input.tokens) for d in examples)} tokens")
+    per_run = [examples[r * args.examples : (r + 1) * args.examples] for r in range(args.runs)]
+    log(
+        f"== {args.model}: {args.runs} runs x {args.examples} examples of "
+        f"{min(len(d.model_input.tokens) for d in examples)}-{max(len(d.model_input.tokens) for d in examples)} tokens"
+    )
     peak = matmul_peak()
     log(f"  fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
 
@@ -41,11 +55,14 @@ def main() -> None:
             with Timer() as t:
                 fn()
             return len(examples), t.seconds
+
         return side
 
     engine.forward_backward(runs[0], examples[:2])  # warm-up, untimed
     sides = {
-        "separate_per_run": timed(lambda: [engine.forward_backward(run_id, data) for run_id, data in zip(runs, per_run)]),
+        "separate_per_run": timed(
+            lambda: [engine.forward_backward(run_id, data) for run_id, data in zip(runs, per_run)]
+        ),
         "one_pass_all_examples": timed(lambda: engine.forward_backward(runs[0], examples)),
     }
     results = interleave(sides, args.repeats)
@@ -53,9 +70,21 @@ def main() -> None:
     log(f"  headroom of fusion: {ratio:.2f}x")
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"fusion_headroom_{args.model}.json"
-    path.write_text(json.dumps({"model": args.model, "machine": machine(), "matmul_peak_flops": peak,
-                                "runs": args.runs, "examples_per_run": args.examples, "unit": "examples/s",
-                                "sides": results, "headroom": ratio}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "machine": machine(),
+                "matmul_peak_flops": peak,
+                "runs": args.runs,
+                "examples_per_run": args.examples,
+                "unit": "examples/s",
+                "sides": results,
+                "headroom": ratio,
+            },
+            indent=1,
+        )
+    )
     log(f"results: {path}")
 
 

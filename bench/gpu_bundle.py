@@ -15,7 +15,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -28,9 +27,28 @@ PACKAGES = ["pydantic>=2.7", "pytest>=8"]
 def bundle(python: str) -> None:
     """The wheels for `python` into bench/.bundle/wheels/ (the pure-Python ones are shared)."""
     WHEELS.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--dest", str(WHEELS),
-                    "--python-version", python, "--platform", "manylinux2014_x86_64", "--platform",
-                    "manylinux_2_17_x86_64", "--implementation", "cp", *PACKAGES], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--only-binary=:all:",
+            "--dest",
+            str(WHEELS),
+            "--python-version",
+            python,
+            "--platform",
+            "manylinux2014_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--implementation",
+            "cp",
+            *PACKAGES,
+        ],
+        check=True,
+    )
 
 
 def compatible(wheel: Path) -> bool:

@@ -54,8 +54,10 @@ def _bootstrap() -> str:
         site = Path(tempfile.mkdtemp(prefix="eztinker-gpu-bundle-"))
         wheels = unpack(site) if WHEELS.is_dir() else []
         if not any(w.startswith("pydantic_core") for w in wheels):
-            raise SystemExit(f"pydantic is not installed and {WHEELS} has none for this Python: run "
-                             "`python bench/gpu_bundle.py` on a machine with network access and carry bench/.bundle/") from None
+            raise SystemExit(
+                f"pydantic is not installed and {WHEELS} has none for this Python: run "
+                "`python bench/gpu_bundle.py` on a machine with network access and carry bench/.bundle/"
+            ) from None
         sys.path.insert(1, str(site))
         os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(site), os.environ.get("PYTHONPATH", "")])
         return f"bundle: {', '.join(wheels)}"
@@ -76,15 +78,36 @@ SERVER_IMPORTED = sorted(m for m in _SERVER_MODULES if m in sys.modules)  # the 
 LORA = LoraConfig(rank=16, alpha=32)
 QWEN2 = {  # the public Qwen2 configs (Hugging Face config.json), over the 0.5B's shared one
     "qwen2-0.5b": {},
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                       num_key_value_heads=2, max_window_layers=28, tie_word_embeddings=True),
-    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, max_window_layers=28, tie_word_embeddings=False, vocab_size=152064),
+    "qwen2-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_window_layers=28,
+        tie_word_embeddings=True,
+    ),
+    "qwen2-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_window_layers=28,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+    ),
 }
 # --smoke times float32 on the CPU (no bf16 units there; the agreement section stays bf16).
 DTYPE = {True: torch.float32, False: torch.bfloat16}
-SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_window_layers=2)
+SMOKE_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_window_layers=2,
+)
 
 
 # ------------------------------------------------------------------------------- plumbing
@@ -100,7 +123,9 @@ class Check:
 
     def section(self, name: str, needs_seconds: float, run) -> None:
         if self.left() < needs_seconds:
-            self.report["sections"][name] = {"skipped": f"{self.left():.0f} s left of the budget, needs {needs_seconds:.0f}"}
+            self.report["sections"][name] = {
+                "skipped": f"{self.left():.0f} s left of the budget, needs {needs_seconds:.0f}"
+            }
             return
         print(f"[{time.perf_counter() - self.start:6.1f} s] {name} ...", flush=True)
         start = time.perf_counter()
@@ -153,8 +178,10 @@ def config_dir() -> Path:
     for candidate in ([shared / QWEN2_CONFIG] if shared else []) + [BUNDLE / "qwen2-0.5b-instruct-config"]:
         if (candidate / "config.json").exists():
             return candidate
-    raise FileNotFoundError("no Qwen2 config: ../shared/models/qwen2-0.5b-instruct-config or bench/.bundle/ "
-                            "(python bench/gpu_bundle.py copies it there)")
+    raise FileNotFoundError(
+        "no Qwen2 config: ../shared/models/qwen2-0.5b-instruct-config or bench/.bundle/ "
+        "(python bench/gpu_bundle.py copies it there)"
+    )
 
 
 def random_base(name: str, overrides: dict, device: torch.device, dtype: torch.dtype, scale: float = 1.0) -> BaseModel:
@@ -174,8 +201,14 @@ def random_base(name: str, overrides: dict, device: torch.device, dtype: torch.d
                     param.mul_(scale)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return BaseModel(name=name, model=model, tokenizer=tokenizer, stop_token_ids=_stop_token_ids(model, tokenizer),
-                     pad_token_id=_pad_token_id(tokenizer), source=str(folder))
+    return BaseModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        stop_token_ids=_stop_token_ids(model, tokenizer),
+        pad_token_id=_pad_token_id(tokenizer),
+        source=str(folder),
+    )
 
 
 def random_tokens(count: int, length: int, seed: int) -> list[list[int]]:
@@ -184,7 +217,7 @@ def random_tokens(count: int, length: int, seed: int) -> list[list[int]]:
 
 
 def training_data(count: int, length: int, seed: int):
-    return [datum_from_tokens(t[: length // 2], t[length // 2:] + [t[0]]) for t in random_tokens(count, length, seed)]
+    return [datum_from_tokens(t[: length // 2], t[length // 2 :] + [t[0]]) for t in random_tokens(count, length, seed)]
 
 
 # ------------------------------------------------------------------------------- sections
@@ -192,9 +225,15 @@ def environment(device: torch.device) -> dict:
     import peft
     import transformers
 
-    info = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "pydantic": PYDANTIC_SOURCE,
-            "server_modules_imported_by_engine": SERVER_IMPORTED}
+    info = {
+        "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "pydantic": PYDANTIC_SOURCE,
+        "server_modules_imported_by_engine": SERVER_IMPORTED,
+    }
     gpus = torch.cuda.device_count()
     info["visible_gpus"] = gpus
     if device.type == "cuda":
@@ -231,8 +270,14 @@ def engine_tests(device: torch.device) -> dict:
     env = dict(os.environ, EZTINKER_TEST_DEVICE=str(device), HF_HUB_OFFLINE="1")
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        completed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                                    *files], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        completed = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *files],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         failures = []
         if junit.exists():
             import xml.etree.ElementTree as ET
@@ -241,19 +286,30 @@ def engine_tests(device: torch.device) -> dict:
                 for kind in ("failure", "error"):
                     problem = case.find(kind)
                     if problem is not None:
-                        failures.append({"test": f"{case.get('classname')}::{case.get('name')}",
-                                         "message": (problem.get("message") or "")[:400]})
+                        failures.append(
+                            {
+                                "test": f"{case.get('classname')}::{case.get('name')}",
+                                "message": (problem.get("message") or "")[:400],
+                            }
+                        )
     summary = completed.stdout.strip().splitlines()[-1:] if completed.stdout else []
-    return {"device": str(device), "files": files, "returncode": completed.returncode, "summary": summary,
-            "failures": failures, "stderr_tail": completed.stderr[-1500:]}
+    return {
+        "device": str(device),
+        "files": files,
+        "returncode": completed.returncode,
+        "summary": summary,
+        "failures": failures,
+        "stderr_tail": completed.stderr[-1500:],
+    }
 
 
 def agreement(device: torch.device, smoke: bool) -> dict:
     """kl_sample_train in bf16 with prompts shared (two-part attention) and copied, on a peaked
     tiny model and on Qwen2-0.5B's shape; checkpointed gradients against plain ones."""
     results = {}
-    shapes = {"tiny-peaked": (SMOKE_SHAPE, 10.0)} if smoke else {"tiny-peaked": (SMOKE_SHAPE, 10.0),
-                                                                   "qwen2-0.5b": ({}, 1.0)}
+    shapes = (
+        {"tiny-peaked": (SMOKE_SHAPE, 10.0)} if smoke else {"tiny-peaked": (SMOKE_SHAPE, 10.0), "qwen2-0.5b": ({}, 1.0)}
+    )
     for name, (shape, scale) in shapes.items():
         base = random_base(name, shape, device, torch.bfloat16, scale=scale)
         engine = Engine(base)
@@ -269,18 +325,23 @@ def agreement(device: torch.device, smoke: bool) -> dict:
             prompts = [p + [i + 7] * (i + 1) for i, p in enumerate(prompts)]  # distinct prompts
             shared_steps = []
             with _counting(prompt_attention.SharedPromptCache, "attend", shared_steps):
-                [sampled] = engine.sample([SampleSpec("r", prompts, samples, SamplingParams(max_tokens=tokens, seed=5))])
+                [sampled] = engine.sample(
+                    [SampleSpec("r", prompts, samples, SamplingParams(max_tokens=tokens, seed=5))]
+                )
             diffs = []
             for prompt, candidates in zip(prompts, sampled):
                 data = [datum_from_tokens(prompt, c.tokens) for c in candidates]
                 for c, row in zip(candidates, engine.forward_backward("r", data, forward_only=True).logprobs):
-                    diffs += [s - t for s, t in zip(c.logprobs, row[len(prompt) - 1:])]
+                    diffs += [s - t for s, t in zip(c.logprobs, row[len(prompt) - 1 :])]
             d = torch.tensor(diffs, dtype=torch.float64)
-            results[f"{name}/{layout}"] = {"tokens": len(diffs), "shared_prompt_cache_used": bool(shared_steps),
-                                           "kl_sample_train_v1": float(d.mean()),
-                                           "kl_sample_train_v2": float(0.5 * (d**2).mean()),
-                                           "max_abs_diff": float(d.abs().max()), "ok": bool(abs(d.mean()) < 1e-3 and
-                                                                                           0.5 * (d**2).mean() < 1e-3)}
+            results[f"{name}/{layout}"] = {
+                "tokens": len(diffs),
+                "shared_prompt_cache_used": bool(shared_steps),
+                "kl_sample_train_v1": float(d.mean()),
+                "kl_sample_train_v2": float(0.5 * (d**2).mean()),
+                "max_abs_diff": float(d.abs().max()),
+                "ok": bool(abs(d.mean()) < 1e-3 and 0.5 * (d**2).mean() < 1e-3),
+            }
         grads = {}
         for checkpoint in (False, True):
             engine.activation_checkpointing = checkpoint
@@ -328,19 +389,32 @@ def sampling_throughput(device: torch.device, smoke: bool) -> dict:
 
     def generate(new: int):
         with engine._through("r"), torch.no_grad():
-            return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
-                                  max_new_tokens=new, min_new_tokens=new, top_k=0, top_p=1.0, temperature=1.0,
-                                  pad_token_id=base.pad_token_id)
+            return model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                do_sample=True,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                pad_token_id=base.pad_token_id,
+            )
 
     generate(4)
     seconds_theirs = _timed(device, lambda: generate(tokens))
-    result = {"rows": rows, "tokens_per_row": tokens, "tokens_made": made,
-              "ours_seconds": round(seconds_ours, 3), "generate_seconds": round(seconds_theirs, 3),
-              "ours_tokens_per_s": round(made / seconds_ours, 1),
-              "generate_tokens_per_s": round(rows * tokens / seconds_theirs, 1),
-              "speedup_vs_generate": round(seconds_theirs / seconds_ours, 2),
-              "decode_step_ms": round(1000 * (seconds_ours - seconds_one) / max(1, tokens - 1), 2),
-              "goal": ">= 5x generate, decode step of 64 rows < 10 ms"}
+    result = {
+        "rows": rows,
+        "tokens_per_row": tokens,
+        "tokens_made": made,
+        "ours_seconds": round(seconds_ours, 3),
+        "generate_seconds": round(seconds_theirs, 3),
+        "ours_tokens_per_s": round(made / seconds_ours, 1),
+        "generate_tokens_per_s": round(rows * tokens / seconds_theirs, 1),
+        "speedup_vs_generate": round(seconds_theirs / seconds_ours, 2),
+        "decode_step_ms": round(1000 * (seconds_ours - seconds_one) / max(1, tokens - 1), 2),
+        "goal": ">= 5x generate, decode step of 64 rows < 10 ms",
+    }
     engine.close()
     return result
 
@@ -381,8 +455,9 @@ def peft_step_seconds(base: BaseModel, data, device: torch.device, repeats: int)
     """A plain peft training step: LoRA on every linear layer, one padded batch, the model's loss."""
     import peft
 
-    model = peft.get_peft_model(base.model, peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha,
-                                                            target_modules="all-linear"))
+    model = peft.get_peft_model(
+        base.model, peft.LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha, target_modules="all-linear")
+    )
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     input_ids = torch.tensor([d.model_input.tokens for d in data], device=device)
@@ -428,12 +503,17 @@ def peak_memory(device: torch.device, smoke: bool) -> dict:
         train_peak = _peak(device)
         _reset_peak(device)
         rows, tokens = (8, 4) if smoke else (64, 128)
-        engine.sample([SampleSpec("r", random_tokens(8, 64, seed=10), rows // 8, SamplingParams(max_tokens=tokens, seed=2))])
+        engine.sample(
+            [SampleSpec("r", random_tokens(8, 64, seed=10), rows // 8, SamplingParams(max_tokens=tokens, seed=2))]
+        )
         sample_peak = _peak(device)
         results[name] = {
-            "weights_gib": _gib(weights), "training_step_peak_gib": _gib(train_peak),
-            "sampling_batch_peak_gib": _gib(sample_peak), "training_tokens": count * length,
-            "microbatch_tokens": engine.microbatch_tokens, "activation_checkpointing": engine.activation_checkpointing,
+            "weights_gib": _gib(weights),
+            "training_step_peak_gib": _gib(train_peak),
+            "sampling_batch_peak_gib": _gib(sample_peak),
+            "training_tokens": count * length,
+            "microbatch_tokens": engine.microbatch_tokens,
+            "activation_checkpointing": engine.activation_checkpointing,
             "estimated_activation_gib": _gib(estimate * min(count * length, engine.microbatch_tokens)),
             "sampling_rows_x_tokens": f"{rows} x {tokens} (prompts of 64)",
         }

@@ -39,15 +39,30 @@ from eztinker.launcher import ServerProcess, offline_env
 COMMON = dict(task="arithmetic", eval_size=200, max_tokens=64, epochs=50, eval_every=1000, checkpoint=True, seed=0)
 SCHEDULES = {
     # The demo's schedule: 64 problems x 4 candidates, the best correct one trained on.
-    "rsft": ("eztinker.recipes.rejection_sft", dict(
-        max_samples=64, num_candidates=4, temperature=0.8, learning_rate=1e-3, lr_decay=0.7, batch_size=8)),
+    "rsft": (
+        "eztinker.recipes.rejection_sft",
+        dict(max_samples=64, num_candidates=4, temperature=0.8, learning_rate=1e-3, lr_decay=0.7, batch_size=8),
+    ),
     # Groups of 4 per problem, 8 problems per step, over a large pool of problems.
-    "rl": ("eztinker.recipes.rl", dict(
-        max_samples=2000, num_candidates=4, groups_per_step=8, temperature=1.0, learning_rate=1e-3, lr_decay=1.0)),
+    "rl": (
+        "eztinker.recipes.rl",
+        dict(max_samples=2000, num_candidates=4, groups_per_step=8, temperature=1.0, learning_rate=1e-3, lr_decay=1.0),
+    ),
     # Buffer pairs (best correct vs likeliest incorrect), with an SFT term on the chosen reply.
-    "dpo": ("eztinker.recipes.dpo", dict(
-        max_samples=64, num_candidates=4, temperature=0.8, learning_rate=1e-3, lr_decay=0.7, beta=0.1,
-        sft_weight=1.0, batch_size=8, micro_batch_size=4)),
+    "dpo": (
+        "eztinker.recipes.dpo",
+        dict(
+            max_samples=64,
+            num_candidates=4,
+            temperature=0.8,
+            learning_rate=1e-3,
+            lr_decay=0.7,
+            beta=0.1,
+            sft_weight=1.0,
+            batch_size=8,
+            micro_batch_size=4,
+        ),
+    ),
 }
 WHAT = {
     "rsft": "rejection-sampling SFT (train on the best correct of 4 candidates per problem, resampled every epoch)",
@@ -71,10 +86,18 @@ def run() -> None:
     args.results = args.results or RESULTS_DIR / f"learning_{args.recipe}.json"
     started, load_before = time.monotonic(), os.getloadavg()
     log(f"load average before: {load_before}; starting the server on smollm2-135m ...")
-    with ServerProcess(model="smollm2-135m", data_dir=args.data_dir / "server", log_file=args.data_dir / "server.log",
-                       env={**offline_env(), "OMP_NUM_THREADS": str(args.server_threads)}) as server:
-        config = recipe.Config(**{**COMMON, **schedule, "eval_size": args.eval_size}, server_url=server.url,
-                               time_budget_minutes=args.minutes, output_dir=args.data_dir)
+    with ServerProcess(
+        model="smollm2-135m",
+        data_dir=args.data_dir / "server",
+        log_file=args.data_dir / "server.log",
+        env={**offline_env(), "OMP_NUM_THREADS": str(args.server_threads)},
+    ) as server:
+        config = recipe.Config(
+            **{**COMMON, **schedule, "eval_size": args.eval_size},
+            server_url=server.url,
+            time_budget_minutes=args.minutes,
+            output_dir=args.data_dir,
+        )
         results = recipe.main(config)
     epochs = results["epochs"]
     before, after = epochs[0], epochs[-1]
@@ -101,9 +124,11 @@ def run() -> None:
         "epochs": epochs,
     }
     args.results.write_text(json.dumps(summary, indent=2) + "\n")
-    log(f"before {before['test_accuracy']:.1%} -> after {after.get('test_accuracy', float('nan')):.1%} "
+    log(
+        f"before {before['test_accuracy']:.1%} -> after {after.get('test_accuracy', float('nan')):.1%} "
         f"(lenient {before['test_lenient_accuracy']:.1%} -> {after.get('test_lenient_accuracy', float('nan')):.1%}) "
-        f"in {summary['wall_seconds']:.0f} s; {args.results}")
+        f"in {summary['wall_seconds']:.0f} s; {args.results}"
+    )
 
 
 if __name__ == "__main__":

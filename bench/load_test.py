@@ -54,8 +54,14 @@ def summary(seconds: list[float]) -> dict:
 
 def start_server(model: str, data_dir: Path, log_file: Path, extra: list[str] = ()) -> ServerProcess:
     """A server in a child process, offline, with none of the caller's EZTINKER_ settings."""
-    return ServerProcess(model=model, data_dir=data_dir, log_file=log_file, extra_args=["--device", "cpu", *extra],
-                         env=offline_env(), startup_timeout=180)
+    return ServerProcess(
+        model=model,
+        data_dir=data_dir,
+        log_file=log_file,
+        extra_args=["--device", "cpu", *extra],
+        env=offline_env(),
+        startup_timeout=180,
+    )
 
 
 def rss_mb(pid: int | str = "self") -> float:
@@ -70,8 +76,16 @@ def example(i: int):
     return datum_from_tokens([100 + i, 200, 300, 17], [400, 500 + i, 600, 700, 11])
 
 
-def run_load(url: str, *, runs: int = 8, pairs: int = 50, samplers: int = 2, sample_tokens: int = 8,
-             health_interval: float = 0.02, timeout: float = 600) -> dict:
+def run_load(
+    url: str,
+    *,
+    runs: int = 8,
+    pairs: int = 50,
+    samplers: int = 2,
+    sample_tokens: int = 8,
+    health_interval: float = 0.02,
+    timeout: float = 600,
+) -> dict:
     """Drive the load; return the figures. Raises AssertionError if any job is unaccounted for."""
     stop = threading.Event()
     lock = threading.Lock()
@@ -194,6 +208,7 @@ def run_load(url: str, *, runs: int = 8, pairs: int = 50, samplers: int = 2, sam
 
 def churn_runs(url: str, count: int, rss, *, warmup: int = 20, train: bool = True) -> dict:
     """Create (train one step, sample) and delete `count` runs; RSS before/after, in MB."""
+
     def one(client: ServiceClient, i: int) -> None:
         run = client.create_training_run(lora_rank=8, seed=i)
         if train:
@@ -215,8 +230,15 @@ def churn_runs(url: str, count: int, rss, *, warmup: int = 20, train: bool = Tru
         seconds = time.perf_counter() - t0
         assert client.list_runs() == [] and client.health().runs == 0
     end = rss()
-    return {"runs": count, "warmup_runs": warmup, "rss_start_mb": round(start, 1), "rss_end_mb": round(end, 1),
-            "growth_mb": round(end - start, 1), "rss_trace_mb": samples, "seconds": round(seconds, 1)}
+    return {
+        "runs": count,
+        "warmup_runs": warmup,
+        "rss_start_mb": round(start, 1),
+        "rss_end_mb": round(end, 1),
+        "growth_mb": round(end - start, 1),
+        "rss_trace_mb": samples,
+        "seconds": round(seconds, 1),
+    }
 
 
 def main() -> None:

@@ -36,8 +36,10 @@ def main() -> None:
     params = engine._runs["bench"].params
     engine.forward_backward("bench", [datum_from_tokens(list(range(100, 132)), list(range(200, 232)))])
     grads = [p.grad.clone() for p in params]
-    optimizers = {"loop": torch.optim.AdamW(params, lr=1e-6, foreach=False),
-                  "fused": torch.optim.AdamW(params, lr=1e-6, fused=True)}
+    optimizers = {
+        "loop": torch.optim.AdamW(params, lr=1e-6, foreach=False),
+        "fused": torch.optim.AdamW(params, lr=1e-6, fused=True),
+    }
     seconds = {name: [] for name in optimizers}
     for _ in range(repeats):
         for name, optimizer in optimizers.items():
@@ -48,15 +50,25 @@ def main() -> None:
             optimizer.step()
             seconds[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(s[1:]) for name, s in seconds.items()}
-    results = {"model": args.model, "lora_rank": args.rank, "tensors": len(params),
-               "parameters": sum(p.numel() for p in params), "machine": machine(), "load_1min": os.getloadavg()[0],
-               "seconds": seconds, "median_seconds": medians, "loop_over_fused": medians["loop"] / medians["fused"],
-               "command": f"python bench/optim_step.py --model {args.model} --rank {args.rank} --repeats {repeats}"}
+    results = {
+        "model": args.model,
+        "lora_rank": args.rank,
+        "tensors": len(params),
+        "parameters": sum(p.numel() for p in params),
+        "machine": machine(),
+        "load_1min": os.getloadavg()[0],
+        "seconds": seconds,
+        "median_seconds": medians,
+        "loop_over_fused": medians["loop"] / medians["fused"],
+        "command": f"python bench/optim_step.py --model {args.model} --rank {args.rank} --repeats {repeats}",
+    }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"optim_step_{args.model}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
-    log(f"{len(params)} tensors ({results['parameters']:,} parameters): loop {medians['loop'] * 1e3:.1f} ms, "
-        f"fused {medians['fused'] * 1e3:.1f} ms, {results['loop_over_fused']:.1f}x; results: {path}")
+    log(
+        f"{len(params)} tensors ({results['parameters']:,} parameters): loop {medians['loop'] * 1e3:.1f} ms, "
+        f"fused {medians['fused'] * 1e3:.1f} ms, {results['loop_over_fused']:.1f}x; results: {path}"
+    )
 
 
 if __name__ == "__main__":

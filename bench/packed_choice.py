@@ -38,7 +38,9 @@ def child(choice: str, model: str, cache_dir: Path, calls: int) -> dict:
     from eztinker.types import Datum, LoraConfig, LossFnInputs, ModelInput, SamplingParams
 
     if choice == "all-packed":
-        packed_linear.measured_choice = output_projection._head_choice = lambda weight, blocked: (True,) * len(packed_linear.BANDS)
+        packed_linear.measured_choice = output_projection._head_choice = lambda weight, blocked: (
+            (True,) * len(packed_linear.BANDS)
+        )
     base = load(model, cache_dir, tiny_model_dir(model))
     engine = Engine(base, pack_weights=choice != "unpacked")
     engine.create_run("r", LoraConfig(rank=8, alpha=32.0))
@@ -47,16 +49,23 @@ def child(choice: str, model: str, cache_dir: Path, calls: int) -> dict:
 
     def datum(length: int) -> Datum:
         ids = [rng.randrange(100, 20000) for _ in range(length + 1)]
-        return Datum(model_input=ModelInput(tokens=ids[:-1]), loss_fn_inputs=LossFnInputs(target_tokens=ids[1:], weights=[1.0] * length))
+        return Datum(
+            model_input=ModelInput(tokens=ids[:-1]),
+            loss_fn_inputs=LossFnInputs(target_tokens=ids[1:], weights=[1.0] * length),
+        )
 
     def sample(n_prompts: int, candidates: int, tokens: int):
         params = SamplingParams(max_tokens=tokens, temperature=TEMPERATURE, seed=0)
         return lambda: engine.sample([SampleSpec("r", prompts[:n_prompts], candidates, params)])
 
     one, four = [datum(8)], [datum(32) for _ in range(4)]
-    work = {"sample_1x1x32": sample(1, 1, 32), "sample_1x4x16": sample(1, 4, 16), "sample_16x8x32": sample(16, 8, 32),
-            "forward_1x8": lambda: engine.forward_backward("r", one, forward_only=True),
-            "forward_backward_4x32": lambda: engine.forward_backward("r", four)}
+    work = {
+        "sample_1x1x32": sample(1, 1, 32),
+        "sample_1x4x16": sample(1, 4, 16),
+        "sample_16x8x32": sample(16, 8, 32),
+        "forward_1x8": lambda: engine.forward_backward("r", one, forward_only=True),
+        "forward_backward_4x32": lambda: engine.forward_backward("r", four),
+    }
     seconds: dict[str, list[float]] = {name: [] for name in CALLS}
     for i in range(calls + 1):  # call 0 warms up
         for name in CALLS:
@@ -64,8 +73,14 @@ def child(choice: str, model: str, cache_dir: Path, calls: int) -> dict:
             work[name]()
             if i:
                 seconds[name].append(time.perf_counter() - start)
-    decisions = {"x".join(map(str, shape)): faster for (shape, _), faster in {**packed_linear._measured, **output_projection._measured}.items()}
-    return {"median_seconds": {name: statistics.median(values) for name, values in seconds.items()}, "decisions": decisions}
+    decisions = {
+        "x".join(map(str, shape)): faster
+        for (shape, _), faster in {**packed_linear._measured, **output_projection._measured}.items()
+    }
+    return {
+        "median_seconds": {name: statistics.median(values) for name, values in seconds.items()},
+        "decisions": decisions,
+    }
 
 
 def main() -> None:
@@ -81,14 +96,32 @@ def main() -> None:
     for row in rounds:
         if row["choice"] == "measured":
             log(f"  round {row['round']}: the packed copy faster (1 row, 2-16, more): {row['decisions']}")
-    ratios = {name: {f"{choice}_over_measured": best[choice][name] / best["measured"][name] for choice in ("all-packed", "unpacked")}
-              for name in CALLS}
+    ratios = {
+        name: {
+            f"{choice}_over_measured": best[choice][name] / best["measured"][name]
+            for choice in ("all-packed", "unpacked")
+        }
+        for name in CALLS
+    }
     for name, row in ratios.items():
-        log(f"{name:22s} all-packed / measured {row['all-packed_over_measured']:.2f}x; unpacked / measured {row['unpacked_over_measured']:.2f}x")
+        log(
+            f"{name:22s} all-packed / measured {row['all-packed_over_measured']:.2f}x; unpacked / measured {row['unpacked_over_measured']:.2f}x"
+        )
     out = RESULTS_DIR / f"packed_choice_{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "machine": machine(), "rounds": rounds, "best": best, "ratios": ratios,
-                               "command": f"python bench/packed_choice.py --model {args.model} --repeats {args.repeats} --calls {args.calls}"},
-                              indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "machine": machine(),
+                "rounds": rounds,
+                "best": best,
+                "ratios": ratios,
+                "command": f"python bench/packed_choice.py --model {args.model} --repeats {args.repeats} --calls {args.calls}",
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     log(f"results: {out}")
 
 

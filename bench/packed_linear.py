@@ -23,8 +23,14 @@ from run import RESULTS_DIR, log, machine
 from eztinker.engine.output_projection import logits_into
 from eztinker.engine.packed_linear import linear, pack
 
-WEIGHTS = {"smollm2 q/o 576x576": (576, 576), "smollm2 k/v 192x576": (192, 576), "smollm2 gate/up 1536x576": (1536, 576),
-           "smollm2 down 576x1536": (576, 1536), "smollm2 head 49152x576": (49152, 576), "qwen2-0.5b head 151936x896": (151936, 896)}
+WEIGHTS = {
+    "smollm2 q/o 576x576": (576, 576),
+    "smollm2 k/v 192x576": (192, 576),
+    "smollm2 gate/up 1536x576": (1536, 576),
+    "smollm2 down 576x1536": (576, 1536),
+    "smollm2 head 49152x576": (49152, 576),
+    "qwen2-0.5b head 151936x896": (151936, 896),
+}
 ROWS = (4, 32, 128, 512, 1024)
 
 
@@ -33,15 +39,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    results = {"machine": machine(), "threads": torch.get_num_threads(), "cases": [],
-               "command": f"python bench/packed_linear.py --repeats {args.repeats}"}
+    results = {
+        "machine": machine(),
+        "threads": torch.get_num_threads(),
+        "cases": [],
+        "command": f"python bench/packed_linear.py --repeats {args.repeats}",
+    }
     for name, (rows_out, width) in WEIGHTS.items():
         weight = torch.randn(rows_out, width) / width**0.5
         packed = pack(weight, choose=lambda weight, blocked: (True, True, True))  # every size, whichever is faster
         assert packed is not None, "this torch has no oneDNN"
         for rows in ROWS:
             x, out = torch.randn(rows, width), torch.empty(rows, rows_out)
-            paths = {"f_linear": lambda: torch.nn.functional.linear(x, weight), "packed": lambda: linear(x, weight, None, packed)}
+            paths = {
+                "f_linear": lambda: torch.nn.functional.linear(x, weight),
+                "packed": lambda: linear(x, weight, None, packed),
+            }
             if "head" in name:
                 paths["blocked"] = lambda: logits_into(out, x, weight)
             inner = max(1, int(2e8 // (rows * rows_out * width)))  # calls per timing: about 0.4 GFLOP
@@ -57,8 +70,10 @@ def main() -> None:
                 if path != "f_linear":
                     case[f"{path}_speedup"] = case["f_linear_s"] / case[f"{path}_s"]
             results["cases"].append(case)
-            log(f"{name:27s} {rows:5d} rows: F.linear {1e3 * case['f_linear_s']:8.2f} ms, packed {case['packed_speedup']:.2f}x"
-                + (f", blocked {case['blocked_speedup']:.2f}x" if "blocked" in paths else ""))
+            log(
+                f"{name:27s} {rows:5d} rows: F.linear {1e3 * case['f_linear_s']:8.2f} ms, packed {case['packed_speedup']:.2f}x"
+                + (f", blocked {case['blocked_speedup']:.2f}x" if "blocked" in paths else "")
+            )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / "packed_linear.json"
     path.write_text(json.dumps(results, indent=1) + "\n")

@@ -44,22 +44,42 @@ def run() -> None:
     gsm8k_dir = find_shared_gsm8k_dir() if args.task == "gsm8k" else None
     load_before = os.getloadavg()
     runs: dict[int, list[dict]] = {0: [], 1: []}
-    with ServerProcess(model=model, data_dir=args.data_dir / "server", log_file=args.data_dir / "server.log",
-                       env=offline_env()) as server:
+    with ServerProcess(
+        model=model, data_dir=args.data_dir / "server", log_file=args.data_dir / "server.log", env=offline_env()
+    ) as server:
         for repeat in range(args.repeats):
             for staleness in (0, 1):
-                config = Config(task=args.task, gsm8k_dir=gsm8k_dir, server_url=server.url, max_samples=8 * args.steps,
-                                num_candidates=4, groups_per_step=8, epochs=1, eval_size=0, max_tokens=args.max_tokens,
-                                max_staleness=staleness, seed=repeat, output_dir=args.data_dir / f"s{staleness}-r{repeat}")
+                config = Config(
+                    task=args.task,
+                    gsm8k_dir=gsm8k_dir,
+                    server_url=server.url,
+                    max_samples=8 * args.steps,
+                    num_candidates=4,
+                    groups_per_step=8,
+                    epochs=1,
+                    eval_size=0,
+                    max_tokens=args.max_tokens,
+                    max_staleness=staleness,
+                    seed=repeat,
+                    output_dir=args.data_dir / f"s{staleness}-r{repeat}",
+                )
                 started = time.monotonic()
                 results = main(config)
                 wall = time.monotonic() - started
                 waited = results["epochs"][-1]["seconds"]["wait_for_samples"]
-                runs[staleness].append({"repeat": repeat, "wall_seconds": round(wall, 2), "steps": len(results["steps"]),
-                                        "seconds_per_step": round(wall / len(results["steps"]), 3),
-                                        "waiting_for_samples": round(waited, 2)})
-                log(f"max_staleness {staleness}, repeat {repeat}: {wall:.1f} s for {len(results['steps'])} steps "
-                    f"({waited:.1f} s waiting for samples)")
+                runs[staleness].append(
+                    {
+                        "repeat": repeat,
+                        "wall_seconds": round(wall, 2),
+                        "steps": len(results["steps"]),
+                        "seconds_per_step": round(wall / len(results["steps"]), 3),
+                        "waiting_for_samples": round(waited, 2),
+                    }
+                )
+                log(
+                    f"max_staleness {staleness}, repeat {repeat}: {wall:.1f} s for {len(results['steps'])} steps "
+                    f"({waited:.1f} s waiting for samples)"
+                )
     median = {s: statistics.median(r["seconds_per_step"] for r in rs) for s, rs in runs.items()}
     summary = {
         "command": "python " + shlex.join(["bench/pipelined_rl.py", *sys.argv[1:]]),
@@ -67,9 +87,14 @@ def run() -> None:
         "machine": machine(),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "model": args.model, "task": args.task, "steps": args.steps, "groups_per_step": 8, "group_size": 4,
+        "model": args.model,
+        "task": args.task,
+        "steps": args.steps,
+        "groups_per_step": 8,
+        "group_size": 4,
         "max_tokens": args.max_tokens,
-        "sequential": runs[0], "pipelined": runs[1],
+        "sequential": runs[0],
+        "pipelined": runs[1],
         "median_seconds_per_step": {"sequential": median[0], "pipelined": median[1]},
         "speedup": round(median[0] / median[1], 3),
     }

@@ -35,7 +35,11 @@ def windows(count: int, length: int, seed: int) -> list[Datum]:
     out = []
     for _ in range(count):
         ids = [rng.randrange(100, 40_000) for _ in range(length + 1)]
-        out.append(Datum(model_input={"tokens": ids[:-1]}, loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * length}))
+        out.append(
+            Datum(
+                model_input={"tokens": ids[:-1]}, loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * length}
+            )
+        )
     return out
 
 
@@ -52,8 +56,13 @@ def main() -> None:
     prompts = Workload(base, quick=False).prompts
 
     def sampling(n_prompts: int, candidates: int, tokens: int):
-        return lambda i: engine.sample([SampleSpec("bench", prompts[:n_prompts], candidates,
-                                                   SamplingParams(max_tokens=tokens, temperature=1.0, seed=i))])
+        return lambda i: engine.sample(
+            [
+                SampleSpec(
+                    "bench", prompts[:n_prompts], candidates, SamplingParams(max_tokens=tokens, temperature=1.0, seed=i)
+                )
+            ]
+        )
 
     one, four, eight = windows(1, 8, 0), windows(4, 32, 1), windows(8, 128, 2)
     calls = {
@@ -85,8 +94,10 @@ def main() -> None:
 
     toggles: dict[str, list[float]] = {"peft_disable_adapter": [], "engine_base_only": []}
     for _ in range(5):
-        for name, context in (("peft_disable_adapter", engine._peft.disable_adapter),
-                              ("engine_base_only", lambda: engine_module._base_only(engine._lora_layers()))):
+        for name, context in (
+            ("peft_disable_adapter", engine._peft.disable_adapter),
+            ("engine_base_only", lambda: engine_module._base_only(engine._lora_layers())),
+        ):
             start = time.perf_counter()
             with context():
                 pass
@@ -96,19 +107,32 @@ def main() -> None:
     ratios = {name: m["modules"] / m["plain"] for name, m in medians.items()}
     packing = {name: m["plain_unpacked"] / m["plain"] for name, m in medians.items()}
     toggle_medians = {name: statistics.median(t) for name, t in toggles.items()}
-    results = {"model": args.model, "lora_rank": 8, "peft": peft.__version__, "machine": machine(),
-               "load_1min": os.getloadavg()[0], "seconds": seconds, "median_seconds": medians, "modules_over_plain": ratios,
-               "unpacked_over_packed": packing,
-               "adapter_toggle_seconds": toggles, "adapter_toggle_median_seconds": toggle_medians,
-               "command": f"python bench/plain_decoder.py --model {args.model} --repeats {args.repeats}"}
+    results = {
+        "model": args.model,
+        "lora_rank": 8,
+        "peft": peft.__version__,
+        "machine": machine(),
+        "load_1min": os.getloadavg()[0],
+        "seconds": seconds,
+        "median_seconds": medians,
+        "modules_over_plain": ratios,
+        "unpacked_over_packed": packing,
+        "adapter_toggle_seconds": toggles,
+        "adapter_toggle_median_seconds": toggle_medians,
+        "command": f"python bench/plain_decoder.py --model {args.model} --repeats {args.repeats}",
+    }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"plain_decoder_{args.model}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     for name, m in medians.items():
-        log(f"{name}: plain {m['plain']:.3f} s, plain unpacked {m['plain_unpacked']:.3f} s, modules {m['modules']:.3f} s: "
-            f"modules / plain {ratios[name]:.2f}x, unpacked / packed {packing[name]:.2f}x")
-    log(f"adapters off and on: peft disable_adapter {toggle_medians['peft_disable_adapter'] * 1e3:.1f} ms, "
-        f"engine {toggle_medians['engine_base_only'] * 1e3:.1f} ms; results: {path}")
+        log(
+            f"{name}: plain {m['plain']:.3f} s, plain unpacked {m['plain_unpacked']:.3f} s, modules {m['modules']:.3f} s: "
+            f"modules / plain {ratios[name]:.2f}x, unpacked / packed {packing[name]:.2f}x"
+        )
+    log(
+        f"adapters off and on: peft disable_adapter {toggle_medians['peft_disable_adapter'] * 1e3:.1f} ms, "
+        f"engine {toggle_medians['engine_base_only'] * 1e3:.1f} ms; results: {path}"
+    )
 
 
 if __name__ == "__main__":

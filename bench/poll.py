@@ -30,10 +30,18 @@ from eztinker.types import JobInfo
 
 def sample_result(candidates: int = 256, tokens: int = 64) -> str:
     rng = random.Random(0)
-    sequences = [[{"text": " ".join(str(rng.randrange(1000)) for _ in range(tokens // 2)),
-                   "tokens": [rng.randrange(150_000) for _ in range(tokens)],
-                   "logprobs": [-rng.random() * 5 for _ in range(tokens)],
-                   "stop_reason": "length"} for _ in range(candidates // 8)] for _ in range(8)]
+    sequences = [
+        [
+            {
+                "text": " ".join(str(rng.randrange(1000)) for _ in range(tokens // 2)),
+                "tokens": [rng.randrange(150_000) for _ in range(tokens)],
+                "logprobs": [-rng.random() * 5 for _ in range(tokens)],
+                "stop_reason": "length",
+            }
+            for _ in range(candidates // 8)
+        ]
+        for _ in range(8)
+    ]
     return json.dumps({"prompt_tokens": [[1, 2, 3]] * 8, "sequences": sequences})
 
 
@@ -65,11 +73,18 @@ def main() -> None:
                     times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
     ratio = medians["decoded_and_reencoded"] / medians["as_stored"]
-    results = {"result_bytes": len(result), "polls": args.polls, "median_ms": medians,
-               "p90_ms": {n: statistics.quantiles(t, n=10)[-1] * 1000 for n, t in times.items()},
-               "speedup": ratio, "machine": machine()}
-    log(f"poll of a {len(result) / 1000:.0f} KB sample result: as stored {medians['as_stored']:.1f} ms, "
-        f"decoded and re-encoded {medians['decoded_and_reencoded']:.1f} ms (median of {args.polls}): {ratio:.1f}x")
+    results = {
+        "result_bytes": len(result),
+        "polls": args.polls,
+        "median_ms": medians,
+        "p90_ms": {n: statistics.quantiles(t, n=10)[-1] * 1000 for n, t in times.items()},
+        "speedup": ratio,
+        "machine": machine(),
+    }
+    log(
+        f"poll of a {len(result) / 1000:.0f} KB sample result: as stored {medians['as_stored']:.1f} ms, "
+        f"decoded and re-encoded {medians['decoded_and_reencoded']:.1f} ms (median of {args.polls}): {ratio:.1f}x"
+    )
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "poll.json").write_text(json.dumps(results, indent=2) + "\n")
 

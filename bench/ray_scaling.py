@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import RESULTS_DIR, log, machine, tiny_model_dir
-
 import ray  # noqa: E402
 import torch  # noqa: E402
+from run import RESULTS_DIR, log, machine, tiny_model_dir
 
 import eztinker as ez  # noqa: E402
 from eztinker.backend.commands import CreateRun, ForwardBackward  # noqa: E402
@@ -43,8 +42,10 @@ RUNS = 4
 
 def example(positions: int) -> ez.Datum:
     tokens = [(i * 7919) % 150_000 + 10 for i in range(positions + 1)]
-    return ez.Datum(model_input=ez.ModelInput(tokens=tokens[:-1]),
-                    loss_fn_inputs=ez.LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * positions))
+    return ez.Datum(
+        model_input=ez.ModelInput(tokens=tokens[:-1]),
+        loss_fn_inputs=ez.LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * positions),
+    )
 
 
 def service(model: Path, root: Path, name: str, **settings):
@@ -88,7 +89,9 @@ def overhead(model: Path, root: Path, repeats: int) -> dict:
     small = [example(8)]
     execute = {}
     for name, svc in services.items():
-        [created] = svc.backend.execute([CreateRun(model=svc.default_model, run_id="bench", lora=ez.LoraConfig(rank=8))])
+        [created] = svc.backend.execute(
+            [CreateRun(model=svc.default_model, run_id="bench", lora=ez.LoraConfig(rank=8))]
+        )
         assert created.error is None, created.error
         fb = ForwardBackward(model=svc.default_model, run_id="bench", data=small)
         lane = svc.backend.lanes(fb)[0]
@@ -97,10 +100,14 @@ def overhead(model: Path, root: Path, repeats: int) -> dict:
     results = {"backend_execute_ms": alternating(execute, repeats)}
     # Through the server (the app's lifespan closes each service at the end).
     with ThreadedServer(services["local"]) as local, ThreadedServer(services["ray"]) as on_ray:
-        clients = {name: ez.ServiceClient(server.url, max_retries=0) for name, server in (("local", local), ("ray", on_ray))}
+        clients = {
+            name: ez.ServiceClient(server.url, max_retries=0) for name, server in (("local", local), ("ray", on_ray))
+        }
         runs = {name: client.create_training_run(lora_rank=8) for name, client in clients.items()}
         results["forward_backward_job_ms"] = alternating(
-            {name: lambda run=run: run.forward_backward(small).result(timeout=60) for name, run in runs.items()}, repeats)
+            {name: lambda run=run: run.forward_backward(small).result(timeout=60) for name, run in runs.items()},
+            repeats,
+        )
         for client in clients.values():
             client.close()
     e, j = results["backend_execute_ms"], results["forward_backward_job_ms"]
@@ -158,9 +165,12 @@ def main() -> None:
         "command": "python bench/ray_scaling.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
         "machine": {**machine(), "load_average_at_end": os.getloadavg()},
         "ray": ray.__version__,
-        "scaling": {"one_worker": one, "two_workers": two,
-                    "throughput_ratio": round(two["steps_per_s"] / one["steps_per_s"], 2),
-                    "machine_parallel_headroom_before_after": [headroom_before, headroom_after]},
+        "scaling": {
+            "one_worker": one,
+            "two_workers": two,
+            "throughput_ratio": round(two["steps_per_s"] / one["steps_per_s"], 2),
+            "machine_parallel_headroom_before_after": [headroom_before, headroom_after],
+        },
         "overhead": costs,
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -150,8 +150,14 @@ def random_qwen2():
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**raw), dtype=torch.float32)
     model.eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return BaseModel(name="qwen2-0.5b", model=model, tokenizer=tokenizer, stop_token_ids=_stop_token_ids(model, tokenizer),
-                     pad_token_id=_pad_token_id(tokenizer), source=str(folder))
+    return BaseModel(
+        name="qwen2-0.5b",
+        model=model,
+        tokenizer=tokenizer,
+        stop_token_ids=_stop_token_ids(model, tokenizer),
+        pad_token_id=_pad_token_id(tokenizer),
+        source=str(folder),
+    )
 
 
 def decode_flops_per_token(model) -> float:
@@ -175,12 +181,18 @@ def side_bench_arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--repeats", type=int, default=2, help="Rounds per side; the best counts.")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache",
-                        help="where the embedded SmolLM2 is converted once (as the server's data/cache)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=ROOT / "data" / "cache",
+        help="where the embedded SmolLM2 is converted once (as the server's data/cache)",
+    )
     return parser
 
 
-def alternate_in_children(script: str, option: str, variants: Sequence[str], args: argparse.Namespace, calls: Sequence[str]):
+def alternate_in_children(
+    script: str, option: str, variants: Sequence[str], args: argparse.Namespace, calls: Sequence[str]
+):
     """Side by side where a variant needs a process of its own: `script --<option> VARIANT` (with
     --model, --cache-dir and --calls from `args`) runs once per variant a round, the variants
     alternating, `args.repeats` rounds. A child prints its result as JSON on its last line, with
@@ -189,15 +201,34 @@ def alternate_in_children(script: str, option: str, variants: Sequence[str], arg
     rows = []
     for round_ in range(args.repeats):
         for variant in variants:
-            out = subprocess.run([sys.executable, script, f"--{option}", variant, "--model", args.model,
-                                  "--cache-dir", str(args.cache_dir), "--calls", str(args.calls)], capture_output=True, text=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    script,
+                    f"--{option}",
+                    variant,
+                    "--model",
+                    args.model,
+                    "--cache-dir",
+                    str(args.cache_dir),
+                    "--calls",
+                    str(args.calls),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode:
                 sys.exit(f"{variant} failed:\n{out.stderr[-3000:]}")
             result = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append({"round": round_, option: variant, **result})
-            log(f"  round {round_} {variant:15s} " + "  ".join(f"{k} {v:.3f} s" for k, v in result["median_seconds"].items()))
-    best = {variant: {name: min(r["median_seconds"][name] for r in rows if r[option] == variant) for name in calls}
-            for variant in variants}
+            log(
+                f"  round {round_} {variant:15s} "
+                + "  ".join(f"{k} {v:.3f} s" for k, v in result["median_seconds"].items())
+            )
+    best = {
+        variant: {name: min(r["median_seconds"][name] for r in rows if r[option] == variant) for name in calls}
+        for variant in variants
+    }
     return rows, best
 
 
@@ -255,7 +286,8 @@ def bench_sampling(engine: Engine, bare, work: Workload, cfg: dict, peak: float)
                 prompt = prompts[i // N]
                 torch.manual_seed(i)
                 out = peft_model.generate(
-                    input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                    input_ids=torch.tensor([prompt]),
+                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                     generation_config=gen,
                 )
                 tokens += out.shape[1] - len(prompt)
@@ -267,16 +299,24 @@ def bench_sampling(engine: Engine, bare, work: Workload, cfg: dict, peak: float)
         many = GenerationConfig(**{**gen.to_diff_dict(), "num_return_sequences": N})
         with Timer() as t, torch.no_grad():
             out = bare.model.generate(input_ids=ids, attention_mask=mask, generation_config=many)
-        rows = out[:, ids.shape[1]:].tolist()
+        rows = out[:, ids.shape[1] :].tolist()
         return sum(generated_length(r, stop) for r in rows), t.seconds
 
     # Warm-up (first-call costs: lazy initialisation, first-touch of buffers), untimed.
     engine.sample([SampleSpec("bench", prompts[:1], 2, params.model_copy(update={"max_tokens": 4}))])
     with torch.no_grad():
-        peft_model.generate(input_ids=torch.tensor([prompts[0]]), generation_config=neutral_generation_config(work.base, 4, TEMPERATURE))
-        bare.model.generate(input_ids=torch.tensor([prompts[0]]), generation_config=neutral_generation_config(work.base, 4, TEMPERATURE))
-    sides = {"eztinker": lambda: ours("bench"), "eztinker_bare_base": lambda: ours(None),
-             "naive_generate_per_candidate": naive, "batched_generate_bare_base": batched_generate}
+        peft_model.generate(
+            input_ids=torch.tensor([prompts[0]]), generation_config=neutral_generation_config(work.base, 4, TEMPERATURE)
+        )
+        bare.model.generate(
+            input_ids=torch.tensor([prompts[0]]), generation_config=neutral_generation_config(work.base, 4, TEMPERATURE)
+        )
+    sides = {
+        "eztinker": lambda: ours("bench"),
+        "eztinker_bare_base": lambda: ours(None),
+        "naive_generate_per_candidate": naive,
+        "batched_generate_bare_base": batched_generate,
+    }
     results = interleave(sides, cfg["repeats"])
     rate = {k: v["per_s"] for k, v in results.items()}
     per_token = decode_flops_per_token(work.base.model)
@@ -303,7 +343,9 @@ def interleave(sides: dict, repeats: int) -> dict:
             count, seconds = fn()
             load = os.getloadavg()[0]  # 1-minute load average: > threads means other work competed
             runs[name].append((count, seconds, load))
-            log(f"    {name:34s} round {r + 1}: {count:6d} in {seconds:7.2f} s = {count / seconds:9.1f}/s  (load {load:.1f})")
+            log(
+                f"    {name:34s} round {r + 1}: {count:6d} in {seconds:7.2f} s = {count / seconds:9.1f}/s  (load {load:.1f})"
+            )
     return {
         name: {
             "count": [c for c, _, _ in rs],
@@ -327,7 +369,14 @@ def bench_multi_run(engine: Engine, work: Workload, cfg: dict) -> dict:
             # One small step so that every adapter is different (lora_B starts at zero).
             engine.forward_backward(run_id, [work.examples[40 + r]])
             engine.optim_step(run_id, AdamParams(learning_rate=1e-3))
-        specs.append(SampleSpec(run_id, work.prompts[r * P : (r + 1) * P], N, SamplingParams(max_tokens=T, temperature=TEMPERATURE, seed=r)))
+        specs.append(
+            SampleSpec(
+                run_id,
+                work.prompts[r * P : (r + 1) * P],
+                N,
+                SamplingParams(max_tokens=T, temperature=TEMPERATURE, seed=r),
+            )
+        )
     outputs = {}
 
     def together():
@@ -342,7 +391,9 @@ def bench_multi_run(engine: Engine, work: Workload, cfg: dict) -> dict:
         outputs["alone"] = [c for spec in out for per in spec for c in per]
         return sum(len(c.tokens) for spec in out for per in spec for c in per), t.seconds
 
-    engine.sample([SampleSpec(s.adapter, s.prompts[:1], 1, s.params.model_copy(update={"max_tokens": 2})) for s in specs])  # warm-up
+    engine.sample(
+        [SampleSpec(s.adapter, s.prompts[:1], 1, s.params.model_copy(update={"max_tokens": 2})) for s in specs]
+    )  # warm-up
     results = interleave({"eztinker_one_batch": together, "eztinker_run_by_run": run_by_run}, cfg["repeats"])
     return {
         "workload": f"{R} runs (adapters) x {P} prompts x {N} candidates x {T} new tokens",
@@ -383,8 +434,16 @@ def model_flops(model, examples, selected_positions: int) -> float:
     d_attn = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     tokens = sum(len(d.model_input.tokens) for d in examples)
     squares = sum(len(d.model_input.tokens) ** 2 for d in examples)
-    forward = 2 * linear * tokens + 2 * d_attn * squares * config.num_hidden_layers + 2 * head.weight.numel() * selected_positions
-    backward = 2 * linear * tokens + 4 * d_attn * squares * config.num_hidden_layers + 2 * head.weight.numel() * selected_positions
+    forward = (
+        2 * linear * tokens
+        + 2 * d_attn * squares * config.num_hidden_layers
+        + 2 * head.weight.numel() * selected_positions
+    )
+    backward = (
+        2 * linear * tokens
+        + 4 * d_attn * squares * config.num_hidden_layers
+        + 2 * head.weight.numel() * selected_positions
+    )
     return forward + backward
 
 
@@ -401,7 +460,9 @@ def naive_example_loss(model, datum, width: int, pad: int) -> torch.Tensor:
         if weight:
             labels[0, i] = target
     logits = model(input_ids=ids, attention_mask=mask).logits
-    return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.view(-1), ignore_index=-100, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits.view(-1, logits.shape[-1]).float(), labels.view(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 def bench_training(engine: Engine, work: Workload, cfg: dict, peak: float) -> dict:
@@ -437,7 +498,9 @@ def bench_training(engine: Engine, work: Workload, cfg: dict, peak: float) -> di
     engine.forward_backward("sft", data[:1])  # warm-up, untimed
     naive_example_loss(model, data[0], len(data[0].model_input.tokens), work.base.pad_token_id).backward()
     run.optimizer.zero_grad(set_to_none=True)
-    results = interleave({"eztinker_forward_backward": ours, "naive_one_padded_example_per_step": naive}, cfg["repeats"])
+    results = interleave(
+        {"eztinker_forward_backward": ours, "naive_one_padded_example_per_step": naive}, cfg["repeats"]
+    )
     selected = sum(sum(1 for w in d.loss_fn_inputs.weights if w) for d in data)
     flops = model_flops(work.base.model, data, selected)
     ours_rate = results["eztinker_forward_backward"]["per_s"]
@@ -479,7 +542,9 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
     server_base = load_copy()
     with (
         tempfile.TemporaryDirectory() as tmp,
-        ThreadedServer(build_service(ServerSettings(model=[server_base.name], data_dir=Path(tmp)), [server_base])) as server,
+        ThreadedServer(
+            build_service(ServerSettings(model=[server_base.name], data_dir=Path(tmp)), [server_base])
+        ) as server,
     ):
         client = ServiceClient(server.url)
         run = client.create_training_run(lora_rank=LORA.rank, lora_alpha=LORA.alpha)
@@ -501,7 +566,9 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
                 for problem, m, seqs in zip(problems, messages, result.sequences):
                     cands = [((s.text, sum(s.logprobs) / max(len(s.logprobs), 1)), problem) for s in seqs]
                     text = seqs[pick(cands)].text
-                    chosen.append(datum_from_messages(tok, [*m, {"role": "assistant", "content": task.trim_reply(text)}]))
+                    chosen.append(
+                        datum_from_messages(tok, [*m, {"role": "assistant", "content": task.trim_reply(text)}])
+                    )
                 _normalise(chosen)
                 fb = run.forward_backward(chosen)
                 step = run.optim_step(AdamParams(learning_rate=1e-4))
@@ -534,17 +601,27 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
                 prompt = render_prompt(tok, messages[i // N])
                 torch.manual_seed(i)
                 with torch.no_grad():
-                    out = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=gen)
-                new = out.sequences[0, len(prompt):]
-                logprobs = [torch.log_softmax(l[0].float(), -1)[tok_id].item() for l, tok_id in zip(out.logits, new.tolist())]
-                text = tok.decode([t for t in new.tolist() if t not in naive_base.stop_token_ids], skip_special_tokens=True)
+                    out = model.generate(
+                        input_ids=torch.tensor([prompt]),
+                        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                        generation_config=gen,
+                    )
+                new = out.sequences[0, len(prompt) :]
+                logprobs = [
+                    torch.log_softmax(l[0].float(), -1)[tok_id].item() for l, tok_id in zip(out.logits, new.tolist())
+                ]
+                text = tok.decode(
+                    [t for t in new.tolist() if t not in naive_base.stop_token_ids], skip_special_tokens=True
+                )
                 texts[i] = text
                 pick([((text, sum(logprobs) / max(len(logprobs), 1)), problem)])  # verify it
         with Timer() as t_train:
             model.train(False)
             for j in train_subset:
                 text = texts.get(j * N, "")
-                datum = datum_from_messages(tok, [*messages[j], {"role": "assistant", "content": task.trim_reply(text) or "0"}])
+                datum = datum_from_messages(
+                    tok, [*messages[j], {"role": "assistant", "content": task.trim_reply(text) or "0"}]
+                )
                 loss = naive_example_loss(model, datum, len(datum.model_input.tokens), naive_base.pad_token_id)
                 (loss / max(1, sum(1 for w in datum.loss_fn_inputs.weights if w))).backward()
             optimizer.step()
@@ -562,7 +639,11 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
         "naive_examples_timed": len(train_subset),
         "unit": "problems/s",
         "sides": {**ours_results, **naive_results},
-        "no_op_round_trip_ms": {"median": 1000 * statistics.median(latencies), "min": 1000 * min(latencies), "count": len(latencies)},
+        "no_op_round_trip_ms": {
+            "median": 1000 * statistics.median(latencies),
+            "min": 1000 * min(latencies),
+            "count": len(latencies),
+        },
         "ratios": {"end_to_end": ours_rate / naive_rate},
     }
 
@@ -577,14 +658,39 @@ def _normalise(data) -> None:
 # ------------------------------------------------------------------------------- driver
 def config_for(model: str, quick: bool) -> dict:
     if quick:
-        return dict(prompts=4, candidates=4, new_tokens=32, naive_candidates=2, repeats=1,
-                    runs=2, run_prompts=2, run_candidates=2, examples=8, naive_examples=2,
-                    e2e_problems=4, naive_e2e_candidates=2, naive_e2e_examples=2, round_trips=20)
+        return dict(
+            prompts=4,
+            candidates=4,
+            new_tokens=32,
+            naive_candidates=2,
+            repeats=1,
+            runs=2,
+            run_prompts=2,
+            run_candidates=2,
+            examples=8,
+            naive_examples=2,
+            e2e_problems=4,
+            naive_e2e_candidates=2,
+            naive_e2e_examples=2,
+            round_trips=20,
+        )
     smol = model in ("smollm2", "qwen2-0.5b")
-    return dict(prompts=16, candidates=8, new_tokens=128, naive_candidates=4 if smol else 8, repeats=1,
-                runs=4, run_prompts=4, run_candidates=4, examples=32, naive_examples=4 if smol else 8,
-                e2e_problems=16, naive_e2e_candidates=4 if smol else 8, naive_e2e_examples=4 if smol else 8,
-                round_trips=50)
+    return dict(
+        prompts=16,
+        candidates=8,
+        new_tokens=128,
+        naive_candidates=4 if smol else 8,
+        repeats=1,
+        runs=4,
+        run_prompts=4,
+        run_candidates=4,
+        examples=32,
+        naive_examples=4 if smol else 8,
+        e2e_problems=16,
+        naive_e2e_candidates=4 if smol else 8,
+        naive_e2e_examples=4 if smol else 8,
+        round_trips=50,
+    )
 
 
 def save(model: str, args, results: dict) -> Path:
@@ -617,12 +723,20 @@ def run_model(model: str, args) -> dict:
     engine = Engine(base)
     engine.create_run("bench", LORA, seed=0)
     bare = load_copy()  # a second copy, never wrapped by peft: the bare-model baseline
-    log(f"\n== {model}: {base.model.config.model_type}, {sum(p.numel() for p in base.model.parameters()) / 1e6:.1f} M params, "
-        f"vocab {base.vocab_size}, {torch.get_num_threads()} threads")
+    log(
+        f"\n== {model}: {base.model.config.model_type}, {sum(p.numel() for p in base.model.parameters()) / 1e6:.1f} M params, "
+        f"vocab {base.vocab_size}, {torch.get_num_threads()} threads"
+    )
     peak = matmul_peak()
     log(f"  fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    results = {"model": model, "model_name": base.name, "quick": args.quick, "config": cfg,
-               "machine": machine(), "matmul_peak_flops": peak}
+    results = {
+        "model": model,
+        "model_name": base.name,
+        "quick": args.quick,
+        "config": cfg,
+        "machine": machine(),
+        "matmul_peak_flops": peak,
+    }
     started = time.perf_counter()
     if "sampling" in args.only:
         log("  sampling")
@@ -650,19 +764,49 @@ def summary_rows(results: dict) -> list[tuple[str, str, float, float | None]]:
     s = results.get("sampling")
     if s:
         rows.append(("sampling vs generate per candidate", "tokens/s", s["ratios"]["sampling"], GOALS["sampling"]))
-        rows.append(("sampling vs bare-model batched generate", "tokens/s", s["ratios"]["sampling_vs_batched_generate"], GOALS["sampling_vs_batched_generate"]))
+        rows.append(
+            (
+                "sampling vs bare-model batched generate",
+                "tokens/s",
+                s["ratios"]["sampling_vs_batched_generate"],
+                GOALS["sampling_vs_batched_generate"],
+            )
+        )
     if results.get("multi_run"):
-        rows.append(("multi-run: one batch vs run by run", "tokens/s", results["multi_run"]["ratios"]["multi_run"], GOALS["multi_run"]))
+        rows.append(
+            (
+                "multi-run: one batch vs run by run",
+                "tokens/s",
+                results["multi_run"]["ratios"]["multi_run"],
+                GOALS["multi_run"],
+            )
+        )
     if results.get("training"):
-        rows.append(("training vs one padded example/step", "examples/s", results["training"]["ratios"]["training"], GOALS["training"]))
+        rows.append(
+            (
+                "training vs one padded example/step",
+                "examples/s",
+                results["training"]["ratios"]["training"],
+                GOALS["training"],
+            )
+        )
     if results.get("end_to_end"):
-        rows.append(("end to end: RSFT round via server vs naive", "problems/s", results["end_to_end"]["ratios"]["end_to_end"], GOALS["end_to_end"]))
+        rows.append(
+            (
+                "end to end: RSFT round via server vs naive",
+                "problems/s",
+                results["end_to_end"]["ratios"]["end_to_end"],
+                GOALS["end_to_end"],
+            )
+        )
     return rows
 
 
 def print_table(results: dict) -> None:
-    log(f"\n{results['model']} ({'quick' if results['quick'] else 'full'}), "
-        f"{results['machine']['torch_threads']} threads, fp32 peak {results['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
+    log(
+        f"\n{results['model']} ({'quick' if results['quick'] else 'full'}), "
+        f"{results['machine']['torch_threads']} threads, fp32 peak {results['matmul_peak_flops'] / 1e9:.0f} GFLOP/s"
+    )
     log(f"  {'comparison':44s} {'unit':>10s} {'ratio':>8s} {'goal':>6s}")
     for name, unit, ratio, goal in summary_rows(results):
         mark = "" if goal is None else ("ok" if ratio >= goal else "MISSED")
@@ -672,17 +816,23 @@ def print_table(results: dict) -> None:
         log(f"  adapter cost in EZTinker's sampler: {100 * s['ratios']['adapter_cost']:.1f}% of tokens/s")
         if "fraction_of_matmul_peak" in s:
             fractions = s["fraction_of_matmul_peak"]
-            log(f"  sampling at {100 * fractions['eztinker']:.1f}% of the matmul peak (batched generate "
+            log(
+                f"  sampling at {100 * fractions['eztinker']:.1f}% of the matmul peak (batched generate "
                 f"{100 * fractions['batched_generate_bare_base']:.1f}%, generate per candidate "
-                f"{100 * fractions['naive_generate_per_candidate']:.1f}%)")
+                f"{100 * fractions['naive_generate_per_candidate']:.1f}%)"
+            )
     t = results.get("training")
     if t:
-        log(f"  training: {t['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved = {100 * t['fraction_of_matmul_peak']:.0f}% of the matmul peak; "
-            f"losses agree with naive: {t['losses_agree_with_naive']}")
+        log(
+            f"  training: {t['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved = {100 * t['fraction_of_matmul_peak']:.0f}% of the matmul peak; "
+            f"losses agree with naive: {t['losses_agree_with_naive']}"
+        )
     m = results.get("multi_run")
     if m and "identical_candidates" in m:
-        log(f"  multi-run vs run by run: {m['identical_candidates']} candidates identical; logprobs agree to "
-            f"{m['max_logprob_difference']:.1e} up to any divergence")
+        log(
+            f"  multi-run vs run by run: {m['identical_candidates']} candidates identical; logprobs agree to "
+            f"{m['max_logprob_difference']:.1e} up to any divergence"
+        )
     e = results.get("end_to_end")
     if e:
         log(f"  server no-op round trip: median {e['no_op_round_trip_ms']['median']:.1f} ms")
@@ -704,8 +854,10 @@ def markdown(results: dict) -> str:
             continue
         a, b = data["sides"][ours]["per_s"], data["sides"][theirs]["per_s"]
         goal = GOALS[ratio]
-        lines.append(f"| {section.replace('_', ' ')}: {ours} vs {theirs} | {a:.3g} {unit} | {b:.3g} {unit} | "
-                     f"**{data['ratios'][ratio]:.2f}x** | >= {goal:g}x {'met' if data['ratios'][ratio] >= goal else 'missed'} |")
+        lines.append(
+            f"| {section.replace('_', ' ')}: {ours} vs {theirs} | {a:.3g} {unit} | {b:.3g} {unit} | "
+            f"**{data['ratios'][ratio]:.2f}x** | >= {goal:g}x {'met' if data['ratios'][ratio] >= goal else 'missed'} |"
+        )
     return "\n".join(lines)
 
 
@@ -716,8 +868,13 @@ def plot(all_results: dict[str, dict]) -> None:
     import matplotlib.pyplot as plt
 
     names = ["sampling", "sampling_vs_batched_generate", "multi_run", "training", "end_to_end"]
-    labels = ["sampling vs\ngenerate/candidate", "sampling vs bare\nbatched generate", "multi-run vs\nrun by run",
-              "training vs\n1 example/step", "RSFT round\nvs naive"]
+    labels = [
+        "sampling vs\ngenerate/candidate",
+        "sampling vs bare\nbatched generate",
+        "multi-run vs\nrun by run",
+        "training vs\n1 example/step",
+        "RSFT round\nvs naive",
+    ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / max(1, len(all_results))
     for k, (model, results) in enumerate(sorted(all_results.items(), reverse=True)):
@@ -726,7 +883,12 @@ def plot(all_results: dict[str, dict]) -> None:
             ratios.update((results.get(section) or {}).get("ratios", {}))
         xs = [i + (k - (len(all_results) - 1) / 2) * width for i in range(len(names))]
         present = [(x, ratios[n]) for x, n in zip(xs, names) if n in ratios]  # a section not run: no bar
-        ax.bar([x for x, _ in present], [v for _, v in present], width, label=f"{model}{' (quick)' if results['quick'] else ''}")
+        ax.bar(
+            [x for x, _ in present],
+            [v for _, v in present],
+            width,
+            label=f"{model}{' (quick)' if results['quick'] else ''}",
+        )
         for x, v in present:
             ax.text(x, v, f"{v:.1f}x", ha="center", va="bottom", fontsize=8)
     for i, n in enumerate(names):
@@ -747,12 +909,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["tiny", "smollm2", "qwen2-0.5b", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (about a minute for tiny)")
-    parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache",
-                        help="where the embedded SmolLM2 is converted once (as the server's data/cache)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=ROOT / "data" / "cache",
+        help="where the embedded SmolLM2 is converted once (as the server's data/cache)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 1; the best counts)")
-    parser.add_argument("--only", nargs="+", default=["sampling", "multi_run", "training", "end_to_end"],
-                        choices=["sampling", "multi_run", "training", "end_to_end"])
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=["sampling", "multi_run", "training", "end_to_end"],
+        choices=["sampling", "multi_run", "training", "end_to_end"],
+    )
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--report", action="store_true", help="print the recorded results as Markdown; run nothing")
     args = parser.parse_args()

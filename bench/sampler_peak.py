@@ -21,7 +21,18 @@ import os
 import time
 
 import torch
-from run import LORA, RESULTS_DIR, TEMPERATURE, Workload, load, log, machine, matmul_peak, side_bench_arguments, tiny_model_dir
+from run import (
+    LORA,
+    RESULTS_DIR,
+    TEMPERATURE,
+    Workload,
+    load,
+    log,
+    machine,
+    matmul_peak,
+    side_bench_arguments,
+    tiny_model_dir,
+)
 
 from eztinker.engine import Engine, SampleSpec
 from eztinker.engine import sampler as sampler_module
@@ -55,18 +66,37 @@ def main() -> None:
             tokens, seconds = sample()
             after = matmul_peak()
             rate = tokens / seconds
-            rounds.append({"prompt_cache": cache, "tokens": tokens, "seconds": seconds, "tokens_per_s": rate,
-                           "peak_before": before, "peak_after": after,
-                           "fraction_of_peak": rate * 2 * n_params / max(before, after), "load_1min": os.getloadavg()[0]})
-            log(f"  {cache:6s}: {tokens} tokens in {seconds:.1f} s = {rate:.0f} tokens/s; peak {max(before, after) / 1e9:.0f} "
-                f"GFLOP/s; {100 * rounds[-1]['fraction_of_peak']:.1f}% of it (load {rounds[-1]['load_1min']:.1f})")
+            rounds.append(
+                {
+                    "prompt_cache": cache,
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "tokens_per_s": rate,
+                    "peak_before": before,
+                    "peak_after": after,
+                    "fraction_of_peak": rate * 2 * n_params / max(before, after),
+                    "load_1min": os.getloadavg()[0],
+                }
+            )
+            log(
+                f"  {cache:6s}: {tokens} tokens in {seconds:.1f} s = {rate:.0f} tokens/s; peak {max(before, after) / 1e9:.0f} "
+                f"GFLOP/s; {100 * rounds[-1]['fraction_of_peak']:.1f}% of it (load {rounds[-1]['load_1min']:.1f})"
+            )
     sampler_module._worth_sharing = worth_sharing
     shared = [r for r in rounds if r["prompt_cache"] == "shared"]
     best = max(shared, key=lambda r: r["fraction_of_peak"])
     ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(shared, rounds[1::2])]
-    results = {"model": args.model, "parameters": n_params, "shape": f"{PROMPTS} x {CANDIDATES} x {NEW_TOKENS}",
-               "prompt_tokens": [len(p) for p in prompts], "machine": machine(), "rounds": rounds, "best": best,
-               "shared_over_copied": ratios, "command": f"python bench/sampler_peak.py --model {args.model} --repeats {args.repeats}"}
+    results = {
+        "model": args.model,
+        "parameters": n_params,
+        "shape": f"{PROMPTS} x {CANDIDATES} x {NEW_TOKENS}",
+        "prompt_tokens": [len(p) for p in prompts],
+        "machine": machine(),
+        "rounds": rounds,
+        "best": best,
+        "shared_over_copied": ratios,
+        "command": f"python bench/sampler_peak.py --model {args.model} --repeats {args.repeats}",
+    }
     if args.profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             sample()
@@ -76,8 +106,10 @@ def main() -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"sampler_peak_{args.model}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
-    log(f"best round: {100 * best['fraction_of_peak']:.1f}% of the fp32 matmul peak; shared / copied prompt cache: "
-        f"{', '.join(f'{r:.2f}x' for r in ratios)}; results: {path}")
+    log(
+        f"best round: {100 * best['fraction_of_peak']:.1f}% of the fp32 matmul peak; shared / copied prompt cache: "
+        f"{', '.join(f'{r:.2f}x' for r in ratios)}; results: {path}"
+    )
 
 
 if __name__ == "__main__":

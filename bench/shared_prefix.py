@@ -17,7 +17,17 @@ import json
 
 import torch
 from run import (
-    LORA, RESULTS_DIR, TEMPERATURE, Timer, agreement, interleave, load, log, machine, matmul_peak, side_bench_arguments,
+    LORA,
+    RESULTS_DIR,
+    TEMPERATURE,
+    Timer,
+    agreement,
+    interleave,
+    load,
+    log,
+    machine,
+    matmul_peak,
+    side_bench_arguments,
     tiny_model_dir,
 )
 
@@ -47,11 +57,18 @@ def main() -> None:
         "evaluation": (prompts("test", 200), 1, SamplingParams(max_tokens=64, temperature=0.0)),
     }
     shared = sampler._common_prefix_length(workloads["candidates"][0])
-    log(f"== {args.model}: prompts of {min(map(len, workloads['candidates'][0]))}-"
-        f"{max(map(len, workloads['candidates'][0]))} tokens, {shared} shared; {torch.get_num_threads()} threads")
+    log(
+        f"== {args.model}: prompts of {min(map(len, workloads['candidates'][0]))}-"
+        f"{max(map(len, workloads['candidates'][0]))} tokens, {shared} shared; {torch.get_num_threads()} threads"
+    )
     peak = matmul_peak()
     log(f"  fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    results: dict = {"model": args.model, "machine": machine(), "matmul_peak_flops": peak, "shared_prefix_tokens": shared}
+    results: dict = {
+        "model": args.model,
+        "machine": machine(),
+        "matmul_peak_flops": peak,
+        "shared_prefix_tokens": shared,
+    }
     outputs: dict[str, list] = {}
 
     def side(name: str, workload: str, threshold: int):
@@ -72,7 +89,10 @@ def main() -> None:
     engine.sample([SampleSpec("bench", workloads["evaluation"][0][:2], 2, SamplingParams(max_tokens=4))])  # warm-up
     for workload in workloads:
         log(f"  {workload}")
-        sides = {"shared_prefix": side("on", workload, SHARING_ON), "every_prompt_whole": side("off", workload, SHARING_OFF)}
+        sides = {
+            "shared_prefix": side("on", workload, SHARING_ON),
+            "every_prompt_whole": side("off", workload, SHARING_OFF),
+        }
         timed = interleave(sides, args.repeats)
         results[workload] = {
             "unit": "tokens/s",
@@ -80,7 +100,9 @@ def main() -> None:
             "ratio": timed["shared_prefix"]["per_s"] / timed["every_prompt_whole"]["per_s"],
             **agreement(outputs["on"], outputs["off"]),
         }
-        log(f"    ratio {results[workload]['ratio']:.2f}x; identical candidates {results[workload]['identical_candidates']}")
+        log(
+            f"    ratio {results[workload]['ratio']:.2f}x; identical candidates {results[workload]['identical_candidates']}"
+        )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"shared_prefix_{args.model}.json"
     path.write_text(json.dumps(results, indent=1))

@@ -30,8 +30,13 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    server = ServerProcess(model=args.model, data_dir=args.data_dir, log_file=args.out / ".screenshot-server.log",
-                           extra_args=["--device", "cpu"], startup_timeout=300)
+    server = ServerProcess(
+        model=args.model,
+        data_dir=args.data_dir,
+        log_file=args.out / ".screenshot-server.log",
+        extra_args=["--device", "cpu"],
+        startup_timeout=300,
+    )
     try:
         runs = ServiceClient(server.url).list_runs()
         if not runs:
@@ -41,7 +46,9 @@ def main() -> None:
             browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(f"{server.url}/ui/#/runs/{run.id}")
-            expect(page.locator("tr[data-step]")).to_have_count(len(ServiceClient(server.url).training_client(run.id).metrics().points))
+            expect(page.locator("tr[data-step]")).to_have_count(
+                len(ServiceClient(server.url).training_client(run.id).metrics().points)
+            )
             page.screenshot(path=str(args.out / "dashboard-run.png"), full_page=True)
             if run.checkpoints:
                 newest = run.checkpoints[-1]

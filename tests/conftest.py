@@ -68,9 +68,14 @@ def start_server(tiny_model_dir, tmp_path):
     def start(data_dir: Path, port: int | None, model=None, extra_args=()) -> ServerProcess:
         try:
             server = ServerProcess(
-                model=str(tiny_model_dir) if model is None else model, data_dir=data_dir, port=port,
-                log_file=tmp_path / f"server-{len(started)}.log", extra_args=["--device", "cpu", *extra_args],
-                env=offline_env(), startup_timeout=120, poll_interval=0.05,
+                model=str(tiny_model_dir) if model is None else model,
+                data_dir=data_dir,
+                port=port,
+                log_file=tmp_path / f"server-{len(started)}.log",
+                extra_args=["--device", "cpu", *extra_args],
+                env=offline_env(),
+                startup_timeout=120,
+                poll_interval=0.05,
             )
         except RuntimeError as exc:
             pytest.fail(str(exc))
@@ -92,6 +97,10 @@ def gsm8k_dir() -> Path:
     shared = find_shared_dir() or Path(__file__).resolve().parents[1].parent / "shared"
     path = shared / "data" / "gsm8k"
     if not all((path / f"{split}.jsonl").is_file() for split in ("train", "test")):
-        source = f"${SHARED_ENV}" if os.environ.get(SHARED_ENV) else f"../shared beside the project; set ${SHARED_ENV} to look elsewhere"
+        source = (
+            f"${SHARED_ENV}"
+            if os.environ.get(SHARED_ENV)
+            else f"../shared beside the project; set ${SHARED_ENV} to look elsewhere"
+        )
         pytest.fail(f"GSM8K data not found: looked for train.jsonl and test.jsonl in {path} ({source})", pytrace=False)
     return path

@@ -27,8 +27,10 @@ def _write_repo(root: Path, repo: str, splits: dict[str, Iterable[dict]], config
 
 
 def _sums(count: int, offset: int = 0) -> list[tuple[str, str]]:
-    return [(f"What is {a} + {b}?", str(a + b)) for a, b in
-            ((2 + (i + offset) % 17, 3 + (i * 7 + offset) % 13) for i in range(count))]
+    return [
+        (f"What is {a} + {b}?", str(a + b))
+        for a, b in ((2 + (i + offset) % 17, 3 + (i * 7 + offset) % 13) for i in range(count))
+    ]
 
 
 def _chat(question: str, answer: str) -> list[dict]:
@@ -39,26 +41,56 @@ def write_hub_mirror(root: Path, gsm8k_dir: Path | None = None, rows: int = 300)
     """Write local copies of the datasets the tested recipes load; returns `root`."""
     train, test = _sums(rows), _sums(24, offset=5)
     # chat_sl's default (no_robots) and tulu3, and sl_loop's default: conversations in `messages`.
-    _write_repo(root, "HuggingFaceH4/no_robots", {
-        "train": ({"prompt": q, "prompt_id": str(i), "messages": _chat(q, a), "category": "Math"}
-                  for i, (q, a) in enumerate(train)),
-        "test": ({"prompt": q, "prompt_id": str(i), "messages": _chat(q, a), "category": "Math"}
-                 for i, (q, a) in enumerate(test))})
-    _write_repo(root, "allenai/tulu-3-sft-mixture", {
-        "train": ({"id": str(i), "messages": _chat(q, a), "source": "local"} for i, (q, a) in enumerate(train))})
+    _write_repo(
+        root,
+        "HuggingFaceH4/no_robots",
+        {
+            "train": (
+                {"prompt": q, "prompt_id": str(i), "messages": _chat(q, a), "category": "Math"}
+                for i, (q, a) in enumerate(train)
+            ),
+            "test": (
+                {"prompt": q, "prompt_id": str(i), "messages": _chat(q, a), "category": "Math"}
+                for i, (q, a) in enumerate(test)
+            ),
+        },
+    )
+    _write_repo(
+        root,
+        "allenai/tulu-3-sft-mixture",
+        {"train": ({"id": str(i), "messages": _chat(q, a), "source": "local"} for i, (q, a) in enumerate(train))},
+    )
+
     # DPO's default (hhh): Anthropic's transcript format, chosen and rejected sharing the prompt.
     def hh(q: str, a: str) -> dict:
         prompt = f"\n\nHuman: {q}\n\nAssistant:"
         return {"chosen": f"{prompt} The answer is {a}.", "rejected": f"{prompt} I do not know."}
-    _write_repo(root, "Anthropic/hh-rlhf", {"train": (hh(q, a) for q, a in train),
-                                            "test": (hh(q, a) for q, a in test)})
+
+    _write_repo(root, "Anthropic/hh-rlhf", {"train": (hh(q, a) for q, a in train), "test": (hh(q, a) for q, a in test)})
     # Distillation's and math_rl's prompts: DeepMath's fields.
-    _write_repo(root, "zwhe99/DeepMath-103K", {
-        "train": ({"question": q, "final_answer": a, "difficulty": 1.0, "topic": "arithmetic",
-                   "r1_solution_1": "", "r1_solution_2": "", "r1_solution_3": ""} for q, a in train)})
+    _write_repo(
+        root,
+        "zwhe99/DeepMath-103K",
+        {
+            "train": (
+                {
+                    "question": q,
+                    "final_answer": a,
+                    "difficulty": 1.0,
+                    "topic": "arithmetic",
+                    "r1_solution_1": "",
+                    "r1_solution_2": "",
+                    "r1_solution_3": "",
+                }
+                for q, a in train
+            )
+        },
+    )
     if gsm8k_dir is not None:  # rl_loop's and math_rl's GSM8K: the real problems from ../shared
+
         def read(split: str, count: int) -> list[dict]:
             with open(gsm8k_dir / f"{split}.jsonl") as f:
                 return [json.loads(line) for _, line in zip(range(count), f)]
+
         _write_repo(root, "openai/gsm8k", {"train": read("train", rows), "test": read("test", 24)}, config="main")
     return root

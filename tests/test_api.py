@@ -109,8 +109,8 @@ def test_sdk_round_trip(client, tmp_path):
     row = first.logprobs[0]
     assert len(row) == len(PROMPT) + len(REPLY) - 1
     assert row[: len(PROMPT) - 1] == [None] * (len(PROMPT) - 1)  # weight 0: never computed
-    assert all(lp is not None and lp < 0 for lp in row[len(PROMPT) - 1:])
-    assert first.loss == pytest.approx(-sum(row[len(PROMPT) - 1:]), rel=1e-4)
+    assert all(lp is not None and lp < 0 for lp in row[len(PROMPT) - 1 :])
+    assert first.loss == pytest.approx(-sum(row[len(PROMPT) - 1 :]), rel=1e-4)
     assert run.info().step == 5
 
     # Sampling: N candidates per prompt, for text, token and chat prompts.
@@ -350,8 +350,12 @@ def test_large_results_are_gzipped_for_clients_that_ask(server, client):
     # Small answers stay plain; the SDK asks for gzip only across a network.
     assert "content-encoding" not in httpx.get(f"{server.url}/health", headers={"Accept-Encoding": "gzip"}).headers
     assert client._http.headers["accept-encoding"] == "identity"
-    for url, wanted in [("http://localhost:1", "identity"), ("http://[::1]:1", "identity"),
-                        ("http://10.1.2.3:1", "gzip"), ("https://tinker.example.com", "gzip")]:
+    for url, wanted in [
+        ("http://localhost:1", "identity"),
+        ("http://[::1]:1", "identity"),
+        ("http://10.1.2.3:1", "gzip"),
+        ("https://tinker.example.com", "gzip"),
+    ]:
         with ServiceClient(url) as remote:
             assert remote._http.headers["accept-encoding"] == wanted, url
 
@@ -410,13 +414,25 @@ def test_non_finite_numbers_are_rejected_not_stored(server, client):
         response = httpx.post(f"{server.url}/v1/runs/{run.run_id}/forward_backward", content=raw, headers=headers)
         assert_422(response, ("body", "data", 0, "loss_fn_inputs", field))
     n = len(datum["model_input"]["tokens"])
-    is_datum = {**datum, "loss_fn_inputs": {**datum["loss_fn_inputs"], "weights": None,
-                                            "logprobs": [-1.0] * n, "advantages": [float("nan")] * n}}
+    is_datum = {
+        **datum,
+        "loss_fn_inputs": {
+            **datum["loss_fn_inputs"],
+            "weights": None,
+            "logprobs": [-1.0] * n,
+            "advantages": [float("nan")] * n,
+        },
+    }
     raw = json.dumps({"data": [is_datum], "loss_fn": "importance_sampling"})
     response = httpx.post(f"{server.url}/v1/runs/{run.run_id}/forward_backward", content=raw, headers=headers)
     assert_422(response, ("body", "data", 0, "loss_fn_inputs", "advantages"))
 
-    for adam in ('{"learning_rate": NaN}', '{"eps": Infinity}', '{"weight_decay": Infinity}', '{"grad_clip_norm": NaN}'):
+    for adam in (
+        '{"learning_rate": NaN}',
+        '{"eps": Infinity}',
+        '{"weight_decay": Infinity}',
+        '{"grad_clip_norm": NaN}',
+    ):
         response = httpx.post(
             f"{server.url}/v1/runs/{run.run_id}/optim_step", content=f'{{"adam_params": {adam}}}', headers=headers
         )
@@ -501,14 +517,23 @@ def test_bad_input_through_the_sdk(client):
 
 ONE_PROMPT = [{"tokens": [1, 2]}]
 BAD_SAMPLE = {  # case: (body, loc the error must have)
-    "max-tokens-over-limit": ({"prompts": ONE_PROMPT, "sampling_params": {"max_tokens": 5000}}, ("body", "sampling_params", "max_tokens")),
-    "max-tokens-zero": ({"prompts": ONE_PROMPT, "sampling_params": {"max_tokens": 0}}, ("body", "sampling_params", "max_tokens")),
+    "max-tokens-over-limit": (
+        {"prompts": ONE_PROMPT, "sampling_params": {"max_tokens": 5000}},
+        ("body", "sampling_params", "max_tokens"),
+    ),
+    "max-tokens-zero": (
+        {"prompts": ONE_PROMPT, "sampling_params": {"max_tokens": 0}},
+        ("body", "sampling_params", "max_tokens"),
+    ),
     "no-samples": ({"prompts": ONE_PROMPT, "num_samples": 0}, ("body", "num_samples")),
     "too-many-samples": ({"prompts": ONE_PROMPT, "num_samples": 5000}, ("body", "num_samples")),
     "no-prompts": ({"prompts": []}, ("body", "prompts")),
     "prompt-token-above-vocab": ({"prompts": [{"tokens": [1, VOCAB]}]}, ("body", "prompts", 0, "tokens", 1)),
     "two-prompt-kinds": ({"prompts": [{"tokens": [1], "text": "hi"}]}, ("body", "prompts", 0)),
-    "unknown-param": ({"prompts": ONE_PROMPT, "sampling_params": {"temprature": 0.5}}, ("body", "sampling_params", "temprature")),
+    "unknown-param": (
+        {"prompts": ONE_PROMPT, "sampling_params": {"temprature": 0.5}},
+        ("body", "sampling_params", "temprature"),
+    ),
     "empty-stop": ({"prompts": ONE_PROMPT, "sampling_params": {"stop": [""]}}, ("body", "sampling_params", "stop")),
 }
 
@@ -566,8 +591,10 @@ def test_every_job_is_bounded_up_front_by_a_named_limit(make_server):
     """evaluate had no limit at all (256 responses x 512 tokens took 95 s and +700 MB); a sample
     inside every other limit drove the server to 4.1 GB. Each is now refused with a 422 naming
     the limit, before any job is queued."""
-    with make_server(max_batch_examples=4, max_tokens_per_request=64) as server, \
-            ServiceClient(server.url, max_retries=0) as client:
+    with (
+        make_server(max_batch_examples=4, max_tokens_per_request=64) as server,
+        ServiceClient(server.url, max_retries=0) as client,
+    ):
         run = client.create_training_run()
         assert client.info()["limits"]["max_tokens_per_request"] == 64
         url = f"{server.url}/v1/runs/{run.run_id}"
@@ -604,8 +631,10 @@ def test_slow_clients_are_dropped_while_others_are_served(make_server):
 
         opened = time.monotonic()
         slowloris = connect(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")  # a Host of this machine
-        no_body = connect(b"POST /v1/runs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 100\r\n\r\n{")
+        no_body = connect(
+            b"POST /v1/runs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
         silent = connect(b"")
         with httpx.Client(base_url=server.url) as other:
             while time.monotonic() - opened < 0.7:  # the slowloris keeps sending; another client is served
@@ -660,9 +689,7 @@ def test_failed_job_reports_its_error_and_the_server_keeps_serving(client):
     # The sampler's logprobs far below the model's make the importance ratio overflow.
     blowup = Datum(
         model_input=ModelInput(tokens=tokens),
-        loss_fn_inputs=LossFnInputs(
-            target_tokens=(PROMPT + REPLY)[1:], logprobs=[-1000.0] * n, advantages=[1.0] * n
-        ),
+        loss_fn_inputs=LossFnInputs(target_tokens=(PROMPT + REPLY)[1:], logprobs=[-1000.0] * n, advantages=[1.0] * n),
     )
     failing = run.forward_backward([blowup], loss_fn="importance_sampling")
     with pytest.raises(JobFailedError) as err:
@@ -683,7 +710,14 @@ def test_failed_job_reports_its_error_and_the_server_keeps_serving(client):
     assert train(run, 2) == [1, 2]
     info = run.info()
     assert (info.step, info.restored_from) == (2, None)
-    assert len(run.sample(["hi"], num_samples=2, sampling_params=SamplingParams(max_tokens=3)).result(timeout=60).sequences[0]) == 2
+    assert (
+        len(
+            run.sample(["hi"], num_samples=2, sampling_params=SamplingParams(max_tokens=3))
+            .result(timeout=60)
+            .sequences[0]
+        )
+        == 2
+    )
 
 
 def test_errors_name_checkpoints_by_reference_never_by_server_path(server, client):
@@ -759,7 +793,11 @@ def test_api_key_is_required_when_configured(make_server):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "s3cre"}, {"Authorization": "s3cret"}):
                 response = httpx.request(method, server.url + path, json=body, headers=headers)
                 assert response.status_code == 401, (path, headers, response.text)
-        for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}, {"Authorization": "bearer s3cret"}):
+        for headers in (
+            {"X-API-Key": "s3cret"},
+            {"Authorization": "Bearer s3cret"},
+            {"Authorization": "bearer s3cret"},
+        ):
             assert httpx.get(f"{server.url}/v1/runs", headers=headers).status_code == 200, headers
         assert httpx.get(f"{server.url}/health").status_code == 200  # liveness probes need no key
 
@@ -772,7 +810,9 @@ def test_api_key_is_required_when_configured(make_server):
             run = service.create_training_run()
             assert train(run, 1) == [1]
             assert run.save_state("c").result(timeout=60).step == 1
-            assert len(run.sample(["hi"], sampling_params=SamplingParams(max_tokens=2)).result(timeout=60).sequences) == 1
+            assert (
+                len(run.sample(["hi"], sampling_params=SamplingParams(max_tokens=2)).result(timeout=60).sequences) == 1
+            )
             assert [r.id for r in service.list_runs()] == [run.run_id]
 
 
@@ -801,8 +841,12 @@ def test_two_different_keys_in_one_request_are_refused_not_guessed_between(make_
 
 def test_health_without_a_valid_key_says_only_that_the_server_is_alive(make_server, tiny_model_dir):
     with make_server(api_key="s3cret") as server:
-        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"},
-                        {"X-API-Key": "wrong", "Authorization": "Bearer s3cret"}):
+        for headers in (
+            {},
+            {"X-API-Key": "wrong"},
+            {"Authorization": "Bearer wrong"},
+            {"X-API-Key": "wrong", "Authorization": "Bearer s3cret"},
+        ):
             response = httpx.get(f"{server.url}/health", headers=headers)
             assert (response.status_code, response.json()) == (200, {"status": "ok"}), headers
         with ServiceClient(server.url, max_retries=0) as anonymous:
@@ -860,7 +904,9 @@ def test_users_only_see_their_own_runs(make_server, tmp_path):
         # Indistinguishable from a run that does not exist at all.
         missing = httpx.get(f"{server.url}/v1/runs/run_0000000000000000", headers={"X-API-Key": "key-b"})
         foreign = httpx.get(f"{server.url}/v1/runs/{run.run_id}", headers={"X-API-Key": "key-b"})
-        assert foreign.json()["detail"].replace(run.run_id, "ID") == missing.json()["detail"].replace("run_0000000000000000", "ID")
+        assert foreign.json()["detail"].replace(run.run_id, "ID") == missing.json()["detail"].replace(
+            "run_0000000000000000", "ID"
+        )
 
         # Alice still can, and nothing of hers changed.
         info = run.info()
@@ -890,7 +936,11 @@ def test_a_runs_info_reads_its_own_history_only(server, client):
     assert infos[saved.run_id].last_loss is None and infos[saved.run_id].updated_at is not None
     assert (infos[fresh.run_id].last_loss, infos[fresh.run_id].updated_at) == (None, None)
     for run_id, info in infos.items():
-        assert (info.status, info.last_loss, info.updated_at) == (listed[run_id].status, listed[run_id].last_loss, listed[run_id].updated_at)
+        assert (info.status, info.last_loss, info.updated_at) == (
+            listed[run_id].status,
+            listed[run_id].last_loss,
+            listed[run_id].updated_at,
+        )
     store = server.service.store
     owner = store.run_row(fresh.run_id)["owner"]
     assert store.last_losses(owner, fresh.run_id) == {} and store.last_activity(owner, fresh.run_id) == {}

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 from transformers import AutoModelForCausalLM
 
 from eztinker.chat import datum_from_tokens
 from eztinker.engine import Engine, SampleSpec, device_paths, load_base_model, prompt_attention
 from eztinker.engine.engine import head_matches
 from eztinker.types import AdamParams, LoraConfig, SamplingParams
-
-from conftest import TEST_DEVICE
 
 LORA = LoraConfig(rank=4, alpha=16)
 
@@ -38,8 +37,9 @@ def peaked_model_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bf16_engine(peaked_model_dir, tmp_path_factory):
     with device_paths.portable_kernels():
-        base = load_base_model(str(peaked_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device=TEST_DEVICE,
-                               dtype=torch.bfloat16)
+        base = load_base_model(
+            str(peaked_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device=TEST_DEVICE, dtype=torch.bfloat16
+        )
         engine = Engine(base)
         yield engine
         engine.close()
@@ -47,9 +47,13 @@ def bf16_engine(peaked_model_dir, tmp_path_factory):
 
 def _data(count: int, length: int, seed: int):
     rng = torch.Generator().manual_seed(seed)
-    return [datum_from_tokens(torch.randint(0, 2000, (length // 2,), generator=rng).tolist(),
-                              torch.randint(0, 2000, (length - length // 2 + 1,), generator=rng).tolist())
-            for _ in range(count)]
+    return [
+        datum_from_tokens(
+            torch.randint(0, 2000, (length // 2,), generator=rng).tolist(),
+            torch.randint(0, 2000, (length - length // 2 + 1,), generator=rng).tolist(),
+        )
+        for _ in range(count)
+    ]
 
 
 def test_bf16_engine_trains_and_samples_on_the_gpu_code_path(bf16_engine):
@@ -68,8 +72,9 @@ def test_bf16_engine_trains_and_samples_on_the_gpu_code_path(bf16_engine):
     assert {p.dtype for p in run.params} == {torch.float32}  # LoRA weights stay float32
     states = [s for s in run.optimizer.state.values()]
     assert states and {t.dtype for s in states for k, t in s.items() if k != "step"} == {torch.float32}
-    [[candidates]] = engine.sample([SampleSpec("bf16", [data[0].model_input.tokens], 3,
-                                               SamplingParams(max_tokens=6, seed=2))])
+    [[candidates]] = engine.sample(
+        [SampleSpec("bf16", [data[0].model_input.tokens], 3, SamplingParams(max_tokens=6, seed=2))]
+    )
     assert len(candidates) == 3 and all(len(c.tokens) == 6 and len(c.logprobs) == 6 for c in candidates)
     engine.delete_run("bf16")
 
@@ -84,8 +89,9 @@ def test_sampler_and_trainer_logprobs_agree_in_bf16(bf16_engine, monkeypatch):
     engine.optim_step("agree", AdamParams(learning_rate=5e-2))  # a nonzero LoRA update in both paths
     shared_steps = []
     attend = prompt_attention.SharedPromptCache.attend
-    monkeypatch.setattr(prompt_attention.SharedPromptCache, "attend",
-                        lambda self, *args: shared_steps.append(1) or attend(self, *args))
+    monkeypatch.setattr(
+        prompt_attention.SharedPromptCache, "attend", lambda self, *args: shared_steps.append(1) or attend(self, *args)
+    )
     rng = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, 1000, (200,), generator=rng).tolist()
     prompts = [prefix + torch.randint(0, 1000, (n,), generator=rng).tolist() for n in (40, 70)]
@@ -96,7 +102,7 @@ def test_sampler_and_trainer_logprobs_agree_in_bf16(bf16_engine, monkeypatch):
         data = [datum_from_tokens(prompt, c.tokens) for c in candidates]
         trained = engine.forward_backward("agree", data, forward_only=True).logprobs
         for c, row in zip(candidates, trained):
-            diffs += [s - t for s, t in zip(c.logprobs, row[len(prompt) - 1:])]
+            diffs += [s - t for s, t in zip(c.logprobs, row[len(prompt) - 1 :])]
     diffs = torch.tensor(diffs, dtype=torch.float64)
     assert len(diffs) == 2 * 8 * 12 or len(diffs) > 100
     assert abs(float(diffs.mean())) < 1e-3
@@ -141,8 +147,9 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(engine
             engine.forward_backward(run_id, data)
             engine.optim_step(run_id, AdamParams(learning_rate=1e-2))  # lora_B nonzero: every gradient flows
             engine.activation_checkpointing = checkpoint
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
-                                                          lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t
+            ):
                 loss = engine.forward_backward(run_id, data).loss
         kept_bytes[checkpoint] = sum(kept)
         grads[checkpoint] = (loss, torch.cat([p.grad.flatten() for p in engine._runs[run_id].params]))

@@ -33,8 +33,14 @@ def server(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("lifecycle")
     keys = root / "keys.json"
     keys.write_text(json.dumps({ALICE: "alice", BOB: "bob"}))
-    settings = ServerSettings(model=[str(tiny_model_dir)], data_dir=root / "data", device="cpu", api_keys_file=keys,
-                              checkpoint_sweep_seconds=SWEEP_SECONDS, sample_gather_ms=0)
+    settings = ServerSettings(
+        model=[str(tiny_model_dir)],
+        data_dir=root / "data",
+        device="cpu",
+        api_keys_file=keys,
+        checkpoint_sweep_seconds=SWEEP_SECONDS,
+        sample_gather_ms=0,
+    )
     with ThreadedServer(build_service(settings)) as running:
         yield running
 
@@ -72,8 +78,10 @@ def trained(alice, tiny_model_dir):
 def datum(weights=None) -> types.Datum:
     tokens = PROMPT + REPLY
     weights = weights if weights is not None else [0.0] * (len(PROMPT) - 1) + [1.0] * len(REPLY)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
+    )
 
 
 def logprobs(client) -> list[float]:
@@ -122,8 +130,11 @@ def test_a_sampler_save_and_a_state_save_never_write_the_same_checkpoint(server,
     # The sampler save did not touch the training state: it still loads with its optimizer.
     trained.load_state_with_optimizer(state).result()
     # Nor can the REST API name a checkpoint into the sampler's namespace.
-    answer = httpx.post(f"{server.url}/v1/runs/{trained.model_id}/save", json={"name": "sampler_weights.x"},
-                        headers={"X-API-Key": ALICE})
+    answer = httpx.post(
+        f"{server.url}/v1/runs/{trained.model_id}/save",
+        json={"name": "sampler_weights.x"},
+        headers={"X-API-Key": ALICE},
+    )
     assert answer.status_code == 422 and "reserved prefix" in answer.text and "name" in answer.text
 
 
@@ -146,8 +157,11 @@ def test_unnamed_snapshots_are_pruned_even_when_nobody_retrieves_their_futures(s
     session_id = client.model_id.split(":train:")[0]
     jobs = []
     for seq in range(100, 108):  # the SDK's wire call, its futures never retrieved
-        answer = httpx.post(f"{server.url}/api/v1/save_weights_for_sampler", headers={"X-API-Key": ALICE},
-                            json={"model_id": client.model_id, "sampling_session_seq_id": seq})
+        answer = httpx.post(
+            f"{server.url}/api/v1/save_weights_for_sampler",
+            headers={"X-API-Key": ALICE},
+            json={"model_id": client.model_id, "sampling_session_seq_id": seq},
+        )
         jobs.append(answer.json()["request_id"])
     store = server.service.store
     deadline = time.monotonic() + 30
@@ -163,7 +177,10 @@ def test_unnamed_snapshots_are_pruned_even_when_nobody_retrieves_their_futures(s
 def test_sampler_checkpoints_hold_no_optimizer_state(server, trained):
     state = trained.save_state("full").result().path
     sampler = trained.save_weights_for_sampler("light").result().path
-    full, light = run_dir(server, trained.model_id) / "full", run_dir(server, trained.model_id) / "sampler_weights.light"
+    full, light = (
+        run_dir(server, trained.model_id) / "full",
+        run_dir(server, trained.model_id) / "sampler_weights.light",
+    )
     assert (full / "optimizer.pt").is_file() and not (light / "optimizer.pt").exists()
     size = lambda folder: sum(f.stat().st_size for f in folder.iterdir())  # noqa: E731
     assert size(light) < 0.5 * size(full), (size(light), size(full))
@@ -180,7 +197,9 @@ def test_sampler_checkpoints_hold_no_optimizer_state(server, trained):
 def test_an_expired_checkpoint_is_gone_from_disk_and_listing(server, trained):
     client = rest(server)
     path = trained.save_state("short", ttl_seconds=1).result().path
-    [entry] = [c for c in client.list_checkpoints(trained.model_id).result().checkpoints if c.checkpoint_id == "weights/short"]
+    [entry] = [
+        c for c in client.list_checkpoints(trained.model_id).result().checkpoints if c.checkpoint_id == "weights/short"
+    ]
     assert entry.expires_at is not None and 0 < entry.expires_at.timestamp() - time.time() <= 1.5
     kept = trained.save_weights_for_sampler("kept", ttl_seconds=3600).result().path
     time.sleep(1.0 + 3 * SWEEP_SECONDS)
@@ -192,8 +211,12 @@ def test_an_expired_checkpoint_is_gone_from_disk_and_listing(server, trained):
 
     # set_checkpoint_ttl (today a 405): an existing checkpoint gets a TTL, or loses it.
     client.set_checkpoint_ttl_from_tinker_path(kept, None).result()
-    assert next(c for c in client.list_checkpoints(trained.model_id).result().checkpoints
-                if c.tinker_path == kept).expires_at is None
+    assert (
+        next(
+            c for c in client.list_checkpoints(trained.model_id).result().checkpoints if c.tinker_path == kept
+        ).expires_at
+        is None
+    )
     client.set_checkpoint_ttl_from_tinker_path(kept, 1).result()
     time.sleep(1.0 + 3 * SWEEP_SECONDS)
     assert "sampler_weights/kept" not in listed(server, trained.model_id)
@@ -260,7 +283,8 @@ def test_a_deleted_runs_checkpoints_go_at_the_next_start_too(make_server, tmp_pa
 
 # ---------------------------------------------------------------------------- downloads
 def test_the_cookbooks_weights_download_gives_an_adapter_peft_loads_to_the_servers_logits(
-        server, trained, tiny_model_dir, tmp_path, monkeypatch):
+    server, trained, tiny_model_dir, tmp_path, monkeypatch
+):
     weights = pytest.importorskip("tinker_cookbook.weights")
     monkeypatch.setenv("TINKER_API_KEY", ALICE)
     state = trained.save_state("for-download").result().path
@@ -268,8 +292,11 @@ def test_the_cookbooks_weights_download_gives_an_adapter_peft_loads_to_the_serve
     assert sorted(p.name for p in Path(folder).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert peft_logprobs(tiny_model_dir, Path(folder)) == pytest.approx(logprobs(trained), abs=1e-4)
     # Its temporary export (an external_weights checkpoint of a new run) was deleted afterwards.
-    assert not [c for c in rest(server).list_user_checkpoints(limit=1000).result().checkpoints
-                if c.checkpoint_type == "external"]
+    assert not [
+        c
+        for c in rest(server).list_user_checkpoints(limit=1000).result().checkpoints
+        if c.checkpoint_type == "external"
+    ]
 
 
 def test_the_sdks_checkpoint_download_command_writes_the_adapter(server, trained, tiny_model_dir, tmp_path):
@@ -281,15 +308,22 @@ def test_the_sdks_checkpoint_download_command_writes_the_adapter(server, trained
 
     state = trained.save_state("for-cli").result().path
     env = {**os.environ, "TINKER_BASE_URL": server.url, "TINKER_API_KEY": ALICE, "TINKER_TELEMETRY": "0"}
-    done = subprocess.run([sys.executable, "-m", "tinker.cli", "checkpoint", "download", state, "--output",
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "tinker.cli", "checkpoint", "download", state, "--output", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     [folder] = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert peft_logprobs(tiny_model_dir, folder) == pytest.approx(logprobs(trained), abs=1e-4)
 
 
-def test_external_weights_urls_work_without_a_key_and_expire_with_the_checkpoint(server, trained, tiny_model_dir, tmp_path):
+def test_external_weights_urls_work_without_a_key_and_expire_with_the_checkpoint(
+    server, trained, tiny_model_dir, tmp_path
+):
     path = trained.save_weights_external("export", ttl_seconds=3600).result().path
     assert path == f"tinker://{trained.model_id}/external_weights/export"
     response = rest(server).get_external_weights_urls(path).result()
@@ -359,6 +393,8 @@ def test_a_database_from_before_the_lifecycle_columns_keeps_working(tmp_path):
     store = Store(path)
     assert [c.name for c in store.auto_checkpoints("s:train:0")] == ["sampler_weights.session-s-sample-1"]
     assert [(c.name, c.public, c.expires_at) for c in store.checkpoints("s:train:0", include_auto=False)] == [
-        ("sampler_weights.session-keepme", False, None), ("final", False, None)]
+        ("sampler_weights.session-keepme", False, None),
+        ("final", False, None),
+    ]
     store.close()
     Store(path).close()  # opening it again changes nothing

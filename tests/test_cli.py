@@ -11,16 +11,33 @@ import pytest
 from click.testing import CliRunner
 
 from eztinker import cli
-from eztinker.recipes import rejection_sft
 from eztinker.launcher import offline_env
+from eztinker.recipes import rejection_sft
 from eztinker.recipes.rejection_sft import Config
 from eztinker.server.settings import ServerSettings
 
 # The flags `eztinker rsft` had when they were written by hand: scripts and the README use them.
 FLAGS_BEFORE = [
-    "--task", "--server-url", "--api-key", "--gsm8k-dir", "--difficulty", "--max-samples", "--num-candidates",
-    "--epochs", "--learning-rate", "--lr-decay", "--temperature", "--max-tokens", "--eval-size", "--batch-size",
-    "--lora-rank", "--lora-alpha", "--seed", "--checkpoint", "--resume-from", "--output-dir",
+    "--task",
+    "--server-url",
+    "--api-key",
+    "--gsm8k-dir",
+    "--difficulty",
+    "--max-samples",
+    "--num-candidates",
+    "--epochs",
+    "--learning-rate",
+    "--lr-decay",
+    "--temperature",
+    "--max-tokens",
+    "--eval-size",
+    "--batch-size",
+    "--lora-rank",
+    "--lora-alpha",
+    "--seed",
+    "--checkpoint",
+    "--resume-from",
+    "--output-dir",
 ]
 
 
@@ -60,13 +77,32 @@ def ran(monkeypatch) -> list[Config]:
 
 
 def test_rsft_flags_and_environment_variables_reach_the_config(ran, tmp_path):
-    args = ["rsft", "--task", "arithmetic", "--epochs", "2", "--learning-rate", "1e-3", "--checkpoint",
-            "--output-dir", str(tmp_path)]
+    args = [
+        "rsft",
+        "--task",
+        "arithmetic",
+        "--epochs",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--checkpoint",
+        "--output-dir",
+        str(tmp_path),
+    ]
     env = {"EZTINKER_API_KEY": "secret", "EZTINKER_GSM8K_DIR": str(tmp_path / "gsm8k")}
     result = CliRunner().invoke(cli.app, args, env=env)
     assert result.exit_code == 0, result.output
-    assert ran == [Config(task="arithmetic", epochs=2, learning_rate=1e-3, checkpoint=True, output_dir=tmp_path,
-                          api_key="secret", gsm8k_dir=tmp_path / "gsm8k")]
+    assert ran == [
+        Config(
+            task="arithmetic",
+            epochs=2,
+            learning_rate=1e-3,
+            checkpoint=True,
+            output_dir=tmp_path,
+            api_key="secret",
+            gsm8k_dir=tmp_path / "gsm8k",
+        )
+    ]
 
 
 def test_rsft_rejects_a_value_outside_the_choices():
@@ -95,12 +131,32 @@ def test_demo_runs_the_preset_over_the_configs_defaults(ran, monkeypatch, tmp_pa
     result = CliRunner().invoke(cli.app, args, env={"EZTINKER_GSM8K_DIR": None})
     assert result.exit_code == 0, result.output
     # What the demo passed explicitly before its Config came from the preset and the defaults.
-    assert ran == [Config(
-        task="arithmetic", server_url=_FakeServer.url, api_key=None, gsm8k_dir=None, difficulty="medium",
-        max_samples=64, num_candidates=4, epochs=1, learning_rate=1e-3, lr_decay=0.7, temperature=0.8,
-        max_tokens=64, eval_size=200, batch_size=8, micro_batch_size=4, prompts_per_sample_call=32,
-        lora_rank=1, lora_alpha=16.0, seed=0, checkpoint=True, resume_from=None, output_dir=tmp_path,
-    )]
+    assert ran == [
+        Config(
+            task="arithmetic",
+            server_url=_FakeServer.url,
+            api_key=None,
+            gsm8k_dir=None,
+            difficulty="medium",
+            max_samples=64,
+            num_candidates=4,
+            epochs=1,
+            learning_rate=1e-3,
+            lr_decay=0.7,
+            temperature=0.8,
+            max_tokens=64,
+            eval_size=200,
+            batch_size=8,
+            micro_batch_size=4,
+            prompts_per_sample_call=32,
+            lora_rank=1,
+            lora_alpha=16.0,
+            seed=0,
+            checkpoint=True,
+            resume_from=None,
+            output_dir=tmp_path,
+        )
+    ]
 
 
 @pytest.fixture()
@@ -124,8 +180,11 @@ def test_server_reports_a_bad_setting_at_once_in_one_line(no_model_load, tmp_pat
         (["--host", "0.0.0.0"], "error: binding to 0.0.0.0 exposes the server beyond this machine"),
     ]:
         start = time.monotonic()
-        result = CliRunner().invoke(cli.app, ["server", "--model", "smollm2-135m", "--data-dir", str(tmp_path), *args],
-                                    env={f"EZTINKER_{name.upper()}": None for name in ServerSettings.model_fields})
+        result = CliRunner().invoke(
+            cli.app,
+            ["server", "--model", "smollm2-135m", "--data-dir", str(tmp_path), *args],
+            env={f"EZTINKER_{name.upper()}": None for name in ServerSettings.model_fields},
+        )
         assert time.monotonic() - start < 1, args
         assert result.exit_code == 2, result.output
         assert result.output.startswith(message) and result.output.count("\n") == 1, result.output
@@ -133,8 +192,18 @@ def test_server_reports_a_bad_setting_at_once_in_one_line(no_model_load, tmp_pat
 
 def test_a_missing_keys_file_stops_eztinker_server_at_once(tmp_path):
     missing = tmp_path / "keys.json"
-    command = [sys.executable, "-m", "eztinker.cli", "server", "--model", "smollm2-135m", "--data-dir", str(tmp_path),
-               "--api-keys-file", str(missing)]
+    command = [
+        sys.executable,
+        "-m",
+        "eztinker.cli",
+        "server",
+        "--model",
+        "smollm2-135m",
+        "--data-dir",
+        str(tmp_path),
+        "--api-keys-file",
+        str(missing),
+    ]
     start = time.monotonic()
     done = subprocess.run(command, env=offline_env(), capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - start

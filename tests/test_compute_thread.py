@@ -6,13 +6,13 @@ from __future__ import annotations
 import threading
 
 import pytest
+from support import EXAMPLE
 
 import eztinker.backend.local as local
 from eztinker.backend.commands import CreateRun, ForwardBackward, Sample
 from eztinker.backend.compute_thread import ComputeThread
 from eztinker.engine import ModelLoadError
 from eztinker.types import LoraConfig, SamplingParams
-from support import EXAMPLE
 
 
 def test_work_runs_on_the_compute_thread_and_its_errors_reach_the_caller():
@@ -35,6 +35,7 @@ def test_a_backend_loads_builds_and_executes_on_its_compute_thread(tiny_model_di
         def call(*args, **kwargs):
             threads[name] = threading.current_thread().name
             return fn(*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(local, "load_base_model", recorded("load", local.load_base_model))
@@ -43,12 +44,24 @@ def test_a_backend_loads_builds_and_executes_on_its_compute_thread(tiny_model_di
     try:
         [model] = backend.engines
         decoding = []
-        commands = [CreateRun(model=model, run_id="r", lora=LoraConfig(rank=2)),
-                    ForwardBackward(model=model, run_id="r", data=[EXAMPLE]),
-                    Sample(model=model, run_id="r", prompts=[[100, 200]], num_samples=2,
-                           sampling_params=SamplingParams(max_tokens=3, temperature=1.0, seed=0))]
-        caller = threading.Thread(target=lambda: decoding.append(backend.execute(
-            commands, [None, None, lambda tokens: threads.setdefault("decode", threading.current_thread().name)])))
+        commands = [
+            CreateRun(model=model, run_id="r", lora=LoraConfig(rank=2)),
+            ForwardBackward(model=model, run_id="r", data=[EXAMPLE]),
+            Sample(
+                model=model,
+                run_id="r",
+                prompts=[[100, 200]],
+                num_samples=2,
+                sampling_params=SamplingParams(max_tokens=3, temperature=1.0, seed=0),
+            ),
+        ]
+        caller = threading.Thread(
+            target=lambda: decoding.append(
+                backend.execute(
+                    commands, [None, None, lambda tokens: threads.setdefault("decode", threading.current_thread().name)]
+                )
+            )
+        )
         caller.start()
         caller.join(60)
         assert [outcome.error for outcome in decoding[0]] == [None, None, None]

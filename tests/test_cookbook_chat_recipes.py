@@ -19,10 +19,10 @@ import pytest
 
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
 
+from hub_datasets import write_hub_mirror  # noqa: E402
+
 from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 from eztinker.tiny import make_tiny_model  # noqa: E402
-
-from hub_datasets import write_hub_mirror  # noqa: E402
 
 RENDERER = "qwen3_instruct"  # Qwen's ChatML without <think>: Qwen2 is not in the cookbook's model table
 
@@ -41,9 +41,15 @@ SL_LOOP_MODEL = "Qwen/Qwen3.5-9B-Base"
 def server(tiny_model_dir, teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes-server")
     models = [str(tiny_model_dir), str(teacher_dir), f"{SL_LOOP_MODEL}={tiny_model_dir}"]
-    with ServerProcess(model=models, data_dir=root / "data",
-                       log_file=root / "server.log", extra_args=["--device", "cpu"], env=offline_env(),
-                       startup_timeout=300, poll_interval=0.05) as running:
+    with ServerProcess(
+        model=models,
+        data_dir=root / "data",
+        log_file=root / "server.log",
+        extra_args=["--device", "cpu"],
+        env=offline_env(),
+        startup_timeout=300,
+        poll_interval=0.05,
+    ) as running:
         yield running
 
 
@@ -74,8 +80,14 @@ def test_chat_sl_trains_on_its_default_dataset_with_its_defaults(tiny_model_dir,
 
     log_path = tmp_path / "chat_sl"
     started = time.monotonic()
-    chat_sl.cli_main(chat_sl.CLIConfig(model_name=str(tiny_model_dir), renderer_name=RENDERER,
-                                       log_path=str(log_path), behavior_if_log_dir_exists="delete"))
+    chat_sl.cli_main(
+        chat_sl.CLIConfig(
+            model_name=str(tiny_model_dir),
+            renderer_name=RENDERER,
+            log_path=str(log_path),
+            behavior_if_log_dir_exists="delete",
+        )
+    )
     print(f"chat_sl: {time.monotonic() - started:.1f} s")
     steps = [m for m in rows(log_path / "metrics.jsonl") if "train_mean_nll" in m]
     # no_robots' 300 local conversations in batches of 256 (the default): one step, then the final save.
@@ -89,8 +101,15 @@ def test_dpo_starts_at_log_2_and_moves_the_policy(tiny_model_dir, tmp_path):
 
     log_path = tmp_path / "dpo"
     started = time.monotonic()
-    dpo.cli_main(dpo.CLIConfig(model_name=str(tiny_model_dir), renderer_name=RENDERER, log_path=str(log_path),
-                               behavior_if_log_dir_exists="delete", max_steps=1))
+    dpo.cli_main(
+        dpo.CLIConfig(
+            model_name=str(tiny_model_dir),
+            renderer_name=RENDERER,
+            log_path=str(log_path),
+            behavior_if_log_dir_exists="delete",
+            max_steps=1,
+        )
+    )
     print(f"dpo: {time.monotonic() - started:.1f} s")
     steps = [m for m in rows(log_path / "metrics.jsonl") if "dpo_loss" in m]
     assert len(steps) == 1, rows(log_path / "metrics.jsonl")
@@ -104,10 +123,20 @@ def test_on_policy_distillation_from_a_second_base_model(tiny_model_dir, teacher
 
     log_path = tmp_path / "distill"
     started = time.monotonic()
-    asyncio.run(opd.cli_main(opd.CLIConfig(
-        model_name=str(tiny_model_dir), teacher_model=str(teacher_dir), renderer_name=RENDERER,
-        log_path=str(log_path), behavior_if_log_dir_exists="delete", max_steps=2,
-        groups_per_batch=2, max_tokens=16)))  # the defaults (1024 groups, 4096 tokens) take hours here
+    asyncio.run(
+        opd.cli_main(
+            opd.CLIConfig(
+                model_name=str(tiny_model_dir),
+                teacher_model=str(teacher_dir),
+                renderer_name=RENDERER,
+                log_path=str(log_path),
+                behavior_if_log_dir_exists="delete",
+                max_steps=2,
+                groups_per_batch=2,
+                max_tokens=16,
+            )
+        )
+    )  # the defaults (1024 groups, 4096 tokens) take hours here
     print(f"on-policy distillation: {time.monotonic() - started:.1f} s")
     steps = [{k: v for k, v in m.items() if "kl" in k} for m in rows(log_path / "metrics.jsonl") if "teacher_kl" in m]
     assert len(steps) == 2, rows(log_path / "metrics.jsonl")
@@ -118,8 +147,9 @@ def test_on_policy_distillation_from_a_second_base_model(tiny_model_dir, teacher
     assert all(abs(m["optim/kl_sample_train_v1"]) < 1e-3 for m in steps), steps
 
 
-def test_sl_loop_runs_with_its_defaults_on_a_model_served_under_a_table_name(server, tiny_model_dir, tmp_path,
-                                                                            monkeypatch):
+def test_sl_loop_runs_with_its_defaults_on_a_model_served_under_a_table_name(
+    server, tiny_model_dir, tmp_path, monkeypatch
+):
     """`recipes/sl_loop.py` unmodified with its default Config (model Qwen/Qwen3.5-9B-Base, whose
     renderer it looks up in the cookbook's model table; batch 128; no_robots), on the tiny model
     served under that name (`--model NAME=FOLDER`). Its tokenizer is registered with the cookbook's
@@ -130,8 +160,9 @@ def test_sl_loop_runs_with_its_defaults_on_a_model_served_under_a_table_name(ser
 
     config = sl_loop.Config(log_path=str(tmp_path / "sl-loop"))
     assert config.model_name == SL_LOOP_MODEL and config.batch_size == 128
-    monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, SL_LOOP_MODEL,
-                        lambda: AutoTokenizer.from_pretrained(tiny_model_dir))
+    monkeypatch.setitem(
+        tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, SL_LOOP_MODEL, lambda: AutoTokenizer.from_pretrained(tiny_model_dir)
+    )
     sl_loop.main(config)
     steps = [m for m in rows(tmp_path / "sl-loop" / "metrics.jsonl") if "train_mean_nll" in m]
     # The mirror's 300 conversations: 2 whole batches of 128 (the rest dropped), one epoch.

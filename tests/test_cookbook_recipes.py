@@ -42,9 +42,16 @@ TIMES: dict[str, float] = {}
 # role_colon's prompt ends in ":", after which it writes " \\boxed{3}" or " \\boxed{7}" and stops at
 # "\n\nUser:"; elsewhere it answers with digits, "}\n\n" and <|im_end|>.
 DEFAULT = {"<|im_end|>": 0.2, "}\n\n": 0.2, **{str(d): 0.06 for d in range(10)}}
-CHAIN = {":": {" \\": 1.0}, " \\": {"boxed": 1.0}, "boxed": {"{": 1.0}, "{": {"3": 0.5, "7": 0.5},
-         "3": {"}\n\n": 0.5, "<|im_end|>": 0.5}, "7": {"}\n\n": 0.5, "<|im_end|>": 0.5},
-         "}\n\n": {"User": 1.0}, "User": {":": 1.0}}
+CHAIN = {
+    ":": {" \\": 1.0},
+    " \\": {"boxed": 1.0},
+    "boxed": {"{": 1.0},
+    "{": {"3": 0.5, "7": 0.5},
+    "3": {"}\n\n": 0.5, "<|im_end|>": 0.5},
+    "7": {"}\n\n": 0.5, "<|im_end|>": 0.5},
+    "}\n\n": {"User": 1.0},
+    "User": {":": 1.0},
+}
 
 
 def hand_set_model(out: Path) -> Path:
@@ -94,10 +101,16 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(root):
     # The model table's name for a local folder (--model NAME=PATH).
-    with ServerProcess(model=f"{MODEL}={root / MODEL}", data_dir=root / "data", log_file=root / "server.log",
-                       # SDFT samples up to 2048 tokens by default (the server's default bound is 1024)
-                       extra_args=["--device", "cpu", "--max-new-tokens", "2048"], env=offline_env(),
-                       startup_timeout=120, poll_interval=0.05) as running:
+    with ServerProcess(
+        model=f"{MODEL}={root / MODEL}",
+        data_dir=root / "data",
+        log_file=root / "server.log",
+        # SDFT samples up to 2048 tokens by default (the server's default bound is 1024)
+        extra_args=["--device", "cpu", "--max-new-tokens", "2048"],
+        env=offline_env(),
+        startup_timeout=120,
+        poll_interval=0.05,
+    ) as running:
         yield running
 
 
@@ -140,8 +153,14 @@ def server_log_has_no_refusals(server) -> None:
 def test_math_rl_arithmetic_with_its_default_stable_reinforce(server, tmp_path):
     from tinker_cookbook.recipes.math_rl import train as math_rl
 
-    config = math_rl.CLIConfig(model_name=MODEL, renderer_name=RENDERER, base_url=server.url,
-                               log_path=str(tmp_path / "run"), max_steps=2, groups_per_batch=GROUPS)
+    config = math_rl.CLIConfig(
+        model_name=MODEL,
+        renderer_name=RENDERER,
+        base_url=server.url,
+        log_path=str(tmp_path / "run"),
+        max_steps=2,
+        groups_per_batch=GROUPS,
+    )
     assert (config.loss_fn, config.env) == ("stable_reinforce", "arithmetic")
     timed("math_rl", lambda: asyncio.run(math_rl.cli_main(config)))
     steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "env/all/reward/total" in m]
@@ -157,9 +176,15 @@ def test_math_rl_arithmetic_with_its_default_stable_reinforce(server, tmp_path):
 def test_async_rl_trains_off_policy_with_stable_reinforce(server, tmp_path):
     from tinker_cookbook.recipes.math_rl import train as math_rl
 
-    config = math_rl.CLIConfig(model_name=MODEL, renderer_name=RENDERER, base_url=server.url,
-                               log_path=str(tmp_path / "run"), max_steps=2, groups_per_batch=GROUPS,
-                               max_steps_off_policy=1)
+    config = math_rl.CLIConfig(
+        model_name=MODEL,
+        renderer_name=RENDERER,
+        base_url=server.url,
+        log_path=str(tmp_path / "run"),
+        max_steps=2,
+        groups_per_batch=GROUPS,
+        max_steps_off_policy=1,
+    )
     timed("async_rl", lambda: asyncio.run(math_rl.cli_main(config)))
     steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "env/all/reward/total" in m]
     assert len(steps) == 2 and all(m["grad_norm"] > 0 for m in steps), steps
@@ -168,17 +193,24 @@ def test_async_rl_trains_off_policy_with_stable_reinforce(server, tmp_path):
 # ------------------------------------------------------------------------ distillation
 def test_sdft_with_top_20_teacher_targets(server, tmp_path):
     from datasets import Dataset
-
     from tinker_cookbook.recipes.sdft import train as sdft
 
     data = tmp_path / "toolalpaca"
     # 72 rows: its 90% train split holds two batches of the default 32 groups
-    Dataset.from_list([{"prompt": f"What is {a} + {b}?", "golden_response": [str(a + b)]}
-                       for a in range(9) for b in range(8)]).save_to_disk(str(data))
+    Dataset.from_list(
+        [{"prompt": f"What is {a} + {b}?", "golden_response": [str(a + b)]} for a in range(9) for b in range(8)]
+    ).save_to_disk(str(data))
     # eval_every=0: cookbook 0.6.1's SDFT evaluator cannot read its own test set (RLTestSetEvaluator
     # takes SDFTDataset.get_batch's (builders, questions, answers) for builders), whatever the server.
-    config = sdft.CLIConfig(model_name=MODEL, base_url=server.url, log_path=str(tmp_path / "run"), max_steps=2,
-                            dataset="toolalpaca", toolalpaca_data_path=str(data), eval_every=0)
+    config = sdft.CLIConfig(
+        model_name=MODEL,
+        base_url=server.url,
+        log_path=str(tmp_path / "run"),
+        max_steps=2,
+        dataset="toolalpaca",
+        toolalpaca_data_path=str(data),
+        eval_every=0,
+    )
     assert (config.topk, config.reverse) == (20, False)
     timed("sdft", lambda: asyncio.run(sdft.cli_main(config)))
     steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "sdft/topk" in m]
@@ -193,18 +225,37 @@ def test_off_policy_distillation_with_20_teacher_targets(server, tmp_path):
     from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig
 
     data = tmp_path / "sft.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
-                                                     {"role": "assistant", "content": f"{a + b}"}]}) + "\n"
-                            for a, b in [(2, 3), (4, 1), (5, 5), (7, 2)] * 4))
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {a}+{b}?"},
+                        {"role": "assistant", "content": f"{a + b}"},
+                    ]
+                }
+            )
+            + "\n"
+            for a, b in [(2, 3), (4, 1), (5, 5), (7, 2)] * 4
+        )
+    )
     builder = FromConversationFileBuilder(
         file_path=str(data),
-        common_config=ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=MODEL, renderer_name="role_colon",
-                                                     max_length=256, batch_size=8))
+        common_config=ChatDatasetBuilderCommonConfig(
+            model_name_for_tokenizer=MODEL, renderer_name="role_colon", max_length=256, batch_size=8
+        ),
+    )
     config = train_off_policy.Config(
-        learning_rate=1e-3, model_name=MODEL, recipe_name="local_off_policy", log_path=str(tmp_path / "run"),
-        base_url=server.url, max_steps=2,
-        dataset_configs=[train_off_policy.DatasetWithTeacher(dataset_builder=builder,
-                                                             teacher_config=TeacherConfig(base_model=MODEL))])
+        learning_rate=1e-3,
+        model_name=MODEL,
+        recipe_name="local_off_policy",
+        log_path=str(tmp_path / "run"),
+        base_url=server.url,
+        max_steps=2,
+        dataset_configs=[
+            train_off_policy.DatasetWithTeacher(dataset_builder=builder, teacher_config=TeacherConfig(base_model=MODEL))
+        ],
+    )
     assert config.n_teacher_targets == 20
     timed("off_policy_distillation", lambda: asyncio.run(train_off_policy.main(config)))
     steps = rows(tmp_path / "run" / "metrics.jsonl")
@@ -213,15 +264,22 @@ def test_off_policy_distillation_with_20_teacher_targets(server, tmp_path):
 
 
 def test_rl_loop_with_its_default_stable_reinforce(server, tmp_path, monkeypatch):
-    from tinker_cookbook.recipes import rl_loop
-
     from hub_datasets import _write_repo
+    from tinker_cookbook.recipes import rl_loop
 
     # A local openai/gsm8k (GSM8K's fields, answers 3 or 7) where load_dataset looks first: the
     # working directory.
-    _write_repo(tmp_path, "openai/gsm8k", {"train": [
-        {"question": f"Tom has {n} apples and eats {n - a}. How many are left?", "answer": f"... #### {a}"}
-        for n, a in [(5, 3), (9, 7), (4, 3), (8, 7)]]}, config="main")
+    _write_repo(
+        tmp_path,
+        "openai/gsm8k",
+        {
+            "train": [
+                {"question": f"Tom has {n} apples and eats {n - a}. How many are left?", "answer": f"... #### {a}"}
+                for n, a in [(5, 3), (9, 7), (4, 3), (8, 7)]
+            ]
+        },
+        config="main",
+    )
     monkeypatch.chdir(tmp_path)
     config = rl_loop.Config(base_url=server.url, log_path=str(tmp_path / "run"), batch_size=2, max_steps=2)
     assert (config.model_name, config.loss_fn) == (MODEL, "stable_reinforce")

@@ -150,9 +150,12 @@ def reply_datum(prompt: list[int], reply: list[int], weight: float):
     from eztinker import Datum, LossFnInputs, ModelInput
 
     tokens = prompt + reply
-    return Datum(model_input=ModelInput(tokens=tokens[:-1]),
-                 loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:],
-                                             weights=[0.0] * (len(prompt) - 1) + [weight] * len(reply)))
+    return Datum(
+        model_input=ModelInput(tokens=tokens[:-1]),
+        loss_fn_inputs=LossFnInputs(
+            target_tokens=tokens[1:], weights=[0.0] * (len(prompt) - 1) + [weight] * len(reply)
+        ),
+    )
 
 
 def mean_nll(run, data) -> float:
@@ -176,14 +179,20 @@ def test_run_page_plots_mean_nll_and_lists_evaluations(server, browser, tmp_path
     run.forward_backward(normalised).result(timeout=60)
     run.optim_step(FAST).result(timeout=60)
     run.save_state("two").result(timeout=60)
-    report = {"checkpoint": "two", "harness": "lm-eval 0.4.13", "tasks": ["arc_easy"],
-              "scores": {"arc_easy": {"acc,none": 0.25, "acc_stderr,none": 0.1, "acc_norm,none": 0.5}},
-              "config": {"limit": 4}}
-    recorded = httpx.post(f"{server.url}/v1/runs/{run.run_id}/evaluations", json=report,
-                          headers={"Authorization": "Bearer key-alice"})
+    report = {
+        "checkpoint": "two",
+        "harness": "lm-eval 0.4.13",
+        "tasks": ["arc_easy"],
+        "scores": {"arc_easy": {"acc,none": 0.25, "acc_stderr,none": 0.1, "acc_norm,none": 0.5}},
+        "config": {"limit": 4},
+    }
+    recorded = httpx.post(
+        f"{server.url}/v1/runs/{run.run_id}/evaluations", json=report, headers={"Authorization": "Bearer key-alice"}
+    )
     assert recorded.status_code == 200, recorded.text
-    refused = httpx.post(f"{server.url}/v1/runs/{run.run_id}/evaluations", json=report,
-                         headers={"Authorization": "Bearer key-bob"})
+    refused = httpx.post(
+        f"{server.url}/v1/runs/{run.run_id}/evaluations", json=report, headers={"Authorization": "Bearer key-bob"}
+    )
     assert refused.status_code == 404  # another user's run is not there to record on
 
     page = browser.new_page(viewport={"width": 1280, "height": 1100})

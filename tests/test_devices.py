@@ -37,14 +37,17 @@ def test_plain_devices_apply_to_every_model_or_one_per_model_in_order():
     assert place_models(MODELS, ["cuda:1", "cpu", "cuda"], 2) == {"a": "cuda:1", "b": "cpu", "c": "cuda:0"}
 
 
-@pytest.mark.parametrize("entries, gpus, message", [
-    (["cuda:2"], 2, "cuda:2 is not visible"),
-    (["cuda"], 0, "no GPU is visible"),
-    (["gpu0"], 1, "'gpu0': a device is"),
-    (["z=cpu"], 1, "'z=cpu' names no --model"),
-    (["a=cpu", "a=cuda:0"], 1, "two devices for 'a'"),
-    (["cpu", "cpu"], 1, "got 2 plain device(s) for 3 model(s)"),
-])
+@pytest.mark.parametrize(
+    "entries, gpus, message",
+    [
+        (["cuda:2"], 2, "cuda:2 is not visible"),
+        (["cuda"], 0, "no GPU is visible"),
+        (["gpu0"], 1, "'gpu0': a device is"),
+        (["z=cpu"], 1, "'z=cpu' names no --model"),
+        (["a=cpu", "a=cuda:0"], 1, "two devices for 'a'"),
+        (["cpu", "cpu"], 1, "got 2 plain device(s) for 3 model(s)"),
+    ],
+)
 def test_impossible_requests_are_refused_naming_the_entry(entries, gpus, message):
     with pytest.raises(PlacementError) as err:
         place_models(MODELS, entries, gpus)

@@ -49,10 +49,13 @@ def test_dpo_loss_rewards_and_gradient_match_a_hand_computation():
 
 def test_dpo_loss_fn_sums_reply_tokens_and_averages_over_the_batch():
     # chosen reply: the last 2 positions, rejected: the last 1 (weights mark the reply)
-    chosen = ez.Datum(model_input=ez.ModelInput(tokens=[1, 2, 3]),
-                      loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 3, 4], weights=[0, 1, 1]))
-    rejected = ez.Datum(model_input=ez.ModelInput(tokens=[1, 2]),
-                        loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 5], weights=[0, 1]))
+    chosen = ez.Datum(
+        model_input=ez.ModelInput(tokens=[1, 2, 3]),
+        loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 3, 4], weights=[0, 1, 1]),
+    )
+    rejected = ez.Datum(
+        model_input=ez.ModelInput(tokens=[1, 2]), loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 5], weights=[0, 1])
+    )
     logprobs = [torch.tensor([-9.0, -1.0, -2.0], requires_grad=True), torch.tensor([-9.0, -1.5], requires_grad=True)]
     loss, metrics = dpo_loss_fn([-2.0, -2.0], beta=1.0, normaliser=4)([chosen, rejected], logprobs)
     margin = (-3.0 - -2.0) - (-1.5 - -2.0)  # -1.5
@@ -65,10 +68,13 @@ def test_dpo_loss_fn_sums_reply_tokens_and_averages_over_the_batch():
 
 
 def test_dpo_loss_fn_sft_term_adds_the_chosen_replys_mean_nll():
-    chosen = ez.Datum(model_input=ez.ModelInput(tokens=[1, 2, 3]),
-                      loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 3, 4], weights=[0, 1, 1]))
-    rejected = ez.Datum(model_input=ez.ModelInput(tokens=[1, 2]),
-                        loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 5], weights=[0, 1]))
+    chosen = ez.Datum(
+        model_input=ez.ModelInput(tokens=[1, 2, 3]),
+        loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 3, 4], weights=[0, 1, 1]),
+    )
+    rejected = ez.Datum(
+        model_input=ez.ModelInput(tokens=[1, 2]), loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 5], weights=[0, 1])
+    )
     logprobs = [torch.tensor([-9.0, -1.0, -2.0], requires_grad=True), torch.tensor([-9.0, -1.5], requires_grad=True)]
     loss, metrics = dpo_loss_fn([-2.0, -2.0], beta=1.0, normaliser=2, sft_weight=0.5)([chosen, rejected], logprobs)
     margin = -1.5
@@ -86,7 +92,7 @@ def test_dpo_loss_fn_sft_term_adds_the_chosen_replys_mean_nll():
 def _nonlinear_loss(data, logprobs):
     """A loss no server loss computes: squares and a log-sum-exp of weighted logprob sums."""
     sums = torch.stack([(lp * torch.tensor(d.loss_fn_inputs.weights)).sum() for d, lp in zip(data, logprobs)])
-    loss = (sums ** 2).mean() * 0.01 + torch.logsumexp(sums, 0) + logprobs[0][-1] * 3
+    loss = (sums**2).mean() * 0.01 + torch.logsumexp(sums, 0) + logprobs[0][-1] * 3
     return loss, {"first_sum": float(sums[0])}
 
 
@@ -131,20 +137,35 @@ def test_forward_gives_every_logprob_and_leaves_the_run_untouched(make_server):
         again = run.forward([datum]).result()
     assert all(v is not None for v in first.logprobs[0])  # prompt positions too
     assert again.logprobs == first.logprobs
-    assert first.loss == pytest.approx(-sum(first.logprobs[0][len(PROMPT) - 1:]), rel=1e-5)
+    assert first.loss == pytest.approx(-sum(first.logprobs[0][len(PROMPT) - 1 :]), rel=1e-5)
 
 
 # ------------------------------------------------------------------------- the recipe
 def _write_pairs(path, count: int = 4):
-    rows = [{"prompt": f"Say a colour, number {i}.", "chosen": f"Blue, blue {i}.", "rejected": f"No {i}!"} for i in range(count)]
+    rows = [
+        {"prompt": f"Say a colour, number {i}.", "chosen": f"Blue, blue {i}.", "rejected": f"No {i}!"}
+        for i in range(count)
+    ]
     rows[0]["prompt"] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Colour?"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 
 def _config(url, tmp_path, **overrides) -> Config:
-    options = dict(server_url=url, task="arithmetic", max_samples=4, num_candidates=4, epochs=1, max_tokens=6,
-                   eval_size=2, batch_size=2, micro_batch_size=1, learning_rate=1e-2, beta=0.5, output_dir=tmp_path / "out")
+    options = dict(
+        server_url=url,
+        task="arithmetic",
+        max_samples=4,
+        num_candidates=4,
+        epochs=1,
+        max_tokens=6,
+        eval_size=2,
+        batch_size=2,
+        micro_batch_size=1,
+        learning_rate=1e-2,
+        beta=0.5,
+        output_dir=tmp_path / "out",
+    )
     options.update(overrides)
     return Config(**options)
 
@@ -152,7 +173,9 @@ def _config(url, tmp_path, **overrides) -> Config:
 def test_dpo_on_a_pairs_file_lowers_the_loss_and_widens_the_margin(make_server, tmp_path):
     pairs = _write_pairs(tmp_path / "pairs.jsonl")
     with make_server() as server:
-        results = main(_config(server.url, tmp_path, pairs_file=pairs, eval_size=0, epochs=3, batch_size=4, micro_batch_size=2))
+        results = main(
+            _config(server.url, tmp_path, pairs_file=pairs, eval_size=0, epochs=3, batch_size=4, micro_batch_size=2)
+        )
         runs = ez.ServiceClient(server.url).list_runs()
     epochs = results["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]  # no test problems: no epoch 0
@@ -196,8 +219,17 @@ def test_dpo_on_buffer_pairs_writes_its_outputs_and_resumes(make_server, tmp_pat
     assert epoch1["pairs"] == sum(b["chosen"] is not None for b in buffer[:4]) > 0
     assert epoch1["optimizer_steps"] == math.ceil(epoch1["pairs"] / 2)
     assert set(epoch1["seconds"]) == {"sample", "reference", "train", "eval"}
-    assert {"test_accuracy", "test_strict_accuracy", "test_lenient_accuracy", "reward_margin", "reward_accuracy",
-            "chosen_reward", "rejected_reward", "dpo_loss", "train_accuracy"} <= set(epoch1)
+    assert {
+        "test_accuracy",
+        "test_strict_accuracy",
+        "test_lenient_accuracy",
+        "reward_margin",
+        "reward_accuracy",
+        "chosen_reward",
+        "rejected_reward",
+        "dpo_loss",
+        "train_accuracy",
+    } <= set(epoch1)
     assert (out / PLOT_FILE).stat().st_size > 1000
     assert resumed["resumed_from"] == ref and resumed["run_id"] != first["run_id"]
     assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2]
@@ -220,10 +252,17 @@ def test_bad_pairs_files_are_one_line_naming_line_and_field(tmp_path):
     from eztinker.cli import app
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    bad.write_text(
+        json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"})
+        + "\n"
+        + json.dumps({"prompt": "hi", "chosen": "a"})
+        + "\n"
+    )
     with pytest.raises(ValueError, match=r"bad.jsonl:2: missing 'rejected'"):
         read_pairs(bad)
-    bad.write_text(json.dumps({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}) + "\n")
+    bad.write_text(
+        json.dumps({"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}) + "\n"
+    )
     with pytest.raises(ValueError, match=r":1: 'prompt' must be text or chat messages"):
         read_pairs(bad)
     result = CliRunner().invoke(app, ["dpo", "--pairs-file", str(bad), "--output-dir", str(tmp_path / "o")])

@@ -23,8 +23,12 @@ def test_a_keyless_server_answers_only_loopback_host_names(make_server):
     server, but its requests carry `Host: attacker.example`."""
     with make_server() as server:
         port = server.url.rsplit(":", 1)[1]
-        for host, path in ((f"attacker.example:{port}", "/v1/runs"), ("localhost.attacker.example", "/health"),
-                           ("attacker.example", "/ui/"), ("10.0.0.1", "/v1/models")):
+        for host, path in (
+            (f"attacker.example:{port}", "/v1/runs"),
+            ("localhost.attacker.example", "/health"),
+            ("attacker.example", "/ui/"),
+            ("10.0.0.1", "/v1/models"),
+        ):
             response = httpx.get(server.url + path, headers={"Host": host})
             assert response.status_code == 403, (host, path, response.status_code)
             assert "not allowed" in response.text and "--allowed-hosts" in response.text
@@ -87,4 +91,3 @@ def test_docs_render_offline_under_the_csp_in_chromium(make_server, tmp_path):
             assert elsewhere == [] and problems == [], (elsewhere, problems)
         finally:
             browser.close()
-

@@ -95,9 +95,7 @@ def lora_param_count(model: torch.nn.Module, rank: int) -> int:
     """LoRA parameters 'all-linear' adds: r * (in + out) per linear layer but the output head."""
     head = model.get_output_embeddings()
     return sum(
-        rank * (m.in_features + m.out_features)
-        for m in model.modules()
-        if type(m) is torch.nn.Linear and m is not head
+        rank * (m.in_features + m.out_features) for m in model.modules() if type(m) is torch.nn.Linear and m is not head
     )
 
 
@@ -210,16 +208,23 @@ def test_optim_step_is_torch_adamw_with_clipping(engine, tiny_base):
     shadow = [p.detach().clone().requires_grad_(True) for p in params]
     reference = torch.optim.AdamW(shadow, foreach=False)
     data = all_data(tiny_base.tokenizer)
-    for step, adam in enumerate([AdamParams(learning_rate=3e-2, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.1,
-                                            grad_clip_norm=0.5), AdamParams(learning_rate=1e-2)]):
-        engine.forward_backward("a", data[step:step + 2])
+    for step, adam in enumerate(
+        [
+            AdamParams(learning_rate=3e-2, beta1=0.8, beta2=0.9, eps=1e-6, weight_decay=0.1, grad_clip_norm=0.5),
+            AdamParams(learning_rate=1e-2),
+        ]
+    ):
+        engine.forward_backward("a", data[step : step + 2])
         for s, p in zip(shadow, params):
             s.grad = p.grad.clone()
         result = engine.optim_step("a", adam)
-        norm = torch.nn.utils.clip_grad_norm_(shadow, adam.grad_clip_norm if adam.grad_clip_norm is not None else math.inf,
-                                              foreach=False)
+        norm = torch.nn.utils.clip_grad_norm_(
+            shadow, adam.grad_clip_norm if adam.grad_clip_norm is not None else math.inf, foreach=False
+        )
         for group in reference.param_groups:
-            group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay)
+            group.update(
+                lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps, weight_decay=adam.weight_decay
+            )
         reference.step()
         assert result.grad_norm == pytest.approx(float(norm), rel=1e-5)
         for s, p in zip(shadow, params):
@@ -233,10 +238,25 @@ def lora_layer_state(engine, run_id: str) -> list[tuple]:
     for name, layer in engine._peft.named_modules():
         if isinstance(layer, peft.tuners.lora.LoraLayer) and run_id in layer.lora_A:
             dropout = layer.lora_dropout[run_id]
-            state.append((name, layer.r[run_id], layer.lora_alpha[run_id], layer.scaling[run_id], layer.use_rslora[run_id],
-                          layer.use_dora[run_id], layer.lora_bias[run_id], type(dropout), getattr(dropout, "p", None),
-                          dropout.training, *[(p.dtype, p.device, p.requires_grad, p.is_leaf)
-                                              for key in ("lora_A", "lora_B") for p in getattr(layer, key)[run_id].parameters()]))
+            state.append(
+                (
+                    name,
+                    layer.r[run_id],
+                    layer.lora_alpha[run_id],
+                    layer.scaling[run_id],
+                    layer.use_rslora[run_id],
+                    layer.use_dora[run_id],
+                    layer.lora_bias[run_id],
+                    type(dropout),
+                    getattr(dropout, "p", None),
+                    dropout.training,
+                    *[
+                        (p.dtype, p.device, p.requires_grad, p.is_leaf)
+                        for key in ("lora_A", "lora_B")
+                        for p in getattr(layer, key)[run_id].parameters()
+                    ],
+                )
+            )
     return state
 
 
@@ -314,7 +334,9 @@ def test_score_micro_batches_many_responses_within_the_token_bound(engine, tiny_
     responses = [[(7 * i + j) % 1000 + 10 for j in range(1 + i % 9)] for i in range(40)] + [[]]
     alone = [engine.score(None, prompt, [r])[0].sum_logprob for r in responses]
     shapes, forward = [], engine._hidden_states  # every forward pass of the decoder goes through it
-    engine._hidden_states = lambda adapter, input_ids, mask: shapes.append(input_ids.shape) or forward(adapter, input_ids, mask)
+    engine._hidden_states = lambda adapter, input_ids, mask: (
+        shapes.append(input_ids.shape) or forward(adapter, input_ids, mask)
+    )
     try:
         together = engine.score(None, prompt, responses)
     finally:
@@ -624,7 +646,9 @@ def test_hand_written_projection_gradient_equals_autograd(engine, tiny_base, los
     assert fast.num_tokens == reference.num_tokens
     for got, want in zip(fast.logprobs, reference.logprobs):
         assert [g is None for g in got] == [w is None for w in want]
-        assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-5, abs=1e-5)
+        assert [g for g in got if g is not None] == pytest.approx(
+            [w for w in want if w is not None], rel=1e-5, abs=1e-5
+        )
     assert adapter_grads(engine, "reference").abs().sum() > 0
     assert rel_diff(adapter_grads(engine, "fast"), adapter_grads(engine, "reference")) < 1e-5
 
@@ -641,8 +665,40 @@ def test_score_with_the_fused_head_equals_the_model_logits(engine, tiny_base):
 
 
 def test_length_buckets_pad_little_and_respect_the_token_budget(engine):
-    lengths = [109, 119, 120, 126, 137, 144, 144, 147, 148, 148, 159, 164, 166, 166, 170, 178,
-               185, 186, 195, 200, 201, 201, 210, 218, 220, 222, 227, 232, 257, 259, 274, 374]
+    lengths = [
+        109,
+        119,
+        120,
+        126,
+        137,
+        144,
+        144,
+        147,
+        148,
+        148,
+        159,
+        164,
+        166,
+        166,
+        170,
+        178,
+        185,
+        186,
+        195,
+        200,
+        201,
+        201,
+        210,
+        218,
+        220,
+        222,
+        227,
+        232,
+        257,
+        259,
+        274,
+        374,
+    ]
     data = [datum_from_tokens([1] * (n // 2), [2] * (n - n // 2 + 1)) for n in lengths]
     engine.microbatch_tokens = 8192
     batches = engine._microbatches(data)

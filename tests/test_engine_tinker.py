@@ -156,8 +156,12 @@ def test_loss_and_gradient_equal_the_formula_through_plain_autograd(engine, loss
     assert rel_diff(grads(engine, "engine"), grads(engine, "reference")) < 1e-4
     if config:  # the config is really used: the defaults give another loss
         with torch.no_grad():
-            lps = [model_logprobs(engine, "reference", d.model_input.tokens)
-                   .gather(-1, torch.tensor(d.loss_fn_inputs.target_tokens)[:, None])[:, 0] for d in data]
+            lps = [
+                model_logprobs(engine, "reference", d.model_input.tokens).gather(
+                    -1, torch.tensor(d.loss_fn_inputs.target_tokens)[:, None]
+                )[:, 0]
+                for d in data
+            ]
         default = sum(float(formula(loss_fn, {}, lp, d)) for lp, d in zip(lps, data))
         assert default != pytest.approx(want, rel=1e-3)
 
@@ -167,16 +171,24 @@ def test_ppo_and_cispo_default_thresholds_are_0_8_and_1_2(engine):
     data = make_data(engine, "a", "ppo")
     for loss_fn in ("ppo", "cispo"):
         implicit = engine.forward_backward("a", data, loss_fn, forward_only=True).loss
-        explicit = engine.forward_backward("a", data, loss_fn, forward_only=True,
-                                           loss_fn_config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})
+        explicit = engine.forward_backward(
+            "a",
+            data,
+            loss_fn,
+            forward_only=True,
+            loss_fn_config={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+        )
         assert implicit == explicit.loss
 
 
-@pytest.mark.parametrize("loss_fn, config, accepted", [
-    ("ppo", {"beta": 0.1}, "clip_low_threshold, clip_high_threshold"),
-    ("dro", {"clip_low_threshold": 0.9}, "beta"),
-    ("cross_entropy", {"beta": 0.1}, "none"),
-])
+@pytest.mark.parametrize(
+    "loss_fn, config, accepted",
+    [
+        ("ppo", {"beta": 0.1}, "clip_low_threshold, clip_high_threshold"),
+        ("dro", {"clip_low_threshold": 0.9}, "beta"),
+        ("cross_entropy", {"beta": 0.1}, "none"),
+    ],
+)
 def test_unknown_loss_config_keys_are_refused_naming_the_key(engine, loss_fn, config, accepted):
     twin_runs(engine, "a")
     data = make_data(engine, "a", loss_fn)
@@ -218,10 +230,13 @@ def test_all_logprobs_fills_every_position_and_changes_nothing_else(engine, loss
     assert rel_diff(grads(engine, "full"), grads(engine, "sparse")) < 1e-6
     for datum, got, before in zip(data, full.logprobs, sparse.logprobs):
         assert None in before and None not in got
-        assert [g for g, b in zip(got, before) if b is not None] == pytest.approx([b for b in before if b is not None], abs=1e-6)
+        assert [g for g, b in zip(got, before) if b is not None] == pytest.approx(
+            [b for b in before if b is not None], abs=1e-6
+        )
         with torch.no_grad():
             want = model_logprobs(engine, "full", datum.model_input.tokens).gather(
-                -1, torch.tensor(datum.loss_fn_inputs.target_tokens)[:, None])[:, 0]
+                -1, torch.tensor(datum.loss_fn_inputs.target_tokens)[:, None]
+            )[:, 0]
         assert got == pytest.approx(want.tolist(), abs=1e-4)
 
 
@@ -256,8 +271,9 @@ def assert_same_samples(got: dict, want: dict) -> None:
 
 
 def sample_tokens(backend, model: str, *, run_id=None, snapshot=None, **params) -> list[int]:
-    command = Sample(model=model, run_id=run_id, snapshot=snapshot, prompts=[PROMPT], num_samples=1,
-                     sampling_params=greedy(**params))
+    command = Sample(
+        model=model, run_id=run_id, snapshot=snapshot, prompts=[PROMPT], num_samples=1, sampling_params=greedy(**params)
+    )
     return execute(backend, command)[0]["sequences"][0][0]["tokens"]
 
 
@@ -293,8 +309,14 @@ def test_snapshots_and_live_runs_fuse_in_one_batch_equal_to_each_alone(backend, 
     commands = [
         Sample(model=model, snapshot=checkpoints["a"], prompts=[PROMPT], num_samples=1, sampling_params=greedy()),
         Sample(model=model, run_id="a", prompts=[PROMPT, PROMPT[:3]], num_samples=1, sampling_params=greedy()),
-        Sample(model=model, run_id="b", snapshot=checkpoints["b"], prompts=[PROMPT[1:]], num_samples=2,
-               sampling_params=SamplingParams(temperature=1.0, max_tokens=6, seed=3)),
+        Sample(
+            model=model,
+            run_id="b",
+            snapshot=checkpoints["b"],
+            prompts=[PROMPT[1:]],
+            num_samples=2,
+            sampling_params=SamplingParams(temperature=1.0, max_tokens=6, seed=3),
+        ),
         Sample(model=model, snapshot=checkpoints["a"], prompts=[PROMPT[2:]], num_samples=1, sampling_params=greedy(5)),
     ]
     engine = backend.engine(model)
@@ -364,9 +386,12 @@ def test_prompt_logprobs_equal_the_models_own_and_top_k_starts_at_the_argmax(bac
         return Sample(model=model, prompts=prompts, num_samples=1, sampling_params=greedy(2), **kwargs)
 
     live, snap, bare, plain, topk_only = execute(
-        backend, request(run_id="a", prompt_logprobs=True, topk_prompt_logprobs=k),
+        backend,
+        request(run_id="a", prompt_logprobs=True, topk_prompt_logprobs=k),
         request(snapshot=checkpoint, prompt_logprobs=True, topk_prompt_logprobs=k),
-        request(prompt_logprobs=True, topk_prompt_logprobs=k), request(run_id="a"), request(topk_prompt_logprobs=1),
+        request(prompt_logprobs=True, topk_prompt_logprobs=k),
+        request(run_id="a"),
+        request(topk_prompt_logprobs=1),
     )
     snapshot_adapter = next(iter(engine._snapshots))
     for value, adapter in ((live, "a"), (snap, snapshot_adapter), (bare, None)):
@@ -382,7 +407,10 @@ def test_prompt_logprobs_equal_the_models_own_and_top_k_starts_at_the_argmax(bac
                 assert [lp for _, lp in topk[i]] == pytest.approx(values.tolist(), abs=1e-4)
     assert live["prompt_logprobs"] != snap["prompt_logprobs"] != bare["prompt_logprobs"]
     assert "prompt_logprobs" not in plain and "topk_prompt_logprobs" not in plain
-    assert "prompt_logprobs" not in topk_only and [len(row[1]) for row in topk_only["topk_prompt_logprobs"][:2]] == [1, 1]
+    assert "prompt_logprobs" not in topk_only and [len(row[1]) for row in topk_only["topk_prompt_logprobs"][:2]] == [
+        1,
+        1,
+    ]
     # Engine.score agrees: the prompt's tail given its head.
     score = engine.score("a", PROMPT[:2], [PROMPT[2:]])[0].sum_logprob
     assert score == pytest.approx(sum(live["prompt_logprobs"][0][2:]), abs=1e-4)
@@ -399,14 +427,23 @@ def test_prompt_scoring_extras_equal_the_models_own_logprobs(backend, tiny_base)
     targets = [[[5, 6], [], [7], [8, 9, 10], [11]], [[12, 13]]]
 
     def request(temperature=1.0, seed=3, **kwargs):
-        return Sample(model=model, run_id="a", prompts=prompts, num_samples=1, prompt_logprobs=True,
-                      sampling_params=SamplingParams(max_tokens=1, temperature=temperature, seed=seed), **kwargs)
+        return Sample(
+            model=model,
+            run_id="a",
+            prompts=prompts,
+            num_samples=1,
+            prompt_logprobs=True,
+            sampling_params=SamplingParams(max_tokens=1, temperature=temperature, seed=seed),
+            **kwargs,
+        )
 
     value, again, other_seed, greedy_draws = execute(
         backend,
         request(topk_prompt_logprobs=2, prompt_logprobs_last_n=1, prompt_targets=targets, prompt_alt_tokens_k=5),
-        request(prompt_alt_tokens_k=5), request(seed=4, prompt_alt_tokens_k=5),
-        request(temperature=0, prompt_alt_tokens_k=3))
+        request(prompt_alt_tokens_k=5),
+        request(seed=4, prompt_alt_tokens_k=5),
+        request(temperature=0, prompt_alt_tokens_k=3),
+    )
     for i, prompt in enumerate(prompts):
         with torch.no_grad():
             want_T_V = model_logprobs(engine, "a", prompt)
@@ -426,8 +463,7 @@ def test_prompt_scoring_extras_equal_the_models_own_logprobs(backend, tiny_base)
         argmax = want_T_V[: len(prompt) - 1].argmax(-1).tolist()
         assert greedy_draws["prompt_alt_tokens"][i]["tokens"] == [[t] * 3 for t in argmax]
     assert other_seed["prompt_alt_tokens"] != value["prompt_alt_tokens"]
-    assert "target_prompt_logprobs" not in again and "prompt_alt_tokens" not in (
-        execute(backend, request())[0])
+    assert "target_prompt_logprobs" not in again and "prompt_alt_tokens" not in (execute(backend, request())[0])
 
 
 def test_ignore_eos_samples_past_the_models_end_token(backend, tiny_base):
@@ -439,8 +475,9 @@ def test_ignore_eos_samples_past_the_models_end_token(backend, tiny_base):
     train_steps(backend, model, "eos", [eos], steps=8)
 
     def sample(**params):
-        command = Sample(model=model, run_id="eos", prompts=[PROMPT], num_samples=1,
-                         sampling_params=greedy(5, **params))
+        command = Sample(
+            model=model, run_id="eos", prompts=[PROMPT], num_samples=1, sampling_params=greedy(5, **params)
+        )
         return execute(backend, command)[0]["sequences"][0][0]
 
     stopped, went_on = sample(), sample(ignore_eos=True)
@@ -457,8 +494,10 @@ def test_a_non_finite_gradient_fails_its_request_and_keeps_earlier_gradients(eng
     good = Datum(model_input=ModelInput(tokens=[1, 2, 3]), loss_fn_inputs=LossFnInputs(target_tokens=[2, 3, 4]))
     engine.forward_backward("nan", [good])
     grads = [None if p.grad is None else p.grad.clone() for p in engine._runs["nan"].params]
-    bad = Datum(model_input=ModelInput(tokens=[1, 2, 3]), loss_fn_inputs=LossFnInputs(
-        target_tokens=[2, 3, 4], logprobs=[-1e308] * 3, advantages=[1.0] * 3))
+    bad = Datum(
+        model_input=ModelInput(tokens=[1, 2, 3]),
+        loss_fn_inputs=LossFnInputs(target_tokens=[2, 3, 4], logprobs=[-1e308] * 3, advantages=[1.0] * 3),
+    )
     with pytest.raises(EngineError, match="non-finite gradient"):
         engine.forward_backward("nan", [bad], "ppo")
     after = [p.grad for p in engine._runs["nan"].params]

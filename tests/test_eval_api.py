@@ -44,8 +44,10 @@ def tokenize(server, text: str) -> list[int]:
 
 def forward_logprobs(run, tokens: list[int]) -> list[float]:
     """The training path's logprob of tokens[1:], each given those before it."""
-    datum = Datum(model_input=ModelInput(tokens=tokens[:-1]),
-                  loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * (len(tokens) - 1)))
+    datum = Datum(
+        model_input=ModelInput(tokens=tokens[:-1]),
+        loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * (len(tokens) - 1)),
+    )
     return run.forward([datum]).result(timeout=60).logprobs[0]
 
 
@@ -59,7 +61,7 @@ def test_echo_scores_the_prompt_with_max_tokens_zero(server):
     lp = choice.logprobs
     assert len(lp.tokens) == len(tokens) == len(lp.token_logprobs) == len(lp.text_offset)
     assert "".join(lp.tokens) == TEXT and lp.text_offset[0] == 0
-    assert [TEXT[o:o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
+    assert [TEXT[o : o + len(t)] for o, t in zip(lp.text_offset, lp.tokens)] == lp.tokens
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(x < 0 for x in lp.token_logprobs[1:])
     for logprob, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
@@ -67,8 +69,9 @@ def test_echo_scores_the_prompt_with_max_tokens_zero(server):
     assert out.usage.prompt_tokens == len(tokens) and out.usage.completion_tokens == 0
 
     # Token-id prompts and lists of prompts (lm-eval sends ids in batches); n copies of each.
-    batch = client.completions.create(model=model, prompt=[tokens, tokens[:4]], echo=True, logprobs=0, max_tokens=0,
-                                      n=2)
+    batch = client.completions.create(
+        model=model, prompt=[tokens, tokens[:4]], echo=True, logprobs=0, max_tokens=0, n=2
+    )
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
     assert batch.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
     assert batch.choices[2].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:4], abs=1e-4)
@@ -86,8 +89,15 @@ def test_echo_with_generation_as_lm_eval_asks(server):
     """lm-eval's loglikelihood payload: echo, logprobs 1, max_tokens 1, temperature 0, ids."""
     model = server.service.default_model
     tokens = tokenize(server, TEXT)
-    body = {"model": model, "prompt": [tokens], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
-            "echo": True}
+    body = {
+        "model": model,
+        "prompt": [tokens],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
     out = httpx.post(server.url + "/v1/completions", json=body).json()
     lp = out["choices"][0]["logprobs"]
     assert len(lp["token_logprobs"]) == len(tokens) + 1  # the prompt, then the one generated token
@@ -109,8 +119,9 @@ def test_echoed_logprobs_equal_forward(server, trained_run):
     for name in (trained_run.run_id, f"{trained_run.run_id}/three"):
         echoed = client.completions.create(model=name, prompt=tokens, echo=True, logprobs=0, max_tokens=0)
         assert echoed.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4), name
-    bare = client.completions.create(model=server.service.default_model, prompt=tokens, echo=True, logprobs=0,
-                                     max_tokens=0)
+    bare = client.completions.create(
+        model=server.service.default_model, prompt=tokens, echo=True, logprobs=0, max_tokens=0
+    )
     assert bare.choices[0].logprobs.token_logprobs[1:] != pytest.approx(expected, abs=1e-4)
 
 
@@ -146,8 +157,12 @@ def test_tokenizer_endpoints_round_trip(server, tiny_model_dir):
     eos = local.eos_token
     assert tokenize(server, eos) == [local.eos_token_id]  # special tokens in text are recognised (lm-eval's eos)
     chat = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
-    assert chat["tokens"] == local.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                                       tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        chat["tokens"]
+        == local.apply_chat_template(
+            [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
 
     info = httpx.get(server.url + "/tokenizer_info").json()
     assert info["eos_token"] == eos and info["chat_template"] == local.chat_template
@@ -205,5 +220,6 @@ def test_prompt_scorings_fuse_across_adapters(server, trained_run):
     assert [len(top) for top in together[0].value["topk_prompt_logprobs"][0][1:]] == [2, 2, 2]
     assert "topk_prompt_logprobs" not in together[1].value
     # The run's adapter scores differently from the bare model.
-    assert together[1].value["prompt_logprobs"][0][1:] != pytest.approx(together[0].value["prompt_logprobs"][0][1:],
-                                                                        abs=1e-4)
+    assert together[1].value["prompt_logprobs"][0][1:] != pytest.approx(
+        together[0].value["prompt_logprobs"][0][1:], abs=1e-4
+    )

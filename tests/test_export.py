@@ -62,7 +62,10 @@ def test_merged_export_loads_without_peft_and_gives_the_adapter_models_logits(tr
     assert not files & {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "training_state.json"}
     merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers: no peft involved
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert AutoTokenizer.from_pretrained(out)("hello").input_ids == AutoTokenizer.from_pretrained(tiny_model_dir)("hello").input_ids
+    assert (
+        AutoTokenizer.from_pretrained(out)("hello").input_ids
+        == AutoTokenizer.from_pretrained(tiny_model_dir)("hello").input_ids
+    )
 
     merged_logits = logits(merged.eval())
     wanted = adapter_logits(tiny_model_dir, data_dir / "checkpoints" / ref)  # peft on the base, from the checkpoint
@@ -95,7 +98,10 @@ def test_adapter_export_is_a_peft_folder_with_the_tokenizer(trained, tiny_model_
 def test_export_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     data_dir = tmp_path / "data"
     for ref, message in [
-        ("run_0123456789abcdef/nope", f"error: checkpoint run_0123456789abcdef/nope not found in data directory {data_dir}"),
+        (
+            "run_0123456789abcdef/nope",
+            f"error: checkpoint run_0123456789abcdef/nope not found in data directory {data_dir}",
+        ),
         ("../etc", "error: invalid run id '..'"),
         ("just-a-name", "error: checkpoint 'just-a-name' names no run: expected <run_id>/<checkpoint>"),
     ]:

@@ -17,9 +17,9 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import threading
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -174,8 +174,10 @@ def test_sigkill_mid_checkpoint_save_repeatedly(start_server, tmp_path):
                     want["resume"], want["score"] = name, at_step
             assert_consistent(data_dir, client, expected)
             log = server.log()
-            landed = {"mid-write": log.count("cleaned up an interrupted checkpoint write"),
-                      "after-rename": log.count("its save was interrupted before it was recorded")}
+            landed = {
+                "mid-write": log.count("cleaned up an interrupted checkpoint write"),
+                "after-rename": log.count("its save was interrupted before it was recorded"),
+            }
             outcomes.append((sum(n in want["checkpoints"] for n in saves), writing, landed))
             if want["resume"] is not None:
                 assert score(run) == pytest.approx(want["score"], rel=1e-5)
@@ -265,7 +267,9 @@ def test_crash_at_every_step_of_a_checkpoint_write(make_server, tmp_path):
         info = restored.info()
         # "over" holds what the interrupted overwrite wrote (complete); its step says so.
         assert {c.name: c.step for c in info.checkpoints} == {"c1": 2, "over": 3, "newer": 3}
-        assert (root / "over" / "adapter_model.safetensors").read_bytes() == (newer / "adapter_model.safetensors").read_bytes()
+        assert (root / "over" / "adapter_model.safetensors").read_bytes() == (
+            newer / "adapter_model.safetensors"
+        ).read_bytes()
         assert (info.step, info.restored_from) == (3, f"{run.run_id}/newer")
         assert restored.load_state("c1").result(timeout=60)["step"] == 2
         assert score(restored) == pytest.approx(at_c1, rel=1e-5)
@@ -450,8 +454,10 @@ def test_symlinked_checkpoints_pointing_outside_are_refused(make_server, tmp_pat
         shutil.copytree(root / "swapped", outside / "copy")
         shutil.rmtree(root / "swapped")
         (root / "swapped").symlink_to(outside / "copy", target_is_directory=True)
-        for attempt in (lambda: run.load_state("swapped"),
-                        lambda: client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/swapped")):
+        for attempt in (
+            lambda: run.load_state("swapped"),
+            lambda: client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/swapped"),
+        ):
             with pytest.raises(APIStatusError) as err:
                 attempt()
             assert err.value.status_code == 422 and "not inside the data directory" in str(err.value)
@@ -481,8 +487,10 @@ def test_a_listed_checkpoint_whose_files_are_gone_is_reported_missing(make_serve
         run = client.create_training_run(lora_rank=2)
         run.save_state("gone").result(timeout=60)
         shutil.rmtree(data_dir / "checkpoints" / run.run_id / "gone")  # e.g. an operator's rm
-        for attempt in (lambda: run.load_state("gone"),
-                        lambda: client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/gone")):
+        for attempt in (
+            lambda: run.load_state("gone"),
+            lambda: client.create_training_run(lora_rank=2, from_checkpoint=f"{run.run_id}/gone"),
+        ):
             with pytest.raises(APIStatusError) as err:
                 attempt()
             assert err.value.status_code == 404, err.value
@@ -578,7 +586,9 @@ def test_a_locked_database_gives_503_and_the_worker_records_once_it_is_free(make
             assert refused.headers["retry-after"] == "2" and "database is locked" in refused.json()["detail"]
             assert time.monotonic() - started < 5
             deadline = time.monotonic() + 10  # the worker's first attempt waits out the busy timeout
-            while (health := httpx.get(f"{server.url}/health").json())["worker"] == "ok" and time.monotonic() < deadline:
+            while (health := httpx.get(f"{server.url}/health").json())[
+                "worker"
+            ] == "ok" and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert health["status"] == "degraded" and health["worker"].startswith("stalled: the database is locked")
         finally:
@@ -622,7 +632,9 @@ def test_a_locked_database_answers_every_waiting_write_within_the_documented_bou
         finally:
             locker.rollback()
             locker.close()
-        print(f"\nlocked database: 5 writes answered {sorted(round(t, 2) for _, t in answers)} s; a read {read_seconds:.3f} s")
+        print(
+            f"\nlocked database: 5 writes answered {sorted(round(t, 2) for _, t in answers)} s; a read {read_seconds:.3f} s"
+        )
         assert [status for status, _ in answers] == [503] * 5
         # The bound, plus what a loaded 2-core machine adds to a request's own time.
         assert max(t for _, t in answers) < BUSY_TIMEOUT_SECONDS + 0.75, answers

@@ -25,8 +25,9 @@ from eztinker.server.openai.router import owns as is_openai_path
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "15"))
 # Tight limits keep every accepted job cheap (the queue drains quickly) and make the limits
 # themselves part of what is fuzzed.
-LIMITS = dict(max_new_tokens=4, max_prompt_tokens=64, max_batch_examples=4, max_samples_per_request=4,
-              max_request_bytes=64 * 1024)
+LIMITS = dict(
+    max_new_tokens=4, max_prompt_tokens=64, max_batch_examples=4, max_samples_per_request=4, max_request_bytes=64 * 1024
+)
 
 
 def describe_problem(response, path: str) -> None:
@@ -76,11 +77,19 @@ def test_fuzz_the_api_from_its_openapi_schema(make_server):
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-                @given(case=operation.as_strategy(generation_mode=mode), aim=st.booleans(),
-                       checkpoint=st.sampled_from([None, "c1", f"{keeper.run_id}/c1", "../c1", "/etc"]))
-                @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                          phases=[Phase.explicit, Phase.generate],
-                          suppress_health_check=list(HealthCheck))
+                @given(
+                    case=operation.as_strategy(generation_mode=mode),
+                    aim=st.booleans(),
+                    checkpoint=st.sampled_from([None, "c1", f"{keeper.run_id}/c1", "../c1", "/etc"]),
+                )
+                @settings(
+                    max_examples=EXAMPLES,
+                    deadline=None,
+                    database=None,
+                    derandomize=True,
+                    phases=[Phase.explicit, Phase.generate],
+                    suppress_health_check=list(HealthCheck),
+                )
                 def fuzz(case, aim, checkpoint):
                     if aim and case.path_parameters:
                         for name in case.path_parameters:
@@ -93,7 +102,11 @@ def test_fuzz_the_api_from_its_openapi_schema(make_server):
                             if key in case.body:
                                 case.body[key] = checkpoint
                     if isinstance(case.query, dict) and "wait" in case.query:
-                        case.query["wait"] = min(case.query["wait"], 1) if isinstance(case.query["wait"], (int, float)) else case.query["wait"]
+                        case.query["wait"] = (
+                            min(case.query["wait"], 1)
+                            if isinstance(case.query["wait"], (int, float))
+                            else case.query["wait"]
+                        )
                     response = case.call(base_url=url, timeout=120)
                     counts[operation.label] = counts.get(operation.label, 0) + 1
                     assert response.status_code < 500, (
@@ -112,8 +125,10 @@ def test_fuzz_the_api_from_its_openapi_schema(make_server):
                     skipped.append(operation.label)
 
         total = sum(counts.values())
-        print(f"\nfuzz: {total} requests over {len(counts)} operations, none 5xx "
-              f"(nothing to negate in: {', '.join(skipped) or 'none'})")
+        print(
+            f"\nfuzz: {total} requests over {len(counts)} operations, none 5xx "
+            f"(nothing to negate in: {', '.join(skipped) or 'none'})"
+        )
         # The server is still up, and a run still trains and samples.
         assert client.health().status == "ok"
         assert keeper.forward_backward([datum_from_tokens([1, 2, 3], [4, 5])]).result(timeout=120).num_tokens == 2
@@ -151,18 +166,32 @@ def test_lone_surrogates_and_huge_seeds_are_422_not_500(make_server):
         cases = [
             (f"{base}/evaluate", f'{{"prompt": {{"text": "hi"}}, "responses": ["{bad}"]}}', ("body", "responses", 0)),
             (f"{base}/evaluate", f'{{"prompt": {{"text": "x{bad}"}}, "responses": ["a"]}}', ("body", "prompt")),
-            (f"{base}/sample", f'{{"prompts": [{{"text": "{bad}"}}], "sampling_params": {{"max_tokens": 2}}}}', ("body", "prompts", 0)),
-            (f"{base}/sample", f'{{"prompts": [{{"messages": [{{"role": "user", "content": "{bad}"}}]}}], '
-                               '"sampling_params": {"max_tokens": 2}}', ("body", "prompts", 0, "messages", 0, "content")),
-            (f"{base}/sample", f'{{"prompts": [{{"tokens": [1]}}], "sampling_params": {{"max_tokens": 2, "stop": ["{bad}"]}}}}',
-             ("body", "sampling_params", "stop", 0)),
+            (
+                f"{base}/sample",
+                f'{{"prompts": [{{"text": "{bad}"}}], "sampling_params": {{"max_tokens": 2}}}}',
+                ("body", "prompts", 0),
+            ),
+            (
+                f"{base}/sample",
+                f'{{"prompts": [{{"messages": [{{"role": "user", "content": "{bad}"}}]}}], '
+                '"sampling_params": {"max_tokens": 2}}',
+                ("body", "prompts", 0, "messages", 0, "content"),
+            ),
+            (
+                f"{base}/sample",
+                f'{{"prompts": [{{"tokens": [1]}}], "sampling_params": {{"max_tokens": 2, "stop": ["{bad}"]}}}}',
+                ("body", "sampling_params", "stop", 0),
+            ),
             (f"{base}/save", f'{{"name": "{bad}"}}', ("body", "name")),
             (f"{base}/load", f'{{"checkpoint": "{bad}"}}', ("body", "checkpoint")),
             ("/v1/runs", f'{{"base_model": "{bad}"}}', ("body", "base_model")),
             ("/v1/runs", '{"seed": 99999999999999999999}', ("body", "seed")),
             ("/v1/runs", '{"seed": 9223372036854775808}', ("body", "seed")),
-            (f"{base}/sample", '{"prompts": [{"tokens": [1]}], "sampling_params": {"max_tokens": 2, "seed": 18446744073709551616}}',
-             ("body", "sampling_params", "seed")),
+            (
+                f"{base}/sample",
+                '{"prompts": [{"tokens": [1]}], "sampling_params": {"max_tokens": 2, "seed": 18446744073709551616}}',
+                ("body", "sampling_params", "seed"),
+            ),
         ]
         for path, raw, loc in cases:
             _assert_422_at(_post(url, path, raw), loc)
@@ -199,8 +228,10 @@ def test_lora_targets_that_would_break_the_shared_model_are_refused(make_server)
             run = client.training_client(info.id)
             run.forward_backward([example]).result(timeout=60)
             assert run.optim_step(AdamParams(learning_rate=1e-2)).result(timeout=60).step == 1
-        futures = [client.training_client(info.id).sample([[1, 2, 3]], sampling_params=SamplingParams(max_tokens=2))
-                   for info in runs]
+        futures = [
+            client.training_client(info.id).sample([[1, 2, 3]], sampling_params=SamplingParams(max_tokens=2))
+            for info in runs
+        ]
         assert all(len(f.result(timeout=60).sequences[0]) == 1 for f in futures)
         assert healthy.info().step == 1
 
@@ -210,18 +241,35 @@ def test_prompts_and_examples_over_the_token_limit_are_422(make_server):
         url, run = server.url, client.create_training_run()
         base = f"{url}/v1/runs/{run.run_id}"
         long_tokens = list(range(1, 66))  # 65 > max_prompt_tokens (64)
-        _assert_422_at(httpx.post(f"{base}/sample", json={"prompts": [{"tokens": long_tokens}],
-                                                         "sampling_params": {"max_tokens": 2}}), ("body", "prompts", 0, "tokens"))
-        _assert_422_at(httpx.post(f"{base}/sample", json={"prompts": [{"text": "word " * 200}],
-                                                         "sampling_params": {"max_tokens": 2}}), ("body", "prompts", 0))
-        _assert_422_at(httpx.post(f"{base}/evaluate", json={"prompt": {"text": "hi"}, "responses": ["word " * 200]}),
-                       ("body", "responses", 0))
+        _assert_422_at(
+            httpx.post(
+                f"{base}/sample", json={"prompts": [{"tokens": long_tokens}], "sampling_params": {"max_tokens": 2}}
+            ),
+            ("body", "prompts", 0, "tokens"),
+        )
+        _assert_422_at(
+            httpx.post(
+                f"{base}/sample", json={"prompts": [{"text": "word " * 200}], "sampling_params": {"max_tokens": 2}}
+            ),
+            ("body", "prompts", 0),
+        )
+        _assert_422_at(
+            httpx.post(f"{base}/evaluate", json={"prompt": {"text": "hi"}, "responses": ["word " * 200]}),
+            ("body", "responses", 0),
+        )
         datum = {"model_input": {"tokens": long_tokens}, "loss_fn_inputs": {"target_tokens": long_tokens}}
-        _assert_422_at(httpx.post(f"{base}/forward_backward", json={"data": [datum]}), ("body", "data", 0, "model_input", "tokens"))
+        _assert_422_at(
+            httpx.post(f"{base}/forward_backward", json={"data": [datum]}), ("body", "data", 0, "model_input", "tokens")
+        )
         datum = {"model_input": {"tokens": [1]}, "loss_fn_inputs": {"target_tokens": [2]}}
         _assert_422_at(httpx.post(f"{base}/forward_backward", json={"data": [datum] * 5}), ("body", "data"))  # > 4
-        _assert_422_at(httpx.post(f"{base}/sample", json={"prompts": [{"tokens": [1]}] * 3, "num_samples": 2,
-                                                         "sampling_params": {"max_tokens": 2}}), ("body", "num_samples"))
+        _assert_422_at(
+            httpx.post(
+                f"{base}/sample",
+                json={"prompts": [{"tokens": [1]}] * 3, "num_samples": 2, "sampling_params": {"max_tokens": 2}},
+            ),
+            ("body", "num_samples"),
+        )
         assert run.info().step == 0
 
 
@@ -234,8 +282,9 @@ def _forward_backward_body(target_tokens, weights) -> bytes:
     msg = pb.ForwardBackwardRequest(model_id="sess_x:train:0", seq_id=1, loss_fn="cross_entropy")
     datum = msg.data.add()
     datum.model_input.add().encoded_text.tokens = np.array([1, 2, 3], "<i4").tobytes()
-    datum.loss_fn_inputs["target_tokens"].CopyFrom(target_tokens or pb.Tensor(
-        dtype=pb.DTYPE_INT64, shape=[3], dense=np.array([2, 3, 4], "<i8").tobytes()))
+    datum.loss_fn_inputs["target_tokens"].CopyFrom(
+        target_tokens or pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3], dense=np.array([2, 3, 4], "<i8").tobytes())
+    )
     datum.loss_fn_inputs["weights"].CopyFrom(weights)
     return msg.SerializeToString()
 
@@ -245,20 +294,32 @@ def test_declared_tensor_shapes_over_the_limits_are_4xx_not_5xx(make_server):
     import numpy as np
     from tinker.proto import tinker_public_pb2 as pb
 
-    csr = pb.SparseCsr(crow_indices=np.array([0, 1, 1, 1], "<i8").tobytes(),
-                       col_indices=np.array([5], "<i8").tobytes(), values=np.array([1.0], "<f4").tobytes())
+    csr = pb.SparseCsr(
+        crow_indices=np.array([0, 1, 1, 1], "<i8").tobytes(),
+        col_indices=np.array([5], "<i8").tobytes(),
+        values=np.array([1.0], "<f4").tobytes(),
+    )
     cases = [
         _forward_backward_body(None, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3, 2**36], sparse_csr=csr)),
         _forward_backward_body(None, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**40, 2**40], sparse_csr=csr)),
         _forward_backward_body(None, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**62, 4], dense=b"")),
-        _forward_backward_body(pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3, 2**30], sparse_csr=pb.SparseCsr(
-            crow_indices=np.array([0, 0, 0, 0], "<i8").tobytes())), pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3],
-                                                                                dense=np.ones(3, "<f4").tobytes())),
+        _forward_backward_body(
+            pb.Tensor(
+                dtype=pb.DTYPE_INT64,
+                shape=[3, 2**30],
+                sparse_csr=pb.SparseCsr(crow_indices=np.array([0, 0, 0, 0], "<i8").tobytes()),
+            ),
+            pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3], dense=np.ones(3, "<f4").tobytes()),
+        ),
     ]
     with make_server(**LIMITS) as server:
         for body in cases:
-            response = httpx.post(server.url + "/api/v1/forward_backward", content=body, timeout=60,
-                                  headers={"Content-Type": "application/x-protobuf"})
+            response = httpx.post(
+                server.url + "/api/v1/forward_backward",
+                content=body,
+                timeout=60,
+                headers={"Content-Type": "application/x-protobuf"},
+            )
             assert response.status_code == 400, response.text
             assert "max_tokens_per_request" in response.json()["error"] and response.json()["category"] == "user"
         assert httpx.get(server.url + "/health").status_code == 200
@@ -281,8 +342,14 @@ def test_a_zstd_bomb_is_413_and_inflates_off_the_event_loop(make_server):
         answers, health = [], []
 
         def post(body: bytes) -> None:
-            answers.append(httpx.post(server.url + "/api/v1/forward_backward", content=body, timeout=120,
-                                      headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"}))
+            answers.append(
+                httpx.post(
+                    server.url + "/api/v1/forward_backward",
+                    content=body,
+                    timeout=120,
+                    headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"},
+                )
+            )
 
         posters = [threading.Thread(target=post, args=(body,)) for body in (hidden, hidden, hidden, declared)]
         for thread in posters:

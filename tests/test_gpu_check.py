@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 HIDE_SERVER = """
 import importlib.machinery, runpy, sys
@@ -57,5 +55,3 @@ def test_the_smoke_mode_runs_every_section_and_writes_its_json(tmp_path, monkeyp
     from eztinker.engine import device_paths
 
     assert device_paths.cpu_kernels("cpu")  # the check's portable-kernels switch is off again
-
-

@@ -22,8 +22,10 @@ TOKENS = [100, 200, 300, 400, 500, 600, 700, 42, 7]
 
 
 def datum(tokens=TOKENS) -> Datum:
-    return Datum(model_input=ModelInput(tokens=tokens[:-1]),
-                 loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * (len(tokens) - 1)))
+    return Datum(
+        model_input=ModelInput(tokens=tokens[:-1]),
+        loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * (len(tokens) - 1)),
+    )
 
 
 def head_layer(engine):
@@ -83,7 +85,8 @@ def test_the_head_gets_a_lora_only_when_asked(engine):
 def test_logprobs_and_gradient_equal_pefts_model(unembed, tiny_base):
     engine, example = unembed, datum()
     want_logprobs = torch.log_softmax(peft_logits(engine, "head", TOKENS[:-1]), -1)[
-        torch.arange(len(TOKENS) - 1), torch.tensor(TOKENS[1:])]
+        torch.arange(len(TOKENS) - 1), torch.tensor(TOKENS[1:])
+    ]
     result = engine.forward_backward("head", [example])
     assert torch.allclose(torch.tensor(result.logprobs[0]), want_logprobs, atol=1e-5)
     mine = [p.grad.clone() for p in engine._runs["head"].params]
@@ -129,7 +132,7 @@ def test_sampled_logprobs_are_the_heads(unembed):
     results = engine.sample(specs)
     for spec, result in zip(specs, results):
         for candidate in result[0]:
-            scored = engine.prompt_logprobs(spec.adapter, [prompt + candidate.tokens])[0].logprobs[len(prompt):]
+            scored = engine.prompt_logprobs(spec.adapter, [prompt + candidate.tokens])[0].logprobs[len(prompt) :]
             assert candidate.logprobs == pytest.approx(scored, abs=1e-4)
 
 
@@ -144,8 +147,9 @@ def test_checkpoint_is_a_plain_peft_adapter_and_merges(unembed, tiny_model_dir, 
     keys = load_file(directory / ADAPTER_WEIGHTS).keys()
     assert all(".lora_A." in k or ".lora_B." in k for k in keys)  # no copy of the base head or embeddings
     assert any("lm_head.lora_B" in k for k in keys)
-    (directory / "training_state.json").write_text(json.dumps({**json.loads(
-        (directory / "training_state.json").read_text()), "base_model": str(tiny_model_dir)}))
+    (directory / "training_state.json").write_text(
+        json.dumps({**json.loads((directory / "training_state.json").read_text()), "base_model": str(tiny_model_dir)})
+    )
 
     want = peft_logits(engine, "head", TOKENS)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -158,7 +162,8 @@ def test_checkpoint_is_a_plain_peft_adapter_and_merges(unembed, tiny_model_dir, 
     # A snapshot of the checkpoint (what sampling from it, Tinker's and OpenAI's, uses) scores the same.
     snapshot = engine.snapshot(directory)
     assert engine.prompt_logprobs(snapshot, [TOKENS])[0].logprobs == pytest.approx(
-        engine.prompt_logprobs("head", [TOKENS])[0].logprobs[0:], abs=1e-5)
+        engine.prompt_logprobs("head", [TOKENS])[0].logprobs[0:], abs=1e-5
+    )
 
     # Merged export: a plain model with the head's update, its input embeddings untouched (untied).
     out = export_checkpoint(tmp_path, "head/c1", tmp_path / "merged", merge=True).out

@@ -48,7 +48,7 @@ def tasks_dir(tmp_path_factory, gsm8k_dir) -> Path:
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {folder / 'mc.jsonl'}
+    test: {folder / "mc.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
@@ -70,8 +70,8 @@ dataset_path: json
 dataset_name: null
 dataset_kwargs:
   data_files:
-    train: {gsm8k_dir / 'train.jsonl'}
-    test: {gsm8k_dir / 'test.jsonl'}
+    train: {gsm8k_dir / "train.jsonl"}
+    test: {gsm8k_dir / "test.jsonl"}
 num_fewshot: 1
 generation_kwargs:
   until: ["Question:", "\\n\\n"]
@@ -86,8 +86,13 @@ def run_lm_eval(server, tasks_dir: Path, task: str, model: str, limit: int):
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     # Only a URL and a model name: the tokenizer comes from the server (auto-detected).
     return lm_eval.simple_evaluate(
-        model="local-completions", model_args={"base_url": server.url + "/v1/completions", "model": model},
-        tasks=[task], limit=limit, task_manager=manager, log_samples=True)
+        model="local-completions",
+        model_args={"base_url": server.url + "/v1/completions", "model": model},
+        tasks=[task],
+        limit=limit,
+        task_manager=manager,
+        log_samples=True,
+    )
 
 
 def continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
@@ -128,13 +133,19 @@ def test_lm_eval_generates_gsm8k_from_local_files(server, tasks_dir):
     prompt = samples[0]["arguments"][0][0]  # (context, generation kwargs) of its one request
     assert prompt.count("Question:") == 2  # one shot from train.jsonl, then the test question
     reply = openai.OpenAI(base_url=server.url + "/v1", api_key="none").completions.create(
-        model=model, prompt=prompt, max_tokens=12, temperature=0, stop=["Question:", "\n\n"])
+        model=model, prompt=prompt, max_tokens=12, temperature=0, stop=["Question:", "\n\n"]
+    )
     assert samples[0]["resps"][0][0] == reply.choices[0].text
 
 
 def eztinker_eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eztinker.cli", "eval", *args], capture_output=True, text=True,
-                          env=offline_env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "eztinker.cli", "eval", *args],
+        capture_output=True,
+        text=True,
+        env=offline_env(),
+        timeout=300,
+    )
 
 
 def test_eztinker_eval_end_to_end_records_a_checkpoint(server, tasks_dir, tmp_path):
@@ -142,8 +153,19 @@ def test_eztinker_eval_end_to_end_records_a_checkpoint(server, tasks_dir, tmp_pa
     run = sdk.create_training_run(lora_rank=2)
     train(run, 2)
     run.save_state("two").result(timeout=60)
-    done = eztinker_eval(f"{run.run_id}/two", "--tasks", "tiny_mc", "--include-path", str(tasks_dir), "--limit", "3",
-                         "--server-url", server.url, "--output-dir", str(tmp_path / "out"))
+    done = eztinker_eval(
+        f"{run.run_id}/two",
+        "--tasks",
+        "tiny_mc",
+        "--include-path",
+        str(tasks_dir),
+        "--limit",
+        "3",
+        "--server-url",
+        server.url,
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
     assert done.returncode == 0, done.stderr
     assert "|tiny_mc|" in done.stdout.replace(" ", "") and "acc" in done.stdout
     written = list((tmp_path / "out").glob("lm_eval_*.json"))
@@ -189,10 +211,24 @@ def test_recipe_eval_tasks_run_lm_eval_at_every_evaluation(server, tasks_dir, gs
     from eztinker.cli import app
     from eztinker.recipes.rejection_sft import Config, main
 
-    config = Config(task="gsm8k", server_url=server.url, gsm8k_dir=gsm8k_dir, max_samples=2, num_candidates=1,
-                    epochs=1, max_tokens=4, eval_size=1, batch_size=2, micro_batch_size=2, learning_rate=1e-3,
-                    output_dir=tmp_path / "out", reward_fn=lambda text, problem: True,
-                    eval_tasks="tiny_mc", eval_include_path=tasks_dir, eval_limit=2)
+    config = Config(
+        task="gsm8k",
+        server_url=server.url,
+        gsm8k_dir=gsm8k_dir,
+        max_samples=2,
+        num_candidates=1,
+        epochs=1,
+        max_tokens=4,
+        eval_size=1,
+        batch_size=2,
+        micro_batch_size=2,
+        learning_rate=1e-3,
+        output_dir=tmp_path / "out",
+        reward_fn=lambda text, problem: True,
+        eval_tasks="tiny_mc",
+        eval_include_path=tasks_dir,
+        eval_limit=2,
+    )
     results = main(config)
     epochs = results["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1]

@@ -35,8 +35,10 @@ def test_concurrent_clients_every_job_accounted_for(server_process):
     """8 training clients x 10 forward_backward/optim_step pairs, pipelined, plus 2 sampling
     clients, plus /health polled every 20 ms throughout."""
     figures = load_test.run_load(server_process.url, runs=8, pairs=10, samplers=2)
-    print(f"\nload: {figures['jobs']} jobs in {figures['seconds']} s ({figures['jobs_per_s']} jobs/s); "
-          f"/health {figures['health']}; submit {figures['submit']}")
+    print(
+        f"\nload: {figures['jobs']} jobs in {figures['seconds']} s ({figures['jobs_per_s']} jobs/s); "
+        f"/health {figures['health']}; submit {figures['submit']}"
+    )
     # run_load has asserted: no error, every job completed, every run at exactly step 10.
     assert figures["job_statuses"] == {"completed": figures["jobs"]}
     assert figures["final_steps"] == [10]
@@ -81,8 +83,10 @@ def test_memory_stays_bounded_over_200_runs(server_process):
 def test_finished_jobs_expire_by_age_and_by_count(make_server):
     """Finished jobs (and their results) are kept job_ttl_seconds at most, and each user keeps only
     their newest max_finished_jobs_per_user; the worker expires them at most once a minute, after a job."""
-    with make_server(job_ttl_seconds=1, max_finished_jobs_per_user=100) as server, \
-            ServiceClient(server.url, max_retries=0) as client:
+    with (
+        make_server(job_ttl_seconds=1, max_finished_jobs_per_user=100) as server,
+        ServiceClient(server.url, max_retries=0) as client,
+    ):
         runner, store = server.service.runner, server.service.store
         run = client.create_training_run()
         old = run.optim_step()

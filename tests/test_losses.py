@@ -9,11 +9,10 @@ import math
 
 import pytest
 import torch
+from test_engine import CONVERSATIONS, adapter_grads, prompt_and_reply, rel_diff
 
 from eztinker.engine import EngineError
 from eztinker.types import AdamParams, Datum, ForwardBackwardRequest, LoraConfig, LossFnInputs, ModelInput
-
-from test_engine import CONVERSATIONS, adapter_grads, prompt_and_reply, rel_diff
 
 LORA = LoraConfig(rank=4, alpha=16)
 
@@ -51,12 +50,23 @@ def test_gspo_equals_its_formula(engine, case):
     advantages = torch.zeros(n, dtype=torch.float64)
     advantages[start:] = torch.tensor([(-1.0) ** i * (1 + i % 3) for i in range(n - start)])
     mask = torch.zeros(n, dtype=torch.float64)
-    mask[start - 1:] = 1.0  # the ratio also covers one position whose advantage is 0
+    mask[start - 1 :] = 1.0  # the ratio also covers one position whose advantage is 0
     config = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.05}
 
-    result = engine.forward_backward("loss", [datum(tokens, target_tokens=targets, logprobs=q.tolist(),
-                                                    advantages=advantages.tolist(), sequence_ratio_mask=mask.tolist())],
-                                     loss_fn="gspo", loss_fn_config=config)
+    result = engine.forward_backward(
+        "loss",
+        [
+            datum(
+                tokens,
+                target_tokens=targets,
+                logprobs=q.tolist(),
+                advantages=advantages.tolist(),
+                sequence_ratio_mask=mask.tolist(),
+            )
+        ],
+        loss_fn="gspo",
+        loss_fn_config=config,
+    )
     s = math.exp(float(((p - q) * mask).sum() / mask.sum()))
     assert s > 1.05  # the case clips: positive advantages lose their gradient, negative ones keep it
     clipped = min(max(s, 0.8), 1.05)
@@ -73,16 +83,23 @@ def test_stable_reinforce_equals_its_formula(engine, case):
     n = len(tokens)
     q = p.clone()
     q[start::2] -= 2.0  # ratio e^2 = 7.4 > max_weight 2: truncated
-    q[start + 1::2] += 0.5  # ratio e^-0.5 = 0.61: kept as it is
+    q[start + 1 :: 2] += 0.5  # ratio e^-0.5 = 0.61: kept as it is
     advantages = torch.zeros(n, dtype=torch.float64)
     advantages[start:] = 1.5
     advantages[start + 2] = -1.0
-    result = engine.forward_backward("loss", [datum(tokens, target_tokens=targets, logprobs=q.tolist(),
-                                                    advantages=advantages.tolist())], loss_fn="stable_reinforce")
+    result = engine.forward_backward(
+        "loss",
+        [datum(tokens, target_tokens=targets, logprobs=q.tolist(), advantages=advantages.tolist())],
+        loss_fn="stable_reinforce",
+    )
     weight = torch.exp(p - q).clamp(max=2.0)
     assert result.loss == pytest.approx(float(-(weight * p * advantages).sum()), rel=1e-5)
-    assert rel_diff(adapter_grads(engine, "loss"),
-                    grads_of_weighted_ce(engine, tokens, targets, (weight * advantages).tolist())) < 1e-4
+    assert (
+        rel_diff(
+            adapter_grads(engine, "loss"), grads_of_weighted_ce(engine, tokens, targets, (weight * advantages).tolist())
+        )
+        < 1e-4
+    )
 
 
 def test_stable_reinforce_on_policy_has_the_importance_sampling_gradient(engine, case):
@@ -109,26 +126,36 @@ def test_cross_entropy_over_k_targets_is_the_sum_of_its_one_target_terms(engine,
     if not fast_head:
         engine._head = None  # the autograd path through full logits
     engine.logits_chunk = 4  # several chunks
-    multi = engine.forward_backward("multi", [datum(tokens, target_tokens=targets_NK.tolist(),
-                                                    weights=weights_NK.tolist())])
-    singles = [datum(tokens, target_tokens=targets_NK[:, j].tolist(), weights=weights_NK[:, j].tolist())
-               for j in range(k)]
+    multi = engine.forward_backward(
+        "multi", [datum(tokens, target_tokens=targets_NK.tolist(), weights=weights_NK.tolist())]
+    )
+    singles = [
+        datum(tokens, target_tokens=targets_NK[:, j].tolist(), weights=weights_NK[:, j].tolist()) for j in range(k)
+    ]
     single = engine.forward_backward("single", singles)
     assert multi.loss == pytest.approx(single.loss, rel=1e-5)
     assert rel_diff(adapter_grads(engine, "multi"), adapter_grads(engine, "single")) < 1e-5
     # Logprobs come back [N, K]: position t, slot j is the logprob of targets[t][j].
     full = engine.forward_backward("single", singles, forward_only=True, all_logprobs=True)
-    got = engine.forward_backward("multi", [datum(tokens, target_tokens=targets_NK.tolist(),
-                                                  weights=weights_NK.tolist())], forward_only=True, all_logprobs=True)
+    got = engine.forward_backward(
+        "multi",
+        [datum(tokens, target_tokens=targets_NK.tolist(), weights=weights_NK.tolist())],
+        forward_only=True,
+        all_logprobs=True,
+    )
     assert len(got.logprobs[0]) == n and all(len(row) == k for row in got.logprobs[0])
     for j in range(k):
         assert [row[j] for row in got.logprobs[0]] == pytest.approx(full.logprobs[j], rel=1e-5, abs=1e-6)
     # A [N, K] datum and a one-target datum share a batch: each gets its own shape back.
-    mixed = engine.forward_backward("multi", [singles[0], datum(tokens, target_tokens=targets_NK.tolist(),
-                                                                weights=weights_NK.tolist())], forward_only=True)
+    mixed = engine.forward_backward(
+        "multi",
+        [singles[0], datum(tokens, target_tokens=targets_NK.tolist(), weights=weights_NK.tolist())],
+        forward_only=True,
+    )
     assert not isinstance(mixed.logprobs[0][-1], list) and len(mixed.logprobs[1][-1]) == k
-    assert mixed.loss == pytest.approx(single.loss + engine.forward_backward(
-        "single", [singles[0]], forward_only=True).loss, rel=1e-5)
+    assert mixed.loss == pytest.approx(
+        single.loss + engine.forward_backward("single", [singles[0]], forward_only=True).loss, rel=1e-5
+    )
 
 
 def test_inputs_each_loss_requires_are_refused_by_name():
@@ -149,6 +176,9 @@ def test_inputs_each_loss_requires_are_refused_by_name():
 def test_stable_reinforce_refuses_a_non_positive_cap(engine, case):
     tokens, targets, start, p = case
     with pytest.raises(EngineError, match="max_weight must be positive"):
-        engine.forward_backward("loss", [datum(tokens, target_tokens=targets, logprobs=p.tolist(),
-                                               advantages=[1.0] * len(tokens))],
-                                loss_fn="stable_reinforce", loss_fn_config={"max_weight": 0.0})
+        engine.forward_backward(
+            "loss",
+            [datum(tokens, target_tokens=targets, logprobs=p.tolist(), advantages=[1.0] * len(tokens))],
+            loss_fn="stable_reinforce",
+            loss_fn_config={"max_weight": 0.0},
+        )

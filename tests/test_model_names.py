@@ -43,8 +43,9 @@ def test_settings_take_names_from_flags_and_from_a_files_table(tmp_path):
 def named_server(tiny_model_dir, tmp_path_factory):
     from eztinker.launcher import ThreadedServer, build_service
 
-    settings = ServerSettings(model=[f"{NAME}={tiny_model_dir}"], device="cpu",
-                              data_dir=tmp_path_factory.mktemp("named") / "data")
+    settings = ServerSettings(
+        model=[f"{NAME}={tiny_model_dir}"], device="cpu", data_dir=tmp_path_factory.mktemp("named") / "data"
+    )
     with ThreadedServer(build_service(settings)) as server:
         yield server
 
@@ -53,15 +54,19 @@ def test_every_api_shows_the_served_name(named_server, tiny_model_dir):
     info = httpx.get(f"{named_server.url}/v1/info").json()
     assert [m["name"] for m in info["models"]] == [NAME]
     assert NAME in [m["id"] for m in httpx.get(f"{named_server.url}/v1/models").json()["data"]]
-    reply = httpx.post(f"{named_server.url}/v1/completions", timeout=60,
-                       json={"model": NAME, "prompt": "Hello", "max_tokens": 2, "temperature": 0}).json()
+    reply = httpx.post(
+        f"{named_server.url}/v1/completions",
+        timeout=60,
+        json={"model": NAME, "prompt": "Hello", "max_tokens": 2, "temperature": 0},
+    ).json()
     assert reply["model"] == NAME and len(reply["choices"]) == 1
     caps = httpx.get(f"{named_server.url}/api/v1/get_server_capabilities").json()
     assert [m["model_name"] for m in caps["supported_models"]] == [NAME]
 
 
-def test_the_tinker_sdk_trains_the_named_model_and_loads_its_tokenizer_offline(named_server, tiny_model_dir,
-                                                                                 monkeypatch):
+def test_the_tinker_sdk_trains_the_named_model_and_loads_its_tokenizer_offline(
+    named_server, tiny_model_dir, monkeypatch
+):
     tinker = pytest.importorskip("tinker")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub name must not be what the tokenizer loads from
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
@@ -75,8 +80,10 @@ def test_the_tinker_sdk_trains_the_named_model_and_loads_its_tokenizer_offline(n
         local = tokenizer.__class__.from_pretrained(tiny_model_dir)
         assert tokenizer.encode("Hello world") == local.encode("Hello world")
         tokens = tokenizer.encode("Hello world")
-        datum = tinker.types.Datum(model_input=tinker.types.ModelInput.from_ints(tokens[:-1]),
-                                   loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})
+        datum = tinker.types.Datum(
+            model_input=tinker.types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+        )
         assert client.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
         sampler = client.save_weights_and_get_sampling_client().result()
         assert sampler.get_base_model() == NAME

@@ -34,7 +34,9 @@ def test_two_base_models_serve_their_own_runs(make_server, models):
         assert client.health().models == models
         info = client.info()
         assert [(m["name"], m["architecture"], m["vocab_size"]) for m in info["models"]] == [
-            (qwen, "Qwen2ForCausalLM", QWEN_VOCAB), (llama, "LlamaForCausalLM", LLAMA_VOCAB)]
+            (qwen, "Qwen2ForCausalLM", QWEN_VOCAB),
+            (llama, "LlamaForCausalLM", LLAMA_VOCAB),
+        ]
         # Each model's weights are loaded once, whatever the number of its runs.
         engines = server.service.backend.engines
         assert list(engines) == models and engines[qwen].base.model is not engines[llama].base.model

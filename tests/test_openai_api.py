@@ -79,7 +79,10 @@ def test_logprobs(server):
         assert len(entry.top_logprobs) == 3
         values = [t.logprob for t in entry.top_logprobs]
         assert values == sorted(values, reverse=True) and entry.logprob <= values[0] + 1e-5
-    assert "".join(bytes(b for e in content for b in e.bytes).decode("utf-8", "replace")) == chat.choices[0].message.content
+    assert (
+        "".join(bytes(b for e in content for b in e.bytes).decode("utf-8", "replace"))
+        == chat.choices[0].message.content
+    )
 
     greedy_run = oa.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
     logprobs = greedy_run.choices[0].logprobs
@@ -94,8 +97,11 @@ def test_streams_arrive_as_tokens_are_decoded(server):
     model = base_model(server)
     whole = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=12, n=2, seed=5)
 
-    chunks = list(oa.chat.completions.create(model=model, messages=CHAT, max_tokens=12, n=2, seed=5, stream=True,
-                                             stream_options={"include_usage": True}))
+    chunks = list(
+        oa.chat.completions.create(
+            model=model, messages=CHAT, max_tokens=12, n=2, seed=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
     for index in (0, 1):
@@ -112,8 +118,9 @@ def test_streams_arrive_as_tokens_are_decoded(server):
 
     # The first tokens arrive while the sample is still decoding, not after it.
     body = {"model": model, "messages": CHAT, "max_tokens": 16, "seed": 1, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": "Bearer key-a"}) as response:
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=body, timeout=60, headers={"Authorization": "Bearer key-a"}
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = response.iter_lines()
         for line in lines:
@@ -209,8 +216,11 @@ def test_errors_in_openai_shape(server):
 def scrape(server) -> dict:
     response = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer key-b"})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(response.text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
 
 
 def test_metrics_count_jobs_tokens_and_runs(server):
@@ -247,13 +257,14 @@ def test_stop_strings_cut_whole_and_streamed_text_alike(server):
     oa = client(server)
     model = base_model(server)
     full = oa.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0).choices[0].text
-    stop = full[len(full) // 2: len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     assert stop.strip(), full
     expected = full[: full.find(stop)]
     whole = oa.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0, stop=[stop]).choices[0]
     assert whole.text == expected and whole.finish_reason == "stop"
-    streamed = list(oa.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0, stop=stop,
-                                          stream=True))
+    streamed = list(
+        oa.completions.create(model=model, prompt="Hello", max_tokens=8, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == expected  # nothing past the stop string was sent
     assert streamed[-1].choices[0].finish_reason == "stop"
 
@@ -265,8 +276,15 @@ def test_vllm_sampling_extensions_are_honoured(server):
     model = base_model(server)
 
     def completion(**extra):
-        out = oa.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=extra.pop("temperature", 0),
-                                    seed=5, logprobs=0, extra_body=extra)
+        out = oa.completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=8,
+            temperature=extra.pop("temperature", 0),
+            seed=5,
+            logprobs=0,
+            extra_body=extra,
+        )
         return out.choices[0], out.usage.completion_tokens
 
     greedy_choice, _ = completion()
@@ -293,11 +311,13 @@ def test_vllm_sampling_extensions_are_honoured(server):
         run.save_state("ends-at-once").result(timeout=120)
     ends = oa.completions.create(model=run.run_id, prompt=PROMPT, max_tokens=6, temperature=0)
     assert ends.choices[0].finish_reason == "stop" and ends.usage.completion_tokens == 1
-    goes_on = oa.completions.create(model=run.run_id, prompt=PROMPT, max_tokens=6, temperature=0,
-                                    extra_body={"ignore_eos": True})
+    goes_on = oa.completions.create(
+        model=run.run_id, prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert goes_on.choices[0].finish_reason == "length" and goes_on.usage.completion_tokens == 6
-    held = oa.completions.create(model=run.run_id, prompt=PROMPT, max_tokens=6, temperature=0,
-                                 extra_body={"min_tokens": 3})
+    held = oa.completions.create(
+        model=run.run_id, prompt=PROMPT, max_tokens=6, temperature=0, extra_body={"min_tokens": 3}
+    )
     assert held.usage.completion_tokens >= 3
 
 
@@ -323,8 +343,9 @@ def test_parameters_this_server_cannot_honour_are_refused_by_name(server):
         assert caught.value.status_code == 400 and body["param"] == param, (kwargs, body)
         assert body["type"] == "invalid_request_error" and param in body["message"], body
     # Their neutral values are what the server does anyway.
-    neutral = oa.chat.completions.create(model=model, messages=CHAT, max_tokens=2, n=2, modalities=["text"],
-                                         extra_body={"best_of": 2})
+    neutral = oa.chat.completions.create(
+        model=model, messages=CHAT, max_tokens=2, n=2, modalities=["text"], extra_body={"best_of": 2}
+    )
     assert len(neutral.choices) == 2
 
 
@@ -340,8 +361,10 @@ def test_an_abandoned_sample_stops_decoding_and_does_not_hold_up_the_next_reques
 
     def abandoned() -> tuple[float, float]:
         found = scrape(server)
-        return (found.get(("eztinker_samples_abandoned_total", (("model", model),)), 0),
-                found.get(("eztinker_tokens_sampled_total", (("model", model),)), 0))
+        return (
+            found.get(("eztinker_samples_abandoned_total", (("model", model),)), 0),
+            found.get(("eztinker_tokens_sampled_total", (("model", model),)), 0),
+        )
 
     def after_abandoning(count_before: float) -> None:
         deadline = time.monotonic() + 60
@@ -352,7 +375,9 @@ def test_an_abandoned_sample_stops_decoding_and_does_not_hold_up_the_next_reques
     # A stream: read until tokens flow, then hang up.
     count, tokens = abandoned()
     with httpx.Client(timeout=60) as http:
-        with http.stream("POST", server.url + "/v1/chat/completions", headers=headers, json={**long, "stream": True}) as response:
+        with http.stream(
+            "POST", server.url + "/v1/chat/completions", headers=headers, json={**long, "stream": True}
+        ) as response:
             chunks = 0
             for line in response.iter_lines():
                 chunks += line.startswith("data: ") and '"content":"' in line and '"content":""' not in line

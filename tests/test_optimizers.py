@@ -26,12 +26,14 @@ VARIANTS = {  # each field moved alone, far enough that its effect is plain
 def gradients(params, step: int) -> list[torch.Tensor]:
     """Fixed, different gradients per step, of global norm about 2-3 (so clipping at 0.5 acts)."""
     generator = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=generator) * (2.5 / math.sqrt(sum(q.numel() for q in params)))
-            for p in params]
+    return [
+        torch.randn(p.shape, generator=generator) * (2.5 / math.sqrt(sum(q.numel() for q in params))) for p in params
+    ]
 
 
-def adamw_by_hand(initial: list[torch.Tensor],
-                  steps: list[tuple[list[torch.Tensor], AdamParams]]) -> list[torch.Tensor]:
+def adamw_by_hand(
+    initial: list[torch.Tensor], steps: list[tuple[list[torch.Tensor], AdamParams]]
+) -> list[torch.Tensor]:
     """AdamW, decoupled weight decay, after clipping the global gradient norm (torch's rule:
     scale by clip / (norm + 1e-6) when that is below 1), in float64."""
     params = [p.double().clone() for p in initial]
@@ -46,10 +48,11 @@ def adamw_by_hand(initial: list[torch.Tensor],
         for i, g in enumerate(grads):
             m[i] = adam.beta1 * m[i] + (1 - adam.beta1) * g
             v[i] = adam.beta2 * v[i] + (1 - adam.beta2) * g * g
-            m_hat = m[i] / (1 - adam.beta1 ** t)
-            v_hat = v[i] / (1 - adam.beta2 ** t)
-            params[i] = params[i] * (1 - adam.learning_rate * adam.weight_decay) \
-                - adam.learning_rate * m_hat / (v_hat.sqrt() + adam.eps)
+            m_hat = m[i] / (1 - adam.beta1**t)
+            v_hat = v[i] / (1 - adam.beta2**t)
+            params[i] = params[i] * (1 - adam.learning_rate * adam.weight_decay) - adam.learning_rate * m_hat / (
+                v_hat.sqrt() + adam.eps
+            )
     return params
 
 

@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from test_sampler import random_prompts, tokens_of
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import eztinker.engine.output_projection as output_projection
@@ -26,16 +27,22 @@ from eztinker.engine import Engine, SampleSpec, load_base_model
 from eztinker.tiny import make_tiny_llama, make_tiny_model, qwen2_config_dir
 from eztinker.types import AdamParams, LoraConfig, SamplingParams
 
-from test_sampler import random_prompts, tokens_of
-
 
 def _tiny_qwen3(out_dir):
     tokenizer = AutoTokenizer.from_pretrained(qwen2_config_dir())
     qwen = json.loads((qwen2_config_dir() / "config.json").read_text())
     config = AutoConfig.for_model(
-        "qwen3", vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-        tie_word_embeddings=True, eos_token_id=qwen.get("eos_token_id"),
+        "qwen3",
+        vocab_size=len(tokenizer),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        eos_token_id=qwen.get("eos_token_id"),
     )
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -69,8 +76,10 @@ def trained(family_base):
         patch.setattr(packed_linear, "measured_choice", everywhere)
         patch.setattr(output_projection, "_head_choice", everywhere)
         engine = Engine(family_base)
-        for run_id, seed, lora in (("run_a", 1, LoraConfig(rank=4, alpha=16)),
-                                   ("run_b", 2, LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))):
+        for run_id, seed, lora in (
+            ("run_a", 1, LoraConfig(rank=4, alpha=16)),
+            ("run_b", 2, LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+        ):
             engine.create_run(run_id, lora, seed=seed)
             prompt, reply = random_prompts([6, 8], seed=100 + seed)
             for _ in range(4):
@@ -90,7 +99,9 @@ def test_sampling_without_transformers_modules_equals_them(trained, cache, monke
     prompts = [prefix + tail for tail in random_prompts([1, 6, 13], seed=10)]
     specs = [
         SampleSpec("run_a", prompts, 3, SamplingParams(temperature=1.0, seed=5, max_tokens=10)),
-        SampleSpec(None, prompts[1:], 2, SamplingParams(temperature=0.8, seed=6, max_tokens=7, stop_token_ids=[17, 101])),
+        SampleSpec(
+            None, prompts[1:], 2, SamplingParams(temperature=0.8, seed=6, max_tokens=7, stop_token_ids=[17, 101])
+        ),
         SampleSpec("run_b", prompts[:2], 2, SamplingParams(temperature=0, max_tokens=9)),
     ]
     one_token = SampleSpec("run_a", [random_prompts([1], seed=4)[0]], 1, SamplingParams(temperature=0, max_tokens=5))
@@ -99,8 +110,11 @@ def test_sampling_without_transformers_modules_equals_them(trained, cache, monke
     steps, prefills = [], []
     for name, calls in (("decode", steps), ("prefill", prefills)):
         original = getattr(plain_decoder.PlainDecoder, name)
-        monkeypatch.setattr(plain_decoder.PlainDecoder, name,
-                            lambda self, *args, calls=calls, original=original: calls.append(args[0].shape) or original(self, *args))
+        monkeypatch.setattr(
+            plain_decoder.PlainDecoder,
+            name,
+            lambda self, *args, calls=calls, original=original: calls.append(args[0].shape) or original(self, *args),
+        )
     # The prompts' shared prefix, once per adapter, then their own tokens left-padded over it;
     # with a one-token prompt besides, no shared prefix: every prompt whole, left-padded.
     batches = [(specs, [(3, 10), (7, 13)]), (specs + [one_token], [(8, 23)])]
@@ -119,8 +133,12 @@ def test_sampling_without_transformers_modules_equals_them(trained, cache, monke
                 for g, w in zip(got, want):
                     assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
         assert len({len(c.tokens) for r in lean for cs in r for c in cs}) > 1  # some rows stopped early
-    greedy_a, greedy_b = tokens_of(lean[2])[0][0], trained.sample([SampleSpec(
-        "run_a", prompts[:1], 1, SamplingParams(temperature=0, max_tokens=9))])[0][0][0].tokens
+    greedy_a, greedy_b = (
+        tokens_of(lean[2])[0][0],
+        trained.sample([SampleSpec("run_a", prompts[:1], 1, SamplingParams(temperature=0, max_tokens=9))])[0][0][
+            0
+        ].tokens,
+    )
     assert greedy_a != greedy_b  # the two runs really differ
 
 
@@ -141,7 +159,9 @@ def _through_both(engine, monkeypatch, call):
     """call() by PlainDecoder, then through the modules (checking each took its path)."""
     forwards = []
     original = plain_decoder.PlainDecoder.causal
-    monkeypatch.setattr(plain_decoder.PlainDecoder, "causal", lambda self, *args: forwards.append(1) or original(self, *args))
+    monkeypatch.setattr(
+        plain_decoder.PlainDecoder, "causal", lambda self, *args: forwards.append(1) or original(self, *args)
+    )
     plain = call()
     assert forwards
     with monkeypatch.context() as patch:
@@ -168,7 +188,9 @@ def _train_both_ways(engine, monkeypatch):
     prompt, reply = random_prompts([6, 8], seed=3)
     engine.forward_backward("run", [datum_from_tokens(prompt, reply)])
     engine.optim_step("run", AdamParams(learning_rate=3e-2))  # B != 0, so every LoRA factor has a gradient
-    data = [datum_from_tokens(p, r) for p, r in zip(random_prompts([3, 9, 5], seed=4), random_prompts([4, 2, 11], seed=5))]
+    data = [
+        datum_from_tokens(p, r) for p, r in zip(random_prompts([3, 9, 5], seed=4), random_prompts([4, 2, 11], seed=5))
+    ]
     params = engine._runs["run"].params
 
     def step():
@@ -193,7 +215,9 @@ def test_scores_and_prompt_logprobs_without_modules_equal_them(trained, monkeypa
     for adapter in ("run_a", "run_b", None):
         plain, modules = _through_both(trained, monkeypatch, lambda: trained.score(adapter, prompt, responses))
         assert [s.sum_logprob for s in plain] == pytest.approx([s.sum_logprob for s in modules], abs=1e-4)
-        plain, modules = _through_both(trained, monkeypatch, lambda: trained.prompt_logprobs(adapter, [prompt, responses[1]], topk=2))
+        plain, modules = _through_both(
+            trained, monkeypatch, lambda: trained.prompt_logprobs(adapter, [prompt, responses[1]], topk=2)
+        )
         for got, want in zip(plain, modules):
             assert got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-4)
             assert [[t for t, _ in k] for k in got.topk[1:]] == [[t for t, _ in k] for k in want.topk[1:]]
@@ -278,6 +302,8 @@ def test_a_weight_is_packed_for_the_sizes_where_onednn_measured_faster():
     head = torch.randn(4096, 32, generator=torch.Generator().manual_seed(1))  # timed against its column blocks
     packed_head = output_projection.pack_head(head)
     decision = output_projection._measured[((4096, 32), torch.float32)]
-    assert len(decision) == len(packed_linear.BANDS) and (packed_head is None if not any(decision) else packed_head.faster == decision)
+    assert len(decision) == len(packed_linear.BANDS) and (
+        packed_head is None if not any(decision) else packed_head.faster == decision
+    )
     served = packed_linear.PackedWeight(torch.empty(0), faster=(False, True, False))
     assert [served.serves(rows) for rows in (1, 2, 16, 17, 4096)] == [False, True, True, False, False]

@@ -36,8 +36,10 @@ def cluster():
     their workers inherit this environment (PYTHONPATH, offline Hub)."""
     from ray.cluster_utils import Cluster
 
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20,
-                                                          "include_dashboard": False})
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20, "include_dashboard": False},
+    )
     nodes.add_node(num_cpus=1, object_store_memory=100 * 2**20)
     ray.init(address=nodes.address, logging_level="error")
     yield ray.get_runtime_context().gcs_address
@@ -49,10 +51,31 @@ def cluster():
 def server(cluster, models, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-server")
     # Three workers of half a CPU each fit the two CPUs (torch runs one thread in each).
-    args = ["--backend", "ray", "--ray-address", cluster, "--workers-per-model", "2", "--workers-per-model", "1",
-            "--worker-cpus", "0.5", "--checkpoint-dir", str(root / "shared-checkpoints"), "--device", "cpu"]
-    with ServerProcess(model=models, data_dir=root / "data", log_file=root / "server.log", extra_args=args,
-                       env=offline_env(), startup_timeout=180, poll_interval=0.1) as running:
+    args = [
+        "--backend",
+        "ray",
+        "--ray-address",
+        cluster,
+        "--workers-per-model",
+        "2",
+        "--workers-per-model",
+        "1",
+        "--worker-cpus",
+        "0.5",
+        "--checkpoint-dir",
+        str(root / "shared-checkpoints"),
+        "--device",
+        "cpu",
+    ]
+    with ServerProcess(
+        model=models,
+        data_dir=root / "data",
+        log_file=root / "server.log",
+        extra_args=args,
+        env=offline_env(),
+        startup_timeout=180,
+        poll_interval=0.1,
+    ) as running:
         yield running
 
 
@@ -122,8 +145,10 @@ def test_the_tinker_sdk_trains_and_samples_over_ray(server, models, monkeypatch)
     try:
         training = service.create_lora_training_client(base_model=models[1], rank=2)
         tokens = PROMPT + [400, 500, 600]
-        datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0, 0.0, 1.0, 1.0, 1.0]})
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0, 0.0, 1.0, 1.0, 1.0]},
+        )
         losses = []
         for _ in range(3):
             fb = training.forward_backward([datum], "cross_entropy")
@@ -131,7 +156,9 @@ def test_the_tinker_sdk_trains_and_samples_over_ray(server, models, monkeypatch)
             losses.append(fb.result().metrics["loss:sum"])
         assert losses[2] < losses[0]
         sampler = training.save_weights_and_get_sampling_client()
-        result = sampler.sample(types.ModelInput.from_ints(PROMPT), 2, types.SamplingParams(max_tokens=4, seed=1)).result()
+        result = sampler.sample(
+            types.ModelInput.from_ints(PROMPT), 2, types.SamplingParams(max_tokens=4, seed=1)
+        ).result()
         assert [len(s.tokens) for s in result.sequences] == [4, 4]
     finally:
         service.close("success").result()
@@ -158,13 +185,23 @@ def test_abandoned_samples_stop_decoding_on_a_worker(server, models):
 
     def abandoned() -> float:
         text = httpx.get(f"{server.url}/metrics").text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("eztinker_samples_abandoned_total"))
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("eztinker_samples_abandoned_total")
+        )
 
-    long = {"model": models[0], "messages": [{"role": "user", "content": "Go on."}], "n": 4, "max_tokens": 1024,
-            "ignore_eos": True}
+    long = {
+        "model": models[0],
+        "messages": [{"role": "user", "content": "Go on."}],
+        "n": 4,
+        "max_tokens": 1024,
+        "ignore_eos": True,
+    }
     before = abandoned()
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**long, "stream": True}, timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**long, "stream": True}, timeout=60
+    ) as response:
         for line in response.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 break  # tokens flow: hang up
@@ -187,12 +224,20 @@ def test_losing_a_worker_fails_its_jobs_brings_its_runs_back_and_replaces_it(cli
     before = placement(client)
     dead, other = before[doomed.run_id], before[survivor.run_id]
     assert dead != other
-    node_of = {worker.name: ray.get(ray.get_actor(worker.name, namespace="eztinker").__ray_call__.remote(
-        lambda self: ray.get_runtime_context().get_node_id())) for worker in client.health().workers}
+    node_of = {
+        worker.name: ray.get(
+            ray.get_actor(worker.name, namespace="eztinker").__ray_call__.remote(
+                lambda self: ray.get_runtime_context().get_node_id()
+            )
+        )
+        for worker in client.health().workers
+    }
     assert len(set(node_of.values())) == 2, node_of  # the workers are spread over both nodes
 
     pending = [doomed.forward_backward(slow_batch(3000)) for _ in range(3)]
-    others = [(run.forward_backward([EXAMPLE]), run.optim_step(FAST)) for run in (survivor, llama_run) for _ in range(3)]
+    others = [
+        (run.forward_backward([EXAMPLE]), run.optim_step(FAST)) for run in (survivor, llama_run) for _ in range(3)
+    ]
     deadline = time.monotonic() + 30
     while client.job(pending[0].job_id).status.value != "running" and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -215,8 +260,9 @@ def test_losing_a_worker_fails_its_jobs_brings_its_runs_back_and_replaces_it(cli
     # restart); a new run goes to it, the live worker holding the fewest runs.
     deadline, replacements = time.monotonic() + 180, []
     while not replacements and time.monotonic() < deadline:
-        replacements = [w.name for w in client.health().workers
-                        if w.alive and w.model == models[0] and w.name not in (dead, other)]
+        replacements = [
+            w.name for w in client.health().workers if w.alive and w.model == models[0] and w.name not in (dead, other)
+        ]
         time.sleep(0.2)
     assert replacements and replacements[0].startswith(dead.split("@")[0] + ".r"), client.health()
     fresh = client.create_training_run(lora_rank=2)
@@ -228,8 +274,28 @@ def test_an_unreachable_cluster_is_a_one_line_error(models, tmp_path):
     from eztinker.launcher import free_port
 
     address = f"127.0.0.1:{free_port()}"
-    result = subprocess.run([sys.executable, "-m", "eztinker.cli", "server", "--backend", "ray", "--ray-address", address,
-                             "--model", models[0], "--data-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=60, env=offline_env())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eztinker.cli",
+            "server",
+            "--backend",
+            "ray",
+            "--ray-address",
+            address,
+            "--model",
+            models[0],
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=offline_env(),
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: cannot reach the Ray cluster at {address}: Connection refused"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"error: cannot reach the Ray cluster at {address}: Connection refused"
+    )

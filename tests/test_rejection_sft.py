@@ -25,8 +25,17 @@ from eztinker.recipes.rejection_sft import (
 
 def _config(url, gsm8k_dir, tmp_path, **overrides) -> Config:
     options = dict(
-        task="gsm8k", server_url=url, gsm8k_dir=gsm8k_dir, max_samples=4, num_candidates=2, epochs=1,
-        max_tokens=6, eval_size=2, batch_size=2, micro_batch_size=1, learning_rate=1e-3,
+        task="gsm8k",
+        server_url=url,
+        gsm8k_dir=gsm8k_dir,
+        max_samples=4,
+        num_candidates=2,
+        epochs=1,
+        max_tokens=6,
+        eval_size=2,
+        batch_size=2,
+        micro_batch_size=1,
+        learning_rate=1e-3,
         output_dir=tmp_path / "out",
     )
     options.update(overrides)
@@ -94,7 +103,9 @@ def test_resume_from_an_epoch_checkpoint_continues_the_schedule(gsm8k_dir, make_
     with make_server() as server:
         first = main(_config(server.url, gsm8k_dir, tmp_path, checkpoint=True, reward_fn=always))
         ref = first["epochs"][1]["checkpoint"]
-        resumed = main(_config(server.url, gsm8k_dir, tmp_path, checkpoint=True, epochs=2, resume_from=ref, reward_fn=always))
+        resumed = main(
+            _config(server.url, gsm8k_dir, tmp_path, checkpoint=True, epochs=2, resume_from=ref, reward_fn=always)
+        )
         info = _run_info(server.url, resumed["run_id"])
     assert resumed["run_id"] != first["run_id"]
     assert resumed["resumed_from"] == ref

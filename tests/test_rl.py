@@ -92,8 +92,14 @@ def test_a_policy_gradient_step_raises_good_replies_and_lowers_bad_ones(make_ser
     problems = ARITHMETIC.load_problems("train", limit=2, seed=0)
     with make_server() as server, ez.ServiceClient(server.url) as client:
         run = client.create_training_run(lora_rank=4, seed=0)
-        buffer = SampleBuffer(run, ARITHMETIC, scorers.VerifierScorer(ARITHMETIC, _coin),
-                              ez.SamplingParams(max_tokens=8, temperature=1.0), 4, random.Random(0))
+        buffer = SampleBuffer(
+            run,
+            ARITHMETIC,
+            scorers.VerifierScorer(ARITHMETIC, _coin),
+            ez.SamplingParams(max_tokens=8, temperature=1.0),
+            4,
+            random.Random(0),
+        )
         try:
             buffer.request(0, problems, sampled_at=0)
             groups = buffer.take(0)
@@ -123,7 +129,13 @@ def test_verifier_scorer_and_judge_verdicts():
     scorer = scorers.VerifierScorer(ARITHMETIC)
     assert scorer(problem, ["2 + 3 = 5. Answer: 5", "Answer: 6"]) == [1.0, 0.0]
     assert [scorers.verdict(t) for t in ("Yes.", " no", "Correct!", "It is incorrect", "maybe", "no, yes")] == [
-        1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +179,21 @@ def test_judge_scorer_asks_a_base_model_on_the_server(make_server):
 
 # --------------------------------------------------------------------------- the recipe
 def _config(url, tmp_path, **overrides) -> Config:
-    options = dict(server_url=url, task="arithmetic", max_samples=6, num_candidates=4, groups_per_step=2, epochs=1,
-                   max_tokens=6, eval_size=2, micro_batch_size=4, learning_rate=1e-2, lora_rank=2,
-                   output_dir=tmp_path / "out", reward_fn=_coin)
+    options = dict(
+        server_url=url,
+        task="arithmetic",
+        max_samples=6,
+        num_candidates=4,
+        groups_per_step=2,
+        epochs=1,
+        max_tokens=6,
+        eval_size=2,
+        micro_batch_size=4,
+        learning_rate=1e-2,
+        lora_rank=2,
+        output_dir=tmp_path / "out",
+        reward_fn=_coin,
+    )
     options.update(overrides)
     return Config(**options)
 
@@ -190,8 +214,17 @@ def test_rl_writes_its_outputs_pipelined_and_resumes(make_server, tmp_path):
     for s in steps:
         assert 0 <= s["mean_reward"] <= 1 and 0 <= s["mixed_groups"] <= 1 and s["entropy"] > 0
         assert s["kl_sample_train"] is None or abs(s["kl_sample_train"]) < 0.5
-    assert {"test_accuracy", "test_strict_accuracy", "mean_reward", "mixed_groups", "kl_sample_train", "entropy",
-            "reply_tokens", "staleness", "checkpoint"} <= set(epoch1)
+    assert {
+        "test_accuracy",
+        "test_strict_accuracy",
+        "mean_reward",
+        "mixed_groups",
+        "kl_sample_train",
+        "entropy",
+        "reply_tokens",
+        "staleness",
+        "checkpoint",
+    } <= set(epoch1)
     out = tmp_path / "out"
     rollouts = [json.loads(line) for line in (out / ROLLOUTS_FILE).read_text().splitlines()]
     assert len(rollouts) == 6 + 6  # every group of both runs (the resumed run appends)
@@ -211,7 +244,9 @@ def test_rl_writes_its_outputs_pipelined_and_resumes(make_server, tmp_path):
 def test_rl_ppo_with_a_time_budget_stops_between_steps(make_server, tmp_path):
     with make_server() as server:
         none = main(_config(server.url, tmp_path, time_budget_minutes=0.0, eval_size=1))
-        some = main(_config(server.url, tmp_path / "b", loss_fn="ppo", epochs=1000, time_budget_minutes=0.1, eval_size=1))
+        some = main(
+            _config(server.url, tmp_path / "b", loss_fn="ppo", epochs=1000, time_budget_minutes=0.1, eval_size=1)
+        )
     assert none["steps"] == [] and "time budget" in none["stopped"]
     assert 0 < len(some["steps"]) and "time budget" in some["stopped"]
     assert some["epochs"][-1]["epoch"] < 1000
@@ -224,8 +259,9 @@ def test_rl_cli_bad_flags_are_one_line(tmp_path):
 
     from eztinker.cli import app
 
-    result = CliRunner().invoke(app, ["rl", "--scorer", "reward-model", "--server-url", "http://127.0.0.1:9",
-                                      "--output-dir", str(tmp_path)])
+    result = CliRunner().invoke(
+        app, ["rl", "--scorer", "reward-model", "--server-url", "http://127.0.0.1:9", "--output-dir", str(tmp_path)]
+    )
     assert result.exit_code != 0 and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["rl", "--num-candidates", "1", "--output-dir", str(tmp_path)])
     assert result.exit_code == 2 and "--num-candidates" in result.output and "Traceback" not in result.output

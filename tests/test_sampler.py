@@ -202,8 +202,10 @@ def test_stop_token_ids_stop_right_after_the_token(sharp):
         assert candidate.stop_reason == "stop"
         assert candidate.text == sharp.base.tokenizer.decode(reference.tokens[:k], skip_special_tokens=True)
     # Another request in the same batch does not stop on them.
-    specs = [SampleSpec(None, prompts, 1, params(max_tokens=16, stop_token_ids=firsts)),
-             SampleSpec(None, prompts, 1, params(max_tokens=16))]
+    specs = [
+        SampleSpec(None, prompts, 1, params(max_tokens=16, stop_token_ids=firsts)),
+        SampleSpec(None, prompts, 1, params(max_tokens=16)),
+    ]
     together = [tokens_of(r) for r in sharp.sample(specs)]
     assert together == [tokens_of([[c] for c in stopped]), tokens_of([[c] for c in full])]
 
@@ -257,8 +259,11 @@ def test_shared_prompt_prefix_is_prefilled_once_per_adapter_without_changing_res
     together = [r for r in sharp.sample(specs)]
     # First pass: the 11 shared tokens (the shortest prompt keeps its 12th), one row per adapter.
     assert widths[0] == (3, 11)
-    alone = [sharp.sample([SampleSpec(spec.adapter, [p], spec.num_samples, spec.params)])[0][0]
-             for spec in specs for p in spec.prompts]
+    alone = [
+        sharp.sample([SampleSpec(spec.adapter, [p], spec.num_samples, spec.params)])[0][0]
+        for spec in specs
+        for p in spec.prompts
+    ]
     flat = [candidates for per_spec in together for candidates in per_spec]
     assert tokens_of(flat[:-2]) == tokens_of(alone[:-2])  # greedy: identical
     for got, want in zip(flat, alone):
@@ -390,8 +395,13 @@ def test_stacked_lora_equals_peft_for_mixed_single_and_no_adapter(sharp):
     def peft_reference(adapters):
         return sharp._logits_fn()(ids, mask, positions, PreallocatedCache(16), adapters)
 
-    for adapters in (["run_a", "run_b", None, "run_a", "run_b"], ["run_a"] * 5, ["run_b"] * 5, [None] * 5,
-                     ["run_b", "run_b", "run_a", "run_a", "run_a"]):
+    for adapters in (
+        ["run_a", "run_b", None, "run_a", "run_b"],
+        ["run_a"] * 5,
+        ["run_b"] * 5,
+        [None] * 5,
+        ["run_b", "run_b", "run_a", "run_a", "run_a"],
+    ):
         assert torch.allclose(ours(adapters), peft_reference(adapters), atol=1e-4), adapters
     mixed = ours(["run_a", "run_b", None, "run_a", "run_b"])
     assert not torch.allclose(mixed[0], ours(["run_b"] * 5)[0], atol=1e-2)  # the adapters really differ
@@ -434,8 +444,9 @@ def test_candidates_sharing_one_copy_of_their_prompt_cache_equal_copying_it(shar
     monkeypatch.setattr(sampler_module, "_MIN_SHARED_ROW_TOKENS", 0)  # these few rows would be copied
     attended = []
     original = prompt_attention.SharedPromptCache.attend
-    monkeypatch.setattr(prompt_attention.SharedPromptCache, "attend",
-                        lambda self, *args: attended.append(1) or original(self, *args))
+    monkeypatch.setattr(
+        prompt_attention.SharedPromptCache, "attend", lambda self, *args: attended.append(1) or original(self, *args)
+    )
     shared = sharp.sample(specs)
     assert attended  # the decode steps took the shared path
     monkeypatch.setattr(sampler_module, "_worth_sharing", lambda prompts, candidates: False)
@@ -505,8 +516,10 @@ def test_a_cancelled_request_stops_decoding_at_the_next_step_and_leaves_the_othe
         polls += 1
         return polls > 3  # its consumer goes away after the third step
 
-    specs = [SampleSpec(None, prompts, 2, params(max_tokens=40), cancelled=cancelled),
-             SampleSpec(None, prompts, 1, params(max_tokens=40))]
+    specs = [
+        SampleSpec(None, prompts, 2, params(max_tokens=40), cancelled=cancelled),
+        SampleSpec(None, prompts, 1, params(max_tokens=40)),
+    ]
     cut, kept = sharp.sample(specs)
     assert specs[0].abandoned and specs[1].abandoned is False
     assert [len(c.tokens) for c in cut[0]] == [4, 4]

@@ -68,8 +68,20 @@ def test_a_second_server_on_a_data_dir_in_use_refuses_and_a_killed_ones_lock_doe
         run = service.create_training_run()
         assert train(run, 1) == [1]
         queued = run.forward_backward(slow_batch(200))
-        second = [sys.executable, "-m", "eztinker.cli", "server", "--model", str(tiny_model_dir), "--device", "cpu",
-                  "--data-dir", str(data_dir), "--port", str(free_port())]
+        second = [
+            sys.executable,
+            "-m",
+            "eztinker.cli",
+            "server",
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(free_port()),
+        ]
         start = time.monotonic()
         refused = subprocess.run(second, env=offline_env(), capture_output=True, text=True, timeout=120)
         assert refused.returncode == 2, refused.stderr
@@ -88,7 +100,8 @@ def test_a_second_server_on_a_data_dir_in_use_refuses_and_a_killed_ones_lock_doe
 
 
 def test_sigterm_lets_the_running_job_finish_fails_the_queued_ones_at_once_and_exits_within_its_bound(
-        start_server, tmp_path):
+    start_server, tmp_path
+):
     """SIGTERM used to wait ~25 s (held long-polls) while the queue went on running, then leave
     the rest to be failed at the next start. Now: no job starts after the signal, the queued
     ones fail at once as interrupted (their waiters hear it), the running one finishes within

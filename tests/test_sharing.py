@@ -38,8 +38,9 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def _finished_jobs(server, owner: str) -> int:
-    rows = server.service.store._query("SELECT COUNT(*) AS n FROM jobs WHERE owner = ? AND finished_at IS NOT NULL",
-                                       (owner,))
+    rows = server.service.store._query(
+        "SELECT COUNT(*) AS n FROM jobs WHERE owner = ? AND finished_at IS NOT NULL", (owner,)
+    )
     return rows[0]["n"]
 
 
@@ -75,9 +76,12 @@ def test_a_key_outlives_its_expired_job_and_a_large_result_is_dropped_in_time(ma
     is remembered idempotency_ttl_seconds regardless: the retry gets the original job id, and the
     step is not applied again. A large result is dropped after large_result_ttl_seconds: the job
     stays completed, saying so, and the SDK raises instead of parsing nothing."""
-    with make_server(api_keys_file=keys_file, max_finished_jobs_per_user=100, large_result_bytes=1024,
-                     large_result_ttl_seconds=1) as server, ServiceClient(server.url, api_key="tml-key-a",
-                                                                           max_retries=0) as client:
+    with (
+        make_server(
+            api_keys_file=keys_file, max_finished_jobs_per_user=100, large_result_bytes=1024, large_result_ttl_seconds=1
+        ) as server,
+        ServiceClient(server.url, api_key="tml-key-a", max_retries=0) as client,
+    ):
         alice = httpx.Client(base_url=server.url, headers=_auth("tml-key-a"), timeout=60)
         run = client.create_training_run(lora_rank=2)
         step = {"adam_params": {"learning_rate": 0.01}}
@@ -122,7 +126,9 @@ def test_large_results_are_capped_per_user_by_bytes(make_server, keys_file):
         alice_jobs = [runs["tml-key-a"].sample([[1, 2, 3]], num_samples=16, sampling_params=params) for _ in range(4)]
         for job in alice_jobs:
             job.result(timeout=60)
-        sizes = {row["id"]: row["result_bytes"] for row in server.service.store._query("SELECT id, result_bytes FROM jobs")}
+        sizes = {
+            row["id"]: row["result_bytes"] for row in server.service.store._query("SELECT id, result_bytes FROM jobs")
+        }
         assert sum(sizes[j.job_id] for j in alice_jobs) > share > sizes[alice_jobs[-1].job_id] > 1024
         _expire_now(server)
         runs["tml-key-a"].optim_step().result(timeout=30)
@@ -142,8 +148,13 @@ def test_limits_default_on_a_keyed_server_and_are_off_without_keys(tmp_path, key
 
     assert ServerSettings(data_dir=tmp_path).user_limits() == UserLimits()  # one user: nothing to share
     keyed = ServerSettings(data_dir=tmp_path, api_keys_file=keys_file)
-    assert keyed.user_limits() == UserLimits(runs=64, checkpoints=512, checkpoint_bytes=50 * 1024**3,
-                                             sample_tokens=2 * keyed.max_tokens_per_request, queued_jobs=1024)
+    assert keyed.user_limits() == UserLimits(
+        runs=64,
+        checkpoints=512,
+        checkpoint_bytes=50 * 1024**3,
+        sample_tokens=2 * keyed.max_tokens_per_request,
+        queued_jobs=1024,
+    )
     custom = ServerSettings(data_dir=tmp_path, api_keys_file=keys_file, max_runs_per_user=0, max_queued_jobs_per_user=5)
     assert custom.user_limits().runs is None and custom.user_limits().queued_jobs == 5  # 0: no limit
     assert ServerSettings(data_dir=tmp_path, max_runs_per_user=3).user_limits().runs == 3  # given: applies keyless too
@@ -169,8 +180,13 @@ def test_per_user_limits_refuse_with_a_429_naming_the_limit(make_server, keys_fi
     number of requests. Each limit refuses with a 429 that names it, in the protocol's shape; a
     limit that waiting cannot clear says not to retry; another user is unaffected."""
     example = {"model_input": {"tokens": [1, 2, 3]}, "loss_fn_inputs": {"target_tokens": [2, 3, 4]}}
-    with make_server(api_keys_file=keys_file, max_runs_per_user=2, max_checkpoints_per_user=2,
-                     max_queued_jobs_per_user=3, max_sample_tokens_in_flight_per_user=200) as server:
+    with make_server(
+        api_keys_file=keys_file,
+        max_runs_per_user=2,
+        max_checkpoints_per_user=2,
+        max_queued_jobs_per_user=3,
+        max_sample_tokens_in_flight_per_user=200,
+    ) as server:
         alice = httpx.Client(base_url=server.url, headers=_auth("tml-key-a"), timeout=60)
         bob = httpx.Client(base_url=server.url, headers=_auth("tml-key-b"), timeout=60)
         runs = [alice.post("/v1/runs", json={"lora": {"rank": 2}}).json()["id"] for _ in range(2)]
@@ -194,8 +210,12 @@ def test_per_user_limits_refuse_with_a_429_naming_the_limit(make_server, keys_fi
         refused = alice.post(f"/v1/runs/{run}/sample", json=sample)
         assert refused.status_code == 429 and "max_sample_tokens_in_flight_per_user (200)" in refused.json()["detail"]
         assert refused.headers["x-should-retry"] == "false"  # 412 tokens never fit
-        chat = {"model": str(server.service.default_model), "messages": [{"role": "user", "content": "hi"}],
-                "n": 8, "max_tokens": 100}
+        chat = {
+            "model": str(server.service.default_model),
+            "messages": [{"role": "user", "content": "hi"}],
+            "n": 8,
+            "max_tokens": 100,
+        }
         refused = alice.post("/v1/chat/completions", json=chat)
         assert refused.status_code == 429, refused.text
         error = refused.json()["error"]
@@ -204,13 +224,16 @@ def test_per_user_limits_refuse_with_a_429_naming_the_limit(make_server, keys_fi
 
         gate = _blocked_engine(server)
         try:
-            alice.get(f"/v1/jobs/{alice.post(f'/v1/runs/{run}/optim_step', json={}).json()['job_id']}",
-                      params={"wait": 30})  # the overwrite's save is done: nothing of alice's in flight
+            alice.get(
+                f"/v1/jobs/{alice.post(f'/v1/runs/{run}/optim_step', json={}).json()['job_id']}", params={"wait": 30}
+            )  # the overwrite's save is done: nothing of alice's in flight
             held = [alice.post(f"/v1/runs/{run}/forward_backward", json={"data": [example]}).json()["job_id"]]
             small = {**sample, "sampling_params": {"max_tokens": 40}}  # (3 + 40) x 4 = 172 tokens
             held.append(alice.post(f"/v1/runs/{runs[1]}/sample", json=small).json()["job_id"])
             refused = alice.post(f"/v1/runs/{runs[1]}/sample", json=small)
-            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"  # it fits once the first is done
+            assert (
+                refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            )  # it fits once the first is done
             assert "hold 172 tokens" in refused.json()["detail"]
             held.append(alice.post(f"/v1/runs/{run}/optim_step", json={}).json()["job_id"])
             refused = alice.post(f"/v1/runs/{run}/optim_step", json={})
@@ -237,8 +260,12 @@ def test_one_users_flood_does_not_starve_another_users_chat(make_server, keys_fi
     with make_server(api_keys_file=keys_file) as server:
         alice = httpx.Client(base_url=server.url, headers=_auth("tml-key-a"), timeout=120)
         bob = httpx.Client(base_url=server.url, headers=_auth("tml-key-b"), timeout=120)
-        chat = {"model": str(server.service.default_model), "messages": [{"role": "user", "content": "hello"}],
-                "max_tokens": 8, "temperature": 0}
+        chat = {
+            "model": str(server.service.default_model),
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
 
         def bob_chat() -> tuple[str, float]:
             started = time.monotonic()
@@ -259,8 +286,10 @@ def test_one_users_flood_does_not_starve_another_users_chat(make_server, keys_fi
             flood.append(alice.post(f"/v1/runs/{run}/sample", json=sample).json()["job_id"])
         flooded_at = time.monotonic()
         answer, flooded_s = bob_chat()
-        bob_jobs = [bob.post(f"/v1/runs/{bob_run}/{verb}", json=body).json()["job_id"]
-                    for verb, body in [("forward_backward", {"data": batch[:1]}), ("optim_step", {})] * 2]
+        bob_jobs = [
+            bob.post(f"/v1/runs/{bob_run}/{verb}", json=body).json()["job_id"]
+            for verb, body in [("forward_backward", {"data": batch[:1]}), ("optim_step", {})] * 2
+        ]
         for job in bob_jobs:
             assert bob.get(f"/v1/jobs/{job}", params={"wait": 60}).json()["status"] == "completed"
         bob_done_s = time.monotonic() - flooded_at
@@ -269,11 +298,17 @@ def test_one_users_flood_does_not_starve_another_users_chat(make_server, keys_fi
                 assert info["status"] in ("pending", "running"), info
         flood_s = time.monotonic() - flooded_at
         store = server.service.store
-        longest = max(row["finished_at"] - row["started_at"] for row in store._query(
-            "SELECT started_at, finished_at FROM jobs WHERE owner = 'alice' AND started_at IS NOT NULL"))
-        print(f"\nbob's chat: {alone_s:.3f} s alone, {flooded_s:.3f} s behind alice's flood of {len(flood)} jobs "
-              f"({flood_s:.1f} s of work, her longest batch {longest:.3f} s); bob's 4 training jobs done after "
-              f"{bob_done_s:.2f} s")
+        longest = max(
+            row["finished_at"] - row["started_at"]
+            for row in store._query(
+                "SELECT started_at, finished_at FROM jobs WHERE owner = 'alice' AND started_at IS NOT NULL"
+            )
+        )
+        print(
+            f"\nbob's chat: {alone_s:.3f} s alone, {flooded_s:.3f} s behind alice's flood of {len(flood)} jobs "
+            f"({flood_s:.1f} s of work, her longest batch {longest:.3f} s); bob's 4 training jobs done after "
+            f"{bob_done_s:.2f} s"
+        )
         assert answer == alone  # the same greedy reply as alone
         # At most one of alice's batches ahead of it: under 1 s on an idle 2-core machine (the bound
         # below is for a loaded one, where everything runs several times slower).
@@ -294,8 +329,7 @@ def test_the_tinker_sdk_sees_limits_as_it_expects(make_server, keys_file, tiny_m
 
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with make_server(api_keys_file=keys_file, max_runs_per_user=1,
-                     max_sample_tokens_in_flight_per_user=200) as server:
+    with make_server(api_keys_file=keys_file, max_runs_per_user=1, max_sample_tokens_in_flight_per_user=200) as server:
         refusals = []
         admit = server.service.runner.admit
 
@@ -319,7 +353,8 @@ def test_the_tinker_sdk_sees_limits_as_it_expects(make_server, keys_file, tiny_m
             futures = [sampler.sample(prompt=prompt, num_samples=4, sampling_params=params) for _ in range(2)]
             results = [future.result(timeout=120) for future in futures]  # (3 + 32) x 4 = 140 tokens each
             assert [len(r.sequences) for r in results] == [4, 4]
-            assert any(r is not None and r.limit == "max_sample_tokens_in_flight_per_user" and r.clears
-                       for r in refusals)
+            assert any(
+                r is not None and r.limit == "max_sample_tokens_in_flight_per_user" and r.clears for r in refusals
+            )
         finally:
             client.close("success").result()

@@ -12,11 +12,10 @@ import pytest
 import torch
 import transformers
 
-from eztinker.engine import load_base_model
-from eztinker.engine import models
+from eztinker.engine import load_base_model, models
 from eztinker.engine.models import embedded_model_gguf
-from eztinker.recipes.rejection_sft import Config, RejectionSFT
 from eztinker.launcher import build_service
+from eztinker.recipes.rejection_sft import Config, RejectionSFT
 from eztinker.server.settings import ServerSettings
 
 pytestmark = pytest.mark.slow
@@ -29,8 +28,16 @@ def persistent_cache_dir(gguf: Path) -> Path:
     and torch versions), so a change to any of them converts afresh. A fresh machine (CI)
     converts once, through the product's own path."""
     stat = gguf.stat()
-    key = "\n".join([gguf.name, str(stat.st_size), str(stat.st_mtime_ns), inspect.getsource(models._embedded_model_dir),
-                     transformers.__version__, torch.__version__])
+    key = "\n".join(
+        [
+            gguf.name,
+            str(stat.st_size),
+            str(stat.st_mtime_ns),
+            inspect.getsource(models._embedded_model_dir),
+            transformers.__version__,
+            torch.__version__,
+        ]
+    )
     root = Path(os.environ.get("EZTINKER_TEST_CACHE") or Path.home() / ".cache" / "eztinker" / "test-models")
     return root / hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -56,8 +63,17 @@ def test_one_rejection_sft_step_on_arithmetic_changes_the_adapter(smollm2, serve
     service = build_service(settings, [smollm2])
     with serve(service) as server:
         config = Config(
-            task="arithmetic", difficulty="easy", server_url=server.url, max_samples=4, num_candidates=4,
-            epochs=1, learning_rate=1e-3, max_tokens=40, eval_size=4, batch_size=4, seed=0,
+            task="arithmetic",
+            difficulty="easy",
+            server_url=server.url,
+            max_samples=4,
+            num_candidates=4,
+            epochs=1,
+            learning_rate=1e-3,
+            max_tokens=40,
+            eval_size=4,
+            batch_size=4,
+            seed=0,
             output_dir=tmp_path / "out",
         )
         results = RejectionSFT(config).run()
@@ -65,7 +81,9 @@ def test_one_rejection_sft_step_on_arithmetic_changes_the_adapter(smollm2, serve
         run_id = results["run_id"]
         assert epoch["trained_examples"] >= 1, "no verified-correct candidate among 16 samples"
         assert server.service.store.run_row(run_id)["step"] == 1
-        lora_b = [p for n, p in service.backend.engine(smollm2.name)._peft.named_parameters() if "lora_B" in n and run_id in n]
+        lora_b = [
+            p for n, p in service.backend.engine(smollm2.name)._peft.named_parameters() if "lora_B" in n and run_id in n
+        ]
         assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
 
 

@@ -97,8 +97,7 @@ def test_gsm8k_data_dir_parsing(tmp_path, no_gsm8k_env):
     )
     train = gsm8k.load_problems("train", data_dir=tmp_path)
     assert [p.gold for p in train] == ["1234", "-5"]
-    assert train[0] == Problem(id="gsm8k-train-0", question="Q1?", gold="1234",
-                               solution="a 2\n#### 1,234")
+    assert train[0] == Problem(id="gsm8k-train-0", question="Q1?", gold="1234", solution="a 2\n#### 1,234")
     assert gsm8k.load_problems("test", data_dir=str(tmp_path))[0].gold == "7"
 
 
@@ -258,8 +257,7 @@ def test_arith_templates_parsed_independently():
 
 def test_arith_difficulty_operation_mix():
     mixes = {
-        d: Counter(_kind(p) for p in arithmetic.load_problems("train", difficulty=d))
-        for d in arithmetic.DIFFICULTIES
+        d: Counter(_kind(p) for p in arithmetic.load_problems("train", difficulty=d)) for d in arithmetic.DIFFICULTIES
     }
     assert set(mixes["easy"]) == {"add", "sub"}
     assert set(mixes["medium"]) == {"add", "sub", "mul"}
@@ -330,8 +328,9 @@ def test_math_loads_local_jsonl_and_takes_the_last_boxed_answer(tmp_path):
     problems = competition_math.load_problems("test", data_dir=folder)
     assert [p.gold for p in problems] == ["\\frac{1}{2}", "4", "\\{1, 2\\}"]
     assert problems[0].id == "math-test-0" and problems[0].question == MATH_ROWS[0]["problem"]
-    assert competition_math.load_problems("test", limit=2, seed=1, data_dir=folder) == \
-        competition_math.load_problems("test", limit=2, seed=1, data_dir=folder)
+    assert competition_math.load_problems("test", limit=2, seed=1, data_dir=folder) == competition_math.load_problems(
+        "test", limit=2, seed=1, data_dir=folder
+    )
     messages = get_task("math").messages_for(problems[0])
     assert [m["role"] for m in messages] == ["system", "user"] and "\\boxed{}" in messages[0]["content"]
 
@@ -360,9 +359,18 @@ def test_math_without_a_source_says_how_to_fix_it(monkeypatch, tmp_path):
 
 
 AQUA_ROWS = [
-    {"question": "A train runs 60 km in 1.5 h. Its speed in km/h?", "options": ["A)30", "B)40", "C)45", "D)50", "E)90"],
-     "rationale": "60 / 1.5 = 40", "correct": "B"},
-    {"question": "2 + 2 = ?", "options": ["A) 3", "B) 4", "C) 5", "D) 6", "E) 7"], "rationale": "Easy.", "correct": "b"},
+    {
+        "question": "A train runs 60 km in 1.5 h. Its speed in km/h?",
+        "options": ["A)30", "B)40", "C)45", "D)50", "E)90"],
+        "rationale": "60 / 1.5 = 40",
+        "correct": "B",
+    },
+    {
+        "question": "2 + 2 = ?",
+        "options": ["A) 3", "B) 4", "C) 5", "D) 6", "E) 7"],
+        "rationale": "Easy.",
+        "correct": "b",
+    },
 ]
 
 
@@ -402,7 +410,11 @@ def test_the_recipes_load_math_and_aqua_from_their_folders(tmp_path, recipe):
     for split in ("train", "test"):
         _write_jsonl(math_dir, split, MATH_ROWS)
         _write_jsonl(aqua_dir, split, AQUA_ROWS)
-    train, test = load_problems(config_cls(task="math", math_dir=math_dir, max_samples=2, eval_size=1), get_task("math"))
+    train, test = load_problems(
+        config_cls(task="math", math_dir=math_dir, max_samples=2, eval_size=1), get_task("math")
+    )
     assert (len(train), len(test)) == (2, 1) and train[0].id.startswith("math-train-")
-    train, test = load_problems(config_cls(task="aqua", aqua_dir=aqua_dir, max_samples=5, eval_size=2), get_task("aqua"))
+    train, test = load_problems(
+        config_cls(task="aqua", aqua_dir=aqua_dir, max_samples=5, eval_size=2), get_task("aqua")
+    )
     assert (len(train), len(test)) == (2, 2) and {p.gold for p in test} == {"B"}

@@ -29,9 +29,15 @@ RENDERER = "qwen3_instruct"  # Qwen's ChatML without <think>: Qwen2 is not in th
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cookbook-server")
-    with ServerProcess(model=str(tiny_model_dir), data_dir=root / "data", log_file=root / "server.log",
-                       extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=120,
-                       poll_interval=0.05) as running:
+    with ServerProcess(
+        model=str(tiny_model_dir),
+        data_dir=root / "data",
+        log_file=root / "server.log",
+        extra_args=["--device", "cpu"],
+        env=offline_env(),
+        startup_timeout=120,
+        poll_interval=0.05,
+    ) as running:
         yield running
 
 
@@ -55,16 +61,35 @@ def test_the_cookbook_supervised_loop_trains_and_checkpoints(server, tiny_model_
     data = tmp_path / "sl.jsonl"
     with data.open("w") as f:
         for a, b in [(2, 3), (4, 1), (5, 5), (7, 2)]:
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
-                                             {"role": "assistant", "content": f"{a + b}"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {a}+{b}?"},
+                            {"role": "assistant", "content": f"{a + b}"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     log_path = tmp_path / "sl_run"
     config = sl_train.Config(
-        log_path=str(log_path), model_name=model, recipe_name="local_sl", renderer_name=RENDERER,
+        log_path=str(log_path),
+        model_name=model,
+        recipe_name="local_sl",
+        renderer_name=RENDERER,
         dataset_builder=FromConversationFileBuilder(
             file_path=str(data),
-            common_config=ChatDatasetBuilderCommonConfig(model_name_for_tokenizer=model, renderer_name=RENDERER,
-                                                         max_length=256, batch_size=2)),
-        learning_rate=2e-2, lora_rank=8, num_epochs=4, max_steps=6, save_every=3, eval_every=0,
+            common_config=ChatDatasetBuilderCommonConfig(
+                model_name_for_tokenizer=model, renderer_name=RENDERER, max_length=256, batch_size=2
+            ),
+        ),
+        learning_rate=2e-2,
+        lora_rank=8,
+        num_epochs=4,
+        max_steps=6,
+        save_every=3,
+        eval_every=0,
         infrequent_eval_every=0,
     )
     asyncio.run(sl_train.main(config))
@@ -106,9 +131,15 @@ class _SumDataset(RLDataset):
         self.renderer = renderers.get_renderer(RENDERER, get_tokenizer(model))
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        batch = self.problems[index * self.batch_size:(index + 1) * self.batch_size]
-        return [ProblemGroupBuilder(env_thunk=lambda p=p: _SumEnv(self.renderer, p["question"], p["answer"]),
-                                    num_envs=self.group_size, dataset_name="sums") for p in batch]
+        batch = self.problems[index * self.batch_size : (index + 1) * self.batch_size]
+        return [
+            ProblemGroupBuilder(
+                env_thunk=lambda p=p: _SumEnv(self.renderer, p["question"], p["answer"]),
+                num_envs=self.group_size,
+                dataset_name="sums",
+            )
+            for p in batch
+        ]
 
     def __len__(self) -> int:
         return len(self.problems) // self.batch_size
@@ -132,12 +163,24 @@ class _SumDatasetBuilder(RLDatasetBuilder):
 def test_the_cookbook_rl_loop_samples_trains_and_checkpoints(server, tiny_model_dir, tmp_path):
     model = str(tiny_model_dir)
     data = tmp_path / "rl.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n"
-                            for a, b in [(2, 3), (4, 1), (5, 5), (7, 2)]))
+    data.write_text(
+        "".join(
+            json.dumps({"question": f"What is {a}+{b}?", "answer": str(a + b)}) + "\n"
+            for a, b in [(2, 3), (4, 1), (5, 5), (7, 2)]
+        )
+    )
     log_path = tmp_path / "rl_run"
     config = rl_train.Config(
-        learning_rate=1e-3, model_name=model, recipe_name="local_rl", renderer_name=RENDERER, max_tokens=8,
-        log_path=str(log_path), lora_rank=8, max_steps=2, save_every=0, eval_every=0,
+        learning_rate=1e-3,
+        model_name=model,
+        recipe_name="local_rl",
+        renderer_name=RENDERER,
+        max_tokens=8,
+        log_path=str(log_path),
+        lora_rank=8,
+        max_steps=2,
+        save_every=0,
+        eval_every=0,
         dataset_builder=_SumDatasetBuilder(file_path=str(data), batch_size=2, group_size=4, model=model),
         loss_fn="importance_sampling",
     )

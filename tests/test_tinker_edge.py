@@ -37,9 +37,17 @@ def result(server, headers: dict, request_id: str) -> dict:
 
 def new_model(server, headers: dict) -> tuple[str, str]:
     session = call(server, "create_session", headers, {})["session_id"]
-    future = call(server, "create_model", headers, {"session_id": session, "model_seq_id": 0,
-                                                    "base_model": server.service.default_model,
-                                                    "lora_config": {"rank": 4}})
+    future = call(
+        server,
+        "create_model",
+        headers,
+        {
+            "session_id": session,
+            "model_seq_id": 0,
+            "base_model": server.service.default_model,
+            "lora_config": {"rank": 4},
+        },
+    )
     return session, result(server, headers, future["request_id"])["model_id"]
 
 
@@ -71,13 +79,27 @@ def test_a_sample_whose_session_ended_stops_decoding(server):
     stops beating for tinker_session_timeout_seconds), its samples stop at their next step."""
     for end in ("finish", "timeout"):
         session = call(server, "create_session", ALICE, {})["session_id"]
-        sampler = call(server, "create_sampling_session", ALICE, {
-            "session_id": session, "sampling_session_seq_id": 0, "base_model": server.service.default_model,
-        })["sampling_session_id"]
-        future = call(server, "asample", ALICE, {
-            "sampling_session_id": sampler, "num_samples": 8, "prompt": {"chunks": [{"tokens": [1, 2, 3]}]},
-            "sampling_params": {"max_tokens": 1024, "temperature": 1.0},
-        })["request_id"]
+        sampler = call(
+            server,
+            "create_sampling_session",
+            ALICE,
+            {
+                "session_id": session,
+                "sampling_session_seq_id": 0,
+                "base_model": server.service.default_model,
+            },
+        )["sampling_session_id"]
+        future = call(
+            server,
+            "asample",
+            ALICE,
+            {
+                "sampling_session_id": sampler,
+                "num_samples": 8,
+                "prompt": {"chunks": [{"tokens": [1, 2, 3]}]},
+                "sampling_params": {"max_tokens": 1024, "temperature": 1.0},
+            },
+        )["request_id"]
         if end == "finish":
             time.sleep(0.5)
             httpx.post(f"{server.url}/api/v1/sessions/{session}/finish", headers=ALICE, timeout=30)
@@ -87,6 +109,10 @@ def test_a_sample_whose_session_ended_stops_decoding(server):
         decoded = int(answer["error"].split("after ")[1].split(" of")[0])
         assert decoded < 8 * 1024 / 2, (end, answer["error"])
         # A new sample for the ended session is refused, not decoded for nobody.
-        again = call(server, "asample", ALICE, {"sampling_session_id": sampler, "num_samples": 1,
-                                                "prompt": {"chunks": [{"tokens": [1, 2, 3]}]}})["request_id"]
+        again = call(
+            server,
+            "asample",
+            ALICE,
+            {"sampling_session_id": sampler, "num_samples": 1, "prompt": {"chunks": [{"tokens": [1, 2, 3]}]}},
+        )["request_id"]
         assert "has ended" in result(server, ALICE, again)["error"]

@@ -21,9 +21,15 @@ KEY = "tml-losses"
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("tinker-losses")
-    with ServerProcess(model=str(tiny_model_dir), data_dir=root / "data", log_file=root / "server.log",
-                       extra_args=["--device", "cpu"], env=offline_env(), startup_timeout=120,
-                       poll_interval=0.05) as running:
+    with ServerProcess(
+        model=str(tiny_model_dir),
+        data_dir=root / "data",
+        log_file=root / "server.log",
+        extra_args=["--device", "cpu"],
+        env=offline_env(),
+        startup_timeout=120,
+        poll_interval=0.05,
+    ) as running:
         yield running
 
 
@@ -45,8 +51,10 @@ def session(server, tiny_model_dir):
 def ce_datum(prompt, reply, weights=None) -> types.Datum:
     tokens = prompt + reply
     weights = weights if weights is not None else [0.0] * (len(prompt) - 1) + [1.0] * len(reply)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
+    )
 
 
 def sample(sampler, n: int = 2, max_tokens: int = 6):
@@ -54,23 +62,33 @@ def sample(sampler, n: int = 2, max_tokens: int = 6):
     return sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=n, sampling_params=params).result()
 
 
-def rl_datum(sequence, advantage: float, logprobs=None, provenance: bool = True,
-             sequence_id: str | None = None, extra=None) -> types.Datum:
+def rl_datum(
+    sequence, advantage: float, logprobs=None, provenance: bool = True, sequence_id: str | None = None, extra=None
+) -> types.Datum:
     """As the cookbook's rl_loop builds one: prompt + sampled tokens, shifted, with provenance."""
     sampled = list(sequence.tokens)
     ob = len(PROMPT) - 1
     logprobs = list(sequence.logprobs) if logprobs is None else logprobs
-    inputs = {"target_tokens": [0] * ob + sampled, "logprobs": [0.0] * ob + logprobs,
-              "advantages": [0.0] * ob + [advantage] * len(sampled), **(extra or {})}
+    inputs = {
+        "target_tokens": [0] * ob + sampled,
+        "logprobs": [0.0] * ob + logprobs,
+        "advantages": [0.0] * ob + [advantage] * len(sampled),
+        **(extra or {}),
+    }
     datum = types.Datum(model_input=types.ModelInput.from_ints(PROMPT + sampled[:-1]), loss_fn_inputs=inputs)
     if not provenance:
         return datum
     sid = sequence_id or sequence.sequence_id
     return datum.with_provenance(
-        model_input=[types.PromptProvenanceSpan(sequence_id=sid, length=len(PROMPT)),
-                     types.SampledProvenanceSpan(sequence_id=sid, length=len(sampled) - 1)],
-        loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=len(PROMPT) - 1),
-                        types.SampledProvenanceSpan(sequence_id=sid, length=len(sampled))])
+        model_input=[
+            types.PromptProvenanceSpan(sequence_id=sid, length=len(PROMPT)),
+            types.SampledProvenanceSpan(sequence_id=sid, length=len(sampled) - 1),
+        ],
+        loss_fn_inputs=[
+            types.PromptProvenanceSpan(sequence_id=sid, offset=1, length=len(PROMPT) - 1),
+            types.SampledProvenanceSpan(sequence_id=sid, length=len(sampled)),
+        ],
+    )
 
 
 def returned_logprobs(output) -> list[torch.Tensor]:
@@ -116,8 +134,12 @@ def test_stable_reinforce_refuses_data_whose_provenance_does_not_hold(session, s
     forged = rl_datum(sequence, 1.0)
     tokens = forged.model_input.to_ints()
     tokens[-1] = (tokens[-1] + 1) % 1000
-    forged = types.Datum(model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs=forged.loss_fn_inputs,
-                         model_input_spans=forged.model_input_spans, loss_fn_input_spans=forged.loss_fn_input_spans)
+    forged = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens),
+        loss_fn_inputs=forged.loss_fn_inputs,
+        model_input_spans=forged.model_input_spans,
+        loss_fn_input_spans=forged.loss_fn_input_spans,
+    )
     assert "data[0].model_input_spans[1]" in refusal([forged])
     assert "is not a recorded sequence" in refusal([rl_datum(sequence, 1.0, sequence_id="job_nope:0")])
     # A sampler that does not record: its sequences cannot be trained on with stable_reinforce.
@@ -139,9 +161,10 @@ def test_gspo_takes_its_sequence_ratio_mask(session):
     _, trainer, sampler = session
     sequences = sample(sampler).sequences
     ob = len(PROMPT) - 1
-    data = [rl_datum(s, a, provenance=False,
-                     extra={"sequence_ratio_mask": [0.0] * ob + [1.0] * len(s.tokens)})
-            for s, a in zip(sequences, [2.0, -1.0])]
+    data = [
+        rl_datum(s, a, provenance=False, extra={"sequence_ratio_mask": [0.0] * ob + [1.0] * len(s.tokens)})
+        for s, a in zip(sequences, [2.0, -1.0])
+    ]
     out = trainer.forward_backward(data, "gspo").result()
     want = 0.0
     for s, a, lp in zip(sequences, [2.0, -1.0], returned_logprobs(out)):
@@ -160,15 +183,24 @@ def test_cross_entropy_over_k_targets_is_the_sum_of_its_one_target_terms(session
     targets = torch.randint(0, 5000, (n, k), generator=gen)
     weights = torch.rand(n, k, generator=gen)
     weights[:2] = 0.0
-    multi = types.Datum(model_input=types.ModelInput.from_ints(tokens),
-                        loss_fn_inputs={"target_tokens": types.TensorData.from_torch(targets),
-                                        "weights": types.TensorData.from_torch(weights)})
+    multi = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_torch(targets),
+            "weights": types.TensorData.from_torch(weights),
+        },
+    )
     # As a torch tensor, the SDK sends 2-D weights and targets sparse (CSR).
-    sparse = types.Datum(model_input=types.ModelInput.from_ints(tokens),
-                         loss_fn_inputs={"target_tokens": targets, "weights": weights})
-    singles = [types.Datum(model_input=types.ModelInput.from_ints(tokens),
-                           loss_fn_inputs={"target_tokens": targets[:, j], "weights": weights[:, j]})
-               for j in range(k)]
+    sparse = types.Datum(
+        model_input=types.ModelInput.from_ints(tokens), loss_fn_inputs={"target_tokens": targets, "weights": weights}
+    )
+    singles = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(tokens),
+            loss_fn_inputs={"target_tokens": targets[:, j], "weights": weights[:, j]},
+        )
+        for j in range(k)
+    ]
     out = trainer.forward([multi, sparse], "cross_entropy").result()
     one = trainer.forward(singles, "cross_entropy").result()
     assert out.metrics["loss:sum"] == pytest.approx(2 * one.metrics["loss:sum"], rel=1e-5)

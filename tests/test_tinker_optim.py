@@ -24,8 +24,9 @@ EVERY_FIELD = dict(learning_rate=0.05, beta1=0.5, beta2=0.6, eps=0.3, weight_dec
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    settings = ServerSettings(data_dir=tmp_path_factory.mktemp("optim") / "data", device="cpu",
-                              model=[str(tiny_model_dir)])
+    settings = ServerSettings(
+        data_dir=tmp_path_factory.mktemp("optim") / "data", device="cpu", model=[str(tiny_model_dir)]
+    )
     with ThreadedServer(build_service(settings)) as running:
         yield running
 
@@ -40,13 +41,17 @@ def service(server, monkeypatch):
 
 
 def sdk_datum() -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(TOKENS[:-1]),
-                       loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1)})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={"target_tokens": TOKENS[1:], "weights": [1.0] * (len(TOKENS) - 1)},
+    )
 
 
 def our_datum() -> Datum:
-    return Datum(model_input=ModelInput(tokens=TOKENS[:-1]),
-                 loss_fn_inputs=LossFnInputs(target_tokens=TOKENS[1:], weights=[1.0] * (len(TOKENS) - 1)))
+    return Datum(
+        model_input=ModelInput(tokens=TOKENS[:-1]),
+        loss_fn_inputs=LossFnInputs(target_tokens=TOKENS[1:], weights=[1.0] * (len(TOKENS) - 1)),
+    )
 
 
 def failure(future) -> str:
@@ -89,8 +94,14 @@ def assert_same_weights(saved: dict[str, torch.Tensor], weights: list[torch.Tens
     # and value: each saved tensor equals exactly one parameter.
     remaining = list(weights)
     for tensor in saved.values():
-        match = next((i for i, w in enumerate(remaining) if w.shape == tensor.shape
-                      and torch.allclose(w, tensor, rtol=1e-4, atol=1e-6)), None)
+        match = next(
+            (
+                i
+                for i, w in enumerate(remaining)
+                if w.shape == tensor.shape and torch.allclose(w, tensor, rtol=1e-4, atol=1e-6)
+            ),
+            None,
+        )
         assert match is not None, "a saved tensor matches no parameter of the replica"
         remaining.pop(match)
 
@@ -130,8 +141,11 @@ def test_bad_adam_fields_are_refused_naming_them(server, service, tiny_model_dir
 
 # ----------------------------------------------------------------------------------- Dimuon
 def test_dimuon_is_refused_wherever_it_can_be_sent(server, service, tiny_model_dir):
-    message = failure(service.create_lora_training_client(
-        base_model=str(tiny_model_dir), rank=4, optimizer=types.DimuonOptimizerConfig()))
+    message = failure(
+        service.create_lora_training_client(
+            base_model=str(tiny_model_dir), rank=4, optimizer=types.DimuonOptimizerConfig()
+        )
+    )
     assert "optimizer_config" in message and "Dimuon" in message
 
     client = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4).result()
@@ -152,9 +166,11 @@ def test_train_unembed_is_honoured_and_reported(server, service, tiny_model_dir)
     """The SDK's default trains a LoRA on the output head too; weights_info says which parts a
     checkpoint trains, and the sampler's logprobs are the trainer's, the head's LoRA included."""
     rest = service.create_rest_client()
-    for kwargs, parts in (({}, (True, True, True)),
-                          ({"train_unembed": False}, (True, True, False)),
-                          ({"train_attn": False, "train_mlp": False}, (False, False, True))):
+    for kwargs, parts in (
+        ({}, (True, True, True)),
+        ({"train_unembed": False}, (True, True, False)),
+        ({"train_attn": False, "train_mlp": False}, (False, False, True)),
+    ):
         client = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4, **kwargs).result()
         losses = []
         for _ in range(3):
@@ -173,10 +189,15 @@ def test_train_unembed_is_honoured_and_reported(server, service, tiny_model_dir)
             result = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=4, seed=1)).result(timeout=60)
             sequence = result.sequences[0]
             tokens = TOKENS[:3] + list(sequence.tokens)
-            forward = client.forward([types.Datum(
-                model_input=types.ModelInput.from_ints(tokens[:-1]),
-                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)})],
-                "cross_entropy").result(timeout=60)
+            forward = client.forward(
+                [
+                    types.Datum(
+                        model_input=types.ModelInput.from_ints(tokens[:-1]),
+                        loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+                    )
+                ],
+                "cross_entropy",
+            ).result(timeout=60)
             trained = forward.loss_fn_outputs[0]["logprobs"].tolist()[2:]
             assert list(sequence.logprobs) == pytest.approx(trained, abs=1e-4)
 
@@ -200,12 +221,14 @@ def test_rest_run_with_head_lora_serves_its_checkpoint_over_openai(server, tiny_
     assert any("lm_head.lora_B" in k for k in load_file(directory / ADAPTER_WEIGHTS))
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
-    out = client.completions.create(model=f"{run.run_id}/served", prompt=TOKENS[:3], max_tokens=4, temperature=0,
-                                    logprobs=0)
+    out = client.completions.create(
+        model=f"{run.run_id}/served", prompt=TOKENS[:3], max_tokens=4, temperature=0, logprobs=0
+    )
     served = out.choices[0].logprobs.token_logprobs
 
     model = peft.PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), directory).eval()
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), directory
+    ).eval()
     tokens, want = list(TOKENS[:3]), []
     with torch.no_grad():
         for _ in range(4):

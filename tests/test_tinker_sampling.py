@@ -23,8 +23,9 @@ def server(tiny_model_dir, tmp_path_factory):
     from eztinker.launcher import ThreadedServer, build_service
     from eztinker.server.settings import ServerSettings
 
-    settings = ServerSettings(model=[str(tiny_model_dir)], device="cpu",
-                              data_dir=tmp_path_factory.mktemp("tinker-sampling") / "data")
+    settings = ServerSettings(
+        model=[str(tiny_model_dir)], device="cpu", data_dir=tmp_path_factory.mktemp("tinker-sampling") / "data"
+    )
     with ThreadedServer(build_service(settings)) as running:
         yield running
 
@@ -57,8 +58,12 @@ def sampler(service, tiny_model_dir):
 
 
 def test_topk_sample_logprobs_are_the_models_top_k_at_each_sampled_position(sampler, reference):
-    result = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=2, topk_sample_logprobs=5,
-                            sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)).result()
+    result = sampler.sample(
+        types.ModelInput.from_ints(PROMPT),
+        num_samples=2,
+        topk_sample_logprobs=5,
+        sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=11),
+    ).result()
     for seq in result.sequences:
         assert len(seq.topk_logprobs) == len(seq.tokens) == 6
         want_T_V = reference(PROMPT + seq.tokens)
@@ -68,8 +73,9 @@ def test_topk_sample_logprobs_are_the_models_top_k_at_each_sampled_position(samp
             assert [t for t, _ in top] == ids.tolist()
             assert [lp for _, lp in top] == pytest.approx(values.tolist(), abs=TOL)
             assert logprob == pytest.approx(float(row[token]), abs=TOL)
-    plain = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=1,
-                           sampling_params=types.SamplingParams(max_tokens=2)).result()
+    plain = sampler.sample(
+        types.ModelInput.from_ints(PROMPT), num_samples=1, sampling_params=types.SamplingParams(max_tokens=2)
+    ).result()
     assert plain.sequences[0].topk_logprobs is None
 
 
@@ -81,9 +87,15 @@ def test_target_prompt_logprobs_last_n_and_alt_tokens(sampler, reference, sparse
     assert (targets.sparse_crow_indices is not None) == sparse
     k = 4
     result = sampler.sample(
-        types.ModelInput.from_ints(PROMPT), num_samples=1, include_prompt_logprobs=True, topk_prompt_logprobs=2,
-        prompt_logprobs_last_n=2, target_prompt_logprobs=targets, prompt_alt_tokens_k=k,
-        sampling_params=types.SamplingParams(max_tokens=1, temperature=0.7, seed=5)).result()
+        types.ModelInput.from_ints(PROMPT),
+        num_samples=1,
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=2,
+        prompt_logprobs_last_n=2,
+        target_prompt_logprobs=targets,
+        prompt_alt_tokens_k=k,
+        sampling_params=types.SamplingParams(max_tokens=1, temperature=0.7, seed=5),
+    ).result()
     want_T_V = reference(PROMPT)
     # prompt_logprobs_last_n=2: the last two prompt tokens scored, top-k too; the rest None.
     assert result.prompt_logprobs[:-2] == [None] * (len(PROMPT) - 2)
@@ -94,7 +106,7 @@ def test_target_prompt_logprobs_last_n_and_alt_tokens(sampler, reference, sparse
     got = result.target_prompt_logprobs
     assert (got.sparse_crow_indices is not None) == sparse and got.shape == [len(PROMPT) - 1, 3]
     want = torch.zeros(len(PROMPT) - 1, 3)
-    for r, c in ((ids != -1).nonzero().tolist()):
+    for r, c in (ids != -1).nonzero().tolist():
         want[r, c] = want_T_V[r, ids[r, c]]
     assert torch.allclose(got.to_torch(pad_value=0), want, atol=TOL)
     # alternative tokens: k draws per position 1 .. len - 1, each with the model's logprob of it.
@@ -105,9 +117,12 @@ def test_target_prompt_logprobs_last_n_and_alt_tokens(sampler, reference, sparse
 
 def test_alt_token_draws_follow_the_temperature_and_the_seed(sampler, reference):
     def draws(temperature: float, seed: int) -> torch.Tensor:
-        result = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=1, prompt_alt_tokens_k=64,
-                                sampling_params=types.SamplingParams(max_tokens=1, temperature=temperature,
-                                                                     seed=seed)).result()
+        result = sampler.sample(
+            types.ModelInput.from_ints(PROMPT),
+            num_samples=1,
+            prompt_alt_tokens_k=64,
+            sampling_params=types.SamplingParams(max_tokens=1, temperature=temperature, seed=seed),
+        ).result()
         return result.prompt_alt_tokens.tokens.to_torch()
 
     first, again, other = draws(1.0, 1), draws(1.0, 1), draws(1.0, 2)
@@ -131,8 +146,10 @@ def test_stop_empty_list_samples_past_the_end_token(service, tiny_model_dir):
     training = service.create_lora_training_client(base_model=str(tiny_model_dir), rank=4).result()
     eos = training.get_tokenizer().eos_token_id
     prompt = PROMPT[:3]
-    datum = types.Datum(model_input=types.ModelInput.from_ints(prompt),
-                        loss_fn_inputs={"target_tokens": prompt[1:] + [eos], "weights": [0.0, 0.0, 1.0]})
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(prompt),
+        loss_fn_inputs={"target_tokens": prompt[1:] + [eos], "weights": [0.0, 0.0, 1.0]},
+    )
     for _ in range(10):
         training.forward_backward([datum], "cross_entropy").result()
         training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
@@ -160,8 +177,9 @@ def _refusal(future) -> str:
 def test_fields_the_server_cannot_honour_fail_the_request_naming_them(service, sampler, tiny_model_dir):
     long = types.ModelInput.from_ints(PROMPT)
     params = types.SamplingParams(max_tokens=1)
-    assert "prompt_logprobs_last_n" in _refusal(sampler.sample(long, 1, params, include_prompt_logprobs=True,
-                                                               prompt_logprobs_last_n=len(PROMPT)))
+    assert "prompt_logprobs_last_n" in _refusal(
+        sampler.sample(long, 1, params, include_prompt_logprobs=True, prompt_logprobs_last_n=len(PROMPT))
+    )
     wrong_rows = types.TensorData.from_torch(torch.tensor([[5]]))
     assert "target_prompt_logprobs" in _refusal(sampler.sample(long, 1, params, target_prompt_logprobs=wrong_rows))
     # record_stability_info is honoured (tests/test_tinker_losses.py): its sequences are recorded.
@@ -173,16 +191,32 @@ def test_an_unknown_asample_field_is_refused_not_ignored(server, tiny_model_dir)
     """What no SDK sends today (a field from a later version, a typo) fails the request, named."""
     with httpx.Client(base_url=f"{server.url}/api/v1", headers={"X-API-Key": "tml-raw"}, timeout=30) as http:
         session = http.post("/create_session", json={}).json()["session_id"]
-        sampler_id = http.post("/create_sampling_session", json={
-            "session_id": session, "sampling_session_seq_id": 0, "base_model": str(tiny_model_dir)}).json()[
-            "sampling_session_id"]
-        future = http.post("/asample", json={"sampling_session_id": sampler_id, "seq_id": 0, "num_samples": 1,
-                                             "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
-                                             "sampling_params": {"max_tokens": 1}, "logit_bias": {"5": 10}}).json()
+        sampler_id = http.post(
+            "/create_sampling_session",
+            json={"session_id": session, "sampling_session_seq_id": 0, "base_model": str(tiny_model_dir)},
+        ).json()["sampling_session_id"]
+        future = http.post(
+            "/asample",
+            json={
+                "sampling_session_id": sampler_id,
+                "seq_id": 0,
+                "num_samples": 1,
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+                "sampling_params": {"max_tokens": 1},
+                "logit_bias": {"5": 10},
+            },
+        ).json()
         answer = http.post("/retrieve_future", json={"request_id": future["request_id"]}).json()
         assert answer["category"] == "user" and "logit_bias" in answer["error"]
-        future = http.post("/asample", json={"sampling_session_id": sampler_id, "seq_id": 1, "num_samples": 1,
-                                             "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
-                                             "sampling_params": {"max_tokens": 1, "min_p": 0.1}}).json()
+        future = http.post(
+            "/asample",
+            json={
+                "sampling_session_id": sampler_id,
+                "seq_id": 1,
+                "num_samples": 1,
+                "prompt": {"chunks": [{"type": "encoded_text", "tokens": PROMPT}]},
+                "sampling_params": {"max_tokens": 1, "min_p": 0.1},
+            },
+        ).json()
         answer = http.post("/retrieve_future", json={"request_id": future["request_id"]}).json()
         assert answer["category"] == "user" and "sampling_params.min_p" in answer["error"]

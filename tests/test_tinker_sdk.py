@@ -33,9 +33,15 @@ def server(tiny_model_dir, tmp_path_factory):
     # The SDK's requests for one batch arrive a few ms apart, but CI runs a CPU-bound test on the
     # other core beside this one, which can stretch a gap past the 50 ms default: hence 250.
     args = ["--device", "cpu", "--api-keys-file", str(keys), "--sample-gather-ms", str(GATHER_MS)]
-    with ServerProcess(model=str(tiny_model_dir), data_dir=root / "data", log_file=root / "server.log",
-                       extra_args=args, env=offline_env(),
-                       startup_timeout=120, poll_interval=0.05) as running:
+    with ServerProcess(
+        model=str(tiny_model_dir),
+        data_dir=root / "data",
+        log_file=root / "server.log",
+        extra_args=args,
+        env=offline_env(),
+        startup_timeout=120,
+        poll_interval=0.05,
+    ) as running:
         yield running
 
 
@@ -60,8 +66,10 @@ def model(tiny_model_dir) -> str:
 def datum(prompt=PROMPT, reply=REPLY, weights=None) -> types.Datum:
     tokens = prompt + reply
     weights = weights if weights is not None else [0.0] * (len(prompt) - 1) + [1.0] * len(reply)
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
+    )
 
 
 def logprobs_of(output) -> list[float]:
@@ -70,8 +78,13 @@ def logprobs_of(output) -> list[float]:
 
 
 def train(client, steps: int, data=None, lr: float = 1e-2) -> list[float]:
-    futures = [(client.forward_backward(data or [datum()], "cross_entropy"),
-                client.optim_step(types.AdamParams(learning_rate=lr))) for _ in range(steps)]
+    futures = [
+        (
+            client.forward_backward(data or [datum()], "cross_entropy"),
+            client.optim_step(types.AdamParams(learning_rate=lr)),
+        )
+        for _ in range(steps)
+    ]
     return [fb.result().metrics["loss:sum"] for fb, opt in futures if opt.result() is not None]
 
 
@@ -81,7 +94,12 @@ def test_capabilities_info_and_tokenizer(service, model):
     assert [(m.model_name, m.trainable, m.sampleable) for m in caps.supported_models] == [(model, True, True)]
     client = service.create_lora_training_client(base_model=model, rank=4)
     info = client.get_info()
-    assert (info.model_id, info.is_lora, info.lora_rank, info.model_data.model_name) == (client.model_id, True, 4, model)
+    assert (info.model_id, info.is_lora, info.lora_rank, info.model_data.model_name) == (
+        client.model_id,
+        True,
+        4,
+        model,
+    )
     assert client.model_id.endswith(":train:0")
     tokenizer = client.get_tokenizer()  # loads offline, from the model's folder
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
@@ -94,7 +112,7 @@ def test_training_lowers_the_loss_and_forward_equals_forward_backward(service, m
     assert logprobs_of(forward) == pytest.approx(logprobs_of(backward), abs=1e-5)
     lps = logprobs_of(forward)
     assert len(lps) == len(PROMPT) + len(REPLY) - 1 and all(lp < 0 for lp in lps)  # every position, not only weighted
-    assert forward.metrics["loss:sum"] == pytest.approx(-sum(lps[len(PROMPT) - 1:]), rel=1e-5)
+    assert forward.metrics["loss:sum"] == pytest.approx(-sum(lps[len(PROMPT) - 1 :]), rel=1e-5)
     client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     losses = train(client, 4)
     assert losses[-1] < losses[0] - 0.5, losses
@@ -105,8 +123,9 @@ def test_training_lowers_the_loss_and_forward_equals_forward_backward(service, m
 def test_custom_loss_gives_the_gradient_autograd_gives(service, model):
     """forward_backward_custom sends minus the custom loss's gradient as signed cross_entropy
     weights; a twin run trained with cross_entropy on the weights autograd gives must match."""
+
     def custom(data, logprobs):
-        loss = sum((lp ** 2).sum() * 0.01 + 2 * lp[-1] for lp in logprobs)
+        loss = sum((lp**2).sum() * 0.01 + 2 * lp[-1] for lp in logprobs)
         return loss, {"custom:sum": float(loss)}
 
     a = service.create_lora_training_client(base_model=model, rank=4, seed=3)
@@ -192,8 +211,13 @@ def test_sampling_parameters(service, model):
     assert logprobs[0] is None and len(logprobs) == len(PROMPT + REPLY)
     forward = logprobs_of(client.forward([datum(weights=[1.0] * 6)], "cross_entropy").result())
     assert logprobs[1:] == pytest.approx(forward, abs=1e-4)
-    topk = sampler.sample(types.ModelInput.from_ints(PROMPT + REPLY), 1, types.SamplingParams(max_tokens=1),
-                          include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
+    topk = sampler.sample(
+        types.ModelInput.from_ints(PROMPT + REPLY),
+        1,
+        types.SamplingParams(max_tokens=1),
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=3,
+    ).result()
     assert topk.prompt_logprobs[1:] == pytest.approx(forward, abs=1e-4)
     for row, lp in zip(topk.topk_prompt_logprobs[1:], forward):
         assert len(row) == 3 and row[0][1] >= row[1][1] >= row[2][1] >= lp - 1e-4
@@ -202,6 +226,7 @@ def test_sampling_parameters(service, model):
 def sample_batches(server) -> tuple[float, float]:
     """(batches, requests) the server has decoded, from its /metrics histogram."""
     from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ALICE}"}).text
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     return samples["eztinker_sample_batch_requests_count"], samples["eztinker_sample_batch_requests_sum"]
@@ -226,8 +251,14 @@ def test_two_training_clients_do_not_affect_each_other(service, model):
     a = service.create_lora_training_client(base_model=model, rank=4, seed=5)
     b = service.create_lora_training_client(base_model=model, rank=4, seed=5)
     before = logprobs_of(b.forward([datum()], "cross_entropy").result())
-    futures = [(a.forward_backward([datum()], "cross_entropy"), a.optim_step(types.AdamParams(learning_rate=5e-2)),
-                b.forward([datum()], "cross_entropy")) for _ in range(3)]
+    futures = [
+        (
+            a.forward_backward([datum()], "cross_entropy"),
+            a.optim_step(types.AdamParams(learning_rate=5e-2)),
+            b.forward([datum()], "cross_entropy"),
+        )
+        for _ in range(3)
+    ]
     assert all(logprobs_of(f[2].result()) == pytest.approx(before, abs=1e-6) for f in futures)
     assert logprobs_of(a.forward([datum()], "cross_entropy").result()) != pytest.approx(before, abs=1e-3)
 
@@ -242,20 +273,38 @@ def test_rest_and_tinker_see_one_run_and_give_the_same_loss(service, server, mod
         rest_loss = run.forward_backward([datum_from_tokens(PROMPT, REPLY)]).result(timeout=60).loss
         assert rest_loss == pytest.approx(tinker_loss, rel=1e-5)
         created = rest.create_training_run(lora_rank=2)
-        assert created.run_id in {r.training_run_id for r in
-                                  tinker.RestClient(base_url=server.url, api_key=ALICE).list_training_runs(limit=1000).result().training_runs}
+        assert created.run_id in {
+            r.training_run_id
+            for r in tinker.RestClient(base_url=server.url, api_key=ALICE)
+            .list_training_runs(limit=1000)
+            .result()
+            .training_runs
+        }
 
 
 # ------------------------------------------------------------------------------ losses
 def rl_datum(advantage: float = 1.0) -> types.Datum:
     tokens = PROMPT + REPLY
     n = len(tokens) - 1
-    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
-        "target_tokens": tokens[1:], "logprobs": [-12.0] * n, "advantages": [0.0, 0.0] + [advantage] * (n - 2)})
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": tokens[1:],
+            "logprobs": [-12.0] * n,
+            "advantages": [0.0, 0.0] + [advantage] * (n - 2),
+        },
+    )
 
 
-@pytest.mark.parametrize("loss_fn,config", [("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9,
-                         "clip_high_threshold": 1.1}), ("cispo", None), ("dro", {"beta": 0.1})])
+@pytest.mark.parametrize(
+    "loss_fn,config",
+    [
+        ("importance_sampling", None),
+        ("ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}),
+        ("cispo", None),
+        ("dro", {"beta": 0.1}),
+    ],
+)
 def test_rl_losses_follow_their_formulas(service, model, loss_fn, config):
     client = service.create_lora_training_client(base_model=model, rank=4)
     lp = torch.tensor(logprobs_of(client.forward([datum(weights=[1.0] * 6)], "cross_entropy").result()))
@@ -286,19 +335,28 @@ def test_bad_input_gets_a_tinker_error_naming_the_problem(service, server, model
     with pytest.raises(tinker.RequestFailedError) as err:
         client.forward_backward([datum(prompt=[1, VOCAB + 3])], "cross_entropy").result()
     assert "outside the vocabulary" in str(err.value)
-    image = types.ModelInput(chunks=[types.EncodedTextChunk(tokens=[1, 2]),
-                                     types.ImageChunk(data=b"\x89PNG....", format="png", expected_tokens=4)])
+    image = types.ModelInput(
+        chunks=[
+            types.EncodedTextChunk(tokens=[1, 2]),
+            types.ImageChunk(data=b"\x89PNG....", format="png", expected_tokens=4),
+        ]
+    )
     with pytest.raises(Exception) as err:
         client.save_weights_and_get_sampling_client().sample(image, 1, GREEDY).result()
     assert "text-only" in str(err.value)
     with pytest.raises(Exception) as err:
         service.create_lora_training_client(base_model="Qwen/Qwen3-235B", rank=4).get_info()
     assert model in str(err.value)  # the error lists the models the server holds
-    response = httpx.post(f"{server.url}/api/v1/forward_backward", content=b"\xff\x00garbage",
-                          headers={"X-API-Key": ALICE, "Content-Type": "application/x-protobuf"})
+    response = httpx.post(
+        f"{server.url}/api/v1/forward_backward",
+        content=b"\xff\x00garbage",
+        headers={"X-API-Key": ALICE, "Content-Type": "application/x-protobuf"},
+    )
     assert response.status_code == 400 and "malformed" in response.json()["error"]
-    mismatched = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
-                             loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0]})
+    mismatched = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0]},
+    )
     with pytest.raises(Exception) as err:
         client.forward_backward([mismatched], "cross_entropy").result()
     assert "weights" in str(err.value)
@@ -317,14 +375,18 @@ def test_rest_client_lists_deletes_and_downloads_checkpoints(service, server, mo
     run = rest.get_training_run(client.model_id).result()
     assert (run.base_model, run.lora_rank, run.last_checkpoint.tinker_path) == (model, 4, state)
     listed = rest.list_checkpoints(client.model_id).result().checkpoints
-    assert {(c.checkpoint_id, c.checkpoint_type) for c in listed} == {("weights/one", "training"),
-                                                                       ("sampler_weights/one", "sampler")}
+    assert {(c.checkpoint_id, c.checkpoint_type) for c in listed} == {
+        ("weights/one", "training"),
+        ("sampler_weights/one", "sampler"),
+    }
     info = rest.get_weights_info_by_tinker_path(state).result()
     assert (info.base_model, info.lora_rank, info.is_lora) == (model, 4, True)
 
     # The archive route answers a signed URL (SDKs 0.25-0.34's contract); the URL needs no key.
-    signed = httpx.get(f"{server.url}/api/v1/training_runs/{client.model_id}/checkpoints/weights/one/archive",
-                       headers={"X-API-Key": ALICE, "Accept": "application/json"})
+    signed = httpx.get(
+        f"{server.url}/api/v1/training_runs/{client.model_id}/checkpoints/weights/one/archive",
+        headers={"X-API-Key": ALICE, "Accept": "application/json"},
+    )
     assert signed.status_code == 200
     archive = httpx.get(signed.json()["url"])
     assert archive.status_code == 200
@@ -337,13 +399,16 @@ def test_rest_client_lists_deletes_and_downloads_checkpoints(service, server, mo
         logits = peft_model(torch.tensor([PROMPT + REPLY[:-1]])).logits.log_softmax(-1)[0]
     targets = (PROMPT + REPLY)[1:]
     expected = [float(logits[i, t]) for i, t in enumerate(targets)]
-    assert logprobs_of(client.forward([datum(weights=[1.0] * 6)], "cross_entropy").result()) == \
-        pytest.approx(expected, abs=1e-4)
+    assert logprobs_of(client.forward([datum(weights=[1.0] * 6)], "cross_entropy").result()) == pytest.approx(
+        expected, abs=1e-4
+    )
 
     rest.delete_checkpoint_from_tinker_path(sampler).result()
     assert [c.checkpoint_id for c in rest.list_checkpoints(client.model_id).result().checkpoints] == ["weights/one"]
     with pytest.raises(Exception):
-        service.create_sampling_client(model_path=sampler).sample(types.ModelInput.from_ints(PROMPT), 1, GREEDY).result()
+        service.create_sampling_client(model_path=sampler).sample(
+            types.ModelInput.from_ints(PROMPT), 1, GREEDY
+        ).result()
 
 
 def test_another_users_runs_answer_as_if_absent(service, server, model):
@@ -352,7 +417,9 @@ def test_another_users_runs_answer_as_if_absent(service, server, model):
     bob = tinker.ServiceClient(base_url=server.url, api_key=BOB)
     try:  # closed, or its session's heartbeat outlives the module's server and logs failures
         bob_rest = tinker.RestClient(base_url=server.url, api_key=BOB)
-        assert client.model_id not in {r.training_run_id for r in bob_rest.list_training_runs(limit=1000).result().training_runs}
+        assert client.model_id not in {
+            r.training_run_id for r in bob_rest.list_training_runs(limit=1000).result().training_runs
+        }
         with pytest.raises(Exception) as err:
             bob_rest.list_checkpoints(client.model_id).result()
         assert "not found" in str(err.value)
@@ -361,8 +428,9 @@ def test_another_users_runs_answer_as_if_absent(service, server, model):
         assert "not found" in str(err.value)
     finally:
         bob.close("success").result()
-    wrong = httpx.post(f"{server.url}/api/v1/get_info", json={"model_id": client.model_id},
-                       headers={"X-API-Key": "tml-nobody"})
+    wrong = httpx.post(
+        f"{server.url}/api/v1/get_info", json={"model_id": client.model_id}, headers={"X-API-Key": "tml-nobody"}
+    )
     assert wrong.status_code == 401 and "error" in wrong.json()
 
 
@@ -375,17 +443,24 @@ def test_training_requests_run_in_seq_id_order(service, server, model):
     answers: dict = {}
 
     def optim_first():
-        answers["optim"] = httpx.post(f"{server.url}/api/v1/optim_step", headers=headers, timeout=60, json={
-            "model_id": client.model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.05}}).json()
+        answers["optim"] = httpx.post(
+            f"{server.url}/api/v1/optim_step",
+            headers=headers,
+            timeout=60,
+            json={"model_id": client.model_id, "seq_id": 2, "adam_params": {"learning_rate": 0.05}},
+        ).json()
 
     thread = threading.Thread(target=optim_first)
     thread.start()
     thread.join(1.0)
     assert thread.is_alive()  # waiting for seq 1
     body = _forward_backward_proto(client.model_id, 1, datum())
-    answers["fb"] = httpx.post(f"{server.url}/api/v1/forward_backward", headers={**headers, "Content-Type":
-                                                                               "application/x-protobuf"},
-                               content=body, timeout=60).json()
+    answers["fb"] = httpx.post(
+        f"{server.url}/api/v1/forward_backward",
+        headers={**headers, "Content-Type": "application/x-protobuf"},
+        content=body,
+        timeout=60,
+    ).json()
     thread.join(60)
     with EZServiceClient(server.url, api_key=ALICE) as rest:
         fb, opt = (rest.job(answers[k]["request_id"], wait=30) for k in ("fb", "optim"))
@@ -394,8 +469,8 @@ def test_training_requests_run_in_seq_id_order(service, server, model):
 
 
 def _forward_backward_proto(model_id: str, seq_id: int, d: types.Datum) -> bytes:
-    from tinker.proto import tinker_public_pb2 as pb
     import numpy as np
+    from tinker.proto import tinker_public_pb2 as pb
 
     msg = pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
     item = msg.data.add()
@@ -418,12 +493,18 @@ def test_idempotency_key_replays_and_sessions_end(service, server, model):
     session = httpx.post(f"{server.url}/api/v1/create_session", headers={"X-API-Key": ALICE}, json={}).json()
     beat = httpx.post(f"{server.url}/api/v1/session_heartbeat", headers={"X-API-Key": ALICE}, json=session)
     assert beat.status_code == 200
-    httpx.post(f"{server.url}/api/v1/sessions/{session['session_id']}/finish", headers={"X-API-Key": ALICE},
-               json={"reason": {"type": "success"}}).raise_for_status()
-    assert httpx.post(f"{server.url}/api/v1/session_heartbeat", headers={"X-API-Key": ALICE},
-                      json=session).status_code == 410
-    assert httpx.post(f"{server.url}/api/v1/telemetry", headers={"X-API-Key": ALICE},
-                      json={"events": []}).json() == {"status": "accepted"}
+    httpx.post(
+        f"{server.url}/api/v1/sessions/{session['session_id']}/finish",
+        headers={"X-API-Key": ALICE},
+        json={"reason": {"type": "success"}},
+    ).raise_for_status()
+    assert (
+        httpx.post(f"{server.url}/api/v1/session_heartbeat", headers={"X-API-Key": ALICE}, json=session).status_code
+        == 410
+    )
+    assert httpx.post(f"{server.url}/api/v1/telemetry", headers={"X-API-Key": ALICE}, json={"events": []}).json() == {
+        "status": "accepted"
+    }
 
 
 def test_unnamed_snapshots_of_a_run_are_bounded_on_disk(service, server, model):
@@ -434,6 +515,8 @@ def test_unnamed_snapshots_of_a_run_are_bounded_on_disk(service, server, model):
         assert len(greedy(client.save_weights_and_get_sampling_client())) >= 1
     # They are the server's own: not listed (the user never named them), pruned on disk.
     rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
-    assert [c for c in rest.list_checkpoints(client.model_id).result().checkpoints if c.checkpoint_type == "sampler"] == []
+    assert [
+        c for c in rest.list_checkpoints(client.model_id).result().checkpoints if c.checkpoint_type == "sampler"
+    ] == []
     kept = list((server.log_file.parent / "data" / "checkpoints" / client.model_id).iterdir())
     assert len(kept) == 4 and all(p.name.startswith("sampler_weights._") for p in kept)

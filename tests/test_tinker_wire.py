@@ -49,9 +49,7 @@ def _sdk_post(call, *, compress: bool = False) -> httpx.Request:
             api_key="tml-wire-test",
             base_url="http://wire.test",
             max_retries=0,
-            http_client=httpx.AsyncClient(
-                transport=httpx.MockTransport(handler), base_url="http://wire.test"
-            ),
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://wire.test"),
             _client_config=ClientConfigResponse(proto_compress_fwdbwd=compress),
         )
         try:
@@ -75,9 +73,7 @@ def sdk_forward_backward(
     seq_id=7,
 ) -> httpx.Request:
     request = T.ForwardBackwardRequest(
-        forward_backward_input=T.ForwardBackwardInput(
-            data=data, loss_fn=loss_fn, loss_fn_config=loss_fn_config
-        ),
+        forward_backward_input=T.ForwardBackwardInput(data=data, loss_fn=loss_fn, loss_fn_config=loss_fn_config),
         model_id=model_id,
         seq_id=seq_id,
     )
@@ -123,9 +119,7 @@ def test_sdk_cross_entropy_request_decodes_field_by_field(compress):
         ),
         T.Datum(
             # two chunks, concatenated in order
-            model_input=T.ModelInput(
-                chunks=[T.EncodedTextChunk(tokens=[1, 2]), T.EncodedTextChunk(tokens=[70000])]
-            ),
+            model_input=T.ModelInput(chunks=[T.EncodedTextChunk(tokens=[1, 2]), T.EncodedTextChunk(tokens=[70000])]),
             loss_fn_inputs={
                 "target_tokens": np.array([2, 70000, 3], dtype=np.int64),
                 "weights": np.array([1.0, 1.0, 0.25], dtype=np.float32),
@@ -186,9 +180,7 @@ def test_sdk_rl_request_with_config_and_forward_only():
 
 
 def test_loss_fn_config_v2_wins_and_text_values_are_refused():
-    datum = T.Datum(
-        model_input=T.ModelInput.from_ints([1]), loss_fn_inputs={"target_tokens": [2]}
-    )
+    datum = T.Datum(model_input=T.ModelInput.from_ints([1]), loss_fn_inputs={"target_tokens": [2]})
     req = sdk_forward_backward([datum], loss_fn="dro", loss_fn_config={"beta": 0.05, "loss_id": "abc"})
     with pytest.raises(WireError) as err:
         decode(req)
@@ -233,8 +225,10 @@ def test_sdk_sparse_csr_tensors_expand_to_dense():
     # ... and decoded as [N, K] targets (several per position, top-k distillation)
     assert decode(req).data[0].loss_fn_inputs.target_tokens == dense.tolist()
     # which only target_tokens and weights may be
-    datum = T.Datum(model_input=T.ModelInput.from_ints([1, 2, 3, 4, 5, 6]),
-                    loss_fn_inputs={"target_tokens": [1] * 6, "advantages": T.TensorData.from_torch(dense.float())})
+    datum = T.Datum(
+        model_input=T.ModelInput.from_ints([1, 2, 3, 4, 5, 6]),
+        loss_fn_inputs={"target_tokens": [1] * 6, "advantages": T.TensorData.from_torch(dense.float())},
+    )
     with pytest.raises(WireError) as err:
         decode(sdk_forward_backward([datum]))
     assert err.value.loc == ("data", 0, "loss_fn_inputs", "advantages")
@@ -244,9 +238,15 @@ def test_sdk_sparse_csr_tensors_expand_to_dense():
 def test_declared_shapes_are_bounded_before_anything_is_allocated():
     """177 bytes of sparse CSR once declared [3, 2^36]: numpy asked for 768 GiB (a 500)."""
     loc = ("data", 0, "loss_fn_inputs", "weights")
-    huge = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[3, 2**36], sparse_csr=pb.SparseCsr(
-        crow_indices=np.array([0, 1, 1, 1], "<i8").tobytes(), col_indices=np.array([5], "<i8").tobytes(),
-        values=np.array([1.0], "<f4").tobytes()))
+    huge = pb.Tensor(
+        dtype=pb.DTYPE_FLOAT32,
+        shape=[3, 2**36],
+        sparse_csr=pb.SparseCsr(
+            crow_indices=np.array([0, 1, 1, 1], "<i8").tobytes(),
+            col_indices=np.array([5], "<i8").tobytes(),
+            values=np.array([1.0], "<f4").tobytes(),
+        ),
+    )
     for tensor in (huge, pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**62, 2**62], dense=b"")):
         with pytest.raises(WireError, match="max_tokens_per_request") as err:
             wire._dense(tensor, loc, max_elements=1000)
@@ -254,8 +254,9 @@ def test_declared_shapes_are_bounded_before_anything_is_allocated():
     msg = pb.ForwardBackwardRequest(model_id="m", loss_fn="cross_entropy")
     datum = msg.data.add()
     datum.model_input.add().encoded_text.tokens = np.array([1, 2, 3], "<i4").tobytes()
-    datum.loss_fn_inputs["target_tokens"].CopyFrom(pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3],
-                                                              dense=np.array([2, 3, 4], "<i8").tobytes()))
+    datum.loss_fn_inputs["target_tokens"].CopyFrom(
+        pb.Tensor(dtype=pb.DTYPE_INT64, shape=[3], dense=np.array([2, 3, 4], "<i8").tobytes())
+    )
     datum.loss_fn_inputs["weights"].CopyFrom(huge)
     with pytest.raises(WireError, match=r"declares shape \[3, 68719476736\]") as err:
         wire.decode_forward_backward(msg.SerializeToString(), None)
@@ -418,9 +419,7 @@ def test_zstd_without_content_size_and_bomb_limit():
     streamed = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
     assert wire.decode_forward_backward(streamed, "ZSTD").data[0].model_input.tokens == [1, 2]
     with pytest.raises(WireError, match=rf"more than max_request_bytes \(8 bytes\): it declares {len(raw)}") as err:
-        wire.decode_forward_backward(
-            zstandard.ZstdCompressor().compress(raw), "zstd", max_decompressed_bytes=8
-        )
+        wire.decode_forward_backward(zstandard.ZstdCompressor().compress(raw), "zstd", max_decompressed_bytes=8)
     assert err.value.status == 413
     with pytest.raises(WireError, match=r"inflates to more than max_request_bytes \(8 bytes\)") as err:
         wire.decode_forward_backward(streamed, "zstd", max_decompressed_bytes=8)
@@ -470,9 +469,7 @@ def test_forward_backward_output_decodes_with_the_sdk():
 
 
 def test_forward_backward_output_without_elementwise_loss_and_bad_metric_keys():
-    out = deserialize_forward_backward_output(
-        wire.encode_forward_backward_output([[-1.0, -2.0]], {"loss:sum": 3.0})
-    )
+    out = deserialize_forward_backward_output(wire.encode_forward_backward_output([[-1.0, -2.0]], {"loss:sum": 3.0}))
     assert list(out.loss_fn_outputs[0]) == ["logprobs"]
     assert out.loss_fn_outputs[0]["logprobs"].tolist() == [-1.0, -2.0]
     for key in ("loss", "loss:sum:x"):
@@ -488,26 +485,42 @@ def test_forward_backward_output_of_k_targets_goes_out_in_records_of_one_shape()
     msg = pb.ForwardBackwardOutput()
     msg.ParseFromString(body)
     assert [(r.num_datums, list(r.fields["logprobs"].trailing_shape)) for r in msg.loss_fn_outputs] == [
-        (1, []), (1, [2]), (1, [3]), (1, [])]
+        (1, []),
+        (1, [2]),
+        (1, [3]),
+        (1, []),
+    ]
     out = deserialize_forward_backward_output(body)
     assert [row["logprobs"].shape for row in out.loss_fn_outputs] == [[2], [3, 2], [1, 3], [1]]
     assert [row["logprobs"].to_numpy().tolist() for row in out.loss_fn_outputs] == logprobs
 
 
 def test_provenance_spans_decode_and_must_tile_their_fields():
-    spans = dict(model_input=[T.PromptProvenanceSpan(sequence_id="s:0", length=2),
-                              T.SampledProvenanceSpan(sequence_id="s:0", length=1)],
-                 loss_fn_inputs=[T.PromptProvenanceSpan(sequence_id="s:0", offset=1, length=1),
-                                 T.SampledProvenanceSpan(sequence_id="s:0", length=2)])
+    spans = dict(
+        model_input=[
+            T.PromptProvenanceSpan(sequence_id="s:0", length=2),
+            T.SampledProvenanceSpan(sequence_id="s:0", length=1),
+        ],
+        loss_fn_inputs=[
+            T.PromptProvenanceSpan(sequence_id="s:0", offset=1, length=1),
+            T.SampledProvenanceSpan(sequence_id="s:0", length=2),
+        ],
+    )
     datum = T.Datum(model_input=T.ModelInput.from_ints([1, 2, 3]), loss_fn_inputs={"target_tokens": [2, 3, 4]})
     call = decode(sdk_forward_backward([datum.with_provenance(**spans), datum]))
     first, second = call.provenance
     assert second is None
     assert [(s.kind.value, s.sequence_id, s.offset, s.length) for s in first.targets] == [
-        ("prompt", "s:0", 1, 1), ("sampled", "s:0", 0, 2)]
+        ("prompt", "s:0", 1, 1),
+        ("sampled", "s:0", 0, 2),
+    ]
     # runs that do not tile the tokens (bypassing the SDK's own check) are refused by name
-    short = T.Datum(model_input=datum.model_input, loss_fn_inputs=datum.loss_fn_inputs,
-                    model_input_spans=spans["model_input"][:1], loss_fn_input_spans=spans["loss_fn_inputs"])
+    short = T.Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs=datum.loss_fn_inputs,
+        model_input_spans=spans["model_input"][:1],
+        loss_fn_input_spans=spans["loss_fn_inputs"],
+    )
     with pytest.raises(WireError) as err:
         decode(sdk_forward_backward([short]))
     assert err.value.loc == ("data", 0, "model_input_spans") and "cover 2 positions" in err.value.message
@@ -584,7 +597,10 @@ def test_asample_bad_prompts():
         wire.decode_model_input_json(sdk_asample_body(T.ModelInput.empty())["prompt"])
     with pytest.raises(WireError, match="no tokens"):
         wire.decode_model_input_json({"chunks": [{"type": "encoded_text", "tokens": []}]})
-    for prompt in ({"chunks": [{"type": "encoded_text", "tokens": [1, "2"]}]}, {"chunks": [{"type": "encoded_text", "tokens": [-1]}]}):
+    for prompt in (
+        {"chunks": [{"type": "encoded_text", "tokens": [1, "2"]}]},
+        {"chunks": [{"type": "encoded_text", "tokens": [-1]}]},
+    ):
         with pytest.raises(WireError) as err:
             wire.decode_model_input_json(prompt)
         assert err.value.loc == ("prompt", "chunks", 0, "tokens")
@@ -627,9 +643,14 @@ def _json_tensor(td: T.TensorData) -> dict:
 
     from tinker.lib.public_interfaces.sampling_client import _tensor_data_to_model
 
-    request = T.SampleRequest(prompt=T.ModelInput.from_ints([1, 2, 3, 4]), sampling_params=T.SamplingParams(stop=[]),
-                              num_samples=1, sampling_session_id="sess-1:sample:0", seq_id=0,
-                              target_prompt_logprobs=_tensor_data_to_model(td))
+    request = T.SampleRequest(
+        prompt=T.ModelInput.from_ints([1, 2, 3, 4]),
+        sampling_params=T.SamplingParams(stop=[]),
+        num_samples=1,
+        sampling_session_id="sess-1:sample:0",
+        seq_id=0,
+        target_prompt_logprobs=_tensor_data_to_model(td),
+    )
     body = json.loads(_sdk_post(lambda c: c.sampling.asample(request=request)).content)
     assert body["sampling_params"]["stop"] == []  # stop=[] reaches the server as []: EOS off
     return body["target_prompt_logprobs"]
@@ -645,8 +666,10 @@ def test_target_prompt_logprobs_decode_and_answer_in_the_requests_layout(sparse)
     assert (td.sparse_crow_indices is not None) == sparse
     grid = wire.decode_target_grid(_json_tensor(td))
     assert grid.rows == [[7], [], [9, 9], [], []] and grid.shape == (5, 4)
-    body = wire.encode_sample_response([{"tokens": [1], "logprobs": [-0.5], "stop_reason": "length"}],
-                                       target_prompt_logprobs=grid.answer([[-2.0], [], [-3.0, -3.0], [], []]))
+    body = wire.encode_sample_response(
+        [{"tokens": [1], "logprobs": [-0.5], "stop_reason": "length"}],
+        target_prompt_logprobs=grid.answer([[-2.0], [], [-3.0, -3.0], [], []]),
+    )
     got = deserialize_sample_response(body).target_prompt_logprobs
     assert (got.sparse_crow_indices is not None) == sparse  # the answer keeps the request's layout
     want = torch.zeros(5, 4)
@@ -654,14 +677,19 @@ def test_target_prompt_logprobs_decode_and_answer_in_the_requests_layout(sparse)
     assert got.to_torch(pad_value=0).tolist() == want.tolist()
 
 
-@pytest.mark.parametrize("tensor, message", [
-    ({"data": [1.0], "dtype": "float32", "shape": [1, 1]}, "int64"),
-    ({"data": [1, 2], "dtype": "int64", "shape": [2]}, "2-D"),
-    ({"data": [1, 2, 3], "dtype": "int64", "shape": [2, 2]}, "but 3 values"),
-    ({"data": [1, -2], "dtype": "int64", "shape": [1, 2]}, "negative id"),
-    ({"data": [1], "dtype": "int64", "shape": [2, 2], "sparse_crow_indices": [0, 1],
-      "sparse_col_indices": [0]}, "sparse CSR"),
-])
+@pytest.mark.parametrize(
+    "tensor, message",
+    [
+        ({"data": [1.0], "dtype": "float32", "shape": [1, 1]}, "int64"),
+        ({"data": [1, 2], "dtype": "int64", "shape": [2]}, "2-D"),
+        ({"data": [1, 2, 3], "dtype": "int64", "shape": [2, 2]}, "but 3 values"),
+        ({"data": [1, -2], "dtype": "int64", "shape": [1, 2]}, "negative id"),
+        (
+            {"data": [1], "dtype": "int64", "shape": [2, 2], "sparse_crow_indices": [0, 1], "sparse_col_indices": [0]},
+            "sparse CSR",
+        ),
+    ],
+)
 def test_bad_target_prompt_logprobs_are_refused_naming_the_field(tensor, message):
     with pytest.raises(WireError) as err:
         wire.decode_target_grid(tensor)
@@ -669,14 +697,20 @@ def test_bad_target_prompt_logprobs_are_refused_naming_the_field(tensor, message
 
 
 def test_sampled_top_k_and_alt_tokens_reach_the_sdks_types():
-    seq = {"tokens": [3, 4], "logprobs": [-0.1, -0.2], "stop_reason": "stop",
-           "top_logprobs": [[(3, -0.1), (8, -2.5)], [(9, -0.05), (4, -0.2)]]}
+    seq = {
+        "tokens": [3, 4],
+        "logprobs": [-0.1, -0.2],
+        "stop_reason": "stop",
+        "top_logprobs": [[(3, -0.1), (8, -2.5)], [(9, -0.05), (4, -0.2)]],
+    }
     body = wire.encode_sample_response([seq], prompt_alt_tokens=([[1, 2], [3, 3]], [[-1.5, -2.5], [-0.5, -0.5]]))
     response = deserialize_sample_response(body)
     (got,) = response.sequences
     assert [[t for t, _ in row] for row in got.topk_logprobs] == [[3, 8], [9, 4]]
-    assert [[lp for _, lp in row] for row in got.topk_logprobs] == [pytest.approx([-0.1, -2.5]),
-                                                                    pytest.approx([-0.05, -0.2])]
+    assert [[lp for _, lp in row] for row in got.topk_logprobs] == [
+        pytest.approx([-0.1, -2.5]),
+        pytest.approx([-0.05, -0.2]),
+    ]
     alt = response.prompt_alt_tokens
     assert alt.tokens.dtype == "int64" and alt.tokens.to_torch().tolist() == [[1, 2], [3, 3]]
     assert alt.logprobs.to_torch().tolist() == [[-1.5, -2.5], [-0.5, -0.5]]

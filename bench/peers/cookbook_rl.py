@@ -61,9 +61,13 @@ class SumDataset(RLDataset):
         self.renderer = renderers.get_renderer(RENDERER, get_tokenizer(model))
 
     def get_batch(self, index: int) -> Sequence[EnvGroupBuilder]:
-        batch = self.problems[index * self.groups:(index + 1) * self.groups]
-        return [ProblemGroupBuilder(env_thunk=lambda a=a, b=b: SumEnv(self.renderer, a, b), num_envs=self.group_size,
-                                    dataset_name="sums") for a, b in batch]
+        batch = self.problems[index * self.groups : (index + 1) * self.groups]
+        return [
+            ProblemGroupBuilder(
+                env_thunk=lambda a=a, b=b: SumEnv(self.renderer, a, b), num_envs=self.group_size, dataset_name="sums"
+            )
+            for a, b in batch
+        ]
 
     def __len__(self) -> int:
         return len(self.problems) // self.groups
@@ -97,23 +101,46 @@ def main() -> None:
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     log_path = args.log_path or args.out.with_suffix("")
     config = train.Config(
-        learning_rate=1e-4, model_name=args.model, recipe_name="peers_sums_rl", renderer_name=RENDERER,
-        max_tokens=args.max_tokens, log_path=str(log_path), lora_rank=LORA_RANK, max_steps=args.steps,
-        save_every=0, eval_every=0, base_url=args.base_url, loss_fn="importance_sampling",
-        dataset_builder=SumDatasetBuilder(steps=args.steps, groups=args.groups, group_size=args.group_size, model=args.model),
+        learning_rate=1e-4,
+        model_name=args.model,
+        recipe_name="peers_sums_rl",
+        renderer_name=RENDERER,
+        max_tokens=args.max_tokens,
+        log_path=str(log_path),
+        lora_rank=LORA_RANK,
+        max_steps=args.steps,
+        save_every=0,
+        eval_every=0,
+        base_url=args.base_url,
+        loss_fn="importance_sampling",
+        dataset_builder=SumDatasetBuilder(
+            steps=args.steps, groups=args.groups, group_size=args.group_size, model=args.model
+        ),
     )
     asyncio.run(train.main(config))
     rows = [json.loads(line) for line in (log_path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [row for row in rows if "env/all/reward/total" in row]
     if len(steps) != args.steps:
         raise SystemExit(f"the cookbook logged {len(steps)} steps of {args.steps}: see {log_path}")
-    args.out.write_text(json.dumps({
-        "step_seconds": [row["time/total"] for row in steps],
-        "reward": [row["env/all/reward/total"] for row in steps],
-        "kl_sample_train": [row.get("optim/kl_sample_train_v1") for row in steps],
-        "config": {"steps": args.steps, "groups": args.groups, "group_size": args.group_size,
-                   "max_tokens": args.max_tokens, "lora_rank": LORA_RANK, "renderer": RENDERER},
-    }, indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "step_seconds": [row["time/total"] for row in steps],
+                "reward": [row["env/all/reward/total"] for row in steps],
+                "kl_sample_train": [row.get("optim/kl_sample_train_v1") for row in steps],
+                "config": {
+                    "steps": args.steps,
+                    "groups": args.groups,
+                    "group_size": args.group_size,
+                    "max_tokens": args.max_tokens,
+                    "lora_rank": LORA_RANK,
+                    "renderer": RENDERER,
+                },
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -63,14 +63,31 @@ def shared_settings(args) -> dict:
 
     c, lora, adam = rl.Config(), LoraConfig(), AdamParams()
     return {
-        "task": c.task, "difficulty": c.difficulty, "seed": c.seed, "steps": args.steps,
-        "groups_per_step": c.groups_per_step, "num_candidates": c.num_candidates, "max_tokens": c.max_tokens,
-        "temperature": c.temperature, "learning_rate": c.learning_rate, "lr_schedule": "constant",
-        "adam_betas": [adam.beta1, adam.beta2], "adam_eps": adam.eps, "weight_decay": adam.weight_decay,
-        "grad_clip_norm": adam.grad_clip_norm, "lora_rank": c.lora_rank, "lora_alpha": c.lora_alpha,
-        "lora_dropout": lora.dropout, "lora_target_modules": lora.target_modules, "kl_beta": 0.0,
-        "normalize_std": c.normalize_std, "dtype": "float32", "device": "cpu",
-        "eval_problems": args.eval_problems, "eval_max_tokens": c.max_tokens, "eval_temperature": 0.0,
+        "task": c.task,
+        "difficulty": c.difficulty,
+        "seed": c.seed,
+        "steps": args.steps,
+        "groups_per_step": c.groups_per_step,
+        "num_candidates": c.num_candidates,
+        "max_tokens": c.max_tokens,
+        "temperature": c.temperature,
+        "learning_rate": c.learning_rate,
+        "lr_schedule": "constant",
+        "adam_betas": [adam.beta1, adam.beta2],
+        "adam_eps": adam.eps,
+        "weight_decay": adam.weight_decay,
+        "grad_clip_norm": adam.grad_clip_norm,
+        "lora_rank": c.lora_rank,
+        "lora_alpha": c.lora_alpha,
+        "lora_dropout": lora.dropout,
+        "lora_target_modules": lora.target_modules,
+        "kl_beta": 0.0,
+        "normalize_std": c.normalize_std,
+        "dtype": "float32",
+        "device": "cpu",
+        "eval_problems": args.eval_problems,
+        "eval_max_tokens": c.max_tokens,
+        "eval_temperature": 0.0,
     }
 
 
@@ -80,8 +97,15 @@ def recipe_config(args, server_url: str, output_dir: Path):
     from eztinker.recipes import rl
 
     defaults = rl.Config()
-    return rl.Config(max_samples=args.steps * defaults.groups_per_step, epochs=1, eval_size=0,
-                     max_staleness=args.max_staleness, checkpoint=True, server_url=server_url, output_dir=output_dir)
+    return rl.Config(
+        max_samples=args.steps * defaults.groups_per_step,
+        epochs=1,
+        eval_size=0,
+        max_staleness=args.max_staleness,
+        checkpoint=True,
+        server_url=server_url,
+        output_dir=output_dir,
+    )
 
 
 def training_problems(config) -> list:
@@ -97,8 +121,9 @@ def training_problems(config) -> list:
 def test_problems(settings: dict) -> list:
     from eztinker.tasks import get_task
 
-    return get_task(settings["task"]).load_problems("test", limit=settings["eval_problems"], seed=settings["seed"],
-                                                    difficulty=settings["difficulty"])
+    return get_task(settings["task"]).load_problems(
+        "test", limit=settings["eval_problems"], seed=settings["seed"], difficulty=settings["difficulty"]
+    )
 
 
 # --------------------------------------------------------------------------- EZTinker side
@@ -114,29 +139,54 @@ def eztinker_child(args) -> None:
 
     out = args.work_dir / "eztinker"
     started = time.monotonic()
-    with ServerProcess(model=str(args.model_dir), data_dir=out / "server", log_file=out / "server.log",
-                       extra_args=["--device", "cpu"], env=offline_env()) as server:
+    with ServerProcess(
+        model=str(args.model_dir),
+        data_dir=out / "server",
+        log_file=out / "server.log",
+        extra_args=["--device", "cpu"],
+        env=offline_env(),
+    ) as server:
         ready = time.monotonic() - started
         results = rl.main(recipe_config(args, server.url, out))
     export_checkpoint(out / "server", results["epochs"][-1]["checkpoint"], out / "adapter", model=str(args.model_dir))
-    (out / "side.json").write_text(json.dumps({
-        "server_ready_seconds": round(ready, 2),
-        "recipe_seconds": round(results["total_seconds"], 2),
-        "step_seconds": [s["seconds"] for s in results["steps"]],
-        "rewards": [s["mean_reward"] for s in results["steps"]],
-        "staleness": [s["staleness"] for s in results["steps"]],
-        "trained_replies": [s["trained_replies"] for s in results["steps"]],
-        "loss_fn": results["config"]["loss_fn"],
-        "max_staleness": results["config"]["max_staleness"],
-        "torch_threads_client": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-    }))
+    (out / "side.json").write_text(
+        json.dumps(
+            {
+                "server_ready_seconds": round(ready, 2),
+                "recipe_seconds": round(results["total_seconds"], 2),
+                "step_seconds": [s["seconds"] for s in results["steps"]],
+                "rewards": [s["mean_reward"] for s in results["steps"]],
+                "staleness": [s["staleness"] for s in results["steps"]],
+                "trained_replies": [s["trained_replies"] for s in results["steps"]],
+                "loss_fn": results["config"]["loss_fn"],
+                "max_staleness": results["config"]["max_staleness"],
+                "torch_threads_client": torch.get_num_threads(),
+                "versions": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "peft": peft.__version__,
+                },
+            }
+        )
+    )
 
 
 def run_eztinker(args, work: Path) -> dict:
     """The EZTinker side as a child of the project venv; its wall time covers every start-up."""
-    command = [str(args.eztinker_python), __file__, "--side", "eztinker", "--steps", str(args.steps),
-               "--max-staleness", str(args.max_staleness), "--work-dir", str(work), "--model-dir", str(args.model_dir)]
+    command = [
+        str(args.eztinker_python),
+        __file__,
+        "--side",
+        "eztinker",
+        "--steps",
+        str(args.steps),
+        "--max-staleness",
+        str(args.max_staleness),
+        "--work-dir",
+        str(work),
+        "--model-dir",
+        str(args.model_dir),
+    ]
     started = time.monotonic()
     subprocess.run(command, check=True)
     side = json.loads((work / "eztinker" / "side.json").read_text())
@@ -183,20 +233,46 @@ def run_trl(args, settings: dict, problems: list, work: Path) -> dict:
 
     g = s["groups_per_step"] * s["num_candidates"]
     config = GRPOConfig(
-        output_dir=str(work / "trl"), max_steps=s["steps"], seed=s["seed"],
+        output_dir=str(work / "trl"),
+        max_steps=s["steps"],
+        seed=s["seed"],
         # One optimizer step = one generation batch of 8 prompts x 4 completions, used once (on-policy).
-        per_device_train_batch_size=g, num_generations=s["num_candidates"], gradient_accumulation_steps=1,
-        steps_per_generation=1, num_iterations=1, shuffle_dataset=False,  # the recipe's order, not TRL's shuffle
-        max_completion_length=s["max_tokens"], temperature=s["temperature"], top_p=1.0, top_k=0,
-        beta=s["kl_beta"], loss_type="dapo", scale_rewards="group" if s["normalize_std"] else "none",
-        learning_rate=s["learning_rate"], lr_scheduler_type="constant", adam_beta1=s["adam_betas"][0],
-        adam_beta2=s["adam_betas"][1], adam_epsilon=s["adam_eps"], weight_decay=s["weight_decay"],
-        max_grad_norm=s["grad_clip_norm"], activation_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
+        per_device_train_batch_size=g,
+        num_generations=s["num_candidates"],
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        shuffle_dataset=False,  # the recipe's order, not TRL's shuffle
+        max_completion_length=s["max_tokens"],
+        temperature=s["temperature"],
+        top_p=1.0,
+        top_k=0,
+        beta=s["kl_beta"],
+        loss_type="dapo",
+        scale_rewards="group" if s["normalize_std"] else "none",
+        learning_rate=s["learning_rate"],
+        lr_scheduler_type="constant",
+        adam_beta1=s["adam_betas"][0],
+        adam_beta2=s["adam_betas"][1],
+        adam_epsilon=s["adam_eps"],
+        weight_decay=s["weight_decay"],
+        max_grad_norm=s["grad_clip_norm"],
+        activation_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
     )
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    lora = peft.LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
-                           target_modules=s["lora_target_modules"])
+    lora = peft.LoraConfig(
+        r=s["lora_rank"],
+        lora_alpha=s["lora_alpha"],
+        lora_dropout=s["lora_dropout"],
+        target_modules=s["lora_target_modules"],
+    )
     # The engine's own init (engine._add_adapter): the seed set right before wrapping, so lora_A starts equal.
     torch.manual_seed(s["seed"])
     model = peft.get_peft_model(model, lora)
@@ -207,11 +283,19 @@ def run_trl(args, settings: dict, problems: list, work: Path) -> dict:
     adapter = work / "trl" / "adapter"
     trainer.model.save_pretrained(adapter)
     return {
-        "step_seconds": [round(x, 3) for x in timer.seconds], "rewards": rewards,
-        "total_seconds": round(time.monotonic() - started, 2), "adapter": str(adapter),
-        "loss_type": config.loss_type, "scale_rewards": config.scale_rewards, "torch_threads": torch.get_num_threads(),
-        "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "torch": torch.__version__},
+        "step_seconds": [round(x, 3) for x in timer.seconds],
+        "rewards": rewards,
+        "total_seconds": round(time.monotonic() - started, 2),
+        "adapter": str(adapter),
+        "loss_type": config.loss_type,
+        "scale_rewards": config.scale_rewards,
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "torch": torch.__version__,
+        },
     }
 
 
@@ -233,8 +317,9 @@ def evaluate(model_dir: Path, adapter: str | None, problems: list, settings: dic
         model = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    greedy = GenerationConfig(do_sample=False, max_new_tokens=settings["eval_max_tokens"], eos_token_id=eos,
-                              pad_token_id=pad)
+    greedy = GenerationConfig(
+        do_sample=False, max_new_tokens=settings["eval_max_tokens"], eos_token_id=eos, pad_token_id=pad
+    )
     replies = []
     for k in range(0, len(problems), batch_size):
         prompts = [render_prompt(tokenizer, task.messages_for(p)) for p in problems[k : k + batch_size]]
@@ -258,34 +343,50 @@ def evaluate(model_dir: Path, adapter: str | None, problems: list, settings: dic
 # -------------------------------------------------------------------------------- results
 def summary(side: dict) -> dict:
     steps = side["step_seconds"]
-    return {"first_step_seconds": steps[0], "steady_median_seconds": statistics.median(steps[1:] or steps),
-            "steps_total_seconds": round(sum(steps), 2), "mean_reward": statistics.fmean(side["rewards"])}
+    return {
+        "first_step_seconds": steps[0],
+        "steady_median_seconds": statistics.median(steps[1:] or steps),
+        "steps_total_seconds": round(sum(steps), 2),
+        "mean_reward": statistics.fmean(side["rewards"]),
+    }
 
 
 def machine() -> dict:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lscpu.splitlines() if ":" in line)}
-    return {"cpu": fields.get("Model name"), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "load_average_at_start": os.getloadavg()}
+    return {
+        "cpu": fields.get("Model name"),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def report(results: dict) -> str:
     """The recorded results as a Markdown table."""
     sides = [results[name] for name in SIDES]
-    rows = [("steady step, median (s)", lambda s: f"{s['summary']['steady_median_seconds']:.1f}"),
-            ("first step (s)", lambda s: f"{s['summary']['first_step_seconds']:.1f}"),
-            (f"{results['settings']['steps']} steps (s)", lambda s: f"{s['summary']['steps_total_seconds']:.0f}"),
-            ("whole side, start-up included (s)", lambda s: f"{s['total_seconds']:.0f}"),
-            ("mean reward over the steps", lambda s: f"{s['summary']['mean_reward']:.3f}"),
-            ("test accuracy after (verifier)", lambda s: f"{s['accuracy_after']['accuracy']:.1%}"),
-            ("strict / lenient after", lambda s: f"{s['accuracy_after']['strict_accuracy']:.1%} / "
-                                                 f"{s['accuracy_after']['lenient_accuracy']:.1%}")]
+    rows = [
+        ("steady step, median (s)", lambda s: f"{s['summary']['steady_median_seconds']:.1f}"),
+        ("first step (s)", lambda s: f"{s['summary']['first_step_seconds']:.1f}"),
+        (f"{results['settings']['steps']} steps (s)", lambda s: f"{s['summary']['steps_total_seconds']:.0f}"),
+        ("whole side, start-up included (s)", lambda s: f"{s['total_seconds']:.0f}"),
+        ("mean reward over the steps", lambda s: f"{s['summary']['mean_reward']:.3f}"),
+        ("test accuracy after (verifier)", lambda s: f"{s['accuracy_after']['accuracy']:.1%}"),
+        (
+            "strict / lenient after",
+            lambda s: f"{s['accuracy_after']['strict_accuracy']:.1%} / {s['accuracy_after']['lenient_accuracy']:.1%}",
+        ),
+    ]
     base = results["accuracy_before"]
-    lines = ["| | EZTinker | TRL GRPOTrainer |", "| --- | ---: | ---: |",
-             *(f"| {label} | {cell(sides[0])} | {cell(sides[1])} |" for label, cell in rows),
-             "", f"Base model before training: {base['accuracy']:.1%} (strict {base['strict_accuracy']:.1%}, lenient "
-             f"{base['lenient_accuracy']:.1%}) on {results['settings']['eval_problems']} held-out problems. "
-             f"TRL steady step / EZTinker steady step: **{results['ratio_trl_over_eztinker_steady']:.2f}x** (goal 2x)."]
+    lines = [
+        "| | EZTinker | TRL GRPOTrainer |",
+        "| --- | ---: | ---: |",
+        *(f"| {label} | {cell(sides[0])} | {cell(sides[1])} |" for label, cell in rows),
+        "",
+        f"Base model before training: {base['accuracy']:.1%} (strict {base['strict_accuracy']:.1%}, lenient "
+        f"{base['lenient_accuracy']:.1%}) on {results['settings']['eval_problems']} held-out problems. "
+        f"TRL steady step / EZTinker steady step: **{results['ratio_trl_over_eztinker_steady']:.2f}x** (goal 2x).",
+    ]
     return "\n".join(lines)
 
 
@@ -293,8 +394,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps of each side")
     parser.add_argument("--eval-problems", type=int, default=200, help="held-out test problems (greedy)")
-    parser.add_argument("--max-staleness", type=int, default=1,
-                        help="the recipe's (its default: 1, sampling one step ahead; 0: on-policy like TRL)")
+    parser.add_argument(
+        "--max-staleness",
+        type=int,
+        default=1,
+        help="the recipe's (its default: 1, sampling one step ahead; 0: on-policy like TRL)",
+    )
     parser.add_argument("--model-dir", type=Path, default=PEERS_DIR / "models" / "smollm2-135m-instruct")
     parser.add_argument("--eztinker-python", type=Path, default=ROOT / ".venv" / "bin" / "python")
     parser.add_argument("--work-dir", type=Path, default=None, help="default: $PEERS_DIR/runs/trl-grpo-<time>")
@@ -311,9 +416,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     settings = shared_settings(args)
     problems = training_problems(recipe_config(args, "", work / "eztinker"))
-    results = {"command": shlex.join(["trl-venv/bin/python", "bench/peers/trl_grpo.py", *sys.argv[1:]]),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(), "settings": settings,
-               "work_dir": str(work)}
+    results = {
+        "command": shlex.join(["trl-venv/bin/python", "bench/peers/trl_grpo.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "settings": settings,
+        "work_dir": str(work),
+    }
     print(f"[{time.strftime('%H:%M:%S')}] EZTinker: server + RL recipe, {args.steps} steps", flush=True)
     results["eztinker"] = run_eztinker(args, work)
     print(f"[{time.strftime('%H:%M:%S')}] TRL: GRPOTrainer, {args.steps} steps", flush=True)
@@ -325,15 +434,16 @@ def main() -> None:
         side = results[name]
         side["accuracy_after"] = evaluate(args.model_dir, side["adapter"], test, settings)
         side["summary"] = summary(side)
-    results["ratio_trl_over_eztinker_steady"] = (results["trl"]["summary"]["steady_median_seconds"]
-                                                 / results["eztinker"]["summary"]["steady_median_seconds"])
+    results["ratio_trl_over_eztinker_steady"] = (
+        results["trl"]["summary"]["steady_median_seconds"] / results["eztinker"]["summary"]["steady_median_seconds"]
+    )
     results["differences"] = {
         "advantage_std": "EZTinker: population std of the group; TRL: sample std (n-1), + 1e-4",
         "loss_normaliser": f"EZTinker ({results['eztinker']['loss_fn']}): tokens of replies with a nonzero advantage; "
-                           f"TRL ({results['trl']['loss_type']}): every completion token of the step",
+        f"TRL ({results['trl']['loss_type']}): every completion token of the step",
         "staleness": f"EZTinker: max_staleness {results['eztinker']['max_staleness']} (importance-weighted); TRL: on-policy",
         "trained_replies": "EZTinker: forward/backward on the replies with a nonzero advantage only, 16 per request; "
-                           "TRL: on all 32 completions, one batch",
+        "TRL: on all 32 completions, one batch",
         "activation_checkpointing": "off on both (TRL's default is on)",
         "sampler": "EZTinker: its own batched decoder; TRL: transformers generate (no vLLM on CPU)",
     }

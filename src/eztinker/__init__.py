@@ -16,10 +16,10 @@ from .types import (
     ForwardBackwardResult,
     LoraConfig,
     LossFnInputs,
+    MetricPoint,
     ModelInput,
     OptimStepResult,
     Prompt,
-    MetricPoint,
     RunInfo,
     RunMetrics,
     SampledSequence,
@@ -66,9 +66,14 @@ __all__ = [
 # The client's names load on first use: it needs httpx, which the engine alone (a GPU machine
 # running bench/gpu_check.py, a Ray worker) does not.
 _CLIENT_NAMES = {
-    "APIFuture": "_client", "ServiceClient": "_client", "TrainingClient": "_client",
+    "APIFuture": "_client",
+    "ServiceClient": "_client",
+    "TrainingClient": "_client",
     "CustomLossResult": "_custom_loss",
-    "APIStatusError": "_errors", "ConnectionFailedError": "_errors", "EZTinkerError": "_errors", "JobFailedError": "_errors",
+    "APIStatusError": "_errors",
+    "ConnectionFailedError": "_errors",
+    "EZTinkerError": "_errors",
+    "JobFailedError": "_errors",
 }
 
 

@@ -31,12 +31,10 @@ def datum_from_messages(tokenizer: Any, messages: Sequence[Any]) -> Datum:
     if len(messages) < 2 or messages[-1]["role"] != "assistant":
         raise ValueError("messages must end with an assistant reply that follows a prompt")
     prompt = render_prompt(tokenizer, messages[:-1])
-    full = list(
-        tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    )
+    full = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
     if full[: len(prompt)] != prompt:
         raise ValueError("the chat template renders the prompt differently inside the conversation")
-    reply = full[len(prompt):]
+    reply = full[len(prompt) :]
     end_of_turn = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
     if end_of_turn in reply:
         reply = reply[: reply.index(end_of_turn) + 1]

@@ -33,14 +33,23 @@ def _settings_options(func):
     for name, field in reversed(list(ServerSettings.model_fields.items())):
         annotation = field.annotation
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        base = args[0] if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else annotation
+        base = (
+            args[0]
+            if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+            else annotation
+        )
         multiple = typing.get_origin(base) is list
         click_type = {int: int, float: float, Path: click.Path(path_type=Path)}.get(base, str)
         default = field.get_default(call_default_factory=True)
         shown = default not in (None, []) and not isinstance(default, SecretStr)
         help_text = (field.description or "") + (f"  [default: {default}]" if shown else "")
         func = click.option(
-            f"--{name.replace('_', '-')}", name, type=click_type, multiple=multiple, default=None, help=help_text,
+            f"--{name.replace('_', '-')}",
+            name,
+            type=click_type,
+            multiple=multiple,
+            default=None,
+            help=help_text,
             show_envvar=False,
         )(func)
     return func
@@ -73,8 +82,13 @@ def _problem(error: ErrorDetails) -> str:
 
 @app.command()
 @_settings_options
-@click.option("--settings-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              envvar="EZTINKER_SETTINGS_FILE", help="JSON or TOML file of these settings (flags override it).")
+@click.option(
+    "--settings-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    envvar="EZTINKER_SETTINGS_FILE",
+    help="JSON or TOML file of these settings (flags override it).",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def server(settings_file: Path | None, log_level: str, **flags) -> None:
     """Run the training server (OpenAPI docs at /docs)."""
@@ -85,8 +99,8 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
 
     from .launcher import build_service
     from .server.app import create_app
-    from .server.datadir import DataDirError
     from .server.connections import draining_server, uvicorn_options
+    from .server.datadir import DataDirError
 
     click.echo(f"loading {', '.join(settings.model)} ...", err=True)
     try:
@@ -100,8 +114,9 @@ def server(settings_file: Path | None, log_level: str, **flags) -> None:
     # out of the collector's full passes, each of which walked its ~400k objects (0.25 s, every
     # thread stopped) on SmolLM2.
     gc.freeze()
-    config = uvicorn.Config(create_app(service), host=settings.host, port=settings.port, log_level=log_level,
-                            **uvicorn_options(settings))
+    config = uvicorn.Config(
+        create_app(service), host=settings.host, port=settings.port, log_level=log_level, **uvicorn_options(settings)
+    )
     draining_server(config, service.runner).run()
 
 
@@ -173,10 +188,30 @@ def dpo(**options) -> None:
 # The demo's schedule for the embedded model on arithmetic word problems (see README for the
 # measurements behind it): a high learning rate that decays keeps the gain without collapse.
 DEMO_PRESETS = {
-    "arithmetic": dict(max_samples=64, num_candidates=4, epochs=4, learning_rate=1e-3, lr_decay=0.7,
-                       temperature=0.8, max_tokens=64, eval_size=200, batch_size=8, checkpoint=True),
-    "gsm8k": dict(max_samples=16, num_candidates=4, epochs=2, learning_rate=2e-4, lr_decay=1.0,
-                  temperature=0.8, max_tokens=256, eval_size=20, batch_size=8, checkpoint=True),
+    "arithmetic": dict(
+        max_samples=64,
+        num_candidates=4,
+        epochs=4,
+        learning_rate=1e-3,
+        lr_decay=0.7,
+        temperature=0.8,
+        max_tokens=64,
+        eval_size=200,
+        batch_size=8,
+        checkpoint=True,
+    ),
+    "gsm8k": dict(
+        max_samples=16,
+        num_candidates=4,
+        epochs=2,
+        learning_rate=2e-4,
+        lr_decay=1.0,
+        temperature=0.8,
+        max_tokens=256,
+        eval_size=20,
+        batch_size=8,
+        checkpoint=True,
+    ),
 }
 
 
@@ -208,11 +243,17 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
         raise click.ClickException(f"the server did not start: {exc}") from exc
     with server:
         # Only the preset and the demo's own flags; everything else is the recipe's default.
-        config = RecipeConfig(task=task, server_url=server.url, gsm8k_dir=gsm8k_dir, seed=seed, output_dir=output_dir, **options)
+        config = RecipeConfig(
+            task=task, server_url=server.url, gsm8k_dir=gsm8k_dir, seed=seed, output_dir=output_dir, **options
+        )
         _run_recipe(config)
-    click.echo(f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}")
-    click.echo(f"to look at the run in the dashboard: eztinker server --model {model} --data-dir {output_dir / 'server'},"
-               " then open http://127.0.0.1:8000/")
+    click.echo(
+        f"results: {output_dir / 'rejection_sft_results.json'}, plot: {output_dir / 'rejection_sft_accuracy.png'}"
+    )
+    click.echo(
+        f"to look at the run in the dashboard: eztinker server --model {model} --data-dir {output_dir / 'server'},"
+        " then open http://127.0.0.1:8000/"
+    )
 
 
 # ---------------------------------------------------------------------------------- eval
@@ -220,31 +261,70 @@ def demo(task: str, model: str, output_dir: Path, gsm8k_dir: Path | None, seed: 
 @click.argument("model", metavar="MODEL")
 @click.option("--tasks", required=True, help="lm-eval tasks, comma-separated (e.g. gsm8k,arc_easy).")
 @click.option("--limit", type=float, default=None, help="Examples per task (a fraction of each task below 1).")
-@click.option("--include-path", type=click.Path(path_type=Path), default=None,
-              help="A folder of lm-eval task YAMLs (local datasets: offline).")
+@click.option(
+    "--include-path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A folder of lm-eval task YAMLs (local datasets: offline).",
+)
 @click.option("--num-fewshot", type=int, default=None, help="Few-shot examples (default: each task's own).")
-@click.option("--max-gen-toks", type=int, default=None,
-              help="New tokens per generation [default: 256, or the server's max_new_tokens if less].")
+@click.option(
+    "--max-gen-toks",
+    type=int,
+    default=None,
+    help="New tokens per generation [default: 256, or the server's max_new_tokens if less].",
+)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Requests per call to the server.")
 @click.option("--server-url", default="http://127.0.0.1:8000", show_default=True, envvar="EZTINKER_SERVER_URL")
 @click.option("--api-key", default=None, envvar="EZTINKER_API_KEY", help="API key, if the server needs one.")
-@click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("data/eval"),
-              show_default=True, help="Where lm-eval's results JSON goes.")
-@click.option("--record/--no-record", default=True, show_default=True,
-              help="Record the scores on the server (a run or checkpoint: its dashboard page lists them).")
+@click.option(
+    "--output-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("data/eval"),
+    show_default=True,
+    help="Where lm-eval's results JSON goes.",
+)
+@click.option(
+    "--record/--no-record",
+    default=True,
+    show_default=True,
+    help="Record the scores on the server (a run or checkpoint: its dashboard page lists them).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-def eval_command(model: str, tasks: str, limit: float | None, include_path: Path | None, num_fewshot: int | None,
-                 max_gen_toks: int | None, batch_size: int, server_url: str, api_key: str | None, output_dir: Path,
-                 record: bool, seed: int) -> None:
+def eval_command(
+    model: str,
+    tasks: str,
+    limit: float | None,
+    include_path: Path | None,
+    num_fewshot: int | None,
+    max_gen_toks: int | None,
+    batch_size: int,
+    server_url: str,
+    api_key: str | None,
+    output_dir: Path,
+    record: bool,
+    seed: int,
+) -> None:
     """Evaluate MODEL (a base model, a run, or RUN_ID/CHECKPOINT) with lm-evaluation-harness,
     against the running server's OpenAI API; prints lm-eval's table and writes its JSON."""
     from .evaluation import EvalError, evaluate
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        outcome = evaluate(server_url, model, tasks.split(","), limit=limit, include_path=include_path,
-                           api_key=api_key, num_fewshot=num_fewshot, max_gen_toks=max_gen_toks,
-                           batch_size=batch_size, output_dir=output_dir, record=record, seed=seed)
+        outcome = evaluate(
+            server_url,
+            model,
+            tasks.split(","),
+            limit=limit,
+            include_path=include_path,
+            api_key=api_key,
+            num_fewshot=num_fewshot,
+            max_gen_toks=max_gen_toks,
+            batch_size=batch_size,
+            output_dir=output_dir,
+            record=record,
+            seed=seed,
+        )
     except EvalError as exc:
         _fail(str(exc))
     click.echo(outcome.table)
@@ -257,22 +337,37 @@ def eval_command(model: str, tasks: str, limit: float | None, include_path: Path
 @click.argument("checkpoint", metavar="RUN_ID/CHECKPOINT")
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--merge", is_flag=True, help="Merge the adapter into the base model: a plain Hugging Face model folder.")
-@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("data"), show_default=True,
-              help="The server's data directory (read only; the server may be running).")
-@click.option("--model", default=None, help="Base model (its tokenizer; with --merge its weights too) "
-              "instead of the one the checkpoint names, e.g. a local folder of it.")
-@click.option("--checkpoint-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="The server's --checkpoint-dir, if it had one (default: <data-dir>/checkpoints).")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("data"),
+    show_default=True,
+    help="The server's data directory (read only; the server may be running).",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Base model (its tokenizer; with --merge its weights too) "
+    "instead of the one the checkpoint names, e.g. a local folder of it.",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="The server's --checkpoint-dir, if it had one (default: <data-dir>/checkpoints).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
-def export(checkpoint: str, out: Path, merge: bool, data_dir: Path, model: str | None, checkpoint_dir: Path | None,
-           force: bool) -> None:
+def export(
+    checkpoint: str, out: Path, merge: bool, data_dir: Path, model: str | None, checkpoint_dir: Path | None, force: bool
+) -> None:
     """Export a checkpoint: its PEFT adapter folder, or (--merge) the merged model, to OUT."""
     _quiet_libraries()
     from .export import ExportError, export_checkpoint
 
     try:
-        result = export_checkpoint(data_dir, checkpoint, out, merge=merge, model=model, force=force,
-                                   checkpoints=checkpoint_dir)
+        result = export_checkpoint(
+            data_dir, checkpoint, out, merge=merge, model=model, force=force, checkpoints=checkpoint_dir
+        )
     except ExportError as exc:
         _fail(str(exc))
     what = f"{result.ref} merged into {result.base_model}" if result.merged else f"adapter {result.ref}"

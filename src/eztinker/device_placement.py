@@ -47,8 +47,10 @@ def parse_device_requests(models: Sequence[str], entries: Sequence[str]) -> Devi
         else:
             named[model] = device
     if len(plain) > 1 and (named or len(plain) != len(models)):
-        raise PlacementError(f"give one device for every model, one per --model ({len(models)}), or MODEL=DEVICE "
-                             f"entries; got {len(plain)} plain device(s) for {len(models)} model(s)")
+        raise PlacementError(
+            f"give one device for every model, one per --model ({len(models)}), or MODEL=DEVICE "
+            f"entries; got {len(plain)} plain device(s) for {len(models)} model(s)"
+        )
     return DeviceRequests(named, tuple(plain))
 
 
@@ -70,8 +72,10 @@ def place_models(models: Sequence[str], entries: Sequence[str], visible_gpus: in
         if device is not None and device.startswith("cuda:"):
             index = int(device.split(":")[1])
             if index >= visible_gpus:
-                raise PlacementError(f"{model}: {device} is not visible ({visible_gpus} GPU(s): "
-                                     f"{', '.join(f'cuda:{i}' for i in range(visible_gpus)) or 'none'})")
+                raise PlacementError(
+                    f"{model}: {device} is not visible ({visible_gpus} GPU(s): "
+                    f"{', '.join(f'cuda:{i}' for i in range(visible_gpus)) or 'none'})"
+                )
             load[index] += 1
     placed: dict[str, str] = {}
     for model, device in wanted.items():

@@ -65,10 +65,22 @@ def harness_version() -> str:
     return f"lm-eval {version('lm_eval')}"
 
 
-def evaluate(server_url: str, model: str, tasks: Sequence[str], *, limit: float | None = None,
-             include_path: Path | None = None, api_key: str | None = None, num_fewshot: int | None = None,
-             max_gen_toks: int | None = None, batch_size: int = 8, output_dir: Path | None = None,
-             record: bool = True, seed: int = 0, log_samples: bool = False) -> EvalOutcome:
+def evaluate(
+    server_url: str,
+    model: str,
+    tasks: Sequence[str],
+    *,
+    limit: float | None = None,
+    include_path: Path | None = None,
+    api_key: str | None = None,
+    num_fewshot: int | None = None,
+    max_gen_toks: int | None = None,
+    batch_size: int = 8,
+    output_dir: Path | None = None,
+    record: bool = True,
+    seed: int = 0,
+    log_samples: bool = False,
+) -> EvalOutcome:
     """Run lm-eval's `tasks` on `model` (a base model, a run id, `<run>/<checkpoint>` or a
     `tinker://` path) of the server at `server_url`. `limit`: examples per task (a fraction
     below 1). `include_path`: a folder of task YAMLs (local datasets, offline)."""
@@ -87,8 +99,11 @@ def evaluate(server_url: str, model: str, tasks: Sequence[str], *, limit: float 
         limits = _get(http, "/v1/info")
         # lm-eval's remote tokenizer asks /tokenize without a model: the server's default one.
         # Another base model's tokenizer comes as its files, into a folder lm-eval loads.
-        tokenizer_files = None if target.base_model == limits["model"] else \
-            _get(http, f"/v1/tokenizer?model={quote(target.base_model)}")["files"]
+        tokenizer_files = (
+            None
+            if target.base_model == limits["model"]
+            else _get(http, f"/v1/tokenizer?model={quote(target.base_model)}")["files"]
+        )
     lm_eval = _import_lm_eval()
     base = next(m for m in limits["models"] if m["name"] == target.base_model)
     max_length = min(base["max_context_length"], limits["limits"]["max_prompt_tokens"])
@@ -98,12 +113,20 @@ def evaluate(server_url: str, model: str, tasks: Sequence[str], *, limit: float 
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         hint = " (local task files: --include-path DIR)" if include_path is None else f" (nor in {include_path})"
-        raise EvalError(f"--tasks: lm-eval has no task {', '.join(map(repr, unknown))}{hint}; "
-                        "`lm-eval ls tasks` lists them")
+        raise EvalError(
+            f"--tasks: lm-eval has no task {', '.join(map(repr, unknown))}{hint}; `lm-eval ls tasks` lists them"
+        )
     model_args = {
-        "base_url": f"{server_url.rstrip('/')}/v1/completions", "model": target.model, "tokenizer_backend": "remote",
-        "tokenized_requests": True, "max_length": max_length, "max_gen_toks": gen, "num_concurrent": 1,
-        "max_retries": 1, "timeout": 600, "seed": seed,
+        "base_url": f"{server_url.rstrip('/')}/v1/completions",
+        "model": target.model,
+        "tokenizer_backend": "remote",
+        "tokenized_requests": True,
+        "max_length": max_length,
+        "max_gen_toks": gen,
+        "num_concurrent": 1,
+        "max_retries": 1,
+        "timeout": 600,
+        "seed": seed,
     }
     scratch = tempfile.TemporaryDirectory(prefix="eztinker-tokenizer-")
     if tokenizer_files is not None:
@@ -112,25 +135,51 @@ def evaluate(server_url: str, model: str, tasks: Sequence[str], *, limit: float 
         model_args.update(tokenizer_backend="huggingface", tokenizer=scratch.name)
     if api_key:
         model_args["auth_token"] = api_key  # the remote tokenizer's requests; the completions' read OPENAI_API_KEY
-    config = {"limit": limit, "num_fewshot": num_fewshot, "max_length": max_length, "max_gen_toks": gen,
-              "batch_size": batch_size, "seed": seed, "include_path": str(include_path) if include_path else None}
+    config = {
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "max_length": max_length,
+        "max_gen_toks": gen,
+        "batch_size": batch_size,
+        "seed": seed,
+        "include_path": str(include_path) if include_path else None,
+    }
     started = time.monotonic()
     with scratch, _openai_key(api_key):
         try:
             results = lm_eval.simple_evaluate(
-                model="local-completions", model_args=model_args, tasks=tasks, num_fewshot=num_fewshot,
-                batch_size=batch_size, limit=limit, task_manager=manager, log_samples=log_samples,
-                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+                model="local-completions",
+                model_args=model_args,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+                limit=limit,
+                task_manager=manager,
+                log_samples=log_samples,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
         except EvalError:
             raise
         except Exception as exc:  # a dataset download offline, a refused request: one line, not lm-eval's traceback
-            hint = "; offline, give local task files with --include-path (docs/eval.md)" if \
-                isinstance(exc, ConnectionError) or "Hub" in str(exc) else ""
+            hint = (
+                "; offline, give local task files with --include-path (docs/eval.md)"
+                if isinstance(exc, ConnectionError) or "Hub" in str(exc)
+                else ""
+            )
             raise EvalError(f"lm-eval failed: {type(exc).__name__}: {_first_line(exc)}{hint}") from exc
     if results is None:
         raise EvalError("lm-eval returned no results")
-    outcome = EvalOutcome(target=target, results=results, scores=scores_of(results),
-                          table=lm_eval.utils.make_table(results), seconds=time.monotonic() - started, config=config)
+    outcome = EvalOutcome(
+        target=target,
+        results=results,
+        scores=scores_of(results),
+        table=lm_eval.utils.make_table(results),
+        seconds=time.monotonic() - started,
+        config=config,
+    )
     if "groups" in results:
         outcome.table += "\n" + lm_eval.utils.make_table(results, "groups")
     if output_dir is not None:
@@ -143,8 +192,12 @@ def evaluate(server_url: str, model: str, tasks: Sequence[str], *, limit: float 
 
 def resolve_target(http: httpx.Client, model: str) -> EvalTarget:
     """The server's model of that name (a 404 or a refused connection: EvalError)."""
-    entry = _get(http, f"/v1/models/{quote(model, safe='/:')}", missing=f"the server has no model {model!r} "
-                 "(GET /v1/models lists its base models, your runs and their checkpoints)")
+    entry = _get(
+        http,
+        f"/v1/models/{quote(model, safe='/:')}",
+        missing=f"the server has no model {model!r} "
+        "(GET /v1/models lists its base models, your runs and their checkpoints)",
+    )
     if entry.get("parent") is None:
         return EvalTarget(model, entry["root"])
     matched = re.fullmatch(r"tinker://([^/]+)/(?:sampler_)?weights/(.+)", model)
@@ -178,10 +231,14 @@ def write_results(output_dir: Path, target: EvalTarget, results: dict[str, Any])
 
 
 def record_evaluation(http: httpx.Client, target: EvalTarget, scores: dict, config: dict) -> EvaluationInfo:
-    report = EvaluationReport(checkpoint=target.checkpoint, harness=harness_version(), tasks=list(scores),
-                              scores=scores, config=config)
-    response = http.post(f"/v1/runs/{target.run_id}/evaluations", content=report.model_dump_json(),
-                         headers={"Content-Type": "application/json"})
+    report = EvaluationReport(
+        checkpoint=target.checkpoint, harness=harness_version(), tasks=list(scores), scores=scores, config=config
+    )
+    response = http.post(
+        f"/v1/runs/{target.run_id}/evaluations",
+        content=report.model_dump_json(),
+        headers={"Content-Type": "application/json"},
+    )
     if response.status_code != 200:
         raise EvalError(f"the server did not record the evaluation: HTTP {response.status_code} {response.text[:300]}")
     return EvaluationInfo.model_validate(response.json())
@@ -191,8 +248,10 @@ def _get(http: httpx.Client, path: str, missing: str | None = None) -> dict:
     try:
         response = http.get(path)
     except httpx.TransportError as exc:
-        raise EvalError(f"no EZTinker server at {http.base_url} ({type(exc).__name__}); start one with "
-                        "`eztinker server --model ...`") from None
+        raise EvalError(
+            f"no EZTinker server at {http.base_url} ({type(exc).__name__}); start one with "
+            "`eztinker server --model ...`"
+        ) from None
     if response.status_code == 401:
         raise EvalError("the server refused the API key (--api-key or $EZTINKER_API_KEY)")
     if response.status_code == 404 and missing:

@@ -87,8 +87,10 @@ def export_checkpoint(
         else:
             tokenizer = AutoTokenizer.from_pretrained(model_source(spec, cache_dir=cache_dir))
     except (ModelLoadError, OSError) as exc:
-        raise ExportError(f"base model {spec!r} of checkpoint {ref} cannot be loaded ({_first_line(exc)}); "
-                          "give a local copy with --model") from None
+        raise ExportError(
+            f"base model {spec!r} of checkpoint {ref} cannot be loaded ({_first_line(exc)}); "
+            "give a local copy with --model"
+        ) from None
 
     if merge:
         try:
@@ -96,7 +98,9 @@ def export_checkpoint(
                 _untie_output_head(base.model)
             merged = peft.PeftModel.from_pretrained(base.model, source).merge_and_unload()
         except Exception as exc:  # another model's shapes or module names, an unreadable adapter file, ...
-            raise ExportError(f"checkpoint {ref} cannot be merged into base model {spec!r}: {_first_line(exc)}") from None
+            raise ExportError(
+                f"checkpoint {ref} cannot be merged into base model {spec!r}: {_first_line(exc)}"
+            ) from None
 
         def write(staging: Path) -> None:
             merged.save_pretrained(staging, safe_serialization=True)  # config + generation config too

@@ -129,13 +129,21 @@ def _backend(settings, bases):
     if settings.backend == "ray":  # torch loads in the workers only
         from .backend.ray import RayBackend
 
-        return RayBackend.start(settings.workers_of(), address=settings.ray_address, cache_dir=cache_dir,
-                                device=settings.device[0] if settings.device else None, cpus=settings.worker_cpus,
-                                gpus=settings.worker_gpus, engine_options=settings.engine_options())
+        return RayBackend.start(
+            settings.workers_of(),
+            address=settings.ray_address,
+            cache_dir=cache_dir,
+            device=settings.device[0] if settings.device else None,
+            cpus=settings.worker_cpus,
+            gpus=settings.worker_gpus,
+            engine_options=settings.engine_options(),
+        )
     from .backend.local import LocalBackend
 
     if bases is None:
-        return LocalBackend.load(settings.model, cache_dir=cache_dir, device=settings.device, **settings.engine_options())
+        return LocalBackend.load(
+            settings.model, cache_dir=cache_dir, device=settings.device, **settings.engine_options()
+        )
     return LocalBackend(bases, **settings.engine_options())
 
 
@@ -154,8 +162,9 @@ class ThreadedServer:
         from .server.connections import uvicorn_options
 
         self.service = service
-        config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning",
-                                **uvicorn_options(service.settings))
+        config = uvicorn.Config(
+            create_app(service), host="127.0.0.1", port=0, log_level="warning", **uvicorn_options(service.settings)
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = ""

@@ -74,8 +74,9 @@ def make_tiny_model(
     return out_dir
 
 
-def make_tiny_llama(out_dir: Path, config_dir: Path | None = None, *, hidden_size: int = 48, num_layers: int = 3,
-                    seed: int = 1) -> Path:
+def make_tiny_llama(
+    out_dir: Path, config_dir: Path | None = None, *, hidden_size: int = 48, num_layers: int = 3, seed: int = 1
+) -> Path:
     """A random-weight Llama (SmolLM2's architecture: tied embeddings, no attention bias), tiny,
     with the real Qwen2 tokenizer and its chat template; its vocabulary is the tokenizer's own
     length, so it differs from the tiny Qwen2's padded one."""

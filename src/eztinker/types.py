@@ -35,8 +35,10 @@ class LoraConfig(_Schema):
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     train_unembed: bool = Field(
-        False, description="Also a LoRA on the output head (lm_head; Tinker's name). Where the head shares its weight "
-        "with the input embeddings, the input embeddings stay as they are.")
+        False,
+        description="Also a LoRA on the output head (lm_head; Tinker's name). Where the head shares its weight "
+        "with the input embeddings, the input embeddings stay as they are.",
+    )
     target_modules: str | list[str] = Field(
         "all-linear",
         description="'all-linear' (every linear layer but the output head) or module names ([] with train_unembed: "
@@ -87,11 +89,15 @@ class RunInfo(_Schema):
     )
     checkpoints: list[CheckpointInfo] = Field(default_factory=list)
     status: Literal["creating", "working", "idle", "unavailable"] = Field(
-        "idle", description="creating: its create job has not finished; working: jobs of it are queued or running; "
-        "unavailable: this server does not hold its base model.")
+        "idle",
+        description="creating: its create job has not finished; working: jobs of it are queued or running; "
+        "unavailable: this server does not hold its base model.",
+    )
     last_loss: float | None = Field(
-        None, description="Loss per token of its newest training step (its forward_backwards' summed loss over the sum "
-                          "of their weights: cross_entropy's mean NLL).")
+        None,
+        description="Loss per token of its newest training step (its forward_backwards' summed loss over the sum "
+        "of their weights: cross_entropy's mean NLL).",
+    )
     updated_at: datetime | None = Field(None, description="When it last trained or saved a checkpoint.")
 
 
@@ -101,8 +107,10 @@ class MetricPoint(_Schema):
     step: int = Field(description="The optimizer step (1 is the first): its gradient's batches and its update.")
     loss: float | None = Field(None, description="Summed loss of the step's forward_backwards.")
     num_tokens: int | None = Field(None, description="Positions that carried loss in them.")
-    weight_sum: float | None = Field(None, description="cross_entropy: the sum of the step's weights (other losses: "
-                                                       "its tokens), the loss's denominator.")
+    weight_sum: float | None = Field(
+        None,
+        description="cross_entropy: the sum of the step's weights (other losses: its tokens), the loss's denominator.",
+    )
     loss_per_token: float | None = Field(None, description="loss / weight_sum: cross_entropy's mean NLL per token.")
     grad_norm: float | None = Field(None, description="None until the step's optim_step has run.")
     learning_rate: float | None = None
@@ -119,7 +127,7 @@ class ModelInput(_Schema):
     tokens: list[int] = Field(min_length=1, description="Token ids fed to the model.")
 
     @classmethod
-    def from_ints(cls, tokens: list[int]) -> "ModelInput":
+    def from_ints(cls, tokens: list[int]) -> ModelInput:
         return cls(tokens=list(tokens))
 
 
@@ -132,13 +140,10 @@ class LossFnInputs(_Schema):
 
     target_tokens: list[int] | list[list[int]]
     weights: list[float] | list[list[float]] | None = Field(
-        None, description="cross_entropy: per-token weight ([N], or [N, K] beside [N, K] target_tokens).")
-    logprobs: list[float] | None = Field(
-        None, description="RL losses: the sampler's logprob of each target token."
+        None, description="cross_entropy: per-token weight ([N], or [N, K] beside [N, K] target_tokens)."
     )
-    advantages: list[float] | None = Field(
-        None, description="RL losses: per-token advantage."
-    )
+    logprobs: list[float] | None = Field(None, description="RL losses: the sampler's logprob of each target token.")
+    advantages: list[float] | None = Field(None, description="RL losses: per-token advantage.")
     sequence_ratio_mask: list[float] | None = Field(
         None, description="gspo: nonzero at the positions whose log-ratios are averaged into the sequence ratio."
     )
@@ -155,7 +160,7 @@ class LossFnInputs(_Schema):
         return [t for row in self.target_tokens for t in row]  # type: ignore[union-attr]
 
     @model_validator(mode="after")
-    def _rectangular(self) -> "LossFnInputs":
+    def _rectangular(self) -> LossFnInputs:
         k = self.targets_per_position
         if k is not None and (k < 1 or any(not isinstance(r, list) or len(r) != k for r in self.target_tokens)):
             raise ValueError("target_tokens must be [N] or a rectangular [N, K] with K >= 1")
@@ -173,7 +178,7 @@ class Datum(_Schema):
     loss_fn_inputs: LossFnInputs
 
     @model_validator(mode="after")
-    def _aligned(self) -> "Datum":
+    def _aligned(self) -> Datum:
         n = len(self.model_input.tokens)
         inputs = self.loss_fn_inputs
         for name in ("target_tokens", "weights", "logprobs", "advantages", "sequence_ratio_mask"):
@@ -200,12 +205,14 @@ class ForwardBackwardRequest(_Schema):
     )
 
     @model_validator(mode="after")
-    def _inputs_for_loss(self) -> "ForwardBackwardRequest":
+    def _inputs_for_loss(self) -> ForwardBackwardRequest:
         for i, datum in enumerate(self.data):
             inputs = datum.loss_fn_inputs
             if self.loss_fn != "cross_entropy" and inputs.targets_per_position is not None:
-                raise ValueError(f"data[{i}].loss_fn_inputs.target_tokens is [N, K]; only cross_entropy takes "
-                                 f"several targets a position, {self.loss_fn} takes [N]")
+                raise ValueError(
+                    f"data[{i}].loss_fn_inputs.target_tokens is [N, K]; only cross_entropy takes "
+                    f"several targets a position, {self.loss_fn} takes [N]"
+                )
             if self.loss_fn != "gspo" and inputs.sequence_ratio_mask is not None:
                 raise ValueError(f"data[{i}].loss_fn_inputs.sequence_ratio_mask is only taken by gspo")
             if self.loss_fn == "cross_entropy":
@@ -250,7 +257,7 @@ class AdamParams(_Schema):
     )
 
     @classmethod
-    def tinker(cls, given: dict[str, Any]) -> "AdamParams":
+    def tinker(cls, given: dict[str, Any]) -> AdamParams:
         """The fields a Tinker request gives, over Tinker's defaults for the rest; unknown fields are refused."""
         return cls.model_validate({**TINKER_ADAM_DEFAULTS, **given})
 
@@ -288,12 +295,10 @@ class Prompt(_Schema):
     text: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Prompt":
+    def _exactly_one(self) -> Prompt:
         given = [k for k in ("tokens", "messages", "text") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of tokens, messages or text (got {given or 'none'})"
-            )
+            raise ValueError(f"give exactly one of tokens, messages or text (got {given or 'none'})")
         return self
 
 
@@ -310,19 +315,28 @@ class SamplingParams(_Schema):
     )
     seed: int | None = Field(None, ge=0, description="Makes sampling reproducible.")
     # As vLLM defines them (its SamplingParams), for the OpenAI door's clients that send them.
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p x the most likely "
-                         "one (after temperature); 0 disables it.")
+    min_p: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Drop tokens less likely than min_p x the most likely one (after temperature); 0 disables it.",
+    )
     repetition_penalty: float = Field(
-        1.0, gt=0.0, le=100.0, description="Divides the positive logits (multiplies the negative ones) of tokens "
-        "already in the prompt or the candidate; > 1 discourages repeats, 1 disables it.")
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="Divides the positive logits (multiplies the negative ones) of tokens "
+        "already in the prompt or the candidate; > 1 discourages repeats, 1 disables it.",
+    )
     min_tokens: int = Field(0, ge=0, description="No stop (stop token or string) before this many new tokens.")
     ignore_eos: bool = Field(
-        False, description="The model's end-of-turn/end-of-text tokens do not stop a candidate (only stop, "
-        "stop_token_ids and max_tokens do): Tinker's stop=[], vLLM's ignore_eos."
+        False,
+        description="The model's end-of-turn/end-of-text tokens do not stop a candidate (only stop, "
+        "stop_token_ids and max_tokens do): Tinker's stop=[], vLLM's ignore_eos.",
     )
 
     @model_validator(mode="after")
-    def _min_tokens_within_max(self) -> "SamplingParams":
+    def _min_tokens_within_max(self) -> SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         return self
@@ -464,15 +478,19 @@ class HealthInfo(_Schema):
     """Liveness. A server with API keys answers only `status` (and `worker`) to a request without a valid one."""
 
     status: Literal["ok", "degraded"] = Field("ok", description="'degraded' while the worker is not 'ok'.")
-    worker: str | None = Field(None, description="The job worker: 'ok', 'stalled: <why>' (e.g. the database is locked by "
-                        "another process; jobs resume when it is not) or 'stopped: <why>' (no job will run: HTTP 503).")
+    worker: str | None = Field(
+        None,
+        description="The job worker: 'ok', 'stalled: <why>' (e.g. the database is locked by "
+        "another process; jobs resume when it is not) or 'stopped: <why>' (no job will run: HTTP 503).",
+    )
     model: str | None = Field(None, description="The default base model.")
     models: list[str] | None = Field(None, description="Every base model the server holds.")
     runs: int | None = None
     queued_jobs: int | None = None
     version: str | None = None
     workers: list[WorkerStatus] | None = Field(
-        None, description="The engine workers of a backend that has several (Ray), with the runs placed on each.")
+        None, description="The engine workers of a backend that has several (Ray), with the runs placed on each."
+    )
 
 
 class EvaluationReport(_Schema):
@@ -482,7 +500,8 @@ class EvaluationReport(_Schema):
     harness: str = Field("lm-eval", max_length=100, description="What produced the scores, e.g. 'lm-eval 0.4.13'.")
     tasks: list[str] = Field(min_length=1, max_length=1000)
     scores: dict[str, dict[str, float | None]] = Field(
-        description="Per task, its metrics as the harness names them (e.g. {'arc_easy': {'acc,none': 0.25}}).")
+        description="Per task, its metrics as the harness names them (e.g. {'arc_easy': {'acc,none': 0.25}})."
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="limit, few-shot count and the like.")
 
 

@@ -311,9 +311,7 @@ def evaluate_answer(
     predicted = _plain_number(extracted)
     if predicted is None:
         return _verdict(False, 0.0, "no_answer", extracted)
-    correct = gold_number is not None and math.isclose(
-        float(predicted), float(gold_number), rel_tol=1e-6, abs_tol=1e-9
-    )
+    correct = gold_number is not None and math.isclose(float(predicted), float(gold_number), rel_tol=1e-6, abs_tol=1e-9)
     return _verdict(correct, 0.9, "numeric_fallback", extracted)
 
 

@@ -11,9 +11,10 @@ from tinker import types
 url, model = sys.argv[1], sys.argv[2]
 PROMPT, REPLY = [100, 200, 300], [400, 500, 600, 700]
 tokens = PROMPT + REPLY
-datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
-                    loss_fn_inputs={"target_tokens": tokens[1:],
-                                    "weights": [0.0] * (len(PROMPT) - 1) + [1.0] * len(REPLY)})
+datum = types.Datum(
+    model_input=types.ModelInput.from_ints(tokens[:-1]),
+    loss_fn_inputs={"target_tokens": tokens[1:], "weights": [0.0] * (len(PROMPT) - 1) + [1.0] * len(REPLY)},
+)
 out = {"sdk": tinker.__version__}
 service = tinker.ServiceClient(base_url=url, api_key="tml-old-sdk")
 client = service.create_lora_training_client(base_model=model, rank=4)
@@ -32,8 +33,11 @@ out["trained_logprobs"] = after.loss_fn_outputs[0]["logprobs"].tolist()
 sampler_path = client.save_weights_for_sampler("old-sdk-sampler").result().path
 sampler = service.create_sampling_client(model_path=sampler_path)
 sampler = sampler.result() if hasattr(sampler, "result") else sampler
-sampled = sampler.sample(types.ModelInput.from_ints(PROMPT), num_samples=2,
-                         sampling_params=types.SamplingParams(max_tokens=4, temperature=1.0, seed=3)).result()
+sampled = sampler.sample(
+    types.ModelInput.from_ints(PROMPT),
+    num_samples=2,
+    sampling_params=types.SamplingParams(max_tokens=4, temperature=1.0, seed=3),
+).result()
 out["samples"] = [{"tokens": list(s.tokens), "logprobs": list(s.logprobs)} for s in sampled.sequences]
 out["prompt_logprobs"] = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
 restored = service.create_training_client_from_state(out["state_path"])

@@ -82,8 +82,13 @@ class Backend(Protocol):
     def models(self) -> list[ModelInfo]:
         """The base models this backend holds, the default one first."""
 
-    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
+    def execute(
+        self,
+        commands: Sequence[Command],
+        progress: Sequence[Progress | None] | None = None,
+        lane: Hashable = None,
+        cancelled: Sequence[Cancelled | None] | None = None,
+    ) -> list[Outcome]:
         """Run `commands` in order, one outcome each, on `lane` (one of `lanes()`; None: the
         first lane of the first command, as at start-up). The runner
         passes several commands at once only where `commands.fusable` allows; if a fused batch
@@ -132,5 +137,16 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-__all__ = ["ABANDONED", "Backend", "Cancelled", "CheckpointState", "Command", "InvalidInput", "ModelInfo", "Outcome", "Progress", "WorkerInfo",
-           "WorkerLost"]
+__all__ = [
+    "ABANDONED",
+    "Backend",
+    "Cancelled",
+    "CheckpointState",
+    "Command",
+    "InvalidInput",
+    "ModelInfo",
+    "Outcome",
+    "Progress",
+    "WorkerInfo",
+    "WorkerLost",
+]

@@ -8,7 +8,7 @@ values. Paths are absolute and point into the server's data directory.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -72,8 +72,10 @@ class Sample(_Command):
         None, description="Per prompt, per position 1 .. len - 1: token ids whose logprobs to return there."
     )
     prompt_alt_tokens_k: int = Field(
-        0, ge=0, description="Per prompt position 1 .. len - 1: this many independent draws from the model's "
-        "next-token distribution at the sampling temperature, with their (temperature-1) logprobs."
+        0,
+        ge=0,
+        description="Per prompt position 1 .. len - 1: this many independent draws from the model's "
+        "next-token distribution at the sampling temperature, with their (temperature-1) logprobs.",
     )
 
 
@@ -109,7 +111,7 @@ class Load(_Command):
 
 
 Command = Annotated[
-    Union[CreateRun, DeleteRun, ForwardBackward, OptimStep, Sample, Score, ScorePrompts, Save, Load],
+    CreateRun | DeleteRun | ForwardBackward | OptimStep | Sample | Score | ScorePrompts | Save | Load,
     Field(discriminator="kind"),
 ]
 _COMMAND = TypeAdapter(Command)

@@ -17,8 +17,19 @@ from ..engine.engine import InvalidTarget, PromptLogprobs, read_training_state
 from ..engine.prompt_scoring import ExtrasResult, PromptExtras
 from ..types import LoraConfig, Prompt, SampledSequence
 from . import ABANDONED, Cancelled, CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
-from .commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample, Save, Score,
-                       ScorePrompts)
+from .commands import (
+    Command,
+    CreateRun,
+    DeleteRun,
+    ForwardBackward,
+    Load,
+    OptimStep,
+    Outcome,
+    Sample,
+    Save,
+    Score,
+    ScorePrompts,
+)
 from .compute_thread import ComputeThread
 
 log = logging.getLogger(__name__)
@@ -47,8 +58,9 @@ class LocalBackend:
         self._tokenizer_files: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def load(cls, specs: Sequence[str], *, cache_dir: Path, device: str | Sequence[str] | None,
-             **engine_options) -> LocalBackend:
+    def load(
+        cls, specs: Sequence[str], *, cache_dir: Path, device: str | Sequence[str] | None, **engine_options
+    ) -> LocalBackend:
         """Load each model (ModelLoadError names the one that fails) and build its engine, both on
         the thread that will run its commands. `device`: the `--device` entries (device_placement.py:
         none spreads the models over the visible GPUs)."""
@@ -87,12 +99,21 @@ class LocalBackend:
     def workers(self) -> list[WorkerInfo]:
         return []
 
-    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
+    def execute(
+        self,
+        commands: Sequence[Command],
+        progress: Sequence[Progress | None] | None = None,
+        lane: Hashable = None,
+        cancelled: Sequence[Cancelled | None] | None = None,
+    ) -> list[Outcome]:
         return self._compute.run(lambda: self._execute(commands, progress, cancelled))
 
-    def _execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None,
-                 cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
+    def _execute(
+        self,
+        commands: Sequence[Command],
+        progress: Sequence[Progress | None] | None,
+        cancelled: Sequence[Cancelled | None] | None = None,
+    ) -> list[Outcome]:
         progress = list(progress) if progress is not None else [None] * len(commands)
         cancelled = list(cancelled) if cancelled is not None else [None] * len(commands)
         fuse = None
@@ -107,8 +128,10 @@ class LocalBackend:
             if fused.error is None:
                 return [value if isinstance(value, Outcome) else Outcome(value=value) for value in fused.value]
             # One bad request must not fail its neighbours: each alone.
-        return [_attempt(lambda c=command, p=listener, q=cancel: self._execute_one(c, p, q))
-                for command, listener, cancel in zip(commands, progress, cancelled)]
+        return [
+            _attempt(lambda c=command, p=listener, q=cancel: self._execute_one(c, p, q))
+            for command, listener, cancel in zip(commands, progress, cancelled)
+        ]
 
     def _execute_one(self, command: Command, progress: Progress | None = None, cancelled: Cancelled | None = None):
         engine = self.engine(command.model)
@@ -118,8 +141,9 @@ class LocalBackend:
                 step = 0
                 if command.from_checkpoint is not None:
                     try:
-                        step = engine.load(command.run_id, Path(command.from_checkpoint),
-                                           with_optimizer=command.with_optimizer)
+                        step = engine.load(
+                            command.run_id, Path(command.from_checkpoint), with_optimizer=command.with_optimizer
+                        )
                     except BaseException:
                         engine.delete_run(command.run_id)  # a failed create leaves nothing behind
                         raise
@@ -129,8 +153,12 @@ class LocalBackend:
                 return {"deleted": command.run_id}
             case ForwardBackward():
                 return engine.forward_backward(
-                    command.run_id, command.data, command.loss_fn, loss_fn_config=command.loss_fn_config,
-                    forward_only=command.forward_only, all_logprobs=command.all_logprobs,
+                    command.run_id,
+                    command.data,
+                    command.loss_fn,
+                    loss_fn_config=command.loss_fn_config,
+                    forward_only=command.forward_only,
+                    all_logprobs=command.all_logprobs,
                 ).model_dump()
             case OptimStep():
                 return engine.optim_step(command.run_id, command.adam_params).model_dump()
@@ -148,11 +176,17 @@ class LocalBackend:
                 engine.save(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)
                 return {"step": engine.step_of(command.run_id)}
             case Load():
-                return {"step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)}
+                return {
+                    "step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)
+                }
         raise EngineError(f"unknown command {command.kind!r}")
 
-    def _sample_many(self, commands: Sequence[Sample], progress: Sequence[Progress | None],
-                     cancelled: Sequence[Cancelled | None] | None = None) -> list[dict | Outcome]:
+    def _sample_many(
+        self,
+        commands: Sequence[Sample],
+        progress: Sequence[Progress | None],
+        cancelled: Sequence[Cancelled | None] | None = None,
+    ) -> list[dict | Outcome]:
         """Each command's value, or for one abandoned by its consumers, the Outcome saying so."""
         cancelled = cancelled or [None] * len(commands)
         engine = self.engine(commands[0].model)
@@ -161,31 +195,51 @@ class LocalBackend:
             # A snapshot loaded for an earlier command of this batch must stay until it has sampled.
             pinned = [a for a in adapters if a is not None]
             adapters.append(c.run_id if c.snapshot is None else engine.snapshot(Path(c.snapshot), pinned=pinned))
-        specs = [SampleSpec(a, c.prompts, c.num_samples, c.sampling_params, top_logprobs=c.topk_logprobs, on_tokens=p,
-                            cancelled=q) for a, c, p, q in zip(adapters, commands, progress, cancelled)]
+        specs = [
+            SampleSpec(
+                a, c.prompts, c.num_samples, c.sampling_params, top_logprobs=c.topk_logprobs, on_tokens=p, cancelled=q
+            )
+            for a, c, p, q in zip(adapters, commands, progress, cancelled)
+        ]
         results = engine.sample(specs)
         values: list[dict | Outcome] = []
         for c, adapter, result, spec in zip(commands, adapters, results, specs):
             if spec.abandoned:
                 decoded = sum(len(s.tokens) for row in result for s in row)
                 most = c.sampling_params.max_tokens * c.num_samples * len(c.prompts)
-                values.append(Outcome(value={"decoded_tokens": decoded}, error_category="user",
-                                      error=f"{ABANDONED}: every consumer of this sample went away; it stopped "
-                                            f"decoding after {decoded} of at most {most} tokens"))
+                values.append(
+                    Outcome(
+                        value={"decoded_tokens": decoded},
+                        error_category="user",
+                        error=f"{ABANDONED}: every consumer of this sample went away; it stopped "
+                        f"decoding after {decoded} of at most {most} tokens",
+                    )
+                )
                 continue
-            value: dict[str, Any] = {"prompt_tokens": c.prompts,
-                                     "sequences": [[_dump(s) for s in row] for row in result]}
+            value: dict[str, Any] = {
+                "prompt_tokens": c.prompts,
+                "sequences": [[_dump(s) for s in row] for row in result],
+            }
             if c.topk_logprobs:
                 for row, dumped in zip(result, value["sequences"]):
                     for sequence, entry in zip(row, dumped):
                         assert sequence.top_logprobs is not None, "the engine returns top_logprobs when asked for them"
-                        entry["top_logprobs"] = [[list(pair) for pair in position] for position in sequence.top_logprobs]
+                        entry["top_logprobs"] = [
+                            [list(pair) for pair in position] for position in sequence.top_logprobs
+                        ]
             if c.prompt_logprobs or c.topk_prompt_logprobs or c.prompt_targets is not None or c.prompt_alt_tokens_k:
-                extras = [PromptExtras(targets=None if c.prompt_targets is None else c.prompt_targets[i],
-                                       alt_k=c.prompt_alt_tokens_k, temperature=c.sampling_params.temperature,
-                                       seed=c.sampling_params.seed) for i in range(len(c.prompts))]
-                scored = engine.prompt_logprobs(adapter, c.prompts, c.topk_prompt_logprobs,
-                                                last_n=c.prompt_logprobs_last_n, extras=extras)
+                extras = [
+                    PromptExtras(
+                        targets=None if c.prompt_targets is None else c.prompt_targets[i],
+                        alt_k=c.prompt_alt_tokens_k,
+                        temperature=c.sampling_params.temperature,
+                        seed=c.sampling_params.seed,
+                    )
+                    for i in range(len(c.prompts))
+                ]
+                scored = engine.prompt_logprobs(
+                    adapter, c.prompts, c.topk_prompt_logprobs, last_n=c.prompt_logprobs_last_n, extras=extras
+                )
                 if c.prompt_logprobs:
                     value["prompt_logprobs"] = [s.logprobs for s in scored]
                 if c.topk_prompt_logprobs:
@@ -193,8 +247,9 @@ class LocalBackend:
                 if c.prompt_targets is not None:
                     value["target_prompt_logprobs"] = [_extras(s).target_logprobs for s in scored]
                 if c.prompt_alt_tokens_k:
-                    value["prompt_alt_tokens"] = [{"tokens": _extras(s).alt_tokens, "logprobs": _extras(s).alt_logprobs}
-                                                  for s in scored]
+                    value["prompt_alt_tokens"] = [
+                        {"tokens": _extras(s).alt_tokens, "logprobs": _extras(s).alt_logprobs} for s in scored
+                    ]
             values.append(value)
         return values
 
@@ -227,8 +282,9 @@ class LocalBackend:
             mine = [scored[(i, j)] for j in range(len(c.prompts))]
             value: dict[str, Any] = {"prompt_logprobs": [s.logprobs for s in mine]}
             if c.topk:
-                value["topk_prompt_logprobs"] = [[None if top is None else top[: c.topk] for top in _topk(s)]
-                                                 for s in mine]
+                value["topk_prompt_logprobs"] = [
+                    [None if top is None else top[: c.topk] for top in _topk(s)] for s in mine
+                ]
             values.append(value)
         return values
 
@@ -275,13 +331,19 @@ class LocalBackend:
         try:
             self.engine(model).check_target_modules(lora.target_modules)
         except InvalidTarget as exc:
-            raise InvalidInput(("target_modules",) if exc.index is None else ("target_modules", exc.index), str(exc)) from None
+            raise InvalidInput(
+                ("target_modules",) if exc.index is None else ("target_modules", exc.index), str(exc)
+            ) from None
 
     def read_checkpoint(self, directory: Path) -> CheckpointState:
         try:
             state = read_training_state(directory)
-            return CheckpointState(step=int(state["step"]), lora=LoraConfig.model_validate(state["lora"]),
-                                   base_model=state.get("base_model"), has_optimizer=bool(state.get("optimizer", True)))
+            return CheckpointState(
+                step=int(state["step"]),
+                lora=LoraConfig.model_validate(state["lora"]),
+                base_model=state.get("base_model"),
+                has_optimizer=bool(state.get("optimizer", True)),
+            )
         except EngineError as exc:
             raise InvalidInput((), str(exc)) from None
         except (KeyError, TypeError, ValueError) as exc:
@@ -305,8 +367,12 @@ def _attempt(work) -> Outcome:
 
 
 def _dump(sequence: SampledSequence) -> dict:
-    return {"text": sequence.text, "tokens": sequence.tokens, "logprobs": sequence.logprobs,
-            "stop_reason": sequence.stop_reason}
+    return {
+        "text": sequence.text,
+        "tokens": sequence.tokens,
+        "logprobs": sequence.logprobs,
+        "stop_reason": sequence.stop_reason,
+    }
 
 
 def _bytes_to_unicode() -> dict[str, int]:

@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from .._net import is_loopback_url
 from ..types import (
     AdamParams,
     CheckpointInfo,
@@ -43,7 +44,6 @@ from ..types import (
     ScoreRequest,
     ScoreResult,
 )
-from .._net import is_loopback_url
 from ._custom_loss import CustomLossFn, CustomLossResult, linearise
 from ._errors import APIStatusError, ConnectionFailedError, JobFailedError
 
@@ -56,7 +56,7 @@ _POLL_SECONDS = 30.0
 class APIFuture(Generic[T]):
     """A submitted job. `.result(timeout)` blocks until it finishes; `await future` also works."""
 
-    def __init__(self, client: "ServiceClient", job_id: str, parse: Callable[[Any], T]):
+    def __init__(self, client: ServiceClient, job_id: str, parse: Callable[[Any], T]):
         self._client, self.job_id, self._parse = client, job_id, parse
         self._info: JobInfo | None = None
 
@@ -120,7 +120,9 @@ class ServiceClient:
         # A URL without a scheme ("localhost:8000") would surface as httpx.UnsupportedProtocol
         # on the first call; say what is wrong, at once.
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https:// (got {base_url!r}), e.g. http://127.0.0.1:8000")
+            raise ValueError(
+                f"base_url must start with http:// or https:// (got {base_url!r}), e.g. http://127.0.0.1:8000"
+            )
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         # The server gzips large responses (sampled tokens and logprobs) for clients that ask:
@@ -135,14 +137,22 @@ class ServiceClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "ServiceClient":
+    def __enter__(self) -> ServiceClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     # ------------------------------------------------------------------------- requests
-    def request(self, method: str, path: str, body: BaseModel | None = None, *, params: dict | None = None, idempotent_key: bool = False) -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: BaseModel | None = None,
+        *,
+        params: dict | None = None,
+        idempotent_key: bool = False,
+    ) -> Any:
         """One API call with retries; raises the SDK's exceptions, never httpx's."""
         headers = {"Idempotency-Key": uuid.uuid4().hex} if idempotent_key else {}
         content = body.model_dump_json(exclude_unset=False) if body is not None else None
@@ -164,8 +174,11 @@ class ServiceClient:
             else:
                 if response.status_code < 400:
                     return response.json()
-                if (response.status_code not in RETRY_STATUSES or attempt == self.max_retries
-                        or response.headers.get("x-should-retry") == "false"):  # e.g. a limit waiting cannot clear
+                if (
+                    response.status_code not in RETRY_STATUSES
+                    or attempt == self.max_retries
+                    or response.headers.get("x-should-retry") == "false"
+                ):  # e.g. a limit waiting cannot clear
                     raise APIStatusError.from_response(response)
             time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
@@ -198,18 +211,23 @@ class ServiceClient:
         base_model: str | None = None,
         from_checkpoint: str | None = None,
         train_unembed: bool = False,
-    ) -> "TrainingClient":
+    ) -> TrainingClient:
         request = CreateRunRequest(
             base_model=base_model,
-            lora=LoraConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules,
-                            train_unembed=train_unembed),
+            lora=LoraConfig(
+                rank=lora_rank,
+                alpha=lora_alpha,
+                dropout=lora_dropout,
+                target_modules=target_modules,
+                train_unembed=train_unembed,
+            ),
             seed=seed,
             from_checkpoint=from_checkpoint,
         )
         info = RunInfo.model_validate(self.request("POST", "/v1/runs", request, idempotent_key=True))
         return TrainingClient(self, info.id, info.base_model)
 
-    def training_client(self, run_id: str) -> "TrainingClient":
+    def training_client(self, run_id: str) -> TrainingClient:
         """A client for an existing run (e.g. after a restart)."""
         info = RunInfo.model_validate(self.request("GET", f"/v1/runs/{run_id}"))
         return TrainingClient(self, run_id, info.base_model)
@@ -273,7 +291,9 @@ class TrainingClient:
             self._base_model = self.info().base_model
         return self.service.get_tokenizer(base_model=self._base_model)
 
-    def forward_backward(self, data: Sequence[Datum], loss_fn: str = "cross_entropy") -> APIFuture[ForwardBackwardResult]:
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: str = "cross_entropy"
+    ) -> APIFuture[ForwardBackwardResult]:
         request = ForwardBackwardRequest(data=list(data), loss_fn=loss_fn)
         return self.service._submit(self._path("forward_backward"), request, ForwardBackwardResult.model_validate)
 

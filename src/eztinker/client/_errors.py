@@ -26,7 +26,7 @@ class APIStatusError(EZTinkerError):
         self.status_code, self.detail = status_code, detail
 
     @classmethod
-    def from_response(cls, response: httpx.Response) -> "APIStatusError":
+    def from_response(cls, response: httpx.Response) -> APIStatusError:
         try:
             detail = response.json().get("detail", response.text)
         except ValueError:
@@ -40,7 +40,9 @@ class APIStatusError(EZTinkerError):
             text = "; ".join(parts) or str(detail)
         else:
             text = str(detail)
-        return cls(response.status_code, detail, f"HTTP {response.status_code} from {response.request.url.path}: {text}")
+        return cls(
+            response.status_code, detail, f"HTTP {response.status_code} from {response.request.url.path}: {text}"
+        )
 
 
 class JobFailedError(EZTinkerError):

@@ -55,7 +55,9 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
         reason = _lack_of_room(exc, staging) if isinstance(exc, Exception) else None
         shutil.rmtree(staging, ignore_errors=True)
         if reason is not None:
-            raise CheckpointWriteError(f"could not write checkpoint {target.parent.name}/{target.name}: {reason}") from exc
+            raise CheckpointWriteError(
+                f"could not write checkpoint {target.parent.name}/{target.name}: {reason}"
+            ) from exc
         raise
 
 
@@ -75,8 +77,10 @@ def _lack_of_room(exc: Exception, staging: Path) -> str | None:
     if stats.f_bavail * stats.f_frsize < _FULL_DISK_BYTES:
         return _NO_SPACE
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and staging.is_dir() and any(
-        p.stat().st_size >= limit for p in staging.iterdir()
+    if (
+        limit != resource.RLIM_INFINITY
+        and staging.is_dir()
+        and any(p.stat().st_size >= limit for p in staging.iterdir())
     ):
         return _FILE_SIZE_LIMIT
     return None
@@ -90,9 +94,7 @@ def remove_partial_writes(root: Path) -> list[Path]:
     """
     if not root.exists():
         return []
-    leftovers = [
-        p for p in root.rglob("*") if p.is_dir() and p.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX))
-    ]
+    leftovers = [p for p in root.rglob("*") if p.is_dir() and p.name.startswith((_STAGING_PREFIX, _RETIRED_PREFIX))]
     # A SIGKILL between `rename(target, retired)` and `rename(staging, target)` leaves no `target`;
     # deleting `retired` then would lose the checkpoint the database still lists (the one being
     # overwritten), so roll the overwrite back instead.

@@ -43,8 +43,9 @@ from . import (
     prompt_attention,
     prompt_scoring,
 )
-from .head_lora import HeadLora, HeadLoraProjection, features as head_features
 from .checkpoints import write_atomically
+from .head_lora import HeadLora, HeadLoraProjection
+from .head_lora import features as head_features
 from .models import BaseModel
 from .prompt_scoring import PromptExtras
 from .sampler import OutputHead, SampleSpec, sample
@@ -107,8 +108,14 @@ def _adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
 
 class Engine:
     def __init__(
-        self, base: BaseModel, *, microbatch_tokens: int | None = None, logits_chunk: int = 1024, max_snapshots: int = 16,
-        pack_weights: bool = True, activation_checkpointing: bool | None = None,
+        self,
+        base: BaseModel,
+        *,
+        microbatch_tokens: int | None = None,
+        logits_chunk: int = 1024,
+        max_snapshots: int = 16,
+        pack_weights: bool = True,
+        activation_checkpointing: bool | None = None,
     ):
         """microbatch_tokens: padded tokens per training forward (None: sized from the device's free
         memory, memory.py; 8192 on the CPU). activation_checkpointing (None: on where it pays, on an
@@ -140,7 +147,8 @@ class Engine:
         self.activation_checkpointing = activation_checkpointing and self._plain is not None
         if microbatch_tokens is None:
             microbatch_tokens = memory.default_microbatch_tokens(
-                base.model.config, base.model.dtype, base.device, self.activation_checkpointing)
+                base.model.config, base.model.dtype, base.device, self.activation_checkpointing
+            )
         self.microbatch_tokens = microbatch_tokens  # padded tokens per forward pass in training
 
     # ------------------------------------------------------------------------------- runs
@@ -309,8 +317,11 @@ class Engine:
             bad = next((name for name in other if _targets(name, [key])), None)
             if bad is not None:
                 head = " (set train_unembed for a LoRA on the output head)" if bad == self._output_head_name() else ""
-                raise InvalidTarget(i, f"target module {key!r} matches {bad!r}, which is not a LoRA-trainable "
-                                       f"linear layer{head}; choose from {choices}")
+                raise InvalidTarget(
+                    i,
+                    f"target module {key!r} matches {bad!r}, which is not a LoRA-trainable "
+                    f"linear layer{head}; choose from {choices}",
+                )
             if not any(_targets(name, [key]) for name in linear):
                 raise InvalidTarget(i, f"target module {key!r} is not in the model; choose from {choices}")
 
@@ -385,8 +396,10 @@ class Engine:
             # batch at the next optim_step, so this request fails and the earlier gradients stay.
             grads = [p.grad.view(-1) for p in run.params if p.grad is not None]
             if grads and not bool(torch.isfinite(torch.cat(grads)).all()):  # one check, not one a tensor
-                raise EngineError(f"{loss_fn} gave a non-finite gradient (check the request's logprobs and "
-                                  "advantages); this request's gradient was not applied, earlier ones are kept")
+                raise EngineError(
+                    f"{loss_fn} gave a non-finite gradient (check the request's logprobs and "
+                    "advantages); this request's gradient was not applied, earlier ones are kept"
+                )
             return result
         except BaseException:
             for param, grad in zip(run.params, saved_grads):
@@ -396,12 +409,22 @@ class Engine:
             if dropout:
                 self._peft.eval()
 
-    def _forward(self, run_id: str, data: Sequence[Datum], loss_fn: LossFnName, config: dict[str, float], *,
-                 backward: bool, all_logprobs: bool) -> ForwardBackwardResult:
+    def _forward(
+        self,
+        run_id: str,
+        data: Sequence[Datum],
+        loss_fn: LossFnName,
+        config: dict[str, float],
+        *,
+        backward: bool,
+        all_logprobs: bool,
+    ) -> ForwardBackwardResult:
         total_loss, num_tokens = 0.0, 0
         logprobs: list[list[float | None]] = [[] for _ in data]
         for batch in self._microbatches(data):
-            loss, count, batch_logprobs = self._loss_and_backward(run_id, batch, data, loss_fn, config, backward, all_logprobs)
+            loss, count, batch_logprobs = self._loss_and_backward(
+                run_id, batch, data, loss_fn, config, backward, all_logprobs
+            )
             total_loss += loss
             num_tokens += count
             for i, row in zip(batch, batch_logprobs):
@@ -431,8 +454,16 @@ class Engine:
             end = start_of[end]
         return batches[::-1]
 
-    def _loss_and_backward(self, run_id: str, batch: list[int], data: Sequence[Datum], loss_fn: LossFnName,
-                           config: dict[str, float], backward: bool, all_logprobs: bool):
+    def _loss_and_backward(
+        self,
+        run_id: str,
+        batch: list[int],
+        data: Sequence[Datum],
+        loss_fn: LossFnName,
+        config: dict[str, float],
+        backward: bool,
+        all_logprobs: bool,
+    ):
         examples = [data[i] for i in batch]
         input_ids, attention_mask = self._right_pad([d.model_input.tokens for d in examples])
         width, device = input_ids.shape[1], self.base.device
@@ -466,10 +497,17 @@ class Engine:
                 logprobs_B_T[rest_B_T] = self._logprobs(rest_M_H, rest_targets, adapter=run_id)[0].float().cpu()
         return total, int(hidden_N_H.shape[0]), losses.scatter_rows(logprobs_B_T, known_B_T, examples)
 
-    def _backward(self, hidden_N_H: torch.Tensor, inputs: losses.LossInputs, loss_fn: LossFnName,
-                  config: dict[str, float], head_lora: HeadLora | None = None) -> tuple[float, torch.Tensor]:
+    def _backward(
+        self,
+        hidden_N_H: torch.Tensor,
+        inputs: losses.LossInputs,
+        loss_fn: LossFnName,
+        config: dict[str, float],
+        head_lora: HeadLora | None = None,
+    ) -> tuple[float, torch.Tensor]:
         """The summed loss and the logprobs [N]; the loss's gradient flows back into the adapter
         (`head_lora`: the run's LoRA on the output head, if it has one)."""
+
         def chunk_loss(logprobs_C: torch.Tensor, chunk: slice) -> torch.Tensor:
             return losses.compute(loss_fn, logprobs_C, inputs, chunk, config)
 
@@ -519,8 +557,9 @@ class Engine:
         model = self.base.model
         return getattr(model, model.base_model_prefix)
 
-    def _target_logprobs(self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor,
-                         head_lora: HeadLora | None = None) -> torch.Tensor:
+    def _target_logprobs(
+        self, hidden_N_H: torch.Tensor, targets_N: torch.Tensor, head_lora: HeadLora | None = None
+    ) -> torch.Tensor:
         logits = self._head_linear()(hidden_N_H).float()
         if head_lora is not None:
             logits = head_lora.logits(logits, hidden_N_H)
@@ -617,7 +656,9 @@ class Engine:
                     return False
         return True
 
-    def _hidden_states(self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _hidden_states(
+        self, adapter: str | None, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """The final hidden states [B, T, H] of right-padded sequences through `adapter` (a run's
         or a snapshot's LoRA, None: the bare model): by `PlainDecoder` where it computes this model
         and adapter, else through transformers' and peft's modules."""
@@ -645,7 +686,10 @@ class Engine:
         if not self.pack_weights:
             return None
         if id(weight) not in self._packs:
-            self._packs[id(weight)] = (weight, output_projection.pack_head(weight) if head else packed_linear.pack(weight))
+            self._packs[id(weight)] = (
+                weight,
+                output_projection.pack_head(weight) if head else packed_linear.pack(weight),
+            )
         return self._packs[id(weight)][1]
 
     def _features_fn(self, stacked: _StackedLora):
@@ -756,7 +800,9 @@ class Engine:
             positions = torch.zeros(input_ids.shape, dtype=torch.bool)
             for row, r in enumerate(chunk):
                 positions[row, len(prompt) - 1 : len(prompt) - 1 + len(r)] = True
-            targets = torch.cat([torch.tensor(r, dtype=torch.long) for r in chunk if r] or [torch.empty(0, dtype=torch.long)])
+            targets = torch.cat(
+                [torch.tensor(r, dtype=torch.long) for r in chunk if r] or [torch.empty(0, dtype=torch.long)]
+            )
             hidden = self._hidden_states(run_id, input_ids, attention_mask)
             hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
             chunk_logprobs = self._logprobs(hidden_N_H, targets, adapter=run_id)[0].cpu()
@@ -771,8 +817,14 @@ class Engine:
         return scores
 
     @torch.no_grad()
-    def prompt_logprobs(self, adapter: str | None, prompts: list[list[int]], topk: int = 0, last_n: int | None = None,
-                        extras: list[PromptExtras] | None = None) -> list[PromptLogprobs]:
+    def prompt_logprobs(
+        self,
+        adapter: str | None,
+        prompts: list[list[int]],
+        topk: int = 0,
+        last_n: int | None = None,
+        extras: list[PromptExtras] | None = None,
+    ) -> list[PromptLogprobs]:
         """Per prompt, the logprob (temperature 1) of each of its tokens given the tokens before it,
         and with topk > 0 the k most likely tokens there, under a run's or snapshot's adapter (or
         the bare model). `last_n`: only each prompt's last n tokens are scored (the rest None).
@@ -787,12 +839,14 @@ class Engine:
         scored = [len(p) - 1 if last_n is None else min(last_n, len(p) - 1) for p in prompts]
         positions_B_T = torch.zeros(input_ids.shape, dtype=torch.bool)  # position t predicts token t + 1
         for i, (p, n) in enumerate(zip(prompts, scored)):
-            positions_B_T[i, len(p) - 1 - n: len(p) - 1] = True
-        targets_N = torch.tensor([t for p, n in zip(prompts, scored) for t in p[len(p) - n:]], dtype=torch.long,
-                                 device=input_ids.device)
+            positions_B_T[i, len(p) - 1 - n : len(p) - 1] = True
+        targets_N = torch.tensor(
+            [t for p, n in zip(prompts, scored) for t in p[len(p) - n :]], dtype=torch.long, device=input_ids.device
+        )
         hidden = self._hidden_states(adapter, input_ids, attention_mask)
-        logprobs_N, top_N_K, ids_N_K = self._logprobs(hidden[positions_B_T.to(hidden.device)], targets_N, topk,
-                                                      adapter=adapter)
+        logprobs_N, top_N_K, ids_N_K = self._logprobs(
+            hidden[positions_B_T.to(hidden.device)], targets_N, topk, adapter=adapter
+        )
         logprobs, top, ids = logprobs_N.tolist(), top_N_K.tolist(), ids_N_K.tolist()
         results, offset = [], 0
         for i, (p, n) in enumerate(zip(prompts, scored)):
@@ -801,14 +855,19 @@ class Engine:
             unscored = [None] * (len(p) - n)
             extra = None
             if extras is not None and (extras[i].targets is not None or extras[i].alt_k):
-                extra = prompt_scoring.score_prompt(hidden[i, : len(p) - 1], extras[i],
-                                                    functools.partial(self._log_softmax, adapter=adapter),
-                                                    prompt_scoring.rows_per_chunk(self.base.vocab_size))
-            results.append(PromptLogprobs(
-                logprobs=unscored + [logprobs[r] for r in rows],
-                topk=unscored + [[[t, lp] for t, lp in zip(ids[r], top[r])] for r in rows] if topk else None,
-                extras=extra,
-            ))
+                extra = prompt_scoring.score_prompt(
+                    hidden[i, : len(p) - 1],
+                    extras[i],
+                    functools.partial(self._log_softmax, adapter=adapter),
+                    prompt_scoring.rows_per_chunk(self.base.vocab_size),
+                )
+            results.append(
+                PromptLogprobs(
+                    logprobs=unscored + [logprobs[r] for r in rows],
+                    topk=unscored + [[[t, lp] for t, lp in zip(ids[r], top[r])] for r in rows] if topk else None,
+                    extras=extra,
+                )
+            )
         return results
 
     def _log_softmax(self, hidden_C_H: torch.Tensor, *, adapter: str | None) -> torch.Tensor:
@@ -849,7 +908,9 @@ class Engine:
     def _load_snapshot(self, name: str, directory: Path) -> None:
         state = read_training_state(directory)
         if state.get("base_model") not in (None, self.base.name):
-            raise EngineError(f"checkpoint {directory} is of base model {state['base_model']!r}, not {self.base.name!r}")
+            raise EngineError(
+                f"checkpoint {directory} is of base model {state['base_model']!r}, not {self.base.name!r}"
+            )
         try:
             lora = LoraConfig.model_validate(state["lora"])
         except (KeyError, ValueError) as exc:
@@ -857,13 +918,17 @@ class Engine:
         try:
             weights = load_file(directory / ADAPTER_WEIGHTS, device=str(self.base.device))
         except Exception as exc:
-            raise EngineError(f"checkpoint {directory}: {ADAPTER_WEIGHTS} cannot be read ({type(exc).__name__}: {exc})") from None
+            raise EngineError(
+                f"checkpoint {directory}: {ADAPTER_WEIGHTS} cannot be read ({type(exc).__name__}: {exc})"
+            ) from None
         self._add_adapter(name, lora, seed=0)
         try:
             result = peft.set_peft_model_state_dict(self._peft, weights, adapter_name=name)
             missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
             if missing:
-                raise EngineError(f"checkpoint {directory} is missing {len(missing)} adapter tensors, e.g. {missing[0]}")
+                raise EngineError(
+                    f"checkpoint {directory} is missing {len(missing)} adapter tensors, e.g. {missing[0]}"
+                )
         except RuntimeError as exc:  # tensors of other shapes than its LoRA config's
             self._remove_adapter(name)
             raise EngineError(f"checkpoint {directory} does not match its LoRA config: {exc}") from None
@@ -891,10 +956,16 @@ class Engine:
             config.save_pretrained(staging)
             if with_optimizer:
                 torch.save(run.optimizer.state_dict(), staging / OPTIMIZER_STATE)
-            (staging / TRAINING_STATE).write_text(json.dumps({
-                "step": run.step, "lora": run.lora.model_dump(), "base_model": self.base.name,
-                "optimizer": with_optimizer,
-            }))
+            (staging / TRAINING_STATE).write_text(
+                json.dumps(
+                    {
+                        "step": run.step,
+                        "lora": run.lora.model_dump(),
+                        "base_model": self.base.name,
+                        "optimizer": with_optimizer,
+                    }
+                )
+            )
 
         write_atomically(directory, write)
 
@@ -909,8 +980,10 @@ class Engine:
         verify_checkpoint(directory)
         saved = read_training_state(directory)
         if with_optimizer and not saved.get("optimizer", True):
-            raise EngineError(f"checkpoint {_ref(directory)} holds weights only (saved for sampling or export), "
-                              "no optimizer state: load it without the optimizer state")
+            raise EngineError(
+                f"checkpoint {_ref(directory)} holds weights only (saved for sampling or export), "
+                "no optimizer state: load it without the optimizer state"
+            )
         if LoraConfig.model_validate(saved["lora"]) != run.lora:  # a field added since has its default
             raise EngineError(
                 f"checkpoint LoRA config {saved['lora']} does not match the run's {run.lora.model_dump()}"
@@ -1027,7 +1100,10 @@ class _StackedLora:
                 mask = float(columns[0][1])
             else:
                 mask = torch.tensor(
-                    [[scale if row == a else 0.0 for a, scale, rank in columns for _ in range(rank)] for row in self._rows],
+                    [
+                        [scale if row == a else 0.0 for a, scale, rank in columns for _ in range(rank)]
+                        for row in self._rows
+                    ],
                     dtype=dtype,
                     device=device,
                 ).repeat_interleave(self._width, dim=0)
@@ -1068,8 +1144,12 @@ class _RunLora:
 
     def __init__(self, lora_layers: list[peft.tuners.lora.LoraLayer], adapter: str):
         self._layers = {
-            module: (module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter],
-                     module.lora_dropout[adapter])
+            module: (
+                module.lora_A[adapter].weight,
+                module.lora_B[adapter].weight,
+                module.scaling[adapter],
+                module.lora_dropout[adapter],
+            )
             for module in lora_layers
             if adapter in module.lora_A
         }
@@ -1120,8 +1200,10 @@ def verify_checkpoint(directory: Path) -> None:
         try:
             read(directory / name)
         except Exception as exc:
-            raise EngineError(f"checkpoint {_ref(directory)} is corrupted or incomplete: {name} cannot be read "
-                              f"({type(exc).__name__}: {_without_path(exc, directory)})") from None
+            raise EngineError(
+                f"checkpoint {_ref(directory)} is corrupted or incomplete: {name} cannot be read "
+                f"({type(exc).__name__}: {_without_path(exc, directory)})"
+            ) from None
 
 
 def _stamp(directory: Path) -> tuple:
@@ -1136,8 +1218,10 @@ def read_training_state(directory: Path) -> dict:
     try:
         return json.loads((directory / TRAINING_STATE).read_text())
     except (OSError, ValueError) as exc:
-        raise EngineError(f"checkpoint {_ref(directory)} is not a readable EZTinker checkpoint: "
-                          f"{TRAINING_STATE}: {_without_path(exc, directory)}") from exc
+        raise EngineError(
+            f"checkpoint {_ref(directory)} is not a readable EZTinker checkpoint: "
+            f"{TRAINING_STATE}: {_without_path(exc, directory)}"
+        ) from exc
 
 
 def _ref(directory: Path) -> str:
@@ -1150,7 +1234,6 @@ def _without_path(exc: Exception, directory: Path) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror  # its filename is the directory's file the message already names
     return str(exc).replace(str(directory), _ref(directory))
-
 
 
 def _targets(name: str, target_modules: list[str]) -> bool:

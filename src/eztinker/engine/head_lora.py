@@ -37,8 +37,12 @@ class HeadLora:
         """`adapter`'s LoRA on `layer` (the head's peft LoRA layer, or None), if it has one."""
         if adapter is None or not isinstance(layer, peft.tuners.lora.LoraLayer) or adapter not in layer.lora_A:
             return None
-        return cls(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter],
-                   layer.lora_dropout[adapter])
+        return cls(
+            layer.lora_A[adapter].weight,
+            layer.lora_B[adapter].weight,
+            layer.scaling[adapter],
+            layer.lora_dropout[adapter],
+        )
 
     def down(self, hidden_N_D: torch.Tensor) -> torch.Tensor:
         """scaling * dropout(hidden) @ A.T, [N, r] (differentiable)."""

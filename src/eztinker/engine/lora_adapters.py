@@ -20,11 +20,24 @@ from torch import nn
 def can_add(layers: list[nn.Module], config: peft.LoraConfig) -> bool:
     """Whether `add` builds what peft would on these layers: a plain LoRA on peft Linears over
     nn.Linears."""
-    plain = (config.init_lora_weights is True and not config.use_dora and not config.lora_bias
-             and bool(layers) and all(type(layer) is peft.tuners.lora.Linear for layer in layers))
-    return (plain and layers[0].resolve_lora_variant(config=config) is None  # the same for every layer
-            and all(isinstance(layer.get_base_layer(), nn.Linear) and not layer.lora_variant
-                    and not layer.fan_in_fan_out and not hasattr(layer, "lora_arrow") for layer in layers))
+    plain = (
+        config.init_lora_weights is True
+        and not config.use_dora
+        and not config.lora_bias
+        and bool(layers)
+        and all(type(layer) is peft.tuners.lora.Linear for layer in layers)
+    )
+    return (
+        plain
+        and layers[0].resolve_lora_variant(config=config) is None  # the same for every layer
+        and all(
+            isinstance(layer.get_base_layer(), nn.Linear)
+            and not layer.lora_variant
+            and not layer.fan_in_fan_out
+            and not hasattr(layer, "lora_arrow")
+            for layer in layers
+        )
+    )
 
 
 def add(layer: peft.tuners.lora.Linear, name: str, config: peft.LoraConfig) -> None:

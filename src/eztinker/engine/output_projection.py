@@ -20,8 +20,13 @@ BLOCK_COLUMNS = 1024
 _measured: dict[tuple, tuple[bool, ...]] = {}
 
 
-def logits_into(out_R_V: torch.Tensor, hidden_R_D: torch.Tensor, weight_V_D: torch.Tensor, bias_V: torch.Tensor | None = None,
-                packed: packed_linear.PackedWeight | None = None) -> torch.Tensor:
+def logits_into(
+    out_R_V: torch.Tensor,
+    hidden_R_D: torch.Tensor,
+    weight_V_D: torch.Tensor,
+    bias_V: torch.Tensor | None = None,
+    packed: packed_linear.PackedWeight | None = None,
+) -> torch.Tensor:
     """The logits hidden @ weight.T (+ bias): written into `out` and returned, or, by `packed` (the
     weight packed for oneDNN, packed_linear.py, for the row counts where it measured faster), a new
     tensor: oneDNN's linear has no out= form, and copying its result into `out` cost 5.9 ms of a
@@ -55,6 +60,8 @@ def _head_choice(weight_V_D: torch.Tensor, blocked: torch.Tensor) -> tuple[bool,
         everywhere = packed_linear.PackedWeight(blocked, (True,) * len(packed_linear.BANDS))
         out = torch.empty(max(rows for _, rows in packed_linear.BANDS), weight_V_D.shape[0], dtype=weight_V_D.dtype)
         _measured[key] = packed_linear.time_bands(
-            weight_V_D.shape[1], lambda x: logits_into(out[: len(x)], x, weight_V_D, None, everywhere),
-            lambda x: logits_into(out[: len(x)], x, weight_V_D))
+            weight_V_D.shape[1],
+            lambda x: logits_into(out[: len(x)], x, weight_V_D, None, everywhere),
+            lambda x: logits_into(out[: len(x)], x, weight_V_D),
+        )
     return _measured[key]

@@ -61,7 +61,12 @@ def pack(weight: torch.Tensor, choose: Chooser | None = None) -> PackedWeight | 
     """`weight` [out, in] packed for oneDNN, or None where that does not apply (not a float32 CPU
     tensor, a torch without oneDNN), does not reproduce `F.linear` on a probe, or was not faster
     for any input size. `choose`: by default `measured_choice`."""
-    if not device_paths.cpu_kernels(weight.device) or weight.dtype != torch.float32 or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+    if (
+        not device_paths.cpu_kernels(weight.device)
+        or weight.dtype != torch.float32
+        or weight.dim() != 2
+        or not torch.backends.mkldnn.is_available()
+    ):
         return None
     weight = weight.detach()
     try:
@@ -80,15 +85,21 @@ def measured_choice(weight: torch.Tensor, blocked: torch.Tensor) -> tuple[bool, 
     values do not change the speed)."""
     key = (tuple(weight.shape), weight.dtype)
     if key not in _measured:
-        _measured[key] = time_bands(weight.shape[1], lambda x: _forward(x, blocked, None), lambda x: F.linear(x, weight))
+        _measured[key] = time_bands(
+            weight.shape[1], lambda x: _forward(x, blocked, None), lambda x: F.linear(x, weight)
+        )
     return _measured[key]
 
 
-def time_bands(width: int, packed: Callable[[torch.Tensor], object], unpacked: Callable[[torch.Tensor], object]) -> tuple[bool, ...]:
+def time_bands(
+    width: int, packed: Callable[[torch.Tensor], object], unpacked: Callable[[torch.Tensor], object]
+) -> tuple[bool, ...]:
     """Whether `packed(x)` beat `unpacked(x)` at each band's rows (x [rows, width]): the medians
     of a few alternating calls after one of each to warm up."""
-    return tuple(_faster(packed, unpacked, torch.randn(rows, width, generator=torch.Generator().manual_seed(0)))
-                 for _, rows in BANDS)
+    return tuple(
+        _faster(packed, unpacked, torch.randn(rows, width, generator=torch.Generator().manual_seed(0)))
+        for _, rows in BANDS
+    )
 
 
 def _faster(packed, unpacked, x: torch.Tensor) -> bool:
@@ -106,9 +117,16 @@ def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
+) -> torch.Tensor:
     """F.linear(x, weight, bias), by the packed weight where it serves x's size (differentiable in x)."""
-    if packed is None or weight.requires_grad or (bias is not None and bias.requires_grad) or not packed.serves(_rows(x)):
+    if (
+        packed is None
+        or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+        or not packed.serves(_rows(x))
+    ):
         return F.linear(x, weight, bias)
     if x.requires_grad and torch.is_grad_enabled():
         return _PackedLinear.apply(x, weight, bias, packed.blocked)

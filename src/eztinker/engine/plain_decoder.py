@@ -64,7 +64,11 @@ class _Layer:
 
 def supports(decoder: torch.nn.Module, config) -> bool:
     """Whether `decoder` (the model's base, e.g. LlamaModel) is the structure `PlainDecoder` computes."""
-    if not prompt_attention.supports(config) or config.hidden_act != "silu" or getattr(config, "attention_dropout", 0.0):
+    if (
+        not prompt_attention.supports(config)
+        or config.hidden_act != "silu"
+        or getattr(config, "attention_dropout", 0.0)
+    ):
         return False
     try:
         layers = decoder.layers[: config.num_hidden_layers]
@@ -90,14 +94,20 @@ class PlainDecoder:
     unwraps its projections (adapters added to or removed from the model). `pack(weight)`: a
     projection weight's packed copy for oneDNN, or None to multiply by the weight itself."""
 
-    def __init__(self, decoder: torch.nn.Module, config,
-                 pack: Callable[[torch.Tensor], packed_linear.PackedWeight | None] = lambda w: None):
+    def __init__(
+        self,
+        decoder: torch.nn.Module,
+        config,
+        pack: Callable[[torch.Tensor], packed_linear.PackedWeight | None] = lambda w: None,
+    ):
         self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
         self.final_norm, self.eps = decoder.norm.weight, config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
-        self.layers = [self._layer(i, layer, pack) for i, layer in enumerate(decoder.layers[: config.num_hidden_layers])]
+        self.layers = [
+            self._layer(i, layer, pack) for i, layer in enumerate(decoder.layers[: config.num_hidden_layers])
+        ]
 
     @staticmethod
     def _layer(index: int, layer: torch.nn.Module, pack) -> _Layer:
@@ -109,26 +119,39 @@ class PlainDecoder:
 
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return _Layer(
-            index, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+            index,
+            layer.input_layernorm.weight,
+            layer.post_attention_layernorm.weight,
             *(projection(getattr(attn, name)) for name in _PROJECTIONS[:4]),
             *(projection(getattr(mlp, name)) for name in _PROJECTIONS[4:]),
-            None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
+            None if q_norm is None else q_norm.weight,
+            None if k_norm is None else k_norm.weight,
         )
 
     @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
-               lora: LoraUpdates | None) -> torch.Tensor:
+    def decode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        lora: LoraUpdates | None,
+    ) -> torch.Tensor:
         """input_ids, position_ids [R, 1]; attention_mask [R, L] over the cache and the new token.
         Returns the final hidden state [R, D] (after the final norm)."""
         rows = input_ids.shape[0]
         if isinstance(cache, prompt_attention.SharedPromptCache):
+
             def attend(index, q, k, v):
                 keys, values = cache.update(k, v, index)
                 return cache.attend(index, q, keys, values, self.scale).reshape(rows, -1)
         elif bool(attention_mask.all()):  # as transformers: no mask, sdpa over all heads, GQA in the kernel
+
             def attend(index, q, k, v):
                 keys, values = cache.update(k, v, index)
-                out = F.scaled_dot_product_attention(q, keys, values, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, scale=self.scale, enable_gqa=self.heads != self.kv_heads
+                )
                 return out.transpose(1, 2).reshape(rows, -1)
         else:  # padding: the rows' mask, each key/value head's queries packed as one query block
             mask = attention_mask.bool()[:, None, None, :]
@@ -136,12 +159,21 @@ class PlainDecoder:
             def attend(index, q, k, v):
                 keys, values = cache.update(k, v, index)
                 packed = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
-                return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=self.scale).reshape(rows, -1)
+                return F.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=self.scale).reshape(
+                    rows, -1
+                )
+
         return self._forward(input_ids, position_ids, attend, lora)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache,
-                lora: LoraUpdates | None) -> torch.Tensor:
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache,
+        lora: LoraUpdates | None,
+    ) -> torch.Tensor:
         """The sampler's prefill: input_ids, position_ids [R, T], left-padded, after the L - T
         positions already in `cache` (a shared prefix, or none); attention_mask [R, L] over all
         of them. Writes these positions' keys and values into the cache and returns the last
@@ -161,8 +193,15 @@ class PlainDecoder:
 
         def attend(index, q, k, v):
             keys, values = cache.update(k, v, index)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                                 enable_gqa=self.heads != self.kv_heads)
+            out = F.scaled_dot_product_attention(
+                q,
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=causal,
+                scale=self.scale,
+                enable_gqa=self.heads != self.kv_heads,
+            )
             return out.transpose(1, 2).reshape(rows * width, -1)
 
         return self._forward(input_ids, position_ids, attend, lora).view(rows, width, -1)[:, -1]
@@ -175,14 +214,22 @@ class PlainDecoder:
         batch, width = input_ids.shape
 
         def attend(index, q, k, v):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.heads != self.kv_heads
+            )
             return out.transpose(1, 2).reshape(batch * width, -1)
 
         positions = torch.arange(width, device=input_ids.device).expand(batch, width)
         return self._forward(input_ids, positions, attend, lora, checkpoint).view(batch, width, -1)
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend, lora: LoraUpdates | None,
-                 checkpoint: bool = False) -> torch.Tensor:
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attend,
+        lora: LoraUpdates | None,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
         """The final hidden states [B * T, D]. Positions stay flattened between the attentions, so
         every projection's output is a plain 2-D tensor its LoRA update is added to in place (an
         in-place add into a view would cost autograd a copy of it)."""
@@ -194,14 +241,24 @@ class PlainDecoder:
         checkpoint = checkpoint and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpoint:  # non-reentrant: the LoRA parameters get their gradients; dropout's RNG is replayed
-                x = torch.utils.checkpoint.checkpoint(self._block, layer, x, cos, sin, attend, lora, batch, width,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    self._block, layer, x, cos, sin, attend, lora, batch, width, use_reentrant=False
+                )
             else:
                 x = self._block(layer, x, cos, sin, attend, lora, batch, width)
         return self._norm(x, self.final_norm)
 
-    def _block(self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
-               lora: LoraUpdates | None, batch: int, width: int) -> torch.Tensor:
+    def _block(
+        self,
+        layer: _Layer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend,
+        lora: LoraUpdates | None,
+        batch: int,
+        width: int,
+    ) -> torch.Tensor:
         """One decoder layer on the flattened positions x [B * T, D]."""
         h = self._norm(x, layer.input_norm)
         q = self._project(layer.q, h, lora).view(batch, width, self.heads, self.head_dim)
@@ -213,7 +270,9 @@ class PlainDecoder:
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         x = x + self._project(layer.o, attend(layer.index, q, k, v), lora)
         h = self._norm(x, layer.post_attention_norm)
-        return x + self._project(layer.down, F.silu(self._project(layer.gate, h, lora)) * self._project(layer.up, h, lora), lora)
+        return x + self._project(
+            layer.down, F.silu(self._project(layer.gate, h, lora)) * self._project(layer.up, h, lora), lora
+        )
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """transformers' RMSNorm: normalised in float32, cast back, then scaled."""
@@ -253,4 +312,3 @@ class _LowPrecisionRmsNorm(torch.autograd.Function):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-

@@ -64,10 +64,13 @@ class SharedPromptCache(DynamicCache):
     real tokens) shared by the rows; `row_prompt[r]` is the prompt of row r."""
 
     def __init__(self, prompt_cache: Cache, prompt_mask: torch.Tensor, row_prompt: torch.Tensor, capacity: int):
-        Cache.__init__(self, layers=[_GeneratedLayer(layer.keys, layer.values, capacity) for layer in prompt_cache.layers])
+        Cache.__init__(
+            self, layers=[_GeneratedLayer(layer.keys, layer.values, capacity) for layer in prompt_cache.layers]
+        )
         # [P, 1, 1, Lp]: -inf at padding, 0 at the prompts' tokens (an additive mask).
-        self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=prompt_cache.layers[0].keys.dtype,
-                                       device=prompt_mask.device).masked_fill_(~prompt_mask.bool(), float("-inf"))[:, None, None, :]
+        self.prompt_bias = torch.zeros(
+            prompt_mask.shape, dtype=prompt_cache.layers[0].keys.dtype, device=prompt_mask.device
+        ).masked_fill_(~prompt_mask.bool(), float("-inf"))[:, None, None, :]
         self._place(row_prompt)
 
     def _place(self, row_prompt: torch.Tensor) -> None:
@@ -106,7 +109,9 @@ class SharedPromptCache(DynamicCache):
         own_out, own_lse = _part(q.view(rows, kv, rep, dim), keys, values, scale, None)
         # Merged in float32 (the parts' log-sum-exps are float32 on every path), then back to the
         # queries' dtype: a bf16 model's attention output stays bf16.
-        prompt_weight = torch.sigmoid(prompt_lse.float() - own_lse.float())  # the prompt part's share of the softmax mass
+        prompt_weight = torch.sigmoid(
+            prompt_lse.float() - own_lse.float()
+        )  # the prompt part's share of the softmax mass
         own_out = own_out.float()
         out = own_out + (prompt_out.float() - own_out) * prompt_weight
         return out.to(query.dtype).reshape(rows, 1, heads, dim)

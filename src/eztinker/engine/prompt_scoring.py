@@ -48,8 +48,13 @@ def generator_for(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
-def score_rows(logprobs_C_V: torch.Tensor, extras: PromptExtras, first_row: int, generator: torch.Generator | None,
-               result: ExtrasResult) -> None:
+def score_rows(
+    logprobs_C_V: torch.Tensor,
+    extras: PromptExtras,
+    first_row: int,
+    generator: torch.Generator | None,
+    result: ExtrasResult,
+) -> None:
     """Append to `result` what `extras` asks of rows first_row .. first_row + C - 1 (their
     temperature-1 log-softmax `logprobs_C_V`)."""
     n = logprobs_C_V.shape[0]
@@ -74,9 +79,12 @@ def score_rows(logprobs_C_V: torch.Tensor, extras: PromptExtras, first_row: int,
 def score_prompt(hidden_T_H: torch.Tensor, extras: PromptExtras, log_softmax, chunk: int) -> ExtrasResult:
     """`hidden_T_H`: the prompt's final hidden states at positions 0 .. len - 2 (each predicts the
     next token); `log_softmax(hidden_C_H) -> [C, V]` the model's temperature-1 logprobs."""
-    result = ExtrasResult(target_logprobs=[] if extras.targets is not None else None,
-                          alt_tokens=[] if extras.alt_k else None, alt_logprobs=[] if extras.alt_k else None)
+    result = ExtrasResult(
+        target_logprobs=[] if extras.targets is not None else None,
+        alt_tokens=[] if extras.alt_k else None,
+        alt_logprobs=[] if extras.alt_k else None,
+    )
     generator = generator_for(extras.seed, hidden_T_H.device) if extras.alt_k else None
     for start in range(0, hidden_T_H.shape[0], chunk):
-        score_rows(log_softmax(hidden_T_H[start:start + chunk]), extras, start, generator, result)
+        score_rows(log_softmax(hidden_T_H[start : start + chunk]), extras, start, generator, result)
     return result

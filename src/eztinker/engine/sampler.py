@@ -77,8 +77,9 @@ class OutputHead:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
-    def logits(self, features_B_D: torch.Tensor, out_B_V: torch.Tensor,
-               row_adapters: list[tuple[str | None, int, int]] = ()) -> torch.Tensor:
+    def logits(
+        self, features_B_D: torch.Tensor, out_B_V: torch.Tensor, row_adapters: list[tuple[str | None, int, int]] = ()
+    ) -> torch.Tensor:
         """The logits, in `out_B_V` or a new tensor (`logits_into`); rows [a, b) of each
         (adapter, a, b) in `row_adapters` also get that adapter's LoRA on the head, if it has one."""
         logits = logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
@@ -135,8 +136,12 @@ def sample(
     max_tokens = max(spec.params.max_tokens for spec in specs)
     share_prompts = share_prompts and _worth_sharing(prompts, [specs[s].num_samples for s, _ in prefill_rows])
     features, attention_mask, position_ids, cache = _prefill(
-        forward, prompts, [specs[s].adapter for s, _ in prefill_rows],
-        0 if share_prompts else max_tokens, pad_token_id, device,
+        forward,
+        prompts,
+        [specs[s].adapter for s, _ in prefill_rows],
+        0 if share_prompts else max_tokens,
+        pad_token_id,
+        device,
     )
     if head is None:
         head = _LogitsAreFeatures(features.shape[-1])
@@ -159,8 +164,10 @@ def sample(
     ]
     stop_strings = [spec.params.stop for spec in specs]
     # The model's (unless the request turns them off) and the request's.
-    stop_ids = [(frozenset() if spec.params.ignore_eos else stop_token_ids) | frozenset(spec.params.stop_token_ids)
-                for spec in specs]
+    stop_ids = [
+        (frozenset() if spec.params.ignore_eos else stop_token_ids) | frozenset(spec.params.stop_token_ids)
+        for spec in specs
+    ]
     chooser = _TokenChooser(specs, head, len(rows), device, stop_ids)
     listening = any(spec.on_tokens is not None for spec in specs)
     cancellable = [s for s, spec in enumerate(specs) if spec.cancelled is not None]
@@ -240,7 +247,8 @@ def _report(specs: list[SampleSpec], live_rows: list[_Row], tops: list) -> None:
     for row, top in zip(live_rows, tops):
         if specs[row.spec].on_tokens is not None:
             new.setdefault(row.spec, []).append(
-                SampledToken(row.prompt, row.sample, row.tokens[-1], row.logprobs[-1], top, row.stop_reason))
+                SampledToken(row.prompt, row.sample, row.tokens[-1], row.logprobs[-1], top, row.stop_reason)
+            )
     for s, sampled in new.items():
         specs[s].on_tokens(sampled)
 
@@ -300,8 +308,14 @@ class _TokenChooser:
     """Chooses each live row's next token with its request's parameters and reports its logprob
     under the model itself (temperature 1), as importance-sampling losses expect."""
 
-    def __init__(self, specs: list[SampleSpec], head, max_rows: int, device: torch.device,
-                 stop_ids: list[frozenset[int]] | None = None):
+    def __init__(
+        self,
+        specs: list[SampleSpec],
+        head,
+        max_rows: int,
+        device: torch.device,
+        stop_ids: list[frozenset[int]] | None = None,
+    ):
         """`stop_ids[s]`: the tokens that stop spec s, masked while it is short of its min_tokens."""
         self.specs, self.head, self.device = specs, head, device
         self.stop_ids = stop_ids or [frozenset(spec.params.stop_token_ids) for spec in specs]
@@ -312,8 +326,9 @@ class _TokenChooser:
         self._shifted = torch.empty(self.chunk_rows, self.vocab, device=device)  # logits - row max
         self._weights = torch.empty(self.chunk_rows, self.vocab, device=device)  # unnormalised probs
 
-    def choose(self, features_B_D: torch.Tensor, spec_of_row: list[int],
-               rows: list[_Row] | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def choose(
+        self, features_B_D: torch.Tensor, spec_of_row: list[int], rows: list[_Row] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Each row's token, its logprob, and (None unless its request asks) its top tokens. `rows`
         (the rows' candidates so far) serve the repetition penalty and min_tokens."""
         groups = _runs(spec_of_row)  # rows of one spec are contiguous: (spec, start, stop)
@@ -322,14 +337,19 @@ class _TokenChooser:
         uniforms = torch.zeros(len(spec_of_row), dtype=torch.float64)
         for s, start, stop in groups:
             if self.specs[s].params.temperature > 0:
-                uniforms[start:stop] = torch.rand(stop - start, generator=self.generators[s], dtype=torch.float64, device=self.generators[s].device).cpu()
+                uniforms[start:stop] = torch.rand(
+                    stop - start, generator=self.generators[s], dtype=torch.float64, device=self.generators[s].device
+                ).cpu()
         uniforms = uniforms.to(self.device)
         tokens, logprobs, tops = [], [], []
         for start in range(0, len(spec_of_row), self.chunk_rows):
             stop = min(start + self.chunk_rows, len(spec_of_row))
-            chunk_groups = [(s, max(a, start) - start, min(b, stop) - start) for s, a, b in groups if a < stop and b > start]
-            t, lp, top = self._choose_chunk(features_B_D[start:stop], chunk_groups, uniforms[start:stop],
-                                            None if rows is None else rows[start:stop])
+            chunk_groups = [
+                (s, max(a, start) - start, min(b, stop) - start) for s, a, b in groups if a < stop and b > start
+            ]
+            t, lp, top = self._choose_chunk(
+                features_B_D[start:stop], chunk_groups, uniforms[start:stop], None if rows is None else rows[start:stop]
+            )
             tokens.append(t)
             logprobs.append(lp)
             tops.extend(top)
@@ -439,9 +459,14 @@ class _TokenChooser:
         target = uniforms * cumulative[:, -1]
         block = torch.searchsorted(cumulative, target.unsqueeze(-1), right=True)
         block = block.clamp_(max=block_sums.shape[-1] - 1).squeeze(-1)
-        before = cumulative.gather(-1, block.unsqueeze(-1)).squeeze(-1) - block_sums.gather(-1, block.unsqueeze(-1)).squeeze(-1).double()
+        before = (
+            cumulative.gather(-1, block.unsqueeze(-1)).squeeze(-1)
+            - block_sums.gather(-1, block.unsqueeze(-1)).squeeze(-1).double()
+        )
         # Where in its block the draw fell, as a fraction of the block's mass, in [0, 1).
-        fraction = ((target - before) / block_sums.gather(-1, block.unsqueeze(-1)).squeeze(-1).double()).clamp_(0.0, 1.0)
+        fraction = ((target - before) / block_sums.gather(-1, block.unsqueeze(-1)).squeeze(-1).double()).clamp_(
+            0.0, 1.0
+        )
         columns, valid = self._block_columns(block)
         values = weights.gather(-1, columns).masked_fill_(~valid, 0.0).double()
         inside = values.cumsum(dim=-1)
@@ -488,8 +513,8 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device |
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt):] = torch.tensor(prompt)
-        attention_mask[i, width - len(prompt):] = 1
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[i, width - len(prompt) :] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 

@@ -53,7 +53,9 @@ def click_options(config_cls: type) -> Callable[[F], F]:
             elif kind in _CLICK_TYPES:
                 kwargs["type"] = _CLICK_TYPES[kind]
             else:  # a new field type must be mapped here or kept off the CLI, never passed as a string
-                raise TypeError(f"{config_cls.__name__}.{f.name}: no CLI flag for {kind!r}; add metadata={{'cli': False}}")
+                raise TypeError(
+                    f"{config_cls.__name__}.{f.name}: no CLI flag for {kind!r}; add metadata={{'cli': False}}"
+                )
             func = click.option(flag, f.name, **kwargs)(func)
         return func
 

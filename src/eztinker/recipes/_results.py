@@ -19,9 +19,9 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
 def epoch_of(checkpoint_ref: str, prefix: str) -> int:
     """'<run_id>/<prefix><k>' -> k; ValueError for any other name."""
     name = checkpoint_ref.rsplit("/", 1)[-1]
-    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+    if not name.startswith(prefix) or not name[len(prefix) :].isdigit():
         raise ValueError(f"resume_from must name a '{prefix}<k>' checkpoint, got {checkpoint_ref!r}")
-    return int(name[len(prefix):])
+    return int(name[len(prefix) :])
 
 
 def open_run(service, config: Any, prefix: str, log_file: Path):
@@ -94,8 +94,11 @@ TEST_ROWS = [
     ("test strict (format) acc.", "test_strict_accuracy", PERCENT),
     ("test lenient (last number)", "test_lenient_accuracy", PERCENT),
 ]
-TEST_SERIES = [("test_accuracy", "test (verifier)"), ("test_strict_accuracy", "test strict format"),
-               ("test_lenient_accuracy", "test lenient")]
+TEST_SERIES = [
+    ("test_accuracy", "test (verifier)"),
+    ("test_strict_accuracy", "test strict format"),
+    ("test_lenient_accuracy", "test lenient"),
+]
 
 
 def print_epoch_table(console, title: str, epochs: list[dict[str, Any]], rows) -> None:

@@ -74,8 +74,13 @@ def append_jsonl(path: Path, entries: list[dict[str, Any]]) -> None:
 
 def progress_bar(console: Console) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
-        TimeElapsedColumn(), console=console, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     )
 
 
@@ -84,7 +89,9 @@ class Rollouts:
         self.config, self.task, self.rng, self.console = config, task, rng, console
         self.reward_fn = reward_fn or task.is_correct
 
-    def sample(self, run: TrainingClient, problems: list[Problem], n: int, greedy: bool, label: str) -> list[list[Candidate]]:
+    def sample(
+        self, run: TrainingClient, problems: list[Problem], n: int, greedy: bool, label: str
+    ) -> list[list[Candidate]]:
         """All candidates for `problems`; requests go out together and are verified as they land."""
         c = self.config
         params = SamplingParams(
@@ -92,8 +99,13 @@ class Rollouts:
             temperature=0.0 if greedy else c.temperature,
             seed=None if greedy else self.rng.randrange(2**31),
         )
-        chunks = [problems[i : i + c.prompts_per_sample_call] for i in range(0, len(problems), c.prompts_per_sample_call)]
-        futures = [run.sample([self.task.messages_for(p) for p in chunk], num_samples=n, sampling_params=params) for chunk in chunks]
+        chunks = [
+            problems[i : i + c.prompts_per_sample_call] for i in range(0, len(problems), c.prompts_per_sample_call)
+        ]
+        futures = [
+            run.sample([self.task.messages_for(p) for p in chunk], num_samples=n, sampling_params=params)
+            for chunk in chunks
+        ]
         results: list[list[Candidate]] = []
         correct = total = 0
         with progress_bar(self.console) as progress, ThreadPoolExecutor(8) as verifier:

@@ -24,7 +24,8 @@ class TaskRecipeSettings:
         None, f"Folder with GSM8K train.jsonl/test.jsonl (else ${gsm8k.ENV_VAR}, else the Hub).", envvar=gsm8k.ENV_VAR
     )
     math_dir: Path | None = setting(
-        None, f"Folder with MATH train.jsonl/test.jsonl (else ${competition_math.ENV_VAR}, else the Hub).",
+        None,
+        f"Folder with MATH train.jsonl/test.jsonl (else ${competition_math.ENV_VAR}, else the Hub).",
         envvar=competition_math.ENV_VAR,
     )
     aqua_dir: Path | None = setting(
@@ -47,14 +48,16 @@ class TaskRecipeSettings:
     seed: int = setting(0, "Seeds problem order, candidate sampling and the adapter's init.")
     eval_every: int = setting(1, "Evaluate every this many epochs (and always after the last one run).")
     eval_tasks: str | None = setting(
-        None, "lm-eval tasks (comma-separated, e.g. arc_easy,gsm8k) run on the run's adapter at every evaluation, "
-        "beside the task's own accuracy; needs `pip install 'eztinker[eval]'`. Recorded on the server too."
+        None,
+        "lm-eval tasks (comma-separated, e.g. arc_easy,gsm8k) run on the run's adapter at every evaluation, "
+        "beside the task's own accuracy; needs `pip install 'eztinker[eval]'`. Recorded on the server too.",
     )
     eval_limit: float | None = setting(None, "--eval-tasks: examples per task (a fraction of the task below 1).")
     eval_include_path: Path | None = setting(None, "--eval-tasks: a folder of lm-eval task YAMLs (local data).")
     time_budget_minutes: float | None = setting(
-        None, "Start no epoch that would end past this many minutes from the start, judged by the previous "
-        "epoch's duration (the final evaluation still runs)."
+        None,
+        "Start no epoch that would end past this many minutes from the start, judged by the previous "
+        "epoch's duration (the final evaluation still runs).",
     )
     checkpoint: bool = setting(False, "Save a checkpoint every epoch.")
     resume_from: str | None = setting(None, "Continue after '<run_id>/<an epoch checkpoint of this recipe>'.")

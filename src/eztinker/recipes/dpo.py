@@ -35,13 +35,26 @@ from rich.console import Console
 from .. import AdamParams, Datum, ServiceClient, TrainingClient, datum_from_messages
 from ..chat import loss_weights
 from ..tasks import TASK_NAMES, Problem, get_task
+from ._budget import TimeBudget
 from ._cli import setting
 from ._lm_eval import evaluate_with_lm_eval
-from ._settings import TaskRecipeSettings
-from ._budget import TimeBudget
-from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
-                       previous_results, print_best, print_epoch_table, record_best, save_results)
+from ._results import (
+    NUMBER,
+    PERCENT,
+    TEST_ROWS,
+    TEST_SERIES,
+    config_dict,
+    mean,
+    open_run,
+    plot_curves,
+    previous_results,
+    print_best,
+    print_epoch_table,
+    record_best,
+    save_results,
+)
 from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
+from ._settings import TaskRecipeSettings
 
 if TYPE_CHECKING:
     import torch
@@ -73,8 +86,9 @@ class Config(TaskRecipeSettings):
     )
     beta: float = setting(0.1, "DPO beta: the strength of the pull toward the reference.")
     sft_weight: float = setting(
-        0.0, "Weight of an SFT term, the chosen reply's mean per-token NLL (as in RPO): it keeps DPO from "
-        "lowering the chosen reply's likelihood along with the rejected one's."
+        0.0,
+        "Weight of an SFT term, the chosen reply's mean per-token NLL (as in RPO): it keeps DPO from "
+        "lowering the chosen reply's likelihood along with the rejected one's.",
     )
     reference_checkpoint: str | None = setting(None, "Frozen reference '<run_id>/<name>'; default: the base model.")
 
@@ -87,16 +101,26 @@ class Pair:
 
 
 # ------------------------------------------------------------------------------ the loss
-def dpo_terms(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-              ref_rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+def dpo_terms(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> dict[str, torch.Tensor]:
     """Per pair [P]: the implicit rewards, their margin and the DPO loss."""
     import torch  # here, not at the top: `eztinker --help` builds this Config and need not load torch
 
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
     margin = chosen_reward - rejected_reward
-    return {"loss": -torch.nn.functional.logsigmoid(margin), "margin": margin, "correct": (margin > 0).float(),
-            "chosen_reward": chosen_reward, "rejected_reward": rejected_reward}
+    return {
+        "loss": -torch.nn.functional.logsigmoid(margin),
+        "margin": margin,
+        "correct": (margin > 0).float(),
+        "chosen_reward": chosen_reward,
+        "rejected_reward": rejected_reward,
+    }
 
 
 def reply_logprob(datum: Datum, logprobs: torch.Tensor) -> torch.Tensor:
@@ -119,8 +143,9 @@ def dpo_loss_fn(reference: Sequence[float], beta: float, normaliser: int, sft_we
     def loss_fn(data: Sequence[Datum], logprobs: list[torch.Tensor]):
         policy = torch.stack([reply_logprob(d, lp) for d, lp in zip(data, logprobs)])
         terms = dpo_terms(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta)
-        chosen_tokens = torch.tensor([max(sum(1 for w in loss_weights(d) if w), 1) for d in data[0::2]],
-                                     dtype=torch.float32)
+        chosen_tokens = torch.tensor(
+            [max(sum(1 for w in loss_weights(d) if w), 1) for d in data[0::2]], dtype=torch.float32
+        )
         terms["chosen_nll"] = -policy[0::2] / chosen_tokens
         total = terms["loss"] + sft_weight * terms["chosen_nll"] if sft_weight else terms["loss"]
         return total.sum() / normaliser, {k: float(terms[k].detach().sum()) for k in METRICS}
@@ -158,9 +183,17 @@ def read_pairs(path: Path) -> list[Pair]:
 def _prompt_messages(prompt: Any, where: str) -> list[dict[str, str]]:
     if isinstance(prompt, str) and prompt.strip():
         return [{"role": "user", "content": prompt}]
-    if (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                    and m.get("role") in ("system", "user", "assistant") for m in prompt)
-            and prompt[-1]["role"] == "user"):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("content"), str)
+            and m.get("role") in ("system", "user", "assistant")
+            for m in prompt
+        )
+        and prompt[-1]["role"] == "user"
+    ):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
     raise ValueError(f"{where}: 'prompt' must be text or chat messages ({{role, content}}) ending with a user turn")
 
@@ -183,10 +216,14 @@ class DPO:
         self.budget = TimeBudget(config.time_budget_minutes)
 
     # ------------------------------------------------------------------------ pairs
-    def buffer_pairs(self, epoch: int, run: TrainingClient, problems: list[Problem]) -> tuple[list[Pair], list[list[Candidate]]]:
+    def buffer_pairs(
+        self, epoch: int, run: TrainingClient, problems: list[Problem]
+    ) -> tuple[list[Pair], list[list[Candidate]]]:
         """Sample the run, keep one (best correct, likeliest incorrect) pair per problem that has
         both, and log every problem to the buffer file."""
-        candidates = self.rollouts.sample(run, problems, self.config.num_candidates, greedy=False, label=f"epoch {epoch}: sample")
+        candidates = self.rollouts.sample(
+            run, problems, self.config.num_candidates, greedy=False, label=f"epoch {epoch}: sample"
+        )
         pairs, entries = [], []
         for problem, cands in zip(problems, candidates):
             chosen, rejected = best_correct(cands), rejected_index(cands)
@@ -200,8 +237,11 @@ class DPO:
 
     def datums(self, pairs: list[Pair], tokenizer) -> list[Datum]:
         """[chosen_0, rejected_0, chosen_1, ...]: each reply after its prompt, the reply weighted 1."""
-        return [datum_from_messages(tokenizer, [*pair.prompt, {"role": "assistant", "content": text}])
-                for pair in pairs for text in (pair.chosen, pair.rejected)]
+        return [
+            datum_from_messages(tokenizer, [*pair.prompt, {"role": "assistant", "content": text}])
+            for pair in pairs
+            for text in (pair.chosen, pair.rejected)
+        ]
 
     def reference_logprobs(self, reference: TrainingClient, data: list[Datum]) -> list[float]:
         """Each datum's summed reply logprob under the frozen reference (requests sent together)."""
@@ -216,7 +256,9 @@ class DPO:
         return sums
 
     # --------------------------------------------------------------------- training
-    def train(self, run: TrainingClient, data: list[Datum], reference: list[float], learning_rate: float) -> dict[str, Any]:
+    def train(
+        self, run: TrainingClient, data: list[Datum], reference: list[float], learning_rate: float
+    ) -> dict[str, Any]:
         """One pass over the pairs in shuffled order; the DPO metrics averaged over the pairs seen
         (each measured at its step's forward, before that step's update)."""
         c = self.config
@@ -243,8 +285,14 @@ class DPO:
                 pairs_seen += len(batch)
                 progress.update(bar, advance=len(batch), acc=f"loss {totals['loss'] / pairs_seen:.3f}")
         metrics: dict[str, Any] = {"optimizer_steps": steps, "trained_pairs": pairs_seen}
-        names = {"loss": "dpo_loss", "margin": "reward_margin", "correct": "reward_accuracy",
-                 "chosen_reward": "chosen_reward", "rejected_reward": "rejected_reward", "chosen_nll": "chosen_nll"}
+        names = {
+            "loss": "dpo_loss",
+            "margin": "reward_margin",
+            "correct": "reward_accuracy",
+            "chosen_reward": "chosen_reward",
+            "rejected_reward": "rejected_reward",
+            "chosen_nll": "chosen_nll",
+        }
         for key, name in names.items():
             metrics[name] = totals[key] / pairs_seen if pairs_seen else None
         return metrics
@@ -263,18 +311,34 @@ class DPO:
             test = test if c.eval_size > 0 else []
         run, start_epoch = open_run(service, c, CHECKPOINT_PREFIX, self.output_dir / BUFFER_FILE)
         # A fresh adapter's update is zero (LoRA B starts at 0): this run *is* the base model.
-        reference = (service.create_training_run(from_checkpoint=c.reference_checkpoint, seed=c.seed)
-                     if c.reference_checkpoint else service.create_training_run(lora_rank=1, seed=c.seed))
+        reference = (
+            service.create_training_run(from_checkpoint=c.reference_checkpoint, seed=c.seed)
+            if c.reference_checkpoint
+            else service.create_training_run(lora_rank=1, seed=c.seed)
+        )
         try:
             return self._epochs(service, run, reference, health.model, fixed_pairs, train, test, start_epoch)
         finally:
             reference.delete()
 
-    def _epochs(self, service: ServiceClient, run: TrainingClient, reference: TrainingClient, model: str,
-                fixed_pairs: list[Pair] | None, train: list[Problem], test: list[Problem], start_epoch: int) -> dict[str, Any]:
+    def _epochs(
+        self,
+        service: ServiceClient,
+        run: TrainingClient,
+        reference: TrainingClient,
+        model: str,
+        fixed_pairs: list[Pair] | None,
+        train: list[Problem],
+        test: list[Problem],
+        start_epoch: int,
+    ) -> dict[str, Any]:
         c = self.config
         tokenizer = run.get_tokenizer()
-        source = f"{len(fixed_pairs)} pairs from {c.pairs_file}" if fixed_pairs else f"pairs from {len(train)} {c.task} problems"
+        source = (
+            f"{len(fixed_pairs)} pairs from {c.pairs_file}"
+            if fixed_pairs
+            else f"pairs from {len(train)} {c.task} problems"
+        )
         self.console.print(
             f"[bold]DPO[/] (beta {c.beta}): model {model}, run {run.run_id}, {source}, "
             f"{len(test)} test problems, reference {c.reference_checkpoint or 'the base model'}, epochs {start_epoch}..{c.epochs}"
@@ -291,8 +355,10 @@ class DPO:
         last_epoch_seconds = 0.0
         for epoch in range(start_epoch, c.epochs + 1):
             if not self.budget.allows(last_epoch_seconds):
-                results["stopped"] = (f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
-                                      f"(~{last_epoch_seconds:.0f} s) would end past it")
+                results["stopped"] = (
+                    f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
+                    f"(~{last_epoch_seconds:.0f} s) would end past it"
+                )
                 break
             epoch_started = time.monotonic()
             times: dict[str, float] = {}
@@ -335,20 +401,34 @@ class DPO:
         results["total_seconds"] = self.budget.elapsed()
         record_best(results)
         save_results(results_path, results)
-        print_epoch_table(self.console, f"DPO on {c.task} ({results['model']}), beta {c.beta}", results["epochs"], [
-            *TEST_ROWS, ("train accuracy (candidates)", "train_accuracy", PERCENT), ("pairs", "pairs", str),
-            ("DPO loss", "dpo_loss", NUMBER), ("reward margin", "reward_margin", NUMBER),
-            ("implicit-reward accuracy", "reward_accuracy", PERCENT), ("chosen reward", "chosen_reward", NUMBER),
-            ("rejected reward", "rejected_reward", NUMBER),
-            ("chosen reply NLL per token", "chosen_nll", NUMBER),
-        ])
+        print_epoch_table(
+            self.console,
+            f"DPO on {c.task} ({results['model']}), beta {c.beta}",
+            results["epochs"],
+            [
+                *TEST_ROWS,
+                ("train accuracy (candidates)", "train_accuracy", PERCENT),
+                ("pairs", "pairs", str),
+                ("DPO loss", "dpo_loss", NUMBER),
+                ("reward margin", "reward_margin", NUMBER),
+                ("implicit-reward accuracy", "reward_accuracy", PERCENT),
+                ("chosen reward", "chosen_reward", NUMBER),
+                ("rejected reward", "rejected_reward", NUMBER),
+                ("chosen reply NLL per token", "chosen_nll", NUMBER),
+            ],
+        )
         print_best(self.console, results, self.output_dir)
-        plot_curves(results, self.output_dir / PLOT_FILE,
-                    [*TEST_SERIES, ("reward_accuracy", "implicit-reward accuracy (train pairs)")],
-                    f"DPO: {results['config']['task']} on {results['model']}")
+        plot_curves(
+            results,
+            self.output_dir / PLOT_FILE,
+            [*TEST_SERIES, ("reward_accuracy", "implicit-reward accuracy (train pairs)")],
+            f"DPO: {results['config']['task']} on {results['model']}",
+        )
         return results
 
-    def _evaluate(self, run: TrainingClient, test: list[Problem], entry: dict[str, Any], times: dict[str, float]) -> None:
+    def _evaluate(
+        self, run: TrainingClient, test: list[Problem], entry: dict[str, Any], times: dict[str, float]
+    ) -> None:
         t = time.monotonic()
         label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
         metrics = self.rollouts.evaluate(run, test, label)
@@ -360,7 +440,11 @@ class DPO:
         def fmt(key: str, spec: str) -> str:
             return "-" if entry.get(key) is None else format(entry[key], spec)
 
-        test = f"test acc {fmt('test_accuracy', '.1%')} (strict {fmt('test_strict_accuracy', '.1%')}), " if "test_accuracy" in entry else ""
+        test = (
+            f"test acc {fmt('test_accuracy', '.1%')} (strict {fmt('test_strict_accuracy', '.1%')}), "
+            if "test_accuracy" in entry
+            else ""
+        )
         self.console.print(
             f"epoch {entry['epoch']}: {test}{entry['pairs']} pairs, {entry['optimizer_steps']} steps, "
             f"loss {fmt('dpo_loss', '.3f')}, margin {fmt('reward_margin', '.3f')}, reward acc {fmt('reward_accuracy', '.1%')}"

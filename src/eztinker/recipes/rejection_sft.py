@@ -23,13 +23,26 @@ from .. import AdamParams, ServiceClient, TrainingClient, datum_from_messages
 from ..chat import loss_weights
 from ..tasks import Problem, get_task
 from ..tasks._grading import trim_after_answer as trim_after_answer  # part of this recipe's interface
+from ._budget import TimeBudget
 from ._cli import setting
 from ._lm_eval import evaluate_with_lm_eval
-from ._settings import TaskRecipeSettings
-from ._budget import TimeBudget
-from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
-                       previous_results, print_best, print_epoch_table, record_best, save_results)
+from ._results import (
+    NUMBER,
+    PERCENT,
+    TEST_ROWS,
+    TEST_SERIES,
+    config_dict,
+    mean,
+    open_run,
+    plot_curves,
+    previous_results,
+    print_best,
+    print_epoch_table,
+    record_best,
+    save_results,
+)
 from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
+from ._settings import TaskRecipeSettings
 
 BUFFER_FILE = "rejection_buffer.jsonl"
 RESULTS_FILE = "rejection_sft_results.json"
@@ -63,7 +76,9 @@ class RejectionSFT:
     # -------------------------------------------------------------------- selection
     select = staticmethod(best_correct)
 
-    def record_buffer(self, epoch: int, problems: list[Problem], candidates: list[list[Candidate]]) -> list[tuple[Problem, str]]:
+    def record_buffer(
+        self, epoch: int, problems: list[Problem], candidates: list[list[Candidate]]
+    ) -> list[tuple[Problem, str]]:
         chosen: list[tuple[Problem, str]] = []
         entries = []
         for problem, cands in zip(problems, candidates):
@@ -79,14 +94,20 @@ class RejectionSFT:
         """One pass over the selected responses; returns the mean per-token loss."""
         c = self.config
         self.rng.shuffle(chosen)
-        data = [datum_from_messages(tokenizer, [*self.task.messages_for(p), {"role": "assistant", "content": text}]) for p, text in chosen]
+        data = [
+            datum_from_messages(tokenizer, [*self.task.messages_for(p), {"role": "assistant", "content": text}])
+            for p, text in chosen
+        ]
         futures = []
         for start in range(0, len(data), c.batch_size):
             batch = data[start : start + c.batch_size]
             tokens = sum(sum(1 for w in loss_weights(d) if w) for d in batch)
             for d in batch:  # mean per-token loss over the batch
                 d.loss_fn_inputs.weights = [w / tokens for w in loss_weights(d)]
-            fbs = [run.forward_backward(batch[i : i + c.micro_batch_size]) for i in range(0, len(batch), c.micro_batch_size)]
+            fbs = [
+                run.forward_backward(batch[i : i + c.micro_batch_size])
+                for i in range(0, len(batch), c.micro_batch_size)
+            ]
             futures.append((fbs, run.optim_step(AdamParams(learning_rate=learning_rate))))
         losses = []
         with progress_bar(self.console) as progress:
@@ -110,7 +131,11 @@ class RejectionSFT:
             f"[bold]rejection SFT[/] on {c.task}: model {health.model}, run {run.run_id}, "
             f"{len(train)} train / {len(test)} test problems, {c.num_candidates} candidates, epochs {start_epoch}..{c.epochs}"
         )
-        results = previous_results(self.output_dir / RESULTS_FILE, c.resume_from, CHECKPOINT_PREFIX) if c.resume_from else {"epochs": []}
+        results = (
+            previous_results(self.output_dir / RESULTS_FILE, c.resume_from, CHECKPOINT_PREFIX)
+            if c.resume_from
+            else {"epochs": []}
+        )
         results.update(config=config_dict(c, drop=("reward_fn", "api_key")), model=health.model, run_id=run.run_id)
         started = time.monotonic()
 
@@ -123,15 +148,19 @@ class RejectionSFT:
         last_epoch_seconds = 0.0
         for epoch in range(start_epoch, c.epochs + 1):
             if not budget.allows(last_epoch_seconds):
-                results["stopped"] = (f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
-                                      f"(~{last_epoch_seconds:.0f} s) would end past it")
+                results["stopped"] = (
+                    f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
+                    f"(~{last_epoch_seconds:.0f} s) would end past it"
+                )
                 break
             epoch_started = time.monotonic()
             times: dict[str, float] = {}
             t = time.monotonic()
             # Epoch 1 trains on the buffer filled by the initial model (phase 2); later epochs
             # regenerate candidates with the updated adapter.
-            candidates = self.rollouts.sample(run, train, c.num_candidates, greedy=False, label=f"epoch {epoch}: sample")
+            candidates = self.rollouts.sample(
+                run, train, c.num_candidates, greedy=False, label=f"epoch {epoch}: sample"
+            )
             times["sample"] = time.monotonic() - t
             chosen = self.record_buffer(epoch, train, candidates)
             t = time.monotonic()
@@ -166,15 +195,24 @@ class RejectionSFT:
         record_best(results)
         save_results(self.output_dir / RESULTS_FILE, results)
         n = c.num_candidates
-        print_epoch_table(self.console, f"Rejection-sampling SFT on {c.task} ({results['model']})", results["epochs"], [
-            ("train accuracy (candidates)", "train_accuracy", PERCENT), *TEST_ROWS,
-            (f"rejection quality (of {n})", "rejection_quality", NUMBER), ("train loss", "train_loss", NUMBER),
-        ])
+        print_epoch_table(
+            self.console,
+            f"Rejection-sampling SFT on {c.task} ({results['model']})",
+            results["epochs"],
+            [
+                ("train accuracy (candidates)", "train_accuracy", PERCENT),
+                *TEST_ROWS,
+                (f"rejection quality (of {n})", "rejection_quality", NUMBER),
+                ("train loss", "train_loss", NUMBER),
+            ],
+        )
         print_best(self.console, results, self.output_dir)
         plot_accuracy(results, self.output_dir / PLOT_FILE)
         return results
 
-    def _evaluate(self, run: TrainingClient, test: list[Problem], entry: dict[str, Any], times: dict[str, float]) -> None:
+    def _evaluate(
+        self, run: TrainingClient, test: list[Problem], entry: dict[str, Any], times: dict[str, float]
+    ) -> None:
         t = time.monotonic()
         label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
         entry.update({f"test_{k}": v for k, v in self.rollouts.evaluate(run, test, label).items()})
@@ -183,8 +221,11 @@ class RejectionSFT:
 
     def _report(self, entry: dict[str, Any]) -> None:
         loss = entry["train_loss"]
-        test = (f"test acc {entry['test_accuracy']:.1%} (strict {entry['test_strict_accuracy']:.1%}), "
-                if "test_accuracy" in entry else "")
+        test = (
+            f"test acc {entry['test_accuracy']:.1%} (strict {entry['test_strict_accuracy']:.1%}), "
+            if "test_accuracy" in entry
+            else ""
+        )
         self.console.print(
             f"epoch {entry['epoch']}: {test}train acc {entry['train_accuracy']:.1%}, "
             f"{entry['trained_examples']} trained, loss {'-' if loss is None else f'{loss:.3f}'}"

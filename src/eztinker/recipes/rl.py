@@ -36,10 +36,23 @@ from .. import AdamParams, Datum, LossFnInputs, ModelInput, SamplingParams, Serv
 from ..tasks import TASK_NAMES, Problem, get_task
 from ._budget import TimeBudget
 from ._cli import setting
-from ._results import (NUMBER, PERCENT, TEST_ROWS, TEST_SERIES, config_dict, mean, open_run, plot_curves,
-                       previous_results, print_best, print_epoch_table, record_best, save_results)
-from ._rollouts import Rollouts, append_jsonl, load_problems, progress_bar
 from ._lm_eval import evaluate_with_lm_eval
+from ._results import (
+    NUMBER,
+    PERCENT,
+    TEST_ROWS,
+    TEST_SERIES,
+    config_dict,
+    mean,
+    open_run,
+    plot_curves,
+    previous_results,
+    print_best,
+    print_epoch_table,
+    record_best,
+    save_results,
+)
+from ._rollouts import Rollouts, append_jsonl, load_problems, progress_bar
 from ._settings import TaskRecipeSettings
 from .scorers import SCORER_NAMES, Scorer, make_scorer
 
@@ -69,21 +82,27 @@ class Config(TaskRecipeSettings):
     loss_fn: str = setting("importance_sampling", "Policy-gradient loss on the server.", choices=LOSSES)
     normalize_std: bool = setting(True, "Divide advantages by the group's reward standard deviation (GRPO).")
     max_staleness: int = setting(
-        1, "Steps the sampling adapter may lag the trained one: sampling for that many steps ahead is "
-        "queued while a step trains (0: the sequential loop)."
+        1,
+        "Steps the sampling adapter may lag the trained one: sampling for that many steps ahead is "
+        "queued while a step trains (0: the sequential loop).",
     )
-    scorer: str = setting("verifier", "Rewards: the task's verifier (Math-Verify), a reward model, or an LLM judge.",
-                          choices=SCORER_NAMES)
-    reward_model: str | None = setting(None, "--scorer reward-model: a sequence-classification model (folder or Hub id).")
+    scorer: str = setting(
+        "verifier", "Rewards: the task's verifier (Math-Verify), a reward model, or an LLM judge.", choices=SCORER_NAMES
+    )
+    reward_model: str | None = setting(
+        None, "--scorer reward-model: a sequence-classification model (folder or Hub id)."
+    )
     judge_model: str | None = setting(None, "--scorer judge: a base model on the server (default: its first).")
     time_budget_minutes: float | None = setting(
-        None, "Start no step that would end past this many minutes from the start, judged by the previous "
-        "step's duration (the final evaluation still runs)."
+        None,
+        "Start no step that would end past this many minutes from the start, judged by the previous "
+        "step's duration (the final evaluation still runs).",
     )
     checkpoint: bool = setting(False, "Save rl_epoch_<k> every epoch.")
     resume_from: str | None = setting(
-        None, "Continue after '<run_id>/rl_epoch_<k>' (an epoch cut short by the time budget is saved too, "
-        "and resuming from it goes on with epoch k+1)."
+        None,
+        "Continue after '<run_id>/rl_epoch_<k>' (an epoch cut short by the time budget is saved too, "
+        "and resuming from it goes on with epoch k+1).",
     )
 
 
@@ -124,8 +143,11 @@ def policy_datum(prompt_tokens: Sequence[int], reply: Reply, advantage: float) -
     pad = [0.0] * (len(prompt_tokens) - 1)
     return Datum(
         model_input=ModelInput(tokens=tokens[:-1]),
-        loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], logprobs=pad + list(reply.logprobs),
-                                    advantages=pad + [advantage] * len(reply.tokens)),
+        loss_fn_inputs=LossFnInputs(
+            target_tokens=tokens[1:],
+            logprobs=pad + list(reply.logprobs),
+            advantages=pad + [advantage] * len(reply.tokens),
+        ),
     )
 
 
@@ -142,9 +164,17 @@ class SampleBuffer:
     """Groups for the coming steps. `request(i)` submits step i's sampling to the server at once
     and scores the replies in a background thread as soon as they land; `take(i)` waits for them."""
 
-    def __init__(self, run: TrainingClient, task, scorer: Scorer, params: SamplingParams, group_size: int,
-                 rng: random.Random):
-        self.run, self.task, self.scorer, self.params, self.group_size, self.rng = run, task, scorer, params, group_size, rng
+    def __init__(
+        self, run: TrainingClient, task, scorer: Scorer, params: SamplingParams, group_size: int, rng: random.Random
+    ):
+        self.run, self.task, self.scorer, self.params, self.group_size, self.rng = (
+            run,
+            task,
+            scorer,
+            params,
+            group_size,
+            rng,
+        )
         self.pending: dict[int, Future] = {}
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="rl-score")
 
@@ -164,8 +194,10 @@ class SampleBuffer:
         for problem, prompt_tokens, sequences in zip(problems, result.prompt_tokens, result.sequences):
             texts = [self.task.trim_reply(s.text) for s in sequences]
             rewards = self.scorer(problem, texts)
-            replies = [Reply(text, list(s.tokens), list(s.logprobs), float(reward), self.task.is_correct(text, problem))
-                       for text, s, reward in zip(texts, sequences, rewards)]
+            replies = [
+                Reply(text, list(s.tokens), list(s.logprobs), float(reward), self.task.is_correct(text, problem))
+                for text, s, reward in zip(texts, sequences, rewards)
+            ]
             groups.append(Group(problem, list(prompt_tokens), replies, sampled_at))
         return groups
 
@@ -176,8 +208,9 @@ class SampleBuffer:
 
 
 # ------------------------------------------------------------------------------ metrics
-def step_metrics(groups: list[Group], data: list[Datum], fb_logprobs: list[list[float | None]],
-                 trained_on: int) -> dict[str, Any]:
+def step_metrics(
+    groups: list[Group], data: list[Datum], fb_logprobs: list[list[float | None]], trained_on: int
+) -> dict[str, Any]:
     """A step's numbers: reward, accuracy, mixed groups, KL(sampler || trainer) and the sampler's
     entropy (both per token, estimated from the sampled tokens), lengths, and staleness (how many
     updates the adapter that sampled a group lags the one it is trained on, `trained_on`)."""
@@ -202,13 +235,23 @@ def step_metrics(groups: list[Group], data: list[Datum], fb_logprobs: list[list[
     }
 
 
-EPOCH_MEANS = ("mean_reward", "train_accuracy", "mixed_groups", "kl_sample_train", "entropy", "reply_tokens", "staleness")
+EPOCH_MEANS = (
+    "mean_reward",
+    "train_accuracy",
+    "mixed_groups",
+    "kl_sample_train",
+    "entropy",
+    "reply_tokens",
+    "staleness",
+)
 
 
 def epoch_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     # A step whose groups all scored alike trains on nothing and takes no optimizer step.
-    summary: dict[str, Any] = {"optimizer_steps": sum(1 for s in steps if s["trained_replies"]),
-                               "trained_replies": sum(s["trained_replies"] for s in steps)}
+    summary: dict[str, Any] = {
+        "optimizer_steps": sum(1 for s in steps if s["trained_replies"]),
+        "trained_replies": sum(s["trained_replies"] for s in steps),
+    }
     for key in EPOCH_MEANS:
         values = [s[key] for s in steps if s.get(key) is not None]
         summary[key] = mean(values) if values else None
@@ -277,20 +320,39 @@ class RL:
         results["total_seconds"] = self.budget.elapsed()
         record_best(results)
         save_results(results_path, results)
-        print_epoch_table(self.console, f"RL ({c.loss_fn}) on {c.task} ({results['model']}), scorer {c.scorer}",
-                          results["epochs"], [
-            *TEST_ROWS, ("train accuracy (groups)", "train_accuracy", PERCENT), ("mean reward", "mean_reward", NUMBER),
-            ("groups with mixed rewards", "mixed_groups", PERCENT), ("KL(sampler || trainer)", "kl_sample_train", NUMBER),
-            ("entropy per token", "entropy", NUMBER), ("reply tokens", "reply_tokens", NUMBER),
-            ("staleness (steps)", "staleness", NUMBER), ("optimizer steps", "optimizer_steps", str),
-        ])
+        print_epoch_table(
+            self.console,
+            f"RL ({c.loss_fn}) on {c.task} ({results['model']}), scorer {c.scorer}",
+            results["epochs"],
+            [
+                *TEST_ROWS,
+                ("train accuracy (groups)", "train_accuracy", PERCENT),
+                ("mean reward", "mean_reward", NUMBER),
+                ("groups with mixed rewards", "mixed_groups", PERCENT),
+                ("KL(sampler || trainer)", "kl_sample_train", NUMBER),
+                ("entropy per token", "entropy", NUMBER),
+                ("reply tokens", "reply_tokens", NUMBER),
+                ("staleness (steps)", "staleness", NUMBER),
+                ("optimizer steps", "optimizer_steps", str),
+            ],
+        )
         print_best(self.console, results, self.output_dir)
-        plot_curves(results, self.output_dir / PLOT_FILE, [*TEST_SERIES, ("train_accuracy", "train accuracy (groups)")],
-                    f"RL: {c.task} on {results['model']}")
+        plot_curves(
+            results,
+            self.output_dir / PLOT_FILE,
+            [*TEST_SERIES, ("train_accuracy", "train accuracy (groups)")],
+            f"RL: {c.task} on {results['model']}",
+        )
         return results
 
-    def _train(self, run: TrainingClient, buffer: SampleBuffer, schedule: list[tuple[int, list[Problem]]],
-               test: list[Problem], results: dict[str, Any]) -> None:
+    def _train(
+        self,
+        run: TrainingClient,
+        buffer: SampleBuffer,
+        schedule: list[tuple[int, list[Problem]]],
+        test: list[Problem],
+        results: dict[str, Any],
+    ) -> None:
         c = self.config
         step_at = run.info().step
         ahead = c.max_staleness
@@ -303,8 +365,10 @@ class RL:
             bar = progress.add_task("rl", total=len(schedule), acc="")
             for i, (epoch, problems) in enumerate(schedule):
                 if not self.budget.allows(last_step_seconds):
-                    results["stopped"] = (f"time budget of {c.time_budget_minutes} min: a step (~{last_step_seconds:.0f} s) "
-                                          f"would end past it, after {step_at} optimizer steps")
+                    results["stopped"] = (
+                        f"time budget of {c.time_budget_minutes} min: a step (~{last_step_seconds:.0f} s) "
+                        f"would end past it, after {step_at} optimizer steps"
+                    )
                     break
                 step_started = time.monotonic()
                 groups = buffer.take(i)
@@ -315,10 +379,14 @@ class RL:
                 data, _ = step_data(groups)
                 lr = c.learning_rate * c.lr_decay ** (epoch - 1)
                 trained_on = step_at
-                fbs = [run.forward_backward(data[k : k + c.micro_batch_size], loss_fn=c.loss_fn)
-                       for k in range(0, len(data), c.micro_batch_size)]
+                fbs = [
+                    run.forward_backward(data[k : k + c.micro_batch_size], loss_fn=c.loss_fn)
+                    for k in range(0, len(data), c.micro_batch_size)
+                ]
                 optim = run.optim_step(AdamParams(learning_rate=lr)) if data else None
-                if ahead and i + ahead + 1 < len(schedule):  # queued behind this step's update: runs on the next adapter
+                if ahead and i + ahead + 1 < len(
+                    schedule
+                ):  # queued behind this step's update: runs on the next adapter
                     buffer.request(i + ahead + 1, schedule[i + ahead + 1][1], trained_on + (optim is not None))
                 fb_logprobs = [row for f in fbs for row in f.result().logprobs]
                 loss = sum(f.result().loss for f in fbs) if fbs else None
@@ -327,8 +395,13 @@ class RL:
                 if not ahead and i + 1 < len(schedule):  # sequential: sample only once the update is in
                     buffer.request(i + 1, schedule[i + 1][1], step_at)
                 epoch_times["train"] += time.monotonic() - t
-                metrics = {"epoch": epoch, **step_metrics(groups, data, fb_logprobs, trained_on), "loss": loss,
-                           "learning_rate": lr, "seconds": round(time.monotonic() - step_started, 3)}
+                metrics = {
+                    "epoch": epoch,
+                    **step_metrics(groups, data, fb_logprobs, trained_on),
+                    "loss": loss,
+                    "learning_rate": lr,
+                    "seconds": round(time.monotonic() - step_started, 3),
+                }
                 epoch_steps.append(metrics)
                 results["steps"].append(metrics)
                 self._log_groups(epoch, step_at, groups)
@@ -340,11 +413,23 @@ class RL:
         if epoch_steps:  # stopped by the budget inside an epoch
             self._end_epoch(run, epoch_steps[-1]["epoch"], epoch_steps, epoch_times, test, results, partial=True)
 
-    def _end_epoch(self, run: TrainingClient, epoch: int, steps: list[dict[str, Any]], times: dict[str, float],
-                   test: list[Problem], results: dict[str, Any], partial: bool) -> None:
+    def _end_epoch(
+        self,
+        run: TrainingClient,
+        epoch: int,
+        steps: list[dict[str, Any]],
+        times: dict[str, float],
+        test: list[Problem],
+        results: dict[str, Any],
+        partial: bool,
+    ) -> None:
         c = self.config
-        entry: dict[str, Any] = {"epoch": epoch, **epoch_summary(steps), "learning_rate": steps[-1]["learning_rate"],
-                                 "seconds": dict(times)}
+        entry: dict[str, Any] = {
+            "epoch": epoch,
+            **epoch_summary(steps),
+            "learning_rate": steps[-1]["learning_rate"],
+            "seconds": dict(times),
+        }
         if partial:
             entry["partial"] = True
         elif test and (epoch % c.eval_every == 0 or epoch == c.epochs):
@@ -364,17 +449,33 @@ class RL:
         evaluate_with_lm_eval(self.config, run, entry, entry["seconds"], self.output_dir, self.console)
 
     def _log_groups(self, epoch: int, step: int, groups: list[Group]) -> None:
-        append_jsonl(self.output_dir / ROLLOUTS_FILE, [{
-            "epoch": epoch, "step": step, "sampled_at": g.sampled_at, "id": g.problem.id, "gold": g.problem.gold,
-            "replies": [r.text for r in g.replies], "rewards": [r.reward for r in g.replies],
-            "correct": [r.correct for r in g.replies], "advantages": [round(a, 4) for a in g.advantages],
-        } for g in groups])
+        append_jsonl(
+            self.output_dir / ROLLOUTS_FILE,
+            [
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "sampled_at": g.sampled_at,
+                    "id": g.problem.id,
+                    "gold": g.problem.gold,
+                    "replies": [r.text for r in g.replies],
+                    "rewards": [r.reward for r in g.replies],
+                    "correct": [r.correct for r in g.replies],
+                    "advantages": [round(a, 4) for a in g.advantages],
+                }
+                for g in groups
+            ],
+        )
 
     def _report(self, entry: dict[str, Any]) -> None:
         def fmt(key: str, spec: str) -> str:
             return "-" if entry.get(key) is None else format(entry[key], spec)
 
-        test = f"test acc {fmt('test_accuracy', '.1%')} (strict {fmt('test_strict_accuracy', '.1%')}), " if "test_accuracy" in entry else ""
+        test = (
+            f"test acc {fmt('test_accuracy', '.1%')} (strict {fmt('test_strict_accuracy', '.1%')}), "
+            if "test_accuracy" in entry
+            else ""
+        )
         self.console.print(
             f"epoch {entry['epoch']}{' (partial)' if entry.get('partial') else ''}: {test}{entry['optimizer_steps']} steps, "
             f"reward {fmt('mean_reward', '.3f')}, mixed groups {fmt('mixed_groups', '.0%')}, "

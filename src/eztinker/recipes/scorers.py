@@ -67,8 +67,13 @@ class RewardModelScorer:
         rewards: list[float] = []
         for start in range(0, len(replies), self.batch_size):
             texts = [self.text(problem, r) for r in replies[start : start + self.batch_size]]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
-                                   max_length=min(self.tokenizer.model_max_length, 4096))
+            batch = self.tokenizer(
+                texts,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=min(self.tokenizer.model_max_length, 4096),
+            )
             with torch.inference_mode():
                 logits = self.model(**batch).logits.float()
             values = logits[:, 0] if logits.shape[1] == 1 else logits.softmax(-1)[:, -1]
@@ -95,8 +100,10 @@ class JudgeScorer:
         self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
     def __call__(self, problem: Problem, replies: Sequence[str]) -> list[float]:
-        prompts = [[{"role": "user", "content": JUDGE_PROMPT.format(question=problem.question, gold=problem.gold, reply=r)}]
-                   for r in replies]
+        prompts = [
+            [{"role": "user", "content": JUDGE_PROMPT.format(question=problem.question, gold=problem.gold, reply=r)}]
+            for r in replies
+        ]
         result = self.service.sample(prompts, 1, self.params, base_model=self.model).result()
         return [verdict(candidates[0].text) for candidates in result.sequences]
 

@@ -2,7 +2,6 @@
 shared service. A protocol is a module beside `rest.py` that adds its router and its own error
 mapping here; runs, jobs, checkpoints, auth, ownership and idempotency are the service's."""
 
-
 import gc
 import logging
 import math
@@ -26,7 +25,8 @@ from .openai import router as openai
 from .rest import rest_router
 from .service import LimitExceeded, Service, ServiceError
 from .store import BUSY_TIMEOUT_SECONDS, is_busy
-from .ui import DOCS, PREFIX as UI_PREFIX, mount_api_docs, mount_dashboard
+from .ui import DOCS, mount_api_docs, mount_dashboard
+from .ui import PREFIX as UI_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def create_app(service: Service) -> FastAPI:
     # first, so it is the innermost middleware and sees whole responses (minimum_size applies).
     app.add_middleware(GZipMiddleware, minimum_size=_GZIP_MIN_BYTES, compresslevel=1)
     if service.settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=service.settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=service.settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
 
     tinker = _tinker_protocol()
 
@@ -152,6 +154,7 @@ def create_app(service: Service) -> FastAPI:
     def metrics(user: User) -> Response:
         body, content_type = service.runner.metrics.exposition()
         return Response(body, media_type=content_type)
+
     mount_dashboard(app)
     mount_api_docs(app)
     if tinker is not None:
@@ -222,8 +225,9 @@ class _BodyLimit:
             if not length.isdigit():
                 response = self.error(scope["path"], 400, f"invalid Content-Length {length.decode('latin-1')!r}")
             elif int(length) > self.limit:
-                response = self.error(scope["path"], 413,
-                                      f"request body of {int(length)} bytes exceeds max_request_bytes ({self.limit})")
+                response = self.error(
+                    scope["path"], 413, f"request body of {int(length)} bytes exceeds max_request_bytes ({self.limit})"
+                )
             else:
                 return await self.app(scope, receive, send)
             return await response(scope, receive, send)

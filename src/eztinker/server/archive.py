@@ -31,5 +31,8 @@ def adapter_archive(directory: Path, ref: str) -> Response:
     except FileNotFoundError:  # deleted (or replaced by hand) since its ownership was checked
         raise ServiceError(404, f"checkpoint {ref} is listed but its files are gone") from None
     filename = ref.replace(":", "-").replace("/", "-") + ".tar"
-    return Response(buffer.getvalue(), media_type="application/x-tar",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+    return Response(
+        buffer.getvalue(),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )

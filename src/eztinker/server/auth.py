@@ -44,8 +44,11 @@ def request_user(request: Request) -> str | None:
 
 def current_user(user: Annotated[str | None, Depends(request_user)]) -> str:
     if user is None:
-        raise ServiceError(401, "missing or wrong API key (send 'Authorization: Bearer <key>' or 'X-API-Key: <key>', "
-                                "not two different keys)")
+        raise ServiceError(
+            401,
+            "missing or wrong API key (send 'Authorization: Bearer <key>' or 'X-API-Key: <key>', "
+            "not two different keys)",
+        )
     return user
 
 

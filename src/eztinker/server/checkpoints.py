@@ -52,8 +52,10 @@ def stored_name(kind: CheckpointKind, name: str) -> str:
     checkpoint's name would fall into another kind's namespace."""
     if kind is CheckpointKind.training:
         if name.startswith(RESERVED_PREFIXES):
-            raise ValueError(f"checkpoint name {name!r} starts with a reserved prefix "
-                             f"({', '.join(repr(p) for p in RESERVED_PREFIXES)}): choose another name")
+            raise ValueError(
+                f"checkpoint name {name!r} starts with a reserved prefix "
+                f"({', '.join(repr(p) for p in RESERVED_PREFIXES)}): choose another name"
+            )
         return name
     return _PREFIX[kind] + name
 
@@ -61,7 +63,7 @@ def stored_name(kind: CheckpointKind, name: str) -> str:
 def user_name(name: str) -> str:
     """A stored name without its kind's prefix."""
     prefix = _PREFIX.get(kind_of(name))
-    return name[len(prefix):] if prefix else name
+    return name[len(prefix) :] if prefix else name
 
 
 def auto_snapshot_name(sampler_id: str) -> str:

@@ -15,8 +15,10 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 _TIMED_OUT_BODY = b"the request took too long to send\n"
-_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
-              b"content-length: %d\r\n\r\n%s" % (len(_TIMED_OUT_BODY), _TIMED_OUT_BODY))
+_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_TIMED_OUT_BODY), _TIMED_OUT_BODY)
+)
 
 
 class TimedH11Protocol(H11Protocol):
@@ -75,8 +77,9 @@ def uvicorn_options(settings) -> dict:
     return {
         # Requests still open this long after SIGTERM are cut (their jobs have had the grace period).
         "timeout_graceful_shutdown": settings.shutdown_grace_seconds + 5,
-        "http": functools.partial(TimedH11Protocol, header_timeout=settings.header_timeout_seconds,
-                                  body_timeout=settings.body_timeout_seconds),
+        "http": functools.partial(
+            TimedH11Protocol, header_timeout=settings.header_timeout_seconds, body_timeout=settings.body_timeout_seconds
+        ),
         # uvicorn refuses once `connections >= limit`, counting the connection asking.
         "limit_concurrency": settings.max_connections + 1,
     }

@@ -34,8 +34,10 @@ class DataDirLock:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if isinstance(exc, BlockingIOError):
-                raise DataDirError(f"data directory {self.data_dir} is in use by another EZTinker server "
-                                   f"(pid {holder}); stop it, or give another --data-dir") from None
+                raise DataDirError(
+                    f"data directory {self.data_dir} is in use by another EZTinker server "
+                    f"(pid {holder}); stop it, or give another --data-dir"
+                ) from None
             raise DataDirError(f"data directory {self.data_dir} cannot be locked: {exc.strerror}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

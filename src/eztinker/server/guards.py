@@ -14,9 +14,11 @@ from .._net import is_loopback_host
 
 # The browser pages' policy: their own scripts and styles only (no inline script, no CDN), images
 # also from data: URLs (Swagger UI's icons), calls to this origin only, never inside a frame.
-CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-                           "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
-                           "frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
 _PAGE_HEADERS = [
     (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"x-frame-options", b"DENY"),
@@ -35,7 +37,7 @@ def host_name(header: str) -> str:
     '[::1]:8000' -> '::1'."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
+        return header[1 : header.find("]")] if "]" in header else header
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
@@ -60,9 +62,12 @@ class HostCheck:
         if header is None or self.permits(host_name(header.decode("latin-1"))):
             return await self.app(scope, receive, send)
         shown = header.decode("latin-1")[:200]
-        response = self.error(scope["path"], 403,
-                              f"Host {shown!r} is not allowed: a server without API keys answers only localhost, "
-                              f"127.0.0.1 and [::1] (add names with --allowed-hosts, or give it API keys)")
+        response = self.error(
+            scope["path"],
+            403,
+            f"Host {shown!r} is not allowed: a server without API keys answers only localhost, "
+            f"127.0.0.1 and [::1] (add names with --allowed-hosts, or give it API keys)",
+        )
         return await response(scope, receive, send)
 
 
@@ -82,8 +87,10 @@ class SecurityHeaders:
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 names = {name.lower() for name, _ in message.get("headers", ())}
-                message = {**message, "headers": [*message.get("headers", ()),
-                                                  *((n, v) for n, v in extra if n not in names)]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), *((n, v) for n, v in extra if n not in names)],
+                }
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -63,19 +63,30 @@ class InFlight:
     def admit(self, job: Job, limits: UserLimits) -> Refusal | None:
         owner, tokens = job.owner, sample_tokens(job.command)
         if limits.queued_jobs is not None and self._jobs.get(owner, 0) >= limits.queued_jobs:
-            return Refusal("max_queued_jobs_per_user", f"you have {self._jobs[owner]} jobs queued or running; the "
-                           f"limit is max_queued_jobs_per_user ({limits.queued_jobs}): wait for some to finish",
-                           clears=True)
+            return Refusal(
+                "max_queued_jobs_per_user",
+                f"you have {self._jobs[owner]} jobs queued or running; the "
+                f"limit is max_queued_jobs_per_user ({limits.queued_jobs}): wait for some to finish",
+                clears=True,
+            )
         if limits.sample_tokens is not None and tokens:
             if tokens > limits.sample_tokens:
-                return Refusal("max_sample_tokens_in_flight_per_user", f"this sample holds {tokens} tokens ((prompt + "
-                               "max_tokens) x candidates); the limit is max_sample_tokens_in_flight_per_user "
-                               f"({limits.sample_tokens}): ask for fewer candidates or max_tokens", clears=False)
+                return Refusal(
+                    "max_sample_tokens_in_flight_per_user",
+                    f"this sample holds {tokens} tokens ((prompt + "
+                    "max_tokens) x candidates); the limit is max_sample_tokens_in_flight_per_user "
+                    f"({limits.sample_tokens}): ask for fewer candidates or max_tokens",
+                    clears=False,
+                )
             held = self._tokens.get(owner, 0)
             if held + tokens > limits.sample_tokens:
-                return Refusal("max_sample_tokens_in_flight_per_user", f"your unfinished samples hold {held} tokens, "
-                               f"this one {tokens}; the limit is max_sample_tokens_in_flight_per_user "
-                               f"({limits.sample_tokens}): wait for some to finish", clears=True)
+                return Refusal(
+                    "max_sample_tokens_in_flight_per_user",
+                    f"your unfinished samples hold {held} tokens, "
+                    f"this one {tokens}; the limit is max_sample_tokens_in_flight_per_user "
+                    f"({limits.sample_tokens}): wait for some to finish",
+                    clears=True,
+                )
         self._admitted[job.id] = (owner, tokens)
         self._jobs[owner] = self._jobs.get(owner, 0) + 1
         self._tokens[owner] = self._tokens.get(owner, 0) + tokens

@@ -24,25 +24,55 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.jobs_finished = Counter("eztinker_jobs_finished", "Jobs finished, by kind and outcome.",
-                                     ["kind", "status"], registry=self.registry)
-        self.queue_seconds = Histogram("eztinker_job_queue_seconds", "Time from submission to start, by kind.",
-                                       ["kind"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.run_seconds = Histogram("eztinker_job_run_seconds", "Time from start to finish, by kind "
-                                     "(a fused batch of samples: the batch's time).", ["kind"],
-                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.latency_seconds = Histogram("eztinker_job_latency_seconds", "Time from submission to finish, by kind.",
-                                         ["kind"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.tokens_sampled = Counter("eztinker_tokens_sampled", "Tokens sampled (every candidate's), by base model.",
-                                      ["model"], registry=self.registry)
-        self.tokens_trained = Counter("eztinker_tokens_trained", "Input tokens of completed forward_backward passes "
-                                      "(forward-only passes excluded), by base model.", ["model"], registry=self.registry)
-        self.samples_abandoned = Counter("eztinker_samples_abandoned", "Samples stopped early because every consumer "
-                                         "went away (a client that disconnected, a session that ended), by base model.",
-                                         ["model"], registry=self.registry)
+        self.jobs_finished = Counter(
+            "eztinker_jobs_finished", "Jobs finished, by kind and outcome.", ["kind", "status"], registry=self.registry
+        )
+        self.queue_seconds = Histogram(
+            "eztinker_job_queue_seconds",
+            "Time from submission to start, by kind.",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.run_seconds = Histogram(
+            "eztinker_job_run_seconds",
+            "Time from start to finish, by kind (a fused batch of samples: the batch's time).",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency_seconds = Histogram(
+            "eztinker_job_latency_seconds",
+            "Time from submission to finish, by kind.",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens_sampled = Counter(
+            "eztinker_tokens_sampled",
+            "Tokens sampled (every candidate's), by base model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.tokens_trained = Counter(
+            "eztinker_tokens_trained",
+            "Input tokens of completed forward_backward passes (forward-only passes excluded), by base model.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.samples_abandoned = Counter(
+            "eztinker_samples_abandoned",
+            "Samples stopped early because every consumer "
+            "went away (a client that disconnected, a session that ended), by base model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.sample_batch_requests = Histogram(
-            "eztinker_sample_batch_requests", "Sample requests decoded together in one batch (see sample_gather_ms).",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+            "eztinker_sample_batch_requests",
+            "Sample requests decoded together in one batch (see sample_gather_ms).",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
 
     def job_finished(self, command: Command, outcome: Outcome, queued_s: float, run_s: float) -> None:
         kind = command.kind

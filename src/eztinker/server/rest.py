@@ -52,9 +52,14 @@ def rest_router(service: Service) -> APIRouter:
 
     # Routes that only touch SQLite or do light validation are plain functions: FastAPI runs
     # them in its thread pool, off the event loop. Those that wait on a job are coroutines.
-    @router.get("/health", response_model=HealthInfo, response_model_exclude_none=True, tags=["service"],
-                summary="Liveness; the models, runs and queue too for a valid key (or with no keys configured)",
-                responses={503: {"model": HealthInfo, "description": "The job worker has stopped."}})
+    @router.get(
+        "/health",
+        response_model=HealthInfo,
+        response_model_exclude_none=True,
+        tags=["service"],
+        summary="Liveness; the models, runs and queue too for a valid key (or with no keys configured)",
+        responses={503: {"model": HealthInfo, "description": "The job worker has stopped."}},
+    )
     def health(user: MaybeUser) -> HealthInfo | Response:
         info = service.health()
         # alive, but no job will ever run: not healthy
@@ -89,15 +94,24 @@ def rest_router(service: Service) -> APIRouter:
     def get_run(run_id: str, user: User) -> RunInfo:
         return service.get_run(user, run_id)
 
-    @router.get("/v1/runs/{run_id}/metrics", response_model=RunMetrics, tags=["runs"],
-                summary="The run's training curve: loss, tokens, grad norm and learning rate per optimizer step")
+    @router.get(
+        "/v1/runs/{run_id}/metrics",
+        response_model=RunMetrics,
+        tags=["runs"],
+        summary="The run's training curve: loss, tokens, grad norm and learning rate per optimizer step",
+    )
     def run_metrics(run_id: str, user: User) -> RunMetrics:
         return service.run_metrics(user, run_id)
 
-    @router.get("/v1/runs/{run_id}/jobs", response_model=list[JobInfo], tags=["runs"],
-                summary="The run's queued and running jobs, then its newest finished ones (results left out)")
+    @router.get(
+        "/v1/runs/{run_id}/jobs",
+        response_model=list[JobInfo],
+        tags=["runs"],
+        summary="The run's queued and running jobs, then its newest finished ones (results left out)",
+    )
     def run_jobs(
-        run_id: str, user: User,
+        run_id: str,
+        user: User,
         limit: Annotated[int, Query(ge=1, le=200, description="Finished jobs to list at most.")] = 20,
     ) -> list[JobInfo]:
         return service.run_jobs(user, run_id, limit)
@@ -112,8 +126,13 @@ def rest_router(service: Service) -> APIRouter:
     def forward_backward(run_id: str, request: ForwardBackwardRequest, user: User, key: IdempotencyKey = None):
         return service.submit_forward_backward(user, run_id, request, key)
 
-    @router.post("/v1/runs/{run_id}/forward", response_model=JobRef, status_code=202, tags=["training"],
-                 summary="The loss and every target token's logprob, without a gradient")
+    @router.post(
+        "/v1/runs/{run_id}/forward",
+        response_model=JobRef,
+        status_code=202,
+        tags=["training"],
+        summary="The loss and every target token's logprob, without a gradient",
+    )
     def forward(run_id: str, request: ForwardBackwardRequest, user: User, key: IdempotencyKey = None):
         return service.submit_forward_backward(user, run_id, request, key, forward_only=True, all_logprobs=True)
 
@@ -125,13 +144,19 @@ def rest_router(service: Service) -> APIRouter:
     def sample_run(run_id: str, request: SampleRequest, user: User, key: IdempotencyKey = None):
         return service.submit_sample(user, run_id, request, key)
 
-    @router.post("/v1/sample", response_model=JobRef, status_code=202, tags=["sampling"],
-                 summary="Sample from a bare base model")
+    @router.post(
+        "/v1/sample", response_model=JobRef, status_code=202, tags=["sampling"], summary="Sample from a bare base model"
+    )
     def sample_base(request: SampleRequest, user: User, key: IdempotencyKey = None):
         return service.submit_sample(user, None, request, key)
 
-    @router.post("/v1/runs/{run_id}/evaluate", response_model=JobRef, status_code=202, tags=["sampling"],
-                 summary="Score responses: mean and summed logprob of each response's tokens")
+    @router.post(
+        "/v1/runs/{run_id}/evaluate",
+        response_model=JobRef,
+        status_code=202,
+        tags=["sampling"],
+        summary="Score responses: mean and summed logprob of each response's tokens",
+    )
     def score(run_id: str, request: ScoreRequest, user: User, key: IdempotencyKey = None):
         return service.submit_score(user, run_id, request, key)
 
@@ -143,9 +168,13 @@ def rest_router(service: Service) -> APIRouter:
     def load(run_id: str, request: LoadRequest, user: User, key: IdempotencyKey = None):
         return service.submit_load(user, run_id, request, key)
 
-    @router.get("/v1/runs/{run_id}/checkpoints/{name}/adapter", tags=["checkpoints"],
-                summary="Download a checkpoint's PEFT adapter as a tar (peft.PeftModel.from_pretrained loads it)",
-                response_class=Response, responses={200: {"content": {"application/x-tar": {}}}})
+    @router.get(
+        "/v1/runs/{run_id}/checkpoints/{name}/adapter",
+        tags=["checkpoints"],
+        summary="Download a checkpoint's PEFT adapter as a tar (peft.PeftModel.from_pretrained loads it)",
+        response_class=Response,
+        responses={200: {"content": {"application/x-tar": {}}}},
+    )
     def download_adapter(run_id: str, name: str, user: User) -> Response:
         path, ref = service.checkpoint_path(user, f"{run_id}/{name}")
         return adapter_archive(path, ref)

@@ -29,8 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backend import ABANDONED, Backend, Progress, WorkerLost
-from ..backend.commands import (Command, CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Outcome, Sample,
-                                Save, fusable)
+from ..backend.commands import (
+    Command,
+    CreateRun,
+    DeleteRun,
+    ForwardBackward,
+    Load,
+    OptimStep,
+    Outcome,
+    Sample,
+    Save,
+    fusable,
+)
 from .limits import FairQueue, InFlight, Refusal, UserLimits
 from .metrics import Metrics
 from .retention import RetentionPolicy
@@ -79,7 +89,11 @@ def hide_paths(text: str, data_dir: Path, checkpoint_root: Path | None = None) -
     checkpoint then reads as its reference, '<run_id>/<name>'), else to itself. Errors reach
     clients, who are not to learn the server's file layout (an OS error names the full path)."""
     checkpoints = checkpoint_root or data_dir / "checkpoints"
-    return text.replace(f"{checkpoints}{os.sep}", "").replace(f"{data_dir}{os.sep}", "").replace(str(data_dir), "<data-dir>")
+    return (
+        text.replace(f"{checkpoints}{os.sep}", "")
+        .replace(f"{data_dir}{os.sep}", "")
+        .replace(str(data_dir), "<data-dir>")
+    )
 
 
 def stored_path(path: Path, data_dir: Path) -> str:
@@ -90,9 +104,18 @@ def stored_path(path: Path, data_dir: Path) -> str:
 
 
 class JobRunner:
-    def __init__(self, backend: Backend, store: Store, data_dir: Path, *, retention: RetentionPolicy,
-                 sample_gather_seconds: float = 0.0, checkpoint_root: Path | None = None,
-                 snapshot_root: Path | None = None, restore_run: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        store: Store,
+        data_dir: Path,
+        *,
+        retention: RetentionPolicy,
+        sample_gather_seconds: float = 0.0,
+        checkpoint_root: Path | None = None,
+        snapshot_root: Path | None = None,
+        restore_run: Callable[[str], None] | None = None,
+    ):
         """`restore_run(run_id)` rebuilds a run whose worker was lost (on a live one, from its last
         checkpoint), as after a restart."""
         self.backend = backend
@@ -160,8 +183,12 @@ class JobRunner:
             self._cv.notify_all()
             threads = [lane.thread for lane in self._lanes.values() if lane.thread is not None]
         if running:
-            log.warning("shutting down: %d job(s) still running after %.0f s: %s", len(running), timeout,
-                        ", ".join(f"{job.id} ({job.command.kind})" for job in running))
+            log.warning(
+                "shutting down: %d job(s) still running after %.0f s: %s",
+                len(running),
+                timeout,
+                ", ".join(f"{job.id} ({job.command.kind})" for job in running),
+            )
         for thread in threads:
             thread.join(max(deadline - time.monotonic(), 0) + 2.0)
 
@@ -222,8 +249,15 @@ class JobRunner:
                     continue
                 break
             else:
-                running = next((job for lane in self._lanes.values() for job in lane.running
-                                if job.id == job_id and isinstance(job.command, Sample)), None)
+                running = next(
+                    (
+                        job
+                        for lane in self._lanes.values()
+                        for job in lane.running
+                        if job.id == job_id and isinstance(job.command, Sample)
+                    ),
+                    None,
+                )
                 if running is not None:
                     running.abandoned.set()
                 return running is not None
@@ -234,7 +268,8 @@ class JobRunner:
     def queued(self) -> int:
         with self._cv:
             return sum(len(lane.queue) + (1 if lane.running else 0) for lane in self._lanes.values()) + sum(
-                len(jobs) for jobs in self._parked.values())
+                len(jobs) for jobs in self._parked.values()
+            )
 
     def unfinished(self) -> list[tuple[str, str]]:
         """(kind, 'pending' | 'running') of every job queued or executing (any thread)."""
@@ -314,7 +349,9 @@ class JobRunner:
                     raise
                 if self._stalled is None:
                     log.warning("the database is locked by another connection; retrying the worker's write")
-                self._stalled = f"the database is locked by another connection (retrying for {time.monotonic() - since:.0f} s)"
+                self._stalled = (
+                    f"the database is locked by another connection (retrying for {time.monotonic() - since:.0f} s)"
+                )
                 time.sleep(delay)
                 delay = min(2 * delay, 1.0)
             else:
@@ -449,8 +486,9 @@ class JobRunner:
         elif isinstance(command, OptimStep):
             self.store.record_step(job.id, command.run_id, value)
         elif isinstance(command, ForwardBackward) and not command.forward_only:
-            self.store.record_forward_backward(job.id, command.run_id, json.dumps(value), value["loss"],
-                                               value["num_tokens"], _weight_sum(command))
+            self.store.record_forward_backward(
+                job.id, command.run_id, json.dumps(value), value["loss"], value["num_tokens"], _weight_sum(command)
+            )
         else:
             self.store.mark_finished(job.id, result=json.dumps(value))
 
@@ -487,7 +525,6 @@ class JobRunner:
                 self._retrying(lambda: self.store.expire(self.retention))
             finally:
                 self._expiry_lock.release()
-
 
 
 def _weight_sum(command: ForwardBackward) -> float | None:

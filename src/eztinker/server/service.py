@@ -100,9 +100,16 @@ class Service:
         self.data_dir = Path(settings.data_dir).resolve()
         self.checkpoint_root, self.snapshot_root = settings.checkpoint_root(), settings.snapshot_root()
         self.store = Store(self.data_dir / "eztinker.sqlite3")
-        self.runner = JobRunner(backend, self.store, self.data_dir, retention=settings.retention(),
-                                sample_gather_seconds=settings.sample_gather_ms / 1000, checkpoint_root=self.checkpoint_root,
-                                snapshot_root=self.snapshot_root, restore_run=self._restore_lost_run)
+        self.runner = JobRunner(
+            backend,
+            self.store,
+            self.data_dir,
+            retention=settings.retention(),
+            sample_gather_seconds=settings.sample_gather_ms / 1000,
+            checkpoint_root=self.checkpoint_root,
+            snapshot_root=self.snapshot_root,
+            restore_run=self._restore_lost_run,
+        )
         self.limits = settings.user_limits()
         self.runner.metrics.watch(self.runner.unfinished, lambda: [row["base_model"] for row in self.store.live_runs()])
         self.signer = UrlSigner(self.data_dir / "signing.key")
@@ -142,8 +149,13 @@ class Service:
     def _restore_run(self, row: sqlite3.Row) -> None:
         run_id, model = row["id"], row["base_model"]
         if model not in self.models:
-            log.error("run %s is on base model %s, which this server does not hold (it holds %s); it stays "
-                      "listed and comes back when a server with that model starts", run_id, model, self._held())
+            log.error(
+                "run %s is on base model %s, which this server does not hold (it holds %s); it stays "
+                "listed and comes back when a server with that model starts",
+                run_id,
+                model,
+                self._held(),
+            )
             return
         lora = LoraConfig.model_validate_json(row["lora"])
         ref, directory = row["resume_from"], None
@@ -167,8 +179,14 @@ class Service:
                 with_optimizer = self.backend.read_checkpoint(Path(directory)).has_optimizer
             except InvalidInput:
                 pass  # the create below fails on it and says why
-        create = CreateRun(model=model, run_id=run_id, lora=lora, seed=row["seed"], from_checkpoint=directory,
-                           with_optimizer=with_optimizer)
+        create = CreateRun(
+            model=model,
+            run_id=run_id,
+            lora=lora,
+            seed=row["seed"],
+            from_checkpoint=directory,
+            with_optimizer=with_optimizer,
+        )
         [outcome] = self.backend.execute([create])
         if outcome.error is not None and directory is not None:
             # A corrupted adapter or truncated optimizer state must not stop the server starting.
@@ -207,8 +225,9 @@ class Service:
                     except InvalidInput:
                         continue  # unreadable: a load of it fails with a clear error
                     if step != recorded[directory.name]:
-                        log.warning("checkpoint %s was overwritten by an interrupted save; it holds step %d",
-                                    directory, step)
+                        log.warning(
+                            "checkpoint %s was overwritten by an interrupted save; it holds step %d", directory, step
+                        )
                         self.store.set_checkpoint_step(run_dir.name, directory.name, step)
                 if directory.is_dir() and not directory.is_symlink() and directory.name not in recorded:
                     log.warning("removed checkpoint %s: its save was interrupted before it was recorded", directory)
@@ -225,8 +244,9 @@ class Service:
 
     def health(self) -> HealthInfo:
         worker = self.runner.state
-        workers = [WorkerStatus(name=w.name, model=w.model, alive=w.alive, runs=list(w.runs))
-                   for w in self.backend.workers()]
+        workers = [
+            WorkerStatus(name=w.name, model=w.model, alive=w.alive, runs=list(w.runs)) for w in self.backend.workers()
+        ]
         return HealthInfo(
             status="ok" if worker == "ok" else "degraded",
             worker=worker,
@@ -246,8 +266,13 @@ class Service:
             "vocab_size": default.vocab_size,
             "stop_token_ids": list(default.stop_token_ids),
             "models": [
-                {"name": m.name, "architecture": m.architecture, "vocab_size": m.vocab_size,
-                 "max_context_length": m.max_context_length, "stop_token_ids": list(m.stop_token_ids)}
+                {
+                    "name": m.name,
+                    "architecture": m.architecture,
+                    "vocab_size": m.vocab_size,
+                    "max_context_length": m.max_context_length,
+                    "stop_token_ids": list(m.stop_token_ids),
+                }
                 for m in self.models.values()
             ],
             "loss_fns": list(LOSS_FNS),
@@ -288,8 +313,11 @@ class Service:
         """The run and its base model, which this server must hold to work on it."""
         row = self.owned_run(user, run_id)
         if row["base_model"] not in self.models:
-            raise ServiceError(409, f"run {run_id} is on base model {row['base_model']!r}, which this server "
-                                    f"does not hold (it holds {self._held()}); start it with --model {row['base_model']}")
+            raise ServiceError(
+                409,
+                f"run {run_id} is on base model {row['base_model']!r}, which this server "
+                f"does not hold (it holds {self._held()}); start it with --model {row['base_model']}",
+            )
         return row, row["base_model"]
 
     def get_run(self, user: str, run_id: str) -> RunInfo:
@@ -309,13 +337,25 @@ class Service:
         infos = []
         for row in rows:
             kinds = busy.get(row["id"], set())
-            status = ("unavailable" if row["base_model"] not in self.models else "creating" if "create_run" in kinds
-                      else "working" if kinds else "idle")
+            status = (
+                "unavailable"
+                if row["base_model"] not in self.models
+                else "creating"
+                if "create_run" in kinds
+                else "working"
+                if kinds
+                else "idle"
+            )
             _, loss, tokens = losses.get(row["id"], (None, None, None))
             updated = activity.get(row["id"])
-            infos.append(self.store.run_info(
-                row, status=status, last_loss=loss / tokens if loss is not None and tokens else None,
-                updated_at=None if updated is None else datetime.fromtimestamp(updated, tz=timezone.utc)))
+            infos.append(
+                self.store.run_info(
+                    row,
+                    status=status,
+                    last_loss=loss / tokens if loss is not None and tokens else None,
+                    updated_at=None if updated is None else datetime.fromtimestamp(updated, tz=timezone.utc),
+                )
+            )
         return infos
 
     def run_metrics(self, user: str, run_id: str) -> RunMetrics:
@@ -346,7 +386,7 @@ class Service:
         unfinished = self.store.unfinished_jobs(user, run_id)
         seen = {row["id"] for row in unfinished}
         recent = [row for row in self.store.recent_jobs(user, run_id, limit) if row["id"] not in seen]
-        rows = [*reversed(unfinished), *recent][:max(limit, len(unfinished))]
+        rows = [*reversed(unfinished), *recent][: max(limit, len(unfinished))]
         return [self.store.job_record(row).info(with_result=False) for row in rows]
 
     async def create_run(self, user: str, request: CreateRunRequest, key: str | None = None) -> RunInfo:
@@ -359,9 +399,16 @@ class Service:
         assert job.run_id is not None, "a create_run job names its run"
         return self.get_run(user, job.run_id)
 
-    def submit_create_run(self, user: str, request: CreateRunRequest, key: str | None = None, *,
-                          run_id: str | None = None, metadata: dict | None = None,
-                          with_optimizer: bool = True) -> JobRef:
+    def submit_create_run(
+        self,
+        user: str,
+        request: CreateRunRequest,
+        key: str | None = None,
+        *,
+        run_id: str | None = None,
+        metadata: dict | None = None,
+        with_optimizer: bool = True,
+    ) -> JobRef:
         """Validate, record the run and queue its creation; the job's run_id names it. `run_id`:
         the protocol's own id for it (Tinker's '<session>:train:<n>'), else a fresh one."""
         if request.seed > MAX_SEED:
@@ -369,8 +416,9 @@ class Service:
         lora, source, ref = request.lora, None, None
         requested_model = request.base_model
         if request.from_checkpoint is not None:
-            source, ref = self._checkpoint(user, request.from_checkpoint, default_run=None, field="from_checkpoint",
-                                           published=True)
+            source, ref = self._checkpoint(
+                user, request.from_checkpoint, default_run=None, field="from_checkpoint", published=True
+            )
             try:
                 state = self.backend.read_checkpoint(source)
             except InvalidInput as exc:
@@ -379,13 +427,19 @@ class Service:
             if requested_model is None:
                 requested_model = state.base_model  # a checkpoint continues on its own model
             elif state.base_model is not None and state.base_model != requested_model:
-                raise invalid(("from_checkpoint",), f"checkpoint {ref} was trained on {state.base_model!r}, "
-                                                    f"not {requested_model!r}")
-        model = self.model(requested_model, ("from_checkpoint",) if request.base_model is None and source else ("base_model",))
+                raise invalid(
+                    ("from_checkpoint",),
+                    f"checkpoint {ref} was trained on {state.base_model!r}, not {requested_model!r}",
+                )
+        model = self.model(
+            requested_model, ("from_checkpoint",) if request.base_model is None and source else ("base_model",)
+        )
         try:
             self.backend.check_lora(model, lora)
         except InvalidInput as exc:
-            raise invalid(("lora", *exc.loc) if source is None else ("from_checkpoint", *exc.loc[1:]), exc.message) from None
+            raise invalid(
+                ("lora", *exc.loc) if source is None else ("from_checkpoint", *exc.loc[1:]), exc.message
+            ) from None
         digest = _request_hash("create_run", run_id, request) if key else None
         if key and (existing := self.store.job_by_key(user, key)) is not None:
             if existing["status"] == JobStatus.failed.value and existing["error"] == INTERRUPTED:
@@ -400,12 +454,22 @@ class Service:
             return self._replay_create(user, run_id)
         run_id = run_id or new_id("run")
         if self.limits.runs is not None and len(self.store.live_runs(user)) >= self.limits.runs:
-            raise LimitExceeded("max_runs_per_user", f"you have {self.limits.runs} live runs; the limit is "
-                                f"max_runs_per_user ({self.limits.runs}): delete one first (DELETE /v1/runs/<id>; a "
-                                "Tinker model's id is its run id)", clears=False)
+            raise LimitExceeded(
+                "max_runs_per_user",
+                f"you have {self.limits.runs} live runs; the limit is "
+                f"max_runs_per_user ({self.limits.runs}): delete one first (DELETE /v1/runs/<id>; a "
+                "Tinker model's id is its run id)",
+                clears=False,
+            )
         self.store.add_run(run_id, user, model, lora, request.seed, metadata)
-        command = CreateRun(model=model, run_id=run_id, lora=lora, seed=request.seed,
-                            from_checkpoint=None if source is None else str(source), with_optimizer=with_optimizer)
+        command = CreateRun(
+            model=model,
+            run_id=run_id,
+            lora=lora,
+            seed=request.seed,
+            from_checkpoint=None if source is None else str(source),
+            with_optimizer=with_optimizer,
+        )
         job = Job(new_id("job"), command, checkpoint=ref)
         try:
             answer = self.submit(user, job, request, key, digest=digest)
@@ -451,23 +515,40 @@ class Service:
         _remove_empty(self.checkpoint_root / run_id)
 
     # --------------------------------------------------------------------------------- jobs
-    def submit_forward_backward(self, user: str, run_id: str, request: ForwardBackwardRequest, key: str | None, *,
-                                forward_only: bool = False, all_logprobs: bool = False) -> JobRef:
+    def submit_forward_backward(
+        self,
+        user: str,
+        run_id: str,
+        request: ForwardBackwardRequest,
+        key: str | None,
+        *,
+        forward_only: bool = False,
+        all_logprobs: bool = False,
+    ) -> JobRef:
         _, model = self._usable_run(user, run_id)
         limits = self.settings
         if len(request.data) > limits.max_batch_examples:
-            raise invalid(("data",), f"{len(request.data)} examples; the limit is max_batch_examples "
-                                     f"({limits.max_batch_examples})")
-        self._check_total_tokens(("data",), sum(len(d.model_input.tokens) for d in request.data),
-                                 f"{len(request.data)} examples")
+            raise invalid(
+                ("data",),
+                f"{len(request.data)} examples; the limit is max_batch_examples ({limits.max_batch_examples})",
+            )
+        self._check_total_tokens(
+            ("data",), sum(len(d.model_input.tokens) for d in request.data), f"{len(request.data)} examples"
+        )
         for i, datum in enumerate(request.data):
             self.check_tokens(model, datum.model_input.tokens, ("data", i, "model_input", "tokens"))
-            self.check_tokens(model, datum.loss_fn_inputs.flat_target_tokens(),
-                              ("data", i, "loss_fn_inputs", "target_tokens"))
+            self.check_tokens(
+                model, datum.loss_fn_inputs.flat_target_tokens(), ("data", i, "loss_fn_inputs", "target_tokens")
+            )
         # Already validated: constructed without a second pass over every datum.
         command = ForwardBackward.model_construct(
-            model=model, run_id=run_id, data=request.data, loss_fn=request.loss_fn,
-            loss_fn_config=request.loss_fn_config or {}, forward_only=forward_only, all_logprobs=all_logprobs,
+            model=model,
+            run_id=run_id,
+            data=request.data,
+            loss_fn=request.loss_fn,
+            loss_fn_config=request.loss_fn_config or {},
+            forward_only=forward_only,
+            all_logprobs=all_logprobs,
         )
         kind_request = (request, forward_only)  # a forward and a forward_backward of one datum differ
         return self.submit(user, Job(new_id("job"), command), kind_request, key)
@@ -481,15 +562,31 @@ class Service:
         model = self._sampling_model(user, run_id, request.base_model)
         _check_unicode(request)
         prompts = [self.encode_prompt(model, p, ("prompts", i)) for i, p in enumerate(request.prompts)]
-        return self.submit_sample_tokens(user, model, run_id, prompts, request.num_samples, request.sampling_params,
-                                         request, key)
+        return self.submit_sample_tokens(
+            user, model, run_id, prompts, request.num_samples, request.sampling_params, request, key
+        )
 
-    def submit_sample_tokens(self, user: str, model: str, run_id: str | None, prompts: list[list[int]],
-                             num_samples: int, params, request: Any, key: str | None, *, snapshot: Path | None = None,
-                             prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_logprobs: int = 0,
-                             prompt_logprobs_last_n: int | None = None, prompt_targets: list | None = None,
-                             prompt_alt_tokens_k: int = 0, progress: Progress | None = None,
-                             consumers_gone: Callable[[], bool] | None = None) -> JobRef:
+    def submit_sample_tokens(
+        self,
+        user: str,
+        model: str,
+        run_id: str | None,
+        prompts: list[list[int]],
+        num_samples: int,
+        params,
+        request: Any,
+        key: str | None,
+        *,
+        snapshot: Path | None = None,
+        prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+        topk_logprobs: int = 0,
+        prompt_logprobs_last_n: int | None = None,
+        prompt_targets: list | None = None,
+        prompt_alt_tokens_k: int = 0,
+        progress: Progress | None = None,
+        consumers_gone: Callable[[], bool] | None = None,
+    ) -> JobRef:
         """Sample token prompts on `model`: from run `run_id`'s live adapter, a saved `snapshot`
         (a checkpoint directory), or the bare model when both are None. `progress` receives the
         tokens as they are decoded (from the worker thread); `consumers_gone`, asked after every
@@ -509,66 +606,104 @@ class Service:
                 f"the limit is {self.settings.max_samples_per_request}",
             )
         # Every candidate holds a KV cache as wide as its prompt plus max_tokens.
-        self._check_total_tokens(("num_samples",), sum(len(p) + params.max_tokens for p in prompts) * num_samples,
-                                 f"{len(prompts)} prompts x {num_samples} samples x (prompt + {params.max_tokens} "
-                                 "max_tokens)")
+        self._check_total_tokens(
+            ("num_samples",),
+            sum(len(p) + params.max_tokens for p in prompts) * num_samples,
+            f"{len(prompts)} prompts x {num_samples} samples x (prompt + {params.max_tokens} max_tokens)",
+        )
         self.check_tokens(model, params.stop_token_ids, ("sampling_params", "stop_token_ids"))
         for i, tokens in enumerate(prompts):
             self.check_tokens(model, tokens, ("prompts", i, "tokens"))
         self._check_prompt_scoring(model, prompts, prompt_logprobs_last_n, prompt_targets, prompt_alt_tokens_k)
-        command = Sample(model=model, run_id=run_id, prompts=prompts, num_samples=num_samples, sampling_params=params,
-                         snapshot=None if snapshot is None else str(snapshot), prompt_logprobs=prompt_logprobs,
-                         topk_prompt_logprobs=topk_prompt_logprobs, topk_logprobs=topk_logprobs,
-                         prompt_logprobs_last_n=prompt_logprobs_last_n, prompt_targets=prompt_targets,
-                         prompt_alt_tokens_k=prompt_alt_tokens_k)
-        return self.submit(user, Job(new_id("job"), command, progress=progress, consumers_gone=consumers_gone),
-                           request, key)
+        command = Sample(
+            model=model,
+            run_id=run_id,
+            prompts=prompts,
+            num_samples=num_samples,
+            sampling_params=params,
+            snapshot=None if snapshot is None else str(snapshot),
+            prompt_logprobs=prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+            topk_logprobs=topk_logprobs,
+            prompt_logprobs_last_n=prompt_logprobs_last_n,
+            prompt_targets=prompt_targets,
+            prompt_alt_tokens_k=prompt_alt_tokens_k,
+        )
+        return self.submit(
+            user, Job(new_id("job"), command, progress=progress, consumers_gone=consumers_gone), request, key
+        )
 
-    def _check_prompt_scoring(self, model: str, prompts: list[list[int]], last_n: int | None, targets: list | None,
-                              alt_k: int) -> None:
+    def _check_prompt_scoring(
+        self, model: str, prompts: list[list[int]], last_n: int | None, targets: list | None, alt_k: int
+    ) -> None:
         """What a sample asks at its prompts' positions fits each prompt: `last_n` at most len - 1,
         `targets` one row per position 1 .. len - 1 of ids in the vocabulary, at most MAX_PROMPT_CELLS_PER_TOKEN
         ids (and draws) per prompt token on average (they cost a vocabulary row each, like a top-k)."""
         vocab = self.models[model].vocab_size
         for i, prompt in enumerate(prompts):
             if last_n is not None and not 1 <= last_n <= len(prompt) - 1:
-                raise invalid(("prompt_logprobs_last_n",), f"prompt_logprobs_last_n is {last_n}; it must be between "
-                              f"1 and len(prompt) - 1 = {len(prompt) - 1}")
+                raise invalid(
+                    ("prompt_logprobs_last_n",),
+                    f"prompt_logprobs_last_n is {last_n}; it must be between 1 and len(prompt) - 1 = {len(prompt) - 1}",
+                )
             cells_limit = MAX_PROMPT_CELLS_PER_TOKEN * len(prompt)
             if alt_k * (len(prompt) - 1) > cells_limit:
-                raise invalid(("prompt_alt_tokens_k",), f"prompt_alt_tokens_k {alt_k} x {len(prompt) - 1} positions "
-                              f"is above the limit of {cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)")
+                raise invalid(
+                    ("prompt_alt_tokens_k",),
+                    f"prompt_alt_tokens_k {alt_k} x {len(prompt) - 1} positions "
+                    f"is above the limit of {cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)",
+                )
             if targets is None:
                 continue
             rows = targets[i]
             if len(rows) != len(prompt) - 1:
-                raise invalid(("target_prompt_logprobs",), f"target_prompt_logprobs has {len(rows)} rows; the prompt "
-                              f"has {len(prompt)} tokens, so it needs len(prompt) - 1 = {len(prompt) - 1}")
+                raise invalid(
+                    ("target_prompt_logprobs",),
+                    f"target_prompt_logprobs has {len(rows)} rows; the prompt "
+                    f"has {len(prompt)} tokens, so it needs len(prompt) - 1 = {len(prompt) - 1}",
+                )
             cells = sum(len(row) for row in rows)
             if cells == 0:
-                raise invalid(("target_prompt_logprobs",),
-                              "target_prompt_logprobs names no token id (every cell is -1)")
+                raise invalid(
+                    ("target_prompt_logprobs",), "target_prompt_logprobs names no token id (every cell is -1)"
+                )
             if cells > cells_limit:
-                raise invalid(("target_prompt_logprobs",), f"target_prompt_logprobs names {cells} ids; the limit is "
-                              f"{cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)")
+                raise invalid(
+                    ("target_prompt_logprobs",),
+                    f"target_prompt_logprobs names {cells} ids; the limit is "
+                    f"{cells_limit} ({MAX_PROMPT_CELLS_PER_TOKEN} per prompt token)",
+                )
             for r, row in enumerate(rows):
                 for token in row:
                     if not 0 <= token < vocab:
-                        raise invalid(("target_prompt_logprobs", r),
-                                      f"token id {token} is outside the vocabulary [0, {vocab})")
+                        raise invalid(
+                            ("target_prompt_logprobs", r), f"token id {token} is outside the vocabulary [0, {vocab})"
+                        )
 
-    def submit_score_prompts(self, user: str, model: str, run_id: str | None, prompts: list[list[int]], topk: int,
-                             request: Any, *, snapshot: Path | None = None) -> JobRef:
+    def submit_score_prompts(
+        self,
+        user: str,
+        model: str,
+        run_id: str | None,
+        prompts: list[list[int]],
+        topk: int,
+        request: Any,
+        *,
+        snapshot: Path | None = None,
+    ) -> JobRef:
         """Score token prompts on `model` (a run's live adapter, a saved `snapshot`, or the bare
         model): every token's logprob given those before it, one forward pass, no sampling."""
         if len(prompts) > self.settings.max_batch_examples:
-            raise invalid(("prompts",), f"{len(prompts)} prompts; the limit is max_batch_examples "
-                                        f"({self.settings.max_batch_examples})")
+            raise invalid(
+                ("prompts",),
+                f"{len(prompts)} prompts; the limit is max_batch_examples ({self.settings.max_batch_examples})",
+            )
         self._check_total_tokens(("prompts",), sum(len(p) for p in prompts), f"{len(prompts)} prompts")
         for i, tokens in enumerate(prompts):
             self.check_tokens(model, tokens, ("prompts", i, "tokens"))
-        command = ScorePrompts(model=model, run_id=run_id, prompts=prompts, topk=topk,
-                               snapshot=None if snapshot is None else str(snapshot))
+        command = ScorePrompts(
+            model=model, run_id=run_id, prompts=prompts, topk=topk, snapshot=None if snapshot is None else str(snapshot)
+        )
         return self.submit(user, Job(new_id("job"), command), request, None)
 
     def submit_score(self, user: str, run_id: str, request: ScoreRequest, key: str | None) -> JobRef:
@@ -576,20 +711,33 @@ class Service:
         _check_unicode(request)
         limit = self.settings.max_batch_examples
         if len(request.responses) > limit:
-            raise invalid(("responses",), f"{len(request.responses)} responses; the limit is max_batch_examples ({limit})")
+            raise invalid(
+                ("responses",), f"{len(request.responses)} responses; the limit is max_batch_examples ({limit})"
+            )
         prompt = self.encode_prompt(model, request.prompt, ("prompt",))
         responses = [self.backend.encode_text(model, r) for r in request.responses]
-        self._check_total_tokens(("responses",), sum(len(prompt) + len(r) for r in responses),
-                                 f"{len(responses)} x (prompt + response)")
+        self._check_total_tokens(
+            ("responses",), sum(len(prompt) + len(r) for r in responses), f"{len(responses)} x (prompt + response)"
+        )
         for i, tokens in enumerate(responses):
             if len(prompt) + len(tokens) > self.settings.max_prompt_tokens:
                 raise invalid(("responses", i), f"prompt + response exceed {self.settings.max_prompt_tokens} tokens")
         command = Score(model=model, run_id=run_id, prompt=prompt, responses=responses)
         return self.submit(user, Job(new_id("job"), command), request, key)
 
-    def submit_save(self, user: str, run_id: str, request: SaveRequest, key: str | None, *,
-                    kind: CheckpointKind = CheckpointKind.training, ttl_seconds: float | None = None,
-                    overwrite: bool = True, meta: dict | None = None, field: str = "name") -> JobRef:
+    def submit_save(
+        self,
+        user: str,
+        run_id: str,
+        request: SaveRequest,
+        key: str | None,
+        *,
+        kind: CheckpointKind = CheckpointKind.training,
+        ttl_seconds: float | None = None,
+        overwrite: bool = True,
+        meta: dict | None = None,
+        field: str = "name",
+    ) -> JobRef:
         """Save the run's state as checkpoint `request.name` of `kind` (its namespace: see
         checkpoints.py); training checkpoints hold the optimizer state, the others weights only.
         `ttl_seconds`: the server deletes it that long after the save."""
@@ -601,12 +749,14 @@ class Service:
         _check_ttl(ttl_seconds)
         if not overwrite and self.store.checkpoint(run_id, name) is not None:
             raise invalid((field,), f"checkpoint {request.name!r} of run {run_id} exists; overwrite it explicitly")
-        lifecycle = CheckpointLifecycle(with_optimizer=names.with_optimizer(kind), ttl_seconds=ttl_seconds,
-                                        meta=meta or {})
+        lifecycle = CheckpointLifecycle(
+            with_optimizer=names.with_optimizer(kind), ttl_seconds=ttl_seconds, meta=meta or {}
+        )
         return self._submit_save(user, run_id, name, lifecycle, (request, kind, ttl_seconds, meta), key)
 
-    def submit_sampler_snapshot(self, user: str, run_id: str, sampler_id: str, key: str | None, *,
-                                ttl_seconds: float | None = None) -> tuple[JobRef, str]:
+    def submit_sampler_snapshot(
+        self, user: str, run_id: str, sampler_id: str, key: str | None, *, ttl_seconds: float | None = None
+    ) -> tuple[JobRef, str]:
         """Save the run's weights for sampling session `sampler_id` (Tinker's unnamed
         save_weights_for_sampler); returns the job and the checkpoint's reference. The run keeps
         only its newest `sampler_snapshots_kept` such snapshots: older ones are pruned here, at
@@ -625,8 +775,9 @@ class Service:
         for old in snapshots[: max(0, len(snapshots) - keep)]:
             self._remove_checkpoint(run_id, old.name)
 
-    def _submit_save(self, user: str, run_id: str, name: str, lifecycle: CheckpointLifecycle, request: Any,
-                     key: str | None) -> JobRef:
+    def _submit_save(
+        self, user: str, run_id: str, name: str, lifecycle: CheckpointLifecycle, request: Any, key: str | None
+    ) -> JobRef:
         _, model = self._usable_run(user, run_id)
         target = self.checkpoint_root / run_id / name
         # A run's checkpoint folder that is a symlink to elsewhere would be written through;
@@ -639,8 +790,9 @@ class Service:
         job = Job(new_id("job"), command, checkpoint=f"{run_id}/{name}", lifecycle=lifecycle)
         return self.submit(user, job, request, key)
 
-    def submit_load(self, user: str, run_id: str, request: LoadRequest, key: str | None, *,
-                    with_optimizer: bool = True) -> JobRef:
+    def submit_load(
+        self, user: str, run_id: str, request: LoadRequest, key: str | None, *, with_optimizer: bool = True
+    ) -> JobRef:
         _, model = self._usable_run(user, run_id)
         path, ref = self._checkpoint(user, request.checkpoint, default_run=run_id, field="checkpoint", published=True)
         command = Load(model=model, run_id=run_id, directory=str(path), with_optimizer=with_optimizer)
@@ -654,15 +806,22 @@ class Service:
         if limits.checkpoints is not None:
             queued = sum(1 for job in self.store.unfinished_jobs(user) if job["kind"] == "save")
             if len(listed) + queued >= limits.checkpoints:
-                raise LimitExceeded("max_checkpoints_per_user", f"you have {len(listed)} checkpoints and {queued} "
-                                    f"saves queued; the limit is max_checkpoints_per_user ({limits.checkpoints}): "
-                                    "delete some first", clears=False)
+                raise LimitExceeded(
+                    "max_checkpoints_per_user",
+                    f"you have {len(listed)} checkpoints and {queued} "
+                    f"saves queued; the limit is max_checkpoints_per_user ({limits.checkpoints}): "
+                    "delete some first",
+                    clears=False,
+                )
         if limits.checkpoint_bytes is not None:
             held = sum(_bytes_in(self.data_dir / c.path) for c in listed)
             if held >= limits.checkpoint_bytes:
-                raise LimitExceeded("max_checkpoint_bytes_per_user", f"your checkpoints hold {held} bytes; the limit "
-                                    f"is max_checkpoint_bytes_per_user ({limits.checkpoint_bytes}): delete some first",
-                                    clears=False)
+                raise LimitExceeded(
+                    "max_checkpoint_bytes_per_user",
+                    f"your checkpoints hold {held} bytes; the limit "
+                    f"is max_checkpoint_bytes_per_user ({limits.checkpoint_bytes}): delete some first",
+                    clears=False,
+                )
 
     def _sampling_model(self, user: str, run_id: str | None, requested: str | None) -> str:
         if run_id is None:
@@ -672,7 +831,9 @@ class Service:
             raise invalid(("base_model",), f"run {run_id} is on {model!r}, not {requested!r}")
         return model
 
-    def checkpoint_path(self, user: str, ref: str, field: str = "checkpoint", *, published: bool = False) -> tuple[Path, str]:
+    def checkpoint_path(
+        self, user: str, ref: str, field: str = "checkpoint", *, published: bool = False
+    ) -> tuple[Path, str]:
         """The directory of checkpoint '<run_id>/<name>' the user owns (404 otherwise); with
         `published`, also another user's that its owner published (to load, sample or download)."""
         return self._checkpoint(user, ref, default_run=None, field=field, published=published)
@@ -701,8 +862,12 @@ class Service:
             self._prune_snapshots(run_id, self.settings.sampler_snapshots_kept)
         doomed = self.store.checkpoints_to_remove(time.time())
         for checkpoint in doomed:
-            log.info("checkpoint %s/%s: %s, deleted", checkpoint.run_id, checkpoint.name,
-                     "expired" if self.store.run_row(checkpoint.run_id) else "its run was deleted")
+            log.info(
+                "checkpoint %s/%s: %s, deleted",
+                checkpoint.run_id,
+                checkpoint.name,
+                "expired" if self.store.run_row(checkpoint.run_id) else "its run was deleted",
+            )
             self._remove_checkpoint(checkpoint.run_id, checkpoint.name)
         for run_id in {c.run_id for c in doomed}:
             if self.store.run_row(run_id) is None:
@@ -714,7 +879,9 @@ class Service:
             try:
                 self.sweep_checkpoints()
             except Exception:  # a busy database, say: the next sweep tries again
-                log.exception("the checkpoint sweep failed; it runs again in %.0f s", self.settings.checkpoint_sweep_seconds)
+                log.exception(
+                    "the checkpoint sweep failed; it runs again in %.0f s", self.settings.checkpoint_sweep_seconds
+                )
 
     def _remove_checkpoint(self, run_id: str, name: str) -> None:
         """Unlist a checkpoint and delete its files. A live run that a restart would rebuild from
@@ -732,8 +899,9 @@ class Service:
         if path.is_relative_to(self.checkpoint_root):
             shutil.rmtree(path, ignore_errors=True)
 
-    def _checkpoint(self, user: str, ref: str, default_run: str | None, field: str,
-                    must_exist: bool = True, published: bool = False) -> tuple[Path, str]:
+    def _checkpoint(
+        self, user: str, ref: str, default_run: str | None, field: str, must_exist: bool = True, published: bool = False
+    ) -> tuple[Path, str]:
         try:
             source_run, name = parse_checkpoint_ref(ref, default_run=default_run or "")
         except ValueError as exc:
@@ -742,7 +910,11 @@ class Service:
         checkpoint = self.store.checkpoint(source_run, name) if owner is not None else None
         if checkpoint is not None and owner != user and not (published and checkpoint.public):
             checkpoint = None  # another user's, unpublished: as good as absent
-        if checkpoint is not None and checkpoint.expires_at is not None and checkpoint.expires_at.timestamp() <= time.time():
+        if (
+            checkpoint is not None
+            and checkpoint.expires_at is not None
+            and checkpoint.expires_at.timestamp() <= time.time()
+        ):
             checkpoint = None  # expired: never served, whether or not the sweep has deleted it yet
         if checkpoint is None:
             raise not_found(f"checkpoint {source_run}/{name}")
@@ -751,8 +923,11 @@ class Service:
             # A symlink or edited record pointing outside the data directory is refused.
             raise invalid((field,), f"checkpoint {source_run}/{name} is not inside the data directory")
         if must_exist and not path.is_dir():
-            raise ServiceError(404, f"checkpoint {source_run}/{name} is listed but its files are gone "
-                                    "(removed from the data directory outside the server?)")
+            raise ServiceError(
+                404,
+                f"checkpoint {source_run}/{name} is listed but its files are gone "
+                "(removed from the data directory outside the server?)",
+            )
         return path, f"{source_run}/{name}"
 
     # ---------------------------------------------------------------------------- plumbing

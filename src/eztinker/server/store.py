@@ -124,8 +124,12 @@ LATE_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_owner_results ON jobs(owner, fin
 # Checkpoint columns added since the first schema: `auto` 1 for a snapshot the server saved
 # unnamed (only those are pruned), `expires_at` when the server deletes it (NULL: never), `public`
 # 1 when other users may load and sample it, `meta` JSON (the protocol's own: user metadata...).
-CHECKPOINT_COLUMNS = (("checkpoints", "auto", "INTEGER NOT NULL DEFAULT 0"), ("checkpoints", "expires_at", "REAL"),
-                      ("checkpoints", "public", "INTEGER NOT NULL DEFAULT 0"), ("checkpoints", "meta", "TEXT"))
+CHECKPOINT_COLUMNS = (
+    ("checkpoints", "auto", "INTEGER NOT NULL DEFAULT 0"),
+    ("checkpoints", "expires_at", "REAL"),
+    ("checkpoints", "public", "INTEGER NOT NULL DEFAULT 0"),
+    ("checkpoints", "meta", "TEXT"),
+)
 
 INTERRUPTED = "interrupted: the server stopped before this job finished; its effect was not applied"
 
@@ -155,25 +159,33 @@ class Store:
             self._db.executescript(SCHEMA)
             self._add_missing_columns()
             self._db.executescript(LATE_INDEXES)
-        self._reader = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False,
-                                       isolation_level=None)
+        self._reader = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None
+        )
         self._reader.row_factory = sqlite3.Row
         self._reader.execute("PRAGMA query_only=1")
         self._read_lock = threading.Lock()
 
     def _add_missing_columns(self) -> None:
         """Columns added since the first schema, for databases made before them."""
-        for table, column, kind in (("jobs", "error_category", "TEXT"), ("runs", "metadata", "TEXT"),
-                                    ("runs", "resume_path", "TEXT"), ("training_log", "weight_sum", "REAL"),
-                                    ("jobs", "result_bytes", "INTEGER"), *CHECKPOINT_COLUMNS):
+        for table, column, kind in (
+            ("jobs", "error_category", "TEXT"),
+            ("runs", "metadata", "TEXT"),
+            ("runs", "resume_path", "TEXT"),
+            ("training_log", "weight_sum", "REAL"),
+            ("jobs", "result_bytes", "INTEGER"),
+            *CHECKPOINT_COLUMNS,
+        ):
             names = {row["name"] for row in self._db.execute(f"PRAGMA table_info({table})")}
             if column not in names:
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
                 if (table, column) == ("checkpoints", "auto"):
                     # Made before the column: a sampler snapshot the server saved unnamed is the one an
                     # unnamed sampling session (no model_path) samples from.
-                    self._db.execute("UPDATE checkpoints SET auto = 1 WHERE run_id || '/' || name IN"
-                                     " (SELECT checkpoint FROM samplers WHERE model_path IS NULL AND checkpoint IS NOT NULL)")
+                    self._db.execute(
+                        "UPDATE checkpoints SET auto = 1 WHERE run_id || '/' || name IN"
+                        " (SELECT checkpoint FROM samplers WHERE model_path IS NULL AND checkpoint IS NOT NULL)"
+                    )
 
     def close(self) -> None:
         with self._read_lock:
@@ -211,8 +223,9 @@ class Store:
                 self._lock.release()
 
     # ------------------------------------------------------------------------------ runs
-    def add_run(self, run_id: str, owner: str, base_model: str, lora: LoraConfig, seed: int,
-                metadata: dict | None = None) -> None:
+    def add_run(
+        self, run_id: str, owner: str, base_model: str, lora: LoraConfig, seed: int, metadata: dict | None = None
+    ) -> None:
         self._execute(
             "INSERT INTO runs (id, owner, base_model, lora, seed, created_at, metadata) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (run_id, owner, base_model, lora.model_dump_json(), seed, time.time(), json.dumps(metadata or {})),
@@ -226,9 +239,7 @@ class Store:
     def live_runs(self, owner: str | None = None) -> list[sqlite3.Row]:
         if owner is None:
             return self._query("SELECT * FROM runs WHERE deleted_at IS NULL ORDER BY created_at")
-        return self._query(
-            "SELECT * FROM runs WHERE deleted_at IS NULL AND owner = ? ORDER BY created_at", (owner,)
-        )
+        return self._query("SELECT * FROM runs WHERE deleted_at IS NULL AND owner = ? ORDER BY created_at", (owner,))
 
     def run_row(self, run_id: str) -> sqlite3.Row | None:
         rows = self._query("SELECT * FROM runs WHERE id = ? AND deleted_at IS NULL", (run_id,))
@@ -243,18 +254,18 @@ class Store:
         if restored_from is ...:
             self._execute("UPDATE runs SET step = ? WHERE id = ?", (step, run_id))
         else:
-            self._execute(
-                "UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)
-            )
+            self._execute("UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id))
 
     def record_restore(self, run_id: str, step: int, restored_from: str | None) -> None:
         """In one transaction: a run rebuilt after a crash (or its worker's loss) at `step`, and its
         curve cut back to that step: what was logged after it belongs to the life the crash ended,
         and its re-run must not count twice."""
-        self._transaction([
-            ("UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)),
-            ("DELETE FROM training_log WHERE run_id = ? AND step > ?", (run_id, step)),
-        ])
+        self._transaction(
+            [
+                ("UPDATE runs SET step = ?, restored_from = ? WHERE id = ?", (step, restored_from, run_id)),
+                ("DELETE FROM training_log WHERE run_id = ? AND step > ?", (run_id, step)),
+            ]
+        )
 
     def set_resume_point(self, run_id: str, checkpoint_ref: str) -> None:
         """After a restart the run is rebuilt from this checkpoint (its last save or load)."""
@@ -272,64 +283,87 @@ class Store:
             step=row["step"],
             created_at=_ts(row["created_at"]),
             restored_from=row["restored_from"],
-            checkpoints=[c for c in self.checkpoints(row["id"], include_auto=False)
-                         if c.expires_at is None or c.expires_at.timestamp() > time.time()],  # expired: unlisted at once
+            checkpoints=[
+                c
+                for c in self.checkpoints(row["id"], include_auto=False)
+                if c.expires_at is None or c.expires_at.timestamp() > time.time()
+            ],  # expired: unlisted at once
             **live,
         )
 
     # ----------------------------------------------------------------------- checkpoints
-    def record_save(self, job_id: str, run_id: str, name: str, path: str, step: int,
-                    lifecycle: CheckpointLifecycle | None = None) -> CheckpointInfo:
+    def record_save(
+        self, job_id: str, run_id: str, name: str, path: str, step: int, lifecycle: CheckpointLifecycle | None = None
+    ) -> CheckpointInfo:
         """In one transaction: the checkpoint's row, the run's resume point (a save with the
         optimizer state only: a restart restores exactly what was saved), the job completed."""
         now, life = time.time(), lifecycle or CheckpointLifecycle()
         expires_at = None if life.ttl_seconds is None else now + life.ttl_seconds
-        info = CheckpointInfo(run_id=run_id, name=name, path=path, step=step, created_at=_ts(now),
-                              expires_at=_ts(expires_at))
+        info = CheckpointInfo(
+            run_id=run_id, name=name, path=path, step=step, created_at=_ts(now), expires_at=_ts(expires_at)
+        )
         resume = [("UPDATE runs SET resume_from = ?, resume_path = NULL WHERE id = ?", (f"{run_id}/{name}", run_id))]
-        self._transaction([
-            ("INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at, auto, expires_at, public, meta)"
-             " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
-             (run_id, name, path, step, now, int(life.auto), expires_at, json.dumps(life.meta))),
-            *(resume if life.with_optimizer else []),
-            *self._completion(job_id, info.model_dump_json()),
-        ])
+        self._transaction(
+            [
+                (
+                    "INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at, auto, expires_at, public, meta)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                    (run_id, name, path, step, now, int(life.auto), expires_at, json.dumps(life.meta)),
+                ),
+                *(resume if life.with_optimizer else []),
+                *self._completion(job_id, info.model_dump_json()),
+            ]
+        )
         return info
 
-    def record_load(self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result_json: str,
-                    snapshot: str) -> None:
+    def record_load(
+        self, job_id: str, run_id: str, step: int, checkpoint_ref: str, result_json: str, snapshot: str
+    ) -> None:
         """In one transaction: the run's step and resume point (`snapshot`, the data-dir-relative
         copy of `checkpoint_ref` it loaded), the job completed."""
-        self._transaction([
-            ("UPDATE runs SET step = ?, restored_from = ?, resume_from = ?, resume_path = ? WHERE id = ?",
-             (step, checkpoint_ref, checkpoint_ref, snapshot, run_id)),
-            # Steps past the loaded one were undone: the run's curve continues from the checkpoint.
-            ("DELETE FROM training_log WHERE run_id = ? AND step > ?", (run_id, step)),
-            *self._completion(job_id, result_json),
-        ])
+        self._transaction(
+            [
+                (
+                    "UPDATE runs SET step = ?, restored_from = ?, resume_from = ?, resume_path = ? WHERE id = ?",
+                    (step, checkpoint_ref, checkpoint_ref, snapshot, run_id),
+                ),
+                # Steps past the loaded one were undone: the run's curve continues from the checkpoint.
+                ("DELETE FROM training_log WHERE run_id = ? AND step > ?", (run_id, step)),
+                *self._completion(job_id, result_json),
+            ]
+        )
 
     def record_step(self, job_id: str, run_id: str, result: dict) -> None:
         """In one transaction: the run's step, its grad norm and learning rate in the training
         log, the job completed."""
-        self._transaction([
-            ("UPDATE runs SET step = ? WHERE id = ?", (result["step"], run_id)),
-            ("INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, grad_norm, learning_rate, recorded_at)"
-             " VALUES (?, ?, ?, 'optim_step', ?, ?, ?)",
-             (job_id, run_id, result["step"], result["grad_norm"], result["learning_rate"], time.time())),
-            *self._completion(job_id, json.dumps(result)),
-        ])
+        self._transaction(
+            [
+                ("UPDATE runs SET step = ? WHERE id = ?", (result["step"], run_id)),
+                (
+                    "INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, grad_norm, learning_rate, recorded_at)"
+                    " VALUES (?, ?, ?, 'optim_step', ?, ?, ?)",
+                    (job_id, run_id, result["step"], result["grad_norm"], result["learning_rate"], time.time()),
+                ),
+                *self._completion(job_id, json.dumps(result)),
+            ]
+        )
 
-    def record_forward_backward(self, job_id: str, run_id: str, result_json: str, loss: float, num_tokens: int,
-                                weight_sum: float | None = None) -> None:
+    def record_forward_backward(
+        self, job_id: str, run_id: str, result_json: str, loss: float, num_tokens: int, weight_sum: float | None = None
+    ) -> None:
         """In one transaction: the batch's loss in the training log (at the step its gradient
         goes into), the job completed. `weight_sum`: cross_entropy's summed weights, which
         turn its weighted loss into a mean NLL per token (None for the RL losses)."""
-        self._transaction([
-            ("INSERT OR REPLACE INTO training_log"
-             " (job_id, run_id, step, kind, loss, num_tokens, weight_sum, recorded_at) SELECT ?, id, step + 1, 'forward_backward', ?, ?, ?, ? FROM runs WHERE id = ?",
-             (job_id, loss, num_tokens, weight_sum, time.time(), run_id)),
-            *self._completion(job_id, result_json),
-        ])
+        self._transaction(
+            [
+                (
+                    "INSERT OR REPLACE INTO training_log"
+                    " (job_id, run_id, step, kind, loss, num_tokens, weight_sum, recorded_at) SELECT ?, id, step + 1, 'forward_backward', ?, ?, ?, ? FROM runs WHERE id = ?",
+                    (job_id, loss, num_tokens, weight_sum, time.time(), run_id),
+                ),
+                *self._completion(job_id, result_json),
+            ]
+        )
 
     def training_log(self, run_id: str) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM training_log WHERE run_id = ? ORDER BY step, recorded_at", (run_id,))
@@ -366,8 +400,12 @@ class Store:
 
     @staticmethod
     def _completion(job_id: str, result_json: str) -> list[tuple[str, tuple]]:
-        return [("UPDATE jobs SET status = ?, result = ?, result_bytes = ?, error = NULL, finished_at = ? WHERE id = ?",
-                 (JobStatus.completed.value, result_json, len(result_json), time.time(), job_id))]
+        return [
+            (
+                "UPDATE jobs SET status = ?, result = ?, result_bytes = ?, error = NULL, finished_at = ? WHERE id = ?",
+                (JobStatus.completed.value, result_json, len(result_json), time.time(), job_id),
+            )
+        ]
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         with self._writing() as db:
@@ -382,8 +420,10 @@ class Store:
 
     def add_evaluation(self, evaluation_id: str, run_id: str, checkpoint: str | None, step: int, report: str) -> float:
         created = time.time()
-        self._execute("INSERT INTO evaluations (id, run_id, checkpoint, step, report, created_at)"
-                      " VALUES (?, ?, ?, ?, ?, ?)", (evaluation_id, run_id, checkpoint, step, report, created))
+        self._execute(
+            "INSERT INTO evaluations (id, run_id, checkpoint, step, report, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (evaluation_id, run_id, checkpoint, step, report, created),
+        )
         return created
 
     def evaluations(self, run_id: str) -> list[sqlite3.Row]:
@@ -408,8 +448,10 @@ class Store:
         """The run's checkpoints, oldest first; `include_auto` False leaves out the unnamed
         snapshots the server saved for sampling sessions (an implementation detail to listings)."""
         rows = self._query(
-            "SELECT * FROM checkpoints WHERE run_id = ?" + ("" if include_auto else " AND auto = 0")
-            + " ORDER BY created_at, rowid", (run_id,)
+            "SELECT * FROM checkpoints WHERE run_id = ?"
+            + ("" if include_auto else " AND auto = 0")
+            + " ORDER BY created_at, rowid",
+            (run_id,),
         )
         return [_checkpoint_info(r) for r in rows]
 
@@ -423,13 +465,16 @@ class Store:
 
     def auto_checkpoints(self, run_id: str) -> list[CheckpointInfo]:
         """The unnamed snapshots the server saved for the run's sampling sessions, oldest first."""
-        rows = self._query("SELECT * FROM checkpoints WHERE run_id = ? AND auto = 1 ORDER BY created_at, rowid",
-                           (run_id,))
+        rows = self._query(
+            "SELECT * FROM checkpoints WHERE run_id = ? AND auto = 1 ORDER BY created_at, rowid", (run_id,)
+        )
         return [_checkpoint_info(r) for r in rows]
 
     def runs_with_auto_checkpoints_over(self, count: int) -> list[str]:
         """Runs with more than `count` unnamed sampler snapshots."""
-        rows = self._query("SELECT run_id FROM checkpoints WHERE auto = 1 GROUP BY run_id HAVING COUNT(*) > ?", (count,))
+        rows = self._query(
+            "SELECT run_id FROM checkpoints WHERE auto = 1 GROUP BY run_id HAVING COUNT(*) > ?", (count,)
+        )
         return [r["run_id"] for r in rows]
 
     def set_checkpoint_expiry(self, run_id: str, name: str, expires_at: float | None) -> None:
@@ -442,15 +487,17 @@ class Store:
         """Checkpoints past their expiry, and every checkpoint of a deleted run."""
         rows = self._query(
             "SELECT c.* FROM checkpoints c JOIN runs r ON r.id = c.run_id"
-            " WHERE (c.expires_at IS NOT NULL AND c.expires_at <= ?) OR r.deleted_at IS NOT NULL", (now,)
+            " WHERE (c.expires_at IS NOT NULL AND c.expires_at <= ?) OR r.deleted_at IS NOT NULL",
+            (now,),
         )
         return [_checkpoint_info(r) for r in rows]
 
     def runs_resuming_from(self, checkpoint_ref: str) -> list[sqlite3.Row]:
         """Live runs that a restart would rebuild from checkpoint '<run_id>/<name>' itself (not
         from a private snapshot of it)."""
-        return self._query("SELECT * FROM runs WHERE deleted_at IS NULL AND resume_from = ? AND resume_path IS NULL",
-                           (checkpoint_ref,))
+        return self._query(
+            "SELECT * FROM runs WHERE deleted_at IS NULL AND resume_from = ? AND resume_path IS NULL", (checkpoint_ref,)
+        )
 
     def set_resume_path(self, run_id: str, snapshot: str) -> None:
         self._execute("UPDATE runs SET resume_path = ? WHERE id = ?", (snapshot, run_id))
@@ -471,16 +518,29 @@ class Store:
             "INSERT INTO jobs (id, owner, run_id, kind, status, idempotency_key, request_hash, created_at)"
             " SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
             " (SELECT 1 FROM idempotency_keys WHERE owner = ? AND key = ?)",
-            (job_id, owner, run_id, kind, JobStatus.pending.value, idempotency_key, request_hash, time.time(),
-             owner, idempotency_key),
+            (
+                job_id,
+                owner,
+                run_id,
+                kind,
+                JobStatus.pending.value,
+                idempotency_key,
+                request_hash,
+                time.time(),
+                owner,
+                idempotency_key,
+            ),
         )
         if not added:
             raise sqlite3.IntegrityError(f"idempotency key {idempotency_key!r} was used by an expired job")
 
     def create_job_of(self, run_id: str, owner: str) -> sqlite3.Row | None:
         """The newest create_run job of a run (None once finished jobs have expired)."""
-        rows = self._query("SELECT * FROM jobs WHERE run_id = ? AND kind = 'create_run' AND owner = ?"
-                           " ORDER BY created_at DESC LIMIT 1", (run_id, owner))
+        rows = self._query(
+            "SELECT * FROM jobs WHERE run_id = ? AND kind = 'create_run' AND owner = ?"
+            " ORDER BY created_at DESC LIMIT 1",
+            (run_id, owner),
+        )
         return rows[0] if rows else None
 
     def unfinished_jobs(self, owner: str, run_id: str | None = None) -> list[sqlite3.Row]:
@@ -493,8 +553,9 @@ class Store:
 
     def recent_jobs(self, owner: str, run_id: str, limit: int) -> list[sqlite3.Row]:
         """A run's newest jobs, finished or not (finished ones are kept until they expire)."""
-        return self._query("SELECT * FROM jobs WHERE owner = ? AND run_id = ? ORDER BY created_at DESC LIMIT ?",
-                           (owner, run_id, limit))
+        return self._query(
+            "SELECT * FROM jobs WHERE owner = ? AND run_id = ? ORDER BY created_at DESC LIMIT ?", (owner, run_id, limit)
+        )
 
     def job_by_key(self, owner: str, idempotency_key: str) -> sqlite3.Row | None:
         """The job the owner's key names (id, status, request_hash, error): its row, or once the
@@ -516,8 +577,9 @@ class Store:
             (JobStatus.running.value, time.time(), job_id),
         )
 
-    def mark_finished(self, job_id: str, result: str | None = None, error: str | None = None,
-                      error_category: str = "server") -> None:
+    def mark_finished(
+        self, job_id: str, result: str | None = None, error: str | None = None, error_category: str = "server"
+    ) -> None:
         """`result`: the job's result, already encoded as JSON (it is stored and served as is).
         `error_category`: 'user' (the request cannot succeed as sent) or 'server'."""
         status = JobStatus.failed if error is not None else JobStatus.completed
@@ -525,8 +587,15 @@ class Store:
         self._execute(
             "UPDATE jobs SET status = ?, result = ?, result_bytes = ?, error = ?, error_category = ?, finished_at = ?"
             " WHERE id = ?",
-            (status.value, result, None if result is None else len(result), error,
-             None if error is None else error_category, time.time(), job_id),
+            (
+                status.value,
+                result,
+                None if result is None else len(result),
+                error,
+                None if error is None else error_category,
+                time.time(),
+                job_id,
+            ),
         )
 
     def unfinished_creates(self) -> list[str]:
@@ -580,9 +649,15 @@ class CheckpointLifecycle:
 
 
 def _checkpoint_info(row: sqlite3.Row) -> CheckpointInfo:
-    return CheckpointInfo(run_id=row["run_id"], name=row["name"], path=row["path"], step=row["step"],
-                          created_at=_ts(row["created_at"]), expires_at=_ts(row["expires_at"]),
-                          public=bool(row["public"]))
+    return CheckpointInfo(
+        run_id=row["run_id"],
+        name=row["name"],
+        path=row["path"],
+        step=row["step"],
+        created_at=_ts(row["created_at"]),
+        expires_at=_ts(row["expires_at"]),
+        public=bool(row["public"]),
+    )
 
 
 @dataclass(frozen=True)
@@ -609,10 +684,17 @@ class JobRecord:
 
     def info(self, with_result: bool = True) -> JobInfo:
         """The REST API's view of the job (its result decoded, unless `with_result` is False)."""
-        return JobInfo(id=self.id, run_id=self.run_id, kind=self.kind, status=self.status,
-                       created_at=_ts(self.created_at), started_at=_ts(self.started_at),
-                       finished_at=_ts(self.finished_at), result=self.result() if with_result else None,
-                       error=self.error)
+        return JobInfo(
+            id=self.id,
+            run_id=self.run_id,
+            kind=self.kind,
+            status=self.status,
+            created_at=_ts(self.created_at),
+            started_at=_ts(self.started_at),
+            finished_at=_ts(self.finished_at),
+            result=self.result() if with_result else None,
+            error=self.error,
+        )
 
 
 class SessionStore:
@@ -639,11 +721,13 @@ class SessionStore:
         self._store._execute("UPDATE sessions SET heartbeat_at = ? WHERE id = ?", (time.time(), session_id))
 
     def finish(self, session_id: str) -> None:
-        self._store._execute("UPDATE sessions SET finished_at = ? WHERE id = ? AND finished_at IS NULL",
-                             (time.time(), session_id))
+        self._store._execute(
+            "UPDATE sessions SET finished_at = ? WHERE id = ? AND finished_at IS NULL", (time.time(), session_id)
+        )
 
-    def add_sampler(self, sampler_id: str, owner: str, base_model: str, checkpoint: str | None,
-                    model_path: str | None) -> None:
+    def add_sampler(
+        self, sampler_id: str, owner: str, base_model: str, checkpoint: str | None, model_path: str | None
+    ) -> None:
         self._store._execute(
             "INSERT OR REPLACE INTO samplers (id, owner, base_model, checkpoint, model_path, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",

@@ -29,9 +29,7 @@ TASK_NAMES: tuple[str, ...] = tuple(_MODULES)
 def get_task(name: str) -> ModuleType:
     """Return the task module for ``name`` (one of TASK_NAMES)."""
     if name not in TASK_NAMES:
-        raise ValueError(
-            f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}"
-        )
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
     return importlib.import_module(f"eztinker.tasks.{_MODULES[name]}")
 
 

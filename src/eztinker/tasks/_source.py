@@ -114,4 +114,3 @@ def subset(count: int, limit: int | None, seed: int) -> list[int]:
         random.Random(seed).shuffle(indices)
         indices = indices[:limit]
     return indices
-

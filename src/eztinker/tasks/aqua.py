@@ -21,8 +21,13 @@ from eztinker.verify import last_option_letter, option_letter, strict_option
 ANSWER_MARKER = "Answer:"
 ENV_VAR = "EZTINKER_AQUA_DIR"
 SOURCE = DataSource(
-    name="AQuA-RAT", flag="--aqua-dir", env_var=ENV_VAR, hub_dataset="deepmind/aqua_rat", hub_config="raw",
-    required=("question", "options", "rationale", "correct"), splits=("train", "validation", "test"),
+    name="AQuA-RAT",
+    flag="--aqua-dir",
+    env_var=ENV_VAR,
+    hub_dataset="deepmind/aqua_rat",
+    hub_config="raw",
+    required=("question", "options", "rationale", "correct"),
+    splits=("train", "validation", "test"),
 )
 SYSTEM_PROMPT = (
     "Solve the multiple-choice problem. Think briefly, then give the letter of the correct "
@@ -44,8 +49,9 @@ def _problem(split: str, i: int, row: dict) -> Problem:
     )
 
 
-def load_problems(split: str, limit: int | None = None, seed: int = 0,
-                  data_dir: str | os.PathLike[str] | None = None) -> list[Problem]:
+def load_problems(
+    split: str, limit: int | None = None, seed: int = 0, data_dir: str | os.PathLike[str] | None = None
+) -> list[Problem]:
     """AQuA-RAT problems of `split` ("train", "validation" or "test"), the options listed in the
     question; `limit`: a seeded random subset. Raises DatasetUnavailableError naming how to fix it."""
     check_limit(limit)

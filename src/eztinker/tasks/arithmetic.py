@@ -26,10 +26,7 @@ SPLITS: tuple[str, ...] = ("train", "test")
 N_TEST = 500
 DEFAULT_TRAIN_SIZE = 2000
 
-SYSTEM_PROMPT = (
-    "Solve the problem. Think briefly, then give the final answer "
-    "on its own line as `Answer: <number>`."
-)
+SYSTEM_PROMPT = "Solve the problem. Think briefly, then give the final answer on its own line as `Answer: <number>`."
 
 # One worked example before the question shows the answer format. A 135M model ignores the
 # format asked for in the system prompt alone (0 of 100 replies followed it, measured) but copies
@@ -48,34 +45,72 @@ OPERATIONS_BY_DIFFICULTY: dict[str, tuple[str, ...]] = {
 DIFFICULTIES: tuple[str, ...] = tuple(OPERATIONS_BY_DIFFICULTY)
 
 NAMES = (
-    "Sara", "Tom", "Mia", "Ben", "Lena", "Omar", "Ana", "Leo", "Emma", "Raj",
-    "Zoe", "Sam", "Nora", "Ivan", "Lucy", "Kai", "Maya", "Jack", "Ella", "Noah",
+    "Sara",
+    "Tom",
+    "Mia",
+    "Ben",
+    "Lena",
+    "Omar",
+    "Ana",
+    "Leo",
+    "Emma",
+    "Raj",
+    "Zoe",
+    "Sam",
+    "Nora",
+    "Ivan",
+    "Lucy",
+    "Kai",
+    "Maya",
+    "Jack",
+    "Ella",
+    "Noah",
 )
 OBJECTS = (
-    "apples", "stickers", "pens", "marbles", "cookies", "books", "balloons",
-    "cards", "shells", "crayons", "toy cars", "oranges", "pencils", "stamps",
-    "candies", "buttons", "beads", "flowers", "coins", "eggs",
+    "apples",
+    "stickers",
+    "pens",
+    "marbles",
+    "cookies",
+    "books",
+    "balloons",
+    "cards",
+    "shells",
+    "crayons",
+    "toy cars",
+    "oranges",
+    "pencils",
+    "stamps",
+    "candies",
+    "buttons",
+    "beads",
+    "flowers",
+    "coins",
+    "eggs",
 )
 # (singular, plural) containers for multiplication problems.
 CONTAINERS = (
-    ("box", "boxes"), ("bag", "bags"), ("basket", "baskets"), ("jar", "jars"),
-    ("pack", "packs"), ("bowl", "bowls"), ("bucket", "buckets"), ("crate", "crates"),
+    ("box", "boxes"),
+    ("bag", "bags"),
+    ("basket", "baskets"),
+    ("jar", "jars"),
+    ("pack", "packs"),
+    ("bowl", "bowls"),
+    ("bucket", "buckets"),
+    ("crate", "crates"),
 )
 
 # Templates. Numbers always appear in the question in operand order a, b[, c].
 _ADD = (
     "{n} has {a} {o} and buys {b} more. How many {o} does {n} have now?",
     "{n} had {a} {o}. A friend gave {n} {b} more {o}. How many {o} does {n} have now?",
-    "There are {a} {o} in a box. {n} puts {b} more {o} in the box. "
-    "How many {o} are in the box now?",
-    "{n} found {a} {o} in the morning and {b} {o} in the afternoon. "
-    "How many {o} did {n} find in total?",
+    "There are {a} {o} in a box. {n} puts {b} more {o} in the box. How many {o} are in the box now?",
+    "{n} found {a} {o} in the morning and {b} {o} in the afternoon. How many {o} did {n} find in total?",
 )
 _SUB = (
     "{n} has {a} {o} and gives away {b}. How many {o} does {n} have now?",
     "{n} had {a} {o} and lost {b} of them. How many {o} does {n} have left?",
-    "There are {a} {o} on the table. {n} takes {b} of them. "
-    "How many {o} are left on the table?",
+    "There are {a} {o} on the table. {n} takes {b} of them. How many {o} are left on the table?",
     "{n} had {a} {o}. {n} used {b} {o}. How many {o} does {n} have left?",
 )
 _MUL = (
@@ -85,14 +120,13 @@ _MUL = (
 )
 # Two-step templates: (template, kind) where kind fixes the computation.
 _TWO_STEP = (
-    ("{n} has {a} {o}, buys {b} more, and then gives away {c}. "
-     "How many {o} does {n} have now?", "add_sub"),
-    ("{n} had {a} {o}, lost {b} of them, and then found {c} more. "
-     "How many {o} does {n} have now?", "sub_add"),
-    ("{n} has {a} {o}. {n} buys {b} more {o} and then gets {c} more from a friend. "
-     "How many {o} does {n} have now?", "add_add"),
-    ("There are {a} {cs} with {b} {o} in each {c}. {n} takes {c_num} of the {o}. "
-     "How many {o} are left?", "mul_sub"),
+    ("{n} has {a} {o}, buys {b} more, and then gives away {c}. How many {o} does {n} have now?", "add_sub"),
+    ("{n} had {a} {o}, lost {b} of them, and then found {c} more. How many {o} does {n} have now?", "sub_add"),
+    (
+        "{n} has {a} {o}. {n} buys {b} more {o} and then gets {c} more from a friend. How many {o} does {n} have now?",
+        "add_add",
+    ),
+    ("There are {a} {cs} with {b} {o} in each {c}. {n} takes {c_num} of the {o}. How many {o} are left?", "mul_sub"),
 )
 
 
@@ -202,9 +236,7 @@ def load_problems(
     if split not in SPLITS:
         raise ValueError(f"unknown arithmetic split {split!r}; allowed splits: {', '.join(SPLITS)}")
     if difficulty not in OPERATIONS_BY_DIFFICULTY:
-        raise ValueError(
-            f"unknown difficulty {difficulty!r}; allowed: {', '.join(DIFFICULTIES)}"
-        )
+        raise ValueError(f"unknown difficulty {difficulty!r}; allowed: {', '.join(DIFFICULTIES)}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if split == "test":

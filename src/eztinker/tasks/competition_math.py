@@ -21,13 +21,14 @@ from eztinker.verify import boxed_span, evaluate_answer, last_boxed, last_number
 ANSWER_MARKER = "\\boxed"
 ENV_VAR = "EZTINKER_MATH_DIR"
 SOURCE = DataSource(
-    name="MATH", flag="--math-dir", env_var=ENV_VAR, hub_dataset="DigitalLearningGmbH/MATH-lighteval",
-    hub_config=None, required=("problem", "solution"),
+    name="MATH",
+    flag="--math-dir",
+    env_var=ENV_VAR,
+    hub_dataset="DigitalLearningGmbH/MATH-lighteval",
+    hub_config=None,
+    required=("problem", "solution"),
 )
-SYSTEM_PROMPT = (
-    "Solve the competition math problem step by step. "
-    "Put the final answer, simplified, in \\boxed{}."
-)
+SYSTEM_PROMPT = "Solve the competition math problem step by step. Put the final answer, simplified, in \\boxed{}."
 
 
 def gold_of(row: dict) -> str:
@@ -40,14 +41,17 @@ def gold_of(row: dict) -> str:
     return boxed
 
 
-def load_problems(split: str, limit: int | None = None, seed: int = 0,
-                  data_dir: str | os.PathLike[str] | None = None) -> list[Problem]:
+def load_problems(
+    split: str, limit: int | None = None, seed: int = 0, data_dir: str | os.PathLike[str] | None = None
+) -> list[Problem]:
     """MATH problems of `split` ("train" or "test"); `limit`: a seeded random subset (a smaller
     limit is a prefix of a larger one). Raises DatasetUnavailableError naming how to fix it."""
     check_limit(limit)
     rows = SOURCE.load_rows(split, data_dir)
     return [
-        Problem(id=f"math-{split}-{i}", question=rows[i]["problem"], gold=gold_of(rows[i]), solution=rows[i]["solution"])
+        Problem(
+            id=f"math-{split}-{i}", question=rows[i]["problem"], gold=gold_of(rows[i]), solution=rows[i]["solution"]
+        )
         for i in subset(len(rows), limit, seed)
     ]
 

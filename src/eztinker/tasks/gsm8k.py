@@ -39,8 +39,13 @@ _CALC_ANNOTATION = re.compile(r"<<[^<>]*>>")
 
 
 SOURCE = DataSource(
-    name="GSM8K", flag="--gsm8k-dir", env_var=ENV_VAR, hub_dataset=HUB_DATASET, hub_config=HUB_CONFIG,
-    required=("question", "answer"), splits=SPLITS,
+    name="GSM8K",
+    flag="--gsm8k-dir",
+    env_var=ENV_VAR,
+    hub_dataset=HUB_DATASET,
+    hub_config=HUB_CONFIG,
+    required=("question", "answer"),
+    splits=SPLITS,
 )
 
 

@@ -77,8 +77,9 @@ _REPLACE_ATTEMPTS = 5  # a replacement that cannot start (no resources yet, a no
 
 
 class RayBackend:
-    def __init__(self, workers: Sequence[_Worker], models: Sequence[ModelInfo], owns_ray: bool,
-                 respawn: _Respawn | None = None):
+    def __init__(
+        self, workers: Sequence[_Worker], models: Sequence[ModelInfo], owns_ray: bool, respawn: _Respawn | None = None
+    ):
         self._owns_ray = owns_ray  # it connected this process to Ray, so it disconnects at close
         self._respawn = respawn  # None: lost workers are not replaced
         self._replaced: set[str] = set()
@@ -92,8 +93,17 @@ class RayBackend:
         self._tokenizer_files: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def start(cls, workers_of: dict[str, int], *, address: str | None, cache_dir: Path, device: str | None,
-              cpus: float, gpus: float | None, engine_options: dict | None = None) -> RayBackend:
+    def start(
+        cls,
+        workers_of: dict[str, int],
+        *,
+        address: str | None,
+        cache_dir: Path,
+        device: str | None,
+        cpus: float,
+        gpus: float | None,
+        engine_options: dict | None = None,
+    ) -> RayBackend:
         """Join the cluster at `address` (None: start a Ray instance on this machine), start
         `workers_of[spec]` workers for each base model spec and wait until each has loaded it. A
         process already connected to Ray (a benchmark, say) stays on its cluster."""
@@ -107,16 +117,32 @@ class RayBackend:
             except Exception as exc:  # ConnectionError, or Ray's own for a malformed address
                 raise RayStartError(f"cannot reach the Ray cluster at {address}: {_one_line(exc)}") from None
         try:
-            return cls._start_workers(workers_of, cache_dir=cache_dir, device=device, cpus=cpus, gpus=gpus,
-                                      owns_ray=owns_ray, engine_options=engine_options or {})
+            return cls._start_workers(
+                workers_of,
+                cache_dir=cache_dir,
+                device=device,
+                cpus=cpus,
+                gpus=gpus,
+                owns_ray=owns_ray,
+                engine_options=engine_options or {},
+            )
         except BaseException:
             if owns_ray:
                 ray.shutdown()
             raise
 
     @classmethod
-    def _start_workers(cls, workers_of: dict[str, int], *, cache_dir: Path, device: str | None, cpus: float,
-                       gpus: float | None, owns_ray: bool, engine_options: dict | None = None) -> RayBackend:
+    def _start_workers(
+        cls,
+        workers_of: dict[str, int],
+        *,
+        cache_dir: Path,
+        device: str | None,
+        cpus: float,
+        gpus: float | None,
+        owns_ray: bool,
+        engine_options: dict | None = None,
+    ) -> RayBackend:
         import ray
 
         from .worker import EngineWorker
@@ -126,8 +152,10 @@ class RayBackend:
         count = sum(workers_of.values())
         for kind, each, have in (("CPU", cpus, resources.get("CPU", 0)), ("GPU", gpus, resources.get("GPU", 0))):
             if each * count > have:  # the actors would wait for them for ever
-                raise RayStartError(f"{count} Ray workers x {each:g} {kind}s need {each * count:g} {kind}s; the "
-                                    f"cluster has {have:g} (see --workers-per-model, --worker-cpus, --worker-gpus)")
+                raise RayStartError(
+                    f"{count} Ray workers x {each:g} {kind}s need {each * count:g} {kind}s; the "
+                    f"cluster has {have:g} (see --workers-per-model, --worker-cpus, --worker-gpus)"
+                )
         job = ray.get_runtime_context().get_job_id()
         actors: list[tuple[str, str, Any]] = []
         for spec, n in workers_of.items():
@@ -136,13 +164,15 @@ class RayBackend:
                 try:
                     # ray.remote made EngineWorker an ActorClass; ray's stubs keep the plain class's type.
                     actor = EngineWorker.options(  # type: ignore[attr-defined]
-                        name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus).remote()
+                        name=name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus
+                    ).remote()
                 except ValueError as exc:  # the name is taken
                     raise RayStartError(f"cannot start Ray worker {name}: {_one_line(exc)}") from None
                 actors.append((spec, name, actor))
         loaded = []
-        for (spec, name, actor), ref in zip(actors, [a.load.remote(s, str(cache_dir), device, engine_options or {})
-                                                               for s, _, a in actors]):
+        for (spec, name, actor), ref in zip(
+            actors, [a.load.remote(s, str(cache_dir), device, engine_options or {}) for s, _, a in actors]
+        ):
             try:
                 answer = ray.get(ref)
             except ray.exceptions.RayError as exc:
@@ -153,16 +183,25 @@ class RayBackend:
             log.info("Ray worker %s holds %s (pid %s)", name, spec, answer["pid"])
         workers = [_Worker(name, info.name, actor) for (_, name, actor), info in zip(actors, loaded)]
         models = list({info.name: info for info in loaded}.values())
-        respawn = _Respawn({info.name: spec for (spec, _, _), info in zip(actors, loaded)}, str(cache_dir), device,
-                           cpus, gpus, dict(engine_options or {}), str(job))
+        respawn = _Respawn(
+            {info.name: spec for (spec, _, _), info in zip(actors, loaded)},
+            str(cache_dir),
+            device,
+            cpus,
+            gpus,
+            dict(engine_options or {}),
+            str(job),
+        )
         return cls(workers, models, owns_ray, respawn)
 
     def models(self) -> list[ModelInfo]:
         return list(self._models)
 
     def workers(self) -> list[WorkerInfo]:
-        return [WorkerInfo(name, w.model, self._placement.is_alive(name), tuple(self._placement.runs_on(name)))
-                for name, w in self._workers.items()]
+        return [
+            WorkerInfo(name, w.model, self._placement.is_alive(name), tuple(self._placement.runs_on(name)))
+            for name, w in self._workers.items()
+        ]
 
     # ------------------------------------------------------------------------- model work
     def lanes(self, command: Command) -> Sequence[Hashable]:
@@ -177,8 +216,13 @@ class RayBackend:
         except NoLiveWorker:
             return self._of_model(model)[:1]  # a dead lane: the job fails saying its worker is gone
 
-    def execute(self, commands: Sequence[Command], progress: Sequence[Progress | None] | None = None,
-                lane: Hashable = None, cancelled: Sequence[Cancelled | None] | None = None) -> list[Outcome]:
+    def execute(
+        self,
+        commands: Sequence[Command],
+        progress: Sequence[Progress | None] | None = None,
+        lane: Hashable = None,
+        cancelled: Sequence[Cancelled | None] | None = None,
+    ) -> list[Outcome]:
         import ray
 
         key = lane if lane is not None else self.lanes(commands[0])[0]
@@ -212,8 +256,13 @@ class RayBackend:
         return outcomes
 
     @staticmethod
-    def _stream(worker: _Worker, commands: Sequence[Command], listening: list[bool],
-                progress: Sequence[Progress | None], watch: _Cancels | None) -> list[Outcome]:
+    def _stream(
+        worker: _Worker,
+        commands: Sequence[Command],
+        listening: list[bool],
+        progress: Sequence[Progress | None],
+        watch: _Cancels | None,
+    ) -> list[Outcome]:
         import ray
 
         call_id = None if watch is None else watch.call_id
@@ -234,8 +283,9 @@ class RayBackend:
             if self._respawn is None or self._closing or lost.name in self._replaced:
                 return
             self._replaced.add(lost.name)
-        threading.Thread(target=self._start_replacement, args=(lost,), name=f"eztinker-replace-{lost.name}",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._start_replacement, args=(lost,), name=f"eztinker-replace-{lost.name}", daemon=True
+        ).start()
 
     def _start_replacement(self, lost: _Worker) -> None:
         import ray
@@ -248,13 +298,23 @@ class RayBackend:
             name = f"{lost.name.split('@')[0]}.r{next(self._replacements)}@{respawn.job}"
             try:
                 actor = EngineWorker.options(  # type: ignore[attr-defined]  # an ActorClass (see _start_workers)
-                    name=name, namespace=NAMESPACE, num_cpus=respawn.cpus, num_gpus=respawn.gpus).remote()
-                answer = ray.get(actor.load.remote(respawn.specs[lost.model], respawn.cache_dir, respawn.device,
-                                                   respawn.engine_options))
+                    name=name, namespace=NAMESPACE, num_cpus=respawn.cpus, num_gpus=respawn.gpus
+                ).remote()
+                answer = ray.get(
+                    actor.load.remote(
+                        respawn.specs[lost.model], respawn.cache_dir, respawn.device, respawn.engine_options
+                    )
+                )
             except Exception as exc:  # Ray's errors for a worker that could not start or died loading
-                log.warning("replacement %s of Ray worker %s did not start (%s); attempt %d of %d", name, lost.name,
-                            _one_line(exc), attempt + 1, _REPLACE_ATTEMPTS)
-                time.sleep(min(30.0, 2.0 ** attempt))
+                log.warning(
+                    "replacement %s of Ray worker %s did not start (%s); attempt %d of %d",
+                    name,
+                    lost.name,
+                    _one_line(exc),
+                    attempt + 1,
+                    _REPLACE_ATTEMPTS,
+                )
+                time.sleep(min(30.0, 2.0**attempt))
                 continue
             if "error" in answer:
                 log.error("replacement %s of Ray worker %s cannot load its model: %s", name, lost.name, answer["error"])
@@ -270,9 +330,12 @@ class RayBackend:
         log.error("Ray worker %s was not replaced after %d attempts", lost.name, _REPLACE_ATTEMPTS)
 
     def _lost(self, worker: _Worker, why: str) -> WorkerLost:
-        return WorkerLost(worker.name, self._placement.runs_on(worker.name),
-                          f"Ray worker {worker.name} of {worker.model} is gone ({why}); this job was lost with it. "
-                          f"Its runs come back on a live worker of the model from their last checkpoint.")
+        return WorkerLost(
+            worker.name,
+            self._placement.runs_on(worker.name),
+            f"Ray worker {worker.name} of {worker.model} is gone ({why}); this job was lost with it. "
+            f"Its runs come back on a live worker of the model from their last checkpoint.",
+        )
 
     def _of_model(self, model: str) -> list[str]:
         return [name for name, w in self._workers.items() if w.model == model]

@@ -76,11 +76,14 @@ class EngineWorker:
         events: queue.Queue = queue.Queue()
 
         def work() -> None:
-            progress = [(lambda tokens, i=i: events.put(("tokens", i, tokens))) if on else None
-                        for i, on in enumerate(listening)]
+            progress = [
+                (lambda tokens, i=i: events.put(("tokens", i, tokens))) if on else None
+                for i, on in enumerate(listening)
+            ]
             try:
-                events.put(("done", self.backend.execute(commands, progress,
-                                                         cancelled=self._polls(call_id, len(commands)))))
+                events.put(
+                    ("done", self.backend.execute(commands, progress, cancelled=self._polls(call_id, len(commands))))
+                )
             except BaseException as exc:  # reaches the caller as this call's error
                 events.put(("error", exc))
             finally:

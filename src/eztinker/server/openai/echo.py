@@ -34,10 +34,19 @@ class _Scored:
         self.text, self.tokens, self.logprobs, self.top = text, tokens, logprobs, top
 
 
-async def echo_completion(service: Service, user: str, body: p.CompletionRequest, completion_id: str, created: int, *,
-                          resolve: Callable[[str, str], Target], sampling_params: Callable,
-                          prompts_of: Callable[[str, p.CompletionRequest], list[list[int]]],
-                          finished: Callable, failure: Callable) -> p.Completion:
+async def echo_completion(
+    service: Service,
+    user: str,
+    body: p.CompletionRequest,
+    completion_id: str,
+    created: int,
+    *,
+    resolve: Callable[[str, str], Target],
+    sampling_params: Callable,
+    prompts_of: Callable[[str, p.CompletionRequest], list[list[int]]],
+    finished: Callable,
+    failure: Callable,
+) -> p.Completion:
     if body.stream:
         raise OpenAIError(400, "stream is not supported with echo by this server (ask without stream)", "stream")
     want_logprobs = body.logprobs is not None
@@ -51,17 +60,32 @@ async def echo_completion(service: Service, user: str, body: p.CompletionRequest
             if body.max_tokens == 0:
                 limit = service.settings.max_samples_per_request
                 if len(prompts) * body.n > limit:  # the copies are free to compute, not to send
-                    raise OpenAIError(400, f"{len(prompts)} prompts x n {body.n} = {len(prompts) * body.n} choices; "
-                                           f"the limit is {limit}", "n")
+                    raise OpenAIError(
+                        400,
+                        f"{len(prompts)} prompts x n {body.n} = {len(prompts) * body.n} choices; the limit is {limit}",
+                        "n",
+                    )
                 if not want_logprobs:  # the text alone: nothing to compute
                     return target, prompts, None
-                ref = service.submit_score_prompts(user, target.base_model, run_id, prompts, top, body,
-                                                   snapshot=target.snapshot)
+                ref = service.submit_score_prompts(
+                    user, target.base_model, run_id, prompts, top, body, snapshot=target.snapshot
+                )
             else:
                 params = sampling_params(body, body.max_tokens, "max_tokens")
                 ref = service.submit_sample_tokens(
-                    user, target.base_model, run_id, prompts, body.n, params, body, None, snapshot=target.snapshot,
-                    prompt_logprobs=want_logprobs, topk_prompt_logprobs=top, topk_logprobs=top)
+                    user,
+                    target.base_model,
+                    run_id,
+                    prompts,
+                    body.n,
+                    params,
+                    body,
+                    None,
+                    snapshot=target.snapshot,
+                    prompt_logprobs=want_logprobs,
+                    topk_prompt_logprobs=top,
+                    topk_logprobs=top,
+                )
         except ServiceError as exc:
             raise from_service_error(exc, _NAMES) from None
         return target, prompts, ref.job_id
@@ -76,8 +100,16 @@ async def echo_completion(service: Service, user: str, body: p.CompletionRequest
     return await run_in_threadpool(_answer, service, body, target, prompts, value, completion_id, created, top)
 
 
-def _answer(service: Service, body: p.CompletionRequest, target: Target, prompts: list[list[int]], value: dict,
-            completion_id: str, created: int, top: int) -> p.Completion:
+def _answer(
+    service: Service,
+    body: p.CompletionRequest,
+    target: Target,
+    prompts: list[list[int]],
+    value: dict,
+    completion_id: str,
+    created: int,
+    top: int,
+) -> p.Completion:
     model = service.models[target.base_model]
     texts = _prompt_texts(service, body, target.base_model, prompts)
     prompt_logprobs = value.get("prompt_logprobs") or [None] * len(prompts)
@@ -96,15 +128,28 @@ def _answer(service: Service, body: p.CompletionRequest, target: Target, prompts
                 visible = sequence["tokens"]
                 if visible and visible[-1] in stop_ids:
                     visible = visible[:-1]
-                parts.append(_Scored(sequence["text"], visible, sequence["logprobs"][: len(visible)],
-                                     (sequence.get("top_logprobs") or [None] * len(visible))[: len(visible)]))
+                parts.append(
+                    _Scored(
+                        sequence["text"],
+                        visible,
+                        sequence["logprobs"][: len(visible)],
+                        (sequence.get("top_logprobs") or [None] * len(visible))[: len(visible)],
+                    )
+                )
                 finish = sequence["stop_reason"]
             logprobs = _logprobs(service, target.base_model, parts, top) if body.logprobs is not None else None
-            choices.append(p.CompletionChoice(index=i * len(sequences) + k, text="".join(s.text for s in parts),
-                                              logprobs=logprobs, finish_reason=finish))
+            choices.append(
+                p.CompletionChoice(
+                    index=i * len(sequences) + k,
+                    text="".join(s.text for s in parts),
+                    logprobs=logprobs,
+                    finish_reason=finish,
+                )
+            )
     prompt_tokens = sum(len(t) for t in prompts)
-    usage = p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens)
+    usage = p.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
     return p.Completion(id=completion_id, created=created, model=target.name, choices=choices, usage=usage)
 
 
@@ -138,5 +183,6 @@ def _logprobs(service: Service, model: str, parts: list[_Scored], top: int) -> p
             top_logprobs.append(None if entry is None else {text(t): lp for t, lp in entry[:top]})
             offsets.append(at)
             at += len(text(token))
-    return p.CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs,
-                                top_logprobs=top_logprobs if top else None, text_offset=offsets)
+    return p.CompletionLogprobs(
+        tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs if top else None, text_offset=offsets
+    )

@@ -54,8 +54,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     kind = "server_error" if status >= 500 else "requests" if status == 429 else "invalid_request_error"
     if code is None:
         code = {401: "invalid_api_key", 404: "not_found", 429: "rate_limit_exceeded"}.get(status)
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": code}})
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": code}}
+    )
 
 
 def from_service_error(exc: ServiceError, names: dict[str, str] | None = None) -> OpenAIError:
@@ -72,8 +73,14 @@ def from_service_error(exc: ServiceError, names: dict[str, str] | None = None) -
     return error
 
 
-_PARAMS = {"num_samples": "n", "max_tokens": "max_tokens", "seed": "seed", "stop": "stop", "temperature": "temperature",
-           "top_p": "top_p"}
+_PARAMS = {
+    "num_samples": "n",
+    "max_tokens": "max_tokens",
+    "seed": "seed",
+    "stop": "stop",
+    "temperature": "temperature",
+    "top_p": "top_p",
+}
 
 
 @dataclass
@@ -102,8 +109,9 @@ def openai_router(service: Service) -> APIRouter:
     router = APIRouter(tags=["openai"])
 
     def not_found(name: str) -> OpenAIError:
-        return OpenAIError(404, f"The model `{name}` does not exist or you do not have access to it.", "model",
-                           "model_not_found")
+        return OpenAIError(
+            404, f"The model `{name}` does not exist or you do not have access to it.", "model", "model_not_found"
+        )
 
     def resolve(user: str, name: str) -> Target:
         if name in service.models:
@@ -129,8 +137,13 @@ def openai_router(service: Service) -> APIRouter:
 
     def held(base_model: str, name: str) -> str:
         if base_model not in service.models:
-            raise OpenAIError(400, f"model `{name}` is on base model {base_model!r}, which this server does not hold "
-                                   f"(start it with --model {base_model})", "model", "model_not_available")
+            raise OpenAIError(
+                400,
+                f"model `{name}` is on base model {base_model!r}, which this server does not hold "
+                f"(start it with --model {base_model})",
+                "model",
+                "model_not_available",
+            )
         return base_model
 
     # --------------------------------------------------------------------------- models
@@ -140,10 +153,19 @@ def openai_router(service: Service) -> APIRouter:
         models = [p.Model(id=name, created=started, owned_by="eztinker", root=name) for name in service.models]
         for run in service.list_runs(user):
             created = int(run.created_at.timestamp())
-            models.append(p.Model(id=run.id, created=created, owned_by=user, root=run.base_model, parent=run.base_model))
+            models.append(
+                p.Model(id=run.id, created=created, owned_by=user, root=run.base_model, parent=run.base_model)
+            )
             for checkpoint in run.checkpoints:
-                models.append(p.Model(id=f"{run.id}/{checkpoint.name}", created=int(checkpoint.created_at.timestamp()),
-                                      owned_by=user, root=run.base_model, parent=run.base_model))
+                models.append(
+                    p.Model(
+                        id=f"{run.id}/{checkpoint.name}",
+                        created=int(checkpoint.created_at.timestamp()),
+                        owned_by=user,
+                        root=run.base_model,
+                        parent=run.base_model,
+                    )
+                )
         return models
 
     @router.get("/v1/models", response_model=p.ModelList, summary="Base models, your runs and their checkpoints")
@@ -172,16 +194,22 @@ def openai_router(service: Service) -> APIRouter:
             raise OpenAIError(400, "stop strings must not be empty", "stop")
         max_tokens = max_tokens or service.settings.max_new_tokens
         if body.min_tokens is not None and body.min_tokens > max_tokens:
-            raise OpenAIError(400, f"min_tokens ({body.min_tokens}) must not exceed {max_name} ({max_tokens})",
-                              "min_tokens")
+            raise OpenAIError(
+                400, f"min_tokens ({body.min_tokens}) must not exceed {max_name} ({max_tokens})", "min_tokens"
+            )
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
                 temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p, stop=stop, seed=body.seed,
-                top_k=max(body.top_k or 0, 0), min_p=body.min_p or 0.0,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                stop=stop,
+                seed=body.seed,
+                top_k=max(body.top_k or 0, 0),
+                min_p=body.min_p or 0.0,
                 repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-                min_tokens=body.min_tokens or 0, ignore_eos=bool(body.ignore_eos))
+                min_tokens=body.min_tokens or 0,
+                ignore_eos=bool(body.ignore_eos),
+            )
         except ValidationError as exc:
             first = exc.errors()[0]
             name = str(first["loc"][0]) if first["loc"] else None
@@ -192,12 +220,17 @@ def openai_router(service: Service) -> APIRouter:
         for i, message in enumerate(body.messages):
             role = _ROLES.get(message.role)
             if role is None:
-                raise OpenAIError(400, f"messages[{i}].role {message.role!r} is not supported "
-                                       f"(system, developer, user, assistant)", f"messages.[{i}].role")
+                raise OpenAIError(
+                    400,
+                    f"messages[{i}].role {message.role!r} is not supported (system, developer, user, assistant)",
+                    f"messages.[{i}].role",
+                )
             content = message.content
             if isinstance(content, list):
                 if any(part.type != "text" or part.text is None for part in content):
-                    raise OpenAIError(400, f"messages[{i}]: only text content parts are supported", f"messages.[{i}].content")
+                    raise OpenAIError(
+                        400, f"messages[{i}]: only text content parts are supported", f"messages.[{i}].content"
+                    )
                 content = "".join(part.text for part in content)
             messages.append(ChatMessage(role=role, content=content or ""))
         return service.encode_prompt(model, Prompt(messages=messages), ("messages",))
@@ -223,19 +256,38 @@ def openai_router(service: Service) -> APIRouter:
             if unsupported(getattr(body, name, None)):
                 raise OpenAIError(400, f"{name} is not supported by this server", name)
 
-    def submit(user: str, body: p._Sampling, prompts_of: Callable[[str], list[list[int]]], max_tokens: int | None,
-               max_name: str, top: int, progress) -> tuple[Target, list[list[int]], SamplingParams, str]:
+    def submit(
+        user: str,
+        body: p._Sampling,
+        prompts_of: Callable[[str], list[list[int]]],
+        max_tokens: int | None,
+        max_name: str,
+        top: int,
+        progress,
+    ) -> tuple[Target, list[list[int]], SamplingParams, str]:
         """Validate and queue the sample (a thread-pool thread: tokenizer and database work)."""
         target = resolve(user, body.model)
         params = sampling_params(body, max_tokens, max_name)
         try:
             prompts = prompts_of(target.base_model)
             ref = service.submit_sample_tokens(
-                user, target.base_model, target.run_id if target.snapshot is None else None, prompts, body.n, params,
-                body, None, snapshot=target.snapshot, topk_logprobs=top, progress=progress)
+                user,
+                target.base_model,
+                target.run_id if target.snapshot is None else None,
+                prompts,
+                body.n,
+                params,
+                body,
+                None,
+                snapshot=target.snapshot,
+                topk_logprobs=top,
+                progress=progress,
+            )
         except ServiceError as exc:
             chat = isinstance(body, p.ChatCompletionRequest)
-            raise from_service_error(exc, {"max_tokens": max_name, "prompts": "messages" if chat else "prompt"}) from None
+            raise from_service_error(
+                exc, {"max_tokens": max_name, "prompts": "messages" if chat else "prompt"}
+            ) from None
         return target, prompts, params, ref.job_id
 
     async def finished(user: str, job_id: str) -> JobRecord:
@@ -248,22 +300,45 @@ def openai_router(service: Service) -> APIRouter:
 
     @router.post("/v1/chat/completions", response_model=p.ChatCompletion)
     async def chat_completions(body: p.ChatCompletionRequest, user: User, request: Request):
-        refuse_unsupported(body, {"tools": bool, "functions": bool,
-                                  "response_format": lambda v: bool(v) and v.get("type") != "text",
-                                  "best_of": lambda v: v is not None and v != body.n,
-                                  "modalities": lambda v: v is not None and v != ["text"],
-                                  "audio": lambda v: v is not None, "prediction": lambda v: v is not None,
-                                  "reasoning_effort": lambda v: v is not None,
-                                  "web_search_options": lambda v: v is not None})
-        max_tokens, max_name = (body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens \
+        refuse_unsupported(
+            body,
+            {
+                "tools": bool,
+                "functions": bool,
+                "response_format": lambda v: bool(v) and v.get("type") != "text",
+                "best_of": lambda v: v is not None and v != body.n,
+                "modalities": lambda v: v is not None and v != ["text"],
+                "audio": lambda v: v is not None,
+                "prediction": lambda v: v is not None,
+                "reasoning_effort": lambda v: v is not None,
+                "web_search_options": lambda v: v is not None,
+            },
+        )
+        max_tokens, max_name = (
+            (body.max_completion_tokens, "max_completion_tokens")
+            if body.max_completion_tokens
             else (body.max_tokens, "max_tokens")
+        )
         top = (body.top_logprobs or 0) if body.logprobs else 0
         if body.top_logprobs and not body.logprobs:
             raise OpenAIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
-        job = _Job(service, user, "chatcmpl", n=body.n, chat=True, logprobs=bool(body.logprobs), top=top, stream=bool(body.stream),
-                   include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        return await job.run(lambda: submit(user, body, lambda m: [chat_prompt(m, body)], max_tokens, max_name, top,
-                                            job.progress), finished, failure, request)
+        job = _Job(
+            service,
+            user,
+            "chatcmpl",
+            n=body.n,
+            chat=True,
+            logprobs=bool(body.logprobs),
+            top=top,
+            stream=bool(body.stream),
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        )
+        return await job.run(
+            lambda: submit(user, body, lambda m: [chat_prompt(m, body)], max_tokens, max_name, top, job.progress),
+            finished,
+            failure,
+            request,
+        )
 
     @router.post("/v1/completions", response_model=p.Completion)
     async def completions(body: p.CompletionRequest, user: User, request: Request):
@@ -273,14 +348,38 @@ def openai_router(service: Service) -> APIRouter:
         if body.echo:
             from .echo import echo_completion  # it builds on this module's errors and targets
 
-            return await echo_completion(service, user, body, f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
-                                         resolve=resolve, sampling_params=sampling_params,
-                                         prompts_of=completion_prompts, finished=finished, failure=failure)
+            return await echo_completion(
+                service,
+                user,
+                body,
+                f"cmpl-{uuid.uuid4().hex[:24]}",
+                int(time.time()),
+                resolve=resolve,
+                sampling_params=sampling_params,
+                prompts_of=completion_prompts,
+                finished=finished,
+                failure=failure,
+            )
         top = body.logprobs or 0
-        job = _Job(service, user, "cmpl", n=body.n, chat=False, logprobs=body.logprobs is not None, top=top,
-                   stream=bool(body.stream), include_usage=bool(body.stream_options and body.stream_options.include_usage))
-        return await job.run(lambda: submit(user, body, lambda m: completion_prompts(m, body), body.max_tokens,
-                                            "max_tokens", top, job.progress), finished, failure, request)
+        job = _Job(
+            service,
+            user,
+            "cmpl",
+            n=body.n,
+            chat=False,
+            logprobs=body.logprobs is not None,
+            top=top,
+            stream=bool(body.stream),
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        )
+        return await job.run(
+            lambda: submit(
+                user, body, lambda m: completion_prompts(m, body), body.max_tokens, "max_tokens", top, job.progress
+            ),
+            finished,
+            failure,
+            request,
+        )
 
     from .tokenizer import add_tokenizer_routes  # vLLM's /tokenize and the like; it builds on this module
 
@@ -298,8 +397,19 @@ async def _disconnected(request: Request) -> None:
 class _Job:
     """One chat or completion request: submits its sample, then answers it whole or streams it."""
 
-    def __init__(self, service: Service, user: str, prefix: str, *, n: int, chat: bool, logprobs: bool, top: int,
-                 stream: bool, include_usage: bool):
+    def __init__(
+        self,
+        service: Service,
+        user: str,
+        prefix: str,
+        *,
+        n: int,
+        chat: bool,
+        logprobs: bool,
+        top: int,
+        stream: bool,
+        include_usage: bool,
+    ):
         self.service, self.user, self.n, self.chat, self.logprobs, self.top = service, user, n, chat, logprobs, top
         self.stream, self.include_usage = stream, include_usage
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -332,8 +442,11 @@ class _Job:
             if record.error is not None:
                 raise failure(record)
             return await run_in_threadpool(self._whole, record.result())
-        return StreamingResponse(self._events(job_id, finished, failure), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            self._events(job_id, finished, failure),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     # ----------------------------------------------------------------------- whole answers
     def _visible(self, sequence: dict) -> list[int]:
@@ -351,15 +464,26 @@ class _Job:
             for k, sequence in enumerate(row):
                 index = prompt_index * len(row) + k
                 count = len(self._visible(sequence))
-                picked = list(zip(sequence["tokens"], sequence["logprobs"], sequence.get("top_logprobs") or [None] * count))[:count]
+                picked = list(
+                    zip(sequence["tokens"], sequence["logprobs"], sequence.get("top_logprobs") or [None] * count)
+                )[:count]
                 if self.chat:
                     logprobs = p.ChatLogprobs(content=self._chat_logprobs(picked)) if self.logprobs else None
-                    choices.append(p.ChatChoice(index=index, message=p.ChatMessageOut(content=sequence["text"]),
-                                                logprobs=logprobs, finish_reason=sequence["stop_reason"]))
+                    choices.append(
+                        p.ChatChoice(
+                            index=index,
+                            message=p.ChatMessageOut(content=sequence["text"]),
+                            logprobs=logprobs,
+                            finish_reason=sequence["stop_reason"],
+                        )
+                    )
                 else:
                     logprobs = self._completion_logprobs(picked, 0) if self.logprobs else None
-                    choices.append(p.CompletionChoice(index=index, text=sequence["text"], logprobs=logprobs,
-                                                      finish_reason=sequence["stop_reason"]))
+                    choices.append(
+                        p.CompletionChoice(
+                            index=index, text=sequence["text"], logprobs=logprobs, finish_reason=sequence["stop_reason"]
+                        )
+                    )
         kind = p.ChatCompletion if self.chat else p.Completion
         return kind(id=self.id, created=self.created, model=self.target.name, choices=choices, usage=self._usage(value))
 
@@ -374,8 +498,12 @@ class _Job:
             raw = pieces[token]
             return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
 
-        return [p.TokenLogprob(**entry(t, lp), top_logprobs=[p.TopLogprob(**entry(tt, tlp)) for tt, tlp in (top or [])[: self.top]])
-                for t, lp, top in picked]
+        return [
+            p.TokenLogprob(
+                **entry(t, lp), top_logprobs=[p.TopLogprob(**entry(tt, tlp)) for tt, tlp in (top or [])[: self.top]]
+            )
+            for t, lp, top in picked
+        ]
 
     def _completion_logprobs(self, picked: list[tuple], offset: int) -> p.CompletionLogprobs:
         ids = [t for t, _, _ in picked] + [t for _, _, top in picked for t, _ in (top or [])[: self.top]]
@@ -386,9 +514,13 @@ class _Job:
             offsets.append(at)
             at += len(text(t))
         return p.CompletionLogprobs(
-            tokens=[text(t) for t, _, _ in picked], token_logprobs=[lp for _, lp, _ in picked],
-            top_logprobs=[{text(tt): tlp for tt, tlp in (top or [])[: self.top]} for _, _, top in picked] if self.top else None,
-            text_offset=offsets)
+            tokens=[text(t) for t, _, _ in picked],
+            token_logprobs=[lp for _, lp, _ in picked],
+            top_logprobs=[{text(tt): tlp for tt, tlp in (top or [])[: self.top]} for _, _, top in picked]
+            if self.top
+            else None,
+            text_offset=offsets,
+        )
 
     # ----------------------------------------------------------------------------- streams
     def _chunk(self, choices: list, usage: p.Usage | None = None) -> str:
@@ -397,13 +529,28 @@ class _Job:
         exclude = None if (self.include_usage or usage is not None) else {"usage"}
         return f"data: {body.model_dump_json(exclude=exclude)}\n\n"
 
-    def _delta(self, index: int, text: str | None, picked: list[tuple], choice: _Choice, finish: str | None = None,
-               role: bool = False):
+    def _delta(
+        self,
+        index: int,
+        text: str | None,
+        picked: list[tuple],
+        choice: _Choice,
+        finish: str | None = None,
+        role: bool = False,
+    ):
         if self.chat:
             logprobs = p.ChatLogprobs(content=self._chat_logprobs(picked)) if self.logprobs and picked else None
-            return p.ChatChunkChoice(index=index, delta=p.ChatDelta(role="assistant" if role else None, content=text),
-                                     logprobs=logprobs, finish_reason=finish)
-        logprobs = self._completion_logprobs(picked, len(choice.emitted) - len(text or "")) if self.logprobs and picked else None
+            return p.ChatChunkChoice(
+                index=index,
+                delta=p.ChatDelta(role="assistant" if role else None, content=text),
+                logprobs=logprobs,
+                finish_reason=finish,
+            )
+        logprobs = (
+            self._completion_logprobs(picked, len(choice.emitted) - len(text or ""))
+            if self.logprobs and picked
+            else None
+        )
         return p.CompletionChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish)
 
     def _advance(self, choice: _Choice, token: int) -> None:
@@ -411,10 +558,10 @@ class _Job:
         whole characters (a token may hold part of a UTF-8 character)."""
         decode = lambda tokens: self.service.backend.decode(self.model.name, tokens)  # noqa: E731
         choice.tokens.append(token)
-        before = decode(choice.tokens[choice.prefix_offset: choice.read_offset])
-        after = decode(choice.tokens[choice.prefix_offset:])
+        before = decode(choice.tokens[choice.prefix_offset : choice.read_offset])
+        after = decode(choice.tokens[choice.prefix_offset :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            choice.text += after[len(before):]
+            choice.text += after[len(before) :]
             choice.prefix_offset, choice.read_offset = choice.read_offset, len(choice.tokens)
 
     def _ready(self, choice: _Choice) -> str:
@@ -423,7 +570,7 @@ class _Job:
         safe = choice.text[: len(choice.text) - hold] if hold else choice.text
         if len(safe) <= len(choice.emitted) or not safe.startswith(choice.emitted):
             return ""
-        new = safe[len(choice.emitted):]
+        new = safe[len(choice.emitted) :]
         choice.emitted = safe
         return new
 
@@ -451,8 +598,20 @@ class _Job:
             record = done_task.result()
             if record.error is not None:
                 error = failure(record)
-                yield "data: " + json.dumps({"error": {"message": error.message, "type": "server_error" if error.status >= 500
-                                                       else "invalid_request_error", "param": None, "code": None}}) + "\n\n"
+                yield (
+                    "data: "
+                    + json.dumps(
+                        {
+                            "error": {
+                                "message": error.message,
+                                "type": "server_error" if error.status >= 500 else "invalid_request_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        }
+                    )
+                    + "\n\n"
+                )
                 yield "data: [DONE]\n\n"
                 return
             value = record.result()
@@ -460,15 +619,31 @@ class _Job:
                 for k, sequence in enumerate(row):
                     index = prompt_index * per_prompt + k
                     choice = choices[index]
-                    tail = sequence["text"][len(choice.emitted):] if sequence["text"].startswith(choice.emitted) else ""
+                    tail = (
+                        sequence["text"][len(choice.emitted) :] if sequence["text"].startswith(choice.emitted) else ""
+                    )
                     # The candidate's last token came with its stop reason: its logprob goes out here.
                     last = []
-                    if self.logprobs and choice.done and sequence["tokens"] and sequence["tokens"][-1] not in self.stop_ids:
+                    if (
+                        self.logprobs
+                        and choice.done
+                        and sequence["tokens"]
+                        and sequence["tokens"][-1] not in self.stop_ids
+                    ):
                         top = (sequence.get("top_logprobs") or [None])[-1]
                         last = [(sequence["tokens"][-1], sequence["logprobs"][-1], top)]
                     choice.emitted += tail
-                    yield self._chunk([self._delta(index, tail if (tail or not self.chat) else None, last, choice,
-                                                   finish=sequence["stop_reason"])])
+                    yield self._chunk(
+                        [
+                            self._delta(
+                                index,
+                                tail if (tail or not self.chat) else None,
+                                last,
+                                choice,
+                                finish=sequence["stop_reason"],
+                            )
+                        ]
+                    )
             if self.include_usage:
                 yield self._chunk([], usage=self._usage(value))
             yield "data: [DONE]\n\n"

@@ -99,17 +99,30 @@ def add_tokenizer_routes(router: APIRouter, service: Service, resolve: Callable[
             if body.prompt is not None:
                 tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
             else:
-                messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                             "".join(part.text or "" for part in m.content or [])} for m in body.messages]
+                messages = [
+                    {
+                        "role": m.role,
+                        "content": m.content
+                        if isinstance(m.content, str)
+                        else "".join(part.text or "" for part in m.content or []),
+                    }
+                    for m in body.messages
+                ]
                 try:
-                    tokens = tokenizer.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt,
-                                                           tokenize=True, return_dict=True)["input_ids"]
+                    tokens = tokenizer.apply_chat_template(
+                        messages, add_generation_prompt=body.add_generation_prompt, tokenize=True, return_dict=True
+                    )["input_ids"]
                 except Exception as exc:  # the template refuses a role or an order of turns
-                    raise OpenAIError(400, f"messages: the chat template cannot render them: {exc}",
-                                      "messages") from None
+                    raise OpenAIError(
+                        400, f"messages: the chat template cannot render them: {exc}", "messages"
+                    ) from None
             strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
-            return TokenizeResponse(count=len(tokens), max_model_len=service.models[model].max_context_length,
-                                    tokens=tokens, token_strs=strs)
+            return TokenizeResponse(
+                count=len(tokens),
+                max_model_len=service.models[model].max_context_length,
+                tokens=tokens,
+                token_strs=strs,
+            )
 
         return await run_in_threadpool(work)
 
@@ -120,22 +133,33 @@ def add_tokenizer_routes(router: APIRouter, service: Service, resolve: Callable[
             vocab = service.models[model].vocab_size
             for position, token in enumerate(body.tokens):
                 if not 0 <= token < vocab:
-                    raise OpenAIError(400, f"tokens[{position}]: token id {token} is outside the vocabulary "
-                                           f"[0, {vocab})", "tokens")
+                    raise OpenAIError(
+                        400, f"tokens[{position}]: token id {token} is outside the vocabulary [0, {vocab})", "tokens"
+                    )
             return DetokenizeResponse(prompt=tokenizers(model).decode(body.tokens))
 
         return await run_in_threadpool(work)
 
-    @router.get("/tokenizer_info", response_model=TokenizerInfo, tags=["tokenizer"],
-                summary="The tokenizer's special tokens and chat template")
+    @router.get(
+        "/tokenizer_info",
+        response_model=TokenizerInfo,
+        tags=["tokenizer"],
+        summary="The tokenizer's special tokens and chat template",
+    )
     async def tokenizer_info(user: User, model: str | None = Query(None, max_length=1000)) -> TokenizerInfo:
         def work() -> TokenizerInfo:
             name = base_model(user, model)
             tokenizer = tokenizers(name)
             template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-            return TokenizerInfo(model=name, tokenizer_class=type(tokenizer).__name__, eos_token=tokenizer.eos_token,
-                                 bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
-                                 unk_token=tokenizer.unk_token, chat_template=template,
-                                 max_model_len=service.models[name].max_context_length)
+            return TokenizerInfo(
+                model=name,
+                tokenizer_class=type(tokenizer).__name__,
+                eos_token=tokenizer.eos_token,
+                bos_token=tokenizer.bos_token,
+                pad_token=tokenizer.pad_token,
+                unk_token=tokenizer.unk_token,
+                chat_template=template,
+                max_model_len=service.models[name].max_context_length,
+            )
 
         return await run_in_threadpool(work)

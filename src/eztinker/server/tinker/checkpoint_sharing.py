@@ -56,8 +56,10 @@ class CheckpointSharing:
         """One signed URL per file of an external weights checkpoint (a PEFT adapter folder)."""
         name, ref = self._readable(user, run_id, checkpoint)
         if kind_of(name) is not CheckpointKind.external:
-            raise invalid(("checkpoint_id",), f"{checkpoint} is not an external weights checkpoint "
-                                              "(save one with save_weights_external)")
+            raise invalid(
+                ("checkpoint_id",),
+                f"{checkpoint} is not an external weights checkpoint (save one with save_weights_external)",
+            )
         urls, expires = {}, 0.0
         for file in external_files(self.service, ref):
             urls[file], expires = download_url(self.service, request, user, ref, file)

@@ -12,14 +12,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ...types import AdamParams, CHECKPOINT_NAME_PATTERN, RUN_ID_PATTERN
+from ...types import CHECKPOINT_NAME_PATTERN, RUN_ID_PATTERN, AdamParams
 from ..checkpoints import CheckpointKind, kind_of, stored_name, user_name
 
 # A checkpoint saved for sampling (or export) is one of the run's checkpoints, in its kind's
 # namespace (checkpoints.py), so that both APIs list it: `tinker://<run>/sampler_weights/<name>` is
 # checkpoint `<run>/sampler_weights.<name>`, `tinker://<run>/weights/<name>` is `<run>/<name>`.
-_SEGMENT = {"weights": CheckpointKind.training, "sampler_weights": CheckpointKind.sampler,
-            "external_weights": CheckpointKind.external}
+_SEGMENT = {
+    "weights": CheckpointKind.training,
+    "sampler_weights": CheckpointKind.sampler,
+    "external_weights": CheckpointKind.external,
+}
 _SEGMENT_OF = {kind: segment for segment, kind in _SEGMENT.items()}
 _TINKER_PATH = re.compile(rf"tinker://({RUN_ID_PATTERN})/(weights|sampler_weights|external_weights)/([^/]+)")
 
@@ -72,9 +75,11 @@ class ModelRef(_Body):
 # a matrix-sign iteration whose count and epsilon are "internal constants") but publish no update rule,
 # so it is refused, never approximated.
 ADAMW = {"type": "adamw"}
-_NO_DIMUON = ("Dimuon is not supported by this server: Tinker does not publish its update rule, so it is not "
-              "implemented here; create the model with AdamOptimizerConfig (AdamW, the default) and step it with "
-              "AdamParams")
+_NO_DIMUON = (
+    "Dimuon is not supported by this server: Tinker does not publish its update rule, so it is not "
+    "implemented here; create the model with AdamOptimizerConfig (AdamW, the default) and step it with "
+    "AdamParams"
+)
 
 
 def check_optimizer_config(config: dict[str, Any] | None, field: str = "optimizer_config") -> None:
@@ -104,8 +109,11 @@ class OptimStep(_Body):
     def adam(self) -> AdamParams:
         """The step's AdamW hyperparameters: what the request gives over Tinker's defaults
         (`AdamParams.tinker`); ValueError naming the field for anything else."""
-        given = [(name, value) for name in ("adam_params", "optimizer_params", "optim_params")
-                 if (value := getattr(self, name)) is not None]
+        given = [
+            (name, value)
+            for name in ("adam_params", "optimizer_params", "optim_params")
+            if (value := getattr(self, name)) is not None
+        ]
         if len(given) > 1:
             raise ValueError(f"{given[1][0]}: give one of adam_params, optimizer_params, optim_params")
         field, params = given[0] if given else ("adam_params", {})
@@ -214,8 +222,10 @@ class ASample(_Body):
         for name in self.model_extra or {}:
             return f"{name} is not a sampling field this server knows; it would be ignored, so it is refused"
         for name in self.sampling_params.model_extra or {}:
-            return (f"sampling_params.{name} is not a sampling parameter this server knows; it would be ignored, "
-                    "so it is refused")
+            return (
+                f"sampling_params.{name} is not a sampling parameter this server knows; it would be ignored, "
+                "so it is refused"
+            )
         if self.base_model is not None or self.model_path is not None:
             field = "base_model" if self.base_model is not None else "model_path"
             return f"{field}: give the sampling_session_id of a sampling session for it instead"
@@ -238,8 +248,10 @@ def parse_tinker_path(path: str) -> tuple[str, str]:
     checkpoint name); ValueError otherwise."""
     match = _TINKER_PATH.fullmatch(path)
     if match is None or not re.fullmatch(CHECKPOINT_NAME_PATTERN, match[3]) or ".." in match[3]:
-        raise ValueError(f"{path!r} is not a checkpoint path: expected tinker://<run_id>/weights/<name>, "
-                         "tinker://<run_id>/sampler_weights/<name> or tinker://<run_id>/external_weights/<name>")
+        raise ValueError(
+            f"{path!r} is not a checkpoint path: expected tinker://<run_id>/weights/<name>, "
+            "tinker://<run_id>/sampler_weights/<name> or tinker://<run_id>/external_weights/<name>"
+        )
     run_id, segment, name = match.groups()
     return run_id, stored_name(_SEGMENT[segment], name)
 
@@ -255,8 +267,9 @@ def from_checkpoint_id(checkpoint: str) -> str:
     -> our name; ValueError otherwise."""
     segment, _, name = checkpoint.partition("/")
     if segment not in _SEGMENT or not name or "/" in name:
-        raise ValueError(f"checkpoint id {checkpoint!r} must be weights/<name>, sampler_weights/<name> "
-                         "or external_weights/<name>")
+        raise ValueError(
+            f"checkpoint id {checkpoint!r} must be weights/<name>, sampler_weights/<name> or external_weights/<name>"
+        )
     return stored_name(_SEGMENT[segment], name)
 
 

@@ -72,8 +72,9 @@ def session_of_id(tinker_id: str) -> str:
 class StabilityRecords:
     """Recorded sequences by sequence_id, each with its expiry; thread-safe."""
 
-    def __init__(self, lifetime: float = RECORD_SECONDS, max_tokens: int = MAX_RECORDED_TOKENS,
-                 clock=time.monotonic) -> None:
+    def __init__(
+        self, lifetime: float = RECORD_SECONDS, max_tokens: int = MAX_RECORDED_TOKENS, clock=time.monotonic
+    ) -> None:
         self.lifetime, self.max_tokens, self.clock = lifetime, max_tokens, clock
         self._records: OrderedDict[str, tuple[RecordedSequence, float]] = OrderedDict()
         self._tokens = 0
@@ -112,7 +113,9 @@ class StabilityRecords:
             if entry is None or entry[0].session_id != session_id:
                 raise ProvenanceError(
                     f"sequence {sequence_id!r} is not a recorded sequence of session {session_id} (sample it with "
-                    "record_stability_info=True in this session; records last a day after their last use)", loc)
+                    "record_stability_info=True in this session; records last a day after their last use)",
+                    loc,
+                )
             self._records[sequence_id] = (entry[0], self.clock() + self.lifetime)
             self._records.move_to_end(sequence_id)
             return entry[0]
@@ -126,19 +129,27 @@ def _tokens_of(record: RecordedSequence, span: ProvenanceSpan) -> tuple[int, ...
     source = record.prompt if span.kind is SpanKind.PROMPT else record.tokens
     if span.offset + span.length > len(source):
         return ()
-    return source[span.offset: span.offset + span.length]
+    return source[span.offset : span.offset + span.length]
 
 
-def resolve(records: StabilityRecords, session_id: str, index: int, provenance: DatumProvenance,
-            tokens: list[int], targets: list[int]) -> list[float | None]:
+def resolve(
+    records: StabilityRecords,
+    session_id: str,
+    index: int,
+    provenance: DatumProvenance,
+    tokens: list[int],
+    targets: list[int],
+) -> list[float | None]:
     """Datum `index`'s recorded sampler logprob at each target position (None where no run of
     sampled tokens covers it). Checks that each run names a recorded sequence of this session
     and that the datum's tokens there are the recorded ones: every model-input run, and the
     sampled runs of the targets (prompt runs of the targets are not compared: recipes pad the
     targets of prompt positions, which carry no loss)."""
     sampler_logprobs: list[float | None] = [None] * len(targets)
-    for field_name, spans, values in (("model_input_spans", provenance.model_input, tokens),
-                                      ("loss_fn_input_spans", provenance.targets, targets)):
+    for field_name, spans, values in (
+        ("model_input_spans", provenance.model_input, tokens),
+        ("loss_fn_input_spans", provenance.targets, targets),
+    ):
         position = 0
         for j, span in enumerate(spans):
             loc = ("data", index, field_name, j)
@@ -149,15 +160,20 @@ def resolve(records: StabilityRecords, session_id: str, index: int, provenance: 
                 raise ProvenanceError(
                     f"data[{index}].{field_name}[{j}] covers {span.kind.value} positions "
                     f"[{span.offset}, {span.offset + span.length}) of sequence {span.sequence_id!r}, "
-                    f"which has {source}", loc)
+                    f"which has {source}",
+                    loc,
+                )
             compare = field_name == "model_input_spans" or sampled
-            if compare and tuple(values[position: position + span.length]) != _tokens_of(record, span):
+            if compare and tuple(values[position : position + span.length]) != _tokens_of(record, span):
                 raise ProvenanceError(
                     f"data[{index}].{field_name}[{j}]: the datum's tokens at positions "
                     f"[{position}, {position + span.length}) are not the {span.kind.value} tokens of sequence "
-                    f"{span.sequence_id!r} it names", loc)
+                    f"{span.sequence_id!r} it names",
+                    loc,
+                )
             if field_name == "loss_fn_input_spans" and sampled:
-                sampler_logprobs[position: position + span.length] = \
-                    record.logprobs[span.offset: span.offset + span.length]
+                sampler_logprobs[position : position + span.length] = record.logprobs[
+                    span.offset : span.offset + span.length
+                ]
             position += span.length
     return sampler_logprobs

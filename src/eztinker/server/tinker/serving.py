@@ -73,8 +73,15 @@ class FutureRef:
     sample_sequence_ids: list[str] | None = None
 
     def body(self) -> dict[str, Any]:
-        return {k: v for k, v in (("request_id", self.request_id), ("model_id", self.model_id),
-                                  ("sample_sequence_ids", self.sample_sequence_ids)) if v is not None}
+        return {
+            k: v
+            for k, v in (
+                ("request_id", self.request_id),
+                ("model_id", self.model_id),
+                ("sample_sequence_ids", self.sample_sequence_ids),
+            )
+            if v is not None
+        }
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,13 @@ class Sequencer:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._next[model_id] >= seq_id), TURN_SECONDS)
             except asyncio.TimeoutError:
-                log.warning("model %s: seq_id %d went ahead after waiting %.0f s for seq_id %d", model_id, seq_id,
-                            TURN_SECONDS, self._next[model_id])
+                log.warning(
+                    "model %s: seq_id %d went ahead after waiting %.0f s for seq_id %d",
+                    model_id,
+                    seq_id,
+                    TURN_SECONDS,
+                    self._next[model_id],
+                )
         try:
             yield
         finally:
@@ -207,15 +219,24 @@ class TinkerServing:
     def capabilities(self) -> dict:
         # The SDK's GetServerCapabilitiesResponse has no field for losses (it ignores the extra
         # key); supported_loss_fns is for clients that read the JSON themselves.
-        return {"supported_models": [
-            {"model_name": m.name, "max_context_length": m.max_context_length, "trainable": True, "sampleable": True}
-            for m in self.service.models.values()
-        ], "supported_loss_fns": list(LOSS_FNS)}
+        return {
+            "supported_models": [
+                {
+                    "model_name": m.name,
+                    "max_context_length": m.max_context_length,
+                    "trainable": True,
+                    "sampleable": True,
+                }
+                for m in self.service.models.values()
+            ],
+            "supported_loss_fns": list(LOSS_FNS),
+        }
 
     def create_session(self, user: str, body: p.CreateSession) -> str:
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
-        self.sessions.add_session(session_id, user, {"tags": body.tags, "user_metadata": body.user_metadata,
-                                                     "sdk_version": body.sdk_version})
+        self.sessions.add_session(
+            session_id, user, {"tags": body.tags, "user_metadata": body.user_metadata, "sdk_version": body.sdk_version}
+        )
         self.liveness.beat(session_id)
         return session_id
 
@@ -248,10 +269,16 @@ class TinkerServing:
             lora = body.lora_config
             if not (lora.train_attn or lora.train_mlp or lora.train_unembed):
                 raise ServiceError(422, "train_attn, train_mlp or train_unembed must be true", ("lora_config",))
-            targets = "all-linear" if lora.train_attn and lora.train_mlp else (
-                _ATTN if lora.train_attn else _MLP if lora.train_mlp else [])
-            request = CreateRunRequest(base_model=body.base_model, seed=lora.seed or 0, lora=LoraConfig(
-                rank=lora.rank, alpha=32.0, target_modules=targets, train_unembed=lora.train_unembed))
+            targets = (
+                "all-linear"
+                if lora.train_attn and lora.train_mlp
+                else (_ATTN if lora.train_attn else _MLP if lora.train_mlp else [])
+            )
+            request = CreateRunRequest(
+                base_model=body.base_model,
+                seed=lora.seed or 0,
+                lora=LoraConfig(rank=lora.rank, alpha=32.0, target_modules=targets, train_unembed=lora.train_unembed),
+            )
             metadata = {"user_metadata": body.user_metadata or {}, "lora_config": lora.model_dump()}
             ref = self.service.submit_create_run(user, request, key, run_id=model_id, metadata=metadata)
         except (ServiceError, ValidationError, ValueError) as exc:
@@ -264,8 +291,11 @@ class TinkerServing:
         info = self.service.models.get(run.base_model)
         return {
             "model_id": run.id,
-            "model_data": {"arch": info.architecture if info else None, "model_name": run.base_model,
-                           "tokenizer_id": info.tokenizer_id if info else run.base_model},
+            "model_data": {
+                "arch": info.architecture if info else None,
+                "model_name": run.base_model,
+                "tokenizer_id": info.tokenizer_id if info else run.base_model,
+            },
             "optimizer_config": p.ADAMW,
             "is_lora": True,
             "lora_rank": run.lora.rank,
@@ -276,21 +306,30 @@ class TinkerServing:
     async def forward_backward(self, user: str, raw: bytes, encoding: str | None, key: str | None) -> FutureRef:
         settings = self.service.settings
         # Off the event loop: inflating and decoding take time that grows with the body.
-        call = await run_in_threadpool(wire.decode_forward_backward, raw, encoding,
-                                       max_decompressed_bytes=settings.max_request_bytes,
-                                       max_elements=settings.max_tokens_per_request)
+        call = await run_in_threadpool(
+            wire.decode_forward_backward,
+            raw,
+            encoding,
+            max_decompressed_bytes=settings.max_request_bytes,
+            max_elements=settings.max_tokens_per_request,
+        )
         if (refused := self._not_owned(user, "forward_backward", call.model_id)) is not None:
             return refused
         async with self.sequencer.turn(call.model_id, call.seq_id):
             try:
                 if call.loss_fn not in LOSS_FNS:
-                    raise ServiceError(422, f"loss_fn {call.loss_fn!r} is not supported by this server; "
-                                            f"it supports {', '.join(LOSS_FNS)}", ("loss_fn",))
+                    raise ServiceError(
+                        422,
+                        f"loss_fn {call.loss_fn!r} is not supported by this server; it supports {', '.join(LOSS_FNS)}",
+                        ("loss_fn",),
+                    )
                 data = self._with_recorded_logprobs(call) if call.loss_fn == "stable_reinforce" else call.data
-                request = ForwardBackwardRequest(data=data, loss_fn=call.loss_fn,
-                                                 loss_fn_config=call.loss_fn_config or None)
-                ref = self.service.submit_forward_backward(user, call.model_id, request, key,
-                                                           forward_only=call.forward_only, all_logprobs=True)
+                request = ForwardBackwardRequest(
+                    data=data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config or None
+                )
+                ref = self.service.submit_forward_backward(
+                    user, call.model_id, request, key, forward_only=call.forward_only, all_logprobs=True
+                )
             except (ServiceError, ValidationError) as exc:
                 return self._refused(user, "forward_backward", call.model_id, exc)
         return FutureRef(ref.job_id, model_id=call.model_id)
@@ -303,13 +342,17 @@ class TinkerServing:
         data = []
         for i, (datum, provenance) in enumerate(zip(call.data, call.provenance)):
             if provenance is None:
-                raise ServiceError(422, f"data[{i}] has no provenance: stable_reinforce needs every datum to name the "
-                                        "sampled sequences behind its tokens (Datum.with_provenance)",
-                                   ("data", i, "loss_fn_input_spans"))
+                raise ServiceError(
+                    422,
+                    f"data[{i}] has no provenance: stable_reinforce needs every datum to name the "
+                    "sampled sequences behind its tokens (Datum.with_provenance)",
+                    ("data", i, "loss_fn_input_spans"),
+                )
             inputs = datum.loss_fn_inputs
             try:
-                recorded = resolve(self.stability, session_id, i, provenance, datum.model_input.tokens,
-                                   inputs.target_tokens)
+                recorded = resolve(
+                    self.stability, session_id, i, provenance, datum.model_input.tokens, inputs.target_tokens
+                )
             except ProvenanceError as exc:
                 raise ServiceError(422, exc.message, exc.loc) from None
             if inputs.logprobs is None:
@@ -337,8 +380,16 @@ class TinkerServing:
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 ref = self.service.submit_save(
-                    user, body.model_id, SaveRequest(name=body.path), key, kind=CheckpointKind.training, field="path",
-                    ttl_seconds=body.ttl_seconds, overwrite=body.overwrite, meta={"user_metadata": body.user_metadata})
+                    user,
+                    body.model_id,
+                    SaveRequest(name=body.path),
+                    key,
+                    kind=CheckpointKind.training,
+                    field="path",
+                    ttl_seconds=body.ttl_seconds,
+                    overwrite=body.overwrite,
+                    meta={"user_metadata": body.user_metadata},
+                )
             except (ServiceError, ValidationError) as exc:
                 return self._refused(user, "save", body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
@@ -350,8 +401,15 @@ class TinkerServing:
             try:
                 if body.path is not None:
                     ref = self.service.submit_save(
-                        user, body.model_id, SaveRequest(name=body.path), key, kind=CheckpointKind.sampler,
-                        field="path", ttl_seconds=body.ttl_seconds, meta={"user_metadata": body.user_metadata})
+                        user,
+                        body.model_id,
+                        SaveRequest(name=body.path),
+                        key,
+                        kind=CheckpointKind.sampler,
+                        field="path",
+                        ttl_seconds=body.ttl_seconds,
+                        meta={"user_metadata": body.user_metadata},
+                    )
                 else:
                     ref = self._save_session_snapshot(user, body, key)
             except (ServiceError, ValidationError) as exc:
@@ -366,8 +424,9 @@ class TinkerServing:
             raise ServiceError(422, "give path or sampling_session_seq_id", ("path",))
         session_id = body.model_id.split(":train:")[0]
         sampler_id = f"{session_id}:sample:{body.sampling_session_seq_id}"
-        ref, checkpoint = self.service.submit_sampler_snapshot(user, body.model_id, sampler_id, key,
-                                                               ttl_seconds=body.ttl_seconds)
+        ref, checkpoint = self.service.submit_sampler_snapshot(
+            user, body.model_id, sampler_id, key, ttl_seconds=body.ttl_seconds
+        )
         run = self.service.get_run(user, body.model_id)
         self.sessions.add_sampler(sampler_id, user, run.base_model, checkpoint, None)
         self.extras.remember(ref.job_id, FutureExtra(sampling_session_id=sampler_id))
@@ -382,17 +441,28 @@ class TinkerServing:
             try:
                 recipients = body.age_encryption_recipients
                 meta = {"age_recipients": check_age_recipients(recipients)} if recipients is not None else {}
-                ref = self.service.submit_save(user, body.model_id, SaveRequest(name=body.path), key, field="path",
-                                               kind=CheckpointKind.external, ttl_seconds=body.ttl_seconds, meta=meta)
+                ref = self.service.submit_save(
+                    user,
+                    body.model_id,
+                    SaveRequest(name=body.path),
+                    key,
+                    field="path",
+                    kind=CheckpointKind.external,
+                    ttl_seconds=body.ttl_seconds,
+                    meta=meta,
+                )
             except (ServiceError, ValidationError) as exc:
                 return self._refused(user, "save", body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     async def load_weights(self, user: str, body: p.LoadWeights, key: str | None) -> FutureRef:
         if body.weights_access_token is not None:
-            raise ServiceError(422, "weights_access_token is not supported by this server: the checkpoint's owner "
-                                    "publishes it instead (RestClient.publish_checkpoint_from_tinker_path)",
-                               ("weights_access_token",))
+            raise ServiceError(
+                422,
+                "weights_access_token is not supported by this server: the checkpoint's owner "
+                "publishes it instead (RestClient.publish_checkpoint_from_tinker_path)",
+                ("weights_access_token",),
+            )
         if body.model_id is None:
             return self._create_from_state(user, body, key)
         if (refused := self._not_owned(user, "load", body.model_id)) is not None:
@@ -401,8 +471,9 @@ class TinkerServing:
             try:
                 p.check_optimizer_config(body.optimizer_config)
                 source, name = p.parse_tinker_path(body.path)
-                ref = self.service.submit_load(user, body.model_id, LoadRequest(checkpoint=f"{source}/{name}"), key,
-                                               with_optimizer=body.optimizer)
+                ref = self.service.submit_load(
+                    user, body.model_id, LoadRequest(checkpoint=f"{source}/{name}"), key, with_optimizer=body.optimizer
+                )
             except (ServiceError, ValidationError, ValueError) as exc:
                 return self._refused(user, "load", body.model_id, exc)
         self.extras.remember(ref.job_id, FutureExtra(path=body.path, model_id=body.model_id))
@@ -418,8 +489,14 @@ class TinkerServing:
             p.check_optimizer_config(body.optimizer_config)
             source, name = p.parse_tinker_path(body.path)
             request = CreateRunRequest(base_model=body.base_model, from_checkpoint=f"{source}/{name}")
-            ref = self.service.submit_create_run(user, request, key, run_id=model_id, with_optimizer=body.optimizer,
-                                                 metadata={"user_metadata": body.user_metadata or {}})
+            ref = self.service.submit_create_run(
+                user,
+                request,
+                key,
+                run_id=model_id,
+                with_optimizer=body.optimizer,
+                metadata={"user_metadata": body.user_metadata or {}},
+            )
         except (ServiceError, ValidationError, ValueError) as exc:
             return self._refused(user, "create_run", None, exc)
         self.sequencer.start(model_id)
@@ -475,25 +552,46 @@ class TinkerServing:
         stop, stop_ids = wire.parse_stop(body.sampling_params.stop)
         sp = body.sampling_params
         params = SamplingParams(
-            max_tokens=sp.max_tokens or min(self.service.settings.max_new_tokens, 256), temperature=sp.temperature,
-            top_p=sp.top_p, top_k=max(sp.top_k, 0), stop=stop, stop_token_ids=stop_ids, seed=sp.seed,
-            ignore_eos=wire.stop_disables_eos(sp.stop))
+            max_tokens=sp.max_tokens or min(self.service.settings.max_new_tokens, 256),
+            temperature=sp.temperature,
+            top_p=sp.top_p,
+            top_k=max(sp.top_k, 0),
+            stop=stop,
+            stop_token_ids=stop_ids,
+            seed=sp.seed,
+            ignore_eos=wire.stop_disables_eos(sp.stop),
+        )
         snapshot = None
         if sampler["checkpoint"] is not None:
-            snapshot, _ = self.service.checkpoint_path(user, sampler["checkpoint"], field="sampling_session_id",
-                                                       published=True)
+            snapshot, _ = self.service.checkpoint_path(
+                user, sampler["checkpoint"], field="sampling_session_id", published=True
+            )
         session_id = self._live_session_of_sampler(user, body.sampling_session_id)
         ref = self.service.submit_sample_tokens(
-            user, sampler["base_model"], None, [prompt], body.num_samples, params, body, key, snapshot=snapshot,
+            user,
+            sampler["base_model"],
+            None,
+            [prompt],
+            body.num_samples,
+            params,
+            body,
+            key,
+            snapshot=snapshot,
             prompt_logprobs=bool(body.prompt_logprobs) or body.topk_prompt_logprobs > 0,
-            topk_prompt_logprobs=body.topk_prompt_logprobs, topk_logprobs=body.topk_sample_logprobs,
-            prompt_logprobs_last_n=body.prompt_logprobs_last_n, prompt_targets=None if grid is None else [grid.rows],
-            prompt_alt_tokens_k=body.prompt_alt_tokens_k, consumers_gone=lambda: self.liveness.ended(session_id))
+            topk_prompt_logprobs=body.topk_prompt_logprobs,
+            topk_logprobs=body.topk_sample_logprobs,
+            prompt_logprobs_last_n=body.prompt_logprobs_last_n,
+            prompt_targets=None if grid is None else [grid.rows],
+            prompt_alt_tokens_k=body.prompt_alt_tokens_k,
+            consumers_gone=lambda: self.liveness.ended(session_id),
+        )
         # record_stability_info: the sequences are recorded when the answer is first read (_answer).
         stability = session_of_id(body.sampling_session_id) if body.record_stability_info else None
         if grid is not None or stability is not None:
-            self.extras.remember(ref.job_id, FutureExtra(target_grid=grid, stability_session=stability,
-                                                         prompt=tuple(prompt) if stability else ()))
+            self.extras.remember(
+                ref.job_id,
+                FutureExtra(target_grid=grid, stability_session=stability, prompt=tuple(prompt) if stability else ()),
+            )
         return ref
 
     def _live_session_of_sampler(self, user: str, sampler_id: str) -> str:
@@ -533,8 +631,12 @@ class TinkerServing:
         if record.kind == "sample":
             if extra.stability_session is not None:
                 for i, seq in enumerate(value["sequences"][0]):
-                    self.stability.record(f"{record.id}:{i}", RecordedSequence(
-                        extra.stability_session, extra.prompt, tuple(seq["tokens"]), tuple(seq["logprobs"])))
+                    self.stability.record(
+                        f"{record.id}:{i}",
+                        RecordedSequence(
+                            extra.stability_session, extra.prompt, tuple(seq["tokens"]), tuple(seq["logprobs"])
+                        ),
+                    )
             targets, alt = value.get("target_prompt_logprobs"), value.get("prompt_alt_tokens")
             if targets is not None and extra.target_grid is None:  # its layout was lost (a restart): sample again
                 return error_body(410, "this sample's target_prompt_logprobs layout is gone; send it again")
@@ -543,13 +645,21 @@ class TinkerServing:
                 prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
                 topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0],
                 target_prompt_logprobs=None if targets is None else extra.target_grid.answer(targets[0]),
-                prompt_alt_tokens=None if alt is None else (alt[0]["tokens"], alt[0]["logprobs"]))
+                prompt_alt_tokens=None if alt is None else (alt[0]["tokens"], alt[0]["logprobs"]),
+            )
             return Response(body, media_type="application/x-protobuf")
         if record.kind == "create_run":
             return JSONResponse({"model_id": record.run_id, **({"path": extra.path} if extra.path else {})})
         if record.kind == "optim_step":
-            return JSONResponse({"metrics": {"grad_norm": value["grad_norm"], "learning_rate": value["learning_rate"],
-                                             "step": value["step"]}})
+            return JSONResponse(
+                {
+                    "metrics": {
+                        "grad_norm": value["grad_norm"],
+                        "learning_rate": value["learning_rate"],
+                        "step": value["step"],
+                    }
+                }
+            )
         if record.kind == "save":
             if extra.sampling_session_id is not None:
                 return JSONResponse({"sampling_session_id": extra.sampling_session_id})
@@ -562,27 +672,42 @@ class TinkerServing:
     def _checkpoint_json(self, run_id: str, info: CheckpointInfo) -> dict:
         checkpoint, kind = p.checkpoint_id(info.name)
         metadata = self.service.store.checkpoint_meta(run_id, info.name).get("user_metadata")
-        return {"checkpoint_id": checkpoint, "checkpoint_type": kind, "time": info.created_at.isoformat(),
-                "tinker_path": p.tinker_path(run_id, info.name), "public": info.public,
-                "size_bytes": _size(self.service.data_dir / info.path), "user_metadata": metadata,
-                "expires_at": None if info.expires_at is None else info.expires_at.isoformat()}
+        return {
+            "checkpoint_id": checkpoint,
+            "checkpoint_type": kind,
+            "time": info.created_at.isoformat(),
+            "tinker_path": p.tinker_path(run_id, info.name),
+            "public": info.public,
+            "size_bytes": _size(self.service.data_dir / info.path),
+            "user_metadata": metadata,
+            "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
+        }
 
     def _training_run_json(self, run: RunInfo) -> dict:
         row = self.service.store.run_row_any(run.id)
         training = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "training"]
         sampler = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "sampler"]
         metadata = _json_or_empty(row["metadata"]).get("user_metadata") or {}
-        return {"training_run_id": run.id, "base_model": run.base_model, "model_owner": row["owner"], "is_lora": True,
-                "corrupted": False, "lora_rank": run.lora.rank, "last_request_time": run.created_at.isoformat(),
-                "last_checkpoint": self._checkpoint_json(run.id, training[-1]) if training else None,
-                "last_sampler_checkpoint": self._checkpoint_json(run.id, sampler[-1]) if sampler else None,
-                "user_metadata": {k: str(v) for k, v in metadata.items()}}
+        return {
+            "training_run_id": run.id,
+            "base_model": run.base_model,
+            "model_owner": row["owner"],
+            "is_lora": True,
+            "corrupted": False,
+            "lora_rank": run.lora.rank,
+            "last_request_time": run.created_at.isoformat(),
+            "last_checkpoint": self._checkpoint_json(run.id, training[-1]) if training else None,
+            "last_sampler_checkpoint": self._checkpoint_json(run.id, sampler[-1]) if sampler else None,
+            "user_metadata": {k: str(v) for k, v in metadata.items()},
+        }
 
     def training_runs(self, user: str, limit: int, offset: int) -> dict:
         runs = self.service.list_runs(user)
-        page = runs[offset: offset + limit]
-        return {"training_runs": [self._training_run_json(r) for r in page],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)}}
+        page = runs[offset : offset + limit]
+        return {
+            "training_runs": [self._training_run_json(r) for r in page],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(runs)},
+        }
 
     def training_run(self, user: str, run_id: str) -> dict:
         return self._training_run_json(self.service.get_run(user, run_id))
@@ -593,8 +718,10 @@ class TinkerServing:
 
     def user_checkpoints(self, user: str, limit: int, offset: int) -> dict:
         every = _unexpired(self.service.store.checkpoints_of(user))
-        return {"checkpoints": [self._checkpoint_json(c.run_id, c) for c in every[offset: offset + limit]],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(every)}}
+        return {
+            "checkpoints": [self._checkpoint_json(c.run_id, c) for c in every[offset : offset + limit]],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(every)},
+        }
 
     def our_checkpoint(self, user: str, run_id: str, checkpoint: str) -> tuple[str, Path]:
         """Tinker's checkpoint id of one of the user's runs -> (our name, its folder)."""
@@ -617,11 +744,15 @@ class TinkerServing:
         path, _ = self.service.checkpoint_path(user, f"{run_id}/{name}", field="tinker_path", published=True)
         state = self.service.backend.read_checkpoint(path)
         targets = state.lora.target_modules
-        return {"base_model": state.base_model, "optimizer_config": p.ADAMW, "is_lora": True,
-                "lora_rank": state.lora.rank,
-                "train_attn": targets == "all-linear" or any(t in targets for t in _ATTN),
-                "train_mlp": targets == "all-linear" or any(t in targets for t in _MLP),
-                "train_unembed": state.lora.train_unembed}
+        return {
+            "base_model": state.base_model,
+            "optimizer_config": p.ADAMW,
+            "is_lora": True,
+            "lora_rank": state.lora.rank,
+            "train_attn": targets == "all-linear" or any(t in targets for t in _ATTN),
+            "train_mlp": targets == "all-linear" or any(t in targets for t in _MLP),
+            "train_unembed": state.lora.train_unembed,
+        }
 
 
 def _known(logprob: Any) -> Any:

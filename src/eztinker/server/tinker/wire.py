@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 from pydantic import ValidationError
-
 from tinker.proto import tinker_public_pb2 as pb
 
 from ...types import Datum
@@ -135,9 +134,7 @@ def _inflate(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     if encoding != "zstd":
-        raise WireError(
-            f"unsupported Content-Encoding {content_encoding!r}: send the body plain or zstd"
-        )
+        raise WireError(f"unsupported Content-Encoding {content_encoding!r}: send the body plain or zstd")
     import zstandard  # a dependency of tinker
 
     bad = "malformed ForwardBackwardRequest protobuf: bad zstd body"
@@ -168,14 +165,12 @@ def _array(buf: bytes, dtype: int, loc: tuple[str | int, ...], what: str) -> np.
     np_dtype = _DTYPE_NUMPY.get(dtype)
     if np_dtype is None:
         raise WireError(
-            f"{_where(loc)} has dtype {_DTYPE_NAMES.get(dtype, dtype)}; "
-            "expected int64, int32, float32 or bfloat16",
+            f"{_where(loc)} has dtype {_DTYPE_NAMES.get(dtype, dtype)}; expected int64, int32, float32 or bfloat16",
             loc,
         )
     if len(buf) % np_dtype.itemsize:
         raise WireError(
-            f"{_where(loc)}: {what} holds {len(buf)} bytes, not a whole number of "
-            f"{_DTYPE_NAMES[dtype]} values",
+            f"{_where(loc)}: {what} holds {len(buf)} bytes, not a whole number of {_DTYPE_NAMES[dtype]} values",
             loc,
         )
     arr = np.frombuffer(buf, dtype=np_dtype)
@@ -199,14 +194,15 @@ def _dense(msg: pb.Tensor, loc: tuple[str | int, ...], max_elements: int = MAX_E
     if any(s < 0 for s in shape):
         raise WireError(f"{_where(loc)} has a negative dimension in shape {shape}", loc)
     if math.prod(shape) > max_elements:
-        raise WireError(f"{_where(loc)} declares shape {shape}, {math.prod(shape)} values; a loss_fn_inputs tensor "
-                        f"holds at most max_tokens_per_request ({max_elements})", loc)
+        raise WireError(
+            f"{_where(loc)} declares shape {shape}, {math.prod(shape)} values; a loss_fn_inputs tensor "
+            f"holds at most max_tokens_per_request ({max_elements})",
+            loc,
+        )
     which = msg.WhichOneof("encoding")
     if which == "sparse_csr":
         if len(shape) != 2:
-            raise WireError(
-                f"{_where(loc)} is sparse CSR with shape {shape}; CSR needs a 2-D shape", loc
-            )
+            raise WireError(f"{_where(loc)} is sparse CSR with shape {shape}; CSR needs a 2-D shape", loc)
         rows, cols = shape
         csr = msg.sparse_csr
         values = _array(csr.values, msg.dtype, loc, "values")
@@ -238,8 +234,9 @@ def _dense(msg: pb.Tensor, loc: tuple[str | int, ...], max_elements: int = MAX_E
     return arr.reshape(shape)
 
 
-def _tensor(msg: pb.Tensor, loc: tuple[str | int, ...], max_elements: int = MAX_ELEMENTS,
-            multi: bool = False) -> np.ndarray:
+def _tensor(
+    msg: pb.Tensor, loc: tuple[str | int, ...], max_elements: int = MAX_ELEMENTS, multi: bool = False
+) -> np.ndarray:
     """A Tensor -> a 1-D numpy array, or with `multi` a 2-D [N, K] one (K >= 2). A 2-D tensor
     of shape [N, 1] counts as 1-D."""
     arr = _dense(msg, loc, max_elements)
@@ -269,9 +266,7 @@ def _floats(arr: np.ndarray, loc: tuple[str | int, ...]) -> list[float]:
     if bad.size:
         at = tuple(int(i) for i in bad[0])
         index = "".join(f"[{i}]" for i in at)
-        raise WireError(
-            f"{_where(loc)}{index} is {arr[at]}; only finite values are accepted", (*loc, *at)
-        )
+        raise WireError(f"{_where(loc)}{index} is {arr[at]}; only finite values are accepted", (*loc, *at))
     return arr.tolist()
 
 
@@ -303,8 +298,7 @@ def _datum(msg: pb.Datum, i: int, max_elements: int = MAX_ELEMENTS) -> Datum:
             # sequence_ratio_mask that silently did nothing would train something else than
             # the client asked for (the REST schema refuses unknown fields for the same reason).
             raise WireError(
-                f"{_where(loc)} is not supported by this server; loss_fn_inputs may hold "
-                f"{', '.join(_INPUTS)}",
+                f"{_where(loc)} is not supported by this server; loss_fn_inputs may hold {', '.join(_INPUTS)}",
                 loc,
             )
         arr = _tensor(msg.loss_fn_inputs[name], loc, max_elements, multi=name in _MULTI)
@@ -315,9 +309,7 @@ def _datum(msg: pb.Datum, i: int, max_elements: int = MAX_ELEMENTS) -> Datum:
         raise _datum_error(exc, i, tokens, inputs) from None
 
 
-def _datum_error(
-    exc: ValidationError, i: int, tokens: list[int], inputs: dict[str, Any]
-) -> WireError:
+def _datum_error(exc: ValidationError, i: int, tokens: list[int], inputs: dict[str, Any]) -> WireError:
     """Our Datum refused what decoded fine: say which datum and which field, in Tinker's terms."""
     n = len(tokens)
     if n == 0:
@@ -328,9 +320,7 @@ def _datum_error(
     for name, values in inputs.items():
         if len(values) != n:
             loc = ("data", i, "loss_fn_inputs", name)
-            return WireError(
-                f"{_where(loc)} has {len(values)} entries but model_input has {n} tokens", loc
-            )
+            return WireError(f"{_where(loc)} has {len(values)} entries but model_input has {n} tokens", loc)
     first = exc.errors()[0]
     loc = ("data", i, *first["loc"])
     return WireError(f"{_where(loc)}: {first['msg']}", loc)
@@ -343,8 +333,7 @@ def _loss_fn_config(msg: pb.ForwardBackwardRequest) -> dict[str, float]:
         kind = value.WhichOneof("value")
         if kind == "text":
             raise WireError(
-                f"loss_fn_config[{key!r}] is the text {value.text!r}; this server's losses "
-                "take numbers only",
+                f"loss_fn_config[{key!r}] is the text {value.text!r}; this server's losses take numbers only",
                 loc,
             )
         if kind is None:
@@ -397,12 +386,20 @@ def _spans(msgs: Sequence[pb.ProvenanceSpan], i: int, name: str, covers: int) ->
         arm = getattr(msg, kind)
         if not arm.sequence_id or arm.offset < 0 or arm.length < 0:
             raise WireError(f"{_where(loc)} needs a sequence_id, offset >= 0 and length >= 0", loc)
-        spans.append(ProvenanceSpan(SpanKind.PROMPT if kind == "prompt_tokens" else SpanKind.SAMPLED,
-                                    arm.sequence_id, int(arm.offset), int(arm.length)))
+        spans.append(
+            ProvenanceSpan(
+                SpanKind.PROMPT if kind == "prompt_tokens" else SpanKind.SAMPLED,
+                arm.sequence_id,
+                int(arm.offset),
+                int(arm.length),
+            )
+        )
     total = sum(span.length for span in spans)
     if total != covers:
-        raise WireError(f"data[{i}].{name} cover {total} positions but the field has {covers}; "
-                        "the runs must tile it exactly", ("data", i, name))
+        raise WireError(
+            f"data[{i}].{name} cover {total} positions but the field has {covers}; the runs must tile it exactly",
+            ("data", i, name),
+        )
     return tuple(spans)
 
 
@@ -411,11 +408,15 @@ def _provenance(msg: pb.Datum, i: int) -> DatumProvenance | None:
     if not msg.model_input_spans and not msg.loss_fn_input_spans:
         return None
     if not msg.model_input_spans or not msg.loss_fn_input_spans:
-        raise WireError(f"data[{i}]: provenance comes as a pair, model_input_spans and loss_fn_input_spans",
-                        ("data", i, "model_input_spans"))
+        raise WireError(
+            f"data[{i}]: provenance comes as a pair, model_input_spans and loss_fn_input_spans",
+            ("data", i, "model_input_spans"),
+        )
     n = sum(len(_array(c.encoded_text.tokens, pb.DTYPE_INT32, ("data", i), "tokens")) for c in msg.model_input)
-    return DatumProvenance(model_input=_spans(msg.model_input_spans, i, "model_input_spans", n),
-                           targets=_spans(msg.loss_fn_input_spans, i, "loss_fn_input_spans", n))
+    return DatumProvenance(
+        model_input=_spans(msg.model_input_spans, i, "model_input_spans", n),
+        targets=_spans(msg.loss_fn_input_spans, i, "loss_fn_input_spans", n),
+    )
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -443,11 +444,11 @@ def encode_forward_backward_output(
     for key in metrics:
         if key.count(":") != 1:
             raise ValueError(
-                f"metric key {key!r} must be 'name:reduction' with exactly one ':' "
-                "(the SDK splits every key on it)"
+                f"metric key {key!r} must be 'name:reduction' with exactly one ':' (the SDK splits every key on it)"
             )
-    if elementwise_loss is not None and (len(elementwise_loss) != len(logprobs) or any(
-            len(a) != len(b) for a, b in zip(elementwise_loss, logprobs))):
+    if elementwise_loss is not None and (
+        len(elementwise_loss) != len(logprobs) or any(len(a) != len(b) for a, b in zip(elementwise_loss, logprobs))
+    ):
         raise ValueError("elementwise_loss must have the shape of logprobs, datum by datum")
     # One ArrayRecord per run of datums of one trailing shape ([N] rows, or [N, K] rows of one K):
     # the SDK reads ragged outputs as several internally rectangular records, in order.
@@ -479,9 +480,7 @@ def _topk(rows: Sequence[Sequence[tuple[int, float]] | None]) -> pb.TopkLogprobs
         for j, (token, logprob) in enumerate(row or ()):
             token_ids[i, j] = token
             values[i, j] = logprob
-    return pb.TopkLogprobs(
-        token_ids=token_ids.tobytes(), logprobs=values.tobytes(), k=k, length=len(rows)
-    )
+    return pb.TopkLogprobs(token_ids=token_ids.tobytes(), logprobs=values.tobytes(), k=k, length=len(rows))
 
 
 def encode_sample_response(
@@ -503,9 +502,7 @@ def encode_sample_response(
         logprobs = list(_field(seq, "logprobs"))
         stop_reason = _field(seq, "stop_reason")
         if len(logprobs) != len(tokens):
-            raise ValueError(
-                f"sequence {n} has {len(tokens)} tokens but {len(logprobs)} logprobs"
-            )
+            raise ValueError(f"sequence {n} has {len(tokens)} tokens but {len(logprobs)} logprobs")
         if stop_reason not in _STOP_REASONS:
             raise ValueError(f"sequence {n}: stop_reason must be 'stop' or 'length'")
         encoded = out.sequences.add(
@@ -577,12 +574,14 @@ def decode_target_grid(tensor: Any) -> TargetGrid:
     if not isinstance(tensor, dict):
         raise WireError("target_prompt_logprobs must be a TensorData object", loc)
     if tensor.get("dtype") != "int64":
-        raise WireError(f"target_prompt_logprobs has dtype {tensor.get('dtype')!r}; it must be int64 token ids",
-                        (*loc, "dtype"))
+        raise WireError(
+            f"target_prompt_logprobs has dtype {tensor.get('dtype')!r}; it must be int64 token ids", (*loc, "dtype")
+        )
     shape = _int_list(tensor.get("shape"), (*loc, "shape"), "shape")
     if len(shape) != 2 or min(shape) < 0:
-        raise WireError(f"target_prompt_logprobs has shape {shape}; it must be 2-D, [len(prompt) - 1, K]",
-                        (*loc, "shape"))
+        raise WireError(
+            f"target_prompt_logprobs has shape {shape}; it must be 2-D, [len(prompt) - 1, K]", (*loc, "shape")
+        )
     rows_n, width = shape
     data = _int_list(tensor.get("data"), (*loc, "data"), "data")
     if any(v < -1 for v in data):
@@ -595,24 +594,32 @@ def decode_target_grid(tensor: Any) -> TargetGrid:
     else:
         crow = _int_list(crow, (*loc, "sparse_crow_indices"), "sparse_crow_indices")
         col = _int_list(col, (*loc, "sparse_col_indices"), "sparse_col_indices")
-        if (len(crow) != rows_n + 1 or crow[0] != 0 or crow[-1] != len(data) or len(col) != len(data)
-                or any(b < a for a, b in zip(crow, crow[1:])) or any(not 0 <= c < width for c in col)):
-            raise WireError(f"target_prompt_logprobs is not a valid sparse CSR tensor of shape {shape} "
-                            f"({len(crow)} crow indices, {len(col)} col indices, {len(data)} values)", loc)
+        if (
+            len(crow) != rows_n + 1
+            or crow[0] != 0
+            or crow[-1] != len(data)
+            or len(col) != len(data)
+            or any(b < a for a, b in zip(crow, crow[1:]))
+            or any(not 0 <= c < width for c in col)
+        ):
+            raise WireError(
+                f"target_prompt_logprobs is not a valid sparse CSR tensor of shape {shape} "
+                f"({len(crow)} crow indices, {len(col)} col indices, {len(data)} values)",
+                loc,
+            )
         row_of = [r for r in range(rows_n) for _ in range(crow[r + 1] - crow[r])]
     rows: list[list[int]] = [[] for _ in range(rows_n)]
     for r, token in zip(row_of, data):
         if token != -1:
             rows[r].append(token)
-    return TargetGrid(rows=rows, shape=(rows_n, width), cells=list(zip(row_of, data)), crow_indices=crow,
-                      col_indices=col)
+    return TargetGrid(
+        rows=rows, shape=(rows_n, width), cells=list(zip(row_of, data)), crow_indices=crow, col_indices=col
+    )
 
 
 # ---------------------------------------------------------------------------- asample (JSON)
 def _token_list(value: Any, loc: tuple[str | int, ...]) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
-    ):
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise WireError(f"{_where(loc)} must be a list of integer token ids", loc)
     if any(t < 0 for t in value):
         raise WireError(f"{_where(loc)} holds a negative token id", loc)
@@ -663,9 +670,7 @@ def parse_stop(stop: Any) -> tuple[list[str], list[int]]:
         if any(t < 0 for t in stop):
             raise WireError("sampling_params.stop token ids must not be negative", loc)
         return [], list(stop)
-    raise WireError(
-        "sampling_params.stop must be all strings or all token ids, not a mix", loc
-    )
+    raise WireError("sampling_params.stop must be all strings or all token ids, not a mix", loc)
 
 
 def stop_disables_eos(stop: Any) -> bool:

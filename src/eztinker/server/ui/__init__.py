@@ -52,7 +52,7 @@ def mount_api_docs(app) -> None:
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(app.title)} - API docs</title>
 <link rel="stylesheet" href="{DOCS}/static/swagger-ui.css"></head>
-<body data-openapi="{html.escape(app.openapi_url or '/openapi.json')}"><div id="swagger-ui"></div>
+<body data-openapi="{html.escape(app.openapi_url or "/openapi.json")}"><div id="swagger-ui"></div>
 <script src="{DOCS}/static/swagger-ui-bundle.js"></script>
 <script src="{PREFIX}/static/api-docs.js"></script></body></html>"""
 
