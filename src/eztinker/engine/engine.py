@@ -18,10 +18,12 @@ from collections.abc import Collection, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import peft
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from ..types import (
     AdamParams,
@@ -186,13 +188,14 @@ class Engine:
         """The model's LoRA layers, walked for once per change of adapters (a walk of all SmolLM2's
         modules costs about 12 ms, and every sampling call needs the list)."""
         if self._lora_layer_list is None:
+            assert self._peft is not None  # asked for only once an adapter exists
             self._lora_layer_list = [m for m in self._peft.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
         return self._lora_layer_list
 
     def _add_adapter(self, name: str, lora: LoraConfig, seed: int) -> None:
         config = peft.LoraConfig(
             r=lora.rank,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float works (alpha / r)
             lora_dropout=lora.dropout,
             target_modules=self._peft_targets(lora),
             base_model_name_or_path=self.base.name,
@@ -266,12 +269,14 @@ class Engine:
         if self._lora_targets is None:
             self._lora_targets = _lora_targets(self.base.model)
         targets = lora.target_modules
-        names = [n for n in self._lora_targets[0] if targets == "all-linear" or _targets(n, targets)]
+        names = [n for n in self._lora_targets[0] if _targets(n, targets)]
         if lora.train_unembed:
             names.append(self._output_head_name())  # the last module of a causal LM, as in peft's walk
-        layers = [self.base.model.get_submodule(n) for n in names]
-        if not layers or not all(isinstance(layer, peft.tuners.lora.Linear) for layer in layers):
+        modules = [self.base.model.get_submodule(n) for n in names]
+        if not modules or not all(isinstance(module, peft.tuners.lora.Linear) for module in modules):
             return False
+        layers = cast("list[peft.tuners.lora.Linear]", modules)  # each one's type checked above
+        assert self._peft is not None  # only called to add to an existing PeftModel
         self._peft.peft_config[name] = config
         try:
             if lora_adapters.can_add(layers, config):
@@ -289,6 +294,7 @@ class Engine:
         return True
 
     def _remove_adapter(self, name: str) -> None:
+        assert self._peft is not None  # the run's adapter is on the model
         self._modules_changed()
         if len(self._peft.peft_config) > 1:
             self._peft.delete_adapter(name)
@@ -338,6 +344,7 @@ class Engine:
             raise EngineError(f"unknown run {run_id}") from None
 
     def _activate(self, run_id: str) -> None:
+        assert self._peft is not None  # the run's adapter is on the model
         if self._peft.active_adapters != [run_id]:  # set_adapter walks every module: skip if a no-op
             self._peft.set_adapter(run_id)
 
@@ -383,6 +390,7 @@ class Engine:
         # used in training); a run without dropout stays in eval mode, which spares two walks of
         # every module of the model (about 15 ms a call on SmolLM2).
         dropout = run.lora.dropout > 0
+        assert self._peft is not None  # the run's adapter is on the model
         if dropout:
             self._peft.train()
         # A failure part-way through (e.g. a non-finite loss in a later micro-batch) would leave the
@@ -618,7 +626,7 @@ class Engine:
             self._check_adapter(spec.adapter)
             self._check_prompts(spec.prompts)
         head = self._output_head()
-        adapters = {spec.adapter for spec in specs} - {None}
+        adapters = {spec.adapter for spec in specs if spec.adapter is not None}
         stacked = self._stacked_lora(adapters) if head is not None else None
         head_loras = {a: lora for a in adapters if (lora := self._head_lora(a)) is not None}
         if head is not None and head_loras:
@@ -924,7 +932,9 @@ class Engine:
         self._add_adapter(name, lora, seed=0)
         try:
             result = peft.set_peft_model_state_dict(self._peft, weights, adapter_name=name)
-            missing = [k for k in result.missing_keys if f".{name}." in k and "lora_" in k]
+            # torch's _IncompatibleKeys (load_state_dict's result) is a namedtuple mypy cannot see into.
+            missing_keys: list[str] = result.missing_keys  # type: ignore[attr-defined]
+            missing = [k for k in missing_keys if f".{name}." in k and "lora_" in k]
             if missing:
                 raise EngineError(
                     f"checkpoint {directory} is missing {len(missing)} adapter tensors, e.g. {missing[0]}"
@@ -948,12 +958,13 @@ class Engine:
         run = self._run(run_id)
         # save_embedding_layers: peft would otherwise add the whole (base) output head and embeddings
         # to the adapter of a run with a LoRA on the head, since "lm_head" is among its targets.
+        assert self._peft is not None  # the run's adapter is on the model
         state = peft.get_peft_model_state_dict(self._peft, adapter_name=run_id, save_embedding_layers=False)
         config = self._peft.peft_config[run_id]
 
         def write(staging: Path) -> None:
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, staging / ADAPTER_WEIGHTS)
-            config.save_pretrained(staging)
+            config.save_pretrained(str(staging))
             if with_optimizer:
                 torch.save(run.optimizer.state_dict(), staging / OPTIMIZER_STATE)
             (staging / TRAINING_STATE).write_text(
@@ -990,7 +1001,9 @@ class Engine:
             )
         weights = load_file(directory / ADAPTER_WEIGHTS, device=str(self.base.device))
         result = peft.set_peft_model_state_dict(self._peft, weights, adapter_name=run_id)
-        missing = [k for k in result.missing_keys if f".{run_id}." in k and "lora_" in k]
+        # torch's _IncompatibleKeys (load_state_dict's result) is a namedtuple mypy cannot see into.
+        missing_keys: list[str] = result.missing_keys  # type: ignore[attr-defined]
+        missing = [k for k in missing_keys if f".{run_id}." in k and "lora_" in k]
         if missing:
             raise EngineError(f"checkpoint is missing {len(missing)} adapter tensors, e.g. {missing[0]}")
         # weights_only: a checkpoint can never run code on the server.
@@ -1094,6 +1107,7 @@ class _StackedLora:
         A float when every row uses the one adapter there is; None when no row uses any."""
         if columns not in self._masks:
             used = {a for a, _, _ in columns} & set(self._rows)
+            mask: torch.Tensor | float | None
             if not used:
                 mask = None
             elif len(columns) == 1 and set(self._rows) == used:
@@ -1143,10 +1157,11 @@ class _RunLora:
     separate scaling and sum take."""
 
     def __init__(self, lora_layers: list[peft.tuners.lora.LoraLayer], adapter: str):
-        self._layers = {
-            module: (
-                module.lora_A[adapter].weight,
-                module.lora_B[adapter].weight,
+        # Keyed by the module PlainDecoder passes: each LoraLayer is mixed into an nn.Module.
+        self._layers: dict[torch.nn.Module, tuple[torch.Tensor, torch.Tensor, float, torch.nn.Module]] = {
+            cast(torch.nn.Module, module): (
+                cast(torch.Tensor, module.lora_A[adapter].weight),  # lora_A/B hold nn.Linears
+                cast(torch.Tensor, module.lora_B[adapter].weight),
                 module.scaling[adapter],
                 module.lora_dropout[adapter],
             )
@@ -1236,12 +1251,15 @@ def _without_path(exc: Exception, directory: Path) -> str:
     return str(exc).replace(str(directory), _ref(directory))
 
 
-def _targets(name: str, target_modules: list[str]) -> bool:
-    """peft's rule for a list of target module names: the module's name or its last parts."""
+def _targets(name: str, target_modules: str | list[str]) -> bool:
+    """peft's rule for a list of target module names: the module's name or its last parts
+    ('all-linear': every one of the linear layers `_lora_targets` lists)."""
+    if target_modules == "all-linear":
+        return True
     return any(name == key or name.endswith("." + key) for key in target_modules)
 
 
-def _lora_targets(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+def _lora_targets(model: PreTrainedModel) -> tuple[list[str], list[str]]:
     """Module names of the bare base model: (linear layers LoRA may adapt, every other module).
     The output head is "other": the engine computes logits from its weight directly, and it may
     share that weight with the input embeddings."""

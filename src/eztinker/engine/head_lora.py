@@ -15,6 +15,7 @@ LoRA changes only the output side: the weight itself is never written, so the em
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import peft
 import torch
@@ -33,13 +34,13 @@ class HeadLora:
     dropout: nn.Module
 
     @classmethod
-    def of(cls, layer: nn.Module | None, adapter: str | None) -> HeadLora | None:
+    def of(cls, layer: nn.Module | peft.tuners.lora.LoraLayer | None, adapter: str | None) -> HeadLora | None:
         """`adapter`'s LoRA on `layer` (the head's peft LoRA layer, or None), if it has one."""
         if adapter is None or not isinstance(layer, peft.tuners.lora.LoraLayer) or adapter not in layer.lora_A:
             return None
         return cls(
-            layer.lora_A[adapter].weight,
-            layer.lora_B[adapter].weight,
+            cast(torch.Tensor, layer.lora_A[adapter].weight),  # lora_A/B hold nn.Linears
+            cast(torch.Tensor, layer.lora_B[adapter].weight),
             layer.scaling[adapter],
             layer.lora_dropout[adapter],
         )

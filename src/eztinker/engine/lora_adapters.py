@@ -11,13 +11,15 @@ seeded init (the same random draws, in the same order) and dtype; anything else 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import peft
 import torch
 from torch import nn
 
 
-def can_add(layers: list[nn.Module], config: peft.LoraConfig) -> bool:
+def can_add(layers: Sequence[nn.Module], config: peft.LoraConfig) -> bool:
     """Whether `add` builds what peft would on these layers: a plain LoRA on peft Linears over
     nn.Linears."""
     plain = (
@@ -27,16 +29,15 @@ def can_add(layers: list[nn.Module], config: peft.LoraConfig) -> bool:
         and bool(layers)
         and all(type(layer) is peft.tuners.lora.Linear for layer in layers)
     )
-    return (
-        plain
-        and layers[0].resolve_lora_variant(config=config) is None  # the same for every layer
-        and all(
-            isinstance(layer.get_base_layer(), nn.Linear)
-            and not layer.lora_variant
-            and not layer.fan_in_fan_out
-            and not hasattr(layer, "lora_arrow")
-            for layer in layers
-        )
+    if not plain:
+        return False
+    lora_layers = cast("Sequence[peft.tuners.lora.Linear]", layers)  # each one's type checked above
+    return lora_layers[0].resolve_lora_variant(config=config) is None and all(  # the same for every layer
+        isinstance(layer.get_base_layer(), nn.Linear)
+        and not layer.lora_variant
+        and not layer.fan_in_fan_out
+        and not hasattr(layer, "lora_arrow")
+        for layer in lora_layers
     )
 
 
@@ -45,6 +46,8 @@ def add(layer: peft.tuners.lora.Linear, name: str, config: peft.LoraConfig) -> N
     layer.r[name] = config.r
     layer.lora_alpha[name] = config.lora_alpha
     layer.lora_dropout[name] = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+    # peft leaves them None only for base layers it cannot size; `can_add` admits nn.Linears alone.
+    assert layer.in_features is not None and layer.out_features is not None
     a = nn.Linear(layer.in_features, config.r, bias=False)  # each draws its default init, as in peft
     b = nn.Linear(config.r, layer.out_features, bias=False)
     layer.lora_bias[name] = False
@@ -53,7 +56,7 @@ def add(layer: peft.tuners.lora.Linear, name: str, config: peft.LoraConfig) -> N
     layer.use_dora[name] = False
     nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # peft's reset_lora_parameters
     nn.init.zeros_(b.weight)
-    weight = layer.get_base_layer().weight
+    weight = cast(torch.Tensor, layer.get_base_layer().weight)  # an nn.Linear's (can_add)
     trainable = name in layer.active_adapters and not config.inference_mode
     for key, module in (("lora_A", a), ("lora_B", b)):
         # To the base weight's device and dtype, then (peft's autocast_adapter_dtype) up from a
@@ -67,7 +70,7 @@ def add(layer: peft.tuners.lora.Linear, name: str, config: peft.LoraConfig) -> N
 def parameters(layers: list[peft.tuners.lora.LoraLayer], name: str) -> list[nn.Parameter]:
     """Adapter `name`'s parameters in the order of the model's named_parameters (an optimizer's
     saved state is by position), without walking the whole model."""
-    found = []
+    found: list[nn.Parameter] = []
     for layer in layers:
         for key in layer.adapter_layer_names:
             container = getattr(layer, key)

@@ -147,6 +147,8 @@ def gather_inputs(examples: list[Datum], mask: torch.Tensor, loss_fn: LossFnName
 def set_sequence_log_ratios(inputs: LossInputs, logprobs_N: torch.Tensor, num_examples: int) -> None:
     """gspo: each position's example's mean of (logprob - sampler logprob) over the positions its
     sequence_ratio_mask marks (0 for an example that marks none), from logprobs without a graph."""
+    # loss_inputs gives gspo all three.
+    assert inputs.sampling_logprobs is not None and inputs.ratio_mask is not None and inputs.rows is not None
     log_ratio = (logprobs_N.detach().float() - inputs.sampling_logprobs.float()) * inputs.ratio_mask
     total = torch.zeros(num_examples, device=log_ratio.device).index_add_(0, inputs.rows, log_ratio)
     count = torch.zeros(num_examples, device=log_ratio.device).index_add_(0, inputs.rows, inputs.ratio_mask.float())
@@ -159,10 +161,13 @@ def compute(
     """The summed loss of a chunk of positions; `config` is `resolve_config`'s (every key set).
     cross_entropy's logprobs are [C, K], the others' [C]."""
     if loss_fn == "cross_entropy":
+        assert inputs.weights is not None  # loss_inputs sets them for cross_entropy
         return -(logprobs_N * inputs.weights[chunk]).sum()
+    assert inputs.sampling_logprobs is not None and inputs.advantages is not None  # the RL losses' inputs
     sampling_logprobs, advantages = inputs.sampling_logprobs[chunk], inputs.advantages[chunk]
     if loss_fn == "gspo":
         # Every token carries its sequence's ratio as value and its own logprob's gradient (GSPO-token).
+        assert inputs.sequence_log_ratio is not None  # set_sequence_log_ratios ran first
         ratio = torch.exp(inputs.sequence_log_ratio[chunk] + logprobs_N - logprobs_N.detach())
         clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
         return -torch.minimum(ratio * advantages, clipped * advantages).sum()
@@ -252,9 +257,8 @@ class VocabProjection:
         exp = logits.exp_()
         sums = exp.sum(dim=-1)
         log_sums = sums.log()
-        if top is not None:
-            top = (top.values - log_sums.unsqueeze(-1), top.indices)
-        return target_logits - log_sums.reshape(-1, *([1] * (targets_C.dim() - 1))), exp, sums, top
+        top_logprobs = None if top is None else (top.values - log_sums.unsqueeze(-1), top.indices)
+        return target_logits - log_sums.reshape(-1, *([1] * (targets_C.dim() - 1))), exp, sums, top_logprobs
 
     def _hidden_grad(self, grad_logits_C_V: torch.Tensor, hidden_C_H: torch.Tensor) -> torch.Tensor:
         """d loss / d hidden of a chunk, from d loss / d logits (head_lora.py adds its LoRA's part)."""

@@ -15,6 +15,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -45,7 +46,7 @@ class BaseModel:
 
     @property
     def vocab_size(self) -> int:
-        return self.model.get_input_embeddings().num_embeddings
+        return cast(int, self.model.get_input_embeddings().num_embeddings)  # an nn.Embedding's
 
     @property
     def device(self) -> torch.device:
@@ -106,7 +107,7 @@ def load_base_model(
             f"Use a local model directory, a Hub id with network access, or --model {EMBEDDED_MODEL} "
             "(embedded, works offline)."
         ) from exc
-    model.to(device).eval()
+    model.to(device).eval()  # type: ignore[arg-type]  # transformers' decorated `to` loses its signature
     model.requires_grad_(False)
     return BaseModel(
         name=name or spec,
@@ -199,7 +200,7 @@ def _embedded_model_dir(cache_dir: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
     # The dequantised model still carries the GGUF quantizer marker, which save_pretrained refuses.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it via nn.Module.__getattr__
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import peft
 import torch
@@ -71,7 +71,7 @@ def supports(decoder: torch.nn.Module, config) -> bool:
     ):
         return False
     try:
-        layers = decoder.layers[: config.num_hidden_layers]
+        layers = cast(torch.nn.ModuleList, decoder.layers)[: config.num_hidden_layers]
         return type(decoder.embed_tokens) is torch.nn.Embedding and all(
             _base_linear(getattr(layer.self_attn if name in _PROJECTIONS[:4] else layer.mlp, name)) is not None
             for layer in layers
@@ -79,6 +79,11 @@ def supports(decoder: torch.nn.Module, config) -> bool:
         )
     except AttributeError:
         return False
+
+
+def _weight(module: object) -> torch.Tensor:
+    """A norm's weight: transformers' submodules are typed as nn.Module attributes (Tensor | Module)."""
+    return cast(Any, module).weight
 
 
 def _base_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
@@ -100,13 +105,14 @@ class PlainDecoder:
         config,
         pack: Callable[[torch.Tensor], packed_linear.PackedWeight | None] = lambda w: None,
     ):
-        self.embed, self.rotary = decoder.embed_tokens, decoder.rotary_emb
-        self.final_norm, self.eps = decoder.norm.weight, config.rms_norm_eps
+        self.embed, self.rotary = cast(torch.nn.Module, decoder.embed_tokens), cast(torch.nn.Module, decoder.rotary_emb)
+        self.final_norm, self.eps = _weight(decoder.norm), config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.layers = [
-            self._layer(i, layer, pack) for i, layer in enumerate(decoder.layers[: config.num_hidden_layers])
+            self._layer(i, layer, pack)
+            for i, layer in enumerate(cast(torch.nn.ModuleList, decoder.layers)[: config.num_hidden_layers])
         ]
 
     @staticmethod
@@ -115,15 +121,23 @@ class PlainDecoder:
 
         def projection(module: torch.nn.Module) -> _Projection:
             linear = _base_linear(module)
+            assert linear is not None  # `supports` checked every projection
             return _Projection(module, linear.weight, linear.bias, pack(linear.weight))
 
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        q, k, v, o = (projection(getattr(attn, name)) for name in _PROJECTIONS[:4])
+        gate, up, down = (projection(getattr(mlp, name)) for name in _PROJECTIONS[4:])
         return _Layer(
             index,
-            layer.input_layernorm.weight,
-            layer.post_attention_layernorm.weight,
-            *(projection(getattr(attn, name)) for name in _PROJECTIONS[:4]),
-            *(projection(getattr(mlp, name)) for name in _PROJECTIONS[4:]),
+            _weight(layer.input_layernorm),
+            _weight(layer.post_attention_layernorm),
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
             None if q_norm is None else q_norm.weight,
             None if k_norm is None else k_norm.weight,
         )
@@ -265,6 +279,7 @@ class PlainDecoder:
         k = self._project(layer.k, h, lora).view(batch, width, self.kv_heads, self.head_dim)
         v = self._project(layer.v, h, lora).view(batch, width, self.kv_heads, self.head_dim)
         if layer.q_norm is not None:
+            assert layer.k_norm is not None  # qwen3 norms both or neither
             q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

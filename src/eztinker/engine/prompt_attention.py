@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import cast
 
 import torch
 from transformers import AttentionInterface, PretrainedConfig
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from . import device_paths
 from .kv_cache import PreallocatedLayer
@@ -59,17 +60,23 @@ class _GeneratedLayer(PreallocatedLayer):
         return self.prompt_keys.shape[-2] + self.length
 
 
+def _prefilled(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefilled prompt cache layer's keys and values (`supports` admits full-attention layers alone)."""
+    full = cast(CacheLayerMixin, layer)
+    assert full.keys is not None and full.values is not None  # the prompts were prefilled
+    return full.keys, full.values
+
+
 class SharedPromptCache(DynamicCache):
     """The decode cache: `prompt_cache`'s layers (one row per prompt, `prompt_mask` [P, Lp] marks
     real tokens) shared by the rows; `row_prompt[r]` is the prompt of row r."""
 
     def __init__(self, prompt_cache: Cache, prompt_mask: torch.Tensor, row_prompt: torch.Tensor, capacity: int):
-        Cache.__init__(
-            self, layers=[_GeneratedLayer(layer.keys, layer.values, capacity) for layer in prompt_cache.layers]
-        )
+        prompt_layers = [_prefilled(layer) for layer in prompt_cache.layers]
+        Cache.__init__(self, layers=[_GeneratedLayer(keys, values, capacity) for keys, values in prompt_layers])
         # [P, 1, 1, Lp]: -inf at padding, 0 at the prompts' tokens (an additive mask).
         self.prompt_bias = torch.zeros(
-            prompt_mask.shape, dtype=prompt_cache.layers[0].keys.dtype, device=prompt_mask.device
+            prompt_mask.shape, dtype=prompt_layers[0][0].dtype, device=prompt_mask.device
         ).masked_fill_(~prompt_mask.bool(), float("-inf"))[:, None, None, :]
         self._place(row_prompt)
 
@@ -92,7 +99,7 @@ class SharedPromptCache(DynamicCache):
         rows, heads, q_len, dim = query.shape
         if q_len != 1:
             raise ValueError("shared-prompt attention is for decode steps (one new token per row)")
-        layer = self.layers[layer_idx]
+        layer = cast(_GeneratedLayer, self.layers[layer_idx])  # __init__ made them all
         prompts, kv = layer.prompt_keys.shape[:2]
         rep, slots = heads // kv, self.slots
         q = query[:, :, 0]  # [R, H, D]

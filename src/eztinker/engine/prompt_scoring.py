@@ -59,6 +59,7 @@ def score_rows(
     temperature-1 log-softmax `logprobs_C_V`)."""
     n = logprobs_C_V.shape[0]
     if extras.targets is not None:
+        assert result.target_logprobs is not None  # score_prompt makes the lists extras asks for
         for i in range(n):
             ids = extras.targets[first_row + i]
             if ids:
@@ -67,6 +68,7 @@ def score_rows(
             else:
                 result.target_logprobs.append([])
     if extras.alt_k:
+        assert result.alt_tokens is not None and result.alt_logprobs is not None
         if extras.temperature == 0:
             drawn = logprobs_C_V.argmax(dim=-1, keepdim=True).expand(n, extras.alt_k)
         else:

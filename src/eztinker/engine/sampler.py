@@ -18,8 +18,9 @@ over blocks of the vocabulary (one summing pass), then inside the chosen block.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -78,13 +79,16 @@ class OutputHead:
         return self.weight.shape[0]
 
     def logits(
-        self, features_B_D: torch.Tensor, out_B_V: torch.Tensor, row_adapters: list[tuple[str | None, int, int]] = ()
+        self,
+        features_B_D: torch.Tensor,
+        out_B_V: torch.Tensor,
+        row_adapters: Sequence[tuple[str | None, int, int]] = (),
     ) -> torch.Tensor:
         """The logits, in `out_B_V` or a new tensor (`logits_into`); rows [a, b) of each
         (adapter, a, b) in `row_adapters` also get that adapter's LoRA on the head, if it has one."""
         logits = logits_into(out_B_V, features_B_D, self.weight, self.bias, self.packed)
         for adapter, a, b in row_adapters if self.loras else ():
-            lora = self.loras.get(adapter)
+            lora = self.loras.get(adapter) if adapter is not None else None  # the base model: no LoRA
             if lora is not None:
                 lora.add_to(logits[a:b], lora.down(features_B_D[a:b]))
         return logits
@@ -135,6 +139,7 @@ def sample(
     prompts = [specs[s].prompts[p] for s, p in prefill_rows]
     max_tokens = max(spec.params.max_tokens for spec in specs)
     share_prompts = share_prompts and _worth_sharing(prompts, [specs[s].num_samples for s, _ in prefill_rows])
+    cache: Cache  # the prefill's, or the shared-prompt one that replaces it
     features, attention_mask, position_ids, cache = _prefill(
         forward,
         prompts,
@@ -143,8 +148,7 @@ def sample(
         pad_token_id,
         device,
     )
-    if head is None:
-        head = _LogitsAreFeatures(features.shape[-1])
+    logits_head = head if head is not None else _LogitsAreFeatures(features.shape[-1])
 
     # Share each prompt's prefill with its candidates: row i of the prefill -> num_samples rows.
     expand = torch.tensor(
@@ -168,7 +172,7 @@ def sample(
         (frozenset() if spec.params.ignore_eos else stop_token_ids) | frozenset(spec.params.stop_token_ids)
         for spec in specs
     ]
-    chooser = _TokenChooser(specs, head, len(rows), device, stop_ids)
+    chooser = _TokenChooser(specs, logits_head, len(rows), device, stop_ids)
     listening = any(spec.on_tokens is not None for spec in specs)
     cancellable = [s for s, spec in enumerate(specs) if spec.cancelled is not None]
     batch = list(range(len(rows)))  # the decoder batch: indices into `rows`, finished ones included
@@ -235,7 +239,7 @@ def sample(
 
 def _newly_abandoned(specs: list[SampleSpec], cancellable: list[int]) -> set[int]:
     """The specs whose consumers went away since the last step (marked abandoned)."""
-    cut = {s for s in cancellable if not specs[s].abandoned and specs[s].cancelled()}
+    cut = {s for s in cancellable if not specs[s].abandoned and cast(Callable[[], bool], specs[s].cancelled)()}
     for s in cut:
         specs[s].abandoned = True
     return cut
@@ -250,7 +254,9 @@ def _report(specs: list[SampleSpec], live_rows: list[_Row], tops: list) -> None:
                 SampledToken(row.prompt, row.sample, row.tokens[-1], row.logprobs[-1], top, row.stop_reason)
             )
     for s, sampled in new.items():
-        specs[s].on_tokens(sampled)
+        on_tokens = specs[s].on_tokens
+        assert on_tokens is not None  # only listening specs were collected
+        on_tokens(sampled)
 
 
 def _prefill(
@@ -368,8 +374,8 @@ class _TokenChooser:
             k = min(self.specs[s].top_logprobs, self.vocab)
             if k:  # before any temperature or truncation: logprobs under the model itself, as the token's
                 values, ids = torch.topk(shifted[a:b], k, dim=-1)
-                values = (values - log_normaliser[a:b, None]).tolist()
-                for i, (row_ids, row_values) in enumerate(zip(ids.tolist(), values)):
+                top_values = (values - log_normaliser[a:b, None]).tolist()
+                for i, (row_ids, row_values) in enumerate(zip(ids.tolist(), top_values)):
                     tops[a + i] = list(zip(row_ids, row_values))
         greedy = torch.zeros(n, dtype=torch.bool)
         forced: list[tuple[int, int, torch.Tensor]] = []  # greedy rows whose logits were adjusted
@@ -540,6 +546,6 @@ def _visible_text(
     row: _Row, stop_token_ids: frozenset[int], stops: list[str], tokenizer: PreTrainedTokenizerBase
 ) -> str:
     tokens = row.tokens[:-1] if row.tokens and row.tokens[-1] in stop_token_ids else row.tokens
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    text = cast(str, tokenizer.decode(tokens, skip_special_tokens=True))  # one sequence: one string
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     return text[:cut] if cut >= 0 else text
