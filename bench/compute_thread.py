@@ -131,7 +131,9 @@ def main() -> None:
                 "rounds": rounds,
                 "best": best,
                 "ratios": ratios,
-                "command": f"python bench/compute_thread.py --model {args.model} --repeats {args.repeats} --calls {args.calls}",
+                "command": (
+                    f"python bench/compute_thread.py --model {args.model} --repeats {args.repeats} --calls {args.calls}"
+                ),
             },
             indent=1,
         )

@@ -120,7 +120,7 @@ def run_load(
                     run_ids.append(run.run_id)
                 futures = []
                 for k in range(pairs):
-                    for submit in (lambda: run.forward_backward([example(i + k)]), lambda: run.optim_step(FAST)):
+                    for submit in (lambda k=k: run.forward_backward([example(i + k)]), lambda: run.optim_step(FAST)):
                         started = time.perf_counter()
                         future = submit()
                         with lock:

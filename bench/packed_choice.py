@@ -105,7 +105,8 @@ def main() -> None:
     }
     for name, row in ratios.items():
         log(
-            f"{name:22s} all-packed / measured {row['all-packed_over_measured']:.2f}x; unpacked / measured {row['unpacked_over_measured']:.2f}x"
+            f"{name:22s} all-packed / measured {row['all-packed_over_measured']:.2f}x; unpacked / measured "
+            f"{row['unpacked_over_measured']:.2f}x"
         )
     out = RESULTS_DIR / f"packed_choice_{args.model}.json"
     out.write_text(
@@ -116,7 +117,9 @@ def main() -> None:
                 "rounds": rounds,
                 "best": best,
                 "ratios": ratios,
-                "command": f"python bench/packed_choice.py --model {args.model} --repeats {args.repeats} --calls {args.calls}",
+                "command": (
+                    f"python bench/packed_choice.py --model {args.model} --repeats {args.repeats} --calls {args.calls}"
+                ),
             },
             indent=1,
         )

@@ -1,6 +1,6 @@
 """Base-weight matmuls three ways, side by side: torch's `F.linear` (MKL on x86), oneDNN with the
-weight packed once (engine/packed_linear.py, which the engine uses where its own timing found it faster), and for the output head
-MKL in blocks of vocabulary columns (engine/output_projection.py, the path without packed weights).
+weight packed once (engine/packed_linear.py, which the engine uses where its own timing found it faster), and for
+the output head MKL in blocks of vocabulary columns (engine/output_projection.py, the path without packed weights).
 
     python bench/packed_linear.py [--repeats 5]
 
@@ -52,11 +52,11 @@ def main() -> None:
         for rows in ROWS:
             x, out = torch.randn(rows, width), torch.empty(rows, rows_out)
             paths = {
-                "f_linear": lambda: torch.nn.functional.linear(x, weight),
-                "packed": lambda: linear(x, weight, None, packed),
+                "f_linear": lambda x=x, weight=weight: torch.nn.functional.linear(x, weight),
+                "packed": lambda x=x, weight=weight, packed=packed: linear(x, weight, None, packed),
             }
             if "head" in name:
-                paths["blocked"] = lambda: logits_into(out, x, weight)
+                paths["blocked"] = lambda out=out, x=x, weight=weight: logits_into(out, x, weight)
             inner = max(1, int(2e8 // (rows * rows_out * width)))  # calls per timing: about 0.4 GFLOP
             times = {path: [] for path in paths}
             for _ in range(args.repeats + 1):  # the first round warms up
@@ -71,7 +71,8 @@ def main() -> None:
                     case[f"{path}_speedup"] = case["f_linear_s"] / case[f"{path}_s"]
             results["cases"].append(case)
             log(
-                f"{name:27s} {rows:5d} rows: F.linear {1e3 * case['f_linear_s']:8.2f} ms, packed {case['packed_speedup']:.2f}x"
+                f"{name:27s} {rows:5d} rows: F.linear {1e3 * case['f_linear_s']:8.2f} ms, packed "
+                f"{case['packed_speedup']:.2f}x"
                 + (f", blocked {case['blocked_speedup']:.2f}x" if "blocked" in paths else "")
             )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

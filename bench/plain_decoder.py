@@ -9,7 +9,8 @@ Calls (rank-8 run): the peers workload's small ones, a forward of 1 x 8 tokens a
 forward_backward of 4 x 32, and a forward_backward of 8 x 128; sampling one GSM8K prompt's
 4 candidates x 16 tokens, 4 prompts x 8 candidates x 64 tokens, and 16 prompts x 4 candidates x 1
 token, nearly all prefill (seeded, temperature 1; the output head packed on every path).
-Every round makes each call once per path, alternating; medians and their ratios are reported. Results: bench/results/plain_decoder_<model>.json.
+Every round makes each call once per path, alternating; medians and their ratios are reported.
+Results: bench/results/plain_decoder_<model>.json.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=1) + "\n")
     for name, m in medians.items():
         log(
-            f"{name}: plain {m['plain']:.3f} s, plain unpacked {m['plain_unpacked']:.3f} s, modules {m['modules']:.3f} s: "
+            f"{name}: plain {m['plain']:.3f} s, plain unpacked {m['plain_unpacked']:.3f} s, modules "
+            f"{m['modules']:.3f} s: "
             f"modules / plain {ratios[name]:.2f}x, unpacked / packed {packing[name]:.2f}x"
         )
     log(

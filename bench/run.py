@@ -344,7 +344,8 @@ def interleave(sides: dict, repeats: int) -> dict:
             load = os.getloadavg()[0]  # 1-minute load average: > threads means other work competed
             runs[name].append((count, seconds, load))
             log(
-                f"    {name:34s} round {r + 1}: {count:6d} in {seconds:7.2f} s = {count / seconds:9.1f}/s  (load {load:.1f})"
+                f"    {name:34s} round {r + 1}: {count:6d} in {seconds:7.2f} s = {count / seconds:9.1f}/s  "
+                f"(load {load:.1f})"
             )
     return {
         name: {
@@ -507,7 +508,8 @@ def bench_training(engine: Engine, work: Workload, cfg: dict, peak: float) -> di
     achieved = flops / (len(data) / ours_rate)
     agree = all(math.isclose(-ours_logprobs[i], naive_losses[i], rel_tol=1e-3) for i in subset)
     return {
-        "workload": f"{len(data)} GSM8K examples (question -> reference solution), {sum(len(d.model_input.tokens) for d in data)} tokens, "
+        "workload": f"{len(data)} GSM8K examples (question -> reference solution), "
+        f"{sum(len(d.model_input.tokens) for d in data)} tokens, "
         f"{selected} with nonzero weight, longest {width}",
         "naive_examples_timed": len(subset),
         "unit": "examples/s",
@@ -608,7 +610,8 @@ def bench_end_to_end(model_name: str, load_copy, work: Workload, cfg: dict) -> d
                     )
                 new = out.sequences[0, len(prompt) :]
                 logprobs = [
-                    torch.log_softmax(l[0].float(), -1)[tok_id].item() for l, tok_id in zip(out.logits, new.tolist())
+                    torch.log_softmax(step[0].float(), -1)[tok_id].item()
+                    for step, tok_id in zip(out.logits, new.tolist())
                 ]
                 text = tok.decode(
                     [t for t in new.tolist() if t not in naive_base.stop_token_ids], skip_special_tokens=True
@@ -724,7 +727,8 @@ def run_model(model: str, args) -> dict:
     engine.create_run("bench", LORA, seed=0)
     bare = load_copy()  # a second copy, never wrapped by peft: the bare-model baseline
     log(
-        f"\n== {model}: {base.model.config.model_type}, {sum(p.numel() for p in base.model.parameters()) / 1e6:.1f} M params, "
+        f"\n== {model}: {base.model.config.model_type}, "
+        f"{sum(p.numel() for p in base.model.parameters()) / 1e6:.1f} M params, "
         f"vocab {base.vocab_size}, {torch.get_num_threads()} threads"
     )
     peak = matmul_peak()
@@ -824,7 +828,8 @@ def print_table(results: dict) -> None:
     t = results.get("training")
     if t:
         log(
-            f"  training: {t['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved = {100 * t['fraction_of_matmul_peak']:.0f}% of the matmul peak; "
+            f"  training: {t['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s achieved = "
+            f"{100 * t['fraction_of_matmul_peak']:.0f}% of the matmul peak; "
             f"losses agree with naive: {t['losses_agree_with_naive']}"
         )
     m = results.get("multi_run")

@@ -79,7 +79,8 @@ def main() -> None:
                 }
             )
             log(
-                f"  {cache:6s}: {tokens} tokens in {seconds:.1f} s = {rate:.0f} tokens/s; peak {max(before, after) / 1e9:.0f} "
+                f"  {cache:6s}: {tokens} tokens in {seconds:.1f} s = {rate:.0f} tokens/s; peak "
+                f"{max(before, after) / 1e9:.0f} "
                 f"GFLOP/s; {100 * rounds[-1]['fraction_of_peak']:.1f}% of it (load {rounds[-1]['load_1min']:.1f})"
             )
     sampler_module._worth_sharing = worth_sharing

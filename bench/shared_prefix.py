@@ -101,7 +101,8 @@ def main() -> None:
             **agreement(outputs["on"], outputs["off"]),
         }
         log(
-            f"    ratio {results[workload]['ratio']:.2f}x; identical candidates {results[workload]['identical_candidates']}"
+            f"    ratio {results[workload]['ratio']:.2f}x; identical candidates "
+            f"{results[workload]['identical_candidates']}"
         )
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"shared_prefix_{args.model}.json"

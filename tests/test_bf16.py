@@ -148,7 +148,7 @@ def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(engine
             engine.optim_step(run_id, AdamParams(learning_rate=1e-2))  # lora_B nonzero: every gradient flows
             engine.activation_checkpointing = checkpoint
             with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t
+                lambda t, kept=kept: kept.append(t.numel() * t.element_size()) or t, lambda t: t
             ):
                 loss = engine.forward_backward(run_id, data).loss
         kept_bytes[checkpoint] = sum(kept)

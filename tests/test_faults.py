@@ -633,7 +633,8 @@ def test_a_locked_database_answers_every_waiting_write_within_the_documented_bou
             locker.rollback()
             locker.close()
         print(
-            f"\nlocked database: 5 writes answered {sorted(round(t, 2) for _, t in answers)} s; a read {read_seconds:.3f} s"
+            f"\nlocked database: 5 writes answered {sorted(round(t, 2) for _, t in answers)} s; a read "
+            f"{read_seconds:.3f} s"
         )
         assert [status for status, _ in answers] == [503] * 5
         # The bound, plus what a loaded 2-core machine adds to a request's own time.

@@ -74,50 +74,53 @@ def test_fuzz_the_api_from_its_openapi_schema(make_server):
         operations = [result.ok() for result in schema.get_all_operations()]
         assert len(operations) >= 15, [op.label for op in operations]
 
+        def fuzz_test(operation, mode):  # a factory: closures in the loop would see its last values
+            @given(
+                case=operation.as_strategy(generation_mode=mode),
+                aim=st.booleans(),
+                checkpoint=st.sampled_from([None, "c1", f"{keeper.run_id}/c1", "../c1", "/etc"]),
+            )
+            @settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
+            def fuzz(case, aim, checkpoint):
+                if aim and case.path_parameters:
+                    for name in case.path_parameters:
+                        if name == "run_id" and case.method.upper() == "DELETE":
+                            case.path_parameters[name] = client.create_training_run().run_id
+                        elif name in real:
+                            case.path_parameters[name] = real[name]
+                if checkpoint is not None and isinstance(case.body, dict):
+                    for key in ("checkpoint", "from_checkpoint"):
+                        if key in case.body:
+                            case.body[key] = checkpoint
+                if isinstance(case.query, dict) and "wait" in case.query:
+                    case.query["wait"] = (
+                        min(case.query["wait"], 1)
+                        if isinstance(case.query["wait"], (int, float))
+                        else case.query["wait"]
+                    )
+                response = case.call(base_url=url, timeout=120)
+                counts[operation.label] = counts.get(operation.label, 0) + 1
+                assert response.status_code < 500, (
+                    f"{response.status_code} on {case.method} {case.formatted_path}: {response.text[:1000]}\n"
+                    f"{case.as_curl_command()}"
+                )
+                if 400 <= response.status_code < 500:
+                    describe_problem(response, operation.path)
+                else:
+                    case.validate_response(response, checks=[response_schema_conformance])
+
+            return fuzz
+
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-                @given(
-                    case=operation.as_strategy(generation_mode=mode),
-                    aim=st.booleans(),
-                    checkpoint=st.sampled_from([None, "c1", f"{keeper.run_id}/c1", "../c1", "/etc"]),
-                )
-                @settings(
-                    max_examples=EXAMPLES,
-                    deadline=None,
-                    database=None,
-                    derandomize=True,
-                    phases=[Phase.explicit, Phase.generate],
-                    suppress_health_check=list(HealthCheck),
-                )
-                def fuzz(case, aim, checkpoint):
-                    if aim and case.path_parameters:
-                        for name in case.path_parameters:
-                            if name == "run_id" and case.method.upper() == "DELETE":
-                                case.path_parameters[name] = client.create_training_run().run_id
-                            elif name in real:
-                                case.path_parameters[name] = real[name]
-                    if checkpoint is not None and isinstance(case.body, dict):
-                        for key in ("checkpoint", "from_checkpoint"):
-                            if key in case.body:
-                                case.body[key] = checkpoint
-                    if isinstance(case.query, dict) and "wait" in case.query:
-                        case.query["wait"] = (
-                            min(case.query["wait"], 1)
-                            if isinstance(case.query["wait"], (int, float))
-                            else case.query["wait"]
-                        )
-                    response = case.call(base_url=url, timeout=120)
-                    counts[operation.label] = counts.get(operation.label, 0) + 1
-                    assert response.status_code < 500, (
-                        f"{response.status_code} on {case.method} {case.formatted_path}: {response.text[:1000]}\n"
-                        f"{case.as_curl_command()}"
-                    )
-                    if 400 <= response.status_code < 500:
-                        describe_problem(response, operation.path)
-                    else:
-                        case.validate_response(response, checks=[response_schema_conformance])
-
+                fuzz = fuzz_test(operation, mode)
                 try:
                     fuzz()
                 except Unsatisfiable:  # nothing to negate (e.g. GET /health has no input)

@@ -87,7 +87,7 @@ def test_logprobs(server):
     greedy_run = oa.completions.create(model=model, prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
     logprobs = greedy_run.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 3
-    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+    for _token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
         assert max(top.values()) == pytest.approx(value, abs=1e-5)  # greedy: the most likely token
     assert logprobs.text_offset[0] == 0
 

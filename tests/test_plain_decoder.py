@@ -213,10 +213,14 @@ def _train_both_ways(engine, monkeypatch):
 def test_scores_and_prompt_logprobs_without_modules_equal_them(trained, monkeypatch):
     prompt, responses = random_prompts([5], seed=11)[0], random_prompts([3, 7, 1], seed=12)
     for adapter in ("run_a", "run_b", None):
-        plain, modules = _through_both(trained, monkeypatch, lambda: trained.score(adapter, prompt, responses))
+        plain, modules = _through_both(
+            trained, monkeypatch, lambda adapter=adapter: trained.score(adapter, prompt, responses)
+        )
         assert [s.sum_logprob for s in plain] == pytest.approx([s.sum_logprob for s in modules], abs=1e-4)
         plain, modules = _through_both(
-            trained, monkeypatch, lambda: trained.prompt_logprobs(adapter, [prompt, responses[1]], topk=2)
+            trained,
+            monkeypatch,
+            lambda adapter=adapter: trained.prompt_logprobs(adapter, [prompt, responses[1]], topk=2),
         )
         for got, want in zip(plain, modules):
             assert got.logprobs[1:] == pytest.approx(want.logprobs[1:], abs=1e-4)
@@ -268,7 +272,7 @@ def test_packed_weights_compute_f_linear_and_its_input_gradient():
     generator = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(40, 24, generator=generator), torch.randn(40, generator=generator)
     for serves in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
-        packed = pack(weight, choose=lambda weight, blocked: serves)
+        packed = pack(weight, choose=lambda weight, blocked, serves=serves: serves)
         assert packed.faster == serves
         for shape in ((1, 24), (5, 24), (2, 3, 24), (17, 24), (3, 16, 24)):
             x = torch.randn(*shape, generator=generator, requires_grad=True)

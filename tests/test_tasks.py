@@ -264,7 +264,7 @@ def test_arith_difficulty_operation_mix():
     assert set(mixes["hard"]) == {"add", "sub", "mul", "two_step"}
     for d, mix in mixes.items():
         share = 1 / len(mix)
-        for kind, n in mix.items():
+        for _, n in mix.items():
             assert abs(n / 2000 - share) < 0.05, (d, mix)
     # numbers stay small
     for p in arithmetic.load_problems("train", difficulty="medium"):

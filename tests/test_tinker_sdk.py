@@ -405,7 +405,7 @@ def test_rest_client_lists_deletes_and_downloads_checkpoints(service, server, mo
 
     rest.delete_checkpoint_from_tinker_path(sampler).result()
     assert [c.checkpoint_id for c in rest.list_checkpoints(client.model_id).result().checkpoints] == ["weights/one"]
-    with pytest.raises(Exception):
+    with pytest.raises(tinker.NotFoundError):
         service.create_sampling_client(model_path=sampler).sample(
             types.ModelInput.from_ints(PROMPT), 1, GREEDY
         ).result()

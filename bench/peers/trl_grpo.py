@@ -441,7 +441,9 @@ def main() -> None:
         "advantage_std": "EZTinker: population std of the group; TRL: sample std (n-1), + 1e-4",
         "loss_normaliser": f"EZTinker ({results['eztinker']['loss_fn']}): tokens of replies with a nonzero advantage; "
         f"TRL ({results['trl']['loss_type']}): every completion token of the step",
-        "staleness": f"EZTinker: max_staleness {results['eztinker']['max_staleness']} (importance-weighted); TRL: on-policy",
+        "staleness": (
+            f"EZTinker: max_staleness {results['eztinker']['max_staleness']} (importance-weighted); TRL: on-policy"
+        ),
         "trained_replies": "EZTinker: forward/backward on the replies with a nonzero advantage only, 16 per request; "
         "TRL: on all 32 completions, one batch",
         "activation_checkpointing": "off on both (TRL's default is on)",

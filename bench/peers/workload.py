@@ -298,7 +298,8 @@ def drive(url: str, model: str, server_pid: int, out: Path, repeats: int) -> Non
         batch = datums(rows)
         for _ in range(steps):
             result = phases.time(
-                f"forward_backward_{shape}", lambda: client.forward_backward(batch, "cross_entropy").result()
+                f"forward_backward_{shape}",
+                lambda batch=batch: client.forward_backward(batch, "cross_entropy").result(),
             )
             losses.setdefault(shape, []).append(mean_nll(result, rows))
             phases.time("optim_step", lambda: client.optim_step(adam).result())
@@ -339,7 +340,7 @@ def drive(url: str, model: str, server_pid: int, out: Path, repeats: int) -> Non
     clients = [
         phases.time(
             "create_training_client",
-            lambda: service.create_lora_training_client(base_model=model, rank=LORA_RANK, seed=1 + c),
+            lambda c=c: service.create_lora_training_client(base_model=model, rank=LORA_RANK, seed=1 + c),
         )
         for c in range(4)
     ]
@@ -484,7 +485,8 @@ def report(results: dict) -> str:
     """The recorded results as a Markdown table (docs/performance.md's)."""
     ours, theirs, table = results["eztinker"]["summary"], results["skyrl"]["summary"], results["ratios"]
     lines = [
-        "| phase | EZTinker first / steady | SkyRL first / steady | steady ratio | goal | first-call ratio | server CPU ratio |",
+        "| phase | EZTinker first / steady | SkyRL first / steady | steady ratio | goal | first-call ratio | "
+        "server CPU ratio |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, row in table.items():
@@ -559,7 +561,8 @@ def main() -> None:
         port = 8390 + list(SERVERS).index(name)
         command, env = SERVERS[name](args, run_dir, port)
         print(
-            f"[{time.strftime('%H:%M:%S')}] {name}: starting (load {os.getloadavg()[0]:.1f}); log {run_dir / 'server.log'}",
+            f"[{time.strftime('%H:%M:%S')}] {name}: starting (load {os.getloadavg()[0]:.1f}); log "
+            f"{run_dir / 'server.log'}",
             flush=True,
         )
         server = Server(
@@ -631,7 +634,8 @@ def main() -> None:
         RESULTS.write_text(json.dumps(results, indent=1) + "\n")
         for phase, row in results["ratios"].items():
             print(
-                f"  {phase:32s} {row['steady']:6.2f}x steady (goal {row['goal']:.0f}x)  {row['first_call']:6.2f}x first call  "
+                f"  {phase:32s} {row['steady']:6.2f}x steady (goal {row['goal']:.0f}x)  "
+                f"{row['first_call']:6.2f}x first call  "
                 f"{row['server_cpu']:6.2f}x server CPU",
                 flush=True,
             )

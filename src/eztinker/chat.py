@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from .types import Datum, LossFnInputs, ModelInput
 
@@ -53,6 +53,9 @@ def datum_from_tokens(prompt: list[int], reply: list[int], weight: float = 1.0) 
 
 def loss_weights(datum: Datum) -> list[float]:
     """A supervised example's cross_entropy weights (the datum_from_* functions always set them)."""
-    if datum.loss_fn_inputs.weights is None:
+    weights = datum.loss_fn_inputs.weights
+    if weights is None:
         raise ValueError("the datum has no loss_fn_inputs.weights: not a supervised example")
-    return datum.loss_fn_inputs.weights
+    if any(isinstance(w, list) for w in weights):
+        raise ValueError("the datum has [N, K] loss_fn_inputs.weights: not a supervised example")
+    return cast(list[float], weights)

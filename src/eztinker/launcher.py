@@ -54,7 +54,8 @@ class ServerProcess:
         self.log_file = Path(log_file)
         models = [model] if isinstance(model, str) else list(model)
         command = [sys.executable, "-m", "eztinker.cli", "server", *(f"--model={m}" for m in models),
-                   "--data-dir", str(data_dir), "--port", str(self.port), "--log-level", "warning", *extra_args]  # fmt: skip
+                   "--data-dir", str(data_dir), "--port", str(self.port),
+                   "--log-level", "warning", *extra_args]  # fmt: skip
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(

@@ -228,7 +228,8 @@ class ForwardBackwardResult(_Schema):
     loss: float = Field(description="Summed loss over the batch (cross_entropy: weighted NLL).")
     num_tokens: int = Field(description="Positions that carried loss (nonzero weight/advantage).")
     logprobs: list[list[float | None] | list[list[float | None]]] = Field(
-        description="Per datum and position, logprob of the target token ([N, K] for [N, K] targets); null where the loss "
+        description="Per datum and position, logprob of the target token ([N, K] for [N, K] targets); null "
+        "where the loss "
         "had zero weight (those logits are not computed unless every position's logprob is asked for, "
         "as the Tinker protocol does)."
     )

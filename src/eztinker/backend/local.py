@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ class LocalBackend:
     ) -> list[Outcome]:
         progress = list(progress) if progress is not None else [None] * len(commands)
         cancelled = list(cancelled) if cancelled is not None else [None] * len(commands)
-        fuse = None
+        fuse: Callable[[], Sequence[dict | Outcome]] | None = None
         samples = [c for c in commands if isinstance(c, Sample)]
         scorings = [c for c in commands if isinstance(c, ScorePrompts)]
         if len(commands) > 1 and len(samples) == len(commands):

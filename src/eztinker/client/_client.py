@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import httpx
 from pydantic import BaseModel
@@ -312,9 +312,12 @@ class TrainingClient:
         forward_backward is submitted, so calls submitted after it (an `optim_step`) queue behind it.
         """
         data = list(data)
+        if any(datum.loss_fn_inputs.targets_per_position is not None for datum in data):
+            raise ValueError("forward_backward_custom takes [N] target_tokens, not [N, K]")
         forward = self.forward(data).result()
-        loss, metrics, weighted = linearise(data, forward.logprobs, loss_fn)
-        logprobs = [[float(v) for v in row if v is not None] for row in forward.logprobs]  # linearise refused None
+        rows = cast(list[list[float | None]], forward.logprobs)  # [N] targets: one logprob a position
+        loss, metrics, weighted = linearise(data, rows, loss_fn)
+        logprobs = [[float(v) for v in row if v is not None] for row in rows]  # linearise refused None
 
         def parse(raw: Any) -> CustomLossResult:
             result = ForwardBackwardResult.model_validate(raw)

@@ -341,7 +341,8 @@ class DPO:
         )
         self.console.print(
             f"[bold]DPO[/] (beta {c.beta}): model {model}, run {run.run_id}, {source}, "
-            f"{len(test)} test problems, reference {c.reference_checkpoint or 'the base model'}, epochs {start_epoch}..{c.epochs}"
+            f"{len(test)} test problems, reference {c.reference_checkpoint or 'the base model'}, epochs "
+            f"{start_epoch}..{c.epochs}"
         )
         results_path = self.output_dir / RESULTS_FILE
         results = previous_results(results_path, c.resume_from, CHECKPOINT_PREFIX) if c.resume_from else {"epochs": []}
@@ -447,7 +448,8 @@ class DPO:
         )
         self.console.print(
             f"epoch {entry['epoch']}: {test}{entry['pairs']} pairs, {entry['optimizer_steps']} steps, "
-            f"loss {fmt('dpo_loss', '.3f')}, margin {fmt('reward_margin', '.3f')}, reward acc {fmt('reward_accuracy', '.1%')}"
+            f"loss {fmt('dpo_loss', '.3f')}, margin {fmt('reward_margin', '.3f')}, reward acc "
+            f"{fmt('reward_accuracy', '.1%')}"
         )
 
 

@@ -129,7 +129,8 @@ class RejectionSFT:
         tokenizer = run.get_tokenizer()
         self.console.print(
             f"[bold]rejection SFT[/] on {c.task}: model {health.model}, run {run.run_id}, "
-            f"{len(train)} train / {len(test)} test problems, {c.num_candidates} candidates, epochs {start_epoch}..{c.epochs}"
+            f"{len(train)} train / {len(test)} test problems, {c.num_candidates} candidates, epochs "
+            f"{start_epoch}..{c.epochs}"
         )
         results = (
             previous_results(self.output_dir / RESULTS_FILE, c.resume_from, CHECKPOINT_PREFIX)

@@ -363,7 +363,7 @@ class RL:
         last_step_seconds = 0.0
         with progress_bar(self.console) as progress:
             bar = progress.add_task("rl", total=len(schedule), acc="")
-            for i, (epoch, problems) in enumerate(schedule):
+            for i, (epoch, _problems) in enumerate(schedule):
                 if not self.budget.allows(last_step_seconds):
                     results["stopped"] = (
                         f"time budget of {c.time_budget_minutes} min: a step (~{last_step_seconds:.0f} s) "
@@ -477,7 +477,8 @@ class RL:
             else ""
         )
         self.console.print(
-            f"epoch {entry['epoch']}{' (partial)' if entry.get('partial') else ''}: {test}{entry['optimizer_steps']} steps, "
+            f"epoch {entry['epoch']}{' (partial)' if entry.get('partial') else ''}: "
+            f"{test}{entry['optimizer_steps']} steps, "
             f"reward {fmt('mean_reward', '.3f')}, mixed groups {fmt('mixed_groups', '.0%')}, "
             f"KL {fmt('kl_sample_train', '.4f')}, entropy {fmt('entropy', '.3f')}"
         )

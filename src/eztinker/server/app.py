@@ -7,6 +7,7 @@ import logging
 import math
 import sqlite3
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -88,6 +89,7 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         errors = _finite(jsonable_encoder(exc.errors()))
+        first: dict[str, Any]
         if openai.owns(request.url.path):
             first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
             where = ".".join(str(part) for part in first["loc"] if part != "body")
@@ -115,7 +117,7 @@ def create_app(service: Service) -> FastAPI:
             return tinker.error_body(exc.status, _finite(exc.message), exc.loc)
         if exc.status == 422 and exc.loc is not None:
             loc = list(exc.loc) if exc.loc[:1] in (("query",), ("path",)) else ["body", *exc.loc]
-            detail = [{"loc": loc, "msg": exc.message, "type": "value_error"}]
+            detail: list[dict[str, Any]] | str = [{"loc": loc, "msg": exc.message, "type": "value_error"}]
         else:
             detail = exc.message
         return JSONResponse(status_code=exc.status, content={"detail": _finite(detail)})

@@ -28,7 +28,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..backend import ABANDONED, Backend, Progress, WorkerLost
+from ..backend import ABANDONED, Backend, Cancelled, Progress, WorkerLost
 from ..backend.commands import (
     Command,
     CreateRun,
@@ -385,14 +385,19 @@ class JobRunner:
                 self._retrying(functools.partial(self.store.mark_started, job.id))
             started = time.monotonic()
             progress = [None if job.progress is None else _guarded(job.id, job.progress) for job in batch]
-            options = {"progress": progress} if any(progress) else {}
+            cancelled: list[Cancelled | None] | None = None
             if isinstance(batch[0].command, Sample):
-                options["cancelled"] = [job.gone for job in batch]
+                cancelled = [job.gone for job in batch]
             try:
                 if lane.lost is not None:
                     outcomes = [Outcome(error=lane.lost)] * len(batch)
                 else:
-                    outcomes = self.backend.execute([job.command for job in batch], lane=lane.key, **options)
+                    outcomes = self.backend.execute(
+                        [job.command for job in batch],
+                        progress=progress if any(progress) else None,
+                        lane=lane.key,
+                        cancelled=cancelled,
+                    )
             except WorkerLost as exc:
                 lost, outcomes = exc, []  # recorded once its runs are back (below)
             except Exception as exc:  # a backend that failed as a whole fails these jobs alone

@@ -306,7 +306,8 @@ class Store:
         self._transaction(
             [
                 (
-                    "INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at, auto, expires_at, public, meta)"
+                    "INSERT OR REPLACE INTO checkpoints (run_id, name, path, step, created_at, auto, "
+                    "expires_at, public, meta)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
                     (run_id, name, path, step, now, int(life.auto), expires_at, json.dumps(life.meta)),
                 ),
@@ -340,7 +341,8 @@ class Store:
             [
                 ("UPDATE runs SET step = ? WHERE id = ?", (result["step"], run_id)),
                 (
-                    "INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, grad_norm, learning_rate, recorded_at)"
+                    "INSERT OR REPLACE INTO training_log (job_id, run_id, step, kind, grad_norm, learning_rate, "
+                    "recorded_at)"
                     " VALUES (?, ?, ?, 'optim_step', ?, ?, ?)",
                     (job_id, run_id, result["step"], result["grad_norm"], result["learning_rate"], time.time()),
                 ),
@@ -358,7 +360,8 @@ class Store:
             [
                 (
                     "INSERT OR REPLACE INTO training_log"
-                    " (job_id, run_id, step, kind, loss, num_tokens, weight_sum, recorded_at) SELECT ?, id, step + 1, 'forward_backward', ?, ?, ?, ? FROM runs WHERE id = ?",
+                    " (job_id, run_id, step, kind, loss, num_tokens, weight_sum, recorded_at) SELECT ?, id, "
+                    "step + 1, 'forward_backward', ?, ?, ?, ? FROM runs WHERE id = ?",
                     (job_id, loss, num_tokens, weight_sum, time.time(), run_id),
                 ),
                 *self._completion(job_id, result_json),
@@ -392,7 +395,8 @@ class Store:
         rows = self._query(
             "SELECT run_id, MAX(t) AS t FROM ("
             f" SELECT l.run_id, l.recorded_at AS t FROM training_log l JOIN runs r ON r.id = l.run_id WHERE {log_scope}"
-            f" UNION ALL SELECT c.run_id, c.created_at FROM checkpoints c JOIN runs r ON r.id = c.run_id WHERE {saved_scope}"
+            " UNION ALL SELECT c.run_id, c.created_at FROM checkpoints c JOIN runs r ON r.id = c.run_id WHERE "
+            f"{saved_scope}"
             ") GROUP BY run_id",
             (*log_args, *saved_args),
         )

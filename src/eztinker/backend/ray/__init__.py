@@ -38,7 +38,8 @@ class _Cancels:
     """A call's cancellable commands: forwards each newly abandoned one to the worker, once."""
 
     def __init__(self, worker: _Worker, cancelled: Sequence[Cancelled | None]):
-        self.worker, self.cancelled, self.sent = worker, cancelled, set()
+        self.worker, self.cancelled = worker, cancelled
+        self.sent: set[int] = set()  # indices of the commands already forwarded as abandoned
         self.call_id = uuid.uuid4().hex
 
     def forward(self) -> None:
@@ -170,7 +171,7 @@ class RayBackend:
                     raise RayStartError(f"cannot start Ray worker {name}: {_one_line(exc)}") from None
                 actors.append((spec, name, actor))
         loaded = []
-        for (spec, name, actor), ref in zip(
+        for (spec, name, _actor), ref in zip(
             actors, [a.load.remote(s, str(cache_dir), device, engine_options or {}) for s, _, a in actors]
         ):
             try:

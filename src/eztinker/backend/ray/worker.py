@@ -42,7 +42,8 @@ class EngineWorker:
         try:
             return self.backend.execute(commands, cancelled=self._polls(call_id, len(commands)))
         finally:
-            self._abandoned.pop(call_id, None)
+            if call_id is not None:
+                self._abandoned.pop(call_id, None)
 
     def _polls(self, call_id: str | None, count: int) -> list | None:
         """Command i of call `call_id` asks whether `cancel(call_id, i)` came (from the light group)."""
@@ -87,7 +88,8 @@ class EngineWorker:
             except BaseException as exc:  # reaches the caller as this call's error
                 events.put(("error", exc))
             finally:
-                self._abandoned.pop(call_id, None)
+                if call_id is not None:
+                    self._abandoned.pop(call_id, None)
 
         threading.Thread(target=work, name="eztinker-execute", daemon=True).start()
         while True:

@@ -16,7 +16,8 @@ None too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import cast
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -157,10 +158,13 @@ def _prompt_texts(service: Service, body: p.CompletionRequest, model: str, promp
     """The prompts' text as the client gave it; a token prompt's is its tokens' bytes (special
     tokens included, so the text and the listed tokens agree)."""
     given = body.prompt
+    items: Sequence[str | list[int]]
     if isinstance(given, str) or all(isinstance(x, int) for x in given):
-        given = [given]
+        items = [cast("str | list[int]", given)]  # one prompt
+    else:
+        items = cast("list[str] | list[list[int]]", given)
     texts = []
-    for item, tokens in zip(given, prompts):
+    for item, tokens in zip(items, prompts):
         if isinstance(item, str):
             texts.append(item)
         else:

@@ -16,9 +16,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -133,7 +134,9 @@ def openai_router(service: Service) -> APIRouter:
             if exc.status in (404, 422):
                 raise not_found(name) from None
             raise from_service_error(exc) from None
-        return Target(name, held(service.store.run_row_any(run_id)["base_model"], name), snapshot=path)
+        run_row = service.store.run_row_any(run_id)
+        assert run_row is not None, "checkpoint_path found the run's checkpoint"
+        return Target(name, held(run_row["base_model"], name), snapshot=path)
 
     def held(base_model: str, name: str) -> str:
         if base_model not in service.models:
@@ -212,8 +215,8 @@ def openai_router(service: Service) -> APIRouter:
             )
         except ValidationError as exc:
             first = exc.errors()[0]
-            name = str(first["loc"][0]) if first["loc"] else None
-            raise OpenAIError(400, first["msg"], max_name if name == "max_tokens" else name) from None
+            bad_field = str(first["loc"][0]) if first["loc"] else None
+            raise OpenAIError(400, first["msg"], max_name if bad_field == "max_tokens" else bad_field) from None
 
     def chat_prompt(model: str, body: p.ChatCompletionRequest) -> list[int]:
         messages = []
@@ -227,24 +230,28 @@ def openai_router(service: Service) -> APIRouter:
                 )
             content = message.content
             if isinstance(content, list):
-                if any(part.type != "text" or part.text is None for part in content):
+                texts = [part.text for part in content if part.type == "text" and part.text is not None]
+                if len(texts) != len(content):
                     raise OpenAIError(
                         400, f"messages[{i}]: only text content parts are supported", f"messages.[{i}].content"
                     )
-                content = "".join(part.text for part in content)
+                content = "".join(texts)
             messages.append(ChatMessage(role=role, content=content or ""))
         return service.encode_prompt(model, Prompt(messages=messages), ("messages",))
 
     def completion_prompts(model: str, body: p.CompletionRequest) -> list[list[int]]:  # also echo.py's
         prompt = body.prompt
+        items: Sequence[str | list[int]]
         if isinstance(prompt, str):
-            prompt = [prompt]
-        if not prompt:
+            items = [prompt]
+        elif not prompt:
             raise OpenAIError(400, "prompt must not be empty", "prompt")
-        if all(isinstance(x, int) for x in prompt):
-            prompt = [prompt]
+        elif all(isinstance(x, int) for x in prompt):
+            items = [cast(list[int], prompt)]  # one prompt of token ids
+        else:
+            items = cast("list[str] | list[list[int]]", prompt)
         prompts = []
-        for i, item in enumerate(prompt):
+        for i, item in enumerate(items):
             one = Prompt(tokens=item) if isinstance(item, list) else Prompt(text=item) if item else None
             if one is None:
                 raise OpenAIError(400, f"prompt[{i}] is empty", "prompt")
@@ -459,7 +466,7 @@ class _Job:
         return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def _whole(self, value: dict):
-        choices = []
+        choices: list[p.ChatChoice | p.CompletionChoice] = []
         for prompt_index, row in enumerate(value["sequences"]):
             for k, sequence in enumerate(row):
                 index = prompt_index * len(row) + k
@@ -478,10 +485,13 @@ class _Job:
                         )
                     )
                 else:
-                    logprobs = self._completion_logprobs(picked, 0) if self.logprobs else None
+                    completion_logprobs = self._completion_logprobs(picked, 0) if self.logprobs else None
                     choices.append(
                         p.CompletionChoice(
-                            index=index, text=sequence["text"], logprobs=logprobs, finish_reason=sequence["stop_reason"]
+                            index=index,
+                            text=sequence["text"],
+                            logprobs=completion_logprobs,
+                            finish_reason=sequence["stop_reason"],
                         )
                     )
         kind = p.ChatCompletion if self.chat else p.Completion
@@ -546,12 +556,12 @@ class _Job:
                 logprobs=logprobs,
                 finish_reason=finish,
             )
-        logprobs = (
+        completion_logprobs = (
             self._completion_logprobs(picked, len(choice.emitted) - len(text or ""))
             if self.logprobs and picked
             else None
         )
-        return p.CompletionChoice(index=index, text=text or "", logprobs=logprobs, finish_reason=finish)
+        return p.CompletionChoice(index=index, text=text or "", logprobs=completion_logprobs, finish_reason=finish)
 
     def _advance(self, choice: _Choice, token: int) -> None:
         """Incremental detokenization: decode a short window, take what it adds once it ends in

@@ -68,7 +68,8 @@ class _Tokenizers:
     """Each base model's tokenizer, loaded on first use from the files the server serves."""
 
     def __init__(self, service: Service):
-        self.service, self._loaded, self._lock = service, {}, threading.Lock()
+        self.service, self._lock = service, threading.Lock()
+        self._loaded: dict[str, Any] = {}
 
     def __call__(self, model: str) -> Any:
         with self._lock:
@@ -99,6 +100,7 @@ def add_tokenizer_routes(router: APIRouter, service: Service, resolve: Callable[
             if body.prompt is not None:
                 tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
             else:
+                assert body.messages is not None  # exactly one of prompt and messages, checked above
                 messages = [
                     {
                         "role": m.role,

@@ -349,9 +349,15 @@ class TinkerServing:
                     ("data", i, "loss_fn_input_spans"),
                 )
             inputs = datum.loss_fn_inputs
+            if inputs.targets_per_position is not None:
+                raise ServiceError(
+                    422,
+                    f"data[{i}].loss_fn_inputs.target_tokens is [N, K]; stable_reinforce takes [N]",
+                    ("data", i, "loss_fn_inputs", "target_tokens"),
+                )
             try:
                 recorded = resolve(
-                    self.stability, session_id, i, provenance, datum.model_input.tokens, inputs.target_tokens
+                    self.stability, session_id, i, provenance, datum.model_input.tokens, inputs.flat_target_tokens()
                 )
             except ProvenanceError as exc:
                 raise ServiceError(422, exc.message, exc.loc) from None
@@ -513,7 +519,9 @@ class TinkerServing:
             except ValueError as exc:
                 raise ServiceError(422, str(exc), ("model_path",)) from None
             self.service.checkpoint_path(user, f"{run_id}/{name}", field="model_path", published=True)  # else 404
-            base_model = self.service.store.run_row_any(run_id)["base_model"]
+            row = self.service.store.run_row_any(run_id)
+            assert row is not None, "checkpoint_path found the run's checkpoint"
+            base_model = row["base_model"]
             self.sessions.add_sampler(sampler_id, user, base_model, f"{run_id}/{name}", body.model_path)
         elif body.base_model is not None:
             self.sessions.add_sampler(sampler_id, user, self.service.model(body.base_model), None, None)
@@ -644,7 +652,9 @@ class TinkerServing:
                 value["sequences"][0],
                 prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
                 topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0],
-                target_prompt_logprobs=None if targets is None else extra.target_grid.answer(targets[0]),
+                target_prompt_logprobs=None
+                if targets is None or extra.target_grid is None
+                else extra.target_grid.answer(targets[0]),
                 prompt_alt_tokens=None if alt is None else (alt[0]["tokens"], alt[0]["logprobs"]),
             )
             return Response(body, media_type="application/x-protobuf")
@@ -685,6 +695,7 @@ class TinkerServing:
 
     def _training_run_json(self, run: RunInfo) -> dict:
         row = self.service.store.run_row_any(run.id)
+        assert row is not None, "a RunInfo is read from its row"
         training = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "training"]
         sampler = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "sampler"]
         metadata = _json_or_empty(row["metadata"]).get("user_metadata") or {}

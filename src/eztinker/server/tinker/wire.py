@@ -79,7 +79,7 @@ _DTYPE_NAMES = {
     pb.DTYPE_BFLOAT16: "bfloat16",
 }
 # The numpy type each DType's bytes are read as (bfloat16: raw uint16, widened below).
-_DTYPE_NUMPY = {
+_DTYPE_NUMPY: dict[pb.DType.ValueType, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_INT64: np.dtype("<i8"),
     pb.DTYPE_INT32: np.dtype("<i4"),
@@ -160,7 +160,7 @@ def _inflate(body: bytes, content_encoding: str | None, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _array(buf: bytes, dtype: int, loc: tuple[str | int, ...], what: str) -> np.ndarray:
+def _array(buf: bytes, dtype: pb.DType.ValueType, loc: tuple[str | int, ...], what: str) -> np.ndarray:
     """Little-endian bytes of a DType -> a 1-D numpy array (int64 or float32)."""
     np_dtype = _DTYPE_NUMPY.get(dtype)
     if np_dtype is None:
@@ -314,6 +314,7 @@ def _datum_error(exc: ValidationError, i: int, tokens: list[int], inputs: dict[s
     n = len(tokens)
     if n == 0:
         return WireError(f"data[{i}].model_input has no tokens", ("data", i, "model_input"))
+    loc: tuple[str | int, ...]
     if "target_tokens" not in inputs:
         loc = ("data", i, "loss_fn_inputs", "target_tokens")
         return WireError(f"{_where(loc)} is required", loc)
@@ -529,7 +530,7 @@ def encode_sample_response(
     return out.SerializeToString()
 
 
-def _dense_tensor(rows: list[list[Any]], np_dtype: str, dtype: int) -> pb.Tensor:
+def _dense_tensor(rows: list[list[Any]], np_dtype: str, dtype: pb.DType.ValueType) -> pb.Tensor:
     width = len(rows[0]) if rows else 0
     arr = np.asarray(rows, dtype=np_dtype).reshape(len(rows), width)
     return pb.Tensor(dense=arr.tobytes(), dtype=dtype, shape=[len(rows), width])
