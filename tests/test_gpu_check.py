@@ -31,6 +31,9 @@ def test_the_check_imports_the_engine_without_the_server_packages():
 
 def test_the_smoke_mode_runs_every_section_and_writes_its_json(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    # The check lists what was imported when it loaded: in this test process, whatever earlier tests
+    # imported too (a fresh process, as on the GPU machine, is the test above).
+    loaded_before = {m for m in ("fastapi", "uvicorn", "starlette", "httpx") if m in sys.modules}
     import gpu_check
 
     out = tmp_path / "check.json"
@@ -40,7 +43,7 @@ def test_the_smoke_mode_runs_every_section_and_writes_its_json(tmp_path, monkeyp
     assert set(sections) == {"environment", "agreement", "sampling_throughput", "training_throughput", "peak_memory"}
     errors = {name: s["error"] for name, s in sections.items() if "error" in s}
     assert not errors
-    assert sections["environment"]["server_modules_imported_by_engine"] == []
+    assert set(sections["environment"]["server_modules_imported_by_engine"]) <= loaded_before
     agreement = sections["agreement"]
     for layout in ("shared_prompts", "copied_prompts"):
         assert agreement[f"tiny-peaked/{layout}"]["tokens"] > 0

@@ -19,7 +19,8 @@ ALICE, BOB = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
 def server(make_server, tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"key-a": "alice", "key-b": "bob"}))
-    with make_server(api_keys_file=keys, tinker_session_timeout_seconds=3) as running:
+    # Samples long enough (8 x 8192 tokens) that no machine decodes half of them before a session ends.
+    with make_server(api_keys_file=keys, tinker_session_timeout_seconds=3, max_new_tokens=8192) as running:
         yield running
 
 
@@ -97,7 +98,7 @@ def test_a_sample_whose_session_ended_stops_decoding(server):
                 "sampling_session_id": sampler,
                 "num_samples": 8,
                 "prompt": {"chunks": [{"tokens": [1, 2, 3]}]},
-                "sampling_params": {"max_tokens": 1024, "temperature": 1.0},
+                "sampling_params": {"max_tokens": 8192, "temperature": 1.0},
             },
         )["request_id"]
         if end == "finish":
@@ -107,7 +108,7 @@ def test_a_sample_whose_session_ended_stops_decoding(server):
         answer = result(server, ALICE, future)
         assert answer.get("category") == "user" and answer["error"].startswith("abandoned"), (end, answer)
         decoded = int(answer["error"].split("after ")[1].split(" of")[0])
-        assert decoded < 8 * 1024 / 2, (end, answer["error"])
+        assert decoded < 8 * 8192 / 2, (end, answer["error"])
         # A new sample for the ended session is refused, not decoded for nobody.
         again = call(
             server,

@@ -954,6 +954,7 @@ class Service:
 
     def submit(self, user: str, job: Job, request: Any, key: str | None, *, digest: str | None = None) -> JobRef:
         """Record `job` as pending and queue it; a replayed idempotency key returns the original."""
+        key = key or None  # an empty Idempotency-Key header is no key (it must not be stored as one)
         command = job.command
         if key and digest is None:
             digest = _request_hash(command.kind, command.run_id, request)
