@@ -259,3 +259,12 @@ def test_eval_of_a_second_base_model_uses_its_own_tokenizer(make_server, tiny_mo
     expected = [continuation_logprob(model, tokenizer, context, " " + c) for c in sample["doc"]["choices"]]
     assert [resp[0][0] for resp in sample["resps"]] == pytest.approx(expected, abs=2e-3)
     assert outcome.recorded is None  # a base model: nothing to record on
+
+
+def test_two_results_written_within_one_second_are_both_kept(tmp_path):
+    from eztinker.evaluation import EvalTarget, write_results
+
+    target = EvalTarget(model="run_x", base_model="tiny")
+    paths = [write_results(tmp_path, target, {"results": {"t": {"acc,none": n}}}) for n in range(3)]
+    assert len(set(paths)) == 3
+    assert [json.loads(p.read_text())["results"]["t"]["acc,none"] for p in paths] == [0, 1, 2]

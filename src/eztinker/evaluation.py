@@ -13,6 +13,7 @@ lm-eval is an optional dependency: `pip install 'eztinker[eval]'`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -220,14 +221,23 @@ def scores_of(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 
 
 def write_results(output_dir: Path, target: EvalTarget, results: dict[str, Any]) -> Path:
-    """lm-eval's results as JSON: `<output_dir>/lm_eval_<model>_<time>.json`."""
+    """lm-eval's results as JSON: `<output_dir>/lm_eval_<model>_<time>[_<n>].json`, never overwriting
+    an earlier file (two evaluations can finish within the same second)."""
     from lm_eval.utils import handle_non_serializable
 
     output_dir.mkdir(parents=True, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", target.model).strip("_")
-    path = output_dir / f"lm_eval_{name}_{time.strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-    return path
+    stem = f"lm_eval_{name}_{time.strftime('%Y%m%dT%H%M%S')}"
+    text = json.dumps(results, indent=2, default=handle_non_serializable)
+    for n in itertools.count(1):
+        path = output_dir / (f"{stem}.json" if n == 1 else f"{stem}_{n}.json")
+        try:
+            with path.open("x") as file:  # exclusive create: a concurrent writer gets the next name
+                file.write(text)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def record_evaluation(http: httpx.Client, target: EvalTarget, scores: dict, config: dict) -> EvaluationInfo:
