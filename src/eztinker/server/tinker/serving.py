@@ -26,6 +26,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from ...backend.results import (
+    ForwardBackwardResult,
+    JobKind,
+    Loaded,
+    OptimStepResult,
+    RunCreated,
+    Samples,
+    parse_result,
+)
 from ...types import (
     LOSS_FNS,
     CheckpointInfo,
@@ -625,58 +634,49 @@ class TinkerServing:
         if not record.finished:
             return JSONResponse({"type": "try_again", "request_id": record.id, "queue_state": "active"})
         if record.error is not None:
-            if record.error == INTERRUPTED and record.kind == "sample":
+            if record.error == INTERRUPTED and record.kind is JobKind.sample:
                 return error_body(410, record.error)  # the SDK submits a sample again on 410
             return JSONResponse({"error": record.error, "category": record.error_category or "server"})
         return self._answer(user, record)
 
     def _answer(self, user: str, record: JobRecord) -> Response:
-        value, extra = record.result(), self.extras.get(record.id)
-        if record.kind == "forward_backward":
-            logprobs = [[_known(lp) for lp in row] for row in value["logprobs"]]
-            body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value["loss"]})
+        assert record.result_json is not None, "a completed job has its result"
+        value, extra = parse_result(record.kind, record.result_json), self.extras.get(record.id)
+        if isinstance(value, ForwardBackwardResult):
+            logprobs = [[_known(lp) for lp in row] for row in value.logprobs]
+            body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value.loss})
             return Response(body, media_type="application/x-protobuf")
-        if record.kind == "sample":
+        if isinstance(value, Samples):
             if extra.stability_session is not None:
-                for i, seq in enumerate(value["sequences"][0]):
+                for i, seq in enumerate(value.sequences[0]):
                     self.stability.record(
                         f"{record.id}:{i}",
-                        RecordedSequence(
-                            extra.stability_session, extra.prompt, tuple(seq["tokens"]), tuple(seq["logprobs"])
-                        ),
+                        RecordedSequence(extra.stability_session, extra.prompt, tuple(seq.tokens), tuple(seq.logprobs)),
                     )
-            targets, alt = value.get("target_prompt_logprobs"), value.get("prompt_alt_tokens")
+            targets, alt = value.target_prompt_logprobs, value.prompt_alt_tokens
             if targets is not None and extra.target_grid is None:  # its layout was lost (a restart): sample again
                 return error_body(410, "this sample's target_prompt_logprobs layout is gone; send it again")
             body = wire.encode_sample_response(
-                value["sequences"][0],
-                prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
-                topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0],
+                value.sequences[0],
+                prompt_logprobs=(value.prompt_logprobs or [None])[0],
+                topk_prompt_logprobs=(value.topk_prompt_logprobs or [None])[0],
                 target_prompt_logprobs=None
                 if targets is None or extra.target_grid is None
                 else extra.target_grid.answer(targets[0]),
-                prompt_alt_tokens=None if alt is None else (alt[0]["tokens"], alt[0]["logprobs"]),
+                prompt_alt_tokens=None if alt is None else (alt[0].tokens, alt[0].logprobs),
             )
             return Response(body, media_type="application/x-protobuf")
-        if record.kind == "create_run":
+        if isinstance(value, RunCreated):
             return JSONResponse({"model_id": record.run_id, **({"path": extra.path} if extra.path else {})})
-        if record.kind == "optim_step":
-            return JSONResponse(
-                {
-                    "metrics": {
-                        "grad_norm": value["grad_norm"],
-                        "learning_rate": value["learning_rate"],
-                        "step": value["step"],
-                    }
-                }
-            )
-        if record.kind == "save":
+        if isinstance(value, OptimStepResult):
+            return JSONResponse({"metrics": value.model_dump()})
+        if isinstance(value, CheckpointInfo):  # a save's
             if extra.sampling_session_id is not None:
                 return JSONResponse({"sampling_session_id": extra.sampling_session_id})
-            return JSONResponse({"path": p.tinker_path(value["run_id"], value["name"])})
-        if record.kind == "load":
+            return JSONResponse({"path": p.tinker_path(value.run_id, value.name)})
+        if isinstance(value, Loaded):
             return JSONResponse({"path": extra.path, "model_id": record.run_id})
-        return JSONResponse(value)
+        return JSONResponse(value.model_dump(mode="json"))
 
     # ------------------------------------------------------------------ RestClient: runs and checkpoints
     def _checkpoint_json(self, run_id: str, info: CheckpointInfo) -> dict:
