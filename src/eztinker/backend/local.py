@@ -245,7 +245,7 @@ class LocalBackend:
                 if c.topk_prompt_logprobs:
                     extra["topk_prompt_logprobs"] = [_topk(s) for s in scored]
                 if c.prompt_targets is not None:
-                    extra["target_prompt_logprobs"] = [_extras(s).target_logprobs for s in scored]
+                    extra["target_prompt_logprobs"] = [_extras(s).target_logprobs or [] for s in scored]
                 if c.prompt_alt_tokens_k:
                     extra["prompt_alt_tokens"] = [
                         AltTokens(tokens=_extras(s).alt_tokens or [], logprobs=_extras(s).alt_logprobs or [])

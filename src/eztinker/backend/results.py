@@ -73,7 +73,7 @@ class Samples(SampleResult):
 
     prompt_logprobs: list[list[float | None]] | None = None
     topk_prompt_logprobs: list[list[TopK]] | None = None
-    target_prompt_logprobs: list[list[list[float]] | None] | None = Field(
+    target_prompt_logprobs: list[list[list[float]]] | None = Field(
         None, description="Per prompt, per position 1 .. len - 1: the logprobs of the token ids asked for there."
     )
     prompt_alt_tokens: list[AltTokens] | None = None

@@ -658,8 +658,8 @@ class TinkerServing:
                 return error_body(410, "this sample's target_prompt_logprobs layout is gone; send it again")
             body = wire.encode_sample_response(
                 value.sequences[0],
-                prompt_logprobs=(value.prompt_logprobs or [None])[0],
-                topk_prompt_logprobs=(value.topk_prompt_logprobs or [None])[0],
+                prompt_logprobs=None if value.prompt_logprobs is None else value.prompt_logprobs[0],
+                topk_prompt_logprobs=None if value.topk_prompt_logprobs is None else value.topk_prompt_logprobs[0],
                 target_prompt_logprobs=None
                 if targets is None or extra.target_grid is None
                 else extra.target_grid.answer(targets[0]),
