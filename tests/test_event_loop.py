@@ -5,6 +5,7 @@ and checked token by token (in worker threads too), on the real server (uvicorn 
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import os
 import statistics
@@ -25,9 +26,45 @@ STREAMS, STREAM_TOKENS = 8, 256
 DATUMS, TOKENS = 64, 2048  # 131k tokens, a 2 MB body: checking it takes far longer than 50 ms
 P99_MS = 50
 POLL_SECONDS = 0.02
-# Past this load average per core, the scheduler's delays, not the server, decide a p99 of 50 ms
-# (measured: 2 cores under a load of 8 give an idle server a p99 of 12-27 ms).
-BUSY_LOAD_PER_CORE = 2.0
+# Past this load average per core the scheduler's delays, not the server, decide a p99 of 50 ms
+# (measured: 2 cores under a load of 8 give an idle server a p99 of 12-27 ms, and this test's load
+# 60-170 ms). asyncio's debug mode times each callback in wall time, so a loaded machine's
+# preemptions show there too (53-205 ms measured at a load of 4-8 per core): under load the test
+# asserts only that no callback held the loop for LOADED_SLOW_CALLBACK_SECONDS.
+QUIET_LOAD_PER_CORE = 1.0
+SLOW_CALLBACK_SECONDS = 0.05
+LOADED_SLOW_CALLBACK_SECONDS = 0.5
+
+
+class _SlowCallbacks(logging.Handler):
+    """asyncio debug mode's 'Executing <callback> took 0.123 seconds' warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Executing") and " took " in message:
+            self.messages.append(message)
+
+
+def _watch_the_loop(server: ThreadedServer, seconds: float) -> _SlowCallbacks:
+    """Turn on asyncio's debug mode in the server's loop: every callback that runs longer than
+    `seconds` is logged, and collected here."""
+    loop = server.server.servers[0].get_loop()
+    loop.slow_callback_duration = seconds
+    loop.call_soon_threadsafe(loop.set_debug, True)
+    handler = _SlowCallbacks()
+    logging.getLogger("asyncio").addHandler(handler)
+    # The watch itself works: a callback that sleeps past the limit on the loop is caught.
+    loop.call_soon_threadsafe(time.sleep, seconds + 0.01)
+    deadline = time.monotonic() + 10
+    while not handler.messages and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handler.messages, f"asyncio's debug mode did not report a {seconds + 0.01:.2f} s callback"
+    handler.messages.clear()
+    return handler
 
 
 def _forward_backward_body(model_id: str, seq_id: int, bad_token: int, datums: int = DATUMS) -> bytes:
@@ -131,9 +168,6 @@ def one_torch_thread():
 def test_health_p99_stays_under_50_ms_while_streams_run_and_a_large_body_is_decoded(
     tiny_model_dir, tmp_path, one_torch_thread
 ):
-    load = os.getloadavg()[0] / (os.cpu_count() or 1)
-    if load > BUSY_LOAD_PER_CORE:
-        pytest.skip(f"the machine is too busy for a latency bound ({load:.1f} runnable threads per core)")
     settings = ServerSettings(data_dir=tmp_path / "data", device="cpu", model=[str(tiny_model_dir)])
     with ThreadedServer(build_service(settings)) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         model = server.service.default_model
@@ -150,16 +184,24 @@ def test_health_p99_stays_under_50_ms_while_streams_run_and_a_large_body_is_deco
         warm = _forward_backward_body(model_id, 1, bad_token=vocab, datums=1)
         future = http.post("/api/v1/forward_backward", content=warm, headers={"Content-Type": "application/x-protobuf"})
         assert "outside the vocabulary" in _retrieve(http, future.json()["request_id"])["error"]
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
-            measured = clients.submit(_load_and_poll, server.url, model, model_id, vocab).result(timeout=120)
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+        quiet = load <= QUIET_LOAD_PER_CORE
+        slow = _watch_the_loop(server, SLOW_CALLBACK_SECONDS if quiet else LOADED_SLOW_CALLBACK_SECONDS)
+        try:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as clients:
+                measured = clients.submit(_load_and_poll, server.url, model, model_id, vocab).result(timeout=600)
+        finally:
+            logging.getLogger("asyncio").removeHandler(slow)
 
     texts, refused, latencies = measured["texts"], measured["refused"], measured["latencies"]
     assert len(texts) == STREAMS and all(t.endswith("data: [DONE]") for t in texts)
     # The body was decoded and checked to its last token: the refusal names it.
     assert refused and f"data.{DATUMS - 1}.loss_fn_inputs.target_tokens.{TOKENS - 1}" in refused[0]["error"]
     assert len(latencies) >= 50, f"only {len(latencies)} health checks ran while the load did"
+    assert not slow.messages, slow.messages  # nothing held the event loop past the limit
     p99 = statistics.quantiles(latencies, n=100)[98]
     worst = sorted(latencies)[-5:]
-    assert p99 < P99_MS, (
-        f"/health p99 {p99:.1f} ms (median {statistics.median(latencies):.1f}, worst {worst}, n={len(latencies)})"
-    )
+    summary = f"/health p99 {p99:.1f} ms (median {statistics.median(latencies):.1f}, worst {worst}, n={len(latencies)})"
+    if quiet:  # elsewhere other processes' threads, not the server, set the tail
+        assert p99 < P99_MS, summary
+    print(f"{summary} at a load of {load:.1f} per core")
