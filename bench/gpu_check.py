@@ -384,11 +384,11 @@ def sampling_throughput(device: torch.device, smoke: bool) -> dict:
     seconds_ours = _timed(device, lambda: ours(tokens))
     seconds_one = _timed(device, lambda: ours(1))
     made = ours(tokens)
-    model = engine._peft.base_model.model if engine._peft is not None else base.model
+    model = engine.adapters.peft.base_model.model if engine.adapters.peft is not None else base.model
     input_ids = torch.tensor([p for p in prompts for _ in range(rows // prompts_n)], device=device)
 
     def generate(new: int):
-        with engine._through("r"), torch.no_grad():
+        with engine.adapters.through("r"), torch.no_grad():
             return model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
