@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import cast
 
 import peft
@@ -17,7 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from ..types import LoraConfig
-from . import lora_adapters
+from . import checkpoints, lora_adapters
 from .errors import EngineError, InvalidTarget
 from .head_lora import HeadLora
 from .lora_forward import base_only
@@ -232,6 +233,11 @@ class Adapters:
                 if name in module.lora_variant or module.lora_B[name].bias is not None:
                     return False
         return True
+
+    def load_weights(self, name: str, directory: Path) -> None:
+        """Adapter `name`'s weights from checkpoint `directory` (checkpoints.load_adapter_weights)."""
+        assert self.peft is not None  # the adapter is on the model
+        checkpoints.load_adapter_weights(self.peft, directory, name, self.base.device)
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s weights as PEFT saves them."""

@@ -62,6 +62,27 @@ def save(
     write_atomically(directory, write)
 
 
+def load_adapter_weights(model: peft.PeftModel, directory: Path, adapter: str, device: torch.device) -> None:
+    """Set `adapter`'s weights on `model` to the checkpoint's. EngineError where the file cannot be
+    read, its tensors have other shapes than the adapter's, or some of the adapter's are missing."""
+    try:
+        weights = load_file(directory / ADAPTER_WEIGHTS, device=str(device))
+    except Exception as exc:
+        raise EngineError(
+            f"checkpoint {ref(directory)}: {ADAPTER_WEIGHTS} cannot be read "
+            f"({type(exc).__name__}: {without_path(exc, directory)})"
+        ) from None
+    try:
+        result = peft.set_peft_model_state_dict(model, weights, adapter_name=adapter)
+    except RuntimeError as exc:  # tensors of other shapes than its LoRA config's
+        raise EngineError(f"checkpoint {ref(directory)} does not match its LoRA config: {exc}") from None
+    # torch's _IncompatibleKeys (load_state_dict's result) is a namedtuple mypy cannot see into.
+    missing_keys: list[str] = result.missing_keys  # type: ignore[attr-defined]
+    missing = [k for k in missing_keys if f".{adapter}." in k and "lora_" in k]
+    if missing:
+        raise EngineError(f"checkpoint {ref(directory)} is missing {len(missing)} adapter tensors, e.g. {missing[0]}")
+
+
 def read_optimizer_state(directory: Path) -> dict[str, Any]:
     """weights_only: a checkpoint can never run code on the server."""
     return torch.load(directory / OPTIMIZER_STATE, weights_only=True, map_location="cpu")

@@ -15,9 +15,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import peft
 import torch
-from safetensors.torch import load_file
 
 from ..types import (
     AdamParams,
@@ -353,14 +351,7 @@ class Engine:
             raise EngineError(
                 f"checkpoint LoRA config {saved['lora']} does not match the run's {run.lora.model_dump()}"
             )
-        assert self.adapters.peft is not None  # the run's adapter is on the model
-        weights = load_file(directory / ADAPTER_WEIGHTS, device=str(self.base.device))
-        result = peft.set_peft_model_state_dict(self.adapters.peft, weights, adapter_name=run_id)
-        # torch's _IncompatibleKeys (load_state_dict's result) is a namedtuple mypy cannot see into.
-        missing_keys: list[str] = result.missing_keys  # type: ignore[attr-defined]
-        missing = [k for k in missing_keys if f".{run_id}." in k and "lora_" in k]
-        if missing:
-            raise EngineError(f"checkpoint is missing {len(missing)} adapter tensors, e.g. {missing[0]}")
+        self.adapters.load_weights(run_id, directory)
         if with_optimizer:
             run.optimizer.load_state_dict(checkpoints.read_optimizer_state(directory))
         else:

@@ -12,9 +12,6 @@ from collections import OrderedDict
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-import peft
-from safetensors.torch import load_file
-
 from ..types import LoraConfig
 from . import checkpoints
 from .adapters import Adapters
@@ -79,25 +76,9 @@ class Snapshots:
             lora = LoraConfig.model_validate(state["lora"])
         except (KeyError, ValueError) as exc:
             raise EngineError(f"checkpoint {directory} has no valid LoRA config: {exc}") from None
-        try:
-            weights = load_file(directory / checkpoints.ADAPTER_WEIGHTS, device=str(self.adapters.base.device))
-        except Exception as exc:
-            raise EngineError(
-                f"checkpoint {directory}: {checkpoints.ADAPTER_WEIGHTS} cannot be read ({type(exc).__name__}: {exc})"
-            ) from None
         self.adapters.add(name, lora, seed=0)
         try:
-            result = peft.set_peft_model_state_dict(self.adapters.peft, weights, adapter_name=name)
-            # torch's _IncompatibleKeys (load_state_dict's result) is a namedtuple mypy cannot see into.
-            missing_keys: list[str] = result.missing_keys  # type: ignore[attr-defined]
-            missing = [k for k in missing_keys if f".{name}." in k and "lora_" in k]
-            if missing:
-                raise EngineError(
-                    f"checkpoint {directory} is missing {len(missing)} adapter tensors, e.g. {missing[0]}"
-                )
-        except RuntimeError as exc:  # tensors of other shapes than its LoRA config's
-            self.adapters.remove(name)
-            raise EngineError(f"checkpoint {directory} does not match its LoRA config: {exc}") from None
+            self.adapters.load_weights(name, directory)
         except BaseException:
             self.adapters.remove(name)
             raise
