@@ -41,6 +41,8 @@ class Adapters:
         self._lora_layer_list: list[peft.tuners.lora.LoraLayer] | None = None
         self._head_layer: peft.tuners.lora.LoraLayer | None = None  # the output head's, once wrapped
         self._head_name: str | None = None
+        self._layers_plain: bool | None = None
+        self._plain: dict[str, bool] = {}  # adapter -> whether it is plain LoRA (`plain_lora`)
 
     def _modules_changed(self, layers: bool = True) -> None:
         """Adapters were added or removed (on the same `layers`, or not): the module walks below
@@ -48,6 +50,8 @@ class Adapters:
         if layers:
             self._lora_layer_list = None
             self._head_layer = None
+        self._layers_plain = None
+        self._plain.clear()
         self.version += 1
 
     def lora_layers(self) -> list[peft.tuners.lora.LoraLayer]:
@@ -225,14 +229,20 @@ class Adapters:
 
     def plain_lora(self, adapters: set[str]) -> bool:
         """Whether these adapters are plain LoRA on linear layers (no DoRA-like variants, no LoRA
-        bias, not merged), which is what the engine's own LoRA updates compute."""
-        for module in self.lora_layers():
-            if not isinstance(module, peft.tuners.lora.Linear) or module.merged:
-                return False
-            for name in adapters & set(module.lora_A):
-                if name in module.lora_variant or module.lora_B[name].bias is not None:
-                    return False
-        return True
+        bias, not merged), which is what the engine's own LoRA updates compute. Found once per
+        adapter and change of adapters: the walk of every LoRA layer is not repeated per call."""
+        if self._layers_plain is None:
+            self._layers_plain = all(
+                isinstance(module, peft.tuners.lora.Linear) and not module.merged for module in self.lora_layers()
+            )
+        if not self._layers_plain:
+            return False
+        for name in adapters - self._plain.keys():
+            self._plain[name] = not any(
+                name in module.lora_A and (name in module.lora_variant or module.lora_B[name].bias is not None)
+                for module in self.lora_layers()
+            )
+        return all(self._plain[name] for name in adapters)
 
     def load_weights(self, name: str, directory: Path) -> None:
         """Adapter `name`'s weights from checkpoint `directory` (checkpoints.load_adapter_weights)."""
