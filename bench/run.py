@@ -724,6 +724,7 @@ def run_model(model: str, args) -> dict:
     base = load_copy()
     work = Workload(base, args.quick)
     engine = Engine(base)
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     engine.create_run("bench", LORA, seed=0)
     bare = load_copy()  # a second copy, never wrapped by peft: the bare-model baseline
     log(

@@ -41,6 +41,7 @@ def bf16_engine(peaked_model_dir, tmp_path_factory):
             str(peaked_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device=TEST_DEVICE, dtype=torch.bfloat16
         )
         engine = Engine(base)
+        engine.warm_up()  # as the backend does: the weights' packing decided before any call
         yield engine
         engine.close()
 

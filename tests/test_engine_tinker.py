@@ -35,6 +35,15 @@ def backend(tiny_base):
     backend.close()
 
 
+def test_the_backend_warms_its_engines_up_and_the_constructor_does_not(tiny_base, backend):
+    """Packing and timing the base weights (packed_linear.py) is `Engine.warm_up`'s, which the
+    backend calls once for each engine it builds: a bare Engine has packed and timed nothing."""
+    assert Engine(tiny_base).forward._packs == {}
+    warmed = backend.engines[tiny_base.name].forward
+    assert warmed._head_checked and warmed._plain_version is not None
+    assert len(warmed._packs) > 1  # the head and the decoder's projections, packed or found not to pay
+
+
 # ----------------------------------------------------------------------------------- helpers
 def random_tokens(n: int, rng: random.Random) -> list[int]:
     return [rng.randrange(300, 100_000) for _ in range(n)]

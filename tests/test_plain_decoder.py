@@ -76,6 +76,7 @@ def trained(family_base):
         patch.setattr(packed_linear, "measured_choice", everywhere)
         patch.setattr(output_projection, "_head_choice", everywhere)
         engine = Engine(family_base)
+        engine.warm_up()  # packs here, under the patch, as the backend's engines pack on start
         for run_id, seed, lora in (
             ("run_a", 1, LoraConfig(rank=4, alpha=16)),
             ("run_b", 2, LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),

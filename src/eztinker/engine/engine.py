@@ -75,7 +75,8 @@ class Engine:
         """microbatch_tokens: padded tokens per training forward (None: sized from the device's free
         memory, memory.py; 8192 on the CPU). activation_checkpointing (None: on where it pays, on an
         accelerator, whose memory bounds the micro-batch; on the CPU it would only cost time).
-        max_snapshots: checkpoint adapters kept loaded for sampling."""
+        max_snapshots: checkpoint adapters kept loaded for sampling. `warm_up` packs and times the
+        base weights; until it is called, the first call that needs them does so."""
         self.base = base
         self.adapters = Adapters(base)
         self.snapshots = Snapshots(self.adapters, max_snapshots)
@@ -86,13 +87,18 @@ class Engine:
             pack_weights=pack_weights,
             activation_checkpointing=activation_checkpointing,
         )
-        self.forward.warm_up()
         if microbatch_tokens is None:
             microbatch_tokens = memory.default_microbatch_tokens(
                 base.model.config, base.model.dtype, base.device, self.forward.activation_checkpointing
             )
         self.trainer = training.Trainer(self.adapters, self.forward, microbatch_tokens)
         self._runs: dict[str, training.Run] = {}
+
+    def warm_up(self) -> None:
+        """Pack the base weights for oneDNN, timing each packed copy against MKL (packed_linear.py),
+        and check the output head, now rather than in the first request. The backend calls it once
+        after building the engine."""
+        self.forward.warm_up()
 
     # Tunables, kept by the part that uses them.
     @property
