@@ -55,8 +55,8 @@ class Adapters:
         self.version += 1
 
     def lora_layers(self) -> list[peft.tuners.lora.LoraLayer]:
-        """The model's LoRA layers, walked for once per change of adapters (a walk of all SmolLM2's
-        modules costs about 12 ms, and every sampling call needs the list)."""
+        """The model's LoRA layers, walked for once per change of adapters (every sampling call
+        needs the list, and a walk of all a model's modules is not free)."""
         if self._lora_layer_list is None:
             assert self.peft is not None  # asked for only once an adapter exists
             self._lora_layer_list = [m for m in self.peft.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
@@ -132,11 +132,11 @@ class Adapters:
 
     def _add_to_wrapped_layers(self, name: str, config: peft.LoraConfig, lora: LoraConfig) -> bool:
         """peft's add_adapter walks every module of the model, earlier adapters' LoRA modules
-        included, so creating a run grew with the runs loaded (SmolLM2: 0.24 s with none, 0.57 s
-        with ten). When every layer the targets name is already a LoRA layer, this adds the adapter
-        to those layers as peft's add_adapter does for them (in module order, so the seeded init
-        is the same): `lora_adapters.add` where it can, else `update_layer`. False (peft's own
-        path) otherwise, or on a peft whose `update_layer` takes other arguments."""
+        included, so creating a run grew with the runs loaded (docs/performance.md). When every
+        layer the targets name is already a LoRA layer, this adds the adapter to those layers as
+        peft's add_adapter does for them (in module order, so the seeded init is the same):
+        `lora_adapters.add` where it can, else `update_layer`. False (peft's own path) otherwise,
+        or on a peft whose `update_layer` takes other arguments."""
         if not _UPDATE_LAYER_TAKES_CONFIG:
             return False
         if self._lora_targets is None:

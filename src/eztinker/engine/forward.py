@@ -94,7 +94,7 @@ class ForwardPath:
     def plain_decoder(self) -> plain_decoder.PlainDecoder | None:
         """The decoder as plain tensor ops, where `PlainDecoder` computes this model (else None);
         built once per change of adapters (the first adapter wraps every projection in peft's
-        LoRA layer), since checking and collecting 30 layers' parameters took 4-5 ms a call."""
+        LoRA layer), since checking and collecting every layer's parameters is not free."""
         if self._plain_version != self.adapters.version:
             decoder, config = self.decoder(), self.base.model.config
             supported = plain_decoder.supports(decoder, config)

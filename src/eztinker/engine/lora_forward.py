@@ -145,10 +145,10 @@ class RunLora:
 @contextmanager
 def base_only(lora_layers: list[peft.tuners.lora.LoraLayer]):
     """Within: these LoRA layers compute their base output only. peft's `disable_adapter()` does the
-    same after a model-status check that walks and prints every module (66-75 ms a call on
-    SmolLM2, more than the rest of a small sampling call's overhead), and its per-layer
-    `enable_adapters` re-sets every adapter parameter's requires_grad (another 30 ms): this sets the
-    layers' flag only, which is what their forward reads."""
+    same after a model-status check that walks and prints every module (more than the rest of a
+    small sampling call's overhead: docs/performance.md, "Engine figures"), and its per-layer
+    `enable_adapters` re-sets every adapter parameter's requires_grad: this sets the layers' flag
+    only, which is what their forward reads."""
     layers = [layer for layer in lora_layers if not layer.disable_adapters]
     direct = all(isinstance(getattr(layer, "_disable_adapters", None), bool) for layer in layers)
     for layer in layers:

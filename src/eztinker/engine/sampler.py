@@ -292,8 +292,8 @@ def _prefill(
 
 def _worth_sharing(prompts: list[list[int]], candidates: list[int]) -> bool:
     """Whether sharing each prompt's cache among its candidates beats copying it to each: with
-    two candidates a prompt on average, and copies big enough to cost memory traffic (4 x 16
-    tokens from one prompt was 5-20% slower shared: the split attention has more, smaller ops)."""
+    two candidates a prompt on average, and copies big enough to cost memory traffic (small ones
+    were slower shared, bench/shared_prefix.py: the split attention has more, smaller ops)."""
     rows = sum(candidates)
     return rows >= 2 * len(prompts) and rows * max(len(p) for p in prompts) >= _MIN_SHARED_ROW_TOKENS
 

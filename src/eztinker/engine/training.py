@@ -39,8 +39,7 @@ class Run:
 
 def adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
     """fused: one kernel over all of a run's tensors. On CPU torch's default is a Python loop of
-    about ten operations per tensor, and a LoRA on every linear layer has hundreds of tensors
-    (420 on SmolLM2)."""
+    about ten operations per tensor, and a LoRA on every linear layer has hundreds of tensors."""
     return torch.optim.AdamW(params, lr=AdamParams().learning_rate, fused=True)
 
 
@@ -99,7 +98,7 @@ class Trainer:
                 return self._forward(run_id, data, loss_fn, config, backward=False, all_logprobs=all_logprobs)
         # Train mode only switches the LoRA dropout on (the base model's own dropout is never
         # used in training); a run without dropout stays in eval mode, which spares two walks of
-        # every module of the model (about 15 ms a call on SmolLM2).
+        # every module of the model.
         dropout = run.lora.dropout > 0
         model = self.adapters.peft
         assert model is not None  # the run's adapter is on the model
@@ -107,7 +106,7 @@ class Trainer:
             model.train()
         # A failure part-way through (e.g. a non-finite loss in a later micro-batch) would leave the
         # earlier micro-batches' gradients accumulated, so the next optim_step would apply a partial
-        # batch. Snapshot the run's gradients (tiny LoRA tensors) and restore them on error.
+        # batch. Keep a copy of the run's gradients (tiny LoRA tensors) and restore it on error.
         saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in run.params]
         try:
             result = self._forward(run_id, data, loss_fn, config, backward=True, all_logprobs=all_logprobs)
@@ -223,8 +222,8 @@ class Trainer:
             if hidden_N_H.shape[0]:
                 hidden_N_H.backward(grad_N_H)
             return total, logprobs_N
-        # Chunked output projection: the 152k-wide logits of only a chunk of positions are alive
-        # at a time; their gradient flows back into the decoder in one backward pass.
+        # Chunked output projection: the vocabulary-wide logits of only a chunk of positions are
+        # alive at a time; their gradient flows back into the decoder in one backward pass.
         logits_chunk = self.forward.logits_chunk
         detached = hidden_N_H.detach().requires_grad_(True)
         total = 0.0
