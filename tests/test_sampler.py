@@ -274,10 +274,11 @@ def test_shared_prompt_prefix_is_prefilled_once_per_adapter_without_changing_res
 
 # ------------------------------------------------------------------ fast paths of the sampler
 def _chooser(params_list, vocab, rows):
-    from eztinker.engine.sampler import _LogitsAreFeatures, _TokenChooser
+    from eztinker.engine.sampler import _LogitsAreFeatures
+    from eztinker.engine.token_chooser import TokenChooser
 
     specs = [SampleSpec(None, [[1]], 1, p) for p in params_list]
-    return _TokenChooser(specs, _LogitsAreFeatures(vocab), rows, torch.device("cpu"))
+    return TokenChooser(specs, _LogitsAreFeatures(vocab), rows, torch.device("cpu"))
 
 
 def _frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -315,14 +316,14 @@ def test_inverse_cdf_draws_follow_the_requested_distribution(vocab, kwargs):
 
 
 def test_seeded_draws_do_not_depend_on_batch_mates_or_chunking(monkeypatch):
-    import eztinker.engine.sampler as sampler_module
+    import eztinker.engine.token_chooser as token_chooser
 
     vocab, rows = 257, 40
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(2))
     params = [SamplingParams(seed=5, temperature=0.9), SamplingParams(temperature=0), SamplingParams(seed=6, top_p=0.9)]
     spec_of_row = [0] * 10 + [1] * 10 + [2] * 20
     together = _chooser(params, vocab, rows).choose(logits, spec_of_row)[0]
-    monkeypatch.setattr(sampler_module, "_BUFFER_ELEMENTS", vocab * 7)  # rows in chunks of 7
+    monkeypatch.setattr(token_chooser, "_BUFFER_ELEMENTS", vocab * 7)  # rows in chunks of 7
     chunked = _chooser(params, vocab, rows).choose(logits, spec_of_row)[0]
     assert torch.equal(together, chunked)
     alone = _chooser(params[:1], vocab, 10).choose(logits[:10], [0] * 10)[0]
