@@ -4,18 +4,15 @@ Pure torch + transformers + peft. It knows nothing of HTTP, databases or job ids
 thread-safe: one caller (the server's worker thread, or a test) drives it.
 
 `Engine` is the façade over the parts, each with one job: the adapter registry (adapters.py) and
-its snapshots (snapshots.py), the forward path (forward.py), training (training.py) and the
-checkpoint format (checkpoints.py). It holds the runs and checks what callers pass.
+its snapshots (snapshots.py), the forward path (forward.py), training (training.py), scoring
+(scoring.py) and the checkpoint format (checkpoints.py). It holds the runs and checks what
+callers pass.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from ..types import (
     AdamParams,
@@ -27,7 +24,7 @@ from ..types import (
     ResponseScore,
     SampledSequence,
 )
-from . import checkpoints, memory, prompt_scoring, training
+from . import checkpoints, memory, scoring, training
 from .adapters import Adapters
 from .checkpoints import ADAPTER_WEIGHTS, OPTIMIZER_STATE, TRAINING_STATE, read_training_state, verify_checkpoint
 from .errors import EngineError, InvalidTarget
@@ -35,6 +32,7 @@ from .forward import ForwardPath, head_matches
 from .models import BaseModel
 from .prompt_scoring import PromptExtras
 from .sampler import SampleSpec
+from .scoring import PromptLogprobs
 from .snapshots import Snapshots
 
 __all__ = [
@@ -49,16 +47,6 @@ __all__ = [
     "read_training_state",
     "verify_checkpoint",
 ]
-
-
-@dataclass
-class PromptLogprobs:
-    """Per prompt position i: log p(prompt[i] | prompt[:i]) and, if asked, the k most likely
-    [token_id, logprob] pairs of that distribution (most likely first). Position 0 has neither."""
-
-    logprobs: list[float | None]
-    topk: list[list[list] | None] | None
-    extras: prompt_scoring.ExtrasResult | None = None  # what PromptExtras asked for
 
 
 class Engine:
@@ -215,11 +203,9 @@ class Engine:
         return self.forward.sample(specs)
 
     # ----------------------------------------------------------------------------- scoring
-    @torch.no_grad()
     def score(self, run_id: str | None, prompt: list[int], responses: list[list[int]]) -> list[ResponseScore]:
-        """Logprob of each response given the prompt, under the run's adapter (or the base model).
-        Responses go through in micro-batches of at most `microbatch_tokens` padded tokens (one
-        response at least), longest first, so memory is bounded however many there are."""
+        """Logprob of each response given the prompt, under the run's adapter (or the base model),
+        in micro-batches of at most `microbatch_tokens` padded tokens (scoring.py)."""
         if run_id is not None:
             self._run(run_id)
         # Errors name the fields the caller actually passed, not positions in a combined list
@@ -227,38 +213,8 @@ class Engine:
         self._check_ids(prompt, "prompt")
         for i, response in enumerate(responses):
             self._check_ids(response, f"responses[{i}]")
-        order = sorted(range(len(responses)), key=lambda i: -len(responses[i]))
-        batches: list[list[int]] = []
-        for i in order:  # the first of a batch is its widest
-            width = len(prompt) + len(responses[batches[-1][0]]) if batches else 0
-            if batches and (len(batches[-1]) + 1) * width <= self.microbatch_tokens:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
-        logprobs: list[torch.Tensor] = [torch.empty(0)] * len(responses)
-        for batch in batches:
-            chunk = [responses[i] for i in batch]
-            input_ids, attention_mask = self.forward.right_pad([prompt + r for r in chunk])
-            positions = torch.zeros(input_ids.shape, dtype=torch.bool)
-            for row, r in enumerate(chunk):
-                positions[row, len(prompt) - 1 : len(prompt) - 1 + len(r)] = True
-            targets = torch.cat(
-                [torch.tensor(r, dtype=torch.long) for r in chunk if r] or [torch.empty(0, dtype=torch.long)]
-            )
-            hidden = self.forward.hidden_states(run_id, input_ids, attention_mask)
-            hidden_N_H, targets = hidden[positions.to(hidden.device)], targets.to(hidden.device)
-            chunk_logprobs = self.forward.logprobs(hidden_N_H, targets, adapter=run_id)[0].cpu()
-            offset = 0
-            for i, r in zip(batch, chunk):
-                logprobs[i] = chunk_logprobs[offset : offset + len(r)]
-                offset += len(r)
-        scores = []
-        for r, lp in zip(responses, logprobs):
-            total = float(lp.sum()) if len(r) else 0.0
-            scores.append(ResponseScore(sum_logprob=total, mean_logprob=total / max(len(r), 1), num_tokens=len(r)))
-        return scores
+        return scoring.score(self.forward, self.microbatch_tokens, run_id, prompt, responses)
 
-    @torch.no_grad()
     def prompt_logprobs(
         self,
         adapter: str | None,
@@ -277,40 +233,7 @@ class Engine:
             raise EngineError(f"prompts[{prompts.index([])}] is empty")
         if topk > self.base.vocab_size:
             raise EngineError(f"topk_prompt_logprobs {topk} exceeds the vocabulary size {self.base.vocab_size}")
-        input_ids, attention_mask = self.forward.right_pad(prompts)
-        scored = [len(p) - 1 if last_n is None else min(last_n, len(p) - 1) for p in prompts]
-        positions_B_T = torch.zeros(input_ids.shape, dtype=torch.bool)  # position t predicts token t + 1
-        for i, (p, n) in enumerate(zip(prompts, scored)):
-            positions_B_T[i, len(p) - 1 - n : len(p) - 1] = True
-        targets_N = torch.tensor(
-            [t for p, n in zip(prompts, scored) for t in p[len(p) - n :]], dtype=torch.long, device=input_ids.device
-        )
-        hidden = self.forward.hidden_states(adapter, input_ids, attention_mask)
-        logprobs_N, top_N_K, ids_N_K = self.forward.logprobs(
-            hidden[positions_B_T.to(hidden.device)], targets_N, topk, adapter=adapter
-        )
-        logprobs, top, ids = logprobs_N.tolist(), top_N_K.tolist(), ids_N_K.tolist()
-        results, offset = [], 0
-        for i, (p, n) in enumerate(zip(prompts, scored)):
-            rows = range(offset, offset + n)
-            offset += n
-            unscored = [None] * (len(p) - n)
-            extra = None
-            if extras is not None and (extras[i].targets is not None or extras[i].alt_k):
-                extra = prompt_scoring.score_prompt(
-                    hidden[i, : len(p) - 1],
-                    extras[i],
-                    functools.partial(self.forward.log_softmax, adapter=adapter),
-                    prompt_scoring.rows_per_chunk(self.base.vocab_size),
-                )
-            results.append(
-                PromptLogprobs(
-                    logprobs=unscored + [logprobs[r] for r in rows],
-                    topk=unscored + [[[t, lp] for t, lp in zip(ids[r], top[r])] for r in rows] if topk else None,
-                    extras=extra,
-                )
-            )
-        return results
+        return scoring.prompt_logprobs(self.forward, adapter, prompts, topk, last_n, extras)
 
     # ------------------------------------------------------------------------- snapshots
     def snapshot(self, directory: Path, pinned: Collection[str] = ()) -> str:
