@@ -24,6 +24,7 @@ from typing import Any
 from .. import __version__
 from ..backend import Backend, InvalidInput, ModelInfo, Progress
 from ..backend.commands import CreateRun, DeleteRun, ForwardBackward, Load, OptimStep, Sample, Save, Score, ScorePrompts
+from ..backend.results import RunCreated
 from ..types import (
     LOSS_FNS,
     CreateRunRequest,
@@ -196,7 +197,7 @@ class Service:
         if outcome.error is not None:
             log.error("run %s could not be rebuilt: %s", run_id, outcome.error)
             return
-        self.store.record_restore(run_id, outcome.value["step"], restored_from=ref)
+        self.store.record_restore(run_id, outcome.result(RunCreated).step, restored_from=ref)
 
     def _remove_stale_snapshots(self) -> None:
         """Snapshots no live run restores from: of deleted runs, superseded by a later save or

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any
 
+from ..backend.results import JobKind
 from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig, RunInfo
 from .retention import RetentionPolicy, expire
 
@@ -631,7 +632,7 @@ class Store:
         return JobRecord(
             id=row["id"],
             run_id=row["run_id"],
-            kind=row["kind"],
+            kind=JobKind(row["kind"]),
             status=JobStatus(row["status"]),
             created_at=row["created_at"],
             started_at=row["started_at"],
@@ -670,7 +671,7 @@ class JobRecord:
 
     id: str
     run_id: str | None
-    kind: str
+    kind: JobKind
     status: JobStatus
     created_at: float
     started_at: float | None
