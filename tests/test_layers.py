@@ -5,6 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "src" / "eztinker"
+MAX_MODULE_LINES = 520
+# The packages whose modules are held to MAX_MODULE_LINES (each, one job); more join as they are split.
+SIZE_CHECKED = ["engine"]
 
 SERVER_SIDE = [
     "eztinker.server.app",
@@ -34,3 +42,14 @@ def test_server_modules_import_no_torch_safetensors_or_transformers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("package", SIZE_CHECKED)
+def test_modules_stay_small(package):
+    """A module over ~500 lines holds more than one job (engine.py was a 1,276-line god class)."""
+    sizes = {
+        path.relative_to(PACKAGE).as_posix(): len(path.read_text().splitlines())
+        for path in PACKAGE.glob(f"{package}/**/*.py")
+    }
+    assert sizes, f"no modules under {PACKAGE / package}"
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}

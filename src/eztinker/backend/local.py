@@ -47,6 +47,12 @@ def _topk(scored: PromptLogprobs) -> list[list[list] | None]:
     return scored.topk
 
 
+def _warm(engine: Engine) -> Engine:
+    """The engine with its base weights packed and timed now, not in the first request's time."""
+    engine.warm_up()
+    return engine
+
+
 class LocalBackend:
     def __init__(self, bases: Sequence[BaseModel], *, compute: ComputeThread | None = None, **engine_options):
         """Engines for models loaded already (`load` loads them on the backend's compute thread)."""
@@ -56,7 +62,7 @@ class LocalBackend:
         if len(set(names)) != len(names):
             raise ValueError(f"base models must be distinct, got {names}")
         self._compute = compute or ComputeThread()
-        self.engines = self._compute.run(lambda: {base.name: Engine(base, **engine_options) for base in bases})
+        self.engines = self._compute.run(lambda: {base.name: _warm(Engine(base, **engine_options)) for base in bases})
         self._tokenizer_files: dict[str, dict[str, str]] = {}
 
     @classmethod
