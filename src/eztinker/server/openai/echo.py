@@ -168,14 +168,14 @@ def _prompt_texts(service: Service, body: p.CompletionRequest, model: str, promp
         if isinstance(item, str):
             texts.append(item)
         else:
-            texts.append(b"".join(service.backend.token_bytes(model, tokens)).decode("utf-8", "replace"))
+            texts.append(b"".join(service.token_bytes(model, tokens)).decode("utf-8", "replace"))
     return texts
 
 
 def _logprobs(service: Service, model: str, parts: list[_Scored], top: int) -> p.CompletionLogprobs:
     ids = [t for part in parts for t in part.tokens]
     ids += [pair[0] for part in parts for entry in (part.top or []) if entry for pair in entry[:top]]
-    pieces = dict(zip(ids, service.backend.token_bytes(model, ids))) if ids else {}
+    pieces = dict(zip(ids, service.token_bytes(model, ids))) if ids else {}
     text = lambda t: pieces[t].decode("utf-8", "replace")  # noqa: E731
     tokens, token_logprobs, top_logprobs, offsets, at = [], [], [], [], 0
     for part in parts:

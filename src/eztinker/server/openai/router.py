@@ -28,8 +28,8 @@ from pydantic import ValidationError
 
 from ...types import ChatMessage, Prompt, SampledToken, SamplingParams, parse_checkpoint_ref
 from ..auth import User
+from ..records import JobRecord
 from ..service import Service, ServiceError
-from ..store import JobRecord
 from ..tinker.protocol import parse_tinker_path
 from . import protocol as p
 
@@ -125,8 +125,8 @@ def openai_router(service: Service) -> APIRouter:
                 run_id, checkpoint = parse_checkpoint_ref(name, default_run="")
                 ref = name
             else:
-                row = service.owned_run(user, name)
-                return Target(name, held(row["base_model"], name), run_id=name)
+                run = service.owned_run(user, name)
+                return Target(name, held(run.base_model, name), run_id=name)
             path, _ = service.checkpoint_path(user, ref, field="model")
         except ValueError:
             raise not_found(name) from None
@@ -134,9 +134,7 @@ def openai_router(service: Service) -> APIRouter:
             if exc.status in (404, 422):
                 raise not_found(name) from None
             raise from_service_error(exc) from None
-        run_row = service.store.run_row_any(run_id)
-        assert run_row is not None, "checkpoint_path found the run's checkpoint"
-        return Target(name, held(run_row["base_model"], name), snapshot=path)
+        return Target(name, held(service.run_record(run_id).base_model, name), snapshot=path)
 
     def held(base_model: str, name: str) -> str:
         if base_model not in service.models:
@@ -443,7 +441,7 @@ class _Job:
                     task.cancel()
             if not answer.done() or answer.cancelled():
                 # Nobody is left to read the answer: the sample stops at its next decode step.
-                self.service.runner.cancel(job_id, "the client disconnected before its answer")
+                self.service.cancel_job(job_id, "the client disconnected before its answer")
                 return Response(status_code=499)  # never sent: the connection is gone
             record = answer.result()
             if record.error is not None:
@@ -498,7 +496,7 @@ class _Job:
         return kind(id=self.id, created=self.created, model=self.target.name, choices=choices, usage=self._usage(value))
 
     def _pieces(self, tokens: list[int]) -> list[bytes]:
-        return self.service.backend.token_bytes(self.model.name, tokens)
+        return self.service.token_bytes(self.model.name, tokens)
 
     def _chat_logprobs(self, picked: list[tuple]) -> list[p.TokenLogprob]:
         ids = [t for t, _, _ in picked] + [t for _, _, top in picked for t, _ in (top or [])[: self.top]]
@@ -566,7 +564,7 @@ class _Job:
     def _advance(self, choice: _Choice, token: int) -> None:
         """Incremental detokenization: decode a short window, take what it adds once it ends in
         whole characters (a token may hold part of a UTF-8 character)."""
-        decode = lambda tokens: self.service.backend.decode(self.model.name, tokens)  # noqa: E731
+        decode = lambda tokens: self.service.decode(self.model.name, tokens)  # noqa: E731
         choice.tokens.append(token)
         before = decode(choice.tokens[choice.prefix_offset : choice.read_offset])
         after = decode(choice.tokens[choice.prefix_offset :])
@@ -660,7 +658,7 @@ class _Job:
         finally:
             if not done_task.done():  # the client went away: the sample stops at its next decode step
                 done_task.cancel()
-                self.service.runner.cancel(job_id, "the client of this stream disconnected")
+                self.service.cancel_job(job_id, "the client of this stream disconnected")
 
     def _step(self, batches: list[list[SampledToken]], choices: list[_Choice], per_prompt: int):
         new: dict[int, list[tuple]] = {}
