@@ -2,6 +2,11 @@
 (rejection SFT, RL or DPO) on the embedded SmolLM2-135M, within a fixed wall-time budget.
 
     python bench/learning.py --recipe rsft|rl|dpo [--minutes 15] [--server-threads 2]
+        [--set groups_per_step=32 --set normalize_std=false ...] [--tag NAME]
+
+`--set` overrides one field of the recipe's Config (its schedule below; the value is parsed as
+JSON, else taken as a string), and `--tag` names the result file (learning_<recipe>_<tag>.json),
+so a sweep's runs sit side by side.
 
 Starts `eztinker server --model smollm2-135m` (as `eztinker demo` does), runs the recipe's
 `main` with the schedule below and `time_budget_minutes`, and writes
@@ -71,6 +76,20 @@ WHAT = {
 }
 
 
+def overrides(pairs: list[str]) -> dict[str, object]:
+    """`--set a=1 --set b=false` as {"a": 1, "b": False}; a value that is not JSON stays a string."""
+    fields = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes FIELD=VALUE, got {pair!r}")
+        try:
+            fields[key] = json.loads(text)
+        except json.JSONDecodeError:
+            fields[key] = text
+    return fields
+
+
 def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=sorted(SCHEDULES), required=True)
@@ -79,11 +98,15 @@ def run() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="Default: data/bench-learning-<recipe>.")
     parser.add_argument("--eval-size", type=int, default=COMMON["eval_size"])
     parser.add_argument("--results", type=Path, default=None, help="Default: bench/results/learning_<recipe>.json.")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="Override a Config field.")
+    parser.add_argument("--tag", default=None, help="Suffix of the result file and the data directory.")
     args = parser.parse_args()
     module_name, schedule = SCHEDULES[args.recipe]
+    schedule = {**schedule, **overrides(args.set)}
+    name = f"{args.recipe}_{args.tag}" if args.tag else args.recipe
     recipe = importlib.import_module(module_name)
-    args.data_dir = args.data_dir or Path(f"data/bench-learning-{args.recipe}")
-    args.results = args.results or RESULTS_DIR / f"learning_{args.recipe}.json"
+    args.data_dir = args.data_dir or Path(f"data/bench-learning-{name}")
+    args.results = args.results or RESULTS_DIR / f"learning_{name}.json"
     started, load_before = time.monotonic(), os.getloadavg()
     log(f"load average before: {load_before}; starting the server on smollm2-135m ...")
     with ServerProcess(
@@ -122,6 +145,7 @@ def run() -> None:
         "stopped": results.get("stopped"),
         "config": results["config"],
         "epochs": epochs,
+        "steps": results.get("steps", []),
     }
     args.results.write_text(json.dumps(summary, indent=2) + "\n")
     log(

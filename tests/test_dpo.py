@@ -88,6 +88,26 @@ def test_dpo_loss_fn_sft_term_adds_the_chosen_replys_mean_nll():
     assert logprobs[1].grad.tolist() == pytest.approx([0.0, g])  # the rejected reply gets no SFT pull
 
 
+def test_dpo_loss_fn_length_normalized_divides_each_log_ratio_by_its_tokens():
+    chosen = ez.Datum(
+        model_input=ez.ModelInput(tokens=[1, 2, 3]),
+        loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 3, 4], weights=[0, 1, 1]),
+    )
+    rejected = ez.Datum(
+        model_input=ez.ModelInput(tokens=[1, 2]), loss_fn_inputs=ez.LossFnInputs(target_tokens=[2, 5], weights=[0, 1])
+    )
+    logprobs = [torch.tensor([-9.0, -1.0, -2.0], requires_grad=True), torch.tensor([-9.0, -1.5], requires_grad=True)]
+    loss, metrics = dpo_loss_fn([-2.0, -2.0], beta=2.0, normaliser=1, length_normalize=True)(
+        [chosen, rejected], logprobs
+    )
+    margin = 2.0 * ((-3.0 - -2.0) / 2 - (-1.5 - -2.0) / 1)  # per-token log-ratios: -0.5 and 0.5
+    assert metrics["margin"] == pytest.approx(margin) and loss.item() == pytest.approx(math.log1p(math.exp(-margin)))
+    loss.backward()
+    g = 2.0 / (1 + math.exp(margin))  # beta * sigmoid(-margin)
+    assert logprobs[0].grad.tolist() == pytest.approx([0.0, -g / 2, -g / 2])  # each chosen token: 1/2 of it
+    assert logprobs[1].grad.tolist() == pytest.approx([0.0, g])
+
+
 # -------------------------------------------------------------- forward_backward_custom
 def _nonlinear_loss(data, logprobs):
     """A loss no server loss computes: squares and a log-sum-exp of weighted logprob sums."""

@@ -81,6 +81,22 @@ def test_a_step_with_nothing_to_learn_takes_no_optimizer_step():
     assert summary["optimizer_steps"] == 1 and summary["trained_replies"] == 2
 
 
+def test_step_metrics_report_ratios_clipping_spread_and_grad_norm_by_hand():
+    reply = lambda reward, lps: Reply("x", [1] * len(lps), lps, reward, bool(reward))  # noqa: E731
+    group = Group(Problem("p", "q", "1"), [10], [reply(1.0, [-1.0, -1.0]), reply(0.0, [-2.0])], sampled_at=0)
+    group.advantages = group_advantages([r.reward for r in group.replies])
+    data, _ = step_data([group])
+    # Trainer logprobs per position (a one-token prompt has no position): ratios e^0.1, e^-0.5 | e^0.
+    rows = [[-0.9, -1.5], [-2.0]]
+    m = step_metrics([group], data, rows, trained_on=0, grad_norm=0.75)
+    ratios = [math.exp(0.1), math.exp(-0.5), 1.0]
+    assert m["ratio_mean"] == pytest.approx(sum(ratios) / 3)
+    assert m["ratio_max"] == pytest.approx(math.exp(0.1))
+    assert m["ratio_clipped"] == pytest.approx(1 / 3)  # e^-0.5 = 0.61 is outside [0.8, 1.2]
+    assert m["kl_sample_train"] == pytest.approx(-(0.1 - 0.5 + 0.0) / 3)
+    assert m["reward_std_in_group"] == pytest.approx(0.5) and m["grad_norm"] == 0.75
+
+
 # ------------------------------------------------------------------- one step on a server
 def _reply_logprobs(run, data) -> list[float]:
     """Each datum's summed logprob over its reply (the positions with an advantage)."""
@@ -265,3 +281,15 @@ def test_rl_cli_bad_flags_are_one_line(tmp_path):
     assert result.exit_code != 0 and "Traceback" not in result.output
     result = CliRunner().invoke(app, ["rl", "--num-candidates", "1", "--output-dir", str(tmp_path)])
     assert result.exit_code == 2 and "--num-candidates" in result.output and "Traceback" not in result.output
+
+
+def test_the_linear_schedule_falls_to_zero_over_steps_or_time_whichever_ends_first(tmp_path):
+    from eztinker.recipes.rl import RL
+
+    constant = RL(_config("http://unused", tmp_path, learning_rate=1e-3, lr_decay=0.5))
+    assert constant.learning_rate(1, 0.5) == pytest.approx(1e-3) and constant.learning_rate(3, 0.5) == 2.5e-4
+    linear = RL(_config("http://unused", tmp_path, learning_rate=1e-3, lr_schedule="linear"))
+    assert [linear.learning_rate(1, f) for f in (0.0, 0.25, 0.9)] == pytest.approx([1e-3, 7.5e-4, 1e-4], abs=1e-9)
+    timed = RL(_config("http://unused", tmp_path, learning_rate=1e-3, lr_schedule="linear", time_budget_minutes=10))
+    timed.budget.started -= 450  # three quarters of the budget gone, a tenth of the steps
+    assert timed.learning_rate(1, 0.1) == pytest.approx(2.5e-4, rel=1e-3)

@@ -90,6 +90,11 @@ class Config(TaskRecipeSettings):
         "Weight of an SFT term, the chosen reply's mean per-token NLL (as in RPO): it keeps DPO from "
         "lowering the chosen reply's likelihood along with the rejected one's.",
     )
+    length_normalize: bool = setting(
+        False,
+        "Divide each reply's log-ratio by its token count (SimPO / LN-DPO): no margin from length alone. "
+        "The per-token ratios are small, so pair it with a larger --beta (e.g. 2).",
+    )
     reference_checkpoint: str | None = setting(None, "Frozen reference '<run_id>/<name>'; default: the base model.")
 
 
@@ -130,23 +135,31 @@ def reply_logprob(datum: Datum, logprobs: torch.Tensor) -> torch.Tensor:
     return (logprobs * torch.tensor(loss_weights(datum), dtype=logprobs.dtype)).sum()
 
 
-def dpo_loss_fn(reference: Sequence[float], beta: float, normaliser: int, sft_weight: float = 0.0) -> Callable:
+def dpo_loss_fn(
+    reference: Sequence[float],
+    beta: float,
+    normaliser: int,
+    sft_weight: float = 0.0,
+    length_normalize: bool = False,
+) -> Callable:
     """A `forward_backward_custom` loss over datums [chosen_0, rejected_0, chosen_1, ...] whose
     reference reply logprobs are `reference` (same order): per pair the DPO loss plus
     `sft_weight` x the chosen reply's mean per-token NLL, summed and divided by `normaliser` (the
-    optimizer batch's pair count, so accumulated micro-batches average over the batch). Its
-    metrics are the sums of METRICS over the micro-batch's pairs (`loss`: the DPO term alone)."""
+    optimizer batch's pair count, so accumulated micro-batches average over the batch). With
+    `length_normalize` each reply's log-ratio is divided by its token count (as in SimPO and
+    LN-DPO), so a margin cannot be won by making replies longer. Its metrics are the sums of
+    METRICS over the micro-batch's pairs (`loss`: the DPO term alone)."""
     import torch
 
     ref = torch.tensor(reference, dtype=torch.float32)
 
     def loss_fn(data: Sequence[Datum], logprobs: list[torch.Tensor]):
         policy = torch.stack([reply_logprob(d, lp) for d, lp in zip(data, logprobs)])
-        terms = dpo_terms(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta)
-        chosen_tokens = torch.tensor(
-            [max(sum(1 for w in loss_weights(d) if w), 1) for d in data[0::2]], dtype=torch.float32
-        )
-        terms["chosen_nll"] = -policy[0::2] / chosen_tokens
+        tokens = torch.tensor([max(sum(1 for w in loss_weights(d) if w), 1) for d in data], dtype=torch.float32)
+        scale = tokens if length_normalize else torch.ones_like(tokens)
+        policy_per, ref_per = policy / scale, ref / scale
+        terms = dpo_terms(policy_per[0::2], policy_per[1::2], ref_per[0::2], ref_per[1::2], beta)
+        terms["chosen_nll"] = -policy[0::2] / tokens[0::2]
         total = terms["loss"] + sft_weight * terms["chosen_nll"] if sft_weight else terms["loss"]
         return total.sum() / normaliser, {k: float(terms[k].detach().sum()) for k in METRICS}
 
@@ -274,7 +287,9 @@ class DPO:
                 for m in range(0, len(batch), c.micro_batch_size):
                     micro = batch[m : m + c.micro_batch_size]
                     rows = [k for p in micro for k in (2 * p, 2 * p + 1)]
-                    loss_fn = dpo_loss_fn([reference[k] for k in rows], c.beta, len(batch), c.sft_weight)
+                    loss_fn = dpo_loss_fn(
+                        [reference[k] for k in rows], c.beta, len(batch), c.sft_weight, c.length_normalize
+                    )
                     results.append(run.forward_backward_custom([data[k] for k in rows], loss_fn))
                 step = run.optim_step(AdamParams(learning_rate=learning_rate))
                 for future in results:

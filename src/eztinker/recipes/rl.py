@@ -61,6 +61,7 @@ RESULTS_FILE = "rl_results.json"
 PLOT_FILE = "rl_accuracy.png"
 CHECKPOINT_PREFIX = "rl_epoch_"
 LOSSES = ("importance_sampling", "ppo")
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -81,6 +82,12 @@ class Config(TaskRecipeSettings):
     micro_batch_size: int = setting(16, "Replies per forward_backward request.")
     loss_fn: str = setting("importance_sampling", "Policy-gradient loss on the server.", choices=LOSSES)
     normalize_std: bool = setting(True, "Divide advantages by the group's reward standard deviation (GRPO).")
+    lr_schedule: str = setting(
+        "constant",
+        "'linear': the learning rate falls linearly to 0 over the run (its steps, or its time budget, "
+        "whichever ends first); 'constant': it stays (times --lr-decay per epoch in both).",
+        choices=LR_SCHEDULES,
+    )
     max_staleness: int = setting(
         1,
         "Steps the sampling adapter may lag the trained one: sampling for that many steps ahead is "
@@ -209,25 +216,38 @@ class SampleBuffer:
 
 # ------------------------------------------------------------------------------ metrics
 def step_metrics(
-    groups: list[Group], data: list[Datum], fb_logprobs: list[list[float | None]], trained_on: int
+    groups: list[Group],
+    data: list[Datum],
+    fb_logprobs: list[list[float | None]],
+    trained_on: int,
+    grad_norm: float | None = None,
 ) -> dict[str, Any]:
-    """A step's numbers: reward, accuracy, mixed groups, KL(sampler || trainer) and the sampler's
-    entropy (both per token, estimated from the sampled tokens), lengths, and staleness (how many
-    updates the adapter that sampled a group lags the one it is trained on, `trained_on`)."""
+    """A step's numbers, the ones that tell an unstable run apart: reward (mean, and its spread
+    inside groups), accuracy, mixed groups, KL(sampler || trainer) and the sampler's entropy (both
+    per token, estimated from the sampled tokens), the importance ratios trainer/sampler on the
+    trained tokens (mean, max, and the fraction outside PPO's [0.8, 1.2] clip range), the gradient
+    norm before clipping, lengths, and staleness (how many updates the adapter that sampled a group
+    lags the one it is trained on, `trained_on`)."""
     replies = [r for g in groups for r in g.replies]
-    kl_terms = []
+    log_ratios = []  # log(trainer / sampler) per trained token
     for datum, row in zip(data, fb_logprobs):
         sampler_logprobs, advantages = datum.loss_fn_inputs.logprobs, datum.loss_fn_inputs.advantages
         assert sampler_logprobs is not None and advantages is not None, "policy_datum sets both"
         for sampled, trained, adv in zip(sampler_logprobs, row, advantages):
             if adv != 0.0 and trained is not None:
-                kl_terms.append(sampled - trained)
+                log_ratios.append(trained - sampled)
+    ratios = [math.exp(min(lr, 50.0)) for lr in log_ratios]
     return {
         "step": trained_on + bool(data),  # the adapter's step after this one (none taken without data)
         "mean_reward": mean(r.reward for r in replies),
+        "reward_std_in_group": mean(_std([r.reward for r in g.replies]) for g in groups),
         "train_accuracy": mean(r.correct for r in replies),
         "mixed_groups": mean(any(a != 0.0 for a in g.advantages) for g in groups),
-        "kl_sample_train": mean(kl_terms) if kl_terms else None,
+        "kl_sample_train": -mean(log_ratios) if log_ratios else None,
+        "ratio_mean": mean(ratios) if ratios else None,
+        "ratio_max": max(ratios) if ratios else None,
+        "ratio_clipped": mean(not 0.8 <= x <= 1.2 for x in ratios) if ratios else None,
+        "grad_norm": grad_norm,
         "entropy": -sum(sum(r.logprobs) for r in replies) / max(sum(len(r.logprobs) for r in replies), 1),
         "reply_tokens": mean(len(r.tokens) for r in replies),
         "trained_replies": len(data),
@@ -235,8 +255,17 @@ def step_metrics(
     }
 
 
+def _std(values: Sequence[float]) -> float:
+    mu = sum(values) / len(values)
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / len(values))
+
+
 EPOCH_MEANS = (
     "mean_reward",
+    "reward_std_in_group",
+    "ratio_mean",
+    "ratio_clipped",
+    "grad_norm",
     "train_accuracy",
     "mixed_groups",
     "kl_sample_train",
@@ -281,6 +310,14 @@ class RL:
             random.Random(c.seed * 1_000_003 + epoch).shuffle(order)
             steps += [(epoch, order[i : i + c.groups_per_step]) for i in range(0, len(order), c.groups_per_step)]
         return steps
+
+    def learning_rate(self, epoch: int, steps_done: float) -> float:
+        """The step's learning rate; `steps_done` is the fraction of the scheduled steps already taken."""
+        c = self.config
+        lr = c.learning_rate * c.lr_decay ** (epoch - 1)
+        if c.lr_schedule == "linear":
+            lr *= 1.0 - max(steps_done, self.budget.fraction_used())
+        return lr
 
     def run(self) -> dict[str, Any]:
         c = self.config
@@ -329,7 +366,10 @@ class RL:
                 ("train accuracy (groups)", "train_accuracy", PERCENT),
                 ("mean reward", "mean_reward", NUMBER),
                 ("groups with mixed rewards", "mixed_groups", PERCENT),
+                ("reward spread in groups", "reward_std_in_group", NUMBER),
                 ("KL(sampler || trainer)", "kl_sample_train", NUMBER),
+                ("ratios outside [0.8, 1.2]", "ratio_clipped", PERCENT),
+                ("gradient norm", "grad_norm", NUMBER),
                 ("entropy per token", "entropy", NUMBER),
                 ("reply tokens", "reply_tokens", NUMBER),
                 ("staleness (steps)", "staleness", NUMBER),
@@ -377,7 +417,7 @@ class RL:
                 for g in groups:
                     g.advantages = group_advantages([r.reward for r in g.replies], c.normalize_std)
                 data, _ = step_data(groups)
-                lr = c.learning_rate * c.lr_decay ** (epoch - 1)
+                lr = self.learning_rate(epoch, i / len(schedule))
                 trained_on = step_at
                 fbs = [
                     run.forward_backward(data[k : k + c.micro_batch_size], loss_fn=c.loss_fn)
@@ -390,14 +430,15 @@ class RL:
                     buffer.request(i + ahead + 1, schedule[i + ahead + 1][1], trained_on + (optim is not None))
                 fb_logprobs = [row for f in fbs for row in f.result().logprobs]
                 loss = sum(f.result().loss for f in fbs) if fbs else None
+                grad_norm = None
                 if optim is not None:
-                    step_at = optim.result().step
+                    step_at, grad_norm = optim.result().step, optim.result().grad_norm
                 if not ahead and i + 1 < len(schedule):  # sequential: sample only once the update is in
                     buffer.request(i + 1, schedule[i + 1][1], step_at)
                 epoch_times["train"] += time.monotonic() - t
                 metrics = {
                     "epoch": epoch,
-                    **step_metrics(groups, data, fb_logprobs, trained_on),
+                    **step_metrics(groups, data, fb_logprobs, trained_on, grad_norm),
                     "loss": loss,
                     "learning_rate": lr,
                     "seconds": round(time.monotonic() - step_started, 3),
