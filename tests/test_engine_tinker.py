@@ -251,7 +251,7 @@ def greedy(max_tokens: int = 8, **kwargs) -> SamplingParams:
 def execute(backend, *commands):
     outcomes = backend.execute(list(commands))
     assert [o.error for o in outcomes] == [None] * len(commands)
-    return [o.value for o in outcomes]
+    return [o.value.model_dump(exclude_none=True) for o in outcomes]  # as stored and served
 
 
 def train_steps(backend, model: str, run_id: str, reply: list[int], steps: int) -> None:

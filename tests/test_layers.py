@@ -19,8 +19,11 @@ SERVER_SIDE = [
     "eztinker.server.metrics",
     "eztinker.server.openai.router",
     "eztinker.server.openai.protocol",
+    "eztinker.server.openai.serving",
+    "eztinker.server.openai.answers",
     "eztinker.backend",
     "eztinker.backend.commands",
+    "eztinker.backend.results",
     "eztinker.backend.ray",
 ]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from ..backend.results import JobKind
 from ..types import CheckpointInfo, JobInfo, JobStatus, LoraConfig
 
 # The error of a job the server stopped before it finished (a restart): the job had no effect.
@@ -107,7 +108,7 @@ class JobRecord:
     id: str
     owner: str
     run_id: str | None
-    kind: str
+    kind: JobKind
     status: JobStatus
     created_at: float
     started_at: float | None

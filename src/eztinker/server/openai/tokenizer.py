@@ -22,8 +22,9 @@ from pydantic import Field
 
 from ..auth import User
 from ..service import Service
+from .answers import Target
+from .errors import OpenAIError
 from .protocol import ChatMessageIn, _Body
-from .router import OpenAIError, Target
 
 PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from ...backend import CheckpointState, InvalidInput
 from ...backend.commands import Load, Save
+from ...backend.results import JobKind
 from ...types import CheckpointInfo, JobRef, LoadRequest, SaveRequest, parse_checkpoint_ref
 from .. import checkpoints as names
 from ..checkpoints import MAX_TTL_SECONDS, CheckpointKind, link_copy
@@ -105,7 +106,7 @@ class CheckpointsPart(ServiceCore):
             return
         listed = self.store.checkpoints_of(user)
         if limits.checkpoints is not None:
-            queued = sum(1 for job in self.store.unfinished_jobs(user) if job.kind == "save")
+            queued = sum(1 for job in self.store.unfinished_jobs(user) if job.kind is JobKind.save)
             if len(listed) + queued >= limits.checkpoints:
                 raise LimitExceeded(
                     "max_checkpoints_per_user",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ...backend import InvalidInput
 from ...backend.commands import CreateRun
+from ...backend.results import RunCreated
 from ...types import parse_checkpoint_ref
 from ..records import RunRecord
 from ..runner import stored_path
@@ -93,7 +94,7 @@ class RestorePart(CheckpointsPart):
         if outcome.error is not None:
             log.error("run %s could not be rebuilt: %s", run_id, outcome.error)
             return
-        self.store.record_restore(run_id, outcome.value["step"], restored_from=ref)
+        self.store.record_restore(run_id, outcome.result(RunCreated).step, restored_from=ref)
 
     def _remove_stale_snapshots(self) -> None:
         """Snapshots no live run restores from: of deleted runs, superseded by a later save or

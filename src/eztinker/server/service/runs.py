@@ -10,6 +10,7 @@ from typing import Any
 
 from ...backend import InvalidInput
 from ...backend.commands import CreateRun, DeleteRun
+from ...backend.results import JobKind
 from ...types import (
     CheckpointInfo,
     CreateRunRequest,
@@ -41,7 +42,7 @@ class RunsPart(CheckpointsPart):
         however many of the user's runs (for one run, they read that run's rows alone)."""
         run_id = runs[0].id if len(runs) == 1 else None
         losses, activity = self.store.last_losses(user, run_id), self.store.last_activity(user, run_id)
-        busy: dict[str, set[str]] = {}
+        busy: dict[str, set[JobKind]] = {}
         for job in self.store.unfinished_jobs(user, run_id):
             if job.run_id is not None:
                 busy.setdefault(job.run_id, set()).add(job.kind)
@@ -57,7 +58,7 @@ class RunsPart(CheckpointsPart):
                 "unavailable"
                 if run.base_model not in self.models
                 else "creating"
-                if "create_run" in kinds
+                if JobKind.create_run in kinds
                 else "working"
                 if kinds
                 else "idle"

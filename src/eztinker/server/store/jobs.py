@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 
+from ...backend.results import JobKind
 from ...types import JobStatus
 from ..records import INTERRUPTED, JobRecord, KeyedJob
 from ..retention import RetentionPolicy, expire
@@ -16,7 +17,7 @@ def job_record(row: sqlite3.Row) -> JobRecord:
         id=row["id"],
         owner=row["owner"],
         run_id=row["run_id"],
-        kind=row["kind"],
+        kind=JobKind(row["kind"]),
         status=JobStatus(row["status"]),
         created_at=row["created_at"],
         started_at=row["started_at"],

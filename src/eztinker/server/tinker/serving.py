@@ -25,6 +25,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from ...backend.results import (
+    ForwardBackwardResult,
+    JobKind,
+    Loaded,
+    OptimStepResult,
+    RunCreated,
+    Samples,
+    parse_result,
+)
 from ...types import (
     LOSS_FNS,
     CheckpointInfo,
@@ -187,7 +196,7 @@ class TinkerServing:
         self.liveness = SessionLiveness(service.settings.tinker_session_timeout_seconds)
 
     # ------------------------------------------------------------------ helpers
-    def _not_owned(self, user: str, kind: str, model_id: str) -> FutureRef | None:
+    def _not_owned(self, user: str, kind: JobKind, model_id: str) -> FutureRef | None:
         """A failed future when `model_id` is not one of the user's models, checked before its
         turn: another user's request never waits in, nor moves, that model's sequence."""
         try:
@@ -196,7 +205,7 @@ class TinkerServing:
             return self._refused(user, kind, None, exc)
         return None
 
-    def _refused(self, user: str, kind: str, run_id: str | None, exc: Exception) -> FutureRef:
+    def _refused(self, user: str, kind: JobKind, run_id: str | None, exc: Exception) -> FutureRef:
         # A per-user limit (a 429) on a training call is a failed future too, even one that waiting
         # would clear: the SDK would retry it after the calls behind it had taken its seq_id turn.
         message = exc.message if isinstance(exc, (ServiceError, wire.WireError)) else str(exc)
@@ -280,7 +289,7 @@ class TinkerServing:
             metadata = {"user_metadata": body.user_metadata or {}, "lora_config": lora.model_dump()}
             ref = self.service.submit_create_run(user, request, key, run_id=model_id, metadata=metadata)
         except (ServiceError, ValidationError, ValueError) as exc:
-            return self._refused(user, "create_run", None, exc)
+            return self._refused(user, JobKind.create_run, None, exc)
         self.sequencer.start(model_id)
         return FutureRef(ref.job_id, model_id=model_id)
 
@@ -311,25 +320,30 @@ class TinkerServing:
             max_decompressed_bytes=settings.max_request_bytes,
             max_elements=settings.max_tokens_per_request,
         )
-        if (refused := self._not_owned(user, "forward_backward", call.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.forward_backward, call.model_id)) is not None:
             return refused
         async with self.sequencer.turn(call.model_id, call.seq_id):
-            try:
-                if call.loss_fn not in LOSS_FNS:
-                    raise ServiceError(
-                        422,
-                        f"loss_fn {call.loss_fn!r} is not supported by this server; it supports {', '.join(LOSS_FNS)}",
-                        ("loss_fn",),
-                    )
-                data = self._with_recorded_logprobs(call) if call.loss_fn == "stable_reinforce" else call.data
-                request = ForwardBackwardRequest(
-                    data=data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config or None
+            # Off the event loop too: checking every token and hashing the request grow with the body.
+            return await run_in_threadpool(self._submit_forward_backward, user, call, key)
+
+    def _submit_forward_backward(self, user: str, call: wire.ForwardBackwardCall, key: str | None) -> FutureRef:
+        """Validate a decoded forward_backward and queue its job (a worker thread, in its turn)."""
+        try:
+            if call.loss_fn not in LOSS_FNS:
+                raise ServiceError(
+                    422,
+                    f"loss_fn {call.loss_fn!r} is not supported by this server; it supports {', '.join(LOSS_FNS)}",
+                    ("loss_fn",),
                 )
-                ref = self.service.submit_forward_backward(
-                    user, call.model_id, request, key, forward_only=call.forward_only, all_logprobs=True
-                )
-            except (ServiceError, ValidationError) as exc:
-                return self._refused(user, "forward_backward", call.model_id, exc)
+            data = self._with_recorded_logprobs(call) if call.loss_fn == "stable_reinforce" else call.data
+            request = ForwardBackwardRequest(
+                data=data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config or None
+            )
+            ref = self.service.submit_forward_backward(
+                user, call.model_id, request, key, forward_only=call.forward_only, all_logprobs=True
+            )
+        except (ServiceError, ValidationError) as exc:
+            return self._refused(user, JobKind.forward_backward, call.model_id, exc)
         return FutureRef(ref.job_id, model_id=call.model_id)
 
     def _with_recorded_logprobs(self, call: wire.ForwardBackwardCall) -> list:
@@ -367,19 +381,19 @@ class TinkerServing:
         return data
 
     async def optim_step(self, user: str, body: p.OptimStep, key: str | None) -> FutureRef:
-        if (refused := self._not_owned(user, "optim_step", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.optim_step, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 request = OptimStepRequest(adam_params=body.adam())
                 ref = self.service.submit_optim_step(user, body.model_id, request, key)
             except (ServiceError, ValidationError, ValueError) as exc:
-                return self._refused(user, "optim_step", body.model_id, exc)
+                return self._refused(user, JobKind.optim_step, body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     # ------------------------------------------------------------------ checkpoints
     async def save_weights(self, user: str, body: p.SaveWeights, key: str | None) -> FutureRef:
-        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.save, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -395,11 +409,11 @@ class TinkerServing:
                     meta={"user_metadata": body.user_metadata},
                 )
             except (ServiceError, ValidationError) as exc:
-                return self._refused(user, "save", body.model_id, exc)
+                return self._refused(user, JobKind.save, body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     async def save_weights_for_sampler(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> FutureRef:
-        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.save, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -417,7 +431,7 @@ class TinkerServing:
                 else:
                     ref = self._save_session_snapshot(user, body, key)
             except (ServiceError, ValidationError) as exc:
-                return self._refused(user, "save", body.model_id, exc)
+                return self._refused(user, JobKind.save, body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     def _save_session_snapshot(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> JobRef:
@@ -439,7 +453,7 @@ class TinkerServing:
     async def save_weights_external(self, user: str, body: p.SaveWeightsExternal, key: str | None) -> FutureRef:
         """The adapter as a PEFT folder, downloadable through external_weights_urls (its files
         encrypted to `age_encryption_recipients` as they go out, when given)."""
-        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.save, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -456,7 +470,7 @@ class TinkerServing:
                     meta=meta,
                 )
             except (ServiceError, ValidationError) as exc:
-                return self._refused(user, "save", body.model_id, exc)
+                return self._refused(user, JobKind.save, body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     async def load_weights(self, user: str, body: p.LoadWeights, key: str | None) -> FutureRef:
@@ -469,7 +483,7 @@ class TinkerServing:
             )
         if body.model_id is None:
             return self._create_from_state(user, body, key)
-        if (refused := self._not_owned(user, "load", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.load, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -479,7 +493,7 @@ class TinkerServing:
                     user, body.model_id, LoadRequest(checkpoint=f"{source}/{name}"), key, with_optimizer=body.optimizer
                 )
             except (ServiceError, ValidationError, ValueError) as exc:
-                return self._refused(user, "load", body.model_id, exc)
+                return self._refused(user, JobKind.load, body.model_id, exc)
         self.extras.remember(ref.job_id, FutureExtra(path=body.path, model_id=body.model_id))
         return FutureRef(ref.job_id, model_id=body.model_id)
 
@@ -502,7 +516,7 @@ class TinkerServing:
                 metadata={"user_metadata": body.user_metadata or {}},
             )
         except (ServiceError, ValidationError, ValueError) as exc:
-            return self._refused(user, "create_run", None, exc)
+            return self._refused(user, JobKind.create_run, None, exc)
         self.sequencer.start(model_id)
         self.extras.remember(ref.job_id, FutureExtra(path=body.path, model_id=model_id))
         return FutureRef(ref.job_id, model_id=model_id)
@@ -537,7 +551,7 @@ class TinkerServing:
         except (ServiceError, ValidationError, wire.WireError) as exc:
             if isinstance(exc, LimitExceeded) and exc.clears:
                 raise  # a 429: the SDK's sampling backpressure waits a second and sends it again
-            failed = self._refused(user, "sample", None, exc)
+            failed = self._refused(user, JobKind.sample, None, exc)
             # The SDK wants an id per sample even for a request that fails (it then reads none of them);
             # no more than the server could ever sample, whatever num_samples claims.
             count = min(body.num_samples, self.service.settings.max_samples_per_request)
@@ -621,58 +635,50 @@ class TinkerServing:
         if not record.finished:
             return JSONResponse({"type": "try_again", "request_id": record.id, "queue_state": "active"})
         if record.error is not None:
-            if record.error == INTERRUPTED and record.kind == "sample":
+            if record.error == INTERRUPTED and record.kind is JobKind.sample:
                 return error_body(410, record.error)  # the SDK submits a sample again on 410
             return JSONResponse({"error": record.error, "category": record.error_category or "server"})
-        return self._answer(user, record)
+        # Off the event loop: reading a large result and encoding it as protobuf take milliseconds.
+        return await run_in_threadpool(self._answer, user, record)
 
     def _answer(self, user: str, record: JobRecord) -> Response:
-        value, extra = record.result(), self.extras.get(record.id)
-        if record.kind == "forward_backward":
-            logprobs = [[_known(lp) for lp in row] for row in value["logprobs"]]
-            body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value["loss"]})
+        assert record.result_json is not None, "a completed job has its result"
+        value, extra = parse_result(record.kind, record.result_json), self.extras.get(record.id)
+        if isinstance(value, ForwardBackwardResult):
+            logprobs = [[_known(lp) for lp in row] for row in value.logprobs]
+            body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value.loss})
             return Response(body, media_type="application/x-protobuf")
-        if record.kind == "sample":
+        if isinstance(value, Samples):
             if extra.stability_session is not None:
-                for i, seq in enumerate(value["sequences"][0]):
+                for i, seq in enumerate(value.sequences[0]):
                     self.stability.record(
                         f"{record.id}:{i}",
-                        RecordedSequence(
-                            extra.stability_session, extra.prompt, tuple(seq["tokens"]), tuple(seq["logprobs"])
-                        ),
+                        RecordedSequence(extra.stability_session, extra.prompt, tuple(seq.tokens), tuple(seq.logprobs)),
                     )
-            targets, alt = value.get("target_prompt_logprobs"), value.get("prompt_alt_tokens")
+            targets, alt = value.target_prompt_logprobs, value.prompt_alt_tokens
             if targets is not None and extra.target_grid is None:  # its layout was lost (a restart): sample again
                 return error_body(410, "this sample's target_prompt_logprobs layout is gone; send it again")
             body = wire.encode_sample_response(
-                value["sequences"][0],
-                prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
-                topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0],
+                value.sequences[0],
+                prompt_logprobs=None if value.prompt_logprobs is None else value.prompt_logprobs[0],
+                topk_prompt_logprobs=None if value.topk_prompt_logprobs is None else value.topk_prompt_logprobs[0],
                 target_prompt_logprobs=None
                 if targets is None or extra.target_grid is None
                 else extra.target_grid.answer(targets[0]),
-                prompt_alt_tokens=None if alt is None else (alt[0]["tokens"], alt[0]["logprobs"]),
+                prompt_alt_tokens=None if alt is None else (alt[0].tokens, alt[0].logprobs),
             )
             return Response(body, media_type="application/x-protobuf")
-        if record.kind == "create_run":
+        if isinstance(value, RunCreated):
             return JSONResponse({"model_id": record.run_id, **({"path": extra.path} if extra.path else {})})
-        if record.kind == "optim_step":
-            return JSONResponse(
-                {
-                    "metrics": {
-                        "grad_norm": value["grad_norm"],
-                        "learning_rate": value["learning_rate"],
-                        "step": value["step"],
-                    }
-                }
-            )
-        if record.kind == "save":
+        if isinstance(value, OptimStepResult):
+            return JSONResponse({"metrics": value.model_dump()})
+        if isinstance(value, CheckpointInfo):  # a save's
             if extra.sampling_session_id is not None:
                 return JSONResponse({"sampling_session_id": extra.sampling_session_id})
-            return JSONResponse({"path": p.tinker_path(value["run_id"], value["name"])})
-        if record.kind == "load":
+            return JSONResponse({"path": p.tinker_path(value.run_id, value.name)})
+        if isinstance(value, Loaded):
             return JSONResponse({"path": extra.path, "model_id": record.run_id})
-        return JSONResponse(value)
+        return JSONResponse(value.model_dump(mode="json"))
 
     # ------------------------------------------------------------------ RestClient: runs and checkpoints
     def _checkpoint_json(self, run_id: str, info: CheckpointInfo) -> dict:
