@@ -22,8 +22,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from ...backend.results import Samples, parse_result_as
 from ...types import SampledSequence, SampledToken, SamplingParams
+from ..records import JobRecord
 from ..service import Service
-from ..store import JobRecord
 from . import protocol as p
 from .errors import OpenAIError, error_content
 
@@ -120,7 +120,7 @@ class SampleAnswer:
                     task.cancel()
             if not answer.done() or answer.cancelled():
                 # Nobody is left to read the answer: the sample stops at its next decode step.
-                self.service.runner.cancel(job_id, "the client disconnected before its answer")
+                self.service.cancel_job(job_id, "the client disconnected before its answer")
                 return Response(status_code=499)  # never sent: the connection is gone
             record = answer.result()
             if record.error is not None:
@@ -189,7 +189,7 @@ class SampleAnswer:
     def _pieces(self, picked: list[Picked]) -> dict[int, bytes]:
         """Each token's bytes (the picked ones and their top alternatives): one tokenizer call."""
         ids = [t for t, _, _ in picked] + [t for _, _, top in picked for t, _ in (top or [])[: self.top]]
-        return dict(zip(ids, self.service.backend.token_bytes(self.model.name, ids))) if ids else {}
+        return dict(zip(ids, self.service.token_bytes(self.model.name, ids))) if ids else {}
 
     def _chat_logprobs(self, picked: list[Picked]) -> list[p.TokenLogprob]:
         pieces = self._pieces(picked)
@@ -256,7 +256,7 @@ class SampleAnswer:
         """Incremental detokenization: decode a short window, take what it adds once it ends in
         whole characters (a token may hold part of a UTF-8 character). Two tokenizer calls per
         candidate per step, however many tokens the step brought."""
-        decode = lambda ids: self.service.backend.decode(self.model.name, ids)  # noqa: E731
+        decode = lambda ids: self.service.decode(self.model.name, ids)  # noqa: E731
         choice.tokens.extend(tokens)
         before = decode(choice.tokens[choice.prefix_offset : choice.read_offset])
         after = decode(choice.tokens[choice.prefix_offset :])
@@ -316,7 +316,7 @@ class SampleAnswer:
         finally:
             if not done_task.done():  # the client went away: the sample stops at its next decode step
                 done_task.cancel()
-                self.service.runner.cancel(job_id, "the client of this stream disconnected")
+                self.service.cancel_job(job_id, "the client of this stream disconnected")
 
     def _step(self, batches: list[list[SampledToken]], choices: list[_Choice]) -> list[str]:  # a worker thread
         """The chunks for tokens decoded since the last step (several reports may have queued)."""

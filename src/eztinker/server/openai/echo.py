@@ -23,8 +23,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from ...backend.results import PromptScores, Samples, parse_result
 from ...types import SampledSequence
+from ..records import JobRecord
 from ..service import Service, ServiceError
-from ..store import JobRecord
 from . import protocol as p
 from .answers import Target
 from .errors import OpenAIError, from_service_error
@@ -179,14 +179,14 @@ def _prompt_texts(service: Service, body: p.CompletionRequest, model: str, promp
         if isinstance(item, str):
             texts.append(item)
         else:
-            texts.append(b"".join(service.backend.token_bytes(model, tokens)).decode("utf-8", "replace"))
+            texts.append(b"".join(service.token_bytes(model, tokens)).decode("utf-8", "replace"))
     return texts
 
 
 def _logprobs(service: Service, model: str, parts: list[_Scored], top: int) -> p.CompletionLogprobs:
     ids = [t for part in parts for t in part.tokens]
     ids += [pair[0] for part in parts for entry in (part.top or []) if entry for pair in entry[:top]]
-    pieces = dict(zip(ids, service.backend.token_bytes(model, ids))) if ids else {}
+    pieces = dict(zip(ids, service.token_bytes(model, ids))) if ids else {}
     text = lambda t: pieces[t].decode("utf-8", "replace")  # noqa: E731
     tokens, token_logprobs, top_logprobs, offsets, at = [], [], [], [], 0
     for part in parts:

@@ -15,8 +15,8 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from ...types import ChatMessage, Prompt, SamplingParams, parse_checkpoint_ref
+from ..records import JobRecord
 from ..service import Service, ServiceError
-from ..store import JobRecord
 from ..tinker.protocol import parse_tinker_path
 from . import protocol as p
 from .answers import SampleAnswer, Submitted, Target
@@ -53,8 +53,8 @@ class OpenAIServing:
                 run_id, checkpoint = parse_checkpoint_ref(name, default_run="")
                 ref = name
             else:
-                row = service.owned_run(user, name)
-                return Target(name, self._held(row["base_model"], name), run_id=name)
+                run = service.owned_run(user, name)
+                return Target(name, self._held(run.base_model, name), run_id=name)
             path, _ = service.checkpoint_path(user, ref, field="model")
         except ValueError:
             raise self.not_found(name) from None
@@ -62,9 +62,7 @@ class OpenAIServing:
             if exc.status in (404, 422):
                 raise self.not_found(name) from None
             raise from_service_error(exc) from None
-        run_row = service.store.run_row_any(run_id)
-        assert run_row is not None, "checkpoint_path found the run's checkpoint"
-        return Target(name, self._held(run_row["base_model"], name), snapshot=path)
+        return Target(name, self._held(service.run_record(run_id).base_model, name), snapshot=path)
 
     def _held(self, base_model: str, name: str) -> str:
         if base_model not in self.service.models:

@@ -10,7 +10,6 @@ category "user", as Tinker reports errors through futures.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -50,8 +49,8 @@ from ...types import (
 )
 from ..checkpoints import CheckpointKind
 from ..downloads import check_age_recipients
+from ..records import INTERRUPTED, JobRecord
 from ..service import LimitExceeded, Service, ServiceError
-from ..store import INTERRUPTED, JobRecord, SessionStore
 from . import protocol as p
 from . import wire
 from .provenance import ProvenanceError, RecordedSequence, StabilityRecords, resolve, session_of_id
@@ -191,7 +190,6 @@ class TinkerServing:
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.sessions = SessionStore(service.store)
         self.sequencer = Sequencer()
         self.extras = FutureExtras()
         self.stability = StabilityRecords()  # sequences sampled with record_stability_info
@@ -216,13 +214,13 @@ class TinkerServing:
         return FutureRef(self.service.failed_job(user, kind, run_id, message).job_id)
 
     def session_of(self, user: str, session_id: str):
-        row = self.sessions.session(session_id, user)
-        if row is None:
+        session = self.service.session(user, session_id)
+        if session is None:
             raise ServiceError(404, f"session {session_id} not found")
         timeout = self.service.settings.tinker_session_timeout_seconds
-        if row["finished_at"] is not None or time.time() - row["heartbeat_at"] > timeout:
+        if session.finished_at is not None or time.time() - session.heartbeat_at > timeout:
             raise ServiceError(410, f"session {session_id} has ended; create a new ServiceClient")
-        return row
+        return session
 
     # ------------------------------------------------------------------ sessions
     def capabilities(self) -> dict:
@@ -243,31 +241,31 @@ class TinkerServing:
 
     def create_session(self, user: str, body: p.CreateSession) -> str:
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
-        self.sessions.add_session(
-            session_id, user, {"tags": body.tags, "user_metadata": body.user_metadata, "sdk_version": body.sdk_version}
+        self.service.add_session(
+            user, session_id, {"tags": body.tags, "user_metadata": body.user_metadata, "sdk_version": body.sdk_version}
         )
         self.liveness.beat(session_id)
         return session_id
 
     def heartbeat(self, user: str, session_id: str) -> None:
         self.session_of(user, session_id)
-        self.sessions.heartbeat(session_id)
+        self.service.heartbeat(session_id)
         self.liveness.beat(session_id)
 
     def finish_session(self, user: str, session_id: str) -> None:
-        if self.sessions.session(session_id, user) is None:
+        if self.service.session(user, session_id) is None:
             raise ServiceError(404, f"session {session_id} not found")
-        self.sessions.finish(session_id)
+        self.service.finish_session(session_id)
         self.liveness.finish(session_id)  # its samples still decoding stop at their next step
 
     def session_ids(self, user: str) -> list[str]:
-        return [row["id"] for row in self.sessions.sessions(user)]
+        return [session.id for session in self.service.sessions(user)]
 
     def session_contents(self, user: str, session_id: str) -> dict:
-        if self.sessions.session(session_id, user) is None:
+        if self.service.session(user, session_id) is None:
             raise ServiceError(404, f"session {session_id} not found")
         runs = [r.id for r in self.service.list_runs(user) if r.id.startswith(f"{session_id}:train:")]
-        return {"training_run_ids": runs, "sampler_ids": self.sessions.samplers_of_session(session_id)}
+        return {"training_run_ids": runs, "sampler_ids": self.service.samplers_of_session(session_id)}
 
     # ------------------------------------------------------------------ models
     def create_model(self, user: str, body: p.CreateModel, key: str | None) -> FutureRef:
@@ -448,7 +446,7 @@ class TinkerServing:
             user, body.model_id, sampler_id, key, ttl_seconds=body.ttl_seconds
         )
         run = self.service.get_run(user, body.model_id)
-        self.sessions.add_sampler(sampler_id, user, run.base_model, checkpoint, None)
+        self.service.add_sampler(user, sampler_id, run.base_model, checkpoint, None)
         self.extras.remember(ref.job_id, FutureExtra(sampling_session_id=sampler_id))
         return ref
 
@@ -533,21 +531,19 @@ class TinkerServing:
             except ValueError as exc:
                 raise ServiceError(422, str(exc), ("model_path",)) from None
             self.service.checkpoint_path(user, f"{run_id}/{name}", field="model_path", published=True)  # else 404
-            row = self.service.store.run_row_any(run_id)
-            assert row is not None, "checkpoint_path found the run's checkpoint"
-            base_model = row["base_model"]
-            self.sessions.add_sampler(sampler_id, user, base_model, f"{run_id}/{name}", body.model_path)
+            base_model = self.service.run_record(run_id).base_model
+            self.service.add_sampler(user, sampler_id, base_model, f"{run_id}/{name}", body.model_path)
         elif body.base_model is not None:
-            self.sessions.add_sampler(sampler_id, user, self.service.model(body.base_model), None, None)
+            self.service.add_sampler(user, sampler_id, self.service.model(body.base_model), None, None)
         else:
             raise ServiceError(422, "give model_path or base_model", ("model_path",))
         return sampler_id
 
     def sampler(self, user: str, sampler_id: str) -> dict:
-        row = self.sessions.sampler(sampler_id, user)
-        if row is None:
+        sampler = self.service.sampler(user, sampler_id)
+        if sampler is None:
             raise ServiceError(404, f"sampler {sampler_id} not found")
-        return {"sampler_id": row["id"], "base_model": row["base_model"], "model_path": row["model_path"]}
+        return {"sampler_id": sampler.id, "base_model": sampler.base_model, "model_path": sampler.model_path}
 
     def sample(self, user: str, body: p.ASample, key: str | None) -> FutureRef:
         try:
@@ -566,7 +562,7 @@ class TinkerServing:
         refusal = body.unsupported()
         if refusal is not None:
             raise ServiceError(422, refusal)
-        sampler = self.sessions.sampler(body.sampling_session_id, user)
+        sampler = self.service.sampler(user, body.sampling_session_id)
         if sampler is None:
             raise ServiceError(404, f"sampling session {body.sampling_session_id} not found")
         prompt = wire.decode_model_input_json(body.prompt)
@@ -584,14 +580,14 @@ class TinkerServing:
             ignore_eos=wire.stop_disables_eos(sp.stop),
         )
         snapshot = None
-        if sampler["checkpoint"] is not None:
+        if sampler.checkpoint is not None:
             snapshot, _ = self.service.checkpoint_path(
-                user, sampler["checkpoint"], field="sampling_session_id", published=True
+                user, sampler.checkpoint, field="sampling_session_id", published=True
             )
         session_id = self._live_session_of_sampler(user, body.sampling_session_id)
         ref = self.service.submit_sample_tokens(
             user,
-            sampler["base_model"],
+            sampler.base_model,
             None,
             [prompt],
             body.num_samples,
@@ -621,10 +617,10 @@ class TinkerServing:
         record; a sample for a session that has ended is refused."""
         session_id = sampler_id.rsplit(":sample:", 1)[0]
         if session_id not in self.liveness:  # e.g. after a restart
-            row = self.sessions.session(session_id, user)
-            if row is not None:
-                self.liveness.beat(session_id, row["heartbeat_at"])
-                if row["finished_at"] is not None:
+            session = self.service.session(user, session_id)
+            if session is not None:
+                self.liveness.beat(session_id, session.heartbeat_at)
+                if session.finished_at is not None:
                     self.liveness.finish(session_id)
         if self.liveness.ended(session_id):
             raise ServiceError(410, f"session {session_id} has ended; create a new ServiceClient")
@@ -687,7 +683,7 @@ class TinkerServing:
     # ------------------------------------------------------------------ RestClient: runs and checkpoints
     def _checkpoint_json(self, run_id: str, info: CheckpointInfo) -> dict:
         checkpoint, kind = p.checkpoint_id(info.name)
-        metadata = self.service.store.checkpoint_meta(run_id, info.name).get("user_metadata")
+        metadata = self.service.checkpoint_meta(f"{run_id}/{info.name}").get("user_metadata")
         return {
             "checkpoint_id": checkpoint,
             "checkpoint_type": kind,
@@ -700,15 +696,14 @@ class TinkerServing:
         }
 
     def _training_run_json(self, run: RunInfo) -> dict:
-        row = self.service.store.run_row_any(run.id)
-        assert row is not None, "a RunInfo is read from its row"
+        record = self.service.run_record(run.id)
         training = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "training"]
         sampler = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "sampler"]
-        metadata = _json_or_empty(row["metadata"]).get("user_metadata") or {}
+        metadata = record.metadata.get("user_metadata") or {}
         return {
             "training_run_id": run.id,
             "base_model": run.base_model,
-            "model_owner": row["owner"],
+            "model_owner": record.owner,
             "is_lora": True,
             "corrupted": False,
             "lora_rank": run.lora.rank,
@@ -734,7 +729,7 @@ class TinkerServing:
         return {"checkpoints": [self._checkpoint_json(run_id, c) for c in _unexpired(run.checkpoints)]}
 
     def user_checkpoints(self, user: str, limit: int, offset: int) -> dict:
-        every = _unexpired(self.service.store.checkpoints_of(user))
+        every = _unexpired(self.service.user_checkpoints(user))
         return {
             "checkpoints": [self._checkpoint_json(c.run_id, c) for c in every[offset : offset + limit]],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(every)},
@@ -759,7 +754,7 @@ class TinkerServing:
         except ValueError as exc:
             raise ServiceError(422, str(exc), ("tinker_path",)) from None
         path, _ = self.service.checkpoint_path(user, f"{run_id}/{name}", field="tinker_path", published=True)
-        state = self.service.backend.read_checkpoint(path)
+        state = self.service.checkpoint_state(path, "tinker_path")
         targets = state.lora.target_modules
         return {
             "base_model": state.base_model,
@@ -790,10 +785,3 @@ def _size(path: Path) -> int | None:
         return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     except OSError:
         return None
-
-
-def _json_or_empty(text: str | None) -> dict:
-    try:
-        return json.loads(text) if text else {}
-    except ValueError:
-        return {}
