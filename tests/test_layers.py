@@ -16,6 +16,7 @@ MAX_MODULE_LINES = 520
 SIZE_CHECKED = ["engine"]
 
 SERVER_SIDE = [
+    "eztinker.atomic_writes",
     "eztinker.server.app",
     "eztinker.server.service",
     "eztinker.server.rest",

@@ -82,7 +82,9 @@ def test_one_rejection_sft_step_on_arithmetic_changes_the_adapter(smollm2, serve
         assert epoch["trained_examples"] >= 1, "no verified-correct candidate among 16 samples"
         assert server.service.store.run(run_id).step == 1
         lora_b = [
-            p for n, p in service.backend.engine(smollm2.name)._peft.named_parameters() if "lora_B" in n and run_id in n
+            p
+            for n, p in service.backend.engine(smollm2.name).adapters.peft.named_parameters()
+            if "lora_B" in n and run_id in n
         ]
         assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
 

@@ -9,10 +9,10 @@ import tempfile
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
+from ..atomic_writes import remove_partial_writes
 from ..chat import render_prompt
 from ..device_placement import PlacementError, place_models
 from ..engine import BaseModel, Engine, EngineError, ModelLoadError, SampleSpec, load_base_model
-from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, PromptLogprobs, read_training_state
 from ..engine.prompt_scoring import ExtrasResult, PromptExtras
 from ..types import LoraConfig, Prompt, ScoreResult

@@ -20,8 +20,8 @@ from typing import cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..atomic_writes import write_atomically
 from ..model_spec import split_model_spec
-from .checkpoints import write_atomically
 
 log = logging.getLogger(__name__)
 

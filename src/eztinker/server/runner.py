@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic_writes import fsync
 from ..backend import ABANDONED, Backend, Cancelled, Progress, WorkerLost
 from ..backend.commands import (
     Command,
@@ -526,9 +527,9 @@ class JobRunner:
                     os.link(file, target / file.name)
                 except OSError:  # a file system without hard links: copy
                     shutil.copy2(file, target / file.name)
-                    _fsync(target / file.name)
+                    fsync(target / file.name)
         for directory in (target, target.parent, target.parent.parent):  # durable before it is recorded
-            _fsync(directory)
+            fsync(directory)
         return stored_path(target, self.data_dir)
 
     def _drop_snapshots(self, run_id: str, keep: str | None = None) -> None:
@@ -578,11 +579,3 @@ def _guarded(job_id: str, listener: Progress) -> Progress:
                 log.exception("job %s: its progress listener failed; it gets no more progress", job_id)
 
     return listen
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
