@@ -48,11 +48,8 @@ SCHEDULES = {
         "eztinker.recipes.rejection_sft",
         dict(max_samples=64, num_candidates=4, temperature=0.8, learning_rate=1e-3, lr_decay=0.7, batch_size=8),
     ),
-    # Groups of 4 per problem, 8 problems per step, over a large pool of problems.
-    "rl": (
-        "eztinker.recipes.rl",
-        dict(max_samples=2000, num_candidates=4, groups_per_step=8, temperature=1.0, learning_rate=1e-3, lr_decay=1.0),
-    ),
+    # `eztinker rl`'s defaults: 256 problems, 32 groups of 4 a step, each step 4 optimizer steps.
+    "rl": ("eztinker.recipes.rl", dict()),
     # Buffer pairs (best correct vs likeliest incorrect), with an SFT term on the chosen reply.
     "dpo": (
         "eztinker.recipes.dpo",
@@ -71,7 +68,7 @@ SCHEDULES = {
 }
 WHAT = {
     "rsft": "rejection-sampling SFT (train on the best correct of 4 candidates per problem, resampled every epoch)",
-    "rl": "GRPO-style RL (groups of 4, group-normalised advantages, importance_sampling loss)",
+    "rl": "GRPO-style RL (eztinker rl's defaults: groups of 4, group-centred advantages, importance_sampling loss)",
     "dpo": "DPO on buffer pairs (best correct vs likeliest incorrect candidate per problem, resampled every epoch)",
 }
 

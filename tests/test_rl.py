@@ -28,6 +28,7 @@ from eztinker.recipes.rl import (
     group_advantages,
     main,
     policy_datum,
+    split_evenly,
     step_data,
     step_metrics,
 )
@@ -64,6 +65,12 @@ def test_step_data_skips_zero_advantages_and_averages_over_reply_tokens():
     assert data[1].loss_fn_inputs.advantages == pytest.approx([0, 0, -2 / 5, -2 / 5, -2 / 5])
     direct = policy_datum([7, 8], reply([9]), 0.25)
     assert direct.model_input.tokens == [7, 8] and direct.loss_fn_inputs.advantages == [0.0, 0.25]
+
+
+def test_split_evenly_makes_parts_that_differ_by_at_most_one():
+    assert split_evenly(list(range(7)), 3) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert split_evenly(list(range(2)), 4) == [[0], [1]]  # no empty part
+    assert split_evenly([], 4) == [] and split_evenly(list(range(3)), 1) == [[0, 1, 2]]
 
 
 def test_a_step_with_nothing_to_learn_takes_no_optimizer_step():
@@ -205,6 +212,7 @@ def _config(url, tmp_path, **overrides) -> Config:
         max_tokens=6,
         eval_size=2,
         micro_batch_size=4,
+        substeps=1,
         learning_rate=1e-2,
         lora_rank=2,
         output_dir=tmp_path / "out",
@@ -218,7 +226,9 @@ def test_rl_writes_its_outputs_pipelined_and_resumes(make_server, tmp_path):
     with make_server() as server:
         first = main(_config(server.url, tmp_path, checkpoint=True, max_staleness=1))
         ref = first["epochs"][1]["checkpoint"]
-        resumed = main(_config(server.url, tmp_path, checkpoint=True, epochs=2, resume_from=ref, max_staleness=0))
+        resumed = main(
+            _config(server.url, tmp_path, checkpoint=True, epochs=2, resume_from=ref, max_staleness=0, substeps=2)
+        )
         info = ez.ServiceClient(server.url).training_client(resumed["run_id"]).info()
 
     epoch1 = first["epochs"][1]
@@ -252,8 +262,13 @@ def test_rl_writes_its_outputs_pipelined_and_resumes(make_server, tmp_path):
     assert resumed["resumed_from"] == ref and [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2]
     assert resumed["epochs"][1] == epoch1
     assert [s["staleness"] for s in resumed["steps"] if s["epoch"] == 2] == [0, 0, 0]  # the sequential loop
-    trained = sum(1 for s in resumed["steps"] if s["trained_replies"])
+    # --substeps 2: a step with replies to train on takes two optimizer steps, each on half of them.
+    epoch2 = [s for s in resumed["steps"] if s["epoch"] == 2]
+    assert [s["optimizer_steps"] for s in epoch2] == [min(2, s["trained_replies"]) for s in epoch2]
+    assert [s["step"] for s in epoch2] == [3 + sum(t["optimizer_steps"] for t in epoch2[: k + 1]) for k in range(3)]
+    trained = sum(s["optimizer_steps"] for s in resumed["steps"])
     assert info.step == trained and info.restored_from == ref
+    assert resumed["epochs"][2]["optimizer_steps"] == trained - 3
     assert json.loads((out / RESULTS_FILE).read_text())["epochs"] == resumed["epochs"]
 
 
@@ -286,7 +301,7 @@ def test_rl_cli_bad_flags_are_one_line(tmp_path):
 def test_the_linear_schedule_falls_to_zero_over_steps_or_time_whichever_ends_first(tmp_path):
     from eztinker.recipes.rl import RL
 
-    constant = RL(_config("http://unused", tmp_path, learning_rate=1e-3, lr_decay=0.5))
+    constant = RL(_config("http://unused", tmp_path, learning_rate=1e-3, lr_decay=0.5, lr_schedule="constant"))
     assert constant.learning_rate(1, 0.5) == pytest.approx(1e-3) and constant.learning_rate(3, 0.5) == 2.5e-4
     linear = RL(_config("http://unused", tmp_path, learning_rate=1e-3, lr_schedule="linear"))
     assert [linear.learning_rate(1, f) for f in (0.0, 0.25, 0.9)] == pytest.approx([1e-3, 7.5e-4, 1e-4], abs=1e-9)

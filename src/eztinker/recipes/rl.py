@@ -1,13 +1,15 @@
-"""RL with group-normalised advantages (GRPO-style policy gradient).
+"""RL with group-centred advantages (GRPO-style policy gradient).
 
 Every step takes `groups_per_step` problems; for each, a group of `num_candidates` replies is
 sampled from the run's adapter and scored (`scorers.py`: Math-Verify by default, a reward model
-or an LLM judge). A reply's advantage is its reward minus its group's mean, divided by the
-group's standard deviation (`--no-normalize-std` keeps only the centring); groups whose replies
-all score the same teach nothing and are skipped. Every reply token gets its reply's advantage,
-and the server's `importance_sampling` (or clipped `ppo`) loss weighs it by the ratio of the
-current policy to the sampling one, using the sampling logprobs, so samples that are a step or
-two old are still corrected for. The loss is averaged over the step's trained reply tokens.
+or an LLM judge). A reply's advantage is its reward minus its group's mean (`--normalize-std`
+also divides by the group's standard deviation, as GRPO does); groups whose replies all score
+the same teach nothing and are skipped. Every reply token gets its reply's advantage, and the
+server's `importance_sampling` (or clipped `ppo`) loss weighs it by the ratio of the current
+policy to the sampling one, using the sampling logprobs, so samples that are a step or two old
+are still corrected for. The loss is averaged over the step's trained reply tokens, which are
+trained in `substeps` parts, one optimizer step each: Adam moves the adapter about the learning
+rate per step whatever the batch, so more, smaller steps move it further for the same compute.
 
 Sampling is pipelined (`SampleBuffer`): up to `max_staleness` steps' sampling requests wait on
 the server ahead of the step being trained, so the server samples while this side scores and
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 
@@ -40,6 +42,8 @@ from ._results import NUMBER, PERCENT, mean, open_run
 from ._rollouts import Rollouts, append_jsonl, load_problems, progress_bar
 from ._settings import TaskRecipeSettings
 from .scorers import SCORER_NAMES, Scorer, make_scorer
+
+T = TypeVar("T")
 
 ROLLOUTS_FILE = "rl_rollouts.jsonl"
 RESULTS_FILE = "rl_results.json"
@@ -60,15 +64,20 @@ class Config(TaskRecipeSettings):
     num_candidates: int = setting(4, "Group size: replies sampled per problem.")
     epochs: int = setting(1, "Passes over the training problems.")
     learning_rate: float = setting(1e-3, "Adam learning rate of the first epoch.")
-    temperature: float = setting(1.0, "For the groups; evaluation is greedy.")
+    temperature: float = setting(0.8, "For the groups; evaluation is greedy.")
     max_tokens: int = setting(64, "New tokens per reply.")
     eval_size: int = setting(100, "Held-out test problems (greedy); 0 skips evaluation.")
-    groups_per_step: int = setting(8, "Problems (groups) per optimizer step.")
+    groups_per_step: int = setting(32, "Problems (groups) per step (sampled together, then trained on).")
     micro_batch_size: int = setting(16, "Replies per forward_backward request.")
+    substeps: int = setting(
+        4,
+        "Optimizer steps per step: its trained replies are split in this many parts, each one "
+        "forward_backward and one optim_step (the later parts are corrected by the importance ratio).",
+    )
     loss_fn: str = setting("importance_sampling", "Policy-gradient loss on the server.", choices=LOSSES)
-    normalize_std: bool = setting(True, "Divide advantages by the group's reward standard deviation (GRPO).")
+    normalize_std: bool = setting(False, "Divide advantages by the group's reward standard deviation (GRPO).")
     lr_schedule: str = setting(
-        "constant",
+        "linear",
         "'linear': the learning rate falls linearly to 0 over the run (its steps, or its time budget, "
         "whichever ends first); 'constant': it stays (times --lr-decay per epoch in both).",
         choices=LR_SCHEDULES,
@@ -260,10 +269,17 @@ EPOCH_MEANS = (
 )
 
 
+def split_evenly(items: list[T], parts: int) -> list[list[T]]:
+    """`items` in up to `parts` consecutive parts whose sizes differ by at most one (no empty part)."""
+    parts = min(parts, len(items))
+    cuts = [round(k * len(items) / parts) for k in range(parts + 1)] if parts else [0]
+    return [items[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
 def epoch_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
     # A step whose groups all scored alike trains on nothing and takes no optimizer step.
     summary: dict[str, Any] = {
-        "optimizer_steps": sum(1 for s in steps if s["trained_replies"]),
+        "optimizer_steps": sum(s.get("optimizer_steps", 1 if s["trained_replies"] else 0) for s in steps),
         "trained_replies": sum(s["trained_replies"] for s in steps),
     }
     for key in EPOCH_MEANS:
@@ -279,6 +295,8 @@ class RL:
             raise ValueError("--groups-per-step must be at least 1 and --num-candidates at least 2 (a group)")
         if config.max_staleness < 0:
             raise ValueError("--max-staleness must be 0 or more")
+        if config.substeps < 1:
+            raise ValueError("--substeps must be at least 1")
         self.config = config
         self.console = console or Console()
         self.task = get_task(config.task)
@@ -381,26 +399,29 @@ class RL:
                 data, _ = step_data(groups)
                 lr = self.learning_rate(epoch, i / len(schedule))
                 trained_on = step_at
-                fbs = [
-                    run.forward_backward(data[k : k + c.micro_batch_size], loss_fn=c.loss_fn)
-                    for k in range(0, len(data), c.micro_batch_size)
-                ]
-                optim = run.optim_step(AdamParams(learning_rate=lr)) if data else None
-                if ahead and i + ahead + 1 < len(
-                    schedule
-                ):  # queued behind this step's update: runs on the next adapter
-                    buffer.request(i + ahead + 1, schedule[i + ahead + 1][1], trained_on + (optim is not None))
+                fbs, optims = [], []
+                for part in split_evenly(data, c.substeps):
+                    fbs += [
+                        run.forward_backward(part[k : k + c.micro_batch_size], loss_fn=c.loss_fn)
+                        for k in range(0, len(part), c.micro_batch_size)
+                    ]
+                    optims.append(run.optim_step(AdamParams(learning_rate=lr)))
+                if ahead and i + ahead + 1 < len(schedule):  # queued behind this step's updates
+                    buffer.request(i + ahead + 1, schedule[i + ahead + 1][1], trained_on + len(optims))
                 fb_logprobs = [row for f in fbs for row in f.result().logprobs]
                 loss = sum(f.result().loss for f in fbs) if fbs else None
                 grad_norm = None
-                if optim is not None:
-                    step_at, grad_norm = optim.result().step, optim.result().grad_norm
+                if optims:
+                    step_at = optims[-1].result().step
+                    grad_norm = mean(o.result().grad_norm for o in optims)
                 if not ahead and i + 1 < len(schedule):  # sequential: sample only once the update is in
                     buffer.request(i + 1, schedule[i + 1][1], step_at)
                 epoch_times["train"] += time.monotonic() - t
                 metrics = {
                     "epoch": epoch,
                     **step_metrics(groups, data, fb_logprobs, trained_on, grad_norm),
+                    "step": step_at,
+                    "optimizer_steps": len(optims),
                     "loss": loss,
                     "learning_rate": lr,
                     "seconds": round(time.monotonic() - step_started, 3),
