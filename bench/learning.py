@@ -50,21 +50,9 @@ SCHEDULES = {
     ),
     # `eztinker rl`'s defaults: 256 problems, 32 groups of 4 a step, each step 4 optimizer steps.
     "rl": ("eztinker.recipes.rl", dict()),
-    # Buffer pairs (best correct vs likeliest incorrect), with an SFT term on the chosen reply.
-    "dpo": (
-        "eztinker.recipes.dpo",
-        dict(
-            max_samples=64,
-            num_candidates=4,
-            temperature=0.8,
-            learning_rate=1e-3,
-            lr_decay=0.7,
-            beta=0.1,
-            sft_weight=1.0,
-            batch_size=8,
-            micro_batch_size=4,
-        ),
-    ),
+    # `eztinker dpo`'s defaults (buffer pairs, per-token log-ratios, beta 2, an SFT term on the
+    # chosen reply), with the demo's learning-rate decay of 0.7 an epoch.
+    "dpo": ("eztinker.recipes.dpo", dict(lr_decay=0.7)),
 }
 WHAT = {
     "rsft": "rejection-sampling SFT (train on the best correct of 4 candidates per problem, resampled every epoch)",

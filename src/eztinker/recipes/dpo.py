@@ -1,11 +1,17 @@
 """DPO (direct preference optimisation): train a run to prefer each pair's chosen reply over its
 rejected one, relative to a frozen reference model.
 
-Per pair, with summed reply logprobs under the policy (pi) and the reference (ref):
+Per pair, with reply logprobs under the policy (pi) and the reference (ref), per token by
+default (summed, then divided by the reply's tokens; `--no-length-normalize`: summed, textbook DPO):
 
     chosen_reward   = beta * (pi(chosen)   - ref(chosen))
     rejected_reward = beta * (pi(rejected) - ref(rejected))
-    loss            = -log sigmoid(chosen_reward - rejected_reward)
+    loss            = -log sigmoid(chosen_reward - rejected_reward) + sft_weight * NLL(chosen)
+
+Both defaults, measured (docs/learning.md): plain DPO raised its margin through length (the
+rejected replies were the longer ones, so it learnt to answer in one short sentence) and fell far
+below the base model; per-token ratios remove that lever, and the SFT term keeps the chosen
+reply's likelihood from falling with the rejected one's.
 
 Pairs come from a JSONL file of {prompt, chosen, rejected}, or are built every epoch from the
 run's own samples (the rejection buffer): per problem, the best correct candidate against the
@@ -70,16 +76,20 @@ class Config(TaskRecipeSettings):
     pairs_file: Path | None = setting(
         None, "JSONL of {prompt, chosen, rejected} (prompt: text or chat messages); else pairs from the run's samples."
     )
-    beta: float = setting(0.1, "DPO beta: the strength of the pull toward the reference.")
+    beta: float = setting(
+        2.0,
+        "DPO beta: the strength of the pull toward the reference (2 suits per-token log-ratios; "
+        "with --no-length-normalize, about 0.1).",
+    )
     sft_weight: float = setting(
-        0.0,
+        1.0,
         "Weight of an SFT term, the chosen reply's mean per-token NLL (as in RPO): it keeps DPO from "
         "lowering the chosen reply's likelihood along with the rejected one's.",
     )
     length_normalize: bool = setting(
-        False,
-        "Divide each reply's log-ratio by its token count (SimPO / LN-DPO): no margin from length alone. "
-        "The per-token ratios are small, so pair it with a larger --beta (e.g. 2).",
+        True,
+        "Divide each reply's log-ratio by its token count (SimPO / LN-DPO): no margin from length alone "
+        "(plain DPO, --no-length-normalize --sft-weight 0, collapsed through its replies' length).",
     )
     reference_checkpoint: str | None = setting(None, "Frozen reference '<run_id>/<name>'; default: the base model.")
 
