@@ -641,9 +641,9 @@ def test_a_save_is_answered_after_the_runs_load_snapshots_are_dropped(make_serve
     """A save's job is finished in the store from its commit (the save becomes the run's restore
     point, crash-safely), and the run's load snapshots are dropped after that commit: a client
     whose poll arrives in between is answered once they are gone, not while they are still on disk."""
-    from eztinker.server.runner import JobRunner
+    from eztinker.server.outcomes import OutcomeRecorder
 
-    drop = JobRunner._drop_snapshots
+    drop = OutcomeRecorder.drop_snapshots
 
     def slow_drop(self, run_id, keep=None):
         time.sleep(0.6)  # a slow disk: the poll below arrives between the commit and the drop
@@ -655,7 +655,7 @@ def test_a_save_is_answered_after_the_runs_load_snapshots_are_dropped(make_serve
         source.save_state("c1").result(timeout=60)
         loader.load_state(f"{source.run_id}/c1").result(timeout=60)
         assert any((data_dir / "snapshots" / loader.run_id).iterdir())
-        monkeypatch.setattr(JobRunner, "_drop_snapshots", slow_drop)
+        monkeypatch.setattr(OutcomeRecorder, "drop_snapshots", slow_drop)
         saving = loader.save_state("own")  # the client polls only in result()
         time.sleep(0.3)  # the save has committed by now; its run's snapshots are being dropped
         assert saving.result(timeout=60).step == 0

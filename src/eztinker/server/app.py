@@ -174,9 +174,9 @@ class _TinkerProtocol:
     protobuf messages are the wire format): `pip install 'eztinker[tinker]'`."""
 
     def __init__(self):
-        from .tinker import router, serving, wire
+        from .tinker import futures, router, wire
 
-        self.router, self.error_body, self.WireError = router.tinker_router, serving.error_body, wire.WireError
+        self.router, self.error_body, self.WireError = router.tinker_router, futures.error_body, wire.WireError
         self.prefix = router.PREFIX + "/"
 
     def owns(self, request: Request) -> bool:

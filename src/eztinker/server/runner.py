@@ -6,8 +6,8 @@ A request handler validates its input, records a pending job and queues it here 
 command, on the lane the backend names for it (a run's commands always on its run's, so they keep
 their order; a snapshot sample on the least busy of its model's). A lane's thread takes its next
 command (and the samples of the same base model queued right behind it, which decode as one
-batch, even across runs), executes them on the backend and does all of the store's bookkeeping
-from the outcomes, in one place. Lanes of different workers run in parallel. When a lane's
+batch, even across runs), executes them on the backend and records the outcomes (outcomes.py:
+the store's bookkeeping, in one place). Lanes of different workers run in parallel. When a lane's
 worker is lost, its running and queued jobs fail saying so, and its runs are restored on a live
 worker (the service's restart path) while their new jobs wait. Waiters long-poll on asyncio
 events that the workers set through each waiter's own event loop.
@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -27,39 +25,17 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic_writes import fsync
 from ..backend import ABANDONED, Backend, Cancelled, Progress, WorkerLost
-from ..backend.commands import (
-    Command,
-    CreateRun,
-    DeleteRun,
-    ErrorCategory,
-    ForwardBackward,
-    Load,
-    OptimStep,
-    Outcome,
-    Sample,
-    Save,
-    fusable,
-)
-from ..backend.results import (
-    ForwardBackwardResult,
-    Loaded,
-    OptimStepResult,
-    RunCreated,
-    RunDeleted,
-    Saved,
-    dump_result,
-)
+from ..backend.commands import Command, ErrorCategory, Outcome, Sample, fusable
 from .limits import FairQueue, InFlight, Refusal, UserLimits
 from .metrics import Metrics
+from .outcomes import SNAPSHOTS, OutcomeRecorder
 from .retention import RetentionPolicy
 from .store import INTERRUPTED, CheckpointLifecycle, Store, is_busy
 
 log = logging.getLogger(__name__)
 
 _GATHER_LIMIT = 10  # a sample batch gathers arrivals for at most this many gaps (sample_gather_seconds)
-SNAPSHOTS = "snapshots"  # <data_dir>/snapshots/<run_id>/<job_id>: what each run last loaded
 
 
 @dataclass
@@ -94,25 +70,6 @@ class _Lane:
     thread: threading.Thread | None = None
 
 
-def hide_paths(text: str, data_dir: Path, checkpoint_root: Path | None = None) -> str:
-    """`text` with the data directory's paths made relative: to its checkpoints folder (a
-    checkpoint then reads as its reference, '<run_id>/<name>'), else to itself. Errors reach
-    clients, who are not to learn the server's file layout (an OS error names the full path)."""
-    checkpoints = checkpoint_root or data_dir / "checkpoints"
-    return (
-        text.replace(f"{checkpoints}{os.sep}", "")
-        .replace(f"{data_dir}{os.sep}", "")
-        .replace(str(data_dir), "<data-dir>")
-    )
-
-
-def stored_path(path: Path, data_dir: Path) -> str:
-    """How the store records a checkpoint or snapshot directory: relative to the data directory
-    when inside it (the data directory can move), else absolute (a shared --checkpoint-dir);
-    `data_dir / stored` gives the directory back either way."""
-    return str(path.relative_to(data_dir)) if path.is_relative_to(data_dir) else str(path)
-
-
 class JobRunner:
     def __init__(
         self,
@@ -130,9 +87,9 @@ class JobRunner:
         checkpoint), as after a restart."""
         self.backend = backend
         self.store = store
-        self.data_dir = data_dir
-        self.checkpoint_root = checkpoint_root or data_dir / "checkpoints"
-        self.snapshot_root = snapshot_root or data_dir / SNAPSHOTS
+        self.outcomes = OutcomeRecorder(
+            store, data_dir, checkpoint_root or data_dir / "checkpoints", snapshot_root or data_dir / SNAPSHOTS
+        )
         self.retention = retention
         self.sample_gather_seconds = sample_gather_seconds
         self.restore_run = restore_run
@@ -459,7 +416,7 @@ class JobRunner:
         with self._waiters_lock:
             self._recording.add(job.id)
         try:
-            self._retrying(lambda: self._store_outcome(job, outcome))
+            self._retrying(lambda: self.outcomes.record(job, outcome))
         except Exception as exc:  # e.g. a result that is not JSON-serialisable
             log.exception("could not record job %s", job.id)
             error = f"could not record the result: {exc}"
@@ -470,74 +427,6 @@ class JobRunner:
             self.withdraw(job.id)
         self._notify_finished(job.id)
 
-    def _store_outcome(self, job: Job, outcome: Outcome) -> None:
-        """The store's bookkeeping for a finished command (idempotent: it may be retried). A save
-        or load commits its effect on the run and the job's completion in one transaction: a
-        SIGKILL between separate commits would leave, e.g., a listed checkpoint whose job says
-        'its effect was not applied'."""
-        command = job.command
-        if outcome.error is not None:
-            error = hide_paths(outcome.error, self.data_dir, self.checkpoint_root)
-            self.store.mark_finished(job.id, error=error, error_category=outcome.error_category)
-            if isinstance(command, CreateRun):
-                self.store.mark_run_deleted(command.run_id)  # the run never came to be
-        elif isinstance(command, Save):
-            assert job.checkpoint is not None, "a save's job names the checkpoint it writes"
-            relative = stored_path(Path(command.directory), self.data_dir)
-            name = job.checkpoint.split("/")[1]
-            step = outcome.result(Saved).step
-            self.store.record_save(job.id, command.run_id, name, relative, step, job.lifecycle)
-            if command.with_optimizer:
-                self._drop_snapshots(command.run_id)  # it restores from its own save now
-        elif isinstance(command, (Load, CreateRun)) and job.checkpoint is not None:
-            source = command.directory if isinstance(command, Load) else command.from_checkpoint
-            assert source is not None, "a create_run's job names a checkpoint only when it starts from one"
-            snapshot = self._snapshot(command.run_id, job.id, Path(source))
-            result: Loaded | RunCreated
-            if isinstance(command, Load):
-                result = Loaded(step=outcome.result(Loaded).step, restored_from=job.checkpoint)
-            else:
-                result = outcome.result(RunCreated)
-            self.store.record_load(job.id, command.run_id, result.step, job.checkpoint, dump_result(result), snapshot)
-            self._drop_snapshots(command.run_id, keep=job.id)
-        elif isinstance(command, DeleteRun):
-            self.store.mark_finished(job.id, result=dump_result(outcome.result(RunDeleted)))
-            self._drop_snapshots(command.run_id)
-        elif isinstance(command, OptimStep):
-            self.store.record_step(job.id, command.run_id, outcome.result(OptimStepResult).model_dump())
-        elif isinstance(command, ForwardBackward) and not command.forward_only:
-            trained = outcome.result(ForwardBackwardResult)
-            self.store.record_forward_backward(
-                job.id, command.run_id, dump_result(trained), trained.loss, trained.num_tokens, _weight_sum(command)
-            )
-        else:
-            self.store.mark_finished(job.id, result=dump_result(outcome.unwrap()))
-
-    def _snapshot(self, run_id: str, job_id: str, source: Path) -> str:
-        """A private copy, by hard links, of the checkpoint a run just loaded; after a restart the
-        run restores from it, so it comes back as exactly what it loaded whatever happens to the
-        source (overwritten by its run's next save, deleted). Hard links cost no space while the
-        source exists: a save writes new files and renames them in, never rewriting old ones.
-        Returns its path relative to the data directory; it counts once the store records it."""
-        target = self.snapshot_root / run_id / job_id
-        target.mkdir(parents=True, exist_ok=True)
-        for file in source.iterdir():
-            if file.is_file() and not (target / file.name).exists():
-                try:
-                    os.link(file, target / file.name)
-                except OSError:  # a file system without hard links: copy
-                    shutil.copy2(file, target / file.name)
-                    fsync(target / file.name)
-        for directory in (target, target.parent, target.parent.parent):  # durable before it is recorded
-            fsync(directory)
-        return stored_path(target, self.data_dir)
-
-    def _drop_snapshots(self, run_id: str, keep: str | None = None) -> None:
-        folder = self.snapshot_root / run_id
-        for path in folder.iterdir() if folder.is_dir() else ():
-            if path.name != keep:
-                shutil.rmtree(path, ignore_errors=True)
-
     def _maybe_expire(self) -> None:
         now = time.monotonic()
         if now - self._last_expiry > 60 and self._expiry_lock.acquire(blocking=False):  # one lane expires
@@ -546,23 +435,6 @@ class JobRunner:
                 self._retrying(lambda: self.store.expire(self.retention))
             finally:
                 self._expiry_lock.release()
-
-
-def _weight_sum(command: ForwardBackward) -> float | None:
-    """cross_entropy's summed weights over the batch (a datum without weights weighs 1 at every
-    position): its weighted loss over this is the mean NLL per token, whether the weights are
-    ones or already normalised to sum to 1. None for the other losses (no weights)."""
-    if command.loss_fn != "cross_entropy":
-        return None
-    total = 0.0
-    for datum in command.data:
-        weights = datum.loss_fn_inputs.weights
-        total += len(datum.loss_fn_inputs.target_tokens) if weights is None else _total(weights)
-    return total
-
-
-def _total(values) -> float:
-    return float(sum(_total(v) if isinstance(v, (list, tuple)) else v for v in values))
 
 
 def _guarded(job_id: str, listener: Progress) -> Progress:

@@ -16,8 +16,9 @@ from ...backend.results import JobKind
 from ...types import CheckpointInfo, JobRef, LoadRequest, SaveRequest, parse_checkpoint_ref
 from .. import checkpoints as names
 from ..checkpoints import MAX_TTL_SECONDS, CheckpointKind, link_copy
+from ..outcomes import stored_path
 from ..records import CheckpointLifecycle, new_id
-from ..runner import Job, stored_path
+from ..runner import Job
 from .core import ServiceCore
 from .errors import LimitExceeded, ServiceError, invalid, not_found
 

@@ -11,8 +11,8 @@ from ...backend import InvalidInput
 from ...backend.commands import CreateRun
 from ...backend.results import RunCreated
 from ...types import parse_checkpoint_ref
+from ..outcomes import stored_path
 from ..records import RunRecord
-from ..runner import stored_path
 from .checkpoints import CheckpointsPart
 
 log = logging.getLogger(__name__)

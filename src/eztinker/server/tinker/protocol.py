@@ -2,7 +2,7 @@
 
 Unknown fields are ignored (the SDK adds a `type` tag and fields this server does not use),
 except in asample, which refuses any it does not know; defaults are Tinker's, AdamW's included
-(`AdamParams.tinker`, types.py). Protobuf bodies are wire.py's.
+(`AdamParams.tinker`, types.py). Protobuf bodies are the wire package's.
 """
 
 from __future__ import annotations
