@@ -288,8 +288,8 @@ def test_rubric_graded_by_a_second_model_on_the_server(server, hub_mirror, tmp_p
 def test_guess_number(server, tmp_path):
     from tinker_cookbook.recipes.multiplayer_rl.guess_number import train as guess_number
 
-    # 2 groups of 8, not 32; eval_every=0: its evaluation plays 103 x 4 games before the first step.
-    cli = guess_number.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, batch_size=2, eval_every=0)
+    # 1 group of 8, not 32; eval_every=0: its evaluation plays 103 x 4 games before the first step.
+    cli = guess_number.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, batch_size=1, eval_every=0)
     assert (cli.model_name, cli.group_size) == (CHAT[0], 8)
     config = guess_number.build_config(cli)
     timed("guess_number", lambda: asyncio.run(guess_number.train.main(config)))
@@ -310,4 +310,21 @@ def test_twenty_questions_against_an_answerer_on_the_server(server, tmp_path):
     (step,) = rl_steps(tmp_path / "run")
     # The first word is "garden": some of the 8 players guess it within 20 turns, some do not.
     assert 0 < step["env/all/reward/total"] < 1 and step["grad_norm"] > 0, step
+    no_server_errors(server)
+
+
+def test_text_arena_tictactoe_self_play(server, tmp_path):
+    pytest.importorskip("textarena", reason="needs textarena (scripts/setup.sh installs it)")
+    from tinker_cookbook.recipes.multiplayer_rl.text_arena import train as text_arena
+
+    # 2 games (4 players), not 256; eval_every=0: its evaluation plays 64 games against the base model first.
+    cli = text_arena.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, batch_size=4, eval_every=0)
+    assert (cli.model_name, cli.game_name) == (CHAT[0], "TicTacToe-v0")
+    config = text_arena.build_config(cli)
+    timed("text_arena", lambda: asyncio.run(text_arena.train.main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # The chat model's moves are illegal: in each game the first player's returns -2 (an illegal move)
+    # and the other's 0, so every group is mixed and the mean is -1.
+    assert step["env/all/by_group/frac_mixed"] == 1 and step["env/all/reward/total"] == -1, step
+    assert step["grad_norm"] > 0, step
     no_server_errors(server)

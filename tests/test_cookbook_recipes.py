@@ -212,6 +212,7 @@ def test_off_policy_distillation_with_20_teacher_targets(server, tmp_path):
 
 
 def test_rl_loop_with_its_default_stable_reinforce(server, tmp_path, monkeypatch):
+    import datasets.config
     from hub_datasets import _write_repo
     from tinker_cookbook.recipes import rl_loop
 
@@ -229,6 +230,8 @@ def test_rl_loop_with_its_default_stable_reinforce(server, tmp_path, monkeypatch
         config="main",
     )
     monkeypatch.chdir(tmp_path)
+    # `datasets` caches a local folder by name and config only: another test's gsm8k/main would be read.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / ".datasets-cache")
     config = rl_loop.Config(base_url=server.url, log_path=str(tmp_path / "run"), batch_size=2, max_steps=2)
     assert (config.model_name, config.loss_fn) == (MODEL, "stable_reinforce")
     timed("rl_loop", lambda: rl_loop.main(config))
