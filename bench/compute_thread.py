@@ -74,6 +74,7 @@ def child(layout: str, model: str, cache_dir: Path, calls: int) -> dict:
         }
     else:
         engine = Engine(load(model, cache_dir, tiny_model_dir(model)))
+        engine.warm_up()  # as the backend does: weights packed before any timed call
         engine.create_run("r", lora)
         work = {
             "forward_backward_4x32": lambda: engine.forward_backward("r", data),

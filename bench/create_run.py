@@ -20,7 +20,7 @@ import time
 
 from run import RESULTS_DIR, load, log, machine, side_bench_arguments, tiny_model_dir
 
-import eztinker.engine.engine as engine_module
+import eztinker.engine.adapters as engine_module
 import eztinker.engine.lora_adapters as lora_adapters
 from eztinker.engine import Engine
 from eztinker.types import LoraConfig

@@ -39,6 +39,7 @@ def main() -> None:
     base = load(args.model, args.cache_dir, tiny_model_dir(args.model))
     examples = Workload(base, quick=False).examples[: args.runs * args.examples]
     engine = Engine(base)
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     runs = [f"run{r}" for r in range(args.runs)]
     for r, run_id in enumerate(runs):
         engine.create_run(run_id, LORA, seed=r)

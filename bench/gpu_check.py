@@ -313,6 +313,7 @@ def agreement(device: torch.device, smoke: bool) -> dict:
     for name, (shape, scale) in shapes.items():
         base = random_base(name, shape, device, torch.bfloat16, scale=scale)
         engine = Engine(base)
+        engine.warm_up()  # as the backend does: weights packed before any timed call
         engine.create_run("r", LORA, seed=1)
         engine.forward_backward("r", training_data(2, 24, seed=2))
         engine.optim_step("r", AdamParams(learning_rate=5e-2))
@@ -371,6 +372,7 @@ def sampling_throughput(device: torch.device, smoke: bool) -> dict:
     rows, tokens, prompts_n = (4, 4, 2) if smoke else (64, 256, 8)
     base = random_base("qwen2-0.5b", SMOKE_SHAPE if smoke else {}, device, DTYPE[smoke])
     engine = Engine(base)
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     engine.create_run("r", LORA, seed=1)
     prompts = random_tokens(prompts_n, 64, seed=7)
     never_stop = SamplingParams(max_tokens=tokens, seed=1)
@@ -384,11 +386,11 @@ def sampling_throughput(device: torch.device, smoke: bool) -> dict:
     seconds_ours = _timed(device, lambda: ours(tokens))
     seconds_one = _timed(device, lambda: ours(1))
     made = ours(tokens)
-    model = engine._peft.base_model.model if engine._peft is not None else base.model
+    model = engine.adapters.peft.base_model.model if engine.adapters.peft is not None else base.model
     input_ids = torch.tensor([p for p in prompts for _ in range(rows // prompts_n)], device=device)
 
     def generate(new: int):
-        with engine._through("r"), torch.no_grad():
+        with engine.adapters.through("r"), torch.no_grad():
             return model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -440,6 +442,7 @@ def _engine_step_results(base: BaseModel, data, device: torch.device, smoke: boo
     """Our engine's training step, with and without activation checkpointing."""
     results = {}
     engine = Engine(base)
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     engine.create_run("r", LORA, seed=1)
     for checkpoint in (True, False):
         engine.activation_checkpointing = checkpoint
@@ -499,6 +502,7 @@ def peak_memory(device: torch.device, smoke: bool) -> dict:
             overrides = {**overrides, **SMOKE_SHAPE}
         base = random_base(name, overrides, device, DTYPE[smoke])
         engine = Engine(base)
+        engine.warm_up()  # as the backend does: weights packed before any timed call
         weights = _allocated(device)
         engine.create_run("r", LORA, seed=1)
         count, length = (4, 32) if smoke else (16, 512)

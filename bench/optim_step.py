@@ -32,6 +32,7 @@ def main() -> None:
     repeats = args.repeats
     base = load(args.model, args.cache_dir, tiny_model_dir(args.model))
     engine = Engine(base)
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     engine.create_run("bench", LoraConfig(rank=args.rank), seed=0)
     params = engine._runs["bench"].params
     engine.forward_backward("bench", [datum_from_tokens(list(range(100, 132)), list(range(200, 232)))])

@@ -43,6 +43,7 @@ def child(choice: str, model: str, cache_dir: Path, calls: int) -> dict:
         )
     base = load(model, cache_dir, tiny_model_dir(model))
     engine = Engine(base, pack_weights=choice != "unpacked")
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     engine.create_run("r", LoraConfig(rank=8, alpha=32.0))
     prompts = Workload(base, quick=False).prompts[:16]
     rng = random.Random(0)

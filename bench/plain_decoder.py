@@ -25,7 +25,7 @@ import peft
 import torch
 from run import RESULTS_DIR, Workload, load, log, machine, side_bench_arguments, tiny_model_dir
 
-import eztinker.engine.engine as engine_module
+import eztinker.engine.lora_forward as lora_forward
 import eztinker.engine.packed_linear as packed_linear
 from eztinker.engine import Engine, SampleSpec
 from eztinker.types import Datum, LoraConfig, SamplingParams
@@ -53,6 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     base = load(args.model, args.cache_dir, tiny_model_dir(args.model))
     engine = Engine(base)
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     engine.create_run("bench", LoraConfig(rank=8), seed=0)
     prompts = Workload(base, quick=False).prompts
 
@@ -74,7 +75,7 @@ def main() -> None:
         "sample_4x8x64": sampling(4, 8, 64),
         "sample_16x4x1": sampling(16, 4, 1),  # nearly all prefill
     }
-    plain, packed = engine._plain_decoder, packed_linear.linear
+    plain, packed = engine.forward.plain_decoder, packed_linear.linear
     for call in calls.values():  # warm-up
         call(0)
     paths = ("plain", "plain_unpacked", "modules")
@@ -82,13 +83,13 @@ def main() -> None:
     for i in range(args.repeats):
         for name, call in calls.items():
             for path in paths:
-                engine._plain_decoder = (lambda: None) if path == "modules" else plain
+                engine.forward.plain_decoder = (lambda: None) if path == "modules" else plain
                 packed_linear.linear = unpacked if path == "plain_unpacked" else packed
                 start = time.perf_counter()
                 call(i)
                 seconds[name][path].append(time.perf_counter() - start)
             log(f"  {name}: " + ", ".join(f"{path} {seconds[name][path][-1]:.3f} s" for path in paths))
-    del engine._plain_decoder
+    del engine.forward.plain_decoder
     packed_linear.linear = packed
     for param in engine._runs["bench"].params:
         param.grad = None
@@ -96,8 +97,8 @@ def main() -> None:
     toggles: dict[str, list[float]] = {"peft_disable_adapter": [], "engine_base_only": []}
     for _ in range(5):
         for name, context in (
-            ("peft_disable_adapter", engine._peft.disable_adapter),
-            ("engine_base_only", lambda: engine_module._base_only(engine._lora_layers())),
+            ("peft_disable_adapter", engine.adapters.peft.disable_adapter),
+            ("engine_base_only", lambda: lora_forward.base_only(engine.adapters.lora_layers())),
         ):
             start = time.perf_counter()
             with context():

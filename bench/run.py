@@ -269,7 +269,7 @@ def bench_sampling(engine: Engine, bare, work: Workload, cfg: dict, peak: float)
     prompts = work.prompts[:P]
     params = SamplingParams(max_tokens=T, temperature=TEMPERATURE, seed=0)
     gen = neutral_generation_config(work.base, T, TEMPERATURE)
-    peft_model = engine._peft
+    peft_model = engine.adapters.peft
     stop = work.base.stop_token_ids
     subset = spread(P * N, cfg["naive_candidates"])
 
@@ -279,7 +279,7 @@ def bench_sampling(engine: Engine, bare, work: Workload, cfg: dict, peak: float)
         return sum(len(c.tokens) for per in out for c in per), t.seconds
 
     def naive():  # one generate call per candidate, the run's adapter active
-        engine._activate("bench")
+        engine.adapters.activate("bench")
         tokens = 0
         with Timer() as t, torch.no_grad():
             for i in subset:
@@ -473,7 +473,7 @@ def bench_training(engine: Engine, work: Workload, cfg: dict, peak: float) -> di
     if not engine.has_run("sft"):
         engine.create_run("sft", LORA, seed=0)
     run = engine._runs["sft"]
-    model = engine._peft
+    model = engine.adapters.peft
     ours_logprobs = {}
 
     def ours():
@@ -487,7 +487,7 @@ def bench_training(engine: Engine, work: Workload, cfg: dict, peak: float) -> di
     naive_losses = {}
 
     def naive():
-        engine._activate("sft")
+        engine.adapters.activate("sft")
         with Timer() as t:
             for i in subset:
                 loss = naive_example_loss(model, data[i], width, work.base.pad_token_id)
@@ -724,6 +724,7 @@ def run_model(model: str, args) -> dict:
     base = load_copy()
     work = Workload(base, args.quick)
     engine = Engine(base)
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     engine.create_run("bench", LORA, seed=0)
     bare = load_copy()  # a second copy, never wrapped by peft: the bare-model baseline
     log(

@@ -46,6 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     base = load(args.model, args.cache_dir, tiny_model_dir(args.model))
     engine = Engine(base)
+    engine.warm_up()  # as the backend does: weights packed before any timed call
     engine.create_run("bench", LORA, seed=0)
     task = get_task("arithmetic")
 

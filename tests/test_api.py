@@ -942,7 +942,7 @@ def test_a_runs_info_reads_its_own_history_only(server, client):
             listed[run_id].updated_at,
         )
     store = server.service.store
-    owner = store.run_row(fresh.run_id)["owner"]
+    owner = store.run(fresh.run_id).owner
     assert store.last_losses(owner, fresh.run_id) == {} and store.last_activity(owner, fresh.run_id) == {}
     assert set(store.last_losses(owner, trained.run_id)) == {trained.run_id}
     assert set(store.last_activity(owner, saved.run_id)) == {saved.run_id}

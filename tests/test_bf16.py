@@ -41,6 +41,7 @@ def bf16_engine(peaked_model_dir, tmp_path_factory):
             str(peaked_model_dir), cache_dir=tmp_path_factory.mktemp("cache"), device=TEST_DEVICE, dtype=torch.bfloat16
         )
         engine = Engine(base)
+        engine.warm_up()  # as the backend does: the weights' packing decided before any call
         yield engine
         engine.close()
 
@@ -59,8 +60,8 @@ def _data(count: int, length: int, seed: int):
 def test_bf16_engine_trains_and_samples_on_the_gpu_code_path(bf16_engine):
     engine = bf16_engine
     assert next(engine.base.model.parameters()).dtype == torch.bfloat16
-    assert engine._output_head() is not None  # the head's fast path survives its bf16 probe
-    assert not any(packed for _, packed in engine._packs.values())  # oneDNN packing is the CPU's alone
+    assert engine.forward.output_head() is not None  # the head's fast path survives its bf16 probe
+    assert not any(packed for _, packed in engine.forward._packs.values())  # oneDNN packing is the CPU's alone
     engine.create_run("bf16", LORA, seed=1)
     data = _data(4, 24, seed=0)
     losses = []
@@ -116,13 +117,13 @@ def test_training_keeps_no_float32_copies_of_bf16_activations(bf16_engine):
     twice the bytes, five a layer)."""
     engine = bf16_engine
     engine.create_run("saved", LORA, seed=1)
-    engine._activate("saved")
-    input_ids, mask = engine._right_pad([d.model_input.tokens for d in _data(2, 32, seed=1)])
+    engine.adapters.activate("saved")
+    input_ids, mask = engine.forward.right_pad([d.model_input.tokens for d in _data(2, 32, seed=1)])
     kept = []
     checkpointing, engine.activation_checkpointing = engine.activation_checkpointing, False
     try:
         with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-            hidden = engine._hidden_states("saved", input_ids, mask)
+            hidden = engine.forward.hidden_states("saved", input_ids, mask)
     finally:
         engine.activation_checkpointing = checkpointing
     large = [t for t in kept if t.numel() >= input_ids.numel() * engine.base.model.config.hidden_size]

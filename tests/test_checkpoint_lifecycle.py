@@ -165,7 +165,7 @@ def test_unnamed_snapshots_are_pruned_even_when_nobody_retrieves_their_futures(s
         jobs.append(answer.json()["request_id"])
     store = server.service.store
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(store.job_row(j)["status"] == "completed" for j in jobs):
+    while time.monotonic() < deadline and not all(store.job(j).status == "completed" for j in jobs):
         time.sleep(0.05)
     time.sleep(3 * SWEEP_SECONDS)
     snapshots = sorted(p.name for p in run_dir(server, client.model_id).iterdir())

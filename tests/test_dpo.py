@@ -129,11 +129,11 @@ def test_forward_backward_custom_gradient_equals_autograd_in_process(make_server
         # The same loss by autograd through the model's full logits, in this process.
         for p in params:
             p.grad = None
-        engine._activate(run.run_id)
+        engine.adapters.activate(run.run_id)
         logprobs = []
         with torch.enable_grad():
             for d in data:
-                logits = engine._peft(input_ids=torch.tensor([d.model_input.tokens])).logits[0]
+                logits = engine.adapters.peft(input_ids=torch.tensor([d.model_input.tokens])).logits[0]
                 targets = torch.tensor(d.loss_fn_inputs.target_tokens)
                 logprobs.append(torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0])
             want_loss, want_metrics = _nonlinear_loss(data, logprobs)

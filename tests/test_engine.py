@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from eztinker.chat import datum_from_messages, datum_from_tokens, render_prompt
 from eztinker.engine import Engine, EngineError, SampleSpec, load_base_model
+from eztinker.engine.training import microbatches
 from eztinker.types import AdamParams, Datum, LoraConfig, LossFnInputs, ModelInput, SamplingParams
 
 LORA = LoraConfig(rank=4, alpha=16)
@@ -55,7 +56,7 @@ def train(engine, run_id: str, batches, adam: AdamParams = ADAM) -> list[float]:
 
 
 def adapter_weights(engine, run_id: str) -> dict[str, torch.Tensor]:
-    state = peft.get_peft_model_state_dict(engine._peft, adapter_name=run_id)
+    state = peft.get_peft_model_state_dict(engine.adapters.peft, adapter_name=run_id)
     return {k: v.detach().clone() for k, v in state.items()}
 
 
@@ -159,7 +160,7 @@ def test_microbatching_and_chunked_logits_match_defaults(engine, tiny_base):
 
     engine.microbatch_tokens = 40  # every example alone (or nearly): several micro-batches
     engine.logits_chunk = 3  # several output-projection chunks per micro-batch
-    assert len(engine._microbatches(data)) >= 3
+    assert len(microbatches(data, engine.microbatch_tokens)) >= 3
     small = engine.forward_backward("small", data)
 
     assert small.loss == pytest.approx(reference.loss, rel=1e-5)
@@ -235,7 +236,7 @@ def test_optim_step_is_torch_adamw_with_clipping(engine, tiny_base):
 def lora_layer_state(engine, run_id: str) -> list[tuple]:
     """What each LoRA layer holds of a run besides its weights, and its weights' dtype and flags."""
     state = []
-    for name, layer in engine._peft.named_modules():
+    for name, layer in engine.adapters.peft.named_modules():
         if isinstance(layer, peft.tuners.lora.LoraLayer) and run_id in layer.lora_A:
             dropout = layer.lora_dropout[run_id]
             state.append(
@@ -266,20 +267,22 @@ def test_runs_added_to_wrapped_layers_equal_peft_add_adapter(tiny_base, monkeypa
     and every adapter: the same seeded init on the same layers as peft's add_adapter, the same
     layer state, its parameters in the model's order, and it trains alike (that its checkpoint
     loads with plain peft: test_checkpoint_loads_with_plain_peft)."""
-    import eztinker.engine.engine as engine_module
+    import eztinker.engine.adapters as adapters_module
 
     lora = LoraConfig(rank=4, alpha=16, dropout=dropout, target_modules=targets)
 
     def runs(fast: bool):
-        monkeypatch.setattr(engine_module, "_UPDATE_LAYER_TAKES_CONFIG", fast)
+        monkeypatch.setattr(adapters_module, "_UPDATE_LAYER_TAKES_CONFIG", fast)
         engine = Engine(tiny_base)
         added = []
-        original = engine._add_to_wrapped_layers
-        monkeypatch.setattr(engine, "_add_to_wrapped_layers", lambda *a: added.append(original(*a)) or added[-1])
+        original = engine.adapters._add_to_wrapped_layers
+        monkeypatch.setattr(
+            engine.adapters, "_add_to_wrapped_layers", lambda *a: added.append(original(*a)) or added[-1]
+        )
         engine.create_run("first", LoraConfig(rank=2, alpha=8), seed=1)
         engine.create_run("second", lora, seed=5)
         weights, state = adapter_weights(engine, "second"), lora_layer_state(engine, "second")
-        in_model_order = [p for n, p in engine._peft.named_parameters() if ".second." in n]
+        in_model_order = [p for n, p in engine.adapters.peft.named_parameters() if ".second." in n]
         assert [id(p) for p in engine._runs["second"].params] == [id(p) for p in in_model_order]
         torch.manual_seed(0)  # LoRA dropout draws from the global generator
         loss = train(engine, "second", [all_data(tiny_base.tokenizer)] * 2)[-1]
@@ -333,14 +336,14 @@ def test_score_micro_batches_many_responses_within_the_token_bound(engine, tiny_
     prompt = [100, 200, 300]
     responses = [[(7 * i + j) % 1000 + 10 for j in range(1 + i % 9)] for i in range(40)] + [[]]
     alone = [engine.score(None, prompt, [r])[0].sum_logprob for r in responses]
-    shapes, forward = [], engine._hidden_states  # every forward pass of the decoder goes through it
-    engine._hidden_states = lambda adapter, input_ids, mask: (
+    shapes, forward = [], engine.forward.hidden_states  # every forward pass of the decoder goes through it
+    engine.forward.hidden_states = lambda adapter, input_ids, mask: (
         shapes.append(input_ids.shape) or forward(adapter, input_ids, mask)
     )
     try:
         together = engine.score(None, prompt, responses)
     finally:
-        del engine._hidden_states
+        del engine.forward.hidden_states
     assert len(shapes) > 1 and all(rows * width <= 64 for rows, width in shapes), shapes
     assert sum(rows for rows, _ in shapes) == len(responses)
     assert [s.sum_logprob for s in together] == pytest.approx(alone, rel=1e-5)
@@ -398,8 +401,8 @@ def test_checkpoint_loads_with_plain_peft(engine, tiny_base, tiny_model_dir, tmp
         want = loaded(input_ids=input_ids).logits
         with loaded.disable_adapter():
             bare = loaded(input_ids=input_ids).logits
-        engine._peft.set_adapter("run_b")
-        got = engine._peft(input_ids=input_ids).logits
+        engine.adapters.peft.set_adapter("run_b")
+        got = engine.adapters.peft(input_ids=input_ids).logits
     assert (want - bare).abs().max() > 1e-3  # the adapter was trained: the comparison means something
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -537,7 +540,7 @@ def test_non_finite_loss_is_refused_and_leaves_gradients_unchanged(engine, tiny_
     else:
         bad = rl_datum([1, 2, 3], [2, 3, 4], [-1e30] * 3, [1.0] * 3)  # exp(logprob - (-1e30)) = inf
     engine.microbatch_tokens = n
-    assert len(engine._microbatches([healthy, bad])) == 2
+    assert len(microbatches([healthy, bad], engine.microbatch_tokens)) == 2
     with pytest.raises(EngineError, match="not finite"):
         engine.forward_backward("run_a", [healthy, bad], loss_fn="importance_sampling")
     assert torch.equal(adapter_grads(engine, "run_a"), grads)
@@ -638,8 +641,8 @@ def test_hand_written_projection_gradient_equals_autograd(engine, tiny_base, los
         train(engine, run_id, [all_data(tiny_base.tokenizer)])
     engine.logits_chunk = 5  # several chunks per micro-batch
     fast = engine.forward_backward("fast", data, loss_fn=loss_fn)
-    assert engine._head is not None
-    engine._head = None  # as for a model whose head the engine cannot apply itself: autograd path
+    assert engine.forward._head is not None
+    engine.forward._head = None  # as for a model whose head the engine cannot apply itself: autograd path
     reference = engine.forward_backward("reference", data, loss_fn=loss_fn)
 
     assert fast.loss == pytest.approx(reference.loss, rel=1e-5)
@@ -659,7 +662,7 @@ def test_score_with_the_fused_head_equals_the_model_logits(engine, tiny_base):
     engine.create_run("run_a", LORA)
     train(engine, "run_a", [all_data(tok)])
     with torch.no_grad():
-        logits = engine._peft(input_ids=torch.tensor([prompt + reply])).logits[0].log_softmax(-1)
+        logits = engine.adapters.peft(input_ids=torch.tensor([prompt + reply])).logits[0].log_softmax(-1)
     want = sum(float(logits[len(prompt) - 1 + i, t]) for i, t in enumerate(reply))
     assert reply_logprob(engine, "run_a", prompt, reply) == pytest.approx(want, rel=1e-5)
 
@@ -701,7 +704,7 @@ def test_length_buckets_pad_little_and_respect_the_token_budget(engine):
     ]
     data = [datum_from_tokens([1] * (n // 2), [2] * (n - n // 2 + 1)) for n in lengths]
     engine.microbatch_tokens = 8192
-    batches = engine._microbatches(data)
+    batches = microbatches(data, engine.microbatch_tokens)
     assert sorted(i for b in batches for i in b) == list(range(len(data)))
     widths = [max(lengths[i] for i in b) for b in batches]
     assert all(w * len(b) <= 8192 for w, b in zip(widths, batches))

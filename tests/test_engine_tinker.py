@@ -35,6 +35,15 @@ def backend(tiny_base):
     backend.close()
 
 
+def test_the_backend_warms_its_engines_up_and_the_constructor_does_not(tiny_base, backend):
+    """Packing and timing the base weights (packed_linear.py) is `Engine.warm_up`'s, which the
+    backend calls once for each engine it builds: a bare Engine has packed and timed nothing."""
+    assert Engine(tiny_base).forward._packs == {}
+    warmed = backend.engines[tiny_base.name].forward
+    assert warmed._head_checked and warmed._plain_version is not None
+    assert len(warmed._packs) > 1  # the head and the decoder's projections, packed or found not to pay
+
+
 # ----------------------------------------------------------------------------------- helpers
 def random_tokens(n: int, rng: random.Random) -> list[int]:
     return [rng.randrange(300, 100_000) for _ in range(n)]
@@ -52,8 +61,8 @@ def twin_runs(engine, *names: str) -> None:
 
 def model_logprobs(engine, run_id: str | None, tokens: list[int]) -> torch.Tensor:
     """[T, V] log-softmax of the model's own logits (through peft) at every position."""
-    with engine._through(run_id):
-        logits = engine._peft(input_ids=torch.tensor([tokens])).logits[0]
+    with engine.adapters.through(run_id):
+        logits = engine.adapters.peft(input_ids=torch.tensor([tokens])).logits[0]
     return logits.float().log_softmax(-1)
 
 
@@ -123,8 +132,8 @@ def assert_same_logprobs(got: list[list], want: list[list], abs: float) -> None:
 
 def use_autograd_head(engine) -> None:
     """As for a model whose output head the engine cannot apply itself: the autograd path."""
-    engine._output_head()
-    engine._head = None
+    engine.forward.output_head()
+    engine.forward._head = None
 
 
 # ------------------------------------------------------------------------------------ losses
@@ -251,7 +260,7 @@ def greedy(max_tokens: int = 8, **kwargs) -> SamplingParams:
 def execute(backend, *commands):
     outcomes = backend.execute(list(commands))
     assert [o.error for o in outcomes] == [None] * len(commands)
-    return [o.value for o in outcomes]
+    return [o.value.model_dump(exclude_none=True) for o in outcomes]  # as stored and served
 
 
 def train_steps(backend, model: str, run_id: str, reply: list[int], steps: int) -> None:
@@ -291,7 +300,7 @@ def test_a_snapshot_samples_the_saved_weights_however_the_run_trains_on(backend,
     assert sample_tokens(backend, model, run_id="a") != saved
     assert sample_tokens(backend, model, snapshot=str(checkpoint)) == saved
     engine = backend.engine(model)
-    (name,) = engine._snapshots
+    (name,) = engine.snapshots
     assert not engine.has_run(name)  # never a run: not trainable, not listed
     (outcome,) = backend.execute([ForwardBackward(model=model, run_id=name, data=[datum_from_tokens(PROMPT, [1])])])
     assert outcome.error == f"unknown run {name}"
@@ -333,8 +342,8 @@ def test_snapshots_and_live_runs_fuse_in_one_batch_equal_to_each_alone(backend, 
     assert len({tuple(t) for t in first}) == 3  # three different adapters
 
     loads = []
-    load = engine._load_snapshot
-    monkeypatch.setattr(engine, "_load_snapshot", lambda *args: loads.append(args) or load(*args))
+    load = engine.snapshots._load
+    monkeypatch.setattr(engine.snapshots, "_load", lambda *args: loads.append(args) or load(*args))
     execute(backend, *commands)
     assert loads == []  # cached
 
@@ -355,13 +364,13 @@ def test_snapshot_cache_refreshes_overwritten_checkpoints_and_evicts_the_least_r
     # Three snapshots in one batch though two are kept: none is evicted before it has sampled.
     batch = [Sample(model=model, snapshot=p, prompts=[PROMPT], num_samples=1, sampling_params=greedy()) for p in paths]
     assert [v["sequences"][0][0]["tokens"] for v in execute(backend, *batch)] == outputs
-    assert len(engine._snapshots) == 3
+    assert len(engine.snapshots) == 3
     sample_tokens(backend, model, snapshot=paths[0])
     sample_tokens(backend, model, snapshot=paths[2])  # a cached one: no eviction
-    assert len(engine._snapshots) == 3
+    assert len(engine.snapshots) == 3
     execute(backend, Save(model=model, run_id="a", directory=paths[1]))  # overwritten: the latest weights
     assert sample_tokens(backend, model, snapshot=paths[1]) == outputs[2]
-    assert len(engine._snapshots) == 2  # ckpt1's old adapter dropped, and the least recent one evicted
+    assert len(engine.snapshots) == 2  # ckpt1's old adapter dropped, and the least recent one evicted
     assert sample_tokens(backend, model, snapshot=paths[0]) == outputs[0]
     engine.close()
     assert not any("lora_" in n for n, _ in tiny_base.model.named_parameters())
@@ -393,7 +402,7 @@ def test_prompt_logprobs_equal_the_models_own_and_top_k_starts_at_the_argmax(bac
         request(run_id="a"),
         request(topk_prompt_logprobs=1),
     )
-    snapshot_adapter = next(iter(engine._snapshots))
+    snapshot_adapter = next(iter(engine.snapshots))
     for value, adapter in ((live, "a"), (snap, snapshot_adapter), (bare, None)):
         for prompt, logprobs, topk in zip(prompts, value["prompt_logprobs"], value["topk_prompt_logprobs"]):
             assert len(logprobs) == len(topk) == len(prompt)

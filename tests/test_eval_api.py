@@ -214,12 +214,13 @@ def test_prompt_scorings_fuse_across_adapters(server, trained_run):
     together = server.service.backend.execute([bare, tuned])
     alone = [server.service.backend.execute([c])[0] for c in (bare, tuned)]
     for fused, single in zip(together, alone):
-        assert fused.error is None and set(fused.value) == set(single.value)
-        for a, b in zip(fused.value["prompt_logprobs"], single.value["prompt_logprobs"]):
+        assert (
+            fused.error is None
+            and fused.value.model_dump(exclude_none=True).keys() == single.value.model_dump(exclude_none=True).keys()
+        )
+        for a, b in zip(fused.value.prompt_logprobs, single.value.prompt_logprobs):
             assert a[0] is None and a[1:] == pytest.approx(b[1:], abs=1e-4)
-    assert [len(top) for top in together[0].value["topk_prompt_logprobs"][0][1:]] == [2, 2, 2]
-    assert "topk_prompt_logprobs" not in together[1].value
+    assert [len(top) for top in together[0].value.topk_prompt_logprobs[0][1:]] == [2, 2, 2]
+    assert together[1].value.topk_prompt_logprobs is None
     # The run's adapter scores differently from the bare model.
-    assert together[1].value["prompt_logprobs"][0][1:] != pytest.approx(
-        together[0].value["prompt_logprobs"][0][1:], abs=1e-4
-    )
+    assert together[1].value.prompt_logprobs[0][1:] != pytest.approx(together[0].value.prompt_logprobs[0][1:], abs=1e-4)

@@ -195,13 +195,10 @@ def test_sigkill_mid_checkpoint_save_repeatedly(start_server, tmp_path):
 
 # ------------------------------------------------- crashes at each step of an atomic write
 CRASH_CHILD = textwrap.dedent("""
-    import importlib.util, os, signal, sys
+    import os, signal, sys
     from pathlib import Path
-    # checkpoints.py alone (importing eztinker.engine would load torch: seconds per child).
-    package = Path(importlib.util.find_spec("eztinker").origin).parent
-    spec = importlib.util.spec_from_file_location("checkpoints", package / "engine" / "checkpoints.py")
-    checkpoints = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(checkpoints)
+    # Standard library only: the child starts in a fraction of a second.
+    from eztinker import atomic_writes as checkpoints
 
     mode, target, source = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 
@@ -280,14 +277,11 @@ def test_crash_at_every_step_of_a_checkpoint_write(make_server, tmp_path):
 
 # ------------------------------------------------------------------ a full disk during a save
 FULL_CHILD = textwrap.dedent("""
-    import importlib.util, json, resource, sys
+    import json, resource, sys
     from pathlib import Path
     import torch
     from safetensors.torch import save_file
-    package = Path(importlib.util.find_spec("eztinker").origin).parent
-    spec = importlib.util.spec_from_file_location("checkpoints", package / "engine" / "checkpoints.py")
-    checkpoints = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(checkpoints)
+    from eztinker import atomic_writes as checkpoints
 
     # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, as on a full disk.
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
@@ -321,7 +315,7 @@ def test_a_save_on_a_full_disk_fails_its_job_saying_so(make_server, tmp_path, mo
     """A full disk simulated where it shows: torch.save raises its errno-less RuntimeError and the
     file system reports no free space. The job says why; nothing is listed or left on disk;
     the run trains and saves on once there is room."""
-    import eztinker.engine.checkpoints as checkpoints
+    import eztinker.atomic_writes as checkpoints
 
     data_dir = tmp_path / "data"
     with make_server(data_dir=data_dir) as server, ServiceClient(server.url, max_retries=0) as client:
@@ -347,7 +341,7 @@ def _raise_unexpected_pos(*args, **kwargs):
 def test_a_write_failing_with_enospc_names_the_lack_of_space(tmp_path):
     import errno
 
-    from eztinker.engine.checkpoints import CheckpointWriteError, write_atomically
+    from eztinker.atomic_writes import CheckpointWriteError, write_atomically
 
     def write(staging):
         (staging / "adapter_model.safetensors").write_bytes(b"partial")

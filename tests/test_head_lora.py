@@ -47,10 +47,10 @@ def peft_logits(engine, run_id: str | None, tokens) -> torch.Tensor:
     input_ids = torch.tensor([tokens])
     with torch.no_grad():
         if run_id is None:
-            with engine._peft.disable_adapter():
-                return engine._peft(input_ids=input_ids).logits[0].float()
-        engine._peft.set_adapter(run_id)
-        return engine._peft(input_ids=input_ids).logits[0].float()
+            with engine.adapters.peft.disable_adapter():
+                return engine.adapters.peft(input_ids=input_ids).logits[0].float()
+        engine.adapters.peft.set_adapter(run_id)
+        return engine.adapters.peft(input_ids=input_ids).logits[0].float()
 
 
 @pytest.fixture()
@@ -94,8 +94,8 @@ def test_logprobs_and_gradient_equal_pefts_model(unembed, tiny_base):
     engine.optim_step("head", AdamParams(learning_rate=1e-9))  # clears the gradients
     for p in engine._runs["head"].params:
         p.grad = None
-    engine._peft.set_adapter("head")
-    logits = engine._peft(input_ids=torch.tensor([TOKENS[:-1]])).logits[0].float()
+    engine.adapters.peft.set_adapter("head")
+    logits = engine.adapters.peft(input_ids=torch.tensor([TOKENS[:-1]])).logits[0].float()
     loss = -torch.log_softmax(logits, -1)[torch.arange(len(TOKENS) - 1), torch.tensor(TOKENS[1:])].sum()
     loss.backward()
     assert loss.item() == pytest.approx(result.loss, rel=1e-5)
@@ -128,7 +128,7 @@ def test_sampled_logprobs_are_the_heads(unembed):
     prompt = [11, 12, 13, 14]
     params = SamplingParams(max_tokens=6, temperature=1.0, seed=5)
     specs = [SampleSpec(adapter=a, prompts=[prompt], num_samples=2, params=params) for a in ("head", "plain", None)]
-    assert engine._output_head() is not None  # the fast path is the one under test
+    assert engine.forward.output_head() is not None  # the fast path is the one under test
     results = engine.sample(specs)
     for spec, result in zip(specs, results):
         for candidate in result[0]:

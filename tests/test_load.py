@@ -105,7 +105,7 @@ def test_finished_jobs_expire_by_age_and_by_count(make_server):
         run.optim_step().result(timeout=30)
         # The worker expires after recording the job, so the count drops just after its result is out.
         deadline = time.monotonic() + 10
-        while (finished := store._query("SELECT COUNT(*) AS n FROM jobs WHERE finished_at IS NOT NULL")[0]["n"]) > 100:
+        while (finished := store.query("SELECT COUNT(*) AS n FROM jobs WHERE finished_at IS NOT NULL")[0]["n"]) > 100:
             assert time.monotonic() < deadline, finished
             time.sleep(0.05)
         assert client.job(futures[-1].job_id).result["step"] == last.step  # the newest are kept

@@ -124,7 +124,7 @@ def test_cross_entropy_over_k_targets_is_the_sum_of_its_one_target_terms(engine,
     for run_id in ("multi", "single"):
         engine.create_run(run_id, LORA, seed=7)
     if not fast_head:
-        engine._head = None  # the autograd path through full logits
+        engine.forward._head = None  # the autograd path through full logits
     engine.logits_chunk = 4  # several chunks
     multi = engine.forward_backward(
         "multi", [datum(tokens, target_tokens=targets_NK.tolist(), weights=weights_NK.tolist())]

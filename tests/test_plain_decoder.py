@@ -76,6 +76,7 @@ def trained(family_base):
         patch.setattr(packed_linear, "measured_choice", everywhere)
         patch.setattr(output_projection, "_head_choice", everywhere)
         engine = Engine(family_base)
+        engine.warm_up()  # packs here, under the patch, as the backend's engines pack on start
         for run_id, seed, lora in (
             ("run_a", 1, LoraConfig(rank=4, alpha=16)),
             ("run_b", 2, LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
@@ -85,16 +86,16 @@ def trained(family_base):
             for _ in range(4):
                 engine.forward_backward(run_id, [datum_from_tokens(prompt, reply)])
                 engine.optim_step(run_id, AdamParams(learning_rate=3e-2))
-    layer = engine._plain_decoder().layers[0]
+    layer = engine.forward.plain_decoder().layers[0]
     projections = (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
-    assert engine._output_head().packed is not None and all(p.packed is not None for p in projections)
+    assert engine.forward.output_head().packed is not None and all(p.packed is not None for p in projections)
     return engine
 
 
 @pytest.mark.parametrize("cache", ["copied", "shared"])
 def test_sampling_without_transformers_modules_equals_them(trained, cache, monkeypatch):
     """Prefill and decode steps by PlainDecoder, against the same sampling through the modules."""
-    assert plain_decoder.supports(trained._decoder(), trained.base.model.config)
+    assert plain_decoder.supports(trained.forward.decoder(), trained.base.model.config)
     prefix = random_prompts([10], seed=9)[0]
     prompts = [prefix + tail for tail in random_prompts([1, 6, 13], seed=10)]
     specs = [
@@ -123,7 +124,7 @@ def test_sampling_without_transformers_modules_equals_them(trained, cache, monke
         lean = trained.sample(batch)
         assert prefills == prefill_shapes and len(steps) >= 9
         with monkeypatch.context() as patch:
-            patch.setattr(trained, "_plain_decoder", lambda: None)  # as for a model it does not compute
+            patch.setattr(trained.forward, "plain_decoder", lambda: None)  # as for a model it does not compute
             steps.clear(), prefills.clear()
             modules = trained.sample(batch)
             assert not steps and not prefills
@@ -145,7 +146,7 @@ def test_sampling_without_transformers_modules_equals_them(trained, cache, monke
 def test_unsupported_structures_keep_transformers_modules(trained):
     """A decoder the step does not compute (here: another activation) is left to transformers."""
     config = trained.base.model.config
-    decoder = trained._decoder()
+    decoder = trained.forward.decoder()
     assert plain_decoder.supports(decoder, config)
     original = config.hidden_act
     try:
@@ -165,7 +166,7 @@ def _through_both(engine, monkeypatch, call):
     plain = call()
     assert forwards
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "_plain_decoder", lambda: None)
+        patch.setattr(engine.forward, "plain_decoder", lambda: None)
         forwards.clear()
         modules = call()
         assert not forwards

@@ -102,10 +102,10 @@ def test_greedy_with_runs_equals_generate_with_adapter_on_and_off(sharp, sharp_b
     train_away(sharp, "run_a", seed=1)
     sharp.create_run("run_b", LORA, seed=2)
     prompts = random_prompts([4, 11], seed=3)
-    with sharp._peft.disable_adapter():
-        want_base = [hf_greedy(sharp._peft, sharp_base, p, 10) for p in prompts]
-    sharp._peft.set_adapter("run_a")
-    want_a = [hf_greedy(sharp._peft, sharp_base, p, 10) for p in prompts]
+    with sharp.adapters.peft.disable_adapter():
+        want_base = [hf_greedy(sharp.adapters.peft, sharp_base, p, 10) for p in prompts]
+    sharp.adapters.peft.set_adapter("run_a")
+    want_a = [hf_greedy(sharp.adapters.peft, sharp_base, p, 10) for p in prompts]
     assert want_a != want_base
     assert tokens_of(sample_one(sharp, "run_b", prompts[:1], max_tokens=1))  # make run_b active
     assert tokens_of(sample_one(sharp, None, prompts, max_tokens=10)) == [[t] for t in want_base]
@@ -244,7 +244,7 @@ def test_shared_prompt_prefix_is_prefilled_once_per_adapter_without_changing_res
         SampleSpec("run_b", prompts[1:3], 1, params(temperature=1.0, seed=3, max_tokens=8)),
     ]
     widths = []
-    forward = sharp._features_fn
+    forward = sharp.forward._features_fn
 
     def recording(stacked):
         inner = forward(stacked)
@@ -255,7 +255,7 @@ def test_shared_prompt_prefix_is_prefilled_once_per_adapter_without_changing_res
 
         return record
 
-    monkeypatch.setattr(sharp, "_features_fn", recording)
+    monkeypatch.setattr(sharp.forward, "_features_fn", recording)
     together = [r for r in sharp.sample(specs)]
     # First pass: the 11 shared tokens (the shortest prompt keeps its 12th), one row per adapter.
     assert widths[0] == (3, 11)
@@ -274,10 +274,11 @@ def test_shared_prompt_prefix_is_prefilled_once_per_adapter_without_changing_res
 
 # ------------------------------------------------------------------ fast paths of the sampler
 def _chooser(params_list, vocab, rows):
-    from eztinker.engine.sampler import _LogitsAreFeatures, _TokenChooser
+    from eztinker.engine.sampler import _LogitsAreFeatures
+    from eztinker.engine.token_chooser import TokenChooser
 
     specs = [SampleSpec(None, [[1]], 1, p) for p in params_list]
-    return _TokenChooser(specs, _LogitsAreFeatures(vocab), rows, torch.device("cpu"))
+    return TokenChooser(specs, _LogitsAreFeatures(vocab), rows, torch.device("cpu"))
 
 
 def _frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -315,14 +316,14 @@ def test_inverse_cdf_draws_follow_the_requested_distribution(vocab, kwargs):
 
 
 def test_seeded_draws_do_not_depend_on_batch_mates_or_chunking(monkeypatch):
-    import eztinker.engine.sampler as sampler_module
+    import eztinker.engine.token_chooser as token_chooser
 
     vocab, rows = 257, 40
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(2))
     params = [SamplingParams(seed=5, temperature=0.9), SamplingParams(temperature=0), SamplingParams(seed=6, top_p=0.9)]
     spec_of_row = [0] * 10 + [1] * 10 + [2] * 20
     together = _chooser(params, vocab, rows).choose(logits, spec_of_row)[0]
-    monkeypatch.setattr(sampler_module, "_BUFFER_ELEMENTS", vocab * 7)  # rows in chunks of 7
+    monkeypatch.setattr(token_chooser, "_BUFFER_ELEMENTS", vocab * 7)  # rows in chunks of 7
     chunked = _chooser(params, vocab, rows).choose(logits, spec_of_row)[0]
     assert torch.equal(together, chunked)
     alone = _chooser(params[:1], vocab, 10).choose(logits[:10], [0] * 10)[0]
@@ -369,8 +370,8 @@ def test_full_model_logits_path_equals_the_fused_output_head(sharp):
         SampleSpec(None, prompts[:1], 3, params(max_tokens=6, temperature=1.0, seed=3)),
     ]
     fused = [tokens_of(r) for r in sharp.sample(specs)]
-    assert sharp._head is not None  # the tiny Qwen2's plain linear head is used directly
-    sharp._head = None  # as for a model with logit soft-capping
+    assert sharp.forward._head is not None  # the tiny Qwen2's plain linear head is used directly
+    sharp.forward._head = None  # as for a model with logit soft-capping
     full = [tokens_of(r) for r in sharp.sample(specs)]
     assert full == fused
 
@@ -382,18 +383,18 @@ def test_stacked_lora_equals_peft_for_mixed_single_and_no_adapter(sharp):
 
     train_away(sharp, "run_a", seed=1)
     train_away(sharp, "run_b", seed=2, lora=LoraConfig(rank=2, alpha=8, target_modules=["q_proj", "v_proj"]))
-    head = sharp._output_head()
+    head = sharp.forward.output_head()
     ids = torch.tensor(random_prompts([7] * 5, seed=9))
     mask = torch.ones_like(ids)
     positions = torch.arange(7).expand(5, 7)
 
     def ours(adapters):
-        with torch.no_grad(), sharp._stacked_lora(set(adapters) - {None}) as stacked:  # as in Engine.sample
-            features = sharp._features_fn(stacked)(ids, mask, positions, PreallocatedCache(16), adapters)
+        with torch.no_grad(), sharp.forward._stacked_lora(set(adapters) - {None}) as stacked:  # as in Engine.sample
+            features = sharp.forward._features_fn(stacked)(ids, mask, positions, PreallocatedCache(16), adapters)
         return head.logits(features, torch.empty(5, head.vocab_size))
 
     def peft_reference(adapters):
-        return sharp._logits_fn()(ids, mask, positions, PreallocatedCache(16), adapters)
+        return sharp.forward._logits_fn()(ids, mask, positions, PreallocatedCache(16), adapters)
 
     for adapters in (
         ["run_a", "run_b", None, "run_a", "run_b"],

@@ -38,7 +38,7 @@ def _wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def _finished_jobs(server, owner: str) -> int:
-    rows = server.service.store._query(
+    rows = server.service.store.query(
         "SELECT COUNT(*) AS n FROM jobs WHERE owner = ? AND finished_at IS NOT NULL", (owner,)
     )
     return rows[0]["n"]
@@ -127,7 +127,7 @@ def test_large_results_are_capped_per_user_by_bytes(make_server, keys_file):
         for job in alice_jobs:
             job.result(timeout=60)
         sizes = {
-            row["id"]: row["result_bytes"] for row in server.service.store._query("SELECT id, result_bytes FROM jobs")
+            row["id"]: row["result_bytes"] for row in server.service.store.query("SELECT id, result_bytes FROM jobs")
         }
         assert sum(sizes[j.job_id] for j in alice_jobs) > share > sizes[alice_jobs[-1].job_id] > 1024
         _expire_now(server)
@@ -300,7 +300,7 @@ def test_one_users_flood_does_not_starve_another_users_chat(make_server, keys_fi
         store = server.service.store
         longest = max(
             row["finished_at"] - row["started_at"]
-            for row in store._query(
+            for row in store.query(
                 "SELECT started_at, finished_at FROM jobs WHERE owner = 'alice' AND started_at IS NOT NULL"
             )
         )

@@ -80,9 +80,11 @@ def test_one_rejection_sft_step_on_arithmetic_changes_the_adapter(smollm2, serve
         epoch = results["epochs"][1]
         run_id = results["run_id"]
         assert epoch["trained_examples"] >= 1, "no verified-correct candidate among 16 samples"
-        assert server.service.store.run_row(run_id)["step"] == 1
+        assert server.service.store.run(run_id).step == 1
         lora_b = [
-            p for n, p in service.backend.engine(smollm2.name)._peft.named_parameters() if "lora_B" in n and run_id in n
+            p
+            for n, p in service.backend.engine(smollm2.name).adapters.peft.named_parameters()
+            if "lora_B" in n and run_id in n
         ]
         assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # lora_B starts at zero
 

@@ -418,3 +418,13 @@ def test_the_recipes_load_math_and_aqua_from_their_folders(tmp_path, recipe):
         config_cls(task="aqua", aqua_dir=aqua_dir, max_samples=5, eval_size=2), get_task("aqua")
     )
     assert (len(train), len(test)) == (2, 2) and {p.gold for p in test} == {"B"}
+
+
+def test_every_task_module_is_a_task():
+    from eztinker.tasks import TASK_NAMES, Task, get_task
+
+    wanted = {name for name in dir(Task) if not name.startswith("_")} | set(Task.__annotations__)
+    for name in TASK_NAMES:
+        task = get_task(name)
+        assert all(callable(getattr(task, w)) or w == "ANSWER_MARKER" for w in wanted), name
+        assert isinstance(task.ANSWER_MARKER, str) and task.ANSWER_MARKER

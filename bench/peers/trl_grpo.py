@@ -273,7 +273,7 @@ def run_trl(args, settings: dict, problems: list, work: Path) -> dict:
         lora_dropout=s["lora_dropout"],
         target_modules=s["lora_target_modules"],
     )
-    # The engine's own init (engine._add_adapter): the seed set right before wrapping, so lora_A starts equal.
+    # The engine's own init (Adapters.add): the seed set right before wrapping, so lora_A starts equal.
     torch.manual_seed(s["seed"])
     model = peft.get_peft_model(model, lora)
     dataset = Dataset.from_list([{"prompt": task.messages_for(p), "id": p.id} for p in problems])

@@ -15,7 +15,7 @@ import peft
 import torch
 from transformers import AutoTokenizer
 
-from .engine.checkpoints import CheckpointWriteError, write_atomically
+from .atomic_writes import CheckpointWriteError, write_atomically
 from .engine.engine import ADAPTER_WEIGHTS, EngineError, read_training_state
 from .engine.models import ModelLoadError, load_base_model, model_source
 from .types import parse_checkpoint_ref

@@ -2,17 +2,21 @@
 
 A command names its base model, its run (or none, for the bare model) and its payload; it holds
 no engine, store or callback, so it can be queued, fused with its neighbours, sent to another
-process (`Command.model_dump_json()` / `parse_command`) and replayed. Results are plain JSON-able
-values. Paths are absolute and point into the server's data directory.
+process (`Command.model_dump_json()` / `parse_command`) and replayed. Each kind produces its own
+result model (results.py), inside an `Outcome`. Paths are absolute and point into the server's
+data directory.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from ..types import AdamParams, Datum, LoraConfig, LossFnName, SamplingParams
+from .results import JobKind, Result
 
 
 class _Command(BaseModel):
@@ -23,7 +27,7 @@ class _Command(BaseModel):
 
 
 class CreateRun(_Command):
-    kind: Literal["create_run"] = "create_run"
+    kind: Literal[JobKind.create_run] = JobKind.create_run
     run_id: str
     lora: LoraConfig
     seed: int = 0
@@ -32,12 +36,12 @@ class CreateRun(_Command):
 
 
 class DeleteRun(_Command):
-    kind: Literal["delete_run"] = "delete_run"
+    kind: Literal[JobKind.delete_run] = JobKind.delete_run
     run_id: str
 
 
 class ForwardBackward(_Command):
-    kind: Literal["forward_backward"] = "forward_backward"
+    kind: Literal[JobKind.forward_backward] = JobKind.forward_backward
     run_id: str
     data: list[Datum]
     loss_fn: LossFnName = "cross_entropy"
@@ -49,13 +53,13 @@ class ForwardBackward(_Command):
 
 
 class OptimStep(_Command):
-    kind: Literal["optim_step"] = "optim_step"
+    kind: Literal[JobKind.optim_step] = JobKind.optim_step
     run_id: str
     adam_params: AdamParams
 
 
 class Sample(_Command):
-    kind: Literal["sample"] = "sample"
+    kind: Literal[JobKind.sample] = JobKind.sample
     prompts: list[list[int]]
     num_samples: int
     sampling_params: SamplingParams
@@ -80,7 +84,7 @@ class Sample(_Command):
 
 
 class Score(_Command):
-    kind: Literal["score"] = "score"
+    kind: Literal[JobKind.score] = JobKind.score
     prompt: list[int]
     responses: list[list[int]]
 
@@ -90,21 +94,21 @@ class ScorePrompts(_Command):
     the k most likely tokens there: one forward pass, no decoding (OpenAI's `echo` with
     `max_tokens: 0`, as lm-eval's loglikelihood requests score a context and its continuation)."""
 
-    kind: Literal["score_prompts"] = "score_prompts"
+    kind: Literal[JobKind.score_prompts] = JobKind.score_prompts
     prompts: list[list[int]]
     snapshot: str | None = Field(None, description="Score under this saved checkpoint's adapter instead of run_id's.")
     topk: int = Field(0, ge=0, description="Also the k most likely tokens at every position.")
 
 
 class Save(_Command):
-    kind: Literal["save"] = "save"
+    kind: Literal[JobKind.save] = JobKind.save
     run_id: str
     directory: str
     with_optimizer: bool = Field(True, description="Also save the optimizer state (False: weights only).")
 
 
 class Load(_Command):
-    kind: Literal["load"] = "load"
+    kind: Literal[JobKind.load] = JobKind.load
     run_id: str
     directory: str
     with_optimizer: bool = Field(True, description="Also restore the optimizer state (else it starts afresh).")
@@ -131,11 +135,40 @@ def fusable(first: Command, other: Command) -> bool:
     return type(first) is type(other) and isinstance(first, (Sample, ScorePrompts)) and first.model == other.model
 
 
-class Outcome(BaseModel):
-    """What one command produced: a JSON-able value, or the error that stopped it."""
+class ErrorCategory(StrEnum):
+    user = "user"  # the command cannot succeed as sent (bad input): a 4xx
+    server = "server"  # it failed here: a 5xx
 
-    value: Any = None
+
+T = TypeVar("T", bound=Result)
+U = TypeVar("U", bound=Result)
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What one command produced: its result, or the error that stopped it (`error` then says why,
+    in one line a client may read)."""
+
+    value: T | None = None
     error: str | None = None
-    error_category: Literal["user", "server"] = Field(
-        "server", description="'user': the command cannot succeed as sent (bad input); 'server': it failed here."
-    )
+    error_category: ErrorCategory = ErrorCategory.server
+    # A sample that stopped because every consumer of it went away: how many tokens it had decoded.
+    decoded_tokens: int = 0
+
+    @classmethod
+    def failed(cls, error: str, category: ErrorCategory = ErrorCategory.server, decoded_tokens: int = 0) -> Outcome:
+        return cls(error=error, error_category=category, decoded_tokens=decoded_tokens)
+
+    def unwrap(self) -> T:
+        """The value of a successful outcome."""
+        if self.error is not None or self.value is None:
+            raise ValueError(f"the command failed: {self.error}")
+        return self.value
+
+    def result(self, model: type[U]) -> U:
+        """The value of a successful outcome, which must be a `model` (the command's kind fixes it)."""
+        if self.error is not None:
+            raise ValueError(f"the command failed: {self.error}")
+        if not isinstance(self.value, model):
+            raise TypeError(f"expected a {model.__name__}, the command produced {type(self.value).__name__}")
+        return self.value

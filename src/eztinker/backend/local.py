@@ -3,24 +3,25 @@ shared by all of its runs, all of its torch work on one thread (compute_thread.p
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
 
+from ..atomic_writes import remove_partial_writes
 from ..chat import render_prompt
 from ..device_placement import PlacementError, place_models
 from ..engine import BaseModel, Engine, EngineError, ModelLoadError, SampleSpec, load_base_model
-from ..engine.checkpoints import remove_partial_writes
 from ..engine.engine import InvalidTarget, PromptLogprobs, read_training_state
 from ..engine.prompt_scoring import ExtrasResult, PromptExtras
-from ..types import LoraConfig, Prompt, SampledSequence
+from ..types import LoraConfig, Prompt, ScoreResult
 from . import ABANDONED, Cancelled, CheckpointState, InvalidInput, ModelInfo, Progress, WorkerInfo
 from .commands import (
     Command,
     CreateRun,
     DeleteRun,
+    ErrorCategory,
     ForwardBackward,
     Load,
     OptimStep,
@@ -31,6 +32,7 @@ from .commands import (
     ScorePrompts,
 )
 from .compute_thread import ComputeThread
+from .results import AltTokens, Loaded, PromptScores, Result, RunCreated, RunDeleted, Samples, Saved
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,12 @@ def _topk(scored: PromptLogprobs) -> list[list[list] | None]:
     return scored.topk
 
 
+def _warm(engine: Engine) -> Engine:
+    """The engine with its base weights packed and timed now, not in the first request's time."""
+    engine.warm_up()
+    return engine
+
+
 class LocalBackend:
     def __init__(self, bases: Sequence[BaseModel], *, compute: ComputeThread | None = None, **engine_options):
         """Engines for models loaded already (`load` loads them on the backend's compute thread)."""
@@ -54,7 +62,7 @@ class LocalBackend:
         if len(set(names)) != len(names):
             raise ValueError(f"base models must be distinct, got {names}")
         self._compute = compute or ComputeThread()
-        self.engines = self._compute.run(lambda: {base.name: Engine(base, **engine_options) for base in bases})
+        self.engines = self._compute.run(lambda: {base.name: _warm(Engine(base, **engine_options)) for base in bases})
         self._tokenizer_files: dict[str, dict[str, str]] = {}
 
     @classmethod
@@ -116,7 +124,7 @@ class LocalBackend:
     ) -> list[Outcome]:
         progress = list(progress) if progress is not None else [None] * len(commands)
         cancelled = list(cancelled) if cancelled is not None else [None] * len(commands)
-        fuse: Callable[[], Sequence[dict | Outcome]] | None = None
+        fuse: Callable[[], Sequence[Result | Outcome]] | None = None
         samples = [c for c in commands if isinstance(c, Sample)]
         scorings = [c for c in commands if isinstance(c, ScorePrompts)]
         if len(commands) > 1 and len(samples) == len(commands):
@@ -124,16 +132,20 @@ class LocalBackend:
         elif len(commands) > 1 and len(scorings) == len(commands):
             fuse = lambda: self._score_prompts_many(scorings)  # noqa: E731
         if fuse is not None:
-            fused = _attempt(fuse)
-            if fused.error is None:
-                return [value if isinstance(value, Outcome) else Outcome(value=value) for value in fused.value]
-            # One bad request must not fail its neighbours: each alone.
+            try:
+                return [value if isinstance(value, Outcome) else Outcome(value=value) for value in fuse()]
+            except EngineError:
+                pass  # one bad request must not fail its neighbours: each alone
+            except Exception:
+                log.exception("a fused batch failed; each of its commands runs alone")
         return [
-            _attempt(lambda c=command, p=listener, q=cancel: self._execute_one(c, p, q))
+            _attempt(functools.partial(self._execute_one, command, listener, cancel))
             for command, listener, cancel in zip(commands, progress, cancelled)
         ]
 
-    def _execute_one(self, command: Command, progress: Progress | None = None, cancelled: Cancelled | None = None):
+    def _execute_one(
+        self, command: Command, progress: Progress | None = None, cancelled: Cancelled | None = None
+    ) -> Result:
         engine = self.engine(command.model)
         match command:
             case CreateRun():
@@ -147,10 +159,10 @@ class LocalBackend:
                     except BaseException:
                         engine.delete_run(command.run_id)  # a failed create leaves nothing behind
                         raise
-                return {"run_id": command.run_id, "step": step}
+                return RunCreated(run_id=command.run_id, step=step)
             case DeleteRun():
                 engine.delete_run(command.run_id)
-                return {"deleted": command.run_id}
+                return RunDeleted(deleted=command.run_id)
             case ForwardBackward():
                 return engine.forward_backward(
                     command.run_id,
@@ -159,26 +171,25 @@ class LocalBackend:
                     loss_fn_config=command.loss_fn_config,
                     forward_only=command.forward_only,
                     all_logprobs=command.all_logprobs,
-                ).model_dump()
+                )
             case OptimStep():
-                return engine.optim_step(command.run_id, command.adam_params).model_dump()
+                return engine.optim_step(command.run_id, command.adam_params)
             case Sample():
                 value = self._sample_many([command], [progress], [cancelled])[0]
                 if isinstance(value, Outcome):
-                    raise EngineError(value.error)
+                    raise _Failed(value)
                 return value
             case ScorePrompts():
                 return self._score_prompts_many([command])[0]
             case Score():
-                scores = engine.score(command.run_id, command.prompt, command.responses)
-                return {"scores": [s.model_dump() for s in scores]}
+                return ScoreResult(scores=engine.score(command.run_id, command.prompt, command.responses))
             case Save():
                 engine.save(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)
-                return {"step": engine.step_of(command.run_id)}
+                return Saved(step=engine.step_of(command.run_id))
             case Load():
-                return {
-                    "step": engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)
-                }
+                return Loaded(
+                    step=engine.load(command.run_id, Path(command.directory), with_optimizer=command.with_optimizer)
+                )
         raise EngineError(f"unknown command {command.kind!r}")
 
     def _sample_many(
@@ -186,8 +197,8 @@ class LocalBackend:
         commands: Sequence[Sample],
         progress: Sequence[Progress | None],
         cancelled: Sequence[Cancelled | None] | None = None,
-    ) -> list[dict | Outcome]:
-        """Each command's value, or for one abandoned by its consumers, the Outcome saying so."""
+    ) -> list[Samples | Outcome]:
+        """Each command's samples, or for one abandoned by its consumers, the Outcome saying so."""
         cancelled = cancelled or [None] * len(commands)
         engine = self.engine(commands[0].model)
         adapters: list[str | None] = []
@@ -202,31 +213,26 @@ class LocalBackend:
             for a, c, p, q in zip(adapters, commands, progress, cancelled)
         ]
         results = engine.sample(specs)
-        values: list[dict | Outcome] = []
+        values: list[Samples | Outcome] = []
         for c, adapter, result, spec in zip(commands, adapters, results, specs):
             if spec.abandoned:
                 decoded = sum(len(s.tokens) for row in result for s in row)
                 most = c.sampling_params.max_tokens * c.num_samples * len(c.prompts)
                 values.append(
-                    Outcome(
-                        value={"decoded_tokens": decoded},
-                        error_category="user",
-                        error=f"{ABANDONED}: every consumer of this sample went away; it stopped "
+                    Outcome.failed(
+                        f"{ABANDONED}: every consumer of this sample went away; it stopped "
                         f"decoding after {decoded} of at most {most} tokens",
+                        ErrorCategory.user,
+                        decoded_tokens=decoded,
                     )
                 )
                 continue
-            value: dict[str, Any] = {
-                "prompt_tokens": c.prompts,
-                "sequences": [[_dump(s) for s in row] for row in result],
-            }
+            # top_logprobs only where asked for (the engine may fill them for a batch neighbour's sake)
+            keep = None if c.topk_logprobs else {"top_logprobs": None}
+            sequences = [[s.model_copy(update=keep) for s in row] for row in result]
             if c.topk_logprobs:
-                for row, dumped in zip(result, value["sequences"]):
-                    for sequence, entry in zip(row, dumped):
-                        assert sequence.top_logprobs is not None, "the engine returns top_logprobs when asked for them"
-                        entry["top_logprobs"] = [
-                            [list(pair) for pair in position] for position in sequence.top_logprobs
-                        ]
+                assert all(s.top_logprobs is not None for row in result for s in row), "asked for: returned"
+            extra: dict[str, list] = {}
             if c.prompt_logprobs or c.topk_prompt_logprobs or c.prompt_targets is not None or c.prompt_alt_tokens_k:
                 extras = [
                     PromptExtras(
@@ -241,19 +247,20 @@ class LocalBackend:
                     adapter, c.prompts, c.topk_prompt_logprobs, last_n=c.prompt_logprobs_last_n, extras=extras
                 )
                 if c.prompt_logprobs:
-                    value["prompt_logprobs"] = [s.logprobs for s in scored]
+                    extra["prompt_logprobs"] = [s.logprobs for s in scored]
                 if c.topk_prompt_logprobs:
-                    value["topk_prompt_logprobs"] = [s.topk for s in scored]
+                    extra["topk_prompt_logprobs"] = [_topk(s) for s in scored]
                 if c.prompt_targets is not None:
-                    value["target_prompt_logprobs"] = [_extras(s).target_logprobs for s in scored]
+                    extra["target_prompt_logprobs"] = [_extras(s).target_logprobs or [] for s in scored]
                 if c.prompt_alt_tokens_k:
-                    value["prompt_alt_tokens"] = [
-                        {"tokens": _extras(s).alt_tokens, "logprobs": _extras(s).alt_logprobs} for s in scored
+                    extra["prompt_alt_tokens"] = [
+                        AltTokens(tokens=_extras(s).alt_tokens or [], logprobs=_extras(s).alt_logprobs or [])
+                        for s in scored
                     ]
-            values.append(value)
+            values.append(Samples(prompt_tokens=c.prompts, sequences=sequences, **extra))
         return values
 
-    def _score_prompts_many(self, commands: Sequence[ScorePrompts]) -> list[dict]:
+    def _score_prompts_many(self, commands: Sequence[ScorePrompts]) -> list[PromptScores]:
         """All prompts of the batch, grouped by adapter, in forward passes of at most the engine's
         `microbatch_tokens` padded tokens each (one pass for a few short prompts)."""
         engine = self.engine(commands[0].model)
@@ -280,12 +287,8 @@ class LocalBackend:
         values = []
         for i, c in enumerate(commands):
             mine = [scored[(i, j)] for j in range(len(c.prompts))]
-            value: dict[str, Any] = {"prompt_logprobs": [s.logprobs for s in mine]}
-            if c.topk:
-                value["topk_prompt_logprobs"] = [
-                    [None if top is None else top[: c.topk] for top in _topk(s)] for s in mine
-                ]
-            values.append(value)
+            top = [[None if t is None else t[: c.topk] for t in _topk(s)] for s in mine] if c.topk else None
+            values.append(PromptScores(prompt_logprobs=[s.logprobs for s in mine], topk_prompt_logprobs=top))
         return values
 
     # ---------------------------------------------------------------------- tokenizer work
@@ -356,23 +359,24 @@ class LocalBackend:
         self._compute.close()
 
 
-def _attempt(work) -> Outcome:
+class _Failed(Exception):
+    """Ends a command with an outcome of its own (an abandoned sample's)."""
+
+    def __init__(self, outcome: Outcome):
+        super().__init__(outcome.error)
+        self.outcome = outcome
+
+
+def _attempt(work: Callable[[], Result]) -> Outcome:
     try:
         return Outcome(value=work())
+    except _Failed as failed:
+        return failed.outcome
     except EngineError as exc:
-        return Outcome(error=str(exc), error_category="user")
+        return Outcome.failed(str(exc), ErrorCategory.user)
     except Exception as exc:  # a failing command fails alone; the server keeps serving
         log.exception("command failed")
-        return Outcome(error=f"{type(exc).__name__}: {exc}")
-
-
-def _dump(sequence: SampledSequence) -> dict:
-    return {
-        "text": sequence.text,
-        "tokens": sequence.tokens,
-        "logprobs": sequence.logprobs,
-        "stop_reason": sequence.stop_reason,
-    }
+        return Outcome.failed(f"{type(exc).__name__}: {exc}")
 
 
 def _bytes_to_unicode() -> dict[str, int]:

@@ -1,8 +1,8 @@
 """A new run's LoRA adapter on layers peft has already wrapped, without peft's per-layer walks.
 
 peft's `LoraLayer.update_layer` walks every adapter of the layer twice (to move the new one to
-the base weight's device, then to set requires_grad on all of them), so adding a run to
-SmolLM2's 210 LoRA layers took 140-250 ms, growing with the runs loaded. For the plain LoRA the
+the base weight's device, then to set requires_grad on all of them), so adding a run cost time
+that grew with the runs loaded (docs/performance.md, "Engine figures"). For the plain LoRA the
 engine creates (default init, no DoRA, no LoRA bias, no variant), `add` does what peft's
 `add_adapter` does for the new adapter alone: the same modules, in the same order, with the same
 seeded init (the same random draws, in the same order) and dtype; anything else is left to peft.

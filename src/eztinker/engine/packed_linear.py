@@ -1,14 +1,10 @@
 """Linear layers over frozen base weights through oneDNN, each weight packed once into its blocked
 layout, for the input sizes where that measured faster than MKL on this machine.
 
-On CPU torch's float32 matmul is MKL's. Which library is faster depends on the CPU and the number
-of rows (`python bench/packed_linear.py`, cache-warm):
-  * a 2-core AVX2 EPYC: oneDNN with the weight prepacked ran SmolLM2's q/o, gate/up and down
-    projections 1.6-2.1x faster at 4 rows (a decode step of 4 candidates), its output head 3.3x
-    (k/v, 192 x 576: 0.7x); at 128-1024 rows the projections 0.9-1.3x, the head 1.5-2.2x;
-  * a 2-core Sapphire Rapids Xeon (AVX-512): at one row every projection 0.37-0.50x (MKL's GEMV
-    faster), the head 1.0x; at 4 rows k/v, gate/up and down 0.56-0.77x, the head 1.42x; at 128
-    rows 0.85-1.08x, the head 1.15x.
+On CPU torch's float32 matmul is MKL's. Which library is faster depends on the CPU, the weight's
+shape and the number of rows: on an AVX2 EPYC the packed copy won nearly everywhere, on an
+AVX-512 Xeon MKL's GEMV won at one row and the packed head won at a few (docs/performance.md,
+"Engine figures"; `python bench/packed_linear.py`).
 So `pack` times both on each weight shape, once per process, at one row, a few and many, and the
 packed copy serves only the sizes where it won; a weight for which it won at none is not packed.
 (An output head is timed against its own alternative, MKL in column blocks: output_projection.py.)
@@ -29,9 +25,9 @@ import torch.nn.functional as F
 from . import device_paths
 
 # Input sizes timed apart, as (the most rows of the band, the rows timed for it): a single
-# sequence's decode step (with every weight packed, the Xeon sampled one 32-token sequence in
-# 2.25 s against 0.51 s measured: bench/packed_choice.py); decode steps of a few candidates;
-# larger batches and training micro-batches.
+# sequence's decode step (where packing every weight regardless made sampling one sequence several
+# times slower on the Xeon: bench/packed_choice.py); decode steps of a few candidates; larger
+# batches and training micro-batches.
 BANDS = ((1, 1), (16, 4), (None, 128))
 _PROBE_REPEATS = 3
 

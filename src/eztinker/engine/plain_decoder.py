@@ -1,9 +1,9 @@
 """A llama-family decoder's forward as plain tensor operations, for the sampler's decode steps
 and for training and scoring forwards over whole sequences.
 
-Through transformers' and peft's modules a decode step of SmolLM2-135M at 4 rows took 69 ms, of
-which the matmuls were 31: the rest was Python around them (module calls, hooks and decorators,
-a causal mask built every step, peft's per-layer adapter bookkeeping). For the models
+Through transformers' and peft's modules more than half of a small decode step's time was Python
+around the matmuls (module calls, hooks and decorators, a causal mask built every step, peft's
+per-layer adapter bookkeeping; docs/performance.md, "Engine figures"). For the models
 `prompt_attention` already reads exactly (llama, qwen2, qwen3: SiLU MLP, sdpa, full causal
 attention), `PlainDecoder` computes the same forward from the same parameters with nothing between
 the operations: per layer RMSNorm, q/k/v projections plus the LoRA updates (`LoraUpdates`: the

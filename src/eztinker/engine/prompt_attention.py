@@ -140,8 +140,8 @@ def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias:
 
 
 def _fused_kernel(q: torch.Tensor) -> bool:
-    """Whether to use the fused kernel sdpa runs on CPU, which also returns the log-sum-exp (half
-    the time of the matmuls and softmax written out, on SmolLM2's 16 x 8 decode steps)."""
+    """Whether to use the fused kernel sdpa runs on CPU, which also returns the log-sum-exp (faster
+    than the matmuls and softmax written out: docs/performance.md, "Engine figures")."""
     return device_paths.cpu_kernels(q.device)
 
 

@@ -15,14 +15,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import SamplingParams, TrainingClient
-from ..tasks import Problem
+from ..tasks import Problem, Task
 
 # reward_fn(response_text, problem) -> True when the response is correct.
 RewardFn = Callable[[str, Problem], bool]
@@ -36,7 +35,7 @@ class Candidate:
     mean_logprob: float
 
 
-def load_problems(config: Any, task: ModuleType) -> tuple[list[Problem], list[Problem]]:
+def load_problems(config: Any, task: Task) -> tuple[list[Problem], list[Problem]]:
     """The config's training and held-out test problems."""
     data_dirs = {"gsm8k": config.gsm8k_dir, "math": config.math_dir, "aqua": config.aqua_dir}
     extra = {"difficulty": config.difficulty} if config.task == "arithmetic" else {"data_dir": data_dirs[config.task]}
@@ -85,7 +84,7 @@ def progress_bar(console: Console) -> Progress:
 
 
 class Rollouts:
-    def __init__(self, config: Any, task: ModuleType, reward_fn: RewardFn | None, rng: random.Random, console: Console):
+    def __init__(self, config: Any, task: Task, reward_fn: RewardFn | None, rng: random.Random, console: Console):
         self.config, self.task, self.rng, self.console = config, task, rng, console
         self.reward_fn = reward_fn or task.is_correct
 

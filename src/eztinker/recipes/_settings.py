@@ -40,7 +40,6 @@ class TaskRecipeSettings:
     temperature: float = setting(0.8, "For candidates; evaluation is greedy.")
     max_tokens: int = setting(256, "New tokens per candidate.")
     eval_size: int = setting(100, "Held-out test problems (greedy).")
-    batch_size: int = setting(8, "Examples per optimizer step (gradient accumulated over the batch).")
     micro_batch_size: int = setting(4, "Examples per forward_backward request.")
     prompts_per_sample_call: int = setting(32, "Problems per batched `sample` request.")
     lora_rank: int = setting(1, "LoRA rank of a new run (a resumed run keeps its checkpoint's).")

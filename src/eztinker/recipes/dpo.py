@@ -35,24 +35,9 @@ from rich.console import Console
 from .. import AdamParams, Datum, ServiceClient, TrainingClient, datum_from_messages
 from ..chat import loss_weights
 from ..tasks import TASK_NAMES, Problem, get_task
-from ._budget import TimeBudget
 from ._cli import setting
-from ._lm_eval import evaluate_with_lm_eval
-from ._results import (
-    NUMBER,
-    PERCENT,
-    TEST_ROWS,
-    TEST_SERIES,
-    config_dict,
-    mean,
-    open_run,
-    plot_curves,
-    previous_results,
-    print_best,
-    print_epoch_table,
-    record_best,
-    save_results,
-)
+from ._epochs import EpochLog, RecipeFiles, fmt, test_summary
+from ._results import NUMBER, PERCENT, mean, open_run
 from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
 from ._settings import TaskRecipeSettings
 
@@ -63,6 +48,7 @@ BUFFER_FILE = "dpo_buffer.jsonl"
 RESULTS_FILE = "dpo_results.json"
 PLOT_FILE = "dpo_accuracy.png"
 CHECKPOINT_PREFIX = "dpo_epoch_"
+FILES = RecipeFiles(results=RESULTS_FILE, plot=PLOT_FILE, checkpoint_prefix=CHECKPOINT_PREFIX)
 METRICS = ("loss", "margin", "correct", "chosen_reward", "rejected_reward", "chosen_nll")  # summed per micro-batch
 
 
@@ -226,7 +212,6 @@ class DPO:
         self.output_dir = Path(config.output_dir)
         self.rng = random.Random(config.seed)
         self.rollouts = Rollouts(config, self.task, config.reward_fn, self.rng, self.console)
-        self.budget = TimeBudget(config.time_budget_minutes)
 
     # ------------------------------------------------------------------------ pairs
     def buffer_pairs(
@@ -359,26 +344,12 @@ class DPO:
             f"{len(test)} test problems, reference {c.reference_checkpoint or 'the base model'}, epochs "
             f"{start_epoch}..{c.epochs}"
         )
-        results_path = self.output_dir / RESULTS_FILE
-        results = previous_results(results_path, c.resume_from, CHECKPOINT_PREFIX) if c.resume_from else {"epochs": []}
-        results.update(config=config_dict(c, drop=("reward_fn", "api_key")), model=model, run_id=run.run_id)
-        if start_epoch == 1 and test:
-            initial: dict[str, Any] = {"epoch": 0, "seconds": {}}
-            self._evaluate(run, test, initial, initial["seconds"])
-            results["epochs"] = [initial]
-            save_results(results_path, results)
+        log = EpochLog(c, FILES, self.console, self.rollouts, report=self._report)
+        log.start(run, model, start_epoch, test)
         fixed = None  # the pairs file's datums and reference logprobs, computed once
-        last_epoch_seconds = 0.0
-        for epoch in range(start_epoch, c.epochs + 1):
-            if not self.budget.allows(last_epoch_seconds):
-                results["stopped"] = (
-                    f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
-                    f"(~{last_epoch_seconds:.0f} s) would end past it"
-                )
-                break
-            epoch_started = time.monotonic()
+        for epoch in log.epochs(start_epoch):
             times: dict[str, float] = {}
-            entry: dict[str, Any] = {"epoch": epoch}
+            entry: dict[str, Any] = {"epoch": epoch, "seconds": times}
             t = time.monotonic()
             if fixed_pairs is None:
                 pairs, candidates = self.buffer_pairs(epoch, run, train)
@@ -400,29 +371,12 @@ class DPO:
             entry["learning_rate"] = lr
             entry.update(self.train(run, data, ref, lr) if pairs else {"optimizer_steps": 0, "trained_pairs": 0})
             times["train"] = time.monotonic() - t
-            if test and (epoch % c.eval_every == 0 or epoch == c.epochs):
-                self._evaluate(run, test, entry, times)
-            entry["seconds"] = times
-            if c.checkpoint:
-                entry["checkpoint"] = f"{run.run_id}/{CHECKPOINT_PREFIX}{epoch}"
-                entry["checkpoint_path"] = run.save_state(f"{CHECKPOINT_PREFIX}{epoch}").result().path
-            results["epochs"].append(entry)
-            self._report(entry)
-            save_results(results_path, results)
-            last_epoch_seconds = time.monotonic() - epoch_started
-        last = results["epochs"][-1] if results["epochs"] else None
-        if test and last is not None and last["epoch"] > 0 and "test_accuracy" not in last:
-            self._evaluate(run, test, last, last["seconds"])  # the run's final adapter is always scored
-            self._report(last)
-        results["total_seconds"] = self.budget.elapsed()
-        record_best(results)
-        save_results(results_path, results)
-        print_epoch_table(
-            self.console,
-            f"DPO on {c.task} ({results['model']}), beta {c.beta}",
-            results["epochs"],
+            log.end_epoch(run, entry, test)
+        return log.finish(
+            run,
+            test,
+            f"DPO on {c.task} ({model}), beta {c.beta}",
             [
-                *TEST_ROWS,
                 ("train accuracy (candidates)", "train_accuracy", PERCENT),
                 ("pairs", "pairs", str),
                 ("DPO loss", "dpo_loss", NUMBER),
@@ -432,39 +386,14 @@ class DPO:
                 ("rejected reward", "rejected_reward", NUMBER),
                 ("chosen reply NLL per token", "chosen_nll", NUMBER),
             ],
+            [("reward_accuracy", "implicit-reward accuracy (train pairs)")],
         )
-        print_best(self.console, results, self.output_dir)
-        plot_curves(
-            results,
-            self.output_dir / PLOT_FILE,
-            [*TEST_SERIES, ("reward_accuracy", "implicit-reward accuracy (train pairs)")],
-            f"DPO: {results['config']['task']} on {results['model']}",
-        )
-        return results
-
-    def _evaluate(
-        self, run: TrainingClient, test: list[Problem], entry: dict[str, Any], times: dict[str, float]
-    ) -> None:
-        t = time.monotonic()
-        label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
-        metrics = self.rollouts.evaluate(run, test, label)
-        entry.update({f"test_{k}": v for k, v in metrics.items()})
-        times["eval"] = time.monotonic() - t
-        evaluate_with_lm_eval(self.config, run, entry, times, self.output_dir, self.console)
 
     def _report(self, entry: dict[str, Any]) -> None:
-        def fmt(key: str, spec: str) -> str:
-            return "-" if entry.get(key) is None else format(entry[key], spec)
-
-        test = (
-            f"test acc {fmt('test_accuracy', '.1%')} (strict {fmt('test_strict_accuracy', '.1%')}), "
-            if "test_accuracy" in entry
-            else ""
-        )
         self.console.print(
-            f"epoch {entry['epoch']}: {test}{entry['pairs']} pairs, {entry['optimizer_steps']} steps, "
-            f"loss {fmt('dpo_loss', '.3f')}, margin {fmt('reward_margin', '.3f')}, reward acc "
-            f"{fmt('reward_accuracy', '.1%')}"
+            f"epoch {entry['epoch']}: {test_summary(entry)}{entry.get('pairs', 0)} pairs, "
+            f"{entry.get('optimizer_steps', 0)} steps, loss {fmt(entry, 'dpo_loss', '.3f')}, "
+            f"margin {fmt(entry, 'reward_margin', '.3f')}, reward acc {fmt(entry, 'reward_accuracy', '.1%')}"
         )
 
 

@@ -23,24 +23,9 @@ from .. import AdamParams, ServiceClient, TrainingClient, datum_from_messages
 from ..chat import loss_weights
 from ..tasks import Problem, get_task
 from ..tasks._grading import trim_after_answer as trim_after_answer  # part of this recipe's interface
-from ._budget import TimeBudget
 from ._cli import setting
-from ._lm_eval import evaluate_with_lm_eval
-from ._results import (
-    NUMBER,
-    PERCENT,
-    TEST_ROWS,
-    TEST_SERIES,
-    config_dict,
-    mean,
-    open_run,
-    plot_curves,
-    previous_results,
-    print_best,
-    print_epoch_table,
-    record_best,
-    save_results,
-)
+from ._epochs import EpochLog, RecipeFiles, fmt, test_summary
+from ._results import NUMBER, PERCENT, mean, open_run
 from ._rollouts import Candidate, Rollouts, append_jsonl, best_correct, buffer_entry, load_problems, progress_bar
 from ._settings import TaskRecipeSettings
 
@@ -48,6 +33,7 @@ BUFFER_FILE = "rejection_buffer.jsonl"
 RESULTS_FILE = "rejection_sft_results.json"
 PLOT_FILE = "rejection_sft_accuracy.png"
 CHECKPOINT_PREFIX = "rejection_sft_epoch_"
+FILES = RecipeFiles(results=RESULTS_FILE, plot=PLOT_FILE, checkpoint_prefix=CHECKPOINT_PREFIX)
 
 
 @dataclass
@@ -55,6 +41,7 @@ class Config(TaskRecipeSettings):
     """Every field but `reward_fn` is also an `eztinker rsft` flag, with this help and default
     (the shared ones are described in `_settings.py`)."""
 
+    batch_size: int = setting(8, "Examples per optimizer step (gradient accumulated over the batch).")
     checkpoint: bool = setting(False, "Save rejection_sft_epoch_<k> every epoch.")
     resume_from: str | None = setting(None, "Continue after '<run_id>/rejection_sft_epoch_<k>'.")
 
@@ -125,36 +112,17 @@ class RejectionSFT:
         service = ServiceClient(c.server_url, api_key=c.api_key)
         health = service.health()
         train, test = self.load_problems()
-        run, start_epoch = open_run(service, c, CHECKPOINT_PREFIX, self.output_dir / BUFFER_FILE)
+        test = test if c.eval_size > 0 else []
+        run, start_epoch = open_run(service, c, FILES.checkpoint_prefix, self.output_dir / BUFFER_FILE)
         tokenizer = run.get_tokenizer()
         self.console.print(
             f"[bold]rejection SFT[/] on {c.task}: model {health.model}, run {run.run_id}, "
             f"{len(train)} train / {len(test)} test problems, {c.num_candidates} candidates, epochs "
             f"{start_epoch}..{c.epochs}"
         )
-        results = (
-            previous_results(self.output_dir / RESULTS_FILE, c.resume_from, CHECKPOINT_PREFIX)
-            if c.resume_from
-            else {"epochs": []}
-        )
-        results.update(config=config_dict(c, drop=("reward_fn", "api_key")), model=health.model, run_id=run.run_id)
-        started = time.monotonic()
-
-        budget = TimeBudget(c.time_budget_minutes)
-        if start_epoch == 1:
-            initial: dict[str, Any] = {"epoch": 0, "seconds": {}}
-            self._evaluate(run, test, initial, initial["seconds"])
-            results["epochs"] = [initial]
-            save_results(self.output_dir / RESULTS_FILE, results)
-        last_epoch_seconds = 0.0
-        for epoch in range(start_epoch, c.epochs + 1):
-            if not budget.allows(last_epoch_seconds):
-                results["stopped"] = (
-                    f"time budget of {c.time_budget_minutes} min: epoch {epoch} "
-                    f"(~{last_epoch_seconds:.0f} s) would end past it"
-                )
-                break
-            epoch_started = time.monotonic()
+        log = EpochLog(c, FILES, self.console, self.rollouts, report=self._report)
+        log.start(run, health.model, start_epoch, test)
+        for epoch in log.epochs(start_epoch):
             times: dict[str, float] = {}
             t = time.monotonic()
             # Epoch 1 trains on the buffer filled by the initial model (phase 2); later epochs
@@ -179,63 +147,24 @@ class RejectionSFT:
                 "train_loss": loss,
                 "seconds": times,
             }
-            if epoch % c.eval_every == 0 or epoch == c.epochs:
-                self._evaluate(run, test, entry, times)
-            if c.checkpoint:
-                entry["checkpoint"] = f"{run.run_id}/{CHECKPOINT_PREFIX}{epoch}"
-                entry["checkpoint_path"] = run.save_state(f"{CHECKPOINT_PREFIX}{epoch}").result().path
-            results["epochs"].append(entry)
-            self._report(entry)
-            save_results(self.output_dir / RESULTS_FILE, results)
-            last_epoch_seconds = time.monotonic() - epoch_started
-        last = results["epochs"][-1] if results["epochs"] else None
-        if last is not None and last["epoch"] > 0 and "test_accuracy" not in last:
-            self._evaluate(run, test, last, last["seconds"])  # the run's final adapter is always scored
-            self._report(last)
-        results["total_seconds"] = time.monotonic() - started
-        record_best(results)
-        save_results(self.output_dir / RESULTS_FILE, results)
-        n = c.num_candidates
-        print_epoch_table(
-            self.console,
-            f"Rejection-sampling SFT on {c.task} ({results['model']})",
-            results["epochs"],
+            log.end_epoch(run, entry, test)
+        return log.finish(
+            run,
+            test,
+            f"Rejection-sampling SFT on {c.task} ({health.model})",
             [
                 ("train accuracy (candidates)", "train_accuracy", PERCENT),
-                *TEST_ROWS,
-                (f"rejection quality (of {n})", "rejection_quality", NUMBER),
+                (f"rejection quality (of {c.num_candidates})", "rejection_quality", NUMBER),
                 ("train loss", "train_loss", NUMBER),
             ],
+            [("train_accuracy", "train candidates")],
         )
-        print_best(self.console, results, self.output_dir)
-        plot_accuracy(results, self.output_dir / PLOT_FILE)
-        return results
-
-    def _evaluate(
-        self, run: TrainingClient, test: list[Problem], entry: dict[str, Any], times: dict[str, float]
-    ) -> None:
-        t = time.monotonic()
-        label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
-        entry.update({f"test_{k}": v for k, v in self.rollouts.evaluate(run, test, label).items()})
-        times["eval"] = time.monotonic() - t
-        evaluate_with_lm_eval(self.config, run, entry, times, self.output_dir, self.console)
 
     def _report(self, entry: dict[str, Any]) -> None:
-        loss = entry["train_loss"]
-        test = (
-            f"test acc {entry['test_accuracy']:.1%} (strict {entry['test_strict_accuracy']:.1%}), "
-            if "test_accuracy" in entry
-            else ""
-        )
         self.console.print(
-            f"epoch {entry['epoch']}: {test}train acc {entry['train_accuracy']:.1%}, "
-            f"{entry['trained_examples']} trained, loss {'-' if loss is None else f'{loss:.3f}'}"
+            f"epoch {entry['epoch']}: {test_summary(entry)}train acc {fmt(entry, 'train_accuracy', '.1%')}, "
+            f"{entry.get('trained_examples', 0)} trained, loss {fmt(entry, 'train_loss', '.3f')}"
         )
-
-
-def plot_accuracy(results: dict[str, Any], path: Path) -> None:
-    series = [*TEST_SERIES, ("train_accuracy", "train candidates")]
-    plot_curves(results, path, series, f"Rejection-sampling SFT: {results['config']['task']} on {results['model']}")
 
 
 def main(config: Config) -> dict[str, Any]:

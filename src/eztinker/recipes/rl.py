@@ -34,24 +34,9 @@ from rich.console import Console
 
 from .. import AdamParams, Datum, LossFnInputs, ModelInput, SamplingParams, ServiceClient, TrainingClient
 from ..tasks import TASK_NAMES, Problem, get_task
-from ._budget import TimeBudget
 from ._cli import setting
-from ._lm_eval import evaluate_with_lm_eval
-from ._results import (
-    NUMBER,
-    PERCENT,
-    TEST_ROWS,
-    TEST_SERIES,
-    config_dict,
-    mean,
-    open_run,
-    plot_curves,
-    previous_results,
-    print_best,
-    print_epoch_table,
-    record_best,
-    save_results,
-)
+from ._epochs import EpochLog, RecipeFiles, fmt, test_summary
+from ._results import NUMBER, PERCENT, mean, open_run
 from ._rollouts import Rollouts, append_jsonl, load_problems, progress_bar
 from ._settings import TaskRecipeSettings
 from .scorers import SCORER_NAMES, Scorer, make_scorer
@@ -60,6 +45,7 @@ ROLLOUTS_FILE = "rl_rollouts.jsonl"
 RESULTS_FILE = "rl_results.json"
 PLOT_FILE = "rl_accuracy.png"
 CHECKPOINT_PREFIX = "rl_epoch_"
+FILES = RecipeFiles(results=RESULTS_FILE, plot=PLOT_FILE, checkpoint_prefix=CHECKPOINT_PREFIX)
 LOSSES = ("importance_sampling", "ppo")
 LR_SCHEDULES = ("constant", "linear")
 
@@ -77,7 +63,6 @@ class Config(TaskRecipeSettings):
     temperature: float = setting(1.0, "For the groups; evaluation is greedy.")
     max_tokens: int = setting(64, "New tokens per reply.")
     eval_size: int = setting(100, "Held-out test problems (greedy); 0 skips evaluation.")
-    batch_size: int = field(default=0, metadata={"cli": False})  # unused: a step is --groups-per-step groups
     groups_per_step: int = setting(8, "Problems (groups) per optimizer step.")
     micro_batch_size: int = setting(16, "Replies per forward_backward request.")
     loss_fn: str = setting("importance_sampling", "Policy-gradient loss on the server.", choices=LOSSES)
@@ -300,7 +285,8 @@ class RL:
         self.output_dir = Path(config.output_dir)
         self.rng = random.Random(config.seed)
         self.rollouts = Rollouts(config, self.task, config.reward_fn, self.rng, self.console)
-        self.budget = TimeBudget(config.time_budget_minutes)
+        self.log = EpochLog(config, FILES, self.console, self.rollouts, report=self._report)
+        self.budget = self.log.budget
 
     def schedule(self, train: list[Problem], start_epoch: int) -> list[tuple[int, list[Problem]]]:
         """(epoch, problems) of every step from `start_epoch` on; each epoch in its own seeded order."""
@@ -333,40 +319,23 @@ class RL:
             f"{len(train)} train / {len(test)} test problems, groups of {c.num_candidates}, "
             f"{c.groups_per_step} per step, max staleness {c.max_staleness}, epochs {start_epoch}..{c.epochs}"
         )
-        results_path = self.output_dir / RESULTS_FILE
-        results = previous_results(results_path, c.resume_from, CHECKPOINT_PREFIX) if c.resume_from else {"epochs": []}
+        results = self.log.start(run, health.model, start_epoch, test)
         results["steps"] = [s for s in results.get("steps", []) if s["epoch"] < start_epoch]
-        results.update(config=config_dict(c, drop=("reward_fn", "api_key")), model=health.model, run_id=run.run_id)
-        if start_epoch == 1:
-            results["epochs"] = []
-        if start_epoch == 1 and test:
-            initial: dict[str, Any] = {"epoch": 0, "seconds": {}}
-            self._evaluate(run, test, initial)
-            results["epochs"] = [initial]
-            save_results(results_path, results)
         params = SamplingParams(max_tokens=c.max_tokens, temperature=c.temperature)
         buffer = SampleBuffer(run, self.task, scorer, params, c.num_candidates, self.rng)
         try:
             self._train(run, buffer, self.schedule(train, start_epoch), test, results)
         finally:
             buffer.close()
-        last = results["epochs"][-1] if results["epochs"] else None
-        if test and last is not None and last["epoch"] > 0 and "test_accuracy" not in last:
-            self._evaluate(run, test, last)  # the run's final adapter is always scored
-            self._report(last)
-        results["total_seconds"] = self.budget.elapsed()
-        record_best(results)
-        save_results(results_path, results)
-        print_epoch_table(
-            self.console,
-            f"RL ({c.loss_fn}) on {c.task} ({results['model']}), scorer {c.scorer}",
-            results["epochs"],
+        return self.log.finish(
+            run,
+            test,
+            f"RL ({c.loss_fn}) on {c.task} ({health.model}), scorer {c.scorer}",
             [
-                *TEST_ROWS,
                 ("train accuracy (groups)", "train_accuracy", PERCENT),
                 ("mean reward", "mean_reward", NUMBER),
-                ("groups with mixed rewards", "mixed_groups", PERCENT),
                 ("reward spread in groups", "reward_std_in_group", NUMBER),
+                ("groups with mixed rewards", "mixed_groups", PERCENT),
                 ("KL(sampler || trainer)", "kl_sample_train", NUMBER),
                 ("ratios outside [0.8, 1.2]", "ratio_clipped", PERCENT),
                 ("gradient norm", "grad_norm", NUMBER),
@@ -375,15 +344,8 @@ class RL:
                 ("staleness (steps)", "staleness", NUMBER),
                 ("optimizer steps", "optimizer_steps", str),
             ],
+            [("train_accuracy", "train accuracy (groups)")],
         )
-        print_best(self.console, results, self.output_dir)
-        plot_curves(
-            results,
-            self.output_dir / PLOT_FILE,
-            [*TEST_SERIES, ("train_accuracy", "train accuracy (groups)")],
-            f"RL: {c.task} on {results['model']}",
-        )
-        return results
 
     def _train(
         self,
@@ -449,10 +411,10 @@ class RL:
                 progress.update(bar, advance=1, acc=f"reward {metrics['mean_reward']:.2f}")
                 last_step_seconds = time.monotonic() - step_started
                 if i + 1 == len(schedule) or schedule[i + 1][0] != epoch:
-                    self._end_epoch(run, epoch, epoch_steps, epoch_times, test, results, partial=False)
+                    self._end_epoch(run, epoch, epoch_steps, epoch_times, test, partial=False)
                     epoch_steps, epoch_times = [], {"wait_for_samples": 0.0, "train": 0.0}
         if epoch_steps:  # stopped by the budget inside an epoch
-            self._end_epoch(run, epoch_steps[-1]["epoch"], epoch_steps, epoch_times, test, results, partial=True)
+            self._end_epoch(run, epoch_steps[-1]["epoch"], epoch_steps, epoch_times, test, partial=True)
 
     def _end_epoch(
         self,
@@ -461,33 +423,15 @@ class RL:
         steps: list[dict[str, Any]],
         times: dict[str, float],
         test: list[Problem],
-        results: dict[str, Any],
         partial: bool,
     ) -> None:
-        c = self.config
         entry: dict[str, Any] = {
             "epoch": epoch,
             **epoch_summary(steps),
             "learning_rate": steps[-1]["learning_rate"],
             "seconds": dict(times),
         }
-        if partial:
-            entry["partial"] = True
-        elif test and (epoch % c.eval_every == 0 or epoch == c.epochs):
-            self._evaluate(run, test, entry)
-        if c.checkpoint:
-            entry["checkpoint"] = f"{run.run_id}/{CHECKPOINT_PREFIX}{epoch}"
-            entry["checkpoint_path"] = run.save_state(f"{CHECKPOINT_PREFIX}{epoch}").result().path
-        results["epochs"].append(entry)
-        self._report(entry)
-        save_results(self.output_dir / RESULTS_FILE, results)
-
-    def _evaluate(self, run: TrainingClient, test: list[Problem], entry: dict[str, Any]) -> None:
-        t = time.monotonic()
-        label = "eval test (before training)" if entry["epoch"] == 0 else f"epoch {entry['epoch']}: eval test"
-        entry.update({f"test_{k}": v for k, v in self.rollouts.evaluate(run, test, label).items()})
-        entry["seconds"]["eval"] = time.monotonic() - t
-        evaluate_with_lm_eval(self.config, run, entry, entry["seconds"], self.output_dir, self.console)
+        self.log.end_epoch(run, entry, test, partial=partial)
 
     def _log_groups(self, epoch: int, step: int, groups: list[Group]) -> None:
         append_jsonl(
@@ -509,19 +453,11 @@ class RL:
         )
 
     def _report(self, entry: dict[str, Any]) -> None:
-        def fmt(key: str, spec: str) -> str:
-            return "-" if entry.get(key) is None else format(entry[key], spec)
-
-        test = (
-            f"test acc {fmt('test_accuracy', '.1%')} (strict {fmt('test_strict_accuracy', '.1%')}), "
-            if "test_accuracy" in entry
-            else ""
-        )
         self.console.print(
             f"epoch {entry['epoch']}{' (partial)' if entry.get('partial') else ''}: "
-            f"{test}{entry['optimizer_steps']} steps, "
-            f"reward {fmt('mean_reward', '.3f')}, mixed groups {fmt('mixed_groups', '.0%')}, "
-            f"KL {fmt('kl_sample_train', '.4f')}, entropy {fmt('entropy', '.3f')}"
+            f"{test_summary(entry)}{entry.get('optimizer_steps', 0)} steps, "
+            f"reward {fmt(entry, 'mean_reward', '.3f')}, mixed groups {fmt(entry, 'mixed_groups', '.0%')}, "
+            f"KL {fmt(entry, 'kl_sample_train', '.4f')}, entropy {fmt(entry, 'entropy', '.3f')}"
         )
 
 

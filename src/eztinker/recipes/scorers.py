@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from types import ModuleType
 from typing import Any, Protocol
 
 from .. import SamplingParams, ServiceClient
-from ..tasks import Problem
+from ..tasks import Problem, Task
 
 SCORER_NAMES = ("verifier", "reward-model", "judge")
 
@@ -29,7 +28,7 @@ class Scorer(Protocol):
 
 
 class VerifierScorer:
-    def __init__(self, task: ModuleType, reward_fn=None):
+    def __init__(self, task: Task, reward_fn=None):
         self.is_correct = reward_fn or task.is_correct
 
     def __call__(self, problem: Problem, replies: Sequence[str]) -> list[float]:
@@ -40,7 +39,7 @@ class RewardModelScorer:
     """Reward = the model's score of (prompt, reply): the logit of a one-label head, or the
     probability of the last label of a several-label one (the "good" class by convention)."""
 
-    def __init__(self, name_or_path: str, task: ModuleType, batch_size: int = 8):
+    def __init__(self, name_or_path: str, task: Task, batch_size: int = 8):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -114,7 +113,7 @@ def verdict(text: str) -> float:
     return 1.0 if match and match.group(1) in ("yes", "correct") else 0.0
 
 
-def make_scorer(config: Any, task: ModuleType, service: ServiceClient) -> Scorer:
+def make_scorer(config: Any, task: Task, service: ServiceClient) -> Scorer:
     """The config's scorer: `scorer` (one of SCORER_NAMES), `reward_model`, `judge_model`, `reward_fn`."""
     if config.scorer == "verifier":
         return VerifierScorer(task, config.reward_fn)

@@ -154,7 +154,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics: jobs, queue depth, latencies, tokens, runs")
     def metrics(user: User) -> Response:
-        body, content_type = service.runner.metrics.exposition()
+        body, content_type = service.metrics_exposition()
         return Response(body, media_type=content_type)
 
     mount_dashboard(app)

@@ -31,8 +31,7 @@ def download_url(service: Service, request: Request, user: str, ref: str, file: 
 
 def external_files(service: Service, ref: str) -> list[str]:
     """The files of an external weights checkpoint as its URLs name them (encrypted: '.age')."""
-    run_id, name = ref.split("/", 1)
-    suffix = AGE_SUFFIX if service.store.checkpoint_meta(run_id, name).get("age_recipients") else ""
+    suffix = AGE_SUFFIX if service.checkpoint_meta(ref).get("age_recipients") else ""
     return [f + suffix for f in ADAPTER_FILES]
 
 
@@ -85,6 +84,5 @@ def downloads_router(service: Service) -> APIRouter:
 def _encrypted(service: Service, ref: str, path: Path) -> bytes:
     import pyrage
 
-    run_id, name = ref.split("/", 1)
-    recipients = service.store.checkpoint_meta(run_id, name)["age_recipients"]
+    recipients = service.checkpoint_meta(ref)["age_recipients"]
     return pyrage.encrypt(path.read_bytes(), [_recipient(text, ("age_encryption_recipients",)) for text in recipients])

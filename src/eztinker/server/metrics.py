@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ..backend import ABANDONED
 from ..backend.commands import Command, ForwardBackward, Outcome, Sample
+from ..backend.results import Samples
 
 # Job latencies range from a millisecond (a bookkeeping command) to minutes (a long training batch).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -83,11 +84,10 @@ class Metrics:
         if outcome.error is not None:
             if isinstance(command, Sample) and outcome.error.startswith(ABANDONED):
                 self.samples_abandoned.labels(command.model).inc()
-                self.tokens_sampled.labels(command.model).inc((outcome.value or {}).get("decoded_tokens", 0))
+                self.tokens_sampled.labels(command.model).inc(outcome.decoded_tokens)
             return
         if isinstance(command, Sample):
-            sampled = sum(len(s["tokens"]) for row in outcome.value["sequences"] for s in row)
-            self.tokens_sampled.labels(command.model).inc(sampled)
+            self.tokens_sampled.labels(command.model).inc(outcome.result(Samples).sampled_tokens())
         elif isinstance(command, ForwardBackward) and not command.forward_only:
             self.tokens_trained.labels(command.model).inc(sum(len(d.model_input.tokens) for d in command.data))
 

@@ -25,8 +25,8 @@ from ..types import (
 )
 from .archive import adapter_archive
 from .auth import MaybeUser, User
+from .records import JobRecord
 from .service import Service
-from .store import JobRecord
 
 IdempotencyKey = Annotated[
     str | None,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import shutil
@@ -28,11 +27,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic_writes import fsync
 from ..backend import ABANDONED, Backend, Cancelled, Progress, WorkerLost
 from ..backend.commands import (
     Command,
     CreateRun,
     DeleteRun,
+    ErrorCategory,
     ForwardBackward,
     Load,
     OptimStep,
@@ -40,6 +41,15 @@ from ..backend.commands import (
     Sample,
     Save,
     fusable,
+)
+from ..backend.results import (
+    ForwardBackwardResult,
+    Loaded,
+    OptimStepResult,
+    RunCreated,
+    RunDeleted,
+    Saved,
+    dump_result,
 )
 from .limits import FairQueue, InFlight, Refusal, UserLimits
 from .metrics import Metrics
@@ -163,7 +173,7 @@ class JobRunner:
             self._parked.clear()
             self._cv.notify_all()
         for job in failed:
-            self._record(job, Outcome(error=INTERRUPTED))
+            self._record(job, Outcome.failed(INTERRUPTED))
         if failed:
             log.warning("shutting down: %d queued job(s) failed as interrupted", len(failed))
 
@@ -210,7 +220,7 @@ class JobRunner:
                 self._enqueue(job)
                 self._cv.notify_all()
                 return
-        self._record(job, Outcome(error=INTERRUPTED))  # shutting down: nothing starts
+        self._record(job, Outcome.failed(INTERRUPTED))  # shutting down: nothing starts
 
     def _enqueue(self, job: Job) -> None:
         """On its run's lane, or the least busy of the lanes it may take (holding the lock)."""
@@ -261,7 +271,7 @@ class JobRunner:
                 if running is not None:
                     running.abandoned.set()
                 return running is not None
-        self._record(job, Outcome(error=f"{ABANDONED}: {why}; it never started", error_category="user"))
+        self._record(job, Outcome.failed(f"{ABANDONED}: {why}; it never started", ErrorCategory.user))
         return True
 
     @property
@@ -390,7 +400,7 @@ class JobRunner:
                 cancelled = [job.gone for job in batch]
             try:
                 if lane.lost is not None:
-                    outcomes = [Outcome(error=lane.lost)] * len(batch)
+                    outcomes = [Outcome.failed(lane.lost)] * len(batch)
                 else:
                     outcomes = self.backend.execute(
                         [job.command for job in batch],
@@ -402,7 +412,7 @@ class JobRunner:
                 lost, outcomes = exc, []  # recorded once its runs are back (below)
             except Exception as exc:  # a backend that failed as a whole fails these jobs alone
                 log.exception("backend failed")
-                outcomes = [Outcome(error=f"{type(exc).__name__}: {exc}")] * len(batch)
+                outcomes = [Outcome.failed(f"{type(exc).__name__}: {exc}")] * len(batch)
             finished = time.monotonic()
             if isinstance(batch[0].command, Sample):
                 self.metrics.sample_batch_requests.observe(len(batch))
@@ -438,7 +448,7 @@ class JobRunner:
             failed = batch + list(lane.queue)
             lane.queue.clear()
         for job in failed:
-            self._record(job, Outcome(error=str(lost)))
+            self._record(job, Outcome.failed(str(lost)))
         with self._cv:
             for run_id in lost.runs:
                 for job in self._parked.pop(run_id, []):
@@ -465,7 +475,7 @@ class JobRunner:
         or load commits its effect on the run and the job's completion in one transaction: a
         SIGKILL between separate commits would leave, e.g., a listed checkpoint whose job says
         'its effect was not applied'."""
-        command, value = job.command, outcome.value
+        command = job.command
         if outcome.error is not None:
             error = hide_paths(outcome.error, self.data_dir, self.checkpoint_root)
             self.store.mark_finished(job.id, error=error, error_category=outcome.error_category)
@@ -475,27 +485,33 @@ class JobRunner:
             assert job.checkpoint is not None, "a save's job names the checkpoint it writes"
             relative = stored_path(Path(command.directory), self.data_dir)
             name = job.checkpoint.split("/")[1]
-            self.store.record_save(job.id, command.run_id, name, relative, value["step"], job.lifecycle)
+            step = outcome.result(Saved).step
+            self.store.record_save(job.id, command.run_id, name, relative, step, job.lifecycle)
             if command.with_optimizer:
                 self._drop_snapshots(command.run_id)  # it restores from its own save now
         elif isinstance(command, (Load, CreateRun)) and job.checkpoint is not None:
             source = command.directory if isinstance(command, Load) else command.from_checkpoint
             assert source is not None, "a create_run's job names a checkpoint only when it starts from one"
             snapshot = self._snapshot(command.run_id, job.id, Path(source))
-            result = {"step": value["step"], "restored_from": job.checkpoint} if isinstance(command, Load) else value
-            self.store.record_load(job.id, command.run_id, value["step"], job.checkpoint, json.dumps(result), snapshot)
+            result: Loaded | RunCreated
+            if isinstance(command, Load):
+                result = Loaded(step=outcome.result(Loaded).step, restored_from=job.checkpoint)
+            else:
+                result = outcome.result(RunCreated)
+            self.store.record_load(job.id, command.run_id, result.step, job.checkpoint, dump_result(result), snapshot)
             self._drop_snapshots(command.run_id, keep=job.id)
         elif isinstance(command, DeleteRun):
-            self.store.mark_finished(job.id, result=json.dumps(value))
+            self.store.mark_finished(job.id, result=dump_result(outcome.result(RunDeleted)))
             self._drop_snapshots(command.run_id)
         elif isinstance(command, OptimStep):
-            self.store.record_step(job.id, command.run_id, value)
+            self.store.record_step(job.id, command.run_id, outcome.result(OptimStepResult).model_dump())
         elif isinstance(command, ForwardBackward) and not command.forward_only:
+            trained = outcome.result(ForwardBackwardResult)
             self.store.record_forward_backward(
-                job.id, command.run_id, json.dumps(value), value["loss"], value["num_tokens"], _weight_sum(command)
+                job.id, command.run_id, dump_result(trained), trained.loss, trained.num_tokens, _weight_sum(command)
             )
         else:
-            self.store.mark_finished(job.id, result=json.dumps(value))
+            self.store.mark_finished(job.id, result=dump_result(outcome.unwrap()))
 
     def _snapshot(self, run_id: str, job_id: str, source: Path) -> str:
         """A private copy, by hard links, of the checkpoint a run just loaded; after a restart the
@@ -511,9 +527,9 @@ class JobRunner:
                     os.link(file, target / file.name)
                 except OSError:  # a file system without hard links: copy
                     shutil.copy2(file, target / file.name)
-                    _fsync(target / file.name)
+                    fsync(target / file.name)
         for directory in (target, target.parent, target.parent.parent):  # durable before it is recorded
-            _fsync(directory)
+            fsync(directory)
         return stored_path(target, self.data_dir)
 
     def _drop_snapshots(self, run_id: str, keep: str | None = None) -> None:
@@ -563,11 +579,3 @@ def _guarded(job_id: str, listener: Progress) -> Progress:
                 log.exception("job %s: its progress listener failed; it gets no more progress", job_id)
 
     return listen
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,20 +17,36 @@ variable's folder, else the Hub); the arithmetic task is generated and takes ``d
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from collections.abc import Callable
+from typing import Protocol, cast
 
 from eztinker.tasks._problem import Problem
+
+
+class Task(Protocol):
+    """What a recipe uses of a task (each task module is one)."""
+
+    ANSWER_MARKER: str
+    # (split, limit=None, seed=0, **the task's data options) -> problems
+    load_problems: Callable[..., list[Problem]]
+
+    def messages_for(self, problem: Problem) -> list[dict[str, str]]: ...
+    def is_correct(self, text: str, problem: Problem) -> bool: ...
+    def strict_correct(self, text: str, problem: Problem) -> bool: ...
+    def lenient_correct(self, text: str, problem: Problem) -> bool: ...
+    def trim_reply(self, text: str) -> str: ...
+
 
 # Task name -> module ("math" would shadow the standard library's module of that name).
 _MODULES = {"gsm8k": "gsm8k", "arithmetic": "arithmetic", "math": "competition_math", "aqua": "aqua"}
 TASK_NAMES: tuple[str, ...] = tuple(_MODULES)
 
 
-def get_task(name: str) -> ModuleType:
+def get_task(name: str) -> Task:
     """Return the task module for ``name`` (one of TASK_NAMES)."""
     if name not in TASK_NAMES:
         raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
-    return importlib.import_module(f"eztinker.tasks.{_MODULES[name]}")
+    return cast(Task, importlib.import_module(f"eztinker.tasks.{_MODULES[name]}"))
 
 
-__all__ = ["Problem", "TASK_NAMES", "get_task"]
+__all__ = ["Problem", "TASK_NAMES", "Task", "get_task"]

@@ -21,9 +21,13 @@ from typing import cast
 
 from fastapi.concurrency import run_in_threadpool
 
+from ...backend.results import PromptScores, Samples, parse_result
+from ...types import SampledSequence
+from ..records import JobRecord
 from ..service import Service, ServiceError
 from . import protocol as p
-from .router import OpenAIError, Target, from_service_error
+from .answers import Target
+from .errors import OpenAIError, from_service_error
 
 _NAMES = {"max_tokens": "max_tokens", "prompts": "prompt"}
 
@@ -92,13 +96,12 @@ async def echo_completion(
         return target, prompts, ref.job_id
 
     target, prompts, job_id = await run_in_threadpool(submit)
-    value: dict = {}
+    record = None
     if job_id is not None:
         record = await finished(user, job_id)
         if record.error is not None:
             raise failure(record)
-        value = record.result()
-    return await run_in_threadpool(_answer, service, body, target, prompts, value, completion_id, created, top)
+    return await run_in_threadpool(_answer, service, body, target, prompts, record, completion_id, created, top)
 
 
 def _answer(
@@ -106,38 +109,46 @@ def _answer(
     body: p.CompletionRequest,
     target: Target,
     prompts: list[list[int]],
-    value: dict,
+    record: JobRecord | None,
     completion_id: str,
     created: int,
     top: int,
 ) -> p.Completion:
+    """The choices (a worker thread: token bytes are the backend tokenizer's). `record`: the
+    finished ScorePrompts or Sample job; None when only the prompts' text is asked for."""
     model = service.models[target.base_model]
     texts = _prompt_texts(service, body, target.base_model, prompts)
-    prompt_logprobs = value.get("prompt_logprobs") or [None] * len(prompts)
-    prompt_top = value.get("topk_prompt_logprobs") or [None] * len(prompts)
+    value = None if record is None or record.result_json is None else parse_result(record.kind, record.result_json)
+    if not isinstance(value, (Samples, PromptScores, type(None))):
+        raise TypeError(f"an echo is answered from a sample or a scoring, not a {type(value).__name__}")
+    unscored: list = [None] * len(prompts)
+    prompt_logprobs = (value.prompt_logprobs if value is not None else None) or unscored
+    prompt_top = (value.topk_prompt_logprobs if value is not None else None) or unscored
     stop_ids = frozenset(model.stop_token_ids)
     choices, completion_tokens = [], 0
     for i, tokens in enumerate(prompts):
         echoed = _Scored(texts[i], tokens, prompt_logprobs[i], prompt_top[i])
         # max_tokens 0: the prompt alone, once per candidate asked for.
-        sequences = value["sequences"][i] if "sequences" in value else [None] * body.n
+        sequences: list[SampledSequence | None] = [None] * body.n
+        if isinstance(value, Samples):
+            sequences = list(value.sequences[i])
         for k, sequence in enumerate(sequences):
             parts = [echoed]
             finish = "length"
             if sequence is not None:
-                completion_tokens += len(sequence["tokens"])
-                visible = sequence["tokens"]
+                completion_tokens += len(sequence.tokens)
+                visible = sequence.tokens
                 if visible and visible[-1] in stop_ids:
                     visible = visible[:-1]
                 parts.append(
                     _Scored(
-                        sequence["text"],
+                        sequence.text,
                         visible,
-                        sequence["logprobs"][: len(visible)],
-                        (sequence.get("top_logprobs") or [None] * len(visible))[: len(visible)],
+                        list(sequence.logprobs[: len(visible)]),
+                        None if sequence.top_logprobs is None else sequence.top_logprobs[: len(visible)],
                     )
                 )
-                finish = sequence["stop_reason"]
+                finish = sequence.stop_reason
             logprobs = _logprobs(service, target.base_model, parts, top) if body.logprobs is not None else None
             choices.append(
                 p.CompletionChoice(
@@ -168,14 +179,14 @@ def _prompt_texts(service: Service, body: p.CompletionRequest, model: str, promp
         if isinstance(item, str):
             texts.append(item)
         else:
-            texts.append(b"".join(service.backend.token_bytes(model, tokens)).decode("utf-8", "replace"))
+            texts.append(b"".join(service.token_bytes(model, tokens)).decode("utf-8", "replace"))
     return texts
 
 
 def _logprobs(service: Service, model: str, parts: list[_Scored], top: int) -> p.CompletionLogprobs:
     ids = [t for part in parts for t in part.tokens]
     ids += [pair[0] for part in parts for entry in (part.top or []) if entry for pair in entry[:top]]
-    pieces = dict(zip(ids, service.backend.token_bytes(model, ids))) if ids else {}
+    pieces = dict(zip(ids, service.token_bytes(model, ids))) if ids else {}
     text = lambda t: pieces[t].decode("utf-8", "replace")  # noqa: E731
     tokens, token_logprobs, top_logprobs, offsets, at = [], [], [], [], 0
     for part in parts:

@@ -22,8 +22,9 @@ from pydantic import Field
 
 from ..auth import User
 from ..service import Service
+from .answers import Target
+from .errors import OpenAIError
 from .protocol import ChatMessageIn, _Body
-from .router import OpenAIError, Target
 
 PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
@@ -77,7 +78,7 @@ class _Tokenizers:
                 from transformers import AutoTokenizer
 
                 with tempfile.TemporaryDirectory() as folder:
-                    for name, text in self.service.backend.tokenizer_files(model).items():
+                    for name, text in self.service.tokenizer_files(model)["files"].items():
                         (Path(folder) / name).write_text(text)
                     self._loaded[model] = AutoTokenizer.from_pretrained(folder)
             return self._loaded[model]

@@ -10,7 +10,6 @@ category "user", as Tinker reports errors through futures.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -26,6 +25,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from ...backend.results import (
+    ForwardBackwardResult,
+    JobKind,
+    Loaded,
+    OptimStepResult,
+    RunCreated,
+    Samples,
+    parse_result,
+)
 from ...types import (
     LOSS_FNS,
     CheckpointInfo,
@@ -41,8 +49,8 @@ from ...types import (
 )
 from ..checkpoints import CheckpointKind
 from ..downloads import check_age_recipients
+from ..records import INTERRUPTED, JobRecord
 from ..service import LimitExceeded, Service, ServiceError
-from ..store import INTERRUPTED, JobRecord, SessionStore
 from . import protocol as p
 from . import wire
 from .provenance import ProvenanceError, RecordedSequence, StabilityRecords, resolve, session_of_id
@@ -182,14 +190,13 @@ class TinkerServing:
 
     def __init__(self, service: Service) -> None:
         self.service = service
-        self.sessions = SessionStore(service.store)
         self.sequencer = Sequencer()
         self.extras = FutureExtras()
         self.stability = StabilityRecords()  # sequences sampled with record_stability_info
         self.liveness = SessionLiveness(service.settings.tinker_session_timeout_seconds)
 
     # ------------------------------------------------------------------ helpers
-    def _not_owned(self, user: str, kind: str, model_id: str) -> FutureRef | None:
+    def _not_owned(self, user: str, kind: JobKind, model_id: str) -> FutureRef | None:
         """A failed future when `model_id` is not one of the user's models, checked before its
         turn: another user's request never waits in, nor moves, that model's sequence."""
         try:
@@ -198,7 +205,7 @@ class TinkerServing:
             return self._refused(user, kind, None, exc)
         return None
 
-    def _refused(self, user: str, kind: str, run_id: str | None, exc: Exception) -> FutureRef:
+    def _refused(self, user: str, kind: JobKind, run_id: str | None, exc: Exception) -> FutureRef:
         # A per-user limit (a 429) on a training call is a failed future too, even one that waiting
         # would clear: the SDK would retry it after the calls behind it had taken its seq_id turn.
         message = exc.message if isinstance(exc, (ServiceError, wire.WireError)) else str(exc)
@@ -207,13 +214,13 @@ class TinkerServing:
         return FutureRef(self.service.failed_job(user, kind, run_id, message).job_id)
 
     def session_of(self, user: str, session_id: str):
-        row = self.sessions.session(session_id, user)
-        if row is None:
+        session = self.service.session(user, session_id)
+        if session is None:
             raise ServiceError(404, f"session {session_id} not found")
         timeout = self.service.settings.tinker_session_timeout_seconds
-        if row["finished_at"] is not None or time.time() - row["heartbeat_at"] > timeout:
+        if session.finished_at is not None or time.time() - session.heartbeat_at > timeout:
             raise ServiceError(410, f"session {session_id} has ended; create a new ServiceClient")
-        return row
+        return session
 
     # ------------------------------------------------------------------ sessions
     def capabilities(self) -> dict:
@@ -234,31 +241,31 @@ class TinkerServing:
 
     def create_session(self, user: str, body: p.CreateSession) -> str:
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
-        self.sessions.add_session(
-            session_id, user, {"tags": body.tags, "user_metadata": body.user_metadata, "sdk_version": body.sdk_version}
+        self.service.add_session(
+            user, session_id, {"tags": body.tags, "user_metadata": body.user_metadata, "sdk_version": body.sdk_version}
         )
         self.liveness.beat(session_id)
         return session_id
 
     def heartbeat(self, user: str, session_id: str) -> None:
         self.session_of(user, session_id)
-        self.sessions.heartbeat(session_id)
+        self.service.heartbeat(session_id)
         self.liveness.beat(session_id)
 
     def finish_session(self, user: str, session_id: str) -> None:
-        if self.sessions.session(session_id, user) is None:
+        if self.service.session(user, session_id) is None:
             raise ServiceError(404, f"session {session_id} not found")
-        self.sessions.finish(session_id)
+        self.service.finish_session(session_id)
         self.liveness.finish(session_id)  # its samples still decoding stop at their next step
 
     def session_ids(self, user: str) -> list[str]:
-        return [row["id"] for row in self.sessions.sessions(user)]
+        return [session.id for session in self.service.sessions(user)]
 
     def session_contents(self, user: str, session_id: str) -> dict:
-        if self.sessions.session(session_id, user) is None:
+        if self.service.session(user, session_id) is None:
             raise ServiceError(404, f"session {session_id} not found")
         runs = [r.id for r in self.service.list_runs(user) if r.id.startswith(f"{session_id}:train:")]
-        return {"training_run_ids": runs, "sampler_ids": self.sessions.samplers_of_session(session_id)}
+        return {"training_run_ids": runs, "sampler_ids": self.service.samplers_of_session(session_id)}
 
     # ------------------------------------------------------------------ models
     def create_model(self, user: str, body: p.CreateModel, key: str | None) -> FutureRef:
@@ -282,7 +289,7 @@ class TinkerServing:
             metadata = {"user_metadata": body.user_metadata or {}, "lora_config": lora.model_dump()}
             ref = self.service.submit_create_run(user, request, key, run_id=model_id, metadata=metadata)
         except (ServiceError, ValidationError, ValueError) as exc:
-            return self._refused(user, "create_run", None, exc)
+            return self._refused(user, JobKind.create_run, None, exc)
         self.sequencer.start(model_id)
         return FutureRef(ref.job_id, model_id=model_id)
 
@@ -313,25 +320,30 @@ class TinkerServing:
             max_decompressed_bytes=settings.max_request_bytes,
             max_elements=settings.max_tokens_per_request,
         )
-        if (refused := self._not_owned(user, "forward_backward", call.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.forward_backward, call.model_id)) is not None:
             return refused
         async with self.sequencer.turn(call.model_id, call.seq_id):
-            try:
-                if call.loss_fn not in LOSS_FNS:
-                    raise ServiceError(
-                        422,
-                        f"loss_fn {call.loss_fn!r} is not supported by this server; it supports {', '.join(LOSS_FNS)}",
-                        ("loss_fn",),
-                    )
-                data = self._with_recorded_logprobs(call) if call.loss_fn == "stable_reinforce" else call.data
-                request = ForwardBackwardRequest(
-                    data=data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config or None
+            # Off the event loop too: checking every token and hashing the request grow with the body.
+            return await run_in_threadpool(self._submit_forward_backward, user, call, key)
+
+    def _submit_forward_backward(self, user: str, call: wire.ForwardBackwardCall, key: str | None) -> FutureRef:
+        """Validate a decoded forward_backward and queue its job (a worker thread, in its turn)."""
+        try:
+            if call.loss_fn not in LOSS_FNS:
+                raise ServiceError(
+                    422,
+                    f"loss_fn {call.loss_fn!r} is not supported by this server; it supports {', '.join(LOSS_FNS)}",
+                    ("loss_fn",),
                 )
-                ref = self.service.submit_forward_backward(
-                    user, call.model_id, request, key, forward_only=call.forward_only, all_logprobs=True
-                )
-            except (ServiceError, ValidationError) as exc:
-                return self._refused(user, "forward_backward", call.model_id, exc)
+            data = self._with_recorded_logprobs(call) if call.loss_fn == "stable_reinforce" else call.data
+            request = ForwardBackwardRequest(
+                data=data, loss_fn=call.loss_fn, loss_fn_config=call.loss_fn_config or None
+            )
+            ref = self.service.submit_forward_backward(
+                user, call.model_id, request, key, forward_only=call.forward_only, all_logprobs=True
+            )
+        except (ServiceError, ValidationError) as exc:
+            return self._refused(user, JobKind.forward_backward, call.model_id, exc)
         return FutureRef(ref.job_id, model_id=call.model_id)
 
     def _with_recorded_logprobs(self, call: wire.ForwardBackwardCall) -> list:
@@ -369,19 +381,19 @@ class TinkerServing:
         return data
 
     async def optim_step(self, user: str, body: p.OptimStep, key: str | None) -> FutureRef:
-        if (refused := self._not_owned(user, "optim_step", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.optim_step, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
                 request = OptimStepRequest(adam_params=body.adam())
                 ref = self.service.submit_optim_step(user, body.model_id, request, key)
             except (ServiceError, ValidationError, ValueError) as exc:
-                return self._refused(user, "optim_step", body.model_id, exc)
+                return self._refused(user, JobKind.optim_step, body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     # ------------------------------------------------------------------ checkpoints
     async def save_weights(self, user: str, body: p.SaveWeights, key: str | None) -> FutureRef:
-        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.save, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -397,11 +409,11 @@ class TinkerServing:
                     meta={"user_metadata": body.user_metadata},
                 )
             except (ServiceError, ValidationError) as exc:
-                return self._refused(user, "save", body.model_id, exc)
+                return self._refused(user, JobKind.save, body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     async def save_weights_for_sampler(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> FutureRef:
-        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.save, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -419,7 +431,7 @@ class TinkerServing:
                 else:
                     ref = self._save_session_snapshot(user, body, key)
             except (ServiceError, ValidationError) as exc:
-                return self._refused(user, "save", body.model_id, exc)
+                return self._refused(user, JobKind.save, body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     def _save_session_snapshot(self, user: str, body: p.SaveWeightsForSampler, key: str | None) -> JobRef:
@@ -434,14 +446,14 @@ class TinkerServing:
             user, body.model_id, sampler_id, key, ttl_seconds=body.ttl_seconds
         )
         run = self.service.get_run(user, body.model_id)
-        self.sessions.add_sampler(sampler_id, user, run.base_model, checkpoint, None)
+        self.service.add_sampler(user, sampler_id, run.base_model, checkpoint, None)
         self.extras.remember(ref.job_id, FutureExtra(sampling_session_id=sampler_id))
         return ref
 
     async def save_weights_external(self, user: str, body: p.SaveWeightsExternal, key: str | None) -> FutureRef:
         """The adapter as a PEFT folder, downloadable through external_weights_urls (its files
         encrypted to `age_encryption_recipients` as they go out, when given)."""
-        if (refused := self._not_owned(user, "save", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.save, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -458,7 +470,7 @@ class TinkerServing:
                     meta=meta,
                 )
             except (ServiceError, ValidationError) as exc:
-                return self._refused(user, "save", body.model_id, exc)
+                return self._refused(user, JobKind.save, body.model_id, exc)
         return FutureRef(ref.job_id, model_id=body.model_id)
 
     async def load_weights(self, user: str, body: p.LoadWeights, key: str | None) -> FutureRef:
@@ -471,7 +483,7 @@ class TinkerServing:
             )
         if body.model_id is None:
             return self._create_from_state(user, body, key)
-        if (refused := self._not_owned(user, "load", body.model_id)) is not None:
+        if (refused := self._not_owned(user, JobKind.load, body.model_id)) is not None:
             return refused
         async with self.sequencer.turn(body.model_id, body.seq_id):
             try:
@@ -481,7 +493,7 @@ class TinkerServing:
                     user, body.model_id, LoadRequest(checkpoint=f"{source}/{name}"), key, with_optimizer=body.optimizer
                 )
             except (ServiceError, ValidationError, ValueError) as exc:
-                return self._refused(user, "load", body.model_id, exc)
+                return self._refused(user, JobKind.load, body.model_id, exc)
         self.extras.remember(ref.job_id, FutureExtra(path=body.path, model_id=body.model_id))
         return FutureRef(ref.job_id, model_id=body.model_id)
 
@@ -504,7 +516,7 @@ class TinkerServing:
                 metadata={"user_metadata": body.user_metadata or {}},
             )
         except (ServiceError, ValidationError, ValueError) as exc:
-            return self._refused(user, "create_run", None, exc)
+            return self._refused(user, JobKind.create_run, None, exc)
         self.sequencer.start(model_id)
         self.extras.remember(ref.job_id, FutureExtra(path=body.path, model_id=model_id))
         return FutureRef(ref.job_id, model_id=model_id)
@@ -519,21 +531,19 @@ class TinkerServing:
             except ValueError as exc:
                 raise ServiceError(422, str(exc), ("model_path",)) from None
             self.service.checkpoint_path(user, f"{run_id}/{name}", field="model_path", published=True)  # else 404
-            row = self.service.store.run_row_any(run_id)
-            assert row is not None, "checkpoint_path found the run's checkpoint"
-            base_model = row["base_model"]
-            self.sessions.add_sampler(sampler_id, user, base_model, f"{run_id}/{name}", body.model_path)
+            base_model = self.service.run_record(run_id).base_model
+            self.service.add_sampler(user, sampler_id, base_model, f"{run_id}/{name}", body.model_path)
         elif body.base_model is not None:
-            self.sessions.add_sampler(sampler_id, user, self.service.model(body.base_model), None, None)
+            self.service.add_sampler(user, sampler_id, self.service.model(body.base_model), None, None)
         else:
             raise ServiceError(422, "give model_path or base_model", ("model_path",))
         return sampler_id
 
     def sampler(self, user: str, sampler_id: str) -> dict:
-        row = self.sessions.sampler(sampler_id, user)
-        if row is None:
+        sampler = self.service.sampler(user, sampler_id)
+        if sampler is None:
             raise ServiceError(404, f"sampler {sampler_id} not found")
-        return {"sampler_id": row["id"], "base_model": row["base_model"], "model_path": row["model_path"]}
+        return {"sampler_id": sampler.id, "base_model": sampler.base_model, "model_path": sampler.model_path}
 
     def sample(self, user: str, body: p.ASample, key: str | None) -> FutureRef:
         try:
@@ -541,7 +551,7 @@ class TinkerServing:
         except (ServiceError, ValidationError, wire.WireError) as exc:
             if isinstance(exc, LimitExceeded) and exc.clears:
                 raise  # a 429: the SDK's sampling backpressure waits a second and sends it again
-            failed = self._refused(user, "sample", None, exc)
+            failed = self._refused(user, JobKind.sample, None, exc)
             # The SDK wants an id per sample even for a request that fails (it then reads none of them);
             # no more than the server could ever sample, whatever num_samples claims.
             count = min(body.num_samples, self.service.settings.max_samples_per_request)
@@ -552,7 +562,7 @@ class TinkerServing:
         refusal = body.unsupported()
         if refusal is not None:
             raise ServiceError(422, refusal)
-        sampler = self.sessions.sampler(body.sampling_session_id, user)
+        sampler = self.service.sampler(user, body.sampling_session_id)
         if sampler is None:
             raise ServiceError(404, f"sampling session {body.sampling_session_id} not found")
         prompt = wire.decode_model_input_json(body.prompt)
@@ -570,14 +580,14 @@ class TinkerServing:
             ignore_eos=wire.stop_disables_eos(sp.stop),
         )
         snapshot = None
-        if sampler["checkpoint"] is not None:
+        if sampler.checkpoint is not None:
             snapshot, _ = self.service.checkpoint_path(
-                user, sampler["checkpoint"], field="sampling_session_id", published=True
+                user, sampler.checkpoint, field="sampling_session_id", published=True
             )
         session_id = self._live_session_of_sampler(user, body.sampling_session_id)
         ref = self.service.submit_sample_tokens(
             user,
-            sampler["base_model"],
+            sampler.base_model,
             None,
             [prompt],
             body.num_samples,
@@ -607,10 +617,10 @@ class TinkerServing:
         record; a sample for a session that has ended is refused."""
         session_id = sampler_id.rsplit(":sample:", 1)[0]
         if session_id not in self.liveness:  # e.g. after a restart
-            row = self.sessions.session(session_id, user)
-            if row is not None:
-                self.liveness.beat(session_id, row["heartbeat_at"])
-                if row["finished_at"] is not None:
+            session = self.service.session(user, session_id)
+            if session is not None:
+                self.liveness.beat(session_id, session.heartbeat_at)
+                if session.finished_at is not None:
                     self.liveness.finish(session_id)
         if self.liveness.ended(session_id):
             raise ServiceError(410, f"session {session_id} has ended; create a new ServiceClient")
@@ -625,63 +635,55 @@ class TinkerServing:
         if not record.finished:
             return JSONResponse({"type": "try_again", "request_id": record.id, "queue_state": "active"})
         if record.error is not None:
-            if record.error == INTERRUPTED and record.kind == "sample":
+            if record.error == INTERRUPTED and record.kind is JobKind.sample:
                 return error_body(410, record.error)  # the SDK submits a sample again on 410
             return JSONResponse({"error": record.error, "category": record.error_category or "server"})
-        return self._answer(user, record)
+        # Off the event loop: reading a large result and encoding it as protobuf take milliseconds.
+        return await run_in_threadpool(self._answer, user, record)
 
     def _answer(self, user: str, record: JobRecord) -> Response:
-        value, extra = record.result(), self.extras.get(record.id)
-        if record.kind == "forward_backward":
-            logprobs = [[_known(lp) for lp in row] for row in value["logprobs"]]
-            body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value["loss"]})
+        assert record.result_json is not None, "a completed job has its result"
+        value, extra = parse_result(record.kind, record.result_json), self.extras.get(record.id)
+        if isinstance(value, ForwardBackwardResult):
+            logprobs = [[_known(lp) for lp in row] for row in value.logprobs]
+            body = wire.encode_forward_backward_output(logprobs, {"loss:sum": value.loss})
             return Response(body, media_type="application/x-protobuf")
-        if record.kind == "sample":
+        if isinstance(value, Samples):
             if extra.stability_session is not None:
-                for i, seq in enumerate(value["sequences"][0]):
+                for i, seq in enumerate(value.sequences[0]):
                     self.stability.record(
                         f"{record.id}:{i}",
-                        RecordedSequence(
-                            extra.stability_session, extra.prompt, tuple(seq["tokens"]), tuple(seq["logprobs"])
-                        ),
+                        RecordedSequence(extra.stability_session, extra.prompt, tuple(seq.tokens), tuple(seq.logprobs)),
                     )
-            targets, alt = value.get("target_prompt_logprobs"), value.get("prompt_alt_tokens")
+            targets, alt = value.target_prompt_logprobs, value.prompt_alt_tokens
             if targets is not None and extra.target_grid is None:  # its layout was lost (a restart): sample again
                 return error_body(410, "this sample's target_prompt_logprobs layout is gone; send it again")
             body = wire.encode_sample_response(
-                value["sequences"][0],
-                prompt_logprobs=(value.get("prompt_logprobs") or [None])[0],
-                topk_prompt_logprobs=(value.get("topk_prompt_logprobs") or [None])[0],
+                value.sequences[0],
+                prompt_logprobs=None if value.prompt_logprobs is None else value.prompt_logprobs[0],
+                topk_prompt_logprobs=None if value.topk_prompt_logprobs is None else value.topk_prompt_logprobs[0],
                 target_prompt_logprobs=None
                 if targets is None or extra.target_grid is None
                 else extra.target_grid.answer(targets[0]),
-                prompt_alt_tokens=None if alt is None else (alt[0]["tokens"], alt[0]["logprobs"]),
+                prompt_alt_tokens=None if alt is None else (alt[0].tokens, alt[0].logprobs),
             )
             return Response(body, media_type="application/x-protobuf")
-        if record.kind == "create_run":
+        if isinstance(value, RunCreated):
             return JSONResponse({"model_id": record.run_id, **({"path": extra.path} if extra.path else {})})
-        if record.kind == "optim_step":
-            return JSONResponse(
-                {
-                    "metrics": {
-                        "grad_norm": value["grad_norm"],
-                        "learning_rate": value["learning_rate"],
-                        "step": value["step"],
-                    }
-                }
-            )
-        if record.kind == "save":
+        if isinstance(value, OptimStepResult):
+            return JSONResponse({"metrics": value.model_dump()})
+        if isinstance(value, CheckpointInfo):  # a save's
             if extra.sampling_session_id is not None:
                 return JSONResponse({"sampling_session_id": extra.sampling_session_id})
-            return JSONResponse({"path": p.tinker_path(value["run_id"], value["name"])})
-        if record.kind == "load":
+            return JSONResponse({"path": p.tinker_path(value.run_id, value.name)})
+        if isinstance(value, Loaded):
             return JSONResponse({"path": extra.path, "model_id": record.run_id})
-        return JSONResponse(value)
+        return JSONResponse(value.model_dump(mode="json"))
 
     # ------------------------------------------------------------------ RestClient: runs and checkpoints
     def _checkpoint_json(self, run_id: str, info: CheckpointInfo) -> dict:
         checkpoint, kind = p.checkpoint_id(info.name)
-        metadata = self.service.store.checkpoint_meta(run_id, info.name).get("user_metadata")
+        metadata = self.service.checkpoint_meta(f"{run_id}/{info.name}").get("user_metadata")
         return {
             "checkpoint_id": checkpoint,
             "checkpoint_type": kind,
@@ -694,15 +696,14 @@ class TinkerServing:
         }
 
     def _training_run_json(self, run: RunInfo) -> dict:
-        row = self.service.store.run_row_any(run.id)
-        assert row is not None, "a RunInfo is read from its row"
+        record = self.service.run_record(run.id)
         training = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "training"]
         sampler = [c for c in _unexpired(run.checkpoints) if p.checkpoint_id(c.name)[1] == "sampler"]
-        metadata = _json_or_empty(row["metadata"]).get("user_metadata") or {}
+        metadata = record.metadata.get("user_metadata") or {}
         return {
             "training_run_id": run.id,
             "base_model": run.base_model,
-            "model_owner": row["owner"],
+            "model_owner": record.owner,
             "is_lora": True,
             "corrupted": False,
             "lora_rank": run.lora.rank,
@@ -728,7 +729,7 @@ class TinkerServing:
         return {"checkpoints": [self._checkpoint_json(run_id, c) for c in _unexpired(run.checkpoints)]}
 
     def user_checkpoints(self, user: str, limit: int, offset: int) -> dict:
-        every = _unexpired(self.service.store.checkpoints_of(user))
+        every = _unexpired(self.service.user_checkpoints(user))
         return {
             "checkpoints": [self._checkpoint_json(c.run_id, c) for c in every[offset : offset + limit]],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(every)},
@@ -753,7 +754,7 @@ class TinkerServing:
         except ValueError as exc:
             raise ServiceError(422, str(exc), ("tinker_path",)) from None
         path, _ = self.service.checkpoint_path(user, f"{run_id}/{name}", field="tinker_path", published=True)
-        state = self.service.backend.read_checkpoint(path)
+        state = self.service.checkpoint_state(path, "tinker_path")
         targets = state.lora.target_modules
         return {
             "base_model": state.base_model,
@@ -784,10 +785,3 @@ def _size(path: Path) -> int | None:
         return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     except OSError:
         return None
-
-
-def _json_or_empty(text: str | None) -> dict:
-    try:
-        return json.loads(text) if text else {}
-    except ValueError:
-        return {}
