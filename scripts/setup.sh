@@ -28,6 +28,8 @@ fi
 .venv/bin/pip install --quiet chz termcolor blobfile datasets pillow
 # math_rl (and rl_loop) import its graders: the cookbook's [math-rl] extra.
 .venv/bin/pip install --quiet "sympy>=1.12.0" "pylatexenc>=2.0" "math-verify>=0.5.0"
+# multiplayer_rl/text_arena's games (1 MB; it brings chess and websockets).
+.venv/bin/pip install --quiet "textarena==0.7.4"
 # The oldest tinker SDK the server supports, in its own minimal venv, for tests/test_tinker_old_sdk.py
 # (about 15 s; other versions: scripts/old_sdk_venv.sh VERSION, then TINKER_OLD_SDK=VERSION pytest ...).
 PYTHON="$PYTHON" scripts/old_sdk_venv.sh 0.24.1

@@ -8,7 +8,7 @@ local data. The server presents its model under a name from the cookbook's model
 (`--model Qwen/Qwen3.5-9B-Base=FOLDER`), and the cookbook's own `register_tokenizer` maps that name
 to the folder's tokenizer.
 
-The model is a hand-set tiny Qwen2 (see `hand_set_model`): its next token depends only on the
+The model is a hand-set tiny Qwen2 (see `hand_set.hand_set_model`): its next token depends only on the
 current one, so arithmetic groups earn mixed rewards (a reply that runs past max_tokens without
 its stop loses the format reward) and rl_loop's GSM8K-style groups do too (it boxes 3 or 7), and
 the policy gradient is not zero. The RL
@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
-from eztinker.tiny import make_tiny_model  # noqa: E402
 
 MODEL = "Qwen/Qwen3.5-9B-Base"  # rl_loop's and off-policy reasoning's default; role_colon renderer
 RENDERER = "qwen3_instruct"  # ChatML, whose stop is <|im_end|> (role_colon's is the text "\n\nUser:")
@@ -38,63 +36,13 @@ GROUPS = 8  # groups_per_batch for the RL recipes (default 100): mixed groups ar
 TIMES: dict[str, float] = {}
 
 
-# The hand-set model's next-token distributions, by the token before ("default": any other).
-# role_colon's prompt ends in ":", after which it writes " \\boxed{3}" or " \\boxed{7}" and stops at
-# "\n\nUser:"; elsewhere it answers with digits, "}\n\n" and <|im_end|>.
-DEFAULT = {"<|im_end|>": 0.2, "}\n\n": 0.2, **{str(d): 0.06 for d in range(10)}}
-CHAIN = {
-    ":": {" \\": 1.0},
-    " \\": {"boxed": 1.0},
-    "boxed": {"{": 1.0},
-    "{": {"3": 0.5, "7": 0.5},
-    "3": {"}\n\n": 0.5, "<|im_end|>": 0.5},
-    "7": {"}\n\n": 0.5, "<|im_end|>": 0.5},
-    "}\n\n": {"User": 1.0},
-    "User": {":": 1.0},
-}
-
-
-def hand_set_model(out: Path) -> Path:
-    """A tiny Qwen2 whose next token depends on the current token only, as DEFAULT and CHAIN say
-    (everything else ~1e-3 together). Its attention and MLP outputs are zeroed, so the residual
-    stream is the token's embedding: every chain token has its own orthogonal embedding, every
-    other token one shared embedding; the (untied) output rows map each to its successors."""
-    make_tiny_model(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = {text: tokenizer.encode(text) for text in {*DEFAULT, *CHAIN, *(t for n in CHAIN.values() for t in n)}}
-    assert all(len(v) == 1 for v in ids.values()), ids  # each is one token of this tokenizer
-    ids = {text: v[0] for text, v in ids.items()}
-    hidden = model.config.hidden_size
-    basis = torch.linalg.qr(torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(0)))[0].T
-    direction = {"default": basis[0], **{text: basis[1 + i] for i, text in enumerate(CHAIN)}}
-    scale = math.log(1.5e8)  # the partition function the chosen logits aim at (the other ~152k logits are 0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed = model.model.embed_tokens.weight
-        embed.copy_(direction["default"].expand_as(embed))
-        for text in CHAIN:
-            embed[ids[text]] = direction[text]
-        head = torch.zeros_like(embed)
-        norm = math.sqrt(hidden)  # RMSNorm maps a unit vector to length sqrt(hidden)
-        for source, successors in [("default", DEFAULT), *CHAIN.items()]:
-            for text, p in successors.items():
-                head[ids[text]] += direction[source] / norm * (scale + math.log(p))
-        model.config.tie_word_embeddings = False
-        model.lm_head.weight = torch.nn.Parameter(head)
-        probs = model(torch.tensor([[ids["boxed"], 9, 8, ids["{"]]])).logits[0].softmax(-1)
-    assert abs(float(probs[1, ids["<|im_end|>"]]) - 0.2) < 0.01 and abs(float(probs[3, ids["3"]]) - 0.5) < 0.01
-    assert float(probs[0, ids["{"]]) > 0.99
-    model.save_pretrained(out)
-    return out
+DEFAULT, CHAIN = BOXED_DEFAULT, BOXED_CHAIN  # the hand-set model (see hand_set.py)
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recipes")
-    hand_set_model(root / MODEL)
+    hand_set_model(root / MODEL, DEFAULT, CHAIN)
     return root
 
 
@@ -264,6 +212,7 @@ def test_off_policy_distillation_with_20_teacher_targets(server, tmp_path):
 
 
 def test_rl_loop_with_its_default_stable_reinforce(server, tmp_path, monkeypatch):
+    import datasets.config
     from hub_datasets import _write_repo
     from tinker_cookbook.recipes import rl_loop
 
@@ -281,6 +230,8 @@ def test_rl_loop_with_its_default_stable_reinforce(server, tmp_path, monkeypatch
         config="main",
     )
     monkeypatch.chdir(tmp_path)
+    # `datasets` caches a local folder by name and config only: another test's gsm8k/main would be read.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / ".datasets-cache")
     config = rl_loop.Config(base_url=server.url, log_path=str(tmp_path / "run"), batch_size=2, max_steps=2)
     assert (config.model_name, config.loss_fn) == (MODEL, "stable_reinforce")
     timed("rl_loop", lambda: rl_loop.main(config))

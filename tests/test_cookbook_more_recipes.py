@@ -1,0 +1,330 @@
+"""The rest of tinker-cookbook 0.6.1's text recipes that need no outside service, unmodified and with
+their default configurations, for a step or two against ONE real `eztinker server` process:
+sl_basic, rl_basic, preference/shorter, prompt_distillation (its data creation, then training),
+rubric (its grader is a second model on the same server), multiplayer guess_number and
+twenty_questions (the answerer is a model on the server) and the three-stage RLHF pipeline.
+
+Only what a user without the Hub or a cluster changes is changed: the log path, the step count,
+the batch count (groups or rows per batch, where the default samples thousands of rollouts), local
+data, and, for the multiplayer games, eval_every=0 (their default evaluation plays 400-3,200 games
+before the first step). The model names are the recipes' defaults, served by the server from local
+folders (`--model NAME=FOLDER`) and mapped to the folders' tokenizers with the cookbook's own
+`register_tokenizer`.
+
+The models are hand-set tiny Qwen2s (tests/hand_set.py) whose next token depends on the current
+one only, so rollouts follow a known table: the role_colon model boxes 3 or 7 (GSM8K groups are
+mixed); the chat model asks "Is it?" or writes "Guess: <digits>" (or, rarely, " garden", the first
+twenty-questions word), so lengths, parse failures and wins are mixed; the grader writes a
+`<score>1|0</score>` or a `Final Answer: en|fr` line, so rubric scores are mixed and prompt
+distillation's teacher labels half its sentences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
+import chz  # noqa: E402
+import datasets.config  # noqa: E402
+from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
+from hub_datasets import _write_repo, write_hub_mirror  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
+
+BASE = "Qwen/Qwen3.5-9B-Base"  # sl_basic's, rl_basic's and rlhf's default: role_colon renderer
+CHAT = ("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-9B")  # shorter's and the games' players; rubric's policy; 20q's answerer
+GRADER = "Qwen/Qwen3.6-35B-A3B"  # rubric's grader; prompt distillation's teacher and student
+TIMES: dict[str, float] = {}
+
+DIGITS = [str(d) for d in range(10)]
+THINK_TOKENS = ("<think>", "</think>")
+# After qwen3_5_disable_thinking's generation prompt (it ends in "</think>\n\n"): a question or a guess.
+CHAT_DEFAULT = {"<|im_end|>": 0.5, "Is": 0.5}
+CHAT_CHAIN = {
+    "\n\n": {"Guess": 0.5, "Is": 0.5},
+    "Is": {" it": 1.0},
+    " it": {"?": 1.0},
+    "?": {"<|im_end|>": 1.0},
+    "Guess": {":": 1.0},
+    # twenty_questions' first word: a win within its 20 turns about half the time
+    ":": {" ": 0.93, " garden": 0.07},
+    " garden": {"<|im_end|>": 1.0},
+    " ": {d: 0.1 for d in DIGITS},
+    **{d: {"<|im_end|>": 0.5, **{e: 0.05 for e in DIGITS}} for d in DIGITS},
+}
+# The grader: "<score>1</score>" or "<score>0</score>" (or an unreadable "<score>"), or a language label.
+GRADER_DEFAULT = {"<|im_end|>": 1.0}
+GRADER_CHAIN = {
+    "\n\n": {"<": 0.5, "Final": 0.5},
+    "<": {"score": 1.0},
+    "score": {">": 1.0},
+    # <|im_end|> the likeliest, so that at prompt distillation's temperature 0.15 "<score>" ends at once
+    ">": {"1": 0.3, "0": 0.3, "<|im_end|>": 0.4},
+    "1": {"</": 1.0},
+    "0": {"</": 1.0},
+    "</": {"score": 1.0},
+    "Final": {" Answer": 1.0},
+    " Answer": {":": 1.0},
+    ":": {" en": 0.5, " fr": 0.5},
+    " en": {"<|im_end|>": 1.0},
+    " fr": {"<|im_end|>": 1.0},
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("more-recipes")
+    hand_set_model(root / "boxed", BOXED_DEFAULT, BOXED_CHAIN)
+    # Qwen3.5's tokenizer has <think> and </think> as single tokens (its renderer requires it)
+    hand_set_model(root / "chat", CHAT_DEFAULT, CHAT_CHAIN, THINK_TOKENS)
+    hand_set_model(root / "grader", GRADER_DEFAULT, GRADER_CHAIN, THINK_TOKENS)
+    return root
+
+
+FOLDERS = {BASE: "boxed", **dict.fromkeys(CHAT, "chat"), GRADER: "grader"}
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    with ServerProcess(
+        model=[f"{name}={root / folder}" for name, folder in FOLDERS.items()],
+        data_dir=root / "data",
+        log_file=root / "server.log",
+        # rubric's grader samples up to 2048 tokens (the server's default bound is 1024)
+        extra_args=["--device", "cpu", "--max-new-tokens", "2048"],
+        env=offline_env(),
+        startup_timeout=120,
+        poll_interval=0.05,
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def hub_mirror(tmp_path_factory) -> Path:
+    mirror = write_hub_mirror(tmp_path_factory.mktemp("hub-mirror"))
+    # GSM8K's fields with answers 3 or 7: the boxed model is right a quarter of the time.
+    problems = [
+        {"question": f"Tom has {n} apples and eats {n - a}. How many are left?", "answer": f"{a} are left.\n#### {a}"}
+        for n, a in [(5, 3), (9, 7), (4, 3), (8, 7)] * 4
+    ]
+    _write_repo(mirror, "openai/gsm8k", {"train": problems, "test": problems[:4]}, config="main")
+    return mirror
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, server, root, hub_mirror, tmp_path):
+    import tinker_cookbook.utils.cost_estimation as cost_estimation
+    from tinker_cookbook import tokenizer_utils
+
+    monkeypatch.setenv("TINKER_BASE_URL", server.url)
+    monkeypatch.setenv("TINKER_API_KEY", "tml-cookbook")
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TINKER_COOKBOOK_RUNS_DIR", str(tmp_path / "runs"))  # default log paths
+    monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
+    for name, folder in FOLDERS.items():
+        # the registry calls its factory at every look-up (chat datasets look up per row): load once
+        tokenizer = AutoTokenizer.from_pretrained(root / folder)
+        monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, name, lambda tokenizer=tokenizer: tokenizer)
+    monkeypatch.chdir(hub_mirror)  # `load_dataset("<org>/<name>")` reads the local copy
+    # ... and caches it under its name and config alone (~/.cache/huggingface/datasets/gsm8k/main/...):
+    # a copy another test wrote with other rows would be read instead of this one.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hub_mirror / ".datasets-cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_times():
+    yield
+    print("\nrecipe run times (s):", json.dumps({k: round(v, 1) for k, v in TIMES.items()}))
+
+
+def rows(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def timed(name: str, run) -> None:
+    start = time.perf_counter()
+    run()
+    TIMES[name] = time.perf_counter() - start
+
+
+def rl_steps(log_path: Path) -> list[dict]:
+    return [m for m in rows(log_path / "metrics.jsonl") if "env/all/reward/total" in m]
+
+
+def assert_trained(server, log_path: Path, base_model: str) -> None:
+    """The run's last sampler checkpoint is on the server and scores a fixed text otherwise than the
+    base model does: the optimizer steps changed the adapter."""
+    import tinker
+
+    final = [c for c in rows(log_path / "checkpoints.jsonl") if c.get("sampler_path")][-1]
+    service = tinker.ServiceClient(base_url=server.url)
+    prompt = tinker.ModelInput.from_ints([785, 4226, 374, 220, 18, 13, 151645, 198])
+    trained = (
+        service.create_sampling_client(model_path=final["sampler_path"]).result().compute_logprobs(prompt).result()
+    )
+    base = service.create_sampling_client(base_model=base_model).result().compute_logprobs(prompt).result()
+    assert max(abs(a - b) for a, b in zip(trained[1:], base[1:], strict=True)) > 1e-6, (trained, base)
+
+
+def no_server_errors(server) -> None:
+    assert "Traceback" not in server.log(), server.log()[-3000:]
+
+
+# ------------------------------------------------------------------------------ basic loops
+def test_sl_basic(server, tmp_path):
+    from tinker_cookbook.recipes import sl_basic
+
+    config = chz.replace(sl_basic.build_config_blueprint().make(), log_path=str(tmp_path / "run"))
+    assert (config.model_name, config.dataset_builder.common_config.batch_size) == (BASE, 128)
+    timed("sl_basic", lambda: sl_basic.main(config))
+    steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "train_mean_nll" in m]
+    # no_robots' 300 local conversations: 2 whole batches of 128, one epoch.
+    assert len(steps) == 2 and all(math.isfinite(m["train_mean_nll"]) for m in steps), steps
+    assert_trained(server, tmp_path / "run", BASE)
+
+
+def test_rl_basic(server, tmp_path):
+    from tinker_cookbook.recipes import rl_basic
+
+    config = rl_basic.build_config_blueprint().make()
+    assert (config.dataset_builder.batch_size, config.dataset_builder.group_size) == (128, 16)
+    config = chz.replace(
+        config,
+        log_path=str(tmp_path / "run"),
+        max_steps=1,
+        dataset_builder=chz.replace(config.dataset_builder, batch_size=2),  # 2 groups of 16, not 128
+    )
+    timed("rl_basic", lambda: rl_basic.main(config))
+    (step,) = rl_steps(tmp_path / "run")
+    # It boxes 3 or 7 and closes the box half the time: a quarter right, so groups are mixed.
+    assert 0.05 < step["env/all/correct"] < 0.6 and step["grad_norm"] > 0, step
+    assert abs(step["optim/kl_sample_train_v1"]) < 1e-3, step
+    no_server_errors(server)
+
+
+# ------------------------------------------------------------------------------ preference
+def test_preference_shorter(server, tmp_path):
+    from tinker_cookbook.recipes.preference.shorter import train as shorter
+
+    config = shorter.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, batch_size=4)  # 4 groups of 16, not 32
+    assert (config.model_name, config.group_size) == (CHAT[0], 16)
+    timed("shorter", lambda: shorter.cli_main(config))
+    (step,) = rl_steps(tmp_path / "run")
+    # Replies differ in length, so the pairwise "shorter wins" rewards differ within each group.
+    assert step["grad_norm"] > 0 and math.isfinite(step["env/all/reward/total"]), step
+    no_server_errors(server)
+
+
+def test_rlhf_pipeline_sft_then_reward_model_then_rl(server, tmp_path):
+    from tinker_cookbook.recipes.preference.rlhf import rlhf_pipeline as rlhf
+
+    config = rlhf.CLIConfig(batch_size=8, max_steps=1)  # 8 rows or groups a stage, not 256
+    assert config.base_model == BASE and (config.run_sft, config.run_rm, config.run_rl) == (True, True, True)
+    timed("rlhf_pipeline", lambda: rlhf.cli_main(config))
+    runs = tmp_path / "runs" / f"rlhf-{config.short_name}"
+    sft = [m for m in rows(runs / "sft" / "metrics.jsonl") if "train_mean_nll" in m]
+    rm = [m for m in rows(runs / "rm" / "metrics.jsonl") if "train_mean_nll" in m]
+    assert len(sft) == 1 and len(rm) == 1 and math.isfinite(sft[0]["train_mean_nll"] + rm[0]["train_mean_nll"])
+    (step,) = rl_steps(runs / "rl")
+    assert math.isfinite(step["env/all/reward/total"]), step
+    # The RL stage starts from the SFT stage's last state and samples from the reward model's weights.
+    assert_trained(server, runs / "sft", BASE)
+    assert_trained(server, runs / "rm", BASE)
+    no_server_errors(server)
+
+
+def test_prompt_distillation_creates_its_data_then_trains(server, hub_mirror, tmp_path):
+    from tinker_cookbook.recipes.prompt_distillation import create_data, train
+
+    installed = Path(create_data.__file__).parents[2] / "example_data" / "multilingual.txt"
+    # create_data reads tinker_cookbook/example_data/multilingual.txt from the working directory:
+    # its first 32 of 2,100 sentences.
+    local = hub_mirror / "tinker_cookbook" / "example_data" / "multilingual.txt"
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_text("".join(installed.read_text().splitlines(keepends=True)[:32]))
+    data = tmp_path / "lang.jsonl"
+    timed("prompt_distillation/create_data", lambda: create_data.main(create_data.Config(output_file=str(data))))
+    labelled = rows(data)
+    # The teacher answers "Final Answer: en|fr" for about half the sentences and something else otherwise.
+    assert 4 <= len(labelled) <= 28, labelled
+    assert {m["messages"][1]["content"] for m in labelled} <= {"en", "fr"}
+
+    config = train.CLIConfig(file_path=str(data), log_path=str(tmp_path / "run"), max_steps=2, batch_size=4)
+    assert (config.model_name, config.num_epochs) == (GRADER, 4)
+    timed("prompt_distillation/train", lambda: train.cli_main(config))
+    steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "train_mean_nll" in m]
+    assert len(steps) == 2 and all(math.isfinite(m["train_mean_nll"]) for m in steps), steps
+    assert_trained(server, tmp_path / "run", GRADER)
+
+
+# ------------------------------------------------------------------------------ graded and multiplayer RL
+def test_rubric_graded_by_a_second_model_on_the_server(server, hub_mirror, tmp_path):
+    from tinker_cookbook.recipes.rubric import generate_data
+    from tinker_cookbook.recipes.rubric import train as rubric
+
+    # generate_data's own rows at its default path under the working directory: 8 train, 2 test.
+    (hub_mirror / "tinker_cookbook" / "example_data").mkdir(parents=True, exist_ok=True)
+    generate_data.generate_dataset(num_train=8, num_test=2, seed=42)
+    config = rubric.CLIConfig(base_url=server.url, log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=4)
+    assert (config.model_name, config.grader_llm_name, config.loss_fn) == (CHAT[1], GRADER, "stable_reinforce")
+    timed("rubric", lambda: asyncio.run(rubric.cli_main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # The grader's <score> is 1, 0 or unreadable (0): mixed scores, so the gradient moved.
+    assert 0 < step["env/all/rubric_score"] < 1 and step["grad_norm"] > 0, step
+    evals = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if any(k.startswith("test/") for k in m)]
+    assert evals, "eval_every=20 evaluates the test rows before the first step"
+    no_server_errors(server)
+
+
+def test_guess_number(server, tmp_path):
+    from tinker_cookbook.recipes.multiplayer_rl.guess_number import train as guess_number
+
+    # 1 group of 8, not 32; eval_every=0: its evaluation plays 103 x 4 games before the first step.
+    cli = guess_number.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, batch_size=1, eval_every=0)
+    assert (cli.model_name, cli.group_size) == (CHAT[0], 8)
+    config = guess_number.build_config(cli)
+    timed("guess_number", lambda: asyncio.run(guess_number.train.main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # "Is it?" fails to parse (-1 a turn) and "Guess: N" does not: episodes' returns differ.
+    assert step["env/all/reward/total"] < 0 and step["grad_norm"] > 0, step
+    no_server_errors(server)
+
+
+def test_twenty_questions_against_an_answerer_on_the_server(server, tmp_path):
+    from tinker_cookbook.recipes.multiplayer_rl.twenty_questions import train as twenty_questions
+
+    # 1 group of 8, not 64; eval_every=0: its evaluation plays 100 x 32 games before the first step.
+    cli = twenty_questions.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, batch_size=1, eval_every=0)
+    assert (cli.model_name, cli.group_size) == (CHAT[0], 8)
+    config = twenty_questions.build_config(cli)
+    timed("twenty_questions", lambda: asyncio.run(twenty_questions.train.main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # The first word is "garden": some of the 8 players guess it within 20 turns, some do not.
+    assert 0 < step["env/all/reward/total"] < 1 and step["grad_norm"] > 0, step
+    no_server_errors(server)
+
+
+def test_text_arena_tictactoe_self_play(server, tmp_path):
+    pytest.importorskip("textarena", reason="needs textarena (scripts/setup.sh installs it)")
+    from tinker_cookbook.recipes.multiplayer_rl.text_arena import train as text_arena
+
+    # 2 games (4 players), not 256; eval_every=0: its evaluation plays 64 games against the base model first.
+    cli = text_arena.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, batch_size=4, eval_every=0)
+    assert (cli.model_name, cli.game_name) == (CHAT[0], "TicTacToe-v0")
+    config = text_arena.build_config(cli)
+    timed("text_arena", lambda: asyncio.run(text_arena.train.main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # The chat model's moves are illegal: in each game the first player's returns -2 (an illegal move)
+    # and the other's 0, so every group is mixed and the mean is -1.
+    assert step["env/all/by_group/frac_mixed"] == 1 and step["env/all/reward/total"] == -1, step
+    assert step["grad_norm"] > 0, step
+    no_server_errors(server)
