@@ -109,3 +109,19 @@ def test_the_decoder_shape_is_read_from_a_config():
     config = AutoConfig.from_pretrained(qwen2_config_dir())
     assert memory.DecoderShape.of(config) == _shape("0.5b")
     assert memory.default_microbatch_tokens(config, torch.bfloat16, torch.device("cpu"), True) == 8192
+
+
+def test_the_cpu_budget_follows_the_hosts_available_memory(monkeypatch):
+    config = AutoConfig.from_pretrained(qwen2_config_dir())
+    fp32, cpu = torch.float32, torch.device("cpu")
+    per_token = memory.training_bytes_per_token(memory.DecoderShape.of(config), fp32, False)
+    assert memory.host_available_memory() > 0  # Linux's MemAvailable, read for real
+    gib = 1 << 30
+    monkeypatch.setattr(memory, "host_available_memory", lambda: 4 * gib)
+    tokens = memory.default_microbatch_tokens(config, fp32, cpu, False)
+    assert memory.MIN_MICROBATCH_TOKENS <= tokens < memory.CPU_MICROBATCH_TOKENS
+    assert tokens * per_token * memory.CPU_ESTIMATE_MARGIN <= memory.FREE_MEMORY_SHARE * 4 * gib
+    monkeypatch.setattr(memory, "host_available_memory", lambda: 1000 * gib)
+    assert memory.default_microbatch_tokens(config, fp32, cpu, False) == memory.CPU_MICROBATCH_TOKENS
+    monkeypatch.setattr(memory, "host_available_memory", lambda: None)  # a host that does not say
+    assert memory.default_microbatch_tokens(config, fp32, cpu, False) == memory.CPU_MICROBATCH_TOKENS

@@ -61,7 +61,7 @@ class Engine:
         activation_checkpointing: bool | None = None,
     ):
         """microbatch_tokens: padded tokens per training forward (None: sized from the device's free
-        memory, memory.py; 8192 on the CPU). activation_checkpointing (None: on where it pays, on an
+        memory, memory.py; on the CPU the host's, at most 8192). activation_checkpointing (None: on where it pays, on an
         accelerator, whose memory bounds the micro-batch; on the CPU it would only cost time).
         max_snapshots: checkpoint adapters kept loaded for sampling. `warm_up` packs and times the
         base weights; until it is called, the first call that needs them does so."""

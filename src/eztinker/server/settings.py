@@ -49,7 +49,7 @@ class ServerSettings(BaseSettings):
         None,
         ge=64,
         description="Padded tokens per training forward pass (a micro-batch); default: sized from the "
-        "device's free memory once the model is loaded (8192 on the CPU).",
+        "device's free memory once the model is loaded (on the CPU the host's, at most 8192).",
     )
     activation_checkpointing: bool | None = Field(
         None,
