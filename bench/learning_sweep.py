@@ -75,9 +75,12 @@ def main() -> None:
     while pending or running:
         while pending and len(running) < args.parallel:
             run = pending.pop(0)
-            log_file = RESULTS_DIR.parent.parent / "data" / f"sweep-{run['tag']}.log"
+            log_file = HERE.parent / "data" / f"sweep-{run['tag']}.log"
             log_file.parent.mkdir(parents=True, exist_ok=True)
-            run["process"] = subprocess.Popen(run["command"], stdout=log_file.open("w"), stderr=subprocess.STDOUT)
+            # From the project root, so that learning.py's data/ folders land where they do when run by hand.
+            run["process"] = subprocess.Popen(
+                run["command"], cwd=HERE.parent, stdout=log_file.open("w"), stderr=subprocess.STDOUT
+            )
             log(f"started {run['tag']}: {run['settings']}")
             running.append(run)
         time.sleep(5)
