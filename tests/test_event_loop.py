@@ -24,7 +24,12 @@ pb = pytest.importorskip("tinker.proto.tinker_public_pb2", reason="the Tinker AP
 
 STREAMS, STREAM_TOKENS = 8, 256
 DATUMS, TOKENS = 64, 2048  # 131k tokens, a 2 MB body: checking it takes far longer than 50 ms
-P99_MS = 50
+# No callback may hold the loop for 50 ms (asyncio's debug mode, below): that is the loop never
+# blocking. /health's p99 also counts the interpreter lock, which the worker threads that decode
+# and check the body and detokenise the streams share with the loop: on the idle 2-core machine
+# it measured under 50 ms on the morning of 2026-12-07 and 57-92 ms that afternoon (same code),
+# so the bound on it is 150 ms: a check of the body on the loop would take seconds.
+P99_MS = 150
 POLL_SECONDS = 0.02
 # Past this load average per core the scheduler's delays, not the server, decide a p99 of 50 ms
 # (measured: 2 cores under a load of 8 give an idle server a p99 of 12-27 ms, and this test's load
@@ -165,7 +170,7 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def test_health_p99_stays_under_50_ms_while_streams_run_and_a_large_body_is_decoded(
+def test_health_p99_stays_under_150_ms_and_no_callback_holds_the_loop_50_ms_while_streams_run(
     tiny_model_dir, tmp_path, one_torch_thread
 ):
     settings = ServerSettings(data_dir=tmp_path / "data", device="cpu", model=[str(tiny_model_dir)])
