@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .prompt_scoring import generator_for
+
 if TYPE_CHECKING:
     from .sampler import SampleSpec, _Row
 
@@ -36,7 +38,7 @@ class TokenChooser:
         """`stop_ids[s]`: the tokens that stop spec s, masked while it is short of its min_tokens."""
         self.specs, self.head, self.device = specs, head, device
         self.stop_ids = stop_ids or [frozenset(spec.params.stop_token_ids) for spec in specs]
-        self.generators = [_generator(spec.params.seed, device) for spec in specs]
+        self.generators = [generator_for(spec.params.seed, device) for spec in specs]
         self.vocab = head.vocab_size
         self.block = _block_size(self.vocab)
         self.chunk_rows = max(1, min(max_rows, _BUFFER_ELEMENTS // self.vocab))
@@ -222,12 +224,3 @@ def _runs(spec_of_row: list[int]) -> list[tuple[int, int, int]]:
         else:
             runs.append((s, i, i + 1))
     return runs
-
-
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
