@@ -22,9 +22,7 @@ distillation's teacher labels half its sentences.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +32,7 @@ import chz  # noqa: E402
 import datasets.config  # noqa: E402
 from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
 from hub_datasets import _write_repo, write_hub_mirror  # noqa: E402
+from recipe_runs import RecipeTimes, rows  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
@@ -41,7 +40,8 @@ from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 BASE = "Qwen/Qwen3.5-9B-Base"  # sl_basic's, rl_basic's and rlhf's default: role_colon renderer
 CHAT = ("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-9B")  # shorter's and the games' players; rubric's policy; 20q's answerer
 GRADER = "Qwen/Qwen3.6-35B-A3B"  # rubric's grader; prompt distillation's teacher and student
-TIMES: dict[str, float] = {}
+TIMES = RecipeTimes()
+timed = TIMES.timed
 
 DIGITS = [str(d) for d in range(10)]
 THINK_TOKENS = ("<think>", "</think>")
@@ -143,17 +143,7 @@ def _offline(monkeypatch, server, root, hub_mirror, tmp_path):
 @pytest.fixture(scope="module", autouse=True)
 def _report_times():
     yield
-    print("\nrecipe run times (s):", json.dumps({k: round(v, 1) for k, v in TIMES.items()}))
-
-
-def rows(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def timed(name: str, run) -> None:
-    start = time.perf_counter()
-    run()
-    TIMES[name] = time.perf_counter() - start
+    TIMES.report()
 
 
 def rl_steps(log_path: Path) -> list[dict]:

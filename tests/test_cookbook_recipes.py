@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
 from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
+from recipe_runs import RecipeTimes, rows  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
@@ -33,7 +33,8 @@ from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 MODEL = "Qwen/Qwen3.5-9B-Base"  # rl_loop's and off-policy reasoning's default; role_colon renderer
 RENDERER = "qwen3_instruct"  # ChatML, whose stop is <|im_end|> (role_colon's is the text "\n\nUser:")
 GROUPS = 8  # groups_per_batch for the RL recipes (default 100): mixed groups are all but certain with 8
-TIMES: dict[str, float] = {}
+TIMES = RecipeTimes()
+timed = TIMES.timed
 
 
 DEFAULT, CHAIN = BOXED_DEFAULT, BOXED_CHAIN  # the hand-set model (see hand_set.py)
@@ -79,17 +80,7 @@ def _offline(monkeypatch, server, root):
 @pytest.fixture(scope="module", autouse=True)
 def _report_times():
     yield
-    print("\nrecipe run times (s):", json.dumps({k: round(v, 1) for k, v in TIMES.items()}))
-
-
-def rows(path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def timed(name: str, run) -> None:
-    start = time.perf_counter()
-    run()
-    TIMES[name] = time.perf_counter() - start
+    TIMES.report()
 
 
 def server_log_has_no_refusals(server) -> None:
