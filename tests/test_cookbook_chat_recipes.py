@@ -11,7 +11,6 @@ repositories (tests/hub_datasets.py) in the working directory.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 
@@ -20,6 +19,7 @@ import pytest
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
 
 from hub_datasets import write_hub_mirror  # noqa: E402
+from recipe_runs import rows  # noqa: E402
 
 from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 from eztinker.tiny import make_tiny_model  # noqa: E402
@@ -27,10 +27,21 @@ from eztinker.tiny import make_tiny_model  # noqa: E402
 RENDERER = "qwen3_instruct"  # Qwen's ChatML without <think>: Qwen2 is not in the cookbook's model table
 
 
+# The cookbook's chat datasets build a renderer per example, and Qwen3's renderer deep-copies the
+# tokenizer (0.33 s for Qwen2's 151k tokens, 256 times a chat_sl batch): these models keep Qwen2's
+# first 16k tokens, with its ids and merges (eztinker.tiny.trim_vocabulary).
+VOCAB = 16384
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-student"), vocab_size=VOCAB)
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A second tiny Qwen2 with other random weights: a teacher the student does not match."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-teacher"), seed=7)
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-teacher"), seed=7, vocab_size=VOCAB)
 
 
 # sl_loop's default model, in the cookbook's model table: the tiny model is also served under this name.
@@ -38,9 +49,9 @@ SL_LOOP_MODEL = "Qwen/Qwen3.5-9B-Base"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, teacher_dir, tmp_path_factory):
+def server(student_dir, teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes-server")
-    models = [str(tiny_model_dir), str(teacher_dir), f"{SL_LOOP_MODEL}={tiny_model_dir}"]
+    models = [str(student_dir), str(teacher_dir), f"{SL_LOOP_MODEL}={student_dir}"]
     with ServerProcess(
         model=models,
         data_dir=root / "data",
@@ -71,18 +82,14 @@ def _offline(monkeypatch, server, hub_mirror):
     monkeypatch.chdir(hub_mirror)  # `load_dataset("<org>/<name>")` reads the local copy
 
 
-def rows(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def test_chat_sl_trains_on_its_default_dataset_with_its_defaults(tiny_model_dir, tmp_path):
+def test_chat_sl_trains_on_its_default_dataset_with_its_defaults(student_dir, tmp_path):
     from tinker_cookbook.recipes.chat_sl import train as chat_sl
 
     log_path = tmp_path / "chat_sl"
     started = time.monotonic()
     chat_sl.cli_main(
         chat_sl.CLIConfig(
-            model_name=str(tiny_model_dir),
+            model_name=str(student_dir),
             renderer_name=RENDERER,
             log_path=str(log_path),
             behavior_if_log_dir_exists="delete",
@@ -96,14 +103,14 @@ def test_chat_sl_trains_on_its_default_dataset_with_its_defaults(tiny_model_dir,
     assert final["state_path"].endswith("/weights/final")
 
 
-def test_dpo_starts_at_log_2_and_moves_the_policy(tiny_model_dir, tmp_path):
+def test_dpo_starts_at_log_2_and_moves_the_policy(student_dir, tmp_path):
     from tinker_cookbook.recipes.preference.dpo import train as dpo
 
     log_path = tmp_path / "dpo"
     started = time.monotonic()
     dpo.cli_main(
         dpo.CLIConfig(
-            model_name=str(tiny_model_dir),
+            model_name=str(student_dir),
             renderer_name=RENDERER,
             log_path=str(log_path),
             behavior_if_log_dir_exists="delete",
@@ -118,7 +125,7 @@ def test_dpo_starts_at_log_2_and_moves_the_policy(tiny_model_dir, tmp_path):
     assert steps[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4), steps
 
 
-def test_on_policy_distillation_from_a_second_base_model(tiny_model_dir, teacher_dir, tmp_path):
+def test_on_policy_distillation_from_a_second_base_model(student_dir, teacher_dir, tmp_path):
     from tinker_cookbook.recipes.distillation import on_policy_distillation as opd
 
     log_path = tmp_path / "distill"
@@ -126,7 +133,7 @@ def test_on_policy_distillation_from_a_second_base_model(tiny_model_dir, teacher
     asyncio.run(
         opd.cli_main(
             opd.CLIConfig(
-                model_name=str(tiny_model_dir),
+                model_name=str(student_dir),
                 teacher_model=str(teacher_dir),
                 renderer_name=RENDERER,
                 log_path=str(log_path),
@@ -148,7 +155,7 @@ def test_on_policy_distillation_from_a_second_base_model(tiny_model_dir, teacher
 
 
 def test_sl_loop_runs_with_its_defaults_on_a_model_served_under_a_table_name(
-    server, tiny_model_dir, tmp_path, monkeypatch
+    server, student_dir, tmp_path, monkeypatch
 ):
     """`recipes/sl_loop.py` unmodified with its default Config (model Qwen/Qwen3.5-9B-Base, whose
     renderer it looks up in the cookbook's model table; batch 128; no_robots), on the tiny model
@@ -161,7 +168,7 @@ def test_sl_loop_runs_with_its_defaults_on_a_model_served_under_a_table_name(
     config = sl_loop.Config(log_path=str(tmp_path / "sl-loop"))
     assert config.model_name == SL_LOOP_MODEL and config.batch_size == 128
     monkeypatch.setitem(
-        tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, SL_LOOP_MODEL, lambda: AutoTokenizer.from_pretrained(tiny_model_dir)
+        tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, SL_LOOP_MODEL, lambda: AutoTokenizer.from_pretrained(student_dir)
     )
     sl_loop.main(config)
     steps = [m for m in rows(tmp_path / "sl-loop" / "metrics.jsonl") if "train_mean_nll" in m]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -47,9 +48,18 @@ def make_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Write a random-weight model shaped like `config_dir`'s, but tiny, to `out_dir`."""
+    """Write a random-weight model shaped like `config_dir`'s, but tiny, to `out_dir`.
+
+    `vocab_size` keeps only the tokenizer's first `vocab_size` BPE tokens (see `trim_vocabulary`):
+    for tests whose clients copy the tokenizer per example, or that only need a cheap output head.
+    """
     config_dir = config_dir or qwen2_config_dir()
+    if vocab_size is not None:
+        with tempfile.TemporaryDirectory() as trimmed:
+            source = trim_vocabulary(config_dir, Path(trimmed), vocab_size)
+            return make_tiny_model(out_dir, source, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     raw = json.loads((config_dir / "config.json").read_text())
     heads = 4
     raw.update(
@@ -72,6 +82,56 @@ def make_tiny_model(
     if generation.exists():
         (out_dir / "generation_config.json").write_text(generation.read_text())
     return out_dir
+
+
+def trim_vocabulary(config_dir: Path, out_dir: Path, size: int) -> Path:
+    """Write `config_dir`'s tokenizer and configs to `out_dir` with only its first `size` BPE
+    tokens and its special tokens right after them (the model's vocabulary padded by 64 spare rows).
+
+    Byte-level BPE numbers its tokens in merge order (Qwen2's do), so the kept tokens keep their
+    ids and merges: the result is a real, smaller tokenizer that encodes any text, in more tokens.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(config_dir)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    bpe = spec["model"]
+    if bpe["type"] != "BPE" or not 256 < size < len(bpe["vocab"]):
+        raise ValueError(f"cannot trim a {bpe['type']} vocabulary of {len(bpe['vocab'])} tokens to {size}")
+    bpe["vocab"] = {token: i for token, i in bpe["vocab"].items() if i < size}
+    merges = bpe["merges"][: size - 256]
+    if any(bpe["vocab"].get("".join(_pair(merge))) != 256 + n for n, merge in enumerate(merges)):
+        raise ValueError("this tokenizer's ids are not in merge order: it cannot be trimmed by id")
+    bpe["merges"] = merges
+    moved = {added["id"]: size + n for n, added in enumerate(spec["added_tokens"])}
+    for added in spec["added_tokens"]:
+        added["id"] = moved[added["id"]]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    settings = json.loads((out_dir / "tokenizer_config.json").read_text())
+    if "added_tokens_decoder" in settings:
+        settings["added_tokens_decoder"] = {str(moved[int(k)]): v for k, v in settings["added_tokens_decoder"].items()}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
+    for name in ("vocab.json", "merges.txt"):  # the slow tokenizer's files would describe the full vocabulary
+        (out_dir / name).unlink(missing_ok=True)
+
+    for name in ("config.json", "generation_config.json"):
+        if not (config_dir / name).exists():
+            continue
+        raw = json.loads((config_dir / name).read_text())
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(raw.get(key), list):
+                raw[key] = [moved.get(i, i) for i in raw[key]]
+            elif raw.get(key) is not None:
+                raw[key] = moved.get(raw[key], raw[key])
+        if name == "config.json":
+            raw["vocab_size"] = size + len(moved) + 64
+        (out_dir / name).write_text(json.dumps(raw, indent=2))
+    return out_dir
+
+
+def _pair(merge: str | list[str]) -> list[str]:
+    return merge.split(" ") if isinstance(merge, str) else merge
 
 
 def make_tiny_llama(
