@@ -13,14 +13,20 @@ from eztinker.tiny import make_tiny_model
 
 Successors = dict[str, float]
 
+# Qwen2's first 48k tokens (eztinker.tiny.trim_vocabulary), which hold every token the tables below
+# and the recipe tests' name: the cookbook's renderers deep-copy the tokenizer per example or
+# environment, 0.33 s with Qwen2's 151k tokens, about a third of that with these.
+VOCAB = 49152
+
 # The hand-set model's next-token distributions, by the token before ("default": any other).
 # role_colon's prompt ends in ":", after which it writes " \\boxed{3}" or " \\boxed{7}" and stops at
 # "\n\nUser:"; elsewhere it answers with digits, "}\n\n" and <|im_end|>.
 BOXED_DEFAULT = {"<|im_end|>": 0.2, "}\n\n": 0.2, **{str(d): 0.06 for d in range(10)}}
 BOXED_CHAIN = {
     ":": {" \\": 1.0},
-    " \\": {"boxed": 1.0},
-    "boxed": {"{": 1.0},
+    " \\": {"box": 1.0},  # "boxed" is two tokens of the trimmed vocabulary
+    "box": {"ed": 1.0},
+    "ed": {"{": 1.0},
     "{": {"3": 0.5, "7": 0.5},
     "3": {"}\n\n": 0.5, "<|im_end|>": 0.5},
     "7": {"}\n\n": 0.5, "<|im_end|>": 0.5},
@@ -38,7 +44,7 @@ def hand_set_model(
     embedding: every chain token has its own orthogonal embedding, every other token one shared
     embedding; the (untied) output rows map each to its successors. `added_tokens` join the
     tokenizer (within the embedding's spare rows), e.g. Qwen3's single-token `<think>`/`</think>`."""
-    make_tiny_model(out)
+    make_tiny_model(out, vocab_size=VOCAB)
     tokenizer = AutoTokenizer.from_pretrained(out)
     if added_tokens:
         tokenizer.add_tokens(list(added_tokens))
@@ -52,7 +58,7 @@ def hand_set_model(
     assert len(chain) < hidden, "one orthogonal direction per chain token"
     basis = torch.linalg.qr(torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(0)))[0].T
     direction = {"default": basis[0], **{text: basis[1 + i] for i, text in enumerate(chain)}}
-    scale = math.log(1.5e8)  # the partition function the chosen logits aim at (the other ~152k logits are 0)
+    scale = math.log(1.5e8)  # the partition function the chosen logits aim at (the other ~49k logits are 0)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()

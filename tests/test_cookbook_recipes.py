@@ -74,7 +74,9 @@ def _offline(monkeypatch, server, root):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
-    tokenizer_utils.register_tokenizer(MODEL, lambda: AutoTokenizer.from_pretrained(root / MODEL))
+    # the registry calls its factory at every look-up: load once
+    tokenizer = AutoTokenizer.from_pretrained(root / MODEL)
+    tokenizer_utils.register_tokenizer(MODEL, lambda: tokenizer)
 
 
 @pytest.fixture(scope="module", autouse=True)
