@@ -20,6 +20,7 @@ from playwright.sync_api import expect, sync_playwright
 from support import EXAMPLE, FAST, slow_batch, train
 
 from eztinker import ServiceClient
+from eztinker.launcher import ServerProcess, offline_env
 
 STEPS = 6
 
@@ -31,7 +32,8 @@ def chromium_executable() -> str:
     return path
 
 
-@pytest.fixture()
+# One browser and one server for the module: each test trains its own runs and looks at them only.
+@pytest.fixture(scope="module")
 def browser():
     with sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
@@ -40,11 +42,21 @@ def browser():
         browser.close()
 
 
-@pytest.fixture()
-def server(start_server, tmp_path):
-    keys = tmp_path / "keys.json"
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dashboard")
+    keys = root / "keys.json"
     keys.write_text(json.dumps({"key-alice": "alice", "key-bob": "bob"}))
-    return start_server(tmp_path / "data", None, extra_args=["--api-keys-file", str(keys)])
+    with ServerProcess(
+        model=str(tiny_model_dir),
+        data_dir=root / "data",
+        log_file=root / "server.log",
+        extra_args=["--device", "cpu", "--api-keys-file", str(keys)],
+        env=offline_env(),
+        startup_timeout=120,
+        poll_interval=0.05,
+    ) as running:
+        yield running
 
 
 def screenshots_dir(tmp_path: Path) -> Path:
@@ -117,10 +129,10 @@ def test_dashboard_lists_runs_plots_steps_downloads_checkpoints_and_samples(serv
     page.screenshot(path=str(screenshots_dir(tmp_path) / "dashboard-playground.png"), full_page=True)
 
 
-def test_run_metrics_follow_steps_and_loads(start_server, tmp_path):
+def test_run_metrics_follow_steps_and_loads(server):
     """The REST view the curves come from: one point per step, gradient accumulation summed, and
     a load rewinding the curve to its checkpoint."""
-    client = ServiceClient(start_server(tmp_path / "data", None).url)
+    client = ServiceClient(server.url, api_key="key-alice")
     run = client.create_training_run(lora_rank=4)
     first = run.forward_backward([EXAMPLE]).result(timeout=60)
     second = run.forward_backward([EXAMPLE, EXAMPLE]).result(timeout=60)
