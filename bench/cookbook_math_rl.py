@@ -3,7 +3,7 @@ arithmetic environment, unmodified, through the Tinker API against `eztinker ser
 embedded SmolLM2-135M-Instruct, for a wall-time budget; held-out accuracy before and after.
 
     python bench/cookbook_math_rl.py [--loss-fn stable_reinforce|importance_sampling] [--minutes 15]
-        [--eval-problems 200] [--tag NAME]
+        [--eval-problems 200] [--set learning_rate=1e-4 ...] [--tag NAME]
 
 The server presents SmolLM2 under a name from the cookbook's model table
 (`--model Qwen/Qwen3-4B-Instruct-2507=<folder>`), so the recipe picks its renderer (qwen3_instruct,
@@ -11,7 +11,8 @@ ChatML like SmolLM2's own template) by name, and the cookbook's `register_tokeni
 to the folder's tokenizer. The recipe's config keeps its defaults (LoRA rank 32, 100 groups of 4 a
 step, lr 1e-5, 5 new tokens, temperature 1, the loss named) except base_url, log_path, model_name,
 `save_every=1` (so the adapter at the deadline is on disk) and `eval_every=0` (the held-out
-evaluation below runs outside the budget). The recipe is cancelled at the deadline.
+evaluation below runs outside the budget). The recipe is cancelled at the deadline. `--set` changes
+one more field of the recipe's CLIConfig (as bench/learning.py's does), and the result names it.
 
 Held-out accuracy: the environment's own problems ("What is x + y?", x, y in 0..100, its few-shot
 prefix) from batch index 10,000 of its dataset (training draws batch indices 0-99), one greedy reply
@@ -32,6 +33,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from learning import overrides
 from run import RESULTS_DIR, log, machine
 
 from eztinker.engine.models import _embedded_model_dir
@@ -86,8 +88,10 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=15.0)
     parser.add_argument("--eval-problems", type=int, default=200)
     parser.add_argument("--server-threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="Change a CLIConfig field.")
     parser.add_argument("--tag", default=None)
     args = parser.parse_args()
+    changed = overrides(args.set)
     name = f"cookbook_math_rl_{args.tag or args.loss_fn}"
     work = Path("data") / f"bench-{name}"
     folder = _embedded_model_dir(Path("data") / "bench-cache")
@@ -121,6 +125,7 @@ def main() -> None:
             save_every=1,
             eval_every=0,
             behavior_if_log_dir_exists="delete",
+            **changed,
         )
         train_started = time.monotonic()
         stopped = asyncio.run(train(config, args.minutes))
@@ -139,6 +144,7 @@ def main() -> None:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "loss_fn": args.loss_fn,
+        "changed_from_defaults": changed,
         "time_budget_minutes": args.minutes,
         "train_seconds": round(train_seconds, 1),
         "wall_seconds": round(time.monotonic() - started, 1),

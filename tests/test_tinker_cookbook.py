@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
 import chz  # noqa: E402
+from recipe_runs import rows  # noqa: E402
 from tinker_cookbook import renderers  # noqa: E402
 from tinker_cookbook.rl import train as rl_train  # noqa: E402
 from tinker_cookbook.rl.problem_env import ProblemEnv, ProblemGroupBuilder  # noqa: E402
@@ -50,10 +51,6 @@ def _offline(monkeypatch, server):
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
-
-
-def rows(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_the_cookbook_supervised_loop_trains_and_checkpoints(server, tiny_model_dir, tmp_path):
