@@ -6,6 +6,8 @@ honour fails its request with category `user`, naming it."""
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 import pytest
 
@@ -220,3 +222,40 @@ def test_an_unknown_asample_field_is_refused_not_ignored(server, tiny_model_dir)
         ).json()
         answer = http.post("/retrieve_future", json={"request_id": future["request_id"]}).json()
         assert answer["category"] == "user" and "sampling_params.min_p" in answer["error"]
+
+
+def test_a_sampling_client_keeps_a_quarter_of_the_connection_cap_in_flight(tiny_model_dir, tmp_path):
+    """Each sample in flight holds a connection polling for its result. The server tells the SDK to
+    keep a quarter of `max_connections` in flight, so a burst of samples (the cookbook's math_rl sends
+    400 a step) waits in the SDK instead of meeting uvicorn's cap with 503s and retries."""
+    from eztinker.launcher import ThreadedServer, build_service
+    from eztinker.server.settings import ServerSettings
+
+    settings = ServerSettings(model=[str(tiny_model_dir)], device="cpu", data_dir=tmp_path / "data", max_connections=16)
+    refusals = _Refusals()
+    with ThreadedServer(build_service(settings)) as server:
+        logging.getLogger("uvicorn.error").addHandler(refusals)  # uvicorn's loggers do not reach the root
+        config = httpx.post(f"{server.url}/api/v1/client/config", json={}, headers={"X-API-Key": "tml-burst"})
+        assert config.json()["sample_max_concurrent_requests"] == 4
+        service = tinker.ServiceClient(base_url=server.url, api_key="tml-burst")
+        client = service.create_sampling_client(base_model=str(tiny_model_dir)).result()
+        params = types.SamplingParams(max_tokens=16, temperature=1.0)
+        futures = [
+            client.sample(types.ModelInput.from_ints([100 + i, 200, 300]), num_samples=2, sampling_params=params)
+            for i in range(48)
+        ]
+        assert all(len(f.result().sequences) == 2 for f in futures)
+        service.close("success").result()
+    logging.getLogger("uvicorn.error").removeHandler(refusals)
+    assert refusals.count == 0, f"{refusals.count} requests met the connection cap"
+
+
+class _Refusals(logging.Handler):
+    """Counts uvicorn's 503s at its connection cap ("Exceeded concurrency limit.")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "Exceeded concurrency limit" in record.getMessage()

@@ -30,7 +30,8 @@ _TINKER_PATH = re.compile(rf"tinker://({RUN_ID_PATTERN})/(weights|sampler_weight
 # POST client/config's flags, read by every SDK version (each ignores the ones it lacks); the rest stay at
 # their defaults (no zstd, no JWT exchange). SDKs before 0.25 send forward_backward as JSON and call
 # /api/v1/forward unless told to send protobuf (which this server reads) and forward through
-# forward_backward with forward_only; later SDKs always do both.
+# forward_backward with forward_only; later SDKs always do both. `TinkerServing.client_config` adds
+# the limit on a sampling client's requests in flight.
 CLIENT_CONFIG: dict[str, Any] = {"proto_write_fwdbwd": True, "fwd_via_fwdbwd": True}
 
 

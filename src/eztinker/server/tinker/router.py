@@ -36,7 +36,7 @@ def tinker_router(service: Service) -> APIRouter:
     # ------------------------------------------------------------------ client set-up
     @router.post("/client/config")
     def client_config(user: User) -> dict:
-        return p.CLIENT_CONFIG
+        return tinker.client_config()
 
     @router.post("/client/dynamic_config")
     def dynamic_config(user: User) -> dict:

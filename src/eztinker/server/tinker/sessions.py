@@ -14,6 +14,15 @@ from .core import TinkerCore
 class SessionsPart(TinkerCore):
     """Client sessions: created, kept alive by heartbeats, finished; and the server's capabilities."""
 
+    def client_config(self) -> dict:
+        """The flags every SDK reads first. Each sample in flight holds a connection polling for its
+        result, and the SDK's own limit is 2,000 a sampling client: the cookbook's math_rl (400
+        samples a step) met the server's connection cap (`max_connections`) with thousands of 503s
+        and retries. A sampling client may keep a quarter of the cap in flight; the server decodes
+        those together while the SDK holds back the rest."""
+        in_flight = max(1, self.service.settings.max_connections // 4)
+        return {**p.CLIENT_CONFIG, "sample_max_concurrent_requests": in_flight}
+
     def capabilities(self) -> dict:
         # The SDK's GetServerCapabilitiesResponse has no field for losses (it ignores the extra
         # key); supported_loss_fns is for clients that read the JSON themselves.
