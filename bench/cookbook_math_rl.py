@@ -11,7 +11,7 @@ ChatML like SmolLM2's own template) by name, and the cookbook's `register_tokeni
 to the folder's tokenizer. The recipe's config keeps its defaults (LoRA rank 32, 100 groups of 4 a
 step, lr 1e-5, 5 new tokens, temperature 1, the loss named) except base_url, log_path, model_name,
 `save_every=1` (so the adapter at the deadline is on disk) and `eval_every=0` (the held-out
-evaluation below runs outside the budget). The recipe is cancelled at the deadline. `--set` changes
+evaluation below runs outside the budget). The recipe runs in a child process, killed at the deadline. `--set` changes
 one more field of the recipe's CLIConfig (as bench/learning.py's does), and the result names it.
 
 Held-out accuracy: the environment's own problems ("What is x + y?", x, y in 0..100, its few-shot
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import shlex
 import sys
@@ -65,14 +66,37 @@ async def held_out_accuracy(base_url: str, problems: int, *, model_path: str | N
     return {k.removeprefix("test/"): v for k, v in metrics.items() if "correct" in k or "format" in k}
 
 
-async def train(config, minutes: float) -> str | None:
+def train(config, minutes: float, folder: Path) -> str | None:
+    """The recipe in a child process, stopped at the deadline. Cancelling it in this process would
+    leave the SDK's ServiceClient waiting on close for requests the cancellation orphaned (seen:
+    the bench hung there)."""
+    child = multiprocessing.get_context("spawn").Process(target=_train_child, args=(config, folder))
+    child.start()
+    child.join(minutes * 60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return f"stopped at the {minutes}-minute deadline"
+    return None if child.exitcode == 0 else f"the recipe exited with status {child.exitcode}"
+
+
+def _train_child(config, folder: Path) -> None:
     from tinker_cookbook.recipes.math_rl import train as math_rl
 
-    try:
-        await asyncio.wait_for(math_rl.cli_main(config), timeout=minutes * 60)
-        return None
-    except TimeoutError:
-        return f"cancelled at the {minutes}-minute deadline"
+    offline_cookbook(folder)
+    asyncio.run(math_rl.cli_main(config))
+
+
+def offline_cookbook(folder: Path) -> None:
+    """The cookbook without the internet: no telemetry or price list, and MODEL's tokenizer from `folder`."""
+    import tinker_cookbook.utils.cost_estimation as cost_estimation
+    from tinker_cookbook import tokenizer_utils
+    from transformers import AutoTokenizer
+
+    os.environ.update(TINKER_API_KEY="tml-bench", TINKER_TELEMETRY="0", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cost_estimation._pricing_fetched = True  # its price list is on the internet
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer_utils.register_tokenizer(MODEL, lambda: tokenizer)
 
 
 def last_sampler_path(log_path: Path) -> tuple[str | None, int]:
@@ -97,14 +121,9 @@ def main() -> None:
     folder = _embedded_model_dir(Path("data") / "bench-cache")
 
     import chz  # noqa: F401  (the cookbook's config library; fails early if the cookbook is missing)
-    import tinker_cookbook.utils.cost_estimation as cost_estimation
-    from tinker_cookbook import tokenizer_utils
     from tinker_cookbook.recipes.math_rl import train as math_rl
-    from transformers import AutoTokenizer
 
-    os.environ.update(TINKER_API_KEY="tml-bench", TINKER_TELEMETRY="0", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cost_estimation._pricing_fetched = True  # its price list is on the internet
-    tokenizer_utils.register_tokenizer(MODEL, lambda: AutoTokenizer.from_pretrained(folder))
+    offline_cookbook(folder)
 
     started, load_before = time.monotonic(), os.getloadavg()
     log(f"load average before: {load_before}; starting the server ...")
@@ -128,7 +147,7 @@ def main() -> None:
             **changed,
         )
         train_started = time.monotonic()
-        stopped = asyncio.run(train(config, args.minutes))
+        stopped = train(config, args.minutes, folder)
         train_seconds = time.monotonic() - train_started
         path, saved = last_sampler_path(work / "run")
         after = asyncio.run(held_out_accuracy(server.url, args.eval_problems, model_path=path)) if path else {}
