@@ -40,6 +40,8 @@ from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 BASE = "Qwen/Qwen3.5-9B-Base"  # sl_basic's, rl_basic's and rlhf's default: role_colon renderer
 CHAT = ("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-9B")  # shorter's and the games' players; rubric's policy; 20q's answerer
 GRADER = "Qwen/Qwen3.6-35B-A3B"  # rubric's grader; prompt distillation's teacher and student
+# on_policy_multi_teacher's teachers (DeepMath's, Tulu 3's): the grader and the boxed model, not the student
+TEACHERS = ("Qwen/Qwen3.6-27B", "Qwen/Qwen3.5-397B-A17B")
 TIMES = RecipeTimes()
 timed = TIMES.timed
 
@@ -88,7 +90,7 @@ def root(tmp_path_factory) -> Path:
     return root
 
 
-FOLDERS = {BASE: "boxed", **dict.fromkeys(CHAT, "chat"), GRADER: "grader"}
+FOLDERS = {BASE: "boxed", **dict.fromkeys(CHAT, "chat"), GRADER: "grader", TEACHERS[0]: "grader", TEACHERS[1]: "boxed"}
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +99,9 @@ def server(root):
         model=[f"{name}={root / folder}" for name, folder in FOLDERS.items()],
         data_dir=root / "data",
         log_file=root / "server.log",
-        # rubric's grader samples up to 2048 tokens (the server's default bound is 1024)
-        extra_args=["--device", "cpu", "--max-new-tokens", "2048"],
+        # rubric's grader samples up to 2048 tokens, on_policy_multi_teacher's student 4096 (the
+        # server's default bound is 1024)
+        extra_args=["--device", "cpu", "--max-new-tokens", "4096"],
         env=offline_env(),
         startup_timeout=120,
         poll_interval=0.05,
@@ -317,4 +320,25 @@ def test_text_arena_tictactoe_self_play(server, tmp_path):
     # and the other's 0, so every group is mixed and the mean is -1.
     assert step["env/all/by_group/frac_mixed"] == 1 and step["env/all/reward/total"] == -1, step
     assert step["grad_norm"] > 0, step
+    no_server_errors(server)
+
+
+# ------------------------------------------------------------------------------ distillation
+def test_on_policy_multi_teacher_distils_each_dataset_from_its_own_teacher(server, tmp_path):
+    from tinker_cookbook.recipes.distillation import on_policy_multi_teacher as multi
+
+    # 1 DeepMath and 1 Tulu 3 prompt a step, not 512 and 512 (4 replies each); 2 steps.
+    config = multi.CLIConfig(
+        log_path=str(tmp_path / "run"), max_steps=2, deepmath_groups_per_batch=1, tulu3_groups_per_batch=1
+    )
+    assert (config.model_name, config.deepmath_teacher_model, config.tulu3_teacher_model) == (CHAT[1], *TEACHERS)
+    timed("on_policy_multi_teacher", lambda: asyncio.run(multi.cli_main(config)))
+    steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "teacher_kl" in m]
+    assert len(steps) == 2, steps
+    # Each teacher has other weights than the student, so its logprobs of the student's replies differ
+    # (the hand-set tables differ by whole probabilities, so the KL is far from zero), on both datasets.
+    for m in steps:
+        assert abs(m["teacher_kl/dataset_0"]) > 0.1 and abs(m["teacher_kl/dataset_1"]) > 0.1, m
+        assert abs(m["optim/kl_sample_train_v1"]) < 1e-3, m
+    assert_trained(server, tmp_path / "run", CHAT[1])
     no_server_errors(server)
