@@ -11,7 +11,8 @@ The rows are small and made up (or, for GSM8K, taken from ../shared), in each da
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -93,4 +94,27 @@ def write_hub_mirror(root: Path, gsm8k_dir: Path | None = None, rows: int = 300)
                 return [json.loads(line) for _, line in zip(range(count), f)]
 
         _write_repo(root, "openai/gsm8k", {"train": read("train", rows), "test": read("test", 24)}, config="main")
+    return root
+
+
+FILLER = (
+    "the of and in to was a is for on with by as at from his that it were which an are this had its be "
+    "also first new two year city river village church team game album song war film state school"
+).split()
+
+
+def write_wikitext(root: Path, words: Sequence[str], chars: int, rate: float, seed: int = 0) -> Path:
+    """A made-up stand-in for WikiText-103 train (`Salesforce/wikitext`, config
+    `wikitext-103-raw-v1`, rows of `text`, headings and paragraphs as in the original, with its
+    ` @-@ ` escapes) of about `chars` characters: filler words, and each of `words` at `rate` per word."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    total = 0
+    while total < chars:
+        lines.append(f" = Article {len(lines)} = \n")
+        paragraph = [rng.choice(words) if rng.random() < rate * len(words) else rng.choice(FILLER) for _ in range(150)]
+        paragraph[7] = "1 @-@ 2"
+        lines.append(" " + " ".join(paragraph) + " . \n")
+        total += len(lines[-2]) + len(lines[-1])
+    _write_repo(root, "Salesforce/wikitext", {"train": ({"text": line} for line in lines)}, "wikitext-103-raw-v1")
     return root

@@ -31,7 +31,7 @@ pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/se
 import chz  # noqa: E402
 import datasets.config  # noqa: E402
 from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
-from hub_datasets import _write_repo, write_hub_mirror  # noqa: E402
+from hub_datasets import _write_repo, write_hub_mirror, write_wikitext  # noqa: E402
 from recipe_runs import RecipeTimes, rows  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -40,6 +40,8 @@ from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 BASE = "Qwen/Qwen3.5-9B-Base"  # sl_basic's, rl_basic's and rlhf's default: role_colon renderer
 CHAT = ("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-9B")  # shorter's and the games' players; rubric's policy; 20q's answerer
 GRADER = "Qwen/Qwen3.6-35B-A3B"  # rubric's grader; prompt distillation's teacher and student
+# rl_numerics_check's default model: a ":peft:<context>" variant of the grader's name, served under its full name
+NUMERICS = "Qwen/Qwen3.6-35B-A3B:peft:262144"
 # on_policy_multi_teacher's teachers (DeepMath's, Tulu 3's): the grader and the boxed model, not the student
 TEACHERS = ("Qwen/Qwen3.6-27B", "Qwen/Qwen3.5-397B-A17B")
 TIMES = RecipeTimes()
@@ -78,6 +80,24 @@ GRADER_CHAIN = {
     " en": {"<|im_end|>": 1.0},
     " fr": {"<|im_end|>": 1.0},
 }
+# rl_numerics_check's reader: after the generation prompt ("<think>\n") it calls read_page(1-9) or
+# answers "Answer: <0-5>"; a page number closes its call 70% of the time (else the call is unterminated:
+# a parse failure, -0.1), and an answer's digit is followed by the call's closing tags (plain text) or stops.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<function=read_page>", "</function>", "<parameter=page>", "</parameter>")
+COUNTER_DEFAULT = {"<|im_end|>": 1.0}
+COUNTER_CHAIN = {
+    "\n": {"<tool_call>": 0.75, "Answer": 0.25},
+    "<tool_call>": {"<function=read_page>": 1.0},
+    "<function=read_page>": {"<parameter=page>": 1.0},
+    "<parameter=page>": {str(d): 1 / 9 for d in range(1, 10)},
+    "Answer": {":": 1.0},
+    ":": {" ": 1.0},
+    " ": {"0": 0.2, "1": 0.25, "2": 0.25, "3": 0.15, "4": 0.1, "5": 0.05},
+    **{d: {"</parameter>": 0.7, "<|im_end|>": 0.3} for d in DIGITS},
+    "</parameter>": {"</function>": 1.0},
+    "</function>": {"</tool_call>": 1.0},
+    "</tool_call>": {"<|im_end|>": 1.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +107,18 @@ def root(tmp_path_factory) -> Path:
     # Qwen3.5's tokenizer has <think> and </think> as single tokens (its renderer requires it)
     hand_set_model(root / "chat", CHAT_DEFAULT, CHAT_CHAIN, THINK_TOKENS)
     hand_set_model(root / "grader", GRADER_DEFAULT, GRADER_CHAIN, THINK_TOKENS)
+    hand_set_model(root / "counter", COUNTER_DEFAULT, COUNTER_CHAIN, THINK_TOKENS + TOOL_TOKENS)
     return root
 
 
-FOLDERS = {BASE: "boxed", **dict.fromkeys(CHAT, "chat"), GRADER: "grader", TEACHERS[0]: "grader", TEACHERS[1]: "boxed"}
+FOLDERS = {
+    BASE: "boxed",
+    **dict.fromkeys(CHAT, "chat"),
+    GRADER: "grader",
+    TEACHERS[0]: "grader",
+    TEACHERS[1]: "boxed",
+    NUMERICS: "counter",
+}
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +128,8 @@ def server(root):
         data_dir=root / "data",
         log_file=root / "server.log",
         # rubric's grader samples up to 2048 tokens, on_policy_multi_teacher's student 4096 (the
-        # server's default bound is 1024)
-        extra_args=["--device", "cpu", "--max-new-tokens", "4096"],
+        # server's default bound is 1024); rl_numerics_check's episodes may reach 128K tokens (4096)
+        extra_args=["--device", "cpu", "--max-new-tokens", "4096", "--max-prompt-tokens", str(128 * 1024)],
         env=offline_env(),
         startup_timeout=120,
         poll_interval=0.05,
@@ -341,4 +369,34 @@ def test_on_policy_multi_teacher_distils_each_dataset_from_its_own_teacher(serve
         assert abs(m["teacher_kl/dataset_0"]) > 0.1 and abs(m["teacher_kl/dataset_1"]) > 0.1, m
         assert abs(m["optim/kl_sample_train_v1"]) < 1e-3, m
     assert_trained(server, tmp_path / "run", CHAT[1])
+    no_server_errors(server)
+
+
+# ------------------------------------------------------------------------------ numerics
+def test_rl_numerics_check_reads_pages_over_turns(server, root, hub_mirror, tmp_path, monkeypatch):
+    from tinker_cookbook import tokenizer_utils
+    from tinker_cookbook.recipes.rl_numerics_check import env as numerics_env
+    from tinker_cookbook.recipes.rl_numerics_check import train as numerics
+
+    # The cookbook looks the tokenizer up by the name before ":" (the grader's): the reader's has the tool tokens.
+    tokenizer = AutoTokenizer.from_pretrained(root / "counter")
+    monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, GRADER, lambda: tokenizer)
+    # Pages of 1,000 characters, not 10,000 (~2.2K tokens: on a CPU the trainer's 152K-word output layer
+    # over 16 episodes of such pages takes minutes a step); the default 28-36 pages a document, so as many
+    # turns. A made-up WikiText-103 (a problem spans 40 pages): each target word at 1 in 3,500 words, so
+    # a document holds 0-5 of it and a one-digit answer is sometimes right.
+    write_wikitext(hub_mirror, numerics_env.DEFAULT_WORDS, chars=60_000, rate=1 / 3_500)
+    task = chz.replace(numerics.CLIConfig().task, page_chars=1_000)
+    # 1 group of 8 (the README's recommended group size), not 16 of 16.
+    cli = numerics.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=1, group_size=8, task=task)
+    assert (cli.model_name, cli.task.num_pages_min, cli.task.num_pages_max) == (NUMERICS, 28, 36)
+    config = numerics.build_config(cli)
+    timed("rl_numerics_check", lambda: asyncio.run(numerics.train.main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # Some episodes read pages over several turns; they end in a parse failure (-0.1), a wrong count (0)
+    # or a right one (1): the group is mixed and the gradient moved.
+    assert step["env/all/turns_per_episode"] > 1 and step["env/all/pages_read"] > 0, step
+    assert step["env/all/by_group/frac_mixed"] == 1 and step["grad_norm"] > 0, step
+    # The check itself: over these multi-turn sequences the sampler's logprobs are the trainer's.
+    assert abs(step["optim/kl_sample_train_v1"]) < 1e-3 and step["optim/kl_sample_train_v2"] < 1e-5, step
     no_server_errors(server)
