@@ -31,7 +31,7 @@ pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/se
 import chz  # noqa: E402
 import datasets.config  # noqa: E402
 from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
-from hub_datasets import _write_repo, write_hub_mirror, write_wikitext  # noqa: E402
+from hub_datasets import _write_repo, write_hub_mirror, write_prophet_arena, write_wikitext  # noqa: E402
 from recipe_runs import RecipeTimes, rows  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -42,6 +42,8 @@ CHAT = ("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-9B")  # shorter's and the games' player
 GRADER = "Qwen/Qwen3.6-35B-A3B"  # rubric's grader; prompt distillation's teacher and student
 # rl_numerics_check's default model: a ":peft:<context>" variant of the grader's name, served under its full name
 NUMERICS = "Qwen/Qwen3.6-35B-A3B:peft:262144"
+# forecasting's and decisions.forecasting's default model
+FORECASTER = "Qwen/Qwen3.8-27B"
 # on_policy_multi_teacher's teachers (DeepMath's, Tulu 3's): the grader and the boxed model, not the student
 TEACHERS = ("Qwen/Qwen3.6-27B", "Qwen/Qwen3.5-397B-A17B")
 TIMES = RecipeTimes()
@@ -99,6 +101,18 @@ COUNTER_CHAIN = {
     "</tool_call>": {"<|im_end|>": 1.0},
 }
 
+# The forecaster: after qwen3_8_low_reasoning's generation prompt ("<think>\n") it closes its thinking
+# and forecasts 0.2 or 0.8; as a decision model (the answer position follows "choice#") P(Y) is 0.3.
+FORECASTER_DEFAULT = {"<|im_end|>": 1.0}
+FORECASTER_CHAIN = {
+    "\n": {"</think>": 1.0},
+    "</think>": {"\n\n": 1.0},
+    "\n\n": {"0": 1.0},
+    "0": {".": 1.0},
+    ".": {"2": 0.5, "8": 0.5},
+    "#": {"Y": 0.3, "N": 0.7},
+}
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
@@ -108,6 +122,7 @@ def root(tmp_path_factory) -> Path:
     hand_set_model(root / "chat", CHAT_DEFAULT, CHAT_CHAIN, THINK_TOKENS)
     hand_set_model(root / "grader", GRADER_DEFAULT, GRADER_CHAIN, THINK_TOKENS)
     hand_set_model(root / "counter", COUNTER_DEFAULT, COUNTER_CHAIN, THINK_TOKENS + TOOL_TOKENS)
+    hand_set_model(root / "forecaster", FORECASTER_DEFAULT, FORECASTER_CHAIN, THINK_TOKENS)
     return root
 
 
@@ -118,6 +133,7 @@ FOLDERS = {
     TEACHERS[0]: "grader",
     TEACHERS[1]: "boxed",
     NUMERICS: "counter",
+    FORECASTER: "forecaster",
 }
 
 
@@ -127,9 +143,10 @@ def server(root):
         model=[f"{name}={root / folder}" for name, folder in FOLDERS.items()],
         data_dir=root / "data",
         log_file=root / "server.log",
-        # rubric's grader samples up to 2048 tokens, on_policy_multi_teacher's student 4096 (the
-        # server's default bound is 1024); rl_numerics_check's episodes may reach 128K tokens (4096)
-        extra_args=["--device", "cpu", "--max-new-tokens", "4096", "--max-prompt-tokens", str(128 * 1024)],
+        # rubric's grader samples up to 2048 tokens, on_policy_multi_teacher's student 4096 and
+        # forecasting's policy 24,576 (the server's default bound is 1024); rl_numerics_check's
+        # episodes may reach 128K tokens (4096)
+        extra_args=["--device", "cpu", "--max-new-tokens", str(24 * 1024), "--max-prompt-tokens", str(128 * 1024)],
         env=offline_env(),
         startup_timeout=120,
         poll_interval=0.05,
@@ -399,4 +416,51 @@ def test_rl_numerics_check_reads_pages_over_turns(server, root, hub_mirror, tmp_
     assert step["env/all/by_group/frac_mixed"] == 1 and step["grad_norm"] > 0, step
     # The check itself: over these multi-turn sequences the sampler's logprobs are the trainer's.
     assert abs(step["optim/kl_sample_train_v1"]) < 1e-3 and step["optim/kl_sample_train_v2"] < 1e-5, step
+    no_server_errors(server)
+
+
+# ------------------------------------------------------------------------------ forecasting
+TRAIN_OUTCOMES, VALIDATION_OUTCOMES = [1, 0, 0, 1, 0, 1, 1, 0], [1, 0, 0, 1]
+
+
+def test_forecasting_rl_on_a_local_prophet_arena_csv(server, tmp_path):
+    from tinker_cookbook.recipes.forecasting import train as forecasting
+
+    data = write_prophet_arena(tmp_path / "prophet.csv", TRAIN_OUTCOMES, VALIDATION_OUTCOMES)
+    # 1 market of 32 forecasts a step, not 16; 1 step, not 128.
+    config = forecasting.Config(data_path=str(data), log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=1)
+    assert (config.model_name, config.group_size, config.eval_every) == (FORECASTER, 32, 16)
+    timed("forecasting", lambda: asyncio.run(forecasting.cli_main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # Every reply parses; forecasts of 0.2 and 0.8 score 0.96 and 0.36 (1 - Brier): a mixed group.
+    assert step["env/all/format_valid"] == 1 and 0.36 < step["env/all/brier_reward"] < 0.96, step
+    assert step["env/all/by_group/frac_mixed"] == 1 and step["grad_norm"] > 0, step
+    assert abs(step["optim/kl_sample_train_v1"]) < 1e-3, step
+    # The 4 validation markets (8 forecasts each) are scored before the step and from the final weights.
+    evals = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "test/env/all/brier_reward" in m]
+    # (the first is logged in the step's row, batch 0; the second by the recipe after train.main, at step 1)
+    assert len(evals) == 2 and evals[0]["progress/batch"] == 0 and evals[1]["step"] == 1, evals
+    assert all(0.36 <= m["test/env/all/brier_reward"] <= 0.96 and "test/env/all/auc" in m for m in evals), evals
+    assert_trained(server, tmp_path / "run", FORECASTER)
+    no_server_errors(server)
+
+
+def test_decisions_forecasting_fits_yes_no_probabilities(server, tmp_path):
+    from tinker_cookbook.recipes.decisions import forecasting as decisions
+
+    data = write_prophet_arena(tmp_path / "prophet.csv", TRAIN_OUTCOMES, VALIDATION_OUTCOMES)
+    config = decisions.Config(data_path=str(data), log_path=str(tmp_path / "run"))
+    assert (config.model_name, config.batch_size, config.epochs) == (FORECASTER, 32, 1)
+    timed("decisions/forecasting", lambda: asyncio.run(decisions.main(config)))
+    logged = rows(tmp_path / "run" / "metrics.jsonl")
+    # The 8 training markets are one batch of the default 32: one step, scored before and after.
+    (step,) = [m for m in logged if "train/loss" in m]
+    before, after = [m for m in logged if "test/brier_reward" in m]
+    # Before training P(YES) is the table's 0.3 for every market: the validation outcomes 1, 0, 0, 1
+    # score 1 - 0.7^2 and 1 - 0.3^2 twice each, and the training batch's target probability is
+    # 0.3 for its 4 YES markets and 0.7 for its 4 NO ones.
+    assert before["test/brier_reward"] == pytest.approx(1 - (0.49 + 0.09) / 2, abs=0.01), before
+    assert before["test/accuracy"] == 0.5 and step["train/target_prob:mean"] == pytest.approx(0.5, abs=0.01), step
+    assert math.isfinite(step["train/loss"]) and after["test/brier_reward"] != before["test/brier_reward"], after
+    assert_trained(server, tmp_path / "run", FORECASTER)
     no_server_errors(server)
