@@ -2,13 +2,16 @@
 their default configurations, for a step or two against ONE real `eztinker server` process:
 sl_basic, rl_basic, preference/shorter, prompt_distillation (its data creation, then training),
 rubric (its grader is a second model on the same server), multiplayer guess_number and
-twenty_questions (the answerer is a model on the server) and the three-stage RLHF pipeline.
+twenty_questions (the answerer is a model on the server), the three-stage RLHF pipeline,
+on_policy_multi_teacher (two teachers on the server), rl_numerics_check (on a local WikiText),
+forecasting and decisions.forecasting (on a local Prophet Arena CSV).
 
 Only what a user without the Hub or a cluster changes is changed: the log path, the step count,
 the batch count (groups or rows per batch, where the default samples thousands of rollouts), local
-data, and, for the multiplayer games, eval_every=0 (their default evaluation plays 400-3,200 games
-before the first step). The model names are the recipes' defaults, served by the server from local
-folders (`--model NAME=FOLDER`) and mapped to the folders' tokenizers with the cookbook's own
+data, for the multiplayer games, eval_every=0 (their default evaluation plays 400-3,200 games
+before the first step), and for rl_numerics_check the page length (each test says why). The
+model names are the recipes' defaults, served by the server from local folders
+(`--model NAME=FOLDER`) and mapped to the folders' tokenizers with the cookbook's own
 `register_tokenizer`.
 
 The models are hand-set tiny Qwen2s (tests/hand_set.py) whose next token depends on the current
@@ -16,7 +19,8 @@ one only, so rollouts follow a known table: the role_colon model boxes 3 or 7 (G
 mixed); the chat model asks "Is it?" or writes "Guess: <digits>" (or, rarely, " garden", the first
 twenty-questions word), so lengths, parse failures and wins are mixed; the grader writes a
 `<score>1|0</score>` or a `Final Answer: en|fr` line, so rubric scores are mixed and prompt
-distillation's teacher labels half its sentences.
+distillation's teacher labels half its sentences; the counter reads pages with Qwen3.5's XML tool
+calls or answers a count; the forecaster forecasts 0.2 or 0.8, and gives YES 0.3 as a decision model.
 """
 
 from __future__ import annotations
@@ -432,15 +436,16 @@ def test_forecasting_rl_on_a_local_prophet_arena_csv(server, tmp_path):
     assert (config.model_name, config.group_size, config.eval_every) == (FORECASTER, 32, 16)
     timed("forecasting", lambda: asyncio.run(forecasting.cli_main(config)))
     (step,) = rl_steps(tmp_path / "run")
-    # Every reply parses; forecasts of 0.2 and 0.8 score 0.96 and 0.36 (1 - Brier): a mixed group.
-    assert step["env/all/format_valid"] == 1 and 0.36 < step["env/all/brier_reward"] < 0.96, step
+    # Forecasts of 0.2 and 0.8 score 0.96 and 0.36 (1 - Brier): a mixed group. Nearly every reply parses
+    # (the hand-set model leaves ~1e-3 a token to other words: an odd reply is unreadable and scores 0).
+    assert step["env/all/format_valid"] >= 0.9 and 0.3 < step["env/all/brier_reward"] < 0.96, step
     assert step["env/all/by_group/frac_mixed"] == 1 and step["grad_norm"] > 0, step
     assert abs(step["optim/kl_sample_train_v1"]) < 1e-3, step
     # The 4 validation markets (8 forecasts each) are scored before the step and from the final weights.
     evals = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "test/env/all/brier_reward" in m]
     # (the first is logged in the step's row, batch 0; the second by the recipe after train.main, at step 1)
     assert len(evals) == 2 and evals[0]["progress/batch"] == 0 and evals[1]["step"] == 1, evals
-    assert all(0.36 <= m["test/env/all/brier_reward"] <= 0.96 and "test/env/all/auc" in m for m in evals), evals
+    assert all(0.3 < m["test/env/all/brier_reward"] < 0.96 and "test/env/all/auc" in m for m in evals), evals
     assert_trained(server, tmp_path / "run", FORECASTER)
     no_server_errors(server)
 
