@@ -402,10 +402,11 @@ def test_rl_numerics_check_reads_pages_over_turns(server, root, hub_mirror, tmp_
     # The cookbook looks the tokenizer up by the name before ":" (the grader's): the reader's has the tool tokens.
     tokenizer = AutoTokenizer.from_pretrained(root / "counter")
     monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, GRADER, lambda: tokenizer)
-    # Pages of 1,000 characters, not 10,000 (~2.2K tokens: on a CPU the trainer's 152K-word output layer
-    # over 16 episodes of such pages takes minutes a step); the default 28-36 pages a document, so as many
-    # turns. A made-up WikiText-103 (a problem spans 40 pages): each target word at 1 in 3,500 words, so
-    # a document holds 0-5 of it and a one-digit answer is sometimes right.
+    # Pages of 1,000 characters, not 10,000 (~2.2K tokens: one group of 16 episodes over such pages took
+    # 53 s to train here, through the 152K-word output layer; 16 groups take ~15 min a step); the default
+    # 28-36 pages a document, so as many turns. A made-up WikiText-103 (a problem spans 40 pages): each
+    # target word at 1 in 3,500 words, so a document holds 0-5 of it and a one-digit answer is sometimes
+    # right.
     write_wikitext(hub_mirror, numerics_env.DEFAULT_WORDS, chars=60_000, rate=1 / 3_500)
     task = chz.replace(numerics.CLIConfig().task, page_chars=1_000)
     # 1 group of 8 (the README's recommended group size), not 16 of 16.
