@@ -10,8 +10,10 @@ The rows are small and made up (or, for GSM8K, taken from ../shared), in each da
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -94,3 +96,54 @@ def write_hub_mirror(root: Path, gsm8k_dir: Path | None = None, rows: int = 300)
 
         _write_repo(root, "openai/gsm8k", {"train": read("train", rows), "test": read("test", 24)}, config="main")
     return root
+
+
+FILLER = (
+    "the of and in to was a is for on with by as at from his that it were which an are this had its be "
+    "also first new two year city river village church team game album song war film state school"
+).split()
+
+
+def write_wikitext(root: Path, words: Sequence[str], chars: int, rate: float, seed: int = 0) -> Path:
+    """A made-up stand-in for WikiText-103 train (`Salesforce/wikitext`, config
+    `wikitext-103-raw-v1`, rows of `text`, headings and paragraphs as in the original, with its
+    ` @-@ ` escapes) of about `chars` characters: filler words, and each of `words` at `rate` per word."""
+    rng = random.Random(seed)
+    lines: list[str] = []
+    total = 0
+    while total < chars:
+        lines.append(f" = Article {len(lines)} = \n")
+        paragraph = [rng.choice(words) if rng.random() < rate * len(words) else rng.choice(FILLER) for _ in range(150)]
+        paragraph[7] = "1 @-@ 2"
+        lines.append(" " + " ".join(paragraph) + " . \n")
+        total += len(lines[-2]) + len(lines[-1])
+    _write_repo(root, "Salesforce/wikitext", {"train": ({"text": line} for line in lines)}, "wikitext-103-raw-v1")
+    return root
+
+
+def write_prophet_arena(path: Path, train_outcomes: Sequence[int], validation_outcomes: Sequence[int]) -> Path:
+    """A made-up Prophet Arena CSV (the columns of `subset_data_1200.csv`, which the forecasting recipes
+    take as `data_path`): one single-market event per outcome, the training ones opened and closed in
+    September 2025 and the validation ones opened in November, either side of the recipes' default
+    split date (2025-10-20)."""
+    fields = ["submission_id", "event_ticker", "title", "snapshot_time", "close_time"]
+    fields += ["market_outcome", "category", "markets", "sources"]
+    with path.open("w", newline="", encoding="utf-8") as out:
+        writer = csv.DictWriter(out, fieldnames=fields)
+        writer.writeheader()
+        for i, (outcome, month) in enumerate([(o, 9) for o in train_outcomes] + [(o, 11) for o in validation_outcomes]):
+            market = f"Team {i} wins"
+            writer.writerow(
+                {
+                    "submission_id": f"sub-{i}",
+                    "event_ticker": f"EVENT-{i}",
+                    "title": f"Will team {i} win its next match?",
+                    "snapshot_time": f"2025-{month:02d}-{1 + i:02d}T12:00:00Z",
+                    "close_time": f"2025-{month:02d}-{2 + i:02d}T12:00:00Z",
+                    "market_outcome": json.dumps({market: outcome}),
+                    "category": "Sports",
+                    "markets": json.dumps([market]),
+                    "sources": json.dumps([{"title": f"Team {i} preview", "summary": "Form is mixed.", "ranking": 1}]),
+                }
+            )
+    return path

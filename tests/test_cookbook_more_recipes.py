@@ -2,13 +2,16 @@
 their default configurations, for a step or two against ONE real `eztinker server` process:
 sl_basic, rl_basic, preference/shorter, prompt_distillation (its data creation, then training),
 rubric (its grader is a second model on the same server), multiplayer guess_number and
-twenty_questions (the answerer is a model on the server) and the three-stage RLHF pipeline.
+twenty_questions (the answerer is a model on the server), the three-stage RLHF pipeline,
+on_policy_multi_teacher (two teachers on the server), rl_numerics_check (on a local WikiText),
+forecasting and decisions.forecasting (on a local Prophet Arena CSV).
 
 Only what a user without the Hub or a cluster changes is changed: the log path, the step count,
 the batch count (groups or rows per batch, where the default samples thousands of rollouts), local
-data, and, for the multiplayer games, eval_every=0 (their default evaluation plays 400-3,200 games
-before the first step). The model names are the recipes' defaults, served by the server from local
-folders (`--model NAME=FOLDER`) and mapped to the folders' tokenizers with the cookbook's own
+data, for the multiplayer games, eval_every=0 (their default evaluation plays 400-3,200 games
+before the first step), and for rl_numerics_check the page length (each test says why). The
+model names are the recipes' defaults, served by the server from local folders
+(`--model NAME=FOLDER`) and mapped to the folders' tokenizers with the cookbook's own
 `register_tokenizer`.
 
 The models are hand-set tiny Qwen2s (tests/hand_set.py) whose next token depends on the current
@@ -16,7 +19,8 @@ one only, so rollouts follow a known table: the role_colon model boxes 3 or 7 (G
 mixed); the chat model asks "Is it?" or writes "Guess: <digits>" (or, rarely, " garden", the first
 twenty-questions word), so lengths, parse failures and wins are mixed; the grader writes a
 `<score>1|0</score>` or a `Final Answer: en|fr` line, so rubric scores are mixed and prompt
-distillation's teacher labels half its sentences.
+distillation's teacher labels half its sentences; the counter reads pages with Qwen3.5's XML tool
+calls or answers a count; the forecaster forecasts 0.2 or 0.8, and gives YES 0.3 as a decision model.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/se
 import chz  # noqa: E402
 import datasets.config  # noqa: E402
 from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
-from hub_datasets import _write_repo, write_hub_mirror  # noqa: E402
+from hub_datasets import _write_repo, write_hub_mirror, write_prophet_arena, write_wikitext  # noqa: E402
 from recipe_runs import RecipeTimes, rows  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -40,6 +44,12 @@ from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 BASE = "Qwen/Qwen3.5-9B-Base"  # sl_basic's, rl_basic's and rlhf's default: role_colon renderer
 CHAT = ("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-9B")  # shorter's and the games' players; rubric's policy; 20q's answerer
 GRADER = "Qwen/Qwen3.6-35B-A3B"  # rubric's grader; prompt distillation's teacher and student
+# rl_numerics_check's default model: a ":peft:<context>" variant of the grader's name, served under its full name
+NUMERICS = "Qwen/Qwen3.6-35B-A3B:peft:262144"
+# forecasting's and decisions.forecasting's default model
+FORECASTER = "Qwen/Qwen3.8-27B"
+# on_policy_multi_teacher's teachers (DeepMath's, Tulu 3's): the grader and the boxed model, not the student
+TEACHERS = ("Qwen/Qwen3.6-27B", "Qwen/Qwen3.5-397B-A17B")
 TIMES = RecipeTimes()
 timed = TIMES.timed
 
@@ -76,6 +86,36 @@ GRADER_CHAIN = {
     " en": {"<|im_end|>": 1.0},
     " fr": {"<|im_end|>": 1.0},
 }
+# rl_numerics_check's reader: after the generation prompt ("<think>\n") it calls read_page(1-9) or
+# answers "Answer: <0-5>"; a page number closes its call 70% of the time (else the call is unterminated:
+# a parse failure, -0.1), and an answer's digit is followed by the call's closing tags (plain text) or stops.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<function=read_page>", "</function>", "<parameter=page>", "</parameter>")
+COUNTER_DEFAULT = {"<|im_end|>": 1.0}
+COUNTER_CHAIN = {
+    "\n": {"<tool_call>": 0.75, "Answer": 0.25},
+    "<tool_call>": {"<function=read_page>": 1.0},
+    "<function=read_page>": {"<parameter=page>": 1.0},
+    "<parameter=page>": {str(d): 1 / 9 for d in range(1, 10)},
+    "Answer": {":": 1.0},
+    ":": {" ": 1.0},
+    " ": {"0": 0.2, "1": 0.25, "2": 0.25, "3": 0.15, "4": 0.1, "5": 0.05},
+    **{d: {"</parameter>": 0.7, "<|im_end|>": 0.3} for d in DIGITS},
+    "</parameter>": {"</function>": 1.0},
+    "</function>": {"</tool_call>": 1.0},
+    "</tool_call>": {"<|im_end|>": 1.0},
+}
+
+# The forecaster: after qwen3_8_low_reasoning's generation prompt ("<think>\n") it closes its thinking
+# and forecasts 0.2 or 0.8; as a decision model (the answer position follows "choice#") P(Y) is 0.3.
+FORECASTER_DEFAULT = {"<|im_end|>": 1.0}
+FORECASTER_CHAIN = {
+    "\n": {"</think>": 1.0},
+    "</think>": {"\n\n": 1.0},
+    "\n\n": {"0": 1.0},
+    "0": {".": 1.0},
+    ".": {"2": 0.5, "8": 0.5},
+    "#": {"Y": 0.3, "N": 0.7},
+}
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +125,20 @@ def root(tmp_path_factory) -> Path:
     # Qwen3.5's tokenizer has <think> and </think> as single tokens (its renderer requires it)
     hand_set_model(root / "chat", CHAT_DEFAULT, CHAT_CHAIN, THINK_TOKENS)
     hand_set_model(root / "grader", GRADER_DEFAULT, GRADER_CHAIN, THINK_TOKENS)
+    hand_set_model(root / "counter", COUNTER_DEFAULT, COUNTER_CHAIN, THINK_TOKENS + TOOL_TOKENS)
+    hand_set_model(root / "forecaster", FORECASTER_DEFAULT, FORECASTER_CHAIN, THINK_TOKENS)
     return root
 
 
-FOLDERS = {BASE: "boxed", **dict.fromkeys(CHAT, "chat"), GRADER: "grader"}
+FOLDERS = {
+    BASE: "boxed",
+    **dict.fromkeys(CHAT, "chat"),
+    GRADER: "grader",
+    TEACHERS[0]: "grader",
+    TEACHERS[1]: "boxed",
+    NUMERICS: "counter",
+    FORECASTER: "forecaster",
+}
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +147,10 @@ def server(root):
         model=[f"{name}={root / folder}" for name, folder in FOLDERS.items()],
         data_dir=root / "data",
         log_file=root / "server.log",
-        # rubric's grader samples up to 2048 tokens (the server's default bound is 1024)
-        extra_args=["--device", "cpu", "--max-new-tokens", "2048"],
+        # rubric's grader samples up to 2048 tokens, on_policy_multi_teacher's student 4096 and
+        # forecasting's policy 24,576 (the server's default bound is 1024); rl_numerics_check's
+        # episodes may reach 128K tokens (4096)
+        extra_args=["--device", "cpu", "--max-new-tokens", str(24 * 1024), "--max-prompt-tokens", str(128 * 1024)],
         env=offline_env(),
         startup_timeout=120,
         poll_interval=0.05,
@@ -317,4 +369,104 @@ def test_text_arena_tictactoe_self_play(server, tmp_path):
     # and the other's 0, so every group is mixed and the mean is -1.
     assert step["env/all/by_group/frac_mixed"] == 1 and step["env/all/reward/total"] == -1, step
     assert step["grad_norm"] > 0, step
+    no_server_errors(server)
+
+
+# ------------------------------------------------------------------------------ distillation
+def test_on_policy_multi_teacher_distils_each_dataset_from_its_own_teacher(server, tmp_path):
+    from tinker_cookbook.recipes.distillation import on_policy_multi_teacher as multi
+
+    # 1 DeepMath and 1 Tulu 3 prompt a step, not 512 and 512 (4 replies each); 2 steps.
+    config = multi.CLIConfig(
+        log_path=str(tmp_path / "run"), max_steps=2, deepmath_groups_per_batch=1, tulu3_groups_per_batch=1
+    )
+    assert (config.model_name, config.deepmath_teacher_model, config.tulu3_teacher_model) == (CHAT[1], *TEACHERS)
+    timed("on_policy_multi_teacher", lambda: asyncio.run(multi.cli_main(config)))
+    steps = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "teacher_kl" in m]
+    assert len(steps) == 2, steps
+    # Each teacher has other weights than the student, so its logprobs of the student's replies differ
+    # (the hand-set tables differ by whole probabilities, so the KL is far from zero), on both datasets.
+    for m in steps:
+        assert abs(m["teacher_kl/dataset_0"]) > 0.1 and abs(m["teacher_kl/dataset_1"]) > 0.1, m
+        assert abs(m["optim/kl_sample_train_v1"]) < 1e-3, m
+    assert_trained(server, tmp_path / "run", CHAT[1])
+    no_server_errors(server)
+
+
+# ------------------------------------------------------------------------------ numerics
+def test_rl_numerics_check_reads_pages_over_turns(server, root, hub_mirror, tmp_path, monkeypatch):
+    from tinker_cookbook import tokenizer_utils
+    from tinker_cookbook.recipes.rl_numerics_check import env as numerics_env
+    from tinker_cookbook.recipes.rl_numerics_check import train as numerics
+
+    # The cookbook looks the tokenizer up by the name before ":" (the grader's): the reader's has the tool tokens.
+    tokenizer = AutoTokenizer.from_pretrained(root / "counter")
+    monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, GRADER, lambda: tokenizer)
+    # Pages of 1,000 characters, not 10,000 (~2.2K tokens: one group of 16 episodes over such pages took
+    # 53 s to train here, through the 152K-word output layer; 16 groups take ~15 min a step); the default
+    # 28-36 pages a document, so as many turns. A made-up WikiText-103 (a problem spans 40 pages): each
+    # target word at 1 in 3,500 words, so a document holds 0-5 of it and a one-digit answer is sometimes
+    # right.
+    write_wikitext(hub_mirror, numerics_env.DEFAULT_WORDS, chars=60_000, rate=1 / 3_500)
+    task = chz.replace(numerics.CLIConfig().task, page_chars=1_000)
+    # 1 group of 8 (the README's recommended group size), not 16 of 16.
+    cli = numerics.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=1, group_size=8, task=task)
+    assert (cli.model_name, cli.task.num_pages_min, cli.task.num_pages_max) == (NUMERICS, 28, 36)
+    config = numerics.build_config(cli)
+    timed("rl_numerics_check", lambda: asyncio.run(numerics.train.main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # Some episodes read pages over several turns; they end in a parse failure (-0.1), a wrong count (0)
+    # or a right one (1): the group is mixed and the gradient moved.
+    assert step["env/all/turns_per_episode"] > 1 and step["env/all/pages_read"] > 0, step
+    assert step["env/all/by_group/frac_mixed"] == 1 and step["grad_norm"] > 0, step
+    # The check itself: over these multi-turn sequences the sampler's logprobs are the trainer's.
+    assert abs(step["optim/kl_sample_train_v1"]) < 1e-3 and step["optim/kl_sample_train_v2"] < 1e-5, step
+    no_server_errors(server)
+
+
+# ------------------------------------------------------------------------------ forecasting
+TRAIN_OUTCOMES, VALIDATION_OUTCOMES = [1, 0, 0, 1, 0, 1, 1, 0], [1, 0, 0, 1]
+
+
+def test_forecasting_rl_on_a_local_prophet_arena_csv(server, tmp_path):
+    from tinker_cookbook.recipes.forecasting import train as forecasting
+
+    data = write_prophet_arena(tmp_path / "prophet.csv", TRAIN_OUTCOMES, VALIDATION_OUTCOMES)
+    # 1 market of 32 forecasts a step, not 16; 1 step, not 128.
+    config = forecasting.Config(data_path=str(data), log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=1)
+    assert (config.model_name, config.group_size, config.eval_every) == (FORECASTER, 32, 16)
+    timed("forecasting", lambda: asyncio.run(forecasting.cli_main(config)))
+    (step,) = rl_steps(tmp_path / "run")
+    # Forecasts of 0.2 and 0.8 score 0.96 and 0.36 (1 - Brier): a mixed group. Nearly every reply parses
+    # (the hand-set model leaves ~1e-3 a token to other words: an odd reply is unreadable and scores 0).
+    assert step["env/all/format_valid"] >= 0.9 and 0.3 < step["env/all/brier_reward"] < 0.96, step
+    assert step["env/all/by_group/frac_mixed"] == 1 and step["grad_norm"] > 0, step
+    assert abs(step["optim/kl_sample_train_v1"]) < 1e-3, step
+    # The 4 validation markets (8 forecasts each) are scored before the step and from the final weights.
+    evals = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if "test/env/all/brier_reward" in m]
+    # (the first is logged in the step's row, batch 0; the second by the recipe after train.main, at step 1)
+    assert len(evals) == 2 and evals[0]["progress/batch"] == 0 and evals[1]["step"] == 1, evals
+    assert all(0.3 < m["test/env/all/brier_reward"] < 0.96 and "test/env/all/auc" in m for m in evals), evals
+    assert_trained(server, tmp_path / "run", FORECASTER)
+    no_server_errors(server)
+
+
+def test_decisions_forecasting_fits_yes_no_probabilities(server, tmp_path):
+    from tinker_cookbook.recipes.decisions import forecasting as decisions
+
+    data = write_prophet_arena(tmp_path / "prophet.csv", TRAIN_OUTCOMES, VALIDATION_OUTCOMES)
+    config = decisions.Config(data_path=str(data), log_path=str(tmp_path / "run"))
+    assert (config.model_name, config.batch_size, config.epochs) == (FORECASTER, 32, 1)
+    timed("decisions/forecasting", lambda: asyncio.run(decisions.main(config)))
+    logged = rows(tmp_path / "run" / "metrics.jsonl")
+    # The 8 training markets are one batch of the default 32: one step, scored before and after.
+    (step,) = [m for m in logged if "train/loss" in m]
+    before, after = [m for m in logged if "test/brier_reward" in m]
+    # Before training P(YES) is the table's 0.3 for every market: the validation outcomes 1, 0, 0, 1
+    # score 1 - 0.7^2 and 1 - 0.3^2 twice each, and the training batch's target probability is
+    # 0.3 for its 4 YES markets and 0.7 for its 4 NO ones.
+    assert before["test/brier_reward"] == pytest.approx(1 - (0.49 + 0.09) / 2, abs=0.01), before
+    assert before["test/accuracy"] == 0.5 and step["train/target_prob:mean"] == pytest.approx(0.5, abs=0.01), step
+    assert math.isfinite(step["train/loss"]) and after["test/brier_reward"] != before["test/brier_reward"], after
+    assert_trained(server, tmp_path / "run", FORECASTER)
     no_server_errors(server)
