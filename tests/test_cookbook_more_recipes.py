@@ -403,7 +403,7 @@ def test_rl_numerics_check_reads_pages_over_turns(server, root, hub_mirror, tmp_
     tokenizer = AutoTokenizer.from_pretrained(root / "counter")
     monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, GRADER, lambda: tokenizer)
     # Pages of 1,000 characters, not 10,000 (~2.2K tokens: one group of 16 episodes over such pages took
-    # 53 s to train here, through the 152K-word output layer; 16 groups take ~15 min a step); the default
+    # 53 s to train here through Qwen2's 152K-word output layer; 16 groups take ~15 min a step); the default
     # 28-36 pages a document, so as many turns. A made-up WikiText-103 (a problem spans 40 pages): each
     # target word at 1 in 3,500 words, so a document holds 0-5 of it and a one-digit answer is sometimes
     # right.

@@ -12,8 +12,9 @@ the step or what precedes it changes nothing: every step's TTS is 0 (decorative)
 What the recipe measures is one token off that: tts.compute_early_exit_confidence sums
 `logprobs[answer_start - 1 : answer_start - 1 + len(answer)]`, but the SDK's compute_logprobs gives
 token i's logprob at index i (its docstring sums `logprobs[-len(completion):]`), so the sum is
-P("{" | "boxed") and the answer's tokens but its last ("}"). The table makes "{" certain after
-"boxed", so the measured confidences are 0.72, 0.2 x 1 x 0.1 x 0.5 = 0.01 and next to none.
+P("{" | "ed") and the answer's tokens but its last ("}") ("\\boxed{" is "\\", "box", "ed", "{" in the
+hand-set model's trimmed vocabulary). The table makes "{" certain after "ed", so the measured
+confidences are 0.72, 0.2 x 1 x 0.1 x 0.5 = 0.01 and next to none.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ TIMES = RecipeTimes()
 THINKER_DEFAULT = {"<|im_end|>": 1.0}
 THINKER_CHAIN = {
     "\n": {"So": 1.0},
-    "boxed": {"{": 1.0},
+    "ed": {"{": 1.0},  # the cue's "\\boxed{" ends in "ed", "{"
     "So": {" x": 1.0},
     " x": {"=": 1.0},
     "=": {"3": 1.0},
