@@ -170,8 +170,16 @@ def hub_mirror(tmp_path_factory) -> Path:
     return mirror
 
 
+@pytest.fixture(scope="module")
+def tokenizers(root) -> dict[str, object]:
+    """Each served name's tokenizer, loaded once for the module: the cookbook's registry calls its
+    factory at every look-up (chat datasets look up once a row)."""
+    loaded = {folder: AutoTokenizer.from_pretrained(root / folder) for folder in set(FOLDERS.values())}
+    return {name: loaded[folder] for name, folder in FOLDERS.items()}
+
+
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch, server, root, hub_mirror, tmp_path):
+def _offline(monkeypatch, server, tokenizers, hub_mirror, tmp_path):
     import tinker_cookbook.utils.cost_estimation as cost_estimation
     from tinker_cookbook import tokenizer_utils
 
@@ -182,9 +190,7 @@ def _offline(monkeypatch, server, root, hub_mirror, tmp_path):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TINKER_COOKBOOK_RUNS_DIR", str(tmp_path / "runs"))  # default log paths
     monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
-    for name, folder in FOLDERS.items():
-        # the registry calls its factory at every look-up (chat datasets look up per row): load once
-        tokenizer = AutoTokenizer.from_pretrained(root / folder)
+    for name, tokenizer in tokenizers.items():
         monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, name, lambda tokenizer=tokenizer: tokenizer)
     monkeypatch.chdir(hub_mirror)  # `load_dataset("<org>/<name>")` reads the local copy
     # ... and caches it under its name and config alone (~/.cache/huggingface/datasets/gsm8k/main/...):
