@@ -19,9 +19,8 @@ import pytest
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
 
 from hub_datasets import write_hub_mirror  # noqa: E402
-from recipe_runs import rows  # noqa: E402
+from recipe_runs import offline_cookbook, recipe_server, rows  # noqa: E402
 
-from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 from eztinker.tiny import make_tiny_model  # noqa: E402
 
 RENDERER = "qwen3_instruct"  # Qwen's ChatML without <think>: Qwen2 is not in the cookbook's model table
@@ -52,15 +51,7 @@ SL_LOOP_MODEL = "Qwen/Qwen3.5-9B-Base"
 def server(student_dir, teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes-server")
     models = [str(student_dir), str(teacher_dir), f"{SL_LOOP_MODEL}={student_dir}"]
-    with ServerProcess(
-        model=models,
-        data_dir=root / "data",
-        log_file=root / "server.log",
-        extra_args=["--device", "cpu"],
-        env=offline_env(),
-        startup_timeout=300,
-        poll_interval=0.05,
-    ) as running:
+    with recipe_server(root, models, startup_timeout=300) as running:
         yield running
 
 
@@ -71,14 +62,7 @@ def hub_mirror(tmp_path_factory, gsm8k_dir):
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, server, hub_mirror):
-    import tinker_cookbook.utils.cost_estimation as cost_estimation
-
-    monkeypatch.setenv("TINKER_BASE_URL", server.url)
-    monkeypatch.setenv("TINKER_API_KEY", "tml-cookbook")
-    monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
+    offline_cookbook(monkeypatch, server.url)
     monkeypatch.chdir(hub_mirror)  # `load_dataset("<org>/<name>")` reads the local copy
 
 

@@ -11,8 +11,8 @@ the batch count (groups or rows per batch, where the default samples thousands o
 data, for the multiplayer games, eval_every=0 (their default evaluation plays 400-3,200 games
 before the first step), and for rl_numerics_check the page length (each test says why). The
 model names are the recipes' defaults, served by the server from local folders
-(`--model NAME=FOLDER`) and mapped to the folders' tokenizers with the cookbook's own
-`register_tokenizer`.
+(`--model NAME=FOLDER`) and mapped to the folders' tokenizers in the cookbook's own tokenizer
+registry (`recipe_runs.offline_cookbook`).
 
 The models are hand-set tiny Qwen2s (tests/hand_set.py) whose next token depends on the current
 one only, so rollouts follow a known table: the role_colon model boxes 3 or 7 (GSM8K groups are
@@ -36,10 +36,8 @@ import chz  # noqa: E402
 import datasets.config  # noqa: E402
 from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
 from hub_datasets import _write_repo, write_hub_mirror, write_prophet_arena, write_wikitext  # noqa: E402
-from recipe_runs import RecipeTimes, rows  # noqa: E402
+from recipe_runs import RecipeTimes, offline_cookbook, recipe_server, rows  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-
-from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 
 BASE = "Qwen/Qwen3.5-9B-Base"  # sl_basic's, rl_basic's and rlhf's default: role_colon renderer
 CHAT = ("Qwen/Qwen3.5-4B", "Qwen/Qwen3.5-9B")  # shorter's and the games' players; rubric's policy; 20q's answerer
@@ -143,18 +141,12 @@ FOLDERS = {
 
 @pytest.fixture(scope="module")
 def server(root):
-    with ServerProcess(
-        model=[f"{name}={root / folder}" for name, folder in FOLDERS.items()],
-        data_dir=root / "data",
-        log_file=root / "server.log",
-        # rubric's grader samples up to 2048 tokens, on_policy_multi_teacher's student 4096 and
-        # forecasting's policy 24,576 (the server's default bound is 1024); rl_numerics_check's
-        # episodes may reach 128K tokens (4096)
-        extra_args=["--device", "cpu", "--max-new-tokens", str(24 * 1024), "--max-prompt-tokens", str(128 * 1024)],
-        env=offline_env(),
-        startup_timeout=120,
-        poll_interval=0.05,
-    ) as running:
+    models = [f"{name}={root / folder}" for name, folder in FOLDERS.items()]
+    # rubric's grader samples up to 2048 tokens, on_policy_multi_teacher's student 4096 and
+    # forecasting's policy 24,576 (the server's default bound is 1024); rl_numerics_check's
+    # episodes may reach 128K tokens (4096)
+    limits = ["--max-new-tokens", str(24 * 1024), "--max-prompt-tokens", str(128 * 1024)]
+    with recipe_server(root, models, limits) as running:
         yield running
 
 
@@ -180,18 +172,8 @@ def tokenizers(root) -> dict[str, object]:
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, server, tokenizers, hub_mirror, tmp_path):
-    import tinker_cookbook.utils.cost_estimation as cost_estimation
-    from tinker_cookbook import tokenizer_utils
-
-    monkeypatch.setenv("TINKER_BASE_URL", server.url)
-    monkeypatch.setenv("TINKER_API_KEY", "tml-cookbook")
-    monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    offline_cookbook(monkeypatch, server.url, tokenizers)
     monkeypatch.setenv("TINKER_COOKBOOK_RUNS_DIR", str(tmp_path / "runs"))  # default log paths
-    monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
-    for name, tokenizer in tokenizers.items():
-        monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, name, lambda tokenizer=tokenizer: tokenizer)
     monkeypatch.chdir(hub_mirror)  # `load_dataset("<org>/<name>")` reads the local copy
     # ... and caches it under its name and config alone (~/.cache/huggingface/datasets/gsm8k/main/...):
     # a copy another test wrote with other rows would be read instead of this one.

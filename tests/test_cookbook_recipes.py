@@ -5,7 +5,7 @@ distillation: [N, K] cross_entropy) and off-policy distillation (n_teacher_targe
 
 Only what a user without the Hub changes is changed: base_url, the log path, max_steps, and
 local data. The server presents its model under a name from the cookbook's model table
-(`--model Qwen/Qwen3.5-9B-Base=FOLDER`), and the cookbook's own `register_tokenizer` maps that name
+(`--model Qwen/Qwen3.5-9B-Base=FOLDER`), and the cookbook's own tokenizer registry maps that name
 to the folder's tokenizer.
 
 The model is a hand-set tiny Qwen2 (see `hand_set.hand_set_model`): its next token depends only on the
@@ -25,10 +25,8 @@ import pytest
 
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
 from hand_set import BOXED_CHAIN, BOXED_DEFAULT, hand_set_model  # noqa: E402
-from recipe_runs import RecipeTimes, rows  # noqa: E402
+from recipe_runs import RecipeTimes, offline_cookbook, recipe_server, rows  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-
-from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 
 MODEL = "Qwen/Qwen3.5-9B-Base"  # rl_loop's and off-policy reasoning's default; role_colon renderer
 RENDERER = "qwen3_instruct"  # ChatML, whose stop is <|im_end|> (role_colon's is the text "\n\nUser:")
@@ -50,33 +48,19 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(root):
     # The model table's name for a local folder (--model NAME=PATH).
-    with ServerProcess(
-        model=f"{MODEL}={root / MODEL}",
-        data_dir=root / "data",
-        log_file=root / "server.log",
-        # SDFT samples up to 2048 tokens by default (the server's default bound is 1024)
-        extra_args=["--device", "cpu", "--max-new-tokens", "2048"],
-        env=offline_env(),
-        startup_timeout=120,
-        poll_interval=0.05,
-    ) as running:
+    # SDFT samples up to 2048 tokens by default (the server's default bound is 1024)
+    with recipe_server(root, [f"{MODEL}={root / MODEL}"], ["--max-new-tokens", "2048"]) as running:
         yield running
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch, server, root):
-    import tinker_cookbook.utils.cost_estimation as cost_estimation
-    from tinker_cookbook import tokenizer_utils
+def _offline(monkeypatch, server, tokenizer):
+    offline_cookbook(monkeypatch, server.url, {MODEL: tokenizer})
 
-    monkeypatch.setenv("TINKER_BASE_URL", server.url)
-    monkeypatch.setenv("TINKER_API_KEY", "tml-cookbook")
-    monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
-    # the registry calls its factory at every look-up: load once
-    tokenizer = AutoTokenizer.from_pretrained(root / MODEL)
-    tokenizer_utils.register_tokenizer(MODEL, lambda: tokenizer)
+
+@pytest.fixture(scope="module")
+def tokenizer(root):
+    return AutoTokenizer.from_pretrained(root / MODEL)
 
 
 @pytest.fixture(scope="module", autouse=True)

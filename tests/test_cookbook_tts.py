@@ -29,10 +29,8 @@ import pytest
 
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
 from hand_set import hand_set_model  # noqa: E402
-from recipe_runs import RecipeTimes  # noqa: E402
+from recipe_runs import RecipeTimes, offline_cookbook, recipe_server  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-
-from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 
 MODEL = "Qwen/Qwen3.5-4B"
 TIMES = RecipeTimes()
@@ -61,32 +59,18 @@ def thinker(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(thinker, tmp_path_factory):
     root = tmp_path_factory.mktemp("tts-server")
-    with ServerProcess(
-        model=[f"{MODEL}={thinker}"],
-        data_dir=root / "data",
-        log_file=root / "server.log",
-        # the experiment's CoT may run to 2048 tokens (the server's default bound is 1024)
-        extra_args=["--device", "cpu", "--max-new-tokens", "2048"],
-        env=offline_env(),
-        startup_timeout=120,
-        poll_interval=0.05,
-    ) as running:
+    # the experiment's CoT may run to 2048 tokens (the server's default bound is 1024)
+    with recipe_server(root, [f"{MODEL}={thinker}"], ["--max-new-tokens", "2048"]) as running:
         yield running
 
 
 def test_true_thinking_score_finds_every_step_of_a_context_free_model_decorative(
     server, thinker, tmp_path, monkeypatch, caplog
 ):
-    from tinker_cookbook import tokenizer_utils
     from tinker_cookbook.recipes.true_thinking_score import run_small_experiment as experiment
 
-    monkeypatch.setenv("TINKER_BASE_URL", server.url)
-    monkeypatch.setenv("TINKER_API_KEY", "tml-cookbook")
-    monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_cookbook(monkeypatch, server.url, {MODEL: AutoTokenizer.from_pretrained(thinker)})
     monkeypatch.setenv("TINKER_COOKBOOK_RUNS_DIR", str(tmp_path / "runs"))
-    tokenizer = AutoTokenizer.from_pretrained(thinker)
-    monkeypatch.setitem(tokenizer_utils._CUSTOM_TOKENIZER_REGISTRY, MODEL, lambda: tokenizer)
     caplog.set_level(logging.INFO, logger="tinker_cookbook.recipes.true_thinking_score.tts")
     assert experiment.MODEL_NAME == MODEL and [p["answer"] for p in experiment.PROBLEMS] == ["54", "2500", "5/14"]
 

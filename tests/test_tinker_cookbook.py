@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/setup.sh installs it)")
 import chz  # noqa: E402
-from recipe_runs import rows  # noqa: E402
+from recipe_runs import offline_cookbook, recipe_server, rows  # noqa: E402
 from tinker_cookbook import renderers  # noqa: E402
 from tinker_cookbook.rl import train as rl_train  # noqa: E402
 from tinker_cookbook.rl.problem_env import ProblemEnv, ProblemGroupBuilder  # noqa: E402
@@ -22,35 +22,19 @@ from tinker_cookbook.supervised.data import FromConversationFileBuilder  # noqa:
 from tinker_cookbook.supervised.types import ChatDatasetBuilderCommonConfig  # noqa: E402
 from tinker_cookbook.tokenizer_utils import get_tokenizer  # noqa: E402
 
-from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
-
 RENDERER = "qwen3_instruct"  # Qwen's ChatML without <think>: Qwen2 is not in the cookbook's model table
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cookbook-server")
-    with ServerProcess(
-        model=str(tiny_model_dir),
-        data_dir=root / "data",
-        log_file=root / "server.log",
-        extra_args=["--device", "cpu"],
-        env=offline_env(),
-        startup_timeout=120,
-        poll_interval=0.05,
-    ) as running:
+    with recipe_server(root, [str(tiny_model_dir)]) as running:
         yield running
 
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, server):
-    import tinker_cookbook.utils.cost_estimation as cost_estimation
-
-    monkeypatch.setenv("TINKER_BASE_URL", server.url)
-    monkeypatch.setenv("TINKER_API_KEY", "tml-cookbook")
-    monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(cost_estimation, "_pricing_fetched", True)  # its price list is on the internet
+    offline_cookbook(monkeypatch, server.url)
 
 
 def test_the_cookbook_supervised_loop_trains_and_checkpoints(server, tiny_model_dir, tmp_path):
