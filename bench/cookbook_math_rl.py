@@ -11,8 +11,9 @@ ChatML like SmolLM2's own template) by name, and the cookbook's `register_tokeni
 to the folder's tokenizer. The recipe's config keeps its defaults (LoRA rank 32, 100 groups of 4 a
 step, lr 1e-5, 5 new tokens, temperature 1, the loss named) except base_url, log_path, model_name,
 `save_every=1` (so the adapter at the deadline is on disk) and `eval_every=0` (the held-out
-evaluation below runs outside the budget). The recipe runs in a child process, killed at the deadline. `--set` changes
-one more field of the recipe's CLIConfig (as bench/learning.py's does), and the result names it.
+evaluation below runs outside the budget). The recipe runs in a child process, killed at the
+deadline. `--set` changes one more field of the recipe's CLIConfig (as bench/learning.py's does),
+and the result names it.
 
 Held-out accuracy: the environment's own problems ("What is x + y?", x, y in 0..100, its few-shot
 prefix) from batch index 10,000 of its dataset (training draws batch indices 0-99), one greedy reply
