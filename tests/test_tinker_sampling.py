@@ -224,16 +224,12 @@ def test_an_unknown_asample_field_is_refused_not_ignored(server, tiny_model_dir)
         assert answer["category"] == "user" and "sampling_params.min_p" in answer["error"]
 
 
-def test_a_sampling_client_keeps_a_quarter_of_the_connection_cap_in_flight(tiny_model_dir, tmp_path):
+def test_a_sampling_client_keeps_a_quarter_of_the_connection_cap_in_flight(make_server, tiny_model_dir):
     """Each sample in flight holds a connection polling for its result. The server tells the SDK to
     keep a quarter of `max_connections` in flight, so a burst of samples (the cookbook's math_rl sends
     400 a step) waits in the SDK instead of meeting uvicorn's cap with 503s and retries."""
-    from eztinker.launcher import ThreadedServer, build_service
-    from eztinker.server.settings import ServerSettings
-
-    settings = ServerSettings(model=[str(tiny_model_dir)], device="cpu", data_dir=tmp_path / "data", max_connections=16)
     refusals = _Refusals()
-    with ThreadedServer(build_service(settings)) as server:
+    with make_server(max_connections=16) as server:
         logging.getLogger("uvicorn.error").addHandler(refusals)  # uvicorn's loggers do not reach the root
         config = httpx.post(f"{server.url}/api/v1/client/config", json={}, headers={"X-API-Key": "tml-burst"})
         assert config.json()["sample_max_concurrent_requests"] == 4
