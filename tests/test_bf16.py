@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from eztinker.chat import datum_from_tokens
 from eztinker.engine import Engine, SampleSpec, device_paths, load_base_model, prompt_attention
 from eztinker.engine.engine import head_matches
+from eztinker.tiny import copy_tokenizer
 from eztinker.types import AdamParams, LoraConfig, SamplingParams
 
 LORA = LoraConfig(rank=4, alpha=16)
@@ -28,9 +29,8 @@ def peaked_model_dir(tiny_model_dir, tmp_path_factory):
                 param.mul_(10)
     out = tmp_path_factory.mktemp("peaked-qwen2")
     model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (tiny_model_dir / name).exists():
-            (out / name).write_bytes((tiny_model_dir / name).read_bytes())
+    copy_tokenizer(tiny_model_dir, out)
+    (out / "generation_config.json").write_bytes((tiny_model_dir / "generation_config.json").read_bytes())
     return out
 
 

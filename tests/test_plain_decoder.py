@@ -24,7 +24,7 @@ import eztinker.engine.plain_decoder as plain_decoder
 import eztinker.engine.sampler as sampler_module
 from eztinker.chat import datum_from_tokens
 from eztinker.engine import Engine, SampleSpec, load_base_model
-from eztinker.tiny import make_tiny_llama, make_tiny_model, qwen2_config_dir
+from eztinker.tiny import copy_tokenizer, make_tiny_llama, make_tiny_model, qwen2_config_dir
 from eztinker.types import AdamParams, LoraConfig, SamplingParams
 
 
@@ -45,7 +45,7 @@ def _tiny_qwen3(out_dir):
         eos_token_id=qwen.get("eos_token_id"),
     )
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    copy_tokenizer(qwen2_config_dir(), out_dir)
     return out_dir
 
 

@@ -164,13 +164,15 @@ def test_verifier_scorer_and_judge_verdicts():
 @pytest.fixture(scope="module")
 def tiny_reward_model(tmp_path_factory, tiny_model_dir):
     """A tiny random Qwen2 with a one-label classification head, and the Qwen2 tokenizer."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from eztinker.tiny import copy_tokenizer
 
     out = tmp_path_factory.mktemp("reward-model")
     config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    copy_tokenizer(tiny_model_dir, out)
     return out
 
 

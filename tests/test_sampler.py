@@ -14,10 +14,11 @@ import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from eztinker.chat import datum_from_tokens
 from eztinker.engine import Engine, SampleSpec, load_base_model
+from eztinker.tiny import copy_tokenizer
 from eztinker.types import AdamParams, LoraConfig, SamplingParams
 
 LORA = LoraConfig(rank=4, alpha=16)
@@ -34,7 +35,7 @@ def sharp_base(tiny_model_dir, tmp_path_factory):
                 param.normal_(0.0, 0.25, generator=generator)
     out = tmp_path_factory.mktemp("sharp-qwen2")
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    copy_tokenizer(tiny_model_dir, out)
     return load_base_model(str(out), cache_dir=tmp_path_factory.mktemp("cache"), device="cpu")
 
 
