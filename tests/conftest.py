@@ -3,7 +3,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# `make test` runs one pytest-xdist worker per core. torch's default, a thread per core in each
+# worker and in each server a test starts, puts several spinning OpenMP threads on every core.
+# One thread each (inherited by the servers through the environment) keeps a core per worker.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
 
 from eztinker.engine import Engine, load_base_model
 from eztinker.tiny import make_tiny_model
