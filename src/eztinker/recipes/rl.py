@@ -50,7 +50,7 @@ RESULTS_FILE = "rl_results.json"
 PLOT_FILE = "rl_accuracy.png"
 CHECKPOINT_PREFIX = "rl_epoch_"
 FILES = RecipeFiles(results=RESULTS_FILE, plot=PLOT_FILE, checkpoint_prefix=CHECKPOINT_PREFIX)
-LOSSES = ("importance_sampling", "ppo")
+LOSSES = ("importance_sampling", "ppo", "cispo", "stable_reinforce")
 LR_SCHEDULES = ("constant", "linear")
 
 
