@@ -7,6 +7,7 @@ path that loads the full model from the Hub, chat template and `<|im_end|>` stop
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -57,9 +58,8 @@ def make_tiny_model(
     """
     config_dir = config_dir or qwen2_config_dir()
     if vocab_size is not None:
-        with tempfile.TemporaryDirectory() as trimmed:
-            source = trim_vocabulary(config_dir, Path(trimmed), vocab_size)
-            return make_tiny_model(out_dir, source, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+        source = _trimmed(config_dir.resolve(), vocab_size)
+        return make_tiny_model(out_dir, source, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     raw = json.loads((config_dir / "config.json").read_text())
     heads = 4
     raw.update(
@@ -151,6 +151,15 @@ def trim_vocabulary(config_dir: Path, out_dir: Path, size: int) -> Path:
             raw["vocab_size"] = size + len(moved) + 64
         (out_dir / name).write_text(json.dumps(raw, indent=2))
     return out_dir
+
+
+_TRIMMED = tempfile.TemporaryDirectory(prefix="eztinker-trimmed-")  # removed when the process exits
+
+
+@functools.cache
+def _trimmed(config_dir: Path, size: int) -> Path:
+    """`trim_vocabulary`'s output, made once per process (1.5 s each: tests build several models from one)."""
+    return trim_vocabulary(config_dir, Path(_TRIMMED.name) / f"{len(os.listdir(_TRIMMED.name))}", size)
 
 
 def _pair(merge: str | list[str]) -> list[str]:
