@@ -5,9 +5,9 @@ sampled from the run's adapter and scored (`scorers.py`: Math-Verify by default,
 or an LLM judge). A reply's advantage is its reward minus its group's mean (`--normalize-std`
 also divides by the group's standard deviation, as GRPO does); groups whose replies all score
 the same teach nothing and are skipped. Every reply token gets its reply's advantage, and the
-server's `importance_sampling` (or clipped `ppo`) loss weighs it by the ratio of the current
-policy to the sampling one, using the sampling logprobs, so samples that are a step or two old
-are still corrected for. The loss is averaged over the step's trained reply tokens, which are
+server's `importance_sampling` loss (or `ppo`, `cispo`, `stable_reinforce`) weighs it by the
+ratio of the current policy to the sampling one, using the sampling logprobs, so samples that are
+a step or two old are still corrected for. The loss is averaged over the step's trained reply tokens, which are
 trained in `substeps` parts, one optimizer step each: Adam moves the adapter about the learning
 rate per step whatever the batch, so more, smaller steps move it further for the same compute.
 
