@@ -90,14 +90,16 @@ GRADER_CHAIN = {
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<function=read_page>", "</function>", "<parameter=page>", "</parameter>")
 COUNTER_DEFAULT = {"<|im_end|>": 1.0}
 COUNTER_CHAIN = {
-    "\n": {"<tool_call>": 0.75, "Answer": 0.25},
+    # A turn reads a page with probability 0.9 x 0.8: all 8 episodes of the test's group end at their
+    # first turn about once in 26,000 runs (once in 400 at 0.75 x 0.7, which was seen).
+    "\n": {"<tool_call>": 0.9, "Answer": 0.1},
     "<tool_call>": {"<function=read_page>": 1.0},
     "<function=read_page>": {"<parameter=page>": 1.0},
     "<parameter=page>": {str(d): 1 / 9 for d in range(1, 10)},
     "Answer": {":": 1.0},
     ":": {" ": 1.0},
     " ": {"0": 0.2, "1": 0.25, "2": 0.25, "3": 0.15, "4": 0.1, "5": 0.05},
-    **{d: {"</parameter>": 0.7, "<|im_end|>": 0.3} for d in DIGITS},
+    **{d: {"</parameter>": 0.8, "<|im_end|>": 0.2} for d in DIGITS},
     "</parameter>": {"</function>": 1.0},
     "</function>": {"</tool_call>": 1.0},
     "</tool_call>": {"<|im_end|>": 1.0},
