@@ -159,7 +159,7 @@ _TRIMMED = tempfile.TemporaryDirectory(prefix="eztinker-trimmed-")  # removed wh
 @functools.cache
 def _trimmed(config_dir: Path, size: int) -> Path:
     """`trim_vocabulary`'s output, made once per process (1.5 s each: tests build several models from one)."""
-    return trim_vocabulary(config_dir, Path(_TRIMMED.name) / f"{len(os.listdir(_TRIMMED.name))}", size)
+    return trim_vocabulary(config_dir, Path(tempfile.mkdtemp(dir=_TRIMMED.name)), size)
 
 
 def _pair(merge: str | list[str]) -> list[str]:
