@@ -7,9 +7,10 @@ also divides by the group's standard deviation, as GRPO does); groups whose repl
 the same teach nothing and are skipped. Every reply token gets its reply's advantage, and the
 server's `importance_sampling` loss (or `ppo`, `cispo`, `stable_reinforce`) weighs it by the
 ratio of the current policy to the sampling one, using the sampling logprobs, so samples that are
-a step or two old are still corrected for. The loss is averaged over the step's trained reply tokens, which are
-trained in `substeps` parts, one optimizer step each: Adam moves the adapter about the learning
-rate per step whatever the batch, so more, smaller steps move it further for the same compute.
+a step or two old are still corrected for. The loss is averaged over the step's trained reply
+tokens, which are trained in `substeps` parts, one optimizer step each: Adam moves the adapter
+about the learning rate per step whatever the batch, so more, smaller steps move it further for
+the same compute.
 
 Sampling is pipelined (`SampleBuffer`): up to `max_staleness` steps' sampling requests wait on
 the server ahead of the step being trained, so the server samples while this side scores and
