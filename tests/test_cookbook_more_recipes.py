@@ -87,19 +87,21 @@ GRADER_CHAIN = {
 # rl_numerics_check's reader: after the generation prompt ("<think>\n") it calls read_page(1-9) or
 # answers "Answer: <0-5>"; a page number closes its call 70% of the time (else the call is unterminated:
 # a parse failure, -0.1), and an answer's digit is followed by the call's closing tags (plain text) or stops.
+# A turn reads a page with probability 0.75 x 0.7; an episode ends in a parse failure 47% of the time,
+# else in an answer, right about 1 time in 5. The test's two groups of 8 are both unmixed (all failed,
+# or all answered and all wrong), or all 16 episodes end at their first turn, about once in 50,000
+# runs (one group of 8 is unmixed about once in 300).
 TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<function=read_page>", "</function>", "<parameter=page>", "</parameter>")
 COUNTER_DEFAULT = {"<|im_end|>": 1.0}
 COUNTER_CHAIN = {
-    # A turn reads a page with probability 0.9 x 0.8: all 8 episodes of the test's group end at their
-    # first turn about once in 26,000 runs (once in 400 at 0.75 x 0.7, which was seen).
-    "\n": {"<tool_call>": 0.9, "Answer": 0.1},
+    "\n": {"<tool_call>": 0.75, "Answer": 0.25},
     "<tool_call>": {"<function=read_page>": 1.0},
     "<function=read_page>": {"<parameter=page>": 1.0},
     "<parameter=page>": {str(d): 1 / 9 for d in range(1, 10)},
     "Answer": {":": 1.0},
     ":": {" ": 1.0},
     " ": {"0": 0.2, "1": 0.25, "2": 0.25, "3": 0.15, "4": 0.1, "5": 0.05},
-    **{d: {"</parameter>": 0.8, "<|im_end|>": 0.2} for d in DIGITS},
+    **{d: {"</parameter>": 0.7, "<|im_end|>": 0.3} for d in DIGITS},
     "</parameter>": {"</function>": 1.0},
     "</function>": {"</tool_call>": 1.0},
     "</tool_call>": {"<|im_end|>": 1.0},
@@ -399,16 +401,16 @@ def test_rl_numerics_check_reads_pages_over_turns(server, root, hub_mirror, tmp_
     # right.
     write_wikitext(hub_mirror, numerics_env.DEFAULT_WORDS, chars=60_000, rate=1 / 3_500)
     task = chz.replace(numerics.CLIConfig().task, page_chars=1_000)
-    # 1 group of 8 (the README's recommended group size), not 16 of 16.
-    cli = numerics.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=1, group_size=8, task=task)
+    # 2 groups of 8 (the README's recommended group size), not 16 of 16.
+    cli = numerics.CLIConfig(log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=2, group_size=8, task=task)
     assert (cli.model_name, cli.task.num_pages_min, cli.task.num_pages_max) == (NUMERICS, 28, 36)
     config = numerics.build_config(cli)
     timed("rl_numerics_check", lambda: asyncio.run(numerics.train.main(config)))
     (step,) = rl_steps(tmp_path / "run")
     # Some episodes read pages over several turns; they end in a parse failure (-0.1), a wrong count (0)
-    # or a right one (1): the group is mixed and the gradient moved.
+    # or a right one (1): a group is mixed and the gradient moved.
     assert step["env/all/turns_per_episode"] > 1 and step["env/all/pages_read"] > 0, step
-    assert step["env/all/by_group/frac_mixed"] == 1 and step["grad_norm"] > 0, step
+    assert step["env/all/by_group/frac_mixed"] > 0 and step["grad_norm"] > 0, step
     # The check itself: over these multi-turn sequences the sampler's logprobs are the trainer's.
     assert abs(step["optim/kl_sample_train_v1"]) < 1e-3 and step["optim/kl_sample_train_v2"] < 1e-5, step
     no_server_errors(server)
