@@ -18,9 +18,10 @@ The models are hand-set tiny Qwen2s (tests/hand_set.py) whose next token depends
 one only, so rollouts follow a known table: the role_colon model boxes 3 or 7 (GSM8K groups are
 mixed); the chat model asks "Is it?" or writes "Guess: <digits>" (or, rarely, " garden", the first
 twenty-questions word), so lengths, parse failures and wins are mixed; the grader writes a
-`<score>1|0</score>` or a `Final Answer: en|fr` line, so rubric scores are mixed and prompt
-distillation's teacher labels half its sentences; the counter reads pages with Qwen3.5's XML tool
-calls or answers a count; the forecaster forecasts 0.2 or 0.8, and gives YES 0.3 as a decision model.
+`<score>1</score>`, an unreadable `<score>` or a `Final Answer: en|fr` line, so rubric scores are
+mixed and prompt distillation's teacher labels half its sentences; the counter reads pages with
+Qwen3.5's XML tool calls or answers a count; the forecaster forecasts 0.2 or 0.8, and gives YES 0.3
+as a decision model.
 """
 
 from __future__ import annotations
@@ -67,16 +68,16 @@ CHAT_CHAIN = {
     " ": {d: 0.1 for d in DIGITS},
     **{d: {"<|im_end|>": 0.5, **{e: 0.05 for e in DIGITS}} for d in DIGITS},
 }
-# The grader: "<score>1</score>" or "<score>0</score>" (or an unreadable "<score>"), or a language label.
+# The grader: "<score>1</score>" or an unreadable "<score>" (a 0), or a language label: a reply scores 1
+# one time in 4. (At 3 in 20, the rubric test's 16 replies all scored 0 about once in 13 runs.)
 GRADER_DEFAULT = {"<|im_end|>": 1.0}
 GRADER_CHAIN = {
     "\n\n": {"<": 0.5, "Final": 0.5},
     "<": {"score": 1.0},
     "score": {">": 1.0},
-    # <|im_end|> the likeliest, so that at prompt distillation's temperature 0.15 "<score>" ends at once
-    ">": {"1": 0.3, "0": 0.3, "<|im_end|>": 0.4},
+    # at prompt distillation's temperature 0.15, "<score>" still ends within a few repeats
+    ">": {"1": 0.5, "<|im_end|>": 0.5},
     "1": {"</": 1.0},
-    "0": {"</": 1.0},
     "</": {"score": 1.0},
     "Final": {" Answer": 1.0},
     " Answer": {":": 1.0},
@@ -308,11 +309,13 @@ def test_rubric_graded_by_a_second_model_on_the_server(server, hub_mirror, tmp_p
     # generate_data's own rows at its default path under the working directory: 8 train, 2 test.
     (hub_mirror / "tinker_cookbook" / "example_data").mkdir(parents=True, exist_ok=True)
     generate_data.generate_dataset(num_train=8, num_test=2, seed=42)
-    config = rubric.CLIConfig(base_url=server.url, log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=4)
+    # 8 groups of 4: none has mixed scores about once in 9,000 runs.
+    config = rubric.CLIConfig(base_url=server.url, log_path=str(tmp_path / "run"), max_steps=1, groups_per_batch=8)
     assert (config.model_name, config.grader_llm_name, config.loss_fn) == (CHAT[1], GRADER, "stable_reinforce")
+    assert config.train_group_size == 4
     timed("rubric", lambda: asyncio.run(rubric.cli_main(config)))
     (step,) = rl_steps(tmp_path / "run")
-    # The grader's <score> is 1, 0 or unreadable (0): mixed scores, so the gradient moved.
+    # The grader's <score> is 1 or unreadable (0): mixed scores, so the gradient moved.
     assert 0 < step["env/all/rubric_score"] < 1 and step["grad_norm"] > 0, step
     evals = [m for m in rows(tmp_path / "run" / "metrics.jsonl") if any(k.startswith("test/") for k in m)]
     assert evals, "eval_every=20 evaluates the test rows before the first step"
