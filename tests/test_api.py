@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 from support import EXAMPLE, FAST, PROMPT, REPLY, score, slow_batch, train
+from support import TINY_VOCAB as VOCAB  # checked against /v1/info below
 
 from eztinker import (
     APIFuture,
@@ -35,8 +36,6 @@ from eztinker import (
 )
 from eztinker.chat import render_prompt
 from eztinker.server.settings import ServerSettings
-
-VOCAB = 151_936  # the tiny Qwen2's vocabulary (checked against /v1/info below)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -220,7 +219,7 @@ def test_restart_restores_runs_checkpoints_and_jobs(make_server, tmp_path):
         server.service.store.mark_started("job_crashedmidway")
         # A slow job and one queued behind it: shutdown lets the running one finish but
         # never starts the queued one.
-        slow = run.forward_backward(slow_batch(400))
+        slow = run.forward_backward(slow_batch(2000))
         queued = run.optim_step(FAST)
         deadline = time.monotonic() + 30
         while service.job(slow.job_id).status.value == "pending" and time.monotonic() < deadline:
@@ -309,7 +308,7 @@ def test_health_and_job_status_answer_while_a_long_job_runs(server, client):
     run = client.create_training_run()
     # A backlog of work several seconds long, so the probes below all land while it runs,
     # however fast the machine.
-    backlog = [run.forward_backward(slow_batch(400)) for _ in range(12)]
+    backlog = [run.forward_backward(slow_batch(600)) for _ in range(12)]
     last = backlog[-1]
     with pytest.raises(TimeoutError):
         last.result(timeout=0.05)
@@ -326,10 +325,10 @@ def test_health_and_job_status_answer_while_a_long_job_runs(server, client):
             assert job.status_code == 200
             time.sleep(0.02)
         assert job.json()["status"] in ("pending", "running"), "the backlog ended before the probes did"
-    assert last.result(timeout=120).num_tokens == 400
+    assert last.result(timeout=120).num_tokens == 600
     # A finished job's result is there without waiting, even for a fresh future.
     again = APIFuture(client, last.job_id, ForwardBackwardResult.model_validate)
-    assert again.result(timeout=0).num_tokens == 400 and again.done()
+    assert again.result(timeout=0).num_tokens == 600 and again.done()
     for latencies in (health, status):
         assert statistics.median(latencies) < 0.1, latencies
         assert max(latencies) < 0.3, latencies
@@ -925,7 +924,7 @@ def test_a_runs_info_reads_its_own_history_only(server, client):
     train(trained, 2)
     saved.save_state("s1").result(timeout=60)
     # A long job on one run, a step of another queued behind it: both are working meanwhile.
-    blocker, queued = trained.forward_backward(slow_batch(600)), saved.optim_step(FAST)
+    blocker, queued = trained.forward_backward(slow_batch(1200)), saved.optim_step(FAST)
     statuses = {run.run_id: run.info().status for run in (trained, saved, fresh)}
     blocker.result(timeout=120), queued.result(timeout=120)
     assert statuses == {trained.run_id: "working", saved.run_id: "working", fresh.run_id: "idle"}

@@ -100,7 +100,7 @@ def test_dashboard_lists_runs_plots_steps_downloads_checkpoints_and_samples(serv
     page.screenshot(path=str(screenshots_dir(tmp_path) / "dashboard-run.png"), full_page=True)
 
     # Jobs update live: a slow forward_backward shows as running (or queued), then completed.
-    future = run.forward_backward(slow_batch(3000))
+    future = run.forward_backward(slow_batch(2000, examples=4))
     job_row = page.locator(f"tr[data-job='{future.job_id}']")
     expect(job_row).to_have_attribute("data-status", re.compile("pending|running"), timeout=10_000)
     expect(page.locator(".facts")).to_contain_text("working")

@@ -118,7 +118,7 @@ def test_sigkill_mid_forward_backward_repeatedly(start_server, tmp_path):
                 train(run, 1)  # after the checkpoint: lost by the crash, by design
             # A long forward_backward running on one run, more work queued behind on both.
             victim = runs[round_ % 2]
-            running = victim.forward_backward(slow_batch(600 + 100 * round_))
+            running = victim.forward_backward(slow_batch(1500 + 250 * round_))
             queued = [victim.optim_step(FAST), runs[0].forward_backward([EXAMPLE]), runs[1].optim_step(FAST)]
             assert wait_status(client, running.job_id, ("running",)) == "running"
             time.sleep(random.uniform(0.0, 0.2))

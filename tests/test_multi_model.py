@@ -24,8 +24,9 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture()
-def models(tiny_model_dir, llama_dir):
-    return [str(tiny_model_dir), str(llama_dir)]
+def models(full_vocab_model_dir, llama_dir):
+    # Qwen2's whole, padded vocabulary beside the Llama's unpadded one: the per-model checks are the point.
+    return [str(full_vocab_model_dir), str(llama_dir)]
 
 
 def test_two_base_models_serve_their_own_runs(make_server, models):

@@ -63,7 +63,7 @@ def tokens_of(candidates_per_prompt) -> list[list[list[int]]]:
 
 def random_prompts(lengths, seed=0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(300, 100_000) for _ in range(n)] for n in lengths]
+    return [[rng.randrange(300, 16_000) for _ in range(n)] for n in lengths]
 
 
 def hf_greedy(model, base, prompt, max_tokens, repetition_penalty=1.0) -> list[int]:

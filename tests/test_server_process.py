@@ -29,7 +29,7 @@ def test_server_survives_sigkill(start_server, tmp_path):
         assert train(run, 1) == [3]
 
         # Kill it mid-job, with more work queued behind.
-        running = run.forward_backward(slow_batch(800))
+        running = run.forward_backward(slow_batch(2000))
         queued = run.optim_step(FAST)
         deadline = time.monotonic() + 30
         while service.job(running.job_id).status.value != "running" and time.monotonic() < deadline:
@@ -112,7 +112,7 @@ def test_sigterm_lets_the_running_job_finish_fails_the_queued_ones_at_once_and_e
     server = start_server(data_dir, port, extra_args=["--shutdown-grace-seconds", "60"])
     with ServiceClient(server.url, max_retries=0) as service:
         run = service.create_training_run(lora_rank=2)
-        running = run.forward_backward(slow_batch(800))
+        running = run.forward_backward(slow_batch(2000, examples=2))
         queued = [run.optim_step(FAST), run.forward_backward(slow_batch(8)), run.optim_step(FAST)]
         deadline = time.monotonic() + 30
         while service.job(running.job_id).status.value != "running" and time.monotonic() < deadline:

@@ -283,8 +283,8 @@ def test_one_users_flood_does_not_starve_another_users_chat(make_server, keys_fi
         alone, alone_s = bob_chat()
         run = alice.post("/v1/runs", json={"lora": {"rank": 2}}).json()["id"]
         bob_run = bob.post("/v1/runs", json={"lora": {"rank": 2}}).json()["id"]
-        batch = [datum.model_dump(mode="json") for datum in slow_batch(64)]
-        sample = {"prompts": [{"tokens": [1, 2, 3]}], "num_samples": 4, "sampling_params": {"max_tokens": 32}}
+        batch = [datum.model_dump(mode="json") for datum in slow_batch(256)]
+        sample = {"prompts": [{"tokens": [1, 2, 3]}], "num_samples": 16, "sampling_params": {"max_tokens": 128}}
         flood = []
         for _ in range(12):
             flood.append(alice.post(f"/v1/runs/{run}/forward_backward", json={"data": batch}).json()["job_id"])

@@ -13,6 +13,7 @@ import pytest
 
 tinker = pytest.importorskip("tinker", reason="the Tinker API needs the tinker package: pip install 'eztinker[tinker]'")
 import torch  # noqa: E402
+from support import TINY_IM_END, TINY_VOCAB  # noqa: E402
 from tinker import types  # noqa: E402
 
 from eztinker import ServiceClient as EZServiceClient  # noqa: E402
@@ -22,7 +23,6 @@ from eztinker.launcher import ServerProcess, offline_env  # noqa: E402
 ALICE, BOB = "tml-alice-key", "tml-bob-key"
 GATHER_MS = 250
 PROMPT, REPLY = [100, 200, 300], [400, 500, 600, 700]
-VOCAB = 151_936
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_capabilities_info_and_tokenizer(service, model):
     )
     assert client.model_id.endswith(":train:0")
     tokenizer = client.get_tokenizer()  # loads offline, from the model's folder
-    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 151645
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == TINY_IM_END
 
 
 def test_training_lowers_the_loss_and_forward_equals_forward_backward(service, model):
@@ -333,7 +333,7 @@ def test_a_loss_the_server_lacks_fails_with_category_user(service, model):
 def test_bad_input_gets_a_tinker_error_naming_the_problem(service, server, model):
     client = service.create_lora_training_client(base_model=model, rank=4)
     with pytest.raises(tinker.RequestFailedError) as err:
-        client.forward_backward([datum(prompt=[1, VOCAB + 3])], "cross_entropy").result()
+        client.forward_backward([datum(prompt=[1, TINY_VOCAB + 3])], "cross_entropy").result()
     assert "outside the vocabulary" in str(err.value)
     image = types.ModelInput(
         chunks=[
