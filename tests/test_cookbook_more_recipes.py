@@ -126,8 +126,9 @@ def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("more-recipes")
     hand_set_model(root / "boxed", BOXED_DEFAULT, BOXED_CHAIN)
     # Qwen3.5's tokenizer has <think> and </think> as single tokens (its renderer requires it)
-    hand_set_model(root / "chat", CHAT_DEFAULT, CHAT_CHAIN, THINK_TOKENS)
-    hand_set_model(root / "grader", GRADER_DEFAULT, GRADER_CHAIN, THINK_TOKENS)
+    # "Guess", "Final" and " Answer" are Qwen2 tokens past the first 16k (hand_set.VOCAB)
+    hand_set_model(root / "chat", CHAT_DEFAULT, CHAT_CHAIN, (*THINK_TOKENS, "Guess"))
+    hand_set_model(root / "grader", GRADER_DEFAULT, GRADER_CHAIN, (*THINK_TOKENS, "Final", " Answer"))
     hand_set_model(root / "counter", COUNTER_DEFAULT, COUNTER_CHAIN, THINK_TOKENS + TOOL_TOKENS)
     hand_set_model(root / "forecaster", FORECASTER_DEFAULT, FORECASTER_CHAIN, THINK_TOKENS)
     return root
