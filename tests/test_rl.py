@@ -287,6 +287,18 @@ def test_rl_ppo_with_a_time_budget_stops_between_steps(make_server, tmp_path):
     assert some["total_seconds"] < 6 + 15
 
 
+def test_rl_stops_after_steps_with_nothing_to_learn(make_server, tmp_path):
+    """A policy whose every reply is wrong (or right) gives groups without mixed rewards: such steps
+    train nothing, and after --stop-after-empty-steps of them in a row the run ends, saying why."""
+    with make_server() as server:
+        stalled = main(
+            _config(server.url, tmp_path, epochs=50, reward_fn=lambda text, problem: False, stop_after_empty_steps=3)
+        )
+    assert [s["optimizer_steps"] for s in stalled["steps"]] == [0, 0, 0]
+    assert stalled["stopped"].startswith("3 steps in a row had no group with mixed rewards (mean reward 0.00)")
+    assert stalled["epochs"][-1]["epoch"] == 1 and "test_accuracy" in stalled["epochs"][-1]
+
+
 def test_rl_cli_bad_flags_are_one_line(tmp_path):
     from click.testing import CliRunner
 

@@ -53,7 +53,7 @@ class EpochMetrics(TypedDict, total=False):
     lm_eval: dict[str, dict[str, float | None]]
     checkpoint: str  # '<run_id>/<prefix><epoch>'
     checkpoint_path: str
-    partial: bool  # stopped by the time budget inside the epoch (RL)
+    partial: bool  # stopped inside the epoch: by the time budget, or by steps with nothing to learn (RL)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,11 @@ class Config(TaskRecipeSettings):
         "Start no step that would end past this many minutes from the start, judged by the previous "
         "step's duration (the final evaluation still runs).",
     )
+    stop_after_empty_steps: int = setting(
+        10,
+        "Stop after this many steps in a row in which no group had mixed rewards (every reply right, "
+        "or every one wrong: nothing to learn from, e.g. after a collapse); 0: never.",
+    )
     checkpoint: bool = setting(False, "Save rl_epoch_<k> every epoch.")
     resume_from: str | None = setting(
         None,
@@ -382,6 +387,7 @@ class RL:
         epoch_steps: list[dict[str, Any]] = []
         epoch_times = {"wait_for_samples": 0.0, "train": 0.0}
         last_step_seconds = 0.0
+        empty_steps = 0  # in a row, ending with the last one
         with progress_bar(self.console) as progress:
             bar = progress.add_task("rl", total=len(schedule), acc="")
             for i, (epoch, _problems) in enumerate(schedule):
@@ -435,7 +441,14 @@ class RL:
                 if i + 1 == len(schedule) or schedule[i + 1][0] != epoch:
                     self._end_epoch(run, epoch, epoch_steps, epoch_times, test, partial=False)
                     epoch_steps, epoch_times = [], {"wait_for_samples": 0.0, "train": 0.0}
-        if epoch_steps:  # stopped by the budget inside an epoch
+                empty_steps = 0 if optims else empty_steps + 1
+                if c.stop_after_empty_steps and empty_steps >= c.stop_after_empty_steps:
+                    results["stopped"] = (
+                        f"{empty_steps} steps in a row had no group with mixed rewards (mean reward "
+                        f"{metrics['mean_reward']:.2f}): nothing to learn from, after {step_at} optimizer steps"
+                    )
+                    break
+        if epoch_steps:  # stopped by the budget or by empty steps inside an epoch
             self._end_epoch(run, epoch_steps[-1]["epoch"], epoch_steps, epoch_times, test, partial=True)
 
     def _end_epoch(
