@@ -308,8 +308,9 @@ def test_rl_cli_bad_flags_are_one_line(tmp_path):
         app, ["rl", "--scorer", "reward-model", "--server-url", "http://127.0.0.1:9", "--output-dir", str(tmp_path)]
     )
     assert result.exit_code != 0 and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["rl", "--num-candidates", "1", "--output-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "--num-candidates" in result.output and "Traceback" not in result.output
+    for flag, value in [("--num-candidates", "1"), ("--stop-after-empty-steps", "-1")]:
+        result = CliRunner().invoke(app, ["rl", flag, value, "--output-dir", str(tmp_path)])
+        assert result.exit_code == 2 and flag in result.output and "Traceback" not in result.output
 
 
 def test_the_linear_schedule_falls_to_zero_over_steps_or_time_whichever_ends_first(tmp_path):

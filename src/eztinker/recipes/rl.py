@@ -301,6 +301,8 @@ class RL:
             raise ValueError("--groups-per-step must be at least 1 and --num-candidates at least 2 (a group)")
         if config.max_staleness < 0:
             raise ValueError("--max-staleness must be 0 or more")
+        if config.stop_after_empty_steps < 0:
+            raise ValueError("--stop-after-empty-steps must be 0 (never stop) or more")
         if config.substeps < 1:
             raise ValueError("--substeps must be at least 1")
         self.config = config
