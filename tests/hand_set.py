@@ -7,16 +7,17 @@ import math
 from pathlib import Path
 
 import torch
+from support import TINY_BPE_TOKENS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eztinker.tiny import make_tiny_model
 
 Successors = dict[str, float]
 
-# Qwen2's first 16k tokens (eztinker.tiny.trim_vocabulary): the cookbook's renderers deep-copy the
-# tokenizer per example or environment (0.33 s with Qwen2's 151k tokens), and at hidden size 64 the
-# output layer is most of a recipe's compute. A table token past them joins as an added token.
-VOCAB = 16384
+# The tiny Qwen2's first 16k tokens (eztinker.tiny.trim_vocabulary): the cookbook's renderers
+# deep-copy the tokenizer per example or environment (0.33 s with Qwen2's 151k tokens), and at hidden
+# size 64 the output layer is most of a recipe's compute. A table token past them joins as an added token.
+VOCAB = TINY_BPE_TOKENS
 
 # The hand-set model's next-token distributions, by the token before ("default": any other).
 # role_colon's prompt ends in ":", after which it writes " \\boxed{3}" or " \\boxed{7}" and stops at

@@ -20,7 +20,7 @@ def slow_batch(positions: int, examples: int = 1) -> list[Datum]:
     """`examples` examples whose every position carries loss: the longest-running forward_backward
     per token there is (the output projection over the whole vocabulary at every position). On the
     tiny model, one core, about 0.4 ms a position."""
-    tokens = [(i * 7919) % 16_000 + 10 for i in range(positions + 1)]
+    tokens = [(i * 7919) % (TINY_BPE_TOKENS - 10) + 10 for i in range(positions + 1)]
     datum = Datum(
         model_input=ModelInput(tokens=tokens[:-1]),
         loss_fn_inputs=LossFnInputs(target_tokens=tokens[1:], weights=[1.0] * positions),

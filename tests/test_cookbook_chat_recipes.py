@@ -20,6 +20,7 @@ pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (scripts/se
 
 from hub_datasets import write_hub_mirror  # noqa: E402
 from recipe_runs import offline_cookbook, recipe_server, rows  # noqa: E402
+from support import TINY_BPE_TOKENS  # noqa: E402
 
 from eztinker.tiny import make_tiny_model  # noqa: E402
 
@@ -28,19 +29,18 @@ RENDERER = "qwen3_instruct"  # Qwen's ChatML without <think>: Qwen2 is not in th
 
 # The cookbook's chat datasets build a renderer per example, and Qwen3's renderer deep-copies the
 # tokenizer (0.33 s for Qwen2's 151k tokens, 256 times a chat_sl batch): these models keep Qwen2's
-# first 16k tokens, with its ids and merges (eztinker.tiny.trim_vocabulary).
-VOCAB = 16384
+# first 16k tokens, with its ids and merges (eztinker.tiny.trim_vocabulary), as the suite's tiny model does.
 
 
 @pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-student"), vocab_size=VOCAB)
+def student_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     """A second tiny Qwen2 with other random weights: a teacher the student does not match."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-teacher"), seed=7, vocab_size=VOCAB)
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-teacher"), seed=7, vocab_size=TINY_BPE_TOKENS)
 
 
 # sl_loop's default model, in the cookbook's model table: the tiny model is also served under this name.

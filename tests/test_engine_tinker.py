@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from support import TINY_BPE_TOKENS
 
 from eztinker.backend.commands import CreateRun, ForwardBackward, OptimStep, Sample, Save
 from eztinker.backend.local import LocalBackend
@@ -46,7 +47,7 @@ def test_the_backend_warms_its_engines_up_and_the_constructor_does_not(tiny_base
 
 # ----------------------------------------------------------------------------------- helpers
 def random_tokens(n: int, rng: random.Random) -> list[int]:
-    return [rng.randrange(300, 16_000) for _ in range(n)]
+    return [rng.randrange(300, TINY_BPE_TOKENS) for _ in range(n)]
 
 
 def twin_runs(engine, *names: str) -> None:

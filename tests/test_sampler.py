@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from support import TINY_BPE_TOKENS
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from eztinker.chat import datum_from_tokens
@@ -63,7 +64,7 @@ def tokens_of(candidates_per_prompt) -> list[list[list[int]]]:
 
 def random_prompts(lengths, seed=0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(300, 16_000) for _ in range(n)] for n in lengths]
+    return [[rng.randrange(300, TINY_BPE_TOKENS) for _ in range(n)] for n in lengths]
 
 
 def hf_greedy(model, base, prompt, max_tokens, repetition_penalty=1.0) -> list[int]:
